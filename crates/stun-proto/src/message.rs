@@ -255,6 +255,22 @@ impl<'a> Message<'a> {
             .map(|a| &self.buf[a.offset as usize..a.offset as usize + a.len as usize])
     }
 
+    /// Values of every attribute of type `typ`, in order, for the attributes
+    /// that may legitimately repeat (XOR-PEER-ADDRESS in CreatePermission,
+    /// RFC 8656 §9.1).
+    pub fn get_all(&self, typ: u16) -> impl Iterator<Item = &'a [u8]> + '_ {
+        let buf = self.buf;
+        self.attrs[..self.n_attrs as usize]
+            .iter()
+            .filter(move |a| a.typ == typ)
+            .map(move |a| &buf[a.offset as usize..a.offset as usize + a.len as usize])
+    }
+
+    /// Decodes an XOR-encoded address from a value returned by [`Self::get_all`].
+    pub fn decode_xor_addr(&self, value: &[u8]) -> Result<SocketAddr, AddrError> {
+        decode_address(value, Some(&self.buf[4..20]))
+    }
+
     /// Whether an attribute of type `typ` is present.
     pub fn has(&self, typ: u16) -> bool {
         self.attrs[..self.n_attrs as usize]

@@ -1,0 +1,41 @@
+//! A sans-IO STUN/TURN server.
+//!
+//! [`Server`] owns every piece of protocol state a worker has: allocations,
+//! permissions, channel bindings and their timers, the stateless nonce minter
+//! and the credentials. It never touches a socket or reads a clock. A runtime
+//! feeds it packets with [`Server::handle_client`] and
+//! [`Server::handle_peer`], drives time with [`Server::handle_timeout`] at
+//! [`Server::poll_timeout`], opens and closes relay sockets through a
+//! [`RelayProvider`], and drains [`Event`]s for logs and metrics.
+//!
+//! Each input produces at most one [`Transmit`], borrowing either the input
+//! (ChannelData from a client is forwarded without a copy) or a scratch buffer
+//! inside the server, so the per-packet path does not allocate.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod policy;
+mod server;
+
+pub use auth::{Credentials, NonceMinter};
+pub use policy::{Cidr, PeerPolicy, Refusal};
+pub use server::{
+    CloseReason, Config, Dest, Event, FiveTuple, RelayError, RelayProvider, RelayRequest,
+    Server, Stats, Transmit, Transport,
+};
+
+/// Frames one message at the start of a TCP/TLS byte stream
+/// (RFC 8489 §6.2.2, RFC 8656 §12.5).
+///
+/// `Some(Ok(n))`: the first message is `n` bytes (ChannelData padded to four).
+/// `None`: not enough bytes yet. `Some(Err(()))`: the stream carries neither
+/// STUN nor ChannelData and must be closed, since framing is lost for good.
+pub fn stream_frame_len(buf: &[u8]) -> Option<Result<usize, ()>> {
+    match stun_proto::packet_kind(buf) {
+        stun_proto::PacketKind::Stun => stun_proto::Message::stream_len(buf).map(Ok),
+        stun_proto::PacketKind::ChannelData => stun_proto::ChannelData::stream_len(buf).map(Ok),
+        stun_proto::PacketKind::Other if buf.is_empty() => None,
+        stun_proto::PacketKind::Other => Some(Err(())),
+    }
+}

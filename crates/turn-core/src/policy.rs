@@ -1,0 +1,369 @@
+//! Which peers a relay may talk to (RFC 8656 §21.2.3 and
+//! `shared/conformance/peer-policy.md`).
+//!
+//! The check runs on the *canonical* address: IPv4-mapped, IPv4-compatible,
+//! NAT64 and 6to4 forms are unwrapped to the IPv4 address they carry before
+//! any range is matched, so `::ffff:127.0.0.1` is loopback like `127.0.0.1`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+
+/// An address range in CIDR notation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+/// Why a CIDR string did not parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CidrError {
+    /// The address part is not an IP address.
+    BadAddress,
+    /// The prefix length is missing digits or too long for the family.
+    BadPrefix,
+}
+
+impl std::fmt::Display for CidrError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CidrError::BadAddress => "not an IP address (expected e.g. 10.1.0.0/16 or fd00::/8)",
+            CidrError::BadPrefix => "bad prefix length (0-32 for IPv4, 0-128 for IPv6)",
+        })
+    }
+}
+
+impl std::error::Error for CidrError {}
+
+impl Cidr {
+    /// A range; `prefix` is clamped to the family's width.
+    pub fn new(addr: IpAddr, prefix: u8) -> Self {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        Cidr {
+            addr,
+            prefix: prefix.min(max),
+        }
+    }
+
+    /// Whether `ip` lies in the range; families never match each other.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.prefix)
+                };
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.prefix)
+                };
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.trim().parse().map_err(|_| CidrError::BadAddress)?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            None => max,
+            Some(p) => {
+                let p: u8 = p.trim().parse().map_err(|_| CidrError::BadPrefix)?;
+                if p > max {
+                    return Err(CidrError::BadPrefix);
+                }
+                p
+            }
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+fn v4(a: u8, b: u8, c: u8, d: u8, p: u8) -> Cidr {
+    Cidr::new(IpAddr::V4(Ipv4Addr::new(a, b, c, d)), p)
+}
+
+fn v6(s: [u16; 8], p: u8) -> Cidr {
+    Cidr::new(
+        IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7])),
+        p,
+    )
+}
+
+/// The ranges refused by default (peer-policy.md).
+pub fn default_denied() -> Vec<Cidr> {
+    vec![
+        v4(0, 0, 0, 0, 8),
+        v4(10, 0, 0, 0, 8),
+        v4(100, 64, 0, 0, 10),
+        v4(127, 0, 0, 0, 8),
+        v4(169, 254, 0, 0, 16),
+        v4(172, 16, 0, 0, 12),
+        v4(192, 0, 0, 0, 24),
+        v4(192, 0, 2, 0, 24),
+        v4(192, 88, 99, 0, 24),
+        v4(192, 168, 0, 0, 16),
+        v4(198, 18, 0, 0, 15),
+        v4(198, 51, 100, 0, 24),
+        v4(203, 0, 113, 0, 24),
+        v4(224, 0, 0, 0, 4),
+        v4(240, 0, 0, 0, 4),
+        v6([0; 8], 128),
+        v6([0, 0, 0, 0, 0, 0, 0, 1], 128),
+        v6([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48),
+        v6([0x100, 0, 0, 0, 0, 0, 0, 0], 64),
+        v6([0x2001, 0, 0, 0, 0, 0, 0, 0], 23),
+        v6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0], 32),
+        v6([0x2002, 0, 0, 0, 0, 0, 0, 0], 16),
+        v6([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7),
+        v6([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10),
+        v6([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10),
+        v6([0xff00, 0, 0, 0, 0, 0, 0, 0], 8),
+    ]
+}
+
+/// Unwraps an IPv4 address embedded in an IPv6 one: IPv4-mapped
+/// (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`, not `::` or `::1`),
+/// NAT64 well-known prefix (`64:ff9b::/96`) and 6to4 (`2002:AABB:CCDD::/16`).
+pub fn canonicalize(ip: IpAddr) -> IpAddr {
+    let IpAddr::V6(v6) = ip else {
+        return ip;
+    };
+    let s = v6.segments();
+    let o = v6.octets();
+    let tail = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    if s[..5] == [0, 0, 0, 0, 0] && s[5] == 0xffff {
+        return IpAddr::V4(tail);
+    }
+    if s[..6] == [0, 0, 0, 0, 0, 0] && u32::from(tail) > 1 {
+        return IpAddr::V4(tail);
+    }
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return IpAddr::V4(tail);
+    }
+    if s[0] == 0x2002 {
+        return IpAddr::V4(Ipv4Addr::new(o[2], o[3], o[4], o[5]));
+    }
+    ip
+}
+
+fn is_teredo(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.segments()[..2] == [0x2001, 0])
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6.is_loopback(),
+    }
+}
+
+/// Why a peer was refused, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Matched an operator's `deny-peer` range.
+    OperatorDenied,
+    /// In a range refused by default (private, loopback, reserved, ...).
+    DefaultDenied,
+    /// A Teredo address, refused outright: its real endpoint is unknowable.
+    Teredo,
+    /// One of the server's own listening sockets.
+    OwnAddress,
+}
+
+/// The relay's peer policy.
+///
+/// Order of decision: Teredo is refused; then, on the canonical address, an
+/// operator `deny-peer` range refuses (it beats `allow-peer`, so an operator
+/// can carve a hole out of an allowed range); an `allow-peer` range allows;
+/// `allow-loopback-peers` allows loopback; the default ranges refuse; and the
+/// server's own listening sockets are refused.
+#[derive(Debug, Clone)]
+pub struct PeerPolicy {
+    /// Operator `allow-peer` ranges.
+    pub allow: Vec<Cidr>,
+    /// Operator `deny-peer` ranges.
+    pub deny: Vec<Cidr>,
+    /// Allow 127.0.0.0/8 and ::1 (tests, local media servers).
+    pub allow_loopback: bool,
+    /// Ranges refused unless allowed; [`default_denied`] normally.
+    pub default_deny: Vec<Cidr>,
+    /// The server's own listening sockets (UDP/TCP/TLS): relaying to them
+    /// would loop traffic back into the server.
+    pub own_sockets: Vec<SocketAddr>,
+    /// The server's own IP addresses, matched with the ports of listeners
+    /// bound to a wildcard address.
+    pub own_ips: Vec<IpAddr>,
+}
+
+impl Default for PeerPolicy {
+    fn default() -> Self {
+        PeerPolicy {
+            allow: Vec::new(),
+            deny: Vec::new(),
+            allow_loopback: false,
+            default_deny: default_denied(),
+            own_sockets: Vec::new(),
+            own_ips: Vec::new(),
+        }
+    }
+}
+
+impl PeerPolicy {
+    /// Decides on a peer address; `Ok(())` means relaying is allowed.
+    pub fn check(&self, peer: SocketAddr) -> Result<(), Refusal> {
+        let raw = peer.ip();
+        if is_teredo(raw) {
+            return Err(Refusal::Teredo);
+        }
+        let ip = canonicalize(raw);
+        if self.is_own(ip, peer.port()) {
+            return Err(Refusal::OwnAddress);
+        }
+        if self.deny.iter().any(|c| c.contains(ip) || c.contains(raw)) {
+            return Err(Refusal::OperatorDenied);
+        }
+        if self.allow.iter().any(|c| c.contains(ip)) {
+            return Ok(());
+        }
+        if self.allow_loopback && is_loopback(ip) {
+            return Ok(());
+        }
+        if self.default_deny.iter().any(|c| c.contains(ip)) {
+            return Err(Refusal::DefaultDenied);
+        }
+        // A translated form whose wrapper range is itself refused (6to4,
+        // local-use NAT64) stays refused even when the inner address is public.
+        if ip != raw && self.default_deny.iter().any(|c| c.contains(raw)) {
+            return Err(Refusal::DefaultDenied);
+        }
+        Ok(())
+    }
+
+    fn is_own(&self, ip: IpAddr, port: u16) -> bool {
+        self.own_sockets.iter().any(|s| {
+            s.port() == port
+                && (canonicalize(s.ip()) == ip
+                    || (s.ip().is_unspecified()
+                        && (is_loopback(ip) || self.own_ips.iter().any(|o| canonicalize(*o) == ip))))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn every_default_range_is_refused_and_public_is_allowed() {
+        let p = PeerPolicy::default();
+        for peer in [
+            "0.0.0.0:1", "10.1.2.3:1", "100.64.0.1:1", "127.0.0.1:1", "169.254.169.254:80",
+            "172.16.0.1:1", "172.31.255.255:1", "192.0.0.8:1", "192.0.2.1:1", "192.88.99.1:1",
+            "192.168.1.1:1", "198.18.0.1:1", "198.19.255.1:1", "198.51.100.1:1",
+            "203.0.113.9:1", "224.0.0.1:1", "239.1.1.1:1", "240.0.0.1:1", "255.255.255.255:1",
+            "[::]:1", "[::1]:1", "[64:ff9b:1::1]:1", "[100::1]:1", "[2001:db8::1]:1",
+            "[2002::1]:1", "[fc00::1]:1", "[fd12::1]:1", "[fe80::1]:1", "[fec0::1]:1",
+            "[ff02::1]:1", "[2001:0:1:2::1]:1",
+        ] {
+            assert!(p.check(sa(peer)).is_err(), "{peer} must be refused");
+        }
+        for peer in ["8.8.8.8:53", "1.1.1.1:1", "172.32.0.1:1", "[2606:4700::1111]:1"] {
+            assert_eq!(p.check(sa(peer)), Ok(()), "{peer} must be allowed");
+        }
+    }
+
+    #[test]
+    fn embedded_ipv4_forms_are_canonicalised() {
+        let p = PeerPolicy::default();
+        for peer in [
+            "[::ffff:127.0.0.1]:1",
+            "[::ffff:10.0.0.1]:1",
+            "[::127.0.0.1]:1",
+            "[::ffff:169.254.169.254]:80",
+            "[64:ff9b::7f00:1]:1",
+            "[64:ff9b::a00:1]:1",
+            "[2002:7f00:1::]:1",
+            "[2002:c0a8:101::1]:1",
+        ] {
+            assert!(p.check(sa(peer)).is_err(), "{peer} must be refused");
+        }
+        // NAT64 of a public address is a public peer.
+        assert_eq!(p.check(sa("[64:ff9b::808:808]:53")), Ok(()));
+        assert_eq!(canonicalize("::ffff:1.2.3.4".parse().unwrap()), "1.2.3.4".parse::<IpAddr>().unwrap());
+        assert_eq!(canonicalize("2002:0102:0304::".parse().unwrap()), "1.2.3.4".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn operator_overrides() {
+        let mut p = PeerPolicy {
+            allow: vec!["10.1.0.0/16".parse().unwrap()],
+            deny: vec!["10.1.2.0/24".parse().unwrap(), "8.8.4.0/24".parse().unwrap()],
+            ..PeerPolicy::default()
+        };
+        assert_eq!(p.check(sa("10.1.9.9:1")), Ok(()));
+        assert_eq!(p.check(sa("[::ffff:10.1.9.9]:1")), Ok(()));
+        assert_eq!(p.check(sa("10.1.2.3:1")), Err(Refusal::OperatorDenied));
+        assert_eq!(p.check(sa("10.2.0.1:1")), Err(Refusal::DefaultDenied));
+        assert_eq!(p.check(sa("8.8.4.4:1")), Err(Refusal::OperatorDenied));
+        assert!(p.check(sa("127.0.0.1:5000")).is_err());
+        p.allow_loopback = true;
+        assert_eq!(p.check(sa("127.0.0.1:5000")), Ok(()));
+        assert_eq!(p.check(sa("[::1]:5000")), Ok(()));
+        assert_eq!(p.check(sa("[::ffff:127.0.0.2]:5000")), Ok(()));
+    }
+
+    #[test]
+    fn own_listeners_are_refused_even_with_loopback_allowed() {
+        let p = PeerPolicy {
+            allow_loopback: true,
+            own_sockets: vec![sa("0.0.0.0:3478"), sa("127.0.0.1:5349")],
+            own_ips: vec!["8.8.8.8".parse().unwrap()],
+            ..PeerPolicy::default()
+        };
+        assert_eq!(p.check(sa("127.0.0.1:3478")), Err(Refusal::OwnAddress));
+        assert_eq!(p.check(sa("8.8.8.8:3478")), Err(Refusal::OwnAddress));
+        assert_eq!(p.check(sa("127.0.0.1:5349")), Err(Refusal::OwnAddress));
+        assert_eq!(p.check(sa("127.0.0.1:5350")), Ok(()));
+        assert_eq!(p.check(sa("9.9.9.9:3478")), Ok(()));
+    }
+
+    #[test]
+    fn cidr_parsing() {
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nonsense/8".parse::<Cidr>().is_err());
+        assert!("fd00::/129".parse::<Cidr>().is_err());
+        let c: Cidr = "fd00::/8".parse().unwrap();
+        assert!(c.contains("fd12::1".parse().unwrap()));
+        let c: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(c.contains("1.2.3.4".parse().unwrap()));
+        assert!(!c.contains("::1".parse().unwrap()));
+        let one: Cidr = "1.2.3.4".parse().unwrap();
+        assert!(one.contains("1.2.3.4".parse().unwrap()));
+        assert!(!one.contains("1.2.3.5".parse().unwrap()));
+    }
+}

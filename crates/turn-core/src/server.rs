@@ -1,0 +1,1014 @@
+//! The server state machine: request processing (RFC 8489 §6.3, §9.2;
+//! RFC 8656 §7–§12), relaying, and timers.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stun_proto::{
+    attr, method, packet_kind, ChannelData, Class, Message, MessageBuilder, MessageType,
+    PacketKind, TransactionId,
+};
+
+use crate::auth::{Credentials, Md5Key, NonceMinter};
+use crate::policy::{PeerPolicy, Refusal};
+
+/// The transport between client and server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// UDP.
+    Udp,
+    /// TCP, RFC 8489 §6.2.2 framing.
+    Tcp,
+    /// TLS over TCP.
+    Tls,
+}
+
+impl Transport {
+    /// Lower-case name for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
+
+    fn is_stream(self) -> bool {
+        !matches!(self, Transport::Udp)
+    }
+}
+
+/// The client-side 5-tuple of an allocation (RFC 8656 §2): transport, the
+/// client's address, and the server socket it reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FiveTuple {
+    /// Transport protocol.
+    pub transport: Transport,
+    /// The client's address as the server sees it.
+    pub client: SocketAddr,
+    /// The server's listening address the client reached.
+    pub server: SocketAddr,
+}
+
+/// Where a [`Transmit`] goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dest {
+    /// To a client, over the connection or socket of this 5-tuple.
+    Client(FiveTuple),
+    /// A UDP datagram from the relay socket bound at `relay` to `peer`.
+    Peer {
+        /// The relay socket's bound address.
+        relay: SocketAddr,
+        /// The peer.
+        peer: SocketAddr,
+    },
+}
+
+/// Bytes the runtime must send.
+#[derive(Debug)]
+#[must_use]
+pub struct Transmit<'a> {
+    /// Where to.
+    pub dest: Dest,
+    /// What; for stream transports already framed and padded.
+    pub data: &'a [u8],
+}
+
+/// What the core asks of a relay socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayRequest {
+    /// IPv6 rather than IPv4.
+    pub ipv6: bool,
+    /// An even port (RFC 8656 §14.6 EVEN-PORT).
+    pub even_port: bool,
+}
+
+/// Why a relay socket could not be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayError {
+    /// No relay address of the requested family is configured (→ 440).
+    FamilyUnsupported,
+    /// No free port, or the socket could not be created (→ 508).
+    Exhausted,
+}
+
+/// The runtime's side of relay sockets: the core asks for one when an
+/// Allocate succeeds and gives it back when the allocation ends.
+pub trait RelayProvider {
+    /// Opens a UDP relay socket; returns the address it is bound to.
+    fn open(&mut self, req: RelayRequest) -> Result<SocketAddr, RelayError>;
+    /// Closes the relay socket bound at `relay`.
+    fn close(&mut self, relay: SocketAddr);
+}
+
+/// Packet and byte counts of one allocation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Datagrams relayed from the client to peers.
+    pub to_peer_packets: u64,
+    /// Payload bytes relayed from the client to peers.
+    pub to_peer_bytes: u64,
+    /// Datagrams relayed from peers to the client.
+    pub from_peer_packets: u64,
+    /// Payload bytes relayed from peers to the client.
+    pub from_peer_bytes: u64,
+}
+
+/// Why an allocation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Its lifetime ran out (RFC 8656 §7).
+    Expired,
+    /// The client sent Refresh with LIFETIME 0.
+    Deleted,
+    /// The client's TCP/TLS connection closed.
+    ConnectionClosed,
+}
+
+/// Something worth a log line or a metric.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// An allocation was created.
+    AllocationCreated {
+        /// The client 5-tuple.
+        tuple: FiveTuple,
+        /// The authenticated username.
+        username: Arc<str>,
+        /// The relayed transport address given to the client.
+        relayed: SocketAddr,
+        /// Granted lifetime.
+        lifetime: Duration,
+    },
+    /// An allocation ended.
+    AllocationDeleted {
+        /// The client 5-tuple.
+        tuple: FiveTuple,
+        /// The username that owned it.
+        username: Arc<str>,
+        /// Its relayed transport address.
+        relayed: SocketAddr,
+        /// Why.
+        reason: CloseReason,
+        /// Traffic over its life.
+        stats: Stats,
+        /// How long it lived.
+        age: Duration,
+    },
+    /// A peer address was refused by the peer policy.
+    PeerRefused {
+        /// The client 5-tuple.
+        tuple: FiveTuple,
+        /// The username.
+        username: Arc<str>,
+        /// The peer asked for.
+        peer: SocketAddr,
+        /// Which rule refused it.
+        reason: Refusal,
+    },
+}
+
+/// Settings of a [`Server`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The realm (RFC 8489 §14.9).
+    pub realm: String,
+    /// SOFTWARE to put in responses; `None` sends none.
+    pub software: Option<String>,
+    /// Credentials accepted.
+    pub credentials: Arc<Credentials>,
+    /// Secret for stateless nonces; share it among workers.
+    pub nonce_secret: [u8; 32],
+    /// How long a nonce stays valid (default 600 s).
+    pub nonce_lifetime: Duration,
+    /// Allocation lifetime when the client asks for none (RFC 8656: 600 s).
+    pub default_lifetime: Duration,
+    /// Upper bound on allocation lifetime (RFC 8656: 3600 s).
+    pub max_lifetime: Duration,
+    /// Permission lifetime (RFC 8656 §9: 300 s).
+    pub permission_lifetime: Duration,
+    /// Channel binding lifetime (RFC 8656 §12: 600 s).
+    pub channel_lifetime: Duration,
+    /// Accept channel numbers 0x5000–0x7FFF too (RFC 5766's range).
+    pub legacy_channel_numbers: bool,
+    /// Which peers may be relayed to.
+    pub policy: PeerPolicy,
+    /// The advertised IPv4 relay address when the host is behind NAT.
+    pub external_ipv4: Option<Ipv4Addr>,
+    /// The advertised IPv6 relay address when it differs from the bound one.
+    pub external_ipv6: Option<Ipv6Addr>,
+    /// Most permissions one allocation may hold (beyond: 508).
+    pub max_permissions: usize,
+    /// Most channel bindings one allocation may hold (beyond: 508).
+    pub max_channels: usize,
+    /// The instant all workers count nonce time from.
+    pub epoch: Instant,
+    /// Unix time (seconds) at `epoch`, for REST-API username expiry.
+    pub unix_at_epoch: u64,
+}
+
+impl Config {
+    /// A configuration with the RFC defaults.
+    pub fn new(realm: &str, credentials: Arc<Credentials>, nonce_secret: [u8; 32], epoch: Instant, unix_at_epoch: u64) -> Self {
+        Config {
+            realm: realm.to_owned(),
+            software: None,
+            credentials,
+            nonce_secret,
+            nonce_lifetime: Duration::from_secs(600),
+            default_lifetime: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(3600),
+            permission_lifetime: Duration::from_secs(300),
+            channel_lifetime: Duration::from_secs(600),
+            legacy_channel_numbers: false,
+            policy: PeerPolicy::default(),
+            external_ipv4: None,
+            external_ipv6: None,
+            max_permissions: 256,
+            max_channels: 256,
+            epoch,
+            unix_at_epoch,
+        }
+    }
+}
+
+/// How long a channel number and peer stay reserved after the binding
+/// expires (RFC 8656 §12: "not reused ... for 5 minutes").
+const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
+
+/// RFC 8489 §14.3: USERNAME is fewer than 509 bytes.
+const MAX_USERNAME_LEN: usize = 508;
+
+#[derive(Debug)]
+struct Permission {
+    ip: IpAddr,
+    expires: Instant,
+}
+
+#[derive(Debug)]
+struct ChannelBinding {
+    number: u16,
+    peer: SocketAddr,
+    expires: Instant,
+}
+
+#[derive(Debug)]
+struct Allocation {
+    tuple: FiveTuple,
+    relay: SocketAddr,
+    advertised: SocketAddr,
+    username: Arc<str>,
+    txid: TransactionId,
+    created: Instant,
+    expires: Instant,
+    permissions: Vec<Permission>,
+    channels: Vec<ChannelBinding>,
+    stats: Stats,
+}
+
+impl Allocation {
+    fn has_permission(&self, ip: IpAddr, now: Instant) -> bool {
+        self.permissions.iter().any(|p| p.ip == ip && p.expires > now)
+    }
+
+    fn install_permission(&mut self, ip: IpAddr, expires: Instant) {
+        match self.permissions.iter_mut().find(|p| p.ip == ip) {
+            Some(p) => p.expires = expires,
+            None => self.permissions.push(Permission { ip, expires }),
+        }
+    }
+
+    fn purge(&mut self, now: Instant) {
+        self.permissions.retain(|p| p.expires > now);
+        self.channels.retain(|c| c.expires + CHANNEL_COOLDOWN > now);
+    }
+}
+
+fn reason_phrase(code: u16) -> &'static str {
+    match code {
+        300 => "Try Alternate",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        420 => "Unknown Attribute",
+        437 => "Allocation Mismatch",
+        438 => "Stale Nonce",
+        440 => "Address Family not Supported",
+        441 => "Wrong Credentials",
+        442 => "Unsupported Transport Protocol",
+        443 => "Peer Address Family Mismatch",
+        486 => "Allocation Quota Reached",
+        508 => "Insufficient Capacity",
+        _ => "Server Error",
+    }
+}
+
+/// Comprehension-required attributes this server understands; any other in
+/// a request is answered with 420 (RFC 8489 §6.3.1). DONT-FRAGMENT is left
+/// out on purpose: the relay does not set DF, so RFC 8656 §7.2 requires 420.
+const KNOWN_REQUIRED: &[u16] = &[
+    attr::MAPPED_ADDRESS,
+    attr::USERNAME,
+    attr::MESSAGE_INTEGRITY,
+    attr::ERROR_CODE,
+    attr::UNKNOWN_ATTRIBUTES,
+    attr::CHANNEL_NUMBER,
+    attr::LIFETIME,
+    attr::XOR_PEER_ADDRESS,
+    attr::DATA,
+    attr::REALM,
+    attr::NONCE,
+    attr::XOR_RELAYED_ADDRESS,
+    attr::REQUESTED_ADDRESS_FAMILY,
+    attr::EVEN_PORT,
+    attr::REQUESTED_TRANSPORT,
+    attr::MESSAGE_INTEGRITY_SHA256,
+    attr::XOR_MAPPED_ADDRESS,
+    attr::RESERVATION_TOKEN,
+];
+
+/// Outcome of request processing before the response is written.
+enum Reply {
+    /// An error response with this code.
+    Error(u16),
+    /// 420 listing these attribute types.
+    Unknown([u16; 8], usize),
+    /// A success response; the closure-free variants below say what to add.
+    AllocateOk { relayed: SocketAddr, lifetime: u32 },
+    RefreshOk { lifetime: u32 },
+    Ok,
+}
+
+/// A sans-IO STUN/TURN server for one worker. See the crate docs.
+pub struct Server {
+    cfg: Config,
+    minter: NonceMinter,
+    allocs: Vec<Option<Allocation>>,
+    free: Vec<u32>,
+    by_tuple: HashMap<FiveTuple, u32>,
+    by_relay: HashMap<SocketAddr, u32>,
+    timers: BinaryHeap<Reverse<(Instant, u32)>>,
+    events: VecDeque<Event>,
+    out: Vec<u8>,
+    keys: Vec<Md5Key>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("allocations", &self.by_tuple.len())
+            .finish()
+    }
+}
+
+impl Server {
+    /// A server with no allocations.
+    pub fn new(cfg: Config) -> Self {
+        let minter = NonceMinter::new(cfg.nonce_secret, cfg.nonce_lifetime.as_secs().max(1));
+        Server {
+            cfg,
+            minter,
+            allocs: Vec::new(),
+            free: Vec::new(),
+            by_tuple: HashMap::new(),
+            by_relay: HashMap::new(),
+            timers: BinaryHeap::new(),
+            events: VecDeque::new(),
+            out: Vec::with_capacity(2048),
+            keys: Vec::with_capacity(4),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Replaces the credentials (reload); existing allocations are kept.
+    pub fn set_credentials(&mut self, credentials: Arc<Credentials>) {
+        self.cfg.credentials = credentials;
+    }
+
+    /// Replaces the peer policy (reload). Existing permissions are kept.
+    pub fn set_policy(&mut self, policy: PeerPolicy) {
+        self.cfg.policy = policy;
+    }
+
+    /// Number of live allocations.
+    pub fn allocation_count(&self) -> usize {
+        self.by_tuple.len()
+    }
+
+    /// The next instant [`Self::handle_timeout`] has work to do, if any.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((t, _))| *t)
+    }
+
+    /// The next event for logs and metrics.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn nonce_secs(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.cfg.epoch).as_secs()
+    }
+
+    fn unix_now(&self, now: Instant) -> u64 {
+        self.cfg.unix_at_epoch + self.nonce_secs(now)
+    }
+
+    /// Expires allocations whose lifetime has run out.
+    pub fn handle_timeout(&mut self, now: Instant, relays: &mut dyn RelayProvider) {
+        while let Some(&Reverse((t, idx))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let due = matches!(&self.allocs[idx as usize], Some(a) if a.expires <= now);
+            if due {
+                self.delete(idx, now, CloseReason::Expired, relays);
+            }
+        }
+    }
+
+    /// A client's TCP/TLS connection closed: its allocation goes with it
+    /// (RFC 8656 §3.1: the allocation is bound to the 5-tuple).
+    pub fn handle_connection_closed(&mut self, now: Instant, tuple: FiveTuple, relays: &mut dyn RelayProvider) {
+        if let Some(&idx) = self.by_tuple.get(&tuple) {
+            self.delete(idx, now, CloseReason::ConnectionClosed, relays);
+        }
+    }
+
+    /// Deletes every allocation (shutdown), closing their relay sockets.
+    pub fn close_all(&mut self, now: Instant, relays: &mut dyn RelayProvider) {
+        let idxs: Vec<u32> = self.by_tuple.values().copied().collect();
+        for idx in idxs {
+            self.delete(idx, now, CloseReason::Deleted, relays);
+        }
+    }
+
+    fn delete(&mut self, idx: u32, now: Instant, reason: CloseReason, relays: &mut dyn RelayProvider) {
+        let Some(a) = self.allocs[idx as usize].take() else {
+            return;
+        };
+        self.free.push(idx);
+        self.by_tuple.remove(&a.tuple);
+        self.by_relay.remove(&a.relay);
+        relays.close(a.relay);
+        self.events.push_back(Event::AllocationDeleted {
+            tuple: a.tuple,
+            username: a.username,
+            relayed: a.advertised,
+            reason,
+            stats: a.stats,
+            age: now.saturating_duration_since(a.created),
+        });
+    }
+
+    /// Processes one packet from a client: a whole UDP datagram, or one
+    /// framed message from a TCP/TLS stream. Malformed input is dropped
+    /// silently (RFC 8489 §6.3) and yields `None`.
+    pub fn handle_client<'a>(
+        &'a mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        data: &'a [u8],
+        relays: &mut dyn RelayProvider,
+    ) -> Option<Transmit<'a>> {
+        match packet_kind(data) {
+            PacketKind::Stun => {
+                let msg = Message::parse(data).ok()?;
+                let typ = msg.message_type();
+                match typ.class {
+                    Class::Request => self.handle_request(now, tuple, &msg, relays),
+                    Class::Indication if typ.method == method::SEND => self.handle_send(now, tuple, &msg),
+                    // Responses and other indications sent to a server are dropped.
+                    _ => None,
+                }
+            }
+            PacketKind::ChannelData => self.handle_channel_data(now, tuple, data),
+            PacketKind::Other => None,
+        }
+    }
+
+    /// RFC 8656 §11.2: a Send indication relays DATA to XOR-PEER-ADDRESS if a
+    /// permission exists; anything wrong drops it silently.
+    fn handle_send<'a>(&'a mut self, now: Instant, tuple: FiveTuple, msg: &Message<'a>) -> Option<Transmit<'a>> {
+        let &idx = self.by_tuple.get(&tuple)?;
+        let peer = msg.get_xor_addr(attr::XOR_PEER_ADDRESS)?.ok()?;
+        let data = msg.get(attr::DATA)?;
+        let a = self.allocs[idx as usize].as_mut()?;
+        if peer.is_ipv4() != a.relay.is_ipv4() {
+            return None;
+        }
+        if let Err(reason) = self.cfg.policy.check(peer) {
+            self.events.push_back(Event::PeerRefused {
+                tuple,
+                username: a.username.clone(),
+                peer,
+                reason,
+            });
+            return None;
+        }
+        if !a.has_permission(peer.ip(), now) {
+            return None;
+        }
+        a.stats.to_peer_packets += 1;
+        a.stats.to_peer_bytes += data.len() as u64;
+        Some(Transmit {
+            dest: Dest::Peer { relay: a.relay, peer },
+            data,
+        })
+    }
+
+    /// RFC 8656 §12.6: ChannelData from the client goes to the bound peer,
+    /// without a copy. Unknown channel, expired binding or no permission:
+    /// dropped. ChannelData never refreshes a permission.
+    fn handle_channel_data<'a>(&'a mut self, now: Instant, tuple: FiveTuple, data: &'a [u8]) -> Option<Transmit<'a>> {
+        let cd = ChannelData::parse(data)?;
+        let &idx = self.by_tuple.get(&tuple)?;
+        let a = self.allocs[idx as usize].as_mut()?;
+        let binding = a.channels.iter().find(|c| c.number == cd.channel && c.expires > now)?;
+        let peer = binding.peer;
+        if !a.has_permission(peer.ip(), now) {
+            return None;
+        }
+        a.stats.to_peer_packets += 1;
+        a.stats.to_peer_bytes += cd.data.len() as u64;
+        Some(Transmit {
+            dest: Dest::Peer { relay: a.relay, peer },
+            data: cd.data,
+        })
+    }
+
+    /// Processes a datagram a relay socket received from `peer`
+    /// (RFC 8656 §11.3, §12.7): with a permission it goes to the client as
+    /// ChannelData when a channel is bound to the peer, else as a Data
+    /// indication; without one it is dropped.
+    pub fn handle_peer(&mut self, now: Instant, relay: SocketAddr, peer: SocketAddr, data: &[u8]) -> Option<Transmit<'_>> {
+        let &idx = self.by_relay.get(&relay)?;
+        let a = self.allocs[idx as usize].as_mut()?;
+        if a.expires <= now || !a.has_permission(peer.ip(), now) {
+            return None;
+        }
+        if data.len() > u16::MAX as usize {
+            return None;
+        }
+        a.stats.from_peer_packets += 1;
+        a.stats.from_peer_bytes += data.len() as u64;
+        let tuple = a.tuple;
+        self.out.clear();
+        if let Some(c) = a.channels.iter().find(|c| c.peer == peer && c.expires > now) {
+            self.out.extend_from_slice(&ChannelData::header(c.number, data.len() as u16));
+            self.out.extend_from_slice(data);
+            if tuple.transport.is_stream() {
+                // RFC 8656 §12.5: over TCP/TLS, pad to a multiple of four.
+                let pad = (4 - data.len() % 4) % 4;
+                self.out.extend_from_slice(&[0u8; 3][..pad]);
+            }
+        } else {
+            let txid = data_indication_txid(self.out.capacity() as u64 ^ a.stats.from_peer_packets);
+            let mut b = MessageBuilder::new(&mut self.out, MessageType::new(method::DATA, Class::Indication), &txid);
+            b.xor_addr(attr::XOR_PEER_ADDRESS, peer).attr(attr::DATA, data);
+        }
+        Some(Transmit {
+            dest: Dest::Client(tuple),
+            data: &self.out,
+        })
+    }
+
+    fn handle_request<'a>(
+        &'a mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        msg: &Message<'a>,
+        relays: &mut dyn RelayProvider,
+    ) -> Option<Transmit<'a>> {
+        let m = msg.message_type().method;
+        if m == method::BINDING {
+            // RFC 8489 §6.3.1: 420 for unknown comprehension-required attributes.
+            if let Some((list, n)) = unknown_required(msg) {
+                return Some(self.respond(now, tuple, msg, Reply::Unknown(list, n), None));
+            }
+            return Some(self.respond(now, tuple, msg, Reply::Ok, None));
+        }
+        if !matches!(m, method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND) {
+            return Some(self.respond(now, tuple, msg, Reply::Error(400), None));
+        }
+        // RFC 8489 §9.2.4: authenticate before anything else.
+        let key = match self.authenticate(now, tuple, msg) {
+            Ok(k) => k,
+            Err(code) => return Some(self.respond(now, tuple, msg, Reply::Error(code), None)),
+        };
+        let username = msg.get(attr::USERNAME).and_then(|u| std::str::from_utf8(u).ok()).unwrap_or("");
+        if let Some((list, n)) = unknown_required(msg) {
+            return Some(self.respond(now, tuple, msg, Reply::Unknown(list, n), Some(&key)));
+        }
+        let existing = self.by_tuple.get(&tuple).copied();
+        if let Some(idx) = existing {
+            if let Some(a) = &self.allocs[idx as usize] {
+                // RFC 8656 §7: requests on an allocation must use its username.
+                if &*a.username != username {
+                    return Some(self.respond(now, tuple, msg, Reply::Error(441), Some(&key)));
+                }
+            }
+        }
+        let reply = match m {
+            method::ALLOCATE => self.allocate(now, tuple, msg, username, existing, relays),
+            method::REFRESH => self.refresh(now, msg, existing, relays),
+            method::CREATE_PERMISSION => self.create_permission(now, tuple, msg, existing),
+            _ => self.channel_bind(now, tuple, msg, existing),
+        };
+        Some(self.respond(now, tuple, msg, reply, Some(&key)))
+    }
+
+    /// RFC 8489 §9.2.4 long-term credential checks, in the RFC's order.
+    /// Returns the key that verified, or the error code to answer with.
+    fn authenticate(&mut self, now: Instant, tuple: FiveTuple, msg: &Message<'_>) -> Result<Md5Key, u16> {
+        if !msg.has_integrity() && !msg.has_integrity_sha256() {
+            return Err(401);
+        }
+        let (Some(username), Some(realm), Some(nonce)) =
+            (msg.get(attr::USERNAME), msg.get(attr::REALM), msg.get(attr::NONCE))
+        else {
+            return Err(400);
+        };
+        if username.len() > MAX_USERNAME_LEN
+            || realm.len() > attr::MAX_TEXT_ATTR_LEN
+            || nonce.len() > attr::MAX_TEXT_ATTR_LEN
+        {
+            return Err(400);
+        }
+        if !self.minter.is_valid(nonce, self.nonce_secs(now), tuple.client.ip()) {
+            return Err(438);
+        }
+        // Only MESSAGE-INTEGRITY (MD5 keys) is verified here; a request with
+        // MESSAGE-INTEGRITY-SHA256 alone is asked to authenticate again.
+        if !msg.has_integrity() {
+            return Err(401);
+        }
+        let Ok(username) = std::str::from_utf8(username) else {
+            return Err(401);
+        };
+        if realm != self.cfg.realm.as_bytes() {
+            return Err(401);
+        }
+        let unix = self.unix_now(now);
+        let mut keys = std::mem::take(&mut self.keys);
+        let res = match self.cfg.credentials.keys_for(username, &self.cfg.realm, unix, &mut keys) {
+            Err(_) => Err(401),
+            Ok(()) => keys.iter().find(|k| msg.verify_integrity(&k[..])).copied().ok_or(401),
+        };
+        self.keys = keys;
+        res
+    }
+
+    fn lifetime(&self, requested: Option<u32>) -> Duration {
+        // RFC 8656 §7.2: a requested lifetime is honoured up to the maximum;
+        // shorter than the default is raised to the default.
+        match requested {
+            None => self.cfg.default_lifetime,
+            Some(s) => Duration::from_secs(s as u64).clamp(self.cfg.default_lifetime, self.cfg.max_lifetime),
+        }
+    }
+
+    fn advertise(&self, relay: SocketAddr) -> SocketAddr {
+        match relay.ip() {
+            IpAddr::V4(_) => match self.cfg.external_ipv4 {
+                Some(ip) => SocketAddr::new(IpAddr::V4(ip), relay.port()),
+                None => relay,
+            },
+            IpAddr::V6(_) => match self.cfg.external_ipv6 {
+                Some(ip) => SocketAddr::new(IpAddr::V6(ip), relay.port()),
+                None => relay,
+            },
+        }
+    }
+
+    /// RFC 8656 §7.2.
+    fn allocate(
+        &mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        msg: &Message<'_>,
+        username: &str,
+        existing: Option<u32>,
+        relays: &mut dyn RelayProvider,
+    ) -> Reply {
+        if let Some(idx) = existing {
+            if let Some(a) = &self.allocs[idx as usize] {
+                // A retransmission of the request that created the allocation
+                // gets the same success answer; anything else is a mismatch.
+                if a.txid == msg.transaction_id() {
+                    let left = a.expires.saturating_duration_since(now).as_secs() as u32;
+                    return Reply::AllocateOk {
+                        relayed: a.advertised,
+                        lifetime: left,
+                    };
+                }
+            }
+            return Reply::Error(437);
+        }
+        let Some(rt) = msg.get(attr::REQUESTED_TRANSPORT) else {
+            return Reply::Error(400);
+        };
+        if rt.len() != 4 {
+            return Reply::Error(400);
+        }
+        if rt[0] != attr::PROTOCOL_UDP {
+            return Reply::Error(442);
+        }
+        let has_token = msg.has(attr::RESERVATION_TOKEN);
+        let family = msg.get(attr::REQUESTED_ADDRESS_FAMILY);
+        if has_token && (msg.has(attr::EVEN_PORT) || family.is_some()) {
+            return Reply::Error(400);
+        }
+        if family.is_some() && msg.has(attr::ADDITIONAL_ADDRESS_FAMILY) {
+            return Reply::Error(400);
+        }
+        if has_token {
+            // No port is ever reserved by this server, so no token is valid.
+            return Reply::Error(508);
+        }
+        let ipv6 = match family {
+            None => false,
+            Some(v) if v.len() != 4 => return Reply::Error(400),
+            Some(v) if v[0] == attr::FAMILY_IPV4 => false,
+            Some(v) if v[0] == attr::FAMILY_IPV6 => true,
+            Some(_) => return Reply::Error(440),
+        };
+        let even_port = match msg.get(attr::EVEN_PORT) {
+            None => false,
+            Some([]) => return Reply::Error(400),
+            // R bit: reserve the next port. Reservations are not supported.
+            Some(v) if v[0] & 0x80 != 0 => return Reply::Error(508),
+            Some(_) => true,
+        };
+        let lifetime = self.lifetime(msg.get_u32(attr::LIFETIME));
+        let relay = match relays.open(RelayRequest { ipv6, even_port }) {
+            Ok(r) => r,
+            Err(RelayError::FamilyUnsupported) => return Reply::Error(440),
+            Err(RelayError::Exhausted) => return Reply::Error(508),
+        };
+        let advertised = self.advertise(relay);
+        let username: Arc<str> = Arc::from(username);
+        let alloc = Allocation {
+            tuple,
+            relay,
+            advertised,
+            username: username.clone(),
+            txid: msg.transaction_id(),
+            created: now,
+            expires: now + lifetime,
+            permissions: Vec::new(),
+            channels: Vec::new(),
+            stats: Stats::default(),
+        };
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.allocs[i as usize] = Some(alloc);
+                i
+            }
+            None => {
+                self.allocs.push(Some(alloc));
+                (self.allocs.len() - 1) as u32
+            }
+        };
+        self.by_tuple.insert(tuple, idx);
+        self.by_relay.insert(relay, idx);
+        self.timers.push(Reverse((now + lifetime, idx)));
+        self.events.push_back(Event::AllocationCreated {
+            tuple,
+            username,
+            relayed: advertised,
+            lifetime,
+        });
+        Reply::AllocateOk {
+            relayed: advertised,
+            lifetime: lifetime.as_secs() as u32,
+        }
+    }
+
+    /// RFC 8656 §7.3.
+    fn refresh(&mut self, now: Instant, msg: &Message<'_>, existing: Option<u32>, relays: &mut dyn RelayProvider) -> Reply {
+        let Some(idx) = existing else {
+            return Reply::Error(437);
+        };
+        if let Some(v) = msg.get(attr::REQUESTED_ADDRESS_FAMILY) {
+            let ipv6 = self.allocs[idx as usize].as_ref().is_some_and(|a| a.relay.is_ipv6());
+            let asked_v6 = v.first() == Some(&attr::FAMILY_IPV6);
+            if asked_v6 != ipv6 {
+                return Reply::Error(443);
+            }
+        }
+        let requested = msg.get_u32(attr::LIFETIME);
+        if requested == Some(0) {
+            self.delete(idx, now, CloseReason::Deleted, relays);
+            return Reply::RefreshOk { lifetime: 0 };
+        }
+        let lifetime = self.lifetime(requested);
+        if let Some(a) = self.allocs[idx as usize].as_mut() {
+            a.expires = now + lifetime;
+            a.purge(now);
+        }
+        self.timers.push(Reverse((now + lifetime, idx)));
+        Reply::RefreshOk {
+            lifetime: lifetime.as_secs() as u32,
+        }
+    }
+
+    /// Checks one peer for CreatePermission/ChannelBind: family (443) then
+    /// policy (403, logged).
+    fn check_peer(&mut self, tuple: FiveTuple, relay_v6: bool, username: &Arc<str>, peer: SocketAddr) -> Result<(), u16> {
+        if peer.is_ipv6() != relay_v6 {
+            return Err(443);
+        }
+        if let Err(reason) = self.cfg.policy.check(peer) {
+            self.events.push_back(Event::PeerRefused {
+                tuple,
+                username: username.clone(),
+                peer,
+                reason,
+            });
+            return Err(403);
+        }
+        Ok(())
+    }
+
+    /// RFC 8656 §9.2: every XOR-PEER-ADDRESS is checked before any is installed.
+    fn create_permission(&mut self, now: Instant, tuple: FiveTuple, msg: &Message<'_>, existing: Option<u32>) -> Reply {
+        let Some(idx) = existing else {
+            return Reply::Error(437);
+        };
+        let Some(a) = self.allocs[idx as usize].as_ref() else {
+            return Reply::Error(437);
+        };
+        let (relay_v6, username) = (a.relay.is_ipv6(), a.username.clone());
+        let mut peers: [Option<IpAddr>; 16] = [None; 16];
+        let mut n = 0;
+        for v in msg.get_all(attr::XOR_PEER_ADDRESS) {
+            let Ok(peer) = msg.decode_xor_addr(v) else {
+                return Reply::Error(400);
+            };
+            if let Err(code) = self.check_peer(tuple, relay_v6, &username, peer) {
+                return Reply::Error(code);
+            }
+            if n == peers.len() {
+                return Reply::Error(400);
+            }
+            peers[n] = Some(peer.ip());
+            n += 1;
+        }
+        if n == 0 {
+            return Reply::Error(400);
+        }
+        let expires = now + self.cfg.permission_lifetime;
+        let max = self.cfg.max_permissions;
+        let Some(a) = self.allocs[idx as usize].as_mut() else {
+            return Reply::Error(437);
+        };
+        a.purge(now);
+        let new = peers[..n].iter().flatten().filter(|ip| !a.permissions.iter().any(|p| p.ip == **ip)).count();
+        if a.permissions.len() + new > max {
+            return Reply::Error(508);
+        }
+        for ip in peers[..n].iter().flatten() {
+            a.install_permission(*ip, expires);
+        }
+        Reply::Ok
+    }
+
+    /// RFC 8656 §11.2.
+    fn channel_bind(&mut self, now: Instant, tuple: FiveTuple, msg: &Message<'_>, existing: Option<u32>) -> Reply {
+        let Some(idx) = existing else {
+            return Reply::Error(437);
+        };
+        let Some(a) = self.allocs[idx as usize].as_ref() else {
+            return Reply::Error(437);
+        };
+        let (relay_v6, username) = (a.relay.is_ipv6(), a.username.clone());
+        let (Some(ch), Some(peer)) = (msg.get(attr::CHANNEL_NUMBER), msg.get_xor_addr(attr::XOR_PEER_ADDRESS)) else {
+            return Reply::Error(400);
+        };
+        if ch.len() != 4 {
+            return Reply::Error(400);
+        }
+        let number = u16::from_be_bytes([ch[0], ch[1]]);
+        let top = if self.cfg.legacy_channel_numbers { 0x7FFF } else { 0x4FFF };
+        if !(0x4000..=top).contains(&number) {
+            return Reply::Error(400);
+        }
+        let Ok(peer) = peer else {
+            return Reply::Error(400);
+        };
+        if let Err(code) = self.check_peer(tuple, relay_v6, &username, peer) {
+            return Reply::Error(code);
+        }
+        let (ch_exp, perm_exp) = (now + self.cfg.channel_lifetime, now + self.cfg.permission_lifetime);
+        let (max_ch, max_perm) = (self.cfg.max_channels, self.cfg.max_permissions);
+        let Some(a) = self.allocs[idx as usize].as_mut() else {
+            return Reply::Error(437);
+        };
+        a.purge(now);
+        // A number bound to another peer, or a peer bound to another number,
+        // is a conflict (RFC 8656 §11.2), including during the cool-down.
+        if a.channels.iter().any(|c| (c.number == number) != (c.peer == peer)) {
+            return Reply::Error(400);
+        }
+        match a.channels.iter_mut().find(|c| c.number == number) {
+            Some(c) => c.expires = ch_exp,
+            None => {
+                if a.channels.len() >= max_ch {
+                    return Reply::Error(508);
+                }
+                if !a.permissions.iter().any(|p| p.ip == peer.ip()) && a.permissions.len() >= max_perm {
+                    return Reply::Error(508);
+                }
+                a.channels.push(ChannelBinding {
+                    number,
+                    peer,
+                    expires: ch_exp,
+                });
+            }
+        }
+        a.install_permission(peer.ip(), perm_exp);
+        Reply::Ok
+    }
+
+    /// Writes the response to `req` into the scratch buffer.
+    fn respond(&mut self, now: Instant, tuple: FiveTuple, req: &Message<'_>, reply: Reply, key: Option<&Md5Key>) -> Transmit<'_> {
+        let typ = req.message_type();
+        let txid = req.transaction_id();
+        let nonce = match reply {
+            Reply::Error(401 | 438) => Some(self.minter.mint(self.nonce_secs(now), tuple.client.ip())),
+            _ => None,
+        };
+        let class = match reply {
+            Reply::Error(_) | Reply::Unknown(..) => Class::Error,
+            _ => Class::Success,
+        };
+        let mut b = MessageBuilder::new(&mut self.out, MessageType::new(typ.method, class), &txid);
+        match reply {
+            Reply::Error(code) => {
+                b.error_code(code, reason_phrase(code));
+                if let Some(n) = &nonce {
+                    b.attr(attr::REALM, self.cfg.realm.as_bytes()).attr(attr::NONCE, n);
+                }
+            }
+            Reply::Unknown(list, n) => {
+                b.error_code(420, reason_phrase(420)).unknown_attributes(&list[..n]);
+            }
+            Reply::AllocateOk { relayed, lifetime } => {
+                b.xor_addr(attr::XOR_RELAYED_ADDRESS, relayed)
+                    .u32(attr::LIFETIME, lifetime)
+                    .xor_addr(attr::XOR_MAPPED_ADDRESS, tuple.client);
+            }
+            Reply::RefreshOk { lifetime } => {
+                b.u32(attr::LIFETIME, lifetime);
+            }
+            Reply::Ok => {
+                if typ.method == method::BINDING {
+                    b.xor_addr(attr::XOR_MAPPED_ADDRESS, tuple.client);
+                }
+            }
+        }
+        if let Some(s) = &self.cfg.software {
+            b.attr(attr::SOFTWARE, s.as_bytes());
+        }
+        if let Some(k) = key {
+            b.message_integrity(k);
+        }
+        if req.has_fingerprint() {
+            b.fingerprint();
+        }
+        Transmit {
+            dest: Dest::Client(tuple),
+            data: &self.out,
+        }
+    }
+}
+
+/// Unknown comprehension-required attribute types in `msg`, at most eight.
+fn unknown_required(msg: &Message<'_>) -> Option<([u16; 8], usize)> {
+    let mut list = [0u16; 8];
+    let mut n = 0;
+    for t in msg.attr_types() {
+        if attr::is_comprehension_required(t) && !KNOWN_REQUIRED.contains(&t) && !list[..n].contains(&t) && n < list.len() {
+            list[n] = t;
+            n += 1;
+        }
+    }
+    (n > 0).then_some((list, n))
+}
+
+/// Transaction ids of Data indications need not be random (RFC 8656 §11.4
+/// leaves them unchecked); a counter-derived value avoids an RNG per packet.
+fn data_indication_txid(seed: u64) -> TransactionId {
+    let mut t = [0u8; 12];
+    t[..8].copy_from_slice(&seed.to_le_bytes());
+    t
+}
