@@ -21,7 +21,7 @@ mod server;
 pub use auth::{Credentials, NonceMinter};
 pub use policy::{Cidr, PeerPolicy, Refusal};
 pub use server::{
-    CloseReason, Config, Dest, Event, FiveTuple, RelayError, RelayProvider, RelayRequest,
+    CloseReason, Config, Dest, Event, FiveTuple, OpenedRelay, RelayError, RelayProvider, RelayRequest,
     Server, Stats, Transmit, Transport,
 };
 

@@ -84,6 +84,18 @@ pub struct RelayRequest {
     pub ipv6: bool,
     /// An even port (RFC 8656 §14.6 EVEN-PORT).
     pub even_port: bool,
+    /// Also reserve the next port (EVEN-PORT with the R bit) and return a
+    /// RESERVATION-TOKEN for it.
+    pub reserve_next: bool,
+}
+
+/// A relay socket the runtime opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenedRelay {
+    /// The address it is bound to.
+    pub addr: SocketAddr,
+    /// With `reserve_next`: the token that claims the reserved port.
+    pub token: Option<[u8; 8]>,
 }
 
 /// Why a relay socket could not be opened.
@@ -99,7 +111,11 @@ pub enum RelayError {
 /// Allocate succeeds and gives it back when the allocation ends.
 pub trait RelayProvider {
     /// Opens a UDP relay socket; returns the address it is bound to.
-    fn open(&mut self, req: RelayRequest) -> Result<SocketAddr, RelayError>;
+    fn open(&mut self, req: RelayRequest) -> Result<OpenedRelay, RelayError>;
+    /// Opens the relay socket reserved under `token` by an earlier
+    /// `reserve_next` (RFC 8656 §7.2). Reservations may be shared by every
+    /// worker, since the claiming Allocate comes from another client port.
+    fn open_reserved(&mut self, token: [u8; 8]) -> Result<SocketAddr, RelayError>;
     /// Closes the relay socket bound at `relay`.
     fn close(&mut self, relay: SocketAddr);
 }
@@ -261,6 +277,9 @@ struct Allocation {
     advertised: SocketAddr,
     username: Arc<str>,
     txid: TransactionId,
+    /// RESERVATION-TOKEN handed out with this allocation, kept so a
+    /// retransmitted Allocate gets the same answer.
+    token: Option<[u8; 8]>,
     created: Instant,
     expires: Instant,
     permissions: Vec<Permission>,
@@ -336,7 +355,11 @@ enum Reply {
     /// 420 listing these attribute types.
     Unknown([u16; 8], usize),
     /// A success response; the closure-free variants below say what to add.
-    AllocateOk { relayed: SocketAddr, lifetime: u32 },
+    AllocateOk {
+        relayed: SocketAddr,
+        lifetime: u32,
+        token: Option<[u8; 8]>,
+    },
     RefreshOk { lifetime: u32 },
     Ok,
 }
@@ -708,6 +731,7 @@ impl Server {
                     return Reply::AllocateOk {
                         relayed: a.advertised,
                         lifetime: left,
+                        token: a.token,
                     };
                 }
             }
@@ -730,10 +754,6 @@ impl Server {
         if family.is_some() && msg.has(attr::ADDITIONAL_ADDRESS_FAMILY) {
             return Reply::Error(400);
         }
-        if has_token {
-            // No port is ever reserved by this server, so no token is valid.
-            return Reply::Error(508);
-        }
         let ipv6 = match family {
             None => false,
             Some(v) if v.len() != 4 => return Reply::Error(400),
@@ -741,16 +761,24 @@ impl Server {
             Some(v) if v[0] == attr::FAMILY_IPV6 => true,
             Some(_) => return Reply::Error(440),
         };
-        let even_port = match msg.get(attr::EVEN_PORT) {
-            None => false,
+        let (even_port, reserve_next) = match msg.get(attr::EVEN_PORT) {
+            None => (false, false),
             Some([]) => return Reply::Error(400),
-            // R bit: reserve the next port. Reservations are not supported.
-            Some(v) if v[0] & 0x80 != 0 => return Reply::Error(508),
-            Some(_) => true,
+            Some(v) => (true, v[0] & 0x80 != 0),
         };
         let lifetime = self.lifetime(msg.get_u32(attr::LIFETIME));
-        let relay = match relays.open(RelayRequest { ipv6, even_port }) {
-            Ok(r) => r,
+        let opened = match msg.get(attr::RESERVATION_TOKEN) {
+            Some(t) => {
+                let Ok(token) = <[u8; 8]>::try_from(t) else {
+                    return Reply::Error(400);
+                };
+                // An unknown or expired token: RFC 8656 §7.2 says 508.
+                relays.open_reserved(token).map(|addr| OpenedRelay { addr, token: None })
+            }
+            None => relays.open(RelayRequest { ipv6, even_port, reserve_next }),
+        };
+        let (relay, token) = match opened {
+            Ok(o) => (o.addr, o.token),
             Err(RelayError::FamilyUnsupported) => return Reply::Error(440),
             Err(RelayError::Exhausted) => return Reply::Error(508),
         };
@@ -762,6 +790,7 @@ impl Server {
             advertised,
             username: username.clone(),
             txid: msg.transaction_id(),
+            token,
             created: now,
             expires: now + lifetime,
             permissions: Vec::new(),
@@ -790,6 +819,7 @@ impl Server {
         Reply::AllocateOk {
             relayed: advertised,
             lifetime: lifetime.as_secs() as u32,
+            token,
         }
     }
 
@@ -962,10 +992,13 @@ impl Server {
             Reply::Unknown(list, n) => {
                 b.error_code(420, reason_phrase(420)).unknown_attributes(&list[..n]);
             }
-            Reply::AllocateOk { relayed, lifetime } => {
+            Reply::AllocateOk { relayed, lifetime, token } => {
                 b.xor_addr(attr::XOR_RELAYED_ADDRESS, relayed)
                     .u32(attr::LIFETIME, lifetime)
                     .xor_addr(attr::XOR_MAPPED_ADDRESS, tuple.client);
+                if let Some(t) = token {
+                    b.attr(attr::RESERVATION_TOKEN, &t);
+                }
             }
             Reply::RefreshOk { lifetime } => {
                 b.u32(attr::LIFETIME, lifetime);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use stun_proto::{attr, method, ChannelData, Class, Message, MessageBuilder, MessageType};
 use turn_core::{
-    CloseReason, Config, Credentials, Dest, Event, FiveTuple, RelayError, RelayProvider, RelayRequest,
+    CloseReason, Config, Credentials, Dest, Event, FiveTuple, OpenedRelay, RelayError, RelayProvider, RelayRequest,
     Server, Transport,
 };
 
@@ -20,10 +20,11 @@ struct FakeRelays {
     open: HashSet<SocketAddr>,
     closed: Vec<SocketAddr>,
     exhausted: bool,
+    reserved: std::collections::HashMap<[u8; 8], SocketAddr>,
 }
 
 impl RelayProvider for FakeRelays {
-    fn open(&mut self, req: RelayRequest) -> Result<SocketAddr, RelayError> {
+    fn open(&mut self, req: RelayRequest) -> Result<OpenedRelay, RelayError> {
         if req.ipv6 {
             return Err(RelayError::FamilyUnsupported);
         }
@@ -32,6 +33,17 @@ impl RelayProvider for FakeRelays {
         }
         self.next_port += 2;
         let a: SocketAddr = format!("198.51.100.7:{}", 50000 + self.next_port).parse().unwrap();
+        self.open.insert(a);
+        let token = req.reserve_next.then(|| {
+            let t = [self.next_port as u8; 8];
+            let next = SocketAddr::new(a.ip(), a.port() + 1);
+            self.reserved.insert(t, next);
+            t
+        });
+        Ok(OpenedRelay { addr: a, token })
+    }
+    fn open_reserved(&mut self, token: [u8; 8]) -> Result<SocketAddr, RelayError> {
+        let a = self.reserved.remove(&token).ok_or(RelayError::Exhausted)?;
         self.open.insert(a);
         Ok(a)
     }
@@ -543,6 +555,39 @@ fn allocate_attribute_combinations() {
     assert!(is_success(&resp));
     let relayed = Message::parse(&resp).unwrap().get_xor_addr(attr::XOR_RELAYED_ADDRESS).unwrap().unwrap();
     assert_eq!(relayed.port() % 2, 0);
+}
+
+#[test]
+fn even_port_with_reservation_then_claim_by_token() {
+    let mut h = Harness::new();
+    let mut rtp = Client::new(udp(), "alice", "wonderland");
+    let resp = rtp.request(&mut h, method::ALLOCATE, &|b| {
+        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000).attr(attr::EVEN_PORT, &[0x80, 0, 0, 0]);
+    });
+    let m = Message::parse(&resp).unwrap();
+    assert!(is_success(&resp));
+    let relayed = m.get_xor_addr(attr::XOR_RELAYED_ADDRESS).unwrap().unwrap();
+    assert_eq!(relayed.port() % 2, 0);
+    let token: [u8; 8] = m.get(attr::RESERVATION_TOKEN).unwrap().try_into().unwrap();
+
+    let mut rtcp = Client::new(tuple(Transport::Udp, "203.0.113.5:40001"), "alice", "wonderland");
+    let resp = rtcp.request(&mut h, method::ALLOCATE, &move |b| {
+        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000).attr(attr::RESERVATION_TOKEN, &token);
+    });
+    let m = Message::parse(&resp).unwrap();
+    assert!(is_success(&resp), "{:?}", m.error_code());
+    assert_eq!(m.get_xor_addr(attr::XOR_RELAYED_ADDRESS).unwrap().unwrap().port(), relayed.port() + 1);
+
+    // A token is good once; an unknown one is 508; a malformed one is 400.
+    let mut third = Client::new(tuple(Transport::Udp, "203.0.113.5:40002"), "alice", "wonderland");
+    let resp = third.request(&mut h, method::ALLOCATE, &move |b| {
+        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000).attr(attr::RESERVATION_TOKEN, &token);
+    });
+    assert_eq!(code(&resp), Some(508));
+    let resp = third.request(&mut h, method::ALLOCATE, &|b| {
+        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000).attr(attr::RESERVATION_TOKEN, &[1, 2, 3, 4]);
+    });
+    assert_eq!(code(&resp), Some(400));
 }
 
 #[test]

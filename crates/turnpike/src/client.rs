@@ -1,0 +1,486 @@
+//! A small blocking STUN/TURN client over UDP, TCP and TLS: the test
+//! client of the integration tests, and the base of `probe` and `bench`.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stun_proto::{attr, method, ChannelData, Class, Message, MessageBuilder, MessageType, PacketKind};
+
+/// Which transport to reach the server over.
+#[derive(Debug, Clone)]
+pub enum ClientTransport {
+    /// UDP.
+    Udp,
+    /// TCP.
+    Tcp,
+    /// TLS; `pinned` is the DER certificate to trust (`None`: any).
+    Tls {
+        /// Certificate to accept.
+        pinned: Option<Vec<u8>>,
+    },
+}
+
+enum Kind {
+    Udp(UdpSocket),
+    Tcp(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+/// One connection (or UDP socket) to a server, framing messages on streams.
+pub struct Channel {
+    kind: Kind,
+    rbuf: Vec<u8>,
+}
+
+impl Channel {
+    /// Connects to `server`.
+    pub fn connect(transport: &ClientTransport, server: SocketAddr, timeout: Duration) -> io::Result<Channel> {
+        let kind = match transport {
+            ClientTransport::Udp => {
+                let bind: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().map_err(io::Error::other)?;
+                let s = UdpSocket::bind(bind)?;
+                s.connect(server)?;
+                Kind::Udp(s)
+            }
+            ClientTransport::Tcp => {
+                let s = TcpStream::connect_timeout(&server, timeout)?;
+                s.set_nodelay(true)?;
+                Kind::Tcp(s)
+            }
+            ClientTransport::Tls { pinned } => {
+                let s = TcpStream::connect_timeout(&server, timeout)?;
+                s.set_nodelay(true)?;
+                s.set_read_timeout(Some(timeout))?;
+                let cfg: Arc<rustls::ClientConfig> = crate::tls::client_config(pinned.as_deref());
+                let name = rustls::pki_types::ServerName::try_from("localhost").map_err(io::Error::other)?;
+                let conn = rustls::ClientConnection::new(cfg, name).map_err(io::Error::other)?;
+                let mut tls = rustls::StreamOwned::new(conn, s);
+                // Complete the handshake now so failures surface here.
+                while tls.conn.is_handshaking() {
+                    tls.conn.complete_io(&mut tls.sock)?;
+                }
+                Kind::Tls(Box::new(tls))
+            }
+        };
+        Ok(Channel { kind, rbuf: Vec::new() })
+    }
+
+    /// The local address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match &self.kind {
+            Kind::Udp(s) => s.local_addr(),
+            Kind::Tcp(s) => s.local_addr(),
+            Kind::Tls(s) => s.sock.local_addr(),
+        }
+    }
+
+    /// Whether this is a stream (ChannelData must be padded).
+    pub fn is_stream(&self) -> bool {
+        !matches!(self.kind, Kind::Udp(_))
+    }
+
+    /// Sends one message (a datagram, or bytes on the stream).
+    pub fn send(&mut self, data: &[u8]) -> io::Result<()> {
+        match &mut self.kind {
+            Kind::Udp(s) => s.send(data).map(|_| ()),
+            Kind::Tcp(s) => s.write_all(data),
+            Kind::Tls(s) => {
+                s.write_all(data)?;
+                s.flush()
+            }
+        }
+    }
+
+    /// Receives one message, or `None` when `deadline` passes first.
+    pub fn recv(&mut self, deadline: Instant) -> io::Result<Option<Vec<u8>>> {
+        loop {
+            if self.is_stream() {
+                match turn_core::stream_frame_len(&self.rbuf) {
+                    Some(Ok(n)) if self.rbuf.len() >= n => {
+                        let msg: Vec<u8> = self.rbuf.drain(..n).collect();
+                        return Ok(Some(msg));
+                    }
+                    Some(Err(())) => return Err(io::Error::new(io::ErrorKind::InvalidData, "not STUN or ChannelData")),
+                    _ => {}
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            let left = left.max(Duration::from_millis(1));
+            let mut tmp = [0u8; 65536];
+            let res = match &mut self.kind {
+                Kind::Udp(s) => {
+                    s.set_read_timeout(Some(left))?;
+                    match s.recv(&mut tmp) {
+                        Ok(n) => return Ok(Some(tmp[..n].to_vec())),
+                        Err(e) => Err(e),
+                    }
+                }
+                Kind::Tcp(s) => {
+                    s.set_read_timeout(Some(left))?;
+                    s.read(&mut tmp)
+                }
+                Kind::Tls(s) => {
+                    s.sock.set_read_timeout(Some(left))?;
+                    s.read(&mut tmp)
+                }
+            };
+            match res {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => self.rbuf.extend_from_slice(&tmp[..n]),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Why a client operation failed.
+#[derive(Debug)]
+pub enum ClientError {
+    /// No answer in time.
+    Timeout,
+    /// A socket error.
+    Io(io::Error),
+    /// The server answered with an error response.
+    Error {
+        /// ERROR-CODE.
+        code: u16,
+        /// Reason phrase.
+        reason: String,
+    },
+    /// The answer made no sense.
+    Protocol(&'static str),
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::Timeout => f.write_str("no response"),
+            ClientError::Io(e) => write!(f, "{e}"),
+            ClientError::Error { code, reason } => write!(f, "{code} {reason}"),
+            ClientError::Protocol(s) => f.write_str(s),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl From<io::Error> for ClientError {
+    fn from(e: io::Error) -> Self {
+        ClientError::Io(e)
+    }
+}
+
+/// What an Allocate granted.
+#[derive(Debug, Clone, Copy)]
+pub struct Allocation {
+    /// XOR-RELAYED-ADDRESS.
+    pub relayed: SocketAddr,
+    /// XOR-MAPPED-ADDRESS.
+    pub mapped: SocketAddr,
+    /// LIFETIME in seconds.
+    pub lifetime: u32,
+}
+
+/// Application data received through the relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received {
+    /// A Data indication from `peer`.
+    Data {
+        /// Sender.
+        peer: SocketAddr,
+        /// Payload.
+        data: Vec<u8>,
+    },
+    /// ChannelData on `channel`.
+    Channel {
+        /// Channel number.
+        channel: u16,
+        /// Payload.
+        data: Vec<u8>,
+    },
+}
+
+/// A TURN client session (long-term credentials) over one [`Channel`].
+pub struct TurnClient {
+    ch: Channel,
+    user: String,
+    password: String,
+    realm: Option<String>,
+    nonce: Option<Vec<u8>>,
+    key: [u8; 16],
+    timeout: Duration,
+    inbox: VecDeque<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl TurnClient {
+    /// A client with credentials; nothing is sent yet.
+    pub fn new(ch: Channel, user: &str, password: &str) -> Self {
+        TurnClient {
+            ch,
+            user: user.to_owned(),
+            password: password.to_owned(),
+            realm: None,
+            nonce: None,
+            key: [0; 16],
+            timeout: Duration::from_secs(3),
+            inbox: VecDeque::new(),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Overall time limit for one transaction.
+    pub fn set_timeout(&mut self, t: Duration) {
+        self.timeout = t;
+    }
+
+    /// The underlying channel.
+    pub fn channel(&mut self) -> &mut Channel {
+        &mut self.ch
+    }
+
+    /// Runs one request/response transaction, authenticating on 401/438 as
+    /// RFC 8489 §9.2.3 describes, retransmitting over UDP (RFC 8489 §6.2.1).
+    /// Returns the success response's bytes.
+    pub fn transaction(&mut self, m: u16, add: &dyn Fn(&mut MessageBuilder)) -> Result<Vec<u8>, ClientError> {
+        let mut auth_tries = 0;
+        loop {
+            let txid: [u8; 12] = rand::random();
+            {
+                let mut b = MessageBuilder::new(&mut self.buf, MessageType::new(m, Class::Request), &txid);
+                add(&mut b);
+                if let (Some(realm), Some(nonce)) = (&self.realm, &self.nonce) {
+                    b.attr(attr::USERNAME, self.user.as_bytes())
+                        .attr(attr::REALM, realm.as_bytes())
+                        .attr(attr::NONCE, nonce)
+                        .message_integrity(&self.key);
+                }
+                b.fingerprint();
+            }
+            let req = self.buf.clone();
+            let resp = self.exchange(&req, txid)?;
+            let msg = Message::parse(&resp).map_err(|_| ClientError::Protocol("unparseable response"))?;
+            match msg.message_type().class {
+                Class::Success => return Ok(resp),
+                Class::Error => {
+                    let (code, reason) = msg.error_code().ok_or(ClientError::Protocol("error without ERROR-CODE"))?;
+                    let reason = String::from_utf8_lossy(reason).into_owned();
+                    let retry = match code {
+                        401 => auth_tries == 0 || self.nonce.is_none(),
+                        438 => auth_tries < 3,
+                        _ => false,
+                    };
+                    if retry && auth_tries < 3 {
+                        auth_tries += 1;
+                        let realm = msg.get(attr::REALM).ok_or(ClientError::Protocol("401 without REALM"))?;
+                        let nonce = msg.get(attr::NONCE).ok_or(ClientError::Protocol("401 without NONCE"))?;
+                        let realm = String::from_utf8_lossy(realm).into_owned();
+                        let had_realm = self.realm.is_some();
+                        self.key = stun_proto::long_term_key_md5(&self.user, &realm, &self.password);
+                        self.realm = Some(realm);
+                        self.nonce = Some(nonce.to_vec());
+                        // A 401 after credentials were sent means they are wrong.
+                        if code == 401 && had_realm && auth_tries > 1 {
+                            return Err(ClientError::Error { code, reason });
+                        }
+                        continue;
+                    }
+                    return Err(ClientError::Error { code, reason });
+                }
+                _ => return Err(ClientError::Protocol("unexpected message class")),
+            }
+        }
+    }
+
+    fn exchange(&mut self, req: &[u8], txid: [u8; 12]) -> Result<Vec<u8>, ClientError> {
+        let end = Instant::now() + self.timeout;
+        let mut rto = Duration::from_millis(250);
+        self.ch.send(req)?;
+        let mut next_send = Instant::now() + rto;
+        loop {
+            let wait_until = if self.ch.is_stream() { end } else { next_send.min(end) };
+            match self.ch.recv(wait_until)? {
+                Some(pkt) => {
+                    if let Ok(m) = Message::parse(&pkt) {
+                        if m.transaction_id() == txid && matches!(m.message_type().class, Class::Success | Class::Error) {
+                            return Ok(pkt);
+                        }
+                    }
+                    self.inbox.push_back(pkt);
+                }
+                None => {
+                    let now = Instant::now();
+                    if now >= end {
+                        return Err(ClientError::Timeout);
+                    }
+                    if !self.ch.is_stream() && now >= next_send {
+                        self.ch.send(req)?;
+                        rto *= 2;
+                        next_send = now + rto;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Allocate with REQUESTED-TRANSPORT UDP.
+    pub fn allocate(&mut self) -> Result<Allocation, ClientError> {
+        let resp = self.transaction(method::ALLOCATE, &|b| {
+            b.u32(attr::REQUESTED_TRANSPORT, (attr::PROTOCOL_UDP as u32) << 24);
+        })?;
+        let m = Message::parse(&resp).map_err(|_| ClientError::Protocol("bad response"))?;
+        if !m.verify_integrity(&self.key) {
+            return Err(ClientError::Protocol("response MESSAGE-INTEGRITY does not verify"));
+        }
+        let relayed = m
+            .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
+            .and_then(|r| r.ok())
+            .ok_or(ClientError::Protocol("no XOR-RELAYED-ADDRESS"))?;
+        let mapped = m
+            .get_xor_addr(attr::XOR_MAPPED_ADDRESS)
+            .and_then(|r| r.ok())
+            .ok_or(ClientError::Protocol("no XOR-MAPPED-ADDRESS"))?;
+        Ok(Allocation {
+            relayed,
+            mapped,
+            lifetime: m.get_u32(attr::LIFETIME).unwrap_or(0),
+        })
+    }
+
+    /// Refresh; returns the granted lifetime (0 deletes).
+    pub fn refresh(&mut self, lifetime: u32) -> Result<u32, ClientError> {
+        let resp = self.transaction(method::REFRESH, &move |b| {
+            b.u32(attr::LIFETIME, lifetime);
+        })?;
+        let m = Message::parse(&resp).map_err(|_| ClientError::Protocol("bad response"))?;
+        Ok(m.get_u32(attr::LIFETIME).unwrap_or(0))
+    }
+
+    /// CreatePermission for the IPs of `peers`.
+    pub fn create_permission(&mut self, peers: &[SocketAddr]) -> Result<(), ClientError> {
+        self.transaction(method::CREATE_PERMISSION, &|b| {
+            for p in peers {
+                b.xor_addr(attr::XOR_PEER_ADDRESS, *p);
+            }
+        })
+        .map(|_| ())
+    }
+
+    /// ChannelBind `channel` to `peer`.
+    pub fn channel_bind(&mut self, channel: u16, peer: SocketAddr) -> Result<(), ClientError> {
+        self.transaction(method::CHANNEL_BIND, &move |b| {
+            b.u32(attr::CHANNEL_NUMBER, (channel as u32) << 16).xor_addr(attr::XOR_PEER_ADDRESS, peer);
+        })
+        .map(|_| ())
+    }
+
+    /// Sends `data` to `peer` in a Send indication.
+    pub fn send_indication(&mut self, peer: SocketAddr, data: &[u8]) -> io::Result<()> {
+        let txid: [u8; 12] = rand::random();
+        MessageBuilder::new(&mut self.buf, MessageType::new(method::SEND, Class::Indication), &txid)
+            .xor_addr(attr::XOR_PEER_ADDRESS, peer)
+            .attr(attr::DATA, data);
+        let msg = std::mem::take(&mut self.buf);
+        let r = self.ch.send(&msg);
+        self.buf = msg;
+        r
+    }
+
+    /// Sends `data` on `channel` as ChannelData (padded on streams).
+    pub fn send_channel(&mut self, channel: u16, data: &[u8]) -> io::Result<()> {
+        self.buf.clear();
+        self.buf.extend_from_slice(&ChannelData::header(channel, data.len() as u16));
+        self.buf.extend_from_slice(data);
+        if self.ch.is_stream() {
+            while self.buf.len() % 4 != 0 {
+                self.buf.push(0);
+            }
+        }
+        let msg = std::mem::take(&mut self.buf);
+        let r = self.ch.send(&msg);
+        self.buf = msg;
+        r
+    }
+
+    /// Waits for relayed data (a Data indication or ChannelData).
+    pub fn recv(&mut self, timeout: Duration) -> Result<Received, ClientError> {
+        let end = Instant::now() + timeout;
+        loop {
+            let pkt = match self.inbox.pop_front() {
+                Some(p) => p,
+                None => self.ch.recv(end)?.ok_or(ClientError::Timeout)?,
+            };
+            match stun_proto::packet_kind(&pkt) {
+                PacketKind::ChannelData => {
+                    if let Some(cd) = ChannelData::parse(&pkt) {
+                        return Ok(Received::Channel {
+                            channel: cd.channel,
+                            data: cd.data.to_vec(),
+                        });
+                    }
+                }
+                PacketKind::Stun => {
+                    if let Ok(m) = Message::parse(&pkt) {
+                        if m.message_type() == MessageType::new(method::DATA, Class::Indication) {
+                            if let (Some(Ok(peer)), Some(data)) = (m.get_xor_addr(attr::XOR_PEER_ADDRESS), m.get(attr::DATA)) {
+                                return Ok(Received::Data { peer, data: data.to_vec() });
+                            }
+                        }
+                    }
+                }
+                PacketKind::Other => {}
+            }
+        }
+    }
+}
+
+/// One STUN Binding transaction: the reflexive address the server saw.
+pub fn binding(ch: &mut Channel, timeout: Duration) -> Result<SocketAddr, ClientError> {
+    let txid: [u8; 12] = rand::random();
+    let mut buf = Vec::new();
+    MessageBuilder::new(&mut buf, MessageType::new(method::BINDING, Class::Request), &txid).fingerprint();
+    let end = Instant::now() + timeout;
+    let mut rto = Duration::from_millis(250);
+    ch.send(&buf)?;
+    let mut next = Instant::now() + rto;
+    loop {
+        let until = if ch.is_stream() { end } else { next.min(end) };
+        match ch.recv(until)? {
+            Some(pkt) => {
+                if let Ok(m) = Message::parse(&pkt) {
+                    if m.transaction_id() == txid {
+                        if let Some((code, reason)) = m.error_code() {
+                            return Err(ClientError::Error {
+                                code,
+                                reason: String::from_utf8_lossy(reason).into_owned(),
+                            });
+                        }
+                        return m
+                            .get_xor_addr(attr::XOR_MAPPED_ADDRESS)
+                            .and_then(|r| r.ok())
+                            .ok_or(ClientError::Protocol("no XOR-MAPPED-ADDRESS"));
+                    }
+                }
+            }
+            None => {
+                let now = Instant::now();
+                if now >= end {
+                    return Err(ClientError::Timeout);
+                }
+                if !ch.is_stream() && now >= next {
+                    ch.send(&buf)?;
+                    rto *= 2;
+                    next = now + rto;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,516 @@
+//! `turnpike serve` settings: one struct that is both the command line
+//! (clap) and the TOML file (serde), merged (flags win) and then validated
+//! into [`Settings`], with errors that name the field and the fix.
+//!
+//! Config-file keys are the long flag names; a repeatable flag is an array:
+//! `listen = ["0.0.0.0:3478"]`, `user = ["alice:secret"]`,
+//! `allow-loopback-peers = true`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Deserialize;
+use turn_core::{Cidr, Credentials};
+
+/// Every `serve` option. `None`/empty means "not given here".
+#[derive(Debug, Default, Clone, Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServeArgs {
+    /// TOML config file; its keys are these long option names.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// UDP+TCP listen address (repeatable). Default: 0.0.0.0:3478 and [::]:3478.
+    #[arg(long, value_name = "IP:PORT")]
+    #[serde(default)]
+    pub listen: Vec<SocketAddr>,
+
+    /// TLS listen address (repeatable). Default: 0.0.0.0:5349 and [::]:5349.
+    #[arg(long, value_name = "IP:PORT")]
+    #[serde(default)]
+    pub tls_listen: Vec<SocketAddr>,
+
+    /// Turn TLS off entirely.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub no_tls: Option<bool>,
+
+    /// TLS certificate chain (PEM). Without --cert/--key a self-signed
+    /// certificate is generated at start-up and its fingerprint logged.
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+
+    /// TLS private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+
+    /// Address relay sockets bind to (one per family; repeatable).
+    /// Default: the listen address if specific, else the host's first
+    /// non-loopback IPv4 address.
+    #[arg(long, value_name = "IP")]
+    #[serde(default)]
+    pub relay_ip: Vec<IpAddr>,
+
+    /// Relay address advertised to clients when the host is behind NAT
+    /// (one per family; repeatable).
+    #[arg(long, value_name = "IP")]
+    #[serde(default)]
+    pub external_ip: Vec<IpAddr>,
+
+    /// Lowest relay port [default: 49152].
+    #[arg(long, value_name = "N")]
+    pub min_port: Option<u16>,
+
+    /// Highest relay port [default: 65535].
+    #[arg(long, value_name = "N")]
+    pub max_port: Option<u16>,
+
+    /// Authentication realm [default: turnpike].
+    #[arg(long, value_name = "REALM")]
+    pub realm: Option<String>,
+
+    /// Long-term credential NAME:PASSWORD (repeatable). NAME:0xHEX gives the
+    /// MD5 key MD5(name:realm:password) instead of a password.
+    #[arg(long, value_name = "NAME:PASSWORD")]
+    #[serde(default)]
+    pub user: Vec<String>,
+
+    /// TURN REST-API shared secret (repeatable, for rotation).
+    #[arg(long, value_name = "SECRET")]
+    #[serde(default)]
+    pub auth_secret: Vec<String>,
+
+    /// Allow relaying to 127.0.0.0/8 and ::1 (tests, local media servers).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub allow_loopback_peers: Option<bool>,
+
+    /// Allow relaying to a range refused by default (repeatable).
+    #[arg(long, value_name = "CIDR")]
+    #[serde(default)]
+    pub allow_peer: Vec<String>,
+
+    /// Refuse relaying to a range; beats --allow-peer (repeatable).
+    #[arg(long, value_name = "CIDR")]
+    #[serde(default)]
+    pub deny_peer: Vec<String>,
+
+    /// Worker threads [default: number of cores].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+
+    /// Log level or tracing filter (error, warn, info, debug, trace) [default: info].
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+
+    /// SOFTWARE attribute to send in responses [default: none].
+    #[arg(long, value_name = "TEXT")]
+    pub software: Option<String>,
+
+    /// Also accept RFC 5766 channel numbers 0x5000-0x7FFF (older clients).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub rfc5766_channel_numbers: Option<bool>,
+
+    /// How long a nonce stays valid, in seconds [default: 600].
+    #[arg(long, value_name = "SECS")]
+    pub nonce_lifetime: Option<u64>,
+}
+
+macro_rules! merge_fields {
+    ($base:ident, $over:ident; opt: $($o:ident),*; vec: $($v:ident),*) => {
+        $( if $over.$o.is_some() { $base.$o = $over.$o; } )*
+        $( if !$over.$v.is_empty() { $base.$v = $over.$v; } )*
+    };
+}
+
+impl ServeArgs {
+    /// Reads the file named by `--config`, if any, and lays the command line
+    /// over it.
+    pub fn load(self) -> Result<ServeArgs> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let mut file = Self::from_file(&path)?;
+        file.merge(self);
+        Ok(file)
+    }
+
+    /// Parses a config file.
+    pub fn from_file(path: &Path) -> Result<ServeArgs> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("config: cannot read {}", path.display()))?;
+        let mut parsed: ServeArgs = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "config file {}: {}\n(keys are the long option names of `turnpike serve --help`, e.g. listen, realm, user)",
+                path.display(),
+                e.to_string().trim_end()
+            )
+        })?;
+        parsed.config = Some(path.to_path_buf());
+        Ok(parsed)
+    }
+
+    /// Lays `over` on top of `self`: anything `over` gives wins.
+    pub fn merge(&mut self, over: ServeArgs) {
+        let base = self;
+        merge_fields!(base, over;
+            opt: config, no_tls, cert, key, min_port, max_port, realm, allow_loopback_peers,
+                 threads, log_level, software, rfc5766_channel_numbers, nonce_lifetime;
+            vec: listen, tls_listen, relay_ip, external_ip, user, auth_secret, allow_peer, deny_peer);
+    }
+}
+
+/// Where the TLS certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    /// PEM files.
+    Files {
+        /// Certificate chain.
+        cert: PathBuf,
+        /// Private key.
+        key: PathBuf,
+    },
+    /// Generate a self-signed certificate at start-up.
+    SelfSigned,
+}
+
+/// Validated settings, ready to run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// UDP+TCP listen addresses.
+    pub listen: Vec<SocketAddr>,
+    /// TLS listen addresses (empty: no TLS).
+    pub tls_listen: Vec<SocketAddr>,
+    /// The certificate, when TLS is on.
+    pub tls: Option<TlsSource>,
+    /// IPv4 relay address.
+    pub relay_v4: Option<Ipv4Addr>,
+    /// IPv6 relay address.
+    pub relay_v6: Option<Ipv6Addr>,
+    /// Advertised IPv4 relay address.
+    pub external_v4: Option<Ipv4Addr>,
+    /// Advertised IPv6 relay address.
+    pub external_v6: Option<Ipv6Addr>,
+    /// Relay port range, inclusive.
+    pub min_port: u16,
+    /// Relay port range, inclusive.
+    pub max_port: u16,
+    /// Realm.
+    pub realm: String,
+    /// Credentials (keys only).
+    pub credentials: Credentials,
+    /// The generated demo credential, when no other was configured.
+    pub demo_user: Option<(String, String)>,
+    /// Peer ranges allowed.
+    pub allow_peer: Vec<Cidr>,
+    /// Peer ranges refused.
+    pub deny_peer: Vec<Cidr>,
+    /// Allow loopback peers.
+    pub allow_loopback_peers: bool,
+    /// Worker threads.
+    pub threads: usize,
+    /// Tracing filter.
+    pub log_level: String,
+    /// SOFTWARE attribute.
+    pub software: Option<String>,
+    /// Accept 0x5000-0x7FFF channels.
+    pub legacy_channel_numbers: bool,
+    /// Nonce lifetime in seconds.
+    pub nonce_lifetime: u64,
+}
+
+fn ipv6_available() -> bool {
+    std::net::UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).is_ok()
+}
+
+/// The first non-loopback, non-link-local IPv4 address of this host.
+fn host_ipv4() -> Option<Ipv4Addr> {
+    let mut found = None;
+    // A UDP connect() sends no packet; it only makes the kernel choose the
+    // source address it would route with, which is the address peers see.
+    if let Ok(s) = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) {
+        if s.connect((Ipv4Addr::new(192, 0, 2, 1), 9)).is_ok() {
+            if let Ok(SocketAddr::V4(a)) = s.local_addr() {
+                if !a.ip().is_unspecified() && !a.ip().is_loopback() {
+                    found = Some(*a.ip());
+                }
+            }
+        }
+    }
+    found
+}
+
+fn parse_cidrs(field: &str, values: &[String]) -> Result<Vec<Cidr>> {
+    values
+        .iter()
+        .map(|v| v.parse::<Cidr>().map_err(|e| anyhow::anyhow!("{field} \"{v}\": {e}")))
+        .collect()
+}
+
+fn random_token(n: usize) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut rng = rand::thread_rng();
+    (0..n).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
+}
+
+impl Settings {
+    /// Validates merged arguments.
+    pub fn from_args(a: ServeArgs) -> Result<Settings> {
+        let realm = a.realm.unwrap_or_else(|| "turnpike".to_owned());
+        if realm.is_empty() || realm.len() > 763 {
+            bail!("realm: must be 1 to 763 bytes long (e.g. --realm example.org)");
+        }
+        let v6 = ipv6_available();
+        let listen = if a.listen.is_empty() {
+            let mut l = vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, 3478))];
+            if v6 {
+                l.push(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 3478)));
+            }
+            l
+        } else {
+            a.listen
+        };
+        let no_tls = a.no_tls.unwrap_or(false);
+        let tls_listen = if no_tls {
+            if !a.tls_listen.is_empty() {
+                bail!("tls-listen is set but no-tls is true: drop one of them");
+            }
+            Vec::new()
+        } else if a.tls_listen.is_empty() {
+            let mut l = vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, 5349))];
+            if v6 {
+                l.push(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 5349)));
+            }
+            l
+        } else {
+            a.tls_listen
+        };
+        let tls = match (a.cert, a.key) {
+            _ if tls_listen.is_empty() => None,
+            (Some(cert), Some(key)) => Some(TlsSource::Files { cert, key }),
+            (None, None) => Some(TlsSource::SelfSigned),
+            (Some(_), None) => bail!("cert is set but key is not: give both --cert FILE and --key FILE"),
+            (None, Some(_)) => bail!("key is set but cert is not: give both --cert FILE and --key FILE"),
+        };
+        let min_port = a.min_port.unwrap_or(49152);
+        let max_port = a.max_port.unwrap_or(65535);
+        if min_port == 0 {
+            bail!("min-port: 0 is not a port; use 1024 or above (default 49152)");
+        }
+        if min_port > max_port {
+            bail!("min-port ({min_port}) is greater than max-port ({max_port}): set min-port <= max-port");
+        }
+
+        let mut relay_v4 = None;
+        let mut relay_v6 = None;
+        for ip in &a.relay_ip {
+            if ip.is_unspecified() {
+                bail!("relay-ip {ip}: must be a concrete address clients can reach, not a wildcard");
+            }
+            match ip {
+                IpAddr::V4(v) if relay_v4.is_none() => relay_v4 = Some(*v),
+                IpAddr::V6(v) if relay_v6.is_none() => relay_v6 = Some(*v),
+                _ => bail!("relay-ip: at most one IPv4 and one IPv6 address (got a second {ip})"),
+            }
+        }
+        if relay_v4.is_none() && relay_v6.is_none() {
+            // A specific listen address is where clients reach us: relay there.
+            relay_v4 = listen.iter().find_map(|l| match l.ip() {
+                IpAddr::V4(v) if !v.is_unspecified() => Some(v),
+                _ => None,
+            });
+            if relay_v4.is_none() {
+                relay_v4 = Some(host_ipv4().unwrap_or(Ipv4Addr::LOCALHOST));
+            }
+        }
+        let mut external_v4 = None;
+        let mut external_v6 = None;
+        for ip in &a.external_ip {
+            if ip.is_unspecified() {
+                bail!("external-ip {ip}: must be the public address clients reach, not a wildcard");
+            }
+            match ip {
+                IpAddr::V4(v) if external_v4.is_none() => external_v4 = Some(*v),
+                IpAddr::V6(v) if external_v6.is_none() => external_v6 = Some(*v),
+                _ => bail!("external-ip: at most one IPv4 and one IPv6 address (got a second {ip})"),
+            }
+        }
+
+        let mut credentials = Credentials::new();
+        for u in &a.user {
+            let Some((name, pw)) = u.split_once(':') else {
+                bail!("user \"{}\": expected NAME:PASSWORD (e.g. --user alice:s3cret)", u.split(':').next().unwrap_or(""));
+            };
+            if name.is_empty() || pw.is_empty() {
+                bail!("user \"{name}\": both NAME and PASSWORD must be non-empty (NAME:PASSWORD)");
+            }
+            match pw.strip_prefix("0x").map(parse_md5_hex) {
+                Some(Some(key)) => credentials.add_user_key(name, key),
+                Some(None) => bail!("user \"{name}\": a 0x key must be 32 hex digits (MD5 of name:realm:password)"),
+                None => credentials.add_user(name, &realm, pw),
+            }
+        }
+        for s in &a.auth_secret {
+            if s.is_empty() {
+                bail!("auth-secret: must not be empty");
+            }
+            credentials.add_secret(s.as_bytes());
+        }
+        let demo_user = if credentials.user_count() == 0 && credentials.secret_count() == 0 {
+            let (u, p) = (format!("demo-{}", random_token(6)), random_token(20));
+            credentials.add_user(&u, &realm, &p);
+            Some((u, p))
+        } else {
+            None
+        };
+
+        let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        if threads == 0 || threads > 1024 {
+            bail!("threads: must be between 1 and 1024 (default: number of cores)");
+        }
+        let log_level = a.log_level.unwrap_or_else(|| "info".to_owned());
+        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+            bail!("log-level \"{log_level}\": use error, warn, info, debug or trace");
+        }
+        if let Some(s) = &a.software {
+            if s.len() > 763 {
+                bail!("software: at most 763 bytes");
+            }
+        }
+        let nonce_lifetime = a.nonce_lifetime.unwrap_or(600);
+        if nonce_lifetime == 0 {
+            bail!("nonce-lifetime: must be at least 1 second (default 600)");
+        }
+        Ok(Settings {
+            listen,
+            tls_listen,
+            tls,
+            relay_v4,
+            relay_v6,
+            external_v4,
+            external_v6,
+            min_port,
+            max_port,
+            realm,
+            credentials,
+            demo_user,
+            allow_peer: parse_cidrs("allow-peer", &a.allow_peer)?,
+            deny_peer: parse_cidrs("deny-peer", &a.deny_peer)?,
+            allow_loopback_peers: a.allow_loopback_peers.unwrap_or(false),
+            threads,
+            log_level,
+            software: a.software,
+            legacy_channel_numbers: a.rfc5766_channel_numbers.unwrap_or(false),
+            nonce_lifetime,
+        })
+    }
+}
+
+fn parse_md5_hex(h: &str) -> Option<[u8; 16]> {
+    if h.len() != 32 {
+        return None;
+    }
+    let mut k = [0u8; 16];
+    for i in 0..16 {
+        k[i] = u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> ServeArgs {
+        Cli::parse_from(std::iter::once("x").chain(args.iter().copied())).args
+    }
+
+    #[test]
+    fn defaults_are_useful() {
+        let s = Settings::from_args(ServeArgs::default()).unwrap();
+        assert!(s.listen.iter().any(|l| l.port() == 3478));
+        assert!(s.tls_listen.iter().any(|l| l.port() == 5349));
+        assert_eq!(s.tls, Some(TlsSource::SelfSigned));
+        assert!(s.demo_user.is_some(), "a demo credential when none is configured");
+        assert_eq!((s.min_port, s.max_port), (49152, 65535));
+        assert!(s.relay_v4.is_some());
+        assert!(!s.allow_loopback_peers);
+    }
+
+    #[test]
+    fn flags_override_file_and_arrays_replace() {
+        let dir = std::env::temp_dir().join(format!("turnpike-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("t.toml");
+        std::fs::write(
+            &f,
+            "listen = [\"127.0.0.1:3478\"]\nrealm = \"file.org\"\nuser = [\"alice:secret\"]\nallow-loopback-peers = true\nmin-port = 50000\n",
+        )
+        .unwrap();
+        let cli = parse(&["--config", f.to_str().unwrap(), "--realm", "cli.org", "--listen", "127.0.0.1:4000"]);
+        let merged = cli.load().unwrap();
+        assert_eq!(merged.realm.as_deref(), Some("cli.org"));
+        assert_eq!(merged.listen, vec!["127.0.0.1:4000".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(merged.user, vec!["alice:secret".to_owned()]);
+        assert_eq!(merged.allow_loopback_peers, Some(true));
+        assert_eq!(merged.min_port, Some(50000));
+        let cli = parse(&["--config", f.to_str().unwrap(), "--allow-loopback-peers=false"]);
+        assert_eq!(cli.load().unwrap().allow_loopback_peers, Some(false));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let dir = std::env::temp_dir().join(format!("turnpike-cfg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("bad.toml");
+        std::fs::write(&f, "realm = \"x\"\nlisten-port = 3478\n").unwrap();
+        let err = ServeArgs::from_file(&f).unwrap_err().to_string();
+        assert!(err.contains("listen-port"), "{err}");
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--min-port", "60000", "--max-port", "50000"], "min-port"),
+            (&["--user", "alice"], "NAME:PASSWORD"),
+            (&["--allow-peer", "10.0.0.0/99"], "allow-peer"),
+            (&["--deny-peer", "bogus"], "deny-peer"),
+            (&["--cert", "/x.pem"], "key"),
+            (&["--threads", "0"], "threads"),
+            (&["--log-level", "lo[ud"], "log-level"),
+            (&["--relay-ip", "0.0.0.0"], "relay-ip"),
+            (&["--user", "bob:0x1234"], "32 hex"),
+        ];
+        for (args, needle) in cases {
+            let err = Settings::from_args(parse(args)).unwrap_err().to_string();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn users_become_keys() {
+        let s = Settings::from_args(parse(&["--user", "alice:pw", "--realm", "r", "--no-tls"])).unwrap();
+        assert!(s.demo_user.is_none());
+        assert!(s.tls.is_none() && s.tls_listen.is_empty());
+        let mut keys = Vec::new();
+        s.credentials.keys_for("alice", "r", 0, &mut keys).unwrap();
+        assert_eq!(keys[0], stun_proto::long_term_key_md5("alice", "r", "pw"));
+        let k = hex16(&keys[0]);
+        let s = Settings::from_args(parse(&["--user", &format!("bob:0x{k}")])).unwrap();
+        s.credentials.keys_for("bob", "turnpike", 0, &mut keys).unwrap();
+        assert_eq!(hex16(&keys[0]), k);
+    }
+
+    fn hex16(k: &[u8; 16]) -> String {
+        k.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}

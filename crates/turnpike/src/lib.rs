@@ -1,0 +1,8 @@
+//! turnpike: a STUN/TURN server. The binary's parts, as a library so the
+//! integration tests (and later `probe` and `bench`) use the same code.
+#![deny(unsafe_code)]
+
+pub mod client;
+pub mod config;
+pub mod runtime;
+pub mod tls;

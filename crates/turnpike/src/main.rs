@@ -1,0 +1,85 @@
+//! The `turnpike` command.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use tracing::{info, warn};
+use turnpike::config::{ServeArgs, Settings};
+
+#[derive(Parser)]
+#[command(name = "turnpike", version, about = "A fast, secure-by-default STUN/TURN server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the STUN/TURN server. With no options: STUN/TURN on UDP+TCP 3478,
+    /// TLS on 5349 with a generated certificate, and a demo credential.
+    Serve(Box<ServeArgs>),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Serve(args) => serve(*args),
+    };
+    if let Err(e) = res {
+        eprintln!("turnpike: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let settings = Settings::from_args(args.load()?)?;
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&settings.log_level))
+        .with_target(false)
+        .init();
+    let handle = turnpike::runtime::start(&settings)?;
+    let auth = match (&settings.demo_user, settings.credentials.user_count(), settings.credentials.secret_count()) {
+        (Some(_), _, _) => "demo credential".to_owned(),
+        (None, u, s) => format!("{u} static user(s), {s} REST secret(s)"),
+    };
+    info!(
+        listen = ?handle.listen,
+        tls_listen = ?handle.tls_listen,
+        relay_ipv4 = ?settings.relay_v4,
+        relay_ipv6 = ?settings.relay_v6,
+        relay_ports = %format!("{}-{}", settings.min_port, settings.max_port),
+        realm = %settings.realm,
+        auth = %auth,
+        threads = settings.threads,
+        allow_loopback_peers = settings.allow_loopback_peers,
+        "turnpike started"
+    );
+    if let Some(fp) = &handle.tls_fingerprint {
+        if matches!(settings.tls, Some(turnpike::config::TlsSource::SelfSigned)) {
+            warn!(sha256 = %fp, "TLS uses a self-signed certificate generated at start-up; give --cert and --key for production");
+        } else {
+            info!(sha256 = %fp, "TLS certificate loaded");
+        }
+    }
+    if let Some((u, p)) = &settings.demo_user {
+        // Printed once, to stdout, so it is not lost in log filtering.
+        println!("==================== DEMO CREDENTIAL ====================");
+        println!("  No --user or --auth-secret was given, so turnpike made one");
+        println!("  for trying it out. It changes at every start.");
+        println!("    realm:    {}", settings.realm);
+        println!("    username: {u}");
+        println!("    password: {p}");
+        println!("  Configure real users with --user NAME:PASSWORD.");
+        println!("=========================================================");
+    }
+    let stopper = handle.stopper();
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            info!(signal = sig, "shutting down");
+            stopper.stop();
+        }
+    });
+    handle.join();
+    info!("stopped");
+    Ok(())
+}

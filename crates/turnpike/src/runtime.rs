@@ -1,0 +1,836 @@
+//! The data plane: one single-threaded mio event loop per worker.
+//!
+//! Every worker owns SO_REUSEPORT sockets on every listen address, so the
+//! kernel's 4-tuple hash pins a client to one worker. The allocations made
+//! through a worker, and their relay sockets, live on that worker with its
+//! own [`turn_core::Server`]: relaying a packet takes no lock, crosses no
+//! channel and allocates nothing. Workers share only the nonce secret and
+//! epoch (so any worker accepts any worker's nonce) and a shutdown flag.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use mio::net::{TcpListener, TcpStream, UdpSocket};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use slab::Slab;
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{debug, info, warn};
+use turn_core::{
+    CloseReason, Dest, Event, FiveTuple, OpenedRelay, PeerPolicy, RelayError, RelayProvider, RelayRequest,
+    Server, Transmit, Transport,
+};
+
+use crate::config::Settings;
+
+const WAKER: Token = Token(usize::MAX);
+/// Bytes queued for one TCP/TLS client before further messages to it are
+/// dropped (media is real-time: late is as bad as lost).
+const MAX_WRITE_BUFFER: usize = 256 * 1024;
+/// Largest buffered input: one frame (≤ 65,555 bytes) plus one read.
+const MAX_READ_BUFFER: usize = 192 * 1024;
+/// Connections one worker holds at once.
+const MAX_CONNECTIONS_PER_WORKER: usize = 8192;
+/// How long a port reserved by EVEN-PORT's R bit stays claimable
+/// (RFC 8656 §7.2: "approximately 30 seconds").
+const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
+/// How often the loop wakes with nothing to do, to notice shutdown.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// A running server.
+pub struct Handle {
+    /// The bound UDP+TCP listen addresses (ports resolved when 0 was asked).
+    pub listen: Vec<SocketAddr>,
+    /// The bound TLS listen addresses.
+    pub tls_listen: Vec<SocketAddr>,
+    /// SHA-256 fingerprint of the TLS certificate.
+    pub tls_fingerprint: Option<String>,
+    /// The TLS leaf certificate (DER).
+    pub tls_leaf: Option<Vec<u8>>,
+    stop: Stopper,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Stops a running server from another thread (signal handlers).
+#[derive(Clone)]
+pub struct Stopper {
+    flag: Arc<AtomicBool>,
+    wakers: Vec<Arc<Waker>>,
+}
+
+impl Stopper {
+    /// Asks every worker to close its allocations and exit.
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        for w in &self.wakers {
+            let _ = w.wake();
+        }
+    }
+}
+
+impl Handle {
+    /// A handle to stop the server from elsewhere.
+    pub fn stopper(&self) -> Stopper {
+        self.stop.clone()
+    }
+
+    /// Stops the server and waits for the workers to finish.
+    pub fn shutdown(self) {
+        self.stop.stop();
+        self.join();
+    }
+
+    /// Waits for the workers to finish (after [`Stopper::stop`]).
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    // Room for bursts: media arrives in bursts and the loop drains in batches.
+    let _ = s.set_recv_buffer_size(4 << 20);
+    let _ = s.set_send_buffer_size(4 << 20);
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+/// Binds the first UDP+TCP pair for `addr`; with port 0, UDP picks the port
+/// and TCP takes the same one, retrying if TCP finds it taken.
+fn bind_pair(addr: SocketAddr) -> Result<(std::net::UdpSocket, std::net::TcpListener, SocketAddr)> {
+    for _ in 0..20 {
+        let u = bind_udp(addr).with_context(|| format!("listen {addr}: cannot bind UDP"))?;
+        let bound = u.local_addr()?;
+        match bind_tcp(bound) {
+            Ok(t) => return Ok((u, t, bound)),
+            Err(e) if addr.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => continue,
+            Err(e) => return Err(e).with_context(|| format!("listen {addr}: cannot bind TCP")),
+        }
+    }
+    anyhow::bail!("listen {addr}: no port free for both UDP and TCP")
+}
+
+struct WorkerSockets {
+    udp: Vec<(std::net::UdpSocket, SocketAddr)>,
+    tcp: Vec<(std::net::TcpListener, SocketAddr, bool)>,
+}
+
+/// Starts the workers. Listeners are bound before this returns, so a caller
+/// can connect at once.
+pub fn start(settings: &Settings) -> Result<Handle> {
+    let n = settings.threads;
+    let mut per_worker: Vec<WorkerSockets> = (0..n).map(|_| WorkerSockets { udp: vec![], tcp: vec![] }).collect();
+    let mut listen = Vec::new();
+    for &addr in &settings.listen {
+        let (u, t, bound) = bind_pair(addr)?;
+        per_worker[0].udp.push((u, bound));
+        per_worker[0].tcp.push((t, bound, false));
+        for w in per_worker.iter_mut().skip(1) {
+            w.udp.push((bind_udp(bound).with_context(|| format!("listen {bound}: UDP for another worker"))?, bound));
+            w.tcp.push((bind_tcp(bound).with_context(|| format!("listen {bound}: TCP for another worker"))?, bound, false));
+        }
+        listen.push(bound);
+    }
+    let tls_setup = match &settings.tls {
+        Some(src) => Some(crate::tls::setup(src)?),
+        None => None,
+    };
+    let mut tls_listen = Vec::new();
+    for &addr in &settings.tls_listen {
+        let t = bind_tcp(addr).with_context(|| format!("tls-listen {addr}: cannot bind TCP"))?;
+        let bound = t.local_addr()?;
+        per_worker[0].tcp.push((t, bound, true));
+        for w in per_worker.iter_mut().skip(1) {
+            w.tcp.push((bind_tcp(bound).with_context(|| format!("tls-listen {bound}: for another worker"))?, bound, true));
+        }
+        tls_listen.push(bound);
+    }
+
+    let mut own_ips: Vec<IpAddr> = Vec::new();
+    own_ips.extend(settings.relay_v4.map(IpAddr::V4));
+    own_ips.extend(settings.relay_v6.map(IpAddr::V6));
+    own_ips.extend(settings.external_v4.map(IpAddr::V4));
+    own_ips.extend(settings.external_v6.map(IpAddr::V6));
+    let policy = PeerPolicy {
+        allow: settings.allow_peer.clone(),
+        deny: settings.deny_peer.clone(),
+        allow_loopback: settings.allow_loopback_peers,
+        own_sockets: listen.iter().chain(tls_listen.iter()).copied().collect(),
+        own_ips,
+        ..PeerPolicy::default()
+    };
+    let mut nonce_secret = [0u8; 32];
+    rand::thread_rng().fill(&mut nonce_secret);
+    let epoch = Instant::now();
+    let unix_at_epoch = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let credentials = Arc::new(settings.credentials.clone());
+    let mut core_cfg = turn_core::Config::new(&settings.realm, credentials, nonce_secret, epoch, unix_at_epoch);
+    core_cfg.software = settings.software.clone();
+    core_cfg.legacy_channel_numbers = settings.legacy_channel_numbers;
+    core_cfg.policy = policy;
+    core_cfg.external_ipv4 = settings.external_v4;
+    core_cfg.external_ipv6 = settings.external_v6;
+    core_cfg.nonce_lifetime = Duration::from_secs(settings.nonce_lifetime);
+
+    let flag = Arc::new(AtomicBool::new(false));
+    let reservations = Arc::new(Mutex::new(Reservations::default()));
+    let mut wakers = Vec::new();
+    let mut threads = Vec::new();
+    for (id, sockets) in per_worker.into_iter().enumerate() {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        wakers.push(waker);
+        let mut worker = Worker::new(
+            poll,
+            sockets,
+            Server::new(core_cfg.clone()),
+            RelayConfig {
+                v4: settings.relay_v4,
+                v6: settings.relay_v6,
+                min_port: settings.min_port,
+                max_port: settings.max_port,
+            },
+            tls_setup.as_ref().map(|t| t.config.clone()),
+            flag.clone(),
+            reservations.clone(),
+        )?;
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("turnpike-worker-{id}"))
+                .spawn(move || worker.run())?,
+        );
+    }
+    Ok(Handle {
+        listen,
+        tls_listen,
+        tls_fingerprint: tls_setup.as_ref().map(|t| t.fingerprint.clone()),
+        tls_leaf: tls_setup.as_ref().map(|t| t.leaf.to_vec()),
+        stop: Stopper { flag, wakers },
+        threads,
+    })
+}
+
+/// Ports reserved by EVEN-PORT (R bit), held bound until claimed by a
+/// RESERVATION-TOKEN or expired. Shared by all workers because the claiming
+/// Allocate arrives from another client port, which the kernel may hash to
+/// another worker; touched only on Allocate, never per packet.
+#[derive(Default)]
+struct Reservations {
+    held: HashMap<[u8; 8], (std::net::UdpSocket, Instant)>,
+}
+
+impl Reservations {
+    fn purge(&mut self, now: Instant) {
+        self.held.retain(|_, (_, exp)| *exp > now);
+    }
+}
+
+#[derive(Clone, Copy)]
+struct RelayConfig {
+    v4: Option<Ipv4Addr>,
+    v6: Option<Ipv6Addr>,
+    min_port: u16,
+    max_port: u16,
+}
+
+enum Source {
+    Udp { sock: UdpSocket, addr: SocketAddr },
+    Listener { sock: TcpListener, addr: SocketAddr, tls: bool },
+    Conn(Box<Conn>),
+    Relay { sock: UdpSocket, addr: SocketAddr },
+}
+
+struct Conn {
+    stream: TcpStream,
+    tuple: FiveTuple,
+    tls: Option<rustls::ServerConnection>,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    writable_registered: bool,
+}
+
+enum ReadStep {
+    Progress,
+    WouldBlock,
+    Closed,
+}
+
+impl Conn {
+    /// Reads what is available (one chunk) into `rbuf`, decrypting if TLS.
+    fn fill(&mut self, tmp: &mut [u8]) -> ReadStep {
+        if self.rbuf.len() > MAX_READ_BUFFER {
+            return ReadStep::Closed;
+        }
+        match &mut self.tls {
+            None => match self.stream.read(tmp) {
+                Ok(0) => ReadStep::Closed,
+                Ok(n) => {
+                    self.rbuf.extend_from_slice(&tmp[..n]);
+                    ReadStep::Progress
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ReadStep::WouldBlock,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => ReadStep::Progress,
+                Err(_) => ReadStep::Closed,
+            },
+            Some(tls) => {
+                match tls.read_tls(&mut self.stream) {
+                    Ok(0) => return ReadStep::Closed,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadStep::WouldBlock,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => return ReadStep::Progress,
+                    Err(_) => return ReadStep::Closed,
+                }
+                if let Err(e) = tls.process_new_packets() {
+                    debug!(client = %self.tuple.client, error = %e, "TLS error");
+                    // Send the alert rustls queued, then close.
+                    let _ = tls.write_tls(&mut self.wbuf);
+                    let _ = self.stream.write(&self.wbuf);
+                    return ReadStep::Closed;
+                }
+                loop {
+                    match tls.reader().read(tmp) {
+                        Ok(0) => return ReadStep::Closed,
+                        Ok(n) => self.rbuf.extend_from_slice(&tmp[..n]),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadStep::Progress,
+                        Err(_) => return ReadStep::Closed,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues one whole message. A message that does not fit in the write
+    /// buffer is dropped whole, never cut, so framing survives.
+    fn send(&mut self, data: &[u8]) -> io::Result<()> {
+        if self.wbuf.len() + data.len() + 64 > MAX_WRITE_BUFFER {
+            return Ok(());
+        }
+        match &mut self.tls {
+            None => {
+                if self.wbuf.is_empty() {
+                    match self.stream.write(data) {
+                        Ok(n) => self.wbuf.extend_from_slice(&data[n..]),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wbuf.extend_from_slice(data),
+                        Err(e) => return Err(e),
+                    }
+                    return Ok(());
+                }
+                self.wbuf.extend_from_slice(data);
+            }
+            Some(tls) => {
+                if tls.is_handshaking() {
+                    // Nothing is sent to a client before its first request, so
+                    // this is not reached; drop rather than buffer unboundedly.
+                    return Ok(());
+                }
+                tls.writer().write_all(data)?;
+            }
+        }
+        self.flush()
+    }
+
+    /// Moves TLS output into `wbuf` and writes `wbuf` to the socket.
+    fn flush(&mut self) -> io::Result<()> {
+        if let Some(tls) = &mut self.tls {
+            while tls.wants_write() {
+                tls.write_tls(&mut self.wbuf)?;
+            }
+        }
+        let mut done = 0;
+        while done < self.wbuf.len() {
+            match self.stream.write(&self.wbuf[done..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.wbuf.drain(..done);
+        Ok(())
+    }
+}
+
+/// Everything a worker owns except the protocol core, so the core can
+/// borrow it as its [`RelayProvider`] while a packet is processed.
+struct Io {
+    registry: Registry,
+    sources: Slab<Source>,
+    udp_by_addr: Vec<(SocketAddr, usize)>,
+    relay_by_addr: HashMap<SocketAddr, usize>,
+    conn_by_tuple: HashMap<FiveTuple, usize>,
+    relay: RelayConfig,
+    rng: SmallRng,
+    reservations: Arc<Mutex<Reservations>>,
+    /// Connections whose write interest must be updated after a send.
+    dirty: Vec<usize>,
+}
+
+impl Io {
+    /// Registers a bound relay socket with this worker's poll.
+    fn activate(&mut self, std_sock: std::net::UdpSocket, addr: SocketAddr) -> Result<(), RelayError> {
+        std_sock.set_nonblocking(true).map_err(|_| RelayError::Exhausted)?;
+        let mut sock = UdpSocket::from_std(std_sock);
+        let entry = self.sources.vacant_entry();
+        let key = entry.key();
+        self.registry
+            .register(&mut sock, Token(key), Interest::READABLE)
+            .map_err(|_| RelayError::Exhausted)?;
+        entry.insert(Source::Relay { sock, addr });
+        self.relay_by_addr.insert(addr, key);
+        Ok(())
+    }
+}
+
+fn bind_relay(addr: SocketAddr) -> Result<Option<std::net::UdpSocket>, RelayError> {
+    match std::net::UdpSocket::bind(addr) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Ok(None),
+        Err(e) => {
+            warn!(%addr, error = %e, "cannot bind relay socket");
+            Err(RelayError::Exhausted)
+        }
+    }
+}
+
+impl RelayProvider for Io {
+    fn open(&mut self, req: RelayRequest) -> Result<OpenedRelay, RelayError> {
+        let ip = if req.ipv6 { self.relay.v6.map(IpAddr::V6) } else { self.relay.v4.map(IpAddr::V4) };
+        let ip = ip.ok_or(RelayError::FamilyUnsupported)?;
+        let (lo, hi) = (self.relay.min_port, self.relay.max_port);
+        // Random ports, never a scan: a scan makes ports predictable and costs
+        // a syscall per busy port.
+        for _ in 0..64 {
+            let mut port = self.rng.gen_range(lo..=hi);
+            if req.even_port {
+                port &= !1;
+                if port < lo || (req.reserve_next && port == u16::MAX) || (req.reserve_next && port + 1 > hi) {
+                    continue;
+                }
+            }
+            let addr = SocketAddr::new(ip, port);
+            let Some(sock) = bind_relay(addr)? else { continue };
+            let token = if req.reserve_next {
+                let next = SocketAddr::new(ip, port + 1);
+                let Some(held) = bind_relay(next)? else { continue };
+                let token: [u8; 8] = self.rng.gen();
+                let now = Instant::now();
+                let mut r = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
+                r.purge(now);
+                r.held.insert(token, (held, now + RESERVATION_LIFETIME));
+                Some(token)
+            } else {
+                None
+            };
+            self.activate(sock, addr)?;
+            return Ok(OpenedRelay { addr, token });
+        }
+        Err(RelayError::Exhausted)
+    }
+
+    fn open_reserved(&mut self, token: [u8; 8]) -> Result<SocketAddr, RelayError> {
+        let held = {
+            let mut r = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
+            r.purge(Instant::now());
+            r.held.remove(&token)
+        };
+        let (sock, _) = held.ok_or(RelayError::Exhausted)?;
+        let addr = sock.local_addr().map_err(|_| RelayError::Exhausted)?;
+        self.activate(sock, addr)?;
+        Ok(addr)
+    }
+
+    fn close(&mut self, relay: SocketAddr) {
+        if let Some(key) = self.relay_by_addr.remove(&relay) {
+            if let Source::Relay { mut sock, .. } = self.sources.remove(key) {
+                let _ = self.registry.deregister(&mut sock);
+            }
+        }
+    }
+}
+
+impl Io {
+    fn transmit(&mut self, tx: Transmit<'_>) {
+        match tx.dest {
+            Dest::Peer { relay, peer } => {
+                if let Some(&key) = self.relay_by_addr.get(&relay) {
+                    if let Some(Source::Relay { sock, .. }) = self.sources.get(key) {
+                        let _ = sock.send_to(tx.data, peer);
+                    }
+                }
+            }
+            Dest::Client(t) => match t.transport {
+                Transport::Udp => {
+                    if let Some(&(_, key)) = self.udp_by_addr.iter().find(|(a, _)| *a == t.server) {
+                        if let Some(Source::Udp { sock, .. }) = self.sources.get(key) {
+                            let _ = sock.send_to(tx.data, t.client);
+                        }
+                    }
+                }
+                Transport::Tcp | Transport::Tls => {
+                    if let Some(&key) = self.conn_by_tuple.get(&t) {
+                        if let Some(Source::Conn(c)) = self.sources.get_mut(key) {
+                            if c.send(tx.data).is_err() || !c.wbuf.is_empty() != c.writable_registered {
+                                self.dirty.push(key);
+                            }
+                        }
+                    }
+                }
+            },
+        }
+    }
+}
+
+struct Worker {
+    poll: Poll,
+    core: Server,
+    io: Io,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    stop: Arc<AtomicBool>,
+    buf: Vec<u8>,
+}
+
+impl Worker {
+    fn new(
+        poll: Poll,
+        sockets: WorkerSockets,
+        core: Server,
+        relay: RelayConfig,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        stop: Arc<AtomicBool>,
+        reservations: Arc<Mutex<Reservations>>,
+    ) -> Result<Self> {
+        let registry = poll.registry().try_clone()?;
+        let mut io = Io {
+            registry,
+            sources: Slab::new(),
+            udp_by_addr: Vec::new(),
+            relay_by_addr: HashMap::new(),
+            conn_by_tuple: HashMap::new(),
+            relay,
+            rng: SmallRng::from_entropy(),
+            reservations,
+            dirty: Vec::new(),
+        };
+        for (s, addr) in sockets.udp {
+            let mut sock = UdpSocket::from_std(s);
+            let e = io.sources.vacant_entry();
+            io.registry.register(&mut sock, Token(e.key()), Interest::READABLE)?;
+            io.udp_by_addr.push((addr, e.key()));
+            e.insert(Source::Udp { sock, addr });
+        }
+        for (s, addr, tls) in sockets.tcp {
+            let mut sock = TcpListener::from_std(s);
+            let e = io.sources.vacant_entry();
+            io.registry.register(&mut sock, Token(e.key()), Interest::READABLE)?;
+            e.insert(Source::Listener { sock, addr, tls });
+        }
+        Ok(Worker {
+            poll,
+            core,
+            io,
+            tls,
+            stop,
+            buf: vec![0u8; 65536],
+        })
+    }
+
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let now = Instant::now();
+            let timeout = self
+                .core
+                .poll_timeout()
+                .map(|t| t.saturating_duration_since(now).min(IDLE_TICK))
+                .unwrap_or(IDLE_TICK);
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    warn!(error = %e, "poll failed");
+                }
+                continue;
+            }
+            let now = Instant::now();
+            for ev in events.iter() {
+                if ev.token() == WAKER {
+                    continue;
+                }
+                self.on_event(ev.token().0, ev.is_readable() || ev.is_read_closed(), ev.is_writable(), now);
+            }
+            self.core.handle_timeout(now, &mut self.io);
+            self.update_interests(now);
+            self.log_events();
+            if self.stop.load(Ordering::SeqCst) {
+                self.core.close_all(Instant::now(), &mut self.io);
+                self.log_events();
+                return;
+            }
+        }
+    }
+
+    fn on_event(&mut self, key: usize, readable: bool, writable: bool, now: Instant) {
+        enum Kind {
+            Udp(SocketAddr),
+            Listener(bool, SocketAddr),
+            Conn,
+            Relay(SocketAddr),
+        }
+        let kind = match self.io.sources.get(key) {
+            Some(Source::Udp { addr, .. }) => Kind::Udp(*addr),
+            Some(Source::Listener { tls, addr, .. }) => Kind::Listener(*tls, *addr),
+            Some(Source::Conn(_)) => Kind::Conn,
+            Some(Source::Relay { addr, .. }) => Kind::Relay(*addr),
+            None => return,
+        };
+        match kind {
+            Kind::Udp(addr) => self.read_udp(key, addr, now),
+            Kind::Relay(addr) => self.read_relay(key, addr, now),
+            Kind::Listener(tls, addr) => self.accept(key, tls, addr),
+            Kind::Conn => self.on_conn(key, readable, writable, now),
+        }
+    }
+
+    fn read_udp(&mut self, key: usize, local: SocketAddr, now: Instant) {
+        loop {
+            let Some(Source::Udp { sock, .. }) = self.io.sources.get(key) else {
+                return;
+            };
+            let (n, from) = match sock.recv_from(&mut self.buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            let tuple = FiveTuple {
+                transport: Transport::Udp,
+                client: from,
+                server: local,
+            };
+            if let Some(tx) = self.core.handle_client(now, tuple, &self.buf[..n], &mut self.io) {
+                self.io.transmit(tx);
+            }
+        }
+    }
+
+    fn read_relay(&mut self, key: usize, relay: SocketAddr, now: Instant) {
+        loop {
+            let Some(Source::Relay { sock, .. }) = self.io.sources.get(key) else {
+                return;
+            };
+            let (n, from) = match sock.recv_from(&mut self.buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            if let Some(tx) = self.core.handle_peer(now, relay, from, &self.buf[..n]) {
+                self.io.transmit(tx);
+            }
+        }
+    }
+
+    fn accept(&mut self, key: usize, tls: bool, local: SocketAddr) {
+        loop {
+            let Some(Source::Listener { sock, .. }) = self.io.sources.get(key) else {
+                return;
+            };
+            let (stream, client) = match sock.accept() {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            if self.io.conn_by_tuple.len() >= MAX_CONNECTIONS_PER_WORKER {
+                debug!(%client, "connection limit reached; closing");
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let tls_conn = if tls {
+                let Some(cfg) = &self.tls else { continue };
+                match rustls::ServerConnection::new(cfg.clone()) {
+                    Ok(c) => Some(c),
+                    Err(_) => continue,
+                }
+            } else {
+                None
+            };
+            let tuple = FiveTuple {
+                transport: if tls { Transport::Tls } else { Transport::Tcp },
+                client,
+                server: local,
+            };
+            let mut conn = Box::new(Conn {
+                stream,
+                tuple,
+                tls: tls_conn,
+                rbuf: Vec::new(),
+                wbuf: Vec::new(),
+                writable_registered: false,
+            });
+            let entry = self.io.sources.vacant_entry();
+            let ckey = entry.key();
+            if self.io.registry.register(&mut conn.stream, Token(ckey), Interest::READABLE).is_err() {
+                continue;
+            }
+            entry.insert(Source::Conn(conn));
+            self.io.conn_by_tuple.insert(tuple, ckey);
+        }
+    }
+
+    fn on_conn(&mut self, key: usize, readable: bool, writable: bool, now: Instant) {
+        if writable {
+            if let Some(Source::Conn(c)) = self.io.sources.get_mut(key) {
+                if c.flush().is_err() {
+                    self.close_conn(key, now);
+                    return;
+                }
+                self.io.dirty.push(key);
+            }
+        }
+        if !readable {
+            return;
+        }
+        loop {
+            let Some(Source::Conn(c)) = self.io.sources.get_mut(key) else {
+                return;
+            };
+            let step = c.fill(&mut self.buf);
+            let tuple = c.tuple;
+            let mut rbuf = std::mem::take(&mut c.rbuf);
+            let mut off = 0;
+            let mut broken = false;
+            while off < rbuf.len() {
+                match turn_core::stream_frame_len(&rbuf[off..]) {
+                    Some(Ok(n)) if rbuf.len() - off >= n => {
+                        if let Some(tx) = self.core.handle_client(now, tuple, &rbuf[off..off + n], &mut self.io) {
+                            self.io.transmit(tx);
+                        }
+                        off += n;
+                    }
+                    Some(Err(())) => {
+                        // Neither STUN nor ChannelData: framing is lost for good.
+                        broken = true;
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+            rbuf.drain(..off);
+            let Some(Source::Conn(c)) = self.io.sources.get_mut(key) else {
+                return;
+            };
+            c.rbuf = rbuf;
+            // TLS handshake records and anything rustls queued go out now.
+            let flushed = c.flush();
+            if broken || flushed.is_err() {
+                self.close_conn(key, now);
+                return;
+            }
+            self.io.dirty.push(key);
+            match step {
+                ReadStep::Progress => continue,
+                ReadStep::WouldBlock => return,
+                ReadStep::Closed => {
+                    self.close_conn(key, now);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn close_conn(&mut self, key: usize, now: Instant) {
+        if let Some(Source::Conn(_)) = self.io.sources.get(key) {
+            if let Source::Conn(mut c) = self.io.sources.remove(key) {
+                let _ = self.io.registry.deregister(&mut c.stream);
+                self.io.conn_by_tuple.remove(&c.tuple);
+                self.core.handle_connection_closed(now, c.tuple, &mut self.io);
+            }
+        }
+    }
+
+    /// Registers write interest for connections with pending output, and
+    /// drops it once drained; closes connections whose writes failed.
+    fn update_interests(&mut self, now: Instant) {
+        let mut dirty = std::mem::take(&mut self.io.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for key in dirty.drain(..) {
+            let Some(Source::Conn(c)) = self.io.sources.get_mut(key) else {
+                continue;
+            };
+            let want = !c.wbuf.is_empty();
+            if want != c.writable_registered {
+                let interest = if want { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+                if self.io.registry.reregister(&mut c.stream, Token(key), interest).is_err() {
+                    self.close_conn(key, now);
+                    continue;
+                }
+                c.writable_registered = want;
+            }
+        }
+        self.io.dirty = dirty;
+    }
+
+    fn log_events(&mut self) {
+        while let Some(ev) = self.core.poll_event() {
+            match ev {
+                Event::AllocationCreated { tuple, username, relayed, lifetime } => info!(
+                    client = %tuple.client,
+                    transport = tuple.transport.as_str(),
+                    user = %username,
+                    relayed = %relayed,
+                    lifetime_s = lifetime.as_secs(),
+                    "allocation created"
+                ),
+                Event::AllocationDeleted { tuple, username, relayed, reason, stats, age } => info!(
+                    client = %tuple.client,
+                    transport = tuple.transport.as_str(),
+                    user = %username,
+                    relayed = %relayed,
+                    reason = match reason {
+                        CloseReason::Expired => "expired",
+                        CloseReason::Deleted => "deleted",
+                        CloseReason::ConnectionClosed => "connection-closed",
+                    },
+                    age_s = age.as_secs(),
+                    bytes_to_peers = stats.to_peer_bytes,
+                    bytes_from_peers = stats.from_peer_bytes,
+                    packets_to_peers = stats.to_peer_packets,
+                    packets_from_peers = stats.from_peer_packets,
+                    "allocation deleted"
+                ),
+                Event::PeerRefused { tuple, username, peer, reason } => info!(
+                    client = %tuple.client,
+                    user = %username,
+                    %peer,
+                    reason = ?reason,
+                    "peer refused by policy"
+                ),
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! TLS server configuration: PEM files, or a self-signed certificate made at
+//! start-up when none is given.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sha2::{Digest, Sha256};
+
+use crate::config::TlsSource;
+
+/// A TLS server configuration and the SHA-256 fingerprint of its leaf.
+pub struct TlsSetup {
+    /// The rustls configuration shared by every worker.
+    pub config: Arc<rustls::ServerConfig>,
+    /// SHA-256 of the leaf certificate, colon-separated hex.
+    pub fingerprint: String,
+    /// The leaf certificate (DER), for clients in tests that pin it.
+    pub leaf: CertificateDer<'static>,
+}
+
+/// Colon-separated uppercase hex SHA-256, as `openssl x509 -fingerprint` prints.
+pub fn fingerprint(der: &[u8]) -> String {
+    Sha256::digest(der).iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+}
+
+/// The rustls crypto provider everything here uses.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds the TLS configuration from `src`.
+pub fn setup(src: &TlsSource) -> Result<TlsSetup> {
+    let (chain, key) = match src {
+        TlsSource::Files { cert, key } => (load_certs(cert)?, load_key(key)?),
+        TlsSource::SelfSigned => self_signed(&["localhost".to_owned()])?,
+    };
+    let leaf = chain[0].clone();
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS: no protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("cert/key: the private key does not match the certificate, or is unsupported")?;
+    Ok(TlsSetup {
+        config: Arc::new(config),
+        fingerprint: fingerprint(&leaf),
+        leaf,
+    })
+}
+
+/// A self-signed certificate for `names` and its key.
+pub fn self_signed(names: &[String]) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let ck = rcgen::generate_simple_self_signed(names.to_vec()).context("generating a self-signed certificate")?;
+    let cert = CertificateDer::from(ck.cert.der().to_vec());
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
+    Ok((vec![cert], key))
+}
+
+/// Writes a self-signed certificate and key as PEM files (for tests and for
+/// people trying TLS out).
+pub fn write_self_signed_pem(names: &[String], cert: &Path, key: &Path) -> Result<()> {
+    let ck = rcgen::generate_simple_self_signed(names.to_vec())?;
+    std::fs::write(cert, ck.cert.pem())?;
+    std::fs::write(key, ck.key_pair.serialize_pem())?;
+    Ok(())
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let data = std::fs::read(path).with_context(|| format!("cert: cannot read {}", path.display()))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &data[..])
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("cert: {} is not valid PEM", path.display()))?;
+    if certs.is_empty() {
+        bail!("cert: {} holds no CERTIFICATE block (expected a PEM certificate chain)", path.display());
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    let data = std::fs::read(path).with_context(|| format!("key: cannot read {}", path.display()))?;
+    rustls_pemfile::private_key(&mut &data[..])
+        .with_context(|| format!("key: {} is not valid PEM", path.display()))?
+        .with_context(|| format!("key: {} holds no PRIVATE KEY block", path.display()))
+}
+
+/// A certificate verifier for clients that accept exactly one certificate
+/// (tests and diagnostics against self-signed servers), by its DER bytes.
+#[derive(Debug)]
+pub struct PinnedCert {
+    der: Vec<u8>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl PinnedCert {
+    /// Accept only `der`; `None` accepts any certificate (diagnostics only).
+    pub fn new(der: Option<&[u8]>) -> Self {
+        PinnedCert {
+            der: der.map(|d| d.to_vec()).unwrap_or_default(),
+            provider: provider(),
+        }
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if self.der.is_empty() || end_entity.as_ref() == &self.der[..] {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A client configuration trusting exactly `pinned` (or anything, if `None`).
+pub fn client_config(pinned: Option<&[u8]>) -> Arc<rustls::ClientConfig> {
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedCert::new(pinned)))
+                .with_no_client_auth()
+        })
+        .unwrap_or_else(|_| unreachable!("ring supports the default protocol versions"));
+    Arc::new(cfg)
+}
