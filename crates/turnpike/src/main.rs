@@ -35,6 +35,8 @@ fn serve(args: ServeArgs) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&settings.log_level))
         .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let handle = turnpike::runtime::start(&settings)?;
     let auth = match (&settings.demo_user, settings.credentials.user_count(), settings.credentials.secret_count()) {

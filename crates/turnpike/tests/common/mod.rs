@@ -1,0 +1,68 @@
+//! Shared helpers: start a real server on 127.0.0.1 with ephemeral ports.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use clap::Parser;
+use turnpike::client::{Channel, ClientTransport, TurnClient};
+use turnpike::config::{ServeArgs, Settings};
+use turnpike::runtime::Handle;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: ServeArgs,
+}
+
+pub const USER: &str = "alice";
+pub const PASSWORD: &str = "wonderland";
+
+/// Starts a server on 127.0.0.1 (UDP/TCP and TLS on ephemeral ports) with
+/// user alice, plus `extra` flags.
+pub fn start(extra: &[&str]) -> Handle {
+    let mut argv = vec![
+        "turnpike",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-listen",
+        "127.0.0.1:0",
+        "--user",
+        "alice:wonderland",
+        "--realm",
+        "test.example",
+        "--threads",
+        "2",
+        "--log-level",
+        "warn",
+    ];
+    argv.extend_from_slice(extra);
+    let args = Cli::parse_from(argv).args;
+    let settings = Settings::from_args(args).expect("valid settings");
+    turnpike::runtime::start(&settings).expect("server starts")
+}
+
+pub fn transports(h: &Handle) -> Vec<(ClientTransport, SocketAddr)> {
+    vec![
+        (ClientTransport::Udp, h.listen[0]),
+        (ClientTransport::Tcp, h.listen[0]),
+        (
+            ClientTransport::Tls {
+                pinned: h.tls_leaf.clone(),
+            },
+            h.tls_listen[0],
+        ),
+    ]
+}
+
+pub fn client(t: &ClientTransport, addr: SocketAddr, user: &str, pw: &str) -> TurnClient {
+    let ch = Channel::connect(t, addr, Duration::from_secs(3)).expect("connect");
+    TurnClient::new(ch, user, pw)
+}
+
+/// A UDP "peer" on loopback.
+pub fn peer() -> UdpSocket {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s
+}
