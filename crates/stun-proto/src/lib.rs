@@ -154,13 +154,31 @@ mod tests {
             }
         }
         // Known encodings from RFC 8489 / RFC 8656.
-        assert_eq!(MessageType::new(method::BINDING, Class::Request).to_wire(), 0x0001);
-        assert_eq!(MessageType::new(method::BINDING, Class::Success).to_wire(), 0x0101);
+        assert_eq!(
+            MessageType::new(method::BINDING, Class::Request).to_wire(),
+            0x0001
+        );
+        assert_eq!(
+            MessageType::new(method::BINDING, Class::Success).to_wire(),
+            0x0101
+        );
         assert_eq!(MessageType::new(method::BINDING, Class::Error).to_wire(), 0x0111);
-        assert_eq!(MessageType::new(method::ALLOCATE, Class::Request).to_wire(), 0x0003);
-        assert_eq!(MessageType::new(method::SEND, Class::Indication).to_wire(), 0x0016);
-        assert_eq!(MessageType::new(method::DATA, Class::Indication).to_wire(), 0x0017);
-        assert_eq!(MessageType::new(method::CHANNEL_BIND, Class::Error).to_wire(), 0x0119);
+        assert_eq!(
+            MessageType::new(method::ALLOCATE, Class::Request).to_wire(),
+            0x0003
+        );
+        assert_eq!(
+            MessageType::new(method::SEND, Class::Indication).to_wire(),
+            0x0016
+        );
+        assert_eq!(
+            MessageType::new(method::DATA, Class::Indication).to_wire(),
+            0x0017
+        );
+        assert_eq!(
+            MessageType::new(method::CHANNEL_BIND, Class::Error).to_wire(),
+            0x0119
+        );
     }
 
     #[test]

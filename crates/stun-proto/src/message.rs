@@ -126,7 +126,7 @@ impl<'a> Message<'a> {
             return Err(ParseError::BadCookie);
         }
         let len = u16::from_be_bytes([data[2], data[3]]) as usize;
-        if len % 4 != 0 {
+        if !len.is_multiple_of(4) {
             return Err(ParseError::UnalignedLength);
         }
         if HEADER_LEN + len != data.len() {
@@ -163,12 +163,8 @@ impl<'a> Message<'a> {
                     if alen != 4 {
                         return Err(ParseError::BadFingerprint);
                     }
-                    let want = u32::from_be_bytes([
-                        data[value],
-                        data[value + 1],
-                        data[value + 2],
-                        data[value + 3],
-                    ]);
+                    let want =
+                        u32::from_be_bytes([data[value], data[value + 1], data[value + 2], data[value + 3]]);
                     if fingerprint_over(data, pos) != want {
                         return Err(ParseError::BadFingerprint);
                     }
@@ -177,7 +173,7 @@ impl<'a> Message<'a> {
                 }
                 attr::MESSAGE_INTEGRITY_SHA256 => {
                     // RFC 8489 §14.6: 16..=32 bytes, a multiple of 4.
-                    if !(16..=32).contains(&alen) || alen % 4 != 0 {
+                    if !(16..=32).contains(&alen) || !alen.is_multiple_of(4) {
                         return Err(ParseError::BadIntegrityLength);
                     }
                     if msg.integrity_sha256.is_none() {
@@ -273,9 +269,7 @@ impl<'a> Message<'a> {
 
     /// Whether an attribute of type `typ` is present.
     pub fn has(&self, typ: u16) -> bool {
-        self.attrs[..self.n_attrs as usize]
-            .iter()
-            .any(|a| a.typ == typ)
+        self.attrs[..self.n_attrs as usize].iter().any(|a| a.typ == typ)
     }
 
     /// A 32-bit attribute such as LIFETIME; `None` if absent or not 4 bytes.
@@ -341,11 +335,8 @@ impl<'a> Message<'a> {
         };
         let pos = pos as usize;
         let alen = u16::from_be_bytes([self.buf[pos + 2], self.buf[pos + 3]]) as usize;
-        let mac = integrity::hmac_sha256_parts(
-            key,
-            &self.adjusted_header(pos + 4 + alen),
-            &self.buf[20..pos],
-        );
+        let mac =
+            integrity::hmac_sha256_parts(key, &self.adjusted_header(pos + 4 + alen), &self.buf[20..pos]);
         integrity::ct_eq(&mac[..alen], &self.buf[pos + 4..pos + 4 + alen])
     }
 

@@ -17,10 +17,8 @@ fn class() -> impl Strategy<Value = Class> {
 
 fn sockaddr() -> impl Strategy<Value = SocketAddr> {
     prop_oneof![
-        (any::<u32>(), any::<u16>())
-            .prop_map(|(ip, p)| SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip)), p)),
-        (any::<u128>(), any::<u16>())
-            .prop_map(|(ip, p)| SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), p)),
+        (any::<u32>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip)), p)),
+        (any::<u128>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), p)),
     ]
 }
 
@@ -118,8 +116,7 @@ proptest! {
 fn malformed_cases_are_rejected() {
     let txid = [7u8; 12];
     let mut buf = Vec::new();
-    MessageBuilder::new(&mut buf, MessageType::new(1, Class::Request), &txid)
-        .attr(attr::SOFTWARE, b"abc");
+    MessageBuilder::new(&mut buf, MessageType::new(1, Class::Request), &txid).attr(attr::SOFTWARE, b"abc");
     let good = buf.clone();
     assert!(Message::parse(&good).is_ok());
 
@@ -166,7 +163,10 @@ fn malformed_cases_are_rejected() {
     MessageBuilder::new(&mut buf, MessageType::new(1, Class::Request), &txid)
         .attr(attr::SOFTWARE, b"first")
         .attr(attr::SOFTWARE, b"second");
-    assert_eq!(Message::parse(&buf).unwrap().get(attr::SOFTWARE).unwrap(), b"first");
+    assert_eq!(
+        Message::parse(&buf).unwrap().get(attr::SOFTWARE).unwrap(),
+        b"first"
+    );
 
     // ChannelData whose length runs past the datagram.
     assert!(ChannelData::parse(&[0x40, 0x00, 0x00, 0x10, 1, 2, 3, 4]).is_none());

@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 
 use stun_proto::{
-    attr, long_term_key_md5, long_term_key_sha256, method, userhash, Class, Message,
-    MessageBuilder, MessageType, ParseError,
+    attr, long_term_key_md5, long_term_key_sha256, method, userhash, Class, Message, MessageBuilder,
+    MessageType, ParseError,
 };
 
 fn hex(s: &str) -> Vec<u8> {
@@ -53,7 +53,10 @@ fn twin_fails(bytes: &[u8], at: usize, verify: impl Fn(&Message) -> bool) -> boo
 fn rfc5769_2_1_request() {
     let b = hex(REQ_2_1);
     let m = Message::parse(&b).unwrap();
-    assert_eq!(m.message_type(), MessageType::new(method::BINDING, Class::Request));
+    assert_eq!(
+        m.message_type(),
+        MessageType::new(method::BINDING, Class::Request)
+    );
     assert_eq!(m.get(attr::SOFTWARE).unwrap(), b"STUN test client");
     assert_eq!(m.get(attr::USERNAME).unwrap(), b"evtj:h6vY");
     assert_eq!(m.get_u32(0x0024), Some(0x6e0001ff)); // PRIORITY
@@ -74,7 +77,10 @@ fn rfc5769_2_1_request() {
     let mut prefix = bld.finish().to_vec();
     let n = prefix.len();
     prefix[n - 3..].copy_from_slice(b"   ");
-    assert_eq!(append_integrity_and_fingerprint(prefix, SHORT_TERM_PASSWORD.as_bytes()), b);
+    assert_eq!(
+        append_integrity_and_fingerprint(prefix, SHORT_TERM_PASSWORD.as_bytes()),
+        b
+    );
 
     // Negative twins: a flipped byte in the body, in the MAC, in the CRC.
     for at in [30, 50, b.len() - 30, b.len() - 1] {
@@ -115,7 +121,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         c ^= b as u32;
         for _ in 0..8 {
-            c = if c & 1 != 0 { (c >> 1) ^ 0xEDB8_8320 } else { c >> 1 };
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
         }
     }
     !c
@@ -125,7 +135,10 @@ fn crc32(data: &[u8]) -> u32 {
 fn rfc5769_2_2_ipv4_response() {
     let b = hex(RESP_2_2);
     let m = Message::parse(&b).unwrap();
-    assert_eq!(m.message_type(), MessageType::new(method::BINDING, Class::Success));
+    assert_eq!(
+        m.message_type(),
+        MessageType::new(method::BINDING, Class::Success)
+    );
     let addr: SocketAddr = "192.0.2.1:32853".parse().unwrap();
     assert_eq!(m.get_xor_addr(attr::XOR_MAPPED_ADDRESS).unwrap().unwrap(), addr);
     assert!(m.verify_integrity(SHORT_TERM_PASSWORD.as_bytes()));
@@ -147,7 +160,10 @@ fn rfc5769_2_2_ipv4_response() {
     // Integrity/fingerprint were computed over a zero pad, so recompute via
     // the independent helper for the exact-bytes comparison.
     let prefix = built[..20 + 16 + 12].to_vec();
-    assert_eq!(append_integrity_and_fingerprint(prefix, SHORT_TERM_PASSWORD.as_bytes()), b);
+    assert_eq!(
+        append_integrity_and_fingerprint(prefix, SHORT_TERM_PASSWORD.as_bytes()),
+        b
+    );
     // And what the builder produced on its own parses and verifies.
     let own = Message::parse(&out).unwrap();
     assert!(own.verify_integrity(SHORT_TERM_PASSWORD.as_bytes()));
@@ -171,7 +187,10 @@ fn rfc5769_2_3_ipv6_response() {
         .xor_addr(attr::XOR_MAPPED_ADDRESS, addr);
     let mut prefix = bld.finish().to_vec();
     prefix[20 + 4 + 11] = 0x20;
-    assert_eq!(append_integrity_and_fingerprint(prefix, SHORT_TERM_PASSWORD.as_bytes()), b);
+    assert_eq!(
+        append_integrity_and_fingerprint(prefix, SHORT_TERM_PASSWORD.as_bytes()),
+        b
+    );
     for at in [44, 60, b.len() - 10, b.len() - 2] {
         assert!(twin_fails(&b, at, |m| m.verify_integrity(SHORT_TERM_PASSWORD.as_bytes())));
     }

@@ -239,8 +239,14 @@ mod tests {
         assert_eq!(keys.len(), 2);
         let pw = rest_password(b"south", "2000:alice");
         assert_eq!(keys[1], long_term_key_md5("2000:alice", "r", &pw));
-        assert_eq!(c.keys_for("999:alice", "r", 1000, &mut keys), Err(CredentialError::Expired));
-        assert_eq!(c.keys_for("bob", "r", 1000, &mut keys), Err(CredentialError::UnknownUser));
+        assert_eq!(
+            c.keys_for("999:alice", "r", 1000, &mut keys),
+            Err(CredentialError::Expired)
+        );
+        assert_eq!(
+            c.keys_for("bob", "r", 1000, &mut keys),
+            Err(CredentialError::UnknownUser)
+        );
         // The well-known example: secret "secret", username "1700000000:user".
         assert_eq!(rest_password(b"secret", "1700000000:user").len(), 28);
     }

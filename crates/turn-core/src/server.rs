@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stun_proto::{
-    attr, method, packet_kind, ChannelData, Class, Message, MessageBuilder, MessageType,
-    PacketKind, TransactionId,
+    attr, method, packet_kind, ChannelData, Class, Message, MessageBuilder, MessageType, PacketKind,
+    TransactionId,
 };
 
 use crate::auth::{Credentials, Md5Key, NonceMinter};
@@ -227,7 +227,13 @@ pub struct Config {
 
 impl Config {
     /// A configuration with the RFC defaults.
-    pub fn new(realm: &str, credentials: Arc<Credentials>, nonce_secret: [u8; 32], epoch: Instant, unix_at_epoch: u64) -> Self {
+    pub fn new(
+        realm: &str,
+        credentials: Arc<Credentials>,
+        nonce_secret: [u8; 32],
+        epoch: Instant,
+        unix_at_epoch: u64,
+    ) -> Self {
         Config {
             realm: realm.to_owned(),
             software: None,
@@ -360,7 +366,9 @@ enum Reply {
         lifetime: u32,
         token: Option<[u8; 8]>,
     },
-    RefreshOk { lifetime: u32 },
+    RefreshOk {
+        lifetime: u32,
+    },
     Ok,
 }
 
@@ -460,7 +468,12 @@ impl Server {
 
     /// A client's TCP/TLS connection closed: its allocation goes with it
     /// (RFC 8656 §3.1: the allocation is bound to the 5-tuple).
-    pub fn handle_connection_closed(&mut self, now: Instant, tuple: FiveTuple, relays: &mut dyn RelayProvider) {
+    pub fn handle_connection_closed(
+        &mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        relays: &mut dyn RelayProvider,
+    ) {
         if let Some(&idx) = self.by_tuple.get(&tuple) {
             self.delete(idx, now, CloseReason::ConnectionClosed, relays);
         }
@@ -520,7 +533,12 @@ impl Server {
 
     /// RFC 8656 §11.2: a Send indication relays DATA to XOR-PEER-ADDRESS if a
     /// permission exists; anything wrong drops it silently.
-    fn handle_send<'a>(&'a mut self, now: Instant, tuple: FiveTuple, msg: &Message<'a>) -> Option<Transmit<'a>> {
+    fn handle_send<'a>(
+        &'a mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        msg: &Message<'a>,
+    ) -> Option<Transmit<'a>> {
         let &idx = self.by_tuple.get(&tuple)?;
         let peer = msg.get_xor_addr(attr::XOR_PEER_ADDRESS)?.ok()?;
         let data = msg.get(attr::DATA)?;
@@ -551,11 +569,19 @@ impl Server {
     /// RFC 8656 §12.6: ChannelData from the client goes to the bound peer,
     /// without a copy. Unknown channel, expired binding or no permission:
     /// dropped. ChannelData never refreshes a permission.
-    fn handle_channel_data<'a>(&'a mut self, now: Instant, tuple: FiveTuple, data: &'a [u8]) -> Option<Transmit<'a>> {
+    fn handle_channel_data<'a>(
+        &'a mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        data: &'a [u8],
+    ) -> Option<Transmit<'a>> {
         let cd = ChannelData::parse(data)?;
         let &idx = self.by_tuple.get(&tuple)?;
         let a = self.allocs[idx as usize].as_mut()?;
-        let binding = a.channels.iter().find(|c| c.number == cd.channel && c.expires > now)?;
+        let binding = a
+            .channels
+            .iter()
+            .find(|c| c.number == cd.channel && c.expires > now)?;
         let peer = binding.peer;
         if !a.has_permission(peer.ip(), now) {
             return None;
@@ -572,7 +598,13 @@ impl Server {
     /// (RFC 8656 §11.3, §12.7): with a permission it goes to the client as
     /// ChannelData when a channel is bound to the peer, else as a Data
     /// indication; without one it is dropped.
-    pub fn handle_peer(&mut self, now: Instant, relay: SocketAddr, peer: SocketAddr, data: &[u8]) -> Option<Transmit<'_>> {
+    pub fn handle_peer(
+        &mut self,
+        now: Instant,
+        relay: SocketAddr,
+        peer: SocketAddr,
+        data: &[u8],
+    ) -> Option<Transmit<'_>> {
         let &idx = self.by_relay.get(&relay)?;
         let a = self.allocs[idx as usize].as_mut()?;
         if a.expires <= now || !a.has_permission(peer.ip(), now) {
@@ -586,7 +618,8 @@ impl Server {
         let tuple = a.tuple;
         self.out.clear();
         if let Some(c) = a.channels.iter().find(|c| c.peer == peer && c.expires > now) {
-            self.out.extend_from_slice(&ChannelData::header(c.number, data.len() as u16));
+            self.out
+                .extend_from_slice(&ChannelData::header(c.number, data.len() as u16));
             self.out.extend_from_slice(data);
             if tuple.transport.is_stream() {
                 // RFC 8656 §12.5: over TCP/TLS, pad to a multiple of four.
@@ -595,7 +628,11 @@ impl Server {
             }
         } else {
             let txid = data_indication_txid(self.out.capacity() as u64 ^ a.stats.from_peer_packets);
-            let mut b = MessageBuilder::new(&mut self.out, MessageType::new(method::DATA, Class::Indication), &txid);
+            let mut b = MessageBuilder::new(
+                &mut self.out,
+                MessageType::new(method::DATA, Class::Indication),
+                &txid,
+            );
             b.xor_addr(attr::XOR_PEER_ADDRESS, peer).attr(attr::DATA, data);
         }
         Some(Transmit {
@@ -619,7 +656,10 @@ impl Server {
             }
             return Some(self.respond(now, tuple, msg, Reply::Ok, None));
         }
-        if !matches!(m, method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND) {
+        if !matches!(
+            m,
+            method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND
+        ) {
             return Some(self.respond(now, tuple, msg, Reply::Error(400), None));
         }
         // RFC 8489 §9.2.4: authenticate before anything else.
@@ -627,7 +667,10 @@ impl Server {
             Ok(k) => k,
             Err(code) => return Some(self.respond(now, tuple, msg, Reply::Error(code), None)),
         };
-        let username = msg.get(attr::USERNAME).and_then(|u| std::str::from_utf8(u).ok()).unwrap_or("");
+        let username = msg
+            .get(attr::USERNAME)
+            .and_then(|u| std::str::from_utf8(u).ok())
+            .unwrap_or("");
         if let Some((list, n)) = unknown_required(msg) {
             return Some(self.respond(now, tuple, msg, Reply::Unknown(list, n), Some(&key)));
         }
@@ -655,9 +698,11 @@ impl Server {
         if !msg.has_integrity() && !msg.has_integrity_sha256() {
             return Err(401);
         }
-        let (Some(username), Some(realm), Some(nonce)) =
-            (msg.get(attr::USERNAME), msg.get(attr::REALM), msg.get(attr::NONCE))
-        else {
+        let (Some(username), Some(realm), Some(nonce)) = (
+            msg.get(attr::USERNAME),
+            msg.get(attr::REALM),
+            msg.get(attr::NONCE),
+        ) else {
             return Err(400);
         };
         if username.len() > MAX_USERNAME_LEN
@@ -666,7 +711,10 @@ impl Server {
         {
             return Err(400);
         }
-        if !self.minter.is_valid(nonce, self.nonce_secs(now), tuple.client.ip()) {
+        if !self
+            .minter
+            .is_valid(nonce, self.nonce_secs(now), tuple.client.ip())
+        {
             return Err(438);
         }
         // Only MESSAGE-INTEGRITY (MD5 keys) is verified here; a request with
@@ -682,9 +730,17 @@ impl Server {
         }
         let unix = self.unix_now(now);
         let mut keys = std::mem::take(&mut self.keys);
-        let res = match self.cfg.credentials.keys_for(username, &self.cfg.realm, unix, &mut keys) {
+        let res = match self
+            .cfg
+            .credentials
+            .keys_for(username, &self.cfg.realm, unix, &mut keys)
+        {
             Err(_) => Err(401),
-            Ok(()) => keys.iter().find(|k| msg.verify_integrity(&k[..])).copied().ok_or(401),
+            Ok(()) => keys
+                .iter()
+                .find(|k| msg.verify_integrity(&k[..]))
+                .copied()
+                .ok_or(401),
         };
         self.keys = keys;
         res
@@ -773,9 +829,15 @@ impl Server {
                     return Reply::Error(400);
                 };
                 // An unknown or expired token: RFC 8656 §7.2 says 508.
-                relays.open_reserved(token).map(|addr| OpenedRelay { addr, token: None })
+                relays
+                    .open_reserved(token)
+                    .map(|addr| OpenedRelay { addr, token: None })
             }
-            None => relays.open(RelayRequest { ipv6, even_port, reserve_next }),
+            None => relays.open(RelayRequest {
+                ipv6,
+                even_port,
+                reserve_next,
+            }),
         };
         let (relay, token) = match opened {
             Ok(o) => (o.addr, o.token),
@@ -824,12 +886,20 @@ impl Server {
     }
 
     /// RFC 8656 §7.3.
-    fn refresh(&mut self, now: Instant, msg: &Message<'_>, existing: Option<u32>, relays: &mut dyn RelayProvider) -> Reply {
+    fn refresh(
+        &mut self,
+        now: Instant,
+        msg: &Message<'_>,
+        existing: Option<u32>,
+        relays: &mut dyn RelayProvider,
+    ) -> Reply {
         let Some(idx) = existing else {
             return Reply::Error(437);
         };
         if let Some(v) = msg.get(attr::REQUESTED_ADDRESS_FAMILY) {
-            let ipv6 = self.allocs[idx as usize].as_ref().is_some_and(|a| a.relay.is_ipv6());
+            let ipv6 = self.allocs[idx as usize]
+                .as_ref()
+                .is_some_and(|a| a.relay.is_ipv6());
             let asked_v6 = v.first() == Some(&attr::FAMILY_IPV6);
             if asked_v6 != ipv6 {
                 return Reply::Error(443);
@@ -853,7 +923,13 @@ impl Server {
 
     /// Checks one peer for CreatePermission/ChannelBind: family (443) then
     /// policy (403, logged).
-    fn check_peer(&mut self, tuple: FiveTuple, relay_v6: bool, username: &Arc<str>, peer: SocketAddr) -> Result<(), u16> {
+    fn check_peer(
+        &mut self,
+        tuple: FiveTuple,
+        relay_v6: bool,
+        username: &Arc<str>,
+        peer: SocketAddr,
+    ) -> Result<(), u16> {
         if peer.is_ipv6() != relay_v6 {
             return Err(443);
         }
@@ -870,7 +946,13 @@ impl Server {
     }
 
     /// RFC 8656 §9.2: every XOR-PEER-ADDRESS is checked before any is installed.
-    fn create_permission(&mut self, now: Instant, tuple: FiveTuple, msg: &Message<'_>, existing: Option<u32>) -> Reply {
+    fn create_permission(
+        &mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        msg: &Message<'_>,
+        existing: Option<u32>,
+    ) -> Reply {
         let Some(idx) = existing else {
             return Reply::Error(437);
         };
@@ -902,7 +984,11 @@ impl Server {
             return Reply::Error(437);
         };
         a.purge(now);
-        let new = peers[..n].iter().flatten().filter(|ip| !a.permissions.iter().any(|p| p.ip == **ip)).count();
+        let new = peers[..n]
+            .iter()
+            .flatten()
+            .filter(|ip| !a.permissions.iter().any(|p| p.ip == **ip))
+            .count();
         if a.permissions.len() + new > max {
             return Reply::Error(508);
         }
@@ -913,7 +999,13 @@ impl Server {
     }
 
     /// RFC 8656 §11.2.
-    fn channel_bind(&mut self, now: Instant, tuple: FiveTuple, msg: &Message<'_>, existing: Option<u32>) -> Reply {
+    fn channel_bind(
+        &mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        msg: &Message<'_>,
+        existing: Option<u32>,
+    ) -> Reply {
         let Some(idx) = existing else {
             return Reply::Error(437);
         };
@@ -921,14 +1013,21 @@ impl Server {
             return Reply::Error(437);
         };
         let (relay_v6, username) = (a.relay.is_ipv6(), a.username.clone());
-        let (Some(ch), Some(peer)) = (msg.get(attr::CHANNEL_NUMBER), msg.get_xor_addr(attr::XOR_PEER_ADDRESS)) else {
+        let (Some(ch), Some(peer)) = (
+            msg.get(attr::CHANNEL_NUMBER),
+            msg.get_xor_addr(attr::XOR_PEER_ADDRESS),
+        ) else {
             return Reply::Error(400);
         };
         if ch.len() != 4 {
             return Reply::Error(400);
         }
         let number = u16::from_be_bytes([ch[0], ch[1]]);
-        let top = if self.cfg.legacy_channel_numbers { 0x7FFF } else { 0x4FFF };
+        let top = if self.cfg.legacy_channel_numbers {
+            0x7FFF
+        } else {
+            0x4FFF
+        };
         if !(0x4000..=top).contains(&number) {
             return Reply::Error(400);
         }
@@ -938,7 +1037,10 @@ impl Server {
         if let Err(code) = self.check_peer(tuple, relay_v6, &username, peer) {
             return Reply::Error(code);
         }
-        let (ch_exp, perm_exp) = (now + self.cfg.channel_lifetime, now + self.cfg.permission_lifetime);
+        let (ch_exp, perm_exp) = (
+            now + self.cfg.channel_lifetime,
+            now + self.cfg.permission_lifetime,
+        );
         let (max_ch, max_perm) = (self.cfg.max_channels, self.cfg.max_permissions);
         let Some(a) = self.allocs[idx as usize].as_mut() else {
             return Reply::Error(437);
@@ -946,7 +1048,10 @@ impl Server {
         a.purge(now);
         // A number bound to another peer, or a peer bound to another number,
         // is a conflict (RFC 8656 §11.2), including during the cool-down.
-        if a.channels.iter().any(|c| (c.number == number) != (c.peer == peer)) {
+        if a.channels
+            .iter()
+            .any(|c| (c.number == number) != (c.peer == peer))
+        {
             return Reply::Error(400);
         }
         match a.channels.iter_mut().find(|c| c.number == number) {
@@ -970,7 +1075,14 @@ impl Server {
     }
 
     /// Writes the response to `req` into the scratch buffer.
-    fn respond(&mut self, now: Instant, tuple: FiveTuple, req: &Message<'_>, reply: Reply, key: Option<&Md5Key>) -> Transmit<'_> {
+    fn respond(
+        &mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        req: &Message<'_>,
+        reply: Reply,
+        key: Option<&Md5Key>,
+    ) -> Transmit<'_> {
         let typ = req.message_type();
         let txid = req.transaction_id();
         let nonce = match reply {
@@ -986,13 +1098,19 @@ impl Server {
             Reply::Error(code) => {
                 b.error_code(code, reason_phrase(code));
                 if let Some(n) = &nonce {
-                    b.attr(attr::REALM, self.cfg.realm.as_bytes()).attr(attr::NONCE, n);
+                    b.attr(attr::REALM, self.cfg.realm.as_bytes())
+                        .attr(attr::NONCE, n);
                 }
             }
             Reply::Unknown(list, n) => {
-                b.error_code(420, reason_phrase(420)).unknown_attributes(&list[..n]);
+                b.error_code(420, reason_phrase(420))
+                    .unknown_attributes(&list[..n]);
             }
-            Reply::AllocateOk { relayed, lifetime, token } => {
+            Reply::AllocateOk {
+                relayed,
+                lifetime,
+                token,
+            } => {
                 b.xor_addr(attr::XOR_RELAYED_ADDRESS, relayed)
                     .u32(attr::LIFETIME, lifetime)
                     .xor_addr(attr::XOR_MAPPED_ADDRESS, tuple.client);
@@ -1030,7 +1148,11 @@ fn unknown_required(msg: &Message<'_>) -> Option<([u16; 8], usize)> {
     let mut list = [0u16; 8];
     let mut n = 0;
     for t in msg.attr_types() {
-        if attr::is_comprehension_required(t) && !KNOWN_REQUIRED.contains(&t) && !list[..n].contains(&t) && n < list.len() {
+        if attr::is_comprehension_required(t)
+            && !KNOWN_REQUIRED.contains(&t)
+            && !list[..n].contains(&t)
+            && n < list.len()
+        {
             list[n] = t;
             n += 1;
         }

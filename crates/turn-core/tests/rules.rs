@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use stun_proto::{attr, method, ChannelData, Class, Message, MessageBuilder, MessageType};
 use turn_core::{
-    CloseReason, Config, Credentials, Dest, Event, FiveTuple, OpenedRelay, RelayError, RelayProvider, RelayRequest,
-    Server, Transport,
+    CloseReason, Config, Credentials, Dest, Event, FiveTuple, OpenedRelay, RelayError, RelayProvider,
+    RelayRequest, Server, Transport,
 };
 
 const REALM: &str = "example.org";
@@ -32,7 +32,9 @@ impl RelayProvider for FakeRelays {
             return Err(RelayError::Exhausted);
         }
         self.next_port += 2;
-        let a: SocketAddr = format!("198.51.100.7:{}", 50000 + self.next_port).parse().unwrap();
+        let a: SocketAddr = format!("198.51.100.7:{}", 50000 + self.next_port)
+            .parse()
+            .unwrap();
         self.open.insert(a);
         let token = req.reserve_next.then(|| {
             let t = [self.next_port as u8; 8];
@@ -105,7 +107,7 @@ impl Harness {
             .map(|tx| (tx.dest, tx.data.to_vec()))
     }
 
-    fn from_peer(&mut self, relay: SocketAddr, peer: &str, data: &[u8]) -> Option<(Dest, Vec<u8>)> {
+    fn peer_sends(&mut self, relay: SocketAddr, peer: &str, data: &[u8]) -> Option<(Dest, Vec<u8>)> {
         self.server
             .handle_peer(self.now, relay, peer.parse().unwrap(), data)
             .map(|tx| (tx.dest, tx.data.to_vec()))
@@ -184,7 +186,12 @@ impl Client {
             b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000);
         });
         let m = Message::parse(&resp).unwrap();
-        assert_eq!(m.message_type().class, Class::Success, "allocate failed: {:?}", m.error_code());
+        assert_eq!(
+            m.message_type().class,
+            Class::Success,
+            "allocate failed: {:?}",
+            m.error_code()
+        );
         m.get_xor_addr(attr::XOR_RELAYED_ADDRESS).unwrap().unwrap()
     }
 
@@ -198,7 +205,8 @@ impl Client {
     fn bind(&mut self, h: &mut Harness, ch: u16, peer: &str) -> Vec<u8> {
         let peer: SocketAddr = peer.parse().unwrap();
         self.request(h, method::CHANNEL_BIND, &move |b| {
-            b.u32(attr::CHANNEL_NUMBER, (ch as u32) << 16).xor_addr(attr::XOR_PEER_ADDRESS, peer);
+            b.u32(attr::CHANNEL_NUMBER, (ch as u32) << 16)
+                .xor_addr(attr::XOR_PEER_ADDRESS, peer);
         })
     }
 
@@ -221,9 +229,13 @@ fn is_success(resp: &[u8]) -> bool {
 
 fn send_indication(peer: &str, data: &[u8]) -> Vec<u8> {
     let mut buf = Vec::new();
-    MessageBuilder::new(&mut buf, MessageType::new(method::SEND, Class::Indication), &[3; 12])
-        .xor_addr(attr::XOR_PEER_ADDRESS, peer.parse().unwrap())
-        .attr(attr::DATA, data);
+    MessageBuilder::new(
+        &mut buf,
+        MessageType::new(method::SEND, Class::Indication),
+        &[3; 12],
+    )
+    .xor_addr(attr::XOR_PEER_ADDRESS, peer.parse().unwrap())
+    .attr(attr::DATA, data);
     buf
 }
 
@@ -235,7 +247,11 @@ fn channel_data(ch: u16, data: &[u8]) -> Vec<u8> {
 
 fn binding(with_fp: bool, extra: Option<(u16, &[u8])>) -> Vec<u8> {
     let mut buf = Vec::new();
-    let mut b = MessageBuilder::new(&mut buf, MessageType::new(method::BINDING, Class::Request), &[1; 12]);
+    let mut b = MessageBuilder::new(
+        &mut buf,
+        MessageType::new(method::BINDING, Class::Request),
+        &[1; 12],
+    );
     if let Some((t, v)) = extra {
         b.attr(t, v);
     }
@@ -252,8 +268,14 @@ fn binding_reports_reflexive_address_and_echoes_fingerprint() {
     let mut h = Harness::new();
     let (_, resp) = h.send(udp(), &binding(false, None)).unwrap();
     let m = Message::parse(&resp).unwrap();
-    assert_eq!(m.message_type(), MessageType::new(method::BINDING, Class::Success));
-    assert_eq!(m.get_xor_addr(attr::XOR_MAPPED_ADDRESS).unwrap().unwrap(), udp().client);
+    assert_eq!(
+        m.message_type(),
+        MessageType::new(method::BINDING, Class::Success)
+    );
+    assert_eq!(
+        m.get_xor_addr(attr::XOR_MAPPED_ADDRESS).unwrap().unwrap(),
+        udp().client
+    );
     assert!(!m.has_fingerprint());
     assert!(m.get(attr::SOFTWARE).is_none(), "SOFTWARE is off by default");
 
@@ -265,7 +287,10 @@ fn binding_reports_reflexive_address_and_echoes_fingerprint() {
 fn software_attribute_is_configurable() {
     let mut h = Harness::with(|c| c.software = Some("turnpike-test".into()));
     let (_, resp) = h.send(udp(), &binding(false, None)).unwrap();
-    assert_eq!(Message::parse(&resp).unwrap().get(attr::SOFTWARE).unwrap(), b"turnpike-test");
+    assert_eq!(
+        Message::parse(&resp).unwrap().get(attr::SOFTWARE).unwrap(),
+        b"turnpike-test"
+    );
 }
 
 #[test]
@@ -291,12 +316,23 @@ fn malformed_packets_are_dropped_silently() {
     bad_cookie[5] ^= 1;
     let mut top_bits = good.clone();
     top_bits[0] |= 0x80;
-    for pkt in [&bad_fp[..], &bad_cookie, &top_bits, &good[..19], &[][..], &[0x40, 0, 0, 9, 1]] {
+    for pkt in [
+        &bad_fp[..],
+        &bad_cookie,
+        &top_bits,
+        &good[..19],
+        &[][..],
+        &[0x40, 0, 0, 9, 1],
+    ] {
         assert!(h.send(udp(), pkt).is_none());
     }
     // Responses and unknown indications sent to the server are dropped too.
     let mut resp = Vec::new();
-    MessageBuilder::new(&mut resp, MessageType::new(method::BINDING, Class::Success), &[1; 12]);
+    MessageBuilder::new(
+        &mut resp,
+        MessageType::new(method::BINDING, Class::Success),
+        &[1; 12],
+    );
     assert!(h.send(udp(), &resp).is_none());
 }
 
@@ -331,9 +367,17 @@ fn integrity_without_username_realm_or_nonce_is_400() {
     let mut h = Harness::new();
     for missing in [attr::USERNAME, attr::REALM, attr::NONCE] {
         let mut buf = Vec::new();
-        let mut b = MessageBuilder::new(&mut buf, MessageType::new(method::ALLOCATE, Class::Request), &[1; 12]);
+        let mut b = MessageBuilder::new(
+            &mut buf,
+            MessageType::new(method::ALLOCATE, Class::Request),
+            &[1; 12],
+        );
         b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000);
-        for (t, v) in [(attr::USERNAME, &b"alice"[..]), (attr::REALM, REALM.as_bytes()), (attr::NONCE, b"whatever")] {
+        for (t, v) in [
+            (attr::USERNAME, &b"alice"[..]),
+            (attr::REALM, REALM.as_bytes()),
+            (attr::NONCE, b"whatever"),
+        ] {
             if t != missing {
                 b.attr(t, v);
             }
@@ -446,7 +490,10 @@ fn allocate_succeeds_with_relayed_mapped_and_lifetime() {
     assert!(m.verify_integrity(&c.key()));
     let relayed = m.get_xor_addr(attr::XOR_RELAYED_ADDRESS).unwrap().unwrap();
     assert!(h.relays.open.contains(&relayed));
-    assert_eq!(m.get_xor_addr(attr::XOR_MAPPED_ADDRESS).unwrap().unwrap(), udp().client);
+    assert_eq!(
+        m.get_xor_addr(attr::XOR_MAPPED_ADDRESS).unwrap().unwrap(),
+        udp().client
+    );
     assert_eq!(m.get_u32(attr::LIFETIME), Some(600));
     assert!(matches!(&h.events()[..], [Event::AllocationCreated { username, .. }] if &**username == "alice"));
 }
@@ -518,11 +565,13 @@ fn relay_exhaustion_is_508_and_unsupported_family_440() {
     assert_eq!(code(&resp), Some(508));
     h.relays.exhausted = false;
     let resp = c.request(&mut h, method::ALLOCATE, &|b| {
-        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000).attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000)
+            .attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
     });
     assert_eq!(code(&resp), Some(440));
     let resp = c.request(&mut h, method::ALLOCATE, &|b| {
-        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000).attr(attr::REQUESTED_ADDRESS_FAMILY, &[9, 0, 0, 0]);
+        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000)
+            .attr(attr::REQUESTED_ADDRESS_FAMILY, &[9, 0, 0, 0]);
     });
     assert_eq!(code(&resp), Some(440));
 }
@@ -544,16 +593,22 @@ fn allocate_attribute_combinations() {
     });
     assert_eq!(code(&resp), Some(400), "both address-family attributes");
     let resp = c.request(&mut h, method::ALLOCATE, &|b| {
-        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000).attr(attr::DONT_FRAGMENT, &[]);
+        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000)
+            .attr(attr::DONT_FRAGMENT, &[]);
     });
     let m = Message::parse(&resp).unwrap();
     assert_eq!(m.error_code().unwrap().0, 420, "DONT-FRAGMENT cannot be honoured");
     assert_eq!(m.get(attr::UNKNOWN_ATTRIBUTES).unwrap(), &[0x00, 0x1A]);
     let resp = c.request(&mut h, method::ALLOCATE, &|b| {
-        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000).attr(attr::EVEN_PORT, &[0, 0, 0, 0]);
+        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000)
+            .attr(attr::EVEN_PORT, &[0, 0, 0, 0]);
     });
     assert!(is_success(&resp));
-    let relayed = Message::parse(&resp).unwrap().get_xor_addr(attr::XOR_RELAYED_ADDRESS).unwrap().unwrap();
+    let relayed = Message::parse(&resp)
+        .unwrap()
+        .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
     assert_eq!(relayed.port() % 2, 0);
 }
 
@@ -562,7 +617,8 @@ fn even_port_with_reservation_then_claim_by_token() {
     let mut h = Harness::new();
     let mut rtp = Client::new(udp(), "alice", "wonderland");
     let resp = rtp.request(&mut h, method::ALLOCATE, &|b| {
-        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000).attr(attr::EVEN_PORT, &[0x80, 0, 0, 0]);
+        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000)
+            .attr(attr::EVEN_PORT, &[0x80, 0, 0, 0]);
     });
     let m = Message::parse(&resp).unwrap();
     assert!(is_success(&resp));
@@ -572,20 +628,26 @@ fn even_port_with_reservation_then_claim_by_token() {
 
     let mut rtcp = Client::new(tuple(Transport::Udp, "203.0.113.5:40001"), "alice", "wonderland");
     let resp = rtcp.request(&mut h, method::ALLOCATE, &move |b| {
-        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000).attr(attr::RESERVATION_TOKEN, &token);
+        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000)
+            .attr(attr::RESERVATION_TOKEN, &token);
     });
     let m = Message::parse(&resp).unwrap();
     assert!(is_success(&resp), "{:?}", m.error_code());
-    assert_eq!(m.get_xor_addr(attr::XOR_RELAYED_ADDRESS).unwrap().unwrap().port(), relayed.port() + 1);
+    assert_eq!(
+        m.get_xor_addr(attr::XOR_RELAYED_ADDRESS).unwrap().unwrap().port(),
+        relayed.port() + 1
+    );
 
     // A token is good once; an unknown one is 508; a malformed one is 400.
     let mut third = Client::new(tuple(Transport::Udp, "203.0.113.5:40002"), "alice", "wonderland");
     let resp = third.request(&mut h, method::ALLOCATE, &move |b| {
-        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000).attr(attr::RESERVATION_TOKEN, &token);
+        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000)
+            .attr(attr::RESERVATION_TOKEN, &token);
     });
     assert_eq!(code(&resp), Some(508));
     let resp = third.request(&mut h, method::ALLOCATE, &|b| {
-        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000).attr(attr::RESERVATION_TOKEN, &[1, 2, 3, 4]);
+        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000)
+            .attr(attr::RESERVATION_TOKEN, &[1, 2, 3, 4]);
     });
     assert_eq!(code(&resp), Some(400));
 }
@@ -613,10 +675,13 @@ fn refresh_lifetimes_default_cap_and_zero_deletes() {
     assert_eq!(lt(&c.refresh(&mut h, Some(1200))), Some(1200));
     assert_eq!(lt(&c.refresh(&mut h, Some(0))), Some(0));
     assert!(h.relays.open.is_empty(), "relay closed on delete");
-    assert!(h
-        .events()
-        .iter()
-        .any(|e| matches!(e, Event::AllocationDeleted { reason: CloseReason::Deleted, .. })));
+    assert!(h.events().iter().any(|e| matches!(
+        e,
+        Event::AllocationDeleted {
+            reason: CloseReason::Deleted,
+            ..
+        }
+    )));
     assert_eq!(code(&c.refresh(&mut h, None)), Some(437));
 }
 
@@ -633,13 +698,16 @@ fn allocation_expires_after_its_lifetime_and_refresh_extends_it() {
     h.advance(1);
     assert_eq!(h.server.allocation_count(), 0);
     assert!(h.relays.open.is_empty());
-    assert!(h
-        .events()
-        .iter()
-        .any(|e| matches!(e, Event::AllocationDeleted { reason: CloseReason::Expired, .. })));
+    assert!(h.events().iter().any(|e| matches!(
+        e,
+        Event::AllocationDeleted {
+            reason: CloseReason::Expired,
+            ..
+        }
+    )));
     // The allocation is gone: its relay no longer carries anything.
     let relay = h.relays.closed[0];
-    assert!(h.from_peer(relay, "8.8.8.8:1", b"x").is_none());
+    assert!(h.peer_sends(relay, "8.8.8.8:1", b"x").is_none());
 }
 
 #[test]
@@ -650,10 +718,13 @@ fn connection_close_deletes_a_tcp_allocation() {
     c.allocate(&mut h);
     h.server.handle_connection_closed(h.now, t, &mut h.relays);
     assert!(h.relays.open.is_empty());
-    assert!(h
-        .events()
-        .iter()
-        .any(|e| matches!(e, Event::AllocationDeleted { reason: CloseReason::ConnectionClosed, .. })));
+    assert!(h.events().iter().any(|e| matches!(
+        e,
+        Event::AllocationDeleted {
+            reason: CloseReason::ConnectionClosed,
+            ..
+        }
+    )));
 }
 
 // ---- Permissions, Send/Data (RFC 8656 §9, §11) ----
@@ -666,24 +737,39 @@ fn send_and_data_indications_relay_with_permission_only() {
     let relay = *h.relays.open.iter().next().unwrap();
     // No permission yet: both directions dropped.
     assert!(h.send(udp(), &send_indication("8.8.8.8:5000", b"hi")).is_none());
-    assert!(h.from_peer(relay, "8.8.8.8:5000", b"yo").is_none());
+    assert!(h.peer_sends(relay, "8.8.8.8:5000", b"yo").is_none());
 
     assert!(is_success(&c.permit(&mut h, "8.8.8.8:1")));
     let (dest, data) = h.send(udp(), &send_indication("8.8.8.8:5000", b"hi")).unwrap();
-    assert_eq!(dest, Dest::Peer { relay, peer: "8.8.8.8:5000".parse().unwrap() });
+    assert_eq!(
+        dest,
+        Dest::Peer {
+            relay,
+            peer: "8.8.8.8:5000".parse().unwrap()
+        }
+    );
     assert_eq!(data, b"hi");
     // Permission is by IP only: another port of the same IP works.
     assert!(h.send(udp(), &send_indication("8.8.8.8:6000", b"hi")).is_some());
     // Another IP is still dropped.
     assert!(h.send(udp(), &send_indication("8.8.4.4:5000", b"hi")).is_none());
 
-    let (dest, data) = h.from_peer(relay, "8.8.8.8:7000", b"yo").unwrap();
+    let (dest, data) = h.peer_sends(relay, "8.8.8.8:7000", b"yo").unwrap();
     assert_eq!(dest, Dest::Client(udp()));
     let m = Message::parse(&data).unwrap();
-    assert_eq!(m.message_type(), MessageType::new(method::DATA, Class::Indication));
-    assert_eq!(m.get_xor_addr(attr::XOR_PEER_ADDRESS).unwrap().unwrap(), "8.8.8.8:7000".parse().unwrap());
+    assert_eq!(
+        m.message_type(),
+        MessageType::new(method::DATA, Class::Indication)
+    );
+    assert_eq!(
+        m.get_xor_addr(attr::XOR_PEER_ADDRESS).unwrap().unwrap(),
+        "8.8.8.8:7000".parse().unwrap()
+    );
     assert_eq!(m.get(attr::DATA).unwrap(), b"yo");
-    assert!(h.from_peer(relay, "8.8.4.4:7000", b"yo").is_none(), "peer without permission dropped");
+    assert!(
+        h.peer_sends(relay, "8.8.4.4:7000", b"yo").is_none(),
+        "peer without permission dropped"
+    );
 }
 
 #[test]
@@ -694,13 +780,13 @@ fn permission_expires_after_300s_and_stops_relaying() {
     let relay = *h.relays.open.iter().next().unwrap();
     c.permit(&mut h, "8.8.8.8:1");
     h.advance(299);
-    assert!(h.from_peer(relay, "8.8.8.8:1", b"x").is_some());
+    assert!(h.peer_sends(relay, "8.8.8.8:1", b"x").is_some());
     h.advance(1);
-    assert!(h.from_peer(relay, "8.8.8.8:1", b"x").is_none());
+    assert!(h.peer_sends(relay, "8.8.8.8:1", b"x").is_none());
     assert!(h.send(udp(), &send_indication("8.8.8.8:1", b"x")).is_none());
     // Refreshing the permission restores relaying.
     c.permit(&mut h, "8.8.8.8:1");
-    assert!(h.from_peer(relay, "8.8.8.8:1", b"x").is_some());
+    assert!(h.peer_sends(relay, "8.8.8.8:1", b"x").is_some());
 }
 
 #[test]
@@ -714,14 +800,20 @@ fn create_permission_is_all_or_nothing_and_needs_a_peer() {
             .xor_addr(attr::XOR_PEER_ADDRESS, "10.0.0.1:1".parse().unwrap());
     });
     assert_eq!(code(&resp), Some(403));
-    assert!(h.from_peer(relay, "8.8.8.8:1", b"x").is_none(), "nothing installed");
-    assert_eq!(code(&c.request(&mut h, method::CREATE_PERMISSION, &|_| {})), Some(400));
+    assert!(
+        h.peer_sends(relay, "8.8.8.8:1", b"x").is_none(),
+        "nothing installed"
+    );
+    assert_eq!(
+        code(&c.request(&mut h, method::CREATE_PERMISSION, &|_| {})),
+        Some(400)
+    );
     let resp = c.request(&mut h, method::CREATE_PERMISSION, &|b| {
         b.xor_addr(attr::XOR_PEER_ADDRESS, "8.8.8.8:1".parse().unwrap())
             .xor_addr(attr::XOR_PEER_ADDRESS, "1.1.1.1:1".parse().unwrap());
     });
     assert!(is_success(&resp));
-    assert!(h.from_peer(relay, "1.1.1.1:9", b"x").is_some());
+    assert!(h.peer_sends(relay, "1.1.1.1:9", b"x").is_some());
 }
 
 // ---- Peer policy ----
@@ -732,12 +824,22 @@ fn refused_peers_get_403_and_send_is_dropped() {
     let mut c = Client::new(udp(), "alice", "wonderland");
     c.allocate(&mut h);
     h.events();
-    for peer in ["10.0.0.1:1", "127.0.0.1:1", "169.254.169.254:80", "192.168.1.1:1", "0.0.0.0:1"] {
+    for peer in [
+        "10.0.0.1:1",
+        "127.0.0.1:1",
+        "169.254.169.254:80",
+        "192.168.1.1:1",
+        "0.0.0.0:1",
+    ] {
         assert_eq!(code(&c.permit(&mut h, peer)), Some(403), "{peer}");
         assert_eq!(code(&c.bind(&mut h, 0x4001, peer)), Some(403), "{peer}");
     }
     assert!(h.send(udp(), &send_indication("127.0.0.1:1", b"x")).is_none());
-    let refusals = h.events().iter().filter(|e| matches!(e, Event::PeerRefused { .. })).count();
+    let refusals = h
+        .events()
+        .iter()
+        .filter(|e| matches!(e, Event::PeerRefused { .. }))
+        .count();
     assert_eq!(refusals, 11, "every refusal is reported for logging");
 }
 
@@ -749,7 +851,10 @@ fn family_mismatch_is_443() {
     assert_eq!(code(&c.permit(&mut h, "[2606:4700::1]:1")), Some(443));
     assert_eq!(code(&c.bind(&mut h, 0x4000, "[2606:4700::1]:1")), Some(443));
     // An IPv4-mapped form of a loopback address is refused either way.
-    assert!(matches!(code(&c.permit(&mut h, "[::ffff:127.0.0.1]:1")), Some(443 | 403)));
+    assert!(matches!(
+        code(&c.permit(&mut h, "[::ffff:127.0.0.1]:1")),
+        Some(443 | 403)
+    ));
     let resp = c.request(&mut h, method::REFRESH, &|b| {
         b.attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
     });
@@ -783,9 +888,13 @@ fn channel_number_ranges() {
     assert_eq!(code(&c.bind(&mut h, 0x3FFF, "8.8.8.8:3")), Some(400));
     assert_eq!(code(&c.bind(&mut h, 0x5000, "8.8.8.8:3")), Some(400));
     assert_eq!(code(&c.bind(&mut h, 0x7FFF, "8.8.8.8:3")), Some(400));
-    assert_eq!(code(&c.request(&mut h, method::CHANNEL_BIND, &|b| {
-        b.u32(attr::CHANNEL_NUMBER, 0x4005_0000);
-    })), Some(400), "missing XOR-PEER-ADDRESS");
+    assert_eq!(
+        code(&c.request(&mut h, method::CHANNEL_BIND, &|b| {
+            b.u32(attr::CHANNEL_NUMBER, 0x4005_0000);
+        })),
+        Some(400),
+        "missing XOR-PEER-ADDRESS"
+    );
 
     let mut h = Harness::with(|c| c.legacy_channel_numbers = true);
     let mut c = Client::new(udp(), "alice", "wonderland");
@@ -801,9 +910,20 @@ fn channel_conflicts_are_400_rebinding_same_pair_refreshes() {
     let mut c = Client::new(udp(), "alice", "wonderland");
     c.allocate(&mut h);
     assert!(is_success(&c.bind(&mut h, 0x4000, "8.8.8.8:1")));
-    assert_eq!(code(&c.bind(&mut h, 0x4000, "8.8.8.8:2")), Some(400), "number bound to another peer");
-    assert_eq!(code(&c.bind(&mut h, 0x4001, "8.8.8.8:1")), Some(400), "peer bound to another number");
-    assert!(is_success(&c.bind(&mut h, 0x4000, "8.8.8.8:1")), "same pair refreshes");
+    assert_eq!(
+        code(&c.bind(&mut h, 0x4000, "8.8.8.8:2")),
+        Some(400),
+        "number bound to another peer"
+    );
+    assert_eq!(
+        code(&c.bind(&mut h, 0x4001, "8.8.8.8:1")),
+        Some(400),
+        "peer bound to another number"
+    );
+    assert!(
+        is_success(&c.bind(&mut h, 0x4000, "8.8.8.8:1")),
+        "same pair refreshes"
+    );
 }
 
 #[test]
@@ -814,12 +934,22 @@ fn channel_data_relays_both_ways_and_channel_expires_after_600s() {
     let relay = *h.relays.open.iter().next().unwrap();
     assert!(is_success(&c.bind(&mut h, 0x4000, "8.8.8.8:1")));
     let (dest, data) = h.send(udp(), &channel_data(0x4000, b"media")).unwrap();
-    assert_eq!(dest, Dest::Peer { relay, peer: "8.8.8.8:1".parse().unwrap() });
+    assert_eq!(
+        dest,
+        Dest::Peer {
+            relay,
+            peer: "8.8.8.8:1".parse().unwrap()
+        }
+    );
     assert_eq!(data, b"media");
-    let (_, data) = h.from_peer(relay, "8.8.8.8:1", b"back").unwrap();
-    assert_eq!(data, channel_data(0x4000, b"back"), "ChannelData, unpadded over UDP");
+    let (_, data) = h.peer_sends(relay, "8.8.8.8:1", b"back").unwrap();
+    assert_eq!(
+        data,
+        channel_data(0x4000, b"back"),
+        "ChannelData, unpadded over UDP"
+    );
     // A different port of the permitted IP has no channel: Data indication.
-    let (_, data) = h.from_peer(relay, "8.8.8.8:2", b"x").unwrap();
+    let (_, data) = h.peer_sends(relay, "8.8.8.8:2", b"x").unwrap();
     assert!(Message::parse(&data).is_ok());
     // Unknown channel: dropped.
     assert!(h.send(udp(), &channel_data(0x4001, b"x")).is_none());
@@ -833,12 +963,18 @@ fn channel_data_relays_both_ways_and_channel_expires_after_600s() {
     h.advance(99);
     assert!(h.send(udp(), &channel_data(0x4000, b"x")).is_some(), "599 s");
     h.advance(1);
-    assert!(h.send(udp(), &channel_data(0x4000, b"x")).is_none(), "600 s: expired");
-    let (_, data) = h.from_peer(relay, "8.8.8.8:1", b"x").unwrap();
+    assert!(
+        h.send(udp(), &channel_data(0x4000, b"x")).is_none(),
+        "600 s: expired"
+    );
+    let (_, data) = h.peer_sends(relay, "8.8.8.8:1", b"x").unwrap();
     assert!(Message::parse(&data).is_ok(), "falls back to a Data indication");
     // During the cool-down the number cannot go to another peer.
     assert_eq!(code(&c.bind(&mut h, 0x4000, "8.8.4.4:1")), Some(400));
-    assert!(is_success(&c.bind(&mut h, 0x4000, "8.8.8.8:1")), "same peer may rebind");
+    assert!(
+        is_success(&c.bind(&mut h, 0x4000, "8.8.8.8:1")),
+        "same peer may rebind"
+    );
 }
 
 #[test]
@@ -854,7 +990,7 @@ fn channel_data_never_refreshes_a_permission() {
     }
     h.advance(10); // 300 s since the bind: the permission is gone
     assert!(h.send(udp(), &channel_data(0x4000, b"x")).is_none());
-    assert!(h.from_peer(relay, "8.8.8.8:1", b"x").is_none());
+    assert!(h.peer_sends(relay, "8.8.8.8:1", b"x").is_none());
 }
 
 #[test]
@@ -865,7 +1001,7 @@ fn channel_data_over_tcp_is_padded() {
     c.allocate(&mut h);
     let relay = *h.relays.open.iter().next().unwrap();
     c.bind(&mut h, 0x4000, "8.8.8.8:1");
-    let (_, data) = h.from_peer(relay, "8.8.8.8:1", b"abcde").unwrap();
+    let (_, data) = h.peer_sends(relay, "8.8.8.8:1", b"abcde").unwrap();
     assert_eq!(data.len(), 12);
     assert_eq!(&data[..9], &channel_data(0x4000, b"abcde")[..]);
     assert_eq!(turn_core::stream_frame_len(&data), Some(Ok(12)));
@@ -884,12 +1020,20 @@ fn stats_count_both_directions() {
     c.bind(&mut h, 0x4000, "8.8.8.8:1");
     let _ = h.send(udp(), &channel_data(0x4000, b"12345"));
     let _ = h.send(udp(), &send_indication("8.8.8.8:1", b"123"));
-    let _ = h.from_peer(relay, "8.8.8.8:1", b"1234567");
+    let _ = h.peer_sends(relay, "8.8.8.8:1", b"1234567");
     c.refresh(&mut h, Some(0));
     let stats = h.events().into_iter().find_map(|e| match e {
         Event::AllocationDeleted { stats, .. } => Some(stats),
         _ => None,
     });
     let s = stats.unwrap();
-    assert_eq!((s.to_peer_packets, s.to_peer_bytes, s.from_peer_packets, s.from_peer_bytes), (2, 8, 1, 7));
+    assert_eq!(
+        (
+            s.to_peer_packets,
+            s.to_peer_bytes,
+            s.from_peer_packets,
+            s.from_peer_bytes
+        ),
+        (2, 8, 1, 7)
+    );
 }

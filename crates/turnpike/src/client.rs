@@ -37,10 +37,16 @@ pub struct Channel {
 
 impl Channel {
     /// Connects to `server`.
-    pub fn connect(transport: &ClientTransport, server: SocketAddr, timeout: Duration) -> io::Result<Channel> {
+    pub fn connect(
+        transport: &ClientTransport,
+        server: SocketAddr,
+        timeout: Duration,
+    ) -> io::Result<Channel> {
         let kind = match transport {
             ClientTransport::Udp => {
-                let bind: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().map_err(io::Error::other)?;
+                let bind: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+                    .parse()
+                    .map_err(io::Error::other)?;
                 let s = UdpSocket::bind(bind)?;
                 s.connect(server)?;
                 Kind::Udp(s)
@@ -65,7 +71,10 @@ impl Channel {
                 Kind::Tls(Box::new(tls))
             }
         };
-        Ok(Channel { kind, rbuf: Vec::new() })
+        Ok(Channel {
+            kind,
+            rbuf: Vec::new(),
+        })
     }
 
     /// The local address.
@@ -103,7 +112,12 @@ impl Channel {
                         let msg: Vec<u8> = self.rbuf.drain(..n).collect();
                         return Ok(Some(msg));
                     }
-                    Some(Err(())) => return Err(io::Error::new(io::ErrorKind::InvalidData, "not STUN or ChannelData")),
+                    Some(Err(())) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "not STUN or ChannelData",
+                        ))
+                    }
                     _ => {}
                 }
             }
@@ -133,7 +147,9 @@ impl Channel {
             match res {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => self.rbuf.extend_from_slice(&tmp[..n]),
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Ok(None),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return Ok(None)
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
@@ -271,7 +287,9 @@ impl TurnClient {
             match msg.message_type().class {
                 Class::Success => return Ok(resp),
                 Class::Error => {
-                    let (code, reason) = msg.error_code().ok_or(ClientError::Protocol("error without ERROR-CODE"))?;
+                    let (code, reason) = msg
+                        .error_code()
+                        .ok_or(ClientError::Protocol("error without ERROR-CODE"))?;
                     let reason = String::from_utf8_lossy(reason).into_owned();
                     let retry = match code {
                         401 => auth_tries == 0 || self.nonce.is_none(),
@@ -280,8 +298,12 @@ impl TurnClient {
                     };
                     if retry && auth_tries < 3 {
                         auth_tries += 1;
-                        let realm = msg.get(attr::REALM).ok_or(ClientError::Protocol("401 without REALM"))?;
-                        let nonce = msg.get(attr::NONCE).ok_or(ClientError::Protocol("401 without NONCE"))?;
+                        let realm = msg
+                            .get(attr::REALM)
+                            .ok_or(ClientError::Protocol("401 without REALM"))?;
+                        let nonce = msg
+                            .get(attr::NONCE)
+                            .ok_or(ClientError::Protocol("401 without NONCE"))?;
                         let realm = String::from_utf8_lossy(realm).into_owned();
                         let had_realm = self.realm.is_some();
                         self.key = stun_proto::long_term_key_md5(&self.user, &realm, &self.password);
@@ -306,11 +328,17 @@ impl TurnClient {
         self.ch.send(req)?;
         let mut next_send = Instant::now() + rto;
         loop {
-            let wait_until = if self.ch.is_stream() { end } else { next_send.min(end) };
+            let wait_until = if self.ch.is_stream() {
+                end
+            } else {
+                next_send.min(end)
+            };
             match self.ch.recv(wait_until)? {
                 Some(pkt) => {
                     if let Ok(m) = Message::parse(&pkt) {
-                        if m.transaction_id() == txid && matches!(m.message_type().class, Class::Success | Class::Error) {
+                        if m.transaction_id() == txid
+                            && matches!(m.message_type().class, Class::Success | Class::Error)
+                        {
                             return Ok(pkt);
                         }
                     }
@@ -338,7 +366,9 @@ impl TurnClient {
         })?;
         let m = Message::parse(&resp).map_err(|_| ClientError::Protocol("bad response"))?;
         if !m.verify_integrity(&self.key) {
-            return Err(ClientError::Protocol("response MESSAGE-INTEGRITY does not verify"));
+            return Err(ClientError::Protocol(
+                "response MESSAGE-INTEGRITY does not verify",
+            ));
         }
         let relayed = m
             .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
@@ -377,7 +407,8 @@ impl TurnClient {
     /// ChannelBind `channel` to `peer`.
     pub fn channel_bind(&mut self, channel: u16, peer: SocketAddr) -> Result<(), ClientError> {
         self.transaction(method::CHANNEL_BIND, &move |b| {
-            b.u32(attr::CHANNEL_NUMBER, (channel as u32) << 16).xor_addr(attr::XOR_PEER_ADDRESS, peer);
+            b.u32(attr::CHANNEL_NUMBER, (channel as u32) << 16)
+                .xor_addr(attr::XOR_PEER_ADDRESS, peer);
         })
         .map(|_| ())
     }
@@ -385,9 +416,13 @@ impl TurnClient {
     /// Sends `data` to `peer` in a Send indication.
     pub fn send_indication(&mut self, peer: SocketAddr, data: &[u8]) -> io::Result<()> {
         let txid: [u8; 12] = rand::random();
-        MessageBuilder::new(&mut self.buf, MessageType::new(method::SEND, Class::Indication), &txid)
-            .xor_addr(attr::XOR_PEER_ADDRESS, peer)
-            .attr(attr::DATA, data);
+        MessageBuilder::new(
+            &mut self.buf,
+            MessageType::new(method::SEND, Class::Indication),
+            &txid,
+        )
+        .xor_addr(attr::XOR_PEER_ADDRESS, peer)
+        .attr(attr::DATA, data);
         let msg = std::mem::take(&mut self.buf);
         let r = self.ch.send(&msg);
         self.buf = msg;
@@ -397,10 +432,11 @@ impl TurnClient {
     /// Sends `data` on `channel` as ChannelData (padded on streams).
     pub fn send_channel(&mut self, channel: u16, data: &[u8]) -> io::Result<()> {
         self.buf.clear();
-        self.buf.extend_from_slice(&ChannelData::header(channel, data.len() as u16));
+        self.buf
+            .extend_from_slice(&ChannelData::header(channel, data.len() as u16));
         self.buf.extend_from_slice(data);
         if self.ch.is_stream() {
-            while self.buf.len() % 4 != 0 {
+            while !self.buf.len().is_multiple_of(4) {
                 self.buf.push(0);
             }
         }
@@ -430,8 +466,13 @@ impl TurnClient {
                 PacketKind::Stun => {
                     if let Ok(m) = Message::parse(&pkt) {
                         if m.message_type() == MessageType::new(method::DATA, Class::Indication) {
-                            if let (Some(Ok(peer)), Some(data)) = (m.get_xor_addr(attr::XOR_PEER_ADDRESS), m.get(attr::DATA)) {
-                                return Ok(Received::Data { peer, data: data.to_vec() });
+                            if let (Some(Ok(peer)), Some(data)) =
+                                (m.get_xor_addr(attr::XOR_PEER_ADDRESS), m.get(attr::DATA))
+                            {
+                                return Ok(Received::Data {
+                                    peer,
+                                    data: data.to_vec(),
+                                });
                             }
                         }
                     }

@@ -138,7 +138,8 @@ impl ServeArgs {
 
     /// Parses a config file.
     pub fn from_file(path: &Path) -> Result<ServeArgs> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("config: cannot read {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("config: cannot read {}", path.display()))?;
         let mut parsed: ServeArgs = toml::from_str(&text).map_err(|e| {
             anyhow::anyhow!(
                 "config file {}: {}\n(keys are the long option names of `turnpike serve --help`, e.g. listen, realm, user)",
@@ -243,7 +244,10 @@ fn host_ipv4() -> Option<Ipv4Addr> {
 fn parse_cidrs(field: &str, values: &[String]) -> Result<Vec<Cidr>> {
     values
         .iter()
-        .map(|v| v.parse::<Cidr>().map_err(|e| anyhow::anyhow!("{field} \"{v}\": {e}")))
+        .map(|v| {
+            v.parse::<Cidr>()
+                .map_err(|e| anyhow::anyhow!("{field} \"{v}\": {e}"))
+        })
         .collect()
 }
 
@@ -251,7 +255,9 @@ fn random_token(n: usize) -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
     let mut rng = rand::thread_rng();
-    (0..n).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
+    (0..n)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 impl Settings {
@@ -340,14 +346,19 @@ impl Settings {
         let mut credentials = Credentials::new();
         for u in &a.user {
             let Some((name, pw)) = u.split_once(':') else {
-                bail!("user \"{}\": expected NAME:PASSWORD (e.g. --user alice:s3cret)", u.split(':').next().unwrap_or(""));
+                bail!(
+                    "user \"{}\": expected NAME:PASSWORD (e.g. --user alice:s3cret)",
+                    u.split(':').next().unwrap_or("")
+                );
             };
             if name.is_empty() || pw.is_empty() {
                 bail!("user \"{name}\": both NAME and PASSWORD must be non-empty (NAME:PASSWORD)");
             }
             match pw.strip_prefix("0x").map(parse_md5_hex) {
                 Some(Some(key)) => credentials.add_user_key(name, key),
-                Some(None) => bail!("user \"{name}\": a 0x key must be 32 hex digits (MD5 of name:realm:password)"),
+                Some(None) => {
+                    bail!("user \"{name}\": a 0x key must be 32 hex digits (MD5 of name:realm:password)")
+                }
                 None => credentials.add_user(name, &realm, pw),
             }
         }
@@ -365,7 +376,9 @@ impl Settings {
             None
         };
 
-        let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        let threads = a
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
         if threads == 0 || threads > 1024 {
             bail!("threads: must be between 1 and 1024 (default: number of cores)");
         }
@@ -412,8 +425,8 @@ fn parse_md5_hex(h: &str) -> Option<[u8; 16]> {
         return None;
     }
     let mut k = [0u8; 16];
-    for i in 0..16 {
-        k[i] = u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok()?;
+    for (i, byte) in k.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(k)
 }
@@ -455,10 +468,20 @@ mod tests {
             "listen = [\"127.0.0.1:3478\"]\nrealm = \"file.org\"\nuser = [\"alice:secret\"]\nallow-loopback-peers = true\nmin-port = 50000\n",
         )
         .unwrap();
-        let cli = parse(&["--config", f.to_str().unwrap(), "--realm", "cli.org", "--listen", "127.0.0.1:4000"]);
+        let cli = parse(&[
+            "--config",
+            f.to_str().unwrap(),
+            "--realm",
+            "cli.org",
+            "--listen",
+            "127.0.0.1:4000",
+        ]);
         let merged = cli.load().unwrap();
         assert_eq!(merged.realm.as_deref(), Some("cli.org"));
-        assert_eq!(merged.listen, vec!["127.0.0.1:4000".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(
+            merged.listen,
+            vec!["127.0.0.1:4000".parse::<SocketAddr>().unwrap()]
+        );
         assert_eq!(merged.user, vec!["alice:secret".to_owned()]);
         assert_eq!(merged.allow_loopback_peers, Some(true));
         assert_eq!(merged.min_port, Some(50000));

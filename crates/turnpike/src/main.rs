@@ -6,7 +6,11 @@ use tracing::{info, warn};
 use turnpike::config::{ServeArgs, Settings};
 
 #[derive(Parser)]
-#[command(name = "turnpike", version, about = "A fast, secure-by-default STUN/TURN server")]
+#[command(
+    name = "turnpike",
+    version,
+    about = "A fast, secure-by-default STUN/TURN server"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -39,7 +43,11 @@ fn serve(args: ServeArgs) -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let handle = turnpike::runtime::start(&settings)?;
-    let auth = match (&settings.demo_user, settings.credentials.user_count(), settings.credentials.secret_count()) {
+    let auth = match (
+        &settings.demo_user,
+        settings.credentials.user_count(),
+        settings.credentials.secret_count(),
+    ) {
         (Some(_), _, _) => "demo credential".to_owned(),
         (None, u, s) => format!("{u} static user(s), {s} REST secret(s)"),
     };
@@ -74,14 +82,18 @@ fn serve(args: ServeArgs) -> Result<()> {
         println!("=========================================================");
     }
     let stopper = handle.stopper();
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             info!(signal = sig, "shutting down");
             stopper.stop();
         }
     });
-    handle.join();
+    let panicked = handle.join();
+    if panicked > 0 {
+        anyhow::bail!("{panicked} worker thread(s) panicked; this is a bug, please report it");
+    }
     info!("stopped");
     Ok(())
 }

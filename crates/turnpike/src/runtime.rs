@@ -81,17 +81,21 @@ impl Handle {
         self.stop.clone()
     }
 
-    /// Stops the server and waits for the workers to finish.
-    pub fn shutdown(self) {
+    /// Stops the server and waits for the workers to finish. Returns how
+    /// many workers had panicked (always 0 unless there is a bug).
+    pub fn shutdown(self) -> usize {
         self.stop.stop();
-        self.join();
+        self.join()
     }
 
-    /// Waits for the workers to finish (after [`Stopper::stop`]).
-    pub fn join(self) {
-        for t in self.threads {
-            let _ = t.join();
-        }
+    /// Waits for the workers to finish (after [`Stopper::stop`]); returns
+    /// how many had panicked.
+    pub fn join(self) -> usize {
+        self.threads
+            .into_iter()
+            .map(|t| t.join())
+            .filter(|r| r.is_err())
+            .count()
     }
 }
 
@@ -146,15 +150,27 @@ struct WorkerSockets {
 /// can connect at once.
 pub fn start(settings: &Settings) -> Result<Handle> {
     let n = settings.threads;
-    let mut per_worker: Vec<WorkerSockets> = (0..n).map(|_| WorkerSockets { udp: vec![], tcp: vec![] }).collect();
+    let mut per_worker: Vec<WorkerSockets> = (0..n)
+        .map(|_| WorkerSockets {
+            udp: vec![],
+            tcp: vec![],
+        })
+        .collect();
     let mut listen = Vec::new();
     for &addr in &settings.listen {
         let (u, t, bound) = bind_pair(addr)?;
         per_worker[0].udp.push((u, bound));
         per_worker[0].tcp.push((t, bound, false));
         for w in per_worker.iter_mut().skip(1) {
-            w.udp.push((bind_udp(bound).with_context(|| format!("listen {bound}: UDP for another worker"))?, bound));
-            w.tcp.push((bind_tcp(bound).with_context(|| format!("listen {bound}: TCP for another worker"))?, bound, false));
+            w.udp.push((
+                bind_udp(bound).with_context(|| format!("listen {bound}: UDP for another worker"))?,
+                bound,
+            ));
+            w.tcp.push((
+                bind_tcp(bound).with_context(|| format!("listen {bound}: TCP for another worker"))?,
+                bound,
+                false,
+            ));
         }
         listen.push(bound);
     }
@@ -168,7 +184,11 @@ pub fn start(settings: &Settings) -> Result<Handle> {
         let bound = t.local_addr()?;
         per_worker[0].tcp.push((t, bound, true));
         for w in per_worker.iter_mut().skip(1) {
-            w.tcp.push((bind_tcp(bound).with_context(|| format!("tls-listen {bound}: for another worker"))?, bound, true));
+            w.tcp.push((
+                bind_tcp(bound).with_context(|| format!("tls-listen {bound}: for another worker"))?,
+                bound,
+                true,
+            ));
         }
         tls_listen.push(bound);
     }
@@ -189,9 +209,13 @@ pub fn start(settings: &Settings) -> Result<Handle> {
     let mut nonce_secret = [0u8; 32];
     rand::thread_rng().fill(&mut nonce_secret);
     let epoch = Instant::now();
-    let unix_at_epoch = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let unix_at_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let credentials = Arc::new(settings.credentials.clone());
-    let mut core_cfg = turn_core::Config::new(&settings.realm, credentials, nonce_secret, epoch, unix_at_epoch);
+    let mut core_cfg =
+        turn_core::Config::new(&settings.realm, credentials, nonce_secret, epoch, unix_at_epoch);
     core_cfg.software = settings.software.clone();
     core_cfg.legacy_channel_numbers = settings.legacy_channel_numbers;
     core_cfg.policy = policy;
@@ -261,10 +285,20 @@ struct RelayConfig {
 }
 
 enum Source {
-    Udp { sock: UdpSocket, addr: SocketAddr },
-    Listener { sock: TcpListener, addr: SocketAddr, tls: bool },
+    Udp {
+        sock: UdpSocket,
+        addr: SocketAddr,
+    },
+    Listener {
+        sock: TcpListener,
+        addr: SocketAddr,
+        tls: bool,
+    },
     Conn(Box<Conn>),
-    Relay { sock: UdpSocket, addr: SocketAddr },
+    Relay {
+        sock: UdpSocket,
+        addr: SocketAddr,
+    },
 }
 
 struct Conn {
@@ -396,7 +430,9 @@ struct Io {
 impl Io {
     /// Registers a bound relay socket with this worker's poll.
     fn activate(&mut self, std_sock: std::net::UdpSocket, addr: SocketAddr) -> Result<(), RelayError> {
-        std_sock.set_nonblocking(true).map_err(|_| RelayError::Exhausted)?;
+        std_sock
+            .set_nonblocking(true)
+            .map_err(|_| RelayError::Exhausted)?;
         let mut sock = UdpSocket::from_std(std_sock);
         let entry = self.sources.vacant_entry();
         let key = entry.key();
@@ -422,7 +458,11 @@ fn bind_relay(addr: SocketAddr) -> Result<Option<std::net::UdpSocket>, RelayErro
 
 impl RelayProvider for Io {
     fn open(&mut self, req: RelayRequest) -> Result<OpenedRelay, RelayError> {
-        let ip = if req.ipv6 { self.relay.v6.map(IpAddr::V6) } else { self.relay.v4.map(IpAddr::V4) };
+        let ip = if req.ipv6 {
+            self.relay.v6.map(IpAddr::V6)
+        } else {
+            self.relay.v4.map(IpAddr::V4)
+        };
         let ip = ip.ok_or(RelayError::FamilyUnsupported)?;
         let (lo, hi) = (self.relay.min_port, self.relay.max_port);
         // Random ports, never a scan: a scan makes ports predictable and costs
@@ -431,7 +471,8 @@ impl RelayProvider for Io {
             let mut port = self.rng.gen_range(lo..=hi);
             if req.even_port {
                 port &= !1;
-                if port < lo || (req.reserve_next && port == u16::MAX) || (req.reserve_next && port + 1 > hi) {
+                if port < lo || (req.reserve_next && port == u16::MAX) || (req.reserve_next && port + 1 > hi)
+                {
                     continue;
                 }
             }
@@ -497,7 +538,7 @@ impl Io {
                 Transport::Tcp | Transport::Tls => {
                     if let Some(&key) = self.conn_by_tuple.get(&t) {
                         if let Some(Source::Conn(c)) = self.sources.get_mut(key) {
-                            if c.send(tx.data).is_err() || !c.wbuf.is_empty() != c.writable_registered {
+                            if c.send(tx.data).is_err() || c.wbuf.is_empty() == c.writable_registered {
                                 self.dirty.push(key);
                             }
                         }
@@ -542,14 +583,16 @@ impl Worker {
         for (s, addr) in sockets.udp {
             let mut sock = UdpSocket::from_std(s);
             let e = io.sources.vacant_entry();
-            io.registry.register(&mut sock, Token(e.key()), Interest::READABLE)?;
+            io.registry
+                .register(&mut sock, Token(e.key()), Interest::READABLE)?;
             io.udp_by_addr.push((addr, e.key()));
             e.insert(Source::Udp { sock, addr });
         }
         for (s, addr, tls) in sockets.tcp {
             let mut sock = TcpListener::from_std(s);
             let e = io.sources.vacant_entry();
-            io.registry.register(&mut sock, Token(e.key()), Interest::READABLE)?;
+            io.registry
+                .register(&mut sock, Token(e.key()), Interest::READABLE)?;
             e.insert(Source::Listener { sock, addr, tls });
         }
         Ok(Worker {
@@ -582,7 +625,12 @@ impl Worker {
                 if ev.token() == WAKER {
                     continue;
                 }
-                self.on_event(ev.token().0, ev.is_readable() || ev.is_read_closed(), ev.is_writable(), now);
+                self.on_event(
+                    ev.token().0,
+                    ev.is_readable() || ev.is_read_closed(),
+                    ev.is_writable(),
+                    now,
+                );
             }
             self.core.handle_timeout(now, &mut self.io);
             self.update_interests(now);
@@ -693,7 +741,12 @@ impl Worker {
             });
             let entry = self.io.sources.vacant_entry();
             let ckey = entry.key();
-            if self.io.registry.register(&mut conn.stream, Token(ckey), Interest::READABLE).is_err() {
+            if self
+                .io
+                .registry
+                .register(&mut conn.stream, Token(ckey), Interest::READABLE)
+                .is_err()
+            {
                 continue;
             }
             entry.insert(Source::Conn(conn));
@@ -726,7 +779,10 @@ impl Worker {
             while off < rbuf.len() {
                 match turn_core::stream_frame_len(&rbuf[off..]) {
                     Some(Ok(n)) if rbuf.len() - off >= n => {
-                        if let Some(tx) = self.core.handle_client(now, tuple, &rbuf[off..off + n], &mut self.io) {
+                        if let Some(tx) =
+                            self.core
+                                .handle_client(now, tuple, &rbuf[off..off + n], &mut self.io)
+                        {
                             self.io.transmit(tx);
                         }
                         off += n;
@@ -784,8 +840,17 @@ impl Worker {
             };
             let want = !c.wbuf.is_empty();
             if want != c.writable_registered {
-                let interest = if want { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
-                if self.io.registry.reregister(&mut c.stream, Token(key), interest).is_err() {
+                let interest = if want {
+                    Interest::READABLE | Interest::WRITABLE
+                } else {
+                    Interest::READABLE
+                };
+                if self
+                    .io
+                    .registry
+                    .reregister(&mut c.stream, Token(key), interest)
+                    .is_err()
+                {
                     self.close_conn(key, now);
                     continue;
                 }
@@ -798,7 +863,12 @@ impl Worker {
     fn log_events(&mut self) {
         while let Some(ev) = self.core.poll_event() {
             match ev {
-                Event::AllocationCreated { tuple, username, relayed, lifetime } => info!(
+                Event::AllocationCreated {
+                    tuple,
+                    username,
+                    relayed,
+                    lifetime,
+                } => info!(
                     client = %tuple.client,
                     transport = tuple.transport.as_str(),
                     user = %username,
@@ -806,7 +876,14 @@ impl Worker {
                     lifetime_s = lifetime.as_secs(),
                     "allocation created"
                 ),
-                Event::AllocationDeleted { tuple, username, relayed, reason, stats, age } => info!(
+                Event::AllocationDeleted {
+                    tuple,
+                    username,
+                    relayed,
+                    reason,
+                    stats,
+                    age,
+                } => info!(
                     client = %tuple.client,
                     transport = tuple.transport.as_str(),
                     user = %username,
@@ -823,7 +900,12 @@ impl Worker {
                     packets_from_peers = stats.from_peer_packets,
                     "allocation deleted"
                 ),
-                Event::PeerRefused { tuple, username, peer, reason } => info!(
+                Event::PeerRefused {
+                    tuple,
+                    username,
+                    peer,
+                    reason,
+                } => info!(
                     client = %tuple.client,
                     user = %username,
                     %peer,

@@ -22,7 +22,11 @@ pub struct TlsSetup {
 
 /// Colon-separated uppercase hex SHA-256, as `openssl x509 -fingerprint` prints.
 pub fn fingerprint(der: &[u8]) -> String {
-    Sha256::digest(der).iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+    Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// The rustls crypto provider everything here uses.
@@ -52,7 +56,8 @@ pub fn setup(src: &TlsSource) -> Result<TlsSetup> {
 
 /// A self-signed certificate for `names` and its key.
 pub fn self_signed(names: &[String]) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
-    let ck = rcgen::generate_simple_self_signed(names.to_vec()).context("generating a self-signed certificate")?;
+    let ck =
+        rcgen::generate_simple_self_signed(names.to_vec()).context("generating a self-signed certificate")?;
     let cert = CertificateDer::from(ck.cert.der().to_vec());
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
     Ok((vec![cert], key))
@@ -73,7 +78,10 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
         .collect::<Result<_, _>>()
         .with_context(|| format!("cert: {} is not valid PEM", path.display()))?;
     if certs.is_empty() {
-        bail!("cert: {} holds no CERTIFICATE block (expected a PEM certificate chain)", path.display());
+        bail!(
+            "cert: {} holds no CERTIFICATE block (expected a PEM certificate chain)",
+            path.display()
+        );
     }
     Ok(certs)
 }
@@ -115,7 +123,9 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCert {
         if self.der.is_empty() || end_entity.as_ref() == &self.der[..] {
             Ok(rustls::client::danger::ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ))
         }
     }
 
@@ -125,7 +135,12 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCert {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -134,11 +149,18 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCert {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

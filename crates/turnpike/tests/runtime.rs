@@ -33,7 +33,10 @@ fn relays_both_ways_with_send_data_and_channels_over_every_transport() {
         peer.send_to(b"hello back", alloc.relayed).unwrap();
         assert_eq!(
             c.recv(Duration::from_secs(3)).unwrap(),
-            Received::Data { peer: peer_addr, data: b"hello back".to_vec() },
+            Received::Data {
+                peer: peer_addr,
+                data: b"hello back".to_vec()
+            },
             "{t:?}"
         );
 
@@ -47,14 +50,20 @@ fn relays_both_ways_with_send_data_and_channels_over_every_transport() {
             peer.send_to(&payload, alloc.relayed).unwrap();
             assert_eq!(
                 c.recv(Duration::from_secs(3)).unwrap(),
-                Received::Channel { channel: 0x4001, data: payload },
+                Received::Channel {
+                    channel: 0x4001,
+                    data: payload
+                },
                 "{t:?} len {len}"
             );
         }
         assert_eq!(c.refresh(0).unwrap(), 0);
         // After delete, the relayed address no longer forwards.
         peer.send_to(b"late", alloc.relayed).unwrap();
-        assert!(matches!(c.recv(Duration::from_millis(300)), Err(ClientError::Timeout)));
+        assert!(matches!(
+            c.recv(Duration::from_millis(300)),
+            Err(ClientError::Timeout)
+        ));
     }
     h.shutdown();
 }
@@ -71,7 +80,10 @@ fn wrong_password_relays_nothing() {
         let peer = peer();
         peer.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
         let peer_addr = peer.local_addr().unwrap();
-        assert!(matches!(c.create_permission(&[peer_addr]), Err(ClientError::Error { code: 401, .. })));
+        assert!(matches!(
+            c.create_permission(&[peer_addr]),
+            Err(ClientError::Error { code: 401, .. })
+        ));
         c.send_indication(peer_addr, b"x").unwrap();
         let mut buf = [0u8; 64];
         assert!(peer.recv_from(&mut buf).is_err(), "{t:?}: nothing relayed");
@@ -103,7 +115,10 @@ fn refused_peers_get_403() {
     let h = start(&["--allow-loopback-peers"]);
     let mut c = client(&ClientTransport::Udp, h.listen[0], USER, PASSWORD);
     c.allocate().unwrap();
-    assert!(matches!(c.create_permission(&[h.listen[0]]), Err(ClientError::Error { code: 403, .. })));
+    assert!(matches!(
+        c.create_permission(&[h.listen[0]]),
+        Err(ClientError::Error { code: 403, .. })
+    ));
     h.shutdown();
 }
 
@@ -121,7 +136,12 @@ fn binding_over_udp_tcp_and_tls() {
 
 fn binding_request(txid: u8) -> Vec<u8> {
     let mut buf = Vec::new();
-    MessageBuilder::new(&mut buf, MessageType::new(method::BINDING, Class::Request), &[txid; 12]).fingerprint();
+    MessageBuilder::new(
+        &mut buf,
+        MessageType::new(method::BINDING, Class::Request),
+        &[txid; 12],
+    )
+    .fingerprint();
     buf
 }
 
@@ -154,7 +174,10 @@ fn tcp_framing_split_byte_by_byte_and_packed() {
     two.extend_from_slice(&binding_request(2));
     s.write_all(&two).unwrap();
     let got = read_messages(&mut s, 2);
-    let ids: Vec<_> = got.iter().map(|m| Message::parse(m).unwrap().transaction_id()[0]).collect();
+    let ids: Vec<_> = got
+        .iter()
+        .map(|m| Message::parse(m).unwrap().transaction_id()[0])
+        .collect();
     assert_eq!(ids, vec![1, 2]);
     // One request split byte by byte.
     for b in binding_request(3) {
@@ -164,7 +187,10 @@ fn tcp_framing_split_byte_by_byte_and_packed() {
     let got = read_messages(&mut s, 1);
     let m = Message::parse(&got[0]).unwrap();
     assert_eq!(m.transaction_id()[0], 3);
-    assert_eq!(m.get_xor_addr(attr::XOR_MAPPED_ADDRESS).unwrap().unwrap(), s.local_addr().unwrap());
+    assert_eq!(
+        m.get_xor_addr(attr::XOR_MAPPED_ADDRESS).unwrap().unwrap(),
+        s.local_addr().unwrap()
+    );
     h.shutdown();
 }
 
@@ -175,7 +201,10 @@ fn garbage_on_tcp_closes_only_that_connection() {
     bad.write_all(&[0xFF; 64]).unwrap();
     bad.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let mut tmp = [0u8; 16];
-    assert!(matches!(bad.read(&mut tmp), Ok(0) | Err(_)), "framing lost: the server closes");
+    assert!(
+        matches!(bad.read(&mut tmp), Ok(0) | Err(_)),
+        "framing lost: the server closes"
+    );
     let mut ch = Channel::connect(&ClientTransport::Tcp, h.listen[0], Duration::from_secs(3)).unwrap();
     binding(&mut ch, Duration::from_secs(3)).unwrap();
     h.shutdown();
@@ -198,14 +227,20 @@ fn tcp_allocation_is_deleted_when_the_connection_closes() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(freed, "relay socket {relayed} still bound after the TCP client left");
+    assert!(
+        freed,
+        "relay socket {relayed} still bound after the TCP client left"
+    );
     h.shutdown();
 }
 
 #[test]
 fn rest_api_credentials_over_udp() {
     let h = start(&["--auth-secret", "s3cret", "--allow-loopback-peers"]);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let user = format!("{}:bob", now + 3600);
     let pw = turn_core::auth::rest_password(b"s3cret", &user);
     let mut c = client(&ClientTransport::Udp, h.listen[0], &user, &pw);
@@ -237,7 +272,9 @@ fn tls_client_that_never_finishes_its_handshake_does_not_block_others() {
     let mut stalled = TcpStream::connect(h.tls_listen[0]).unwrap();
     stalled.write_all(&[0x16, 0x03, 0x01, 0x00]).unwrap(); // a partial ClientHello
     let mut ch = Channel::connect(
-        &ClientTransport::Tls { pinned: h.tls_leaf.clone() },
+        &ClientTransport::Tls {
+            pinned: h.tls_leaf.clone(),
+        },
         h.tls_listen[0],
         Duration::from_secs(3),
     )

@@ -1,0 +1,162 @@
+//! The `turnpike` binary itself: the no-argument default that README
+//! promises, clean shutdown on SIGTERM, and configuration errors that name
+//! the field.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use turnpike::client::{binding, Channel, ClientTransport, TurnClient};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_turnpike"))
+}
+
+/// Collects a child's output lines on a channel.
+fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_for(rx: &mpsc::Receiver<String>, needle: &str, seen: &mut Vec<String>) -> String {
+    loop {
+        match rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(l) => {
+                seen.push(l.clone());
+                if l.contains(needle) {
+                    return l;
+                }
+            }
+            Err(_) => panic!("no line with {needle:?}; got:\n{}", seen.join("\n")),
+        }
+    }
+}
+
+fn sigterm_and_wait(mut child: Child) -> std::process::ExitStatus {
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    for _ in 0..100 {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    panic!("server did not exit within 5 s of SIGTERM");
+}
+
+fn listen_addr(line: &str) -> SocketAddr {
+    let rest = line.split("listen=[").nth(1).expect("listen=[...] in the start-up line");
+    rest.split([']', ',']).next().unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn serve_without_arguments_is_useful() {
+    let mut child = bin()
+        .arg("serve")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = lines(child.stdout.take().unwrap());
+    let err = lines(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    let started = wait_for(&err, "turnpike started", &mut seen);
+    assert!(started.contains("3478") && started.contains("5349"), "{started}");
+    let mut banner = Vec::new();
+    let user = wait_for(&out, "username:", &mut banner).split(':').nth(1).unwrap().trim().to_owned();
+    let password = wait_for(&out, "password:", &mut banner).split(':').nth(1).unwrap().trim().to_owned();
+    assert!(banner.iter().any(|l| l.contains("DEMO CREDENTIAL")), "{banner:?}");
+    let fp = wait_for(&err, "self-signed", &mut seen);
+    assert!(fp.contains("sha256="), "fingerprint of the generated cert is logged: {fp}");
+
+    let udp: SocketAddr = "127.0.0.1:3478".parse().unwrap();
+    let mut ch = Channel::connect(&ClientTransport::Udp, udp, Duration::from_secs(3)).unwrap();
+    binding(&mut ch, Duration::from_secs(3)).unwrap();
+    // TURN works with the printed demo credential.
+    let mut c = TurnClient::new(Channel::connect(&ClientTransport::Udp, udp, Duration::from_secs(3)).unwrap(), &user, &password);
+    c.allocate().unwrap();
+    c.refresh(0).unwrap();
+    // TLS on 5349 with the generated certificate.
+    let tls: SocketAddr = "127.0.0.1:5349".parse().unwrap();
+    let mut ch = Channel::connect(&ClientTransport::Tls { pinned: None }, tls, Duration::from_secs(3)).unwrap();
+    binding(&mut ch, Duration::from_secs(3)).unwrap();
+
+    let st = sigterm_and_wait(child);
+    assert!(st.success(), "clean exit on SIGTERM: {st:?}");
+}
+
+#[test]
+fn config_file_and_sigterm() {
+    let dir = std::env::temp_dir().join(format!("turnpike-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("turnpike.toml");
+    std::fs::write(
+        &cfg,
+        "listen = [\"127.0.0.1:0\"]\nno-tls = true\nrealm = \"file.example\"\nuser = [\"carol:c4r0l\"]\nthreads = 1\n",
+    )
+    .unwrap();
+    let mut child = bin()
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    let started = wait_for(&err, "turnpike started", &mut seen);
+    assert!(started.contains("file.example"), "{started}");
+    let addr = listen_addr(&started);
+    let mut c = TurnClient::new(Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(3)).unwrap(), "carol", "c4r0l");
+    c.allocate().unwrap();
+    let st = sigterm_and_wait(child);
+    assert!(st.success(), "{st:?}");
+    let rest: Vec<String> = err.try_iter().collect();
+    assert!(rest.iter().any(|l| l.contains("allocation deleted")), "allocations are closed and logged at shutdown: {rest:?}");
+}
+
+#[test]
+fn bad_configuration_names_the_field() {
+    let dir = std::env::temp_dir().join(format!("turnpike-badcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("bad.toml");
+    std::fs::write(&cfg, "realm = \"x\"\nrelay-port = 5\n").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--min-port".into(), "60000".into(), "--max-port".into(), "50000".into()], "min-port"),
+        (vec!["--config".into(), cfg.to_str().unwrap().into()], "relay-port"),
+        (vec!["--config".into(), "/nonexistent/turnpike.toml".into()], "cannot read"),
+        (vec!["--user".into(), "nopassword".into()], "NAME:PASSWORD"),
+        (vec!["--allow-peer".into(), "10.0.0.0/40".into()], "allow-peer"),
+    ];
+    for (args, needle) in cases {
+        let out = bin().arg("serve").args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn help_documents_every_required_flag() {
+    let out = bin().args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--listen", "--tls-listen", "--cert", "--key", "--relay-ip", "--external-ip", "--min-port", "--max-port",
+        "--realm", "--user", "--auth-secret", "--allow-loopback-peers", "--allow-peer", "--deny-peer", "--threads",
+        "--log-level", "--software", "--rfc5766-channel-numbers", "--config",
+    ] {
+        assert!(help.contains(flag), "serve --help lacks {flag}");
+    }
+}
