@@ -34,12 +34,29 @@ fn main() {
     }
 }
 
+/// Log output that never fails. If stderr goes away (a closed pipe, a
+/// restarted log collector), tracing-subscriber reports the failed write
+/// with `eprintln!`, which panics on the same broken stderr, and that would
+/// kill a worker or the signal thread. Lost log lines are better.
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn serve(args: ServeArgs) -> Result<()> {
     let settings = Settings::from_args(args.load()?)?;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&settings.log_level))
         .with_target(false)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let handle = turnpike::runtime::start(&settings)?;
@@ -71,23 +88,31 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
     }
     if let Some((u, p)) = &settings.demo_user {
-        // Printed once, to stdout, so it is not lost in log filtering.
-        println!("==================== DEMO CREDENTIAL ====================");
-        println!("  No --user or --auth-secret was given, so turnpike made one");
-        println!("  for trying it out. It changes at every start.");
-        println!("    realm:    {}", settings.realm);
-        println!("    username: {u}");
-        println!("    password: {p}");
-        println!("  Configure real users with --user NAME:PASSWORD.");
-        println!("=========================================================");
+        // Printed once, to stdout, so it is not lost in log filtering; a
+        // closed stdout must not stop the server, so errors are ignored.
+        let banner = format!(
+            "==================== DEMO CREDENTIAL ====================\n\
+             \x20 No --user or --auth-secret was given, so turnpike made one\n\
+             \x20 for trying it out. It changes at every start.\n\
+             \x20   realm:    {}\n\
+             \x20   username: {u}\n\
+             \x20   password: {p}\n\
+             \x20 Configure real users with --user NAME:PASSWORD.\n\
+             =========================================================\n",
+            settings.realm
+        );
+        let mut out = std::io::stdout().lock();
+        let _ = std::io::Write::write_all(&mut out, banner.as_bytes());
+        let _ = std::io::Write::flush(&mut out);
     }
     let stopper = handle.stopper();
     let mut signals =
         signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
-            info!(signal = sig, "shutting down");
+            // Stop first: nothing after this line may keep the server up.
             stopper.stop();
+            info!(signal = sig, "shutting down");
         }
     });
     let panicked = handle.join();

@@ -126,9 +126,44 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
+/// Fails if another process already holds `addr`. SO_REUSEPORT would let a
+/// second server (same user) share the port silently and take part of the
+/// traffic, so the first socket of each address is probed without it.
+fn ensure_free(addr: SocketAddr, udp: bool) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let ty = if udp { Type::DGRAM } else { Type::STREAM };
+    let s = Socket::new(Domain::for_address(addr), ty, None)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    if !udp {
+        // TIME_WAIT from a previous run must not count as "in use".
+        s.set_reuse_address(true)?;
+    }
+    s.bind(&addr.into())
+}
+
+fn in_use_hint(e: &io::Error) -> &'static str {
+    if e.kind() == io::ErrorKind::AddrInUse {
+        " (address in use: is another turnpike or TURN server running?)"
+    } else if e.kind() == io::ErrorKind::PermissionDenied {
+        " (permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    } else {
+        ""
+    }
+}
+
 /// Binds the first UDP+TCP pair for `addr`; with port 0, UDP picks the port
 /// and TCP takes the same one, retrying if TCP finds it taken.
 fn bind_pair(addr: SocketAddr) -> Result<(std::net::UdpSocket, std::net::TcpListener, SocketAddr)> {
+    if let Err(e) = ensure_free(addr, true) {
+        anyhow::bail!("listen {addr}: cannot bind UDP: {e}{}", in_use_hint(&e));
+    }
+    if let Err(e) = ensure_free(addr, false) {
+        anyhow::bail!("listen {addr}: cannot bind TCP: {e}{}", in_use_hint(&e));
+    }
     for _ in 0..20 {
         let u = bind_udp(addr).with_context(|| format!("listen {addr}: cannot bind UDP"))?;
         let bound = u.local_addr()?;
@@ -180,6 +215,9 @@ pub fn start(settings: &Settings) -> Result<Handle> {
     };
     let mut tls_listen = Vec::new();
     for &addr in &settings.tls_listen {
+        if let Err(e) = ensure_free(addr, false) {
+            anyhow::bail!("tls-listen {addr}: cannot bind: {e}{}", in_use_hint(&e));
+        }
         let t = bind_tcp(addr).with_context(|| format!("tls-listen {addr}: cannot bind TCP"))?;
         let bound = t.local_addr()?;
         per_worker[0].tcp.push((t, bound, true));

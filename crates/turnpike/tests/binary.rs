@@ -41,7 +41,20 @@ fn wait_for(rx: &mpsc::Receiver<String>, needle: &str, seen: &mut Vec<String>) -
     }
 }
 
-fn sigterm_and_wait(mut child: Child) -> std::process::ExitStatus {
+/// Kills the server if a test fails before stopping it.
+struct Server(Option<Child>);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn sigterm_and_wait(mut server: Server) -> std::process::ExitStatus {
+    let mut child = server.0.take().unwrap();
     // SAFETY: kill(2) on our own child's pid; no memory is involved.
     #[allow(unsafe_code)]
     unsafe {
@@ -54,11 +67,15 @@ fn sigterm_and_wait(mut child: Child) -> std::process::ExitStatus {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("server did not exit within 5 s of SIGTERM");
 }
 
 fn listen_addr(line: &str) -> SocketAddr {
-    let rest = line.split("listen=[").nth(1).expect("listen=[...] in the start-up line");
+    let rest = line
+        .split("listen=[")
+        .nth(1)
+        .expect("listen=[...] in the start-up line");
     rest.split([']', ',']).next().unwrap().trim().parse().unwrap()
 }
 
@@ -72,27 +89,57 @@ fn serve_without_arguments_is_useful() {
         .unwrap();
     let out = lines(child.stdout.take().unwrap());
     let err = lines(child.stderr.take().unwrap());
+    let child = Server(Some(child));
     let mut seen = Vec::new();
     let started = wait_for(&err, "turnpike started", &mut seen);
     assert!(started.contains("3478") && started.contains("5349"), "{started}");
     let mut banner = Vec::new();
-    let user = wait_for(&out, "username:", &mut banner).split(':').nth(1).unwrap().trim().to_owned();
-    let password = wait_for(&out, "password:", &mut banner).split(':').nth(1).unwrap().trim().to_owned();
+    let user = wait_for(&out, "username:", &mut banner)
+        .split(':')
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let password = wait_for(&out, "password:", &mut banner)
+        .split(':')
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_owned();
     assert!(banner.iter().any(|l| l.contains("DEMO CREDENTIAL")), "{banner:?}");
     let fp = wait_for(&err, "self-signed", &mut seen);
-    assert!(fp.contains("sha256="), "fingerprint of the generated cert is logged: {fp}");
+    assert!(
+        fp.contains("sha256="),
+        "fingerprint of the generated cert is logged: {fp}"
+    );
 
     let udp: SocketAddr = "127.0.0.1:3478".parse().unwrap();
     let mut ch = Channel::connect(&ClientTransport::Udp, udp, Duration::from_secs(3)).unwrap();
     binding(&mut ch, Duration::from_secs(3)).unwrap();
     // TURN works with the printed demo credential.
-    let mut c = TurnClient::new(Channel::connect(&ClientTransport::Udp, udp, Duration::from_secs(3)).unwrap(), &user, &password);
+    let mut c = TurnClient::new(
+        Channel::connect(&ClientTransport::Udp, udp, Duration::from_secs(3)).unwrap(),
+        &user,
+        &password,
+    );
     c.allocate().unwrap();
     c.refresh(0).unwrap();
     // TLS on 5349 with the generated certificate.
     let tls: SocketAddr = "127.0.0.1:5349".parse().unwrap();
-    let mut ch = Channel::connect(&ClientTransport::Tls { pinned: None }, tls, Duration::from_secs(3)).unwrap();
+    let mut ch = Channel::connect(
+        &ClientTransport::Tls { pinned: None },
+        tls,
+        Duration::from_secs(3),
+    )
+    .unwrap();
     binding(&mut ch, Duration::from_secs(3)).unwrap();
+
+    // A second server on the same ports refuses to start instead of
+    // silently sharing them through SO_REUSEPORT.
+    let out = bin().arg("serve").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("address in use"), "{stderr}");
 
     let st = sigterm_and_wait(child);
     assert!(st.success(), "clean exit on SIGTERM: {st:?}");
@@ -115,16 +162,24 @@ fn config_file_and_sigterm() {
         .spawn()
         .unwrap();
     let err = lines(child.stderr.take().unwrap());
+    let child = Server(Some(child));
     let mut seen = Vec::new();
     let started = wait_for(&err, "turnpike started", &mut seen);
     assert!(started.contains("file.example"), "{started}");
     let addr = listen_addr(&started);
-    let mut c = TurnClient::new(Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(3)).unwrap(), "carol", "c4r0l");
+    let mut c = TurnClient::new(
+        Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(3)).unwrap(),
+        "carol",
+        "c4r0l",
+    );
     c.allocate().unwrap();
     let st = sigterm_and_wait(child);
     assert!(st.success(), "{st:?}");
     let rest: Vec<String> = err.try_iter().collect();
-    assert!(rest.iter().any(|l| l.contains("allocation deleted")), "allocations are closed and logged at shutdown: {rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("allocation deleted")),
+        "allocations are closed and logged at shutdown: {rest:?}"
+    );
 }
 
 #[test]
@@ -134,9 +189,23 @@ fn bad_configuration_names_the_field() {
     let cfg = dir.join("bad.toml");
     std::fs::write(&cfg, "realm = \"x\"\nrelay-port = 5\n").unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["--min-port".into(), "60000".into(), "--max-port".into(), "50000".into()], "min-port"),
-        (vec!["--config".into(), cfg.to_str().unwrap().into()], "relay-port"),
-        (vec!["--config".into(), "/nonexistent/turnpike.toml".into()], "cannot read"),
+        (
+            vec![
+                "--min-port".into(),
+                "60000".into(),
+                "--max-port".into(),
+                "50000".into(),
+            ],
+            "min-port",
+        ),
+        (
+            vec!["--config".into(), cfg.to_str().unwrap().into()],
+            "relay-port",
+        ),
+        (
+            vec!["--config".into(), "/nonexistent/turnpike.toml".into()],
+            "cannot read",
+        ),
         (vec!["--user".into(), "nopassword".into()], "NAME:PASSWORD"),
         (vec!["--allow-peer".into(), "10.0.0.0/40".into()], "allow-peer"),
     ];
@@ -153,9 +222,25 @@ fn help_documents_every_required_flag() {
     let out = bin().args(["serve", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     for flag in [
-        "--listen", "--tls-listen", "--cert", "--key", "--relay-ip", "--external-ip", "--min-port", "--max-port",
-        "--realm", "--user", "--auth-secret", "--allow-loopback-peers", "--allow-peer", "--deny-peer", "--threads",
-        "--log-level", "--software", "--rfc5766-channel-numbers", "--config",
+        "--listen",
+        "--tls-listen",
+        "--cert",
+        "--key",
+        "--relay-ip",
+        "--external-ip",
+        "--min-port",
+        "--max-port",
+        "--realm",
+        "--user",
+        "--auth-secret",
+        "--allow-loopback-peers",
+        "--allow-peer",
+        "--deny-peer",
+        "--threads",
+        "--log-level",
+        "--software",
+        "--rfc5766-channel-numbers",
+        "--config",
     ] {
         assert!(help.contains(flag), "serve --help lacks {flag}");
     }
