@@ -384,6 +384,8 @@ pub struct Server {
     events: VecDeque<Event>,
     out: Vec<u8>,
     keys: Vec<Md5Key>,
+    /// Sequence number behind Data indication transaction ids.
+    data_seq: u64,
 }
 
 impl std::fmt::Debug for Server {
@@ -409,6 +411,7 @@ impl Server {
             events: VecDeque::new(),
             out: Vec::with_capacity(2048),
             keys: Vec::with_capacity(4),
+            data_seq: 0,
         }
     }
 
@@ -627,7 +630,8 @@ impl Server {
                 self.out.extend_from_slice(&[0u8; 3][..pad]);
             }
         } else {
-            let txid = data_indication_txid(self.out.capacity() as u64 ^ a.stats.from_peer_packets);
+            self.data_seq = self.data_seq.wrapping_add(1);
+            let txid = data_indication_txid(self.data_seq);
             let mut b = MessageBuilder::new(
                 &mut self.out,
                 MessageType::new(method::DATA, Class::Indication),
@@ -1160,8 +1164,8 @@ fn unknown_required(msg: &Message<'_>) -> Option<([u16; 8], usize)> {
     (n > 0).then_some((list, n))
 }
 
-/// Transaction ids of Data indications need not be random (RFC 8656 §11.4
-/// leaves them unchecked); a counter-derived value avoids an RNG per packet.
+/// Transaction ids of Data indications need not be random (the client does
+/// not match them to anything); a counter avoids an RNG call per packet.
 fn data_indication_txid(seed: u64) -> TransactionId {
     let mut t = [0u8; 12];
     t[..8].copy_from_slice(&seed.to_le_bytes());
