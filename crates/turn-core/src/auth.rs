@@ -1,21 +1,74 @@
-//! Long-term credentials (RFC 8489 §9.2), TURN REST-API ephemeral credentials
-//! (draft-uberti-behave-turn-rest), and stateless nonces.
+//! Long-term credentials (RFC 8489 §9.2) with MD5 and SHA-256 keys and
+//! USERHASH, TURN REST-API ephemeral credentials, and stateless nonces that
+//! carry the RFC 8489 §9.2 security-feature cookie.
 
 use std::collections::HashMap;
 
 use base64::Engine;
-use stun_proto::{hmac_sha1, long_term_key_md5, MD5_KEY_LEN};
+use stun_proto::{hmac_sha1, long_term_key_md5, long_term_key_sha256, userhash, MD5_KEY_LEN};
 use subtle::ConstantTimeEq;
 
 /// An MD5 long-term key, `MD5(username:realm:password)`.
 pub type Md5Key = [u8; MD5_KEY_LEN];
 
-/// The credentials a server accepts. Static users are held as keys, never as
-/// passwords; REST-API secrets are held as given, since every key is derived
-/// from them per username.
+/// PASSWORD-ALGORITHM values (RFC 8489 §18.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordAlgorithm {
+    /// 0x0001, the RFC 5389 key.
+    Md5,
+    /// 0x0002.
+    Sha256,
+}
+
+/// The PASSWORD-ALGORITHMS value this server offers, in order of
+/// preference: SHA-256, then MD5 (each with no parameters).
+pub const OFFERED_ALGORITHMS: [u8; 8] = [0x00, 0x02, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00];
+
+/// A long-term key of either algorithm.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Key {
+    bytes: [u8; 32],
+    len: u8,
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Key({} bytes)", self.len)
+    }
+}
+
+impl Key {
+    /// An MD5 key.
+    pub fn md5(k: Md5Key) -> Self {
+        let mut bytes = [0u8; 32];
+        bytes[..16].copy_from_slice(&k);
+        Key { bytes, len: 16 }
+    }
+
+    /// A SHA-256 key.
+    pub fn sha256(k: [u8; 32]) -> Self {
+        Key { bytes: k, len: 32 }
+    }
+
+    /// The key bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+}
+
+#[derive(Clone)]
+struct UserKeys {
+    md5: Md5Key,
+    sha256: Option<[u8; 32]>,
+}
+
+/// The credentials a server accepts. Static users are held as keys (MD5 and
+/// SHA-256), never as passwords; REST-API secrets are held as given, since
+/// every key is derived from them per username.
 #[derive(Clone, Default)]
 pub struct Credentials {
-    users: HashMap<String, Md5Key>,
+    users: HashMap<String, UserKeys>,
+    by_userhash: HashMap<[u8; 32], String>,
     secrets: Vec<Vec<u8>>,
 }
 
@@ -35,6 +88,9 @@ pub enum CredentialError {
     UnknownUser,
     /// A REST-API username whose expiry timestamp has passed.
     Expired,
+    /// The user exists but has no key for the requested algorithm (it was
+    /// configured by MD5 key only).
+    NoKeyForAlgorithm,
 }
 
 impl Credentials {
@@ -43,15 +99,30 @@ impl Credentials {
         Self::default()
     }
 
-    /// Adds a static user, deriving and keeping only the key.
+    /// Adds a static user, deriving and keeping only the keys.
     pub fn add_user(&mut self, username: &str, realm: &str, password: &str) {
-        self.users
-            .insert(username.to_owned(), long_term_key_md5(username, realm, password));
+        self.users.insert(
+            username.to_owned(),
+            UserKeys {
+                md5: long_term_key_md5(username, realm, password),
+                sha256: Some(long_term_key_sha256(username, realm, password)),
+            },
+        );
+        self.by_userhash
+            .insert(userhash(username, realm), username.to_owned());
     }
 
-    /// Adds a static user by its precomputed MD5 key.
-    pub fn add_user_key(&mut self, username: &str, key: Md5Key) {
-        self.users.insert(username.to_owned(), key);
+    /// Adds a static user by its precomputed MD5 key (no SHA-256 key).
+    pub fn add_user_key(&mut self, username: &str, realm: &str, key: Md5Key) {
+        self.users.insert(
+            username.to_owned(),
+            UserKeys {
+                md5: key,
+                sha256: None,
+            },
+        );
+        self.by_userhash
+            .insert(userhash(username, realm), username.to_owned());
     }
 
     /// Adds a REST-API shared secret; several may be active during rotation.
@@ -69,19 +140,32 @@ impl Credentials {
         self.secrets.len()
     }
 
+    /// The static user whose USERHASH is `hash` (RFC 8489 §14.4). REST-API
+    /// usernames cannot be found this way: they are not known in advance.
+    pub fn username_for_hash(&self, hash: &[u8]) -> Option<&str> {
+        let h: [u8; 32] = hash.try_into().ok()?;
+        self.by_userhash.get(&h).map(|s| s.as_str())
+    }
+
     /// Candidate keys for `username` at wall-clock `unix_now` (seconds). A
     /// static user has one key; a REST-API username has one per secret, and
-    /// the caller tries each against MESSAGE-INTEGRITY.
+    /// the caller tries each against the message's integrity.
     pub fn keys_for(
         &self,
         username: &str,
         realm: &str,
         unix_now: u64,
-        out: &mut Vec<Md5Key>,
+        alg: PasswordAlgorithm,
+        out: &mut Vec<Key>,
     ) -> Result<(), CredentialError> {
         out.clear();
         if let Some(k) = self.users.get(username) {
-            out.push(*k);
+            match alg {
+                PasswordAlgorithm::Md5 => out.push(Key::md5(k.md5)),
+                PasswordAlgorithm::Sha256 => {
+                    out.push(Key::sha256(k.sha256.ok_or(CredentialError::NoKeyForAlgorithm)?))
+                }
+            }
             return Ok(());
         }
         if self.secrets.is_empty() {
@@ -96,7 +180,11 @@ impl Credentials {
             return Err(CredentialError::Expired);
         }
         for s in &self.secrets {
-            out.push(long_term_key_md5(username, realm, &rest_password(s, username)));
+            let pw = rest_password(s, username);
+            out.push(match alg {
+                PasswordAlgorithm::Md5 => Key::md5(long_term_key_md5(username, realm, &pw)),
+                PasswordAlgorithm::Sha256 => Key::sha256(long_term_key_sha256(username, realm, &pw)),
+            });
         }
         Ok(())
     }
@@ -107,13 +195,22 @@ pub fn rest_password(secret: &[u8], username: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(hmac_sha1(secret, username.as_bytes()))
 }
 
-/// Length of a nonce: 8 hex digits of issue time and 16 of MAC.
-pub const NONCE_LEN: usize = 24;
+/// The RFC 8489 §9.2 nonce cookie followed by the security feature set
+/// "wAAA" = 0xC00000: bit 0 password algorithms and bit 1 username
+/// anonymity (bits count from the most significant of the 24).
+pub const NONCE_PREFIX: &[u8; 13] = b"obMatJos2wAAA";
 
-/// Mints and checks stateless nonces: `hex(t) || hex(HMAC(secret, t || ip)[..8])`
+/// Length of a nonce: the 13-byte prefix and 16 base64url characters of
+/// issue time and MAC.
+pub const NONCE_LEN: usize = 29;
+
+/// Mints and checks stateless nonces:
+/// `"obMatJos2wAAA" || base64url(t || HMAC-SHA1(secret, prefix || t || ip)[..8])`
 /// where `t` is the issue time in seconds on the server's clock. Nothing is
-/// stored per client; a nonce is bound to the client IP it was issued to,
-/// and every worker sharing the secret accepts it.
+/// stored per client. A nonce is bound to the client IP it was issued to,
+/// its security-feature bits are under the MAC (so they cannot be stripped to
+/// bid the client down, §9.2.4), and every worker sharing the secret
+/// accepts it.
 #[derive(Clone)]
 pub struct NonceMinter {
     secret: [u8; 32],
@@ -128,14 +225,6 @@ impl std::fmt::Debug for NonceMinter {
     }
 }
 
-fn hex_into(bytes: &[u8], out: &mut [u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (i, b) in bytes.iter().enumerate() {
-        out[2 * i] = HEX[(b >> 4) as usize];
-        out[2 * i + 1] = HEX[(b & 15) as usize];
-    }
-}
-
 impl NonceMinter {
     /// A minter with `secret` whose nonces last `lifetime_secs`.
     pub fn new(secret: [u8; 32], lifetime_secs: u64) -> Self {
@@ -145,64 +234,58 @@ impl NonceMinter {
         }
     }
 
-    fn mac(&self, t: u32, ip: std::net::IpAddr) -> [u8; 8] {
-        let mut input = [0u8; 4 + 16];
-        input[..4].copy_from_slice(&t.to_be_bytes());
+    fn body(&self, t: u32, ip: std::net::IpAddr) -> [u8; 12] {
+        let mut input = [0u8; 13 + 4 + 16];
+        input[..13].copy_from_slice(NONCE_PREFIX);
+        input[13..17].copy_from_slice(&t.to_be_bytes());
         let n = match ip {
             std::net::IpAddr::V4(v) => {
-                input[4..8].copy_from_slice(&v.octets());
-                8
+                input[17..21].copy_from_slice(&v.octets());
+                21
             }
             std::net::IpAddr::V6(v) => {
-                input[4..20].copy_from_slice(&v.octets());
-                20
+                input[17..33].copy_from_slice(&v.octets());
+                33
             }
         };
-        let full = hmac_sha1(&self.secret, &input[..n]);
-        let mut m = [0u8; 8];
-        m.copy_from_slice(&full[..8]);
-        m
+        let mac = hmac_sha1(&self.secret, &input[..n]);
+        let mut body = [0u8; 12];
+        body[..4].copy_from_slice(&t.to_be_bytes());
+        body[4..].copy_from_slice(&mac[..8]);
+        body
     }
 
     /// A nonce for `ip` issued at `now_secs`.
     pub fn mint(&self, now_secs: u64, ip: std::net::IpAddr) -> [u8; NONCE_LEN] {
-        let t = now_secs as u32;
         let mut out = [0u8; NONCE_LEN];
-        hex_into(&t.to_be_bytes(), &mut out[..8]);
-        hex_into(&self.mac(t, ip), &mut out[8..]);
+        out[..13].copy_from_slice(NONCE_PREFIX);
+        let body = self.body(now_secs as u32, ip);
+        let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode_slice(body, &mut out[13..])
+            .unwrap_or(0);
+        debug_assert_eq!(n, 16);
         out
     }
 
     /// Whether `nonce` was minted by this secret for `ip` and has not expired
     /// at `now_secs`. The MAC is compared in constant time.
     pub fn is_valid(&self, nonce: &[u8], now_secs: u64, ip: std::net::IpAddr) -> bool {
-        if nonce.len() != NONCE_LEN {
+        if nonce.len() != NONCE_LEN || &nonce[..13] != NONCE_PREFIX {
             return false;
         }
-        let Some(t) = parse_hex_u32(&nonce[..8]) else {
-            return false;
-        };
-        let mut want = [0u8; 16];
-        hex_into(&self.mac(t, ip), &mut want);
-        if !bool::from(want.ct_eq(&nonce[8..])) {
+        let mut body = [0u8; 12];
+        match base64::engine::general_purpose::URL_SAFE_NO_PAD.decode_slice(&nonce[13..], &mut body) {
+            Ok(12) => {}
+            _ => return false,
+        }
+        let t = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+        let want = self.body(t, ip);
+        if !bool::from(want[4..].ct_eq(&body[4..])) {
             return false;
         }
         let issued = t as u64;
         issued <= now_secs && now_secs - issued < self.lifetime_secs
     }
-}
-
-fn parse_hex_u32(s: &[u8]) -> Option<u32> {
-    let mut v = 0u32;
-    for &c in s {
-        let d = match c {
-            b'0'..=b'9' => c - b'0',
-            b'a'..=b'f' => c - b'a' + 10,
-            _ => return None,
-        };
-        v = (v << 4) | d as u32;
-    }
-    Some(v)
 }
 
 #[cfg(test)]
@@ -215,14 +298,18 @@ mod tests {
         let ip = "192.0.2.1".parse().unwrap();
         let other = "192.0.2.2".parse().unwrap();
         let n = m.mint(1000, ip);
+        assert!(n.starts_with(b"obMatJos2"));
+        assert!(n.iter().all(|c| c.is_ascii_graphic()));
         assert!(m.is_valid(&n, 1000, ip));
         assert!(m.is_valid(&n, 1599, ip));
         assert!(!m.is_valid(&n, 1600, ip), "expired after the lifetime");
         assert!(!m.is_valid(&n, 999, ip), "not valid before issue");
         assert!(!m.is_valid(&n, 1000, other), "bound to the client IP");
-        let mut forged = n;
-        forged[3] = if forged[3] == b'0' { b'1' } else { b'0' };
-        assert!(!m.is_valid(&forged, 1000, ip), "timestamp is authenticated");
+        for i in 9..NONCE_LEN {
+            let mut forged = n;
+            forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+            assert!(!m.is_valid(&forged, 1000, ip), "byte {i} is authenticated");
+        }
         let other_secret = NonceMinter::new([8; 32], 600);
         assert!(!other_secret.is_valid(&n, 1000, ip));
         assert!(!m.is_valid(b"short", 1000, ip));
@@ -235,28 +322,50 @@ mod tests {
         c.add_secret(b"north");
         c.add_secret(b"south");
         let mut keys = Vec::new();
-        c.keys_for("2000:alice", "r", 1000, &mut keys).unwrap();
+        c.keys_for("2000:alice", "r", 1000, PasswordAlgorithm::Md5, &mut keys)
+            .unwrap();
         assert_eq!(keys.len(), 2);
         let pw = rest_password(b"south", "2000:alice");
-        assert_eq!(keys[1], long_term_key_md5("2000:alice", "r", &pw));
+        assert_eq!(keys[1], Key::md5(long_term_key_md5("2000:alice", "r", &pw)));
+        c.keys_for("2000:alice", "r", 1000, PasswordAlgorithm::Sha256, &mut keys)
+            .unwrap();
+        assert_eq!(keys[1], Key::sha256(long_term_key_sha256("2000:alice", "r", &pw)));
         assert_eq!(
-            c.keys_for("999:alice", "r", 1000, &mut keys),
+            c.keys_for("999:alice", "r", 1000, PasswordAlgorithm::Md5, &mut keys),
             Err(CredentialError::Expired)
         );
         assert_eq!(
-            c.keys_for("bob", "r", 1000, &mut keys),
+            c.keys_for("bob", "r", 1000, PasswordAlgorithm::Md5, &mut keys),
             Err(CredentialError::UnknownUser)
         );
-        // The well-known example: secret "secret", username "1700000000:user".
-        assert_eq!(rest_password(b"secret", "1700000000:user").len(), 28);
     }
 
     #[test]
-    fn static_users_hold_keys() {
+    fn static_users_hold_keys_and_userhashes() {
         let mut c = Credentials::new();
         c.add_user("alice", "example.org", "pw");
         let mut keys = Vec::new();
-        c.keys_for("alice", "example.org", 0, &mut keys).unwrap();
-        assert_eq!(keys, vec![long_term_key_md5("alice", "example.org", "pw")]);
+        c.keys_for("alice", "example.org", 0, PasswordAlgorithm::Md5, &mut keys)
+            .unwrap();
+        assert_eq!(
+            keys,
+            vec![Key::md5(long_term_key_md5("alice", "example.org", "pw"))]
+        );
+        c.keys_for("alice", "example.org", 0, PasswordAlgorithm::Sha256, &mut keys)
+            .unwrap();
+        assert_eq!(
+            keys,
+            vec![Key::sha256(long_term_key_sha256("alice", "example.org", "pw"))]
+        );
+        assert_eq!(
+            c.username_for_hash(&userhash("alice", "example.org")),
+            Some("alice")
+        );
+        assert_eq!(c.username_for_hash(&[0; 32]), None);
+        c.add_user_key("bob", "example.org", [1; 16]);
+        assert_eq!(
+            c.keys_for("bob", "example.org", 0, PasswordAlgorithm::Sha256, &mut keys),
+            Err(CredentialError::NoKeyForAlgorithm)
+        );
     }
 }

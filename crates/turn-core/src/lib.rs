@@ -15,14 +15,15 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod limits;
 pub mod policy;
 mod server;
 
 pub use auth::{Credentials, NonceMinter};
 pub use policy::{Cidr, PeerPolicy, Refusal};
 pub use server::{
-    CloseReason, Config, Dest, Event, FiveTuple, OpenedRelay, RelayError, RelayProvider, RelayRequest,
-    Server, Stats, Transmit, Transport,
+    CloseReason, Config, Counters, Dest, Event, FiveTuple, OpenedRelay, RelayError, RelayProvider,
+    RelayRequest, Server, Stats, Transmit, Transport,
 };
 
 /// Frames one message at the start of a TCP/TLS byte stream

@@ -12,7 +12,8 @@ use stun_proto::{
     TransactionId,
 };
 
-use crate::auth::{Credentials, Md5Key, NonceMinter};
+use crate::auth::{Credentials, Key, NonceMinter, PasswordAlgorithm, OFFERED_ALGORITHMS};
+use crate::limits::{AuthGuard, Bucket, QuotaError, Quotas, SourceLimiter, Verdict};
 use crate::policy::{PeerPolicy, Refusal};
 
 /// The transport between client and server.
@@ -133,6 +134,25 @@ pub struct Stats {
     pub from_peer_bytes: u64,
 }
 
+/// Per-worker counts of what the limits did, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Unauthenticated requests not answered because of the per-source limit.
+    pub rate_limited: u64,
+    /// Requests whose credentials did not verify (401).
+    pub auth_failures: u64,
+    /// Attempts not checked because the pair was blocked or throttled.
+    pub auth_throttled: u64,
+    /// Allocations refused by a user quota (486).
+    pub quota_user: u64,
+    /// Allocations refused by the total quota or port exhaustion (508).
+    pub capacity: u64,
+    /// Relayed packets dropped by bandwidth caps.
+    pub bandwidth_dropped: u64,
+    /// Peers refused by policy.
+    pub peers_refused: u64,
+}
+
 /// Why an allocation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
@@ -172,6 +192,14 @@ pub enum Event {
         stats: Stats,
         /// How long it lived.
         age: Duration,
+    },
+    /// Repeated integrity failures blocked a username/source pair (or a
+    /// source) for a while.
+    AuthBlocked {
+        /// The client address.
+        client: SocketAddr,
+        /// The username tried (lossy UTF-8, possibly a USERHASH).
+        username: String,
     },
     /// A peer address was refused by the peer policy.
     PeerRefused {
@@ -219,6 +247,21 @@ pub struct Config {
     pub max_permissions: usize,
     /// Most channel bindings one allocation may hold (beyond: 508).
     pub max_channels: usize,
+    /// Allocation quotas, shared by every worker.
+    pub quotas: Arc<Quotas>,
+    /// Answers per second to unauthenticated requests from one source IP,
+    /// per worker; 0 turns the limit off.
+    pub rate_limit_per_ip: u32,
+    /// Integrity failures per username/source within a minute before the
+    /// pair is blocked; 0 turns the guard off.
+    pub auth_fail_limit: u32,
+    /// How long a blocked pair stays blocked.
+    pub auth_block: Duration,
+    /// Bytes per second each allocation may relay in each direction; 0: no cap.
+    pub max_bps: u64,
+    /// Bytes per second one user's allocations on one worker may relay in
+    /// each direction; 0: no cap.
+    pub user_max_bps: u64,
     /// The instant all workers count nonce time from.
     pub epoch: Instant,
     /// Unix time (seconds) at `epoch`, for REST-API username expiry.
@@ -250,6 +293,12 @@ impl Config {
             external_ipv6: None,
             max_permissions: 256,
             max_channels: 256,
+            quotas: Arc::new(Quotas::new(0, 0)),
+            rate_limit_per_ip: 200,
+            auth_fail_limit: 10,
+            auth_block: Duration::from_secs(300),
+            max_bps: 0,
+            user_max_bps: 0,
             epoch,
             unix_at_epoch,
         }
@@ -291,6 +340,20 @@ struct Allocation {
     permissions: Vec<Permission>,
     channels: Vec<ChannelBinding>,
     stats: Stats,
+    /// Bandwidth buckets, client→peer and peer→client.
+    bw_up: Bucket,
+    bw_down: Bucket,
+    /// Index of the user's shared buckets in `Server::user_bw`.
+    user_slot: u32,
+}
+
+/// One user's bandwidth buckets on this worker.
+#[derive(Debug)]
+struct UserBandwidth {
+    name: Arc<str>,
+    up: Bucket,
+    down: Bucket,
+    refs: u32,
 }
 
 impl Allocation {
@@ -350,6 +413,8 @@ const KNOWN_REQUIRED: &[u16] = &[
     attr::EVEN_PORT,
     attr::REQUESTED_TRANSPORT,
     attr::MESSAGE_INTEGRITY_SHA256,
+    attr::PASSWORD_ALGORITHM,
+    attr::USERHASH,
     attr::XOR_MAPPED_ADDRESS,
     attr::RESERVATION_TOKEN,
 ];
@@ -383,10 +448,28 @@ pub struct Server {
     timers: BinaryHeap<Reverse<(Instant, u32)>>,
     events: VecDeque<Event>,
     out: Vec<u8>,
-    keys: Vec<Md5Key>,
+    keys: Vec<Key>,
     /// Sequence number behind Data indication transaction ids.
     data_seq: u64,
+    limiter: SourceLimiter,
+    guard: AuthGuard,
+    user_bw: Vec<Option<UserBandwidth>>,
+    user_bw_free: Vec<u32>,
+    user_bw_index: HashMap<Arc<str>, u32>,
+    counters: Counters,
 }
+
+/// A request that passed authentication.
+struct Authenticated {
+    key: Key,
+    /// Answer with MESSAGE-INTEGRITY-SHA256 rather than MESSAGE-INTEGRITY.
+    sha256: bool,
+    /// The username (resolved from USERHASH if that was used).
+    username: String,
+}
+
+/// Slots in the per-source tables: 64K entries, a few hundred KiB a worker.
+const SOURCE_SLOTS: usize = 1 << 16;
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -400,6 +483,7 @@ impl Server {
     /// A server with no allocations.
     pub fn new(cfg: Config) -> Self {
         let minter = NonceMinter::new(cfg.nonce_secret, cfg.nonce_lifetime.as_secs().max(1));
+        let (cfg_rate, cfg_fail, cfg_block) = (cfg.rate_limit_per_ip, cfg.auth_fail_limit, cfg.auth_block);
         Server {
             cfg,
             minter,
@@ -412,6 +496,12 @@ impl Server {
             out: Vec::with_capacity(2048),
             keys: Vec::with_capacity(4),
             data_seq: 0,
+            limiter: SourceLimiter::new(cfg_rate, SOURCE_SLOTS),
+            guard: AuthGuard::new(cfg_fail, Duration::from_secs(60), cfg_block, SOURCE_SLOTS),
+            user_bw: Vec::new(),
+            user_bw_free: Vec::new(),
+            user_bw_index: HashMap::new(),
+            counters: Counters::default(),
         }
     }
 
@@ -433,6 +523,17 @@ impl Server {
     /// Number of live allocations.
     pub fn allocation_count(&self) -> usize {
         self.by_tuple.len()
+    }
+
+    /// What the limits have done so far on this worker.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Whether the 5-tuple has an allocation (the runtime's idle timeouts
+    /// leave such connections alone).
+    pub fn has_allocation(&self, tuple: &FiveTuple) -> bool {
+        self.by_tuple.contains_key(tuple)
     }
 
     /// The next instant [`Self::handle_timeout`] has work to do, if any.
@@ -498,6 +599,8 @@ impl Server {
         self.by_tuple.remove(&a.tuple);
         self.by_relay.remove(&a.relay);
         relays.close(a.relay);
+        self.cfg.quotas.release(&a.username);
+        self.release_user_slot(a.user_slot);
         self.events.push_back(Event::AllocationDeleted {
             tuple: a.tuple,
             username: a.username,
@@ -550,6 +653,7 @@ impl Server {
             return None;
         }
         if let Err(reason) = self.cfg.policy.check(peer) {
+            self.counters.peers_refused += 1;
             self.events.push_back(Event::PeerRefused {
                 tuple,
                 username: a.username.clone(),
@@ -559,6 +663,17 @@ impl Server {
             return None;
         }
         if !a.has_permission(peer.ip(), now) {
+            return None;
+        }
+        if !bandwidth_ok(
+            &self.cfg,
+            &mut self.user_bw,
+            &mut self.counters,
+            a,
+            now,
+            data.len(),
+            true,
+        ) {
             return None;
         }
         a.stats.to_peer_packets += 1;
@@ -589,6 +704,17 @@ impl Server {
         if !a.has_permission(peer.ip(), now) {
             return None;
         }
+        if !bandwidth_ok(
+            &self.cfg,
+            &mut self.user_bw,
+            &mut self.counters,
+            a,
+            now,
+            cd.data.len(),
+            true,
+        ) {
+            return None;
+        }
         a.stats.to_peer_packets += 1;
         a.stats.to_peer_bytes += cd.data.len() as u64;
         Some(Transmit {
@@ -614,6 +740,17 @@ impl Server {
             return None;
         }
         if data.len() > u16::MAX as usize {
+            return None;
+        }
+        if !bandwidth_ok(
+            &self.cfg,
+            &mut self.user_bw,
+            &mut self.counters,
+            a,
+            now,
+            data.len(),
+            false,
+        ) {
             return None;
         }
         a.stats.from_peer_packets += 1;
@@ -654,6 +791,11 @@ impl Server {
     ) -> Option<Transmit<'a>> {
         let m = msg.message_type().method;
         if m == method::BINDING {
+            // An unauthenticated answer: limited per source against reflection.
+            if !self.limiter.allow(tuple.client.ip(), now) {
+                self.counters.rate_limited += 1;
+                return None;
+            }
             // RFC 8489 §6.3.1: 420 for unknown comprehension-required attributes.
             if let Some((list, n)) = unknown_required(msg) {
                 return Some(self.respond(now, tuple, msg, Reply::Unknown(list, n), None));
@@ -664,90 +806,153 @@ impl Server {
             m,
             method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND
         ) {
+            if !self.limiter.allow(tuple.client.ip(), now) {
+                self.counters.rate_limited += 1;
+                return None;
+            }
             return Some(self.respond(now, tuple, msg, Reply::Error(400), None));
         }
         // RFC 8489 §9.2.4: authenticate before anything else.
-        let key = match self.authenticate(now, tuple, msg) {
-            Ok(k) => k,
-            Err(code) => return Some(self.respond(now, tuple, msg, Reply::Error(code), None)),
+        let auth = match self.authenticate(now, tuple, msg) {
+            Ok(a) => a,
+            Err(None) => return None,
+            Err(Some(code)) => {
+                if !self.limiter.allow(tuple.client.ip(), now) {
+                    self.counters.rate_limited += 1;
+                    return None;
+                }
+                return Some(self.respond(now, tuple, msg, Reply::Error(code), None));
+            }
         };
-        let username = msg
-            .get(attr::USERNAME)
-            .and_then(|u| std::str::from_utf8(u).ok())
-            .unwrap_or("");
+        let signer = Some((auth.key, auth.sha256));
         if let Some((list, n)) = unknown_required(msg) {
-            return Some(self.respond(now, tuple, msg, Reply::Unknown(list, n), Some(&key)));
+            return Some(self.respond(now, tuple, msg, Reply::Unknown(list, n), signer));
         }
         let existing = self.by_tuple.get(&tuple).copied();
         if let Some(idx) = existing {
             if let Some(a) = &self.allocs[idx as usize] {
                 // RFC 8656 §7: requests on an allocation must use its username.
-                if &*a.username != username {
-                    return Some(self.respond(now, tuple, msg, Reply::Error(441), Some(&key)));
+                if *a.username != *auth.username {
+                    return Some(self.respond(now, tuple, msg, Reply::Error(441), signer));
                 }
             }
         }
         let reply = match m {
-            method::ALLOCATE => self.allocate(now, tuple, msg, username, existing, relays),
+            method::ALLOCATE => self.allocate(now, tuple, msg, &auth, existing, relays),
             method::REFRESH => self.refresh(now, msg, existing, relays),
             method::CREATE_PERMISSION => self.create_permission(now, tuple, msg, existing),
             _ => self.channel_bind(now, tuple, msg, existing),
         };
-        Some(self.respond(now, tuple, msg, reply, Some(&key)))
+        Some(self.respond(now, tuple, msg, reply, signer))
     }
 
     /// RFC 8489 §9.2.4 long-term credential checks, in the RFC's order.
-    /// Returns the key that verified, or the error code to answer with.
-    fn authenticate(&mut self, now: Instant, tuple: FiveTuple, msg: &Message<'_>) -> Result<Md5Key, u16> {
+    /// `Err(Some(code))`: answer with that error; `Err(None)`: drop silently
+    /// (the username/source pair is blocked or throttled).
+    fn authenticate(
+        &mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        msg: &Message<'_>,
+    ) -> Result<Authenticated, Option<u16>> {
         if !msg.has_integrity() && !msg.has_integrity_sha256() {
-            return Err(401);
+            return Err(Some(401));
         }
-        let (Some(username), Some(realm), Some(nonce)) = (
-            msg.get(attr::USERNAME),
-            msg.get(attr::REALM),
-            msg.get(attr::NONCE),
-        ) else {
-            return Err(400);
+        let user_attr = msg.get(attr::USERNAME);
+        let hash_attr = msg.get(attr::USERHASH);
+        let (Some(realm), Some(nonce)) = (msg.get(attr::REALM), msg.get(attr::NONCE)) else {
+            return Err(Some(400));
         };
-        if username.len() > MAX_USERNAME_LEN
+        if user_attr.is_none() && hash_attr.is_none() {
+            return Err(Some(400));
+        }
+        if user_attr.is_some_and(|u| u.len() > MAX_USERNAME_LEN)
+            || hash_attr.is_some_and(|h| h.len() != 32)
             || realm.len() > attr::MAX_TEXT_ATTR_LEN
             || nonce.len() > attr::MAX_TEXT_ATTR_LEN
         {
-            return Err(400);
+            return Err(Some(400));
         }
         if !self
             .minter
             .is_valid(nonce, self.nonce_secs(now), tuple.client.ip())
         {
-            return Err(438);
+            return Err(Some(438));
         }
-        // Only MESSAGE-INTEGRITY (MD5 keys) is verified here; a request with
-        // MESSAGE-INTEGRITY-SHA256 alone is asked to authenticate again.
-        if !msg.has_integrity() {
-            return Err(401);
-        }
-        let Ok(username) = std::str::from_utf8(username) else {
-            return Err(401);
+        // §9.2.4 bid-down protection: our nonces advertise password
+        // algorithms, so a request carries both PASSWORD-ALGORITHMS (echoing
+        // our list exactly) and PASSWORD-ALGORITHM (one of it), or neither
+        // (MD5). Anything else means the list was tampered with.
+        let alg = match (
+            msg.get(attr::PASSWORD_ALGORITHMS),
+            msg.get(attr::PASSWORD_ALGORITHM),
+        ) {
+            (None, None) => PasswordAlgorithm::Md5,
+            (Some(list), Some(chosen)) if list == OFFERED_ALGORITHMS => match chosen {
+                [0x00, 0x01, 0x00, 0x00] => PasswordAlgorithm::Md5,
+                [0x00, 0x02, 0x00, 0x00] => PasswordAlgorithm::Sha256,
+                _ => return Err(Some(400)),
+            },
+            _ => return Err(Some(400)),
         };
-        if realm != self.cfg.realm.as_bytes() {
-            return Err(401);
+        let ident = user_attr.or(hash_attr).unwrap_or_default();
+        let ip = tuple.client.ip();
+        match self.guard.verdict(ident, ip, now) {
+            Verdict::Check => {}
+            Verdict::Throttled | Verdict::Blocked => {
+                self.counters.auth_throttled += 1;
+                return Err(None);
+            }
         }
-        let unix = self.unix_now(now);
-        let mut keys = std::mem::take(&mut self.keys);
-        let res = match self
-            .cfg
-            .credentials
-            .keys_for(username, &self.cfg.realm, unix, &mut keys)
-        {
-            Err(_) => Err(401),
-            Ok(()) => keys
-                .iter()
-                .find(|k| msg.verify_integrity(&k[..]))
-                .copied()
-                .ok_or(401),
+        let username = match (user_attr, hash_attr) {
+            (Some(u), _) => std::str::from_utf8(u).ok().map(str::to_owned),
+            (None, Some(h)) => self.cfg.credentials.username_for_hash(h).map(str::to_owned),
+            (None, None) => None,
         };
-        self.keys = keys;
-        res
+        let verified = match username {
+            Some(username) if realm == self.cfg.realm.as_bytes() => {
+                let unix = self.unix_now(now);
+                let mut keys = std::mem::take(&mut self.keys);
+                let found =
+                    match self
+                        .cfg
+                        .credentials
+                        .keys_for(&username, &self.cfg.realm, unix, alg, &mut keys)
+                    {
+                        Err(_) => None,
+                        Ok(()) => keys.iter().copied().find(|k| {
+                            if msg.has_integrity_sha256() {
+                                msg.verify_integrity_sha256(k.as_bytes())
+                            } else {
+                                msg.verify_integrity(k.as_bytes())
+                            }
+                        }),
+                    };
+                self.keys = keys;
+                found.map(|key| Authenticated {
+                    key,
+                    sha256: msg.has_integrity_sha256(),
+                    username,
+                })
+            }
+            _ => None,
+        };
+        match verified {
+            Some(a) => {
+                self.guard.succeeded(ident, ip);
+                Ok(a)
+            }
+            None => {
+                self.counters.auth_failures += 1;
+                if self.guard.failed(ident, ip, now) {
+                    self.events.push_back(Event::AuthBlocked {
+                        client: tuple.client,
+                        username: String::from_utf8_lossy(ident).into_owned(),
+                    });
+                }
+                Err(Some(401))
+            }
+        }
     }
 
     fn lifetime(&self, requested: Option<u32>) -> Duration {
@@ -778,7 +983,7 @@ impl Server {
         now: Instant,
         tuple: FiveTuple,
         msg: &Message<'_>,
-        username: &str,
+        auth: &Authenticated,
         existing: Option<u32>,
         relays: &mut dyn RelayProvider,
     ) -> Reply {
@@ -827,6 +1032,18 @@ impl Server {
             Some(v) => (true, v[0] & 0x80 != 0),
         };
         let lifetime = self.lifetime(msg.get_u32(attr::LIFETIME));
+        let username: Arc<str> = Arc::from(auth.username.as_str());
+        match self.cfg.quotas.acquire(&username) {
+            Ok(()) => {}
+            Err(QuotaError::User) => {
+                self.counters.quota_user += 1;
+                return Reply::Error(486);
+            }
+            Err(QuotaError::Total) => {
+                self.counters.capacity += 1;
+                return Reply::Error(508);
+            }
+        }
         let opened = match msg.get(attr::RESERVATION_TOKEN) {
             Some(t) => {
                 let Ok(token) = <[u8; 8]>::try_from(t) else {
@@ -845,11 +1062,17 @@ impl Server {
         };
         let (relay, token) = match opened {
             Ok(o) => (o.addr, o.token),
-            Err(RelayError::FamilyUnsupported) => return Reply::Error(440),
-            Err(RelayError::Exhausted) => return Reply::Error(508),
+            Err(e) => {
+                self.cfg.quotas.release(&username);
+                if e == RelayError::Exhausted {
+                    self.counters.capacity += 1;
+                    return Reply::Error(508);
+                }
+                return Reply::Error(440);
+            }
         };
         let advertised = self.advertise(relay);
-        let username: Arc<str> = Arc::from(username);
+        let user_slot = self.user_slot(&username);
         let alloc = Allocation {
             tuple,
             relay,
@@ -862,6 +1085,9 @@ impl Server {
             permissions: Vec::new(),
             channels: Vec::new(),
             stats: Stats::default(),
+            bw_up: Bucket::new(),
+            bw_down: Bucket::new(),
+            user_slot,
         };
         let idx = match self.free.pop() {
             Some(i) => {
@@ -938,6 +1164,7 @@ impl Server {
             return Err(443);
         }
         if let Err(reason) = self.cfg.policy.check(peer) {
+            self.counters.peers_refused += 1;
             self.events.push_back(Event::PeerRefused {
                 tuple,
                 username: username.clone(),
@@ -1085,7 +1312,7 @@ impl Server {
         tuple: FiveTuple,
         req: &Message<'_>,
         reply: Reply,
-        key: Option<&Md5Key>,
+        signer: Option<(Key, bool)>,
     ) -> Transmit<'_> {
         let typ = req.message_type();
         let txid = req.transaction_id();
@@ -1102,8 +1329,11 @@ impl Server {
             Reply::Error(code) => {
                 b.error_code(code, reason_phrase(code));
                 if let Some(n) = &nonce {
+                    // RFC 8489 §9.2.4: the nonce's cookie advertises
+                    // password algorithms, so the list comes with it.
                     b.attr(attr::REALM, self.cfg.realm.as_bytes())
-                        .attr(attr::NONCE, n);
+                        .attr(attr::NONCE, n)
+                        .attr(attr::PASSWORD_ALGORITHMS, &OFFERED_ALGORITHMS);
                 }
             }
             Reply::Unknown(list, n) => {
@@ -1134,8 +1364,14 @@ impl Server {
         if let Some(s) = &self.cfg.software {
             b.attr(attr::SOFTWARE, s.as_bytes());
         }
-        if let Some(k) = key {
-            b.message_integrity(k);
+        match signer {
+            Some((k, true)) => {
+                b.message_integrity_sha256(k.as_bytes());
+            }
+            Some((k, false)) => {
+                b.message_integrity(k.as_bytes());
+            }
+            None => {}
         }
         if req.has_fingerprint() {
             b.fingerprint();
@@ -1170,4 +1406,77 @@ fn data_indication_txid(seed: u64) -> TransactionId {
     let mut t = [0u8; 12];
     t[..8].copy_from_slice(&seed.to_le_bytes());
     t
+}
+
+impl Server {
+    /// The user's shared bandwidth slot on this worker, created on first use.
+    fn user_slot(&mut self, name: &Arc<str>) -> u32 {
+        if let Some(&i) = self.user_bw_index.get(name) {
+            if let Some(u) = self.user_bw[i as usize].as_mut() {
+                u.refs += 1;
+            }
+            return i;
+        }
+        let entry = UserBandwidth {
+            name: name.clone(),
+            up: Bucket::new(),
+            down: Bucket::new(),
+            refs: 1,
+        };
+        let i = match self.user_bw_free.pop() {
+            Some(i) => {
+                self.user_bw[i as usize] = Some(entry);
+                i
+            }
+            None => {
+                self.user_bw.push(Some(entry));
+                (self.user_bw.len() - 1) as u32
+            }
+        };
+        self.user_bw_index.insert(name.clone(), i);
+        i
+    }
+
+    fn release_user_slot(&mut self, i: u32) {
+        let Some(u) = self.user_bw.get_mut(i as usize).and_then(|u| u.as_mut()) else {
+            return;
+        };
+        u.refs -= 1;
+        if u.refs == 0 {
+            self.user_bw_index.remove(&u.name);
+            self.user_bw[i as usize] = None;
+            self.user_bw_free.push(i);
+        }
+    }
+}
+
+/// Per-allocation and per-user bandwidth caps: a packet over either cap is
+/// dropped and counted. Both buckets hold one second of traffic.
+fn bandwidth_ok(
+    cfg: &Config,
+    user_bw: &mut [Option<UserBandwidth>],
+    counters: &mut Counters,
+    a: &mut Allocation,
+    now: Instant,
+    len: usize,
+    up: bool,
+) -> bool {
+    let len = len as u64;
+    if cfg.max_bps != 0 {
+        let b = if up { &mut a.bw_up } else { &mut a.bw_down };
+        if !b.take(now, cfg.max_bps, cfg.max_bps, len) {
+            counters.bandwidth_dropped += 1;
+            return false;
+        }
+    }
+    if cfg.user_max_bps != 0 {
+        if let Some(Some(u)) = user_bw.get_mut(a.user_slot as usize) {
+            let b = if up { &mut u.up } else { &mut u.down };
+            if !b.take(now, cfg.user_max_bps, cfg.user_max_bps, len) {
+                counters.bandwidth_dropped += 1;
+                return false;
+            }
+        }
+    }
+    true
 }

@@ -42,22 +42,43 @@ impl Channel {
         server: SocketAddr,
         timeout: Duration,
     ) -> io::Result<Channel> {
+        Self::connect_from(transport, server, None, timeout)
+    }
+
+    /// Connects to `server` from the local address `local` (any if `None`).
+    pub fn connect_from(
+        transport: &ClientTransport,
+        server: SocketAddr,
+        local: Option<std::net::IpAddr>,
+        timeout: Duration,
+    ) -> io::Result<Channel> {
+        let any: std::net::IpAddr = if server.is_ipv4() {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        };
+        let bind = SocketAddr::new(local.unwrap_or(any), 0);
+        let tcp = |server: SocketAddr| -> io::Result<TcpStream> {
+            let s = socket2::Socket::new(socket2::Domain::for_address(server), socket2::Type::STREAM, None)?;
+            if local.is_some() {
+                s.bind(&bind.into())?;
+            }
+            s.connect_timeout(&server.into(), timeout)?;
+            Ok(s.into())
+        };
         let kind = match transport {
             ClientTransport::Udp => {
-                let bind: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
-                    .parse()
-                    .map_err(io::Error::other)?;
                 let s = UdpSocket::bind(bind)?;
                 s.connect(server)?;
                 Kind::Udp(s)
             }
             ClientTransport::Tcp => {
-                let s = TcpStream::connect_timeout(&server, timeout)?;
+                let s = tcp(server)?;
                 s.set_nodelay(true)?;
                 Kind::Tcp(s)
             }
             ClientTransport::Tls { pinned } => {
-                let s = TcpStream::connect_timeout(&server, timeout)?;
+                let s = tcp(server)?;
                 s.set_nodelay(true)?;
                 s.set_read_timeout(Some(timeout))?;
                 let cfg: Arc<rustls::ClientConfig> = crate::tls::client_config(pinned.as_deref());

@@ -355,7 +355,7 @@ impl Settings {
                 bail!("user \"{name}\": both NAME and PASSWORD must be non-empty (NAME:PASSWORD)");
             }
             match pw.strip_prefix("0x").map(parse_md5_hex) {
-                Some(Some(key)) => credentials.add_user_key(name, key),
+                Some(Some(key)) => credentials.add_user_key(name, &realm, key),
                 Some(None) => {
                     bail!("user \"{name}\": a 0x key must be 32 hex digits (MD5 of name:realm:password)")
                 }
@@ -435,6 +435,7 @@ fn parse_md5_hex(h: &str) -> Option<[u8; 16]> {
 mod tests {
     use super::*;
     use clap::Parser;
+    use turn_core::auth::PasswordAlgorithm;
 
     #[derive(Parser)]
     struct Cli {
@@ -525,12 +526,17 @@ mod tests {
         assert!(s.demo_user.is_none());
         assert!(s.tls.is_none() && s.tls_listen.is_empty());
         let mut keys = Vec::new();
-        s.credentials.keys_for("alice", "r", 0, &mut keys).unwrap();
-        assert_eq!(keys[0], stun_proto::long_term_key_md5("alice", "r", "pw"));
-        let k = hex16(&keys[0]);
+        s.credentials
+            .keys_for("alice", "r", 0, PasswordAlgorithm::Md5, &mut keys)
+            .unwrap();
+        let md5 = stun_proto::long_term_key_md5("alice", "r", "pw");
+        assert_eq!(keys[0].as_bytes(), &md5);
+        let k = hex16(&md5);
         let s = Settings::from_args(parse(&["--user", &format!("bob:0x{k}")])).unwrap();
-        s.credentials.keys_for("bob", "turnpike", 0, &mut keys).unwrap();
-        assert_eq!(hex16(&keys[0]), k);
+        s.credentials
+            .keys_for("bob", "turnpike", 0, PasswordAlgorithm::Md5, &mut keys)
+            .unwrap();
+        assert_eq!(keys[0].as_bytes(), &md5);
     }
 
     fn hex16(k: &[u8; 16]) -> String {

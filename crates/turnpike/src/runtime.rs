@@ -909,7 +909,7 @@ impl Worker {
                 } => info!(
                     client = %tuple.client,
                     transport = tuple.transport.as_str(),
-                    user = %username,
+                    user = ?username,
                     relayed = %relayed,
                     lifetime_s = lifetime.as_secs(),
                     "allocation created"
@@ -924,7 +924,7 @@ impl Worker {
                 } => info!(
                     client = %tuple.client,
                     transport = tuple.transport.as_str(),
-                    user = %username,
+                    user = ?username,
                     relayed = %relayed,
                     reason = match reason {
                         CloseReason::Expired => "expired",
@@ -938,6 +938,13 @@ impl Worker {
                     packets_from_peers = stats.from_peer_packets,
                     "allocation deleted"
                 ),
+                // Usernames come from the network: `?` escapes control
+                // characters, so a crafted name cannot forge log lines.
+                Event::AuthBlocked { client, username } => warn!(
+                    %client,
+                    user = ?username,
+                    "repeated authentication failures: username/source blocked for a while"
+                ),
                 Event::PeerRefused {
                     tuple,
                     username,
@@ -945,7 +952,7 @@ impl Worker {
                     reason,
                 } => info!(
                     client = %tuple.client,
-                    user = %username,
+                    user = ?username,
                     %peer,
                     reason = ?reason,
                     "peer refused by policy"

@@ -207,16 +207,38 @@ fn hundred_thousand_bad_datagrams_and_streams() {
         }
     }
 
-    // Still serving: Binding from many fresh ports (so every worker is asked)
-    // over UDP, and over TCP.
+    // Still serving. The flood came from 127.0.0.1, whose unauthenticated
+    // answers are now rate-limited and whose alice/source pair the
+    // brute-force guard has blocked, as it should. A correct client at
+    // another address is unaffected: Binding from many fresh ports (so
+    // every worker is asked) over UDP, over TCP, and a full relay.
+    let elsewhere: std::net::IpAddr = "127.0.0.2".parse().unwrap();
     for _ in 0..32 {
-        let mut ch = Channel::connect(&ClientTransport::Udp, server, Duration::from_secs(3)).unwrap();
+        let mut ch = Channel::connect_from(
+            &ClientTransport::Udp,
+            server,
+            Some(elsewhere),
+            Duration::from_secs(3),
+        )
+        .unwrap();
         binding(&mut ch, Duration::from_secs(3)).expect("binding answered after the garbage");
     }
-    let mut ch = Channel::connect(&ClientTransport::Tcp, server, Duration::from_secs(3)).unwrap();
+    let mut ch = Channel::connect_from(
+        &ClientTransport::Tcp,
+        server,
+        Some(elsewhere),
+        Duration::from_secs(3),
+    )
+    .unwrap();
     binding(&mut ch, Duration::from_secs(3)).unwrap();
-    // And relaying still works end to end.
-    let mut c = client(&ClientTransport::Udp, server, USER, PASSWORD);
+    let ch = Channel::connect_from(
+        &ClientTransport::Udp,
+        server,
+        Some(elsewhere),
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    let mut c = turnpike::client::TurnClient::new(ch, USER, PASSWORD);
     let a = c.allocate().unwrap();
     c.channel_bind(0x4ABC, peer_addr).unwrap();
     peer.set_nonblocking(false).unwrap();

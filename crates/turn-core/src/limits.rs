@@ -1,0 +1,391 @@
+//! Abuse limits: token buckets, per-source rate limiting, brute-force
+//! blocking and allocation quotas.
+//!
+//! The per-source tables are fixed-size arrays allocated once at start-up
+//! and indexed by a keyed hash, so a flood from spoofed sources creates no
+//! new state: collisions only make limits stricter for the colliding
+//! sources, and the random hash key stops an attacker from aiming them.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A token bucket: `rate` tokens per second, holding at most `burst`.
+/// Integer arithmetic in nanotokens, so small rates stay exact.
+#[derive(Debug, Clone, Copy)]
+pub struct Bucket {
+    nanotokens: u64,
+    last: Option<Instant>,
+}
+
+impl Bucket {
+    /// A full bucket (the first burst is allowed).
+    pub const fn new() -> Self {
+        Bucket {
+            nanotokens: u64::MAX,
+            last: None,
+        }
+    }
+
+    /// Takes `n` tokens if available; refills first.
+    pub fn take(&mut self, now: Instant, rate: u64, burst: u64, n: u64) -> bool {
+        let cap = burst.saturating_mul(1_000_000_000);
+        let refill = match self.last {
+            None => cap,
+            Some(t) => {
+                let dt = now.saturating_duration_since(t).as_nanos().min(u64::MAX as u128) as u64;
+                dt.saturating_mul(rate)
+            }
+        };
+        self.last = Some(now);
+        self.nanotokens = self.nanotokens.saturating_add(refill).min(cap);
+        let need = n.saturating_mul(1_000_000_000);
+        if self.nanotokens >= need {
+            self.nanotokens -= need;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl Default for Bucket {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn slot_of<K: Hash>(hasher: &RandomState, key: K, len: usize) -> usize {
+    (hasher.hash_one(key) as usize) % len
+}
+
+/// Rate limit on responses to unauthenticated requests, per source IP
+/// (RFC 8489 §17 reflection concerns). A fixed table of buckets.
+pub struct SourceLimiter {
+    rate: u64,
+    burst: u64,
+    hasher: RandomState,
+    slots: Box<[Bucket]>,
+}
+
+impl std::fmt::Debug for SourceLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceLimiter").field("rate", &self.rate).finish()
+    }
+}
+
+impl SourceLimiter {
+    /// `rate` answers per second per source (0 turns the limit off), burst
+    /// twice that, in a table of `slots` buckets.
+    pub fn new(rate: u32, slots: usize) -> Self {
+        let n = if rate == 0 { 1 } else { slots.max(1) };
+        SourceLimiter {
+            rate: rate as u64,
+            burst: (rate as u64).saturating_mul(2).max(1),
+            hasher: RandomState::new(),
+            slots: vec![Bucket::new(); n].into_boxed_slice(),
+        }
+    }
+
+    /// Whether an answer to `ip` may be sent now.
+    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
+        let i = slot_of(&self.hasher, ip, self.slots.len());
+        self.slots[i].take(now, self.rate, self.burst, 1)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Strikes {
+    failures: u32,
+    window_start: Option<Instant>,
+    blocked_until: Option<Instant>,
+}
+
+/// What the brute-force guard says about an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Check the credentials.
+    Check,
+    /// Slowed down: this attempt is not checked (one per second is).
+    Throttled,
+    /// Blocked for a while: not checked.
+    Blocked,
+}
+
+/// Counts integrity failures per (username, source IP) pair and per source
+/// IP. Past half the limit within the window, attempts are checked at most
+/// once a second; at the limit the pair (or the source, at five times the
+/// limit) is blocked for `block`. Other users, and the same user from
+/// elsewhere, are unaffected.
+pub struct AuthGuard {
+    limit: u32,
+    window: Duration,
+    block: Duration,
+    hasher: RandomState,
+    pairs: Box<[Strikes]>,
+    sources: Box<[Strikes]>,
+    last_checked: Box<[Option<Instant>]>,
+}
+
+impl std::fmt::Debug for AuthGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthGuard").field("limit", &self.limit).finish()
+    }
+}
+
+impl AuthGuard {
+    /// `limit` failures within `window` block for `block`; 0 disables.
+    pub fn new(limit: u32, window: Duration, block: Duration, slots: usize) -> Self {
+        let n = if limit == 0 { 1 } else { slots.max(1) };
+        AuthGuard {
+            limit,
+            window,
+            block,
+            hasher: RandomState::new(),
+            pairs: vec![Strikes::default(); n].into_boxed_slice(),
+            sources: vec![Strikes::default(); n].into_boxed_slice(),
+            last_checked: vec![None; n].into_boxed_slice(),
+        }
+    }
+
+    fn slots(&self, user: &[u8], ip: IpAddr) -> (usize, usize) {
+        let n = self.pairs.len();
+        (slot_of(&self.hasher, (user, ip), n), slot_of(&self.hasher, ip, n))
+    }
+
+    /// Whether to check this attempt.
+    pub fn verdict(&mut self, user: &[u8], ip: IpAddr, now: Instant) -> Verdict {
+        if self.limit == 0 {
+            return Verdict::Check;
+        }
+        let (p, s) = self.slots(user, ip);
+        for st in [&self.pairs[p], &self.sources[s]] {
+            if st.blocked_until.is_some_and(|t| t > now) {
+                return Verdict::Blocked;
+            }
+        }
+        let pair = &self.pairs[p];
+        let in_window = pair
+            .window_start
+            .is_some_and(|w| now.saturating_duration_since(w) < self.window);
+        if in_window && pair.failures >= self.limit.div_ceil(2) {
+            if self.last_checked[p].is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+            {
+                return Verdict::Throttled;
+            }
+            self.last_checked[p] = Some(now);
+        }
+        Verdict::Check
+    }
+
+    /// Records a failed check; returns true if this failure started a block.
+    pub fn failed(&mut self, user: &[u8], ip: IpAddr, now: Instant) -> bool {
+        if self.limit == 0 {
+            return false;
+        }
+        let (p, s) = self.slots(user, ip);
+        let mut started = false;
+        for (st, limit) in [
+            (&mut self.pairs[p], self.limit),
+            (&mut self.sources[s], self.limit.saturating_mul(5)),
+        ] {
+            if st
+                .window_start
+                .is_none_or(|w| now.saturating_duration_since(w) >= self.window)
+            {
+                st.window_start = Some(now);
+                st.failures = 0;
+            }
+            st.failures += 1;
+            if st.failures >= limit && st.blocked_until.is_none_or(|t| t <= now) {
+                st.blocked_until = Some(now + self.block);
+                st.failures = 0;
+                st.window_start = None;
+                started = true;
+            }
+        }
+        started
+    }
+
+    /// Records a success: the pair's count starts over.
+    pub fn succeeded(&mut self, user: &[u8], ip: IpAddr) {
+        if self.limit == 0 {
+            return;
+        }
+        let (p, _) = self.slots(user, ip);
+        self.pairs[p] = Strikes::default();
+    }
+}
+
+/// Why an allocation was refused by a quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaError {
+    /// The user's allocation quota is reached (486).
+    User,
+    /// The server's total is reached (508).
+    Total,
+}
+
+/// Allocation quotas shared by every worker. Touched only when allocations
+/// are created or deleted, never per packet.
+#[derive(Debug, Default)]
+pub struct Quotas {
+    user_limit: usize,
+    total_limit: usize,
+    total: AtomicUsize,
+    per_user: Mutex<HashMap<Arc<str>, usize>>,
+}
+
+impl Quotas {
+    /// Limits; 0 means unlimited.
+    pub fn new(user_limit: usize, total_limit: usize) -> Self {
+        Quotas {
+            user_limit,
+            total_limit,
+            ..Default::default()
+        }
+    }
+
+    /// Takes one allocation for `user`.
+    pub fn acquire(&self, user: &Arc<str>) -> Result<(), QuotaError> {
+        let prev = self.total.fetch_add(1, Ordering::SeqCst);
+        if self.total_limit != 0 && prev >= self.total_limit {
+            self.total.fetch_sub(1, Ordering::SeqCst);
+            return Err(QuotaError::Total);
+        }
+        let mut m = self.per_user.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(user.clone()).or_insert(0);
+        if self.user_limit != 0 && *n >= self.user_limit {
+            if *n == 0 {
+                m.remove(user);
+            }
+            self.total.fetch_sub(1, Ordering::SeqCst);
+            return Err(QuotaError::User);
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    /// Gives back one allocation of `user`.
+    pub fn release(&self, user: &str) {
+        self.total.fetch_sub(1, Ordering::SeqCst);
+        let mut m = self.per_user.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(user) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(user);
+            }
+        }
+    }
+
+    /// Allocations held across all workers.
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::SeqCst)
+    }
+
+    /// Allocations `user` holds.
+    pub fn of_user(&self, user: &str) -> usize {
+        let m = self.per_user.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(user).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_refills_at_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new();
+        assert!(b.take(t0, 10, 20, 20));
+        assert!(!b.take(t0, 10, 20, 1));
+        assert!(b.take(t0 + Duration::from_millis(100), 10, 20, 1));
+        assert!(!b.take(t0 + Duration::from_millis(100), 10, 20, 1));
+        assert!(
+            b.take(t0 + Duration::from_secs(10), 10, 20, 20),
+            "refills to the burst"
+        );
+        assert!(!b.take(t0 + Duration::from_secs(10), 10, 20, 1));
+    }
+
+    #[test]
+    fn source_limiter_is_per_ip_and_can_be_off() {
+        let t0 = Instant::now();
+        let mut l = SourceLimiter::new(5, 1024);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let allowed = (0..100).filter(|_| l.allow(a, t0)).count();
+        assert_eq!(allowed, 10, "burst of twice the rate");
+        assert!(
+            l.allow(b, t0) || l.slots.len() < 2,
+            "another source is unaffected"
+        );
+        assert!(l.allow(a, t0 + Duration::from_secs(1)));
+        let mut off = SourceLimiter::new(0, 1024);
+        assert!((0..10_000).all(|_| off.allow(a, t0)));
+    }
+
+    #[test]
+    fn auth_guard_slows_then_blocks_the_pair_only() {
+        let t0 = Instant::now();
+        let mut g = AuthGuard::new(6, Duration::from_secs(60), Duration::from_secs(300), 4096);
+        let ip: IpAddr = "198.51.100.9".parse().unwrap();
+        let other: IpAddr = "198.51.100.10".parse().unwrap();
+        for _ in 0..3 {
+            assert_eq!(g.verdict(b"alice", ip, t0), Verdict::Check);
+            assert!(!g.failed(b"alice", ip, t0));
+        }
+        // Half the limit reached: one check per second.
+        assert_eq!(g.verdict(b"alice", ip, t0), Verdict::Check);
+        assert_eq!(g.verdict(b"alice", ip, t0), Verdict::Throttled);
+        let mut t = t0;
+        let mut blocked = false;
+        for _ in 0..3 {
+            t += Duration::from_secs(1);
+            assert_eq!(g.verdict(b"alice", ip, t), Verdict::Check);
+            blocked = g.failed(b"alice", ip, t);
+        }
+        assert!(blocked, "sixth failure blocks");
+        assert_eq!(g.verdict(b"alice", ip, t), Verdict::Blocked);
+        assert_eq!(
+            g.verdict(b"alice", other, t),
+            Verdict::Check,
+            "same user elsewhere"
+        );
+        assert_eq!(
+            g.verdict(b"bob", ip, t),
+            Verdict::Check,
+            "another user from the same source"
+        );
+        assert_eq!(
+            g.verdict(b"alice", ip, t + Duration::from_secs(301)),
+            Verdict::Check,
+            "block ends"
+        );
+    }
+
+    #[test]
+    fn quotas_per_user_and_total() {
+        let q = Quotas::new(2, 3);
+        let a: Arc<str> = Arc::from("a");
+        let b: Arc<str> = Arc::from("b");
+        assert!(q.acquire(&a).is_ok());
+        assert!(q.acquire(&a).is_ok());
+        assert_eq!(q.acquire(&a), Err(QuotaError::User));
+        assert!(q.acquire(&b).is_ok());
+        assert_eq!(q.acquire(&b), Err(QuotaError::Total));
+        q.release("a");
+        assert!(q.acquire(&b).is_ok());
+        assert_eq!((q.total(), q.of_user("a"), q.of_user("b")), (3, 1, 2));
+        let unlimited = Quotas::new(0, 0);
+        assert!((0..1000).all(|_| unlimited.acquire(&a).is_ok()));
+    }
+}
