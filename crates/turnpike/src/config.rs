@@ -115,6 +115,53 @@ pub struct ServeArgs {
     /// How long a nonce stays valid, in seconds [default: 600].
     #[arg(long, value_name = "SECS")]
     pub nonce_lifetime: Option<u64>,
+
+    /// Allocations one username may hold at once [default: 0 = unlimited].
+    #[arg(long, value_name = "N")]
+    pub user_quota: Option<usize>,
+
+    /// Allocations the server holds at once [default: 0 = unlimited].
+    #[arg(long, value_name = "N")]
+    pub total_quota: Option<usize>,
+
+    /// Bytes per second one allocation may relay, each direction
+    /// [default: 0 = no cap].
+    #[arg(long, value_name = "BYTES")]
+    pub max_bps: Option<u64>,
+
+    /// Bytes per second one user's allocations may relay, each direction,
+    /// per worker thread [default: 0 = no cap].
+    #[arg(long, value_name = "BYTES")]
+    pub user_max_bps: Option<u64>,
+
+    /// Answers per second to unauthenticated requests (Binding, 401) from
+    /// one source IP, per worker; 0 turns per-source limits off, which
+    /// single-host benchmarks need [default: 200].
+    #[arg(long, value_name = "N")]
+    pub rate_limit_per_ip: Option<u32>,
+
+    /// Integrity failures per username and source within a minute before
+    /// that pair is blocked (five times as many block the source); 0 turns
+    /// the guard off [default: 10].
+    #[arg(long, value_name = "N")]
+    pub auth_fail_limit: Option<u32>,
+
+    /// How long a blocked username/source stays blocked, in seconds [default: 300].
+    #[arg(long, value_name = "SECS")]
+    pub auth_block_secs: Option<u64>,
+
+    /// Most TCP/TLS connections per worker thread [default: 8192].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Seconds a TCP/TLS connection may take to complete its TLS handshake
+    /// and first STUN message, or to finish a message it has begun [default: 10].
+    #[arg(long, value_name = "SECS")]
+    pub handshake_timeout: Option<u64>,
+
+    /// Seconds a TCP/TLS connection without an allocation may stay silent [default: 120].
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
 }
 
 macro_rules! merge_fields {
@@ -156,7 +203,9 @@ impl ServeArgs {
         let base = self;
         merge_fields!(base, over;
             opt: config, no_tls, cert, key, min_port, max_port, realm, allow_loopback_peers,
-                 threads, log_level, software, rfc5766_channel_numbers, nonce_lifetime;
+                 threads, log_level, software, rfc5766_channel_numbers, nonce_lifetime,
+                 user_quota, total_quota, max_bps, user_max_bps, rate_limit_per_ip,
+                 auth_fail_limit, auth_block_secs, max_connections, handshake_timeout, idle_timeout;
             vec: listen, tls_listen, relay_ip, external_ip, user, auth_secret, allow_peer, deny_peer);
     }
 }
@@ -218,6 +267,26 @@ pub struct Settings {
     pub legacy_channel_numbers: bool,
     /// Nonce lifetime in seconds.
     pub nonce_lifetime: u64,
+    /// Allocations per username (0: unlimited).
+    pub user_quota: usize,
+    /// Allocations in total (0: unlimited).
+    pub total_quota: usize,
+    /// Bytes/s per allocation and direction (0: no cap).
+    pub max_bps: u64,
+    /// Bytes/s per user, direction and worker (0: no cap).
+    pub user_max_bps: u64,
+    /// Unauthenticated answers/s per source IP and worker (0: off).
+    pub rate_limit_per_ip: u32,
+    /// Failures before a username/source pair is blocked (0: off).
+    pub auth_fail_limit: u32,
+    /// Seconds a block lasts.
+    pub auth_block_secs: u64,
+    /// TCP/TLS connections per worker.
+    pub max_connections: usize,
+    /// Handshake / first message / partial message timeout.
+    pub handshake_timeout: std::time::Duration,
+    /// Idle timeout for connections without an allocation.
+    pub idle_timeout: std::time::Duration,
 }
 
 fn ipv6_available() -> bool {
@@ -395,6 +464,22 @@ impl Settings {
         if nonce_lifetime == 0 {
             bail!("nonce-lifetime: must be at least 1 second (default 600)");
         }
+        let max_connections = a.max_connections.unwrap_or(8192);
+        if max_connections == 0 {
+            bail!("max-connections: must be at least 1 (default 8192)");
+        }
+        let handshake_timeout = a.handshake_timeout.unwrap_or(10);
+        if handshake_timeout == 0 {
+            bail!("handshake-timeout: must be at least 1 second (default 10)");
+        }
+        let idle_timeout = a.idle_timeout.unwrap_or(120);
+        if idle_timeout == 0 {
+            bail!("idle-timeout: must be at least 1 second (default 120)");
+        }
+        let auth_block_secs = a.auth_block_secs.unwrap_or(300);
+        if auth_block_secs == 0 {
+            bail!("auth-block-secs: must be at least 1 second (default 300); use auth-fail-limit = 0 to turn the guard off");
+        }
         Ok(Settings {
             listen,
             tls_listen,
@@ -416,6 +501,16 @@ impl Settings {
             software: a.software,
             legacy_channel_numbers: a.rfc5766_channel_numbers.unwrap_or(false),
             nonce_lifetime,
+            user_quota: a.user_quota.unwrap_or(0),
+            total_quota: a.total_quota.unwrap_or(0),
+            max_bps: a.max_bps.unwrap_or(0),
+            user_max_bps: a.user_max_bps.unwrap_or(0),
+            rate_limit_per_ip: a.rate_limit_per_ip.unwrap_or(200),
+            auth_fail_limit: a.auth_fail_limit.unwrap_or(10),
+            auth_block_secs,
+            max_connections,
+            handshake_timeout: std::time::Duration::from_secs(handshake_timeout),
+            idle_timeout: std::time::Duration::from_secs(idle_timeout),
         })
     }
 }

@@ -36,8 +36,8 @@ const WAKER: Token = Token(usize::MAX);
 const MAX_WRITE_BUFFER: usize = 256 * 1024;
 /// Largest buffered input: one frame (≤ 65,555 bytes) plus one read.
 const MAX_READ_BUFFER: usize = 192 * 1024;
-/// Connections one worker holds at once.
-const MAX_CONNECTIONS_PER_WORKER: usize = 8192;
+/// How often connections are checked against their timeouts.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a port reserved by EVEN-PORT's R bit stays claimable
 /// (RFC 8656 §7.2: "approximately 30 seconds").
 const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
@@ -260,6 +260,16 @@ pub fn start(settings: &Settings) -> Result<Handle> {
     core_cfg.external_ipv4 = settings.external_v4;
     core_cfg.external_ipv6 = settings.external_v6;
     core_cfg.nonce_lifetime = Duration::from_secs(settings.nonce_lifetime);
+    // One quota book for all workers: quotas are per server, not per core.
+    core_cfg.quotas = Arc::new(turn_core::limits::Quotas::new(
+        settings.user_quota,
+        settings.total_quota,
+    ));
+    core_cfg.rate_limit_per_ip = settings.rate_limit_per_ip;
+    core_cfg.auth_fail_limit = settings.auth_fail_limit;
+    core_cfg.auth_block = Duration::from_secs(settings.auth_block_secs);
+    core_cfg.max_bps = settings.max_bps;
+    core_cfg.user_max_bps = settings.user_max_bps;
 
     let flag = Arc::new(AtomicBool::new(false));
     let reservations = Arc::new(Mutex::new(Reservations::default()));
@@ -282,6 +292,14 @@ pub fn start(settings: &Settings) -> Result<Handle> {
             tls_setup.as_ref().map(|t| t.config.clone()),
             flag.clone(),
             reservations.clone(),
+            ConnLimits {
+                max_connections: settings.max_connections,
+                max_pending: (settings.max_connections / 4)
+                    .max(64)
+                    .min(settings.max_connections),
+                handshake_timeout: settings.handshake_timeout,
+                idle_timeout: settings.idle_timeout,
+            },
         )?;
         threads.push(
             std::thread::Builder::new()
@@ -312,6 +330,17 @@ impl Reservations {
     fn purge(&mut self, now: Instant) {
         self.held.retain(|_, (_, exp)| *exp > now);
     }
+}
+
+/// Limits on TCP/TLS connections, per worker.
+#[derive(Clone, Copy)]
+struct ConnLimits {
+    max_connections: usize,
+    /// Connections that have not yet delivered one whole message (TLS
+    /// handshakes included): what a slowloris or handshake flood piles up.
+    max_pending: usize,
+    handshake_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 #[derive(Clone, Copy)]
@@ -346,6 +375,12 @@ struct Conn {
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
     writable_registered: bool,
+    accepted: Instant,
+    last_rx: Instant,
+    /// Since when `rbuf` has held the start of an unfinished message.
+    partial_since: Option<Instant>,
+    /// Whether a whole message has arrived (until then it is "pending").
+    got_message: bool,
 }
 
 enum ReadStep {
@@ -594,6 +629,9 @@ struct Worker {
     tls: Option<Arc<rustls::ServerConfig>>,
     stop: Arc<AtomicBool>,
     buf: Vec<u8>,
+    limits: ConnLimits,
+    pending: usize,
+    next_sweep: Instant,
 }
 
 impl Worker {
@@ -605,6 +643,7 @@ impl Worker {
         tls: Option<Arc<rustls::ServerConfig>>,
         stop: Arc<AtomicBool>,
         reservations: Arc<Mutex<Reservations>>,
+        limits: ConnLimits,
     ) -> Result<Self> {
         let registry = poll.registry().try_clone()?;
         let mut io = Io {
@@ -640,6 +679,9 @@ impl Worker {
             tls,
             stop,
             buf: vec![0u8; 65536],
+            limits,
+            pending: 0,
+            next_sweep: Instant::now() + SWEEP_INTERVAL,
         })
     }
 
@@ -651,7 +693,8 @@ impl Worker {
                 .core
                 .poll_timeout()
                 .map(|t| t.saturating_duration_since(now).min(IDLE_TICK))
-                .unwrap_or(IDLE_TICK);
+                .unwrap_or(IDLE_TICK)
+                .min(self.next_sweep.saturating_duration_since(now));
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     warn!(error = %e, "poll failed");
@@ -671,6 +714,10 @@ impl Worker {
                 );
             }
             self.core.handle_timeout(now, &mut self.io);
+            if now >= self.next_sweep {
+                self.sweep_connections(now);
+                self.next_sweep = now + SWEEP_INTERVAL;
+            }
             self.update_interests(now);
             self.log_events();
             if self.stop.load(Ordering::SeqCst) {
@@ -750,7 +797,10 @@ impl Worker {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
             };
-            if self.io.conn_by_tuple.len() >= MAX_CONNECTIONS_PER_WORKER {
+            if self.io.conn_by_tuple.len() >= self.limits.max_connections
+                || self.pending >= self.limits.max_pending
+            {
+                // Dropping the stream closes it at once.
                 debug!(%client, "connection limit reached; closing");
                 continue;
             }
@@ -769,6 +819,7 @@ impl Worker {
                 client,
                 server: local,
             };
+            let now = Instant::now();
             let mut conn = Box::new(Conn {
                 stream,
                 tuple,
@@ -776,6 +827,10 @@ impl Worker {
                 rbuf: Vec::new(),
                 wbuf: Vec::new(),
                 writable_registered: false,
+                accepted: now,
+                last_rx: now,
+                partial_since: None,
+                got_message: false,
             });
             let entry = self.io.sources.vacant_entry();
             let ckey = entry.key();
@@ -789,6 +844,7 @@ impl Worker {
             }
             entry.insert(Source::Conn(conn));
             self.io.conn_by_tuple.insert(tuple, ckey);
+            self.pending += 1;
         }
     }
 
@@ -838,6 +894,18 @@ impl Worker {
                 return;
             };
             c.rbuf = rbuf;
+            if matches!(step, ReadStep::Progress) {
+                c.last_rx = now;
+            }
+            if off > 0 && !c.got_message {
+                c.got_message = true;
+                self.pending -= 1;
+            }
+            c.partial_since = if c.rbuf.is_empty() {
+                None
+            } else {
+                c.partial_since.or(Some(now))
+            };
             // TLS handshake records and anything rustls queued go out now.
             let flushed = c.flush();
             if broken || flushed.is_err() {
@@ -856,9 +924,37 @@ impl Worker {
         }
     }
 
+    /// Closes connections past their timeouts: no whole message within the
+    /// handshake timeout (stalled TLS handshakes, silent connects), a message
+    /// begun but not finished within it (slowloris), or silence past the idle
+    /// timeout without an allocation.
+    fn sweep_connections(&mut self, now: Instant) {
+        let l = self.limits;
+        let mut doomed = Vec::new();
+        for (key, src) in self.io.sources.iter() {
+            let Source::Conn(c) = src else { continue };
+            let stalled = !c.got_message && now.saturating_duration_since(c.accepted) > l.handshake_timeout;
+            let slow = c
+                .partial_since
+                .is_some_and(|t| now.saturating_duration_since(t) > l.handshake_timeout);
+            let idle = now.saturating_duration_since(c.last_rx) > l.idle_timeout
+                && !self.core.has_allocation(&c.tuple);
+            if stalled || slow || idle {
+                debug!(client = %c.tuple.client, stalled, slow, idle, "closing connection on timeout");
+                doomed.push(key);
+            }
+        }
+        for key in doomed {
+            self.close_conn(key, now);
+        }
+    }
+
     fn close_conn(&mut self, key: usize, now: Instant) {
         if let Some(Source::Conn(_)) = self.io.sources.get(key) {
             if let Source::Conn(mut c) = self.io.sources.remove(key) {
+                if !c.got_message {
+                    self.pending -= 1;
+                }
                 let _ = self.io.registry.deregister(&mut c.stream);
                 self.io.conn_by_tuple.remove(&c.tuple);
                 self.core.handle_connection_closed(now, c.tuple, &mut self.io);

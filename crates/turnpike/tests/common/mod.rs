@@ -31,11 +31,12 @@ pub fn start(extra: &[&str]) -> Handle {
         "alice:wonderland",
         "--realm",
         "test.example",
-        "--threads",
-        "2",
         "--log-level",
         "warn",
     ];
+    if !extra.contains(&"--threads") {
+        argv.extend_from_slice(&["--threads", "2"]);
+    }
     argv.extend_from_slice(extra);
     let args = Cli::parse_from(argv).args;
     let settings = Settings::from_args(args).expect("valid settings");
