@@ -283,22 +283,24 @@ pub fn start(settings: &Settings) -> Result<Handle> {
             poll,
             sockets,
             Server::new(core_cfg.clone()),
-            RelayConfig {
-                v4: settings.relay_v4,
-                v6: settings.relay_v6,
-                min_port: settings.min_port,
-                max_port: settings.max_port,
-            },
-            tls_setup.as_ref().map(|t| t.config.clone()),
-            flag.clone(),
-            reservations.clone(),
-            ConnLimits {
-                max_connections: settings.max_connections,
-                max_pending: (settings.max_connections / 4)
-                    .max(64)
-                    .min(settings.max_connections),
-                handshake_timeout: settings.handshake_timeout,
-                idle_timeout: settings.idle_timeout,
+            WorkerParams {
+                relay: RelayConfig {
+                    v4: settings.relay_v4,
+                    v6: settings.relay_v6,
+                    min_port: settings.min_port,
+                    max_port: settings.max_port,
+                },
+                tls: tls_setup.as_ref().map(|t| t.config.clone()),
+                stop: flag.clone(),
+                reservations: reservations.clone(),
+                limits: ConnLimits {
+                    max_connections: settings.max_connections,
+                    max_pending: (settings.max_connections / 4)
+                        .max(64)
+                        .min(settings.max_connections),
+                    handshake_timeout: settings.handshake_timeout,
+                    idle_timeout: settings.idle_timeout,
+                },
             },
         )?;
         threads.push(
@@ -330,6 +332,15 @@ impl Reservations {
     fn purge(&mut self, now: Instant) {
         self.held.retain(|_, (_, exp)| *exp > now);
     }
+}
+
+/// What a worker is given besides its sockets and core.
+struct WorkerParams {
+    relay: RelayConfig,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    stop: Arc<AtomicBool>,
+    reservations: Arc<Mutex<Reservations>>,
+    limits: ConnLimits,
 }
 
 /// Limits on TCP/TLS connections, per worker.
@@ -635,16 +646,14 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(
-        poll: Poll,
-        sockets: WorkerSockets,
-        core: Server,
-        relay: RelayConfig,
-        tls: Option<Arc<rustls::ServerConfig>>,
-        stop: Arc<AtomicBool>,
-        reservations: Arc<Mutex<Reservations>>,
-        limits: ConnLimits,
-    ) -> Result<Self> {
+    fn new(poll: Poll, sockets: WorkerSockets, core: Server, p: WorkerParams) -> Result<Self> {
+        let WorkerParams {
+            relay,
+            tls,
+            stop,
+            reservations,
+            limits,
+        } = p;
         let registry = poll.registry().try_clone()?;
         let mut io = Io {
             registry,
