@@ -262,6 +262,9 @@ pub struct Config {
     /// Bytes per second one user's allocations on one worker may relay in
     /// each direction; 0: no cap.
     pub user_max_bps: u64,
+    /// Slots in each fixed per-source table (rate limits, brute-force
+    /// guard), allocated once per worker.
+    pub source_slots: usize,
     /// The instant all workers count nonce time from.
     pub epoch: Instant,
     /// Unix time (seconds) at `epoch`, for REST-API username expiry.
@@ -299,6 +302,7 @@ impl Config {
             auth_block: Duration::from_secs(300),
             max_bps: 0,
             user_max_bps: 0,
+            source_slots: 1 << 16,
             epoch,
             unix_at_epoch,
         }
@@ -468,9 +472,6 @@ struct Authenticated {
     username: String,
 }
 
-/// Slots in the per-source tables: 64K entries, a few hundred KiB a worker.
-const SOURCE_SLOTS: usize = 1 << 16;
-
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
@@ -483,7 +484,12 @@ impl Server {
     /// A server with no allocations.
     pub fn new(cfg: Config) -> Self {
         let minter = NonceMinter::new(cfg.nonce_secret, cfg.nonce_lifetime.as_secs().max(1));
-        let (cfg_rate, cfg_fail, cfg_block) = (cfg.rate_limit_per_ip, cfg.auth_fail_limit, cfg.auth_block);
+        let (cfg_rate, cfg_fail, cfg_block, slots) = (
+            cfg.rate_limit_per_ip,
+            cfg.auth_fail_limit,
+            cfg.auth_block,
+            cfg.source_slots,
+        );
         Server {
             cfg,
             minter,
@@ -496,8 +502,8 @@ impl Server {
             out: Vec::with_capacity(2048),
             keys: Vec::with_capacity(4),
             data_seq: 0,
-            limiter: SourceLimiter::new(cfg_rate, SOURCE_SLOTS),
-            guard: AuthGuard::new(cfg_fail, Duration::from_secs(60), cfg_block, SOURCE_SLOTS),
+            limiter: SourceLimiter::new(cfg_rate, slots),
+            guard: AuthGuard::new(cfg_fail, Duration::from_secs(60), cfg_block, slots),
             user_bw: Vec::new(),
             user_bw_free: Vec::new(),
             user_bw_index: HashMap::new(),
@@ -1031,6 +1037,16 @@ impl Server {
             Some([]) => return Reply::Error(400),
             Some(v) => (true, v[0] & 0x80 != 0),
         };
+        // Every check that can fail comes before the quota is taken, so no
+        // error path below has to give it back (the fuzzer found one that
+        // did not).
+        let token = match msg.get(attr::RESERVATION_TOKEN) {
+            None => None,
+            Some(t) => match <[u8; 8]>::try_from(t) {
+                Ok(t) => Some(t),
+                Err(_) => return Reply::Error(400),
+            },
+        };
         let lifetime = self.lifetime(msg.get_u32(attr::LIFETIME));
         let username: Arc<str> = Arc::from(auth.username.as_str());
         match self.cfg.quotas.acquire(&username) {
@@ -1044,16 +1060,11 @@ impl Server {
                 return Reply::Error(508);
             }
         }
-        let opened = match msg.get(attr::RESERVATION_TOKEN) {
-            Some(t) => {
-                let Ok(token) = <[u8; 8]>::try_from(t) else {
-                    return Reply::Error(400);
-                };
-                // An unknown or expired token: RFC 8656 §7.2 says 508.
-                relays
-                    .open_reserved(token)
-                    .map(|addr| OpenedRelay { addr, token: None })
-            }
+        let opened = match token {
+            // An unknown or expired token: RFC 8656 §7.2 says 508.
+            Some(token) => relays
+                .open_reserved(token)
+                .map(|addr| OpenedRelay { addr, token: None }),
             None => relays.open(RelayRequest {
                 ipv6,
                 even_port,

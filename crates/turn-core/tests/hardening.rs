@@ -365,6 +365,24 @@ fn relay_port_exhaustion_is_508_without_leaking_quota() {
 }
 
 #[test]
+fn malformed_reservation_token_does_not_leak_quota() {
+    // Found by the `core` fuzz target: a 400 after the quota was taken.
+    let quotas = Arc::new(Quotas::new(1, 0));
+    let q = quotas.clone();
+    let mut h = Harness::with(|c| c.quotas = q);
+    let mut c = Client::new(udp(), "alice", "wonderland");
+    for _ in 0..3 {
+        let resp = c.request(&mut h, method::ALLOCATE, &|b| {
+            b.u32(attr::REQUESTED_TRANSPORT, TRANSPORT_UDP)
+                .attr(attr::RESERVATION_TOKEN, &[1, 2, 3]);
+        });
+        assert_eq!(code(&resp), Some(400));
+    }
+    assert_eq!(quotas.total(), 0);
+    c.allocate(&mut h);
+}
+
+#[test]
 fn permissions_and_channels_per_allocation_are_capped() {
     let mut h = Harness::with(|c| {
         c.max_permissions = 3;

@@ -1,0 +1,206 @@
+//! The server core fed sequences of operations (stateful): client datagrams
+//! on several 5-tuples, authenticated requests built from fuzzer-chosen
+//! attributes (so allocation, permission and channel code is reachable),
+//! peer datagrams, clock jumps and connection closes. After every step the
+//! invariants hold: no relay socket or quota slot leaks.
+#![no_main]
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libfuzzer_sys::fuzz_target;
+use stun_proto::{attr, Class, MessageBuilder, MessageType};
+use turn_core::limits::Quotas;
+use turn_core::{
+    Config, Credentials, FiveTuple, NonceMinter, OpenedRelay, RelayError, RelayProvider, RelayRequest,
+    Server, Transport,
+};
+
+const REALM: &str = "fuzz.example";
+
+#[derive(Default)]
+struct Relays {
+    next: u16,
+    open: HashSet<SocketAddr>,
+    reserved: HashMap<[u8; 8], SocketAddr>,
+    exhausted: bool,
+}
+
+impl RelayProvider for Relays {
+    fn open(&mut self, req: RelayRequest) -> Result<OpenedRelay, RelayError> {
+        if req.ipv6 {
+            return Err(RelayError::FamilyUnsupported);
+        }
+        if self.exhausted {
+            return Err(RelayError::Exhausted);
+        }
+        self.next = self.next.wrapping_add(2);
+        let addr = SocketAddr::from(([198, 51, 100, 1], 1024 + (self.next % 60000)));
+        if !self.open.insert(addr) {
+            return Err(RelayError::Exhausted);
+        }
+        let token = req.reserve_next.then(|| {
+            let t = [self.next as u8; 8];
+            self.reserved
+                .insert(t, SocketAddr::from(([198, 51, 100, 2], self.next)));
+            t
+        });
+        Ok(OpenedRelay { addr, token })
+    }
+    fn open_reserved(&mut self, token: [u8; 8]) -> Result<SocketAddr, RelayError> {
+        let a = self.reserved.remove(&token).ok_or(RelayError::Exhausted)?;
+        if !self.open.insert(a) {
+            return Err(RelayError::Exhausted);
+        }
+        Ok(a)
+    }
+    fn close(&mut self, relay: SocketAddr) {
+        assert!(
+            self.open.remove(&relay),
+            "closed a relay that was not open: {relay}"
+        );
+    }
+}
+
+fn tuples() -> [FiveTuple; 4] {
+    let server: SocketAddr = "192.0.2.1:3478".parse().unwrap();
+    [
+        FiveTuple {
+            transport: Transport::Udp,
+            client: "203.0.113.1:1000".parse().unwrap(),
+            server,
+        },
+        FiveTuple {
+            transport: Transport::Udp,
+            client: "203.0.113.2:1000".parse().unwrap(),
+            server,
+        },
+        FiveTuple {
+            transport: Transport::Tcp,
+            client: "203.0.113.1:2000".parse().unwrap(),
+            server,
+        },
+        FiveTuple {
+            transport: Transport::Tls,
+            client: "[2001:db8::1]:3000".parse().unwrap(),
+            server,
+        },
+    ]
+}
+
+fuzz_target!(|data: &[u8]| {
+    let start = Instant::now();
+    let mut creds = Credentials::new();
+    creds.add_user("alice", REALM, "pw");
+    creds.add_secret(b"s");
+    let quotas = Arc::new(Quotas::new(3, 6));
+    let secret = [3u8; 32];
+    let mut cfg = Config::new(REALM, Arc::new(creds), secret, start, 1_700_000_000);
+    cfg.quotas = quotas.clone();
+    cfg.legacy_channel_numbers = data.first().is_some_and(|b| b & 1 == 1);
+    cfg.max_bps = if data.first().is_some_and(|b| b & 2 == 2) {
+        5000
+    } else {
+        0
+    };
+    cfg.rate_limit_per_ip = 50;
+    cfg.auth_fail_limit = 4;
+    cfg.max_permissions = 8;
+    cfg.max_channels = 8;
+    cfg.source_slots = 64;
+    let mut server = Server::new(cfg);
+    let minter = NonceMinter::new(secret, 600);
+    let key = stun_proto::long_term_key_md5("alice", REALM, "pw");
+    let tuples = tuples();
+    let mut relays = Relays::default();
+    let mut now = start;
+    let mut rest = data.get(1..).unwrap_or_default();
+    let mut peers: Vec<SocketAddr> = vec!["8.8.8.8:53".parse().unwrap()];
+
+    while rest.len() >= 3 {
+        let op = rest[0];
+        let len = (rest[1] as usize) | (((rest[2] & 0x03) as usize) << 8);
+        rest = &rest[3..];
+        let len = len.min(rest.len());
+        let (payload, tail) = rest.split_at(len);
+        rest = tail;
+        let t = tuples[(op >> 4) as usize & 3];
+        match op & 0x0F {
+            // Raw bytes from a client.
+            0..=4 => {
+                let _ = server.handle_client(now, t, payload, &mut relays);
+            }
+            // An authenticated request: method from the payload, the rest as
+            // raw attributes (header + value), signed with a valid nonce.
+            5..=8 => {
+                let method = match payload.first().map(|b| b & 3) {
+                    Some(0) => 0x003,
+                    Some(1) => 0x004,
+                    Some(2) => 0x008,
+                    _ => 0x009,
+                };
+                let secs = now.saturating_duration_since(start).as_secs();
+                let nonce = minter.mint(secs, t.client.ip());
+                let mut buf = Vec::new();
+                let mut b =
+                    MessageBuilder::new(&mut buf, MessageType::new(method, Class::Request), &[op; 12]);
+                let mut attrs = payload.get(1..).unwrap_or_default();
+                while attrs.len() >= 4 {
+                    let typ = u16::from_be_bytes([attrs[0], attrs[1]]);
+                    let l = (attrs[2] as usize % 24).min(attrs.len() - 3);
+                    let v = &attrs[3..3 + l];
+                    if typ == attr::XOR_PEER_ADDRESS && l >= 2 {
+                        // Peers drawn from a small set, so permissions match.
+                        let p = peers[v[0] as usize % peers.len()];
+                        b.xor_addr(attr::XOR_PEER_ADDRESS, p);
+                    } else if !matches!(
+                        typ,
+                        attr::MESSAGE_INTEGRITY | attr::MESSAGE_INTEGRITY_SHA256 | attr::FINGERPRINT
+                    ) {
+                        b.attr(typ, v);
+                    }
+                    attrs = &attrs[3 + l..];
+                }
+                b.attr(attr::USERNAME, b"alice")
+                    .attr(attr::REALM, REALM.as_bytes())
+                    .attr(attr::NONCE, &nonce)
+                    .message_integrity(&key);
+                let _ = server.handle_client(now, t, &buf, &mut relays);
+            }
+            // A datagram from a peer to one of the open relays.
+            9 | 10 => {
+                let open: Vec<SocketAddr> = relays.open.iter().copied().collect();
+                if let (Some(&r), Some(&b)) = (open.get(payload.len() % open.len().max(1)), payload.first()) {
+                    let peer = peers[b as usize % peers.len()];
+                    let _ = server.handle_peer(now, r, peer, payload);
+                }
+            }
+            11 => now += Duration::from_secs(payload.first().copied().unwrap_or(1) as u64 * 4),
+            12 => server.handle_connection_closed(now, t, &mut relays),
+            13 => relays.exhausted = !relays.exhausted,
+            14 => {
+                if let [a, b, c, d, p1, p2, ..] = payload {
+                    peers.push(SocketAddr::from((
+                        [*a, *b, *c, *d],
+                        u16::from_be_bytes([*p1, *p2]),
+                    )));
+                }
+            }
+            _ => {
+                now += Duration::from_millis(payload.len() as u64 * 10);
+                server.handle_timeout(now, &mut relays);
+            }
+        }
+        while server.poll_event().is_some() {}
+        assert_eq!(relays.open.len(), server.allocation_count(), "relay sockets leak");
+        assert_eq!(quotas.total(), server.allocation_count(), "quota slots leak");
+    }
+    // Everything expires eventually and every relay is given back.
+    now += Duration::from_secs(3601);
+    server.handle_timeout(now, &mut relays);
+    assert_eq!(server.allocation_count(), 0);
+    assert!(relays.open.is_empty());
+    assert_eq!(quotas.total(), 0);
+});
