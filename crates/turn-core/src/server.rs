@@ -1338,7 +1338,11 @@ impl Server {
         let mut b = MessageBuilder::new(&mut self.out, MessageType::new(typ.method, class), &txid);
         match reply {
             Reply::Error(code) => {
-                b.error_code(code, reason_phrase(code));
+                // The challenges (401, 438) go to unauthenticated sources:
+                // no reason phrase, to keep the reflection small; the code
+                // says it all.
+                let reason = if nonce.is_some() { "" } else { reason_phrase(code) };
+                b.error_code(code, reason);
                 if let Some(n) = &nonce {
                     // RFC 8489 §9.2.4: the nonce's cookie advertises
                     // password algorithms, so the list comes with it.
