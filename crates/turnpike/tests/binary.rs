@@ -245,3 +245,50 @@ fn help_documents_every_required_flag() {
         assert!(help.contains(flag), "serve --help lacks {flag}");
     }
 }
+
+#[test]
+fn usernames_cannot_forge_log_lines() {
+    let mut child = bin()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-tls",
+            "--user",
+            "a:b",
+            "--threads",
+            "1",
+            "--auth-fail-limit",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(child.stderr.take().unwrap());
+    let child = Server(Some(child));
+    let mut seen = Vec::new();
+    let addr = listen_addr(&wait_for(&err, "turnpike started", &mut seen));
+    let evil = "mallory\n2026-01-01T00:00:00Z  INFO allocation created user=admin";
+    let mut c = TurnClient::new(
+        Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(3)).unwrap(),
+        &evil,
+        "x",
+    );
+    c.set_timeout(Duration::from_secs(1));
+    let _ = c.allocate();
+    let blocked = wait_for(&err, "repeated authentication failures", &mut seen);
+    assert!(
+        blocked.contains("mallory\\n2026"),
+        "newline escaped in: {blocked}"
+    );
+    sigterm_and_wait(child);
+    let rest: Vec<String> = err.try_iter().collect();
+    assert!(
+        !seen
+            .iter()
+            .chain(rest.iter())
+            .any(|l| l.starts_with("2026-01-01T00:00:00Z")),
+        "a forged line appeared"
+    );
+}

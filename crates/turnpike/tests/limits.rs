@@ -227,7 +227,14 @@ fn rss_stays_flat_under_a_many_source_flood() {
         .local_addr()
         .unwrap()
         .port();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_turnpike"))
         .args([
             "serve",
             "--listen",
@@ -242,6 +249,7 @@ fn rss_stays_flat_under_a_many_source_flood() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let child = KillOnDrop(child);
     let server = format!("127.0.0.1:{port}").parse().unwrap();
     let mut ready = false;
     for _ in 0..50 {
@@ -281,11 +289,10 @@ fn rss_stays_flat_under_a_many_source_flood() {
         }
     };
     flood(20_000); // warm-up: tables, buffers, allocator pools
-    let before = rss_kib(child.id());
+    let before = rss_kib(child.0.id());
     flood(100_000);
-    let after = rss_kib(child.id());
-    let _ = child.kill();
-    let _ = child.wait();
+    let after = rss_kib(child.0.id());
+    drop(child);
     eprintln!("RSS before {before} KiB, after a 100k-packet flood {after} KiB");
     assert!(after <= before + 512, "RSS grew from {before} KiB to {after} KiB");
 }
