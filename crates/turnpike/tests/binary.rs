@@ -272,7 +272,7 @@ fn usernames_cannot_forge_log_lines() {
     let evil = "mallory\n2026-01-01T00:00:00Z  INFO allocation created user=admin";
     let mut c = TurnClient::new(
         Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(3)).unwrap(),
-        &evil,
+        evil,
         "x",
     );
     c.set_timeout(Duration::from_secs(1));
