@@ -297,3 +297,27 @@ fn rss_stays_flat_under_a_many_source_flood() {
     eprintln!("RSS before {before} KiB, after a 100k-packet flood {after} KiB");
     assert!(after <= before + 512, "RSS grew from {before} KiB to {after} KiB");
 }
+
+#[test]
+fn relay_port_pool_exhaustion_is_508_and_ports_come_back() {
+    // A four-port range: four allocations fit, the fifth gets 508, and a
+    // deleted allocation's port is reusable at once.
+    let base = 61000 + (std::process::id() % 1000) as u16 * 4;
+    let (lo, hi) = (base.to_string(), (base + 3).to_string());
+    let h = start(&["--threads", "1", "--min-port", &lo, "--max-port", &hi]);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut c = client(&ClientTransport::Udp, h.listen[0], USER, PASSWORD);
+        let a = c.allocate().unwrap();
+        assert!((base..=base + 3).contains(&a.relayed.port()));
+        held.push(c);
+    }
+    let mut fifth = client(&ClientTransport::Udp, h.listen[0], USER, PASSWORD);
+    assert!(matches!(
+        fifth.allocate(),
+        Err(ClientError::Error { code: 508, .. })
+    ));
+    held[0].refresh(0).unwrap();
+    fifth.allocate().unwrap();
+    h.shutdown();
+}
