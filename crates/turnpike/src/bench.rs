@@ -1,0 +1,630 @@
+//! `turnpike bench`: a load generator for any STUN/TURN server.
+//!
+//! One thread, one mio loop. Relay modes run a closed loop per allocation:
+//! the generator is both the TURN client and the peer. It sends `window`
+//! packets (ChannelData or Send indications) into each allocation, its own
+//! peer socket echoes each one back through the relayed address, and each
+//! echo arriving at the client releases the next packet. Every round trip
+//! is two packets relayed by the server. Payloads carry their send time, so
+//! RTT is measured per packet. Given the server's pid, CPU (user and
+//! system) and RSS are read from /proc before and after the measured
+//! interval.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use mio::net::{TcpStream, UdpSocket};
+use mio::{Events, Interest, Poll, Token};
+use serde::Serialize;
+use stun_proto::{attr, method, ChannelData, Class, Message, MessageBuilder, MessageType};
+
+use crate::client::{Channel, ClientTransport, TurnClient};
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// ChannelData relay, closed loop through the server and back.
+    Channel,
+    /// Send/Data indication relay, closed loop.
+    Send,
+    /// Binding requests, closed loop.
+    Binding,
+    /// Authenticated Allocate + Refresh(0) cycles.
+    Allocate,
+    /// Hold N allocations and report the server's RSS per allocation.
+    Hold,
+}
+
+/// Transport to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BenchTransport {
+    /// UDP.
+    Udp,
+    /// TCP.
+    Tcp,
+}
+
+/// `turnpike bench` options.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Server to load, IP:PORT.
+    #[arg(long, value_name = "IP:PORT")]
+    pub server: SocketAddr,
+    /// What to measure.
+    #[arg(long, value_enum, default_value = "channel")]
+    pub mode: Mode,
+    /// Transport to the server.
+    #[arg(long, value_enum, default_value = "udp")]
+    pub transport: BenchTransport,
+    /// Allocations (or Binding/Allocate clients) in parallel.
+    #[arg(long, default_value_t = 16)]
+    pub allocations: usize,
+    /// Packets (or transactions) in flight per allocation.
+    #[arg(long, default_value_t = 8)]
+    pub window: usize,
+    /// Payload bytes per relayed packet (at least 16).
+    #[arg(long, default_value_t = 160)]
+    pub size: usize,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Seconds of load before measuring.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// TURN username.
+    #[arg(long, default_value = "bench")]
+    pub user: String,
+    /// TURN password.
+    #[arg(long, default_value = "bench")]
+    pub password: String,
+    /// Address the generator's peer sockets bind to (the server must allow
+    /// it as a peer: --allow-loopback-peers for 127.0.0.1).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub peer_ip: IpAddr,
+    /// The server's pid, for CPU per packet and RSS.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// Channel numbers start here (0x4000; coturn accepts the same).
+    #[arg(long, default_value_t = 0x4000)]
+    pub first_channel: u16,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One run's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Mode.
+    pub mode: Mode,
+    /// Transport.
+    pub transport: BenchTransport,
+    /// Allocations or clients.
+    pub allocations: usize,
+    /// Window.
+    pub window: usize,
+    /// Payload size.
+    pub size: usize,
+    /// Measured seconds.
+    pub seconds: f64,
+    /// Operations completed in the measured interval: packets the server
+    /// relayed (two per round trip), Binding responses, allocate+delete
+    /// cycles, or allocations held.
+    pub operations: u64,
+    /// Operations per second.
+    pub per_second: f64,
+    /// What an operation is.
+    pub unit: &'static str,
+    /// Packets or requests that never came back (lost or timed out).
+    pub lost: u64,
+    /// Round-trip percentiles in microseconds (relay, Binding and allocate modes).
+    pub rtt_us: Option<Percentiles>,
+    /// Server CPU per operation, user mode, microseconds.
+    pub server_user_us_per_op: Option<f64>,
+    /// Server CPU per operation, kernel mode, microseconds.
+    pub server_sys_us_per_op: Option<f64>,
+    /// Server RSS at the end, KiB.
+    pub server_rss_kib: Option<u64>,
+    /// Hold mode: server RSS growth per held allocation, bytes.
+    pub rss_per_allocation_bytes: Option<f64>,
+}
+
+/// RTT percentiles.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: u64,
+    /// 90th.
+    pub p90: u64,
+    /// 99th.
+    pub p99: u64,
+    /// 99.9th.
+    pub p999: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+fn percentiles(mut v: Vec<u32>) -> Option<Percentiles> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_unstable();
+    let at = |q: f64| v[((v.len() as f64 - 1.0) * q) as usize] as u64;
+    Some(Percentiles {
+        p50: at(0.50),
+        p90: at(0.90),
+        p99: at(0.99),
+        p999: at(0.999),
+        max: *v.last().unwrap_or(&0) as u64,
+    })
+}
+
+/// CPU ticks (user, system) and RSS of a process.
+#[derive(Debug, Clone, Copy)]
+struct ProcSample {
+    utime: u64,
+    stime: u64,
+    rss_kib: u64,
+}
+
+fn sample(pid: u32) -> Option<ProcSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields overall.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime = f.get(11)?.parse().ok()?;
+    let stime = f.get(12)?.parse().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(ProcSample { utime, stime, rss_kib })
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY-free: sysconf through libc is a plain call with no pointers.
+    #[allow(unsafe_code)]
+    // SAFETY: sysconf takes an integer and returns an integer.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// Runs a benchmark and prints its report.
+pub fn run(args: BenchArgs) -> Result<()> {
+    if args.size < 16 {
+        bail!("size: at least 16 bytes (the payload carries a timestamp and an index)");
+    }
+    if args.allocations == 0 || args.window == 0 {
+        bail!("allocations and window must be at least 1");
+    }
+    let report = match args.mode {
+        Mode::Channel | Mode::Send => relay(&args)?,
+        Mode::Binding => bindings(&args)?,
+        Mode::Allocate => allocate_cycles(&args)?,
+        Mode::Hold => hold(&args)?,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn print_table(r: &Report) {
+    println!("turnpike bench: {:?} over {:?}", r.mode, r.transport);
+    println!(
+        "  allocations {}  window {}  payload {} B  measured {:.1} s",
+        r.allocations, r.window, r.size, r.seconds
+    );
+    println!("  {:<28} {:>14.0}", format!("{}/s", r.unit), r.per_second);
+    println!("  {:<28} {:>14}", r.unit, r.operations);
+    println!("  {:<28} {:>14}", "lost", r.lost);
+    if let Some(p) = r.rtt_us {
+        println!(
+            "  {:<28} {:>14}",
+            "RTT µs p50/p90/p99/p99.9/max",
+            format!("{}/{}/{}/{}/{}", p.p50, p.p90, p.p99, p.p999, p.max)
+        );
+    }
+    if let (Some(u), Some(s)) = (r.server_user_us_per_op, r.server_sys_us_per_op) {
+        println!("  {:<28} {:>14.3}", "server CPU µs/op user", u);
+        println!("  {:<28} {:>14.3}", "server CPU µs/op system", s);
+        println!("  {:<28} {:>14.3}", "server CPU µs/op total", u + s);
+    }
+    if let Some(rss) = r.server_rss_kib {
+        println!("  {:<28} {:>14}", "server RSS KiB", rss);
+    }
+    if let Some(b) = r.rss_per_allocation_bytes {
+        println!("  {:<28} {:>14.0}", "server RSS per allocation B", b);
+    }
+}
+
+/// Measures a phase: CPU and RSS deltas of the server around it.
+struct Meter {
+    pid: Option<u32>,
+    start: Option<ProcSample>,
+    t0: Instant,
+}
+
+impl Meter {
+    fn start(pid: Option<u32>) -> Meter {
+        Meter {
+            pid,
+            start: pid.and_then(sample),
+            t0: Instant::now(),
+        }
+    }
+
+    fn finish(&self, r: &mut Report) {
+        r.seconds = self.t0.elapsed().as_secs_f64();
+        r.per_second = r.operations as f64 / r.seconds.max(1e-9);
+        if let (Some(pid), Some(a)) = (self.pid, self.start) {
+            if let Some(b) = sample(pid) {
+                let tick_us = 1e6 / clock_ticks_per_second();
+                let ops = r.operations.max(1) as f64;
+                r.server_user_us_per_op = Some((b.utime - a.utime) as f64 * tick_us / ops);
+                r.server_sys_us_per_op = Some((b.stime - a.stime) as f64 * tick_us / ops);
+                r.server_rss_kib = Some(b.rss_kib);
+            }
+        }
+    }
+}
+
+fn empty_report(args: &BenchArgs, unit: &'static str) -> Report {
+    Report {
+        mode: args.mode,
+        transport: args.transport,
+        allocations: args.allocations,
+        window: args.window,
+        size: args.size,
+        seconds: 0.0,
+        operations: 0,
+        per_second: 0.0,
+        unit,
+        lost: 0,
+        rtt_us: None,
+        server_user_us_per_op: None,
+        server_sys_us_per_op: None,
+        server_rss_kib: None,
+        rss_per_allocation_bytes: None,
+    }
+}
+
+fn client_transport(t: BenchTransport) -> ClientTransport {
+    match t {
+        BenchTransport::Udp => ClientTransport::Udp,
+        BenchTransport::Tcp => ClientTransport::Tcp,
+    }
+}
+
+/// A client-side socket in the load loop.
+enum Conn {
+    Udp(UdpSocket),
+    Tcp { s: TcpStream, rbuf: Vec<u8>, wbuf: Vec<u8> },
+}
+
+impl Conn {
+    fn from_channel(ch: Channel) -> Result<Conn> {
+        Ok(match ch.into_std()? {
+            crate::client::StdSocket::Udp(u) => {
+                u.set_nonblocking(true)?;
+                Conn::Udp(UdpSocket::from_std(u))
+            }
+            crate::client::StdSocket::Tcp(t, leftover) => {
+                t.set_nonblocking(true)?;
+                Conn::Tcp {
+                    s: TcpStream::from_std(t),
+                    rbuf: leftover,
+                    wbuf: Vec::new(),
+                }
+            }
+        })
+    }
+
+    fn source(&mut self) -> &mut dyn mio::event::Source {
+        match self {
+            Conn::Udp(u) => u,
+            Conn::Tcp { s, .. } => s,
+        }
+    }
+
+    /// Sends one message; on TCP, whatever the socket does not take waits.
+    fn send(&mut self, msg: &[u8]) -> io::Result<()> {
+        match self {
+            Conn::Udp(u) => match u.send(msg) {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()), // counted as loss
+                Err(e) => Err(e),
+            },
+            Conn::Tcp { s, wbuf, .. } => {
+                wbuf.extend_from_slice(msg);
+                flush(s, wbuf)
+            }
+        }
+    }
+
+    /// Receives every whole message available, calling `f` on each.
+    fn recv_all(&mut self, buf: &mut [u8], mut f: impl FnMut(&[u8])) -> io::Result<()> {
+        match self {
+            Conn::Udp(u) => loop {
+                match u.recv(buf) {
+                    Ok(n) => f(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                    Err(e) => return Err(e),
+                }
+            },
+            Conn::Tcp { s, rbuf, wbuf } => {
+                flush(s, wbuf)?;
+                loop {
+                    match s.read(buf) {
+                        Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                        Ok(n) => rbuf.extend_from_slice(&buf[..n]),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+                let mut off = 0;
+                while let Some(Ok(n)) = turn_core::stream_frame_len(&rbuf[off..]) {
+                    if rbuf.len() - off < n {
+                        break;
+                    }
+                    f(&rbuf[off..off + n]);
+                    off += n;
+                }
+                rbuf.drain(..off);
+                Ok(())
+            }
+        }
+    }
+}
+
+fn flush(s: &mut TcpStream, wbuf: &mut Vec<u8>) -> io::Result<()> {
+    let mut done = 0;
+    while done < wbuf.len() {
+        match s.write(&wbuf[done..]) {
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    wbuf.drain(..done);
+    Ok(())
+}
+
+struct Lane {
+    client: Conn,
+    peer: UdpSocket,
+    peer_addr: SocketAddr,
+    relayed: SocketAddr,
+    channel: u16,
+    inflight: usize,
+    last_rx: Instant,
+}
+
+const LOSS_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Closed-loop relay through ChannelData or Send/Data indications.
+fn relay(args: &BenchArgs) -> Result<()> {
+    let poll = Poll::new()?;
+    let mut lanes = Vec::with_capacity(args.allocations);
+    for i in 0..args.allocations {
+        let ch = Channel::connect(&client_transport(args.transport), args.server, Duration::from_secs(3))
+            .with_context(|| format!("connecting to {}", args.server))?;
+        let mut c = TurnClient::new(ch, &args.user, &args.password);
+        let a = c.allocate().map_err(|e| anyhow::anyhow!("allocation {i}: {e}"))?;
+        let peer = std::net::UdpSocket::bind((args.peer_ip, 0))?;
+        let peer_addr = peer.local_addr()?;
+        let channel = args.first_channel + (i % 0x0FFF) as u16;
+        if args.mode == Mode::Channel {
+            c.channel_bind(channel, peer_addr)
+                .map_err(|e| anyhow::anyhow!("channel bind {i}: {e} (is the peer address allowed?)"))?;
+        } else {
+            c.create_permission(&[peer_addr])
+                .map_err(|e| anyhow::anyhow!("permission {i}: {e} (is the peer address allowed?)"))?;
+        }
+        peer.connect(a.relayed)?;
+        peer.set_nonblocking(true)?;
+        lanes.push(Lane {
+            client: Conn::from_channel(c.into_channel())?,
+            peer: UdpSocket::from_std(peer),
+            peer_addr,
+            relayed: a.relayed,
+            channel,
+            inflight: 0,
+            last_rx: Instant::now(),
+        });
+    }
+    for (i, l) in lanes.iter_mut().enumerate() {
+        poll.registry().register(l.client.source(), Token(2 * i), Interest::READABLE)?;
+        poll.registry().register(&mut l.peer, Token(2 * i + 1), Interest::READABLE)?;
+    }
+    let mut state = LoadState::new(args);
+    let run = |lanes: &mut Vec<Lane>, state: &mut LoadState, poll: &mut Poll, until: Instant, record: bool| -> Result<()> {
+        state.recording = record;
+        let mut events = Events::with_capacity(1024);
+        for i in 0..lanes.len() {
+            state.fill(lanes, i)?;
+        }
+        while Instant::now() < until {
+            poll.poll(&mut events, Some(Duration::from_millis(50)))?;
+            for ev in events.iter() {
+                let i = ev.token().0 / 2;
+                if ev.token().0 % 2 == 1 {
+                    state.peer_echo(&mut lanes[i])?;
+                } else {
+                    state.client_rx(lanes, i)?;
+                }
+            }
+            let now = Instant::now();
+            for i in 0..lanes.len() {
+                let l = &mut lanes[i];
+                if l.inflight > 0 && now.duration_since(l.last_rx) > LOSS_TIMEOUT {
+                    if state.recording {
+                        state.lost += l.inflight as u64;
+                    }
+                    l.inflight = 0;
+                    l.last_rx = now;
+                    state.fill(lanes, i)?;
+                }
+            }
+        }
+        Ok(())
+    };
+    let mut poll = poll;
+    run(&mut lanes, &mut state, &mut poll, Instant::now() + Duration::from_secs_f64(args.warmup), false)?;
+    let meter = Meter::start(args.pid);
+    state.relayed = 0;
+    state.rtts.clear();
+    run(&mut lanes, &mut state, &mut poll, Instant::now() + Duration::from_secs_f64(args.duration), true)?;
+    let unit = "packets relayed";
+    let mut r = empty_report(args, unit);
+    r.operations = state.relayed;
+    meter.finish(&mut r);
+    r.lost = state.lost;
+    r.rtt_us = percentiles(std::mem::take(&mut state.rtts));
+    // Give the allocations back.
+    drop(lanes);
+    print_or_return(args, r)
+}
+
+fn print_or_return(args: &BenchArgs, r: Report) -> Result<()> {
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print_table(&r);
+    }
+    Ok(())
+}
+
+struct LoadState {
+    mode: Mode,
+    window: usize,
+    size: usize,
+    stream: bool,
+    t0: Instant,
+    buf: Vec<u8>,
+    msg: Vec<u8>,
+    relayed: u64,
+    lost: u64,
+    rtts: Vec<u32>,
+    recording: bool,
+}
+
+impl LoadState {
+    fn new(args: &BenchArgs) -> Self {
+        LoadState {
+            mode: args.mode,
+            window: args.window,
+            size: args.size,
+            stream: args.transport == BenchTransport::Tcp,
+            t0: Instant::now(),
+            buf: vec![0u8; 65536],
+            msg: Vec::with_capacity(2048),
+            relayed: 0,
+            lost: 0,
+            rtts: Vec::with_capacity(1 << 20),
+            recording: false,
+        }
+    }
+
+    /// Sends packets into lane `i` until its window is full.
+    fn fill(&mut self, lanes: &mut [Lane], i: usize) -> Result<()> {
+        let l = &mut lanes[i];
+        while l.inflight < self.window {
+            let stamp = self.t0.elapsed().as_nanos() as u64;
+            let mut payload = [0u8; 16];
+            payload[..8].copy_from_slice(&stamp.to_be_bytes());
+            payload[8..12].copy_from_slice(&(i as u32).to_be_bytes());
+            self.msg.clear();
+            match self.mode {
+                Mode::Channel => {
+                    self.msg.extend_from_slice(&ChannelData::header(l.channel, self.size as u16));
+                    self.msg.extend_from_slice(&payload);
+                    self.msg.resize(4 + self.size, 0xAB);
+                    if self.stream {
+                        self.msg.resize((4 + self.size + 3) & !3, 0);
+                    }
+                }
+                _ => {
+                    let mut data = payload.to_vec();
+                    data.resize(self.size, 0xAB);
+                    MessageBuilder::new(&mut self.msg, MessageType::new(method::SEND, Class::Indication), &[7; 12])
+                        .xor_addr(attr::XOR_PEER_ADDRESS, l.peer_addr)
+                        .attr(attr::DATA, &data);
+                }
+            }
+            l.client.send(&self.msg)?;
+            l.inflight += 1;
+        }
+        Ok(())
+    }
+
+    /// The peer side: echo every datagram back through the relayed address.
+    fn peer_echo(&mut self, l: &mut Lane) -> Result<()> {
+        loop {
+            match l.peer.recv(&mut self.buf) {
+                Ok(n) => {
+                    if self.recording {
+                        self.relayed += 1;
+                    }
+                    let _ = l.peer.send(&self.buf[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The client side: each echo that arrives completes a round trip.
+    fn client_rx(&mut self, lanes: &mut [Lane], i: usize) -> Result<()> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let mut done = 0usize;
+        let mut rtts = std::mem::take(&mut self.rtts);
+        let now_ns = self.t0.elapsed().as_nanos() as u64;
+        let recording = self.recording;
+        let res = lanes[i].client.recv_all(&mut buf, |m| {
+            let payload = match stun_proto::packet_kind(m) {
+                stun_proto::PacketKind::ChannelData => ChannelData::parse(m).map(|c| c.data),
+                stun_proto::PacketKind::Stun => Message::parse(m).ok().and_then(|msg| msg.get(attr::DATA)),
+                _ => None,
+            };
+            if let Some(p) = payload.filter(|p| p.len() >= 16) {
+                let sent = u64::from_be_bytes(p[..8].try_into().unwrap_or_default());
+                if recording {
+                    rtts.push((now_ns.saturating_sub(sent) / 1000).min(u32::MAX as u64) as u32);
+                }
+                done += 1;
+            }
+        });
+        self.buf = buf;
+        self.rtts = rtts;
+        res?;
+        let l = &mut lanes[i];
+        if done > 0 {
+            if self.recording {
+                self.relayed += done as u64;
+            }
+            l.inflight = l.inflight.saturating_sub(done);
+            l.last_rx = Instant::now();
+        }
+        self.fill(lanes, i)
+    }
+}
