@@ -10,7 +10,6 @@
 //! system) and RSS are read from /proc before and after the measured
 //! interval.
 
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -189,11 +188,14 @@ fn sample(pid: u32) -> Option<ProcSample> {
         .next()?
         .parse()
         .ok()?;
-    Some(ProcSample { utime, stime, rss_kib })
+    Some(ProcSample {
+        utime,
+        stime,
+        rss_kib,
+    })
 }
 
 fn clock_ticks_per_second() -> f64 {
-    // SAFETY-free: sysconf through libc is a plain call with no pointers.
     #[allow(unsafe_code)]
     // SAFETY: sysconf takes an integer and returns an integer.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -316,7 +318,11 @@ fn client_transport(t: BenchTransport) -> ClientTransport {
 /// A client-side socket in the load loop.
 enum Conn {
     Udp(UdpSocket),
-    Tcp { s: TcpStream, rbuf: Vec<u8>, wbuf: Vec<u8> },
+    Tcp {
+        s: TcpStream,
+        rbuf: Vec<u8>,
+        wbuf: Vec<u8>,
+    },
 }
 
 impl Conn {
@@ -412,7 +418,6 @@ struct Lane {
     client: Conn,
     peer: UdpSocket,
     peer_addr: SocketAddr,
-    relayed: SocketAddr,
     channel: u16,
     inflight: usize,
     last_rx: Instant,
@@ -421,12 +426,16 @@ struct Lane {
 const LOSS_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Closed-loop relay through ChannelData or Send/Data indications.
-fn relay(args: &BenchArgs) -> Result<()> {
+fn relay(args: &BenchArgs) -> Result<Report> {
     let poll = Poll::new()?;
     let mut lanes = Vec::with_capacity(args.allocations);
     for i in 0..args.allocations {
-        let ch = Channel::connect(&client_transport(args.transport), args.server, Duration::from_secs(3))
-            .with_context(|| format!("connecting to {}", args.server))?;
+        let ch = Channel::connect(
+            &client_transport(args.transport),
+            args.server,
+            Duration::from_secs(3),
+        )
+        .with_context(|| format!("connecting to {}", args.server))?;
         let mut c = TurnClient::new(ch, &args.user, &args.password);
         let a = c.allocate().map_err(|e| anyhow::anyhow!("allocation {i}: {e}"))?;
         let peer = std::net::UdpSocket::bind((args.peer_ip, 0))?;
@@ -445,18 +454,24 @@ fn relay(args: &BenchArgs) -> Result<()> {
             client: Conn::from_channel(c.into_channel())?,
             peer: UdpSocket::from_std(peer),
             peer_addr,
-            relayed: a.relayed,
             channel,
             inflight: 0,
             last_rx: Instant::now(),
         });
     }
     for (i, l) in lanes.iter_mut().enumerate() {
-        poll.registry().register(l.client.source(), Token(2 * i), Interest::READABLE)?;
-        poll.registry().register(&mut l.peer, Token(2 * i + 1), Interest::READABLE)?;
+        poll.registry()
+            .register(l.client.source(), Token(2 * i), Interest::READABLE)?;
+        poll.registry()
+            .register(&mut l.peer, Token(2 * i + 1), Interest::READABLE)?;
     }
     let mut state = LoadState::new(args);
-    let run = |lanes: &mut Vec<Lane>, state: &mut LoadState, poll: &mut Poll, until: Instant, record: bool| -> Result<()> {
+    let run = |lanes: &mut Vec<Lane>,
+               state: &mut LoadState,
+               poll: &mut Poll,
+               until: Instant,
+               record: bool|
+     -> Result<()> {
         state.recording = record;
         let mut events = Events::with_capacity(1024);
         for i in 0..lanes.len() {
@@ -488,29 +503,33 @@ fn relay(args: &BenchArgs) -> Result<()> {
         Ok(())
     };
     let mut poll = poll;
-    run(&mut lanes, &mut state, &mut poll, Instant::now() + Duration::from_secs_f64(args.warmup), false)?;
+    run(
+        &mut lanes,
+        &mut state,
+        &mut poll,
+        Instant::now() + Duration::from_secs_f64(args.warmup),
+        false,
+    )?;
     let meter = Meter::start(args.pid);
     state.relayed = 0;
     state.rtts.clear();
-    run(&mut lanes, &mut state, &mut poll, Instant::now() + Duration::from_secs_f64(args.duration), true)?;
+    run(
+        &mut lanes,
+        &mut state,
+        &mut poll,
+        Instant::now() + Duration::from_secs_f64(args.duration),
+        true,
+    )?;
     let unit = "packets relayed";
     let mut r = empty_report(args, unit);
     r.operations = state.relayed;
     meter.finish(&mut r);
     r.lost = state.lost;
     r.rtt_us = percentiles(std::mem::take(&mut state.rtts));
-    // Give the allocations back.
+    // Closing the sockets lets the allocations expire (UDP) or deletes
+    // them (TCP).
     drop(lanes);
-    print_or_return(args, r)
-}
-
-fn print_or_return(args: &BenchArgs, r: Report) -> Result<()> {
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-    } else {
-        print_table(&r);
-    }
-    Ok(())
+    Ok(r)
 }
 
 struct LoadState {
@@ -555,7 +574,8 @@ impl LoadState {
             self.msg.clear();
             match self.mode {
                 Mode::Channel => {
-                    self.msg.extend_from_slice(&ChannelData::header(l.channel, self.size as u16));
+                    self.msg
+                        .extend_from_slice(&ChannelData::header(l.channel, self.size as u16));
                     self.msg.extend_from_slice(&payload);
                     self.msg.resize(4 + self.size, 0xAB);
                     if self.stream {
@@ -565,9 +585,13 @@ impl LoadState {
                 _ => {
                     let mut data = payload.to_vec();
                     data.resize(self.size, 0xAB);
-                    MessageBuilder::new(&mut self.msg, MessageType::new(method::SEND, Class::Indication), &[7; 12])
-                        .xor_addr(attr::XOR_PEER_ADDRESS, l.peer_addr)
-                        .attr(attr::DATA, &data);
+                    MessageBuilder::new(
+                        &mut self.msg,
+                        MessageType::new(method::SEND, Class::Indication),
+                        &[7; 12],
+                    )
+                    .xor_addr(attr::XOR_PEER_ADDRESS, l.peer_addr)
+                    .attr(attr::DATA, &data);
                 }
             }
             l.client.send(&self.msg)?;
@@ -627,4 +651,233 @@ impl LoadState {
         }
         self.fill(lanes, i)
     }
+}
+
+/// Closed-loop Binding requests from `allocations` sockets.
+fn bindings(args: &BenchArgs) -> Result<Report> {
+    let mut poll = Poll::new()?;
+    let mut conns = Vec::new();
+    for i in 0..args.allocations {
+        let ch = Channel::connect(
+            &client_transport(args.transport),
+            args.server,
+            Duration::from_secs(3),
+        )?;
+        let mut c = Conn::from_channel(ch)?;
+        poll.registry()
+            .register(c.source(), Token(i), Interest::READABLE)?;
+        conns.push((c, 0usize, Instant::now()));
+    }
+    let t0 = Instant::now();
+    let mut msg = Vec::with_capacity(64);
+    let mut buf = vec![0u8; 65536];
+    let send_one = |c: &mut Conn, msg: &mut Vec<u8>| -> io::Result<()> {
+        let mut txid = [0u8; 12];
+        txid[..8].copy_from_slice(&(t0.elapsed().as_nanos() as u64).to_be_bytes());
+        MessageBuilder::new(msg, MessageType::new(method::BINDING, Class::Request), &txid);
+        c.send(msg)
+    };
+    let mut done = 0u64;
+    let mut lost = 0u64;
+    let mut rtts = Vec::with_capacity(1 << 20);
+    let mut events = Events::with_capacity(1024);
+    let mut phase = |poll: &mut Poll,
+                     conns: &mut Vec<(Conn, usize, Instant)>,
+                     until: Instant,
+                     record: bool,
+                     done: &mut u64,
+                     lost: &mut u64,
+                     rtts: &mut Vec<u32>|
+     -> Result<()> {
+        for (c, inflight, _) in conns.iter_mut() {
+            while *inflight < args.window {
+                send_one(c, &mut msg)?;
+                *inflight += 1;
+            }
+        }
+        while Instant::now() < until {
+            poll.poll(&mut events, Some(Duration::from_millis(50)))?;
+            for ev in events.iter() {
+                let (c, inflight, last) = &mut conns[ev.token().0];
+                let now_ns = t0.elapsed().as_nanos() as u64;
+                let mut got = 0;
+                c.recv_all(&mut buf, |m| {
+                    if let Ok(resp) = Message::parse(m) {
+                        let sent =
+                            u64::from_be_bytes(resp.transaction_id()[..8].try_into().unwrap_or_default());
+                        if record {
+                            rtts.push((now_ns.saturating_sub(sent) / 1000).min(u32::MAX as u64) as u32);
+                        }
+                        got += 1;
+                    }
+                })?;
+                if got > 0 {
+                    *last = Instant::now();
+                    *inflight = inflight.saturating_sub(got);
+                    if record {
+                        *done += got as u64;
+                    }
+                }
+                while *inflight < args.window {
+                    send_one(c, &mut msg)?;
+                    *inflight += 1;
+                }
+            }
+            let now = Instant::now();
+            for (c, inflight, last) in conns.iter_mut() {
+                if *inflight > 0 && now.duration_since(*last) > LOSS_TIMEOUT {
+                    if record {
+                        *lost += *inflight as u64;
+                    }
+                    *inflight = 0;
+                    *last = now;
+                    while *inflight < args.window {
+                        send_one(c, &mut msg)?;
+                        *inflight += 1;
+                    }
+                }
+            }
+        }
+        Ok(())
+    };
+    phase(
+        &mut poll,
+        &mut conns,
+        Instant::now() + Duration::from_secs_f64(args.warmup),
+        false,
+        &mut done,
+        &mut lost,
+        &mut rtts,
+    )?;
+    let meter = Meter::start(args.pid);
+    phase(
+        &mut poll,
+        &mut conns,
+        Instant::now() + Duration::from_secs_f64(args.duration),
+        true,
+        &mut done,
+        &mut lost,
+        &mut rtts,
+    )?;
+    let mut r = empty_report(args, "Binding responses");
+    r.operations = done;
+    meter.finish(&mut r);
+    r.lost = lost;
+    r.rtt_us = percentiles(rtts);
+    Ok(r)
+}
+
+/// Authenticated Allocate + Refresh(LIFETIME 0) cycles from `allocations`
+/// clients in parallel threads of one transaction at a time each. Each
+/// client learns its nonce once; every cycle is then two authenticated
+/// transactions.
+fn allocate_cycles(args: &BenchArgs) -> Result<Report> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let record = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let counts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut threads = Vec::new();
+    for _ in 0..args.allocations {
+        let (stop, record, counts) = (stop.clone(), record.clone(), counts.clone());
+        let a = args.clone();
+        threads.push(std::thread::spawn(move || -> Result<(Vec<u32>, u64)> {
+            let ch = Channel::connect(&client_transport(a.transport), a.server, Duration::from_secs(3))?;
+            let mut c = TurnClient::new(ch, &a.user, &a.password);
+            c.set_timeout(Duration::from_secs(2));
+            let mut rtts = Vec::new();
+            let mut failed = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let ok = c.allocate().is_ok() && c.refresh(0).is_ok();
+                if !ok {
+                    failed += 1;
+                    continue;
+                }
+                if record.load(std::sync::atomic::Ordering::Relaxed) {
+                    rtts.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    counts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            Ok((rtts, failed))
+        }));
+    }
+    std::thread::sleep(Duration::from_secs_f64(args.warmup));
+    let meter = Meter::start(args.pid);
+    record.store(true, std::sync::atomic::Ordering::SeqCst);
+    std::thread::sleep(Duration::from_secs_f64(args.duration));
+    record.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut r = empty_report(args, "allocate+delete cycles");
+    r.operations = counts.load(std::sync::atomic::Ordering::SeqCst);
+    meter.finish(&mut r);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut all = Vec::new();
+    for t in threads {
+        let (rtts, failed) = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
+        all.extend(rtts);
+        r.lost += failed;
+    }
+    r.rtt_us = percentiles(all);
+    Ok(r)
+}
+
+/// Allocates and holds `allocations` allocations, then reports the server's
+/// RSS growth per allocation.
+fn hold(args: &BenchArgs) -> Result<Report> {
+    let pid = args
+        .pid
+        .context("hold mode needs --pid of the server to read its RSS")?;
+    let before = sample(pid).context("cannot read the server's /proc entry")?;
+    let t0 = Instant::now();
+    let mut held = Vec::with_capacity(args.allocations);
+    let mut failed = 0u64;
+    // Allocations are made from a pool of threads, each holding its share.
+    let per = args.allocations.div_ceil(64);
+    let threads: Vec<_> = (0..args.allocations.div_ceil(per))
+        .map(|k| {
+            let a = args.clone();
+            let n = per.min(a.allocations - k * per);
+            std::thread::spawn(move || {
+                let mut clients = Vec::with_capacity(n);
+                let mut failed = 0u64;
+                for _ in 0..n {
+                    let Ok(ch) =
+                        Channel::connect(&client_transport(a.transport), a.server, Duration::from_secs(3))
+                    else {
+                        failed += 1;
+                        continue;
+                    };
+                    let mut c = TurnClient::new(ch, &a.user, &a.password);
+                    match c.allocate() {
+                        Ok(_) => clients.push(c),
+                        Err(_) => failed += 1,
+                    }
+                }
+                (clients, failed)
+            })
+        })
+        .collect();
+    for t in threads {
+        let (c, f) = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("a client thread panicked"))?;
+        held.extend(c);
+        failed += f;
+    }
+    let setup = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = sample(pid).context("cannot read the server's /proc entry")?;
+    let mut r = empty_report(args, "allocations held");
+    r.operations = held.len() as u64;
+    r.seconds = setup.as_secs_f64();
+    r.per_second = held.len() as f64 / r.seconds.max(1e-9);
+    r.lost = failed;
+    r.server_rss_kib = Some(after.rss_kib);
+    r.rss_per_allocation_bytes =
+        Some((after.rss_kib as f64 - before.rss_kib as f64) * 1024.0 / held.len().max(1) as f64);
+    // Delete them, so the server is left as it was.
+    for c in held.iter_mut() {
+        let _ = c.refresh(0);
+    }
+    Ok(r)
 }

@@ -178,6 +178,29 @@ impl Channel {
     }
 }
 
+/// The plain socket under a [`Channel`], for callers that drive it
+/// themselves (the load generator).
+pub enum StdSocket {
+    /// A connected UDP socket.
+    Udp(UdpSocket),
+    /// A TCP stream and any bytes already read but not yet consumed.
+    Tcp(TcpStream, Vec<u8>),
+}
+
+impl Channel {
+    /// Gives up the socket (TLS channels cannot: the session lives here).
+    pub fn into_std(self) -> io::Result<StdSocket> {
+        match self.kind {
+            Kind::Udp(u) => Ok(StdSocket::Udp(u)),
+            Kind::Tcp(t) => Ok(StdSocket::Tcp(t, self.rbuf)),
+            Kind::Tls(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "TLS channels cannot be unwrapped",
+            )),
+        }
+    }
+}
+
 /// Why a client operation failed.
 #[derive(Debug)]
 pub enum ClientError {
@@ -282,6 +305,11 @@ impl TurnClient {
     /// The underlying channel.
     pub fn channel(&mut self) -> &mut Channel {
         &mut self.ch
+    }
+
+    /// Gives up the channel (the allocation stays until it expires).
+    pub fn into_channel(self) -> Channel {
+        self.ch
     }
 
     /// Runs one request/response transaction, authenticating on 401/438 as

@@ -21,12 +21,16 @@ enum Command {
     /// Run the STUN/TURN server. With no options: STUN/TURN on UDP+TCP 3478,
     /// TLS on 5349 with a generated certificate, and a demo credential.
     Serve(Box<ServeArgs>),
+    /// Load generator for any STUN/TURN server: relay packets/s, Binding/s,
+    /// allocations/s, RSS per allocation, RTT percentiles, server CPU.
+    Bench(Box<turnpike::bench::BenchArgs>),
 }
 
 fn main() {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Serve(args) => serve(*args),
+        Command::Bench(args) => turnpike::bench::run(*args),
     };
     if let Err(e) = res {
         eprintln!("turnpike: {e:#}");

@@ -1,0 +1,62 @@
+//! A short smoke run of `turnpike bench` in every mode against a local
+//! server: the generator works and reports sensible JSON. Numbers are not
+//! asserted (machines are noisy); BENCHMARKS.md has the real runs.
+
+mod common;
+
+use std::process::Command;
+
+fn bench(server: std::net::SocketAddr, extra: &[&str]) -> serde_json::Value {
+    let pid = std::process::id().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args([
+            "bench",
+            "--server",
+            &server.to_string(),
+            "--user",
+            "alice",
+            "--password",
+            "wonderland",
+        ])
+        .args(["--duration", "0.5", "--warmup", "0.2", "--window", "4", "--json"])
+        .args(["--pid", &pid])
+        .args(extra)
+        .args(if extra.contains(&"--allocations") {
+            &[][..]
+        } else {
+            &["--allocations", "4"][..]
+        })
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench {extra:?} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("bench {extra:?}: not JSON ({e}): {stdout}"))
+}
+
+#[test]
+fn every_mode_runs_and_reports() {
+    let h = common::start(&["--allow-loopback-peers", "--rate-limit-per-ip", "0"]);
+    let server = h.listen[0];
+    for extra in [
+        &["--mode", "channel"][..],
+        &["--mode", "send"],
+        &["--mode", "binding"],
+        &["--mode", "channel", "--transport", "tcp"],
+        &["--mode", "send", "--transport", "tcp"],
+        &["--mode", "allocate"],
+    ] {
+        let r = bench(server, extra);
+        assert!(r["operations"].as_u64().unwrap() > 0, "{extra:?}: {r}");
+        assert!(r["per_second"].as_f64().unwrap() > 0.0, "{extra:?}: {r}");
+        assert!(r["rtt_us"]["p50"].as_u64().is_some(), "{extra:?}: {r}");
+        assert!(r["server_user_us_per_op"].as_f64().is_some(), "{extra:?}: {r}");
+    }
+    let r = bench(server, &["--mode", "hold", "--allocations", "50"]);
+    assert_eq!(r["operations"].as_u64(), Some(50), "{r}");
+    assert!(r["rss_per_allocation_bytes"].as_f64().is_some(), "{r}");
+    assert_eq!(h.shutdown(), 0);
+}
