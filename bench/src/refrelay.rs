@@ -124,6 +124,9 @@ fn main() -> io::Result<()> {
                                         }
                                     }
                                 }
+                                method::BINDING => {
+                                    b.xor_addr(attr::XOR_MAPPED_ADDRESS, from);
+                                }
                                 method::REFRESH => {
                                     // Allocations are never freed: the process is short-lived.
                                     b.u32(attr::LIFETIME, m.get_u32(attr::LIFETIME).unwrap_or(600));

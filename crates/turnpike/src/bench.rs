@@ -21,7 +21,10 @@ use mio::{Events, Interest, Poll, Token};
 use serde::Serialize;
 use stun_proto::{attr, method, ChannelData, Class, Message, MessageBuilder, MessageType};
 
+use std::os::fd::AsRawFd;
+
 use crate::client::{Channel, ClientTransport, TurnClient};
+use crate::udp_batch::RecvBatch;
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -365,15 +368,41 @@ impl Conn {
         }
     }
 
-    /// Receives every whole message available, calling `f` on each.
-    fn recv_all(&mut self, buf: &mut [u8], mut f: impl FnMut(&[u8])) -> io::Result<()> {
+    /// Sends several messages: one `sendmmsg` on UDP.
+    fn send_many(&mut self, msgs: &[&[u8]]) -> io::Result<()> {
+        match self {
+            Conn::Udp(u) => crate::udp_batch::send_many(u.as_raw_fd(), msgs).map(|_| ()),
+            Conn::Tcp { s, wbuf, .. } => {
+                for m in msgs {
+                    wbuf.extend_from_slice(m);
+                }
+                flush(s, wbuf)
+            }
+        }
+    }
+
+    /// Receives every whole message available, calling `f` on each; on UDP
+    /// with `recvmmsg`, so the generator stays cheaper than what it loads.
+    fn recv_all(
+        &mut self,
+        buf: &mut [u8],
+        batch: &mut RecvBatch,
+        mut f: impl FnMut(&[u8]),
+    ) -> io::Result<()> {
         match self {
             Conn::Udp(u) => loop {
-                match u.recv(buf) {
-                    Ok(n) => f(&buf[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                let n = match batch.recv(u.as_raw_fd()) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
                     Err(e) => return Err(e),
+                };
+                for i in 0..n {
+                    if let Some((_, m)) = batch.get(i) {
+                        f(m);
+                    }
+                }
+                if n < crate::udp_batch::BATCH {
+                    return Ok(());
                 }
             },
             Conn::Tcp { s, rbuf, wbuf } => {
@@ -540,6 +569,7 @@ struct LoadState {
     t0: Instant,
     buf: Vec<u8>,
     msg: Vec<u8>,
+    batch: RecvBatch,
     relayed: u64,
     lost: u64,
     rtts: Vec<u32>,
@@ -556,6 +586,7 @@ impl LoadState {
             t0: Instant::now(),
             buf: vec![0u8; 65536],
             msg: Vec::with_capacity(2048),
+            batch: RecvBatch::new(),
             relayed: 0,
             lost: 0,
             rtts: Vec::with_capacity(1 << 20),
@@ -563,68 +594,85 @@ impl LoadState {
         }
     }
 
-    /// Sends packets into lane `i` until its window is full.
+    /// Sends packets into lane `i` until its window is full, in one batch.
     fn fill(&mut self, lanes: &mut [Lane], i: usize) -> Result<()> {
         let l = &mut lanes[i];
-        while l.inflight < self.window {
+        let want = self.window.saturating_sub(l.inflight);
+        if want == 0 {
+            return Ok(());
+        }
+        self.msg.clear();
+        let mut ends = Vec::with_capacity(want);
+        for _ in 0..want {
             let stamp = self.t0.elapsed().as_nanos() as u64;
             let mut payload = [0u8; 16];
             payload[..8].copy_from_slice(&stamp.to_be_bytes());
             payload[8..12].copy_from_slice(&(i as u32).to_be_bytes());
-            self.msg.clear();
+            let start = self.msg.len();
             match self.mode {
                 Mode::Channel => {
                     self.msg
                         .extend_from_slice(&ChannelData::header(l.channel, self.size as u16));
                     self.msg.extend_from_slice(&payload);
-                    self.msg.resize(4 + self.size, 0xAB);
+                    self.msg.resize(start + 4 + self.size, 0xAB);
                     if self.stream {
-                        self.msg.resize((4 + self.size + 3) & !3, 0);
+                        self.msg.resize(start + ((4 + self.size + 3) & !3), 0);
                     }
                 }
                 _ => {
                     let mut data = payload.to_vec();
                     data.resize(self.size, 0xAB);
+                    let mut one = Vec::with_capacity(self.size + 64);
                     MessageBuilder::new(
-                        &mut self.msg,
+                        &mut one,
                         MessageType::new(method::SEND, Class::Indication),
                         &[7; 12],
                     )
                     .xor_addr(attr::XOR_PEER_ADDRESS, l.peer_addr)
                     .attr(attr::DATA, &data);
+                    self.msg.extend_from_slice(&one);
                 }
             }
-            l.client.send(&self.msg)?;
-            l.inflight += 1;
+            ends.push(self.msg.len());
         }
+        let mut msgs = Vec::with_capacity(want);
+        let mut start = 0;
+        for e in ends {
+            msgs.push(&self.msg[start..e]);
+            start = e;
+        }
+        l.client.send_many(&msgs)?;
+        l.inflight += want;
         Ok(())
     }
 
-    /// The peer side: echo every datagram back through the relayed address.
+    /// The peer side: echo every datagram back through the relayed address,
+    /// a `recvmmsg` and a `sendmmsg` per batch.
     fn peer_echo(&mut self, l: &mut Lane) -> Result<()> {
         loop {
-            match l.peer.recv(&mut self.buf) {
-                Ok(n) => {
-                    if self.recording {
-                        self.relayed += 1;
-                    }
-                    let _ = l.peer.send(&self.buf[..n]);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+            let n = match self.batch.recv(l.peer.as_raw_fd()) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
                 Err(e) => return Err(e.into()),
+            };
+            if self.recording {
+                self.relayed += n as u64;
+            }
+            let msgs: Vec<&[u8]> = (0..n).filter_map(|i| self.batch.get(i).map(|(_, d)| d)).collect();
+            crate::udp_batch::send_many(l.peer.as_raw_fd(), &msgs)?;
+            if n < crate::udp_batch::BATCH {
+                return Ok(());
             }
         }
     }
 
     /// The client side: each echo that arrives completes a round trip.
     fn client_rx(&mut self, lanes: &mut [Lane], i: usize) -> Result<()> {
-        let mut buf = std::mem::take(&mut self.buf);
         let mut done = 0usize;
         let mut rtts = std::mem::take(&mut self.rtts);
         let now_ns = self.t0.elapsed().as_nanos() as u64;
         let recording = self.recording;
-        let res = lanes[i].client.recv_all(&mut buf, |m| {
+        let res = lanes[i].client.recv_all(&mut self.buf, &mut self.batch, |m| {
             let payload = match stun_proto::packet_kind(m) {
                 stun_proto::PacketKind::ChannelData => ChannelData::parse(m).map(|c| c.data),
                 stun_proto::PacketKind::Stun => Message::parse(m).ok().and_then(|msg| msg.get(attr::DATA)),
@@ -638,7 +686,6 @@ impl LoadState {
                 done += 1;
             }
         });
-        self.buf = buf;
         self.rtts = rtts;
         res?;
         let l = &mut lanes[i];
@@ -671,6 +718,7 @@ fn bindings(args: &BenchArgs) -> Result<Report> {
     let t0 = Instant::now();
     let mut msg = Vec::with_capacity(64);
     let mut buf = vec![0u8; 65536];
+    let mut rbatch = RecvBatch::new();
     let send_one = |c: &mut Conn, msg: &mut Vec<u8>| -> io::Result<()> {
         let mut txid = [0u8; 12];
         txid[..8].copy_from_slice(&(t0.elapsed().as_nanos() as u64).to_be_bytes());
@@ -701,7 +749,7 @@ fn bindings(args: &BenchArgs) -> Result<Report> {
                 let (c, inflight, last) = &mut conns[ev.token().0];
                 let now_ns = t0.elapsed().as_nanos() as u64;
                 let mut got = 0;
-                c.recv_all(&mut buf, |m| {
+                c.recv_all(&mut buf, &mut rbatch, |m| {
                     if let Ok(resp) = Message::parse(m) {
                         let sent =
                             u64::from_be_bytes(resp.transaction_id()[..8].try_into().unwrap_or_default());
@@ -767,34 +815,38 @@ fn bindings(args: &BenchArgs) -> Result<Report> {
     Ok(r)
 }
 
-/// Authenticated Allocate + Refresh(LIFETIME 0) cycles from `allocations`
-/// clients in parallel threads of one transaction at a time each. Each
-/// client learns its nonce once; every cycle is then two authenticated
-/// transactions.
+/// Authenticated allocate+delete cycles, as calls start: each cycle opens a
+/// new client socket (a new 5-tuple), is challenged (401), allocates with
+/// credentials, and deletes with Refresh(LIFETIME 0): three transactions.
+/// `allocations` clients run in parallel threads.
 fn allocate_cycles(args: &BenchArgs) -> Result<Report> {
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let record = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let counts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let record = Arc::new(AtomicBool::new(false));
+    let counts = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::new();
     for _ in 0..args.allocations {
         let (stop, record, counts) = (stop.clone(), record.clone(), counts.clone());
         let a = args.clone();
         threads.push(std::thread::spawn(move || -> Result<(Vec<u32>, u64)> {
-            let ch = Channel::connect(&client_transport(a.transport), a.server, Duration::from_secs(3))?;
-            let mut c = TurnClient::new(ch, &a.user, &a.password);
-            c.set_timeout(Duration::from_secs(2));
             let mut rtts = Vec::new();
             let mut failed = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
+                let ch = Channel::connect(&client_transport(a.transport), a.server, Duration::from_secs(3))?;
+                let mut c = TurnClient::new(ch, &a.user, &a.password);
+                c.set_timeout(Duration::from_secs(2));
                 let ok = c.allocate().is_ok() && c.refresh(0).is_ok();
                 if !ok {
-                    failed += 1;
+                    if record.load(Ordering::Relaxed) {
+                        failed += 1;
+                    }
                     continue;
                 }
-                if record.load(std::sync::atomic::Ordering::Relaxed) {
+                if record.load(Ordering::Relaxed) {
                     rtts.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                    counts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    counts.fetch_add(1, Ordering::Relaxed);
                 }
             }
             Ok((rtts, failed))
@@ -802,13 +854,13 @@ fn allocate_cycles(args: &BenchArgs) -> Result<Report> {
     }
     std::thread::sleep(Duration::from_secs_f64(args.warmup));
     let meter = Meter::start(args.pid);
-    record.store(true, std::sync::atomic::Ordering::SeqCst);
+    record.store(true, Ordering::SeqCst);
     std::thread::sleep(Duration::from_secs_f64(args.duration));
-    record.store(false, std::sync::atomic::Ordering::SeqCst);
+    record.store(false, Ordering::SeqCst);
     let mut r = empty_report(args, "allocate+delete cycles");
-    r.operations = counts.load(std::sync::atomic::Ordering::SeqCst);
+    r.operations = counts.load(Ordering::SeqCst);
     meter.finish(&mut r);
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    stop.store(true, Ordering::SeqCst);
     let mut all = Vec::new();
     for t in threads {
         let (rtts, failed) = t

@@ -7,3 +7,4 @@ pub mod client;
 pub mod config;
 pub mod runtime;
 pub mod tls;
+pub mod udp_batch;

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -640,6 +641,7 @@ struct Worker {
     tls: Option<Arc<rustls::ServerConfig>>,
     stop: Arc<AtomicBool>,
     buf: Vec<u8>,
+    batch: crate::udp_batch::RecvBatch,
     limits: ConnLimits,
     pending: usize,
     next_sweep: Instant,
@@ -688,6 +690,7 @@ impl Worker {
             tls,
             stop,
             buf: vec![0u8; 65536],
+            batch: crate::udp_batch::RecvBatch::new(),
             limits,
             pending: 0,
             next_sweep: Instant::now() + SWEEP_INTERVAL,
@@ -764,18 +767,25 @@ impl Worker {
             let Some(Source::Udp { sock, .. }) = self.io.sources.get(key) else {
                 return;
             };
-            let (n, from) = match sock.recv_from(&mut self.buf) {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
+            let n = match self.batch.recv(sock.as_raw_fd()) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
             };
-            let tuple = FiveTuple {
-                transport: Transport::Udp,
-                client: from,
-                server: local,
-            };
-            if let Some(tx) = self.core.handle_client(now, tuple, &self.buf[..n], &mut self.io) {
-                self.io.transmit(tx);
+            for i in 0..n {
+                let Some((from, data)) = self.batch.get(i) else {
+                    continue;
+                };
+                let tuple = FiveTuple {
+                    transport: Transport::Udp,
+                    client: from,
+                    server: local,
+                };
+                if let Some(tx) = self.core.handle_client(now, tuple, data, &mut self.io) {
+                    self.io.transmit(tx);
+                }
+            }
+            if n < crate::udp_batch::BATCH {
+                return;
             }
         }
     }
@@ -785,13 +795,20 @@ impl Worker {
             let Some(Source::Relay { sock, .. }) = self.io.sources.get(key) else {
                 return;
             };
-            let (n, from) = match sock.recv_from(&mut self.buf) {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
+            let n = match self.batch.recv(sock.as_raw_fd()) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
             };
-            if let Some(tx) = self.core.handle_peer(now, relay, from, &self.buf[..n]) {
-                self.io.transmit(tx);
+            for i in 0..n {
+                let Some((from, data)) = self.batch.get(i) else {
+                    continue;
+                };
+                if let Some(tx) = self.core.handle_peer(now, relay, from, data) {
+                    self.io.transmit(tx);
+                }
+            }
+            if n < crate::udp_batch::BATCH {
+                return;
             }
         }
     }
