@@ -83,8 +83,8 @@ impl RecvBatch {
             };
         }
         let n = n as usize;
-        for i in 0..n {
-            self.lens[i] = hdrs[i].msg_len as usize;
+        for (i, h) in hdrs.iter().enumerate().take(n) {
+            self.lens[i] = h.msg_len as usize;
             self.from[i] = to_socket_addr(&self.addrs[i]);
         }
         self.n = n;
