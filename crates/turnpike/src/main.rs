@@ -63,6 +63,10 @@ fn serve(args: ServeArgs) -> Result<()> {
         .with_writer(|| LossyStderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Signals are caught before anything starts, so a SIGTERM during
+    // start-up stops the server cleanly instead of killing it mid-way.
+    let mut signals =
+        signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
     let handle = turnpike::runtime::start(&settings)?;
     let auth = match (
         &settings.demo_user,
@@ -110,8 +114,6 @@ fn serve(args: ServeArgs) -> Result<()> {
         let _ = std::io::Write::flush(&mut out);
     }
     let stopper = handle.stopper();
-    let mut signals =
-        signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             // Stop first: nothing after this line may keep the server up.

@@ -451,18 +451,11 @@ impl Conn {
         if self.wbuf.len() + data.len() + 64 > MAX_WRITE_BUFFER {
             return Ok(());
         }
+        // Queued only: the worker flushes every connection it wrote to once
+        // per loop iteration, so a burst of relayed messages to one client
+        // costs one write(2), not one each.
         match &mut self.tls {
-            None => {
-                if self.wbuf.is_empty() {
-                    match self.stream.write(data) {
-                        Ok(n) => self.wbuf.extend_from_slice(&data[n..]),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wbuf.extend_from_slice(data),
-                        Err(e) => return Err(e),
-                    }
-                    return Ok(());
-                }
-                self.wbuf.extend_from_slice(data);
-            }
+            None => self.wbuf.extend_from_slice(data),
             Some(tls) => {
                 if tls.is_handshaking() {
                     // Nothing is sent to a client before its first request, so
@@ -472,7 +465,7 @@ impl Conn {
                 tls.writer().write_all(data)?;
             }
         }
-        self.flush()
+        Ok(())
     }
 
     /// Moves TLS output into `wbuf` and writes `wbuf` to the socket.
@@ -623,9 +616,9 @@ impl Io {
                 Transport::Tcp | Transport::Tls => {
                     if let Some(&key) = self.conn_by_tuple.get(&t) {
                         if let Some(Source::Conn(c)) = self.sources.get_mut(key) {
-                            if c.send(tx.data).is_err() || c.wbuf.is_empty() == c.writable_registered {
-                                self.dirty.push(key);
-                            }
+                            // A failed queueing (TLS) is noticed at flush.
+                            let _ = c.send(tx.data);
+                            self.dirty.push(key);
                         }
                     }
                 }
@@ -988,13 +981,21 @@ impl Worker {
         }
     }
 
-    /// Registers write interest for connections with pending output, and
-    /// drops it once drained; closes connections whose writes failed.
+    /// Flushes connections written to in this iteration, registers write
+    /// interest for those with output left, and drops it once drained;
+    /// closes connections whose writes failed.
     fn update_interests(&mut self, now: Instant) {
         let mut dirty = std::mem::take(&mut self.io.dirty);
         dirty.sort_unstable();
         dirty.dedup();
         for key in dirty.drain(..) {
+            let Some(Source::Conn(c)) = self.io.sources.get_mut(key) else {
+                continue;
+            };
+            if c.flush().is_err() {
+                self.close_conn(key, now);
+                continue;
+            }
             let Some(Source::Conn(c)) = self.io.sources.get_mut(key) else {
                 continue;
             };
