@@ -3,6 +3,11 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+
+/// Tables looked up per packet are keyed by addresses a client chooses, so
+/// they need a keyed hash (HashDoS), but SipHash was a third of the user
+/// time on the relay path; ahash with random keys is both.
+type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -447,8 +452,8 @@ pub struct Server {
     minter: NonceMinter,
     allocs: Vec<Option<Allocation>>,
     free: Vec<u32>,
-    by_tuple: HashMap<FiveTuple, u32>,
-    by_relay: HashMap<SocketAddr, u32>,
+    by_tuple: FastMap<FiveTuple, u32>,
+    by_relay: FastMap<SocketAddr, u32>,
     timers: BinaryHeap<Reverse<(Instant, u32)>>,
     events: VecDeque<Event>,
     out: Vec<u8>,
@@ -495,8 +500,8 @@ impl Server {
             minter,
             allocs: Vec::new(),
             free: Vec::new(),
-            by_tuple: HashMap::new(),
-            by_relay: HashMap::new(),
+            by_tuple: FastMap::default(),
+            by_relay: FastMap::default(),
             timers: BinaryHeap::new(),
             events: VecDeque::new(),
             out: Vec::with_capacity(2048),
