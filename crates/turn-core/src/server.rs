@@ -1500,3 +1500,27 @@ fn bandwidth_ok(
     }
     true
 }
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    /// Per-allocation state stays small: BENCHMARKS.md reports these sizes
+    /// next to the measured RSS per held allocation.
+    #[test]
+    fn per_allocation_state_is_small() {
+        let sizes = [
+            ("Allocation", std::mem::size_of::<Allocation>()),
+            ("Permission", std::mem::size_of::<Permission>()),
+            ("ChannelBinding", std::mem::size_of::<ChannelBinding>()),
+            ("FiveTuple", std::mem::size_of::<FiveTuple>()),
+        ];
+        for (name, size) in sizes {
+            eprintln!("size_of::<{name}>() = {size}");
+        }
+        assert!(
+            std::mem::size_of::<Allocation>() <= 384,
+            "grew past the budget BENCHMARKS.md reports"
+        );
+    }
+}
