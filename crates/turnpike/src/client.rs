@@ -307,6 +307,11 @@ impl TurnClient {
         &mut self.ch
     }
 
+    /// The realm the server challenged with, once known.
+    pub fn realm(&self) -> Option<&str> {
+        self.realm.as_deref()
+    }
+
     /// Gives up the channel (the allocation stays until it expires).
     pub fn into_channel(self) -> Channel {
         self.ch

@@ -24,6 +24,13 @@ enum Command {
     /// Load generator for any STUN/TURN server: relay packets/s, Binding/s,
     /// allocations/s, RSS per allocation, RTT percentiles, server CPU.
     Bench(Box<turnpike::bench::BenchArgs>),
+    /// Diagnose a STUN/TURN server: reachability, reflexive address, TURN
+    /// allocation and relaying, with advice. Exit status 0 only if every
+    /// check passed.
+    Probe {
+        #[command(subcommand)]
+        cmd: turnpike::probe::ProbeCommand,
+    },
 }
 
 fn main() {
@@ -31,6 +38,11 @@ fn main() {
     let res = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Bench(args) => turnpike::bench::run(*args),
+        Command::Probe { cmd } => match turnpike::probe::run(cmd) {
+            Ok(true) => Ok(()),
+            Ok(false) => std::process::exit(1),
+            Err(e) => Err(e),
+        },
     };
     if let Err(e) = res {
         eprintln!("turnpike: {e:#}");

@@ -1,0 +1,230 @@
+//! `turnpike probe` against turnpike and against Debian's coturn, started
+//! on loopback ports: the same checks pass on both, and each failure mode
+//! (wrong password, closed port, refused peer) gives advice and a non-zero
+//! exit.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn probe(args: &[&str]) -> (i32, serde_json::Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .arg("probe")
+        .args(args)
+        .args(["--json", "--timeout-ms", "1500"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "probe {args:?}: not JSON ({e}): {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), v)
+}
+
+fn passed(v: &serde_json::Value) -> Vec<String> {
+    v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"].as_bool() == Some(true))
+        .map(|c| {
+            // "udp 127.0.0.1:PORT step" -> "udp step": comparable across servers.
+            let n = c["name"].as_str().unwrap();
+            let mut parts = n.splitn(3, ' ');
+            let t = parts.next().unwrap();
+            let _addr = parts.next();
+            format!("{t} {}", parts.next().unwrap_or(""))
+        })
+        .collect()
+}
+
+fn advice(v: &serde_json::Value) -> String {
+    v["advice"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+struct Coturn(Child, u16);
+
+impl Drop for Coturn {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn coturn() -> Coturn {
+    assert!(
+        std::path::Path::new("/usr/bin/turnserver").exists(),
+        "turnserver not found: install Debian's coturn package (apt-get install coturn), as .ci/run does"
+    );
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("/usr/bin/turnserver")
+        .args([
+            "-n",
+            "--listening-ip=127.0.0.1",
+            &format!("--listening-port={port}"),
+            "--relay-ip=127.0.0.1",
+            "--lt-cred-mech",
+            "--user=alice:wonderland",
+            "--realm=coturn.example",
+            "--no-tls",
+            "--no-dtls",
+            "--no-cli",
+            "--allow-loopback-peers",
+            "--min-port=40000",
+            "--max-port=40999",
+            "--log-file=/dev/null",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until it answers.
+    for _ in 0..50 {
+        let (code, _) = probe(&[
+            "stun",
+            &format!("stun:127.0.0.1:{port}?transport=udp"),
+            "--count",
+            "1",
+        ]);
+        if code == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Coturn(child, port)
+}
+
+#[test]
+fn stun_and_turn_pass_against_turnpike_and_coturn_alike() {
+    let h = common::start(&["--allow-loopback-peers"]);
+    let tp = h.listen[0].port();
+    let (code, v) = probe(&["stun", &format!("stun:127.0.0.1:{tp}"), "--count", "3"]);
+    assert_eq!(code, 0, "{v}");
+    assert!(
+        v["checks"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("reflexive address 127.0.0.1:"),
+        "{v}"
+    );
+    let (code, tp_turn) = probe(&[
+        "turn",
+        &format!("turn:127.0.0.1:{tp}"),
+        "--user",
+        "alice",
+        "--password",
+        "wonderland",
+        "--transport",
+        "udp,tcp",
+    ]);
+    assert_eq!(code, 0, "{tp_turn}");
+    let (code, v) = probe(&[
+        "turn",
+        &format!("turns:127.0.0.1:{}", h.tls_listen[0].port()),
+        "--user",
+        "alice",
+        "--password",
+        "wonderland",
+    ]);
+    assert_eq!(code, 0, "TLS: {v}");
+
+    let c = coturn();
+    let (code, v) = probe(&["stun", &format!("stun:127.0.0.1:{}", c.1), "--count", "3"]);
+    assert_eq!(code, 0, "coturn stun: {v}");
+    let (code, co_turn) = probe(&[
+        "turn",
+        &format!("turn:127.0.0.1:{}", c.1),
+        "--user",
+        "alice",
+        "--password",
+        "wonderland",
+        "--transport",
+        "udp,tcp",
+    ]);
+    assert_eq!(code, 0, "coturn turn: {co_turn}");
+    assert_eq!(
+        passed(&tp_turn),
+        passed(&co_turn),
+        "the same checks pass on both servers"
+    );
+    assert_eq!(passed(&tp_turn).len(), 12);
+    h.shutdown();
+}
+
+#[test]
+fn wrong_password_gives_realm_advice_on_both_servers() {
+    let h = common::start(&[]);
+    let (code, v) = probe(&[
+        "turn",
+        &format!("turn:127.0.0.1:{}", h.listen[0].port()),
+        "--user",
+        "alice",
+        "--password",
+        "nope",
+        "--transport",
+        "udp",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        advice(&v).contains("the realm is \"test.example\"; check the username and password"),
+        "{v}"
+    );
+    let c = coturn();
+    let (code, v) = probe(&[
+        "turn",
+        &format!("turn:127.0.0.1:{}", c.1),
+        "--user",
+        "alice",
+        "--password",
+        "nope",
+        "--transport",
+        "udp",
+    ]);
+    assert_eq!(code, 1);
+    assert!(advice(&v).contains("the realm is \"coturn.example\""), "{v}");
+    h.shutdown();
+}
+
+#[test]
+fn closed_port_and_refused_peer_give_advice() {
+    let closed = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (code, v) = probe(&["stun", &format!("stun:127.0.0.1:{closed}"), "--count", "1"]);
+    assert_eq!(code, 1);
+    assert!(advice(&v).contains("nothing listens on udp"), "{v}");
+
+    // Loopback peers refused (the default): relaying between two of the
+    // server's own allocations on 127.0.0.1 is a refused peer.
+    let h = common::start(&[]);
+    let (code, v) = probe(&[
+        "turn",
+        &format!("turn:127.0.0.1:{}", h.listen[0].port()),
+        "--user",
+        "alice",
+        "--password",
+        "wonderland",
+        "--transport",
+        "udp",
+    ]);
+    assert_eq!(code, 1);
+    assert!(advice(&v).contains("403 on the peer"), "{v}");
+    h.shutdown();
+}
