@@ -64,6 +64,15 @@ pub struct FiveTuple {
 pub enum Dest {
     /// To a client, over the connection or socket of this 5-tuple.
     Client(FiveTuple),
+    /// A UDP datagram to `to` from the server's listening socket bound at
+    /// `local`: RFC 5780 answers from another address or port
+    /// (CHANGE-REQUEST) or to another port (RESPONSE-PORT).
+    Via {
+        /// The listening socket to send from.
+        local: SocketAddr,
+        /// The destination.
+        to: SocketAddr,
+    },
     /// A UDP datagram from the relay socket bound at `relay` to `peer`.
     Peer {
         /// The relay socket's bound address.
@@ -219,6 +228,33 @@ pub enum Event {
     },
 }
 
+/// The addresses RFC 5780 behaviour discovery uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rfc5780 {
+    /// Primary and alternate IP.
+    pub ips: (IpAddr, IpAddr),
+    /// Primary and alternate port.
+    pub ports: (u16, u16),
+}
+
+impl Rfc5780 {
+    fn other_ip(&self, ip: IpAddr) -> IpAddr {
+        if ip == self.ips.0 {
+            self.ips.1
+        } else {
+            self.ips.0
+        }
+    }
+
+    fn other_port(&self, port: u16) -> u16 {
+        if port == self.ports.0 {
+            self.ports.1
+        } else {
+            self.ports.0
+        }
+    }
+}
+
 /// Settings of a [`Server`].
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -270,6 +306,10 @@ pub struct Config {
     /// Slots in each fixed per-source table (rate limits, brute-force
     /// guard), allocated once per worker.
     pub source_slots: usize,
+    /// RFC 5780 NAT behaviour discovery: the server's two IPs and two ports
+    /// (it listens on all four combinations over UDP). `None`: off, and
+    /// CHANGE-REQUEST, RESPONSE-PORT and PADDING are answered with 420.
+    pub rfc5780: Option<Rfc5780>,
     /// The instant all workers count nonce time from.
     pub epoch: Instant,
     /// Unix time (seconds) at `epoch`, for REST-API username expiry.
@@ -308,6 +348,7 @@ impl Config {
             max_bps: 0,
             user_max_bps: 0,
             source_slots: 1 << 16,
+            rfc5780: None,
             epoch,
             unix_at_epoch,
         }
@@ -444,6 +485,12 @@ enum Reply {
         lifetime: u32,
     },
     Ok,
+    /// RFC 5780 Binding success: RESPONSE-ORIGIN, OTHER-ADDRESS, PADDING.
+    Binding5780 {
+        origin: SocketAddr,
+        other: SocketAddr,
+        padding: u16,
+    },
 }
 
 /// A sans-IO STUN/TURN server for one worker. See the crate docs.
@@ -807,9 +854,18 @@ impl Server {
                 self.counters.rate_limited += 1;
                 return None;
             }
-            // RFC 8489 §6.3.1: 420 for unknown comprehension-required attributes.
-            if let Some((list, n)) = unknown_required(msg) {
+            // RFC 8489 §6.3.1: 420 for unknown comprehension-required
+            // attributes; the RFC 5780 ones are known only when it is on.
+            let extra: &[u16] = if self.cfg.rfc5780.is_some() {
+                RFC5780_ATTRS
+            } else {
+                &[]
+            };
+            if let Some((list, n)) = unknown_required_with(msg, extra) {
                 return Some(self.respond(now, tuple, msg, Reply::Unknown(list, n), None));
+            }
+            if let Some(r) = self.cfg.rfc5780 {
+                return Some(self.binding_5780(now, tuple, msg, r));
             }
             return Some(self.respond(now, tuple, msg, Reply::Ok, None));
         }
@@ -1380,6 +1436,18 @@ impl Server {
                     b.xor_addr(attr::XOR_MAPPED_ADDRESS, tuple.client);
                 }
             }
+            Reply::Binding5780 {
+                origin,
+                other,
+                padding,
+            } => {
+                b.xor_addr(attr::XOR_MAPPED_ADDRESS, tuple.client)
+                    .addr(attr::RESPONSE_ORIGIN, origin)
+                    .addr(attr::OTHER_ADDRESS, other);
+                if padding > 0 {
+                    b.attr(attr::PADDING, &[0u8; MAX_PADDING][..padding as usize]);
+                }
+            }
         }
         if let Some(s) = &self.cfg.software {
             b.attr(attr::SOFTWARE, s.as_bytes());
@@ -1405,11 +1473,23 @@ impl Server {
 
 /// Unknown comprehension-required attribute types in `msg`, at most eight.
 fn unknown_required(msg: &Message<'_>) -> Option<([u16; 8], usize)> {
+    unknown_required_with(msg, &[])
+}
+
+/// RFC 5780 attributes, known when behaviour discovery is on.
+const RFC5780_ATTRS: &[u16] = &[attr::CHANGE_REQUEST, attr::RESPONSE_PORT, attr::PADDING];
+
+/// Largest PADDING echoed back (RFC 5780 §7.6), so it cannot amplify.
+const MAX_PADDING: usize = 1024;
+
+/// Like [`unknown_required`], with `extra` types also known.
+fn unknown_required_with(msg: &Message<'_>, extra: &[u16]) -> Option<([u16; 8], usize)> {
     let mut list = [0u16; 8];
     let mut n = 0;
     for t in msg.attr_types() {
         if attr::is_comprehension_required(t)
             && !KNOWN_REQUIRED.contains(&t)
+            && !extra.contains(&t)
             && !list[..n].contains(&t)
             && n < list.len()
         {
@@ -1499,6 +1579,63 @@ fn bandwidth_ok(
         }
     }
     true
+}
+
+impl Server {
+    /// RFC 5780 §6.1: a Binding answered with RESPONSE-ORIGIN and
+    /// OTHER-ADDRESS, from the socket CHANGE-REQUEST asks for, to the port
+    /// RESPONSE-PORT asks for.
+    fn binding_5780(
+        &mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        msg: &Message<'_>,
+        r: Rfc5780,
+    ) -> Transmit<'_> {
+        let local = tuple.server;
+        let other = SocketAddr::new(r.other_ip(local.ip()), r.other_port(local.port()));
+        let (mut change_ip, mut change_port) = (false, false);
+        if let Some(v) = msg.get(attr::CHANGE_REQUEST) {
+            let Ok(v) = <[u8; 4]>::try_from(v) else {
+                return self.respond(now, tuple, msg, Reply::Error(400), None);
+            };
+            change_ip = v[3] & 0x04 != 0;
+            change_port = v[3] & 0x02 != 0;
+        }
+        let response_port = match msg.get(attr::RESPONSE_PORT) {
+            None => None,
+            Some(v) if v.len() == 4 => Some(u16::from_be_bytes([v[0], v[1]])),
+            Some(_) => return self.respond(now, tuple, msg, Reply::Error(400), None),
+        };
+        if tuple.transport != Transport::Udp && (change_ip || change_port || response_port.is_some()) {
+            // A stream cannot be answered from another address or port.
+            return self.respond(now, tuple, msg, Reply::Error(400), None);
+        }
+        let origin = SocketAddr::new(
+            if change_ip { other.ip() } else { local.ip() },
+            if change_port { other.port() } else { local.port() },
+        );
+        let padding = msg
+            .get(attr::PADDING)
+            .map(|p| p.len().min(MAX_PADDING) as u16)
+            .unwrap_or(0);
+        let to = SocketAddr::new(tuple.client.ip(), response_port.unwrap_or(tuple.client.port()));
+        let mut t = self.respond(
+            now,
+            tuple,
+            msg,
+            Reply::Binding5780 {
+                origin,
+                other,
+                padding,
+            },
+            None,
+        );
+        if origin != local || to != tuple.client {
+            t.dest = Dest::Via { local: origin, to };
+        }
+        t
+    }
 }
 
 #[cfg(test)]

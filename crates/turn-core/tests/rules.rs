@@ -785,3 +785,119 @@ fn stats_count_both_directions() {
         (2, 8, 1, 7)
     );
 }
+
+// ---- RFC 5780 NAT behaviour discovery ----
+
+fn binding_with(attrs: &[(u16, &[u8])]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut b = MessageBuilder::new(
+        &mut buf,
+        MessageType::new(method::BINDING, Class::Request),
+        &[4; 12],
+    );
+    for (t, v) in attrs {
+        b.attr(*t, v);
+    }
+    buf
+}
+
+#[test]
+fn rfc5780_is_refused_with_420_when_off() {
+    let mut h = Harness::new();
+    for t in [attr::CHANGE_REQUEST, attr::RESPONSE_PORT, attr::PADDING] {
+        let (_, resp) = h.send(udp(), &binding_with(&[(t, &[0, 0, 0, 6])])).unwrap();
+        assert_eq!(code(&resp), Some(420), "{t:#x}");
+    }
+}
+
+#[test]
+fn rfc5780_change_request_answers_from_the_right_socket() {
+    use std::net::IpAddr;
+    let a: IpAddr = "198.51.100.1".parse().unwrap();
+    let b: IpAddr = "198.51.100.2".parse().unwrap();
+    let mut h = Harness::with(|c| {
+        c.rfc5780 = Some(turn_core::Rfc5780 {
+            ips: (a, b),
+            ports: (3478, 3479),
+        })
+    });
+    let t = udp(); // arrives on 198.51.100.1:3478
+    let sa = |ip: IpAddr, port: u16| std::net::SocketAddr::new(ip, port);
+    // (flags, expected origin): none, change port, change IP, both.
+    for (flags, origin) in [
+        (0u8, sa(a, 3478)),
+        (2, sa(a, 3479)),
+        (4, sa(b, 3478)),
+        (6, sa(b, 3479)),
+    ] {
+        let (dest, resp) = h
+            .send(t, &binding_with(&[(attr::CHANGE_REQUEST, &[0, 0, 0, flags])]))
+            .unwrap();
+        let m = Message::parse(&resp).unwrap();
+        assert_eq!(
+            m.get_addr(attr::RESPONSE_ORIGIN).unwrap().unwrap(),
+            origin,
+            "flags {flags}"
+        );
+        assert_eq!(m.get_addr(attr::OTHER_ADDRESS).unwrap().unwrap(), sa(b, 3479));
+        assert_eq!(
+            m.get_xor_addr(attr::XOR_MAPPED_ADDRESS).unwrap().unwrap(),
+            t.client
+        );
+        if flags == 0 {
+            assert_eq!(dest, Dest::Client(t));
+        } else {
+            assert_eq!(
+                dest,
+                Dest::Via {
+                    local: origin,
+                    to: t.client
+                },
+                "flags {flags}"
+            );
+        }
+    }
+    // A request that reached the alternate socket names the primary as other.
+    let alt = turn_core::FiveTuple {
+        server: sa(b, 3479),
+        ..t
+    };
+    let (_, resp) = h.send(alt, &binding_with(&[])).unwrap();
+    assert_eq!(
+        Message::parse(&resp)
+            .unwrap()
+            .get_addr(attr::OTHER_ADDRESS)
+            .unwrap()
+            .unwrap(),
+        sa(a, 3478)
+    );
+    // RESPONSE-PORT redirects; PADDING is echoed; bad lengths are 400.
+    let (dest, resp) = h
+        .send(
+            t,
+            &binding_with(&[
+                (attr::RESPONSE_PORT, &[0x1F, 0x90, 0, 0]),
+                (attr::PADDING, &[0; 40]),
+            ]),
+        )
+        .unwrap();
+    assert_eq!(
+        dest,
+        Dest::Via {
+            local: sa(a, 3478),
+            to: sa(t.client.ip(), 8080)
+        }
+    );
+    assert_eq!(
+        Message::parse(&resp).unwrap().get(attr::PADDING).unwrap().len(),
+        40
+    );
+    let (_, resp) = h.send(t, &binding_with(&[(attr::CHANGE_REQUEST, &[6])])).unwrap();
+    assert_eq!(code(&resp), Some(400));
+    // Over TCP a change cannot be honoured.
+    let tcp = tuple(Transport::Tcp, "203.0.113.5:40000");
+    let (_, resp) = h
+        .send(tcp, &binding_with(&[(attr::CHANGE_REQUEST, &[0, 0, 0, 4])]))
+        .unwrap();
+    assert_eq!(code(&resp), Some(400));
+}

@@ -162,6 +162,20 @@ pub struct ServeArgs {
     /// Seconds a TCP/TLS connection without an allocation may stay silent [default: 120].
     #[arg(long, value_name = "SECS")]
     pub idle_timeout: Option<u64>,
+
+    /// RFC 5780 NAT behaviour discovery (off by default): also listen (UDP)
+    /// on --alt-ip and --alt-port, and answer CHANGE-REQUEST, RESPONSE-PORT
+    /// and PADDING. Needs a specific --listen address.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub rfc5780: Option<bool>,
+
+    /// The second IP address for RFC 5780 (same family as the listen address).
+    #[arg(long, value_name = "IP")]
+    pub alt_ip: Option<IpAddr>,
+
+    /// The second port for RFC 5780 [default: the listen port + 1].
+    #[arg(long, value_name = "N")]
+    pub alt_port: Option<u16>,
 }
 
 macro_rules! merge_fields {
@@ -205,7 +219,8 @@ impl ServeArgs {
             opt: config, no_tls, cert, key, min_port, max_port, realm, allow_loopback_peers,
                  threads, log_level, software, rfc5766_channel_numbers, nonce_lifetime,
                  user_quota, total_quota, max_bps, user_max_bps, rate_limit_per_ip,
-                 auth_fail_limit, auth_block_secs, max_connections, handshake_timeout, idle_timeout;
+                 auth_fail_limit, auth_block_secs, max_connections, handshake_timeout, idle_timeout,
+                 rfc5780, alt_ip, alt_port;
             vec: listen, tls_listen, relay_ip, external_ip, user, auth_secret, allow_peer, deny_peer);
     }
 }
@@ -287,6 +302,8 @@ pub struct Settings {
     pub handshake_timeout: std::time::Duration,
     /// Idle timeout for connections without an allocation.
     pub idle_timeout: std::time::Duration,
+    /// RFC 5780: the primary listen address and the alternate IP and port.
+    pub rfc5780: Option<(SocketAddr, IpAddr, Option<u16>)>,
 }
 
 fn ipv6_available() -> bool {
@@ -476,6 +493,28 @@ impl Settings {
         if idle_timeout == 0 {
             bail!("idle-timeout: must be at least 1 second (default 120)");
         }
+        let rfc5780 = if a.rfc5780.unwrap_or(false) {
+            let Some(alt_ip) = a.alt_ip else {
+                bail!("rfc5780 needs alt-ip: the server's second IP address (e.g. --alt-ip 192.0.2.2)");
+            };
+            let Some(primary) = listen.iter().copied().find(|l| l.is_ipv4() == alt_ip.is_ipv4()) else {
+                bail!("rfc5780: no listen address of the same family as alt-ip {alt_ip}");
+            };
+            if primary.ip().is_unspecified() {
+                bail!(
+                    "rfc5780 needs a specific --listen address (not {primary}): answers must come from known addresses"
+                );
+            }
+            if primary.ip() == alt_ip {
+                bail!("alt-ip {alt_ip} must differ from the listen address");
+            }
+            Some((primary, alt_ip, a.alt_port))
+        } else {
+            if a.alt_ip.is_some() || a.alt_port.is_some() {
+                bail!("alt-ip/alt-port are set but rfc5780 is not: add --rfc5780");
+            }
+            None
+        };
         let auth_block_secs = a.auth_block_secs.unwrap_or(300);
         if auth_block_secs == 0 {
             bail!("auth-block-secs: must be at least 1 second (default 300); use auth-fail-limit = 0 to turn the guard off");
@@ -511,6 +550,7 @@ impl Settings {
             max_connections,
             handshake_timeout: std::time::Duration::from_secs(handshake_timeout),
             idle_timeout: std::time::Duration::from_secs(idle_timeout),
+            rfc5780,
         })
     }
 }

@@ -51,6 +51,9 @@ pub struct Handle {
     pub listen: Vec<SocketAddr>,
     /// The bound TLS listen addresses.
     pub tls_listen: Vec<SocketAddr>,
+    /// RFC 5780: the alternate UDP sockets (alt IP/primary port, primary
+    /// IP/alt port, alt IP/alt port).
+    pub alt_listen: Vec<SocketAddr>,
     /// SHA-256 fingerprint of the TLS certificate.
     pub tls_fingerprint: Option<String>,
     /// The TLS leaf certificate (DER).
@@ -210,6 +213,43 @@ pub fn start(settings: &Settings) -> Result<Handle> {
         }
         listen.push(bound);
     }
+    // RFC 5780: the three other IP/port combinations, UDP only.
+    let mut alt_listen = Vec::new();
+    let mut rfc5780 = None;
+    if let Some((primary, alt_ip, alt_port)) = settings.rfc5780 {
+        let primary = listen
+            .iter()
+            .copied()
+            .find(|l| l.ip() == primary.ip())
+            .unwrap_or(primary);
+        let q = match alt_port {
+            Some(q) => q,
+            None => primary
+                .port()
+                .checked_add(1)
+                .context("rfc5780: the listen port has no port after it; set alt-port")?,
+        };
+        for addr in [
+            SocketAddr::new(alt_ip, primary.port()),
+            SocketAddr::new(primary.ip(), q),
+            SocketAddr::new(alt_ip, q),
+        ] {
+            if let Err(e) = ensure_free(addr, true) {
+                anyhow::bail!("rfc5780 {addr}: cannot bind UDP: {e}{}", in_use_hint(&e));
+            }
+            for w in per_worker.iter_mut() {
+                w.udp.push((
+                    bind_udp(addr).with_context(|| format!("rfc5780 {addr}: cannot bind UDP"))?,
+                    addr,
+                ));
+            }
+            alt_listen.push(addr);
+        }
+        rfc5780 = Some(turn_core::Rfc5780 {
+            ips: (primary.ip(), alt_ip),
+            ports: (primary.port(), q),
+        });
+    }
     let tls_setup = match &settings.tls {
         Some(src) => Some(crate::tls::setup(src)?),
         None => None,
@@ -241,7 +281,12 @@ pub fn start(settings: &Settings) -> Result<Handle> {
         allow: settings.allow_peer.clone(),
         deny: settings.deny_peer.clone(),
         allow_loopback: settings.allow_loopback_peers,
-        own_sockets: listen.iter().chain(tls_listen.iter()).copied().collect(),
+        own_sockets: listen
+            .iter()
+            .chain(tls_listen.iter())
+            .chain(alt_listen.iter())
+            .copied()
+            .collect(),
         own_ips,
         ..PeerPolicy::default()
     };
@@ -271,6 +316,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
     core_cfg.auth_block = Duration::from_secs(settings.auth_block_secs);
     core_cfg.max_bps = settings.max_bps;
     core_cfg.user_max_bps = settings.user_max_bps;
+    core_cfg.rfc5780 = rfc5780;
 
     let flag = Arc::new(AtomicBool::new(false));
     let reservations = Arc::new(Mutex::new(Reservations::default()));
@@ -313,6 +359,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
     Ok(Handle {
         listen,
         tls_listen,
+        alt_listen,
         tls_fingerprint: tls_setup.as_ref().map(|t| t.fingerprint.clone()),
         tls_leaf: tls_setup.as_ref().map(|t| t.leaf.to_vec()),
         stop: Stopper { flag, wakers },
@@ -602,6 +649,13 @@ impl Io {
                 if let Some(&key) = self.relay_by_addr.get(&relay) {
                     if let Some(Source::Relay { sock, .. }) = self.sources.get(key) {
                         let _ = sock.send_to(tx.data, peer);
+                    }
+                }
+            }
+            Dest::Via { local, to } => {
+                if let Some(&(_, key)) = self.udp_by_addr.iter().find(|(a, _)| *a == local) {
+                    if let Some(Source::Udp { sock, .. }) = self.sources.get(key) {
+                        let _ = sock.send_to(tx.data, to);
                     }
                 }
             }

@@ -21,10 +21,11 @@ pub const PASSWORD: &str = "wonderland";
 /// Starts a server on 127.0.0.1 (UDP/TCP and TLS on ephemeral ports) with
 /// user alice, plus `extra` flags.
 pub fn start(extra: &[&str]) -> Handle {
-    let mut argv = vec![
-        "turnpike",
-        "--listen",
-        "127.0.0.1:0",
+    let mut argv = vec!["turnpike"];
+    if !extra.contains(&"--listen") {
+        argv.extend_from_slice(&["--listen", "127.0.0.1:0"]);
+    }
+    argv.extend_from_slice(&[
         "--tls-listen",
         "127.0.0.1:0",
         "--user",
@@ -33,7 +34,7 @@ pub fn start(extra: &[&str]) -> Handle {
         "test.example",
         "--log-level",
         "warn",
-    ];
+    ]);
     if !extra.contains(&"--threads") {
         argv.extend_from_slice(&["--threads", "2"]);
     }
