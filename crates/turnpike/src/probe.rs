@@ -16,6 +16,17 @@ use serde::Serialize;
 
 use crate::client::{binding, Channel, ClientError, ClientTransport, Received, TurnClient};
 
+static INTERRUPTED: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
+    std::sync::OnceLock::new();
+
+/// Whether Ctrl-C was pressed: probes stop between steps, delete what they
+/// allocated, and report what they have.
+fn interrupted() -> bool {
+    INTERRUPTED
+        .get()
+        .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+}
+
 /// `turnpike probe` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum ProbeCommand {
@@ -323,6 +334,9 @@ pub fn stun(a: &StunArgs) -> Result<Report> {
                 Err(e) => last_err = Some(ClientError::Io(e)),
                 Ok(mut ch) => {
                     for _ in 0..a.count.max(1) {
+                        if interrupted() {
+                            break;
+                        }
                         let (r, ms) = timed(|| binding(&mut ch, timeout));
                         match r {
                             Ok(m) => {
@@ -537,6 +551,9 @@ fn relay_checks(
         ms,
     );
     let steps_ok = (|| {
+        if interrupted() {
+            return false;
+        }
         let (r, ms) = timed(|| a.channel_bind(0x4000, alloc_b.relayed));
         if !push(
             "channel bind",
@@ -580,7 +597,19 @@ fn relay_checks(
                 )),
             }
         });
-        push("relay both ways", r, ms)
+        if !push("relay both ways", r, ms) || interrupted() {
+            return false;
+        }
+        // A local UDP peer, when the server allows this host's address.
+        let (r, ms) = timed(|| local_peer_check(&mut a, addr, timeout));
+        match r {
+            Err(ClientError::Error { code: 403, .. }) => push(
+                "local peer",
+                Ok("skipped: the server refuses this host's address as a peer (its policy); the relay between two allocations above covers relaying".into()),
+                ms,
+            ),
+            r => push("local peer", r, ms),
+        }
     })();
     let _ = steps_ok;
     let (r, ms) = timed(|| a.refresh(0).and_then(|_| b.refresh(0)));
@@ -790,6 +819,39 @@ pub fn nat(a: &NatArgs) -> Result<Report> {
     Ok(r)
 }
 
+/// Relays through allocation `a` to a UDP socket on this host and back.
+fn local_peer_check(
+    a: &mut TurnClient,
+    server: SocketAddr,
+    timeout: Duration,
+) -> Result<String, ClientError> {
+    let any: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .map_err(|_| ClientError::Protocol("address"))?;
+    // The address this host uses toward the server is where the relay can reach us.
+    let route = std::net::UdpSocket::bind(any)?;
+    route.connect(server)?;
+    let peer = std::net::UdpSocket::bind(SocketAddr::new(route.local_addr()?.ip(), 0))?;
+    peer.set_read_timeout(Some(timeout))?;
+    let peer_addr = peer.local_addr()?;
+    a.create_permission(&[peer_addr])?;
+    a.send_indication(peer_addr, b"probe to local peer")?;
+    let mut buf = [0u8; 512];
+    let (n, relayed) = peer.recv_from(&mut buf).map_err(|_| ClientError::Timeout)?;
+    if &buf[..n] != b"probe to local peer" {
+        return Err(ClientError::Protocol("the local peer received altered data"));
+    }
+    peer.send_to(b"reply from local peer", relayed)?;
+    match a.recv(timeout)? {
+        Received::Data { peer: p, data } if p == peer_addr && data == b"reply from local peer" => {
+            Ok(format!("Send indication to {peer_addr} and its reply came back"))
+        }
+        _ => Err(ClientError::Protocol(
+            "the local peer's reply did not come back as a Data indication",
+        )),
+    }
+}
+
 /// Prints a report, coloured on a terminal.
 pub fn print(r: &Report, json: bool) -> Result<()> {
     if json {
@@ -837,11 +899,24 @@ pub fn print(r: &Report, json: bool) -> Result<()> {
 
 /// Runs a probe command; the process exit status is 0 only if all passed.
 pub fn run(cmd: ProbeCommand) -> Result<bool> {
-    let (report, json) = match &cmd {
+    // First Ctrl-C: finish the current step, delete what was allocated,
+    // report. A second Ctrl-C exits at once.
+    let flag = INTERRUPTED.get_or_init(Default::default).clone();
+    signal_hook::flag::register_conditional_shutdown(signal_hook::consts::SIGINT, 130, flag.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, flag)?;
+    let (mut report, json) = match &cmd {
         ProbeCommand::Stun(a) => (stun(a)?, a.common.json),
         ProbeCommand::Turn(a) => (turn(a)?, a.common.json),
         ProbeCommand::Nat(a) => (nat(a)?, a.common.json),
     };
+    if interrupted() {
+        report.ok = false;
+        report
+            .advice
+            .push("interrupted (Ctrl-C): allocations made were deleted".into());
+        print(&report, json)?;
+        std::process::exit(130);
+    }
     print(&report, json)?;
     Ok(report.ok)
 }

@@ -162,7 +162,11 @@ fn stun_and_turn_pass_against_turnpike_and_coturn_alike() {
         passed(&co_turn),
         "the same checks pass on both servers"
     );
-    assert_eq!(passed(&tp_turn).len(), 12);
+    assert_eq!(passed(&tp_turn).len(), 14, "{tp_turn}");
+    assert!(
+        tp_turn["checks"].to_string().contains("its reply came back"),
+        "local peer relayed: {tp_turn}"
+    );
     h.shutdown();
 }
 
@@ -227,4 +231,39 @@ fn closed_port_and_refused_peer_give_advice() {
     assert_eq!(code, 1);
     assert!(advice(&v).contains("403 on the peer"), "{v}");
     h.shutdown();
+}
+
+#[test]
+fn ctrl_c_stops_cleanly_with_status_130() {
+    // A "server" that never answers: each Binding waits out its timeout.
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "stun:127.0.0.1:{}?transport=udp",
+        silent.local_addr().unwrap().port()
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args([
+            "probe",
+            "stun",
+            &url,
+            "--count",
+            "50",
+            "--timeout-ms",
+            "300",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on our own child's pid.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "exit status after Ctrl-C");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(advice(&v).contains("interrupted"), "{v}");
 }
