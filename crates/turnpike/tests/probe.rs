@@ -241,7 +241,7 @@ fn ctrl_c_stops_cleanly_with_status_130() {
         "stun:127.0.0.1:{}?transport=udp",
         silent.local_addr().unwrap().port()
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    let child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
         .args([
             "probe",
             "stun",
