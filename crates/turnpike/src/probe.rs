@@ -57,6 +57,10 @@ pub struct Common {
     /// Print JSON instead of a report.
     #[arg(long)]
     pub json: bool,
+    /// DNS server for SRV lookups [default: the first nameserver in
+    /// /etc/resolv.conf].
+    #[arg(long, value_name = "IP:PORT")]
+    pub dns_server: Option<SocketAddr>,
 }
 
 /// `probe stun`.
@@ -218,6 +222,9 @@ pub struct Report {
     pub uri: Uri,
     /// Addresses the host resolved to.
     pub addresses: Vec<SocketAddr>,
+    /// The SRV record used, if the URI had no port and one was found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub srv: Option<String>,
     /// Every check in order.
     pub checks: Vec<Check>,
     /// Overall advice drawn from the pattern of results.
@@ -229,13 +236,39 @@ pub struct Report {
     pub ok: bool,
 }
 
-fn resolve(uri: &Uri) -> Result<Vec<SocketAddr>> {
-    if let Ok(ip) = uri.host.parse::<IpAddr>() {
-        return Ok(vec![SocketAddr::new(ip, uri.port)]);
+/// The SRV service for a URI (RFC 7064 §3.3, RFC 7065 §3.3).
+fn srv_service(uri: &Uri) -> &'static str {
+    match (uri.scheme, uri.transport.as_deref()) {
+        (Scheme::Stun, _) => "_stun._udp",
+        (Scheme::Stuns, _) => "_stuns._tcp",
+        (Scheme::Turn, Some("tcp")) => "_turn._tcp",
+        (Scheme::Turn, _) => "_turn._udp",
+        (Scheme::Turns, _) => "_turns._tcp",
     }
-    let addrs: Vec<SocketAddr> = (uri.host.as_str(), uri.port)
+}
+
+/// Resolves a URI's host: an address literal as is; a name without a port
+/// through SRV first (when a nameserver answers), then A/AAAA, one address
+/// per family. Returns the addresses and a description of the SRV used.
+fn resolve(uri: &Uri, c: &Common) -> Result<(Vec<SocketAddr>, Option<String>)> {
+    if let Ok(ip) = uri.host.parse::<IpAddr>() {
+        return Ok((vec![SocketAddr::new(ip, uri.port)], None));
+    }
+    let (mut host, mut port, mut srv_used) = (uri.host.clone(), uri.port, None);
+    if !uri.explicit_port {
+        if let Some(ns) = c.dns_server.or_else(crate::dns::system_nameserver) {
+            let name = format!("{}.{}", srv_service(uri), uri.host);
+            let wait = Duration::from_millis(c.timeout_ms.min(1500));
+            if let Some(first) = crate::dns::lookup_srv(&name, ns, wait).and_then(|v| v.into_iter().next()) {
+                srv_used = Some(format!("{name} -> {}:{}", first.target, first.port));
+                host = first.target;
+                port = first.port;
+            }
+        }
+    }
+    let addrs: Vec<SocketAddr> = (host.as_str(), port)
         .to_socket_addrs()
-        .map_err(|e| anyhow::anyhow!("cannot resolve {}: {e}", uri.host))?
+        .map_err(|e| anyhow::anyhow!("cannot resolve {host}: {e}"))?
         .collect();
     // One address per family is enough for a diagnosis.
     let mut out = Vec::new();
@@ -245,9 +278,9 @@ fn resolve(uri: &Uri) -> Result<Vec<SocketAddr>> {
         }
     }
     if out.is_empty() {
-        bail!("{} resolved to no address", uri.host);
+        bail!("{host} resolved to no address");
     }
-    Ok(out)
+    Ok((out, srv_used))
 }
 
 fn transport_name(t: &ClientTransport) -> &'static str {
@@ -314,7 +347,7 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
 /// Runs `probe stun`.
 pub fn stun(a: &StunArgs) -> Result<Report> {
     let uri = parse_uri(&a.url, Scheme::Stun)?;
-    let addrs = resolve(&uri)?;
+    let (addrs, srv) = resolve(&uri, &a.common)?;
     let timeout = Duration::from_millis(a.common.timeout_ms);
     let transports: Vec<ClientTransport> = match (uri.scheme, uri.transport.as_deref()) {
         (Scheme::Stuns | Scheme::Turns, _) => vec![ClientTransport::Tls { pinned: None }],
@@ -380,7 +413,9 @@ pub fn stun(a: &StunArgs) -> Result<Report> {
             checks.push(check);
         }
     }
-    Ok(finish(uri, addrs, checks))
+    let mut r = finish(uri, addrs, checks);
+    r.srv = srv;
+    Ok(r)
 }
 
 fn finish(uri: Uri, addresses: Vec<SocketAddr>, checks: Vec<Check>) -> Report {
@@ -409,6 +444,7 @@ fn finish(uri: Uri, addresses: Vec<SocketAddr>, checks: Vec<Check>) -> Report {
     Report {
         uri,
         addresses,
+        srv: None,
         checks,
         advice,
         verdict: None,
@@ -419,7 +455,7 @@ fn finish(uri: Uri, addresses: Vec<SocketAddr>, checks: Vec<Check>) -> Report {
 /// Runs `probe turn`.
 pub fn turn(a: &TurnArgs) -> Result<Report> {
     let uri = parse_uri(&a.url, Scheme::Turn)?;
-    let addrs = resolve(&uri)?;
+    let (addrs, srv) = resolve(&uri, &a.common)?;
     let timeout = Duration::from_millis(a.common.timeout_ms);
     let (user, password) = match (&a.user, &a.password, &a.secret) {
         (_, _, Some(secret)) => {
@@ -461,7 +497,9 @@ pub fn turn(a: &TurnArgs) -> Result<Report> {
             relay_checks(&t, target, &user, &password, timeout, &mut checks);
         }
     }
-    Ok(finish(uri, addrs, checks))
+    let mut r = finish(uri, addrs, checks);
+    r.srv = srv;
+    Ok(r)
 }
 
 /// Records one step's outcome; returns whether it passed.
@@ -682,7 +720,7 @@ fn nat_binding(
 /// the hairpinning test of §4.5.
 pub fn nat(a: &NatArgs) -> Result<Report> {
     let uri = parse_uri(&a.url, Scheme::Stun)?;
-    let addrs = resolve(&uri)?;
+    let (addrs, _) = resolve(&uri, &a.common)?;
     let server = addrs[0];
     let timeout = Duration::from_millis(a.common.timeout_ms);
     let any: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;

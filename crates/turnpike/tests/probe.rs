@@ -267,3 +267,55 @@ fn ctrl_c_stops_cleanly_with_status_130() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(advice(&v).contains("interrupted"), "{v}");
 }
+
+#[test]
+fn srv_records_are_used_when_no_port_is_given() {
+    let h = common::start(&[]);
+    let port = h.listen[0].port();
+    // A DNS server on loopback that answers every SRV query with 127.0.0.1:PORT.
+    let dns = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dns_addr = dns.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        dns.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let (n, from) = dns.recv_from(&mut buf).unwrap();
+        let q = &buf[..n];
+        let mut r = q.to_vec();
+        r[2] = 0x81;
+        r[3] = 0x80;
+        r[6..8].copy_from_slice(&1u16.to_be_bytes());
+        r.extend_from_slice(&[0xC0, 12, 0, 33, 0, 1, 0, 0, 0, 60]);
+        let mut rdata = vec![0, 10, 0, 5];
+        rdata.extend_from_slice(&port.to_be_bytes());
+        for l in ["127", "0", "0", "1"] {
+            rdata.push(l.len() as u8);
+            rdata.extend_from_slice(l.as_bytes());
+        }
+        rdata.push(0);
+        r.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+        r.extend_from_slice(&rdata);
+        dns.send_to(&r, from).unwrap();
+        // The question asked for the right service name.
+        String::from_utf8_lossy(&q[12..]).into_owned()
+    });
+    let (code, v) = probe(&[
+        "stun",
+        "stun:stun.example.test",
+        "--count",
+        "1",
+        "--dns-server",
+        &dns_addr.to_string(),
+    ]);
+    let question = server.join().unwrap();
+    assert!(
+        question.contains("_stun") && question.contains("_udp") && question.contains("example"),
+        "{question:?}"
+    );
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(
+        v["srv"],
+        format!("_stun._udp.stun.example.test -> 127.0.0.1:{port}"),
+        "{v}"
+    );
+    h.shutdown();
+}
