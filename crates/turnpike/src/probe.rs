@@ -44,6 +44,11 @@ pub enum ProbeCommand {
 pub struct NatArgs {
     /// stun:HOST[:PORT] of a server with RFC 5780 enabled.
     pub url: String,
+    /// Also estimate how long the NAT keeps an idle UDP binding (RFC 5780
+    /// §4.6), trying idle times of 1, 2, 4, ... seconds up to SECS. Slow by
+    /// nature: it waits that long.
+    #[arg(long, value_name = "SECS")]
+    pub lifetime: Option<u64>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -674,33 +679,43 @@ fn nat_binding(
     change: u8,
     timeout: Duration,
 ) -> Option<NatAnswer> {
-    use stun_proto::{attr, method, Class, Message, MessageBuilder, MessageType};
+    use stun_proto::{attr, method, Class, MessageBuilder, MessageType};
     let txid: [u8; 12] = rand::random();
     let mut req = Vec::new();
     let mut b = MessageBuilder::new(&mut req, MessageType::new(method::BINDING, Class::Request), &txid);
     if change != 0 {
         b.attr(attr::CHANGE_REQUEST, &[0, 0, 0, change]);
     }
+    nat_exchange(sock, to, &req, &txid, timeout)
+}
+
+/// Sends `req` (retransmitting) and waits for the response with `txid`.
+fn nat_exchange(
+    sock: &std::net::UdpSocket,
+    to: SocketAddr,
+    req: &[u8],
+    txid: &[u8; 12],
+    timeout: Duration,
+) -> Option<NatAnswer> {
+    use stun_proto::{attr, Message};
     let end = Instant::now() + timeout;
     let mut rto = Duration::from_millis(200);
     let mut buf = [0u8; 2048];
     while Instant::now() < end {
-        sock.send_to(&req, to).ok()?;
+        sock.send_to(req, to).ok()?;
         let wait_until = (Instant::now() + rto).min(end);
         while Instant::now() < wait_until {
-            sock.set_read_timeout(Some(
-                wait_until
-                    .saturating_duration_since(Instant::now())
-                    .max(Duration::from_millis(1)),
-            ))
-            .ok()?;
+            let left = wait_until
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            sock.set_read_timeout(Some(left)).ok()?;
             let Ok((n, from)) = sock.recv_from(&mut buf) else {
                 break;
             };
             let Ok(m) = Message::parse(&buf[..n]) else {
                 continue;
             };
-            if m.transaction_id() != txid {
+            if &m.transaction_id() != txid {
                 continue;
             }
             let mapped = m.get_xor_addr(attr::XOR_MAPPED_ADDRESS)?.ok()?;
@@ -841,6 +856,10 @@ pub fn nat(a: &NatArgs) -> Result<Report> {
         }
         .into(),
     );
+    if let Some(max) = a.lifetime {
+        let detail = binding_lifetime(server, any, max, timeout)?;
+        push("binding lifetime", true, detail);
+    }
     let verdict = if !behind_nat || mapping == "endpoint-independent" {
         if filtering == "address-and-port-dependent" && behind_nat {
             "direct connections will usually work with ICE hole punching (endpoint-independent mapping); a relay is needed only against peers behind symmetric NATs"
@@ -888,6 +907,45 @@ fn local_peer_check(
             "the local peer's reply did not come back as a Data indication",
         )),
     }
+}
+
+/// RFC 5780 §4.6: socket X learns its mapping, idles for T, then socket Y
+/// asks the server (RESPONSE-PORT) to answer to X's mapped port. If X hears
+/// it, the binding outlived T. T doubles from 1 s up to `max`.
+fn binding_lifetime(server: SocketAddr, any: SocketAddr, max: u64, timeout: Duration) -> Result<String> {
+    use stun_proto::{attr, method, Class, MessageBuilder, MessageType};
+    let mut alive = 0u64;
+    let mut t = 1u64;
+    while t <= max.max(1) {
+        if interrupted() {
+            break;
+        }
+        let x = std::net::UdpSocket::bind(any)?;
+        let y = std::net::UdpSocket::bind(any)?;
+        let Some(first) = nat_binding(&x, server, 0, timeout) else {
+            return Ok("unknown: the server stopped answering".into());
+        };
+        std::thread::sleep(Duration::from_secs(t));
+        let txid: [u8; 12] = rand::random();
+        let mut req = Vec::new();
+        MessageBuilder::new(&mut req, MessageType::new(method::BINDING, Class::Request), &txid).attr(
+            attr::RESPONSE_PORT,
+            &[(first.mapped.port() >> 8) as u8, first.mapped.port() as u8, 0, 0],
+        );
+        y.send_to(&req, server)?;
+        // The answer must reach X, through X's (possibly expired) mapping.
+        x.set_read_timeout(Some(timeout))?;
+        let mut buf = [0u8; 1024];
+        let heard = matches!(x.recv_from(&mut buf), Ok((n, _)) if n >= 20 && buf[8..20] == txid);
+        if !heard {
+            return Ok(format!(
+                "between {alive} and {t} s: an idle UDP binding was gone after {t} s; keepalives must come more often"
+            ));
+        }
+        alive = t;
+        t *= 2;
+    }
+    Ok(format!("at least {alive} s (the longest idle time tried)"))
 }
 
 /// Prints a report, coloured on a terminal.

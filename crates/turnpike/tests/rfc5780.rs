@@ -87,6 +87,21 @@ fn probe_nat_against_turnpike_and_coturn() {
     let (code, tp) = probe_nat(&format!("stun:127.0.0.1:{p}"));
     assert_eq!(code, 0, "{tp}");
     assert_eq!(tp["verdict"], "direct connections will usually work", "{tp}");
+    // Binding lifetime: no NAT on loopback, so the binding lasts.
+    let out = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args([
+            "probe",
+            "nat",
+            &format!("stun:127.0.0.1:{p}"),
+            "--lifetime",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    assert!(v["checks"].to_string().contains("at least 2 s"), "{v}");
     h.shutdown();
 
     // Without RFC 5780 the probe says so and fails.
