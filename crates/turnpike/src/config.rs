@@ -176,6 +176,15 @@ pub struct ServeArgs {
     /// The second port for RFC 5780 [default: the listen port + 1].
     #[arg(long, value_name = "N")]
     pub alt_port: Option<u16>,
+
+    /// Log format: text or json (one JSON object per line) [default: text].
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+
+    /// Hide client and peer IP addresses and usernames in logs, replacing
+    /// each with a keyed hash (stable for this run, so lines still correlate).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub redact: Option<bool>,
 }
 
 macro_rules! merge_fields {
@@ -220,7 +229,7 @@ impl ServeArgs {
                  threads, log_level, software, rfc5766_channel_numbers, nonce_lifetime,
                  user_quota, total_quota, max_bps, user_max_bps, rate_limit_per_ip,
                  auth_fail_limit, auth_block_secs, max_connections, handshake_timeout, idle_timeout,
-                 rfc5780, alt_ip, alt_port;
+                 rfc5780, alt_ip, alt_port, log_format, redact;
             vec: listen, tls_listen, relay_ip, external_ip, user, auth_secret, allow_peer, deny_peer);
     }
 }
@@ -304,6 +313,10 @@ pub struct Settings {
     pub idle_timeout: std::time::Duration,
     /// RFC 5780: the primary listen address and the alternate IP and port.
     pub rfc5780: Option<(SocketAddr, IpAddr, Option<u16>)>,
+    /// Log lines as JSON.
+    pub log_json: bool,
+    /// Redact IPs and usernames in logs.
+    pub redact: bool,
 }
 
 fn ipv6_available() -> bool {
@@ -515,6 +528,11 @@ impl Settings {
             }
             None
         };
+        let log_json = match a.log_format.as_deref() {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(other) => bail!("log-format \"{other}\": use text or json"),
+        };
         let auth_block_secs = a.auth_block_secs.unwrap_or(300);
         if auth_block_secs == 0 {
             bail!("auth-block-secs: must be at least 1 second (default 300); use auth-fail-limit = 0 to turn the guard off");
@@ -551,6 +569,8 @@ impl Settings {
             handshake_timeout: std::time::Duration::from_secs(handshake_timeout),
             idle_timeout: std::time::Duration::from_secs(idle_timeout),
             rfc5780,
+            log_json,
+            redact: a.redact.unwrap_or(false),
         })
     }
 }

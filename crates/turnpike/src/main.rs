@@ -69,12 +69,17 @@ impl std::io::Write for LossyStderr {
 
 fn serve(args: ServeArgs) -> Result<()> {
     let settings = Settings::from_args(args.load()?)?;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&settings.log_level))
         .with_target(false)
-        .with_writer(|| LossyStderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(|| LossyStderr);
+    if settings.log_json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     // Signals are caught before anything starts, so a SIGTERM during
     // start-up stops the server cleanly instead of killing it mid-way.
     let mut signals =

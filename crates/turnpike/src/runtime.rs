@@ -320,6 +320,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
 
     let flag = Arc::new(AtomicBool::new(false));
     let reservations = Arc::new(Mutex::new(Reservations::default()));
+    let redactor = Redactor::new(settings.redact);
     let mut wakers = Vec::new();
     let mut threads = Vec::new();
     for (id, sockets) in per_worker.into_iter().enumerate() {
@@ -348,6 +349,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
                     handshake_timeout: settings.handshake_timeout,
                     idle_timeout: settings.idle_timeout,
                 },
+                redact: redactor.clone(),
             },
         )?;
         threads.push(
@@ -382,6 +384,36 @@ impl Reservations {
     }
 }
 
+/// Hides client-identifying values in logs (`--redact`): each value becomes
+/// a short keyed hash, stable for the process's life, so lines about one
+/// client still correlate but the address or name is not written down.
+#[derive(Clone)]
+pub struct Redactor {
+    key: Option<u64>,
+}
+
+impl Redactor {
+    /// `on`: redact with a fresh random key.
+    pub fn new(on: bool) -> Self {
+        Redactor {
+            key: on.then(rand::random),
+        }
+    }
+
+    /// The value, or its redacted stand-in.
+    pub fn show(&self, v: &dyn std::fmt::Display) -> String {
+        match self.key {
+            None => v.to_string(),
+            Some(k) => {
+                use std::hash::{BuildHasher, Hasher};
+                let mut h = ahash::RandomState::with_seeds(k, k ^ 0x9E37_79B9, 7, 11).build_hasher();
+                h.write(v.to_string().as_bytes());
+                format!("redacted:{:08x}", h.finish() as u32)
+            }
+        }
+    }
+}
+
 /// What a worker is given besides its sockets and core.
 struct WorkerParams {
     relay: RelayConfig,
@@ -389,6 +421,7 @@ struct WorkerParams {
     stop: Arc<AtomicBool>,
     reservations: Arc<Mutex<Reservations>>,
     limits: ConnLimits,
+    redact: Redactor,
 }
 
 /// Limits on TCP/TLS connections, per worker.
@@ -474,7 +507,7 @@ impl Conn {
                     Err(_) => return ReadStep::Closed,
                 }
                 if let Err(e) = tls.process_new_packets() {
-                    debug!(client = %self.tuple.client, error = %e, "TLS error");
+                    debug!(error = %e, "TLS error; closing the connection");
                     // Send the alert rustls queued, then close.
                     let _ = tls.write_tls(&mut self.wbuf);
                     let _ = self.stream.write(&self.wbuf);
@@ -690,6 +723,7 @@ struct Worker {
     buf: Vec<u8>,
     batch: crate::udp_batch::RecvBatch,
     limits: ConnLimits,
+    redact: Redactor,
     pending: usize,
     next_sweep: Instant,
 }
@@ -702,6 +736,7 @@ impl Worker {
             stop,
             reservations,
             limits,
+            redact,
         } = p;
         let registry = poll.registry().try_clone()?;
         let mut io = Io {
@@ -739,6 +774,7 @@ impl Worker {
             buf: vec![0u8; 65536],
             batch: crate::udp_batch::RecvBatch::new(),
             limits,
+            redact,
             pending: 0,
             next_sweep: Instant::now() + SWEEP_INTERVAL,
         })
@@ -874,7 +910,7 @@ impl Worker {
                 || self.pending >= self.limits.max_pending
             {
                 // Dropping the stream closes it at once.
-                debug!(%client, "connection limit reached; closing");
+                debug!(client = %self.redact.show(&client), "connection limit reached; closing");
                 continue;
             }
             let _ = stream.set_nodelay(true);
@@ -1013,7 +1049,13 @@ impl Worker {
             let idle = now.saturating_duration_since(c.last_rx) > l.idle_timeout
                 && !self.core.has_allocation(&c.tuple);
             if stalled || slow || idle {
-                debug!(client = %c.tuple.client, stalled, slow, idle, "closing connection on timeout");
+                debug!(
+                    client = %self.redact.show(&c.tuple.client),
+                    stalled,
+                    slow,
+                    idle,
+                    "closing connection on timeout"
+                );
                 doomed.push(key);
             }
         }
@@ -1076,6 +1118,7 @@ impl Worker {
     }
 
     fn log_events(&mut self) {
+        let r = &self.redact;
         while let Some(ev) = self.core.poll_event() {
             match ev {
                 Event::AllocationCreated {
@@ -1084,9 +1127,9 @@ impl Worker {
                     relayed,
                     lifetime,
                 } => info!(
-                    client = %tuple.client,
+                    client = %r.show(&tuple.client),
                     transport = tuple.transport.as_str(),
-                    user = ?username,
+                    user = ?r.show(&username),
                     relayed = %relayed,
                     lifetime_s = lifetime.as_secs(),
                     "allocation created"
@@ -1099,9 +1142,9 @@ impl Worker {
                     stats,
                     age,
                 } => info!(
-                    client = %tuple.client,
+                    client = %r.show(&tuple.client),
                     transport = tuple.transport.as_str(),
-                    user = ?username,
+                    user = ?r.show(&username),
                     relayed = %relayed,
                     reason = match reason {
                         CloseReason::Expired => "expired",
@@ -1118,8 +1161,8 @@ impl Worker {
                 // Usernames come from the network: `?` escapes control
                 // characters, so a crafted name cannot forge log lines.
                 Event::AuthBlocked { client, username } => warn!(
-                    %client,
-                    user = ?username,
+                    client = %r.show(&client),
+                    user = ?r.show(&username),
                     "repeated authentication failures: username/source blocked for a while"
                 ),
                 Event::PeerRefused {
@@ -1128,9 +1171,9 @@ impl Worker {
                     peer,
                     reason,
                 } => info!(
-                    client = %tuple.client,
-                    user = ?username,
-                    %peer,
+                    client = %r.show(&tuple.client),
+                    user = ?r.show(&username),
+                    peer = %r.show(&peer),
                     reason = ?reason,
                     "peer refused by policy"
                 ),

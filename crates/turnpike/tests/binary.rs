@@ -292,3 +292,96 @@ fn usernames_cannot_forge_log_lines() {
         "a forged line appeared"
     );
 }
+
+/// Starts the binary with `extra`, makes one allocation as carol and
+/// deletes it, and returns every stderr line.
+fn log_lines_of_one_session(extra: &[&str]) -> Vec<String> {
+    let mut child = bin()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-tls",
+            "--user",
+            "carol:c4r0l",
+            "--threads",
+            "1",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(child.stderr.take().unwrap());
+    let child = Server(Some(child));
+    let mut seen = Vec::new();
+    let started = wait_for(&err, "turnpike started", &mut seen);
+    let addr: SocketAddr = if started.starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(&started).unwrap();
+        v["listen"]
+            .as_str()
+            .unwrap()
+            .trim_matches(['[', ']'])
+            .parse()
+            .unwrap()
+    } else {
+        listen_addr(&started)
+    };
+    let mut c = TurnClient::new(
+        Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(3)).unwrap(),
+        "carol",
+        "c4r0l",
+    );
+    c.allocate().unwrap();
+    c.refresh(0).unwrap();
+    wait_for(&err, "allocation deleted", &mut seen);
+    sigterm_and_wait(child);
+    seen.extend(err.try_iter());
+    seen
+}
+
+#[test]
+fn json_logs_one_object_per_line() {
+    let lines = log_lines_of_one_session(&["--log-format", "json"]);
+    let events: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let created = events
+        .iter()
+        .find(|e| e["message"] == "allocation created")
+        .expect("a session-start event");
+    assert_eq!(created["user"], "\"carol\"");
+    assert!(created["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    let deleted = events
+        .iter()
+        .find(|e| e["message"] == "allocation deleted")
+        .expect("a session-end event");
+    assert!(
+        deleted["bytes_to_peers"].is_u64() && deleted["packets_from_peers"].is_u64(),
+        "{deleted}"
+    );
+}
+
+#[test]
+fn redact_hides_client_addresses_and_usernames() {
+    let lines = log_lines_of_one_session(&["--redact"]);
+    let session: Vec<&String> = lines.iter().filter(|l| l.contains("allocation")).collect();
+    assert_eq!(session.len(), 2, "{lines:?}");
+    for l in &session {
+        assert!(!l.contains("carol"), "username in: {l}");
+        assert!(!l.contains("client=127.0.0.1"), "client address in: {l}");
+        assert!(l.contains("redacted:"), "{l}");
+    }
+    // The same client is the same token in both lines.
+    let token = |l: &str| {
+        l.split("client=")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(token(session[0]), token(session[1]));
+}
