@@ -385,3 +385,58 @@ fn redact_hides_client_addresses_and_usernames() {
     };
     assert_eq!(token(session[0]), token(session[1]));
 }
+
+#[test]
+fn example_config_loads_and_documents_every_option() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/turnpike.toml");
+    let args = turnpike::config::ServeArgs::from_file(&path).expect("deploy/turnpike.toml loads");
+    let settings = turnpike::config::Settings::from_args(args).expect("and validates");
+    assert_eq!(settings.realm, "example.org");
+    // Every long option of `serve --help` appears in the file, set or
+    // commented, so the example cannot fall behind the flags.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let help = String::from_utf8(bin().args(["serve", "--help"]).output().unwrap().stdout).unwrap();
+    let options: Vec<&str> = help
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("--"))
+        .map(|rest| rest.split([' ', '=', '[', '<']).next().unwrap())
+        .collect();
+    assert!(options.len() > 30, "parsed the options of --help: {options:?}");
+    for key in options {
+        if ["help", "config", ""].contains(&key) {
+            continue;
+        }
+        assert!(
+            text.contains(&format!("{key} =")),
+            "deploy/turnpike.toml does not document {key}"
+        );
+    }
+}
+
+#[test]
+fn systemd_unit_verifies() {
+    let analyze = std::path::Path::new("/usr/bin/systemd-analyze");
+    assert!(
+        analyze.exists(),
+        "systemd-analyze not found (Debian package systemd)"
+    );
+    let unit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/turnpike.service");
+    // Point ExecStart at the binary under test so verify can check it.
+    let dir = std::env::temp_dir().join(format!("turnpike-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = std::fs::read_to_string(&unit)
+        .unwrap()
+        .replace("/usr/local/bin/turnpike", env!("CARGO_BIN_EXE_turnpike"));
+    let copy = dir.join("turnpike.service");
+    std::fs::write(&copy, text).unwrap();
+    let out = Command::new(analyze).arg("verify").arg(&copy).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Complaints about this machine's own units (no systemd running) are
+    // not ours; anything naming our unit is.
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("turnpike.service"))
+        .collect();
+    assert!(ours.is_empty(), "systemd-analyze verify: {stderr}");
+    assert!(out.status.success(), "systemd-analyze verify failed: {stderr}");
+}
