@@ -306,6 +306,12 @@ pub struct Config {
     /// Slots in each fixed per-source table (rate limits, brute-force
     /// guard), allocated once per worker.
     pub source_slots: usize,
+    /// Set while the server drains: new allocations are refused (300 with
+    /// ALTERNATE-SERVER when `alternate_servers` has one of the family,
+    /// else 508); existing ones carry on. Shared by all workers.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Where draining sends new clients (RFC 8489 §14.15 ALTERNATE-SERVER).
+    pub alternate_servers: Vec<SocketAddr>,
     /// RFC 5780 NAT behaviour discovery: the server's two IPs and two ports
     /// (it listens on all four combinations over UDP). `None`: off, and
     /// CHANGE-REQUEST, RESPONSE-PORT and PADDING are answered with 420.
@@ -349,6 +355,8 @@ impl Config {
             user_max_bps: 0,
             source_slots: 1 << 16,
             rfc5780: None,
+            draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            alternate_servers: Vec::new(),
             epoch,
             unix_at_epoch,
         }
@@ -485,6 +493,8 @@ enum Reply {
         lifetime: u32,
     },
     Ok,
+    /// 300 Try Alternate with ALTERNATE-SERVER (draining).
+    TryAlternate(SocketAddr),
     /// RFC 5780 Binding success: RESPONSE-ORIGIN, OTHER-ADDRESS, PADDING.
     Binding5780 {
         origin: SocketAddr,
@@ -1098,6 +1108,22 @@ impl Server {
             Some([]) => return Reply::Error(400),
             Some(v) => (true, v[0] & 0x80 != 0),
         };
+        // Draining (operator's drain): no new allocations here.
+        if self.cfg.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            let family_v6 = tuple.server.is_ipv6();
+            return match self
+                .cfg
+                .alternate_servers
+                .iter()
+                .find(|a| a.is_ipv6() == family_v6)
+            {
+                Some(alt) => Reply::TryAlternate(*alt),
+                None => {
+                    self.counters.capacity += 1;
+                    Reply::Error(508)
+                }
+            };
+        }
         // Every check that can fail comes before the quota is taken, so no
         // error path below has to give it back (the fuzzer found one that
         // did not).
@@ -1393,7 +1419,7 @@ impl Server {
             _ => None,
         };
         let class = match reply {
-            Reply::Error(_) | Reply::Unknown(..) => Class::Error,
+            Reply::Error(_) | Reply::Unknown(..) | Reply::TryAlternate(_) => Class::Error,
             _ => Class::Success,
         };
         let mut b = MessageBuilder::new(&mut self.out, MessageType::new(typ.method, class), &txid);
@@ -1411,6 +1437,10 @@ impl Server {
                         .attr(attr::NONCE, n)
                         .attr(attr::PASSWORD_ALGORITHMS, &OFFERED_ALGORITHMS);
                 }
+            }
+            Reply::TryAlternate(alt) => {
+                b.error_code(300, reason_phrase(300))
+                    .addr(attr::ALTERNATE_SERVER, alt);
             }
             Reply::Unknown(list, n) => {
                 b.error_code(420, reason_phrase(420))

@@ -536,3 +536,43 @@ fn channel_data_longer_than_its_datagram_is_dropped() {
     // A 0x5000 channel number in ChannelData (not bindable) goes nowhere.
     assert!(h.send(udp(), &channel_data(0x5000, b"x")).is_none());
 }
+
+// ---- Drain ----
+
+#[test]
+fn draining_refuses_new_allocations_and_keeps_existing_ones() {
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let f = flag.clone();
+    let mut h = Harness::with(|c| c.draining = f.clone());
+    let mut old = Client::new(udp(), "alice", "wonderland");
+    old.allocate(&mut h);
+    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut new = Client::new(tuple(Transport::Udp, "203.0.113.5:40100"), "alice", "wonderland");
+    let resp = new.request(&mut h, method::ALLOCATE, &|b| {
+        b.u32(attr::REQUESTED_TRANSPORT, TRANSPORT_UDP);
+    });
+    assert_eq!(code(&resp), Some(508));
+    assert!(
+        is_success(&old.refresh(&mut h, None)),
+        "existing allocations carry on"
+    );
+    assert!(is_success(&old.permit(&mut h, "8.8.8.8:1")));
+
+    // With an alternate server: 300 Try Alternate, signed.
+    let f = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut h = Harness::with(|c| {
+        c.draining = f.clone();
+        c.alternate_servers = vec!["192.0.2.99:3478".parse().unwrap()];
+    });
+    let mut c = Client::new(udp(), "alice", "wonderland");
+    let resp = c.request(&mut h, method::ALLOCATE, &|b| {
+        b.u32(attr::REQUESTED_TRANSPORT, TRANSPORT_UDP);
+    });
+    let m = Message::parse(&resp).unwrap();
+    assert_eq!(m.error_code().unwrap().0, 300);
+    assert_eq!(
+        m.get_addr(attr::ALTERNATE_SERVER).unwrap().unwrap(),
+        "192.0.2.99:3478".parse().unwrap()
+    );
+    assert!(m.verify_integrity(&c.key()));
+}

@@ -177,6 +177,17 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub alt_port: Option<u16>,
 
+    /// Where a draining server sends new clients (300 ALTERNATE-SERVER);
+    /// repeatable, one per family. Without it, draining answers 508.
+    #[arg(long, value_name = "IP:PORT")]
+    #[serde(default)]
+    pub alternate_server: Vec<SocketAddr>,
+
+    /// Seconds SIGTERM waits for allocations to end before closing them
+    /// (0: close at once) [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub drain_timeout: Option<u64>,
+
     /// Log format: text or json (one JSON object per line) [default: text].
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -229,8 +240,9 @@ impl ServeArgs {
                  threads, log_level, software, rfc5766_channel_numbers, nonce_lifetime,
                  user_quota, total_quota, max_bps, user_max_bps, rate_limit_per_ip,
                  auth_fail_limit, auth_block_secs, max_connections, handshake_timeout, idle_timeout,
-                 rfc5780, alt_ip, alt_port, log_format, redact;
-            vec: listen, tls_listen, relay_ip, external_ip, user, auth_secret, allow_peer, deny_peer);
+                 rfc5780, alt_ip, alt_port, log_format, redact, drain_timeout;
+            vec: listen, tls_listen, relay_ip, external_ip, user, auth_secret, allow_peer, deny_peer,
+                 alternate_server);
     }
 }
 
@@ -317,6 +329,10 @@ pub struct Settings {
     pub log_json: bool,
     /// Redact IPs and usernames in logs.
     pub redact: bool,
+    /// ALTERNATE-SERVER addresses for draining.
+    pub alternate_server: Vec<SocketAddr>,
+    /// How long SIGTERM waits for allocations to end.
+    pub drain_timeout: std::time::Duration,
 }
 
 fn ipv6_available() -> bool {
@@ -571,6 +587,8 @@ impl Settings {
             rfc5780,
             log_json,
             redact: a.redact.unwrap_or(false),
+            alternate_server: a.alternate_server,
+            drain_timeout: std::time::Duration::from_secs(a.drain_timeout.unwrap_or(30)),
         })
     }
 }

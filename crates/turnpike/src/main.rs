@@ -82,8 +82,11 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     // Signals are caught before anything starts, so a SIGTERM during
     // start-up stops the server cleanly instead of killing it mid-way.
-    let mut signals =
-        signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGUSR1,
+    ])?;
     let handle = turnpike::runtime::start(&settings)?;
     let auth = match (
         &settings.demo_user,
@@ -131,11 +134,52 @@ fn serve(args: ServeArgs) -> Result<()> {
         let _ = std::io::Write::flush(&mut out);
     }
     let stopper = handle.stopper();
+    let drain_timeout = settings.drain_timeout;
     std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            // Stop first: nothing after this line may keep the server up.
-            stopper.stop();
-            info!(signal = sig, "shutting down");
+        // SIGUSR1: drain. SIGTERM: drain, then exit when the last allocation
+        // ends or drain-timeout passes. SIGINT, or a second SIGTERM: now.
+        let mut deadline: Option<std::time::Instant> = None;
+        let mut last_report = std::time::Instant::now();
+        loop {
+            for sig in signals.pending() {
+                match sig {
+                    signal_hook::consts::SIGUSR1 => {
+                        stopper.drain();
+                        info!(
+                            allocations = stopper.allocations(),
+                            "draining: new allocations are refused"
+                        );
+                    }
+                    signal_hook::consts::SIGTERM if deadline.is_none() => {
+                        stopper.drain();
+                        deadline = Some(std::time::Instant::now() + drain_timeout);
+                        info!(
+                            allocations = stopper.allocations(),
+                            timeout_s = drain_timeout.as_secs(),
+                            "SIGTERM: draining, then stopping"
+                        );
+                    }
+                    _ => {
+                        // Stop first: nothing after this line may keep the server up.
+                        stopper.stop();
+                        info!(signal = sig, "shutting down");
+                        return;
+                    }
+                }
+            }
+            if let Some(d) = deadline {
+                let left = stopper.allocations();
+                if left == 0 || std::time::Instant::now() >= d {
+                    stopper.stop();
+                    info!(allocations_closed = left, "drain finished; shutting down");
+                    return;
+                }
+                if last_report.elapsed() >= std::time::Duration::from_secs(5) {
+                    info!(allocations = left, "draining");
+                    last_report = std::time::Instant::now();
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
     });
     let panicked = handle.join();

@@ -67,9 +67,27 @@ pub struct Handle {
 pub struct Stopper {
     flag: Arc<AtomicBool>,
     wakers: Vec<Arc<Waker>>,
+    draining: Arc<AtomicBool>,
+    quotas: Arc<turn_core::limits::Quotas>,
 }
 
 impl Stopper {
+    /// Starts draining: new allocations are refused (300 or 508), existing
+    /// ones carry on.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the server is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Allocations held across all workers.
+    pub fn allocations(&self) -> usize {
+        self.quotas.total()
+    }
+
     /// Asks every worker to close its allocations and exit.
     pub fn stop(&self) {
         self.flag.store(true, Ordering::SeqCst);
@@ -317,6 +335,9 @@ pub fn start(settings: &Settings) -> Result<Handle> {
     core_cfg.max_bps = settings.max_bps;
     core_cfg.user_max_bps = settings.user_max_bps;
     core_cfg.rfc5780 = rfc5780;
+    core_cfg.alternate_servers = settings.alternate_server.clone();
+    let draining = core_cfg.draining.clone();
+    let quotas = core_cfg.quotas.clone();
 
     let flag = Arc::new(AtomicBool::new(false));
     let reservations = Arc::new(Mutex::new(Reservations::default()));
@@ -364,7 +385,12 @@ pub fn start(settings: &Settings) -> Result<Handle> {
         alt_listen,
         tls_fingerprint: tls_setup.as_ref().map(|t| t.fingerprint.clone()),
         tls_leaf: tls_setup.as_ref().map(|t| t.leaf.to_vec()),
-        stop: Stopper { flag, wakers },
+        stop: Stopper {
+            flag,
+            wakers,
+            draining,
+            quotas,
+        },
         threads,
     })
 }

@@ -152,7 +152,7 @@ fn config_file_and_sigterm() {
     let cfg = dir.join("turnpike.toml");
     std::fs::write(
         &cfg,
-        "listen = [\"127.0.0.1:0\"]\nno-tls = true\nrealm = \"file.example\"\nuser = [\"carol:c4r0l\"]\nthreads = 1\n",
+        "listen = [\"127.0.0.1:0\"]\nno-tls = true\nrealm = \"file.example\"\nuser = [\"carol:c4r0l\"]\nthreads = 1\ndrain-timeout = 0\n",
     )
     .unwrap();
     let mut child = bin()
@@ -366,7 +366,10 @@ fn json_logs_one_object_per_line() {
 #[test]
 fn redact_hides_client_addresses_and_usernames() {
     let lines = log_lines_of_one_session(&["--redact"]);
-    let session: Vec<&String> = lines.iter().filter(|l| l.contains("allocation")).collect();
+    let session: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("allocation created") || l.contains("allocation deleted"))
+        .collect();
     assert_eq!(session.len(), 2, "{lines:?}");
     for l in &session {
         assert!(!l.contains("carol"), "username in: {l}");
@@ -439,4 +442,83 @@ fn systemd_unit_verifies() {
         .collect();
     assert!(ours.is_empty(), "systemd-analyze verify: {stderr}");
     assert!(out.status.success(), "systemd-analyze verify failed: {stderr}");
+}
+
+#[test]
+fn drain_refuses_new_allocations_then_exits_after_the_last_one() {
+    let mut child = bin()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-tls",
+            "--user",
+            "a:b",
+            "--threads",
+            "1",
+        ])
+        .args(["--drain-timeout", "20", "--allow-loopback-peers"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(child.stderr.take().unwrap());
+    let mut child = Server(Some(child));
+    let mut seen = Vec::new();
+    let addr = listen_addr(&wait_for(&err, "turnpike started", &mut seen));
+    let connect = || {
+        TurnClient::new(
+            Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(3)).unwrap(),
+            "a",
+            "b",
+        )
+    };
+    let mut held = connect();
+    held.allocate().unwrap();
+    let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    held.channel_bind(0x4000, peer.local_addr().unwrap()).unwrap();
+
+    let pid = child.0.as_ref().unwrap().id() as i32;
+    // SAFETY: kill(2) on our own child's pid.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pid, libc::SIGUSR1);
+    }
+    wait_for(&err, "draining", &mut seen);
+    let mut newcomer = connect();
+    match newcomer.allocate() {
+        Err(turnpike::client::ClientError::Error { code: 508, .. }) => {}
+        other => panic!("a draining server must refuse new allocations: {other:?}"),
+    }
+    // The existing allocation still relays.
+    held.send_channel(0x4000, b"still here").unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = peer.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"still here");
+
+    // SIGTERM waits for the last allocation...
+    #[allow(unsafe_code)]
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        child.0.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "exited while an allocation was live"
+    );
+    // ...and exits once it ends.
+    held.refresh(0).unwrap();
+    let mut exited = None;
+    for _ in 0..50 {
+        if let Some(st) = child.0.as_mut().unwrap().try_wait().unwrap() {
+            exited = Some(st);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = exited.expect("exits after the last allocation ends");
+    assert!(st.success(), "{st:?}");
+    child.0 = None;
 }
