@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -223,11 +223,6 @@ fn rss_kib(pid: u32) -> u64 {
 #[test]
 fn rss_stays_flat_under_a_many_source_flood() {
     // The real binary, so its RSS is its own.
-    let port = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     struct KillOnDrop(std::process::Child);
     impl Drop for KillOnDrop {
         fn drop(&mut self) {
@@ -235,34 +230,44 @@ fn rss_stays_flat_under_a_many_source_flood() {
             let _ = self.0.wait();
         }
     }
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    // Port 0, read back from the start-up line: no race for a free port.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_turnpike"))
         .args([
             "serve",
             "--listen",
-            &format!("127.0.0.1:{port}"),
+            "127.0.0.1:0",
             "--no-tls",
             "--user",
             "a:b",
             "--log-level",
-            "error",
+            "info",
         ])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let stderr = child.stderr.take().unwrap();
     let child = KillOnDrop(child);
-    let server = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut ready = false;
-    for _ in 0..50 {
-        if let Ok(mut ch) = Channel::connect(&ClientTransport::Udp, server, Duration::from_millis(200)) {
-            if binding(&mut ch, Duration::from_millis(200)).is_ok() {
-                ready = true;
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let mut line = String::new();
+    let mut reader = std::io::BufReader::new(stderr);
+    while !line.contains("turnpike started") {
+        line.clear();
+        assert!(
+            std::io::BufRead::read_line(&mut reader, &mut line).unwrap() > 0,
+            "server did not start"
+        );
     }
-    assert!(ready, "server did not start");
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    let server: SocketAddr = line
+        .split("listen=[")
+        .nth(1)
+        .and_then(|r| r.split(']').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut ch = Channel::connect(&ClientTransport::Udp, server, Duration::from_secs(2)).unwrap();
+    binding(&mut ch, Duration::from_secs(2)).expect("server answers");
     let mut alloc = Vec::new();
     MessageBuilder::new(
         &mut alloc,
