@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use turnpike::config::{ServeArgs, Settings};
 
 #[derive(Parser)]
@@ -50,6 +50,51 @@ fn main() {
     }
 }
 
+/// SIGHUP: re-reads the config file (the command line still wins) and
+/// applies what can change live. A bad file is logged and ignored.
+fn reload(cli: &ServeArgs, current: &Settings, stopper: &turnpike::runtime::Stopper) {
+    let mut new = match cli.clone().load().and_then(Settings::from_args) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %format!("{e:#}"), "reload failed; the current configuration stays in force");
+            return;
+        }
+    };
+    if new.demo_user.is_some() {
+        warn!("reload: no users or secrets configured; keeping the current credentials");
+        new.credentials = current.credentials.clone();
+    }
+    for (name, changed) in [
+        ("listen", new.listen != current.listen),
+        ("tls-listen", new.tls_listen != current.tls_listen),
+        ("threads", new.threads != current.threads),
+        (
+            "min-port/max-port",
+            (new.min_port, new.max_port) != (current.min_port, current.max_port),
+        ),
+        (
+            "relay-ip",
+            (new.relay_v4, new.relay_v6) != (current.relay_v4, current.relay_v6),
+        ),
+        ("log-level", new.log_level != current.log_level),
+        ("rfc5780", new.rfc5780 != current.rfc5780),
+    ] {
+        if changed {
+            warn!(setting = name, "reload: this setting changes at the next restart");
+        }
+    }
+    match stopper.reload(&new) {
+        Ok(()) => info!(
+            users = new.credentials.user_count(),
+            secrets = new.credentials.secret_count(),
+            "configuration reloaded (credentials, peer policy, TLS certificate)"
+        ),
+        Err(e) => {
+            error!(error = %format!("{e:#}"), "reload failed; the current configuration stays in force")
+        }
+    }
+}
+
 /// Log output that never fails. If stderr goes away (a closed pipe, a
 /// restarted log collector), tracing-subscriber reports the failed write
 /// with `eprintln!`, which panics on the same broken stderr, and that would
@@ -68,6 +113,8 @@ impl std::io::Write for LossyStderr {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
+    // Kept to re-read the file on SIGHUP with the same command line on top.
+    let cli = args.clone();
     let settings = Settings::from_args(args.load()?)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&settings.log_level))
@@ -86,6 +133,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGUSR1,
+        signal_hook::consts::SIGHUP,
     ])?;
     let handle = turnpike::runtime::start(&settings)?;
     let auth = match (
@@ -135,6 +183,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     let stopper = handle.stopper();
     let drain_timeout = settings.drain_timeout;
+    let current = settings.clone();
     std::thread::spawn(move || {
         // SIGUSR1: drain. SIGTERM: drain, then exit when the last allocation
         // ends or drain-timeout passes. SIGINT, or a second SIGTERM: now.
@@ -143,6 +192,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         loop {
             for sig in signals.pending() {
                 match sig {
+                    signal_hook::consts::SIGHUP => reload(&cli, &current, &stopper),
                     signal_hook::consts::SIGUSR1 => {
                         stopper.drain();
                         info!(

@@ -45,6 +45,38 @@ const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 /// How often the loop wakes with nothing to do, to notice shutdown.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
+/// The peer policy `settings` describe, refusing the server's own sockets.
+fn build_policy(settings: &Settings, own_sockets: &[SocketAddr]) -> PeerPolicy {
+    let mut own_ips: Vec<IpAddr> = Vec::new();
+    own_ips.extend(settings.relay_v4.map(IpAddr::V4));
+    own_ips.extend(settings.relay_v6.map(IpAddr::V6));
+    own_ips.extend(settings.external_v4.map(IpAddr::V4));
+    own_ips.extend(settings.external_v6.map(IpAddr::V6));
+    PeerPolicy {
+        allow: settings.allow_peer.clone(),
+        deny: settings.deny_peer.clone(),
+        allow_loopback: settings.allow_loopback_peers,
+        own_sockets: own_sockets.to_vec(),
+        own_ips,
+        ..PeerPolicy::default()
+    }
+}
+
+/// What a reload changes in every worker, published under a generation
+/// number that workers compare once per loop iteration.
+#[derive(Clone)]
+struct Update {
+    credentials: Arc<turn_core::Credentials>,
+    policy: PeerPolicy,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+#[derive(Default)]
+struct Reloads {
+    generation: std::sync::atomic::AtomicU64,
+    latest: Mutex<Option<Update>>,
+}
+
 /// A running server.
 pub struct Handle {
     /// The bound UDP+TCP listen addresses (ports resolved when 0 was asked).
@@ -69,9 +101,34 @@ pub struct Stopper {
     wakers: Vec<Arc<Waker>>,
     draining: Arc<AtomicBool>,
     quotas: Arc<turn_core::limits::Quotas>,
+    reloads: Arc<Reloads>,
+    own_sockets: Vec<SocketAddr>,
 }
 
 impl Stopper {
+    /// Applies a new configuration to every worker (SIGHUP): credentials,
+    /// peer policy and, when it comes from files, the TLS certificate.
+    /// Existing allocations are untouched. Errors leave the old
+    /// configuration in force.
+    pub fn reload(&self, new: &Settings) -> Result<()> {
+        let tls = match &new.tls {
+            Some(src @ crate::config::TlsSource::Files { .. }) => Some(crate::tls::setup(src)?.config),
+            // A generated certificate is kept, not regenerated.
+            _ => None,
+        };
+        let update = Update {
+            credentials: Arc::new(new.credentials.clone()),
+            policy: build_policy(new, &self.own_sockets),
+            tls,
+        };
+        *self.reloads.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(update);
+        self.reloads.generation.fetch_add(1, Ordering::SeqCst);
+        for w in &self.wakers {
+            let _ = w.wake();
+        }
+        Ok(())
+    }
+
     /// Starts draining: new allocations are refused (300 or 508), existing
     /// ones carry on.
     pub fn drain(&self) {
@@ -290,24 +347,13 @@ pub fn start(settings: &Settings) -> Result<Handle> {
         tls_listen.push(bound);
     }
 
-    let mut own_ips: Vec<IpAddr> = Vec::new();
-    own_ips.extend(settings.relay_v4.map(IpAddr::V4));
-    own_ips.extend(settings.relay_v6.map(IpAddr::V6));
-    own_ips.extend(settings.external_v4.map(IpAddr::V4));
-    own_ips.extend(settings.external_v6.map(IpAddr::V6));
-    let policy = PeerPolicy {
-        allow: settings.allow_peer.clone(),
-        deny: settings.deny_peer.clone(),
-        allow_loopback: settings.allow_loopback_peers,
-        own_sockets: listen
-            .iter()
-            .chain(tls_listen.iter())
-            .chain(alt_listen.iter())
-            .copied()
-            .collect(),
-        own_ips,
-        ..PeerPolicy::default()
-    };
+    let own_sockets: Vec<SocketAddr> = listen
+        .iter()
+        .chain(tls_listen.iter())
+        .chain(alt_listen.iter())
+        .copied()
+        .collect();
+    let policy = build_policy(settings, &own_sockets);
     let mut nonce_secret = [0u8; 32];
     rand::thread_rng().fill(&mut nonce_secret);
     let epoch = Instant::now();
@@ -342,6 +388,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
     let flag = Arc::new(AtomicBool::new(false));
     let reservations = Arc::new(Mutex::new(Reservations::default()));
     let redactor = Redactor::new(settings.redact);
+    let reloads = Arc::new(Reloads::default());
     let mut wakers = Vec::new();
     let mut threads = Vec::new();
     for (id, sockets) in per_worker.into_iter().enumerate() {
@@ -371,6 +418,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
                     idle_timeout: settings.idle_timeout,
                 },
                 redact: redactor.clone(),
+                reloads: reloads.clone(),
             },
         )?;
         threads.push(
@@ -390,6 +438,8 @@ pub fn start(settings: &Settings) -> Result<Handle> {
             wakers,
             draining,
             quotas,
+            reloads,
+            own_sockets,
         },
         threads,
     })
@@ -448,6 +498,7 @@ struct WorkerParams {
     reservations: Arc<Mutex<Reservations>>,
     limits: ConnLimits,
     redact: Redactor,
+    reloads: Arc<Reloads>,
 }
 
 /// Limits on TCP/TLS connections, per worker.
@@ -750,6 +801,8 @@ struct Worker {
     batch: crate::udp_batch::RecvBatch,
     limits: ConnLimits,
     redact: Redactor,
+    reloads: Arc<Reloads>,
+    seen_generation: u64,
     pending: usize,
     next_sweep: Instant,
 }
@@ -763,6 +816,7 @@ impl Worker {
             reservations,
             limits,
             redact,
+            reloads,
         } = p;
         let registry = poll.registry().try_clone()?;
         let mut io = Io {
@@ -801,6 +855,8 @@ impl Worker {
             batch: crate::udp_batch::RecvBatch::new(),
             limits,
             redact,
+            reloads,
+            seen_generation: 0,
             pending: 0,
             next_sweep: Instant::now() + SWEEP_INTERVAL,
         })
@@ -835,6 +891,7 @@ impl Worker {
                 );
             }
             self.core.handle_timeout(now, &mut self.io);
+            self.apply_reload();
             if now >= self.next_sweep {
                 self.sweep_connections(now);
                 self.next_sweep = now + SWEEP_INTERVAL;
@@ -1055,6 +1112,30 @@ impl Worker {
                     self.close_conn(key, now);
                     return;
                 }
+            }
+        }
+    }
+
+    /// Takes a newer configuration if one was published (one atomic load
+    /// per loop iteration, never per packet).
+    fn apply_reload(&mut self) {
+        let generation = self.reloads.generation.load(Ordering::Acquire);
+        if generation == self.seen_generation {
+            return;
+        }
+        self.seen_generation = generation;
+        let update = self
+            .reloads
+            .latest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(u) = update {
+            self.core.set_credentials(u.credentials);
+            self.core.set_policy(u.policy);
+            if let Some(tls) = u.tls {
+                // New connections use the new certificate; open ones keep theirs.
+                self.tls = Some(tls);
             }
         }
     }

@@ -522,3 +522,124 @@ fn drain_refuses_new_allocations_then_exits_after_the_last_one() {
     assert!(st.success(), "{st:?}");
     child.0 = None;
 }
+
+fn leaf_der(cert_pem: &std::path::Path) -> Vec<u8> {
+    let data = std::fs::read(cert_pem).unwrap();
+    let mut reader = &data[..];
+    let der = rustls_pemfile::certs(&mut reader).next().unwrap().unwrap();
+    der.to_vec()
+}
+
+#[test]
+fn sighup_reloads_users_and_certificate_while_calls_keep_relaying() {
+    let dir = std::env::temp_dir().join(format!("turnpike-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let names = vec!["localhost".to_owned()];
+    turnpike::tls::write_self_signed_pem(&names, &cert, &key).unwrap();
+    let first_leaf = leaf_der(&cert);
+    let cfg = dir.join("turnpike.toml");
+    let write_cfg = |users: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = [\"127.0.0.1:0\"]\ntls-listen = [\"127.0.0.1:0\"]\ncert = {:?}\nkey = {:?}\nuser = [{users}]\nallow-loopback-peers = true\nthreads = 1\ndrain-timeout = 0\n",
+                cert.to_str().unwrap(),
+                key.to_str().unwrap()
+            ),
+        )
+        .unwrap()
+    };
+    write_cfg("\"carol:c4r0l\"");
+    let mut child = bin()
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(child.stderr.take().unwrap());
+    let child = Server(Some(child));
+    let pid = child.0.as_ref().unwrap().id() as i32;
+    let mut seen = Vec::new();
+    let started = wait_for(&err, "turnpike started", &mut seen);
+    let udp = listen_addr(&started);
+    let tls: SocketAddr = started
+        .split("tls_listen=[")
+        .nth(1)
+        .unwrap()
+        .split(']')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let connect = |u: &str, p: &str| {
+        TurnClient::new(
+            Channel::connect(&ClientTransport::Udp, udp, Duration::from_secs(3)).unwrap(),
+            u,
+            p,
+        )
+    };
+
+    // A call in progress.
+    let mut carol = connect("carol", "c4r0l");
+    carol.allocate().unwrap();
+    let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    carol.channel_bind(0x4000, peer.local_addr().unwrap()).unwrap();
+    assert!(
+        connect("dave", "d4ve").allocate().is_err(),
+        "dave is not a user yet"
+    );
+
+    // New user list and a renewed certificate, then SIGHUP.
+    write_cfg("\"carol:c4r0l\", \"dave:d4ve\"");
+    turnpike::tls::write_self_signed_pem(&names, &cert, &key).unwrap();
+    let second_leaf = leaf_der(&cert);
+    assert_ne!(first_leaf, second_leaf);
+    // SAFETY: kill(2) on our own child's pid.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pid, libc::SIGHUP);
+    }
+    wait_for(&err, "configuration reloaded", &mut seen);
+    connect("dave", "d4ve")
+        .allocate()
+        .expect("dave authenticates after the reload");
+    carol.send_channel(0x4000, b"call goes on").unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = peer.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"call goes on", "the allocation survived the reload");
+    let mut ch = Channel::connect(
+        &ClientTransport::Tls {
+            pinned: Some(second_leaf),
+        },
+        tls,
+        Duration::from_secs(3),
+    )
+    .expect("new TLS connections get the new certificate");
+    binding(&mut ch, Duration::from_secs(3)).unwrap();
+    assert!(
+        Channel::connect(
+            &ClientTransport::Tls {
+                pinned: Some(first_leaf)
+            },
+            tls,
+            Duration::from_secs(3)
+        )
+        .is_err(),
+        "the old certificate is no longer served"
+    );
+
+    // A broken file is refused and the running configuration stays.
+    std::fs::write(&cfg, "user = 5\n").unwrap();
+    #[allow(unsafe_code)]
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(pid, libc::SIGHUP);
+    }
+    wait_for(&err, "reload failed", &mut seen);
+    connect("dave", "d4ve")
+        .allocate()
+        .expect("still in force after a bad reload");
+    sigterm_and_wait(child);
+}
