@@ -165,6 +165,38 @@ pub struct Counters {
     pub bandwidth_dropped: u64,
     /// Peers refused by policy.
     pub peers_refused: u64,
+    /// Binding requests answered.
+    pub bindings: u64,
+    /// Allocations created.
+    pub allocations_created: u64,
+    /// Allocations that expired.
+    pub allocations_expired: u64,
+    /// Allocations deleted by the client (Refresh 0) or a closed connection.
+    pub allocations_deleted: u64,
+    /// Packets and payload bytes relayed client → peer.
+    pub to_peer_packets: u64,
+    /// Payload bytes relayed client → peer.
+    pub to_peer_bytes: u64,
+    /// Packets relayed peer → client.
+    pub from_peer_packets: u64,
+    /// Payload bytes relayed peer → client.
+    pub from_peer_bytes: u64,
+    /// Error responses sent, by code (see [`Counters::ERROR_CODES`]).
+    pub errors: [u64; 12],
+}
+
+impl Counters {
+    /// The error codes counted in `errors`, in order; anything else is
+    /// counted under the last slot (0 = other).
+    pub const ERROR_CODES: [u16; 12] = [300, 400, 401, 403, 420, 437, 438, 441, 442, 443, 486, 0];
+
+    fn count_error(&mut self, code: u16) {
+        let i = Self::ERROR_CODES
+            .iter()
+            .position(|c| *c == code)
+            .unwrap_or(Self::ERROR_CODES.len() - 1);
+        self.errors[i] += 1;
+    }
 }
 
 /// Why an allocation ended.
@@ -593,9 +625,40 @@ impl Server {
         self.by_tuple.len()
     }
 
-    /// What the limits have done so far on this worker.
-    pub fn counters(&self) -> &Counters {
-        &self.counters
+    /// What this worker has done so far. Relay counts include the live
+    /// allocations' traffic (summed here, once, rather than per packet).
+    pub fn counters(&self) -> Counters {
+        let mut c = self.counters;
+        for a in self.allocs.iter().flatten() {
+            c.to_peer_packets += a.stats.to_peer_packets;
+            c.to_peer_bytes += a.stats.to_peer_bytes;
+            c.from_peer_packets += a.stats.from_peer_packets;
+            c.from_peer_bytes += a.stats.from_peer_bytes;
+        }
+        c
+    }
+
+    /// Live allocations by client transport: UDP, TCP, TLS.
+    pub fn allocations_by_transport(&self) -> [usize; 3] {
+        let mut n = [0; 3];
+        for t in self.by_tuple.keys() {
+            n[match t.transport {
+                Transport::Udp => 0,
+                Transport::Tcp => 1,
+                Transport::Tls => 2,
+            }] += 1;
+        }
+        n
+    }
+
+    /// Live permissions and channel bindings across this worker's allocations.
+    pub fn permissions_and_channels(&self, now: Instant) -> (usize, usize) {
+        self.allocs.iter().flatten().fold((0, 0), |(p, c), a| {
+            (
+                p + a.permissions.iter().filter(|x| x.expires > now).count(),
+                c + a.channels.iter().filter(|x| x.expires > now).count(),
+            )
+        })
     }
 
     /// Whether the 5-tuple has an allocation (the runtime's idle timeouts
@@ -669,6 +732,15 @@ impl Server {
         relays.close(a.relay);
         self.cfg.quotas.release(&a.username);
         self.release_user_slot(a.user_slot);
+        if reason == CloseReason::Expired {
+            self.counters.allocations_expired += 1;
+        } else {
+            self.counters.allocations_deleted += 1;
+        }
+        self.counters.to_peer_packets += a.stats.to_peer_packets;
+        self.counters.to_peer_bytes += a.stats.to_peer_bytes;
+        self.counters.from_peer_packets += a.stats.from_peer_packets;
+        self.counters.from_peer_bytes += a.stats.from_peer_bytes;
         self.events.push_back(Event::AllocationDeleted {
             tuple: a.tuple,
             username: a.username,
@@ -1200,6 +1272,7 @@ impl Server {
         self.by_tuple.insert(tuple, idx);
         self.by_relay.insert(relay, idx);
         self.timers.push(Reverse((now + lifetime, idx)));
+        self.counters.allocations_created += 1;
         self.events.push_back(Event::AllocationCreated {
             tuple,
             username,
@@ -1418,6 +1491,13 @@ impl Server {
             Reply::Error(401 | 438) => Some(self.minter.mint(self.nonce_secs(now), tuple.client.ip())),
             _ => None,
         };
+        match reply {
+            Reply::Error(code) => self.counters.count_error(code),
+            Reply::Unknown(..) => self.counters.count_error(420),
+            Reply::TryAlternate(_) => self.counters.count_error(300),
+            _ if typ.method == method::BINDING => self.counters.bindings += 1,
+            _ => {}
+        }
         let class = match reply {
             Reply::Error(_) | Reply::Unknown(..) | Reply::TryAlternate(_) => Class::Error,
             _ => Class::Success,

@@ -188,6 +188,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECS")]
     pub drain_timeout: Option<u64>,
 
+    /// Serve Prometheus metrics at http://IP:PORT/metrics (off unless set;
+    /// e.g. 127.0.0.1:9641).
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Log format: text or json (one JSON object per line) [default: text].
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -240,7 +245,7 @@ impl ServeArgs {
                  threads, log_level, software, rfc5766_channel_numbers, nonce_lifetime,
                  user_quota, total_quota, max_bps, user_max_bps, rate_limit_per_ip,
                  auth_fail_limit, auth_block_secs, max_connections, handshake_timeout, idle_timeout,
-                 rfc5780, alt_ip, alt_port, log_format, redact, drain_timeout;
+                 rfc5780, alt_ip, alt_port, log_format, redact, drain_timeout, metrics_listen;
             vec: listen, tls_listen, relay_ip, external_ip, user, auth_secret, allow_peer, deny_peer,
                  alternate_server);
     }
@@ -333,6 +338,8 @@ pub struct Settings {
     pub alternate_server: Vec<SocketAddr>,
     /// How long SIGTERM waits for allocations to end.
     pub drain_timeout: std::time::Duration,
+    /// Prometheus endpoint.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn ipv6_available() -> bool {
@@ -589,6 +596,7 @@ impl Settings {
             redact: a.redact.unwrap_or(false),
             alternate_server: a.alternate_server,
             drain_timeout: std::time::Duration::from_secs(a.drain_timeout.unwrap_or(30)),
+            metrics_listen: a.metrics_listen,
         })
     }
 }

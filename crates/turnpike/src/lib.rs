@@ -6,6 +6,7 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod dns;
+pub mod metrics;
 pub mod probe;
 pub mod runtime;
 pub mod tls;

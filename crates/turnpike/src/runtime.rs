@@ -88,6 +88,8 @@ pub struct Handle {
     pub alt_listen: Vec<SocketAddr>,
     /// SHA-256 fingerprint of the TLS certificate.
     pub tls_fingerprint: Option<String>,
+    /// Where Prometheus metrics are served, if enabled.
+    pub metrics: Option<SocketAddr>,
     /// The TLS leaf certificate (DER).
     pub tls_leaf: Option<Vec<u8>>,
     stop: Stopper,
@@ -264,6 +266,7 @@ struct WorkerSockets {
 /// can connect at once.
 pub fn start(settings: &Settings) -> Result<Handle> {
     let n = settings.threads;
+    let board: crate::metrics::Board = Arc::new(Mutex::new(vec![Default::default(); n]));
     let mut per_worker: Vec<WorkerSockets> = (0..n)
         .map(|_| WorkerSockets {
             udp: vec![],
@@ -384,11 +387,16 @@ pub fn start(settings: &Settings) -> Result<Handle> {
     core_cfg.alternate_servers = settings.alternate_server.clone();
     let draining = core_cfg.draining.clone();
     let quotas = core_cfg.quotas.clone();
+    let metrics = match settings.metrics_listen {
+        Some(addr) => Some(crate::metrics::serve(addr, board.clone(), draining.clone())?),
+        None => None,
+    };
 
     let flag = Arc::new(AtomicBool::new(false));
     let reservations = Arc::new(Mutex::new(Reservations::default()));
     let redactor = Redactor::new(settings.redact);
     let reloads = Arc::new(Reloads::default());
+
     let mut wakers = Vec::new();
     let mut threads = Vec::new();
     for (id, sockets) in per_worker.into_iter().enumerate() {
@@ -419,6 +427,8 @@ pub fn start(settings: &Settings) -> Result<Handle> {
                 },
                 redact: redactor.clone(),
                 reloads: reloads.clone(),
+                id,
+                board: board.clone(),
             },
         )?;
         threads.push(
@@ -432,6 +442,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
         tls_listen,
         alt_listen,
         tls_fingerprint: tls_setup.as_ref().map(|t| t.fingerprint.clone()),
+        metrics,
         tls_leaf: tls_setup.as_ref().map(|t| t.leaf.to_vec()),
         stop: Stopper {
             flag,
@@ -499,6 +510,8 @@ struct WorkerParams {
     limits: ConnLimits,
     redact: Redactor,
     reloads: Arc<Reloads>,
+    id: usize,
+    board: crate::metrics::Board,
 }
 
 /// Limits on TCP/TLS connections, per worker.
@@ -550,6 +563,8 @@ struct Conn {
     partial_since: Option<Instant>,
     /// Whether a whole message has arrived (until then it is "pending").
     got_message: bool,
+    /// TLS: whether the handshake completed (counted once).
+    handshake_done: bool,
 }
 
 enum ReadStep {
@@ -803,6 +818,12 @@ struct Worker {
     redact: Redactor,
     reloads: Arc<Reloads>,
     seen_generation: u64,
+    id: usize,
+    board: crate::metrics::Board,
+    tls_handshakes: u64,
+    tls_failures: u64,
+    recv_batches: u64,
+    recv_datagrams: u64,
     pending: usize,
     next_sweep: Instant,
 }
@@ -817,6 +838,8 @@ impl Worker {
             limits,
             redact,
             reloads,
+            id,
+            board,
         } = p;
         let registry = poll.registry().try_clone()?;
         let mut io = Io {
@@ -857,6 +880,12 @@ impl Worker {
             redact,
             reloads,
             seen_generation: 0,
+            id,
+            board,
+            tls_handshakes: 0,
+            tls_failures: 0,
+            recv_batches: 0,
+            recv_datagrams: 0,
             pending: 0,
             next_sweep: Instant::now() + SWEEP_INTERVAL,
         })
@@ -894,6 +923,7 @@ impl Worker {
             self.apply_reload();
             if now >= self.next_sweep {
                 self.sweep_connections(now);
+                self.publish_metrics(now);
                 self.next_sweep = now + SWEEP_INTERVAL;
             }
             self.update_interests(now);
@@ -1023,6 +1053,7 @@ impl Worker {
                 last_rx: now,
                 partial_since: None,
                 got_message: false,
+                handshake_done: false,
             });
             let entry = self.io.sources.vacant_entry();
             let ckey = entry.key();
@@ -1058,6 +1089,10 @@ impl Worker {
                 return;
             };
             let step = c.fill(&mut self.buf);
+            if !c.handshake_done && c.tls.as_ref().is_some_and(|t| !t.is_handshaking()) {
+                c.handshake_done = true;
+                self.tls_handshakes += 1;
+            }
             let tuple = c.tuple;
             let mut rbuf = std::mem::take(&mut c.rbuf);
             let mut off = 0;
@@ -1113,6 +1148,31 @@ impl Worker {
                     return;
                 }
             }
+        }
+    }
+
+    /// Publishes this worker's numbers for the metrics endpoint (once a
+    /// second: one short lock, never on the packet path).
+    fn publish_metrics(&mut self, now: Instant) {
+        let (permissions, channels) = self.core.permissions_and_channels(now);
+        let m = crate::metrics::WorkerMetrics {
+            core: self.core.counters(),
+            allocations: self.core.allocations_by_transport(),
+            permissions,
+            channels,
+            connections: self.io.conn_by_tuple.len(),
+            tls_handshakes: self.tls_handshakes,
+            tls_failures: self.tls_failures,
+            recv_batches: self.recv_batches,
+            recv_datagrams: self.recv_datagrams,
+        };
+        if let Some(slot) = self
+            .board
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(self.id)
+        {
+            *slot = m;
         }
     }
 
@@ -1176,6 +1236,9 @@ impl Worker {
             if let Source::Conn(mut c) = self.io.sources.remove(key) {
                 if !c.got_message {
                     self.pending -= 1;
+                }
+                if c.tls.is_some() && !c.handshake_done {
+                    self.tls_failures += 1;
                 }
                 let _ = self.io.registry.deregister(&mut c.stream);
                 self.io.conn_by_tuple.remove(&c.tuple);

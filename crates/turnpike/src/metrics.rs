@@ -1,0 +1,286 @@
+//! Prometheus metrics. Workers keep plain counters of their own and publish
+//! a snapshot once a second (in their housekeeping sweep), so the packet
+//! path touches no shared atomic; a scrape sums the snapshots. Labels are
+//! bounded: transports, directions, reasons and error codes, never users
+//! or addresses.
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use turn_core::Counters;
+
+/// One worker's numbers, as of its last publication.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WorkerMetrics {
+    /// The protocol core's counters.
+    pub core: Counters,
+    /// Live allocations by transport (UDP, TCP, TLS).
+    pub allocations: [usize; 3],
+    /// Live permissions.
+    pub permissions: usize,
+    /// Live channel bindings.
+    pub channels: usize,
+    /// Open TCP/TLS connections.
+    pub connections: usize,
+    /// TLS handshakes completed.
+    pub tls_handshakes: u64,
+    /// TLS connections that failed (handshake or record errors).
+    pub tls_failures: u64,
+    /// `recvmmsg` calls that returned datagrams, and the datagrams.
+    pub recv_batches: u64,
+    /// Datagrams received through `recvmmsg`.
+    pub recv_datagrams: u64,
+}
+
+/// Snapshots of every worker, indexed by worker id.
+pub type Board = Arc<Mutex<Vec<WorkerMetrics>>>;
+
+fn sum(board: &Board) -> (WorkerMetrics, Vec<WorkerMetrics>) {
+    let all = board.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut t = WorkerMetrics::default();
+    for w in &all {
+        let c = &w.core;
+        let tc = &mut t.core;
+        tc.rate_limited += c.rate_limited;
+        tc.auth_failures += c.auth_failures;
+        tc.auth_throttled += c.auth_throttled;
+        tc.quota_user += c.quota_user;
+        tc.capacity += c.capacity;
+        tc.bandwidth_dropped += c.bandwidth_dropped;
+        tc.peers_refused += c.peers_refused;
+        tc.bindings += c.bindings;
+        tc.allocations_created += c.allocations_created;
+        tc.allocations_expired += c.allocations_expired;
+        tc.allocations_deleted += c.allocations_deleted;
+        tc.to_peer_packets += c.to_peer_packets;
+        tc.to_peer_bytes += c.to_peer_bytes;
+        tc.from_peer_packets += c.from_peer_packets;
+        tc.from_peer_bytes += c.from_peer_bytes;
+        for (a, b) in tc.errors.iter_mut().zip(c.errors) {
+            *a += b;
+        }
+        for i in 0..3 {
+            t.allocations[i] += w.allocations[i];
+        }
+        t.permissions += w.permissions;
+        t.channels += w.channels;
+        t.connections += w.connections;
+        t.tls_handshakes += w.tls_handshakes;
+        t.tls_failures += w.tls_failures;
+        t.recv_batches += w.recv_batches;
+        t.recv_datagrams += w.recv_datagrams;
+    }
+    (t, all)
+}
+
+/// The Prometheus text exposition of the summed snapshots.
+pub fn render(board: &Board, draining: bool) -> String {
+    let (t, per_worker) = sum(board);
+    let c = &t.core;
+    let mut o = String::with_capacity(4096);
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
+        let _ = writeln!(o, "# HELP turnpike_{name} {help}\n# TYPE turnpike_{name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(o, "turnpike_{name}{labels} {v}");
+        }
+    };
+    let tr = |i: usize| {
+        [
+            "{transport=\"udp\"}",
+            "{transport=\"tcp\"}",
+            "{transport=\"tls\"}",
+        ][i]
+    };
+    metric(
+        "allocations",
+        "gauge",
+        "Live allocations by client transport.",
+        &[
+            (tr(0), t.allocations[0] as f64),
+            (tr(1), t.allocations[1] as f64),
+            (tr(2), t.allocations[2] as f64),
+        ],
+    );
+    metric(
+        "allocations_created_total",
+        "counter",
+        "Allocations created.",
+        &[("", c.allocations_created as f64)],
+    );
+    metric(
+        "allocations_ended_total",
+        "counter",
+        "Allocations ended, by reason.",
+        &[
+            ("{reason=\"expired\"}", c.allocations_expired as f64),
+            ("{reason=\"deleted\"}", c.allocations_deleted as f64),
+        ],
+    );
+    metric(
+        "permissions",
+        "gauge",
+        "Live permissions.",
+        &[("", t.permissions as f64)],
+    );
+    metric(
+        "channels",
+        "gauge",
+        "Live channel bindings.",
+        &[("", t.channels as f64)],
+    );
+    metric(
+        "relayed_packets_total",
+        "counter",
+        "Packets relayed, by direction.",
+        &[
+            ("{direction=\"to_peer\"}", c.to_peer_packets as f64),
+            ("{direction=\"from_peer\"}", c.from_peer_packets as f64),
+        ],
+    );
+    metric(
+        "relayed_bytes_total",
+        "counter",
+        "Payload bytes relayed, by direction.",
+        &[
+            ("{direction=\"to_peer\"}", c.to_peer_bytes as f64),
+            ("{direction=\"from_peer\"}", c.from_peer_bytes as f64),
+        ],
+    );
+    metric(
+        "binding_requests_total",
+        "counter",
+        "Binding requests answered.",
+        &[("", c.bindings as f64)],
+    );
+    let codes: Vec<(String, f64)> = Counters::ERROR_CODES
+        .iter()
+        .zip(c.errors)
+        .map(|(code, n)| {
+            let label = if *code == 0 {
+                "other".to_owned()
+            } else {
+                code.to_string()
+            };
+            (format!("{{code=\"{label}\"}}"), n as f64)
+        })
+        .collect();
+    let codes: Vec<(&str, f64)> = codes.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+    metric(
+        "error_responses_total",
+        "counter",
+        "Error responses sent, by code.",
+        &codes,
+    );
+    metric(
+        "auth_rejected_total",
+        "counter",
+        "Requests refused by authentication and abuse limits, by reason.",
+        &[
+            ("{reason=\"bad_credentials\"}", c.auth_failures as f64),
+            ("{reason=\"brute_force_blocked\"}", c.auth_throttled as f64),
+            ("{reason=\"rate_limited\"}", c.rate_limited as f64),
+        ],
+    );
+    metric(
+        "peers_refused_total",
+        "counter",
+        "Peers refused by the peer policy.",
+        &[("", c.peers_refused as f64)],
+    );
+    metric(
+        "quota_refused_total",
+        "counter",
+        "Allocations refused, by limit.",
+        &[
+            ("{limit=\"user\"}", c.quota_user as f64),
+            ("{limit=\"capacity\"}", c.capacity as f64),
+        ],
+    );
+    metric(
+        "bandwidth_dropped_total",
+        "counter",
+        "Packets dropped by bandwidth caps.",
+        &[("", c.bandwidth_dropped as f64)],
+    );
+    metric(
+        "connections",
+        "gauge",
+        "Open TCP/TLS connections.",
+        &[("", t.connections as f64)],
+    );
+    metric(
+        "tls_handshakes_total",
+        "counter",
+        "TLS handshakes, by outcome.",
+        &[
+            ("{outcome=\"ok\"}", t.tls_handshakes as f64),
+            ("{outcome=\"failed\"}", t.tls_failures as f64),
+        ],
+    );
+    let batch = if t.recv_batches > 0 {
+        t.recv_datagrams as f64 / t.recv_batches as f64
+    } else {
+        0.0
+    };
+    metric(
+        "recv_batch_size_mean",
+        "gauge",
+        "Mean datagrams per recvmmsg call.",
+        &[("", batch)],
+    );
+    metric(
+        "workers",
+        "gauge",
+        "Worker threads.",
+        &[("", per_worker.len() as f64)],
+    );
+    metric(
+        "draining",
+        "gauge",
+        "1 while draining.",
+        &[("", if draining { 1.0 } else { 0.0 })],
+    );
+    o
+}
+
+/// Serves `/metrics` on `addr` from a control-plane thread; returns the
+/// bound address.
+pub fn serve(
+    addr: SocketAddr,
+    board: Board,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<SocketAddr> {
+    let listener =
+        std::net::TcpListener::bind(addr).with_context(|| format!("metrics-listen {addr}: cannot bind"))?;
+    listener.set_nonblocking(true)?;
+    let bound = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("turnpike-metrics".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_io().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "metrics: cannot start the runtime");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                let app = axum::Router::new().route(
+                    "/metrics",
+                    axum::routing::get(move || {
+                        let body = render(&board, draining.load(std::sync::atomic::Ordering::Relaxed));
+                        async move { ([("content-type", "text/plain; version=0.0.4")], body) }
+                    }),
+                );
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "metrics server stopped");
+                }
+            });
+        })?;
+    Ok(bound)
+}
