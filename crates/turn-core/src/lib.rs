@@ -23,7 +23,7 @@ pub use auth::{Credentials, NonceMinter};
 pub use policy::{Cidr, PeerPolicy, Refusal};
 pub use server::{
     CloseReason, Config, Counters, Dest, Event, FiveTuple, OpenedRelay, RelayError, RelayProvider,
-    RelayRequest, Rfc5780, Server, Stats, Transmit, Transport,
+    RelayRequest, Rfc5780, Server, SessionInfo, Stats, Transmit, Transport,
 };
 
 /// Frames one message at the start of a TCP/TLS byte stream

@@ -208,6 +208,29 @@ pub enum CloseReason {
     Deleted,
     /// The client's TCP/TLS connection closed.
     ConnectionClosed,
+    /// An operator deleted it (admin API).
+    Admin,
+}
+
+/// A live allocation, as the admin API shows it.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    /// The client 5-tuple.
+    pub tuple: FiveTuple,
+    /// The username.
+    pub username: Arc<str>,
+    /// The relayed address given to the client.
+    pub relayed: SocketAddr,
+    /// Age.
+    pub age: Duration,
+    /// Time left before it expires.
+    pub expires_in: Duration,
+    /// Traffic so far.
+    pub stats: Stats,
+    /// Live permissions.
+    pub permissions: usize,
+    /// Live channel bindings.
+    pub channels: usize,
 }
 
 /// Something worth a log line or a metric.
@@ -636,6 +659,43 @@ impl Server {
             c.from_peer_bytes += a.stats.from_peer_bytes;
         }
         c
+    }
+
+    /// Every live allocation of this worker.
+    pub fn sessions(&self, now: Instant) -> Vec<SessionInfo> {
+        self.allocs
+            .iter()
+            .flatten()
+            .map(|a| SessionInfo {
+                tuple: a.tuple,
+                username: a.username.clone(),
+                relayed: a.advertised,
+                age: now.saturating_duration_since(a.created),
+                expires_in: a.expires.saturating_duration_since(now),
+                stats: a.stats,
+                permissions: a.permissions.iter().filter(|p| p.expires > now).count(),
+                channels: a.channels.iter().filter(|c| c.expires > now).count(),
+            })
+            .collect()
+    }
+
+    /// Deletes the allocations `pick` selects (admin API); returns how many.
+    pub fn delete_sessions(
+        &mut self,
+        now: Instant,
+        pick: &dyn Fn(&SessionInfo) -> bool,
+        relays: &mut dyn RelayProvider,
+    ) -> usize {
+        let doomed: Vec<u32> = self
+            .sessions(now)
+            .iter()
+            .filter(|s| pick(s))
+            .filter_map(|s| self.by_tuple.get(&s.tuple).copied())
+            .collect();
+        for idx in &doomed {
+            self.delete(*idx, now, CloseReason::Admin, relays);
+        }
+        doomed.len()
     }
 
     /// Live allocations by client transport: UDP, TCP, TLS.

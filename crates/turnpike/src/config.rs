@@ -193,6 +193,19 @@ pub struct ServeArgs {
     #[arg(long, value_name = "IP:PORT")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// Admin HTTP API listener (off unless set; keep it on loopback, e.g.
+    /// 127.0.0.1:9642). Needs admin-token or admin-token-file.
+    #[arg(long, value_name = "IP:PORT")]
+    pub admin_listen: Option<SocketAddr>,
+
+    /// Bearer token for the admin API.
+    #[arg(long, value_name = "TOKEN")]
+    pub admin_token: Option<String>,
+
+    /// File holding the bearer token for the admin API.
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
     /// Log format: text or json (one JSON object per line) [default: text].
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -245,7 +258,8 @@ impl ServeArgs {
                  threads, log_level, software, rfc5766_channel_numbers, nonce_lifetime,
                  user_quota, total_quota, max_bps, user_max_bps, rate_limit_per_ip,
                  auth_fail_limit, auth_block_secs, max_connections, handshake_timeout, idle_timeout,
-                 rfc5780, alt_ip, alt_port, log_format, redact, drain_timeout, metrics_listen;
+                 rfc5780, alt_ip, alt_port, log_format, redact, drain_timeout, metrics_listen,
+                 admin_listen, admin_token, admin_token_file;
             vec: listen, tls_listen, relay_ip, external_ip, user, auth_secret, allow_peer, deny_peer,
                  alternate_server);
     }
@@ -340,6 +354,8 @@ pub struct Settings {
     pub drain_timeout: std::time::Duration,
     /// Prometheus endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// Admin API listener and its token.
+    pub admin: Option<(SocketAddr, String)>,
 }
 
 fn ipv6_available() -> bool {
@@ -556,6 +572,23 @@ impl Settings {
             Some("json") => true,
             Some(other) => bail!("log-format \"{other}\": use text or json"),
         };
+        let admin = match a.admin_listen {
+            None => None,
+            Some(addr) => {
+                let token = match (&a.admin_token, &a.admin_token_file) {
+                    (Some(t), _) => t.trim().to_owned(),
+                    (None, Some(f)) => std::fs::read_to_string(f)
+                        .with_context(|| format!("admin-token-file: cannot read {}", f.display()))?
+                        .trim()
+                        .to_owned(),
+                    (None, None) => bail!("admin-listen needs admin-token or admin-token-file: the admin API always requires a bearer token"),
+                };
+                if token.len() < 16 {
+                    bail!("admin token: at least 16 characters (e.g. `openssl rand -hex 24`)");
+                }
+                Some((addr, token))
+            }
+        };
         let auth_block_secs = a.auth_block_secs.unwrap_or(300);
         if auth_block_secs == 0 {
             bail!("auth-block-secs: must be at least 1 second (default 300); use auth-fail-limit = 0 to turn the guard off");
@@ -597,6 +630,7 @@ impl Settings {
             alternate_server: a.alternate_server,
             drain_timeout: std::time::Duration::from_secs(a.drain_timeout.unwrap_or(30)),
             metrics_listen: a.metrics_listen,
+            admin,
         })
     }
 }

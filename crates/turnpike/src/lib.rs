@@ -2,6 +2,7 @@
 //! integration tests (and later `probe` and `bench`) use the same code.
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod bench;
 pub mod client;
 pub mod config;

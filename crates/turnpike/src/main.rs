@@ -136,6 +136,15 @@ fn serve(args: ServeArgs) -> Result<()> {
         signal_hook::consts::SIGHUP,
     ])?;
     let handle = turnpike::runtime::start(&settings)?;
+    if let Some((addr, token)) = &settings.admin {
+        let bound = turnpike::admin::serve(
+            *addr,
+            token.clone(),
+            handle.stopper(),
+            turnpike::admin::effective_config(&settings),
+        )?;
+        info!(admin = %bound, "admin API listening");
+    }
     let auth = match (
         &settings.demo_user,
         settings.credentials.user_count(),

@@ -62,6 +62,20 @@ fn build_policy(settings: &Settings, own_sockets: &[SocketAddr]) -> PeerPolicy {
     }
 }
 
+/// A request from the control plane to a worker, handled in its loop
+/// (never on the packet path); the answer goes back on `reply`.
+pub enum Command {
+    /// List this worker's allocations.
+    Sessions(std::sync::mpsc::Sender<Vec<turn_core::SessionInfo>>),
+    /// Delete the allocations `pick` selects; answers how many.
+    Delete {
+        /// Which.
+        pick: Arc<dyn Fn(&turn_core::SessionInfo) -> bool + Send + Sync>,
+        /// How many were deleted.
+        reply: std::sync::mpsc::Sender<usize>,
+    },
+}
+
 /// What a reload changes in every worker, published under a generation
 /// number that workers compare once per loop iteration.
 #[derive(Clone)]
@@ -105,9 +119,48 @@ pub struct Stopper {
     quotas: Arc<turn_core::limits::Quotas>,
     reloads: Arc<Reloads>,
     own_sockets: Vec<SocketAddr>,
+    commands: Vec<std::sync::mpsc::Sender<Command>>,
 }
 
 impl Stopper {
+    /// Every live allocation, from all workers.
+    pub fn sessions(&self) -> Vec<turn_core::SessionInfo> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let asked = self.ask(|| Command::Sessions(tx.clone()));
+        (0..asked)
+            .filter_map(|_| rx.recv_timeout(Duration::from_secs(2)).ok())
+            .flatten()
+            .collect()
+    }
+
+    /// Deletes the allocations `pick` selects, on every worker.
+    pub fn delete_sessions(&self, pick: Arc<dyn Fn(&turn_core::SessionInfo) -> bool + Send + Sync>) -> usize {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let asked = self.ask(|| Command::Delete {
+            pick: pick.clone(),
+            reply: tx.clone(),
+        });
+        (0..asked)
+            .filter_map(|_| rx.recv_timeout(Duration::from_secs(2)).ok())
+            .sum()
+    }
+
+    /// Stops a drain started by SIGUSR1 or the admin API.
+    pub fn undrain(&self) {
+        self.draining.store(false, Ordering::SeqCst);
+    }
+
+    fn ask(&self, make: impl Fn() -> Command) -> usize {
+        let mut asked = 0;
+        for (tx, w) in self.commands.iter().zip(&self.wakers) {
+            if tx.send(make()).is_ok() {
+                asked += 1;
+                let _ = w.wake();
+            }
+        }
+        asked
+    }
+
     /// Applies a new configuration to every worker (SIGHUP): credentials,
     /// peer policy and, when it comes from files, the TLS certificate.
     /// Existing allocations are untouched. Errors leave the old
@@ -396,6 +449,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
     let reservations = Arc::new(Mutex::new(Reservations::default()));
     let redactor = Redactor::new(settings.redact);
     let reloads = Arc::new(Reloads::default());
+    let mut commands = Vec::new();
 
     let mut wakers = Vec::new();
     let mut threads = Vec::new();
@@ -429,6 +483,11 @@ pub fn start(settings: &Settings) -> Result<Handle> {
                 reloads: reloads.clone(),
                 id,
                 board: board.clone(),
+                commands: {
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    commands.push(tx);
+                    rx
+                },
             },
         )?;
         threads.push(
@@ -451,6 +510,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
             quotas,
             reloads,
             own_sockets,
+            commands,
         },
         threads,
     })
@@ -512,6 +572,7 @@ struct WorkerParams {
     reloads: Arc<Reloads>,
     id: usize,
     board: crate::metrics::Board,
+    commands: std::sync::mpsc::Receiver<Command>,
 }
 
 /// Limits on TCP/TLS connections, per worker.
@@ -820,6 +881,7 @@ struct Worker {
     seen_generation: u64,
     id: usize,
     board: crate::metrics::Board,
+    commands: std::sync::mpsc::Receiver<Command>,
     tls_handshakes: u64,
     tls_failures: u64,
     recv_batches: u64,
@@ -840,6 +902,7 @@ impl Worker {
             reloads,
             id,
             board,
+            commands,
         } = p;
         let registry = poll.registry().try_clone()?;
         let mut io = Io {
@@ -882,6 +945,7 @@ impl Worker {
             seen_generation: 0,
             id,
             board,
+            commands,
             tls_handshakes: 0,
             tls_failures: 0,
             recv_batches: 0,
@@ -921,6 +985,7 @@ impl Worker {
             }
             self.core.handle_timeout(now, &mut self.io);
             self.apply_reload();
+            self.handle_commands(now);
             if now >= self.next_sweep {
                 self.sweep_connections(now);
                 self.publish_metrics(now);
@@ -1151,6 +1216,21 @@ impl Worker {
         }
     }
 
+    /// Answers the control plane's requests.
+    fn handle_commands(&mut self, now: Instant) {
+        while let Ok(cmd) = self.commands.try_recv() {
+            match cmd {
+                Command::Sessions(reply) => {
+                    let _ = reply.send(self.core.sessions(now));
+                }
+                Command::Delete { pick, reply } => {
+                    let n = self.core.delete_sessions(now, &*pick, &mut self.io);
+                    let _ = reply.send(n);
+                }
+            }
+        }
+    }
+
     /// Publishes this worker's numbers for the metrics endpoint (once a
     /// second: one short lock, never on the packet path).
     fn publish_metrics(&mut self, now: Instant) {
@@ -1320,6 +1400,7 @@ impl Worker {
                         CloseReason::Expired => "expired",
                         CloseReason::Deleted => "deleted",
                         CloseReason::ConnectionClosed => "connection-closed",
+                        CloseReason::Admin => "deleted-by-admin",
                     },
                     age_s = age.as_secs(),
                     bytes_to_peers = stats.to_peer_bytes,

@@ -1,0 +1,252 @@
+//! The admin HTTP API (axum, in its own control-plane thread). Every
+//! `/api` route needs `Authorization: Bearer TOKEN`; `/healthz` and
+//! `/readyz` are open for load balancers.
+//!
+//! - `GET /healthz`: 200 while the process runs.
+//! - `GET /readyz`: 200, or 503 while draining (with the count left).
+//! - `GET /api/sessions[?user=U&transport=udp|tcp|tls]`: live allocations.
+//! - `DELETE /api/sessions/{relayed}`: delete one (by its relayed address).
+//! - `DELETE /api/users/{user}/sessions`: delete all of a user's.
+//! - `POST /api/drain`, `DELETE /api/drain`: start or stop draining.
+//! - `GET /api/config`: the effective configuration, secrets redacted.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::runtime::Stopper;
+
+#[derive(Clone)]
+struct App {
+    token: Arc<String>,
+    stop: Stopper,
+    config: Arc<serde_json::Value>,
+}
+
+fn authorized(app: &App, h: &HeaderMap) -> bool {
+    let Some(v) = h.get("authorization").and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let Some(t) = v.strip_prefix("Bearer ") else {
+        return false;
+    };
+    t.len() == app.token.len() && bool::from(t.as_bytes().ct_eq(app.token.as_bytes()))
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [("www-authenticate", "Bearer")],
+        "bearer token required\n",
+    )
+        .into_response()
+}
+
+fn json_response(code: StatusCode, v: serde_json::Value) -> Response {
+    (code, [("content-type", "application/json")], v.to_string()).into_response()
+}
+
+fn session_json(s: &turn_core::SessionInfo) -> serde_json::Value {
+    json!({
+        "user": &*s.username,
+        "client": s.tuple.client.to_string(),
+        "transport": s.tuple.transport.as_str(),
+        "relayed": s.relayed.to_string(),
+        "age_s": s.age.as_secs(),
+        "expires_in_s": s.expires_in.as_secs(),
+        "to_peer": {"packets": s.stats.to_peer_packets, "bytes": s.stats.to_peer_bytes},
+        "from_peer": {"packets": s.stats.from_peer_packets, "bytes": s.stats.from_peer_bytes},
+        "permissions": s.permissions,
+        "channels": s.channels,
+    })
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    tokio::task::spawn_blocking(f).await.ok()
+}
+
+async fn sessions(State(app): State<App>, h: HeaderMap, uri: Uri) -> Response {
+    if !authorized(&app, &h) {
+        return unauthorized();
+    }
+    let mut user = None;
+    let mut transport = None;
+    for kv in uri.query().unwrap_or("").split('&').filter(|s| !s.is_empty()) {
+        match kv.split_once('=') {
+            Some(("user", v)) => user = Some(v.to_owned()),
+            Some(("transport", v)) => transport = Some(v.to_owned()),
+            _ => {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": format!("unknown filter {kv:?}")}),
+                )
+            }
+        }
+    }
+    let stop = app.stop.clone();
+    let Some(all) = blocking(move || stop.sessions()).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let list: Vec<_> = all
+        .iter()
+        .filter(|s| user.as_deref().is_none_or(|u| &*s.username == u))
+        .filter(|s| {
+            transport
+                .as_deref()
+                .is_none_or(|t| s.tuple.transport.as_str() == t)
+        })
+        .map(session_json)
+        .collect();
+    json_response(StatusCode::OK, json!({"sessions": list}))
+}
+
+async fn delete_session(State(app): State<App>, h: HeaderMap, Path(relayed): Path<String>) -> Response {
+    if !authorized(&app, &h) {
+        return unauthorized();
+    }
+    let Ok(addr) = relayed.parse::<SocketAddr>() else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "expected the relayed IP:PORT"}),
+        );
+    };
+    let stop = app.stop.clone();
+    let n = blocking(move || stop.delete_sessions(Arc::new(move |s| s.relayed == addr)))
+        .await
+        .unwrap_or(0);
+    let code = if n == 0 {
+        StatusCode::NOT_FOUND
+    } else {
+        StatusCode::OK
+    };
+    json_response(code, json!({"deleted": n}))
+}
+
+async fn delete_user(State(app): State<App>, h: HeaderMap, Path(user): Path<String>) -> Response {
+    if !authorized(&app, &h) {
+        return unauthorized();
+    }
+    let stop = app.stop.clone();
+    let n = blocking(move || stop.delete_sessions(Arc::new(move |s| *s.username == *user)))
+        .await
+        .unwrap_or(0);
+    json_response(StatusCode::OK, json!({"deleted": n}))
+}
+
+async fn drain(State(app): State<App>, h: HeaderMap, method: axum::http::Method) -> Response {
+    if !authorized(&app, &h) {
+        return unauthorized();
+    }
+    if method == axum::http::Method::DELETE {
+        app.stop.undrain();
+    } else {
+        app.stop.drain();
+    }
+    json_response(
+        StatusCode::OK,
+        json!({"draining": app.stop.is_draining(), "allocations": app.stop.allocations()}),
+    )
+}
+
+async fn show_config(State(app): State<App>, h: HeaderMap) -> Response {
+    if !authorized(&app, &h) {
+        return unauthorized();
+    }
+    json_response(StatusCode::OK, (*app.config).clone())
+}
+
+async fn readyz(State(app): State<App>) -> Response {
+    if app.stop.is_draining() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("draining: {} allocations left\n", app.stop.allocations()),
+        )
+            .into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
+    }
+}
+
+/// The effective configuration as JSON, without secrets.
+pub fn effective_config(s: &crate::config::Settings) -> serde_json::Value {
+    json!({
+        "listen": s.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "tls-listen": s.tls_listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "realm": s.realm,
+        "users": s.credentials.user_count(),
+        "auth-secrets": s.credentials.secret_count(),
+        "passwords-and-secrets": "[redacted]",
+        "relay-ip": [s.relay_v4.map(|i| i.to_string()), s.relay_v6.map(|i| i.to_string())],
+        "external-ip": [s.external_v4.map(|i| i.to_string()), s.external_v6.map(|i| i.to_string())],
+        "min-port": s.min_port,
+        "max-port": s.max_port,
+        "allow-loopback-peers": s.allow_loopback_peers,
+        "allow-peer": s.allow_peer.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        "deny-peer": s.deny_peer.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        "threads": s.threads,
+        "user-quota": s.user_quota,
+        "total-quota": s.total_quota,
+        "max-bps": s.max_bps,
+        "user-max-bps": s.user_max_bps,
+        "rate-limit-per-ip": s.rate_limit_per_ip,
+        "auth-fail-limit": s.auth_fail_limit,
+        "drain-timeout": s.drain_timeout.as_secs(),
+        "rfc5780": s.rfc5780.is_some(),
+        "metrics-listen": s.metrics_listen.map(|a| a.to_string()),
+        "admin-token": "[redacted]",
+    })
+}
+
+/// Serves the admin API on `addr`; returns the bound address.
+pub fn serve(
+    addr: SocketAddr,
+    token: String,
+    stop: Stopper,
+    config: serde_json::Value,
+) -> Result<SocketAddr> {
+    let listener =
+        std::net::TcpListener::bind(addr).with_context(|| format!("admin-listen {addr}: cannot bind"))?;
+    listener.set_nonblocking(true)?;
+    let bound = listener.local_addr()?;
+    let app = App {
+        token: Arc::new(token),
+        stop,
+        config: Arc::new(config),
+    };
+    std::thread::Builder::new()
+        .name("turnpike-admin".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_io().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "admin: cannot start the runtime");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                let router = axum::Router::new()
+                    .route("/healthz", get(|| async { "ok\n" }))
+                    .route("/readyz", get(readyz))
+                    .route("/api/sessions", get(sessions))
+                    .route("/api/sessions/:relayed", delete(delete_session))
+                    .route("/api/users/:user/sessions", delete(delete_user))
+                    .route("/api/drain", post(drain).delete(drain))
+                    .route("/api/config", get(show_config))
+                    .with_state(app);
+                if let Err(e) = axum::serve(listener, router).await {
+                    tracing::error!(error = %e, "admin API stopped");
+                }
+            });
+        })?;
+    Ok(bound)
+}
