@@ -125,6 +125,30 @@ impl Credentials {
             .insert(userhash(username, realm), username.to_owned());
     }
 
+    /// Adds a user by both precomputed keys (from a user database).
+    pub fn add_user_keys(&mut self, username: &str, realm: &str, md5: Md5Key, sha256: [u8; 32]) {
+        self.users.insert(
+            username.to_owned(),
+            UserKeys {
+                md5,
+                sha256: Some(sha256),
+            },
+        );
+        self.by_userhash
+            .insert(userhash(username, realm), username.to_owned());
+    }
+
+    /// Adds every user and secret of `other` (later entries win).
+    pub fn merge(&mut self, other: &Credentials) {
+        for (k, v) in &other.users {
+            self.users.insert(k.clone(), v.clone());
+        }
+        for (k, v) in &other.by_userhash {
+            self.by_userhash.insert(*k, v.clone());
+        }
+        self.secrets.extend(other.secrets.iter().cloned());
+    }
+
     /// Adds a REST-API shared secret; several may be active during rotation.
     pub fn add_secret(&mut self, secret: &[u8]) {
         self.secrets.push(secret.to_vec());

@@ -193,6 +193,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "IP:PORT")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// SQLite user database (`turnpike user add` writes it; the server
+    /// re-reads it every 2 s) [default: $STATE_DIRECTORY/users.db, else
+    /// /var/lib/turnpike/users.db; ignored if absent].
+    #[arg(long, value_name = "FILE")]
+    pub db: Option<PathBuf>,
+
     /// Admin HTTP API listener (off unless set; keep it on loopback, e.g.
     /// 127.0.0.1:9642). Needs admin-token or admin-token-file.
     #[arg(long, value_name = "IP:PORT")]
@@ -259,7 +265,7 @@ impl ServeArgs {
                  user_quota, total_quota, max_bps, user_max_bps, rate_limit_per_ip,
                  auth_fail_limit, auth_block_secs, max_connections, handshake_timeout, idle_timeout,
                  rfc5780, alt_ip, alt_port, log_format, redact, drain_timeout, metrics_listen,
-                 admin_listen, admin_token, admin_token_file;
+                 admin_listen, admin_token, admin_token_file, db;
             vec: listen, tls_listen, relay_ip, external_ip, user, auth_secret, allow_peer, deny_peer,
                  alternate_server);
     }
@@ -356,6 +362,8 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     /// Admin API listener and its token.
     pub admin: Option<(SocketAddr, String)>,
+    /// The user database.
+    pub db: PathBuf,
 }
 
 fn ipv6_available() -> bool {
@@ -631,6 +639,7 @@ impl Settings {
             drain_timeout: std::time::Duration::from_secs(a.drain_timeout.unwrap_or(30)),
             metrics_listen: a.metrics_listen,
             admin,
+            db: a.db.unwrap_or_else(crate::userdb::default_path),
         })
     }
 }

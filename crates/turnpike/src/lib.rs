@@ -12,3 +12,4 @@ pub mod probe;
 pub mod runtime;
 pub mod tls;
 pub mod udp_batch;
+pub mod userdb;

@@ -24,6 +24,11 @@ enum Command {
     /// Load generator for any STUN/TURN server: relay packets/s, Binding/s,
     /// allocations/s, RSS per allocation, RTT percentiles, server CPU.
     Bench(Box<turnpike::bench::BenchArgs>),
+    /// Manage users in the SQLite user database (keys only, never passwords).
+    User {
+        #[command(subcommand)]
+        cmd: UserCommand,
+    },
     /// Diagnose a STUN/TURN server: reachability, reflexive address, TURN
     /// allocation and relaying, with advice. Exit status 0 only if every
     /// check passed.
@@ -33,11 +38,89 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add a user; the password is read from stdin, or prompted for on a terminal.
+    Add(UserArgs),
+    /// Change a user's password (read like `add`).
+    Passwd(UserArgs),
+    /// Remove a user.
+    Remove(UserArgs),
+    /// List users.
+    List {
+        /// Only this realm.
+        #[arg(long)]
+        realm: Option<String>,
+        /// Database file [default: as for `serve`].
+        #[arg(long, value_name = "FILE")]
+        db: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct UserArgs {
+    /// The username.
+    name: String,
+    /// Realm (must match the server's --realm).
+    #[arg(long, default_value = "turnpike")]
+    realm: String,
+    /// Database file [default: as for `serve`].
+    #[arg(long, value_name = "FILE")]
+    db: Option<std::path::PathBuf>,
+}
+
+fn read_password() -> Result<String> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        let a = rpassword::prompt_password("password: ")?;
+        let b = rpassword::prompt_password("again: ")?;
+        if a != b {
+            anyhow::bail!("the passwords differ");
+        }
+        Ok(a)
+    } else {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+    }
+}
+
+fn user(cmd: UserCommand) -> Result<()> {
+    use turnpike::userdb;
+    match cmd {
+        UserCommand::Add(a) => {
+            let db = a.db.unwrap_or_else(userdb::default_path);
+            userdb::set(&db, &a.realm, &a.name, &read_password()?, false)?;
+            eprintln!("added {} to realm {} in {}", a.name, a.realm, db.display());
+        }
+        UserCommand::Passwd(a) => {
+            let db = a.db.unwrap_or_else(userdb::default_path);
+            userdb::set(&db, &a.realm, &a.name, &read_password()?, true)?;
+            eprintln!("changed the password of {}", a.name);
+        }
+        UserCommand::Remove(a) => {
+            let db = a.db.unwrap_or_else(userdb::default_path);
+            if !userdb::remove(&db, &a.realm, &a.name)? {
+                anyhow::bail!("no user {:?} in realm {:?}", a.name, a.realm);
+            }
+            eprintln!("removed {}", a.name);
+        }
+        UserCommand::List { realm, db } => {
+            let db = db.unwrap_or_else(userdb::default_path);
+            for (r, n) in userdb::list(&db, realm.as_deref())? {
+                println!("{r}\t{n}");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Bench(args) => turnpike::bench::run(*args),
+        Command::User { cmd } => user(cmd),
         Command::Probe { cmd } => match turnpike::probe::run(cmd) {
             Ok(true) => Ok(()),
             Ok(false) => std::process::exit(1),
@@ -52,7 +135,12 @@ fn main() {
 
 /// SIGHUP: re-reads the config file (the command line still wins) and
 /// applies what can change live. A bad file is logged and ignored.
-fn reload(cli: &ServeArgs, current: &Settings, stopper: &turnpike::runtime::Stopper) {
+fn reload(
+    cli: &ServeArgs,
+    current: &Settings,
+    stopper: &turnpike::runtime::Stopper,
+    base: &std::sync::Mutex<turn_core::Credentials>,
+) {
     let mut new = match cli.clone().load().and_then(Settings::from_args) {
         Ok(s) => s,
         Err(e) => {
@@ -61,8 +149,12 @@ fn reload(cli: &ServeArgs, current: &Settings, stopper: &turnpike::runtime::Stop
         }
     };
     if new.demo_user.is_some() {
-        warn!("reload: no users or secrets configured; keeping the current credentials");
-        new.credentials = current.credentials.clone();
+        warn!("reload: no users or secrets configured; keeping the configured credentials");
+        new.credentials = base.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    }
+    *base.lock().unwrap_or_else(|p| p.into_inner()) = new.credentials.clone();
+    if let Ok(Some(db)) = turnpike::userdb::load(&new.db, &new.realm) {
+        new.credentials.merge(&db);
     }
     for (name, changed) in [
         ("listen", new.listen != current.listen),
@@ -95,6 +187,39 @@ fn reload(cli: &ServeArgs, current: &Settings, stopper: &turnpike::runtime::Stop
     }
 }
 
+/// Re-reads the user database every 2 s and, when its users change,
+/// hands the workers the configured credentials plus the database's.
+fn spawn_db_watcher(
+    settings: &Settings,
+    stopper: turnpike::runtime::Stopper,
+    base: std::sync::Arc<std::sync::Mutex<turn_core::Credentials>>,
+) {
+    let (db, realm) = (settings.db.clone(), settings.realm.clone());
+    let mut last = turnpike::userdb::fingerprint(&db, &realm);
+    std::thread::spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let now = turnpike::userdb::fingerprint(&db, &realm);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match turnpike::userdb::load(&db, &realm) {
+            Ok(loaded) => {
+                let mut creds = base.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let n = loaded.as_ref().map(|d| d.user_count()).unwrap_or(0);
+                if let Some(d) = loaded {
+                    creds.merge(&d);
+                }
+                stopper.set_credentials(creds);
+                info!(db = %db.display(), users = n, "user database changed; credentials updated");
+            }
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "user database unreadable; keeping the current credentials")
+            }
+        }
+    });
+}
+
 /// Log output that never fails. If stderr goes away (a closed pipe, a
 /// restarted log collector), tracing-subscriber reports the failed write
 /// with `eprintln!`, which panics on the same broken stderr, and that would
@@ -115,7 +240,18 @@ impl std::io::Write for LossyStderr {
 fn serve(args: ServeArgs) -> Result<()> {
     // Kept to re-read the file on SIGHUP with the same command line on top.
     let cli = args.clone();
-    let settings = Settings::from_args(args.load()?)?;
+    let mut settings = Settings::from_args(args.load()?)?;
+    // Users from the database join the configured ones; with any there,
+    // no demo credential is made up.
+    let base = std::sync::Arc::new(std::sync::Mutex::new(settings.credentials.clone()));
+    if let Some(db) = turnpike::userdb::load(&settings.db, &settings.realm)? {
+        if db.user_count() > 0 && settings.demo_user.is_some() {
+            settings.demo_user = None;
+            settings.credentials = turn_core::Credentials::new();
+            *base.lock().unwrap_or_else(|p| p.into_inner()) = turn_core::Credentials::new();
+        }
+        settings.credentials.merge(&db);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&settings.log_level))
         .with_target(false)
@@ -190,6 +326,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         let _ = std::io::Write::write_all(&mut out, banner.as_bytes());
         let _ = std::io::Write::flush(&mut out);
     }
+    spawn_db_watcher(&settings, handle.stopper(), base.clone());
     let stopper = handle.stopper();
     let drain_timeout = settings.drain_timeout;
     let current = settings.clone();
@@ -201,7 +338,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         loop {
             for sig in signals.pending() {
                 match sig {
-                    signal_hook::consts::SIGHUP => reload(&cli, &current, &stopper),
+                    signal_hook::consts::SIGHUP => reload(&cli, &current, &stopper, &base),
                     signal_hook::consts::SIGUSR1 => {
                         stopper.drain();
                         info!(

@@ -80,8 +80,8 @@ pub enum Command {
 /// number that workers compare once per loop iteration.
 #[derive(Clone)]
 struct Update {
-    credentials: Arc<turn_core::Credentials>,
-    policy: PeerPolicy,
+    credentials: Option<Arc<turn_core::Credentials>>,
+    policy: Option<PeerPolicy>,
     tls: Option<Arc<rustls::ServerConfig>>,
 }
 
@@ -171,17 +171,29 @@ impl Stopper {
             // A generated certificate is kept, not regenerated.
             _ => None,
         };
-        let update = Update {
-            credentials: Arc::new(new.credentials.clone()),
-            policy: build_policy(new, &self.own_sockets),
+        self.publish(Update {
+            credentials: Some(Arc::new(new.credentials.clone())),
+            policy: Some(build_policy(new, &self.own_sockets)),
             tls,
-        };
+        });
+        Ok(())
+    }
+
+    /// Replaces only the credentials in every worker (user database changes).
+    pub fn set_credentials(&self, credentials: turn_core::Credentials) {
+        self.publish(Update {
+            credentials: Some(Arc::new(credentials)),
+            policy: None,
+            tls: None,
+        });
+    }
+
+    fn publish(&self, update: Update) {
         *self.reloads.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(update);
         self.reloads.generation.fetch_add(1, Ordering::SeqCst);
         for w in &self.wakers {
             let _ = w.wake();
         }
-        Ok(())
     }
 
     /// Starts draining: new allocations are refused (300 or 508), existing
@@ -1271,8 +1283,12 @@ impl Worker {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         if let Some(u) = update {
-            self.core.set_credentials(u.credentials);
-            self.core.set_policy(u.policy);
+            if let Some(c) = u.credentials {
+                self.core.set_credentials(c);
+            }
+            if let Some(p) = u.policy {
+                self.core.set_policy(p);
+            }
             if let Some(tls) = u.tls {
                 // New connections use the new certificate; open ones keep theirs.
                 self.tls = Some(tls);

@@ -643,3 +643,99 @@ fn sighup_reloads_users_and_certificate_while_calls_keep_relaying() {
         .expect("still in force after a bad reload");
     sigterm_and_wait(child);
 }
+
+fn user_cmd(args: &[&str], stdin: &str) -> std::process::Output {
+    let mut child = bin()
+        .arg("user")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn sqlite_users_apply_to_a_running_server_without_restart() {
+    let dir = std::env::temp_dir().join(format!("turnpike-db-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("users.db");
+    let dbs = db.to_str().unwrap();
+    let realm = ["--realm", "db.example", "--db", dbs];
+    assert!(user_cmd(&[&["add", "dave"][..], &realm].concat(), "d4ve-pw\n")
+        .status
+        .success());
+    let out = user_cmd(&[&["add", "dave"][..], &realm].concat(), "again\n");
+    assert!(!out.status.success(), "a second add of the same user is refused");
+    let list = user_cmd(&["list", "--db", dbs], "");
+    assert_eq!(String::from_utf8_lossy(&list.stdout), "db.example\tdave\n");
+    let raw = std::fs::read(&db).unwrap();
+    assert!(
+        !raw.windows(7).any(|w| w == b"d4ve-pw"),
+        "the password is not stored"
+    );
+
+    let mut child = bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--no-tls", "--threads", "1"])
+        .args(["--user", "carol:c4r0l", "--realm", "db.example", "--db", dbs])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(child.stderr.take().unwrap());
+    let child = Server(Some(child));
+    let mut seen = Vec::new();
+    let addr = listen_addr(&wait_for(&err, "turnpike started", &mut seen));
+    let works = |u: &str, p: &str| {
+        let mut c = TurnClient::new(
+            Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(3)).unwrap(),
+            u,
+            p,
+        );
+        c.set_timeout(Duration::from_secs(2));
+        let ok = c.allocate().is_ok();
+        if ok {
+            let _ = c.refresh(0);
+        }
+        ok
+    };
+    let eventually = |f: &dyn Fn() -> bool| {
+        (0..50).any(|_| {
+            f() || {
+                std::thread::sleep(Duration::from_millis(200));
+                false
+            }
+        })
+    };
+    assert!(works("dave", "d4ve-pw"), "users in the database at start");
+    assert!(works("carol", "c4r0l"), "configured users too");
+
+    assert!(user_cmd(&[&["add", "erin"][..], &realm].concat(), "erin-pw\n")
+        .status
+        .success());
+    assert!(
+        eventually(&|| works("erin", "erin-pw")),
+        "a user added while running authenticates"
+    );
+    assert!(user_cmd(&[&["remove", "dave"][..], &realm].concat(), "")
+        .status
+        .success());
+    assert!(
+        eventually(&|| !works("dave", "d4ve-pw")),
+        "a removed user is refused"
+    );
+    assert!(
+        user_cmd(&[&["passwd", "erin"][..], &realm].concat(), "new-erin-pw\n")
+            .status
+            .success()
+    );
+    assert!(
+        eventually(&|| works("erin", "new-erin-pw")),
+        "a changed password applies"
+    );
+    assert!(!works("erin", "erin-pw"));
+    assert!(works("carol", "c4r0l"), "configured users are kept");
+    sigterm_and_wait(child);
+}

@@ -1,0 +1,138 @@
+//! The embedded user database (SQLite): long-term credentials stored as
+//! MD5 and SHA-256 keys (RFC 8489 §9.2.2), never as passwords, per realm.
+//! `turnpike user` edits it; a running server re-reads it every couple of
+//! seconds, so changes apply without a restart.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use rusqlite::{params, Connection, OptionalExtension};
+use stun_proto::{long_term_key_md5, long_term_key_sha256};
+use turn_core::Credentials;
+
+/// The default database path: `$STATE_DIRECTORY/users.db` under systemd,
+/// else `/var/lib/turnpike/users.db`.
+pub fn default_path() -> PathBuf {
+    let dir = std::env::var_os("STATE_DIRECTORY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/lib/turnpike".into());
+    dir.join("users.db")
+}
+
+fn open(path: &Path) -> Result<Connection> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("db: cannot create {}", dir.display()))?;
+    }
+    let c = Connection::open(path).with_context(|| format!("db: cannot open {}", path.display()))?;
+    c.execute_batch(
+        "CREATE TABLE IF NOT EXISTS users (
+            realm TEXT NOT NULL,
+            name TEXT NOT NULL,
+            md5 BLOB NOT NULL,
+            sha256 BLOB NOT NULL,
+            PRIMARY KEY (realm, name)
+        );",
+    )
+    .context("db: cannot create the users table")?;
+    Ok(c)
+}
+
+/// Adds a user or replaces their password (`replace`); stores only keys.
+pub fn set(path: &Path, realm: &str, name: &str, password: &str, replace: bool) -> Result<()> {
+    if name.is_empty()
+        || name.contains(':') && name.split(':').next().is_some_and(|p| p.parse::<u64>().is_ok())
+    {
+        bail!("user name {name:?} is empty or looks like a REST-API username (EXPIRY:ID)");
+    }
+    if password.is_empty() {
+        bail!("empty password");
+    }
+    let c = open(path)?;
+    let exists: Option<i64> = c
+        .query_row(
+            "SELECT 1 FROM users WHERE realm = ?1 AND name = ?2",
+            params![realm, name],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match (exists.is_some(), replace) {
+        (true, false) => {
+            bail!("user {name:?} already exists in realm {realm:?} (use `turnpike user passwd`)")
+        }
+        (false, true) => bail!("no user {name:?} in realm {realm:?} (use `turnpike user add`)"),
+        _ => {}
+    }
+    c.execute(
+        "INSERT OR REPLACE INTO users (realm, name, md5, sha256) VALUES (?1, ?2, ?3, ?4)",
+        params![
+            realm,
+            name,
+            &long_term_key_md5(name, realm, password)[..],
+            &long_term_key_sha256(name, realm, password)[..]
+        ],
+    )?;
+    Ok(())
+}
+
+/// Removes a user; false if there was none.
+pub fn remove(path: &Path, realm: &str, name: &str) -> Result<bool> {
+    let c = open(path)?;
+    Ok(c.execute(
+        "DELETE FROM users WHERE realm = ?1 AND name = ?2",
+        params![realm, name],
+    )? > 0)
+}
+
+/// (realm, name) of every user, optionally of one realm.
+pub fn list(path: &Path, realm: Option<&str>) -> Result<Vec<(String, String)>> {
+    let c = open(path)?;
+    let mut st =
+        c.prepare("SELECT realm, name FROM users WHERE ?1 IS NULL OR realm = ?1 ORDER BY realm, name")?;
+    let rows = st.query_map(params![realm], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The keys of every user of `realm`, as credentials; `None` if the file
+/// does not exist.
+pub fn load(path: &Path, realm: &str) -> Result<Option<Credentials>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let c = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .with_context(|| format!("db: cannot open {}", path.display()))?;
+    let mut st = c.prepare("SELECT name, md5, sha256 FROM users WHERE realm = ?1")?;
+    let mut creds = Credentials::new();
+    let rows = st.query_map(params![realm], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, Vec<u8>>(1)?,
+            r.get::<_, Vec<u8>>(2)?,
+        ))
+    })?;
+    for row in rows {
+        let (name, md5, sha) = row?;
+        if let (Ok(md5), Ok(sha)) = (md5.try_into(), sha.try_into()) {
+            creds.add_user_keys(&name, realm, md5, sha);
+        }
+    }
+    Ok(Some(creds))
+}
+
+/// A fingerprint of the database's users of `realm`, to notice changes.
+pub fn fingerprint(path: &Path, realm: &str) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let c = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    let mut st = c
+        .prepare("SELECT name, md5 FROM users WHERE realm = ?1 ORDER BY name")
+        .ok()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let rows = st
+        .query_map(params![realm], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })
+        .ok()?;
+    for row in rows.flatten() {
+        row.hash(&mut h);
+    }
+    Some(h.finish())
+}
