@@ -199,6 +199,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     pub db: Option<PathBuf>,
 
+    /// Redis holding shared users and REST-API secrets for a fleet
+    /// (redis://HOST:PORT/DB); polled every 2 s, cached if it goes away.
+    #[arg(long, value_name = "URL")]
+    pub redis_url: Option<String>,
+
     /// Admin HTTP API listener (off unless set; keep it on loopback, e.g.
     /// 127.0.0.1:9642). Needs admin-token or admin-token-file.
     #[arg(long, value_name = "IP:PORT")]
@@ -265,7 +270,7 @@ impl ServeArgs {
                  user_quota, total_quota, max_bps, user_max_bps, rate_limit_per_ip,
                  auth_fail_limit, auth_block_secs, max_connections, handshake_timeout, idle_timeout,
                  rfc5780, alt_ip, alt_port, log_format, redact, drain_timeout, metrics_listen,
-                 admin_listen, admin_token, admin_token_file, db;
+                 admin_listen, admin_token, admin_token_file, db, redis_url;
             vec: listen, tls_listen, relay_ip, external_ip, user, auth_secret, allow_peer, deny_peer,
                  alternate_server);
     }
@@ -364,6 +369,8 @@ pub struct Settings {
     pub admin: Option<(SocketAddr, String)>,
     /// The user database.
     pub db: PathBuf,
+    /// Redis credential store.
+    pub redis_url: Option<String>,
 }
 
 fn ipv6_available() -> bool {
@@ -640,6 +647,7 @@ impl Settings {
             metrics_listen: a.metrics_listen,
             admin,
             db: a.db.unwrap_or_else(crate::userdb::default_path),
+            redis_url: a.redis_url,
         })
     }
 }

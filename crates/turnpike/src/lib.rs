@@ -9,6 +9,7 @@ pub mod config;
 pub mod dns;
 pub mod metrics;
 pub mod probe;
+pub mod redisdb;
 pub mod runtime;
 pub mod tls;
 pub mod udp_batch;

@@ -54,6 +54,9 @@ enum UserCommand {
         /// Database file [default: as for `serve`].
         #[arg(long, value_name = "FILE")]
         db: Option<std::path::PathBuf>,
+        /// Use the Redis store at URL.
+        #[arg(long, value_name = "URL")]
+        redis_url: Option<String>,
     },
 }
 
@@ -67,6 +70,9 @@ struct UserArgs {
     /// Database file [default: as for `serve`].
     #[arg(long, value_name = "FILE")]
     db: Option<std::path::PathBuf>,
+    /// Use the Redis store at URL instead of the SQLite file.
+    #[arg(long, value_name = "URL")]
+    redis_url: Option<String>,
 }
 
 fn read_password() -> Result<String> {
@@ -86,31 +92,59 @@ fn read_password() -> Result<String> {
 }
 
 fn user(cmd: UserCommand) -> Result<()> {
-    use turnpike::userdb;
+    use turnpike::{redisdb, userdb};
     match cmd {
         UserCommand::Add(a) => {
-            let db = a.db.unwrap_or_else(userdb::default_path);
-            userdb::set(&db, &a.realm, &a.name, &read_password()?, false)?;
-            eprintln!("added {} to realm {} in {}", a.name, a.realm, db.display());
+            let pw = read_password()?;
+            match &a.redis_url {
+                Some(url) => redisdb::set(url, &a.realm, &a.name, &pw, false)?,
+                None => userdb::set(
+                    &a.db.unwrap_or_else(userdb::default_path),
+                    &a.realm,
+                    &a.name,
+                    &pw,
+                    false,
+                )?,
+            }
+            eprintln!("added {} to realm {}", a.name, a.realm);
         }
         UserCommand::Passwd(a) => {
-            let db = a.db.unwrap_or_else(userdb::default_path);
-            userdb::set(&db, &a.realm, &a.name, &read_password()?, true)?;
+            let pw = read_password()?;
+            match &a.redis_url {
+                Some(url) => redisdb::set(url, &a.realm, &a.name, &pw, true)?,
+                None => userdb::set(
+                    &a.db.unwrap_or_else(userdb::default_path),
+                    &a.realm,
+                    &a.name,
+                    &pw,
+                    true,
+                )?,
+            }
             eprintln!("changed the password of {}", a.name);
         }
         UserCommand::Remove(a) => {
-            let db = a.db.unwrap_or_else(userdb::default_path);
-            if !userdb::remove(&db, &a.realm, &a.name)? {
+            let removed = match &a.redis_url {
+                Some(url) => redisdb::remove(url, &a.realm, &a.name)?,
+                None => userdb::remove(&a.db.unwrap_or_else(userdb::default_path), &a.realm, &a.name)?,
+            };
+            if !removed {
                 anyhow::bail!("no user {:?} in realm {:?}", a.name, a.realm);
             }
             eprintln!("removed {}", a.name);
         }
-        UserCommand::List { realm, db } => {
-            let db = db.unwrap_or_else(userdb::default_path);
-            for (r, n) in userdb::list(&db, realm.as_deref())? {
-                println!("{r}\t{n}");
+        UserCommand::List { realm, db, redis_url } => match redis_url {
+            Some(url) => {
+                let realm = realm.unwrap_or_else(|| "turnpike".into());
+                for n in redisdb::list(&url, &realm)? {
+                    println!("{realm}\t{n}");
+                }
             }
-        }
+            None => {
+                for (r, n) in userdb::list(&db.unwrap_or_else(userdb::default_path), realm.as_deref())? {
+                    println!("{r}\t{n}");
+                }
+            }
+        },
     }
     Ok(())
 }
@@ -156,6 +190,11 @@ fn reload(
     if let Ok(Some(db)) = turnpike::userdb::load(&new.db, &new.realm) {
         new.credentials.merge(&db);
     }
+    if let Some(url) = &new.redis_url {
+        if let Ok((r, _)) = turnpike::redisdb::load(url, &new.realm) {
+            new.credentials.merge(&r);
+        }
+    }
     for (name, changed) in [
         ("listen", new.listen != current.listen),
         ("tls-listen", new.tls_listen != current.tls_listen),
@@ -194,29 +233,63 @@ fn spawn_db_watcher(
     stopper: turnpike::runtime::Stopper,
     base: std::sync::Arc<std::sync::Mutex<turn_core::Credentials>>,
 ) {
-    let (db, realm) = (settings.db.clone(), settings.realm.clone());
-    let mut last = turnpike::userdb::fingerprint(&db, &realm);
+    use std::sync::atomic::Ordering;
+    let (db, realm, redis) = (
+        settings.db.clone(),
+        settings.realm.clone(),
+        settings.redis_url.clone(),
+    );
+    let mut last_db = turnpike::userdb::fingerprint(&db, &realm);
+    let mut last_redis: Option<u64> = None;
+    let mut redis_cache = turn_core::Credentials::new();
+    let mut first = true;
     std::thread::spawn(move || loop {
-        std::thread::sleep(std::time::Duration::from_secs(2));
-        let now = turnpike::userdb::fingerprint(&db, &realm);
-        if now == last {
+        if !first {
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        }
+        first = false;
+        let mut changed = false;
+        let now_db = turnpike::userdb::fingerprint(&db, &realm);
+        if now_db != last_db {
+            last_db = now_db;
+            changed = true;
+        }
+        if let Some(url) = &redis {
+            match turnpike::redisdb::load(url, &realm) {
+                Ok((creds, fp)) => {
+                    if turnpike::metrics::REDIS_UP.swap(1, Ordering::Relaxed) == 0 {
+                        info!("redis credential store reachable again");
+                    }
+                    if last_redis != Some(fp) {
+                        last_redis = Some(fp);
+                        redis_cache = creds;
+                        changed = true;
+                    }
+                }
+                Err(e) => {
+                    // Cached credentials keep serving; say so once per outage.
+                    if turnpike::metrics::REDIS_UP.swap(0, Ordering::Relaxed) != 0 {
+                        warn!(error = %format!("{e:#}"), "redis unavailable; cached credentials keep serving");
+                    }
+                }
+            }
+        }
+        if !changed {
             continue;
         }
-        last = now;
+        let mut creds = base.lock().unwrap_or_else(|p| p.into_inner()).clone();
         match turnpike::userdb::load(&db, &realm) {
-            Ok(loaded) => {
-                let mut creds = base.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                let n = loaded.as_ref().map(|d| d.user_count()).unwrap_or(0);
-                if let Some(d) = loaded {
-                    creds.merge(&d);
-                }
-                stopper.set_credentials(creds);
-                info!(db = %db.display(), users = n, "user database changed; credentials updated");
-            }
-            Err(e) => {
-                warn!(error = %format!("{e:#}"), "user database unreadable; keeping the current credentials")
-            }
+            Ok(Some(d)) => creds.merge(&d),
+            Ok(None) => {}
+            Err(e) => warn!(error = %format!("{e:#}"), "user database unreadable"),
         }
+        creds.merge(&redis_cache);
+        info!(
+            users = creds.user_count(),
+            secrets = creds.secret_count(),
+            "credential stores changed; credentials updated"
+        );
+        stopper.set_credentials(creds);
     });
 }
 
@@ -251,6 +324,23 @@ fn serve(args: ServeArgs) -> Result<()> {
             *base.lock().unwrap_or_else(|p| p.into_inner()) = turn_core::Credentials::new();
         }
         settings.credentials.merge(&db);
+    }
+    if let Some(url) = &settings.redis_url {
+        match turnpike::redisdb::load(url, &settings.realm) {
+            Ok((r, _)) => {
+                if (r.user_count() > 0 || r.secret_count() > 0) && settings.demo_user.is_some() {
+                    settings.demo_user = None;
+                    settings.credentials = turn_core::Credentials::new();
+                    *base.lock().unwrap_or_else(|p| p.into_inner()) = turn_core::Credentials::new();
+                }
+                settings.credentials.merge(&r);
+                turnpike::metrics::REDIS_UP.store(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(e) => {
+                turnpike::metrics::REDIS_UP.store(0, std::sync::atomic::Ordering::Relaxed);
+                eprintln!("turnpike: {e:#}; starting without its users, retrying every 2 s");
+            }
+        }
     }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&settings.log_level))

@@ -11,6 +11,10 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 use turn_core::Counters;
 
+/// Whether the credential store in Redis answers: -1 not configured,
+/// 0 unreachable (cached credentials keep serving), 1 up.
+pub static REDIS_UP: std::sync::atomic::AtomicI8 = std::sync::atomic::AtomicI8::new(-1);
+
 /// One worker's numbers, as of its last publication.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WorkerMetrics {

@@ -739,3 +739,126 @@ fn sqlite_users_apply_to_a_running_server_without_restart() {
     assert!(works("carol", "c4r0l"), "configured users are kept");
     sigterm_and_wait(child);
 }
+
+struct Redis(Child, u16);
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn redis_server() -> Redis {
+    assert!(
+        std::path::Path::new("/usr/bin/redis-server").exists(),
+        "redis-server not found: install Debian's redis-server package, as .ci/run does"
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("/usr/bin/redis-server")
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..50 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Redis(child, port)
+}
+
+#[test]
+fn redis_users_and_secrets_serve_and_survive_a_redis_outage() {
+    let redis = redis_server();
+    let url = format!("redis://127.0.0.1:{}/0", redis.1);
+    let realm = ["--realm", "fleet.example", "--redis-url", &url];
+    assert!(user_cmd(&[&["add", "frank"][..], &realm].concat(), "fr4nk-pw\n")
+        .status
+        .success());
+    let list = user_cmd(&["list", "--realm", "fleet.example", "--redis-url", &url], "");
+    assert_eq!(String::from_utf8_lossy(&list.stdout), "fleet.example\tfrank\n");
+    // A REST-API secret shared by the fleet.
+    assert!(Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.1.to_string(),
+            "SADD",
+            "turnpike:secrets",
+            "fleet-secret"
+        ])
+        .output()
+        .unwrap()
+        .status
+        .success());
+
+    let mut child = bin()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-tls",
+            "--threads",
+            "1",
+            "--db",
+            "/nonexistent/users.db",
+        ])
+        .args([
+            "--realm",
+            "fleet.example",
+            "--redis-url",
+            &url,
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(child.stderr.take().unwrap());
+    let child = Server(Some(child));
+    let mut seen = Vec::new();
+    let addr = listen_addr(&wait_for(&err, "turnpike started", &mut seen));
+    let works = |u: &str, p: &str| {
+        let mut c = TurnClient::new(
+            Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(3)).unwrap(),
+            u,
+            p,
+        );
+        c.set_timeout(Duration::from_secs(2));
+        let ok = c.allocate().is_ok();
+        if ok {
+            let _ = c.refresh(0);
+        }
+        ok
+    };
+    assert!(works("frank", "fr4nk-pw"), "a Redis user authenticates");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let rest_user = format!("{}:bot", now + 600);
+    let rest_pw = turn_core::auth::rest_password(b"fleet-secret", &rest_user);
+    assert!(works(&rest_user, &rest_pw), "a REST secret from Redis works");
+
+    // Redis goes away: the cached credentials keep serving, and it is said.
+    drop(redis);
+    wait_for(&err, "redis unavailable", &mut seen);
+    assert!(works("frank", "fr4nk-pw"), "cached users survive the outage");
+    sigterm_and_wait(child);
+}
