@@ -9,6 +9,7 @@
 //! - `DELETE /api/users/{user}/sessions`: delete all of a user's.
 //! - `POST /api/drain`, `DELETE /api/drain`: start or stop draining.
 //! - `GET /api/config`: the effective configuration, secrets redacted.
+//! - `POST /api/reload`: re-read the configuration, as SIGHUP does.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,11 +24,15 @@ use subtle::ConstantTimeEq;
 
 use crate::runtime::Stopper;
 
+/// Re-reads the configuration, as SIGHUP does; `Err` says why not.
+pub type Reloader = Arc<dyn Fn() -> std::result::Result<(), String> + Send + Sync>;
+
 #[derive(Clone)]
 struct App {
     token: Arc<String>,
     stop: Stopper,
     config: Arc<serde_json::Value>,
+    reload: Option<Reloader>,
 }
 
 fn authorized(app: &App, h: &HeaderMap) -> bool {
@@ -155,6 +160,26 @@ async fn drain(State(app): State<App>, h: HeaderMap, method: axum::http::Method)
     )
 }
 
+async fn reload_handler(State(app): State<App>, h: HeaderMap) -> Response {
+    if !authorized(&app, &h) {
+        return unauthorized();
+    }
+    let Some(r) = app.reload.clone() else {
+        return json_response(
+            StatusCode::NOT_IMPLEMENTED,
+            json!({"error": "reload is not available"}),
+        );
+    };
+    match blocking(move || r()).await {
+        Some(Ok(())) => json_response(StatusCode::OK, json!({"reloaded": true})),
+        Some(Err(e)) => json_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"reloaded": false, "error": e}),
+        ),
+        None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
 async fn show_config(State(app): State<App>, h: HeaderMap) -> Response {
     if !authorized(&app, &h) {
         return unauthorized();
@@ -210,6 +235,7 @@ pub fn serve(
     token: String,
     stop: Stopper,
     config: serde_json::Value,
+    reload: Option<Reloader>,
 ) -> Result<SocketAddr> {
     let listener =
         std::net::TcpListener::bind(addr).with_context(|| format!("admin-listen {addr}: cannot bind"))?;
@@ -219,6 +245,7 @@ pub fn serve(
         token: Arc::new(token),
         stop,
         config: Arc::new(config),
+        reload,
     };
     std::thread::Builder::new()
         .name("turnpike-admin".into())
@@ -242,6 +269,7 @@ pub fn serve(
                     .route("/api/users/:user/sessions", delete(delete_user))
                     .route("/api/drain", post(drain).delete(drain))
                     .route("/api/config", get(show_config))
+                    .route("/api/reload", post(reload_handler))
                     .with_state(app);
                 if let Err(e) = axum::serve(listener, router).await {
                     tracing::error!(error = %e, "admin API stopped");

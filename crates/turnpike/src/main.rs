@@ -174,12 +174,12 @@ fn reload(
     current: &Settings,
     stopper: &turnpike::runtime::Stopper,
     base: &std::sync::Mutex<turn_core::Credentials>,
-) {
+) -> std::result::Result<(), String> {
     let mut new = match cli.clone().load().and_then(Settings::from_args) {
         Ok(s) => s,
         Err(e) => {
             error!(error = %format!("{e:#}"), "reload failed; the current configuration stays in force");
-            return;
+            return Err(format!("{e:#}"));
         }
     };
     if new.demo_user.is_some() {
@@ -215,13 +215,17 @@ fn reload(
         }
     }
     match stopper.reload(&new) {
-        Ok(()) => info!(
-            users = new.credentials.user_count(),
-            secrets = new.credentials.secret_count(),
-            "configuration reloaded (credentials, peer policy, TLS certificate)"
-        ),
+        Ok(()) => {
+            info!(
+                users = new.credentials.user_count(),
+                secrets = new.credentials.secret_count(),
+                "configuration reloaded (credentials, peer policy, TLS certificate)"
+            );
+            Ok(())
+        }
         Err(e) => {
-            error!(error = %format!("{e:#}"), "reload failed; the current configuration stays in force")
+            error!(error = %format!("{e:#}"), "reload failed; the current configuration stays in force");
+            Err(format!("{e:#}"))
         }
     }
 }
@@ -363,11 +367,16 @@ fn serve(args: ServeArgs) -> Result<()> {
     ])?;
     let handle = turnpike::runtime::start(&settings)?;
     if let Some((addr, token)) = &settings.admin {
+        let (cli2, current2, stopper2, base2) =
+            (cli.clone(), settings.clone(), handle.stopper(), base.clone());
+        let reloader: turnpike::admin::Reloader =
+            std::sync::Arc::new(move || reload(&cli2, &current2, &stopper2, &base2));
         let bound = turnpike::admin::serve(
             *addr,
             token.clone(),
             handle.stopper(),
             turnpike::admin::effective_config(&settings),
+            Some(reloader),
         )?;
         info!(admin = %bound, "admin API listening");
     }
@@ -428,7 +437,9 @@ fn serve(args: ServeArgs) -> Result<()> {
         loop {
             for sig in signals.pending() {
                 match sig {
-                    signal_hook::consts::SIGHUP => reload(&cli, &current, &stopper, &base),
+                    signal_hook::consts::SIGHUP => {
+                        let _ = reload(&cli, &current, &stopper, &base);
+                    }
                     signal_hook::consts::SIGUSR1 => {
                         stopper.drain();
                         info!(

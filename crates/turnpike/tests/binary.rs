@@ -856,9 +856,93 @@ fn redis_users_and_secrets_serve_and_survive_a_redis_outage() {
     let rest_pw = turn_core::auth::rest_password(b"fleet-secret", &rest_user);
     assert!(works(&rest_user, &rest_pw), "a REST secret from Redis works");
 
+    // A user added while the server runs applies within seconds.
+    assert!(user_cmd(&[&["add", "gina"][..], &realm].concat(), "g1na-pw\n")
+        .status
+        .success());
+    assert!(
+        (0..50).any(|_| works("gina", "g1na-pw") || {
+            std::thread::sleep(Duration::from_millis(200));
+            false
+        }),
+        "a Redis user added while running authenticates"
+    );
+
     // Redis goes away: the cached credentials keep serving, and it is said.
     drop(redis);
     wait_for(&err, "redis unavailable", &mut seen);
     assert!(works("frank", "fr4nk-pw"), "cached users survive the outage");
+    sigterm_and_wait(child);
+}
+
+fn http_post(addr: SocketAddr, path: &str, token: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).unwrap();
+    (r.split_whitespace().nth(1).unwrap().parse().unwrap(), r)
+}
+
+#[test]
+fn admin_reload_endpoint_applies_and_rejects() {
+    let dir = std::env::temp_dir().join(format!("turnpike-adminreload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("t.toml");
+    let token = "admin-reload-token-0123456789";
+    let write = |users: &str| {
+        std::fs::write(
+            &cfg,
+            format!("listen = [\"127.0.0.1:0\"]\nno-tls = true\nthreads = 1\ndrain-timeout = 0\nuser = [{users}]\nadmin-listen = \"127.0.0.1:0\"\nadmin-token = \"{token}\"\n"),
+        )
+        .unwrap()
+    };
+    write("\"carol:c4r0l\"");
+    let mut child = bin()
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(child.stderr.take().unwrap());
+    let child = Server(Some(child));
+    let mut seen = Vec::new();
+    let udp = listen_addr(&wait_for(&err, "turnpike started", &mut seen));
+    let admin_line = seen
+        .iter()
+        .find(|l| l.contains("admin API listening"))
+        .cloned()
+        .unwrap_or_else(|| wait_for(&err, "admin API listening", &mut seen));
+    let admin: SocketAddr = admin_line
+        .split("admin=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let works = |u: &str, p: &str| {
+        let mut c = TurnClient::new(
+            Channel::connect(&ClientTransport::Udp, udp, Duration::from_secs(3)).unwrap(),
+            u,
+            p,
+        );
+        c.set_timeout(Duration::from_secs(2));
+        c.allocate().is_ok()
+    };
+    assert!(!works("dave", "d4ve"));
+    write("\"carol:c4r0l\", \"dave:d4ve\"");
+    let (code, _) = http_post(admin, "/api/reload", token);
+    assert_eq!(code, 200);
+    assert!(works("dave", "d4ve"), "reloaded through the admin API");
+    std::fs::write(&cfg, "user = 5\n").unwrap();
+    let (code, body) = http_post(admin, "/api/reload", token);
+    assert_eq!(code, 422, "{body}");
+    assert_eq!(http_post(admin, "/api/reload", "wrong-token-wrong-token").0, 401);
     sigterm_and_wait(child);
 }
