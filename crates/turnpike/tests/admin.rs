@@ -42,6 +42,7 @@ fn admin_api() {
         TOKEN.into(),
         h.stopper(),
         settings_json,
+        None,
     )
     .unwrap();
 
