@@ -237,8 +237,8 @@ pub enum QuotaError {
 /// are created or deleted, never per packet.
 #[derive(Debug, Default)]
 pub struct Quotas {
-    user_limit: usize,
-    total_limit: usize,
+    user_limit: AtomicUsize,
+    total_limit: AtomicUsize,
     total: AtomicUsize,
     per_user: Mutex<HashMap<Arc<str>, usize>>,
 }
@@ -247,22 +247,32 @@ impl Quotas {
     /// Limits; 0 means unlimited.
     pub fn new(user_limit: usize, total_limit: usize) -> Self {
         Quotas {
-            user_limit,
-            total_limit,
+            user_limit: AtomicUsize::new(user_limit),
+            total_limit: AtomicUsize::new(total_limit),
             ..Default::default()
         }
     }
 
+    /// Changes the limits (reload); allocations already held stay.
+    pub fn set_limits(&self, user_limit: usize, total_limit: usize) {
+        self.user_limit.store(user_limit, Ordering::SeqCst);
+        self.total_limit.store(total_limit, Ordering::SeqCst);
+    }
+
     /// Takes one allocation for `user`.
     pub fn acquire(&self, user: &Arc<str>) -> Result<(), QuotaError> {
+        let (user_limit, total_limit) = (
+            self.user_limit.load(Ordering::SeqCst),
+            self.total_limit.load(Ordering::SeqCst),
+        );
         let prev = self.total.fetch_add(1, Ordering::SeqCst);
-        if self.total_limit != 0 && prev >= self.total_limit {
+        if total_limit != 0 && prev >= total_limit {
             self.total.fetch_sub(1, Ordering::SeqCst);
             return Err(QuotaError::Total);
         }
         let mut m = self.per_user.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(user.clone()).or_insert(0);
-        if self.user_limit != 0 && *n >= self.user_limit {
+        if user_limit != 0 && *n >= user_limit {
             if *n == 0 {
                 m.remove(user);
             }

@@ -638,6 +638,35 @@ impl Server {
         self.cfg.credentials = credentials;
     }
 
+    /// Replaces the abuse limits (reload): per-source rate, brute-force
+    /// guard and bandwidth caps. A changed rate or guard starts from clean
+    /// tables; allocations are kept.
+    pub fn set_limits(
+        &mut self,
+        rate_limit_per_ip: u32,
+        auth_fail_limit: u32,
+        auth_block: Duration,
+        max_bps: u64,
+        user_max_bps: u64,
+    ) {
+        if rate_limit_per_ip != self.cfg.rate_limit_per_ip {
+            self.limiter = SourceLimiter::new(rate_limit_per_ip, self.cfg.source_slots);
+        }
+        if auth_fail_limit != self.cfg.auth_fail_limit || auth_block != self.cfg.auth_block {
+            self.guard = AuthGuard::new(
+                auth_fail_limit,
+                Duration::from_secs(60),
+                auth_block,
+                self.cfg.source_slots,
+            );
+        }
+        self.cfg.rate_limit_per_ip = rate_limit_per_ip;
+        self.cfg.auth_fail_limit = auth_fail_limit;
+        self.cfg.auth_block = auth_block;
+        self.cfg.max_bps = max_bps;
+        self.cfg.user_max_bps = user_max_bps;
+    }
+
     /// Replaces the peer policy (reload). Existing permissions are kept.
     pub fn set_policy(&mut self, policy: PeerPolicy) {
         self.cfg.policy = policy;

@@ -207,11 +207,15 @@ fn reload(
             "relay-ip",
             (new.relay_v4, new.relay_v6) != (current.relay_v4, current.relay_v6),
         ),
-        ("log-level", new.log_level != current.log_level),
         ("rfc5780", new.rfc5780 != current.rfc5780),
     ] {
         if changed {
             warn!(setting = name, "reload: this setting changes at the next restart");
+        }
+    }
+    if let Some(h) = LOG_FILTER.get() {
+        if let Err(e) = h.reload(tracing_subscriber::EnvFilter::new(&new.log_level)) {
+            warn!(error = %e, "cannot change the log level");
         }
     }
     match stopper.reload(&new) {
@@ -297,6 +301,11 @@ fn spawn_db_watcher(
     });
 }
 
+/// The log filter's reload handle (SIGHUP changes the level live).
+static LOG_FILTER: std::sync::OnceLock<
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
+> = std::sync::OnceLock::new();
+
 /// Log output that never fails. If stderr goes away (a closed pipe, a
 /// restarted log collector), tracing-subscriber reports the failed write
 /// with `eprintln!`, which panics on the same broken stderr, and that would
@@ -346,15 +355,25 @@ fn serve(args: ServeArgs) -> Result<()> {
             }
         }
     }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&settings.log_level))
+    // The filter sits behind a reload handle so SIGHUP can change the level.
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, handle) =
+        tracing_subscriber::reload::Layer::new(tracing_subscriber::EnvFilter::new(&settings.log_level));
+    let _ = LOG_FILTER.set(handle);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_target(false)
         .with_writer(|| LossyStderr);
     if settings.log_json {
-        builder.json().flatten_event(true).init();
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(fmt.json().flatten_event(true))
+            .init();
     } else {
-        builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(fmt.with_ansi(ansi))
             .init();
     }
     // Signals are caught before anything starts, so a SIGTERM during

@@ -83,6 +83,7 @@ struct Update {
     credentials: Option<Arc<turn_core::Credentials>>,
     policy: Option<PeerPolicy>,
     tls: Option<Arc<rustls::ServerConfig>>,
+    limits: Option<(u32, u32, Duration, u64, u64, ConnLimits)>,
 }
 
 #[derive(Default)]
@@ -171,10 +172,19 @@ impl Stopper {
             // A generated certificate is kept, not regenerated.
             _ => None,
         };
+        self.quotas.set_limits(new.user_quota, new.total_quota);
         self.publish(Update {
             credentials: Some(Arc::new(new.credentials.clone())),
             policy: Some(build_policy(new, &self.own_sockets)),
             tls,
+            limits: Some((
+                new.rate_limit_per_ip,
+                new.auth_fail_limit,
+                Duration::from_secs(new.auth_block_secs),
+                new.max_bps,
+                new.user_max_bps,
+                conn_limits(new),
+            )),
         });
         Ok(())
     }
@@ -185,6 +195,7 @@ impl Stopper {
             credentials: Some(Arc::new(credentials)),
             policy: None,
             tls: None,
+            limits: None,
         });
     }
 
@@ -483,14 +494,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
                 tls: tls_setup.as_ref().map(|t| t.config.clone()),
                 stop: flag.clone(),
                 reservations: reservations.clone(),
-                limits: ConnLimits {
-                    max_connections: settings.max_connections,
-                    max_pending: (settings.max_connections / 4)
-                        .max(64)
-                        .min(settings.max_connections),
-                    handshake_timeout: settings.handshake_timeout,
-                    idle_timeout: settings.idle_timeout,
-                },
+                limits: conn_limits(settings),
                 redact: redactor.clone(),
                 reloads: reloads.clone(),
                 id,
@@ -570,6 +574,17 @@ impl Redactor {
                 format!("redacted:{:08x}", h.finish() as u32)
             }
         }
+    }
+}
+
+fn conn_limits(settings: &Settings) -> ConnLimits {
+    ConnLimits {
+        max_connections: settings.max_connections,
+        max_pending: (settings.max_connections / 4)
+            .max(64)
+            .min(settings.max_connections),
+        handshake_timeout: settings.handshake_timeout,
+        idle_timeout: settings.idle_timeout,
     }
 }
 
@@ -1288,6 +1303,10 @@ impl Worker {
             }
             if let Some(p) = u.policy {
                 self.core.set_policy(p);
+            }
+            if let Some((rate, fail, block, bps, user_bps, conn)) = u.limits {
+                self.core.set_limits(rate, fail, block, bps, user_bps);
+                self.limits = conn;
             }
             if let Some(tls) = u.tls {
                 // New connections use the new certificate; open ones keep theirs.

@@ -940,6 +940,19 @@ fn admin_reload_endpoint_applies_and_rejects() {
     let (code, _) = http_post(admin, "/api/reload", token);
     assert_eq!(code, 200);
     assert!(works("dave", "d4ve"), "reloaded through the admin API");
+    // Limits reload too: dave holds one allocation; a quota of one refuses a second.
+    let text = std::fs::read_to_string(&cfg).unwrap() + "user-quota = 1\n";
+    std::fs::write(&cfg, text).unwrap();
+    assert_eq!(http_post(admin, "/api/reload", token).0, 200);
+    let mut second = TurnClient::new(
+        Channel::connect(&ClientTransport::Udp, udp, Duration::from_secs(3)).unwrap(),
+        "dave",
+        "d4ve",
+    );
+    match second.allocate() {
+        Err(turnpike::client::ClientError::Error { code: 486, .. }) => {}
+        other => panic!("user-quota reloaded: expected 486, got {other:?}"),
+    }
     std::fs::write(&cfg, "user = 5\n").unwrap();
     let (code, body) = http_post(admin, "/api/reload", token);
     assert_eq!(code, 422, "{body}");
