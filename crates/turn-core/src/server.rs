@@ -1021,8 +1021,7 @@ impl Server {
         let m = msg.message_type().method;
         if m == method::BINDING {
             // An unauthenticated answer: limited per source against reflection.
-            if !self.limiter.allow(tuple.client.ip(), now) {
-                self.counters.rate_limited += 1;
+            if !self.may_answer_unauthenticated(tuple, now) {
                 return None;
             }
             // RFC 8489 §6.3.1: 420 for unknown comprehension-required
@@ -1044,8 +1043,7 @@ impl Server {
             m,
             method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND
         ) {
-            if !self.limiter.allow(tuple.client.ip(), now) {
-                self.counters.rate_limited += 1;
+            if !self.may_answer_unauthenticated(tuple, now) {
                 return None;
             }
             return Some(self.respond(now, tuple, msg, Reply::Error(400), None));
@@ -1055,8 +1053,7 @@ impl Server {
             Ok(a) => a,
             Err(None) => return None,
             Err(Some(code)) => {
-                if !self.limiter.allow(tuple.client.ip(), now) {
-                    self.counters.rate_limited += 1;
+                if !self.may_answer_unauthenticated(tuple, now) {
                     return None;
                 }
                 return Some(self.respond(now, tuple, msg, Reply::Error(code), None));
@@ -1082,6 +1079,16 @@ impl Server {
             _ => self.channel_bind(now, tuple, msg, existing),
         };
         Some(self.respond(now, tuple, msg, reply, signer))
+    }
+
+    /// The per-source budget for answers to unauthenticated requests
+    /// (reflection); counts what it refuses.
+    fn may_answer_unauthenticated(&mut self, tuple: FiveTuple, now: Instant) -> bool {
+        let ok = self.limiter.allow(tuple.client.ip(), now);
+        if !ok {
+            self.counters.rate_limited += 1;
+        }
+        ok
     }
 
     /// RFC 8489 §9.2.4 long-term credential checks, in the RFC's order.
