@@ -42,6 +42,11 @@ impl Transport {
         }
     }
 
+    /// 0, 1, 2 for UDP, TCP, TLS (metrics arrays).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     fn is_stream(self) -> bool {
         !matches!(self, Transport::Udp)
     }
@@ -167,12 +172,12 @@ pub struct Counters {
     pub peers_refused: u64,
     /// Binding requests answered.
     pub bindings: u64,
-    /// Allocations created.
-    pub allocations_created: u64,
-    /// Allocations that expired.
-    pub allocations_expired: u64,
-    /// Allocations deleted by the client (Refresh 0) or a closed connection.
-    pub allocations_deleted: u64,
+    /// Allocations created, by transport (UDP, TCP, TLS).
+    pub allocations_created: [u64; 3],
+    /// Allocations that expired, by transport.
+    pub allocations_expired: [u64; 3],
+    /// Allocations deleted (Refresh 0, closed connection, admin), by transport.
+    pub allocations_deleted: [u64; 3],
     /// Packets and payload bytes relayed client → peer.
     pub to_peer_packets: u64,
     /// Payload bytes relayed client → peer.
@@ -821,10 +826,11 @@ impl Server {
         relays.close(a.relay);
         self.cfg.quotas.release(&a.username);
         self.release_user_slot(a.user_slot);
+        let t = a.tuple.transport.index();
         if reason == CloseReason::Expired {
-            self.counters.allocations_expired += 1;
+            self.counters.allocations_expired[t] += 1;
         } else {
-            self.counters.allocations_deleted += 1;
+            self.counters.allocations_deleted[t] += 1;
         }
         self.counters.to_peer_packets += a.stats.to_peer_packets;
         self.counters.to_peer_bytes += a.stats.to_peer_bytes;
@@ -1368,7 +1374,7 @@ impl Server {
         self.by_tuple.insert(tuple, idx);
         self.by_relay.insert(relay, idx);
         self.timers.push(Reverse((now + lifetime, idx)));
-        self.counters.allocations_created += 1;
+        self.counters.allocations_created[tuple.transport.index()] += 1;
         self.events.push_back(Event::AllocationCreated {
             tuple,
             username,

@@ -55,9 +55,11 @@ fn sum(board: &Board) -> (WorkerMetrics, Vec<WorkerMetrics>) {
         tc.bandwidth_dropped += c.bandwidth_dropped;
         tc.peers_refused += c.peers_refused;
         tc.bindings += c.bindings;
-        tc.allocations_created += c.allocations_created;
-        tc.allocations_expired += c.allocations_expired;
-        tc.allocations_deleted += c.allocations_deleted;
+        for i in 0..3 {
+            tc.allocations_created[i] += c.allocations_created[i];
+            tc.allocations_expired[i] += c.allocations_expired[i];
+            tc.allocations_deleted[i] += c.allocations_deleted[i];
+        }
         tc.to_peer_packets += c.to_peer_packets;
         tc.to_peer_bytes += c.to_peer_bytes;
         tc.from_peer_packets += c.from_peer_packets;
@@ -107,20 +109,24 @@ pub fn render(board: &Board, draining: bool) -> String {
             (tr(2), t.allocations[2] as f64),
         ],
     );
+    let by_transport = |a: [u64; 3]| [(tr(0), a[0] as f64), (tr(1), a[1] as f64), (tr(2), a[2] as f64)];
     metric(
         "allocations_created_total",
         "counter",
-        "Allocations created.",
-        &[("", c.allocations_created as f64)],
+        "Allocations created, by transport.",
+        &by_transport(c.allocations_created),
     );
     metric(
-        "allocations_ended_total",
+        "allocations_expired_total",
         "counter",
-        "Allocations ended, by reason.",
-        &[
-            ("{reason=\"expired\"}", c.allocations_expired as f64),
-            ("{reason=\"deleted\"}", c.allocations_deleted as f64),
-        ],
+        "Allocations that expired, by transport.",
+        &by_transport(c.allocations_expired),
+    );
+    metric(
+        "allocations_deleted_total",
+        "counter",
+        "Allocations deleted (Refresh 0, closed connection, admin), by transport.",
+        &by_transport(c.allocations_deleted),
     );
     metric(
         "permissions",

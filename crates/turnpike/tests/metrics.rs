@@ -95,7 +95,11 @@ fn counters_move_with_real_traffic() {
         500.0,
         "{body}"
     );
-    assert_eq!(delta("turnpike_allocations_created_total"), 1.0, "{body}");
+    assert_eq!(
+        delta("turnpike_allocations_created_total{transport=\"udp\"}"),
+        1.0,
+        "{body}"
+    );
     assert_eq!(
         get(&after, "turnpike_allocations{transport=\"udp\"}"),
         1.0,
