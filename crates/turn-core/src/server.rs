@@ -900,7 +900,7 @@ impl Server {
         if !a.has_permission(peer.ip(), now) {
             return None;
         }
-        if !bandwidth_ok(
+        if !admit_relayed(
             &self.cfg,
             &mut self.user_bw,
             &mut self.counters,
@@ -911,8 +911,6 @@ impl Server {
         ) {
             return None;
         }
-        a.stats.to_peer_packets += 1;
-        a.stats.to_peer_bytes += data.len() as u64;
         Some(Transmit {
             dest: Dest::Peer { relay: a.relay, peer },
             data,
@@ -939,7 +937,7 @@ impl Server {
         if !a.has_permission(peer.ip(), now) {
             return None;
         }
-        if !bandwidth_ok(
+        if !admit_relayed(
             &self.cfg,
             &mut self.user_bw,
             &mut self.counters,
@@ -950,8 +948,6 @@ impl Server {
         ) {
             return None;
         }
-        a.stats.to_peer_packets += 1;
-        a.stats.to_peer_bytes += cd.data.len() as u64;
         Some(Transmit {
             dest: Dest::Peer { relay: a.relay, peer },
             data: cd.data,
@@ -977,7 +973,7 @@ impl Server {
         if data.len() > u16::MAX as usize {
             return None;
         }
-        if !bandwidth_ok(
+        if !admit_relayed(
             &self.cfg,
             &mut self.user_bw,
             &mut self.counters,
@@ -988,8 +984,6 @@ impl Server {
         ) {
             return None;
         }
-        a.stats.from_peer_packets += 1;
-        a.stats.from_peer_bytes += data.len() as u64;
         let tuple = a.tuple;
         self.out.clear();
         if let Some(c) = a.channels.iter().find(|c| c.peer == peer && c.expires > now) {
@@ -1762,9 +1756,11 @@ impl Server {
     }
 }
 
-/// Per-allocation and per-user bandwidth caps: a packet over either cap is
-/// dropped and counted. Both buckets hold one second of traffic.
-fn bandwidth_ok(
+/// Admits one relayed packet: checks the per-allocation and per-user
+/// bandwidth caps (a packet over either is dropped and counted; both
+/// buckets hold one second of traffic), then counts it in the allocation's
+/// stats. Every relay path goes through here.
+fn admit_relayed(
     cfg: &Config,
     user_bw: &mut [Option<UserBandwidth>],
     counters: &mut Counters,
@@ -1789,6 +1785,13 @@ fn bandwidth_ok(
                 return false;
             }
         }
+    }
+    if up {
+        a.stats.to_peer_packets += 1;
+        a.stats.to_peer_bytes += len;
+    } else {
+        a.stats.from_peer_packets += 1;
+        a.stats.from_peer_bytes += len;
     }
     true
 }
