@@ -16,6 +16,10 @@ ALLOCS = os.environ.get('ALLOCS', '16')
 WINDOW = os.environ.get('WINDOW', '16')
 HOLD = os.environ.get('HOLD', '10000')
 PORT = os.environ.get('PORT', '3478')
+# ONLY=ChannelData,Binding runs the measures whose label contains one of these.
+ONLY = [w for w in os.environ.get('ONLY', '').split(',') if w]
+# SERVERS=turnpike,reference runs only these servers.
+PICK = [w for w in os.environ.get('SERVERS', '').split(',') if w]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TP = os.path.join(ROOT, 'target/release/turnpike')
 REF = os.path.join(ROOT, 'target/release/refrelay')
@@ -73,7 +77,9 @@ def main():
     subprocess.run(['cargo', 'build', '--release', '-q', '-p', 'turnpike', '-p', 'turnpike-bench'],
                    cwd=ROOT, check=True)
     results = {}
-    for label, args, servers in MEASURES:
+    measures = [(l, a, [s for s in ss if not PICK or s in PICK]) for l, a, ss in MEASURES
+                if not ONLY or any(w in l for w in ONLY)]
+    for label, args, servers in measures:
         for s in servers:
             p = start(s)
             try:
@@ -89,7 +95,7 @@ def main():
     print(f'duration {DURATION} s, warm-up {WARMUP} s, {ALLOCS} allocations x window {WINDOW}, payload 160 B\n')
     print('| measure | server | ops/s | lost | RTT p50 / p99 µs | CPU µs/op user | CPU µs/op sys | RSS/alloc B |')
     print('|---|---|---|---|---|---|---|---|')
-    for label, _, servers in MEASURES:
+    for label, _, servers in measures:
         for s in servers:
             r = results[(label, s)]
             if 'error' in r:

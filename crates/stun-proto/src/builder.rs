@@ -14,22 +14,31 @@ use crate::{MessageType, TransactionId, HEADER_LEN, MAGIC_COOKIE};
 /// fingerprint are computed over exactly what RFC 8489 §14.5–§14.7 specify.
 pub struct MessageBuilder<'b> {
     buf: &'b mut Vec<u8>,
+    /// Where this message starts in `buf`.
+    start: usize,
 }
 
 impl<'b> MessageBuilder<'b> {
     /// Clears `buf` and writes a header for `typ` with transaction id `txid`.
     pub fn new(buf: &'b mut Vec<u8>, typ: MessageType, txid: &TransactionId) -> Self {
         buf.clear();
+        Self::append(buf, typ, txid)
+    }
+
+    /// Writes a header for `typ` after what `buf` already holds, so several
+    /// messages (a send queue's datagrams) share one buffer without a copy.
+    pub fn append(buf: &'b mut Vec<u8>, typ: MessageType, txid: &TransactionId) -> Self {
+        let start = buf.len();
         buf.extend_from_slice(&typ.to_wire().to_be_bytes());
         buf.extend_from_slice(&[0, 0]);
         buf.extend_from_slice(&MAGIC_COOKIE.to_be_bytes());
         buf.extend_from_slice(txid);
-        MessageBuilder { buf }
+        MessageBuilder { buf, start }
     }
 
     fn set_len(&mut self) {
-        let l = (self.buf.len() - HEADER_LEN) as u16;
-        self.buf[2..4].copy_from_slice(&l.to_be_bytes());
+        let l = (self.buf.len() - self.start - HEADER_LEN) as u16;
+        self.buf[self.start + 2..self.start + 4].copy_from_slice(&l.to_be_bytes());
     }
 
     /// Appends an attribute, zero-padding its value to four bytes.
@@ -55,7 +64,7 @@ impl<'b> MessageBuilder<'b> {
     /// Appends an XOR-encoded address attribute (RFC 8489 §14.2).
     pub fn xor_addr(&mut self, typ: u16, addr: SocketAddr) -> &mut Self {
         let mut x = [0u8; 16];
-        x.copy_from_slice(&self.buf[4..20]);
+        x.copy_from_slice(&self.buf[self.start + 4..self.start + 20]);
         let port = addr.port() ^ (MAGIC_COOKIE >> 16) as u16;
         match addr.ip() {
             IpAddr::V4(ip) => {
@@ -121,33 +130,32 @@ impl<'b> MessageBuilder<'b> {
 
     /// Appends MESSAGE-INTEGRITY computed with `key` (RFC 8489 §14.5).
     pub fn message_integrity(&mut self, key: &[u8]) -> &mut Self {
-        let pos = self.buf.len();
+        let (s, pos) = (self.start, self.buf.len());
         let mut header = [0u8; 20];
-        header.copy_from_slice(&self.buf[..20]);
-        header[2..4].copy_from_slice(&((pos + 24 - HEADER_LEN) as u16).to_be_bytes());
-        let mac = integrity::hmac_sha1_parts(key, &header, &self.buf[20..pos]);
+        header.copy_from_slice(&self.buf[s..s + 20]);
+        header[2..4].copy_from_slice(&((pos - s + 24 - HEADER_LEN) as u16).to_be_bytes());
+        let mac = integrity::hmac_sha1_parts(key, &header, &self.buf[s + 20..pos]);
         self.attr(attr::MESSAGE_INTEGRITY, &mac)
     }
 
     /// Appends a full-length MESSAGE-INTEGRITY-SHA256 computed with `key`.
     pub fn message_integrity_sha256(&mut self, key: &[u8]) -> &mut Self {
-        let pos = self.buf.len();
+        let (s, pos) = (self.start, self.buf.len());
         let mut header = [0u8; 20];
-        header.copy_from_slice(&self.buf[..20]);
-        header[2..4].copy_from_slice(&((pos + 36 - HEADER_LEN) as u16).to_be_bytes());
-        let mac = integrity::hmac_sha256_parts(key, &header, &self.buf[20..pos]);
+        header.copy_from_slice(&self.buf[s..s + 20]);
+        header[2..4].copy_from_slice(&((pos - s + 36 - HEADER_LEN) as u16).to_be_bytes());
+        let mac = integrity::hmac_sha256_parts(key, &header, &self.buf[s + 20..pos]);
         self.attr(attr::MESSAGE_INTEGRITY_SHA256, &mac)
     }
 
     /// Appends FINGERPRINT (RFC 8489 §14.7); it must be the last attribute.
     pub fn fingerprint(&mut self) -> &mut Self {
-        let pos = self.buf.len();
-        let crc = fingerprint_over(self.buf, pos);
+        let crc = fingerprint_over(&self.buf[self.start..], self.buf.len() - self.start);
         self.attr(attr::FINGERPRINT, &crc.to_be_bytes())
     }
 
     /// The finished message.
     pub fn finish(self) -> &'b [u8] {
-        &self.buf[..]
+        &self.buf[self.start..]
     }
 }

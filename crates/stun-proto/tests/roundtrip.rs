@@ -34,6 +34,7 @@ proptest! {
         lifetime in any::<u32>(),
         key in proptest::collection::vec(any::<u8>(), 1..40),
         with_fp in any::<bool>(),
+        prefix in proptest::collection::vec(any::<u8>(), 0..50),
     ) {
         let typ = MessageType::new(method, class);
         let mut buf = Vec::new();
@@ -63,6 +64,24 @@ proptest! {
         prop_assert!(m.verify_integrity(&key));
         prop_assert!(m.verify_integrity_sha256(&key));
         prop_assert_eq!(m.has_fingerprint(), with_fp);
+
+        // The same message appended after other bytes (a send queue's
+        // earlier datagrams) is byte for byte the same, and they are kept.
+        let mut shared = prefix.clone();
+        let mut b = MessageBuilder::append(&mut shared, typ, &txid);
+        for (t, v) in &attrs {
+            b.attr(*t, v);
+        }
+        b.xor_addr(attr::XOR_PEER_ADDRESS, addr);
+        b.u32(attr::LIFETIME, lifetime);
+        b.message_integrity(&key);
+        b.message_integrity_sha256(&key);
+        if with_fp {
+            b.fingerprint();
+        }
+        prop_assert_eq!(b.finish(), &bytes[..]);
+        prop_assert_eq!(&shared[..prefix.len()], &prefix[..]);
+        prop_assert_eq!(&shared[prefix.len()..], &bytes[..]);
     }
 
     #[test]

@@ -965,6 +965,28 @@ impl Server {
         peer: SocketAddr,
         data: &[u8],
     ) -> Option<Transmit<'_>> {
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        let dest = self.handle_peer_into(now, relay, peer, data, &mut out);
+        self.out = out;
+        Some(Transmit {
+            dest: dest?,
+            data: &self.out,
+        })
+    }
+
+    /// [`Server::handle_peer`], appending the datagram for the client to
+    /// `out` instead of an internal buffer, so a runtime that batches its
+    /// sends copies the payload once, straight into its send queue. Returns
+    /// where the appended bytes go; on `None` nothing was appended.
+    pub fn handle_peer_into(
+        &mut self,
+        now: Instant,
+        relay: SocketAddr,
+        peer: SocketAddr,
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Option<Dest> {
         let &idx = self.by_relay.get(&relay)?;
         let a = self.allocs[idx as usize].as_mut()?;
         if a.expires <= now || !a.has_permission(peer.ip(), now) {
@@ -985,30 +1007,21 @@ impl Server {
             return None;
         }
         let tuple = a.tuple;
-        self.out.clear();
         if let Some(c) = a.channels.iter().find(|c| c.peer == peer && c.expires > now) {
-            self.out
-                .extend_from_slice(&ChannelData::header(c.number, data.len() as u16));
-            self.out.extend_from_slice(data);
+            out.extend_from_slice(&ChannelData::header(c.number, data.len() as u16));
+            out.extend_from_slice(data);
             if tuple.transport.is_stream() {
                 // RFC 8656 §12.5: over TCP/TLS, pad to a multiple of four.
                 let pad = (4 - data.len() % 4) % 4;
-                self.out.extend_from_slice(&[0u8; 3][..pad]);
+                out.extend_from_slice(&[0u8; 3][..pad]);
             }
         } else {
             self.data_seq = self.data_seq.wrapping_add(1);
             let txid = data_indication_txid(self.data_seq);
-            let mut b = MessageBuilder::new(
-                &mut self.out,
-                MessageType::new(method::DATA, Class::Indication),
-                &txid,
-            );
+            let mut b = MessageBuilder::append(out, MessageType::new(method::DATA, Class::Indication), &txid);
             b.xor_addr(attr::XOR_PEER_ADDRESS, peer).attr(attr::DATA, data);
         }
-        Some(Transmit {
-            dest: Dest::Client(tuple),
-            data: &self.out,
-        })
+        Some(Dest::Client(tuple))
     }
 
     fn handle_request<'a>(

@@ -100,6 +100,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
 
+    /// Merge runs of UDP datagrams to one client into GSO sends (UDP_SEGMENT)
+    /// [default: true]; false for a NIC or tunnel that mishandles them.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub udp_gso: Option<bool>,
+
     /// Log level or tracing filter (error, warn, info, debug, trace) [default: info].
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
@@ -266,7 +271,7 @@ impl ServeArgs {
         let base = self;
         merge_fields!(base, over;
             opt: config, no_tls, cert, key, min_port, max_port, realm, allow_loopback_peers,
-                 threads, log_level, software, rfc5766_channel_numbers, nonce_lifetime,
+                 threads, udp_gso, log_level, software, rfc5766_channel_numbers, nonce_lifetime,
                  user_quota, total_quota, max_bps, user_max_bps, rate_limit_per_ip,
                  auth_fail_limit, auth_block_secs, max_connections, handshake_timeout, idle_timeout,
                  rfc5780, alt_ip, alt_port, log_format, redact, drain_timeout, metrics_listen,
@@ -325,6 +330,8 @@ pub struct Settings {
     pub allow_loopback_peers: bool,
     /// Worker threads.
     pub threads: usize,
+    /// Merge runs of datagrams to one destination with UDP GSO.
+    pub udp_gso: bool,
     /// Tracing filter.
     pub log_level: String,
     /// SOFTWARE attribute.
@@ -625,6 +632,7 @@ impl Settings {
             deny_peer: parse_cidrs("deny-peer", &a.deny_peer)?,
             allow_loopback_peers: a.allow_loopback_peers.unwrap_or(false),
             threads,
+            udp_gso: a.udp_gso.unwrap_or(true),
             log_level,
             software: a.software,
             legacy_channel_numbers: a.rfc5766_channel_numbers.unwrap_or(false),

@@ -36,6 +36,10 @@ pub struct WorkerMetrics {
     pub recv_batches: u64,
     /// Datagrams received through `recvmmsg`.
     pub recv_datagrams: u64,
+    /// What the worker's UDP send queue did.
+    pub send: crate::udp_batch::SendStats,
+    /// Whether the worker still uses UDP GSO.
+    pub gso: bool,
 }
 
 /// Snapshots of every worker, indexed by worker id.
@@ -77,6 +81,11 @@ fn sum(board: &Board) -> (WorkerMetrics, Vec<WorkerMetrics>) {
         t.tls_failures += w.tls_failures;
         t.recv_batches += w.recv_batches;
         t.recv_datagrams += w.recv_datagrams;
+        t.send.syscalls += w.send.syscalls;
+        t.send.datagrams += w.send.datagrams;
+        t.send.gso_messages += w.send.gso_messages;
+        t.send.dropped += w.send.dropped;
+        t.gso |= w.gso;
     }
     (t, all)
 }
@@ -239,6 +248,36 @@ pub fn render(board: &Board, draining: bool) -> String {
         "gauge",
         "Mean datagrams per recvmmsg call.",
         &[("", batch)],
+    );
+    metric(
+        "udp_send_syscalls_total",
+        "counter",
+        "sendmmsg/sendto calls made for UDP datagrams.",
+        &[("", t.send.syscalls as f64)],
+    );
+    metric(
+        "udp_sent_datagrams_total",
+        "counter",
+        "UDP datagrams handed to the kernel (after GSO splitting, one each).",
+        &[("", t.send.datagrams as f64)],
+    );
+    metric(
+        "udp_gso_messages_total",
+        "counter",
+        "GSO messages sent: runs of datagrams to one destination sent as one.",
+        &[("", t.send.gso_messages as f64)],
+    );
+    metric(
+        "udp_send_dropped_total",
+        "counter",
+        "UDP datagrams dropped on send (full socket buffer or a send error).",
+        &[("", t.send.dropped as f64)],
+    );
+    metric(
+        "udp_gso",
+        "gauge",
+        "1 while UDP GSO is in use, 0 when off or refused by the kernel.",
+        &[("", if t.gso { 1.0 } else { 0.0 })],
     );
     metric(
         "workers",

@@ -498,6 +498,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
                 redact: redactor.clone(),
                 reloads: reloads.clone(),
                 id,
+                gso: settings.udp_gso,
                 board: board.clone(),
                 commands: {
                     let (tx, rx) = std::sync::mpsc::channel();
@@ -598,6 +599,7 @@ struct WorkerParams {
     redact: Redactor,
     reloads: Arc<Reloads>,
     id: usize,
+    gso: bool,
     board: crate::metrics::Board,
     commands: std::sync::mpsc::Receiver<Command>,
 }
@@ -763,6 +765,8 @@ struct Io {
     reservations: Arc<Mutex<Reservations>>,
     /// Connections whose write interest must be updated after a send.
     dirty: Vec<usize>,
+    /// UDP datagrams to send at the end of this loop iteration.
+    queue: crate::udp_batch::SendQueue,
 }
 
 impl Io {
@@ -848,6 +852,9 @@ impl RelayProvider for Io {
 
     fn close(&mut self, relay: SocketAddr) {
         if let Some(key) = self.relay_by_addr.remove(&relay) {
+            // Queued datagrams name the socket by descriptor, which the next
+            // socket opened could reuse: send them while it is still this one.
+            self.queue.flush();
             if let Source::Relay { mut sock, .. } = self.sources.remove(key) {
                 let _ = self.registry.deregister(&mut sock);
             }
@@ -856,12 +863,45 @@ impl RelayProvider for Io {
 }
 
 impl Io {
+    /// The UDP listener socket bound to `local`.
+    fn listener_fd(&self, local: SocketAddr) -> Option<std::os::fd::RawFd> {
+        let &(_, key) = self.udp_by_addr.iter().find(|(a, _)| *a == local)?;
+        match self.sources.get(key) {
+            Some(Source::Udp { sock, .. }) => Some(sock.as_raw_fd()),
+            _ => None,
+        }
+    }
+
+    /// Sends the bytes a core call appended to the send queue from `start`
+    /// to the client of `dest`: queued for a UDP client, written to the
+    /// connection of a TCP/TLS one.
+    fn forward_appended(&mut self, dest: Dest, start: usize) {
+        match dest {
+            Dest::Client(t) if t.transport == Transport::Udp => match self.listener_fd(t.server) {
+                Some(fd) => self.queue.commit(fd, t.client, start),
+                None => self.queue.truncate(start),
+            },
+            Dest::Client(t) => {
+                if let Some(&key) = self.conn_by_tuple.get(&t) {
+                    if let Some(Source::Conn(c)) = self.sources.get_mut(key) {
+                        // A failed queueing (TLS) is noticed at flush.
+                        let _ = c.send(&self.queue.buffer()[start..]);
+                        self.dirty.push(key);
+                    }
+                }
+                self.queue.truncate(start);
+            }
+            // handle_peer only ever answers toward the client.
+            Dest::Peer { .. } | Dest::Via { .. } => self.queue.truncate(start),
+        }
+    }
+
     fn transmit(&mut self, tx: Transmit<'_>) {
         match tx.dest {
             Dest::Peer { relay, peer } => {
                 if let Some(&key) = self.relay_by_addr.get(&relay) {
                     if let Some(Source::Relay { sock, .. }) = self.sources.get(key) {
-                        let _ = sock.send_to(tx.data, peer);
+                        self.queue.push(sock.as_raw_fd(), peer, tx.data);
                     }
                 }
             }
@@ -874,10 +914,8 @@ impl Io {
             }
             Dest::Client(t) => match t.transport {
                 Transport::Udp => {
-                    if let Some(&(_, key)) = self.udp_by_addr.iter().find(|(a, _)| *a == t.server) {
-                        if let Some(Source::Udp { sock, .. }) = self.sources.get(key) {
-                            let _ = sock.send_to(tx.data, t.client);
-                        }
+                    if let Some(fd) = self.listener_fd(t.server) {
+                        self.queue.push(fd, t.client, tx.data);
                     }
                 }
                 Transport::Tcp | Transport::Tls => {
@@ -928,6 +966,7 @@ impl Worker {
             redact,
             reloads,
             id,
+            gso,
             board,
             commands,
         } = p;
@@ -942,6 +981,7 @@ impl Worker {
             rng: SmallRng::from_entropy(),
             reservations,
             dirty: Vec::new(),
+            queue: crate::udp_batch::SendQueue::new(gso),
         };
         for (s, addr) in sockets.udp {
             let mut sock = UdpSocket::from_std(s);
@@ -1018,10 +1058,14 @@ impl Worker {
                 self.publish_metrics(now);
                 self.next_sweep = now + SWEEP_INTERVAL;
             }
+            // Everything this pass produced leaves in as few syscalls as
+            // the kernel allows, before the worker sleeps again.
+            self.io.queue.flush();
             self.update_interests(now);
             self.log_events();
             if self.stop.load(Ordering::SeqCst) {
                 self.core.close_all(Instant::now(), &mut self.io);
+                self.io.queue.flush();
                 self.log_events();
                 return;
             }
@@ -1059,6 +1103,8 @@ impl Worker {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
+            self.recv_batches += 1;
+            self.recv_datagrams += n as u64;
             for i in 0..n {
                 let Some((from, data)) = self.batch.get(i) else {
                     continue;
@@ -1087,12 +1133,19 @@ impl Worker {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
+            self.recv_batches += 1;
+            self.recv_datagrams += n as u64;
             for i in 0..n {
                 let Some((from, data)) = self.batch.get(i) else {
                     continue;
                 };
-                if let Some(tx) = self.core.handle_peer(now, relay, from, data) {
-                    self.io.transmit(tx);
+                // The core writes the client's datagram straight into the
+                // send queue: the payload's one copy.
+                let out = self.io.queue.buffer();
+                let start = out.len();
+                match self.core.handle_peer_into(now, relay, from, data, out) {
+                    Some(dest) => self.io.forward_appended(dest, start),
+                    None => self.io.queue.truncate(start),
                 }
             }
             if n < crate::udp_batch::BATCH {
@@ -1272,6 +1325,8 @@ impl Worker {
             tls_failures: self.tls_failures,
             recv_batches: self.recv_batches,
             recv_datagrams: self.recv_datagrams,
+            send: self.io.queue.stats(),
+            gso: self.io.queue.gso_enabled(),
         };
         if let Some(slot) = self
             .board
