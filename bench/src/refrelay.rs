@@ -2,20 +2,23 @@
 //!
 //! It answers Allocate, ChannelBind, CreatePermission and Refresh at once,
 //! without authentication, checks or timers, and forwards ChannelData and
-//! Send/Data with one table lookup and one plain `recv` and `send` per
-//! packet, the same syscall pattern as turnpike. What it reaches is the
-//! kernel's limit for that pattern; the gap to it is what the server's
-//! protocol work costs. Never expose it: it is an open relay.
+//! Send/Data with one table lookup per packet and the very batched syscalls
+//! turnpike uses (turnpike's own `udp_batch`: `recvmmsg` in, one `sendmmsg`
+//! per socket out with GSO runs, flushed once per event-loop pass). What it
+//! reaches is the kernel's limit for that pattern; the gap to it is what
+//! turnpike's protocol work costs. Never expose it: it is an open relay.
 //!
 //!     refrelay 127.0.0.1:3480
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use stun_proto::{attr, method, ChannelData, Class, Message, MessageBuilder, MessageType, PacketKind};
+use turnpike::udp_batch::{RecvBatch, SendQueue, BATCH};
 
 struct Alloc {
     relay: UdpSocket,
@@ -39,8 +42,9 @@ fn main() -> io::Result<()> {
         .register(&mut listener, LISTENER, Interest::READABLE)?;
     let mut allocs: Vec<Alloc> = Vec::new();
     let mut by_client: HashMap<SocketAddr, usize> = HashMap::new();
-    let mut buf = vec![0u8; 65536];
-    let mut out = Vec::with_capacity(2048);
+    let lfd = listener.as_raw_fd();
+    let mut batch = RecvBatch::new();
+    let mut q = SendQueue::new(true);
     let mut events = Events::with_capacity(1024);
     eprintln!("refrelay on {addr}: open relay for benchmarks only");
     loop {
@@ -48,121 +52,129 @@ fn main() -> io::Result<()> {
         for ev in events.iter() {
             if ev.token() == LISTENER {
                 loop {
-                    let (n, from) = match listener.recv_from(&mut buf) {
-                        Ok(r) => r,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(_) => continue,
-                    };
-                    let pkt = &buf[..n];
-                    match stun_proto::packet_kind(pkt) {
-                        PacketKind::ChannelData => {
-                            let (Some(cd), Some(&i)) = (ChannelData::parse(pkt), by_client.get(&from)) else {
-                                continue;
-                            };
-                            if let Some(peer) = allocs[i].channels.get(&cd.channel) {
-                                let _ = allocs[i].relay.send_to(cd.data, *peer);
-                            }
-                        }
-                        PacketKind::Stun => {
-                            let Ok(m) = Message::parse(pkt) else { continue };
-                            let t = m.message_type();
-                            if t == MessageType::new(method::SEND, Class::Indication) {
-                                if let (Some(&i), Some(Ok(peer)), Some(data)) = (
-                                    by_client.get(&from),
-                                    m.get_xor_addr(attr::XOR_PEER_ADDRESS),
-                                    m.get(attr::DATA),
-                                ) {
-                                    let _ = allocs[i].relay.send_to(data, peer);
+                    let n = batch.recv(lfd).unwrap_or(0);
+                    for k in 0..n {
+                        let Some((from, pkt)) = batch.get(k) else { continue };
+                        match stun_proto::packet_kind(pkt) {
+                            PacketKind::ChannelData => {
+                                let (Some(cd), Some(&i)) = (ChannelData::parse(pkt), by_client.get(&from))
+                                else {
+                                    continue;
+                                };
+                                if let Some(peer) = allocs[i].channels.get(&cd.channel) {
+                                    q.push(allocs[i].relay.as_raw_fd(), *peer, cd.data);
                                 }
-                                continue;
                             }
-                            if t.class != Class::Request {
-                                continue;
-                            }
-                            let mut b = MessageBuilder::new(
-                                &mut out,
-                                MessageType::new(t.method, Class::Success),
-                                &m.transaction_id(),
-                            );
-                            match t.method {
-                                method::ALLOCATE => {
-                                    let i = match by_client.get(&from) {
-                                        Some(&i) => i,
-                                        None => {
-                                            let mut relay = UdpSocket::bind(SocketAddr::new(addr.ip(), 0))?;
-                                            let relay_addr = relay.local_addr()?;
-                                            poll.registry().register(
-                                                &mut relay,
-                                                Token(allocs.len()),
-                                                Interest::READABLE,
-                                            )?;
-                                            allocs.push(Alloc {
-                                                relay,
-                                                relay_addr,
-                                                client: from,
-                                                channels: HashMap::new(),
-                                                by_peer: HashMap::new(),
-                                            });
-                                            by_client.insert(from, allocs.len() - 1);
-                                            allocs.len() - 1
-                                        }
-                                    };
-                                    b.xor_addr(attr::XOR_RELAYED_ADDRESS, allocs[i].relay_addr)
-                                        .u32(attr::LIFETIME, 600)
-                                        .xor_addr(attr::XOR_MAPPED_ADDRESS, from);
-                                }
-                                method::CHANNEL_BIND => {
-                                    if let (Some(&i), Some(ch), Some(Ok(peer))) = (
+                            PacketKind::Stun => {
+                                let Ok(m) = Message::parse(pkt) else { continue };
+                                let t = m.message_type();
+                                if t == MessageType::new(method::SEND, Class::Indication) {
+                                    if let (Some(&i), Some(Ok(peer)), Some(data)) = (
                                         by_client.get(&from),
-                                        m.get(attr::CHANNEL_NUMBER),
                                         m.get_xor_addr(attr::XOR_PEER_ADDRESS),
+                                        m.get(attr::DATA),
                                     ) {
-                                        if ch.len() >= 2 {
-                                            let n = u16::from_be_bytes([ch[0], ch[1]]);
-                                            allocs[i].channels.insert(n, peer);
-                                            allocs[i].by_peer.insert(peer, n);
+                                        q.push(allocs[i].relay.as_raw_fd(), peer, data);
+                                    }
+                                    continue;
+                                }
+                                if t.class != Class::Request {
+                                    continue;
+                                }
+                                if t.method == method::ALLOCATE && !by_client.contains_key(&from) {
+                                    let mut relay = UdpSocket::bind(SocketAddr::new(addr.ip(), 0))?;
+                                    let relay_addr = relay.local_addr()?;
+                                    poll.registry().register(
+                                        &mut relay,
+                                        Token(allocs.len()),
+                                        Interest::READABLE,
+                                    )?;
+                                    allocs.push(Alloc {
+                                        relay,
+                                        relay_addr,
+                                        client: from,
+                                        channels: HashMap::new(),
+                                        by_peer: HashMap::new(),
+                                    });
+                                    by_client.insert(from, allocs.len() - 1);
+                                }
+                                let out = q.buffer();
+                                let start = out.len();
+                                let mut b = MessageBuilder::append(
+                                    out,
+                                    MessageType::new(t.method, Class::Success),
+                                    &m.transaction_id(),
+                                );
+                                match t.method {
+                                    method::ALLOCATE => {
+                                        if let Some(&i) = by_client.get(&from) {
+                                            b.xor_addr(attr::XOR_RELAYED_ADDRESS, allocs[i].relay_addr)
+                                                .u32(attr::LIFETIME, 600)
+                                                .xor_addr(attr::XOR_MAPPED_ADDRESS, from);
                                         }
                                     }
+                                    method::CHANNEL_BIND => {
+                                        if let (Some(&i), Some(ch), Some(Ok(peer))) = (
+                                            by_client.get(&from),
+                                            m.get(attr::CHANNEL_NUMBER),
+                                            m.get_xor_addr(attr::XOR_PEER_ADDRESS),
+                                        ) {
+                                            if ch.len() >= 2 {
+                                                let n = u16::from_be_bytes([ch[0], ch[1]]);
+                                                allocs[i].channels.insert(n, peer);
+                                                allocs[i].by_peer.insert(peer, n);
+                                            }
+                                        }
+                                    }
+                                    method::BINDING => {
+                                        b.xor_addr(attr::XOR_MAPPED_ADDRESS, from);
+                                    }
+                                    method::REFRESH => {
+                                        // Allocations are never freed: the process is short-lived.
+                                        b.u32(attr::LIFETIME, m.get_u32(attr::LIFETIME).unwrap_or(600));
+                                    }
+                                    _ => {}
                                 }
-                                method::BINDING => {
-                                    b.xor_addr(attr::XOR_MAPPED_ADDRESS, from);
-                                }
-                                method::REFRESH => {
-                                    // Allocations are never freed: the process is short-lived.
-                                    b.u32(attr::LIFETIME, m.get_u32(attr::LIFETIME).unwrap_or(600));
-                                }
-                                _ => {}
+                                q.commit(lfd, from, start);
                             }
-                            let _ = listener.send_to(&out, from);
+                            PacketKind::Other => {}
                         }
-                        PacketKind::Other => {}
+                    }
+                    if n < BATCH {
+                        break;
                     }
                 }
             } else {
                 let i = ev.token().0;
                 loop {
-                    let (n, peer) = match allocs[i].relay.recv_from(&mut buf[4..]) {
-                        Ok(r) => r,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(_) => continue,
-                    };
+                    let n = batch.recv(allocs[i].relay.as_raw_fd()).unwrap_or(0);
                     let a = &allocs[i];
-                    if let Some(&ch) = a.by_peer.get(&peer) {
-                        // ChannelData in place: the header goes in front of the payload.
-                        buf[..4].copy_from_slice(&ChannelData::header(ch, n as u16));
-                        let _ = listener.send_to(&buf[..4 + n], a.client);
-                    } else {
-                        MessageBuilder::new(
-                            &mut out,
-                            MessageType::new(method::DATA, Class::Indication),
-                            &[0; 12],
-                        )
-                        .xor_addr(attr::XOR_PEER_ADDRESS, peer)
-                        .attr(attr::DATA, &buf[4..4 + n]);
-                        let _ = listener.send_to(&out, a.client);
+                    for k in 0..n {
+                        let Some((peer, data)) = batch.get(k) else {
+                            continue;
+                        };
+                        let out = q.buffer();
+                        let start = out.len();
+                        if let Some(&ch) = a.by_peer.get(&peer) {
+                            out.extend_from_slice(&ChannelData::header(ch, data.len() as u16));
+                            out.extend_from_slice(data);
+                        } else {
+                            MessageBuilder::append(
+                                out,
+                                MessageType::new(method::DATA, Class::Indication),
+                                &[0; 12],
+                            )
+                            .xor_addr(attr::XOR_PEER_ADDRESS, peer)
+                            .attr(attr::DATA, data);
+                        }
+                        q.commit(lfd, a.client, start);
+                    }
+                    if n < BATCH {
+                        break;
                     }
                 }
             }
         }
+        q.flush();
     }
 }

@@ -24,7 +24,7 @@ use stun_proto::{attr, method, ChannelData, Class, Message, MessageBuilder, Mess
 use std::os::fd::AsRawFd;
 
 use crate::client::{Channel, ClientTransport, TurnClient};
-use crate::udp_batch::RecvBatch;
+use crate::udp_batch::{RecvBatch, SendQueue};
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -320,7 +320,8 @@ fn client_transport(t: BenchTransport) -> ClientTransport {
 
 /// A client-side socket in the load loop.
 enum Conn {
-    Udp(UdpSocket),
+    /// A connected UDP socket and the server address it is connected to.
+    Udp(UdpSocket, SocketAddr),
     Tcp {
         s: TcpStream,
         rbuf: Vec<u8>,
@@ -333,7 +334,8 @@ impl Conn {
         Ok(match ch.into_std()? {
             crate::client::StdSocket::Udp(u) => {
                 u.set_nonblocking(true)?;
-                Conn::Udp(UdpSocket::from_std(u))
+                let remote = u.peer_addr()?;
+                Conn::Udp(UdpSocket::from_std(u), remote)
             }
             crate::client::StdSocket::Tcp(t, leftover) => {
                 t.set_nonblocking(true)?;
@@ -348,30 +350,23 @@ impl Conn {
 
     fn source(&mut self) -> &mut dyn mio::event::Source {
         match self {
-            Conn::Udp(u) => u,
+            Conn::Udp(u, _) => u,
             Conn::Tcp { s, .. } => s,
         }
     }
 
-    /// Sends one message; on TCP, whatever the socket does not take waits.
-    fn send(&mut self, msg: &[u8]) -> io::Result<()> {
+    /// Sends several messages: on UDP through `q` (one `sendmmsg`, equal
+    /// sizes merged by GSO), so the generator's kernel work per packet stays
+    /// below the server's.
+    fn send_many(&mut self, q: &mut SendQueue, msgs: &[&[u8]]) -> io::Result<()> {
         match self {
-            Conn::Udp(u) => match u.send(msg) {
-                Ok(_) => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()), // counted as loss
-                Err(e) => Err(e),
-            },
-            Conn::Tcp { s, wbuf, .. } => {
-                wbuf.extend_from_slice(msg);
-                flush(s, wbuf)
+            Conn::Udp(u, remote) => {
+                for m in msgs {
+                    q.push(u.as_raw_fd(), *remote, m);
+                }
+                q.flush();
+                Ok(())
             }
-        }
-    }
-
-    /// Sends several messages: one `sendmmsg` on UDP.
-    fn send_many(&mut self, msgs: &[&[u8]]) -> io::Result<()> {
-        match self {
-            Conn::Udp(u) => crate::udp_batch::send_many(u.as_raw_fd(), msgs).map(|_| ()),
             Conn::Tcp { s, wbuf, .. } => {
                 for m in msgs {
                     wbuf.extend_from_slice(m);
@@ -390,7 +385,7 @@ impl Conn {
         mut f: impl FnMut(&[u8]),
     ) -> io::Result<()> {
         match self {
-            Conn::Udp(u) => loop {
+            Conn::Udp(u, _) => loop {
                 let n = match batch.recv(u.as_raw_fd()) {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
@@ -447,6 +442,8 @@ struct Lane {
     client: Conn,
     peer: UdpSocket,
     peer_addr: SocketAddr,
+    /// The allocation's relayed address, which `peer` is connected to.
+    relayed: SocketAddr,
     channel: u16,
     inflight: usize,
     last_rx: Instant,
@@ -483,6 +480,7 @@ fn relay(args: &BenchArgs) -> Result<Report> {
             client: Conn::from_channel(c.into_channel())?,
             peer: UdpSocket::from_std(peer),
             peer_addr,
+            relayed: a.relayed,
             channel,
             inflight: 0,
             last_rx: Instant::now(),
@@ -507,7 +505,10 @@ fn relay(args: &BenchArgs) -> Result<Report> {
             state.fill(lanes, i)?;
         }
         while Instant::now() < until {
-            poll.poll(&mut events, Some(Duration::from_millis(50)))?;
+            // Busy-poll: the generator owns its core, and a generator that
+            // sleeps makes the server pay to wake it for every burst (an IPI,
+            // dear in a VM), which is loopback's cost, not the server's.
+            poll.poll(&mut events, Some(Duration::ZERO))?;
             for ev in events.iter() {
                 let i = ev.token().0 / 2;
                 if ev.token().0 % 2 == 1 {
@@ -570,6 +571,7 @@ struct LoadState {
     buf: Vec<u8>,
     msg: Vec<u8>,
     batch: RecvBatch,
+    q: SendQueue,
     relayed: u64,
     lost: u64,
     rtts: Vec<u32>,
@@ -587,6 +589,7 @@ impl LoadState {
             buf: vec![0u8; 65536],
             msg: Vec::with_capacity(2048),
             batch: RecvBatch::new(),
+            q: SendQueue::new(true),
             relayed: 0,
             lost: 0,
             rtts: Vec::with_capacity(1 << 20),
@@ -641,7 +644,7 @@ impl LoadState {
             msgs.push(&self.msg[start..e]);
             start = e;
         }
-        l.client.send_many(&msgs)?;
+        l.client.send_many(&mut self.q, &msgs)?;
         l.inflight += want;
         Ok(())
     }
@@ -658,8 +661,12 @@ impl LoadState {
             if self.recording {
                 self.relayed += n as u64;
             }
-            let msgs: Vec<&[u8]> = (0..n).filter_map(|i| self.batch.get(i).map(|(_, d)| d)).collect();
-            crate::udp_batch::send_many(l.peer.as_raw_fd(), &msgs)?;
+            for i in 0..n {
+                if let Some((_, d)) = self.batch.get(i) {
+                    self.q.push(l.peer.as_raw_fd(), l.relayed, d);
+                }
+            }
+            self.q.flush();
             if n < crate::udp_batch::BATCH {
                 return Ok(());
             }
@@ -719,11 +726,27 @@ fn bindings(args: &BenchArgs) -> Result<Report> {
     let mut msg = Vec::with_capacity(64);
     let mut buf = vec![0u8; 65536];
     let mut rbatch = RecvBatch::new();
-    let send_one = |c: &mut Conn, msg: &mut Vec<u8>| -> io::Result<()> {
-        let mut txid = [0u8; 12];
-        txid[..8].copy_from_slice(&(t0.elapsed().as_nanos() as u64).to_be_bytes());
-        MessageBuilder::new(msg, MessageType::new(method::BINDING, Class::Request), &txid);
-        c.send(msg)
+    let mut q = SendQueue::new(true);
+    // Tops `c` up to a full window in one batch; the send time rides in the
+    // transaction id.
+    let mut refill = |c: &mut Conn, inflight: &mut usize, msg: &mut Vec<u8>| -> io::Result<()> {
+        let want = args.window.saturating_sub(*inflight);
+        if want == 0 {
+            return Ok(());
+        }
+        msg.clear();
+        let stamp = (t0.elapsed().as_nanos() as u64).to_be_bytes();
+        for k in 0..want {
+            let mut txid = [0u8; 12];
+            txid[..8].copy_from_slice(&stamp);
+            txid[8..].copy_from_slice(&(k as u32).to_be_bytes());
+            MessageBuilder::append(msg, MessageType::new(method::BINDING, Class::Request), &txid);
+        }
+        // Binding requests are all HEADER_LEN bytes.
+        let msgs: Vec<&[u8]> = msg.chunks(stun_proto::HEADER_LEN).collect();
+        c.send_many(&mut q, &msgs)?;
+        *inflight += want;
+        Ok(())
     };
     let mut done = 0u64;
     let mut lost = 0u64;
@@ -738,13 +761,13 @@ fn bindings(args: &BenchArgs) -> Result<Report> {
                      rtts: &mut Vec<u32>|
      -> Result<()> {
         for (c, inflight, _) in conns.iter_mut() {
-            while *inflight < args.window {
-                send_one(c, &mut msg)?;
-                *inflight += 1;
-            }
+            refill(c, inflight, &mut msg)?;
         }
         while Instant::now() < until {
-            poll.poll(&mut events, Some(Duration::from_millis(50)))?;
+            // Busy-poll: the generator owns its core, and a generator that
+            // sleeps makes the server pay to wake it for every burst (an IPI,
+            // dear in a VM), which is loopback's cost, not the server's.
+            poll.poll(&mut events, Some(Duration::ZERO))?;
             for ev in events.iter() {
                 let (c, inflight, last) = &mut conns[ev.token().0];
                 let now_ns = t0.elapsed().as_nanos() as u64;
@@ -766,10 +789,7 @@ fn bindings(args: &BenchArgs) -> Result<Report> {
                         *done += got as u64;
                     }
                 }
-                while *inflight < args.window {
-                    send_one(c, &mut msg)?;
-                    *inflight += 1;
-                }
+                refill(c, inflight, &mut msg)?;
             }
             let now = Instant::now();
             for (c, inflight, last) in conns.iter_mut() {
@@ -779,10 +799,7 @@ fn bindings(args: &BenchArgs) -> Result<Report> {
                     }
                     *inflight = 0;
                     *last = now;
-                    while *inflight < args.window {
-                        send_one(c, &mut msg)?;
-                        *inflight += 1;
-                    }
+                    refill(c, inflight, &mut msg)?;
                 }
             }
         }

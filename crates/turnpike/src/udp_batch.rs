@@ -16,13 +16,26 @@ pub const BATCH: usize = 32;
 const SLOT: usize = 65536;
 
 /// Buffers and headers for one `recvmmsg` call, reused for every call.
+///
+/// The headers and iovecs are built once, pointing into buffers on the heap
+/// that never move, so a call costs no set-up beyond resetting the address
+/// lengths the kernel wrote last time: with one datagram per call (many quiet
+/// allocations) the set-up would otherwise cost more than the datagram.
 pub struct RecvBatch {
     bufs: Vec<u8>,
     addrs: Vec<libc::sockaddr_storage>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
     lens: [usize; BATCH],
     from: [Option<SocketAddr>; BATCH],
     n: usize,
 }
+
+// SAFETY: the raw pointers in `iovs` and `hdrs` point only into `bufs`,
+// `addrs` and `iovs`, heap buffers the batch owns and never reallocates;
+// they move with it, and nothing else holds them.
+#[allow(unsafe_code)]
+unsafe impl Send for RecvBatch {}
 
 impl Default for RecvBatch {
     fn default() -> Self {
@@ -32,45 +45,53 @@ impl Default for RecvBatch {
 
 impl RecvBatch {
     /// Allocates the batch (2 MiB of address space, touched lazily).
+    #[allow(unsafe_code)]
     pub fn new() -> Self {
-        RecvBatch {
+        let mut b = RecvBatch {
             bufs: vec![0u8; BATCH * SLOT],
             // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
-            #[allow(unsafe_code)]
             addrs: vec![unsafe { std::mem::zeroed() }; BATCH],
+            iovs: Vec::with_capacity(BATCH),
+            hdrs: Vec::with_capacity(BATCH),
             lens: [0; BATCH],
             from: [None; BATCH],
             n: 0,
+        };
+        let base = b.bufs.as_mut_ptr();
+        for i in 0..BATCH {
+            b.iovs.push(libc::iovec {
+                // SAFETY: slot i lies within `bufs` (BATCH * SLOT bytes).
+                iov_base: unsafe { base.add(i * SLOT) } as *mut libc::c_void,
+                iov_len: SLOT,
+            });
         }
+        for i in 0..BATCH {
+            // SAFETY: mmsghdr is plain old data; all-zero is valid.
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_name = &mut b.addrs[i] as *mut libc::sockaddr_storage as *mut libc::c_void;
+            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_hdr.msg_iov = &mut b.iovs[i];
+            h.msg_hdr.msg_iovlen = 1;
+            b.hdrs.push(h);
+        }
+        b
     }
 
     /// Receives what is queued on `fd`, up to [`BATCH`] datagrams. Returns
     /// how many; 0 when nothing is queued (EAGAIN).
     #[allow(unsafe_code)]
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
-        // SAFETY: iovec/mmsghdr are plain old data; all-zero is valid and
-        // every field read by the kernel is set below.
-        let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
-        let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-        let base = self.bufs.as_mut_ptr();
-        for i in 0..BATCH {
-            iov[i] = libc::iovec {
-                // SAFETY: slot i lies within `bufs` (BATCH * SLOT bytes).
-                iov_base: unsafe { base.add(i * SLOT) } as *mut libc::c_void,
-                iov_len: SLOT,
-            };
-            hdrs[i].msg_hdr.msg_name = &mut self.addrs[i] as *mut libc::sockaddr_storage as *mut libc::c_void;
-            hdrs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            hdrs[i].msg_hdr.msg_iov = &mut iov[i];
-            hdrs[i].msg_hdr.msg_iovlen = 1;
+        // The kernel wrote the sender's length into the headers it filled.
+        for h in &mut self.hdrs[..self.n] {
+            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         }
         // SAFETY: every header points at a live iovec and address slot owned
-        // by `self` or this frame, sized as declared; the kernel writes at most
-        // iov_len bytes and msg_namelen bytes into them.
+        // by `self` (built in `new`, never moved), sized as declared; the
+        // kernel writes at most iov_len bytes and msg_namelen bytes into them.
         let n = unsafe {
             libc::recvmmsg(
                 fd,
-                hdrs.as_mut_ptr(),
+                self.hdrs.as_mut_ptr(),
                 BATCH as libc::c_uint,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
@@ -86,8 +107,8 @@ impl RecvBatch {
             };
         }
         let n = n as usize;
-        for (i, h) in hdrs.iter().enumerate().take(n) {
-            self.lens[i] = h.msg_len as usize;
+        for i in 0..n {
+            self.lens[i] = self.hdrs[i].msg_len as usize;
             self.from[i] = to_socket_addr(&self.addrs[i]);
         }
         self.n = n;
@@ -105,51 +126,10 @@ impl RecvBatch {
     }
 }
 
-/// Sends each of `msgs` as one datagram on the connected socket `fd`, with
-/// one `sendmmsg(2)` per [`BATCH`]. Returns how many the kernel took;
-/// with a full send buffer that is fewer (the rest is dropped, as UDP is).
-#[allow(unsafe_code)]
-pub fn send_many(fd: RawFd, msgs: &[&[u8]]) -> io::Result<usize> {
-    let mut sent = 0;
-    for chunk in msgs.chunks(BATCH) {
-        // SAFETY: plain old data; all-zero is valid, fields set below.
-        let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
-        let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-        for (i, m) in chunk.iter().enumerate() {
-            iov[i] = libc::iovec {
-                iov_base: m.as_ptr() as *mut libc::c_void,
-                iov_len: m.len(),
-            };
-            hdrs[i].msg_hdr.msg_iov = &mut iov[i];
-            hdrs[i].msg_hdr.msg_iovlen = 1;
-        }
-        // SAFETY: each header points at an iovec describing a live, readable
-        // slice of `msgs`; the kernel only reads through them.
-        let n = unsafe {
-            libc::sendmmsg(
-                fd,
-                hdrs.as_mut_ptr(),
-                chunk.len() as libc::c_uint,
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock {
-                return Ok(sent);
-            }
-            return Err(e);
-        }
-        sent += n as usize;
-        if (n as usize) < chunk.len() {
-            break;
-        }
-    }
-    Ok(sent)
-}
-
 /// Most datagrams a [`SendQueue`] holds before it flushes by itself.
 pub const QUEUE_ENTRIES: usize = 512;
+// Entry indices ride in 16 bits of the sort key.
+const _: () = assert!(QUEUE_ENTRIES <= 1 << 16);
 /// Most bytes a [`SendQueue`] holds before it flushes by itself. One more
 /// datagram (64 KiB at most) always fits in the reserved capacity.
 const QUEUE_BYTES: usize = 256 * 1024;
@@ -207,7 +187,10 @@ pub struct SendStats {
 pub struct SendQueue {
     buf: Vec<u8>,
     entries: Vec<Entry>,
-    order: Vec<u16>,
+    /// Sort keys: the descriptor (24 bits), a hash of the destination (24
+    /// bits), the entry's index (16 bits). Truncation or a collision only
+    /// costs a merge, never order: equal destinations hash equally.
+    order: Vec<u64>,
     msgs: Vec<(usize, usize, u16)>,
     iovs: Vec<libc::iovec>,
     names: Vec<(libc::sockaddr_storage, libc::socklen_t)>,
@@ -319,18 +302,27 @@ impl SendQueue {
             self.buf.clear();
             return;
         }
-        // Group by socket, then destination; the index breaks ties, so each
+        // Group by socket, then destination; the index breaks ties, so every
         // destination's datagrams keep their order (RTP likes it in order).
+        // Often already in order (one socket, or one client's batch), and
+        // then not sorted at all.
         self.order.clear();
-        self.order.extend(0..self.entries.len() as u16);
-        let entries = &self.entries;
-        self.order
-            .sort_unstable_by_key(|&i| (entries[i as usize].fd, entries[i as usize].to, i));
+        let mut sorted = true;
+        let mut last = 0u64;
+        for (i, e) in self.entries.iter().enumerate() {
+            let key = (e.fd as u32 as u64 & 0xFF_FFFF) << 40 | dest_hash(&e.to) << 16 | i as u64;
+            sorted &= key >= last;
+            last = key;
+            self.order.push(key);
+        }
+        if !sorted {
+            self.order.sort_unstable();
+        }
         let mut g = 0;
         while g < self.order.len() {
-            let fd = self.entries[self.order[g] as usize].fd;
+            let fd = self.entry(g).fd;
             let mut end = g + 1;
-            while end < self.order.len() && self.entries[self.order[end] as usize].fd == fd {
+            while end < self.order.len() && self.entry(end).fd == fd {
                 end += 1;
             }
             self.send_group(fd, g, end);
@@ -340,6 +332,11 @@ impl SendQueue {
         self.buf.clear();
     }
 
+    /// The entry at position `k` of the sorted order.
+    fn entry(&self, k: usize) -> Entry {
+        self.entries[(self.order[k] & 0xFFFF) as usize]
+    }
+
     /// Plans the messages for `order[g..end]` (all on `fd`): runs to one
     /// destination of equal size (the last may be shorter) become one GSO
     /// message.
@@ -347,13 +344,13 @@ impl SendQueue {
         self.msgs.clear();
         let mut i = g;
         while i < end {
-            let first = self.entries[self.order[i] as usize];
+            let first = self.entry(i);
             let size = first.len as usize;
             let mut count = 1;
             let mut total = size;
             if self.gso && size > 0 && size <= self.gso_max_segment {
                 while i + count < end && count < GSO_MAX_SEGMENTS {
-                    let e = self.entries[self.order[i + count] as usize];
+                    let e = self.entry(i + count);
                     let len = e.len as usize;
                     if e.to != first.to || len == 0 || len > size || total + len > GSO_MAX_BYTES {
                         break;
@@ -379,7 +376,7 @@ impl SendQueue {
         self.cmsgs.clear();
         self.hdrs.clear();
         for k in g..end {
-            let e = self.entries[self.order[k] as usize];
+            let e = self.entry(k);
             self.iovs.push(libc::iovec {
                 // SAFETY: off..off+len lies within `buf` (checked at commit).
                 iov_base: unsafe { self.buf.as_ptr().add(e.off as usize) } as *mut libc::c_void,
@@ -388,7 +385,7 @@ impl SendQueue {
         }
         for m in 0..n {
             let (first, count, size) = self.msgs[m];
-            let to = self.entries[self.order[first] as usize].to;
+            let to = self.entry(first).to;
             self.names.push(to_sockaddr(&to));
             let mut c = CmsgBuf([0; 32]);
             if count > 1 {
@@ -492,6 +489,19 @@ impl SendQueue {
     }
 }
 
+/// 24 bits that differ, mostly, between destinations.
+fn dest_hash(a: &SocketAddr) -> u64 {
+    let ip = match a {
+        SocketAddr::V4(v4) => u32::from(*v4.ip()) as u64,
+        SocketAddr::V6(v6) => {
+            let x = u128::from(*v6.ip());
+            (x as u64) ^ (x >> 64) as u64
+        }
+    };
+    let h = (ip ^ (a.port() as u64) << 40).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    h >> 40
+}
+
 fn to_sockaddr(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
     #[allow(unsafe_code)]
@@ -582,14 +592,6 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
             assert_eq!(b.recv(rx.as_raw_fd()).unwrap(), 1);
             assert_eq!(b.get(0).unwrap().1.len(), 60000, "no truncation");
-            // send_many on a connected socket.
-            tx.connect(rx.local_addr().unwrap()).unwrap();
-            let msgs: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 3]).collect();
-            let refs: Vec<&[u8]> = msgs.iter().map(|m| &m[..]).collect();
-            assert_eq!(send_many(tx.as_raw_fd(), &refs).unwrap(), 40);
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            assert_eq!(b.recv(rx.as_raw_fd()).unwrap(), BATCH);
-            assert_eq!(b.get(5).unwrap().1, &[5, 5, 5]);
         }
     }
 
