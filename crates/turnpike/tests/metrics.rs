@@ -121,6 +121,20 @@ fn counters_move_with_real_traffic() {
         "{body}"
     );
     assert_eq!(get(&after, "turnpike_workers"), 2.0);
+    // The UDP data plane's batching: every datagram received went through
+    // recvmmsg, every one sent through the send queue, none dropped here.
+    assert!(get(&after, "turnpike_recv_batch_size_mean") >= 1.0, "{body}");
+    assert!(
+        delta("turnpike_udp_sent_datagrams_total") >= 20.0,
+        "10 relayed each way plus responses: {body}"
+    );
+    assert!(delta("turnpike_udp_send_syscalls_total") >= 1.0, "{body}");
+    assert!(
+        delta("turnpike_udp_send_syscalls_total") <= delta("turnpike_udp_sent_datagrams_total"),
+        "{body}"
+    );
+    assert_eq!(delta("turnpike_udp_send_dropped_total"), 0.0, "{body}");
+    assert_eq!(get(&after, "turnpike_udp_gso"), 1.0, "on by default: {body}");
     assert!(
         !body.contains(USER) && !body.contains("127.0.0.1"),
         "no users or addresses in labels"
