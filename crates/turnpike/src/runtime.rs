@@ -885,7 +885,7 @@ impl Io {
                 if let Some(&key) = self.conn_by_tuple.get(&t) {
                     if let Some(Source::Conn(c)) = self.sources.get_mut(key) {
                         // A failed queueing (TLS) is noticed at flush.
-                        let _ = c.send(&self.queue.buffer()[start..]);
+                        let _ = c.send(self.queue.written(start));
                         self.dirty.push(key);
                     }
                 }

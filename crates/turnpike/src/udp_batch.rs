@@ -285,6 +285,12 @@ impl SendQueue {
         });
     }
 
+    /// What was written to the buffer after `start` (never flushes, unlike
+    /// [`SendQueue::buffer`], so `start` stays valid).
+    pub fn written(&self, start: usize) -> &[u8] {
+        self.buf.get(start..).unwrap_or_default()
+    }
+
     /// Drops what was written to the buffer after `start`.
     pub fn truncate(&mut self, start: usize) {
         self.buf.truncate(start);
@@ -763,5 +769,27 @@ mod tests {
         q.flush();
         assert_eq!(q.stats().syscalls, 10);
         assert_eq!(drain(&rx, 8).len(), 8);
+    }
+
+    #[test]
+    fn written_bytes_survive_a_full_queue() {
+        // A TCP client's datagram is written into the queue's buffer, then
+        // read back with `written`: that must not flush (which would clear
+        // the buffer and move `start`), even past the byte limit.
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = tx.local_addr().unwrap();
+        let mut q = SendQueue::new(true);
+        for seq in 0..4u16 {
+            q.push(tx.as_raw_fd(), to, &dgram(1, seq, 60000));
+        }
+        let out = q.buffer();
+        let start = out.len();
+        out.extend_from_slice(&[7u8; 65000]);
+        assert!(start + 65000 > QUEUE_BYTES, "the buffer is past its limit");
+        assert_eq!(q.written(start), &[7u8; 65000][..]);
+        assert_eq!(q.len(), 4, "nothing flushed");
+        q.truncate(start);
+        assert_eq!(q.written(start), &[] as &[u8]);
+        assert_eq!(q.written(usize::MAX), &[] as &[u8]);
     }
 }
