@@ -3,7 +3,7 @@
 //! It answers Allocate, ChannelBind, CreatePermission and Refresh at once,
 //! without authentication, checks or timers, and forwards ChannelData and
 //! Send/Data with one table lookup per packet and the very batched syscalls
-//! turnpike uses (turnpike's own `udp_batch`: `recvmmsg` in, one `sendmmsg`
+//! turnpike uses (turnpike's own `udp-io` crate: `recvmmsg` in, one `sendmmsg`
 //! per socket out with GSO runs, flushed once per event-loop pass). What it
 //! reaches is the kernel's limit for that pattern; the gap to it is what
 //! turnpike's protocol work costs. Never expose it: it is an open relay.
@@ -13,12 +13,11 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use stun_proto::{attr, method, ChannelData, Class, Message, MessageBuilder, MessageType, PacketKind};
-use turnpike::udp_batch::{RecvBatch, SendQueue, BATCH};
+use udp_io::{Datagram, RecvBatch, SendQueue, BATCH};
 
 struct Alloc {
     relay: UdpSocket,
@@ -42,7 +41,6 @@ fn main() -> io::Result<()> {
         .register(&mut listener, LISTENER, Interest::READABLE)?;
     let mut allocs: Vec<Alloc> = Vec::new();
     let mut by_client: HashMap<SocketAddr, usize> = HashMap::new();
-    let lfd = listener.as_raw_fd();
     let mut batch = RecvBatch::new();
     let mut q = SendQueue::new(true);
     let mut events = Events::with_capacity(1024);
@@ -52,9 +50,11 @@ fn main() -> io::Result<()> {
         for ev in events.iter() {
             if ev.token() == LISTENER {
                 loop {
-                    let n = batch.recv(lfd).unwrap_or(0);
+                    let n = batch.recv(&listener).unwrap_or(0);
                     for k in 0..n {
-                        let Some((from, pkt)) = batch.get(k) else { continue };
+                        let Some(Datagram { from, data: pkt, .. }) = batch.get(k) else {
+                            continue;
+                        };
                         match stun_proto::packet_kind(pkt) {
                             PacketKind::ChannelData => {
                                 let (Some(cd), Some(&i)) = (ChannelData::parse(pkt), by_client.get(&from))
@@ -62,7 +62,7 @@ fn main() -> io::Result<()> {
                                     continue;
                                 };
                                 if let Some(peer) = allocs[i].channels.get(&cd.channel) {
-                                    q.push(allocs[i].relay.as_raw_fd(), *peer, cd.data);
+                                    q.push(&allocs[i].relay, None, *peer, cd.data);
                                 }
                             }
                             PacketKind::Stun => {
@@ -74,7 +74,7 @@ fn main() -> io::Result<()> {
                                         m.get_xor_addr(attr::XOR_PEER_ADDRESS),
                                         m.get(attr::DATA),
                                     ) {
-                                        q.push(allocs[i].relay.as_raw_fd(), peer, data);
+                                        q.push(&allocs[i].relay, None, peer, data);
                                     }
                                     continue;
                                 }
@@ -135,7 +135,7 @@ fn main() -> io::Result<()> {
                                     }
                                     _ => {}
                                 }
-                                q.commit(lfd, from, start);
+                                q.commit(&listener, None, from, start);
                             }
                             PacketKind::Other => {}
                         }
@@ -147,10 +147,10 @@ fn main() -> io::Result<()> {
             } else {
                 let i = ev.token().0;
                 loop {
-                    let n = batch.recv(allocs[i].relay.as_raw_fd()).unwrap_or(0);
+                    let n = batch.recv(&allocs[i].relay).unwrap_or(0);
                     let a = &allocs[i];
                     for k in 0..n {
-                        let Some((peer, data)) = batch.get(k) else {
+                        let Some(Datagram { from: peer, data, .. }) = batch.get(k) else {
                             continue;
                         };
                         let out = q.buffer();
@@ -167,7 +167,7 @@ fn main() -> io::Result<()> {
                             .xor_addr(attr::XOR_PEER_ADDRESS, peer)
                             .attr(attr::DATA, data);
                         }
-                        q.commit(lfd, a.client, start);
+                        q.commit(&listener, None, a.client, start);
                     }
                     if n < BATCH {
                         break;

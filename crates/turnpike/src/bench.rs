@@ -21,10 +21,8 @@ use mio::{Events, Interest, Poll, Token};
 use serde::Serialize;
 use stun_proto::{attr, method, ChannelData, Class, Message, MessageBuilder, MessageType};
 
-use std::os::fd::AsRawFd;
-
 use crate::client::{Channel, ClientTransport, TurnClient};
-use crate::udp_batch::{RecvBatch, SendQueue};
+use udp_io::{clock_ticks_per_second, RecvBatch, SendQueue};
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -198,17 +196,6 @@ fn sample(pid: u32) -> Option<ProcSample> {
     })
 }
 
-fn clock_ticks_per_second() -> f64 {
-    #[allow(unsafe_code)]
-    // SAFETY: sysconf takes an integer and returns an integer.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
 /// Runs a benchmark and prints its report.
 pub fn run(args: BenchArgs) -> Result<()> {
     if args.size < 16 {
@@ -362,7 +349,7 @@ impl Conn {
         match self {
             Conn::Udp(u, remote) => {
                 for m in msgs {
-                    q.push(u.as_raw_fd(), *remote, m);
+                    q.push(&u, None, *remote, m);
                 }
                 q.flush();
                 Ok(())
@@ -386,17 +373,17 @@ impl Conn {
     ) -> io::Result<()> {
         match self {
             Conn::Udp(u, _) => loop {
-                let n = match batch.recv(u.as_raw_fd()) {
+                let n = match batch.recv(&u) {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
                     Err(e) => return Err(e),
                 };
                 for i in 0..n {
-                    if let Some((_, m)) = batch.get(i) {
+                    if let Some(udp_io::Datagram { data: m, .. }) = batch.get(i) {
                         f(m);
                     }
                 }
-                if n < crate::udp_batch::BATCH {
+                if n < udp_io::BATCH {
                     return Ok(());
                 }
             },
@@ -653,7 +640,7 @@ impl LoadState {
     /// a `recvmmsg` and a `sendmmsg` per batch.
     fn peer_echo(&mut self, l: &mut Lane) -> Result<()> {
         loop {
-            let n = match self.batch.recv(l.peer.as_raw_fd()) {
+            let n = match self.batch.recv(&l.peer) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
                 Err(e) => return Err(e.into()),
@@ -662,12 +649,12 @@ impl LoadState {
                 self.relayed += n as u64;
             }
             for i in 0..n {
-                if let Some((_, d)) = self.batch.get(i) {
-                    self.q.push(l.peer.as_raw_fd(), l.relayed, d);
+                if let Some(udp_io::Datagram { data: d, .. }) = self.batch.get(i) {
+                    self.q.push(&l.peer, None, l.relayed, d);
                 }
             }
             self.q.flush();
-            if n < crate::udp_batch::BATCH {
+            if n < udp_io::BATCH {
                 return Ok(());
             }
         }

@@ -1,6 +1,6 @@
 //! turnpike: a STUN/TURN server. The binary's parts, as a library so the
 //! integration tests (and later `probe` and `bench`) use the same code.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod bench;
@@ -12,5 +12,4 @@ pub mod probe;
 pub mod redisdb;
 pub mod runtime;
 pub mod tls;
-pub mod udp_batch;
 pub mod userdb;

@@ -37,7 +37,7 @@ pub struct WorkerMetrics {
     /// Datagrams received through `recvmmsg`.
     pub recv_datagrams: u64,
     /// What the worker's UDP send queue did.
-    pub send: crate::udp_batch::SendStats,
+    pub send: udp_io::SendStats,
     /// Whether the worker still uses UDP GSO.
     pub gso: bool,
 }

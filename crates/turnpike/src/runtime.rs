@@ -10,7 +10,6 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -766,7 +765,7 @@ struct Io {
     /// Connections whose write interest must be updated after a send.
     dirty: Vec<usize>,
     /// UDP datagrams to send at the end of this loop iteration.
-    queue: crate::udp_batch::SendQueue,
+    queue: udp_io::SendQueue,
 }
 
 impl Io {
@@ -854,33 +853,27 @@ impl RelayProvider for Io {
         if let Some(key) = self.relay_by_addr.remove(&relay) {
             // Queued datagrams name the socket by descriptor, which the next
             // socket opened could reuse: send them while it is still this one.
-            self.queue.flush();
             if let Source::Relay { mut sock, .. } = self.sources.remove(key) {
                 let _ = self.registry.deregister(&mut sock);
+                self.queue.close(sock);
             }
         }
     }
 }
 
 impl Io {
-    /// The UDP listener socket bound to `local`.
-    fn listener_fd(&self, local: SocketAddr) -> Option<std::os::fd::RawFd> {
-        let &(_, key) = self.udp_by_addr.iter().find(|(a, _)| *a == local)?;
-        match self.sources.get(key) {
-            Some(Source::Udp { sock, .. }) => Some(sock.as_raw_fd()),
-            _ => None,
-        }
-    }
-
     /// Sends the bytes a core call appended to the send queue from `start`
     /// to the client of `dest`: queued for a UDP client, written to the
     /// connection of a TCP/TLS one.
     fn forward_appended(&mut self, dest: Dest, start: usize) {
         match dest {
-            Dest::Client(t) if t.transport == Transport::Udp => match self.listener_fd(t.server) {
-                Some(fd) => self.queue.commit(fd, t.client, start),
-                None => self.queue.truncate(start),
-            },
+            Dest::Client(t) if t.transport == Transport::Udp => {
+                let key = self.udp_by_addr.iter().find(|(a, _)| *a == t.server).map(|x| x.1);
+                match key.and_then(|k| self.sources.get(k)) {
+                    Some(Source::Udp { sock, .. }) => self.queue.commit(sock, None, t.client, start),
+                    _ => self.queue.truncate(start),
+                }
+            }
             Dest::Client(t) => {
                 if let Some(&key) = self.conn_by_tuple.get(&t) {
                     if let Some(Source::Conn(c)) = self.sources.get_mut(key) {
@@ -901,7 +894,7 @@ impl Io {
             Dest::Peer { relay, peer } => {
                 if let Some(&key) = self.relay_by_addr.get(&relay) {
                     if let Some(Source::Relay { sock, .. }) = self.sources.get(key) {
-                        self.queue.push(sock.as_raw_fd(), peer, tx.data);
+                        self.queue.push(sock, None, peer, tx.data);
                     }
                 }
             }
@@ -914,8 +907,9 @@ impl Io {
             }
             Dest::Client(t) => match t.transport {
                 Transport::Udp => {
-                    if let Some(fd) = self.listener_fd(t.server) {
-                        self.queue.push(fd, t.client, tx.data);
+                    let key = self.udp_by_addr.iter().find(|(a, _)| *a == t.server).map(|x| x.1);
+                    if let Some(Source::Udp { sock, .. }) = key.and_then(|k| self.sources.get(k)) {
+                        self.queue.push(sock, None, t.client, tx.data);
                     }
                 }
                 Transport::Tcp | Transport::Tls => {
@@ -939,7 +933,7 @@ struct Worker {
     tls: Option<Arc<rustls::ServerConfig>>,
     stop: Arc<AtomicBool>,
     buf: Vec<u8>,
-    batch: crate::udp_batch::RecvBatch,
+    batch: udp_io::RecvBatch,
     limits: ConnLimits,
     redact: Redactor,
     reloads: Arc<Reloads>,
@@ -981,7 +975,7 @@ impl Worker {
             rng: SmallRng::from_entropy(),
             reservations,
             dirty: Vec::new(),
-            queue: crate::udp_batch::SendQueue::new(gso),
+            queue: udp_io::SendQueue::new(gso),
         };
         for (s, addr) in sockets.udp {
             let mut sock = UdpSocket::from_std(s);
@@ -1005,7 +999,7 @@ impl Worker {
             tls,
             stop,
             buf: vec![0u8; 65536],
-            batch: crate::udp_batch::RecvBatch::new(),
+            batch: udp_io::RecvBatch::new(),
             limits,
             redact,
             reloads,
@@ -1099,14 +1093,14 @@ impl Worker {
             let Some(Source::Udp { sock, .. }) = self.io.sources.get(key) else {
                 return;
             };
-            let n = match self.batch.recv(sock.as_raw_fd()) {
+            let n = match self.batch.recv(sock) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
             self.recv_batches += 1;
             self.recv_datagrams += n as u64;
             for i in 0..n {
-                let Some((from, data)) = self.batch.get(i) else {
+                let Some(udp_io::Datagram { from, data, .. }) = self.batch.get(i) else {
                     continue;
                 };
                 let tuple = FiveTuple {
@@ -1118,7 +1112,7 @@ impl Worker {
                     self.io.transmit(tx);
                 }
             }
-            if n < crate::udp_batch::BATCH {
+            if n < udp_io::BATCH {
                 return;
             }
         }
@@ -1129,14 +1123,14 @@ impl Worker {
             let Some(Source::Relay { sock, .. }) = self.io.sources.get(key) else {
                 return;
             };
-            let n = match self.batch.recv(sock.as_raw_fd()) {
+            let n = match self.batch.recv(sock) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
             self.recv_batches += 1;
             self.recv_datagrams += n as u64;
             for i in 0..n {
-                let Some((from, data)) = self.batch.get(i) else {
+                let Some(udp_io::Datagram { from, data, .. }) = self.batch.get(i) else {
                     continue;
                 };
                 // The core writes the client's datagram straight into the
@@ -1148,7 +1142,7 @@ impl Worker {
                     None => self.io.queue.truncate(start),
                 }
             }
-            if n < crate::udp_batch::BATCH {
+            if n < udp_io::BATCH {
                 return;
             }
         }

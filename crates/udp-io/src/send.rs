@@ -1,130 +1,11 @@
-//! Batched UDP I/O: [`RecvBatch`] receives with `recvmmsg(2)`, one syscall
-//! for up to [`BATCH`] datagrams; [`SendQueue`] collects a loop iteration's
-//! outgoing datagrams and sends them with `sendmmsg(2)`, one syscall per
-//! socket, merging runs to one destination into UDP GSO super-datagrams
-//! (`UDP_SEGMENT`) so the kernel walks its send path once per run. This
-//! module holds the data plane's only `unsafe` code.
+//! `sendmmsg(2)` of a loop iteration's datagrams, each from the source
+//! address it names, with GSO runs.
 
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::RawFd;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 
-/// Datagrams per syscall.
-pub const BATCH: usize = 32;
-/// Each slot holds the largest UDP payload, so nothing is ever truncated.
-/// The buffer is zero-allocated, so pages never written stay unbacked.
-const SLOT: usize = 65536;
-
-/// Buffers and headers for one `recvmmsg` call, reused for every call.
-///
-/// The headers and iovecs are built once, pointing into buffers on the heap
-/// that never move, so a call costs no set-up beyond resetting the address
-/// lengths the kernel wrote last time: with one datagram per call (many quiet
-/// allocations) the set-up would otherwise cost more than the datagram.
-pub struct RecvBatch {
-    bufs: Vec<u8>,
-    addrs: Vec<libc::sockaddr_storage>,
-    iovs: Vec<libc::iovec>,
-    hdrs: Vec<libc::mmsghdr>,
-    lens: [usize; BATCH],
-    from: [Option<SocketAddr>; BATCH],
-    n: usize,
-}
-
-// SAFETY: the raw pointers in `iovs` and `hdrs` point only into `bufs`,
-// `addrs` and `iovs`, heap buffers the batch owns and never reallocates;
-// they move with it, and nothing else holds them.
-#[allow(unsafe_code)]
-unsafe impl Send for RecvBatch {}
-
-impl Default for RecvBatch {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl RecvBatch {
-    /// Allocates the batch (2 MiB of address space, touched lazily).
-    #[allow(unsafe_code)]
-    pub fn new() -> Self {
-        let mut b = RecvBatch {
-            bufs: vec![0u8; BATCH * SLOT],
-            // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
-            addrs: vec![unsafe { std::mem::zeroed() }; BATCH],
-            iovs: Vec::with_capacity(BATCH),
-            hdrs: Vec::with_capacity(BATCH),
-            lens: [0; BATCH],
-            from: [None; BATCH],
-            n: 0,
-        };
-        let base = b.bufs.as_mut_ptr();
-        for i in 0..BATCH {
-            b.iovs.push(libc::iovec {
-                // SAFETY: slot i lies within `bufs` (BATCH * SLOT bytes).
-                iov_base: unsafe { base.add(i * SLOT) } as *mut libc::c_void,
-                iov_len: SLOT,
-            });
-        }
-        for i in 0..BATCH {
-            // SAFETY: mmsghdr is plain old data; all-zero is valid.
-            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            h.msg_hdr.msg_name = &mut b.addrs[i] as *mut libc::sockaddr_storage as *mut libc::c_void;
-            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            h.msg_hdr.msg_iov = &mut b.iovs[i];
-            h.msg_hdr.msg_iovlen = 1;
-            b.hdrs.push(h);
-        }
-        b
-    }
-
-    /// Receives what is queued on `fd`, up to [`BATCH`] datagrams. Returns
-    /// how many; 0 when nothing is queued (EAGAIN).
-    #[allow(unsafe_code)]
-    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
-        // The kernel wrote the sender's length into the headers it filled.
-        for h in &mut self.hdrs[..self.n] {
-            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        }
-        // SAFETY: every header points at a live iovec and address slot owned
-        // by `self` (built in `new`, never moved), sized as declared; the
-        // kernel writes at most iov_len bytes and msg_namelen bytes into them.
-        let n = unsafe {
-            libc::recvmmsg(
-                fd,
-                self.hdrs.as_mut_ptr(),
-                BATCH as libc::c_uint,
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut(),
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            self.n = 0;
-            return if e.kind() == io::ErrorKind::WouldBlock {
-                Ok(0)
-            } else {
-                Err(e)
-            };
-        }
-        let n = n as usize;
-        for i in 0..n {
-            self.lens[i] = self.hdrs[i].msg_len as usize;
-            self.from[i] = to_socket_addr(&self.addrs[i]);
-        }
-        self.n = n;
-        Ok(n)
-    }
-
-    /// Datagram `i` of the last call: its sender and bytes. `None` for a
-    /// sender of an unknown family.
-    pub fn get(&self, i: usize) -> Option<(SocketAddr, &[u8])> {
-        if i >= self.n {
-            return None;
-        }
-        let from = self.from[i]?;
-        Some((from, &self.bufs[i * SLOT..i * SLOT + self.lens[i]]))
-    }
-}
+use crate::addr::to_sockaddr;
 
 /// Most datagrams a [`SendQueue`] holds before it flushes by itself.
 pub const QUEUE_ENTRIES: usize = 512;
@@ -144,21 +25,23 @@ const MMSG_CHUNK: usize = 64;
 #[derive(Clone, Copy)]
 struct Entry {
     fd: RawFd,
+    src: Option<IpAddr>,
     to: SocketAddr,
     off: u32,
     len: u32,
 }
 
-/// Space for one `cmsghdr` carrying a u16 (CMSG_SPACE(2) is 24 on LP64),
-/// aligned as the kernel reads it.
+/// Control space for one message: a `UDP_SEGMENT` (CMSG_SPACE(2) = 24) and
+/// an `IP_PKTINFO` or `IPV6_PKTINFO` (CMSG_SPACE(20) = 40), aligned as the
+/// kernel reads it.
 #[derive(Clone, Copy)]
 #[repr(C, align(8))]
-struct CmsgBuf([u8; 32]);
+struct CmsgBuf([u8; 64]);
 
 /// What a [`SendQueue`] did, for metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SendStats {
-    /// `sendmmsg`/`sendto` calls made.
+    /// `sendmmsg`/`sendmsg` calls made.
     pub syscalls: u64,
     /// Datagrams handed to the kernel.
     pub datagrams: u64,
@@ -174,22 +57,26 @@ pub struct SendStats {
 ///
 /// Each datagram is copied once, into the queue's buffer (the core writes
 /// peer-to-client ChannelData straight into it with [`SendQueue::buffer`]).
-/// [`SendQueue::flush`] groups the datagrams by socket, keeping each
-/// destination's order, and merges consecutive equal-sized datagrams to one
-/// destination into a GSO message: one trip down the kernel's UDP/IP path for
-/// the whole run, split into datagrams at the device. A kernel or device that
-/// refuses GSO (EIO) turns it off for this queue; a segment too large for the
-/// path (EINVAL/EMSGSIZE) lowers the largest size merged. Either way the
-/// refused datagrams are sent one by one, so nothing is lost to the attempt.
+/// Each names its source IP when the socket is bound to a wildcard address
+/// (sent with pktinfo, so an answer leaves from the address the client
+/// reached). [`SendQueue::flush`] groups the datagrams by socket, keeping
+/// each destination's order, and merges consecutive equal-sized datagrams
+/// from one source to one destination into a GSO message: one trip down the
+/// kernel's UDP/IP path for the whole run, split into datagrams at the
+/// device. A kernel or device that refuses GSO (EIO) turns it off for this
+/// queue; a segment too large for the path (EINVAL/EMSGSIZE) lowers the
+/// largest size merged. Either way the refused datagrams are sent one by
+/// one, so nothing is lost to the attempt.
 ///
 /// A socket must not be closed while the queue holds datagrams for it (its
-/// descriptor could be reused by the next socket opened): flush first.
+/// descriptor could be reused by the next socket opened): close it with
+/// [`SendQueue::close`].
 pub struct SendQueue {
     buf: Vec<u8>,
     entries: Vec<Entry>,
-    /// Sort keys: the descriptor (24 bits), a hash of the destination (24
-    /// bits), the entry's index (16 bits). Truncation or a collision only
-    /// costs a merge, never order: equal destinations hash equally.
+    /// Sort keys: the descriptor (24 bits), a hash of the source and
+    /// destination (24 bits), the entry's index (16 bits). Truncation or a
+    /// collision only costs a merge, never order: equal pairs hash equally.
     order: Vec<u64>,
     msgs: Vec<(usize, usize, u16)>,
     iovs: Vec<libc::iovec>,
@@ -204,7 +91,6 @@ pub struct SendQueue {
 // SAFETY: the raw pointers in `iovs` and `hdrs` are scratch, rebuilt by
 // every flush from data the queue owns and never used after it returns; the
 // queue has no shared state, so moving it to another thread is sound.
-#[allow(unsafe_code)]
 unsafe impl Send for SendQueue {}
 
 impl Default for SendQueue {
@@ -253,12 +139,13 @@ impl SendQueue {
         self.entries.is_empty()
     }
 
-    /// Queues `data` to `to` on socket `fd`, flushing first when full.
-    pub fn push(&mut self, fd: RawFd, to: SocketAddr, data: &[u8]) {
+    /// Queues `data` to `to` on `sock`, from `src` when given (a socket
+    /// bound to a wildcard address), flushing first when full.
+    pub fn push(&mut self, sock: impl AsFd, src: Option<IpAddr>, to: SocketAddr, data: &[u8]) {
         self.make_room();
         let start = self.buf.len();
         self.buf.extend_from_slice(data);
-        self.commit(fd, to, start);
+        self.commit(sock, src, to, start);
     }
 
     /// The buffer to append one datagram to, after room was made: write the
@@ -269,8 +156,8 @@ impl SendQueue {
         &mut self.buf
     }
 
-    /// Queues `buffer()[start..]` as one datagram to `to` on `fd`.
-    pub fn commit(&mut self, fd: RawFd, to: SocketAddr, start: usize) {
+    /// Queues `buffer()[start..]` as one datagram to `to` on `sock`.
+    pub fn commit(&mut self, sock: impl AsFd, src: Option<IpAddr>, to: SocketAddr, start: usize) {
         let len = self.buf.len().saturating_sub(start);
         if start > self.buf.len() || len > u16::MAX as usize {
             self.buf.truncate(start.min(self.buf.len()));
@@ -278,7 +165,8 @@ impl SendQueue {
             return;
         }
         self.entries.push(Entry {
-            fd,
+            fd: sock.as_fd().as_raw_fd(),
+            src,
             to,
             off: start as u32,
             len: len as u32,
@@ -296,6 +184,17 @@ impl SendQueue {
         self.buf.truncate(start);
     }
 
+    /// Closes `sock`, first sending what is queued for it: its descriptor
+    /// number could be reused by the next socket opened, and a queued
+    /// datagram must never leave from another allocation's socket.
+    pub fn close<S: AsFd>(&mut self, sock: S) {
+        let fd = sock.as_fd().as_raw_fd();
+        if self.entries.iter().any(|e| e.fd == fd) {
+            self.flush();
+        }
+        drop(sock);
+    }
+
     fn make_room(&mut self) {
         if self.entries.len() >= QUEUE_ENTRIES || self.buf.len() >= QUEUE_BYTES {
             self.flush();
@@ -308,15 +207,15 @@ impl SendQueue {
             self.buf.clear();
             return;
         }
-        // Group by socket, then destination; the index breaks ties, so every
-        // destination's datagrams keep their order (RTP likes it in order).
-        // Often already in order (one socket, or one client's batch), and
-        // then not sorted at all.
+        // Group by socket, then source and destination; the index breaks
+        // ties, so every destination's datagrams keep their order (RTP likes
+        // it in order). Often already in order (one socket, or one client's
+        // batch), and then not sorted at all.
         self.order.clear();
         let mut sorted = true;
         let mut last = 0u64;
         for (i, e) in self.entries.iter().enumerate() {
-            let key = (e.fd as u32 as u64 & 0xFF_FFFF) << 40 | dest_hash(&e.to) << 16 | i as u64;
+            let key = (e.fd as u32 as u64 & 0xFF_FFFF) << 40 | pair_hash(e.src, &e.to) << 16 | i as u64;
             sorted &= key >= last;
             last = key;
             self.order.push(key);
@@ -343,9 +242,9 @@ impl SendQueue {
         self.entries[(self.order[k] & 0xFFFF) as usize]
     }
 
-    /// Plans the messages for `order[g..end]` (all on `fd`): runs to one
-    /// destination of equal size (the last may be shorter) become one GSO
-    /// message.
+    /// Plans the messages for `order[g..end]` (all on one socket): runs from
+    /// one source to one destination of equal size (the last may be
+    /// shorter) become one GSO message.
     fn plan(&mut self, g: usize, end: usize) {
         self.msgs.clear();
         let mut i = g;
@@ -358,7 +257,12 @@ impl SendQueue {
                 while i + count < end && count < GSO_MAX_SEGMENTS {
                     let e = self.entry(i + count);
                     let len = e.len as usize;
-                    if e.to != first.to || len == 0 || len > size || total + len > GSO_MAX_BYTES {
+                    if e.to != first.to
+                        || e.src != first.src
+                        || len == 0
+                        || len > size
+                        || total + len > GSO_MAX_BYTES
+                    {
                         break;
                     }
                     count += 1;
@@ -373,7 +277,6 @@ impl SendQueue {
         }
     }
 
-    #[allow(unsafe_code)]
     fn send_group(&mut self, fd: RawFd, g: usize, end: usize) {
         self.plan(g, end);
         let n = self.msgs.len();
@@ -391,34 +294,25 @@ impl SendQueue {
         }
         for m in 0..n {
             let (first, count, size) = self.msgs[m];
-            let to = self.entry(first).to;
-            self.names.push(to_sockaddr(&to));
-            let mut c = CmsgBuf([0; 32]);
-            if count > 1 {
-                // SAFETY: CmsgBuf is 32 bytes, aligned to 8; CMSG_SPACE(2) is
-                // 24, so the header and its u16 payload fit.
-                unsafe {
-                    let h = c.0.as_mut_ptr() as *mut libc::cmsghdr;
-                    (*h).cmsg_level = libc::SOL_UDP;
-                    (*h).cmsg_type = libc::UDP_SEGMENT;
-                    (*h).cmsg_len = libc::CMSG_LEN(2) as _;
-                    std::ptr::write_unaligned(libc::CMSG_DATA(h) as *mut u16, size);
-                }
-            }
+            let e = self.entry(first);
+            self.names.push(to_sockaddr(&e.to));
+            let mut c = CmsgBuf([0; 64]);
+            write_control(&mut c, (count > 1).then_some(size), e.src);
             self.cmsgs.push(c);
         }
         for m in 0..n {
-            let (first, count, _) = self.msgs[m];
+            let (first, count, size) = self.msgs[m];
+            let src = self.entry(first).src;
             // SAFETY: mmsghdr is plain old data; all-zero is valid.
             let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
             h.msg_hdr.msg_name = &mut self.names[m].0 as *mut libc::sockaddr_storage as *mut libc::c_void;
             h.msg_hdr.msg_namelen = self.names[m].1;
             h.msg_hdr.msg_iov = &mut self.iovs[first - g];
             h.msg_hdr.msg_iovlen = count as _;
-            if count > 1 {
+            let control = control_space((count > 1).then_some(size), src);
+            if control > 0 {
                 h.msg_hdr.msg_control = self.cmsgs[m].0.as_mut_ptr() as *mut libc::c_void;
-                // SAFETY: pure arithmetic on a constant.
-                h.msg_hdr.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as _;
+                h.msg_hdr.msg_controllen = control as _;
             }
             self.hdrs.push(h);
         }
@@ -459,7 +353,7 @@ impl SendQueue {
                         self.gso_max_segment = (self.msgs[k].2 as usize).saturating_sub(1);
                     }
                     for s in first..first + count {
-                        self.send_one(fd, s - g, k);
+                        self.send_one(fd, s - g, k, self.entry(first).src);
                     }
                 }
                 _ => self.stats.dropped += count as u64,
@@ -469,24 +363,27 @@ impl SendQueue {
     }
 
     /// Sends the datagram behind `iovs[i]`, part of message `m`, alone (the
-    /// GSO fallback).
-    #[allow(unsafe_code)]
-    fn send_one(&mut self, fd: RawFd, i: usize, m: usize) {
-        let iov = self.iovs[i];
-        let (ss, len) = self.names[m];
+    /// GSO fallback), from `src` when given.
+    fn send_one(&mut self, fd: RawFd, i: usize, m: usize, src: Option<IpAddr>) {
+        let mut iov = self.iovs[i];
+        let (mut ss, len) = self.names[m];
+        let mut c = CmsgBuf([0; 64]);
+        let control = write_control(&mut c, None, src);
+        // SAFETY: msghdr is plain old data; all-zero is valid.
+        let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+        h.msg_name = &mut ss as *mut libc::sockaddr_storage as *mut libc::c_void;
+        h.msg_namelen = len;
+        h.msg_iov = &mut iov;
+        h.msg_iovlen = 1;
+        if control > 0 {
+            h.msg_control = c.0.as_mut_ptr() as *mut libc::c_void;
+            h.msg_controllen = control as _;
+        }
         self.stats.syscalls += 1;
-        // SAFETY: the iovec describes live bytes of `buf`; `ss` holds a
-        // sockaddr of `len` bytes.
-        let r = unsafe {
-            libc::sendto(
-                fd,
-                iov.iov_base,
-                iov.iov_len,
-                0,
-                &ss as *const libc::sockaddr_storage as *const libc::sockaddr,
-                len,
-            )
-        };
+        // SAFETY: the header points at locals that outlive the call: an
+        // iovec over live bytes of `buf`, a sockaddr of `len` bytes and a
+        // control buffer of `control` bytes.
+        let r = unsafe { libc::sendmsg(fd, &h, 0) };
         if r < 0 {
             self.stats.dropped += 1;
         } else {
@@ -495,111 +392,98 @@ impl SendQueue {
     }
 }
 
-/// 24 bits that differ, mostly, between destinations.
-fn dest_hash(a: &SocketAddr) -> u64 {
-    let ip = match a {
-        SocketAddr::V4(v4) => u32::from(*v4.ip()) as u64,
-        SocketAddr::V6(v6) => {
-            let x = u128::from(*v6.ip());
-            (x as u64) ^ (x >> 64) as u64
+/// Bytes of control data for a message with these options.
+fn control_space(segment: Option<u16>, src: Option<IpAddr>) -> usize {
+    // SAFETY: pure arithmetic on constants.
+    unsafe {
+        let seg = if segment.is_some() {
+            libc::CMSG_SPACE(2) as usize
+        } else {
+            0
+        };
+        let info = match src {
+            None => 0,
+            Some(IpAddr::V4(_)) => libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32) as usize,
+            Some(IpAddr::V6(_)) => libc::CMSG_SPACE(std::mem::size_of::<libc::in6_pktinfo>() as u32) as usize,
+        };
+        seg + info
+    }
+}
+
+/// Writes the `UDP_SEGMENT` and pktinfo control messages into `c`; returns
+/// the control length to declare (0: none).
+fn write_control(c: &mut CmsgBuf, segment: Option<u16>, src: Option<IpAddr>) -> usize {
+    let total = control_space(segment, src);
+    if total == 0 {
+        return 0;
+    }
+    // A header to walk the buffer with the kernel's own macros.
+    // SAFETY: msghdr is plain old data; all-zero is valid.
+    let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+    h.msg_control = c.0.as_mut_ptr() as *mut libc::c_void;
+    h.msg_controllen = total as _;
+    // SAFETY: CmsgBuf is 64 bytes, aligned to 8, and `total` (at most
+    // 24 + 40) fits; CMSG_FIRSTHDR/NXTHDR stay within `total`, and each
+    // payload is written inside the space its CMSG_SPACE reserved.
+    unsafe {
+        let mut cur = libc::CMSG_FIRSTHDR(&h);
+        if let Some(size) = segment {
+            (*cur).cmsg_level = libc::SOL_UDP;
+            (*cur).cmsg_type = libc::UDP_SEGMENT;
+            (*cur).cmsg_len = libc::CMSG_LEN(2) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cur) as *mut u16, size);
+            cur = libc::CMSG_NXTHDR(&h, cur);
         }
-    };
-    let h = (ip ^ (a.port() as u64) << 40).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        match src {
+            None => {}
+            Some(IpAddr::V4(ip)) => {
+                (*cur).cmsg_level = libc::IPPROTO_IP;
+                (*cur).cmsg_type = libc::IP_PKTINFO;
+                (*cur).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in_pktinfo>() as u32) as _;
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(ip).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(cur) as *mut libc::in_pktinfo, info);
+            }
+            Some(IpAddr::V6(ip)) => {
+                (*cur).cmsg_level = libc::IPPROTO_IPV6;
+                (*cur).cmsg_type = libc::IPV6_PKTINFO;
+                (*cur).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in6_pktinfo>() as u32) as _;
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr { s6_addr: ip.octets() },
+                    ipi6_ifindex: 0,
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(cur) as *mut libc::in6_pktinfo, info);
+            }
+        }
+    }
+    total
+}
+
+/// 24 bits that differ, mostly, between (source, destination) pairs.
+fn pair_hash(src: Option<IpAddr>, a: &SocketAddr) -> u64 {
+    fn ip_bits(ip: IpAddr) -> u64 {
+        match ip {
+            IpAddr::V4(v4) => u32::from(v4) as u64,
+            IpAddr::V6(v6) => {
+                let x = u128::from(v6);
+                (x as u64) ^ (x >> 64) as u64
+            }
+        }
+    }
+    let s = src.map(ip_bits).unwrap_or(0).rotate_left(17);
+    let h = (ip_bits(a.ip()) ^ s ^ (a.port() as u64) << 40).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     h >> 40
-}
-
-fn to_sockaddr(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
-    #[allow(unsafe_code)]
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    match a {
-        SocketAddr::V4(v4) => {
-            // SAFETY: sockaddr_storage is large and aligned enough for a
-            // sockaddr_in.
-            #[allow(unsafe_code)]
-            let sin = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage as *mut libc::sockaddr_in) };
-            sin.sin_family = libc::AF_INET as libc::sa_family_t;
-            sin.sin_port = v4.port().to_be();
-            sin.sin_addr = libc::in_addr {
-                s_addr: u32::from(*v4.ip()).to_be(),
-            };
-            (ss, std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
-        }
-        SocketAddr::V6(v6) => {
-            // SAFETY: as above, for sockaddr_in6.
-            #[allow(unsafe_code)]
-            let sin6 = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage as *mut libc::sockaddr_in6) };
-            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sin6.sin6_port = v6.port().to_be();
-            sin6.sin6_addr = libc::in6_addr {
-                s6_addr: v6.ip().octets(),
-            };
-            sin6.sin6_flowinfo = v6.flowinfo();
-            sin6.sin6_scope_id = v6.scope_id();
-            (ss, std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
-        }
-    }
-}
-
-fn to_socket_addr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    match ss.ss_family as libc::c_int {
-        libc::AF_INET => {
-            // SAFETY: the family says this storage holds a sockaddr_in, and
-            // sockaddr_storage is large and aligned enough for it.
-            #[allow(unsafe_code)]
-            let a = unsafe { &*(ss as *const libc::sockaddr_storage as *const libc::sockaddr_in) };
-            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(a.sin_port))))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: as above, for sockaddr_in6.
-            #[allow(unsafe_code)]
-            let a = unsafe { &*(ss as *const libc::sockaddr_storage as *const libc::sockaddr_in6) };
-            let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                ip,
-                u16::from_be(a.sin6_port),
-                a.sin6_flowinfo,
-                a.sin6_scope_id,
-            )))
-        }
-        _ => None,
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
-
-    #[test]
-    fn receives_a_batch_with_senders_v4_and_v6() {
-        for (bind, from) in [("127.0.0.1:0", "127.0.0.1:0"), ("[::1]:0", "[::1]:0")] {
-            let Ok(rx) = std::net::UdpSocket::bind(bind) else {
-                continue;
-            };
-            let tx = std::net::UdpSocket::bind(from).unwrap();
-            let mut b = RecvBatch::new();
-            assert_eq!(b.recv(rx.as_raw_fd()).unwrap(), 0, "nothing queued");
-            for i in 0..40u8 {
-                tx.send_to(&vec![i; i as usize + 1], rx.local_addr().unwrap())
-                    .unwrap();
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            assert_eq!(b.recv(rx.as_raw_fd()).unwrap(), BATCH);
-            for i in 0..BATCH {
-                let (src, data) = b.get(i).unwrap();
-                assert_eq!(src, tx.local_addr().unwrap());
-                assert_eq!(data, &vec![i as u8; i + 1][..]);
-            }
-            assert_eq!(b.recv(rx.as_raw_fd()).unwrap(), 8);
-            let big = vec![9u8; 60000];
-            tx.send_to(&big, rx.local_addr().unwrap()).unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            assert_eq!(b.recv(rx.as_raw_fd()).unwrap(), 1);
-            assert_eq!(b.get(0).unwrap().1.len(), 60000, "no truncation");
-        }
-    }
 
     /// Datagrams `rx` receives within a second, as (sender, bytes).
     fn drain(rx: &std::net::UdpSocket, want: usize) -> Vec<(SocketAddr, Vec<u8>)> {
@@ -638,20 +522,20 @@ mod tests {
                 // Interleaved as a worker produces them: stream 1 (s1 -> a,
                 // 100 B, then one 40 B, then 100 B again), stream 2 (s1 -> b),
                 // stream 3 (s2 -> a, 200 B) and one datagram too large to merge.
-                let mut plan: Vec<(i32, SocketAddr, Vec<u8>)> = Vec::new();
+                let mut plan: Vec<(&std::net::UdpSocket, SocketAddr, Vec<u8>)> = Vec::new();
                 for seq in 0..20u16 {
                     let len1 = if seq == 12 { 40 } else { 100 };
-                    plan.push((s1.as_raw_fd(), a, dgram(1, seq, len1)));
+                    plan.push((&s1, a, dgram(1, seq, len1)));
                     if seq % 2 == 0 {
-                        plan.push((s1.as_raw_fd(), b, dgram(2, seq / 2, 100)));
+                        plan.push((&s1, b, dgram(2, seq / 2, 100)));
                     }
                     if seq % 4 == 0 {
-                        plan.push((s2.as_raw_fd(), a, dgram(3, seq / 4, 200)));
+                        plan.push((&s2, a, dgram(3, seq / 4, 200)));
                     }
                 }
-                plan.push((s2.as_raw_fd(), a, dgram(4, 0, 3000)));
+                plan.push((&s2, a, dgram(4, 0, 3000)));
                 for (fd, to, d) in &plan {
-                    q.push(*fd, *to, d);
+                    q.push(*fd, None, *to, d);
                 }
                 assert_eq!(q.len(), plan.len());
                 q.flush();
@@ -705,7 +589,7 @@ mod tests {
         let rx = std::net::UdpSocket::from(rx);
         let mut q = SendQueue::new(true);
         for seq in 0..(QUEUE_ENTRIES + 10) as u16 {
-            q.push(tx.as_raw_fd(), rx.local_addr().unwrap(), &dgram(1, seq, 50));
+            q.push(&tx, None, rx.local_addr().unwrap(), &dgram(1, seq, 50));
         }
         assert_eq!(
             q.len(),
@@ -747,7 +631,7 @@ mod tests {
         assert_eq!(r, 0);
         let mut q = SendQueue::new(true);
         for seq in 0..8u16 {
-            q.push(tx.as_raw_fd(), rx.local_addr().unwrap(), &dgram(1, seq, 100));
+            q.push(&tx, None, rx.local_addr().unwrap(), &dgram(1, seq, 100));
         }
         q.flush();
         let st = q.stats();
@@ -764,7 +648,7 @@ mod tests {
         // The largest merged size went below 100, so the next flush does not
         // try again.
         for seq in 0..8u16 {
-            q.push(tx.as_raw_fd(), rx.local_addr().unwrap(), &dgram(1, seq, 100));
+            q.push(&tx, None, rx.local_addr().unwrap(), &dgram(1, seq, 100));
         }
         q.flush();
         assert_eq!(q.stats().syscalls, 10);
@@ -780,7 +664,7 @@ mod tests {
         let to = tx.local_addr().unwrap();
         let mut q = SendQueue::new(true);
         for seq in 0..4u16 {
-            q.push(tx.as_raw_fd(), to, &dgram(1, seq, 60000));
+            q.push(&tx, None, to, &dgram(1, seq, 60000));
         }
         let out = q.buffer();
         let start = out.len();
@@ -791,5 +675,73 @@ mod tests {
         q.truncate(start);
         assert_eq!(q.written(start), &[] as &[u8]);
         assert_eq!(q.written(usize::MAX), &[] as &[u8]);
+    }
+}
+
+#[cfg(test)]
+mod pktinfo_tests {
+    use super::*;
+
+    #[test]
+    fn a_wildcard_socket_sends_from_the_source_each_datagram_names() {
+        // 127.0.0.2 is this host's too (lo holds 127/8).
+        let tx = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let port = tx.local_addr().unwrap().port();
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+            .unwrap();
+        for gso in [true, false] {
+            let mut q = SendQueue::new(gso);
+            for (i, src) in ["127.0.0.2", "127.0.0.3", "127.0.0.2", "127.0.0.2"]
+                .iter()
+                .enumerate()
+            {
+                q.push(
+                    &tx,
+                    Some(src.parse().unwrap()),
+                    rx.local_addr().unwrap(),
+                    &[i as u8; 100],
+                );
+            }
+            q.flush();
+            assert_eq!(q.stats().dropped, 0);
+            assert_eq!(q.stats().syscalls, 1, "one sendmmsg for the socket");
+            let mut buf = [0u8; 2048];
+            let mut got = Vec::new();
+            for _ in 0..4 {
+                let (n, from) = rx.recv_from(&mut buf).unwrap();
+                assert_eq!(n, 100);
+                got.push((buf[0], from));
+            }
+            got.sort();
+            let want: Vec<(u8, SocketAddr)> = [
+                (0, "127.0.0.2"),
+                (1, "127.0.0.3"),
+                (2, "127.0.0.2"),
+                (3, "127.0.0.2"),
+            ]
+            .iter()
+            .map(|(i, ip)| (*i, SocketAddr::new(ip.parse().unwrap(), port)))
+            .collect();
+            assert_eq!(got, want, "gso={gso}");
+            if gso {
+                assert_eq!(q.stats().gso_messages, 1, "the two from .2 in a row merge");
+            }
+        }
+    }
+
+    #[test]
+    fn close_sends_what_was_queued_first() {
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+            .unwrap();
+        let mut q = SendQueue::new(true);
+        q.push(&tx, None, rx.local_addr().unwrap(), b"last words");
+        q.close(tx);
+        assert!(q.is_empty());
+        let mut buf = [0u8; 64];
+        let (n, _) = rx.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"last words");
     }
 }

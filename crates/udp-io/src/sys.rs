@@ -1,0 +1,66 @@
+//! Host facts read through libc.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// Every IP address configured on this host's interfaces (`getifaddrs`),
+/// loopback included. Empty if the call fails.
+pub fn local_addresses() -> Vec<IpAddr> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head into `head`; on success it is
+    // freed below with freeifaddrs and not used after.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, alive
+        // until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points to a sockaddr whose family says its
+            // real type; each arm reads only that type.
+            let family = unsafe { (*ifa.ifa_addr).sa_family } as libc::c_int;
+            match family {
+                libc::AF_INET => {
+                    // SAFETY: the family is AF_INET, so this is a sockaddr_in.
+                    let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                    out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+                }
+                libc::AF_INET6 => {
+                    // SAFETY: the family is AF_INET6, so this is a sockaddr_in6.
+                    let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                    out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                }
+                _ => {}
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from a successful getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The kernel's clock ticks per second (`_SC_CLK_TCK`), the unit of CPU
+/// times in `/proc/<pid>/stat`; 100 if unknown.
+pub fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf takes an integer and returns an integer.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn local_addresses_include_loopback() {
+        let a = super::local_addresses();
+        assert!(a.contains(&"127.0.0.1".parse().unwrap()), "{a:?}");
+    }
+}
