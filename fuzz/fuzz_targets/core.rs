@@ -30,14 +30,28 @@ struct Relays {
 
 impl RelayProvider for Relays {
     fn open(&mut self, req: RelayRequest) -> Result<OpenedRelay, RelayError> {
-        if req.ipv6 {
-            return Err(RelayError::FamilyUnsupported);
+        if let Some(token) = req.token {
+            let a = self.reserved.remove(&token).ok_or(RelayError::Exhausted)?;
+            if !self.open.insert(a) {
+                return Err(RelayError::Exhausted);
+            }
+            return Ok(OpenedRelay { addr: a, token: None });
         }
         if self.exhausted {
             return Err(RelayError::Exhausted);
         }
         self.next = self.next.wrapping_add(2);
-        let addr = SocketAddr::from(([198, 51, 100, 1], 1024 + (self.next % 60000)));
+        // IPv6 relays exist only for odd counters, so dual allocations see
+        // both outcomes (two relays, or one with ADDRESS-ERROR-CODE).
+        if req.ipv6 && self.next % 4 == 0 {
+            return Err(RelayError::FamilyUnsupported);
+        }
+        let ip: std::net::IpAddr = if req.ipv6 {
+            "2001:db8::7".parse().unwrap()
+        } else {
+            [198, 51, 100, 1].into()
+        };
+        let addr = SocketAddr::new(ip, 1024 + (self.next % 60000));
         if !self.open.insert(addr) {
             return Err(RelayError::Exhausted);
         }
@@ -48,13 +62,6 @@ impl RelayProvider for Relays {
             t
         });
         Ok(OpenedRelay { addr, token })
-    }
-    fn open_reserved(&mut self, token: [u8; 8]) -> Result<SocketAddr, RelayError> {
-        let a = self.reserved.remove(&token).ok_or(RelayError::Exhausted)?;
-        if !self.open.insert(a) {
-            return Err(RelayError::Exhausted);
-        }
-        Ok(a)
     }
     fn close(&mut self, relay: SocketAddr) {
         assert!(
@@ -71,21 +78,25 @@ fn tuples() -> [FiveTuple; 4] {
             transport: Transport::Udp,
             client: "203.0.113.1:1000".parse().unwrap(),
             server,
+            listener: Default::default(),
         },
         FiveTuple {
             transport: Transport::Udp,
             client: "203.0.113.2:1000".parse().unwrap(),
             server,
+            listener: Default::default(),
         },
         FiveTuple {
             transport: Transport::Tcp,
             client: "203.0.113.1:2000".parse().unwrap(),
             server,
+            listener: Default::default(),
         },
         FiveTuple {
             transport: Transport::Tls,
             client: "[2001:db8::1]:3000".parse().unwrap(),
             server,
+            listener: Default::default(),
         },
     ]
 }
@@ -105,11 +116,10 @@ fuzz_target!(|data: &[u8]| {
     } else {
         0
     };
-    cfg.rate_limit_per_ip = 50;
-    cfg.auth_fail_limit = 4;
+    cfg.set_rate_limit_per_ip(50);
+    cfg.set_auth_guard(4, Duration::from_secs(300));
     cfg.max_permissions = 8;
     cfg.max_channels = 8;
-    cfg.source_slots = 64;
     let mut server = Server::new(cfg);
     let minter = NonceMinter::new(secret, 600);
     let key = stun_proto::long_term_key_md5("alice", REALM, "pw");
@@ -130,7 +140,7 @@ fuzz_target!(|data: &[u8]| {
         match op & 0x0F {
             // Raw bytes from a client.
             0..=4 => {
-                let _ = server.handle_client(now, t, payload, &mut relays);
+                let _ = server.handle_client(now, t, payload);
             }
             // An authenticated request: method from the payload, the rest as
             // raw attributes (header + value), signed with a valid nonce.
@@ -167,7 +177,7 @@ fuzz_target!(|data: &[u8]| {
                     .attr(attr::REALM, REALM.as_bytes())
                     .attr(attr::NONCE, &nonce)
                     .message_integrity(&key);
-                let _ = server.handle_client(now, t, &buf, &mut relays);
+                let _ = server.handle_client(now, t, &buf);
             }
             // A datagram from a peer to one of the open relays.
             9 | 10 => {
@@ -178,7 +188,7 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             11 => now += Duration::from_secs(payload.first().copied().unwrap_or(1) as u64 * 4),
-            12 => server.handle_connection_closed(now, t, &mut relays),
+            12 => server.handle_connection_closed(now, t),
             13 => relays.exhausted = !relays.exhausted,
             14 => {
                 if let [a, b, c, d, p1, p2, ..] = payload {
@@ -190,16 +200,20 @@ fuzz_target!(|data: &[u8]| {
             }
             _ => {
                 now += Duration::from_millis(payload.len() as u64 * 10);
-                server.handle_timeout(now, &mut relays);
+                server.handle_timeout(now);
             }
         }
+        server.run_commands(now, &mut relays);
+        while server.poll_transmit().is_some() {}
         while server.poll_event().is_some() {}
-        assert_eq!(relays.open.len(), server.allocation_count(), "relay sockets leak");
+        let relayed: usize = server.sessions(now).iter().map(|s| s.relayed_all.len()).sum();
+        assert_eq!(relays.open.len(), relayed, "relay sockets leak");
         assert_eq!(quotas.total(), server.allocation_count(), "quota slots leak");
     }
     // Everything expires eventually and every relay is given back.
     now += Duration::from_secs(3601);
-    server.handle_timeout(now, &mut relays);
+    server.handle_timeout(now);
+    server.run_commands(now, &mut relays);
     assert_eq!(server.allocation_count(), 0);
     assert!(relays.open.is_empty());
     assert_eq!(quotas.total(), 0);

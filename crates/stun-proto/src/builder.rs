@@ -118,6 +118,27 @@ impl<'b> MessageBuilder<'b> {
         self.attr(attr::ERROR_CODE, &v[..4 + r.len()])
     }
 
+    /// Appends ADDRESS-ERROR-CODE (RFC 8656 §14.13): the family that could
+    /// not be served, then the code and reason as in ERROR-CODE.
+    pub fn address_error_code(&mut self, family: u8, code: u16, reason: &str) -> &mut Self {
+        let mut v = [0u8; 4 + 128];
+        let r = &reason.as_bytes()[..reason.len().min(128)];
+        v[0] = family;
+        v[2] = ((code / 100) & 0x07) as u8;
+        v[3] = (code % 100) as u8;
+        v[4..4 + r.len()].copy_from_slice(r);
+        self.attr(attr::ADDRESS_ERROR_CODE, &v[..4 + r.len()])
+    }
+
+    /// Appends ICMP (RFC 8656 §14.14): type, code and error data.
+    pub fn icmp(&mut self, icmp_type: u8, icmp_code: u8, data: u32) -> &mut Self {
+        let mut v = [0u8; 8];
+        v[2] = icmp_type;
+        v[3] = icmp_code;
+        v[4..].copy_from_slice(&data.to_be_bytes());
+        self.attr(attr::ICMP, &v)
+    }
+
     /// Appends UNKNOWN-ATTRIBUTES listing `types` (RFC 8489 §14.9).
     pub fn unknown_attributes(&mut self, types: &[u16]) -> &mut Self {
         let mut v = [0u8; 2 * crate::MAX_ATTRIBUTES];

@@ -22,9 +22,6 @@ impl RelayProvider for Relays {
             token: None,
         })
     }
-    fn open_reserved(&mut self, _: [u8; 8]) -> Result<SocketAddr, RelayError> {
-        Err(RelayError::Exhausted)
-    }
     fn close(&mut self, _: SocketAddr) {}
 }
 
@@ -34,7 +31,7 @@ fn server(now: Instant) -> Server {
     let mut creds = Credentials::new();
     creds.add_user("alice", REALM, "pw");
     let mut cfg = Config::new(REALM, Arc::new(creds), [5; 32], now, 1_700_000_000);
-    cfg.rate_limit_per_ip = 0;
+    cfg.set_rate_limit_per_ip(0);
     Server::new(cfg)
 }
 
@@ -43,6 +40,7 @@ fn tuple(port: u16) -> FiveTuple {
         transport: Transport::Udp,
         client: SocketAddr::from(([203, 0, 113, 1], port)),
         server: "192.0.2.1:3478".parse().unwrap(),
+        listener: Default::default(),
     }
 }
 
@@ -72,7 +70,7 @@ fn benches(c: &mut Criterion) {
     );
     c.bench_function("core: Binding request -> response", |b| {
         b.iter(|| {
-            s.handle_client(now, tuple(1), black_box(&binding), &mut relays)
+            s.handle_client(now, tuple(1), black_box(&binding))
                 .map(|t| t.data.len())
         })
     });
@@ -85,19 +83,21 @@ fn benches(c: &mut Criterion) {
     });
     c.bench_function("core: authenticated Allocate + Refresh(0)", |b| {
         b.iter(|| {
-            let ok = s.handle_client(now, tuple(2), &alloc, &mut relays).is_some();
-            let gone = s.handle_client(now, tuple(2), &delete, &mut relays).is_some();
+            // Allocate is answered once its relay socket is open.
+            let _ = s.handle_client(now, tuple(2), &alloc);
+            s.run_commands(now, &mut relays);
+            let ok = s.poll_transmit().is_some();
+            let gone = s.handle_client(now, tuple(2), &delete).is_some();
+            s.run_commands(now, &mut relays);
             while s.poll_event().is_some() {}
             ok && gone
         })
     });
 
     // One allocation with a channel to a peer, for the per-packet paths.
-    let resp = s
-        .handle_client(now, tuple(3), &alloc, &mut relays)
-        .unwrap()
-        .data
-        .to_vec();
+    let _ = s.handle_client(now, tuple(3), &alloc);
+    s.run_commands(now, &mut relays);
+    let resp = s.poll_transmit().unwrap().data;
     let relayed = Message::parse(&resp)
         .unwrap()
         .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
@@ -108,12 +108,12 @@ fn benches(c: &mut Criterion) {
         b.u32(attr::CHANNEL_NUMBER, 0x4000_0000)
             .xor_addr(attr::XOR_PEER_ADDRESS, peer);
     });
-    assert!(s.handle_client(now, tuple(3), &bind, &mut relays).is_some());
+    assert!(s.handle_client(now, tuple(3), &bind).is_some());
     let mut cd = ChannelData::header(0x4000, 160).to_vec();
     cd.resize(164, 0xAB);
     c.bench_function("core: ChannelData client -> peer decision (160 B)", |b| {
         b.iter(|| {
-            s.handle_client(now, tuple(3), black_box(&cd), &mut relays)
+            s.handle_client(now, tuple(3), black_box(&cd))
                 .map(|t| t.data.len())
         })
     });

@@ -5,12 +5,16 @@
 //! and the credentials. It never touches a socket or reads a clock. A runtime
 //! feeds it packets with [`Server::handle_client`] and
 //! [`Server::handle_peer`], drives time with [`Server::handle_timeout`] at
-//! [`Server::poll_timeout`], opens and closes relay sockets through a
-//! [`RelayProvider`], and drains [`Event`]s for logs and metrics.
+//! [`Server::poll_timeout`], and drains what the core asks for: commands
+//! ([`Server::poll_command`]: open or close relay sockets), whose
+//! completions come back as inputs ([`Server::handle_relays_opened`]),
+//! queued transmits ([`Server::poll_transmit`]) and [`Event`]s for logs and
+//! metrics.
 //!
-//! Each input produces at most one [`Transmit`], borrowing either the input
-//! (ChannelData from a client is forwarded without a copy) or a scratch buffer
-//! inside the server, so the per-packet path does not allocate.
+//! The common case stays one in, one out: an input that can be answered at
+//! once returns one [`Transmit`], borrowing either the input (ChannelData
+//! from a client is forwarded without a copy) or a scratch buffer inside the
+//! server, so the per-packet path does not allocate.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -22,8 +26,9 @@ mod server;
 pub use auth::{Credentials, NonceMinter};
 pub use policy::{Cidr, PeerPolicy, Refusal};
 pub use server::{
-    CloseReason, Config, Counters, Dest, Event, FiveTuple, OpenedRelay, RelayError, RelayProvider,
-    RelayRequest, Rfc5780, Server, SessionInfo, Stats, Transmit, Transport,
+    AllocateId, CloseReason, Command, Config, Counters, Dest, ErrorCode, Event, FiveTuple, ListenerId,
+    OpenedRelay, QueuedTransmit, RelayError, RelayProvider, RelayRequest, RelaysOpened, Rfc5780, Server,
+    SessionInfo, Stats, Transmit, Transport, AUTH_WINDOW, SOURCE_SLOTS,
 };
 
 /// Frames one message at the start of a TCP/TLS byte stream

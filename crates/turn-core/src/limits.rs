@@ -10,7 +10,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -64,12 +64,20 @@ fn slot_of<K: Hash>(hasher: &RandomState, key: K, len: usize) -> usize {
 }
 
 /// Rate limit on responses to unauthenticated requests, per source IP
-/// (RFC 8489 §17 reflection concerns). A fixed table of buckets.
+/// (RFC 8489 §17 reflection concerns), shared by every worker so a source
+/// spread over many ports (and so over many workers) gets one budget.
+///
+/// A fixed table of lock-free buckets: each slot is one `AtomicU64` holding
+/// the time of its last refill (milliseconds since the table was made, low
+/// 32 bits) and its tokens (sixteenths, 32 bits), updated by compare and
+/// swap. A slot untouched for 49 days sees a wrapped clock: its next answer
+/// may find the bucket short, once.
 pub struct SourceLimiter {
     rate: u64,
     burst: u64,
+    origin: Instant,
     hasher: RandomState,
-    slots: Box<[Bucket]>,
+    slots: Box<[AtomicU64]>,
 }
 
 impl std::fmt::Debug for SourceLimiter {
@@ -78,6 +86,11 @@ impl std::fmt::Debug for SourceLimiter {
     }
 }
 
+/// Sixteenths of a token: integer refill stays exact enough at low rates.
+const TOKEN: u64 = 16;
+/// A slot never written: a full bucket.
+const FRESH: u64 = u64::MAX;
+
 impl SourceLimiter {
     /// `rate` answers per second per source (0 turns the limit off), burst
     /// twice that, in a table of `slots` buckets.
@@ -85,19 +98,46 @@ impl SourceLimiter {
         let n = if rate == 0 { 1 } else { slots.max(1) };
         SourceLimiter {
             rate: rate as u64,
-            burst: (rate as u64).saturating_mul(2).max(1),
+            burst: (rate as u64)
+                .saturating_mul(2)
+                .clamp(1, (u32::MAX as u64) / TOKEN),
+            origin: Instant::now(),
             hasher: RandomState::new(),
-            slots: vec![Bucket::new(); n].into_boxed_slice(),
+            slots: (0..n).map(|_| AtomicU64::new(FRESH)).collect(),
         }
     }
 
-    /// Whether an answer to `ip` may be sent now.
-    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+    /// The configured rate (answers per second; 0: off).
+    pub fn rate(&self) -> u32 {
+        self.rate as u32
+    }
+
+    /// Whether an answer to `ip` may be sent now; takes one token if so.
+    pub fn allow(&self, ip: IpAddr, now: Instant) -> bool {
         if self.rate == 0 {
             return true;
         }
-        let i = slot_of(&self.hasher, ip, self.slots.len());
-        self.slots[i].take(now, self.rate, self.burst, 1)
+        let slot = &self.slots[slot_of(&self.hasher, ip, self.slots.len())];
+        let now_ms = now.saturating_duration_since(self.origin).as_millis() as u64 as u32;
+        let cap = self.burst * TOKEN;
+        let mut cur = slot.load(Ordering::Relaxed);
+        loop {
+            let tokens = if cur == FRESH {
+                cap
+            } else {
+                let (last, tokens) = ((cur >> 32) as u32, cur & 0xFFFF_FFFF);
+                let elapsed = now_ms.wrapping_sub(last) as u64;
+                (tokens + elapsed * self.rate * TOKEN / 1000).min(cap)
+            };
+            if tokens < TOKEN {
+                return false;
+            }
+            let next = (now_ms as u64) << 32 | (tokens - TOKEN);
+            match slot.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(seen) => cur = seen,
+            }
+        }
     }
 }
 
@@ -110,6 +150,7 @@ struct Strikes {
 
 /// What the brute-force guard says about an attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Verdict {
     /// Check the credentials.
     Check,
@@ -119,19 +160,28 @@ pub enum Verdict {
     Blocked,
 }
 
-/// Counts integrity failures per (username, source IP) pair and per source
-/// IP. Past half the limit within the window, attempts are checked at most
-/// once a second; at the limit the pair (or the source, at five times the
-/// limit) is blocked for `block`. Other users, and the same user from
-/// elsewhere, are unaffected.
+struct GuardTables {
+    pairs: Box<[Strikes]>,
+    sources: Box<[Strikes]>,
+    last_checked: Box<[Option<Instant>]>,
+}
+
+/// Counts integrity failures per (account, source IP) pair and per source
+/// IP, for every worker at once. Past half the limit within the window,
+/// attempts are checked at most once a second; at the limit the pair (or
+/// the source, at five times the limit) is blocked for `block`. Other users,
+/// and the same user from elsewhere, are unaffected.
+///
+/// The account is the resolved username (USERNAME, or the name a USERHASH
+/// stands for), so both ways of naming a user count together. One mutex
+/// guards the tables: it is taken only for authenticated requests (a few
+/// per allocation), never for relayed data.
 pub struct AuthGuard {
     limit: u32,
     window: Duration,
     block: Duration,
     hasher: RandomState,
-    pairs: Box<[Strikes]>,
-    sources: Box<[Strikes]>,
-    last_checked: Box<[Option<Instant>]>,
+    tables: Mutex<GuardTables>,
 }
 
 impl std::fmt::Debug for AuthGuard {
@@ -149,52 +199,64 @@ impl AuthGuard {
             window,
             block,
             hasher: RandomState::new(),
-            pairs: vec![Strikes::default(); n].into_boxed_slice(),
-            sources: vec![Strikes::default(); n].into_boxed_slice(),
-            last_checked: vec![None; n].into_boxed_slice(),
+            tables: Mutex::new(GuardTables {
+                pairs: vec![Strikes::default(); n].into_boxed_slice(),
+                sources: vec![Strikes::default(); n].into_boxed_slice(),
+                last_checked: vec![None; n].into_boxed_slice(),
+            }),
         }
     }
 
-    fn slots(&self, user: &[u8], ip: IpAddr) -> (usize, usize) {
-        let n = self.pairs.len();
+    /// The configured failure limit (0: off) and block time.
+    pub fn settings(&self) -> (u32, Duration) {
+        (self.limit, self.block)
+    }
+
+    fn slots(&self, n: usize, user: &[u8], ip: IpAddr) -> (usize, usize) {
         (slot_of(&self.hasher, (user, ip), n), slot_of(&self.hasher, ip, n))
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, GuardTables> {
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Whether to check this attempt.
-    pub fn verdict(&mut self, user: &[u8], ip: IpAddr, now: Instant) -> Verdict {
+    pub fn verdict(&self, user: &[u8], ip: IpAddr, now: Instant) -> Verdict {
         if self.limit == 0 {
             return Verdict::Check;
         }
-        let (p, s) = self.slots(user, ip);
-        for st in [&self.pairs[p], &self.sources[s]] {
+        let mut t = self.lock();
+        let (p, s) = self.slots(t.pairs.len(), user, ip);
+        for st in [&t.pairs[p], &t.sources[s]] {
             if st.blocked_until.is_some_and(|t| t > now) {
                 return Verdict::Blocked;
             }
         }
-        let pair = &self.pairs[p];
+        let pair = t.pairs[p];
         let in_window = pair
             .window_start
             .is_some_and(|w| now.saturating_duration_since(w) < self.window);
         if in_window && pair.failures >= self.limit.div_ceil(2) {
-            if self.last_checked[p].is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
-            {
+            if t.last_checked[p].is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1)) {
                 return Verdict::Throttled;
             }
-            self.last_checked[p] = Some(now);
+            t.last_checked[p] = Some(now);
         }
         Verdict::Check
     }
 
     /// Records a failed check; returns true if this failure started a block.
-    pub fn failed(&mut self, user: &[u8], ip: IpAddr, now: Instant) -> bool {
+    pub fn failed(&self, user: &[u8], ip: IpAddr, now: Instant) -> bool {
         if self.limit == 0 {
             return false;
         }
-        let (p, s) = self.slots(user, ip);
+        let mut t = self.lock();
+        let (p, s) = self.slots(t.pairs.len(), user, ip);
         let mut started = false;
+        let GuardTables { pairs, sources, .. } = &mut *t;
         for (st, limit) in [
-            (&mut self.pairs[p], self.limit),
-            (&mut self.sources[s], self.limit.saturating_mul(5)),
+            (&mut pairs[p], self.limit),
+            (&mut sources[s], self.limit.saturating_mul(5)),
         ] {
             if st
                 .window_start
@@ -215,12 +277,69 @@ impl AuthGuard {
     }
 
     /// Records a success: the pair's count starts over.
-    pub fn succeeded(&mut self, user: &[u8], ip: IpAddr) {
+    pub fn succeeded(&self, user: &[u8], ip: IpAddr) {
         if self.limit == 0 {
             return;
         }
-        let (p, _) = self.slots(user, ip);
-        self.pairs[p] = Strikes::default();
+        let mut t = self.lock();
+        let (p, _) = self.slots(t.pairs.len(), user, ip);
+        t.pairs[p] = Strikes::default();
+    }
+}
+
+/// Counts something per source IP across workers (TCP/TLS connections), in
+/// a fixed table of atomic counters indexed by a keyed hash: a flood from
+/// many addresses creates no state, and a collision only makes the cap
+/// stricter for the two sources that share a slot.
+pub struct SourceCounter {
+    hasher: RandomState,
+    slots: Box<[AtomicU32]>,
+}
+
+impl std::fmt::Debug for SourceCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceCounter")
+            .field("slots", &self.slots.len())
+            .finish()
+    }
+}
+
+impl SourceCounter {
+    /// A table of `slots` counters.
+    pub fn new(slots: usize) -> Self {
+        SourceCounter {
+            hasher: RandomState::new(),
+            slots: (0..slots.max(1)).map(|_| AtomicU32::new(0)).collect(),
+        }
+    }
+
+    fn slot(&self, ip: IpAddr) -> &AtomicU32 {
+        &self.slots[slot_of(&self.hasher, ip, self.slots.len())]
+    }
+
+    /// Takes one for `ip` if it holds fewer than `max` (0: no cap).
+    pub fn try_acquire(&self, ip: IpAddr, max: u32) -> bool {
+        let slot = self.slot(ip);
+        if max == 0 {
+            slot.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        slot.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
+    }
+
+    /// Gives one back for `ip`.
+    pub fn release(&self, ip: IpAddr) {
+        let _ = self
+            .slot(ip)
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// How many `ip` holds (with whatever shares its slot).
+    pub fn count(&self, ip: IpAddr) -> u32 {
+        self.slot(ip).load(Ordering::Relaxed)
     }
 }
 
@@ -329,7 +448,7 @@ mod tests {
     #[test]
     fn source_limiter_is_per_ip_and_can_be_off() {
         let t0 = Instant::now();
-        let mut l = SourceLimiter::new(5, 1024);
+        let l = SourceLimiter::new(5, 1024);
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
         let allowed = (0..100).filter(|_| l.allow(a, t0)).count();
@@ -339,14 +458,14 @@ mod tests {
             "another source is unaffected"
         );
         assert!(l.allow(a, t0 + Duration::from_secs(1)));
-        let mut off = SourceLimiter::new(0, 1024);
+        let off = SourceLimiter::new(0, 1024);
         assert!((0..10_000).all(|_| off.allow(a, t0)));
     }
 
     #[test]
     fn auth_guard_slows_then_blocks_the_pair_only() {
         let t0 = Instant::now();
-        let mut g = AuthGuard::new(6, Duration::from_secs(60), Duration::from_secs(300), 4096);
+        let g = AuthGuard::new(6, Duration::from_secs(60), Duration::from_secs(300), 4096);
         let ip: IpAddr = "198.51.100.9".parse().unwrap();
         let other: IpAddr = "198.51.100.10".parse().unwrap();
         for _ in 0..3 {
@@ -380,6 +499,38 @@ mod tests {
             Verdict::Check,
             "block ends"
         );
+    }
+
+    #[test]
+    fn source_limiter_is_one_budget_for_every_thread() {
+        let l = Arc::new(SourceLimiter::new(50, 1024));
+        let t0 = Instant::now();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let got: usize = (0..4)
+            .map(|_| {
+                let l = l.clone();
+                std::thread::spawn(move || (0..1000).filter(|_| l.allow(ip, t0)).count())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .sum();
+        assert_eq!(got, 100, "one burst (twice the rate) across four threads");
+    }
+
+    #[test]
+    fn source_counter_caps_each_source() {
+        let c = SourceCounter::new(4096);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!((0..10).filter(|_| c.try_acquire(a, 3)).count(), 3);
+        assert!(c.try_acquire(b, 3), "another source has its own count");
+        c.release(a);
+        assert!(c.try_acquire(a, 3));
+        assert_eq!(c.count(a), 3);
+        c.release(b);
+        c.release(b);
+        assert_eq!(c.count(b), 0, "never below zero");
     }
 
     #[test]

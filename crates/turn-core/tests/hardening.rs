@@ -197,7 +197,7 @@ fn md5_only_rfc5389_clients_keep_working() {
 
 #[test]
 fn unauthenticated_answers_are_rate_limited_per_source() {
-    let mut h = Harness::with(|c| c.rate_limit_per_ip = 10);
+    let mut h = Harness::with(|c| c.set_rate_limit_per_ip(10));
     let flood = binding(false, None);
     let answered = (0..1000).filter(|_| h.send(udp(), &flood).is_some()).count();
     assert_eq!(answered, 20, "burst of twice the rate, then nothing");
@@ -216,7 +216,7 @@ fn unauthenticated_answers_are_rate_limited_per_source() {
     h.advance(1);
     assert!(h.send(udp(), &flood).is_some());
     // 0 turns the limit off (single-host benchmarks).
-    let mut h = Harness::with(|c| c.rate_limit_per_ip = 0);
+    let mut h = Harness::with(|c| c.set_rate_limit_per_ip(0));
     assert_eq!(
         (0..5000).filter(|_| h.send(udp(), &flood).is_some()).count(),
         5000
@@ -266,7 +266,7 @@ fn unauthenticated_responses_are_small() {
 
 #[test]
 fn repeated_failures_slow_then_block_the_pair_only() {
-    let mut h = Harness::with(|c| c.auth_fail_limit = 6);
+    let mut h = Harness::with(|c| c.set_auth_guard(6, std::time::Duration::from_secs(300)));
     let mut bad = Client::new(udp(), "alice", "guess");
     let allocate = |b: &mut MessageBuilder| {
         b.u32(attr::REQUESTED_TRANSPORT, TRANSPORT_UDP);

@@ -326,7 +326,8 @@ fn relay_exhaustion_is_508_and_unsupported_family_440() {
 
 #[test]
 fn allocate_attribute_combinations() {
-    let mut h = Harness::new();
+    // A runtime that cannot set DF (RFC 8656 §7.2: then DONT-FRAGMENT is 420).
+    let mut h = Harness::with(|c| c.dont_fragment = false);
     let mut c = Client::new(udp(), "alice", "wonderland");
     let resp = c.request(&mut h, method::ALLOCATE, &|b| {
         b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000)
@@ -464,7 +465,7 @@ fn connection_close_deletes_a_tcp_allocation() {
     let t = tuple(Transport::Tcp, "203.0.113.5:40000");
     let mut c = Client::new(t, "alice", "wonderland");
     c.allocate(&mut h);
-    h.server.handle_connection_closed(h.now, t, &mut h.relays);
+    h.connection_closed(t);
     assert!(h.relays.open.is_empty());
     assert!(h.events().iter().any(|e| matches!(
         e,

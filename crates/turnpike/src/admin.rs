@@ -22,7 +22,7 @@ use axum::routing::{delete, get, post};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use crate::runtime::Stopper;
+use crate::runtime::Control;
 
 /// Re-reads the configuration, as SIGHUP does; `Err` says why not.
 pub type Reloader = Arc<dyn Fn() -> std::result::Result<(), String> + Send + Sync>;
@@ -30,7 +30,7 @@ pub type Reloader = Arc<dyn Fn() -> std::result::Result<(), String> + Send + Syn
 #[derive(Clone)]
 struct App {
     token: Arc<String>,
-    stop: Stopper,
+    stop: Control,
     config: Arc<serde_json::Value>,
     reload: Option<Reloader>,
 }
@@ -233,7 +233,7 @@ pub fn effective_config(s: &crate::config::Settings) -> serde_json::Value {
 pub fn serve(
     addr: SocketAddr,
     token: String,
-    stop: Stopper,
+    stop: Control,
     config: serde_json::Value,
     reload: Option<Reloader>,
 ) -> Result<SocketAddr> {

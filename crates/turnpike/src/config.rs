@@ -159,6 +159,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
 
+    /// Most TCP/TLS connections one source IP may hold, across all worker
+    /// threads, so one address cannot fill the connection tables; 0 turns
+    /// the cap off [default: 256].
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_ip: Option<u32>,
+
     /// Seconds a TCP/TLS connection may take to complete its TLS handshake
     /// and first STUN message, or to finish a message it has begun [default: 10].
     #[arg(long, value_name = "SECS")]
@@ -273,7 +279,7 @@ impl ServeArgs {
             opt: config, no_tls, cert, key, min_port, max_port, realm, allow_loopback_peers,
                  threads, udp_gso, log_level, software, rfc5766_channel_numbers, nonce_lifetime,
                  user_quota, total_quota, max_bps, user_max_bps, rate_limit_per_ip,
-                 auth_fail_limit, auth_block_secs, max_connections, handshake_timeout, idle_timeout,
+                 auth_fail_limit, auth_block_secs, max_connections, max_connections_per_ip, handshake_timeout, idle_timeout,
                  rfc5780, alt_ip, alt_port, log_format, redact, drain_timeout, metrics_listen,
                  admin_listen, admin_token, admin_token_file, db, redis_url;
             vec: listen, tls_listen, relay_ip, external_ip, user, auth_secret, allow_peer, deny_peer,
@@ -356,6 +362,11 @@ pub struct Settings {
     pub auth_block_secs: u64,
     /// TCP/TLS connections per worker.
     pub max_connections: usize,
+    /// TCP/TLS connections per source IP, across workers (0: no cap).
+    pub max_connections_per_ip: u32,
+    /// No relay address was configured: each allocation relays from the
+    /// address its client reached (falling back to `relay_v4`/`relay_v6`).
+    pub relay_auto: bool,
     /// Handshake / first message / partial message timeout.
     pub handshake_timeout: std::time::Duration,
     /// Idle timeout for connections without an allocation.
@@ -399,6 +410,22 @@ fn host_ipv4() -> Option<Ipv4Addr> {
         }
     }
     found
+}
+
+/// This host's global IPv6 address, the one it would route with.
+fn host_ipv6() -> Option<Ipv6Addr> {
+    let s = std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).ok()?;
+    s.connect((Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1), 9))
+        .ok()?;
+    match s.local_addr().ok()? {
+        SocketAddr::V6(a) => {
+            let ip = *a.ip();
+            let seg0 = ip.segments()[0];
+            // Global unicast 2000::/3 only: not loopback, link-local or ULA.
+            ((seg0 & 0xe000) == 0x2000).then_some(ip)
+        }
+        SocketAddr::V4(_) => None,
+    }
 }
 
 fn parse_cidrs(field: &str, values: &[String]) -> Result<Vec<Cidr>> {
@@ -480,7 +507,19 @@ impl Settings {
                 _ => bail!("relay-ip: at most one IPv4 and one IPv6 address (got a second {ip})"),
             }
         }
-        if relay_v4.is_none() && relay_v6.is_none() {
+        let relay_auto = relay_v4.is_none() && relay_v6.is_none();
+        if relay_auto {
+            // IPv6 relaying is on when the host has a global IPv6 address
+            // and listens on IPv6.
+            if listen.iter().any(|l| l.is_ipv6()) {
+                relay_v6 = listen
+                    .iter()
+                    .find_map(|l| match l.ip() {
+                        IpAddr::V6(v) if !v.is_unspecified() => Some(v),
+                        _ => None,
+                    })
+                    .or_else(host_ipv6);
+            }
             // A specific listen address is where clients reach us: relay there.
             relay_v4 = listen.iter().find_map(|l| match l.ip() {
                 IpAddr::V4(v) if !v.is_unspecified() => Some(v),
@@ -645,6 +684,8 @@ impl Settings {
             auth_fail_limit: a.auth_fail_limit.unwrap_or(10),
             auth_block_secs,
             max_connections,
+            max_connections_per_ip: a.max_connections_per_ip.unwrap_or(256),
+            relay_auto,
             handshake_timeout: std::time::Duration::from_secs(handshake_timeout),
             idle_timeout: std::time::Duration::from_secs(idle_timeout),
             rfc5780,

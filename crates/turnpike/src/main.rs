@@ -172,7 +172,7 @@ fn main() {
 fn reload(
     cli: &ServeArgs,
     current: &Settings,
-    stopper: &turnpike::runtime::Stopper,
+    stopper: &turnpike::runtime::Control,
     base: &std::sync::Mutex<turn_core::Credentials>,
 ) -> std::result::Result<(), String> {
     let mut new = match cli.clone().load().and_then(Settings::from_args) {
@@ -238,7 +238,7 @@ fn reload(
 /// hands the workers the configured credentials plus the database's.
 fn spawn_db_watcher(
     settings: &Settings,
-    stopper: turnpike::runtime::Stopper,
+    stopper: turnpike::runtime::Control,
     base: std::sync::Arc<std::sync::Mutex<turn_core::Credentials>>,
 ) {
     use std::sync::atomic::Ordering;
@@ -387,13 +387,13 @@ fn serve(args: ServeArgs) -> Result<()> {
     let handle = turnpike::runtime::start(&settings)?;
     if let Some((addr, token)) = &settings.admin {
         let (cli2, current2, stopper2, base2) =
-            (cli.clone(), settings.clone(), handle.stopper(), base.clone());
+            (cli.clone(), settings.clone(), handle.control(), base.clone());
         let reloader: turnpike::admin::Reloader =
             std::sync::Arc::new(move || reload(&cli2, &current2, &stopper2, &base2));
         let bound = turnpike::admin::serve(
             *addr,
             token.clone(),
-            handle.stopper(),
+            handle.control(),
             turnpike::admin::effective_config(&settings),
             Some(reloader),
         )?;
@@ -444,8 +444,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         let _ = std::io::Write::write_all(&mut out, banner.as_bytes());
         let _ = std::io::Write::flush(&mut out);
     }
-    spawn_db_watcher(&settings, handle.stopper(), base.clone());
-    let stopper = handle.stopper();
+    spawn_db_watcher(&settings, handle.control(), base.clone());
+    let stopper = handle.control();
     let drain_timeout = settings.drain_timeout;
     let current = settings.clone();
     std::thread::spawn(move || {

@@ -173,17 +173,10 @@ pub fn render(board: &Board, draining: bool) -> String {
         "Binding requests answered.",
         &[("", c.bindings as f64)],
     );
-    let codes: Vec<(String, f64)> = Counters::ERROR_CODES
+    let codes: Vec<(String, f64)> = turn_core::ErrorCode::ALL
         .iter()
         .zip(c.errors)
-        .map(|(code, n)| {
-            let label = if *code == 0 {
-                "other".to_owned()
-            } else {
-                code.to_string()
-            };
-            (format!("{{code=\"{label}\"}}"), n as f64)
-        })
+        .map(|(code, n)| (format!("{{code=\"{}\"}}", code.label()), n as f64))
         .collect();
     let codes: Vec<(&str, f64)> = codes.iter().map(|(l, v)| (l.as_str(), *v)).collect();
     metric(

@@ -23,9 +23,10 @@ use rand::{Rng, SeedableRng};
 use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, info, warn};
+use turn_core::limits::{AuthGuard, SourceCounter, SourceLimiter};
 use turn_core::{
-    CloseReason, Dest, Event, FiveTuple, OpenedRelay, PeerPolicy, RelayError, RelayProvider, RelayRequest,
-    Server, Transmit, Transport,
+    CloseReason, Dest, Event, FiveTuple, ListenerId, OpenedRelay, PeerPolicy, RelayError, RelayProvider,
+    RelayRequest, Server, Transmit, Transport,
 };
 
 use crate::config::Settings;
@@ -51,6 +52,11 @@ fn build_policy(settings: &Settings, own_sockets: &[SocketAddr]) -> PeerPolicy {
     own_ips.extend(settings.relay_v6.map(IpAddr::V6));
     own_ips.extend(settings.external_v4.map(IpAddr::V4));
     own_ips.extend(settings.external_v6.map(IpAddr::V6));
+    // Behind a wildcard listener every address of the host is a listener
+    // (the policy matches these with the wildcard sockets' ports).
+    if own_sockets.iter().any(|s| s.ip().is_unspecified()) {
+        own_ips.extend(udp_io::local_addresses());
+    }
     PeerPolicy {
         allow: settings.allow_peer.clone(),
         deny: settings.deny_peer.clone(),
@@ -82,13 +88,66 @@ struct Update {
     credentials: Option<Arc<turn_core::Credentials>>,
     policy: Option<PeerPolicy>,
     tls: Option<Arc<rustls::ServerConfig>>,
-    limits: Option<(u32, u32, Duration, u64, u64, ConnLimits)>,
+    limits: Option<(SharedLimits, u64, u64, ConnLimits)>,
 }
 
 #[derive(Default)]
 struct Reloads {
     generation: std::sync::atomic::AtomicU64,
     latest: Mutex<Option<Update>>,
+}
+
+/// The limits every worker shares, so a source spread over many ports
+/// (and so many workers) gets one budget: the unauthenticated-answer rate,
+/// the brute-force guard and the per-source connection count. Touched only
+/// on unauthenticated answers, authentication and connection set-up.
+#[derive(Clone)]
+struct SharedLimits {
+    answers: Arc<SourceLimiter>,
+    guard: Arc<AuthGuard>,
+    connections: Arc<SourceCounter>,
+}
+
+impl SharedLimits {
+    fn new(settings: &Settings) -> Self {
+        SharedLimits {
+            answers: Arc::new(SourceLimiter::new(
+                settings.rate_limit_per_ip,
+                turn_core::SOURCE_SLOTS,
+            )),
+            guard: Arc::new(AuthGuard::new(
+                settings.auth_fail_limit,
+                turn_core::AUTH_WINDOW,
+                Duration::from_secs(settings.auth_block_secs),
+                turn_core::SOURCE_SLOTS,
+            )),
+            connections: Arc::new(SourceCounter::new(turn_core::SOURCE_SLOTS)),
+        }
+    }
+
+    /// For a reload: tables whose settings did not change are kept (their
+    /// counts stay); the connection count always is.
+    fn reloaded(&self, settings: &Settings) -> Self {
+        let fresh = SharedLimits::new(settings);
+        let same_guard = self.guard.settings()
+            == (
+                settings.auth_fail_limit,
+                Duration::from_secs(settings.auth_block_secs),
+            );
+        SharedLimits {
+            answers: if self.answers.rate() == settings.rate_limit_per_ip {
+                self.answers.clone()
+            } else {
+                fresh.answers
+            },
+            guard: if same_guard {
+                self.guard.clone()
+            } else {
+                fresh.guard
+            },
+            connections: self.connections.clone(),
+        }
+    }
 }
 
 /// A running server.
@@ -106,13 +165,15 @@ pub struct Handle {
     pub metrics: Option<SocketAddr>,
     /// The TLS leaf certificate (DER).
     pub tls_leaf: Option<Vec<u8>>,
-    stop: Stopper,
+    stop: Control,
     threads: Vec<JoinHandle<()>>,
 }
 
-/// Stops a running server from another thread (signal handlers).
+/// The control plane's hold on a running server, from other threads
+/// (signals, admin API, credential watchers): list and delete sessions,
+/// drain, reload, stop.
 #[derive(Clone)]
-pub struct Stopper {
+pub struct Control {
     flag: Arc<AtomicBool>,
     wakers: Vec<Arc<Waker>>,
     draining: Arc<AtomicBool>,
@@ -120,9 +181,10 @@ pub struct Stopper {
     reloads: Arc<Reloads>,
     own_sockets: Vec<SocketAddr>,
     commands: Vec<std::sync::mpsc::Sender<Command>>,
+    limits: Arc<Mutex<SharedLimits>>,
 }
 
-impl Stopper {
+impl Control {
     /// Every live allocation, from all workers.
     pub fn sessions(&self) -> Vec<turn_core::SessionInfo> {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -172,18 +234,16 @@ impl Stopper {
             _ => None,
         };
         self.quotas.set_limits(new.user_quota, new.total_quota);
+        let limits = {
+            let mut l = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+            *l = l.reloaded(new);
+            l.clone()
+        };
         self.publish(Update {
             credentials: Some(Arc::new(new.credentials.clone())),
             policy: Some(build_policy(new, &self.own_sockets)),
             tls,
-            limits: Some((
-                new.rate_limit_per_ip,
-                new.auth_fail_limit,
-                Duration::from_secs(new.auth_block_secs),
-                new.max_bps,
-                new.user_max_bps,
-                conn_limits(new),
-            )),
+            limits: Some((limits, new.max_bps, new.user_max_bps, conn_limits(new))),
         });
         Ok(())
     }
@@ -233,7 +293,7 @@ impl Stopper {
 
 impl Handle {
     /// A handle to stop the server from elsewhere.
-    pub fn stopper(&self) -> Stopper {
+    pub fn control(&self) -> Control {
         self.stop.clone()
     }
 
@@ -266,6 +326,11 @@ fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let _ = s.set_recv_buffer_size(4 << 20);
     let _ = s.set_send_buffer_size(4 << 20);
     s.bind(&addr.into())?;
+    if addr.ip().is_unspecified() {
+        // Learn which of the host's addresses each datagram reached, so the
+        // answer leaves from it (a multi-homed host) and relays use it.
+        udp_io::set_recv_local_addr(&s, addr.is_ipv6())?;
+    }
     Ok(s.into())
 }
 
@@ -453,9 +518,9 @@ pub fn start(settings: &Settings) -> Result<Handle> {
         settings.user_quota,
         settings.total_quota,
     ));
-    core_cfg.rate_limit_per_ip = settings.rate_limit_per_ip;
-    core_cfg.auth_fail_limit = settings.auth_fail_limit;
-    core_cfg.auth_block = Duration::from_secs(settings.auth_block_secs);
+    let shared = SharedLimits::new(settings);
+    core_cfg.source_limiter = shared.answers.clone();
+    core_cfg.auth_guard = shared.guard.clone();
     core_cfg.max_bps = settings.max_bps;
     core_cfg.user_max_bps = settings.user_max_bps;
     core_cfg.rfc5780 = rfc5780;
@@ -487,9 +552,11 @@ pub fn start(settings: &Settings) -> Result<Handle> {
                 relay: RelayConfig {
                     v4: settings.relay_v4,
                     v6: settings.relay_v6,
+                    auto: settings.relay_auto,
                     min_port: settings.min_port,
                     max_port: settings.max_port,
                 },
+                connections: shared.connections.clone(),
                 tls: tls_setup.as_ref().map(|t| t.config.clone()),
                 stop: flag.clone(),
                 reservations: reservations.clone(),
@@ -519,7 +586,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
         tls_fingerprint: tls_setup.as_ref().map(|t| t.fingerprint.clone()),
         metrics,
         tls_leaf: tls_setup.as_ref().map(|t| t.leaf.to_vec()),
-        stop: Stopper {
+        stop: Control {
             flag,
             wakers,
             draining,
@@ -527,6 +594,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
             reloads,
             own_sockets,
             commands,
+            limits: Arc::new(Mutex::new(shared)),
         },
         threads,
     })
@@ -583,6 +651,7 @@ fn conn_limits(settings: &Settings) -> ConnLimits {
         max_pending: (settings.max_connections / 4)
             .max(64)
             .min(settings.max_connections),
+        max_per_source: settings.max_connections_per_ip,
         handshake_timeout: settings.handshake_timeout,
         idle_timeout: settings.idle_timeout,
     }
@@ -601,6 +670,7 @@ struct WorkerParams {
     gso: bool,
     board: crate::metrics::Board,
     commands: std::sync::mpsc::Receiver<Command>,
+    connections: Arc<SourceCounter>,
 }
 
 /// Limits on TCP/TLS connections, per worker.
@@ -610,14 +680,22 @@ struct ConnLimits {
     /// Connections that have not yet delivered one whole message (TLS
     /// handshakes included): what a slowloris or handshake flood piles up.
     max_pending: usize,
+    /// Connections one source IP may hold across workers (0: no cap).
+    max_per_source: u32,
     handshake_timeout: Duration,
     idle_timeout: Duration,
 }
 
 #[derive(Clone, Copy)]
 struct RelayConfig {
+    /// The relay address per family: configured, or the fallback when the
+    /// address a client reached cannot be used.
     v4: Option<Ipv4Addr>,
     v6: Option<Ipv6Addr>,
+    /// No relay address configured: relay from the address each client
+    /// reached (RFC 8656 §7.2 leaves the choice to the server; relaying
+    /// from where the client came keeps a multi-homed host symmetric).
+    auto: bool,
     min_port: u16,
     max_port: u16,
 }
@@ -770,10 +848,25 @@ struct Io {
 
 impl Io {
     /// Registers a bound relay socket with this worker's poll.
-    fn activate(&mut self, std_sock: std::net::UdpSocket, addr: SocketAddr) -> Result<(), RelayError> {
+    fn activate(
+        &mut self,
+        std_sock: std::net::UdpSocket,
+        addr: SocketAddr,
+        dont_fragment: bool,
+    ) -> Result<(), RelayError> {
         std_sock
             .set_nonblocking(true)
             .map_err(|_| RelayError::Exhausted)?;
+        if dont_fragment {
+            // RFC 8656 §14.8: the client asked for DF on what is relayed.
+            udp_io::set_dont_fragment(&std_sock, addr.is_ipv6(), true).map_err(|e| {
+                warn!(%addr, error = %e, "cannot set DF on a relay socket");
+                RelayError::Exhausted
+            })?;
+        }
+        // RFC 8656 §11.5: ICMP errors for relayed datagrams go back to the
+        // client; without the error queue they are simply not seen.
+        let _ = udp_io::set_recv_errors(&std_sock, addr.is_ipv6());
         let mut sock = UdpSocket::from_std(std_sock);
         let entry = self.sources.vacant_entry();
         let key = entry.key();
@@ -797,14 +890,30 @@ fn bind_relay(addr: SocketAddr) -> Result<Option<std::net::UdpSocket>, RelayErro
     }
 }
 
-impl RelayProvider for Io {
-    fn open(&mut self, req: RelayRequest) -> Result<OpenedRelay, RelayError> {
-        let ip = if req.ipv6 {
+impl Io {
+    /// The relay IP for `req` (RFC 8656 §7.2 leaves the choice to the
+    /// server): with no relay address configured, the address the client
+    /// reached, unless it is loopback and the client is not; else the
+    /// configured (or detected) address of the family.
+    fn relay_ip(&self, req: &RelayRequest) -> Option<IpAddr> {
+        let reached = req.local_ip;
+        if self.relay.auto
+            && reached.is_ipv6() == req.ipv6
+            && !reached.is_unspecified()
+            && (!reached.is_loopback() || req.client_ip.is_loopback())
+        {
+            return Some(reached);
+        }
+        if req.ipv6 {
             self.relay.v6.map(IpAddr::V6)
         } else {
             self.relay.v4.map(IpAddr::V4)
-        };
-        let ip = ip.ok_or(RelayError::FamilyUnsupported)?;
+        }
+    }
+
+    /// Binds a new relay socket for `req` at a random port.
+    fn bind_new_relay(&mut self, req: &RelayRequest) -> Result<OpenedRelay, RelayError> {
+        let ip = self.relay_ip(req).ok_or(RelayError::FamilyUnsupported)?;
         let (lo, hi) = (self.relay.min_port, self.relay.max_port);
         // Random ports, never a scan: a scan makes ports predictable and costs
         // a syscall per busy port.
@@ -831,30 +940,36 @@ impl RelayProvider for Io {
             } else {
                 None
             };
-            self.activate(sock, addr)?;
+            self.activate(sock, addr, req.dont_fragment)?;
             return Ok(OpenedRelay { addr, token });
         }
         Err(RelayError::Exhausted)
     }
+}
 
-    fn open_reserved(&mut self, token: [u8; 8]) -> Result<SocketAddr, RelayError> {
+impl RelayProvider for Io {
+    fn open(&mut self, req: RelayRequest) -> Result<OpenedRelay, RelayError> {
+        let Some(token) = req.token else {
+            return self.bind_new_relay(&req);
+        };
         let held = {
             let mut r = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
             r.purge(Instant::now());
             r.held.remove(&token)
         };
+        // An unknown or expired token: RFC 8656 §7.2 says 508.
         let (sock, _) = held.ok_or(RelayError::Exhausted)?;
         let addr = sock.local_addr().map_err(|_| RelayError::Exhausted)?;
-        self.activate(sock, addr)?;
-        Ok(addr)
+        self.activate(sock, addr, req.dont_fragment)?;
+        Ok(OpenedRelay { addr, token: None })
     }
 
     fn close(&mut self, relay: SocketAddr) {
         if let Some(key) = self.relay_by_addr.remove(&relay) {
-            // Queued datagrams name the socket by descriptor, which the next
-            // socket opened could reuse: send them while it is still this one.
             if let Source::Relay { mut sock, .. } = self.sources.remove(key) {
                 let _ = self.registry.deregister(&mut sock);
+                // Queued datagrams name the socket by descriptor, which the
+                // next socket opened could reuse: they leave first.
                 self.queue.close(sock);
             }
         }
@@ -867,13 +982,14 @@ impl Io {
     /// connection of a TCP/TLS one.
     fn forward_appended(&mut self, dest: Dest, start: usize) {
         match dest {
-            Dest::Client(t) if t.transport == Transport::Udp => {
-                let key = self.udp_by_addr.iter().find(|(a, _)| *a == t.server).map(|x| x.1);
-                match key.and_then(|k| self.sources.get(k)) {
-                    Some(Source::Udp { sock, .. }) => self.queue.commit(sock, None, t.client, start),
-                    _ => self.queue.truncate(start),
+            Dest::Client(t) if t.transport == Transport::Udp => match self.sources.get(t.listener.0 as usize)
+            {
+                Some(Source::Udp { sock, addr }) => {
+                    let src = addr.ip().is_unspecified().then_some(t.server.ip());
+                    self.queue.commit(sock, src, t.client, start)
                 }
-            }
+                _ => self.queue.truncate(start),
+            },
             Dest::Client(t) => {
                 if let Some(&key) = self.conn_by_tuple.get(&t) {
                     if let Some(Source::Conn(c)) = self.sources.get_mut(key) {
@@ -885,11 +1001,17 @@ impl Io {
                 self.queue.truncate(start);
             }
             // handle_peer only ever answers toward the client.
-            Dest::Peer { .. } | Dest::Via { .. } => self.queue.truncate(start),
+            _ => self.queue.truncate(start),
         }
     }
 
     fn transmit(&mut self, tx: Transmit<'_>) {
+        self.send(tx.dest, tx.data);
+    }
+
+    /// Sends `data` to `dest` (queued for UDP, buffered for a connection).
+    fn send(&mut self, dest: Dest, data: &[u8]) {
+        let tx = Transmit { dest, data };
         match tx.dest {
             Dest::Peer { relay, peer } => {
                 if let Some(&key) = self.relay_by_addr.get(&relay) {
@@ -907,12 +1029,14 @@ impl Io {
             }
             Dest::Client(t) => match t.transport {
                 Transport::Udp => {
-                    let key = self.udp_by_addr.iter().find(|(a, _)| *a == t.server).map(|x| x.1);
-                    if let Some(Source::Udp { sock, .. }) = key.and_then(|k| self.sources.get(k)) {
-                        self.queue.push(sock, None, t.client, tx.data);
+                    // From the address the client reached: on a wildcard
+                    // socket the kernel would pick one by route.
+                    if let Some(Source::Udp { sock, addr }) = self.sources.get(t.listener.0 as usize) {
+                        let src = addr.ip().is_unspecified().then_some(t.server.ip());
+                        self.queue.push(sock, src, t.client, tx.data);
                     }
                 }
-                Transport::Tcp | Transport::Tls => {
+                _ => {
                     if let Some(&key) = self.conn_by_tuple.get(&t) {
                         if let Some(Source::Conn(c)) = self.sources.get_mut(key) {
                             // A failed queueing (TLS) is noticed at flush.
@@ -922,6 +1046,7 @@ impl Io {
                     }
                 }
             },
+            _ => {}
         }
     }
 }
@@ -947,6 +1072,8 @@ struct Worker {
     recv_datagrams: u64,
     pending: usize,
     next_sweep: Instant,
+    connections: Arc<SourceCounter>,
+    errors: udp_io::ErrorQueue,
 }
 
 impl Worker {
@@ -963,6 +1090,7 @@ impl Worker {
             gso,
             board,
             commands,
+            connections,
         } = p;
         let registry = poll.registry().try_clone()?;
         let mut io = Io {
@@ -1013,7 +1141,21 @@ impl Worker {
             recv_datagrams: 0,
             pending: 0,
             next_sweep: Instant::now() + SWEEP_INTERVAL,
+            connections,
+            errors: udp_io::ErrorQueue::new(),
         })
+    }
+
+    /// Carries out what the core asked for (open or close relay sockets)
+    /// and sends the answers that waited on it. One branch per input when
+    /// there is nothing to do.
+    fn drive_core(&mut self, now: Instant) {
+        if self.core.has_commands() {
+            self.core.run_commands(now, &mut self.io);
+            while let Some(t) = self.core.poll_transmit() {
+                self.io.send(t.dest, &t.data);
+            }
+        }
     }
 
     fn run(&mut self) {
@@ -1039,12 +1181,13 @@ impl Worker {
                 }
                 self.on_event(
                     ev.token().0,
-                    ev.is_readable() || ev.is_read_closed(),
+                    ev.is_readable() || ev.is_read_closed() || ev.is_error(),
                     ev.is_writable(),
                     now,
                 );
             }
-            self.core.handle_timeout(now, &mut self.io);
+            self.core.handle_timeout(now);
+            self.drive_core(now);
             self.apply_reload();
             self.handle_commands(now);
             if now >= self.next_sweep {
@@ -1058,7 +1201,9 @@ impl Worker {
             self.update_interests(now);
             self.log_events();
             if self.stop.load(Ordering::SeqCst) {
-                self.core.close_all(Instant::now(), &mut self.io);
+                let now = Instant::now();
+                self.core.close_all(now);
+                self.drive_core(now);
                 self.io.queue.flush();
                 self.log_events();
                 return;
@@ -1100,17 +1245,21 @@ impl Worker {
             self.recv_batches += 1;
             self.recv_datagrams += n as u64;
             for i in 0..n {
-                let Some(udp_io::Datagram { from, data, .. }) = self.batch.get(i) else {
+                let Some(d) = self.batch.get(i) else {
                     continue;
                 };
+                // The address the client reached: pktinfo on a wildcard
+                // socket, else the one it is bound to.
                 let tuple = FiveTuple {
                     transport: Transport::Udp,
-                    client: from,
-                    server: local,
+                    client: d.from,
+                    server: SocketAddr::new(d.to_ip.unwrap_or(local.ip()), local.port()),
+                    listener: ListenerId(key as u32),
                 };
-                if let Some(tx) = self.core.handle_client(now, tuple, data, &mut self.io) {
+                if let Some(tx) = self.core.handle_client(now, tuple, d.data) {
                     self.io.transmit(tx);
                 }
+                self.drive_core(now);
             }
             if n < udp_io::BATCH {
                 return;
@@ -1118,14 +1267,42 @@ impl Worker {
         }
     }
 
+    /// RFC 8656 §11.5: ICMP errors queued on a relay socket go to the
+    /// client (the core checks the permission and rate-limits them).
+    fn read_relay_errors(&mut self, key: usize, relay: SocketAddr, now: Instant) {
+        for _ in 0..64 {
+            let Some(Source::Relay { sock, .. }) = self.io.sources.get(key) else {
+                return;
+            };
+            let Ok(Some(e)) = self.errors.recv(sock) else {
+                return;
+            };
+            if let Some(tx) = self
+                .core
+                .handle_icmp(now, relay, e.dest, e.icmp_type, e.icmp_code, e.info)
+            {
+                self.io.transmit(tx);
+            }
+        }
+    }
+
     fn read_relay(&mut self, key: usize, relay: SocketAddr, now: Instant) {
+        let mut errors_read = false;
         loop {
             let Some(Source::Relay { sock, .. }) = self.io.sources.get(key) else {
                 return;
             };
             let n = match self.batch.recv(sock) {
-                Ok(0) | Err(_) => return,
+                Ok(0) => return,
                 Ok(n) => n,
+                // A pending ICMP error fails the receive once: read the
+                // error queue, then go on with the datagrams.
+                Err(_) if !errors_read => {
+                    errors_read = true;
+                    self.read_relay_errors(key, relay, now);
+                    continue;
+                }
+                Err(_) => return,
             };
             self.recv_batches += 1;
             self.recv_datagrams += n as u64;
@@ -1165,20 +1342,37 @@ impl Worker {
                 debug!(client = %self.redact.show(&client), "connection limit reached; closing");
                 continue;
             }
+            // One source cannot take every slot: its count is shared by all
+            // workers (the kernel spreads its connections over them).
+            if !self
+                .connections
+                .try_acquire(client.ip(), self.limits.max_per_source)
+            {
+                debug!(client = %self.redact.show(&client), "per-source connection limit reached; closing");
+                continue;
+            }
+            let release = |w: &Self| w.connections.release(client.ip());
             let _ = stream.set_nodelay(true);
             let tls_conn = if tls {
-                let Some(cfg) = &self.tls else { continue };
-                match rustls::ServerConnection::new(cfg.clone()) {
-                    Ok(c) => Some(c),
-                    Err(_) => continue,
+                let made = self
+                    .tls
+                    .as_ref()
+                    .and_then(|cfg| rustls::ServerConnection::new(cfg.clone()).ok());
+                if made.is_none() {
+                    release(self);
+                    continue;
                 }
+                made
             } else {
                 None
             };
+            // The accepted socket knows the address the client reached, also
+            // behind a wildcard listener.
             let tuple = FiveTuple {
                 transport: if tls { Transport::Tls } else { Transport::Tcp },
                 client,
-                server: local,
+                server: stream.local_addr().unwrap_or(local),
+                listener: ListenerId(key as u32),
             };
             let now = Instant::now();
             let mut conn = Box::new(Conn {
@@ -1202,6 +1396,7 @@ impl Worker {
                 .register(&mut conn.stream, Token(ckey), Interest::READABLE)
                 .is_err()
             {
+                release(self);
                 continue;
             }
             entry.insert(Source::Conn(conn));
@@ -1239,12 +1434,10 @@ impl Worker {
             while off < rbuf.len() {
                 match turn_core::stream_frame_len(&rbuf[off..]) {
                     Some(Ok(n)) if rbuf.len() - off >= n => {
-                        if let Some(tx) =
-                            self.core
-                                .handle_client(now, tuple, &rbuf[off..off + n], &mut self.io)
-                        {
+                        if let Some(tx) = self.core.handle_client(now, tuple, &rbuf[off..off + n]) {
                             self.io.transmit(tx);
                         }
+                        self.drive_core(now);
                         off += n;
                     }
                     Some(Err(())) => {
@@ -1298,7 +1491,8 @@ impl Worker {
                     let _ = reply.send(self.core.sessions(now));
                 }
                 Command::Delete { pick, reply } => {
-                    let n = self.core.delete_sessions(now, &*pick, &mut self.io);
+                    let n = self.core.delete_sessions(now, &*pick);
+                    self.drive_core(now);
                     let _ = reply.send(n);
                 }
             }
@@ -1353,8 +1547,8 @@ impl Worker {
             if let Some(p) = u.policy {
                 self.core.set_policy(p);
             }
-            if let Some((rate, fail, block, bps, user_bps, conn)) = u.limits {
-                self.core.set_limits(rate, fail, block, bps, user_bps);
+            if let Some((shared, bps, user_bps, conn)) = u.limits {
+                self.core.set_limits(shared.answers, shared.guard, bps, user_bps);
                 self.limits = conn;
             }
             if let Some(tls) = u.tls {
@@ -1406,7 +1600,9 @@ impl Worker {
                 }
                 let _ = self.io.registry.deregister(&mut c.stream);
                 self.io.conn_by_tuple.remove(&c.tuple);
-                self.core.handle_connection_closed(now, c.tuple, &mut self.io);
+                self.connections.release(c.tuple.client.ip());
+                self.core.handle_connection_closed(now, c.tuple);
+                self.drive_core(now);
             }
         }
     }
@@ -1459,12 +1655,15 @@ impl Worker {
                     tuple,
                     username,
                     relayed,
+                    additional,
                     lifetime,
                 } => info!(
                     client = %r.show(&tuple.client),
+                    server = %tuple.server,
                     transport = tuple.transport.as_str(),
                     user = ?r.show(&username),
                     relayed = %relayed,
+                    relayed_additional = ?additional,
                     lifetime_s = lifetime.as_secs(),
                     "allocation created"
                 ),
@@ -1485,6 +1684,7 @@ impl Worker {
                         CloseReason::Deleted => "deleted",
                         CloseReason::ConnectionClosed => "connection-closed",
                         CloseReason::Admin => "deleted-by-admin",
+                        _ => "other",
                     },
                     age_s = age.as_secs(),
                     bytes_to_peers = stats.to_peer_bytes,
@@ -1512,6 +1712,7 @@ impl Worker {
                     reason = ?reason,
                     "peer refused by policy"
                 ),
+                _ => {}
             }
         }
     }

@@ -40,7 +40,7 @@ fn admin_api() {
     let admin = turnpike::admin::serve(
         "127.0.0.1:0".parse().unwrap(),
         TOKEN.into(),
-        h.stopper(),
+        h.control(),
         settings_json,
         None,
     )

@@ -23,10 +23,28 @@ pub struct FakeRelays {
     pub closed: Vec<SocketAddr>,
     pub exhausted: bool,
     pub reserved: std::collections::HashMap<[u8; 8], SocketAddr>,
+    /// Serve IPv6 relays too (from 2001:db8::7).
+    pub v6: bool,
+    /// The requests seen, in order.
+    pub requests: Vec<RelayRequest>,
 }
 
 impl RelayProvider for FakeRelays {
     fn open(&mut self, req: RelayRequest) -> Result<OpenedRelay, RelayError> {
+        self.requests.push(req);
+        if let Some(token) = req.token {
+            let a = self.reserved.remove(&token).ok_or(RelayError::Exhausted)?;
+            self.open.insert(a);
+            return Ok(OpenedRelay { addr: a, token: None });
+        }
+        if req.ipv6 && self.v6 {
+            self.next_port += 2;
+            let a: SocketAddr = format!("[2001:db8::7]:{}", 50000 + self.next_port)
+                .parse()
+                .unwrap();
+            self.open.insert(a);
+            return Ok(OpenedRelay { addr: a, token: None });
+        }
         if req.ipv6 {
             return Err(RelayError::FamilyUnsupported);
         }
@@ -46,11 +64,6 @@ impl RelayProvider for FakeRelays {
         });
         Ok(OpenedRelay { addr: a, token })
     }
-    fn open_reserved(&mut self, token: [u8; 8]) -> Result<SocketAddr, RelayError> {
-        let a = self.reserved.remove(&token).ok_or(RelayError::Exhausted)?;
-        self.open.insert(a);
-        Ok(a)
-    }
     fn close(&mut self, relay: SocketAddr) {
         assert!(self.open.remove(&relay), "closed a relay that was not open");
         self.closed.push(relay);
@@ -69,6 +82,7 @@ pub fn tuple(transport: Transport, client: &str) -> FiveTuple {
         transport,
         client: client.parse().unwrap(),
         server: "198.51.100.1:3478".parse().unwrap(),
+        listener: Default::default(),
     }
 }
 
@@ -99,14 +113,36 @@ impl Harness {
 
     pub fn advance(&mut self, secs: u64) {
         self.now += Duration::from_secs(secs);
-        self.server.handle_timeout(self.now, &mut self.relays);
+        self.server.handle_timeout(self.now);
+        self.server.run_commands(self.now, &mut self.relays);
+    }
+
+    /// Carries out what the core asked for; returns the first queued answer.
+    pub fn drive(&mut self) -> Option<(Dest, Vec<u8>)> {
+        self.server.run_commands(self.now, &mut self.relays);
+        self.server.poll_transmit().map(|t| (t.dest, t.data))
+    }
+
+    /// A TCP/TLS connection of `t` closed.
+    pub fn connection_closed(&mut self, t: FiveTuple) {
+        self.server.handle_connection_closed(self.now, t);
+        self.server.run_commands(self.now, &mut self.relays);
     }
 
     /// Sends bytes from a client; returns what came back, if anything.
     pub fn send(&mut self, t: FiveTuple, data: &[u8]) -> Option<(Dest, Vec<u8>)> {
-        self.server
-            .handle_client(self.now, t, data, &mut self.relays)
+        let now = self.now;
+        match self
+            .server
+            .handle_client(now, t, data)
             .map(|tx| (tx.dest, tx.data.to_vec()))
+        {
+            Some(r) => {
+                self.server.run_commands(now, &mut self.relays);
+                Some(r)
+            }
+            None => self.drive(),
+        }
     }
 
     pub fn peer_sends(&mut self, relay: SocketAddr, peer: &str, data: &[u8]) -> Option<(Dest, Vec<u8>)> {

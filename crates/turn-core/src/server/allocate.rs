@@ -1,0 +1,322 @@
+//! Allocate (RFC 8656 §7.2; dual allocations with ADDITIONAL-ADDRESS-FAMILY
+//! and ADDRESS-ERROR-CODE, §14.12–§14.13; DONT-FRAGMENT, §14.8). The relay
+//! sockets are opened by the runtime: the request leaves a
+//! [`Command::OpenRelays`] and is answered in [`Server::handle_relays_opened`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stun_proto::{attr, Message};
+
+use super::auth_check::Authenticated;
+use super::error::ErrorCode;
+use super::events::{Event, Stats};
+use super::io::{AllocateId, Command, FiveTuple, QueuedTransmit, RelayError, RelayRequest, RelaysOpened};
+use super::respond::{Reply, ReqInfo, Signer};
+use super::table::{family, Allocation, Relayed};
+use super::Server;
+use crate::limits::{Bucket, QuotaError};
+
+/// An Allocate waiting for its relay sockets.
+#[derive(Debug)]
+pub(super) struct PendingAllocate {
+    tuple: FiveTuple,
+    req: ReqInfo,
+    signer: Signer,
+    username: Arc<str>,
+    lifetime: Duration,
+    /// The family asked for first: IPv6 (else IPv4).
+    primary_v6: bool,
+}
+
+impl Server {
+    /// RFC 8656 §7.2, up to the point where relay sockets are needed.
+    pub(super) fn allocate(
+        &mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        msg: &Message<'_>,
+        auth: &Authenticated,
+        existing: Option<u32>,
+    ) -> Reply {
+        use ErrorCode::*;
+        if let Some(idx) = existing {
+            if let Some(a) = self.table.get(idx) {
+                // A retransmission of the request that created the allocation
+                // gets the same success answer; anything else is a mismatch.
+                if a.txid == msg.transaction_id() {
+                    let left = a.expires.saturating_duration_since(now).as_secs() as u32;
+                    return Reply::AllocateOk {
+                        relayed: advertised_in_order(a),
+                        lifetime: left,
+                        token: a.token,
+                        family_error: a.family_error,
+                    };
+                }
+            }
+            return Reply::Error(AllocationMismatch);
+        }
+        if self.pending.values().any(|p| p.tuple == tuple) {
+            // Its answer comes when the relay sockets are open.
+            return Reply::Deferred;
+        }
+        let Some(rt) = msg.get(attr::REQUESTED_TRANSPORT) else {
+            return Reply::Error(BadRequest);
+        };
+        if rt.len() != 4 {
+            return Reply::Error(BadRequest);
+        }
+        if rt[0] != attr::PROTOCOL_UDP {
+            return Reply::Error(UnsupportedTransport);
+        }
+        let has_token = msg.has(attr::RESERVATION_TOKEN);
+        let family_attr = msg.get(attr::REQUESTED_ADDRESS_FAMILY);
+        let additional_attr = msg.get(attr::ADDITIONAL_ADDRESS_FAMILY);
+        if has_token && (msg.has(attr::EVEN_PORT) || family_attr.is_some() || additional_attr.is_some()) {
+            return Reply::Error(BadRequest);
+        }
+        if family_attr.is_some() && additional_attr.is_some() {
+            return Reply::Error(BadRequest);
+        }
+        let primary_v6 = match family_attr {
+            None => false,
+            Some(v) if v.len() != 4 => return Reply::Error(BadRequest),
+            Some(v) if v[0] == attr::FAMILY_IPV4 => false,
+            Some(v) if v[0] == attr::FAMILY_IPV6 => true,
+            Some(_) => return Reply::Error(AddressFamilyNotSupported),
+        };
+        // §14.12: ADDITIONAL-ADDRESS-FAMILY asks for IPv6 beside IPv4;
+        // any other value is a bad request.
+        let dual = match additional_attr {
+            None => false,
+            Some(v) if v.len() == 4 && v[0] == attr::FAMILY_IPV6 => true,
+            Some(_) => return Reply::Error(BadRequest),
+        };
+        let (even_port, reserve_next) = match msg.get(attr::EVEN_PORT) {
+            None => (false, false),
+            Some([]) => return Reply::Error(BadRequest),
+            Some(v) => (true, v[0] & 0x80 != 0),
+        };
+        // Draining (operator's drain): no new allocations here.
+        if self.cfg.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            let family_v6 = tuple.server.is_ipv6();
+            return match self
+                .cfg
+                .alternate_servers
+                .iter()
+                .find(|a| a.is_ipv6() == family_v6)
+            {
+                Some(alt) => Reply::TryAlternate(*alt),
+                None => {
+                    self.counters.capacity += 1;
+                    Reply::Error(InsufficientCapacity)
+                }
+            };
+        }
+        // Every check that can fail comes before the quota is taken, so no
+        // error path below has to give it back (the fuzzer found one that
+        // did not).
+        let token = match msg.get(attr::RESERVATION_TOKEN) {
+            None => None,
+            Some(t) => match <[u8; 8]>::try_from(t) {
+                Ok(t) => Some(t),
+                Err(_) => return Reply::Error(BadRequest),
+            },
+        };
+        let lifetime = self.lifetime(msg.get_u32(attr::LIFETIME));
+        let username: Arc<str> = Arc::from(auth.username.as_str());
+        match self.cfg.quotas.acquire(&username) {
+            Ok(()) => {}
+            Err(QuotaError::User) => {
+                self.counters.quota_user += 1;
+                return Reply::Error(AllocationQuotaReached);
+            }
+            Err(QuotaError::Total) => {
+                self.counters.capacity += 1;
+                return Reply::Error(InsufficientCapacity);
+            }
+        }
+        let primary = RelayRequest {
+            ipv6: primary_v6,
+            local_ip: tuple.server.ip(),
+            client_ip: tuple.client.ip(),
+            even_port,
+            reserve_next,
+            token,
+            dont_fragment: msg.has(attr::DONT_FRAGMENT),
+        };
+        let additional = dual.then_some(RelayRequest {
+            ipv6: true,
+            even_port: false,
+            reserve_next: false,
+            token: None,
+            ..primary
+        });
+        self.next_allocate = self.next_allocate.wrapping_add(1);
+        let id = AllocateId(self.next_allocate);
+        self.pending.insert(
+            id,
+            PendingAllocate {
+                tuple,
+                req: ReqInfo::of(msg),
+                signer: Some((auth.key, auth.sha256)),
+                username,
+                lifetime,
+                primary_v6,
+            },
+        );
+        self.commands.push_back(Command::OpenRelays {
+            id,
+            tuple,
+            primary,
+            additional,
+        });
+        Reply::Deferred
+    }
+
+    /// The completion of [`Command::OpenRelays`]: the allocation is made
+    /// with what opened, and the Allocate is answered (drain it with
+    /// [`Server::poll_transmit`]). One family failing in a dual allocation
+    /// is reported with ADDRESS-ERROR-CODE (§7.2); both failing, or the
+    /// only one, is an error response (440 no such family, 508 no port).
+    pub fn handle_relays_opened(&mut self, now: Instant, id: AllocateId, opened: RelaysOpened) {
+        let Some(p) = self.pending.remove(&id) else {
+            // Not ours (any more): give back what was opened.
+            for r in [Some(opened.primary), opened.additional]
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                self.commands.push_back(Command::CloseRelay { relay: r.addr });
+            }
+            return;
+        };
+        let code = |e: RelayError| match e {
+            RelayError::FamilyUnsupported => ErrorCode::AddressFamilyNotSupported,
+            _ => ErrorCode::InsufficientCapacity,
+        };
+        let family_byte = |v6: bool| if v6 { attr::FAMILY_IPV6 } else { attr::FAMILY_IPV4 };
+        let mut relays: [Option<Relayed>; 2] = [None, None];
+        let mut order: [Option<SocketAddr>; 2] = [None, None];
+        let mut family_error = None;
+        let mut token = None;
+        let mut first_error = None;
+        let expires = now + p.lifetime;
+        for (i, (result, v6)) in [(Some(opened.primary), p.primary_v6), (opened.additional, true)]
+            .into_iter()
+            .enumerate()
+        {
+            match result {
+                None => {}
+                Some(Ok(o)) => {
+                    let advertised = self.advertise(o.addr);
+                    relays[family(o.addr)] = Some(Relayed {
+                        bound: o.addr,
+                        advertised,
+                        expires,
+                    });
+                    order[i] = Some(advertised);
+                    if i == 0 {
+                        token = o.token;
+                    }
+                }
+                Some(Err(e)) => {
+                    if e == RelayError::Exhausted {
+                        self.counters.capacity += 1;
+                    }
+                    first_error.get_or_insert(code(e));
+                    family_error = Some((family_byte(v6), code(e)));
+                }
+            }
+        }
+        let reply = if relays.iter().all(Option::is_none) || self.table.by_tuple.contains_key(&p.tuple) {
+            for r in relays.iter().flatten() {
+                self.commands.push_back(Command::CloseRelay { relay: r.bound });
+            }
+            self.cfg.quotas.release(&p.username);
+            Reply::Error(first_error.unwrap_or(ErrorCode::AllocationMismatch))
+        } else {
+            let user_slot = self.user_slot(&p.username);
+            let alloc = Allocation {
+                tuple: p.tuple,
+                relays,
+                username: p.username.clone(),
+                txid: p.req.txid,
+                token,
+                family_error,
+                created: now,
+                expires,
+                permissions: Vec::new(),
+                channels: Vec::new(),
+                stats: Stats::default(),
+                bw_up: Bucket::new(),
+                bw_down: Bucket::new(),
+                icmp: Bucket::new(),
+                user_slot,
+            };
+            let first = alloc.first_relayed();
+            let second = order.iter().flatten().copied().find(|a| *a != first);
+            self.table.insert(alloc);
+            self.counters.allocations_created[p.tuple.transport.index()] += 1;
+            self.events.push_back(Event::AllocationCreated {
+                tuple: p.tuple,
+                username: p.username,
+                relayed: first,
+                additional: second,
+                lifetime: p.lifetime,
+            });
+            Reply::AllocateOk {
+                relayed: order,
+                lifetime: p.lifetime.as_secs() as u32,
+                token,
+                family_error,
+            }
+        };
+        let t = self.respond(now, p.tuple, p.req, reply, p.signer);
+        let q = QueuedTransmit {
+            dest: t.dest,
+            data: t.data.to_vec(),
+        };
+        self.transmits.push_back(q);
+    }
+
+    pub(super) fn lifetime(&self, requested: Option<u32>) -> Duration {
+        // RFC 8656 §7.2: a requested lifetime is honoured up to the maximum;
+        // shorter than the default is raised to the default.
+        match requested {
+            None => self.cfg.default_lifetime,
+            Some(s) => Duration::from_secs(s as u64).clamp(self.cfg.default_lifetime, self.cfg.max_lifetime),
+        }
+    }
+
+    pub(super) fn advertise(&self, relay: SocketAddr) -> SocketAddr {
+        match relay.ip() {
+            IpAddr::V4(_) => match self.cfg.external_ipv4 {
+                Some(ip) => SocketAddr::new(IpAddr::V4(ip), relay.port()),
+                None => relay,
+            },
+            IpAddr::V6(_) => match self.cfg.external_ipv6 {
+                Some(ip) => SocketAddr::new(IpAddr::V6(ip), relay.port()),
+                None => relay,
+            },
+        }
+    }
+}
+
+/// The relayed addresses as first answered: the requested family first.
+fn advertised_in_order(a: &Allocation) -> [Option<SocketAddr>; 2] {
+    let mut out = [None, None];
+    // A dual allocation answered IPv4 (the requested default) first.
+    for (n, r) in a.relays.iter().flatten().enumerate() {
+        out[n] = Some(r.advertised);
+    }
+    out
+}
+
+impl PendingAllocate {
+    /// Whether this Allocate came on another 5-tuple than `t`.
+    pub(super) fn tuple_is_not(&self, t: &FiveTuple) -> bool {
+        self.tuple != *t
+    }
+}

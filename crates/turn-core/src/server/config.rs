@@ -1,0 +1,176 @@
+//! Settings of a [`crate::Server`].
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::auth::Credentials;
+use crate::limits::{AuthGuard, Quotas, SourceLimiter};
+use crate::policy::PeerPolicy;
+
+/// Slots in each fixed per-source table (rate limits, brute-force guard),
+/// allocated once per server (not per worker).
+pub const SOURCE_SLOTS: usize = 1 << 16;
+
+/// The window the brute-force guard counts failures in.
+pub const AUTH_WINDOW: Duration = Duration::from_secs(60);
+
+/// The addresses RFC 5780 behaviour discovery uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rfc5780 {
+    /// Primary and alternate IP.
+    pub ips: (IpAddr, IpAddr),
+    /// Primary and alternate port.
+    pub ports: (u16, u16),
+}
+
+impl Rfc5780 {
+    pub(super) fn other_ip(&self, ip: IpAddr) -> IpAddr {
+        if ip == self.ips.0 {
+            self.ips.1
+        } else {
+            self.ips.0
+        }
+    }
+
+    pub(super) fn other_port(&self, port: u16) -> u16 {
+        if port == self.ports.0 {
+            self.ports.1
+        } else {
+            self.ports.0
+        }
+    }
+}
+
+/// Settings of a [`Server`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The realm (RFC 8489 §14.9).
+    pub realm: String,
+    /// SOFTWARE to put in responses; `None` sends none.
+    pub software: Option<String>,
+    /// Credentials accepted.
+    pub credentials: Arc<Credentials>,
+    /// Secret for stateless nonces; share it among workers.
+    pub nonce_secret: [u8; 32],
+    /// How long a nonce stays valid (default 600 s).
+    pub nonce_lifetime: Duration,
+    /// Allocation lifetime when the client asks for none (RFC 8656: 600 s).
+    pub default_lifetime: Duration,
+    /// Upper bound on allocation lifetime (RFC 8656: 3600 s).
+    pub max_lifetime: Duration,
+    /// Permission lifetime (RFC 8656 §9: 300 s).
+    pub permission_lifetime: Duration,
+    /// Channel binding lifetime (RFC 8656 §12: 600 s).
+    pub channel_lifetime: Duration,
+    /// Accept channel numbers 0x5000–0x7FFF too (RFC 5766's range).
+    pub legacy_channel_numbers: bool,
+    /// Which peers may be relayed to.
+    pub policy: PeerPolicy,
+    /// The advertised IPv4 relay address when the host is behind NAT.
+    pub external_ipv4: Option<Ipv4Addr>,
+    /// The advertised IPv6 relay address when it differs from the bound one.
+    pub external_ipv6: Option<Ipv6Addr>,
+    /// Most permissions one allocation may hold (beyond: 508).
+    pub max_permissions: usize,
+    /// Most channel bindings one allocation may hold (beyond: 508).
+    pub max_channels: usize,
+    /// Allocation quotas, shared by every worker.
+    pub quotas: Arc<Quotas>,
+    /// Answers per second to unauthenticated requests from one source IP
+    /// (burst twice that), one budget shared by every worker that holds
+    /// the same `Arc`; rate 0 turns the limit off.
+    pub source_limiter: Arc<SourceLimiter>,
+    /// The brute-force guard (failures per account and source IP within a
+    /// minute before the pair is blocked), shared by every worker that
+    /// holds the same `Arc`; limit 0 turns it off.
+    pub auth_guard: Arc<AuthGuard>,
+    /// Bytes per second each allocation may relay in each direction; 0: no cap.
+    pub max_bps: u64,
+    /// Bytes per second one user's allocations on one worker may relay in
+    /// each direction; 0: no cap.
+    pub user_max_bps: u64,
+    /// Allocations may ask for DONT-FRAGMENT (RFC 8656 §14.8); when false,
+    /// such an Allocate gets 420 as the RFC requires of a server that
+    /// cannot set DF.
+    pub dont_fragment: bool,
+    /// ICMP errors relayed to one allocation per second (RFC 8656 §11.5);
+    /// 0: none are relayed.
+    pub icmp_per_second: u32,
+    /// Set while the server drains: new allocations are refused (300 with
+    /// ALTERNATE-SERVER when `alternate_servers` has one of the family,
+    /// else 508); existing ones carry on. Shared by all workers.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Where draining sends new clients (RFC 8489 §14.15 ALTERNATE-SERVER).
+    pub alternate_servers: Vec<SocketAddr>,
+    /// RFC 5780 NAT behaviour discovery: the server's two IPs and two ports
+    /// (it listens on all four combinations over UDP). `None`: off, and
+    /// CHANGE-REQUEST, RESPONSE-PORT and PADDING are answered with 420.
+    pub rfc5780: Option<Rfc5780>,
+    /// The instant all workers count nonce time from.
+    pub epoch: Instant,
+    /// Unix time (seconds) at `epoch`, for REST-API username expiry.
+    pub unix_at_epoch: u64,
+}
+
+impl Config {
+    /// A configuration with the RFC defaults.
+    pub fn new(
+        realm: &str,
+        credentials: Arc<Credentials>,
+        nonce_secret: [u8; 32],
+        epoch: Instant,
+        unix_at_epoch: u64,
+    ) -> Self {
+        Config {
+            realm: realm.to_owned(),
+            software: None,
+            credentials,
+            nonce_secret,
+            nonce_lifetime: Duration::from_secs(600),
+            default_lifetime: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(3600),
+            permission_lifetime: Duration::from_secs(300),
+            channel_lifetime: Duration::from_secs(600),
+            legacy_channel_numbers: false,
+            policy: PeerPolicy::default(),
+            external_ipv4: None,
+            external_ipv6: None,
+            max_permissions: 256,
+            max_channels: 256,
+            quotas: Arc::new(Quotas::new(0, 0)),
+            source_limiter: Arc::new(SourceLimiter::new(200, SOURCE_SLOTS)),
+            auth_guard: Arc::new(AuthGuard::new(
+                10,
+                AUTH_WINDOW,
+                Duration::from_secs(300),
+                SOURCE_SLOTS,
+            )),
+            max_bps: 0,
+            user_max_bps: 0,
+            dont_fragment: true,
+            icmp_per_second: 10,
+            rfc5780: None,
+            draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            alternate_servers: Vec::new(),
+            epoch,
+            unix_at_epoch,
+        }
+    }
+}
+
+impl Config {
+    /// Gives this configuration its own per-source answer budget: `rate`
+    /// answers per second (0: off). Workers that must share it get clones
+    /// of one `Config`.
+    pub fn set_rate_limit_per_ip(&mut self, rate: u32) {
+        self.source_limiter = Arc::new(SourceLimiter::new(rate, SOURCE_SLOTS));
+    }
+
+    /// Gives this configuration its own brute-force guard: `limit` failures
+    /// per account and source within [`AUTH_WINDOW`] block for `block`
+    /// (0: off).
+    pub fn set_auth_guard(&mut self, limit: u32, block: Duration) {
+        self.auth_guard = Arc::new(AuthGuard::new(limit, AUTH_WINDOW, block, SOURCE_SLOTS));
+    }
+}

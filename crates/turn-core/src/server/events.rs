@@ -1,0 +1,161 @@
+//! What the core reports: per-allocation stats, per-worker counters, and
+//! events for logs and metrics.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::error::ErrorCode;
+use super::io::FiveTuple;
+use crate::policy::Refusal;
+
+/// Packet and byte counts of one allocation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Datagrams relayed from the client to peers.
+    pub to_peer_packets: u64,
+    /// Payload bytes relayed from the client to peers.
+    pub to_peer_bytes: u64,
+    /// Datagrams relayed from peers to the client.
+    pub from_peer_packets: u64,
+    /// Payload bytes relayed from peers to the client.
+    pub from_peer_bytes: u64,
+}
+
+/// Per-worker counts of what the limits did, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Unauthenticated requests not answered because of the per-source limit.
+    pub rate_limited: u64,
+    /// Requests whose credentials did not verify (401).
+    pub auth_failures: u64,
+    /// Attempts not checked because the pair was blocked or throttled.
+    pub auth_throttled: u64,
+    /// Allocations refused by a user quota (486).
+    pub quota_user: u64,
+    /// Allocations refused by the total quota or port exhaustion (508).
+    pub capacity: u64,
+    /// Relayed packets dropped by bandwidth caps.
+    pub bandwidth_dropped: u64,
+    /// Peers refused by policy.
+    pub peers_refused: u64,
+    /// Binding requests answered.
+    pub bindings: u64,
+    /// Allocations created, by transport (UDP, TCP, TLS).
+    pub allocations_created: [u64; 3],
+    /// Allocations that expired, by transport.
+    pub allocations_expired: [u64; 3],
+    /// Allocations deleted (Refresh 0, closed connection, admin), by transport.
+    pub allocations_deleted: [u64; 3],
+    /// Packets and payload bytes relayed client → peer.
+    pub to_peer_packets: u64,
+    /// Payload bytes relayed client → peer.
+    pub to_peer_bytes: u64,
+    /// Packets relayed peer → client.
+    pub from_peer_packets: u64,
+    /// Payload bytes relayed peer → client.
+    pub from_peer_bytes: u64,
+    /// Error responses sent, by code, in [`ErrorCode::ALL`] order.
+    pub errors: [u64; ErrorCode::ALL.len()],
+    /// ICMP errors relayed to clients (RFC 8656 §11.5).
+    pub icmp_relayed: u64,
+    /// ICMP errors not relayed: no permission, or over the rate limit.
+    pub icmp_dropped: u64,
+}
+
+impl Counters {
+    pub(super) fn count_error(&mut self, code: ErrorCode) {
+        self.errors[code.index()] += 1;
+    }
+}
+
+/// Why an allocation (or one of its relayed addresses) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// Its lifetime ran out (RFC 8656 §7).
+    Expired,
+    /// The client sent Refresh with LIFETIME 0.
+    Deleted,
+    /// The client's TCP/TLS connection closed.
+    ConnectionClosed,
+    /// An operator deleted it (admin API).
+    Admin,
+}
+
+/// A live allocation, as the admin API shows it.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    /// The client 5-tuple.
+    pub tuple: FiveTuple,
+    /// The username.
+    pub username: Arc<str>,
+    /// The relayed address given to the client (the first, for a dual
+    /// allocation).
+    pub relayed: SocketAddr,
+    /// Every relayed address, one per family.
+    pub relayed_all: Vec<SocketAddr>,
+    /// Age.
+    pub age: Duration,
+    /// Time left before it expires.
+    pub expires_in: Duration,
+    /// Traffic so far.
+    pub stats: Stats,
+    /// Live permissions.
+    pub permissions: usize,
+    /// Live channel bindings.
+    pub channels: usize,
+}
+
+/// Something worth a log line or a metric.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// An allocation was created.
+    AllocationCreated {
+        /// The client 5-tuple.
+        tuple: FiveTuple,
+        /// The authenticated username.
+        username: Arc<str>,
+        /// The relayed transport address given to the client.
+        relayed: SocketAddr,
+        /// The second relayed address of a dual allocation.
+        additional: Option<SocketAddr>,
+        /// Granted lifetime.
+        lifetime: Duration,
+    },
+    /// An allocation ended.
+    AllocationDeleted {
+        /// The client 5-tuple.
+        tuple: FiveTuple,
+        /// The username that owned it.
+        username: Arc<str>,
+        /// Its relayed transport address.
+        relayed: SocketAddr,
+        /// Why.
+        reason: CloseReason,
+        /// Traffic over its life.
+        stats: Stats,
+        /// How long it lived.
+        age: Duration,
+    },
+    /// Repeated integrity failures blocked a username/source pair (or a
+    /// source) for a while.
+    AuthBlocked {
+        /// The client address.
+        client: SocketAddr,
+        /// The username tried (lossy UTF-8, possibly a USERHASH).
+        username: String,
+    },
+    /// A peer address was refused by the peer policy.
+    PeerRefused {
+        /// The client 5-tuple.
+        tuple: FiveTuple,
+        /// The username.
+        username: Arc<str>,
+        /// The peer asked for.
+        peer: SocketAddr,
+        /// Which rule refused it.
+        reason: Refusal,
+    },
+}

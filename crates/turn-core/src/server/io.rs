@@ -1,0 +1,198 @@
+//! What crosses the core's boundary: the addresses of a packet, what the
+//! runtime must send, and the commands it must carry out.
+
+use std::net::{IpAddr, SocketAddr};
+
+/// The transport between client and server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Transport {
+    /// UDP.
+    Udp,
+    /// TCP, RFC 8489 §6.2.2 framing.
+    Tcp,
+    /// TLS over TCP.
+    Tls,
+}
+
+impl Transport {
+    /// Lower-case name for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
+
+    /// 0, 1, 2 for UDP, TCP, TLS (metrics arrays).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub(super) fn is_stream(self) -> bool {
+        !matches!(self, Transport::Udp)
+    }
+}
+
+/// The client-side 5-tuple of an allocation (RFC 8656 §2): transport, the
+/// client's address, and the server address it actually reached.
+///
+/// `server` is exact even behind a listener bound to a wildcard address
+/// (the runtime learns it with IP_PKTINFO, or from the accepted socket), so
+/// answers leave from it and relays are chosen by it. `listener` names the
+/// socket the packet came in on: two listeners may share an address family
+/// and port on different addresses, and a wildcard listener serves many
+/// addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FiveTuple {
+    /// Transport protocol.
+    pub transport: Transport,
+    /// The client's address as the server sees it.
+    pub client: SocketAddr,
+    /// The server address the client reached.
+    pub server: SocketAddr,
+    /// The runtime's id of the listening socket.
+    pub listener: ListenerId,
+}
+
+/// A runtime's name for one of its listening sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct ListenerId(pub u32);
+
+/// Where a [`Transmit`] goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Dest {
+    /// To a client, over the connection or socket of this 5-tuple, from the
+    /// address it reached.
+    Client(FiveTuple),
+    /// A UDP datagram to `to` from the server's listening socket bound at
+    /// `local`: RFC 5780 answers from another address or port
+    /// (CHANGE-REQUEST) or to another port (RESPONSE-PORT).
+    Via {
+        /// The listening socket to send from.
+        local: SocketAddr,
+        /// The destination.
+        to: SocketAddr,
+    },
+    /// A UDP datagram from the relay socket bound at `relay` to `peer`.
+    Peer {
+        /// The relay socket's bound address.
+        relay: SocketAddr,
+        /// The peer.
+        peer: SocketAddr,
+    },
+}
+
+/// Bytes the runtime must send, borrowed from the input or the core.
+#[derive(Debug)]
+#[must_use]
+pub struct Transmit<'a> {
+    /// Where to.
+    pub dest: Dest,
+    /// What; for stream transports already framed and padded.
+    pub data: &'a [u8],
+}
+
+/// Bytes the runtime must send, queued by the core for later (answers that
+/// waited for a command's completion). Drained with
+/// [`crate::Server::poll_transmit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub struct QueuedTransmit {
+    /// Where to.
+    pub dest: Dest,
+    /// What.
+    pub data: Vec<u8>,
+}
+
+/// Names one Allocate waiting for its relay sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AllocateId(pub u64);
+
+/// What the core asks of one relay socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayRequest {
+    /// IPv6 rather than IPv4.
+    pub ipv6: bool,
+    /// The server address the client reached: without a configured relay
+    /// address of this family, relay from it (when of this family).
+    pub local_ip: IpAddr,
+    /// The client's address (a loopback client may get a loopback relay).
+    pub client_ip: IpAddr,
+    /// An even port (RFC 8656 §14.6 EVEN-PORT).
+    pub even_port: bool,
+    /// Also reserve the next port (EVEN-PORT with the R bit) and return a
+    /// RESERVATION-TOKEN for it.
+    pub reserve_next: bool,
+    /// Open the socket reserved under this token by an earlier
+    /// `reserve_next` instead of a new one (RFC 8656 §14.9).
+    pub token: Option<[u8; 8]>,
+    /// Send with the Don't Fragment bit (RFC 8656 §14.8).
+    pub dont_fragment: bool,
+}
+
+/// A relay socket the runtime opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenedRelay {
+    /// The address it is bound to.
+    pub addr: SocketAddr,
+    /// With `reserve_next`: the token that claims the reserved port.
+    pub token: Option<[u8; 8]>,
+}
+
+/// Why a relay socket could not be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// No relay address of the requested family is configured (→ 440).
+    FamilyUnsupported,
+    /// No free port, or the socket could not be created (→ 508).
+    Exhausted,
+}
+
+/// The completion of [`Command::OpenRelays`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelaysOpened {
+    /// The requested family's socket.
+    pub primary: Result<OpenedRelay, RelayError>,
+    /// The additional family's (RFC 8656 §7.2 ADDITIONAL-ADDRESS-FAMILY),
+    /// when one was asked for.
+    pub additional: Option<Result<OpenedRelay, RelayError>>,
+}
+
+/// Work the core asks of the runtime, drained with
+/// [`crate::Server::poll_command`]. A command that completes is answered
+/// with the matching input ([`crate::Server::handle_relays_opened`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Command {
+    /// Open the relay sockets of a new allocation, then call
+    /// [`crate::Server::handle_relays_opened`] with `id`.
+    OpenRelays {
+        /// Names this Allocate in the completion.
+        id: AllocateId,
+        /// The client's 5-tuple.
+        tuple: FiveTuple,
+        /// The requested family's socket.
+        primary: RelayRequest,
+        /// A second socket of the other family (dual allocation).
+        additional: Option<RelayRequest>,
+    },
+    /// Close the relay socket bound at `relay` (sending what is queued on
+    /// it first). Needs no completion.
+    CloseRelay {
+        /// Its bound address.
+        relay: SocketAddr,
+    },
+}
+
+/// A synchronous executor of relay commands: what the runtime, tests and
+/// the fuzzer implement to use [`crate::Server::run_commands`].
+pub trait RelayProvider {
+    /// Opens one UDP relay socket.
+    fn open(&mut self, req: RelayRequest) -> Result<OpenedRelay, RelayError>;
+    /// Closes the relay socket bound at `relay`.
+    fn close(&mut self, relay: SocketAddr);
+}

@@ -1,0 +1,172 @@
+//! CreatePermission (RFC 8656 §9) and ChannelBind (§12.2), and the peer
+//! checks both make: family (443) and peer policy (403,
+//! `shared/conformance/peer-policy.md`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use stun_proto::{attr, Message};
+
+use super::error::ErrorCode;
+use super::events::Event;
+use super::io::FiveTuple;
+use super::respond::Reply;
+use super::table::ChannelBinding;
+use super::Server;
+
+impl Server {
+    /// Checks one peer for CreatePermission/ChannelBind: family (443) then
+    /// policy (403, logged).
+    pub(super) fn check_peer(
+        &mut self,
+        tuple: FiveTuple,
+        a_families: [bool; 2],
+        username: &Arc<str>,
+        peer: SocketAddr,
+    ) -> Result<(), ErrorCode> {
+        if !a_families[peer.is_ipv6() as usize] {
+            return Err(ErrorCode::PeerAddressFamilyMismatch);
+        }
+        if let Err(reason) = self.cfg.policy.check(peer) {
+            self.counters.peers_refused += 1;
+            self.events.push_back(Event::PeerRefused {
+                tuple,
+                username: username.clone(),
+                peer,
+                reason,
+            });
+            return Err(ErrorCode::Forbidden);
+        }
+        Ok(())
+    }
+
+    /// RFC 8656 §9.2: every XOR-PEER-ADDRESS is checked before any is installed.
+    pub(super) fn create_permission(
+        &mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        msg: &Message<'_>,
+        existing: Option<u32>,
+    ) -> Reply {
+        let Some(idx) = existing else {
+            return Reply::Error(ErrorCode::AllocationMismatch);
+        };
+        let Some(a) = self.table.get_live(idx, now) else {
+            return Reply::Error(ErrorCode::AllocationMismatch);
+        };
+        let (a_families, username) = ([a.relays[0].is_some(), a.relays[1].is_some()], a.username.clone());
+        let mut peers: [Option<IpAddr>; 16] = [None; 16];
+        let mut n = 0;
+        for v in msg.get_all(attr::XOR_PEER_ADDRESS) {
+            let Ok(peer) = msg.decode_xor_addr(v) else {
+                return Reply::Error(ErrorCode::BadRequest);
+            };
+            if let Err(code) = self.check_peer(tuple, a_families, &username, peer) {
+                return Reply::Error(code);
+            }
+            if n == peers.len() {
+                return Reply::Error(ErrorCode::BadRequest);
+            }
+            peers[n] = Some(peer.ip());
+            n += 1;
+        }
+        if n == 0 {
+            return Reply::Error(ErrorCode::BadRequest);
+        }
+        let expires = now + self.cfg.permission_lifetime;
+        let max = self.cfg.max_permissions;
+        let Some(a) = self.table.get_live(idx, now) else {
+            return Reply::Error(ErrorCode::AllocationMismatch);
+        };
+        a.purge(now);
+        let new = peers[..n]
+            .iter()
+            .flatten()
+            .filter(|ip| !a.permissions.iter().any(|p| p.ip == **ip))
+            .count();
+        if a.permissions.len() + new > max {
+            return Reply::Error(ErrorCode::InsufficientCapacity);
+        }
+        for ip in peers[..n].iter().flatten() {
+            a.install_permission(*ip, expires);
+        }
+        Reply::Ok
+    }
+
+    /// RFC 8656 §12.2 (ChannelBind).
+    pub(super) fn channel_bind(
+        &mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        msg: &Message<'_>,
+        existing: Option<u32>,
+    ) -> Reply {
+        let Some(idx) = existing else {
+            return Reply::Error(ErrorCode::AllocationMismatch);
+        };
+        let Some(a) = self.table.get_live(idx, now) else {
+            return Reply::Error(ErrorCode::AllocationMismatch);
+        };
+        let (a_families, username) = ([a.relays[0].is_some(), a.relays[1].is_some()], a.username.clone());
+        let (Some(ch), Some(peer)) = (
+            msg.get(attr::CHANNEL_NUMBER),
+            msg.get_xor_addr(attr::XOR_PEER_ADDRESS),
+        ) else {
+            return Reply::Error(ErrorCode::BadRequest);
+        };
+        if ch.len() != 4 {
+            return Reply::Error(ErrorCode::BadRequest);
+        }
+        let number = u16::from_be_bytes([ch[0], ch[1]]);
+        let top = if self.cfg.legacy_channel_numbers {
+            0x7FFF
+        } else {
+            0x4FFF
+        };
+        if !(0x4000..=top).contains(&number) {
+            return Reply::Error(ErrorCode::BadRequest);
+        }
+        let Ok(peer) = peer else {
+            return Reply::Error(ErrorCode::BadRequest);
+        };
+        if let Err(code) = self.check_peer(tuple, a_families, &username, peer) {
+            return Reply::Error(code);
+        }
+        let (ch_exp, perm_exp) = (
+            now + self.cfg.channel_lifetime,
+            now + self.cfg.permission_lifetime,
+        );
+        let (max_ch, max_perm) = (self.cfg.max_channels, self.cfg.max_permissions);
+        let Some(a) = self.table.get_live(idx, now) else {
+            return Reply::Error(ErrorCode::AllocationMismatch);
+        };
+        a.purge(now);
+        // A number bound to another peer, or a peer bound to another number,
+        // is a conflict (RFC 8656 §11.2), including during the cool-down.
+        if a.channels
+            .iter()
+            .any(|c| (c.number == number) != (c.peer == peer))
+        {
+            return Reply::Error(ErrorCode::BadRequest);
+        }
+        match a.channels.iter_mut().find(|c| c.number == number) {
+            Some(c) => c.expires = ch_exp,
+            None => {
+                if a.channels.len() >= max_ch {
+                    return Reply::Error(ErrorCode::InsufficientCapacity);
+                }
+                if !a.permissions.iter().any(|p| p.ip == peer.ip()) && a.permissions.len() >= max_perm {
+                    return Reply::Error(ErrorCode::InsufficientCapacity);
+                }
+                a.channels.push(ChannelBinding {
+                    number,
+                    peer,
+                    expires: ch_exp,
+                });
+            }
+        }
+        a.install_permission(peer.ip(), perm_exp);
+        Reply::Ok
+    }
+}

@@ -1,0 +1,213 @@
+//! The allocation table: allocations (RFC 8656 §2.2, §7) with their relayed
+//! addresses, permissions (§9) and channel bindings (§12), the maps that
+//! find them, and their expiry timers.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stun_proto::TransactionId;
+
+use super::events::Stats;
+use super::io::FiveTuple;
+use crate::limits::Bucket;
+
+/// Tables looked up per packet are keyed by addresses a client chooses, so
+/// they need a keyed hash (HashDoS), but SipHash was a third of the user
+/// time on the relay path; ahash with random keys is both.
+pub(super) type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
+
+/// How long a channel number and peer stay reserved after the binding
+/// expires (RFC 8656 §12: "not reused ... for 5 minutes").
+pub(super) const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
+
+#[derive(Debug)]
+pub(super) struct Permission {
+    pub(super) ip: IpAddr,
+    pub(super) expires: Instant,
+}
+
+#[derive(Debug)]
+pub(super) struct ChannelBinding {
+    pub(super) number: u16,
+    pub(super) peer: SocketAddr,
+    pub(super) expires: Instant,
+}
+
+/// One relayed transport address of an allocation (one per family,
+/// RFC 8656 §7.2 dual allocations), with its own lifetime (§7.3: a Refresh
+/// may name one family).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Relayed {
+    /// The relay socket's bound address.
+    pub(super) bound: SocketAddr,
+    /// What the client is told (the external address behind a NAT).
+    pub(super) advertised: SocketAddr,
+    pub(super) expires: Instant,
+}
+
+/// 0 for IPv4, 1 for IPv6: the slot of a family in [`Allocation::relays`].
+pub(super) fn family(addr: SocketAddr) -> usize {
+    addr.is_ipv6() as usize
+}
+
+#[derive(Debug)]
+pub(super) struct Allocation {
+    pub(super) tuple: FiveTuple,
+    /// The relayed addresses, by family (IPv4, IPv6).
+    pub(super) relays: [Option<Relayed>; 2],
+    pub(super) username: Arc<str>,
+    pub(super) txid: TransactionId,
+    /// RESERVATION-TOKEN handed out with this allocation, kept so a
+    /// retransmitted Allocate gets the same answer.
+    pub(super) token: Option<[u8; 8]>,
+    /// ADDRESS-ERROR-CODE of the creating answer, for its retransmission.
+    pub(super) family_error: Option<(u8, super::ErrorCode)>,
+    pub(super) created: Instant,
+    /// The latest expiry of its relayed addresses.
+    pub(super) expires: Instant,
+    pub(super) permissions: Vec<Permission>,
+    pub(super) channels: Vec<ChannelBinding>,
+    pub(super) stats: Stats,
+    /// Bandwidth buckets, client→peer and peer→client.
+    pub(super) bw_up: Bucket,
+    pub(super) bw_down: Bucket,
+    /// ICMP errors relayed (RFC 8656 §11.5), rate-limited.
+    pub(super) icmp: Bucket,
+    /// Index of the user's shared buckets in `Server::user_bw`.
+    pub(super) user_slot: u32,
+}
+
+impl Allocation {
+    /// Live: RFC 8656 §7 — nothing relays on, refreshes or answers for an
+    /// allocation past its lifetime, even before the timer sweeps it.
+    pub(super) fn is_live(&self, now: Instant) -> bool {
+        self.expires > now
+    }
+
+    /// The live relayed address of `peer`'s family, if any (§9: a peer is
+    /// reached through the relay of its own family).
+    pub(super) fn relay_for(&self, peer: SocketAddr, now: Instant) -> Option<&Relayed> {
+        self.relays[family(peer)].as_ref().filter(|r| r.expires > now)
+    }
+
+    /// The first relayed address (IPv4 before IPv6), for logs and lists.
+    pub(super) fn first_relayed(&self) -> SocketAddr {
+        self.relays
+            .iter()
+            .flatten()
+            .map(|r| r.advertised)
+            .next()
+            .unwrap_or(self.tuple.server)
+    }
+
+    pub(super) fn has_permission(&self, ip: IpAddr, now: Instant) -> bool {
+        self.permissions.iter().any(|p| p.ip == ip && p.expires > now)
+    }
+
+    pub(super) fn install_permission(&mut self, ip: IpAddr, expires: Instant) {
+        match self.permissions.iter_mut().find(|p| p.ip == ip) {
+            Some(p) => p.expires = expires,
+            None => self.permissions.push(Permission { ip, expires }),
+        }
+    }
+
+    pub(super) fn purge(&mut self, now: Instant) {
+        self.permissions.retain(|p| p.expires > now);
+        self.channels.retain(|c| c.expires + CHANNEL_COOLDOWN > now);
+    }
+
+    pub(super) fn recompute_expiry(&mut self) {
+        if let Some(t) = self.relays.iter().flatten().map(|r| r.expires).max() {
+            self.expires = t;
+        }
+    }
+}
+
+/// One user's bandwidth buckets on this worker.
+#[derive(Debug)]
+pub(super) struct UserBandwidth {
+    pub(super) name: Arc<str>,
+    pub(super) up: Bucket,
+    pub(super) down: Bucket,
+    pub(super) refs: u32,
+}
+
+/// A slab of allocations with the maps that find them.
+#[derive(Debug, Default)]
+pub(super) struct Table {
+    allocs: Vec<Option<Allocation>>,
+    free: Vec<u32>,
+    pub(super) by_tuple: FastMap<FiveTuple, u32>,
+    pub(super) by_relay: FastMap<SocketAddr, u32>,
+    /// Lazy min-heap of (deadline, slot): entries may be stale.
+    pub(super) timers: BinaryHeap<Reverse<(Instant, u32)>>,
+}
+
+impl Table {
+    pub(super) fn insert(&mut self, alloc: Allocation) -> u32 {
+        let tuple = alloc.tuple;
+        let bound: Vec<SocketAddr> = alloc.relays.iter().flatten().map(|r| r.bound).collect();
+        let expires = alloc.expires;
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.allocs[i as usize] = Some(alloc);
+                i
+            }
+            None => {
+                self.allocs.push(Some(alloc));
+                (self.allocs.len() - 1) as u32
+            }
+        };
+        self.by_tuple.insert(tuple, idx);
+        for b in bound {
+            self.by_relay.insert(b, idx);
+        }
+        self.timers.push(Reverse((expires, idx)));
+        idx
+    }
+
+    pub(super) fn remove(&mut self, idx: u32) -> Option<Allocation> {
+        let a = self.allocs.get_mut(idx as usize)?.take()?;
+        self.free.push(idx);
+        self.by_tuple.remove(&a.tuple);
+        for r in a.relays.iter().flatten() {
+            self.by_relay.remove(&r.bound);
+        }
+        Some(a)
+    }
+
+    pub(super) fn get(&self, idx: u32) -> Option<&Allocation> {
+        self.allocs.get(idx as usize)?.as_ref()
+    }
+
+    pub(super) fn get_mut(&mut self, idx: u32) -> Option<&mut Allocation> {
+        self.allocs.get_mut(idx as usize)?.as_mut()
+    }
+
+    /// The allocation in slot `idx` if it is still live at `now`: the one
+    /// accessor every relay, refresh and request path goes through.
+    pub(super) fn get_live(&mut self, idx: u32, now: Instant) -> Option<&mut Allocation> {
+        self.get_mut(idx).filter(|a| a.is_live(now))
+    }
+
+    /// The live allocation of a 5-tuple, with its slot.
+    pub(super) fn live_by_tuple(
+        &mut self,
+        tuple: &FiveTuple,
+        now: Instant,
+    ) -> Option<(u32, &mut Allocation)> {
+        let idx = *self.by_tuple.get(tuple)?;
+        self.get_live(idx, now).map(|a| (idx, a))
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = &Allocation> {
+        self.allocs.iter().flatten()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.by_tuple.len()
+    }
+}
