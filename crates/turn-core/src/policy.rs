@@ -155,6 +155,10 @@ pub fn canonicalize(ip: IpAddr) -> IpAddr {
     if s[..5] == [0, 0, 0, 0, 0] && s[5] == 0xffff {
         return IpAddr::V4(tail);
     }
+    // SIIT IPv4-translated (`::ffff:0:a.b.c.d`, RFC 7915 / RFC 2765).
+    if s[..4] == [0, 0, 0, 0] && s[4] == 0xffff && s[5] == 0 {
+        return IpAddr::V4(tail);
+    }
     if s[..6] == [0, 0, 0, 0, 0, 0] && u32::from(tail) > 1 {
         return IpAddr::V4(tail);
     }
@@ -175,6 +179,17 @@ fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
         IpAddr::V6(v6) => v6.is_loopback(),
+    }
+}
+
+/// The forms that really reach this host's loopback: 127/8, `::1`, and
+/// IPv4-mapped `::ffff:127.x.y.z` (a dual-stack socket sends it to 127/8).
+/// Translated forms (NAT64, 6to4, IPv4-compatible, SIIT) route off the
+/// host, so `allow-loopback-peers` does not allow them.
+fn is_real_loopback(raw: IpAddr) -> bool {
+    match raw {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
     }
 }
 
@@ -246,7 +261,7 @@ impl PeerPolicy {
         if self.allow.iter().any(|c| c.contains(ip)) {
             return Ok(());
         }
-        if self.allow_loopback && is_loopback(ip) {
+        if self.allow_loopback && is_real_loopback(raw) {
             return Ok(());
         }
         if self.default_deny.iter().any(|c| c.contains(ip)) {
@@ -380,6 +395,44 @@ mod tests {
         assert_eq!(p.check(sa("127.0.0.1:5349")), Err(Refusal::OwnAddress));
         assert_eq!(p.check(sa("127.0.0.1:5350")), Ok(()));
         assert_eq!(p.check(sa("9.9.9.9:3478")), Ok(()));
+    }
+
+    #[test]
+    fn siit_is_unwrapped_and_loopback_switch_allows_only_real_loopback() {
+        let mut p = PeerPolicy::default();
+        assert_eq!(
+            canonicalize("::ffff:0:127.0.0.1".parse().unwrap()),
+            "127.0.0.1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(p.check(sa("[::ffff:0:127.0.0.1]:1")), Err(Refusal::DefaultDenied));
+        assert_eq!(p.check(sa("[::ffff:0:10.0.0.1]:1")), Err(Refusal::DefaultDenied));
+        p.allow_loopback = true;
+        for ok in ["127.0.0.1:1", "127.9.9.9:1", "[::1]:1", "[::ffff:127.0.0.1]:1"] {
+            assert_eq!(p.check(sa(ok)), Ok(()), "{ok} is this host's loopback");
+        }
+        for off_host in [
+            "[64:ff9b::7f00:1]:1",
+            "[2002:7f00:1::1]:1",
+            "[::127.0.0.1]:1",
+            "[::ffff:0:127.0.0.1]:1",
+        ] {
+            assert!(p.check(sa(off_host)).is_err(), "{off_host} routes off the host");
+        }
+    }
+
+    #[test]
+    fn every_host_address_behind_a_wildcard_listener_is_own() {
+        let p = PeerPolicy {
+            own_sockets: vec![sa("0.0.0.0:3478"), sa("[::]:3478")],
+            own_ips: vec!["192.0.2.10".parse().unwrap(), "2001:db8::10".parse().unwrap()],
+            allow: vec!["192.0.2.0/24".parse().unwrap(), "2001:db8::/32".parse().unwrap()],
+            ..PeerPolicy::default()
+        };
+        assert_eq!(p.check(sa("192.0.2.10:3478")), Err(Refusal::OwnAddress));
+        assert_eq!(p.check(sa("[2001:db8::10]:3478")), Err(Refusal::OwnAddress));
+        assert_eq!(p.check(sa("[::ffff:192.0.2.10]:3478")), Err(Refusal::OwnAddress));
+        assert_eq!(p.check(sa("192.0.2.10:3479")), Ok(()));
+        assert_eq!(p.check(sa("192.0.2.11:3478")), Ok(()));
     }
 
     #[test]
