@@ -1,0 +1,95 @@
+//! Limits hold per host, not per worker thread: with `--threads 2`, one IP
+//! gets one answer budget whether it uses one source port or 64 (the
+//! kernel spreads ports over workers), and one per-source TCP cap.
+
+mod common;
+
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::time::Duration;
+
+fn binding() -> Vec<u8> {
+    let mut b = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+    b.extend_from_slice(&[7u8; 12]);
+    b
+}
+
+/// Sends `n` Bindings spread over `ports` sockets at once; counts answers.
+fn answers(server: SocketAddr, ports: usize, n: usize) -> usize {
+    let socks: Vec<UdpSocket> = (0..ports)
+        .map(|_| {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            s
+        })
+        .collect();
+    let req = binding();
+    for i in 0..n {
+        socks[i % ports].send_to(&req, server).unwrap();
+    }
+    let mut got = 0;
+    let mut buf = [0u8; 1500];
+    for s in &socks {
+        while s.recv_from(&mut buf).is_ok() {
+            got += 1;
+        }
+    }
+    got
+}
+
+#[test]
+fn one_answer_budget_per_source_ip_across_workers() {
+    // 20 answers/s, burst 40: 300 requests sent at once get about 40.
+    let h = common::start(&["--rate-limit-per-ip", "20", "--threads", "2"]);
+    let one_port = answers(h.listen[0], 1, 300);
+    std::thread::sleep(Duration::from_secs(3)); // the bucket refills (60 > burst)
+    let many_ports = answers(h.listen[0], 64, 300);
+    assert!((35..=50).contains(&one_port), "one port: {one_port}");
+    assert!(
+        (35..=50).contains(&many_ports),
+        "64 ports must share the budget of one: {many_ports} (one port got {one_port})"
+    );
+    h.shutdown();
+}
+
+#[test]
+fn per_source_connection_cap_leaves_room_for_others() {
+    let h = common::start(&["--max-connections-per-ip", "10", "--threads", "2"]);
+    let addr = h.listen[0];
+    let mut held = Vec::new();
+    for _ in 0..25 {
+        held.push(TcpStream::connect(addr).unwrap());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // Connections past the cap were closed at once: a read sees EOF.
+    let mut open = 0;
+    for s in &held {
+        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let mut b = [0u8; 1];
+        match std::io::Read::read(&mut &*s, &mut b) {
+            Ok(0) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                open += 1
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(open, 10, "one source holds at most the cap, over both workers");
+    // Another source (127.0.0.2 is this host's too) still gets in.
+    let other = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    other
+        .bind(&"127.0.0.2:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    other.connect(&addr.into()).unwrap();
+    let other: TcpStream = other.into();
+    other.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut b = [0u8; 1];
+    let r = std::io::Read::read(&mut &other, &mut b);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut),
+        "another source is not closed: {r:?}"
+    );
+    drop(held);
+    h.shutdown();
+}
