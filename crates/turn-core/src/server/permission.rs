@@ -41,6 +41,24 @@ impl Server {
         Ok(())
     }
 
+    /// The live allocation a CreatePermission or ChannelBind names (437
+    /// without one), with the families it relays and its username.
+    fn peer_context(
+        &mut self,
+        existing: Option<u32>,
+        now: Instant,
+    ) -> Result<(u32, [bool; 2], Arc<str>), Reply> {
+        let a = existing
+            .and_then(|idx| self.table.get_live(idx, now).map(|a| (idx, a)))
+            .ok_or(Reply::Error(ErrorCode::AllocationMismatch));
+        let (idx, a) = a?;
+        Ok((
+            idx,
+            [a.relays[0].is_some(), a.relays[1].is_some()],
+            a.username.clone(),
+        ))
+    }
+
     /// RFC 8656 §9.2: every XOR-PEER-ADDRESS is checked before any is installed.
     pub(super) fn create_permission(
         &mut self,
@@ -49,13 +67,10 @@ impl Server {
         msg: &Message<'_>,
         existing: Option<u32>,
     ) -> Reply {
-        let Some(idx) = existing else {
-            return Reply::Error(ErrorCode::AllocationMismatch);
+        let (idx, a_families, username) = match self.peer_context(existing, now) {
+            Ok(c) => c,
+            Err(r) => return r,
         };
-        let Some(a) = self.table.get_live(idx, now) else {
-            return Reply::Error(ErrorCode::AllocationMismatch);
-        };
-        let (a_families, username) = ([a.relays[0].is_some(), a.relays[1].is_some()], a.username.clone());
         let mut peers: [Option<IpAddr>; 16] = [None; 16];
         let mut n = 0;
         for v in msg.get_all(attr::XOR_PEER_ADDRESS) {
@@ -102,13 +117,10 @@ impl Server {
         msg: &Message<'_>,
         existing: Option<u32>,
     ) -> Reply {
-        let Some(idx) = existing else {
-            return Reply::Error(ErrorCode::AllocationMismatch);
+        let (idx, a_families, username) = match self.peer_context(existing, now) {
+            Ok(c) => c,
+            Err(r) => return r,
         };
-        let Some(a) = self.table.get_live(idx, now) else {
-            return Reply::Error(ErrorCode::AllocationMismatch);
-        };
-        let (a_families, username) = ([a.relays[0].is_some(), a.relays[1].is_some()], a.username.clone());
         let (Some(ch), Some(peer)) = (
             msg.get(attr::CHANNEL_NUMBER),
             msg.get_xor_addr(attr::XOR_PEER_ADDRESS),

@@ -45,24 +45,16 @@ impl Server {
             });
             return None;
         }
-        if !a.has_permission(peer.ip(), now) {
-            return None;
-        }
-        if !admit_relayed(
+        let dest = toward_peer(
             &self.cfg,
             &mut self.user_bw,
             &mut self.counters,
             a,
             now,
+            (relay, peer),
             data.len(),
-            true,
-        ) {
-            return None;
-        }
-        Some(Transmit {
-            dest: Dest::Peer { relay, peer },
-            data,
-        })
+        )?;
+        Some(Transmit { dest, data })
     }
 
     /// RFC 8656 §12.6: ChannelData from the client goes to the bound peer,
@@ -82,24 +74,16 @@ impl Server {
             .find(|c| c.number == cd.channel && c.expires > now)?
             .peer;
         let relay = a.relay_for(peer, now)?.bound;
-        if !a.has_permission(peer.ip(), now) {
-            return None;
-        }
-        if !admit_relayed(
+        let dest = toward_peer(
             &self.cfg,
             &mut self.user_bw,
             &mut self.counters,
             a,
             now,
+            (relay, peer),
             cd.data.len(),
-            true,
-        ) {
-            return None;
-        }
-        Some(Transmit {
-            dest: Dest::Peer { relay, peer },
-            data: cd.data,
-        })
+        )?;
+        Some(Transmit { dest, data: cd.data })
     }
 
     /// Processes a datagram a relay socket received from `peer`
@@ -245,6 +229,23 @@ impl Server {
             self.user_bw_free.push(i);
         }
     }
+}
+
+/// The client-to-peer rule both Send and ChannelData follow: a live
+/// permission for the peer's IP (RFC 8656 §9), then the bandwidth caps.
+fn toward_peer(
+    cfg: &Config,
+    user_bw: &mut [Option<UserBandwidth>],
+    counters: &mut Counters,
+    a: &mut Allocation,
+    now: Instant,
+    (relay, peer): (SocketAddr, SocketAddr),
+    len: usize,
+) -> Option<Dest> {
+    if !a.has_permission(peer.ip(), now) || !admit_relayed(cfg, user_bw, counters, a, now, len, true) {
+        return None;
+    }
+    Some(Dest::Peer { relay, peer })
 }
 
 /// Admits one relayed packet: checks the per-allocation and per-user
