@@ -65,6 +65,9 @@ pub const RESPONSE_ORIGIN: u16 = 0x802B;
 pub const OTHER_ADDRESS: u16 = 0x802C;
 /// RFC 8656 ADDITIONAL-ADDRESS-FAMILY.
 pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
+/// ADDITIONAL-ADDRESS-FAMILY as the drafts before RFC 8656 numbered it,
+/// still sent by coturn's `turnutils_uclient -Z` (4.6).
+pub const ADDITIONAL_ADDRESS_FAMILY_DRAFT: u16 = 0x8032;
 /// RFC 8656 ADDRESS-ERROR-CODE (§14.13).
 pub const ADDRESS_ERROR_CODE: u16 = 0x8001;
 /// RFC 8656 ICMP.

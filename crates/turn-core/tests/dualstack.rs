@@ -100,6 +100,18 @@ fn a_family_that_cannot_be_served_is_reported_with_address_error_code() {
 }
 
 #[test]
+fn the_drafts_attribute_number_asks_for_a_dual_allocation_too() {
+    let mut h = Harness::new();
+    h.relays.v6 = true;
+    let mut c = Client::new(udp(), "alice", "wonderland");
+    let resp = c.request(&mut h, method::ALLOCATE, &|b| {
+        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000)
+            .attr(attr::ADDITIONAL_ADDRESS_FAMILY_DRAFT, &[2, 0, 0, 0]);
+    });
+    assert_eq!(relayed_all(&resp).len(), 2, "coturn's -Z uses 0x8032");
+}
+
+#[test]
 fn additional_family_must_be_ipv6() {
     let mut h = Harness::new();
     let mut c = Client::new(udp(), "alice", "wonderland");

@@ -247,6 +247,24 @@ pub struct Allocation {
     pub mapped: SocketAddr,
     /// LIFETIME in seconds.
     pub lifetime: u32,
+    /// The second XOR-RELAYED-ADDRESS of a dual allocation.
+    pub additional: Option<SocketAddr>,
+    /// ADDRESS-ERROR-CODE: the family (1 IPv4, 2 IPv6) and code the server
+    /// could not serve (RFC 8656 §14.13).
+    pub family_error: Option<(u8, u16)>,
+}
+
+/// Which relayed address family an Allocate asks for (RFC 8656 §7.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayFamily {
+    /// IPv4, the default (no REQUESTED-ADDRESS-FAMILY).
+    #[default]
+    Ipv4,
+    /// IPv6 (REQUESTED-ADDRESS-FAMILY IPv6).
+    Ipv6,
+    /// Both (ADDITIONAL-ADDRESS-FAMILY IPv6).
+    Dual,
 }
 
 /// Application data received through the relay.
@@ -279,6 +297,7 @@ pub struct TurnClient {
     timeout: Duration,
     inbox: VecDeque<Vec<u8>>,
     buf: Vec<u8>,
+    family: RelayFamily,
 }
 
 impl TurnClient {
@@ -294,6 +313,7 @@ impl TurnClient {
             timeout: Duration::from_secs(3),
             inbox: VecDeque::new(),
             buf: Vec::new(),
+            family: RelayFamily::Ipv4,
         }
     }
 
@@ -415,8 +435,18 @@ impl TurnClient {
 
     /// Allocate with REQUESTED-TRANSPORT UDP.
     pub fn allocate(&mut self) -> Result<Allocation, ClientError> {
-        let resp = self.transaction(method::ALLOCATE, &|b| {
+        let family = self.family;
+        let resp = self.transaction(method::ALLOCATE, &move |b| {
             b.u32(attr::REQUESTED_TRANSPORT, (attr::PROTOCOL_UDP as u32) << 24);
+            match family {
+                RelayFamily::Ipv4 => {}
+                RelayFamily::Ipv6 => {
+                    b.attr(attr::REQUESTED_ADDRESS_FAMILY, &[attr::FAMILY_IPV6, 0, 0, 0]);
+                }
+                RelayFamily::Dual => {
+                    b.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[attr::FAMILY_IPV6, 0, 0, 0]);
+                }
+            }
         })?;
         let m = Message::parse(&resp).map_err(|_| ClientError::Protocol("bad response"))?;
         // A server that never challenged us (no realm learned) signs nothing.
@@ -433,11 +463,26 @@ impl TurnClient {
             .get_xor_addr(attr::XOR_MAPPED_ADDRESS)
             .and_then(|r| r.ok())
             .ok_or(ClientError::Protocol("no XOR-MAPPED-ADDRESS"))?;
+        let additional = m
+            .get_all(attr::XOR_RELAYED_ADDRESS)
+            .filter_map(|v| m.decode_xor_addr(v).ok())
+            .find(|a| *a != relayed);
+        let family_error = m
+            .get(attr::ADDRESS_ERROR_CODE)
+            .filter(|v| v.len() >= 4)
+            .map(|v| (v[0], (v[2] & 0x07) as u16 * 100 + v[3] as u16));
         Ok(Allocation {
             relayed,
             mapped,
             lifetime: m.get_u32(attr::LIFETIME).unwrap_or(0),
+            additional,
+            family_error,
         })
+    }
+
+    /// The relayed family the next [`TurnClient::allocate`] asks for.
+    pub fn set_relay_family(&mut self, family: RelayFamily) {
+        self.family = family;
     }
 
     /// Refresh; returns the granted lifetime (0 deletes).

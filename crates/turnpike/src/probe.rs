@@ -100,6 +100,10 @@ pub struct TurnArgs {
     /// tcp for turn: and tls for turns:.
     #[arg(long, value_delimiter = ',')]
     pub transport: Vec<String>,
+    /// Relayed address family to ask for: ipv4 (the default), ipv6, or dual
+    /// (both, RFC 8656 §7.2 ADDITIONAL-ADDRESS-FAMILY).
+    #[arg(long, value_enum, default_value_t)]
+    pub relay_family: crate::client::RelayFamily,
     #[command(flatten)]
     pub common: Common,
 }
@@ -499,7 +503,14 @@ pub fn turn(a: &TurnArgs) -> Result<Report> {
             if n == "tls" && !uri.explicit_port && matches!(uri.scheme, Scheme::Turn | Scheme::Stun) {
                 target.set_port(5349);
             }
-            relay_checks(&t, target, &user, &password, timeout, &mut checks);
+            relay_checks(
+                &t,
+                target,
+                (&user, &password),
+                timeout,
+                a.relay_family,
+                &mut checks,
+            );
         }
     }
     let mut r = finish(uri, addrs, checks);
@@ -515,9 +526,9 @@ type Recorder<'a> = dyn FnMut(&str, Result<String, ClientError>, f64) -> bool + 
 fn relay_checks(
     t: &ClientTransport,
     addr: SocketAddr,
-    user: &str,
-    pw: &str,
+    (user, pw): (&str, &str),
     timeout: Duration,
+    relay_family: crate::client::RelayFamily,
     checks: &mut Vec<Check>,
 ) {
     let tn = transport_name(t);
@@ -555,6 +566,7 @@ fn relay_checks(
     let Some(mut a) = connect(&mut push, "connect") else {
         return;
     };
+    a.set_relay_family(relay_family);
     let (r, ms) = timed(|| a.allocate());
     let Ok(alloc_a) = r.as_ref().map(|x| *x).map_err(|_| ()) else {
         let realm = a.realm().map(str::to_owned);
@@ -571,8 +583,16 @@ fn relay_checks(
     push(
         "allocate",
         Ok(format!(
-            "relayed {} (reflexive {}), lifetime {} s{}",
+            "relayed {}{}{} (reflexive {}), lifetime {} s{}",
             alloc_a.relayed,
+            alloc_a
+                .additional
+                .map(|x| format!(" and {x}"))
+                .unwrap_or_default(),
+            alloc_a
+                .family_error
+                .map(|(f, c)| format!(" (no IPv{} relay: {c})", if f == 2 { 6 } else { 4 }))
+                .unwrap_or_default(),
             alloc_a.mapped,
             alloc_a.lifetime,
             a.realm().map(|r| format!(", realm {r:?}")).unwrap_or_default()
@@ -582,6 +602,7 @@ fn relay_checks(
     let Some(mut b) = connect(&mut push, "connect (second allocation)") else {
         return;
     };
+    b.set_relay_family(relay_family);
     let (r, ms) = timed(|| b.allocate());
     let Ok(alloc_b) = r.as_ref().map(|x| *x).map_err(|_| ()) else {
         push("second allocation", r.map(|_| String::new()), ms);

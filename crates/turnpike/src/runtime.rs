@@ -904,11 +904,15 @@ impl Io {
         {
             return Some(reached);
         }
-        if req.ipv6 {
+        let fallback = if req.ipv6 {
             self.relay.v6.map(IpAddr::V6)
         } else {
             self.relay.v4.map(IpAddr::V4)
-        }
+        };
+        // A relay a remote client cannot reach is no relay: a loopback
+        // fallback (a host without a route of that family) is for loopback
+        // clients only, unless the operator configured it.
+        fallback.filter(|ip| !self.relay.auto || !ip.is_loopback() || req.client_ip.is_loopback())
     }
 
     /// Binds a new relay socket for `req` at a random port.

@@ -102,7 +102,15 @@ fn uclient(flags: &[&str], port: u16, peer_port: u16) -> (u64, u64, u64, String)
 
 #[test]
 fn uclient_relays_every_packet_in_every_mode() {
-    let h = start(&["--allow-loopback-peers", "--rfc5766-channel-numbers"]);
+    // An IPv6 relay too, so -Z gets two relayed addresses.
+    let v6: &[&str] = if std::net::UdpSocket::bind("[::1]:0").is_ok() {
+        &["--relay-ip", "127.0.0.1", "--relay-ip", "::1"]
+    } else {
+        &[]
+    };
+    let mut flags = vec!["--allow-loopback-peers", "--rfc5766-channel-numbers"];
+    flags.extend_from_slice(v6);
+    let h = start(&flags);
     let peer = start_peer();
     let port = h.listen[0].port();
     let tls_port = h.tls_listen[0].port();
@@ -115,6 +123,8 @@ fn uclient_relays_every_packet_in_every_mode() {
         (vec!["-t", "-y"], port),     // TCP, client to client
         (vec!["-y", "-s"], port),     // UDP, client to client with Send
         (vec!["-S", "-t"], tls_port), // TLS
+        (vec!["-Z", "-y"], port),     // dual allocations (RFC 8656 §7.2), client to client
+        (vec!["-g", "-y"], port),     // DONT-FRAGMENT (RFC 8656 §14.8), client to client
     ];
     // The modes run in parallel: each is a separate client, and the peer
     // echoes whatever reaches it.

@@ -140,40 +140,69 @@ fn wildcard_listener_answers_and_relays_from_the_address_reached() {
         assert_eq!(from, dst, "a Binding to {dst} must be answered from {dst}");
     }
     // `probe turn` allocates (a connected socket: a reply from another
-    // address would be lost) and reports the relayed address.
-    // (An Allocate without REQUESTED-ADDRESS-FAMILY asks for IPv4, RFC 8656
-    // §7.2, so the IPv6 address reached is checked by the Bindings above.)
-    for (dst, want) in [
-        ("10.200.0.2:3478", "relayed 10.200.0.2:"),
-        ("10.200.0.1:3478", "relayed 10.200.0.1:"),
+    // address would be lost) and reports the relayed addresses.
+    for (dst, family, want) in [
+        ("10.200.0.2:3478", "ipv4", "relayed 10.200.0.2:"),
+        ("10.200.0.1:3478", "ipv4", "relayed 10.200.0.1:"),
+        ("[fd00:200::2]:3478", "ipv6", "relayed [fd00:200::2]:"),
+        ("[fd00:200::1]:3478", "ipv6", "relayed [fd00:200::1]:"),
     ] {
-        let out = ns
-            .exec()
-            .arg(env!("CARGO_BIN_EXE_turnpike"))
-            .args([
-                "probe",
-                "turn",
-                &format!("turn:{dst}"),
-                "--user",
-                "alice",
-                "--password",
-                "wonderland",
-            ])
-            .args(["--json", "--timeout-ms", "1500"])
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("probe: {e}: {}", String::from_utf8_lossy(&out.stdout)));
-        let checks = v["checks"].as_array().unwrap();
-        let alloc = checks
-            .iter()
-            .find(|c| c["name"].as_str().unwrap_or("").ends_with("allocate"))
-            .unwrap_or_else(|| panic!("no allocate step: {v}"));
-        assert_eq!(alloc["ok"], true, "{v}");
-        let detail = alloc["detail"].as_str().unwrap();
-        assert!(detail.starts_with(want), "{dst}: {detail}");
+        let (ok, detail) = probe_allocate(&ns, dst, family);
+        assert!(ok, "{dst} {family}: {detail}");
+        assert!(detail.starts_with(want), "{dst} {family}: {detail}");
     }
+    // The namespace has no IPv4 route off the host, so an IPv6 client that
+    // asks for the default family cannot be given a relay it could use:
+    // 440, never a loopback relay.
+    let (ok, detail) = probe_allocate(&ns, "[fd00:200::2]:3478", "ipv4");
+    assert!(!ok && detail.contains("440"), "{detail}");
+    // Dual over IPv6: the IPv6 relay is made, and the IPv4 family that
+    // cannot be served is reported with ADDRESS-ERROR-CODE (RFC 8656 §7.2).
+    let (ok, detail) = probe_allocate(&ns, "[fd00:200::2]:3478", "dual");
+    assert!(ok, "{detail}");
+    assert!(detail.starts_with("relayed [fd00:200::2]:"), "{detail}");
+    assert!(detail.contains("no IPv4 relay: 440"), "{detail}");
     drop(server);
+}
+
+/// `turnpike probe turn` inside the namespace: the allocate step's result.
+fn probe_allocate(ns: &Netns, dst: &str, family: &str) -> (bool, String) {
+    let out = ns
+        .exec()
+        .arg(env!("CARGO_BIN_EXE_turnpike"))
+        .args([
+            "probe",
+            "turn",
+            &format!("turn:{dst}"),
+            "--user",
+            "alice",
+            "--password",
+            "wonderland",
+        ])
+        .args([
+            "--relay-family",
+            family,
+            "--transport",
+            "udp",
+            "--json",
+            "--timeout-ms",
+            "1500",
+        ])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("probe: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let alloc = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"].as_str().unwrap_or("").ends_with("allocate"))
+        .unwrap_or_else(|| panic!("no allocate step: {v}"))
+        .clone();
+    (
+        alloc["ok"] == true,
+        alloc["detail"].as_str().unwrap_or("").to_owned(),
+    )
 }
 
 /// Whether this process is not root (namespaces need CAP_SYS_ADMIN).

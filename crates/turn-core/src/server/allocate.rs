@@ -72,7 +72,10 @@ impl Server {
         }
         let has_token = msg.has(attr::RESERVATION_TOKEN);
         let family_attr = msg.get(attr::REQUESTED_ADDRESS_FAMILY);
-        let additional_attr = msg.get(attr::ADDITIONAL_ADDRESS_FAMILY);
+        // The drafts' number is accepted too: coturn's own client sends it.
+        let additional_attr = msg
+            .get(attr::ADDITIONAL_ADDRESS_FAMILY)
+            .or_else(|| msg.get(attr::ADDITIONAL_ADDRESS_FAMILY_DRAFT));
         if has_token && (msg.has(attr::EVEN_PORT) || family_attr.is_some() || additional_attr.is_some()) {
             return Reply::Error(BadRequest);
         }
