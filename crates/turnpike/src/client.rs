@@ -284,6 +284,18 @@ pub enum Received {
         /// Payload.
         data: Vec<u8>,
     },
+    /// A Data indication with ICMP (RFC 8656 §11.5): what was sent to
+    /// `peer` drew an ICMP error.
+    Icmp {
+        /// The peer the datagram was for.
+        peer: SocketAddr,
+        /// ICMP type.
+        icmp_type: u8,
+        /// ICMP code.
+        icmp_code: u8,
+        /// Error data (the MTU for "packet too big").
+        info: u32,
+    },
 }
 
 /// A TURN client session (long-term credentials) over one [`Channel`].
@@ -572,6 +584,16 @@ impl TurnClient {
                                 return Ok(Received::Data {
                                     peer,
                                     data: data.to_vec(),
+                                });
+                            }
+                            if let (Some(Ok(peer)), Some([_, _, t, c, d0, d1, d2, d3])) =
+                                (m.get_xor_addr(attr::XOR_PEER_ADDRESS), m.get(attr::ICMP))
+                            {
+                                return Ok(Received::Icmp {
+                                    peer,
+                                    icmp_type: *t,
+                                    icmp_code: *c,
+                                    info: u32::from_be_bytes([*d0, *d1, *d2, *d3]),
                                 });
                             }
                         }

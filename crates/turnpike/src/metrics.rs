@@ -32,6 +32,12 @@ pub struct WorkerMetrics {
     pub tls_handshakes: u64,
     /// TLS connections that failed (handshake or record errors).
     pub tls_failures: u64,
+    /// TCP/TLS connections closed at accept: the worker's table or pending
+    /// cap was full.
+    pub conn_refused_worker: u64,
+    /// TCP/TLS connections closed at accept: the source IP held
+    /// `--max-connections-per-ip` already.
+    pub conn_refused_per_source: u64,
     /// `recvmmsg` calls that returned datagrams, and the datagrams.
     pub recv_batches: u64,
     /// Datagrams received through `recvmmsg`.
@@ -79,6 +85,10 @@ fn sum(board: &Board) -> (WorkerMetrics, Vec<WorkerMetrics>) {
         t.connections += w.connections;
         t.tls_handshakes += w.tls_handshakes;
         t.tls_failures += w.tls_failures;
+        t.conn_refused_worker += w.conn_refused_worker;
+        t.conn_refused_per_source += w.conn_refused_per_source;
+        tc.icmp_relayed += c.icmp_relayed;
+        tc.icmp_dropped += c.icmp_dropped;
         t.recv_batches += w.recv_batches;
         t.recv_datagrams += w.recv_datagrams;
         t.send.syscalls += w.send.syscalls;
@@ -221,6 +231,24 @@ pub fn render(board: &Board, draining: bool) -> String {
         "gauge",
         "Open TCP/TLS connections.",
         &[("", t.connections as f64)],
+    );
+    metric(
+        "connections_refused_total",
+        "counter",
+        "TCP/TLS connections closed at accept, by limit.",
+        &[
+            ("{limit=\"worker\"}", t.conn_refused_worker as f64),
+            ("{limit=\"per_source\"}", t.conn_refused_per_source as f64),
+        ],
+    );
+    metric(
+        "icmp_total",
+        "counter",
+        "ICMP errors for relayed datagrams (RFC 8656 §11.5), by outcome.",
+        &[
+            ("{outcome=\"relayed\"}", c.icmp_relayed as f64),
+            ("{outcome=\"dropped\"}", c.icmp_dropped as f64),
+        ],
     );
     metric(
         "tls_handshakes_total",

@@ -1078,6 +1078,8 @@ struct Worker {
     next_sweep: Instant,
     connections: Arc<SourceCounter>,
     errors: udp_io::ErrorQueue,
+    conn_refused_worker: u64,
+    conn_refused_per_source: u64,
 }
 
 impl Worker {
@@ -1147,6 +1149,8 @@ impl Worker {
             next_sweep: Instant::now() + SWEEP_INTERVAL,
             connections,
             errors: udp_io::ErrorQueue::new(),
+            conn_refused_worker: 0,
+            conn_refused_per_source: 0,
         })
     }
 
@@ -1344,6 +1348,7 @@ impl Worker {
             {
                 // Dropping the stream closes it at once.
                 debug!(client = %self.redact.show(&client), "connection limit reached; closing");
+                self.conn_refused_worker += 1;
                 continue;
             }
             // One source cannot take every slot: its count is shared by all
@@ -1353,6 +1358,7 @@ impl Worker {
                 .try_acquire(client.ip(), self.limits.max_per_source)
             {
                 debug!(client = %self.redact.show(&client), "per-source connection limit reached; closing");
+                self.conn_refused_per_source += 1;
                 continue;
             }
             let release = |w: &Self| w.connections.release(client.ip());
@@ -1515,6 +1521,8 @@ impl Worker {
             connections: self.io.conn_by_tuple.len(),
             tls_handshakes: self.tls_handshakes,
             tls_failures: self.tls_failures,
+            conn_refused_worker: self.conn_refused_worker,
+            conn_refused_per_source: self.conn_refused_per_source,
             recv_batches: self.recv_batches,
             recv_datagrams: self.recv_datagrams,
             send: self.io.queue.stats(),

@@ -53,7 +53,14 @@ fn one_answer_budget_per_source_ip_across_workers() {
 
 #[test]
 fn per_source_connection_cap_leaves_room_for_others() {
-    let h = common::start(&["--max-connections-per-ip", "10", "--threads", "2"]);
+    let h = common::start(&[
+        "--max-connections-per-ip",
+        "10",
+        "--threads",
+        "2",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
     let addr = h.listen[0];
     let mut held = Vec::new();
     for _ in 0..25 {
@@ -90,6 +97,27 @@ fn per_source_connection_cap_leaves_room_for_others() {
         matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut),
         "another source is not closed: {r:?}"
     );
+    // Every refusal is counted, whichever worker accepted it.
+    let metrics = h.metrics.unwrap();
+    let want = "turnpike_connections_refused_total{limit=\"per_source\"} 15";
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let body = scrape(metrics);
+        if body.contains(want) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{want} not in:\n{body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     drop(held);
     h.shutdown();
+}
+
+fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
 }
