@@ -45,8 +45,6 @@ pub use io::{
 };
 
 use crate::auth::{Credentials, Key, NonceMinter};
-use crate::limits::{AuthGuard, SourceLimiter};
-use crate::policy::PeerPolicy;
 use allocate::PendingAllocate;
 use respond::{Reply, ReqInfo};
 use table::{FastMap, Table, UserBandwidth};
@@ -112,25 +110,12 @@ impl Server {
         self.cfg.credentials = credentials;
     }
 
-    /// Replaces the abuse limits (reload): the shared per-source answer
-    /// budget, the shared brute-force guard and the bandwidth caps.
-    /// Allocations are kept.
-    pub fn set_limits(
-        &mut self,
-        source_limiter: Arc<SourceLimiter>,
-        auth_guard: Arc<AuthGuard>,
-        max_bps: u64,
-        user_max_bps: u64,
-    ) {
-        self.cfg.source_limiter = source_limiter;
-        self.cfg.auth_guard = auth_guard;
-        self.cfg.max_bps = max_bps;
-        self.cfg.user_max_bps = user_max_bps;
-    }
-
-    /// Replaces the peer policy (reload). Existing permissions are kept.
-    pub fn set_policy(&mut self, policy: PeerPolicy) {
-        self.cfg.policy = policy;
+    /// Replaces the configuration (reload): credentials, peer policy,
+    /// limits, caps and every other setting. Allocations are kept, and so
+    /// are nonces if the secret and epoch stay (the runtime keeps them).
+    pub fn reconfigure(&mut self, cfg: Config) {
+        self.minter = NonceMinter::new(cfg.nonce_secret, cfg.nonce_lifetime.as_secs().max(1));
+        self.cfg = cfg;
     }
 
     /// Number of live allocations.

@@ -1,0 +1,339 @@
+//! The control plane's side of the workers: `Control` (sessions, delete,
+//! drain, reload, stop, from signal handlers, the admin API and the
+//! credential watchers), the commands and reloads it sends, the limits all
+//! workers share, and the peer policy built from settings.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use mio::Waker;
+use turn_core::limits::{AuthGuard, SourceCounter, SourceLimiter};
+use turn_core::PeerPolicy;
+
+use super::worker::{conn_limits, ConnLimits};
+use crate::config::Settings;
+
+/// The peer policy `settings` describe, refusing the server's own sockets.
+pub(super) fn build_policy(settings: &Settings, own_sockets: &[SocketAddr]) -> PeerPolicy {
+    let mut own_ips: Vec<IpAddr> = Vec::new();
+    own_ips.extend(settings.relay_v4.map(IpAddr::V4));
+    own_ips.extend(settings.relay_v6.map(IpAddr::V6));
+    own_ips.extend(settings.external_v4.map(IpAddr::V4));
+    own_ips.extend(settings.external_v6.map(IpAddr::V6));
+    // Behind a wildcard listener every address of the host is a listener
+    // (the policy matches these with the wildcard sockets' ports).
+    if own_sockets.iter().any(|s| s.ip().is_unspecified()) {
+        own_ips.extend(udp_io::local_addresses());
+    }
+    PeerPolicy {
+        allow: settings.allow_peer.clone(),
+        deny: settings.deny_peer.clone(),
+        allow_loopback: settings.allow_loopback_peers,
+        own_sockets: own_sockets.to_vec(),
+        own_ips,
+        ..PeerPolicy::default()
+    }
+}
+
+/// A request from the control plane to a worker, handled in its loop
+/// (never on the packet path); the answer goes back on `reply`.
+pub enum Command {
+    /// List this worker's allocations.
+    Sessions(std::sync::mpsc::Sender<Vec<turn_core::SessionInfo>>),
+    /// Delete the allocations `pick` selects; answers how many.
+    Delete {
+        /// Which.
+        pick: Arc<dyn Fn(&turn_core::SessionInfo) -> bool + Send + Sync>,
+        /// How many were deleted.
+        reply: std::sync::mpsc::Sender<usize>,
+    },
+}
+
+/// What a reload changes in every worker, published under a generation
+/// number that workers compare once per loop iteration.
+#[derive(Clone, Default)]
+pub(super) struct Update {
+    /// The whole core configuration (reload); allocations are kept.
+    pub(super) core: Option<turn_core::Config>,
+    /// Only the credentials (a credential store changed).
+    pub(super) credentials: Option<Arc<turn_core::Credentials>>,
+    pub(super) tls: Option<Arc<rustls::ServerConfig>>,
+    pub(super) conn: Option<ConnLimits>,
+}
+
+impl Update {
+    /// `newer` on top of `self`: a worker that skipped a generation still
+    /// gets everything published since it last looked.
+    fn then(self, newer: Update) -> Update {
+        let credentials = newer.credentials.or(self.credentials);
+        let mut core = newer.core.or(self.core);
+        if let (Some(c), Some(creds)) = (core.as_mut(), &credentials) {
+            c.credentials = creds.clone();
+        }
+        Update {
+            core,
+            credentials,
+            tls: newer.tls.or(self.tls),
+            conn: newer.conn.or(self.conn),
+        }
+    }
+}
+
+/// What every core configuration of this server shares for its whole life:
+/// the nonce secret and epoch (any worker accepts any worker's nonce), the
+/// quota book, the drain switch, RFC 5780 addresses and the own sockets.
+#[derive(Clone)]
+pub(super) struct CoreBase {
+    pub(super) nonce_secret: [u8; 32],
+    pub(super) epoch: Instant,
+    pub(super) unix_at_epoch: u64,
+    pub(super) quotas: Arc<turn_core::limits::Quotas>,
+    pub(super) draining: Arc<AtomicBool>,
+    pub(super) rfc5780: Option<turn_core::Rfc5780>,
+    pub(super) own_sockets: Vec<SocketAddr>,
+}
+
+/// The core configuration `settings` describe: the one function start-up
+/// and reload both use, so a setting cannot apply at start and be forgotten
+/// on reload (or the reverse).
+pub(super) fn core_config(settings: &Settings, base: &CoreBase, limits: &SharedLimits) -> turn_core::Config {
+    let mut c = turn_core::Config::new(
+        &settings.realm,
+        Arc::new(settings.credentials.clone()),
+        base.nonce_secret,
+        base.epoch,
+        base.unix_at_epoch,
+    );
+    c.software = settings.software.clone();
+    c.legacy_channel_numbers = settings.legacy_channel_numbers;
+    c.policy = build_policy(settings, &base.own_sockets);
+    c.external_ipv4 = settings.external_v4;
+    c.external_ipv6 = settings.external_v6;
+    c.nonce_lifetime = Duration::from_secs(settings.nonce_lifetime);
+    // One quota book for all workers: quotas are per server, not per core.
+    c.quotas = base.quotas.clone();
+    c.source_limiter = limits.answers.clone();
+    c.auth_guard = limits.guard.clone();
+    c.max_bps = settings.max_bps;
+    c.user_max_bps = settings.user_max_bps;
+    c.rfc5780 = base.rfc5780;
+    c.alternate_servers = settings.alternate_server.clone();
+    c.draining = base.draining.clone();
+    c
+}
+
+#[derive(Default)]
+pub(super) struct Reloads {
+    pub(super) generation: std::sync::atomic::AtomicU64,
+    pub(super) latest: Mutex<Option<Update>>,
+}
+
+/// The limits every worker shares, so a source spread over many ports
+/// (and so many workers) gets one budget: the unauthenticated-answer rate,
+/// the brute-force guard and the per-source connection count. Touched only
+/// on unauthenticated answers, authentication and connection set-up.
+#[derive(Clone)]
+pub(super) struct SharedLimits {
+    pub(super) answers: Arc<SourceLimiter>,
+    pub(super) guard: Arc<AuthGuard>,
+    pub(super) connections: Arc<SourceCounter>,
+}
+
+impl SharedLimits {
+    pub(super) fn new(settings: &Settings) -> Self {
+        SharedLimits {
+            answers: Arc::new(SourceLimiter::new(
+                settings.rate_limit_per_ip,
+                turn_core::SOURCE_SLOTS,
+            )),
+            guard: Arc::new(AuthGuard::new(
+                settings.auth_fail_limit,
+                turn_core::AUTH_WINDOW,
+                Duration::from_secs(settings.auth_block_secs),
+                turn_core::SOURCE_SLOTS,
+            )),
+            connections: Arc::new(SourceCounter::new(turn_core::SOURCE_SLOTS)),
+        }
+    }
+
+    /// For a reload: tables whose settings did not change are kept (their
+    /// counts stay); the connection count always is.
+    pub(super) fn reloaded(&self, settings: &Settings) -> Self {
+        let block = Duration::from_secs(settings.auth_block_secs);
+        SharedLimits {
+            answers: if self.answers.rate() == settings.rate_limit_per_ip {
+                self.answers.clone()
+            } else {
+                Arc::new(SourceLimiter::new(
+                    settings.rate_limit_per_ip,
+                    turn_core::SOURCE_SLOTS,
+                ))
+            },
+            guard: if self.guard.settings() == (settings.auth_fail_limit, block) {
+                self.guard.clone()
+            } else {
+                Arc::new(AuthGuard::new(
+                    settings.auth_fail_limit,
+                    turn_core::AUTH_WINDOW,
+                    block,
+                    turn_core::SOURCE_SLOTS,
+                ))
+            },
+            connections: self.connections.clone(),
+        }
+    }
+}
+
+/// The control plane's hold on a running server, from other threads
+/// (signals, admin API, credential watchers): list and delete sessions,
+/// drain, reload, stop.
+#[derive(Clone)]
+pub struct Control {
+    pub(super) flag: Arc<AtomicBool>,
+    pub(super) wakers: Vec<Arc<Waker>>,
+    pub(super) draining: Arc<AtomicBool>,
+    pub(super) quotas: Arc<turn_core::limits::Quotas>,
+    pub(super) reloads: Arc<Reloads>,
+    pub(super) base: CoreBase,
+    pub(super) commands: Vec<std::sync::mpsc::Sender<Command>>,
+    pub(super) limits: Arc<Mutex<SharedLimits>>,
+}
+
+impl Control {
+    /// Every live allocation, from all workers.
+    pub fn sessions(&self) -> Vec<turn_core::SessionInfo> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let asked = self.ask(|| Command::Sessions(tx.clone()));
+        (0..asked)
+            .filter_map(|_| rx.recv_timeout(Duration::from_secs(2)).ok())
+            .flatten()
+            .collect()
+    }
+
+    /// Deletes the allocations `pick` selects, on every worker.
+    pub fn delete_sessions(&self, pick: Arc<dyn Fn(&turn_core::SessionInfo) -> bool + Send + Sync>) -> usize {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let asked = self.ask(|| Command::Delete {
+            pick: pick.clone(),
+            reply: tx.clone(),
+        });
+        (0..asked)
+            .filter_map(|_| rx.recv_timeout(Duration::from_secs(2)).ok())
+            .sum()
+    }
+
+    /// Stops a drain started by SIGUSR1 or the admin API.
+    pub fn undrain(&self) {
+        self.draining.store(false, Ordering::SeqCst);
+    }
+
+    pub(super) fn ask(&self, make: impl Fn() -> Command) -> usize {
+        let mut asked = 0;
+        for (tx, w) in self.commands.iter().zip(&self.wakers) {
+            if tx.send(make()).is_ok() {
+                asked += 1;
+                let _ = w.wake();
+            }
+        }
+        asked
+    }
+
+    /// Applies a new configuration to every worker (SIGHUP): credentials,
+    /// peer policy and, when it comes from files, the TLS certificate.
+    /// Existing allocations are untouched. Errors leave the old
+    /// configuration in force.
+    pub fn reload(&self, new: &Settings) -> Result<()> {
+        let tls = match &new.tls {
+            Some(src @ crate::config::TlsSource::Files { .. }) => Some(crate::tls::setup(src)?.config),
+            // A generated certificate is kept, not regenerated.
+            _ => None,
+        };
+        self.quotas.set_limits(new.user_quota, new.total_quota);
+        let limits = {
+            let mut l = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+            *l = l.reloaded(new);
+            l.clone()
+        };
+        self.publish(Update {
+            core: Some(core_config(new, &self.base, &limits)),
+            credentials: None,
+            tls,
+            conn: Some(conn_limits(new)),
+        });
+        Ok(())
+    }
+
+    /// Replaces only the credentials in every worker (user database changes).
+    pub fn set_credentials(&self, credentials: turn_core::Credentials) {
+        self.publish(Update {
+            credentials: Some(Arc::new(credentials)),
+            ..Update::default()
+        });
+    }
+
+    pub(super) fn publish(&self, update: Update) {
+        {
+            let mut latest = self.reloads.latest.lock().unwrap_or_else(|p| p.into_inner());
+            *latest = Some(latest.take().unwrap_or_default().then(update));
+        }
+        self.reloads.generation.fetch_add(1, Ordering::SeqCst);
+        for w in &self.wakers {
+            let _ = w.wake();
+        }
+    }
+
+    /// Starts draining: new allocations are refused (300 or 508), existing
+    /// ones carry on.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the server is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Allocations held across all workers.
+    pub fn allocations(&self) -> usize {
+        self.quotas.total()
+    }
+
+    /// Asks every worker to close its allocations and exit.
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        for w in &self.wakers {
+            let _ = w.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_credentials_update_after_a_reload_keeps_the_reload() {
+        let mut creds = turn_core::Credentials::new();
+        creds.add_user("alice", "r", "pw");
+        let cfg = turn_core::Config::new("r", Arc::new(creds), [1; 32], Instant::now(), 0);
+        let reload = Update {
+            core: Some(cfg),
+            conn: None,
+            ..Update::default()
+        };
+        let mut newer = turn_core::Credentials::new();
+        newer.add_user("bob", "r", "pw");
+        let newer = Arc::new(newer);
+        let merged = Update::default().then(reload).then(Update {
+            credentials: Some(newer.clone()),
+            ..Update::default()
+        });
+        // A worker that skipped both generations gets the reloaded core
+        // with the newest credentials in it.
+        let core = merged.core.expect("the reload is not lost");
+        assert!(Arc::ptr_eq(&core.credentials, &newer));
+    }
+}

@@ -1,0 +1,290 @@
+//! The data plane: one single-threaded mio event loop per worker.
+//!
+//! Every worker owns SO_REUSEPORT sockets on every listen address, so the
+//! kernel's 4-tuple hash pins a client to one worker. The allocations made
+//! through a worker, and their relay sockets, live on that worker with its
+//! own [`turn_core::Server`]: relaying a packet takes no lock, crosses no
+//! channel and allocates nothing. Workers share the nonce secret and epoch
+//! (so any worker accepts any worker's nonce), the quota book, the limits
+//! that must hold per host (`control::SharedLimits`), and a shutdown flag.
+//!
+//! | file | what |
+//! |---|---|
+//! | `mod.rs` | `start`: binds everything, builds the core config, spawns workers; `Handle` |
+//! | `listeners.rs` | binding listening sockets (SO_REUSEPORT, pktinfo, in-use check) |
+//! | `worker.rs` | the per-worker loop: events, accept, reads, timers, sweeps, reload |
+//! | `stream.rs` | TCP/TLS connections and their buffers |
+//! | `relays.rs` | relay sockets: IP choice, ports, reservations, DF, ICMP queue |
+//! | `dispatch.rs` | `Io`: the sockets, and sending the core's transmits |
+//! | `control.rs` | `Control`, reloads, shared limits, the core config built from settings |
+//! | `log.rs` | log lines for the core's events, `--redact` |
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use mio::{Poll, Token, Waker};
+use rand::Rng;
+use turn_core::Server;
+
+use crate::config::Settings;
+
+mod control;
+mod dispatch;
+mod listeners;
+mod log;
+mod relays;
+mod stream;
+mod worker;
+
+use control::{core_config, CoreBase, Reloads, SharedLimits};
+pub use control::{Command, Control};
+use listeners::{bind_pair, bind_tcp, bind_udp, ensure_free, in_use_hint};
+pub use log::Redactor;
+use relays::{RelayConfig, Reservations};
+use worker::{conn_limits, Worker, WorkerParams};
+
+const WAKER: Token = Token(usize::MAX);
+/// How often connections are checked against their timeouts.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the loop wakes with nothing to do, to notice shutdown.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// A running server.
+pub struct Handle {
+    /// The bound UDP+TCP listen addresses (ports resolved when 0 was asked).
+    pub listen: Vec<SocketAddr>,
+    /// The bound TLS listen addresses.
+    pub tls_listen: Vec<SocketAddr>,
+    /// RFC 5780: the alternate UDP sockets (alt IP/primary port, primary
+    /// IP/alt port, alt IP/alt port).
+    pub alt_listen: Vec<SocketAddr>,
+    /// SHA-256 fingerprint of the TLS certificate.
+    pub tls_fingerprint: Option<String>,
+    /// Where Prometheus metrics are served, if enabled.
+    pub metrics: Option<SocketAddr>,
+    /// The TLS leaf certificate (DER).
+    pub tls_leaf: Option<Vec<u8>>,
+    stop: Control,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Handle {
+    /// A handle to stop the server from elsewhere.
+    pub fn control(&self) -> Control {
+        self.stop.clone()
+    }
+
+    /// Stops the server and waits for the workers to finish. Returns how
+    /// many workers had panicked (always 0 unless there is a bug).
+    pub fn shutdown(self) -> usize {
+        self.stop.stop();
+        self.join()
+    }
+
+    /// Waits for the workers to finish (after [`Stopper::stop`]); returns
+    /// how many had panicked.
+    pub fn join(self) -> usize {
+        self.threads
+            .into_iter()
+            .map(|t| t.join())
+            .filter(|r| r.is_err())
+            .count()
+    }
+}
+
+struct WorkerSockets {
+    udp: Vec<(std::net::UdpSocket, SocketAddr)>,
+    tcp: Vec<(std::net::TcpListener, SocketAddr, bool)>,
+}
+
+/// Starts the workers. Listeners are bound before this returns, so a caller
+/// can connect at once.
+pub fn start(settings: &Settings) -> Result<Handle> {
+    let n = settings.threads;
+    let board: crate::metrics::Board = Arc::new(Mutex::new(vec![Default::default(); n]));
+    let mut per_worker: Vec<WorkerSockets> = (0..n)
+        .map(|_| WorkerSockets {
+            udp: vec![],
+            tcp: vec![],
+        })
+        .collect();
+    let mut listen = Vec::new();
+    for &addr in &settings.listen {
+        let (u, t, bound) = bind_pair(addr)?;
+        per_worker[0].udp.push((u, bound));
+        per_worker[0].tcp.push((t, bound, false));
+        for w in per_worker.iter_mut().skip(1) {
+            w.udp.push((
+                bind_udp(bound).with_context(|| format!("listen {bound}: UDP for another worker"))?,
+                bound,
+            ));
+            w.tcp.push((
+                bind_tcp(bound).with_context(|| format!("listen {bound}: TCP for another worker"))?,
+                bound,
+                false,
+            ));
+        }
+        listen.push(bound);
+    }
+    // RFC 5780: the three other IP/port combinations, UDP only.
+    let mut alt_listen = Vec::new();
+    let mut rfc5780 = None;
+    if let Some((primary, alt_ip, alt_port)) = settings.rfc5780 {
+        let primary = listen
+            .iter()
+            .copied()
+            .find(|l| l.ip() == primary.ip())
+            .unwrap_or(primary);
+        let q = match alt_port {
+            Some(q) => q,
+            None => primary
+                .port()
+                .checked_add(1)
+                .context("rfc5780: the listen port has no port after it; set alt-port")?,
+        };
+        for addr in [
+            SocketAddr::new(alt_ip, primary.port()),
+            SocketAddr::new(primary.ip(), q),
+            SocketAddr::new(alt_ip, q),
+        ] {
+            if let Err(e) = ensure_free(addr, true) {
+                anyhow::bail!("rfc5780 {addr}: cannot bind UDP: {e}{}", in_use_hint(&e));
+            }
+            for w in per_worker.iter_mut() {
+                w.udp.push((
+                    bind_udp(addr).with_context(|| format!("rfc5780 {addr}: cannot bind UDP"))?,
+                    addr,
+                ));
+            }
+            alt_listen.push(addr);
+        }
+        rfc5780 = Some(turn_core::Rfc5780 {
+            ips: (primary.ip(), alt_ip),
+            ports: (primary.port(), q),
+        });
+    }
+    let tls_setup = match &settings.tls {
+        Some(src) => Some(crate::tls::setup(src)?),
+        None => None,
+    };
+    let mut tls_listen = Vec::new();
+    for &addr in &settings.tls_listen {
+        if let Err(e) = ensure_free(addr, false) {
+            anyhow::bail!("tls-listen {addr}: cannot bind: {e}{}", in_use_hint(&e));
+        }
+        let t = bind_tcp(addr).with_context(|| format!("tls-listen {addr}: cannot bind TCP"))?;
+        let bound = t.local_addr()?;
+        per_worker[0].tcp.push((t, bound, true));
+        for w in per_worker.iter_mut().skip(1) {
+            w.tcp.push((
+                bind_tcp(bound).with_context(|| format!("tls-listen {bound}: for another worker"))?,
+                bound,
+                true,
+            ));
+        }
+        tls_listen.push(bound);
+    }
+
+    let own_sockets: Vec<SocketAddr> = listen
+        .iter()
+        .chain(tls_listen.iter())
+        .chain(alt_listen.iter())
+        .copied()
+        .collect();
+    let mut nonce_secret = [0u8; 32];
+    rand::thread_rng().fill(&mut nonce_secret);
+    let base = CoreBase {
+        nonce_secret,
+        epoch: Instant::now(),
+        unix_at_epoch: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        quotas: Arc::new(turn_core::limits::Quotas::new(
+            settings.user_quota,
+            settings.total_quota,
+        )),
+        draining: Arc::new(AtomicBool::new(false)),
+        rfc5780,
+        own_sockets,
+    };
+    let shared = SharedLimits::new(settings);
+    let core_cfg = core_config(settings, &base, &shared);
+    let draining = base.draining.clone();
+    let quotas = base.quotas.clone();
+    let metrics = match settings.metrics_listen {
+        Some(addr) => Some(crate::metrics::serve(addr, board.clone(), draining.clone())?),
+        None => None,
+    };
+
+    let flag = Arc::new(AtomicBool::new(false));
+    let reservations = Arc::new(Mutex::new(Reservations::default()));
+    let redactor = Redactor::new(settings.redact);
+    let reloads = Arc::new(Reloads::default());
+    let mut commands = Vec::new();
+
+    let mut wakers = Vec::new();
+    let mut threads = Vec::new();
+    for (id, sockets) in per_worker.into_iter().enumerate() {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        wakers.push(waker);
+        let mut worker = Worker::new(
+            poll,
+            sockets,
+            Server::new(core_cfg.clone()),
+            WorkerParams {
+                relay: RelayConfig {
+                    v4: settings.relay_v4,
+                    v6: settings.relay_v6,
+                    auto: settings.relay_auto,
+                    min_port: settings.min_port,
+                    max_port: settings.max_port,
+                },
+                connections: shared.connections.clone(),
+                tls: tls_setup.as_ref().map(|t| t.config.clone()),
+                stop: flag.clone(),
+                reservations: reservations.clone(),
+                limits: conn_limits(settings),
+                redact: redactor.clone(),
+                reloads: reloads.clone(),
+                id,
+                gso: settings.udp_gso,
+                board: board.clone(),
+                commands: {
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    commands.push(tx);
+                    rx
+                },
+            },
+        )?;
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("turnpike-worker-{id}"))
+                .spawn(move || worker.run())?,
+        );
+    }
+    Ok(Handle {
+        listen,
+        tls_listen,
+        alt_listen,
+        tls_fingerprint: tls_setup.as_ref().map(|t| t.fingerprint.clone()),
+        metrics,
+        tls_leaf: tls_setup.as_ref().map(|t| t.leaf.to_vec()),
+        stop: Control {
+            flag,
+            wakers,
+            draining,
+            quotas,
+            reloads,
+            base,
+            commands,
+            limits: Arc::new(Mutex::new(shared)),
+        },
+        threads,
+    })
+}

@@ -1,0 +1,184 @@
+//! Relay sockets (RFC 8656 §7.2): which IP to relay from, random ports,
+//! EVEN-PORT reservations, DF and the ICMP error queue, and the core's
+//! [`RelayProvider`] commands carried out on them.
+
+use std::collections::HashMap;
+use std::io::{self};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use mio::net::UdpSocket;
+use mio::{Interest, Token};
+use rand::Rng;
+use tracing::warn;
+use turn_core::{OpenedRelay, RelayError, RelayProvider, RelayRequest};
+
+use super::dispatch::{Io, Source};
+
+/// How long a port reserved by EVEN-PORT's R bit stays claimable
+/// (RFC 8656 §7.2: "approximately 30 seconds").
+pub(super) const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
+
+/// Ports reserved by EVEN-PORT (R bit), held bound until claimed by a
+/// RESERVATION-TOKEN or expired. Shared by all workers because the claiming
+/// Allocate arrives from another client port, which the kernel may hash to
+/// another worker; touched only on Allocate, never per packet.
+#[derive(Default)]
+pub(super) struct Reservations {
+    pub(super) held: HashMap<[u8; 8], (std::net::UdpSocket, Instant)>,
+}
+
+impl Reservations {
+    pub(super) fn purge(&mut self, now: Instant) {
+        self.held.retain(|_, (_, exp)| *exp > now);
+    }
+}
+
+#[derive(Clone, Copy)]
+pub(super) struct RelayConfig {
+    /// The relay address per family: configured, or the fallback when the
+    /// address a client reached cannot be used.
+    pub(super) v4: Option<Ipv4Addr>,
+    pub(super) v6: Option<Ipv6Addr>,
+    /// No relay address configured: relay from the address each client
+    /// reached (RFC 8656 §7.2 leaves the choice to the server; relaying
+    /// from where the client came keeps a multi-homed host symmetric).
+    pub(super) auto: bool,
+    pub(super) min_port: u16,
+    pub(super) max_port: u16,
+}
+
+impl Io {
+    /// Registers a bound relay socket with this worker's poll.
+    pub(super) fn activate(
+        &mut self,
+        std_sock: std::net::UdpSocket,
+        addr: SocketAddr,
+        dont_fragment: bool,
+    ) -> Result<(), RelayError> {
+        std_sock
+            .set_nonblocking(true)
+            .map_err(|_| RelayError::Exhausted)?;
+        if dont_fragment {
+            // RFC 8656 §14.8: the client asked for DF on what is relayed.
+            udp_io::set_dont_fragment(&std_sock, addr.is_ipv6(), true).map_err(|e| {
+                warn!(%addr, error = %e, "cannot set DF on a relay socket");
+                RelayError::Exhausted
+            })?;
+        }
+        // RFC 8656 §11.5: ICMP errors for relayed datagrams go back to the
+        // client; without the error queue they are simply not seen.
+        let _ = udp_io::set_recv_errors(&std_sock, addr.is_ipv6());
+        let mut sock = UdpSocket::from_std(std_sock);
+        let entry = self.sources.vacant_entry();
+        let key = entry.key();
+        self.registry
+            .register(&mut sock, Token(key), Interest::READABLE)
+            .map_err(|_| RelayError::Exhausted)?;
+        entry.insert(Source::Relay { sock, addr });
+        self.relay_by_addr.insert(addr, key);
+        Ok(())
+    }
+}
+
+pub(super) fn bind_relay(addr: SocketAddr) -> Result<Option<std::net::UdpSocket>, RelayError> {
+    match std::net::UdpSocket::bind(addr) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Ok(None),
+        Err(e) => {
+            warn!(%addr, error = %e, "cannot bind relay socket");
+            Err(RelayError::Exhausted)
+        }
+    }
+}
+
+impl Io {
+    /// The relay IP for `req` (RFC 8656 §7.2 leaves the choice to the
+    /// server): with no relay address configured, the address the client
+    /// reached, unless it is loopback and the client is not; else the
+    /// configured (or detected) address of the family.
+    pub(super) fn relay_ip(&self, req: &RelayRequest) -> Option<IpAddr> {
+        let reached = req.local_ip;
+        if self.relay.auto
+            && reached.is_ipv6() == req.ipv6
+            && !reached.is_unspecified()
+            && (!reached.is_loopback() || req.client_ip.is_loopback())
+        {
+            return Some(reached);
+        }
+        let fallback = if req.ipv6 {
+            self.relay.v6.map(IpAddr::V6)
+        } else {
+            self.relay.v4.map(IpAddr::V4)
+        };
+        // A relay a remote client cannot reach is no relay: a loopback
+        // fallback (a host without a route of that family) is for loopback
+        // clients only, unless the operator configured it.
+        fallback.filter(|ip| !self.relay.auto || !ip.is_loopback() || req.client_ip.is_loopback())
+    }
+
+    /// Binds a new relay socket for `req` at a random port.
+    pub(super) fn bind_new_relay(&mut self, req: &RelayRequest) -> Result<OpenedRelay, RelayError> {
+        let ip = self.relay_ip(req).ok_or(RelayError::FamilyUnsupported)?;
+        let (lo, hi) = (self.relay.min_port, self.relay.max_port);
+        // Random ports, never a scan: a scan makes ports predictable and costs
+        // a syscall per busy port.
+        for _ in 0..64 {
+            let mut port = self.rng.gen_range(lo..=hi);
+            if req.even_port {
+                port &= !1;
+                if port < lo || (req.reserve_next && port == u16::MAX) || (req.reserve_next && port + 1 > hi)
+                {
+                    continue;
+                }
+            }
+            let addr = SocketAddr::new(ip, port);
+            let Some(sock) = bind_relay(addr)? else { continue };
+            let token = if req.reserve_next {
+                let next = SocketAddr::new(ip, port + 1);
+                let Some(held) = bind_relay(next)? else { continue };
+                let token: [u8; 8] = self.rng.gen();
+                let now = Instant::now();
+                let mut r = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
+                r.purge(now);
+                r.held.insert(token, (held, now + RESERVATION_LIFETIME));
+                Some(token)
+            } else {
+                None
+            };
+            self.activate(sock, addr, req.dont_fragment)?;
+            return Ok(OpenedRelay { addr, token });
+        }
+        Err(RelayError::Exhausted)
+    }
+}
+
+impl RelayProvider for Io {
+    fn open(&mut self, req: RelayRequest) -> Result<OpenedRelay, RelayError> {
+        let Some(token) = req.token else {
+            return self.bind_new_relay(&req);
+        };
+        let held = {
+            let mut r = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
+            r.purge(Instant::now());
+            r.held.remove(&token)
+        };
+        // An unknown or expired token: RFC 8656 §7.2 says 508.
+        let (sock, _) = held.ok_or(RelayError::Exhausted)?;
+        let addr = sock.local_addr().map_err(|_| RelayError::Exhausted)?;
+        self.activate(sock, addr, req.dont_fragment)?;
+        Ok(OpenedRelay { addr, token: None })
+    }
+
+    fn close(&mut self, relay: SocketAddr) {
+        if let Some(key) = self.relay_by_addr.remove(&relay) {
+            if let Source::Relay { mut sock, .. } = self.sources.remove(key) {
+                let _ = self.registry.deregister(&mut sock);
+                // Queued datagrams name the socket by descriptor, which the
+                // next socket opened could reuse: they leave first.
+                self.queue.close(sock);
+            }
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! TCP and TLS client connections: bounded read and write buffers, rustls
+//! driven sans-IO in the worker's loop (RFC 8489 §6.2.2 framing is the
+//! core's `stream_frame_len`).
+
+use std::io::{self, Read, Write};
+use std::time::Instant;
+
+use mio::net::TcpStream;
+use tracing::debug;
+use turn_core::FiveTuple;
+
+/// Bytes queued for one TCP/TLS client before further messages to it are
+/// dropped (media is real-time: late is as bad as lost).
+pub(super) const MAX_WRITE_BUFFER: usize = 256 * 1024;
+/// Largest buffered input: one frame (≤ 65,555 bytes) plus one read.
+pub(super) const MAX_READ_BUFFER: usize = 192 * 1024;
+
+pub(super) struct Conn {
+    pub(super) stream: TcpStream,
+    pub(super) tuple: FiveTuple,
+    pub(super) tls: Option<rustls::ServerConnection>,
+    pub(super) rbuf: Vec<u8>,
+    pub(super) wbuf: Vec<u8>,
+    pub(super) writable_registered: bool,
+    pub(super) accepted: Instant,
+    pub(super) last_rx: Instant,
+    /// Since when `rbuf` has held the start of an unfinished message.
+    pub(super) partial_since: Option<Instant>,
+    /// Whether a whole message has arrived (until then it is "pending").
+    pub(super) got_message: bool,
+    /// TLS: whether the handshake completed (counted once).
+    pub(super) handshake_done: bool,
+}
+
+pub(super) enum ReadStep {
+    Progress,
+    WouldBlock,
+    Closed,
+}
+
+impl Conn {
+    /// Reads what is available (one chunk) into `rbuf`, decrypting if TLS.
+    pub(super) fn fill(&mut self, tmp: &mut [u8]) -> ReadStep {
+        if self.rbuf.len() > MAX_READ_BUFFER {
+            return ReadStep::Closed;
+        }
+        match &mut self.tls {
+            None => match self.stream.read(tmp) {
+                Ok(0) => ReadStep::Closed,
+                Ok(n) => {
+                    self.rbuf.extend_from_slice(&tmp[..n]);
+                    ReadStep::Progress
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ReadStep::WouldBlock,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => ReadStep::Progress,
+                Err(_) => ReadStep::Closed,
+            },
+            Some(tls) => {
+                match tls.read_tls(&mut self.stream) {
+                    Ok(0) => return ReadStep::Closed,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadStep::WouldBlock,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => return ReadStep::Progress,
+                    Err(_) => return ReadStep::Closed,
+                }
+                if let Err(e) = tls.process_new_packets() {
+                    debug!(error = %e, "TLS error; closing the connection");
+                    // Send the alert rustls queued, then close.
+                    let _ = tls.write_tls(&mut self.wbuf);
+                    let _ = self.stream.write(&self.wbuf);
+                    return ReadStep::Closed;
+                }
+                loop {
+                    match tls.reader().read(tmp) {
+                        Ok(0) => return ReadStep::Closed,
+                        Ok(n) => self.rbuf.extend_from_slice(&tmp[..n]),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadStep::Progress,
+                        Err(_) => return ReadStep::Closed,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues one whole message. A message that does not fit in the write
+    /// buffer is dropped whole, never cut, so framing survives.
+    pub(super) fn send(&mut self, data: &[u8]) -> io::Result<()> {
+        if self.wbuf.len() + data.len() + 64 > MAX_WRITE_BUFFER {
+            return Ok(());
+        }
+        // Queued only: the worker flushes every connection it wrote to once
+        // per loop iteration, so a burst of relayed messages to one client
+        // costs one write(2), not one each.
+        match &mut self.tls {
+            None => self.wbuf.extend_from_slice(data),
+            Some(tls) => {
+                if tls.is_handshaking() {
+                    // Nothing is sent to a client before its first request, so
+                    // this is not reached; drop rather than buffer unboundedly.
+                    return Ok(());
+                }
+                tls.writer().write_all(data)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves TLS output into `wbuf` and writes `wbuf` to the socket.
+    pub(super) fn flush(&mut self) -> io::Result<()> {
+        if let Some(tls) = &mut self.tls {
+            while tls.wants_write() {
+                tls.write_tls(&mut self.wbuf)?;
+            }
+        }
+        let mut done = 0;
+        while done < self.wbuf.len() {
+            match self.stream.write(&self.wbuf[done..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.wbuf.drain(..done);
+        Ok(())
+    }
+}
