@@ -6,6 +6,7 @@ pub mod admin;
 pub mod bench;
 pub mod client;
 pub mod config;
+pub mod credentials;
 pub mod dns;
 pub mod metrics;
 pub mod probe;

@@ -172,8 +172,8 @@ fn main() {
 fn reload(
     cli: &ServeArgs,
     current: &Settings,
-    stopper: &turnpike::runtime::Control,
-    base: &std::sync::Mutex<turn_core::Credentials>,
+    control: &turnpike::runtime::Control,
+    stores: &std::sync::Mutex<turnpike::credentials::CredentialStores>,
 ) -> std::result::Result<(), String> {
     let mut new = match cli.clone().load().and_then(Settings::from_args) {
         Ok(s) => s,
@@ -182,18 +182,11 @@ fn reload(
             return Err(format!("{e:#}"));
         }
     };
-    if new.demo_user.is_some() {
-        warn!("reload: no users or secrets configured; keeping the configured credentials");
-        new.credentials = base.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    }
-    *base.lock().unwrap_or_else(|p| p.into_inner()) = new.credentials.clone();
-    if let Ok(Some(db)) = turnpike::userdb::load(&new.db, &new.realm) {
-        new.credentials.merge(&db);
-    }
-    if let Some(url) = &new.redis_url {
-        if let Ok((r, _)) = turnpike::redisdb::load(url, &new.realm) {
-            new.credentials.merge(&r);
-        }
+    {
+        let mut s = stores.lock().unwrap_or_else(|p| p.into_inner());
+        s.set_configured(&new);
+        s.refresh();
+        new.credentials = s.merged();
     }
     for (name, changed) in [
         ("listen", new.listen != current.listen),
@@ -218,7 +211,7 @@ fn reload(
             warn!(error = %e, "cannot change the log level");
         }
     }
-    match stopper.reload(&new) {
+    match control.reload(&new) {
         Ok(()) => {
             info!(
                 users = new.credentials.user_count(),
@@ -234,70 +227,27 @@ fn reload(
     }
 }
 
-/// Re-reads the user database every 2 s and, when its users change,
-/// hands the workers the configured credentials plus the database's.
-fn spawn_db_watcher(
-    settings: &Settings,
-    stopper: turnpike::runtime::Control,
-    base: std::sync::Arc<std::sync::Mutex<turn_core::Credentials>>,
+/// Re-reads the credential stores every 2 s and, when one changed, hands
+/// the workers the merged credentials.
+fn spawn_store_watcher(
+    control: turnpike::runtime::Control,
+    stores: std::sync::Arc<std::sync::Mutex<turnpike::credentials::CredentialStores>>,
 ) {
-    use std::sync::atomic::Ordering;
-    let (db, realm, redis) = (
-        settings.db.clone(),
-        settings.realm.clone(),
-        settings.redis_url.clone(),
-    );
-    let mut last_db = turnpike::userdb::fingerprint(&db, &realm);
-    let mut last_redis: Option<u64> = None;
-    let mut redis_cache = turn_core::Credentials::new();
-    let mut first = true;
     std::thread::spawn(move || loop {
-        if !first {
-            std::thread::sleep(std::time::Duration::from_secs(2));
-        }
-        first = false;
-        let mut changed = false;
-        let now_db = turnpike::userdb::fingerprint(&db, &realm);
-        if now_db != last_db {
-            last_db = now_db;
-            changed = true;
-        }
-        if let Some(url) = &redis {
-            match turnpike::redisdb::load(url, &realm) {
-                Ok((creds, fp)) => {
-                    if turnpike::metrics::REDIS_UP.swap(1, Ordering::Relaxed) == 0 {
-                        info!("redis credential store reachable again");
-                    }
-                    if last_redis != Some(fp) {
-                        last_redis = Some(fp);
-                        redis_cache = creds;
-                        changed = true;
-                    }
-                }
-                Err(e) => {
-                    // Cached credentials keep serving; say so once per outage.
-                    if turnpike::metrics::REDIS_UP.swap(0, Ordering::Relaxed) != 0 {
-                        warn!(error = %format!("{e:#}"), "redis unavailable; cached credentials keep serving");
-                    }
-                }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let creds = {
+            let mut s = stores.lock().unwrap_or_else(|p| p.into_inner());
+            if !s.refresh() {
+                continue;
             }
-        }
-        if !changed {
-            continue;
-        }
-        let mut creds = base.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        match turnpike::userdb::load(&db, &realm) {
-            Ok(Some(d)) => creds.merge(&d),
-            Ok(None) => {}
-            Err(e) => warn!(error = %format!("{e:#}"), "user database unreadable"),
-        }
-        creds.merge(&redis_cache);
+            s.merged()
+        };
         info!(
             users = creds.user_count(),
             secrets = creds.secret_count(),
             "credential stores changed; credentials updated"
         );
-        stopper.set_credentials(creds);
+        control.set_credentials(creds);
     });
 }
 
@@ -327,34 +277,25 @@ fn serve(args: ServeArgs) -> Result<()> {
     // Kept to re-read the file on SIGHUP with the same command line on top.
     let cli = args.clone();
     let mut settings = Settings::from_args(args.load()?)?;
-    // Users from the database join the configured ones; with any there,
-    // no demo credential is made up.
-    let base = std::sync::Arc::new(std::sync::Mutex::new(settings.credentials.clone()));
-    if let Some(db) = turnpike::userdb::load(&settings.db, &settings.realm)? {
-        if db.user_count() > 0 && settings.demo_user.is_some() {
-            settings.demo_user = None;
-            settings.credentials = turn_core::Credentials::new();
-            *base.lock().unwrap_or_else(|p| p.into_inner()) = turn_core::Credentials::new();
+    // Users from the database and Redis join the configured ones; with any
+    // there, no demo credential is made up.
+    let mut stores = turnpike::credentials::CredentialStores::new(&settings);
+    stores.read_db()?;
+    match stores.read_redis() {
+        Ok(_) if settings.redis_url.is_some() => {
+            turnpike::metrics::REDIS_UP.store(1, std::sync::atomic::Ordering::Relaxed)
         }
-        settings.credentials.merge(&db);
-    }
-    if let Some(url) = &settings.redis_url {
-        match turnpike::redisdb::load(url, &settings.realm) {
-            Ok((r, _)) => {
-                if (r.user_count() > 0 || r.secret_count() > 0) && settings.demo_user.is_some() {
-                    settings.demo_user = None;
-                    settings.credentials = turn_core::Credentials::new();
-                    *base.lock().unwrap_or_else(|p| p.into_inner()) = turn_core::Credentials::new();
-                }
-                settings.credentials.merge(&r);
-                turnpike::metrics::REDIS_UP.store(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            Err(e) => {
-                turnpike::metrics::REDIS_UP.store(0, std::sync::atomic::Ordering::Relaxed);
-                eprintln!("turnpike: {e:#}; starting without its users, retrying every 2 s");
-            }
+        Ok(_) => {}
+        Err(e) => {
+            turnpike::metrics::REDIS_UP.store(0, std::sync::atomic::Ordering::Relaxed);
+            eprintln!("turnpike: {e:#}; starting without its users, retrying every 2 s");
         }
     }
+    if !stores.demo_in_use() {
+        settings.demo_user = None;
+    }
+    settings.credentials = stores.merged();
+    let stores = std::sync::Arc::new(std::sync::Mutex::new(stores));
     // The filter sits behind a reload handle so SIGHUP can change the level.
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -386,10 +327,10 @@ fn serve(args: ServeArgs) -> Result<()> {
     ])?;
     let handle = turnpike::runtime::start(&settings)?;
     if let Some((addr, token)) = &settings.admin {
-        let (cli2, current2, stopper2, base2) =
-            (cli.clone(), settings.clone(), handle.control(), base.clone());
+        let (cli2, current2, control2, stores2) =
+            (cli.clone(), settings.clone(), handle.control(), stores.clone());
         let reloader: turnpike::admin::Reloader =
-            std::sync::Arc::new(move || reload(&cli2, &current2, &stopper2, &base2));
+            std::sync::Arc::new(move || reload(&cli2, &current2, &control2, &stores2));
         let bound = turnpike::admin::serve(
             *addr,
             token.clone(),
@@ -444,8 +385,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         let _ = std::io::Write::write_all(&mut out, banner.as_bytes());
         let _ = std::io::Write::flush(&mut out);
     }
-    spawn_db_watcher(&settings, handle.control(), base.clone());
-    let stopper = handle.control();
+    spawn_store_watcher(handle.control(), stores.clone());
+    let control = handle.control();
     let drain_timeout = settings.drain_timeout;
     let current = settings.clone();
     std::thread::spawn(move || {
@@ -457,36 +398,36 @@ fn serve(args: ServeArgs) -> Result<()> {
             for sig in signals.pending() {
                 match sig {
                     signal_hook::consts::SIGHUP => {
-                        let _ = reload(&cli, &current, &stopper, &base);
+                        let _ = reload(&cli, &current, &control, &stores);
                     }
                     signal_hook::consts::SIGUSR1 => {
-                        stopper.drain();
+                        control.drain();
                         info!(
-                            allocations = stopper.allocations(),
+                            allocations = control.allocations(),
                             "draining: new allocations are refused"
                         );
                     }
                     signal_hook::consts::SIGTERM if deadline.is_none() => {
-                        stopper.drain();
+                        control.drain();
                         deadline = Some(std::time::Instant::now() + drain_timeout);
                         info!(
-                            allocations = stopper.allocations(),
+                            allocations = control.allocations(),
                             timeout_s = drain_timeout.as_secs(),
                             "SIGTERM: draining, then stopping"
                         );
                     }
                     _ => {
                         // Stop first: nothing after this line may keep the server up.
-                        stopper.stop();
+                        control.stop();
                         info!(signal = sig, "shutting down");
                         return;
                     }
                 }
             }
             if let Some(d) = deadline {
-                let left = stopper.allocations();
+                let left = control.allocations();
                 if left == 0 || std::time::Instant::now() >= d {
-                    stopper.stop();
+                    control.stop();
                     info!(allocations_closed = left, "drain finished; shutting down");
                     return;
                 }

@@ -1,0 +1,189 @@
+//! Where the server's credentials come from, merged in this one place: the
+//! configured users and REST-API secrets (flags and file), the SQLite user
+//! database and the Redis store. Start-up, SIGHUP reload and the watcher
+//! that re-reads the stores every 2 s all go through [`CredentialStores`].
+//!
+//! The generated demo credential is used only while no store has a user:
+//! once one does, the demo credential stops working.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use tracing::{info, warn};
+use turn_core::Credentials;
+
+use crate::config::Settings;
+
+/// The credential sources and what was last read from each.
+pub struct CredentialStores {
+    configured: Credentials,
+    demo: bool,
+    db: PathBuf,
+    realm: String,
+    redis_url: Option<String>,
+    db_users: Option<Credentials>,
+    db_fingerprint: Option<u64>,
+    /// The last good copy from Redis, kept through outages.
+    redis_users: Option<Credentials>,
+    redis_fingerprint: Option<u64>,
+}
+
+impl CredentialStores {
+    /// The sources `settings` name; nothing is read yet.
+    pub fn new(settings: &Settings) -> Self {
+        CredentialStores {
+            configured: settings.credentials.clone(),
+            demo: settings.demo_user.is_some(),
+            db: settings.db.clone(),
+            realm: settings.realm.clone(),
+            redis_url: settings.redis_url.clone(),
+            db_users: None,
+            db_fingerprint: None,
+            redis_users: None,
+            redis_fingerprint: None,
+        }
+    }
+
+    /// Reads the user database; returns whether it changed. A missing
+    /// database is no error (`turnpike user` makes it).
+    pub fn read_db(&mut self) -> anyhow::Result<bool> {
+        let fp = crate::userdb::fingerprint(&self.db, &self.realm);
+        if fp == self.db_fingerprint && self.db_users.is_some() {
+            return Ok(false);
+        }
+        let users = crate::userdb::load(&self.db, &self.realm)?;
+        let changed = fp != self.db_fingerprint || users.is_some() != self.db_users.is_some();
+        self.db_users = users;
+        self.db_fingerprint = fp;
+        Ok(changed)
+    }
+
+    /// Reads Redis, when configured; returns whether it changed. On an
+    /// error the last good copy stays.
+    pub fn read_redis(&mut self) -> anyhow::Result<bool> {
+        let Some(url) = &self.redis_url else {
+            return Ok(false);
+        };
+        let (users, fp) = crate::redisdb::load(url, &self.realm)?;
+        if self.redis_fingerprint == Some(fp) {
+            return Ok(false);
+        }
+        self.redis_fingerprint = Some(fp);
+        self.redis_users = Some(users);
+        Ok(true)
+    }
+
+    /// Re-reads every store (the watcher, reload); returns whether any
+    /// changed. Failures are logged, Redis's once per outage, and the last
+    /// good copies stay.
+    pub fn refresh(&mut self) -> bool {
+        let mut changed = match self.read_db() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "user database unreadable");
+                false
+            }
+        };
+        if self.redis_url.is_some() {
+            match self.read_redis() {
+                Ok(c) => {
+                    if crate::metrics::REDIS_UP.swap(1, Ordering::Relaxed) == 0 {
+                        info!("redis credential store reachable again");
+                    }
+                    changed |= c;
+                }
+                Err(e) => {
+                    if crate::metrics::REDIS_UP.swap(0, Ordering::Relaxed) != 0 {
+                        warn!(error = %format!("{e:#}"), "redis unavailable; cached credentials keep serving");
+                    }
+                }
+            }
+        }
+        changed
+    }
+
+    /// Whether a store holds any user or secret (then the demo credential
+    /// is not offered).
+    pub fn stores_have_users(&self) -> bool {
+        [&self.db_users, &self.redis_users]
+            .into_iter()
+            .flatten()
+            .any(|c| c.user_count() > 0 || c.secret_count() > 0)
+    }
+
+    /// Whether the generated demo credential is in force.
+    pub fn demo_in_use(&self) -> bool {
+        self.demo && !self.stores_have_users()
+    }
+
+    /// A reload's configured credentials. A reloaded configuration with
+    /// none keeps the current ones rather than falling back to a demo.
+    pub fn set_configured(&mut self, settings: &Settings) {
+        if settings.demo_user.is_some() {
+            warn!("reload: no users or secrets configured; keeping the configured credentials");
+            return;
+        }
+        self.configured = settings.credentials.clone();
+        self.demo = false;
+    }
+
+    /// Configured + database + Redis: what the workers authenticate with.
+    pub fn merged(&self) -> Credentials {
+        let mut c = if self.demo_in_use() || !self.demo {
+            self.configured.clone()
+        } else {
+            Credentials::new()
+        };
+        for store in [&self.db_users, &self.redis_users].into_iter().flatten() {
+            c.merge(store);
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: crate::config::ServeArgs,
+    }
+
+    fn settings(extra: &[&str], db: &std::path::Path) -> Settings {
+        let mut argv = vec!["turnpike", "--realm", "r.example", "--db", db.to_str().unwrap()];
+        argv.extend_from_slice(extra);
+        Settings::from_args(Cli::parse_from(argv).args).unwrap()
+    }
+
+    #[test]
+    fn demo_only_until_a_store_has_users_and_reload_keeps_configured() {
+        let dir = std::env::temp_dir().join(format!("turnpike-creds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("users.db");
+        let _ = std::fs::remove_file(&db);
+        let s = settings(&[], &db);
+        let mut stores = CredentialStores::new(&s);
+        stores.read_db().unwrap();
+        assert!(stores.demo_in_use(), "no users anywhere: the demo credential");
+        assert_eq!(stores.merged().user_count(), 1);
+
+        crate::userdb::set(&db, "r.example", "dora", "pw", false).unwrap();
+        assert!(stores.refresh(), "the new database is seen");
+        assert!(!stores.demo_in_use());
+        let merged = stores.merged();
+        assert_eq!(merged.user_count(), 1, "dora only; the demo credential is gone");
+
+        // A reload with real users replaces the configured ones; the
+        // database's stay.
+        stores.set_configured(&settings(&["--user", "erin:pw"], &db));
+        assert_eq!(stores.merged().user_count(), 2);
+        // A reload with none keeps what was configured.
+        stores.set_configured(&settings(&[], &db));
+        assert_eq!(stores.merged().user_count(), 2);
+        assert!(!stores.refresh(), "nothing changed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
