@@ -23,7 +23,7 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Load generator for any STUN/TURN server: relay packets/s, Binding/s,
     /// allocations/s, RSS per allocation, RTT percentiles, server CPU.
-    Bench(Box<turnpike::bench::BenchArgs>),
+    Bench(Box<turnpike_client::bench::BenchArgs>),
     /// Manage users in the SQLite user database (keys only, never passwords).
     User {
         #[command(subcommand)]
@@ -34,7 +34,7 @@ enum Command {
     /// check passed.
     Probe {
         #[command(subcommand)]
-        cmd: turnpike::probe::ProbeCommand,
+        cmd: turnpike_client::probe::ProbeCommand,
     },
 }
 
@@ -153,9 +153,9 @@ fn main() {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Serve(args) => serve(*args),
-        Command::Bench(args) => turnpike::bench::run(*args),
+        Command::Bench(args) => turnpike_client::bench::run(*args),
         Command::User { cmd } => user(cmd),
-        Command::Probe { cmd } => match turnpike::probe::run(cmd) {
+        Command::Probe { cmd } => match turnpike_client::probe::run(cmd) {
             Ok(true) => Ok(()),
             Ok(false) => std::process::exit(1),
             Err(e) => Err(e),

@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::*;
-use turnpike::client::{ClientError, ClientTransport};
+use turnpike_client::client::{ClientError, ClientTransport};
 
 const TOKEN: &str = "test-admin-token-0123456789";
 

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use turnpike::client::{binding, Channel, ClientTransport, TurnClient};
+use turnpike_client::client::{binding, Channel, ClientTransport, TurnClient};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_turnpike"))
@@ -488,7 +488,7 @@ fn drain_refuses_new_allocations_then_exits_after_the_last_one() {
     wait_for(&err, "draining", &mut seen);
     let mut newcomer = connect();
     match newcomer.allocate() {
-        Err(turnpike::client::ClientError::Error { code: 508, .. }) => {}
+        Err(turnpike_client::client::ClientError::Error { code: 508, .. }) => {}
         other => panic!("a draining server must refuse new allocations: {other:?}"),
     }
     // The existing allocation still relays.
@@ -950,7 +950,7 @@ fn admin_reload_endpoint_applies_and_rejects() {
         "d4ve",
     );
     match second.allocate() {
-        Err(turnpike::client::ClientError::Error { code: 486, .. }) => {}
+        Err(turnpike_client::client::ClientError::Error { code: 486, .. }) => {}
         other => panic!("user-quota reloaded: expected 486, got {other:?}"),
     }
     std::fs::write(&cfg, "user = 5\n").unwrap();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use stun_proto::attr;
-use turnpike::client::{ClientTransport, Received, RelayFamily};
+use turnpike_client::client::{ClientTransport, Received, RelayFamily};
 
 #[test]
 fn dual_allocation_relays_both_ways_over_127_0_0_1_and_ipv6_loopback() {

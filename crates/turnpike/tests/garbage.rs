@@ -15,7 +15,7 @@ use common::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use stun_proto::{attr, method, ChannelData, Class, Message, MessageBuilder, MessageType};
-use turnpike::client::{binding, Channel, ClientTransport};
+use turnpike_client::client::{binding, Channel, ClientTransport};
 
 const LOOPBACK_ONLY: &[&str] = &[
     "--allow-loopback-peers",
@@ -238,7 +238,7 @@ fn hundred_thousand_bad_datagrams_and_streams() {
         Duration::from_secs(3),
     )
     .unwrap();
-    let mut c = turnpike::client::TurnClient::new(ch, USER, PASSWORD);
+    let mut c = turnpike_client::client::TurnClient::new(ch, USER, PASSWORD);
     let a = c.allocate().unwrap();
     c.channel_bind(0x4ABC, peer_addr).unwrap();
     peer.set_nonblocking(false).unwrap();

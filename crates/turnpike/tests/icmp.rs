@@ -8,7 +8,7 @@ use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
 use common::*;
-use turnpike::client::{ClientTransport, Received};
+use turnpike_client::client::{ClientTransport, Received};
 
 #[test]
 fn icmp_port_unreachable_reaches_the_client() {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use stun_proto::{method, Class, MessageBuilder, MessageType};
-use turnpike::client::{binding, Channel, ClientError, ClientTransport, TurnClient};
+use turnpike_client::client::{binding, Channel, ClientError, ClientTransport, TurnClient};
 
 /// Waits until the server closes `s` (EOF or reset); returns how long it took.
 fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {

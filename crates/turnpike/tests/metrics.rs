@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
-use turnpike::client::{binding, Channel, ClientTransport};
+use turnpike_client::client::{binding, Channel, ClientTransport};
 
 fn scrape(addr: SocketAddr) -> (String, HashMap<String, f64>) {
     let mut s = TcpStream::connect(addr).unwrap();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use stun_proto::{attr, method, Class, Message, MessageBuilder, MessageType};
-use turnpike::client::{binding, Channel, ClientError, ClientTransport, Received};
+use turnpike_client::client::{binding, Channel, ClientError, ClientTransport, Received};
 
 #[test]
 fn relays_both_ways_with_send_data_and_channels_over_every_transport() {

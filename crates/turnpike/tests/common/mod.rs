@@ -5,9 +5,9 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use clap::Parser;
-use turnpike::client::{Channel, ClientTransport, TurnClient};
 use turnpike::config::{ServeArgs, Settings};
 use turnpike::runtime::Handle;
+use turnpike_client::client::{Channel, ClientTransport, TurnClient};
 
 #[derive(Parser)]
 struct Cli {

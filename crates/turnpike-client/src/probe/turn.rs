@@ -1,0 +1,295 @@
+//! `probe turn`: allocate twice, permit and bind a channel between the two
+//! relayed addresses, relay both ways, and check a local peer.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use super::uri::{parse_uri, resolve, Scheme};
+use super::{describe, finish, interrupted, timed, transport_name, Check, Common, Report};
+use crate::client::{Channel, ClientError, ClientTransport, Received, TurnClient};
+
+/// `probe turn`.
+#[derive(Debug, Clone, Args)]
+pub struct TurnArgs {
+    /// turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT] (RFC 7065).
+    pub url: String,
+    /// Username (long-term credentials).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Password.
+    #[arg(long)]
+    pub password: Option<String>,
+    /// TURN REST-API shared secret: a username "EXPIRY:probe" and its
+    /// password are derived from it.
+    #[arg(long)]
+    pub secret: Option<String>,
+    /// Transports to test (udp, tcp, tls); default: the URL's, or udp and
+    /// tcp for turn: and tls for turns:.
+    #[arg(long, value_delimiter = ',')]
+    pub transport: Vec<String>,
+    /// Relayed address family to ask for: ipv4 (the default), ipv6, or dual
+    /// (both, RFC 8656 §7.2 ADDITIONAL-ADDRESS-FAMILY).
+    #[arg(long, value_enum, default_value_t)]
+    pub relay_family: crate::client::RelayFamily,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// Runs `probe turn`.
+pub(super) fn turn(a: &TurnArgs) -> Result<Report> {
+    let uri = parse_uri(&a.url, Scheme::Turn)?;
+    let (addrs, srv) = resolve(&uri, &a.common)?;
+    let timeout = Duration::from_millis(a.common.timeout_ms);
+    let (user, password) = match (&a.user, &a.password, &a.secret) {
+        (_, _, Some(secret)) => {
+            let expiry = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+                + 3600;
+            let user = format!("{expiry}:{}", a.user.as_deref().unwrap_or("probe"));
+            let pw = turn_core::auth::rest_password(secret.as_bytes(), &user);
+            (user, pw)
+        }
+        (Some(u), Some(p), None) => (u.clone(), p.clone()),
+        _ => bail!("probe turn needs --user and --password, or --secret for REST-API credentials"),
+    };
+    let names: Vec<String> = if !a.transport.is_empty() {
+        a.transport.iter().map(|t| t.to_ascii_lowercase()).collect()
+    } else {
+        match (uri.scheme, uri.transport.as_deref()) {
+            (Scheme::Turns | Scheme::Stuns, _) => vec!["tls".into()],
+            (_, Some(t)) => vec![t.into()],
+            _ => vec!["udp".into(), "tcp".into()],
+        }
+    };
+    let mut checks = Vec::new();
+    for addr in &addrs {
+        for n in &names {
+            let t = match n.as_str() {
+                "udp" => ClientTransport::Udp,
+                "tcp" => ClientTransport::Tcp,
+                "tls" => ClientTransport::Tls { pinned: None },
+                other => bail!("--transport: {other:?} is not udp, tcp or tls"),
+            };
+            // TLS asked of a turn: URI without a port goes to the TLS port.
+            let mut target = *addr;
+            if n == "tls" && !uri.explicit_port && matches!(uri.scheme, Scheme::Turn | Scheme::Stun) {
+                target.set_port(5349);
+            }
+            relay_checks(
+                &t,
+                target,
+                (&user, &password),
+                timeout,
+                a.relay_family,
+                &mut checks,
+            );
+        }
+    }
+    let mut r = finish(uri, addrs, checks);
+    r.srv = srv;
+    Ok(r)
+}
+
+/// Records one step's outcome; returns whether it passed.
+pub(super) type Recorder<'a> = dyn FnMut(&str, Result<String, ClientError>, f64) -> bool + 'a;
+
+/// Allocates twice over `t`, permits and binds a channel between the two
+/// relayed addresses, relays data both ways, and cleans up.
+pub(super) fn relay_checks(
+    t: &ClientTransport,
+    addr: SocketAddr,
+    (user, pw): (&str, &str),
+    timeout: Duration,
+    relay_family: crate::client::RelayFamily,
+    checks: &mut Vec<Check>,
+) {
+    let tn = transport_name(t);
+    let mut push = |step: &str, r: Result<String, ClientError>, ms: f64| -> bool {
+        let (ok, detail, advice) = match r {
+            Ok(d) => (true, d, None),
+            Err(e) => {
+                let (d, a) = describe(&e, t, addr);
+                (false, d, a)
+            }
+        };
+        checks.push(Check {
+            name: format!("{tn} {addr} {step}"),
+            ok,
+            detail,
+            ms,
+            advice,
+        });
+        ok
+    };
+    let connect = |push: &mut Recorder<'_>, label: &str| {
+        let (r, ms) = timed(|| Channel::connect(t, addr, timeout));
+        match r {
+            Ok(ch) => {
+                let mut c = TurnClient::new(ch, user, pw);
+                c.set_timeout(timeout);
+                Some(c)
+            }
+            Err(e) => {
+                push(label, Err(ClientError::Io(e)), ms);
+                None
+            }
+        }
+    };
+    let Some(mut a) = connect(&mut push, "connect") else {
+        return;
+    };
+    a.set_relay_family(relay_family);
+    let (r, ms) = timed(|| a.allocate());
+    let Ok(alloc_a) = r.as_ref().map(|x| *x).map_err(|_| ()) else {
+        let realm = a.realm().map(str::to_owned);
+        push("allocate", r.map(|_| String::new()), ms);
+        if let (Some(realm), Some(last)) = (realm, checks.last_mut()) {
+            if last.detail.starts_with("401") {
+                last.advice = Some(format!(
+                    "401: the realm is {realm:?}; check the username and password for that realm"
+                ));
+            }
+        }
+        return;
+    };
+    push(
+        "allocate",
+        Ok(format!(
+            "relayed {}{}{} (reflexive {}), lifetime {} s{}",
+            alloc_a.relayed,
+            alloc_a
+                .additional
+                .map(|x| format!(" and {x}"))
+                .unwrap_or_default(),
+            alloc_a
+                .family_error
+                .map(|(f, c)| format!(" (no IPv{} relay: {c})", if f == 2 { 6 } else { 4 }))
+                .unwrap_or_default(),
+            alloc_a.mapped,
+            alloc_a.lifetime,
+            a.realm().map(|r| format!(", realm {r:?}")).unwrap_or_default()
+        )),
+        ms,
+    );
+    let Some(mut b) = connect(&mut push, "connect (second allocation)") else {
+        return;
+    };
+    b.set_relay_family(relay_family);
+    let (r, ms) = timed(|| b.allocate());
+    let Ok(alloc_b) = r.as_ref().map(|x| *x).map_err(|_| ()) else {
+        push("second allocation", r.map(|_| String::new()), ms);
+        let _ = a.refresh(0);
+        return;
+    };
+    push(
+        "second allocation",
+        Ok(format!("relayed {}", alloc_b.relayed)),
+        ms,
+    );
+    let steps_ok = (|| {
+        if interrupted() {
+            return false;
+        }
+        let (r, ms) = timed(|| a.channel_bind(0x4000, alloc_b.relayed));
+        if !push(
+            "channel bind",
+            r.map(|_| format!("0x4000 -> {}", alloc_b.relayed)),
+            ms,
+        ) {
+            return false;
+        }
+        let (r, ms) = timed(|| b.create_permission(&[alloc_a.relayed]));
+        if !push(
+            "create permission",
+            r.map(|_| format!("for {}", alloc_a.relayed.ip())),
+            ms,
+        ) {
+            return false;
+        }
+        // A → B over the channel, B answers with a Send indication.
+        let payload = b"turnpike probe";
+        let (r, ms) = timed(|| -> Result<String, ClientError> {
+            a.send_channel(0x4000, payload)?;
+            match b.recv(timeout)? {
+                Received::Data { peer, data } if data == payload && peer == alloc_a.relayed => {}
+                other => {
+                    return Err(ClientError::Protocol(if matches!(other, Received::Data { .. }) {
+                        "relayed data arrived altered or from the wrong address"
+                    } else {
+                        "unexpected ChannelData on the second allocation"
+                    }))
+                }
+            }
+            b.send_indication(alloc_a.relayed, payload)?;
+            match a.recv(timeout)? {
+                Received::Channel {
+                    channel: 0x4000,
+                    data,
+                } if data == payload => {
+                    Ok("ChannelData out, Data indication in, Send indication back, ChannelData in".into())
+                }
+                _ => Err(ClientError::Protocol(
+                    "the answer did not come back on the bound channel",
+                )),
+            }
+        });
+        if !push("relay both ways", r, ms) || interrupted() {
+            return false;
+        }
+        // A local UDP peer, when the server allows this host's address.
+        let (r, ms) = timed(|| local_peer_check(&mut a, addr, timeout));
+        match r {
+            Err(ClientError::Error { code: 403, .. }) => push(
+                "local peer",
+                Ok("skipped: the server refuses this host's address as a peer (its policy); the relay between two allocations above covers relaying".into()),
+                ms,
+            ),
+            r => push("local peer", r, ms),
+        }
+    })();
+    let _ = steps_ok;
+    let (r, ms) = timed(|| a.refresh(0).and_then(|_| b.refresh(0)));
+    push(
+        "delete (refresh 0)",
+        r.map(|_| "both allocations deleted".into()),
+        ms,
+    );
+}
+
+/// Relays through allocation `a` to a UDP socket on this host and back.
+pub(super) fn local_peer_check(
+    a: &mut TurnClient,
+    server: SocketAddr,
+    timeout: Duration,
+) -> Result<String, ClientError> {
+    let any: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .map_err(|_| ClientError::Protocol("address"))?;
+    // The address this host uses toward the server is where the relay can reach us.
+    let route = std::net::UdpSocket::bind(any)?;
+    route.connect(server)?;
+    let peer = std::net::UdpSocket::bind(SocketAddr::new(route.local_addr()?.ip(), 0))?;
+    peer.set_read_timeout(Some(timeout))?;
+    let peer_addr = peer.local_addr()?;
+    a.create_permission(&[peer_addr])?;
+    a.send_indication(peer_addr, b"probe to local peer")?;
+    let mut buf = [0u8; 512];
+    let (n, relayed) = peer.recv_from(&mut buf).map_err(|_| ClientError::Timeout)?;
+    if &buf[..n] != b"probe to local peer" {
+        return Err(ClientError::Protocol("the local peer received altered data"));
+    }
+    peer.send_to(b"reply from local peer", relayed)?;
+    match a.recv(timeout)? {
+        Received::Data { peer: p, data } if p == peer_addr && data == b"reply from local peer" => {
+            Ok(format!("Send indication to {peer_addr} and its reply came back"))
+        }
+        _ => Err(ClientError::Protocol(
+            "the local peer's reply did not come back as a Data indication",
+        )),
+    }
+}
