@@ -6,6 +6,7 @@ Markdown table. Loopback only; run by hand, not in CI.
     python3 bench/run.py                 # 10 s per measurement, median of 3
     DURATION=3 HOLD=2000 REPEAT=1 python3 bench/run.py
     ONLY=Binding SERVERS=turnpike,reference python3 bench/run.py
+    BEFORE=/path/to/older/turnpike python3 bench/run.py   # adds 'turnpike-before'
 
 Needs: coturn (apt-get install coturn), taskset, a release build (done here).
 """
@@ -45,20 +46,27 @@ SERVERS = {
 SERVERS['turnpike-2w'] = [a if a != '1' or SERVERS['turnpike'][k - 1] != '--threads' else '2'
                           for k, a in enumerate(SERVERS['turnpike'])]
 
-ALL3 = ['turnpike', 'coturn', 'reference']
+# BEFORE=path: an older turnpike build with the same flags, measured side
+# by side with this one (before/after a change, in one run).
+BEFORE = os.environ.get('BEFORE')
+if BEFORE:
+    SERVERS['turnpike-before'] = [BEFORE] + SERVERS['turnpike'][1:]
+
+ALL3 = ['turnpike'] + (['turnpike-before'] if BEFORE else []) + ['coturn', 'reference']
+TP_COTURN = ['turnpike'] + (['turnpike-before'] if BEFORE else []) + ['coturn']
 MEASURES = [
     # (label, bench args, servers that take part, repeat?)
     ('ChannelData relay (UDP)', ['--mode', 'channel'], ALL3, True),
     ('ChannelData relay (UDP), 256 allocations x window 1',
      ['--mode', 'channel', '--allocations', '256', '--window', '1'], ALL3, True),
     ('Send/Data relay (UDP)', ['--mode', 'send'], ALL3, True),
-    ('ChannelData relay (TCP)', ['--mode', 'channel', '--transport', 'tcp'], ['turnpike', 'coturn'], True),
+    ('ChannelData relay (TCP)', ['--mode', 'channel', '--transport', 'tcp'], TP_COTURN, True),
     ('Binding (UDP)', ['--mode', 'binding'], ALL3, True),
     ('ChannelData relay (UDP), 1 vs 2 workers on one core', ['--mode', 'channel'],
      ['turnpike', 'turnpike-2w'], True),
     ('Allocate+delete, authenticated (UDP)', ['--mode', 'allocate', '--allocations', '8'],
-     ['turnpike', 'coturn'], True),
-    (f'Hold {HOLD} allocations', ['--mode', 'hold', '--allocations', HOLD], ['turnpike', 'coturn'], False),
+     TP_COTURN, True),
+    (f'Hold {HOLD} allocations', ['--mode', 'hold', '--allocations', HOLD], TP_COTURN, False),
 ]
 
 
@@ -73,7 +81,8 @@ def start(name):
 
 def bench(pid, args):
     cmd = ['taskset', '-c', '1', TP, 'bench', '--server', f'127.0.0.1:{PORT}', '--user', 'bench',
-           '--password', 'bench', '--json', '--pid', str(pid), '--duration', DURATION, '--warmup', WARMUP]
+           '--password', 'bench', '--json', '--pid', str(pid), '--server-core', '0', '--duration', DURATION,
+           '--warmup', WARMUP]
     if '--allocations' not in args:
         cmd += ['--allocations', ALLOCS]
     if '--window' not in args:
@@ -113,14 +122,14 @@ def main():
     print(f'duration {DURATION} s, warm-up {WARMUP} s, {ALLOCS} allocations x window {WINDOW} '
           f'unless named, payload 160 B; median of {REPEAT} runs by ops/s (all runs listed)\n')
     print('| measure | server | ops/s | runs (ops/s) | lost | RTT p50 / p99 µs | CPU µs/op user '
-          '| CPU µs/op sys | RSS/alloc B |')
-    print('|---|---|---|---|---|---|---|---|---|')
+          '| CPU µs/op sys | core 0 µs/op (all) | RSS/alloc B |')
+    print('|---|---|---|---|---|---|---|---|---|---|')
     for label, _, servers, _ in measures:
         for s in servers:
             runs = results[(label, s)]
             ok = [r for r in runs if 'error' not in r]
             if not ok:
-                print(f'| {label} | {s} | error: {runs[0]["error"]} ||||||')
+                print(f'| {label} | {s} | error: {runs[0]["error"]} |||||||')
                 continue
             ok.sort(key=lambda r: r['per_second'])
             r = ok[len(ok) // 2]
@@ -130,6 +139,7 @@ def main():
             print(f'| {label} | {s} | {r["per_second"]:.0f} | {every} | {r["lost"]} | '
                   f'{rtt.get("p50", "–")} / {rtt.get("p99", "–")} | '
                   f'{f(r.get("server_user_us_per_op"), "%.3f")} | {f(r.get("server_sys_us_per_op"), "%.3f")} | '
+                  f'{f(r.get("server_core_us_per_op"), "%.3f")} | '
                   f'{f(r.get("rss_per_allocation_bytes"), "%.0f")} |')
 
 

@@ -90,6 +90,11 @@ pub struct BenchArgs {
     /// The server's pid, for CPU per packet and RSS.
     #[arg(long)]
     pub pid: Option<u32>,
+    /// The CPU the server is pinned to: its whole busy time per operation
+    /// is reported too, softirq and kernel threads included (what the
+    /// process's own user/system times leave out).
+    #[arg(long)]
+    pub server_core: Option<usize>,
     /// Channel numbers start here (0x4000; coturn accepts the same).
     #[arg(long, default_value_t = 0x4000)]
     pub first_channel: u16,
@@ -129,6 +134,9 @@ pub struct Report {
     pub server_user_us_per_op: Option<f64>,
     /// Server CPU per operation, kernel mode, microseconds.
     pub server_sys_us_per_op: Option<f64>,
+    /// Busy time of the server's core per operation (`--server-core`),
+    /// microseconds: the server, softirq and kernel threads on that core.
+    pub server_core_us_per_op: Option<f64>,
     /// Server RSS at the end, KiB.
     pub server_rss_kib: Option<u64>,
     /// Hold mode: server RSS growth per held allocation, bytes.
@@ -239,6 +247,9 @@ fn print_table(r: &Report) {
         println!("  {:<28} {:>14.3}", "server CPU µs/op system", s);
         println!("  {:<28} {:>14.3}", "server CPU µs/op total", u + s);
     }
+    if let Some(c) = r.server_core_us_per_op {
+        println!("  {:<28} {:>14.3}", "server core µs/op (all)", c);
+    }
     if let Some(rss) = r.server_rss_kib {
         println!("  {:<28} {:>14}", "server RSS KiB", rss);
     }
@@ -247,18 +258,37 @@ fn print_table(r: &Report) {
     }
 }
 
+/// Busy and total ticks of one CPU from `/proc/stat` (busy: everything but
+/// idle and iowait).
+fn core_ticks(cpu: usize) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(&format!("cpu{cpu}")))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
 /// Measures a phase: CPU and RSS deltas of the server around it.
 struct Meter {
     pid: Option<u32>,
     start: Option<ProcSample>,
+    core: Option<(usize, (u64, u64))>,
     t0: Instant,
 }
 
 impl Meter {
-    fn start(pid: Option<u32>) -> Meter {
+    fn start(pid: Option<u32>, core: Option<usize>) -> Meter {
         Meter {
             pid,
             start: pid.and_then(sample),
+            core: core.and_then(|c| core_ticks(c).map(|t| (c, t))),
             t0: Instant::now(),
         }
     }
@@ -273,6 +303,12 @@ impl Meter {
                 r.server_user_us_per_op = Some((b.utime - a.utime) as f64 * tick_us / ops);
                 r.server_sys_us_per_op = Some((b.stime - a.stime) as f64 * tick_us / ops);
                 r.server_rss_kib = Some(b.rss_kib);
+            }
+        }
+        if let Some((cpu, (busy0, _))) = self.core {
+            if let Some((busy1, _)) = core_ticks(cpu) {
+                let tick_us = 1e6 / clock_ticks_per_second();
+                r.server_core_us_per_op = Some((busy1 - busy0) as f64 * tick_us / r.operations.max(1) as f64);
             }
         }
     }
@@ -293,6 +329,7 @@ fn empty_report(args: &BenchArgs, unit: &'static str) -> Report {
         rtt_us: None,
         server_user_us_per_op: None,
         server_sys_us_per_op: None,
+        server_core_us_per_op: None,
         server_rss_kib: None,
         rss_per_allocation_bytes: None,
     }
@@ -527,7 +564,7 @@ fn relay(args: &BenchArgs) -> Result<Report> {
         Instant::now() + Duration::from_secs_f64(args.warmup),
         false,
     )?;
-    let meter = Meter::start(args.pid);
+    let meter = Meter::start(args.pid, args.server_core);
     state.relayed = 0;
     state.rtts.clear();
     run(
@@ -801,7 +838,7 @@ fn bindings(args: &BenchArgs) -> Result<Report> {
         &mut lost,
         &mut rtts,
     )?;
-    let meter = Meter::start(args.pid);
+    let meter = Meter::start(args.pid, args.server_core);
     phase(
         &mut poll,
         &mut conns,
@@ -857,7 +894,7 @@ fn allocate_cycles(args: &BenchArgs) -> Result<Report> {
         }));
     }
     std::thread::sleep(Duration::from_secs_f64(args.warmup));
-    let meter = Meter::start(args.pid);
+    let meter = Meter::start(args.pid, args.server_core);
     record.store(true, Ordering::SeqCst);
     std::thread::sleep(Duration::from_secs_f64(args.duration));
     record.store(false, Ordering::SeqCst);
