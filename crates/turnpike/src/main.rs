@@ -353,6 +353,11 @@ fn serve(args: ServeArgs) -> Result<()> {
         tls_listen = ?handle.tls_listen,
         relay_ipv4 = ?settings.relay_v4,
         relay_ipv6 = ?settings.relay_v6,
+        relay_from = if settings.relay_auto {
+            "the address each client reached (the above where it cannot be used)"
+        } else {
+            "the configured relay-ip"
+        },
         relay_ports = %format!("{}-{}", settings.min_port, settings.max_port),
         realm = %settings.realm,
         auth = %auth,

@@ -3,7 +3,7 @@
 //! sockets are opened by the runtime: the request leaves a
 //! [`Command::OpenRelays`] and is answered in [`Server::handle_relays_opened`].
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,7 +48,7 @@ impl Server {
                 if a.txid == msg.transaction_id() {
                     let left = a.expires.saturating_duration_since(now).as_secs() as u32;
                     return Reply::AllocateOk {
-                        relayed: advertised_in_order(a),
+                        relayed: a.advertised(&self.cfg),
                         lifetime: left,
                         token: a.token,
                         family_error: a.family_error,
@@ -213,10 +213,9 @@ impl Server {
             match result {
                 None => {}
                 Some(Ok(o)) => {
-                    let advertised = self.advertise(o.addr);
+                    let advertised = self.cfg.advertise(o.addr);
                     relays[family(o.addr)] = Some(Relayed {
                         bound: o.addr,
-                        advertised,
                         expires,
                     });
                     order[i] = Some(advertised);
@@ -258,7 +257,7 @@ impl Server {
                 icmp: Bucket::new(),
                 user_slot,
             };
-            let first = alloc.first_relayed();
+            let first = alloc.first_relayed(&self.cfg);
             let second = order.iter().flatten().copied().find(|a| *a != first);
             self.table.insert(alloc);
             self.counters.allocations_created[p.tuple.transport.index()] += 1;
@@ -292,29 +291,6 @@ impl Server {
             Some(s) => Duration::from_secs(s as u64).clamp(self.cfg.default_lifetime, self.cfg.max_lifetime),
         }
     }
-
-    pub(super) fn advertise(&self, relay: SocketAddr) -> SocketAddr {
-        match relay.ip() {
-            IpAddr::V4(_) => match self.cfg.external_ipv4 {
-                Some(ip) => SocketAddr::new(IpAddr::V4(ip), relay.port()),
-                None => relay,
-            },
-            IpAddr::V6(_) => match self.cfg.external_ipv6 {
-                Some(ip) => SocketAddr::new(IpAddr::V6(ip), relay.port()),
-                None => relay,
-            },
-        }
-    }
-}
-
-/// The relayed addresses as first answered: the requested family first.
-fn advertised_in_order(a: &Allocation) -> [Option<SocketAddr>; 2] {
-    let mut out = [None, None];
-    // A dual allocation answered IPv4 (the requested default) first.
-    for (n, r) in a.relays.iter().flatten().enumerate() {
-        out[n] = Some(r.advertised);
-    }
-    out
 }
 
 impl PendingAllocate {

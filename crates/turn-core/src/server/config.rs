@@ -173,4 +173,19 @@ impl Config {
     pub fn set_auth_guard(&mut self, limit: u32, block: Duration) {
         self.auth_guard = Arc::new(AuthGuard::new(limit, AUTH_WINDOW, block, SOURCE_SLOTS));
     }
+
+    /// What the client is told for a relay bound at `relay`: the external
+    /// address of its family when one is configured (a host behind 1:1 NAT).
+    pub fn advertise(&self, relay: SocketAddr) -> SocketAddr {
+        match relay.ip() {
+            IpAddr::V4(_) => match self.external_ipv4 {
+                Some(ip) => SocketAddr::new(IpAddr::V4(ip), relay.port()),
+                None => relay,
+            },
+            IpAddr::V6(_) => match self.external_ipv6 {
+                Some(ip) => SocketAddr::new(IpAddr::V6(ip), relay.port()),
+                None => relay,
+            },
+        }
+    }
 }

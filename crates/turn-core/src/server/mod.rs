@@ -143,8 +143,8 @@ impl Server {
             .map(|a| SessionInfo {
                 tuple: a.tuple,
                 username: a.username.clone(),
-                relayed: a.first_relayed(),
-                relayed_all: a.relays.iter().flatten().map(|r| r.advertised).collect(),
+                relayed: a.first_relayed(&self.cfg),
+                relayed_all: a.advertised(&self.cfg).into_iter().flatten().collect(),
                 age: now.saturating_duration_since(a.created),
                 expires_in: a.expires.saturating_duration_since(now),
                 stats: a.stats,
@@ -319,7 +319,7 @@ impl Server {
         self.counters.to_peer_bytes += a.stats.to_peer_bytes;
         self.counters.from_peer_packets += a.stats.from_peer_packets;
         self.counters.from_peer_bytes += a.stats.from_peer_bytes;
-        let relayed = a.first_relayed();
+        let relayed = a.first_relayed(&self.cfg);
         self.events.push_back(Event::AllocationDeleted {
             tuple: a.tuple,
             username: a.username,
@@ -445,7 +445,7 @@ mod size_tests {
             eprintln!("size_of::<{name}>() = {size}");
         }
         assert!(
-            std::mem::size_of::<Allocation>() <= 512,
+            std::mem::size_of::<Allocation>() <= 416,
             "grew past the budget BENCHMARKS.md reports"
         );
     }

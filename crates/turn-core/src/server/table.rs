@@ -38,13 +38,13 @@ pub(super) struct ChannelBinding {
 
 /// One relayed transport address of an allocation (one per family,
 /// RFC 8656 §7.2 dual allocations), with its own lifetime (§7.3: a Refresh
-/// may name one family).
+/// may name one family). What the client is told is computed from the
+/// bound address ([`super::Config::advertise`]), not stored: 32 bytes less
+/// per family.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Relayed {
     /// The relay socket's bound address.
     pub(super) bound: SocketAddr,
-    /// What the client is told (the external address behind a NAT).
-    pub(super) advertised: SocketAddr,
     pub(super) expires: Instant,
 }
 
@@ -93,14 +93,19 @@ impl Allocation {
         self.relays[family(peer)].as_ref().filter(|r| r.expires > now)
     }
 
-    /// The first relayed address (IPv4 before IPv6), for logs and lists.
-    pub(super) fn first_relayed(&self) -> SocketAddr {
-        self.relays
-            .iter()
-            .flatten()
-            .map(|r| r.advertised)
-            .next()
-            .unwrap_or(self.tuple.server)
+    /// The relayed addresses the client was told, IPv4 before IPv6 (the
+    /// order of the Allocate answer: IPv4 is the default family).
+    pub(super) fn advertised(&self, cfg: &super::Config) -> [Option<SocketAddr>; 2] {
+        let mut out = [None, None];
+        for (n, r) in self.relays.iter().flatten().enumerate() {
+            out[n] = Some(cfg.advertise(r.bound));
+        }
+        out
+    }
+
+    /// The first advertised relayed address, for logs and lists.
+    pub(super) fn first_relayed(&self, cfg: &super::Config) -> SocketAddr {
+        self.advertised(cfg)[0].unwrap_or(self.tuple.server)
     }
 
     pub(super) fn has_permission(&self, ip: IpAddr, now: Instant) -> bool {
