@@ -13,6 +13,7 @@ pub type Md5Key = [u8; MD5_KEY_LEN];
 
 /// PASSWORD-ALGORITHM values (RFC 8489 §18.5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PasswordAlgorithm {
     /// 0x0001, the RFC 5389 key.
     Md5,
@@ -83,6 +84,7 @@ impl std::fmt::Debug for Credentials {
 
 /// Why a username has no usable key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CredentialError {
     /// Neither a static user nor a REST-API username.
     UnknownUser,

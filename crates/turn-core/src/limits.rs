@@ -77,7 +77,10 @@ pub struct SourceLimiter {
     burst: u64,
     origin: Instant,
     hasher: RandomState,
-    slots: Box<[AtomicU64]>,
+    len: usize,
+    /// Made on first use (512 KiB at the default size): a configuration
+    /// built and then replaced costs nothing.
+    slots: std::sync::OnceLock<Box<[AtomicU64]>>,
 }
 
 impl std::fmt::Debug for SourceLimiter {
@@ -103,7 +106,8 @@ impl SourceLimiter {
                 .clamp(1, (u32::MAX as u64) / TOKEN),
             origin: Instant::now(),
             hasher: RandomState::new(),
-            slots: (0..n).map(|_| AtomicU64::new(FRESH)).collect(),
+            len: n,
+            slots: std::sync::OnceLock::new(),
         }
     }
 
@@ -117,7 +121,10 @@ impl SourceLimiter {
         if self.rate == 0 {
             return true;
         }
-        let slot = &self.slots[slot_of(&self.hasher, ip, self.slots.len())];
+        let slots = self
+            .slots
+            .get_or_init(|| (0..self.len).map(|_| AtomicU64::new(FRESH)).collect());
+        let slot = &slots[slot_of(&self.hasher, ip, self.len)];
         let now_ms = now.saturating_duration_since(self.origin).as_millis() as u64 as u32;
         let cap = self.burst * TOKEN;
         let mut cur = slot.load(Ordering::Relaxed);
@@ -175,13 +182,17 @@ struct GuardTables {
 /// The account is the resolved username (USERNAME, or the name a USERHASH
 /// stands for), so both ways of naming a user count together. One mutex
 /// guards the tables: it is taken only for authenticated requests (a few
-/// per allocation), never for relayed data.
+/// per allocation), never for relayed data. The tables (about 100 bytes a
+/// slot) are made on the first failure, so a configuration that is built
+/// and replaced, or a server that never sees a wrong password, pays
+/// nothing for them.
 pub struct AuthGuard {
     limit: u32,
     window: Duration,
     block: Duration,
+    slots: usize,
     hasher: RandomState,
-    tables: Mutex<GuardTables>,
+    tables: Mutex<Option<GuardTables>>,
 }
 
 impl std::fmt::Debug for AuthGuard {
@@ -193,17 +204,13 @@ impl std::fmt::Debug for AuthGuard {
 impl AuthGuard {
     /// `limit` failures within `window` block for `block`; 0 disables.
     pub fn new(limit: u32, window: Duration, block: Duration, slots: usize) -> Self {
-        let n = if limit == 0 { 1 } else { slots.max(1) };
         AuthGuard {
             limit,
             window,
             block,
+            slots: slots.max(1),
             hasher: RandomState::new(),
-            tables: Mutex::new(GuardTables {
-                pairs: vec![Strikes::default(); n].into_boxed_slice(),
-                sources: vec![Strikes::default(); n].into_boxed_slice(),
-                last_checked: vec![None; n].into_boxed_slice(),
-            }),
+            tables: Mutex::new(None),
         }
     }
 
@@ -216,7 +223,7 @@ impl AuthGuard {
         (slot_of(&self.hasher, (user, ip), n), slot_of(&self.hasher, ip, n))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, GuardTables> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<GuardTables>> {
         self.tables.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -225,7 +232,11 @@ impl AuthGuard {
         if self.limit == 0 {
             return Verdict::Check;
         }
-        let mut t = self.lock();
+        let mut guard = self.lock();
+        // No table yet: no failure was ever recorded.
+        let Some(t) = guard.as_mut() else {
+            return Verdict::Check;
+        };
         let (p, s) = self.slots(t.pairs.len(), user, ip);
         for st in [&t.pairs[p], &t.sources[s]] {
             if st.blocked_until.is_some_and(|t| t > now) {
@@ -250,10 +261,16 @@ impl AuthGuard {
         if self.limit == 0 {
             return false;
         }
-        let mut t = self.lock();
+        let mut guard = self.lock();
+        let n = self.slots;
+        let t = guard.get_or_insert_with(|| GuardTables {
+            pairs: vec![Strikes::default(); n].into_boxed_slice(),
+            sources: vec![Strikes::default(); n].into_boxed_slice(),
+            last_checked: vec![None; n].into_boxed_slice(),
+        });
         let (p, s) = self.slots(t.pairs.len(), user, ip);
         let mut started = false;
-        let GuardTables { pairs, sources, .. } = &mut *t;
+        let GuardTables { pairs, sources, .. } = t;
         for (st, limit) in [
             (&mut pairs[p], self.limit),
             (&mut sources[s], self.limit.saturating_mul(5)),
@@ -281,7 +298,10 @@ impl AuthGuard {
         if self.limit == 0 {
             return;
         }
-        let mut t = self.lock();
+        let mut guard = self.lock();
+        let Some(t) = guard.as_mut() else {
+            return;
+        };
         let (p, _) = self.slots(t.pairs.len(), user, ip);
         t.pairs[p] = Strikes::default();
     }
@@ -345,6 +365,7 @@ impl SourceCounter {
 
 /// Why an allocation was refused by a quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum QuotaError {
     /// The user's allocation quota is reached (486).
     User,
@@ -453,10 +474,7 @@ mod tests {
         let b: IpAddr = "192.0.2.2".parse().unwrap();
         let allowed = (0..100).filter(|_| l.allow(a, t0)).count();
         assert_eq!(allowed, 10, "burst of twice the rate");
-        assert!(
-            l.allow(b, t0) || l.slots.len() < 2,
-            "another source is unaffected"
-        );
+        assert!(l.allow(b, t0) || l.len < 2, "another source is unaffected");
         assert!(l.allow(a, t0 + Duration::from_secs(1)));
         let off = SourceLimiter::new(0, 1024);
         assert!((0..10_000).all(|_| off.allow(a, t0)));

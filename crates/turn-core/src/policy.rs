@@ -17,6 +17,7 @@ pub struct Cidr {
 
 /// Why a CIDR string did not parse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CidrError {
     /// The address part is not an IP address.
     BadAddress,
@@ -195,6 +196,7 @@ fn is_real_loopback(raw: IpAddr) -> bool {
 
 /// Why a peer was refused, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Refusal {
     /// Matched an operator's `deny-peer` range.
     OperatorDenied,

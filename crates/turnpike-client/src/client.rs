@@ -203,6 +203,7 @@ impl Channel {
 
 /// Why a client operation failed.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum ClientError {
     /// No answer in time.
     Timeout,
@@ -269,6 +270,7 @@ pub enum RelayFamily {
 
 /// Application data received through the relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Received {
     /// A Data indication from `peer`.
     Data {

@@ -124,3 +124,41 @@ fn scrape(addr: SocketAddr) -> String {
     s.read_to_string(&mut body).unwrap();
     body
 }
+
+#[test]
+fn a_blocked_pair_stays_blocked_from_every_port_and_worker() {
+    use turnpike_client::client::{Channel, ClientError, ClientTransport, TurnClient};
+    let h = common::start(&["--threads", "2", "--auth-fail-limit", "4"]);
+    let server = h.listen[0];
+    let fresh = |pw: &str, from: Option<std::net::IpAddr>| {
+        let ch = Channel::connect_from(&ClientTransport::Udp, server, from, Duration::from_secs(3)).unwrap();
+        let mut c = TurnClient::new(ch, common::USER, pw);
+        c.set_timeout(Duration::from_millis(1200));
+        c
+    };
+    // Four wrong guesses, each from its own port (so over both workers);
+    // past half the limit one check a second is made, so they are spaced.
+    for _ in 0..4 {
+        assert!(matches!(
+            fresh("guess", None).allocate(),
+            Err(ClientError::Error { code: 401, .. })
+        ));
+        std::thread::sleep(Duration::from_millis(1050));
+    }
+    // The right password from 8 more fresh ports: every one is refused
+    // (dropped) for the block time, whichever worker its port hashes to.
+    for i in 0..8 {
+        assert!(
+            matches!(
+                fresh(common::PASSWORD, None).allocate(),
+                Err(ClientError::Timeout)
+            ),
+            "port {i}: the blocked pair must not be answered"
+        );
+    }
+    // Another source address is not blocked.
+    fresh(common::PASSWORD, Some("127.0.0.4".parse().unwrap()))
+        .allocate()
+        .unwrap();
+    h.shutdown();
+}

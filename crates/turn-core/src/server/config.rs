@@ -167,6 +167,15 @@ impl Config {
         self.source_limiter = Arc::new(SourceLimiter::new(rate, SOURCE_SLOTS));
     }
 
+    /// Rebuilds the per-source tables (answer budget, brute-force guard)
+    /// with `slots` slots each, keeping their settings: small tables for
+    /// tests and the fuzzer, which build a server per input.
+    pub fn set_source_slots(&mut self, slots: usize) {
+        let (limit, block) = self.auth_guard.settings();
+        self.source_limiter = Arc::new(SourceLimiter::new(self.source_limiter.rate(), slots));
+        self.auth_guard = Arc::new(AuthGuard::new(limit, AUTH_WINDOW, block, slots));
+    }
+
     /// Gives this configuration its own brute-force guard: `limit` failures
     /// per account and source within [`AUTH_WINDOW`] block for `block`
     /// (0: off).

@@ -168,6 +168,11 @@ impl Server {
         doomed.len()
     }
 
+    /// Relay sockets the live allocations hold (two for a dual one).
+    pub fn relay_count(&self) -> usize {
+        self.table.by_relay.len()
+    }
+
     /// Live allocations by client transport: UDP, TCP, TLS.
     pub fn allocations_by_transport(&self) -> [usize; 3] {
         let mut n = [0; 3];

@@ -40,6 +40,7 @@ pub(super) fn build_policy(settings: &Settings, own_sockets: &[SocketAddr]) -> P
 
 /// A request from the control plane to a worker, handled in its loop
 /// (never on the packet path); the answer goes back on `reply`.
+#[non_exhaustive]
 pub enum Command {
     /// List this worker's allocations.
     Sessions(std::sync::mpsc::Sender<Vec<turn_core::SessionInfo>>),
