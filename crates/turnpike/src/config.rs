@@ -428,6 +428,56 @@ fn host_ipv6() -> Option<Ipv6Addr> {
     }
 }
 
+/// Whether this process may bind ports below 1024 (root, or
+/// CAP_NET_BIND_SERVICE, or a lowered ip_unprivileged_port_start): tried
+/// on a throwaway loopback socket.
+fn can_bind_privileged() -> bool {
+    let unprivileged_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|v| v.trim().parse::<u16>().ok());
+    if unprivileged_start.is_some_and(|p| p <= 1) {
+        return true;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid_root = status
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    // CAP_NET_BIND_SERVICE is capability 10 in CapEff.
+    let cap = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|c| c & (1 << 10) != 0);
+    euid_root || cap
+}
+
+/// A log level, or a tracing filter of `target=level` directives. A bare
+/// word that is no level (`verbose`, `warning`) would parse as a target
+/// name and silence every log line, so it is refused.
+fn check_log_level(v: &str) -> Result<()> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let hint = match v.to_ascii_lowercase().as_str() {
+        "warning" => " (did you mean warn?)",
+        "verbose" | "all" => " (did you mean debug or trace?)",
+        "err" => " (did you mean error?)",
+        _ => "",
+    };
+    let directive_ok = |d: &str| {
+        let level = d.rsplit_once('=').map(|(_, l)| l).unwrap_or(d);
+        LEVELS.contains(&level.trim().to_ascii_lowercase().as_str())
+    };
+    if v.trim().is_empty()
+        || !v.split(',').all(directive_ok)
+        || tracing_subscriber::EnvFilter::try_new(v).is_err()
+    {
+        bail!(
+            "log-level \"{v}\": not a level{hint}; use off, error, warn, info, debug or trace, \
+             or directives like \"info,turnpike=debug\""
+        );
+    }
+    Ok(())
+}
+
 fn parse_cidrs(field: &str, values: &[String]) -> Result<Vec<Cidr>> {
     values
         .iter()
@@ -491,15 +541,35 @@ impl Settings {
         if min_port == 0 {
             bail!("min-port: 0 is not a port; use 1024 or above (default 49152)");
         }
+        if min_port < 1024 && !can_bind_privileged() {
+            bail!(
+                "min-port {min_port}: relay ports below 1024 need root or CAP_NET_BIND_SERVICE, \
+                 which this process lacks; use min-port 1024 or above (default 49152)"
+            );
+        }
         if min_port > max_port {
             bail!("min-port ({min_port}) is greater than max-port ({max_port}): set min-port <= max-port");
         }
 
         let mut relay_v4 = None;
         let mut relay_v6 = None;
+        let host_addrs = udp_io::local_addresses();
         for ip in &a.relay_ip {
             if ip.is_unspecified() {
                 bail!("relay-ip {ip}: must be a concrete address clients can reach, not a wildcard");
+            }
+            // Relay sockets bind to it: an address this host does not have
+            // would make every Allocate fail with 508.
+            if !host_addrs.is_empty() && !host_addrs.contains(ip) {
+                bail!(
+                    "relay-ip {ip}: not an address of this host (it has {}); to advertise a NAT's \
+                     public address use external-ip, and give relay-ip the local one",
+                    host_addrs
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
             }
             match ip {
                 IpAddr::V4(v) if relay_v4.is_none() => relay_v4 = Some(*v),
@@ -582,9 +652,7 @@ impl Settings {
             bail!("threads: must be between 1 and 1024 (default: number of cores)");
         }
         let log_level = a.log_level.unwrap_or_else(|| "info".to_owned());
-        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
-            bail!("log-level \"{log_level}\": use error, warn, info, debug or trace");
-        }
+        check_log_level(&log_level)?;
         if let Some(s) = &a.software {
             if s.len() > 763 {
                 bail!("software: at most 763 bytes");
@@ -792,12 +860,29 @@ mod tests {
             (&["--cert", "/x.pem"], "key"),
             (&["--threads", "0"], "threads"),
             (&["--log-level", "lo[ud"], "log-level"),
+            (&["--log-level", "verbose"], "log-level"),
+            (&["--log-level", "warning"], "did you mean warn"),
+            (&["--log-level", "debg"], "log-level"),
+            (&["--relay-ip", "192.0.2.77"], "not an address of this host"),
             (&["--relay-ip", "0.0.0.0"], "relay-ip"),
             (&["--user", "bob:0x1234"], "32 hex"),
         ];
         for (args, needle) in cases {
             let err = Settings::from_args(parse(args)).unwrap_err().to_string();
             assert!(err.contains(needle), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn levels_and_filters_are_accepted() {
+        for ok in [
+            "warn",
+            "INFO",
+            "off",
+            "info,turnpike=debug",
+            "turnpike::runtime=trace",
+        ] {
+            assert!(check_log_level(ok).is_ok(), "{ok}");
         }
     }
 

@@ -208,6 +208,14 @@ fn bad_configuration_names_the_field() {
         ),
         (vec!["--user".into(), "nopassword".into()], "NAME:PASSWORD"),
         (vec!["--allow-peer".into(), "10.0.0.0/40".into()], "allow-peer"),
+        // A bare word that is no level would silence every log line.
+        (vec!["--log-level".into(), "verbose".into()], "log-level"),
+        (vec!["--log-level".into(), "warning".into()], "did you mean warn"),
+        // Relay sockets could never bind there: every Allocate would be 508.
+        (
+            vec!["--relay-ip".into(), "192.0.2.77".into()],
+            "not an address of this host",
+        ),
     ];
     for (args, needle) in cases {
         let out = bin().arg("serve").args(&args).output().unwrap();
@@ -416,6 +424,79 @@ fn example_config_loads_and_documents_every_option() {
     }
 }
 
+fn text_has_reload(unit: &std::path::Path) -> bool {
+    std::fs::read_to_string(unit)
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("ExecReload=") && l.contains("-HUP"))
+}
+
+#[test]
+fn privileged_relay_ports_are_refused_without_the_right() {
+    // Run as nobody (needs root to switch, and setpriv from util-linux).
+    let setpriv = std::path::Path::new("/usr/bin/setpriv");
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    if !root || !setpriv.exists() {
+        eprintln!("SKIP: needs root and setpriv to run the server unprivileged");
+        return;
+    }
+    let unprivileged_start =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start").unwrap_or_default();
+    if unprivileged_start.trim().parse::<u16>().unwrap_or(1024) <= 500 {
+        eprintln!("SKIP: this host lets anyone bind low ports");
+        return;
+    }
+    let mut child = Command::new(setpriv)
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_turnpike"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-tls",
+            "--min-port",
+            "500",
+            "--max-port",
+            "600",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It must refuse at once; a server that starts is stopped after 5 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr);
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(2),
+        "it started instead of refusing: {stderr}"
+    );
+    assert!(
+        stderr.contains("min-port 500") && stderr.contains("CAP_NET_BIND_SERVICE"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn systemd_unit_verifies() {
     let analyze = std::path::Path::new("/usr/bin/systemd-analyze");
@@ -441,6 +522,10 @@ fn systemd_unit_verifies() {
         .filter(|l| l.contains("turnpike.service"))
         .collect();
     assert!(ours.is_empty(), "systemd-analyze verify: {stderr}");
+    assert!(
+        text_has_reload(&unit),
+        "systemctl reload must reach SIGHUP (ExecReload)"
+    );
     assert!(out.status.success(), "systemd-analyze verify failed: {stderr}");
 }
 
