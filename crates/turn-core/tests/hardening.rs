@@ -552,6 +552,12 @@ fn draining_refuses_new_allocations_and_keeps_existing_ones() {
         b.u32(attr::REQUESTED_TRANSPORT, TRANSPORT_UDP);
     });
     assert_eq!(code(&resp), Some(508));
+    let c = h.server.counters();
+    assert_eq!(
+        (c.drain_refused, c.capacity),
+        (1, 0),
+        "a drain refusal is counted as such, not as a capacity problem"
+    );
     assert!(
         is_success(&old.refresh(&mut h, None)),
         "existing allocations carry on"

@@ -363,6 +363,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         auth = %auth,
         threads = settings.threads,
         allow_loopback_peers = settings.allow_loopback_peers,
+        metrics = %handle.metrics.map(|a| a.to_string()).unwrap_or_else(|| "off".to_owned()),
         "turnpike started"
     );
     if let Some(fp) = &handle.tls_fingerprint {

@@ -62,6 +62,7 @@ fn sum(board: &Board) -> (WorkerMetrics, Vec<WorkerMetrics>) {
         tc.auth_throttled += c.auth_throttled;
         tc.quota_user += c.quota_user;
         tc.capacity += c.capacity;
+        tc.drain_refused += c.drain_refused;
         tc.bandwidth_dropped += c.bandwidth_dropped;
         tc.peers_refused += c.peers_refused;
         tc.bindings += c.bindings;
@@ -305,6 +306,21 @@ pub fn render(board: &Board, draining: bool) -> String {
         "gauge",
         "Worker threads.",
         &[("", per_worker.len() as f64)],
+    );
+    let redis = REDIS_UP.load(std::sync::atomic::Ordering::Relaxed);
+    if redis >= 0 {
+        metric(
+            "redis_up",
+            "gauge",
+            "1 while the Redis credential store answers, 0 while cached credentials serve without it.",
+            &[("", redis as f64)],
+        );
+    }
+    metric(
+        "drain_refused_total",
+        "counter",
+        "Allocations refused because the server is draining (300 with ALTERNATE-SERVER, or 508).",
+        &[("", c.drain_refused as f64)],
     );
     metric(
         "draining",

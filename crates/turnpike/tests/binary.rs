@@ -918,7 +918,24 @@ fn redis_users_and_secrets_serve_and_survive_a_redis_outage() {
     let err = lines(child.stderr.take().unwrap());
     let child = Server(Some(child));
     let mut seen = Vec::new();
-    let addr = listen_addr(&wait_for(&err, "turnpike started", &mut seen));
+    let started = wait_for(&err, "turnpike started", &mut seen);
+    let addr = listen_addr(&started);
+    let metrics: SocketAddr = started
+        .split("metrics=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .expect("metrics=ADDR in the start-up line");
+    let redis_up = || {
+        scrape(metrics)
+            .lines()
+            .find_map(|l| l.strip_prefix("turnpike_redis_up ").map(str::to_owned))
+    };
+    assert_eq!(
+        redis_up().as_deref(),
+        Some("1"),
+        "the documented metric is rendered"
+    );
     let works = |u: &str, p: &str| {
         let mut c = TurnClient::new(
             Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(3)).unwrap(),
@@ -957,7 +974,17 @@ fn redis_users_and_secrets_serve_and_survive_a_redis_outage() {
     drop(redis);
     wait_for(&err, "redis unavailable", &mut seen);
     assert!(works("frank", "fr4nk-pw"), "cached users survive the outage");
+    assert_eq!(redis_up().as_deref(), Some("0"), "the outage shows in metrics");
     sigterm_and_wait(child);
+}
+
+fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
 }
 
 fn http_post(addr: SocketAddr, path: &str, token: &str) -> (u16, String) {

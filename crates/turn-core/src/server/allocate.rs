@@ -110,9 +110,12 @@ impl Server {
                 .iter()
                 .find(|a| a.is_ipv6() == family_v6)
             {
-                Some(alt) => Reply::TryAlternate(*alt),
+                Some(alt) => {
+                    self.counters.drain_refused += 1;
+                    Reply::TryAlternate(*alt)
+                }
                 None => {
-                    self.counters.capacity += 1;
+                    self.counters.drain_refused += 1;
                     Reply::Error(InsufficientCapacity)
                 }
             };

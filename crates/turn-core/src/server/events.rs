@@ -35,6 +35,8 @@ pub struct Counters {
     pub quota_user: u64,
     /// Allocations refused by the total quota or port exhaustion (508).
     pub capacity: u64,
+    /// Allocations refused while draining (300 or 508).
+    pub drain_refused: u64,
     /// Relayed packets dropped by bandwidth caps.
     pub bandwidth_dropped: u64,
     /// Peers refused by policy.
