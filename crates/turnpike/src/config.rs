@@ -24,13 +24,13 @@ pub struct ServeArgs {
     pub config: Option<PathBuf>,
 
     /// UDP+TCP listen address (repeatable). Default: 0.0.0.0:3478 and [::]:3478.
-    #[arg(long, value_name = "IP:PORT")]
-    #[serde(default)]
+    #[arg(long, value_name = "IP:PORT", value_parser = parse_socket_addr)]
+    #[serde(default, deserialize_with = "one_or_many")]
     pub listen: Vec<SocketAddr>,
 
     /// TLS listen address (repeatable). Default: 0.0.0.0:5349 and [::]:5349.
-    #[arg(long, value_name = "IP:PORT")]
-    #[serde(default)]
+    #[arg(long, value_name = "IP:PORT", value_parser = parse_socket_addr)]
+    #[serde(default, deserialize_with = "one_or_many")]
     pub tls_listen: Vec<SocketAddr>,
 
     /// Turn TLS off entirely.
@@ -50,13 +50,13 @@ pub struct ServeArgs {
     /// Default: the listen address if specific, else the host's first
     /// non-loopback IPv4 address.
     #[arg(long, value_name = "IP")]
-    #[serde(default)]
+    #[serde(default, deserialize_with = "one_or_many")]
     pub relay_ip: Vec<IpAddr>,
 
     /// Relay address advertised to clients when the host is behind NAT
     /// (one per family; repeatable).
     #[arg(long, value_name = "IP")]
-    #[serde(default)]
+    #[serde(default, deserialize_with = "one_or_many")]
     pub external_ip: Vec<IpAddr>,
 
     /// Lowest relay port [default: 49152].
@@ -74,12 +74,12 @@ pub struct ServeArgs {
     /// Long-term credential NAME:PASSWORD (repeatable). NAME:0xHEX gives the
     /// MD5 key MD5(name:realm:password) instead of a password.
     #[arg(long, value_name = "NAME:PASSWORD")]
-    #[serde(default)]
+    #[serde(default, deserialize_with = "one_or_many")]
     pub user: Vec<String>,
 
     /// TURN REST-API shared secret (repeatable, for rotation).
     #[arg(long, value_name = "SECRET")]
-    #[serde(default)]
+    #[serde(default, deserialize_with = "one_or_many")]
     pub auth_secret: Vec<String>,
 
     /// Allow relaying to 127.0.0.0/8 and ::1 (tests, local media servers).
@@ -88,12 +88,12 @@ pub struct ServeArgs {
 
     /// Allow relaying to a range refused by default (repeatable).
     #[arg(long, value_name = "CIDR")]
-    #[serde(default)]
+    #[serde(default, deserialize_with = "one_or_many")]
     pub allow_peer: Vec<String>,
 
     /// Refuse relaying to a range; beats --allow-peer (repeatable).
     #[arg(long, value_name = "CIDR")]
-    #[serde(default)]
+    #[serde(default, deserialize_with = "one_or_many")]
     pub deny_peer: Vec<String>,
 
     /// Worker threads [default: number of cores].
@@ -190,8 +190,8 @@ pub struct ServeArgs {
 
     /// Where a draining server sends new clients (300 ALTERNATE-SERVER);
     /// repeatable, one per family. Without it, draining answers 508.
-    #[arg(long, value_name = "IP:PORT")]
-    #[serde(default)]
+    #[arg(long, value_name = "IP:PORT", value_parser = parse_socket_addr)]
+    #[serde(default, deserialize_with = "one_or_many")]
     pub alternate_server: Vec<SocketAddr>,
 
     /// Seconds SIGTERM waits for allocations to end before closing them
@@ -201,7 +201,7 @@ pub struct ServeArgs {
 
     /// Serve Prometheus metrics at http://IP:PORT/metrics (off unless set;
     /// e.g. 127.0.0.1:9641).
-    #[arg(long, value_name = "IP:PORT")]
+    #[arg(long, value_name = "IP:PORT", value_parser = parse_socket_addr)]
     pub metrics_listen: Option<SocketAddr>,
 
     /// SQLite user database (`turnpike user add` writes it; the server
@@ -217,7 +217,7 @@ pub struct ServeArgs {
 
     /// Admin HTTP API listener (off unless set; keep it on loopback, e.g.
     /// 127.0.0.1:9642). Needs admin-token or admin-token-file.
-    #[arg(long, value_name = "IP:PORT")]
+    #[arg(long, value_name = "IP:PORT", value_parser = parse_socket_addr)]
     pub admin_listen: Option<SocketAddr>,
 
     /// Bearer token for the admin API.
@@ -426,6 +426,68 @@ fn host_ipv6() -> Option<Ipv6Addr> {
         }
         SocketAddr::V4(_) => None,
     }
+}
+
+/// An `IP:PORT` flag value, with an error that says which part is wrong
+/// (clap's own only says "invalid socket address syntax").
+pub fn parse_socket_addr(v: &str) -> std::result::Result<SocketAddr, String> {
+    if let Ok(a) = v.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let (ip, port) = match v.rsplit_once(':') {
+        Some((ip, port)) if !ip.is_empty() && !(ip.contains(':') && !ip.starts_with('[')) => (ip, port),
+        _ if v.parse::<IpAddr>().is_ok() => {
+            return Err(format!(
+                "{v:?} has no port: write IP:PORT, e.g. {}",
+                match v.parse::<IpAddr>() {
+                    Ok(IpAddr::V6(_)) => format!("[{v}]:3478"),
+                    _ => format!("{v}:3478"),
+                }
+            ))
+        }
+        _ => return Err(format!("{v:?} is not IP:PORT (e.g. 0.0.0.0:3478 or [::]:3478)")),
+    };
+    let bare = ip.trim_start_matches('[').trim_end_matches(']');
+    if bare.parse::<IpAddr>().is_err() {
+        return Err(format!(
+            "{v:?}: {ip:?} is not an IP address (names are not resolved here)"
+        ));
+    }
+    if ip.contains(':') && !(ip.starts_with('[') && ip.ends_with(']')) {
+        return Err(format!(
+            "{v:?}: an IPv6 address takes brackets, e.g. [{bare}]:{port}"
+        ));
+    }
+    match port.parse::<u32>() {
+        Ok(p) if p > 65535 => Err(format!("{v:?}: port {p} is above 65535")),
+        Ok(_) => Err(format!("{v:?} is not IP:PORT")),
+        Err(_) => Err(format!("{v:?}: {port:?} is not a port number")),
+    }
+}
+
+/// A repeatable key in the file takes one value or a list of them
+/// (`relay-ip = "203.0.113.10"` as well as `relay-ip = ["203.0.113.10"]`).
+fn one_or_many<'de, D, T>(d: D) -> std::result::Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    use serde::de::IntoDeserializer;
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a value or a list of values")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Vec<T>, E> {
+            // The element's own parser, so its error message stays.
+            T::deserialize(v.into_deserializer()).map(|t| vec![t])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> std::result::Result<Vec<T>, A::Error> {
+            Vec::<T>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+        }
+    }
+    d.deserialize_any(V(std::marker::PhantomData))
 }
 
 /// Whether this process may bind ports below 1024 (root, or
@@ -871,6 +933,47 @@ mod tests {
             let err = Settings::from_args(parse(args)).unwrap_err().to_string();
             assert!(err.contains(needle), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn a_repeatable_key_takes_one_value_or_a_list() {
+        let dir = std::env::temp_dir().join(format!("turnpike-one-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("one.toml");
+        std::fs::write(
+            &f,
+            "relay-ip = \"127.0.0.1\"\nuser = \"alice:pw\"\nlisten = [\"127.0.0.1:3478\", \"127.0.0.1:3479\"]\n",
+        )
+        .unwrap();
+        let a = ServeArgs::from_file(&f).unwrap();
+        assert_eq!(a.relay_ip, vec!["127.0.0.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(a.user, vec!["alice:pw".to_owned()]);
+        assert_eq!(a.listen.len(), 2);
+        std::fs::write(&f, "relay-ip = \"not-an-ip\"\n").unwrap();
+        let err = ServeArgs::from_file(&f).unwrap_err().to_string();
+        assert!(
+            err.contains("relay-ip") && err.contains("invalid IP address"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn address_errors_say_which_part_is_wrong() {
+        for (v, needle) in [
+            ("127.0.0.1:70000", "port 70000 is above 65535"),
+            ("300.1.1.1:3478", "\"300.1.1.1\" is not an IP address"),
+            ("127.0.0.1", "has no port"),
+            ("::1", "[::1]:3478"),
+            ("127.0.0.1:http", "not a port number"),
+        ] {
+            let err = parse_socket_addr(v).unwrap_err();
+            assert!(err.contains(needle), "{v}: {err}");
+        }
+        assert_eq!(
+            parse_socket_addr("[::1]:3478").unwrap(),
+            "[::1]:3478".parse().unwrap()
+        );
     }
 
     #[test]
