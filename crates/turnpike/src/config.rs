@@ -435,7 +435,7 @@ pub fn parse_socket_addr(v: &str) -> std::result::Result<SocketAddr, String> {
         return Ok(a);
     }
     let (ip, port) = match v.rsplit_once(':') {
-        Some((ip, port)) if !ip.is_empty() && !(ip.contains(':') && !ip.starts_with('[')) => (ip, port),
+        Some((ip, port)) if !ip.is_empty() && (!ip.contains(':') || ip.starts_with('[')) => (ip, port),
         _ if v.parse::<IpAddr>().is_ok() => {
             return Err(format!(
                 "{v:?} has no port: write IP:PORT, e.g. {}",
