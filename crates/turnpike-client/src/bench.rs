@@ -223,6 +223,32 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else {
         print_table(&report);
     }
+    // A run that lost most of what it sent measured nothing: say so, and
+    // fail, so a script cannot take it for a result.
+    let attempted = report.operations + report.lost;
+    let hint = match args.mode {
+        Mode::Binding | Mode::Allocate => {
+            "; unauthenticated requests from one address hit per-source limits: start turnpike \
+             with --rate-limit-per-ip 0 (and --auth-fail-limit 0) for single-host load"
+        }
+        _ => "",
+    };
+    if report.operations > 0
+        && report.lost * 2 <= attempted
+        && report.lost * 20 > attempted
+        && !hint.is_empty()
+    {
+        eprintln!(
+            "turnpike bench: warning: {} of {attempted} requests lost, which looks like rate limiting{hint}",
+            report.lost
+        );
+    }
+    if report.operations == 0 || report.lost * 2 > attempted {
+        bail!(
+            "{} of {attempted} operations lost: the measurement is not valid{hint}",
+            report.lost
+        );
+    }
     Ok(())
 }
 
@@ -863,6 +889,9 @@ fn bindings(args: &BenchArgs) -> Result<Report> {
 fn allocate_cycles(args: &BenchArgs) -> Result<Report> {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
+    // One cycle first: wrong credentials are a failure to report, not
+    // "lost" operations.
+    preflight_allocate(args)?;
     let stop = Arc::new(AtomicBool::new(false));
     let record = Arc::new(AtomicBool::new(false));
     let counts = Arc::new(AtomicU64::new(0));
@@ -912,6 +941,29 @@ fn allocate_cycles(args: &BenchArgs) -> Result<Report> {
     }
     r.rtt_us = percentiles(all);
     Ok(r)
+}
+
+/// One authenticated allocate+delete, so a credential or server problem
+/// fails the run with its reason instead of showing up as loss.
+fn preflight_allocate(args: &BenchArgs) -> Result<()> {
+    let ch = Channel::connect(
+        &client_transport(args.transport),
+        args.server,
+        Duration::from_secs(3),
+    )?;
+    let mut c = TurnClient::new(ch, &args.user, &args.password);
+    c.set_timeout(Duration::from_secs(2));
+    match c.allocate() {
+        Ok(_) => {
+            let _ = c.refresh(0);
+            Ok(())
+        }
+        Err(crate::client::ClientError::Error { code: 401, .. }) => bail!(
+            "authentication failed (401){}: check --user and --password",
+            c.realm().map(|r| format!(" in realm {r:?}")).unwrap_or_default()
+        ),
+        Err(e) => bail!("the first allocate failed: {e}"),
+    }
 }
 
 /// Allocates and holds `allocations` allocations, then reports the server's

@@ -60,3 +60,61 @@ fn every_mode_runs_and_reports() {
     assert!(r["rss_per_allocation_bytes"].as_f64().is_some(), "{r}");
     assert_eq!(h.shutdown(), 0);
 }
+
+fn bench_fails(server: std::net::SocketAddr, extra: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args(["bench", "--server", &server.to_string(), "--user", "alice"])
+        .args([
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--window",
+            "16",
+            "--allocations",
+            "4",
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "bench {extra:?} must fail: {stderr}");
+    stderr
+}
+
+#[test]
+fn a_failed_or_mostly_lost_run_fails() {
+    let h = common::start(&["--allow-loopback-peers"]);
+    let server = h.listen[0];
+    let err = bench_fails(server, &["--password", "nope", "--mode", "allocate"]);
+    assert!(err.contains("authentication failed (401)"), "{err}");
+    // The default per-source limit (200/s) drops part of a Binding flood
+    // from one address: the run says why beside the rate it reports.
+    let out = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args([
+            "bench",
+            "--server",
+            &server.to_string(),
+            "--user",
+            "alice",
+            "--password",
+            "wonderland",
+        ])
+        .args([
+            "--mode",
+            "binding",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--window",
+            "16",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // A warning beside the rate, or a failure when most was lost: either
+    // way the cause and the fix are named.
+    assert!(err.contains("--rate-limit-per-ip 0"), "{err}");
+    assert_eq!(h.shutdown(), 0);
+}
