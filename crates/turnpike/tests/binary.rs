@@ -1071,3 +1071,52 @@ fn admin_reload_endpoint_applies_and_rejects() {
     assert_eq!(http_post(admin, "/api/reload", "wrong-token-wrong-token").0, 401);
     sigterm_and_wait(child);
 }
+
+#[test]
+fn every_refusal_leaves_a_log_line() {
+    let mut child = bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--no-tls", "--threads", "1"])
+        .args(["--user", "dave:d4ve", "--user", "erin:3rin", "--user-quota", "1"])
+        .args(["--auth-fail-limit", "0", "--realm", "refusals.example"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(child.stderr.take().unwrap());
+    let child = Server(Some(child));
+    let mut seen = Vec::new();
+    let addr = listen_addr(&wait_for(&err, "turnpike started", &mut seen));
+    let client = |u: &str, p: &str| {
+        let mut c = TurnClient::new(
+            Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(3)).unwrap(),
+            u,
+            p,
+        );
+        c.set_timeout(Duration::from_secs(2));
+        c
+    };
+    // Wrong password, unknown user: 401 with integrity.
+    assert!(client("dave", "wrong").allocate().is_err());
+    let line = wait_for(&err, "request refused", &mut seen);
+    assert!(
+        line.contains("code=401") && line.contains("dave") && line.contains("allocate"),
+        "{line}"
+    );
+    assert!(client("mallory", "x").allocate().is_err());
+    let line = wait_for(&err, "request refused", &mut seen);
+    assert!(line.contains("code=401") && line.contains("mallory"), "{line}");
+    // The user quota: 486.
+    let mut first = client("erin", "3rin");
+    first.allocate().unwrap();
+    assert!(client("erin", "3rin").allocate().is_err());
+    let line = wait_for(&err, "request refused", &mut seen);
+    assert!(line.contains("code=486") && line.contains("erin"), "{line}");
+    // An address family the server does not relay: 440.
+    let mut v6 = client("dave", "d4ve");
+    v6.set_relay_family(turnpike_client::client::RelayFamily::Ipv6);
+    assert!(v6.allocate().is_err());
+    let line = wait_for(&err, "request refused", &mut seen);
+    assert!(line.contains("code=440"), "{line}");
+    first.refresh(0).unwrap();
+    sigterm_and_wait(child);
+}

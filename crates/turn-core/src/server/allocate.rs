@@ -266,7 +266,7 @@ impl Server {
             self.counters.allocations_created[p.tuple.transport.index()] += 1;
             self.events.push_back(Event::AllocationCreated {
                 tuple: p.tuple,
-                username: p.username,
+                username: p.username.clone(),
                 relayed: first,
                 additional: second,
                 lifetime: p.lifetime,
@@ -278,6 +278,14 @@ impl Server {
                 family_error,
             }
         };
+        if let Reply::Error(code) = reply {
+            self.events.push_back(Event::RequestRefused {
+                tuple: p.tuple,
+                method: p.req.method,
+                code,
+                username: Some(p.username.to_string()),
+            });
+        }
         let t = self.respond(now, p.tuple, p.req, reply, p.signer);
         let q = QueuedTransmit {
             dest: t.dest,

@@ -149,6 +149,20 @@ pub enum Event {
         /// The username tried (lossy UTF-8, possibly a USERHASH).
         username: String,
     },
+    /// A request was refused with an error response (every refusal but
+    /// the challenges of the normal authentication flow: a 401 to a
+    /// request without integrity, and 438).
+    RequestRefused {
+        /// The client 5-tuple.
+        tuple: FiveTuple,
+        /// The request's method (e.g. `stun_proto::method::ALLOCATE`).
+        method: u16,
+        /// The error sent.
+        code: ErrorCode,
+        /// The username the request named (lossy UTF-8, at most 128
+        /// bytes; the USERHASH in hex if that was used), if any.
+        username: Option<String>,
+    },
     /// A peer address was refused by the peer policy.
     PeerRefused {
         /// The client 5-tuple.

@@ -34,7 +34,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use stun_proto::{method, packet_kind, Class, Message, PacketKind};
+use stun_proto::{attr, method, packet_kind, Class, Message, PacketKind};
 
 pub use config::{Config, Rfc5780, AUTH_WINDOW, SOURCE_SLOTS};
 pub use error::ErrorCode;
@@ -380,6 +380,7 @@ impl Server {
             if !self.may_answer_unauthenticated(tuple, now) {
                 return None;
             }
+            self.note_refusal(tuple, msg, ErrorCode::BadRequest);
             return Some(self.respond(now, tuple, req, Reply::Error(ErrorCode::BadRequest), None));
         }
         // RFC 8489 §9.2.4: authenticate before anything else.
@@ -390,11 +391,20 @@ impl Server {
                 if !self.may_answer_unauthenticated(tuple, now) {
                     return None;
                 }
+                // The challenges are the normal first step of every client.
+                let challenge = code == ErrorCode::StaleNonce
+                    || (code == ErrorCode::Unauthorized
+                        && !msg.has_integrity()
+                        && !msg.has_integrity_sha256());
+                if !challenge {
+                    self.note_refusal(tuple, msg, code);
+                }
                 return Some(self.respond(now, tuple, req, Reply::Error(code), None));
             }
         };
         let signer = Some((auth.key, auth.sha256));
         if let Some((list, n)) = self.unknown_required(msg) {
+            self.note_refusal(tuple, msg, ErrorCode::UnknownAttribute);
             return Some(self.respond(now, tuple, req, Reply::Unknown(list, n), signer));
         }
         let mut existing = self.table.by_tuple.get(&tuple).copied();
@@ -409,6 +419,7 @@ impl Server {
         if let Some(a) = existing.and_then(|idx| self.table.get(idx)) {
             // RFC 8656 §7: requests on an allocation must use its username.
             if *a.username != *auth.username {
+                self.note_refusal(tuple, msg, ErrorCode::WrongCredentials);
                 return Some(self.respond(
                     now,
                     tuple,
@@ -424,10 +435,31 @@ impl Server {
             method::CREATE_PERMISSION => self.create_permission(now, tuple, msg, existing),
             _ => self.channel_bind(now, tuple, msg, existing),
         };
-        if matches!(reply, Reply::Deferred) {
-            return None;
+        match reply {
+            Reply::Deferred => return None,
+            Reply::Error(code) => self.note_refusal(tuple, msg, code),
+            Reply::TryAlternate(_) => self.note_refusal(tuple, msg, ErrorCode::TryAlternate),
+            _ => {}
         }
         Some(self.respond(now, tuple, req, reply, signer))
+    }
+
+    /// An event for a refused request, naming the user it asked for.
+    fn note_refusal(&mut self, tuple: FiveTuple, msg: &Message<'_>, code: ErrorCode) {
+        let username = match (msg.get(attr::USERNAME), msg.get(attr::USERHASH)) {
+            (Some(u), _) => Some(String::from_utf8_lossy(&u[..u.len().min(128)]).into_owned()),
+            (None, Some(h)) => Some(format!(
+                "userhash:{}",
+                h.iter().take(8).map(|b| format!("{b:02x}")).collect::<String>()
+            )),
+            (None, None) => None,
+        };
+        self.events.push_back(Event::RequestRefused {
+            tuple,
+            method: msg.message_type().method,
+            code,
+            username,
+        });
     }
 }
 

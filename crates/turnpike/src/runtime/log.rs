@@ -1,7 +1,9 @@
 //! Log lines for the core's events, and `--redact`.
 
+use std::time::{Duration, Instant};
+
 use tracing::{info, warn};
-use turn_core::{CloseReason, Event};
+use turn_core::{CloseReason, ErrorCode, Event};
 
 use super::worker::Worker;
 
@@ -35,9 +37,78 @@ impl Redactor {
     }
 }
 
+/// Refusals logged one by one per worker and second; the rest are counted
+/// and summed up in one line, so a flood cannot fill a disk with logs.
+const REFUSALS_PER_SECOND: u32 = 20;
+
+/// The per-second budget of refusal log lines.
+pub(super) struct RefusalLog {
+    window: Instant,
+    logged: u32,
+    suppressed: [u64; ErrorCode::ALL.len()],
+}
+
+impl RefusalLog {
+    pub(super) fn new() -> Self {
+        RefusalLog {
+            window: Instant::now(),
+            logged: 0,
+            suppressed: [0; ErrorCode::ALL.len()],
+        }
+    }
+
+    /// Whether a refusal with `code` is logged in full now.
+    fn admit(&mut self, now: Instant, code: ErrorCode) -> bool {
+        if now.saturating_duration_since(self.window) >= Duration::from_secs(1) {
+            self.flush(now);
+        }
+        if self.logged < REFUSALS_PER_SECOND {
+            self.logged += 1;
+            return true;
+        }
+        self.suppressed[code.index()] += 1;
+        false
+    }
+
+    /// Logs the sum of what was not logged in the last window, and starts
+    /// a new one (called at least once a second by the worker's sweep).
+    pub(super) fn flush(&mut self, now: Instant) {
+        let total: u64 = self.suppressed.iter().sum();
+        if total > 0 {
+            let by_code = ErrorCode::ALL
+                .iter()
+                .zip(self.suppressed)
+                .filter(|(_, n)| *n > 0)
+                .map(|(c, n)| format!("{}x{n}", c.code()))
+                .collect::<Vec<_>>()
+                .join(" ");
+            warn!(
+                more = total,
+                codes = %by_code,
+                "requests refused: {total} more like the ones above in the last second"
+            );
+        }
+        self.window = now;
+        self.logged = 0;
+        self.suppressed = [0; ErrorCode::ALL.len()];
+    }
+}
+
+fn method_name(m: u16) -> &'static str {
+    match m {
+        stun_proto::method::BINDING => "binding",
+        stun_proto::method::ALLOCATE => "allocate",
+        stun_proto::method::REFRESH => "refresh",
+        stun_proto::method::CREATE_PERMISSION => "create-permission",
+        stun_proto::method::CHANNEL_BIND => "channel-bind",
+        _ => "other",
+    }
+}
+
 impl Worker {
     pub(super) fn log_events(&mut self) {
         let r = &self.redact;
+        let now = Instant::now();
         while let Some(ev) = self.core.poll_event() {
             match ev {
                 Event::AllocationCreated {
@@ -101,8 +172,39 @@ impl Worker {
                     reason = ?reason,
                     "peer refused by policy"
                 ),
+                Event::RequestRefused {
+                    tuple,
+                    method,
+                    code,
+                    username,
+                } if self.refusals.admit(now, code) => info!(
+                    client = %r.show(&tuple.client),
+                    transport = tuple.transport.as_str(),
+                    user = ?username.as_deref().map(|u| r.show(&u)).unwrap_or_default(),
+                    request = method_name(method),
+                    code = code.code(),
+                    reason = code.reason(),
+                    "request refused"
+                ),
                 _ => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_past_the_budget_are_counted_not_logged() {
+        let mut l = RefusalLog::new();
+        let t = l.window;
+        let logged = (0..25).filter(|_| l.admit(t, ErrorCode::Unauthorized)).count();
+        assert_eq!(logged as u32, REFUSALS_PER_SECOND);
+        assert_eq!(l.suppressed[ErrorCode::Unauthorized.index()], 5);
+        // The next second starts a new budget (the summary line is logged).
+        assert!(l.admit(t + Duration::from_secs(1), ErrorCode::AllocationQuotaReached));
+        assert_eq!(l.suppressed.iter().sum::<u64>(), 0);
     }
 }

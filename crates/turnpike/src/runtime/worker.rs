@@ -21,7 +21,7 @@ use turn_core::{FiveTuple, ListenerId, Server, Transport};
 
 use super::control::{Command, Reloads};
 use super::dispatch::{Io, Source};
-use super::log::Redactor;
+use super::log::{Redactor, RefusalLog};
 use super::relays::{RelayConfig, Reservations};
 use super::stream::{Conn, ReadStep};
 use super::{WorkerSockets, IDLE_TICK, SWEEP_INTERVAL, WAKER};
@@ -93,6 +93,7 @@ pub(super) struct Worker {
     pub(super) errors: udp_io::ErrorQueue,
     pub(super) conn_refused_worker: u64,
     pub(super) conn_refused_per_source: u64,
+    pub(super) refusals: RefusalLog,
 }
 
 impl Worker {
@@ -164,6 +165,7 @@ impl Worker {
             errors: udp_io::ErrorQueue::new(),
             conn_refused_worker: 0,
             conn_refused_per_source: 0,
+            refusals: RefusalLog::new(),
         })
     }
 
@@ -214,6 +216,7 @@ impl Worker {
             if now >= self.next_sweep {
                 self.sweep_connections(now);
                 self.publish_metrics(now);
+                self.refusals.flush(now);
                 self.next_sweep = now + SWEEP_INTERVAL;
             }
             // Everything this pass produced leaves in as few syscalls as
