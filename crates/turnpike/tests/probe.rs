@@ -63,6 +63,10 @@ impl Drop for Coturn {
 }
 
 fn coturn() -> Coturn {
+    coturn_with(&[])
+}
+
+fn coturn_with(extra: &[&str]) -> Coturn {
     assert!(
         std::path::Path::new("/usr/bin/turnserver").exists(),
         "turnserver not found: install Debian's coturn package (apt-get install coturn), as .ci/run does"
@@ -89,6 +93,7 @@ fn coturn() -> Coturn {
             "--max-port=40999",
             "--log-file=/dev/null",
         ])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -317,5 +322,75 @@ fn srv_records_are_used_when_no_port_is_given() {
         format!("_stun._udp.stun.example.test -> 127.0.0.1:{port}"),
         "{v}"
     );
+    h.shutdown();
+}
+
+fn allocate_check(v: &serde_json::Value) -> (String, String) {
+    let c = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"].as_str().unwrap_or("").ends_with("allocate"))
+        .unwrap_or_else(|| panic!("no allocate step: {v}"));
+    (
+        c["detail"].as_str().unwrap_or("").to_owned(),
+        c["advice"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+#[test]
+fn turn_not_answered_while_binding_is_is_not_called_a_firewall() {
+    // coturn serving STUN only.
+    let c = coturn_with(&["--stun-only"]);
+    let (code, v) = probe(&[
+        "turn",
+        &format!("turn:127.0.0.1:{}", c.1),
+        "--user",
+        "alice",
+        "--password",
+        "wonderland",
+        "--transport",
+        "udp",
+    ]);
+    assert_ne!(code, 0, "{v}");
+    let (detail, advice) = allocate_check(&v);
+    assert!(detail.contains("Binding is answered"), "{v}");
+    assert!(
+        advice.contains("--stun-only") && !advice.contains("firewall"),
+        "{v}"
+    );
+    drop(c);
+
+    // turnpike after the brute-force guard blocked alice from here.
+    let h = common::start(&["--auth-fail-limit", "2"]);
+    let url = format!("turn:127.0.0.1:{}", h.listen[0].port());
+    for _ in 0..2 {
+        let (code, _) = probe(&[
+            "turn",
+            &url,
+            "--user",
+            "alice",
+            "--password",
+            "guess",
+            "--transport",
+            "udp",
+        ]);
+        assert_ne!(code, 0);
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let (code, v) = probe(&[
+        "turn",
+        &url,
+        "--user",
+        "alice",
+        "--password",
+        "wonderland",
+        "--transport",
+        "udp",
+    ]);
+    assert_ne!(code, 0, "{v}");
+    let (detail, advice) = allocate_check(&v);
+    assert!(detail.contains("Binding is answered"), "{v}");
+    assert!(advice.contains("blocked after failed logins"), "{v}");
     h.shutdown();
 }

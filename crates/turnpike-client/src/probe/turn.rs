@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::uri::{parse_uri, resolve, Scheme};
 use super::{describe, finish, interrupted, timed, transport_name, Check, Common, Report};
-use crate::client::{Channel, ClientError, ClientTransport, Received, TurnClient};
+use crate::client::{binding, Channel, ClientError, ClientTransport, Received, TurnClient};
 
 /// `probe turn`.
 #[derive(Debug, Clone, Args)]
@@ -147,11 +147,29 @@ pub(super) fn relay_checks(
     let (r, ms) = timed(|| a.allocate());
     let Ok(alloc_a) = r.as_ref().map(|x| *x).map_err(|_| ()) else {
         let realm = a.realm().map(str::to_owned);
+        let timed_out = matches!(r, Err(ClientError::Timeout));
         push("allocate", r.map(|_| String::new()), ms);
         if let (Some(realm), Some(last)) = (realm, checks.last_mut()) {
             if last.detail.starts_with("401") {
                 last.advice = Some(format!(
                     "401: the realm is {realm:?}; check the username and password for that realm"
+                ));
+            }
+        }
+        // No answer to Allocate is not always a firewall: if Binding on
+        // the same transport and port is answered, UDP/TCP get through and
+        // it is TURN that is not answered.
+        if timed_out {
+            let reflexive = Channel::connect(t, addr, timeout)
+                .ok()
+                .and_then(|mut ch| binding(&mut ch, timeout).ok());
+            if let (Some(mapped), Some(last)) = (reflexive, checks.last_mut()) {
+                last.detail = format!("no answer to Allocate, but Binding is answered (reflexive {mapped})");
+                last.advice = Some(format!(
+                    "{tn} {addr} answers STUN Binding but not TURN requests: the server does not offer \
+                     TURN there (coturn's --stun-only), or this username and address are blocked after \
+                     failed logins (turnpike blocks for --auth-block-secs, 300 s by default; try from \
+                     another address or wait)"
                 ));
             }
         }
