@@ -16,10 +16,21 @@ pub enum ClientTransport {
     Udp,
     /// TCP.
     Tcp,
-    /// TLS; `pinned` is the DER certificate to trust (`None`: any).
+    /// TLS; `pinned` is the DER certificate to trust (`None`: any, which
+    /// verifies nothing: for `probe --insecure` and tests).
     Tls {
         /// Certificate to accept.
         pinned: Option<Vec<u8>>,
+    },
+    /// TLS verified the way a browser would: the server's chain must lead
+    /// to a trusted root (Mozilla's set, plus `extra_roots`), be valid now
+    /// and name `server_name` (a DNS name or an IP address).
+    TlsVerified {
+        /// The name the certificate must carry.
+        server_name: String,
+        /// More trust anchors (DER), e.g. a private CA or a self-signed
+        /// certificate given with `probe --ca`.
+        extra_roots: Vec<Vec<u8>>,
     },
 }
 
@@ -77,12 +88,22 @@ impl Channel {
                 s.set_nodelay(true)?;
                 Kind::Tcp(s)
             }
-            ClientTransport::Tls { pinned } => {
+            ClientTransport::Tls { .. } | ClientTransport::TlsVerified { .. } => {
                 let s = tcp(server)?;
                 s.set_nodelay(true)?;
                 s.set_read_timeout(Some(timeout))?;
-                let cfg: Arc<rustls::ClientConfig> = crate::tls::client_config(pinned.as_deref());
-                let name = rustls::pki_types::ServerName::try_from("localhost").map_err(io::Error::other)?;
+                let (cfg, name): (Arc<rustls::ClientConfig>, String) = match transport {
+                    ClientTransport::TlsVerified {
+                        server_name,
+                        extra_roots,
+                    } => (crate::tls::verified_config(extra_roots)?, server_name.clone()),
+                    ClientTransport::Tls { pinned } => (
+                        crate::tls::client_config(pinned.as_deref()),
+                        "localhost".to_owned(),
+                    ),
+                    _ => unreachable!("matched above"),
+                };
+                let name = rustls::pki_types::ServerName::try_from(name).map_err(io::Error::other)?;
                 let conn = rustls::ClientConnection::new(cfg, name).map_err(io::Error::other)?;
                 let mut tls = rustls::StreamOwned::new(conn, s);
                 // Complete the handshake now so failures surface here.

@@ -93,3 +93,38 @@ pub fn client_config(pinned: Option<&[u8]>) -> Arc<rustls::ClientConfig> {
         .unwrap_or_else(|_| unreachable!("ring supports the default protocol versions"));
     Arc::new(cfg)
 }
+
+/// A client configuration that verifies the server the way a browser
+/// would: Mozilla's roots (webpki-roots, built in, so no system store is
+/// needed) plus `extra_roots`.
+pub fn verified_config(extra_roots: &[Vec<u8>]) -> std::io::Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    for der in extra_roots {
+        roots
+            .add(CertificateDer::from(der.clone()))
+            .map_err(|e| std::io::Error::other(format!("--ca: {e}")))?;
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// The certificates of a PEM file, as DER.
+pub fn load_pem_certs(path: &std::path::Path) -> std::io::Result<Vec<Vec<u8>>> {
+    let data = std::fs::read(path)?;
+    let certs: Vec<Vec<u8>> = rustls_pemfile::certs(&mut &data[..])
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<_, _>>()?;
+    if certs.is_empty() {
+        return Err(std::io::Error::other(format!(
+            "{}: no CERTIFICATE block",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}

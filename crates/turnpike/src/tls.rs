@@ -38,7 +38,11 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 pub fn setup(src: &TlsSource) -> Result<TlsSetup> {
     let (chain, key) = match src {
         TlsSource::Files { cert, key } => (load_certs(cert)?, load_key(key)?),
-        TlsSource::SelfSigned => self_signed(&["localhost".to_owned()])?,
+        // localhost and the loopback addresses, so a client on this host can
+        // verify it by pinning it (`probe --ca`).
+        TlsSource::SelfSigned => {
+            self_signed(&["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()])?
+        }
     };
     let leaf = chain[0].clone();
     let config = rustls::ServerConfig::builder_with_provider(provider())

@@ -145,8 +145,11 @@ fn stun_and_turn_pass_against_turnpike_and_coturn_alike() {
         "alice",
         "--password",
         "wonderland",
+        // The test server's certificate is self-signed.
+        "--insecure",
     ]);
     assert_eq!(code, 0, "TLS: {v}");
+    assert!(v["advice"].to_string().contains("not verified"), "{v}");
 
     let c = coturn();
     let (code, v) = probe(&["stun", &format!("stun:127.0.0.1:{}", c.1), "--count", "3"]);
@@ -392,5 +395,50 @@ fn turn_not_answered_while_binding_is_is_not_called_a_firewall() {
     let (detail, advice) = allocate_check(&v);
     assert!(detail.contains("Binding is answered"), "{v}");
     assert!(advice.contains("blocked after failed logins"), "{v}");
+    h.shutdown();
+}
+
+#[test]
+fn tls_certificates_are_verified_unless_told_otherwise() {
+    use base64::Engine;
+    let h = common::start(&["--allow-loopback-peers"]);
+    let url = format!("turns:127.0.0.1:{}", h.tls_listen[0].port());
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "turn",
+            url.as_str(),
+            "--user",
+            "alice",
+            "--password",
+            "wonderland",
+        ];
+        a.extend_from_slice(extra);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    // A self-signed certificate does not verify: the probe fails and says why.
+    let a = args(&[]);
+    let (code, v) = probe(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_ne!(code, 0, "{v}");
+    let text = v.to_string();
+    assert!(
+        text.contains("certificate") && text.contains("--ca") && text.contains("--insecure"),
+        "{v}"
+    );
+    // Trusting exactly that certificate (a private CA would do the same).
+    let der = h.tls_leaf.clone().unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(chunk).unwrap());
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    let ca = std::env::temp_dir().join(format!("turnpike-probe-ca-{}.pem", std::process::id()));
+    std::fs::write(&ca, pem).unwrap();
+    let a = args(&["--ca", ca.to_str().unwrap()]);
+    let (code, v) = probe(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "with --ca: {v}");
+    assert!(!v["advice"].to_string().contains("not verified"), "{v}");
+    let _ = std::fs::remove_file(&ca);
     h.shutdown();
 }

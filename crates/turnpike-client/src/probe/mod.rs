@@ -65,6 +65,33 @@ pub struct Common {
     /// /etc/resolv.conf].
     #[arg(long, value_name = "IP:PORT")]
     pub dns_server: Option<SocketAddr>,
+    /// TLS: accept any certificate (a self-signed test server). The report
+    /// says the certificate was not verified.
+    #[arg(long)]
+    pub insecure: bool,
+    /// TLS: trust this CA (or self-signed) certificate too, PEM.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<std::path::PathBuf>,
+}
+
+impl Common {
+    /// The TLS transport for `host`: verified like a browser, unless
+    /// `--insecure`.
+    pub(super) fn tls(&self, host: &str) -> Result<ClientTransport> {
+        if self.insecure {
+            return Ok(ClientTransport::Tls { pinned: None });
+        }
+        let extra_roots = match &self.ca {
+            Some(p) => {
+                crate::tls::load_pem_certs(p).map_err(|e| anyhow::anyhow!("--ca {}: {e}", p.display()))?
+            }
+            None => Vec::new(),
+        };
+        Ok(ClientTransport::TlsVerified {
+            server_name: host.to_owned(),
+            extra_roots,
+        })
+    }
 }
 
 /// One check's outcome.
@@ -108,7 +135,7 @@ fn transport_name(t: &ClientTransport) -> &'static str {
     match t {
         ClientTransport::Udp => "udp",
         ClientTransport::Tcp => "tcp",
-        ClientTransport::Tls { .. } => "tls",
+        ClientTransport::Tls { .. } | ClientTransport::TlsVerified { .. } => "tls",
     }
 }
 
@@ -132,6 +159,14 @@ fn describe(e: &ClientError, t: &ClientTransport, addr: SocketAddr) -> (String, 
         ClientError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => (
             format!("connection refused ({io})"),
             Some(format!("nothing listens on {tn} {addr}: check the port and that the server runs")),
+        ),
+        ClientError::Io(io) if io.to_string().contains("certificate") || io.to_string().contains("Certificate") => (
+            format!("TLS certificate not accepted ({io})"),
+            Some(format!(
+                "the certificate of {addr} does not verify (expired, self-signed, untrusted CA, or a name \
+                 it does not carry): give the server a certificate from a public CA for this name, trust \
+                 a private CA with --ca FILE, or check anyway with --insecure"
+            )),
         ),
         ClientError::Io(io) => (format!("{io}"), Some(format!("network error on {tn} {addr}"))),
         ClientError::Error { code: 401, reason } => (

@@ -29,7 +29,7 @@ pub(super) fn stun(a: &StunArgs) -> Result<Report> {
     let (addrs, srv) = resolve(&uri, &a.common)?;
     let timeout = Duration::from_millis(a.common.timeout_ms);
     let transports: Vec<ClientTransport> = match (uri.scheme, uri.transport.as_deref()) {
-        (Scheme::Stuns | Scheme::Turns, _) => vec![ClientTransport::Tls { pinned: None }],
+        (Scheme::Stuns | Scheme::Turns, _) => vec![a.common.tls(&uri.host)?],
         (_, Some("udp")) => vec![ClientTransport::Udp],
         (_, Some("tcp")) => vec![ClientTransport::Tcp],
         _ => vec![ClientTransport::Udp, ClientTransport::Tcp],
@@ -93,6 +93,12 @@ pub(super) fn stun(a: &StunArgs) -> Result<Report> {
         }
     }
     let mut r = finish(uri, addrs, checks);
+    if a.common.insecure {
+        r.advice.push(
+            "TLS certificates were not verified (--insecure): this checks reachability, not who answers"
+                .into(),
+        );
+    }
     r.srv = srv;
     Ok(r)
 }

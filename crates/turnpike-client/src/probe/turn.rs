@@ -72,7 +72,7 @@ pub(super) fn turn(a: &TurnArgs) -> Result<Report> {
             let t = match n.as_str() {
                 "udp" => ClientTransport::Udp,
                 "tcp" => ClientTransport::Tcp,
-                "tls" => ClientTransport::Tls { pinned: None },
+                "tls" => a.common.tls(&uri.host)?,
                 other => bail!("--transport: {other:?} is not udp, tcp or tls"),
             };
             // TLS asked of a turn: URI without a port goes to the TLS port.
@@ -91,6 +91,12 @@ pub(super) fn turn(a: &TurnArgs) -> Result<Report> {
         }
     }
     let mut r = finish(uri, addrs, checks);
+    if a.common.insecure {
+        r.advice.push(
+            "TLS certificates were not verified (--insecure): this checks reachability, not who answers"
+                .into(),
+        );
+    }
     r.srv = srv;
     Ok(r)
 }
