@@ -724,6 +724,26 @@ impl Settings {
         if nonce_lifetime == 0 {
             bail!("nonce-lifetime: must be at least 1 second (default 600)");
         }
+        // The default database is optional; one named on purpose must exist
+        // (a typo would otherwise start a server without its users).
+        if let Some(db) = &a.db {
+            if !db.exists() {
+                bail!(
+                    "db {}: no such file; create it with `turnpike user add NAME --db {}`, \
+                     or leave db unset",
+                    db.display(),
+                    db.display()
+                );
+            }
+        }
+        let db = a.db.clone().unwrap_or_else(crate::userdb::default_path);
+        if let Some(url) = &a.redis_url {
+            if let Err(e) = redis::Client::open(url.as_str()) {
+                bail!(
+                    "redis-url {url:?}: not a Redis URL ({e}); expected redis://[:PASSWORD@]HOST[:PORT][/DB]"
+                );
+            }
+        }
         let max_connections = a.max_connections.unwrap_or(8192);
         if max_connections == 0 {
             bail!("max-connections: must be at least 1 (default 8192)");
@@ -825,7 +845,7 @@ impl Settings {
             drain_timeout: std::time::Duration::from_secs(a.drain_timeout.unwrap_or(30)),
             metrics_listen: a.metrics_listen,
             admin,
-            db: a.db.unwrap_or_else(crate::userdb::default_path),
+            db,
             redis_url: a.redis_url,
         })
     }

@@ -111,9 +111,10 @@ impl CredentialStores {
             .any(|c| c.user_count() > 0 || c.secret_count() > 0)
     }
 
-    /// Whether the generated demo credential is in force.
+    /// Whether the generated demo credential is in force. Never on a node
+    /// with Redis: its users come from there, even while it is unreachable.
     pub fn demo_in_use(&self) -> bool {
-        self.demo && !self.stores_have_users()
+        self.demo && self.redis_url.is_none() && !self.stores_have_users()
     }
 
     /// A reload's configured credentials. A reloaded configuration with
@@ -164,6 +165,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let db = dir.join("users.db");
         let _ = std::fs::remove_file(&db);
+        // A database that exists but has no user of this realm.
+        crate::userdb::set(&db, "other.example", "nobody", "pw", false).unwrap();
         let s = settings(&[], &db);
         let mut stores = CredentialStores::new(&s);
         stores.read_db().unwrap();
@@ -184,6 +187,10 @@ mod tests {
         stores.set_configured(&settings(&[], &db));
         assert_eq!(stores.merged().user_count(), 2);
         assert!(!stores.refresh(), "nothing changed");
+        // A fleet node (Redis configured, here unreachable) never makes up
+        // a demo credential.
+        let fleet = CredentialStores::new(&settings(&["--redis-url", "redis://127.0.0.1:1"], &db));
+        assert!(!fleet.demo_in_use());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

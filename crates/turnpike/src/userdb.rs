@@ -37,6 +37,20 @@ fn open(path: &Path) -> Result<Connection> {
     Ok(c)
 }
 
+/// Opens a database that must exist already (only `user add` makes one):
+/// a mistyped path must not leave an empty database and its directories
+/// behind.
+fn open_existing(path: &Path) -> Result<Connection> {
+    if !path.exists() {
+        bail!(
+            "db {}: no such database; `turnpike user add NAME --db {}` creates it",
+            path.display(),
+            path.display()
+        );
+    }
+    open(path)
+}
+
 /// Adds a user or replaces their password (`replace`); stores only keys.
 pub fn set(path: &Path, realm: &str, name: &str, password: &str, replace: bool) -> Result<()> {
     if name.is_empty()
@@ -47,7 +61,12 @@ pub fn set(path: &Path, realm: &str, name: &str, password: &str, replace: bool) 
     if password.is_empty() {
         bail!("empty password");
     }
-    let c = open(path)?;
+    // Only adding a user makes a database; changing a password needs one.
+    let c = if replace {
+        open_existing(path)?
+    } else {
+        open(path)?
+    };
     let exists: Option<i64> = c
         .query_row(
             "SELECT 1 FROM users WHERE realm = ?1 AND name = ?2",
@@ -76,7 +95,7 @@ pub fn set(path: &Path, realm: &str, name: &str, password: &str, replace: bool) 
 
 /// Removes a user; false if there was none.
 pub fn remove(path: &Path, realm: &str, name: &str) -> Result<bool> {
-    let c = open(path)?;
+    let c = open_existing(path)?;
     Ok(c.execute(
         "DELETE FROM users WHERE realm = ?1 AND name = ?2",
         params![realm, name],
@@ -85,7 +104,7 @@ pub fn remove(path: &Path, realm: &str, name: &str) -> Result<bool> {
 
 /// (realm, name) of every user, optionally of one realm.
 pub fn list(path: &Path, realm: Option<&str>) -> Result<Vec<(String, String)>> {
-    let c = open(path)?;
+    let c = open_existing(path)?;
     let mut st =
         c.prepare("SELECT realm, name FROM users WHERE ?1 IS NULL OR realm = ?1 ORDER BY realm, name")?;
     let rows = st.query_map(params![realm], |r| Ok((r.get(0)?, r.get(1)?)))?;

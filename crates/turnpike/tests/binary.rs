@@ -892,6 +892,10 @@ fn redis_users_and_secrets_serve_and_survive_a_redis_outage() {
         .status
         .success());
 
+    // A database with no user of this realm: Redis alone supplies them.
+    let empty_db = std::env::temp_dir().join(format!("turnpike-redis-db-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&empty_db);
+    turnpike::userdb::set(&empty_db, "elsewhere.example", "nobody", "pw", false).unwrap();
     let mut child = bin()
         .args([
             "serve",
@@ -901,7 +905,7 @@ fn redis_users_and_secrets_serve_and_survive_a_redis_outage() {
             "--threads",
             "1",
             "--db",
-            "/nonexistent/users.db",
+            empty_db.to_str().unwrap(),
         ])
         .args([
             "--realm",
@@ -1119,4 +1123,47 @@ fn every_refusal_leaves_a_log_line() {
     assert!(line.contains("code=440"), "{line}");
     first.refresh(0).unwrap();
     sigterm_and_wait(child);
+}
+
+#[test]
+fn a_missing_db_or_a_malformed_redis_url_is_refused() {
+    let missing = std::env::temp_dir().join(format!("turnpike-typo-{}/users.db", std::process::id()));
+    let out = bin()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-tls",
+            "--db",
+            missing.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no such file") && stderr.contains("turnpike user add"),
+        "{stderr}"
+    );
+    // `user list` on a mistyped path makes nothing.
+    let list = user_cmd(&["list", "--db", missing.to_str().unwrap()], "");
+    assert!(!list.status.success());
+    assert!(!missing.parent().unwrap().exists(), "no directory was made");
+    let out = bin()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-tls",
+            "--redis-url",
+            "redis//nohost",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("redis-url") && stderr.contains("redis://"),
+        "{stderr}"
+    );
 }
