@@ -261,6 +261,13 @@ impl ServeArgs {
     pub fn from_file(path: &Path) -> Result<ServeArgs> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("config: cannot read {}", path.display()))?;
+        if crate::coturn::looks_like_turnserver_conf(&text) {
+            bail!(
+                "config file {}: this is a coturn turnserver.conf, not a turnpike TOML file; \
+                 MIGRATING.md maps every coturn option to turnpike's",
+                path.display()
+            );
+        }
         let mut parsed: ServeArgs = toml::from_str(&text).map_err(|e| {
             anyhow::anyhow!(
                 "config file {}: {}\n(keys are the long option names of `turnpike serve --help`, e.g. listen, realm, user)",

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod coturn;
 pub mod credentials;
 pub mod metrics;
 pub mod redisdb;

@@ -150,6 +150,15 @@ fn user(cmd: UserCommand) -> Result<()> {
 }
 
 fn main() {
+    // coturn's option names get turnpike's answer, not clap's guess (which
+    // once suggested --no-tls for coturn's --no-tlsv1).
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("serve") {
+        if let Some(why) = turnpike::coturn::explain_args(&argv[2..]) {
+            eprintln!("turnpike: {why}");
+            std::process::exit(2);
+        }
+    }
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Serve(args) => serve(*args),

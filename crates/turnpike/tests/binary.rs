@@ -1167,3 +1167,45 @@ fn a_missing_db_or_a_malformed_redis_url_is_refused() {
         "{stderr}"
     );
 }
+
+#[test]
+fn coturn_names_and_files_are_recognised() {
+    for (args, needle) in [
+        (&["--static-auth-secret=s3cret"][..], "--auth-secret"),
+        (&["--listening-port", "3478"], "--listen IP:PORT"),
+        (&["--lt-cred-mech"], "always on"),
+        (&["--no-tlsv1"], "never offered"),
+        (&["-c", "/etc/turnserver.conf"], "--config"),
+    ] {
+        let out = bin().arg("serve").args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("coturn") && stderr.contains(needle),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("similar argument"),
+            "no guess at a turnpike flag: {stderr}"
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("turnpike-coturnconf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("turnserver.conf");
+    std::fs::write(
+        &conf,
+        "listening-port=3478\nfingerprint\nlt-cred-mech\nuser=alice:pw\nrealm=example.org\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["serve", "--config", conf.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("coturn turnserver.conf") && stderr.contains("MIGRATING.md"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

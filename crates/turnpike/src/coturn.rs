@@ -1,0 +1,262 @@
+//! coturn's option names, so a coturn user's first try is answered with
+//! turnpike's name for the same thing (or why none is needed) instead of a
+//! bare "unexpected argument", and a coturn `turnserver.conf` given to
+//! `--config` is recognised as one.
+
+/// What turnpike says about one of coturn's options.
+pub struct Mapping {
+    /// coturn's option name, without dashes.
+    pub coturn: &'static str,
+    /// What to do in turnpike.
+    pub turnpike: &'static str,
+}
+
+/// coturn options whose name turnpike does not share, with the way over.
+/// (Options with the same name, like `realm`, `user`, `relay-ip`,
+/// `min-port`, are simply accepted.)
+pub const MAPPINGS: &[Mapping] = &[
+    Mapping {
+        coturn: "listening-port",
+        turnpike: "--listen IP:PORT (e.g. --listen 0.0.0.0:3478; repeatable)",
+    },
+    Mapping {
+        coturn: "listening-ip",
+        turnpike: "--listen IP:PORT (the address and port together; repeatable)",
+    },
+    Mapping {
+        coturn: "tls-listening-port",
+        turnpike: "--tls-listen IP:PORT",
+    },
+    Mapping {
+        coturn: "alt-listening-port",
+        turnpike: "--rfc5780 --alt-port N",
+    },
+    Mapping {
+        coturn: "static-auth-secret",
+        turnpike: "--auth-secret SECRET (TURN REST-API credentials)",
+    },
+    Mapping {
+        coturn: "use-auth-secret",
+        turnpike: "nothing: giving --auth-secret turns REST-API credentials on",
+    },
+    Mapping {
+        coturn: "lt-cred-mech",
+        turnpike: "nothing: long-term credentials are always on",
+    },
+    Mapping {
+        coturn: "no-auth",
+        turnpike: "nothing: TURN always authenticates (an open relay is not offered)",
+    },
+    Mapping {
+        coturn: "no-cli",
+        turnpike: "nothing: there is no telnet CLI (use --admin-listen for the admin API)",
+    },
+    Mapping {
+        coturn: "cli-password",
+        turnpike: "--admin-token-file FILE for the admin API",
+    },
+    Mapping {
+        coturn: "pkey",
+        turnpike: "--key FILE",
+    },
+    Mapping {
+        coturn: "no-tlsv1",
+        turnpike: "nothing: TLS 1.0 is never offered (TLS 1.2 and 1.3 only)",
+    },
+    Mapping {
+        coturn: "no-tlsv1_1",
+        turnpike: "nothing: TLS 1.1 is never offered (TLS 1.2 and 1.3 only)",
+    },
+    Mapping {
+        coturn: "no-tlsv1_2",
+        turnpike: "not supported: TLS 1.2 stays on for older clients",
+    },
+    Mapping {
+        coturn: "no-dtls",
+        turnpike: "nothing: there is no DTLS listener",
+    },
+    Mapping {
+        coturn: "no-udp",
+        turnpike: "not supported: UDP is the TURN transport clients need most",
+    },
+    Mapping {
+        coturn: "no-tcp",
+        turnpike: "not supported yet",
+    },
+    Mapping {
+        coturn: "fingerprint",
+        turnpike: "nothing: answers carry FINGERPRINT when the request had one",
+    },
+    Mapping {
+        coturn: "denied-peer-ip",
+        turnpike: "--deny-peer CIDR (ranges as CIDR, e.g. 10.0.0.0/8)",
+    },
+    Mapping {
+        coturn: "allowed-peer-ip",
+        turnpike: "--allow-peer CIDR",
+    },
+    Mapping {
+        coturn: "no-multicast-peers",
+        turnpike: "nothing: multicast peers are refused by default",
+    },
+    Mapping {
+        coturn: "prometheus",
+        turnpike: "--metrics-listen IP:PORT",
+    },
+    Mapping {
+        coturn: "log-file",
+        turnpike: "nothing: logs go to stderr (journald under systemd); --log-format json",
+    },
+    Mapping {
+        coturn: "syslog",
+        turnpike: "nothing: logs go to stderr (journald under systemd)",
+    },
+    Mapping {
+        coturn: "simple-log",
+        turnpike: "nothing: logs go to stderr",
+    },
+    Mapping {
+        coturn: "verbose",
+        turnpike: "--log-level debug",
+    },
+    Mapping {
+        coturn: "Verbose",
+        turnpike: "--log-level trace",
+    },
+    Mapping {
+        coturn: "daemon",
+        turnpike: "nothing: run it under systemd (deploy/turnpike.service)",
+    },
+    Mapping {
+        coturn: "pidfile",
+        turnpike: "nothing: run it under systemd (deploy/turnpike.service)",
+    },
+    Mapping {
+        coturn: "relay-threads",
+        turnpike: "--threads N",
+    },
+    Mapping {
+        coturn: "userdb",
+        turnpike: "--db FILE (turnpike's own SQLite store; `turnpike user add`)",
+    },
+    Mapping {
+        coturn: "redis-userdb",
+        turnpike: "--redis-url redis://HOST:PORT",
+    },
+    Mapping {
+        coturn: "stun-only",
+        turnpike: "not supported: turnpike serves STUN and TURN together",
+    },
+    Mapping {
+        coturn: "no-stun",
+        turnpike: "not supported: Binding is always answered (rate-limited per source)",
+    },
+    Mapping {
+        coturn: "max-bps",
+        turnpike: "--max-bps BYTES (per allocation and direction)",
+    },
+    Mapping {
+        coturn: "bps-capacity",
+        turnpike: "--user-max-bps BYTES per user, or --total-quota for allocations",
+    },
+    Mapping {
+        coturn: "mobility",
+        turnpike: "not supported (RFC 8016)",
+    },
+    Mapping {
+        coturn: "server-name",
+        turnpike: "nothing: the realm names the server to clients",
+    },
+    Mapping {
+        coturn: "no-software-attribute",
+        turnpike: "nothing: SOFTWARE is off unless --software is given",
+    },
+    Mapping {
+        coturn: "secure-stun",
+        turnpike: "not supported: Binding stays unauthenticated (RFC 8489), rate-limited per source",
+    },
+    Mapping {
+        coturn: "proc-user",
+        turnpike: "nothing: systemd's DynamicUser runs it unprivileged",
+    },
+    Mapping {
+        coturn: "proc-group",
+        turnpike: "nothing: systemd's DynamicUser runs it unprivileged",
+    },
+];
+
+/// The mapping for an option name (without dashes, before any `=`).
+pub fn lookup(name: &str) -> Option<&'static Mapping> {
+    MAPPINGS.iter().find(|m| m.coturn == name)
+}
+
+/// For a command line: the first coturn-only option in `args`, with the
+/// sentence that tells the user what to do. `-c FILE` (coturn's config
+/// flag) is caught too.
+pub fn explain_args(args: &[String]) -> Option<String> {
+    for a in args {
+        if a == "-c" {
+            return Some(
+                "`-c FILE` is coturn's config flag; turnpike's is `--config FILE` and takes TOML \
+                 (a coturn turnserver.conf has to be rewritten: see MIGRATING.md)"
+                    .to_owned(),
+            );
+        }
+        let Some(name) = a.strip_prefix("--") else {
+            continue;
+        };
+        let name = name.split('=').next().unwrap_or(name);
+        if let Some(m) = lookup(name) {
+            return Some(format!(
+                "`--{name}` is coturn's name; in turnpike: {}",
+                m.turnpike
+            ));
+        }
+    }
+    None
+}
+
+/// Whether `text` looks like a coturn `turnserver.conf` (bare `key=value`
+/// or flag lines with coturn's names) rather than TOML.
+pub fn looks_like_turnserver_conf(text: &str) -> bool {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let coturnish = lines
+        .iter()
+        .filter(|l| {
+            let key = l.split('=').next().unwrap_or(l).trim();
+            lookup(key).is_some() || (l.contains('=') && !l.contains('"') && !l.contains('['))
+        })
+        .count();
+    !lines.is_empty() && coturnish * 2 >= lines.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coturn_flags_are_answered_with_turnpikes_names() {
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let e = explain_args(&args(&["serve", "--static-auth-secret=s3cret"])).unwrap();
+        assert!(e.contains("--auth-secret"), "{e}");
+        let e = explain_args(&args(&["serve", "--listening-port", "3478"])).unwrap();
+        assert!(e.contains("--listen IP:PORT"), "{e}");
+        let e = explain_args(&args(&["serve", "--no-tlsv1"])).unwrap();
+        assert!(e.contains("never offered") && !e.contains("--no-tls "), "{e}");
+        assert!(explain_args(&args(&["serve", "-c", "/etc/turnserver.conf"])).is_some());
+        assert!(explain_args(&args(&["serve", "--realm", "x", "--listen", "0.0.0.0:3478"])).is_none());
+    }
+
+    #[test]
+    fn a_turnserver_conf_is_recognised() {
+        let conf =
+            "# coturn\nlistening-port=3478\nfingerprint\nlt-cred-mech\nuser=alice:pw\nrealm=example.org\n";
+        assert!(looks_like_turnserver_conf(conf));
+        let toml = "listen = [\"0.0.0.0:3478\"]\nrealm = \"example.org\"\n";
+        assert!(!looks_like_turnserver_conf(toml));
+    }
+}
