@@ -15,6 +15,9 @@ use turn_core::Counters;
 /// 0 unreachable (cached credentials keep serving), 1 up.
 pub static REDIS_UP: std::sync::atomic::AtomicI8 = std::sync::atomic::AtomicI8::new(-1);
 
+/// The TLS leaf certificate's notAfter (Unix seconds); 0 without TLS.
+pub static TLS_NOT_AFTER: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
 /// One worker's numbers, as of its last publication.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WorkerMetrics {
@@ -314,6 +317,15 @@ pub fn render(board: &Board, draining: bool) -> String {
             "gauge",
             "1 while the Redis credential store answers, 0 while cached credentials serve without it.",
             &[("", redis as f64)],
+        );
+    }
+    let not_after = TLS_NOT_AFTER.load(std::sync::atomic::Ordering::Relaxed);
+    if not_after > 0 {
+        metric(
+            "tls_certificate_not_after_seconds",
+            "gauge",
+            "When the TLS certificate expires (Unix time): alert on it minus time() being small.",
+            &[("", not_after as f64)],
         );
     }
     metric(

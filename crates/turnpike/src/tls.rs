@@ -34,6 +34,69 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Seconds since the Unix epoch now.
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The leaf's notAfter, in seconds since the Unix epoch.
+fn not_after(leaf: &CertificateDer<'_>) -> Result<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| anyhow::anyhow!("cert: the leaf certificate does not parse ({e})"))?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
+/// How long before expiry a warning is logged at start and reload.
+const EXPIRY_WARNING_SECS: i64 = 14 * 86_400;
+
+/// An expired certificate is refused (clients would refuse every
+/// connection); one expiring within 14 days starts with a warning.
+fn check_validity(path: &Path, not_after: i64, now: i64) -> Result<()> {
+    let when = format_unix(not_after);
+    if not_after <= now {
+        bail!(
+            "cert {}: expired on {when}; renew it (e.g. certbot renew) and restart or reload",
+            path.display()
+        );
+    }
+    if not_after - now < EXPIRY_WARNING_SECS {
+        tracing::warn!(
+            cert = %path.display(),
+            not_after = %when,
+            days_left = (not_after - now) / 86_400,
+            "TLS certificate expires soon; renew it"
+        );
+    } else {
+        tracing::info!(cert = %path.display(), not_after = %when, "TLS certificate valid");
+    }
+    Ok(())
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` for a Unix time (civil-from-days, proleptic
+/// Gregorian), so no date crate is needed for one log field.
+fn format_unix(t: i64) -> String {
+    let days = t.div_euclid(86_400);
+    let secs = t.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
 /// Builds the TLS configuration from `src`.
 pub fn setup(src: &TlsSource) -> Result<TlsSetup> {
     let (chain, key) = match src {
@@ -45,6 +108,11 @@ pub fn setup(src: &TlsSource) -> Result<TlsSetup> {
         }
     };
     let leaf = chain[0].clone();
+    let not_after = not_after(&leaf)?;
+    if let TlsSource::Files { cert, .. } = src {
+        check_validity(cert, not_after, now_unix())?;
+    }
+    crate::metrics::TLS_NOT_AFTER.store(not_after, std::sync::atomic::Ordering::Relaxed);
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("TLS: no protocol versions")?
@@ -95,4 +163,24 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
     rustls_pemfile::private_key(&mut &data[..])
         .with_context(|| format!("key: {} is not valid PEM", path.display()))?
         .with_context(|| format!("key: {} holds no PRIVATE KEY block", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_and_expiry() {
+        assert_eq!(format_unix(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_unix(1_700_000_000), "2023-11-14 22:13:20 UTC");
+        let p = Path::new("c.pem");
+        assert!(check_validity(p, 1000, 2000)
+            .unwrap_err()
+            .to_string()
+            .contains("expired on"));
+        assert!(
+            check_validity(p, 2000 + 86_400, 2000).is_ok(),
+            "expiring soon only warns"
+        );
+    }
 }

@@ -1209,3 +1209,26 @@ fn coturn_names_and_files_are_recognised() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_expired_certificate_is_refused_with_its_date() {
+    let dir = std::env::temp_dir().join(format!("turnpike-expired-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    let out = bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--tls-listen", "127.0.0.1:0"])
+        .args(["--cert", c.to_str().unwrap(), "--key", k.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("expired on 2020-01-01"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
