@@ -121,6 +121,11 @@ fn counters_move_with_real_traffic() {
         "{body}"
     );
     assert_eq!(get(&after, "turnpike_workers"), 2.0);
+    assert!(
+        get(&after, "turnpike_tls_certificate_not_after_seconds") > 1.7e9,
+        "the certificate's expiry is exported: {body}"
+    );
+    assert_eq!(get(&after, "turnpike_drain_refused_total"), 0.0, "{body}");
     // The UDP data plane's batching: every datagram received went through
     // recvmmsg, every one sent through the send queue, none dropped here.
     assert!(get(&after, "turnpike_recv_batch_size_mean") >= 1.0, "{body}");
