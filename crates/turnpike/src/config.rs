@@ -261,7 +261,8 @@ impl ServeArgs {
     pub fn from_file(path: &Path) -> Result<ServeArgs> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("config: cannot read {}", path.display()))?;
-        if crate::coturn::looks_like_turnserver_conf(&text) {
+        // Only a file that is not TOML at all is taken for a coturn one.
+        if toml::from_str::<toml::Table>(&text).is_err() && crate::coturn::looks_like_turnserver_conf(&text) {
             bail!(
                 "config file {}: this is a coturn turnserver.conf, not a turnpike TOML file; \
                  MIGRATING.md maps every coturn option to turnpike's",
@@ -269,10 +270,18 @@ impl ServeArgs {
             );
         }
         let mut parsed: ServeArgs = toml::from_str(&text).map_err(|e| {
+            let msg = e.to_string();
+            // An unknown key that is coturn's name gets turnpike's.
+            let coturn = msg
+                .split('`')
+                .nth(1)
+                .and_then(crate::coturn::lookup)
+                .map(|m| format!("\n(`{}` is coturn's name; in turnpike: {})", m.coturn, m.turnpike))
+                .unwrap_or_default();
             anyhow::anyhow!(
-                "config file {}: {}\n(keys are the long option names of `turnpike serve --help`, e.g. listen, realm, user)",
+                "config file {}: {}{coturn}\n(keys are the long option names of `turnpike serve --help`, e.g. listen, realm, user)",
                 path.display(),
-                e.to_string().trim_end()
+                msg.trim_end()
             )
         })?;
         parsed.config = Some(path.to_path_buf());
@@ -1001,6 +1010,20 @@ mod tests {
             parse_socket_addr("[::1]:3478").unwrap(),
             "[::1]:3478".parse().unwrap()
         );
+    }
+
+    #[test]
+    fn a_coturn_key_in_toml_gets_turnpikes_name() {
+        let dir = std::env::temp_dir().join(format!("turnpike-ckey-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.toml");
+        std::fs::write(&f, "realm = \"x\"\nlistening-port = 3478\n").unwrap();
+        let err = ServeArgs::from_file(&f).unwrap_err().to_string();
+        assert!(
+            err.contains("unknown field") && err.contains("coturn's name") && err.contains("--listen"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
