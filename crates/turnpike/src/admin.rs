@@ -112,7 +112,12 @@ async fn sessions(State(app): State<App>, h: HeaderMap, uri: Uri) -> Response {
     json_response(StatusCode::OK, json!({"sessions": list}))
 }
 
-async fn delete_session(State(app): State<App>, h: HeaderMap, Path(relayed): Path<String>) -> Response {
+async fn delete_session(
+    State(app): State<App>,
+    axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<SocketAddr>,
+    h: HeaderMap,
+    Path(relayed): Path<String>,
+) -> Response {
     if !authorized(&app, &h) {
         return unauthorized();
     }
@@ -123,9 +128,10 @@ async fn delete_session(State(app): State<App>, h: HeaderMap, Path(relayed): Pat
         );
     };
     let stop = app.stop.clone();
-    let n = blocking(move || stop.delete_sessions(Arc::new(move |s| s.relayed == addr)))
+    let n = blocking(move || stop.delete_sessions(Arc::new(move |s| s.relayed_all.contains(&addr))))
         .await
         .unwrap_or(0);
+    tracing::info!(%caller, relayed = %addr, deleted = n, "admin: session deleted");
     let code = if n == 0 {
         StatusCode::NOT_FOUND
     } else {
@@ -134,25 +140,39 @@ async fn delete_session(State(app): State<App>, h: HeaderMap, Path(relayed): Pat
     json_response(code, json!({"deleted": n}))
 }
 
-async fn delete_user(State(app): State<App>, h: HeaderMap, Path(user): Path<String>) -> Response {
+async fn delete_user(
+    State(app): State<App>,
+    axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<SocketAddr>,
+    h: HeaderMap,
+    Path(user): Path<String>,
+) -> Response {
     if !authorized(&app, &h) {
         return unauthorized();
     }
     let stop = app.stop.clone();
-    let n = blocking(move || stop.delete_sessions(Arc::new(move |s| *s.username == *user)))
+    let who = user.clone();
+    let n = blocking(move || stop.delete_sessions(Arc::new(move |s| *s.username == *who)))
         .await
         .unwrap_or(0);
+    tracing::info!(%caller, user = ?user, deleted = n, "admin: a user's sessions deleted");
     json_response(StatusCode::OK, json!({"deleted": n}))
 }
 
-async fn drain(State(app): State<App>, h: HeaderMap, method: axum::http::Method) -> Response {
+async fn drain(
+    State(app): State<App>,
+    axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<SocketAddr>,
+    h: HeaderMap,
+    method: axum::http::Method,
+) -> Response {
     if !authorized(&app, &h) {
         return unauthorized();
     }
     if method == axum::http::Method::DELETE {
         app.stop.undrain();
+        tracing::info!(%caller, "admin: drain off");
     } else {
         app.stop.drain();
+        tracing::info!(%caller, allocations = app.stop.allocations(), "admin: drain on");
     }
     json_response(
         StatusCode::OK,
@@ -160,7 +180,7 @@ async fn drain(State(app): State<App>, h: HeaderMap, method: axum::http::Method)
     )
 }
 
-async fn reload_handler(State(app): State<App>, h: HeaderMap) -> Response {
+async fn reload_handler(State(app): State<App>, axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<SocketAddr>, h: HeaderMap) -> Response {
     if !authorized(&app, &h) {
         return unauthorized();
     }
@@ -170,6 +190,7 @@ async fn reload_handler(State(app): State<App>, h: HeaderMap) -> Response {
             json!({"error": "reload is not available"}),
         );
     };
+    tracing::info!(%caller, "admin: reload requested");
     match blocking(move || r()).await {
         Some(Ok(())) => json_response(StatusCode::OK, json!({"reloaded": true})),
         Some(Err(e)) => json_response(
@@ -271,7 +292,9 @@ pub fn serve(
                     .route("/api/config", get(show_config))
                     .route("/api/reload", post(reload_handler))
                     .with_state(app);
-                if let Err(e) = axum::serve(listener, router).await {
+                // The caller's address, for the log line of every action.
+                let service = router.into_make_service_with_connect_info::<SocketAddr>();
+                if let Err(e) = axum::serve(listener, service).await {
                     tracing::error!(error = %e, "admin API stopped");
                 }
             });

@@ -991,6 +991,19 @@ fn scrape(addr: SocketAddr) -> String {
     body
 }
 
+fn http_delete(addr: SocketAddr, path: &str, token: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "DELETE {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).unwrap();
+    (r.split_whitespace().nth(1).unwrap().parse().unwrap(), r)
+}
+
 fn http_post(addr: SocketAddr, path: &str, token: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -1055,7 +1068,15 @@ fn admin_reload_endpoint_applies_and_rejects() {
     write("\"carol:c4r0l\", \"dave:d4ve\"");
     let (code, _) = http_post(admin, "/api/reload", token);
     assert_eq!(code, 200);
+    let line = wait_for(&err, "admin: reload requested", &mut seen);
+    assert!(line.contains("caller=127.0.0.1:"), "the caller is named: {line}");
     assert!(works("dave", "d4ve"), "reloaded through the admin API");
+    let (code, _) = http_post(admin, "/api/drain", token);
+    assert_eq!(code, 200);
+    assert!(wait_for(&err, "admin: drain on", &mut seen).contains("caller=127.0.0.1:"));
+    let (code, _) = http_delete(admin, "/api/drain", token);
+    assert_eq!(code, 200);
+    assert!(wait_for(&err, "admin: drain off", &mut seen).contains("caller=127.0.0.1:"));
     // Limits reload too: dave holds one allocation; a quota of one refuses a second.
     let text = std::fs::read_to_string(&cfg).unwrap() + "user-quota = 1\n";
     std::fs::write(&cfg, text).unwrap();
