@@ -180,7 +180,11 @@ async fn drain(
     )
 }
 
-async fn reload_handler(State(app): State<App>, axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<SocketAddr>, h: HeaderMap) -> Response {
+async fn reload_handler(
+    State(app): State<App>,
+    axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<SocketAddr>,
+    h: HeaderMap,
+) -> Response {
     if !authorized(&app, &h) {
         return unauthorized();
     }

@@ -176,6 +176,24 @@ fn main() {
     }
 }
 
+/// A start-up field: the value, or "none" (clean in JSON logs, no `Some(…)`).
+fn shown<T: std::fmt::Display>(v: Option<T>) -> String {
+    shown_or(v, "none")
+}
+
+/// A start-up field: the value, or `absent`.
+fn shown_or<T: std::fmt::Display>(v: Option<T>, absent: &str) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| absent.to_owned())
+}
+
+/// A Redis URL without its password, for logs.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}***{}", &url[..scheme + 3], &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
 /// SIGHUP: re-reads the config file (the command line still wins) and
 /// applies what can change live. A bad file is logged and ignored.
 fn reload(
@@ -360,8 +378,10 @@ fn serve(args: ServeArgs) -> Result<()> {
     info!(
         listen = ?handle.listen,
         tls_listen = ?handle.tls_listen,
-        relay_ipv4 = ?settings.relay_v4,
-        relay_ipv6 = ?settings.relay_v6,
+        relay_ipv4 = %shown(settings.relay_v4),
+        relay_ipv6 = %shown(settings.relay_v6),
+        external_ipv4 = %shown(settings.external_v4),
+        external_ipv6 = %shown(settings.external_v6),
         relay_from = if settings.relay_auto {
             "the address each client reached (the above where it cannot be used)"
         } else {
@@ -372,7 +392,16 @@ fn serve(args: ServeArgs) -> Result<()> {
         auth = %auth,
         threads = settings.threads,
         allow_loopback_peers = settings.allow_loopback_peers,
-        metrics = %handle.metrics.map(|a| a.to_string()).unwrap_or_else(|| "off".to_owned()),
+        metrics = %shown_or(handle.metrics, "off"),
+        admin = %shown_or(settings.admin.as_ref().map(|(a, _)| *a), "off"),
+        db = %settings.db.display(),
+        redis = %shown_or(settings.redis_url.as_deref().map(redact_url), "off"),
+        peer_policy = %format!(
+            "default deny of private/reserved ranges{}; {} allow-peer, {} deny-peer",
+            if settings.allow_loopback_peers { ", loopback allowed" } else { "" },
+            settings.allow_peer.len(),
+            settings.deny_peer.len()
+        ),
         "turnpike started"
     );
     if let Some(fp) = &handle.tls_fingerprint {

@@ -369,6 +369,19 @@ fn json_logs_one_object_per_line() {
         deleted["bytes_to_peers"].is_u64() && deleted["packets_from_peers"].is_u64(),
         "{deleted}"
     );
+    // The start-up summary: clean fields, every listener and store named.
+    let started = events
+        .iter()
+        .find(|e| e["message"] == "turnpike started")
+        .expect("the start-up line");
+    assert_eq!(started["relay_ipv4"], "127.0.0.1", "{started}");
+    assert_eq!(started["relay_ipv6"], "none", "{started}");
+    assert_eq!(started["metrics"], "off", "{started}");
+    assert!(
+        started["db"].is_string() && started["peer_policy"].is_string(),
+        "{started}"
+    );
+    assert!(!started.to_string().contains("Some("), "{started}");
 }
 
 #[test]
