@@ -698,6 +698,13 @@ impl Settings {
                     u.split(':').next().unwrap_or("")
                 );
             };
+            // The examples' placeholders must never become a live login.
+            if ["change-me", "a-long-random-secret"].contains(&pw) {
+                bail!(
+                    "user \"{name}\": \"{pw}\" is the example password from deploy/turnpike.toml; \
+                     choose a real one (e.g. openssl rand -base64 18)"
+                );
+            }
             if name.is_empty() || pw.is_empty() {
                 bail!("user \"{name}\": both NAME and PASSWORD must be non-empty (NAME:PASSWORD)");
             }
@@ -712,6 +719,9 @@ impl Settings {
         for s in &a.auth_secret {
             if s.is_empty() {
                 bail!("auth-secret: must not be empty");
+            }
+            if s == "a-long-random-secret" {
+                bail!("auth-secret: \"{s}\" is the example from deploy/turnpike.toml; use a random one (e.g. openssl rand -base64 32)");
             }
             credentials.add_secret(s.as_bytes());
         }
@@ -964,6 +974,8 @@ mod tests {
             (&["--relay-ip", "192.0.2.77"], "not an address of this host"),
             (&["--relay-ip", "0.0.0.0"], "relay-ip"),
             (&["--user", "bob:0x1234"], "32 hex"),
+            (&["--user", "alice:change-me"], "example password"),
+            (&["--auth-secret", "a-long-random-secret"], "example"),
         ];
         for (args, needle) in cases {
             let err = Settings::from_args(parse(args)).unwrap_err().to_string();

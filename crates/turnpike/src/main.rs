@@ -404,6 +404,28 @@ fn serve(args: ServeArgs) -> Result<()> {
         ),
         "turnpike started"
     );
+    // A configured loopback relay behind listeners that remote clients
+    // reach hands them a relayed address they cannot use.
+    let remote_listeners = handle
+        .listen
+        .iter()
+        .chain(&handle.tls_listen)
+        .any(|l| !l.ip().is_loopback());
+    for ip in [
+        settings.relay_v4.map(std::net::IpAddr::V4),
+        settings.relay_v6.map(std::net::IpAddr::V6),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if !settings.relay_auto && ip.is_loopback() && remote_listeners {
+            warn!(
+                relay_ip = %ip,
+                "relay-ip is a loopback address but the listeners accept remote clients: they would get a relay \
+                 they cannot reach; give relay-ip a routable address of this host (and external-ip behind NAT)"
+            );
+        }
+    }
     if let Some(fp) = &handle.tls_fingerprint {
         if matches!(settings.tls, Some(turnpike::config::TlsSource::SelfSigned)) {
             warn!(sha256 = %fp, "TLS uses a self-signed certificate generated at start-up; give --cert and --key for production");

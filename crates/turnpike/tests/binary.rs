@@ -1266,3 +1266,27 @@ fn an_expired_certificate_is_refused_with_its_date() {
     assert!(stderr.contains("expired on 2020-01-01"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_loopback_relay_behind_a_public_listener_is_warned_about() {
+    let mut child = bin()
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--no-tls",
+            "--relay-ip",
+            "127.0.0.1",
+        ])
+        .args(["--user", "a:b", "--threads", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(child.stderr.take().unwrap());
+    let child = Server(Some(child));
+    let mut seen = Vec::new();
+    let line = wait_for(&err, "relay-ip is a loopback address", &mut seen);
+    assert!(line.contains("127.0.0.1"), "{line}");
+    sigterm_and_wait(child);
+}
