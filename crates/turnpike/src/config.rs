@@ -877,7 +877,8 @@ impl Settings {
     }
 }
 
-fn parse_md5_hex(h: &str) -> Option<[u8; 16]> {
+/// 32 hex digits as an MD5 key (`MD5(name:realm:password)`), or `None`.
+pub fn parse_md5_hex(h: &str) -> Option<[u8; 16]> {
     if h.len() != 32 {
         return None;
     }

@@ -36,6 +36,25 @@ enum Command {
         #[command(subcommand)]
         cmd: turnpike_client::probe::ProbeCommand,
     },
+    /// Bring users over from another server.
+    Import {
+        #[command(subcommand)]
+        cmd: ImportCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImportCommand {
+    /// coturn's SQLite user database (`turnadmin -b FILE`): its long-term
+    /// users (MD5 keys) go into turnpike's database; REST secrets found are
+    /// printed as `auth-secret` lines. coturn's file is only read.
+    CoturnDb {
+        /// coturn's database file (its `userdb`, e.g. /var/lib/turn/turndb).
+        turndb: std::path::PathBuf,
+        /// turnpike's database [default: as for `serve`].
+        #[arg(long, value_name = "FILE")]
+        db: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -73,6 +92,34 @@ struct UserArgs {
     /// Use the Redis store at URL instead of the SQLite file.
     #[arg(long, value_name = "URL")]
     redis_url: Option<String>,
+}
+
+fn import(cmd: ImportCommand) -> Result<()> {
+    match cmd {
+        ImportCommand::CoturnDb { turndb, db } => {
+            let target = db.unwrap_or_else(turnpike::userdb::default_path);
+            let got = turnpike::userdb::import_coturn(&turndb, &target)?;
+            for (realm, name) in &got.users {
+                eprintln!("imported {name} (realm {realm})");
+            }
+            for why in &got.skipped {
+                eprintln!("skipped {why}");
+            }
+            if !got.secrets.is_empty() {
+                println!("# REST-API secrets from coturn: put them in turnpike.toml (or Redis)");
+                let list: Vec<String> = got.secrets.iter().map(|(_, v)| format!("{v:?}")).collect();
+                println!("auth-secret = [{}]", list.join(", "));
+            }
+            eprintln!(
+                "{} user(s) imported into {}, {} skipped; they log in with MD5 keys until their \
+                 password is set again with `turnpike user passwd`",
+                got.users.len(),
+                target.display(),
+                got.skipped.len()
+            );
+            Ok(())
+        }
+    }
 }
 
 fn read_password() -> Result<String> {
@@ -164,6 +211,7 @@ fn main() {
         Command::Serve(args) => serve(*args),
         Command::Bench(args) => turnpike_client::bench::run(*args),
         Command::User { cmd } => user(cmd),
+        Command::Import { cmd } => import(cmd),
         Command::Probe { cmd } => match turnpike_client::probe::run(cmd) {
             Ok(true) => Ok(()),
             Ok(false) => std::process::exit(1),

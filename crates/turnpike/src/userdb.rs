@@ -93,6 +93,85 @@ pub fn set(path: &Path, realm: &str, name: &str, password: &str, replace: bool) 
     Ok(())
 }
 
+/// Adds a user by MD5 key (`MD5(name:realm:password)`, coturn's `hmackey`)
+/// when the password is not known; replaces an existing one. Such a user
+/// logs in with MD5 only (there is no SHA-256 key to derive).
+pub fn set_key(path: &Path, realm: &str, name: &str, md5: [u8; 16]) -> Result<()> {
+    if name.is_empty() {
+        bail!("user name is empty");
+    }
+    let c = open(path)?;
+    c.execute(
+        "INSERT OR REPLACE INTO users (realm, name, md5, sha256) VALUES (?1, ?2, ?3, ?4)",
+        params![realm, name, &md5[..], &[] as &[u8]],
+    )?;
+    Ok(())
+}
+
+/// What `import_coturn` carried over.
+#[derive(Debug, Default)]
+pub struct Imported {
+    /// (realm, name) of each user imported.
+    pub users: Vec<(String, String)>,
+    /// Users skipped, with why.
+    pub skipped: Vec<String>,
+    /// (realm, secret) REST-API secrets found (not stored here: they belong
+    /// in `auth-secret` or Redis).
+    pub secrets: Vec<(String, String)>,
+}
+
+/// Imports coturn's SQLite user database (its `turnusers_lt` table:
+/// realm, name, hex `hmackey` = MD5(name:realm:password)) into the
+/// turnpike database at `target`. coturn's file is opened read-only and
+/// never written to.
+pub fn import_coturn(turndb: &Path, target: &Path) -> Result<Imported> {
+    let same = |a: &Path, b: &Path| {
+        std::fs::canonicalize(a)
+            .ok()
+            .zip(std::fs::canonicalize(b).ok())
+            .is_some_and(|(a, b)| a == b)
+    };
+    if same(turndb, target) {
+        bail!(
+            "--db {}: that is coturn's database; give turnpike's own file",
+            target.display()
+        );
+    }
+    let src = Connection::open_with_flags(turndb, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .with_context(|| format!("turndb {}: cannot open", turndb.display()))?;
+    let mut out = Imported::default();
+    let mut st = src
+        .prepare("SELECT realm, name, hmackey FROM turnusers_lt")
+        .with_context(|| {
+            format!(
+                "turndb {}: no turnusers_lt table (is it coturn's database?)",
+                turndb.display()
+            )
+        })?;
+    let rows: Vec<(String, String, String)> = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    for (realm, name, key) in rows {
+        let key = key.trim();
+        match crate::config::parse_md5_hex(key) {
+            Some(md5) => {
+                set_key(target, &realm, &name, md5)?;
+                out.users.push((realm, name));
+            }
+            None => out.skipped.push(format!(
+                "{name}@{realm}: the key is not a 32-digit MD5 hex (coturn's SHA-256 keys cannot be carried over; set a password with `turnpike user passwd`)"
+            )),
+        }
+    }
+    if let Ok(mut st) = src.prepare("SELECT realm, value FROM turn_secret") {
+        let secrets: Vec<(String, String)> = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        out.secrets = secrets;
+    }
+    Ok(out)
+}
+
 /// Removes a user; false if there was none.
 pub fn remove(path: &Path, realm: &str, name: &str) -> Result<bool> {
     let c = open_existing(path)?;
@@ -130,8 +209,12 @@ pub fn load(path: &Path, realm: &str) -> Result<Option<Credentials>> {
     })?;
     for row in rows {
         let (name, md5, sha) = row?;
-        if let (Ok(md5), Ok(sha)) = (md5.try_into(), sha.try_into()) {
-            creds.add_user_keys(&name, realm, md5, sha);
+        match (<[u8; 16]>::try_from(md5), <[u8; 32]>::try_from(sha)) {
+            (Ok(md5), Ok(sha)) => creds.add_user_keys(&name, realm, md5, sha),
+            // An imported key (coturn keeps only MD5): SHA-256 logins are
+            // not possible for this user until the password is set again.
+            (Ok(md5), Err(_)) => creds.add_user_key(&name, realm, md5),
+            _ => {}
         }
     }
     Ok(Some(creds))

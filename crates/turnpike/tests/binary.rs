@@ -1290,3 +1290,86 @@ fn a_loopback_relay_behind_a_public_listener_is_warned_about() {
     assert!(line.contains("127.0.0.1"), "{line}");
     sigterm_and_wait(child);
 }
+
+#[test]
+fn coturn_users_are_imported_and_log_in() {
+    let turnadmin = std::path::Path::new("/usr/bin/turnadmin");
+    assert!(
+        turnadmin.exists(),
+        "turnadmin not found: install Debian's coturn package, as .ci/run does"
+    );
+    let dir = std::env::temp_dir().join(format!("turnpike-import-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let turndb = dir.join("turndb");
+    // coturn's own tool writes its database, as an operator's would be.
+    let st = Command::new(turnadmin)
+        .args([
+            "-a",
+            "-b",
+            turndb.to_str().unwrap(),
+            "-u",
+            "gus",
+            "-r",
+            "import.example",
+            "-p",
+            "gus-pw",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "turnadmin -a");
+    let before = std::fs::read(&turndb).unwrap();
+    let users = dir.join("users.db");
+    let out = bin()
+        .args([
+            "import",
+            "coturn-db",
+            turndb.to_str().unwrap(),
+            "--db",
+            users.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("imported gus (realm import.example)"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&turndb).unwrap(),
+        before,
+        "coturn's file is only read"
+    );
+    // Pointed at coturn's own file as the target, it refuses.
+    let out = bin()
+        .args([
+            "import",
+            "coturn-db",
+            turndb.to_str().unwrap(),
+            "--db",
+            turndb.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    // The imported user logs in against turnpike with the coturn password.
+    let mut child = bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--no-tls", "--threads", "1"])
+        .args(["--realm", "import.example", "--db", users.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(child.stderr.take().unwrap());
+    let child = Server(Some(child));
+    let mut seen = Vec::new();
+    let addr = listen_addr(&wait_for(&err, "turnpike started", &mut seen));
+    let mut c = TurnClient::new(
+        Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(3)).unwrap(),
+        "gus",
+        "gus-pw",
+    );
+    c.allocate().expect("an imported coturn user authenticates");
+    c.refresh(0).unwrap();
+    sigterm_and_wait(child);
+    let _ = std::fs::remove_dir_all(&dir);
+}
