@@ -70,8 +70,11 @@ fn slot_of<K: Hash>(hasher: &RandomState, key: K, len: usize) -> usize {
 /// A fixed table of lock-free buckets: each slot is one `AtomicU64` holding
 /// the time of its last refill (milliseconds since the table was made, low
 /// 32 bits) and its tokens (sixteenths, 32 bits), updated by compare and
-/// swap. A slot untouched for 49 days sees a wrapped clock: its next answer
-/// may find the bucket short, once.
+/// swap. Workers read the clock once per batch, so one may carry a time a
+/// little behind the one stored: a time up to [`CLOCK_SKEW_MS`] in the past
+/// refills nothing (read as "now") instead of wrapping into a full bucket.
+/// A slot untouched for 49 days sees a wrapped clock: its next answer may
+/// find the bucket short, once.
 pub struct SourceLimiter {
     rate: u64,
     burst: u64,
@@ -93,6 +96,9 @@ impl std::fmt::Debug for SourceLimiter {
 const TOKEN: u64 = 16;
 /// A slot never written: a full bucket.
 const FRESH: u64 = u64::MAX;
+/// How far behind the stored time a worker's clock may be and still be
+/// read as the stored time (batches take microseconds; this is generous).
+const CLOCK_SKEW_MS: u32 = 60_000;
 
 impl SourceLimiter {
     /// `rate` answers per second per source (0 turns the limit off), burst
@@ -129,17 +135,25 @@ impl SourceLimiter {
         let cap = self.burst * TOKEN;
         let mut cur = slot.load(Ordering::Relaxed);
         loop {
+            let mut stamp = now_ms;
             let tokens = if cur == FRESH {
                 cap
             } else {
                 let (last, tokens) = ((cur >> 32) as u32, cur & 0xFFFF_FFFF);
-                let elapsed = now_ms.wrapping_sub(last) as u64;
-                (tokens + elapsed * self.rate * TOKEN / 1000).min(cap)
+                let elapsed = now_ms.wrapping_sub(last);
+                if elapsed > u32::MAX - CLOCK_SKEW_MS {
+                    // Another worker's clock is ahead: nothing to refill,
+                    // and the stored time stays (it must not go back).
+                    stamp = last;
+                    tokens.min(cap)
+                } else {
+                    (tokens + elapsed as u64 * self.rate * TOKEN / 1000).min(cap)
+                }
             };
             if tokens < TOKEN {
                 return false;
             }
-            let next = (now_ms as u64) << 32 | (tokens - TOKEN);
+            let next = (stamp as u64) << 32 | (tokens - TOKEN);
             match slot.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => return true,
                 Err(seen) => cur = seen,
@@ -517,6 +531,24 @@ mod tests {
             Verdict::Check,
             "block ends"
         );
+    }
+
+    #[test]
+    fn a_clock_slightly_behind_refills_nothing() {
+        // Two workers, one with a clock read a millisecond earlier: the
+        // late one must not see a wrapped, month-long gap.
+        let t0 = Instant::now();
+        let l = SourceLimiter::new(20, 1024);
+        let ip: IpAddr = "192.0.2.8".parse().unwrap();
+        let ahead = t0 + Duration::from_millis(1001);
+        let behind = t0 + Duration::from_millis(1000);
+        let mut got = 0;
+        for i in 0..200 {
+            if l.allow(ip, if i % 2 == 0 { ahead } else { behind }) {
+                got += 1;
+            }
+        }
+        assert_eq!(got, 40, "one burst, whichever worker's clock is read");
     }
 
     #[test]
