@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Measures response/request byte ratios of unauthenticated answers (Binding
-and the 401 challenge to Allocate) for any STUN/TURN server on UDP.
+"""Measures response/request byte ratios of unauthenticated answers (Binding,
+the 401 challenge to Allocate, and bare 20-byte headers of every TURN
+request) for any STUN/TURN server on UDP.
 
     python3 tools/amplification.py 127.0.0.1:3478 [more servers...]
 
@@ -22,6 +23,10 @@ CASES = [
     ('Binding+FINGERPRINT', msg(0x0001, fingerprint=True)),
     ('Allocate -> 401', msg(0x0003, REQUESTED_TRANSPORT)),
     ('Allocate+FINGERPRINT -> 401', msg(0x0003, REQUESTED_TRANSPORT, fingerprint=True)),
+    ('bare Allocate header', msg(0x0003)),
+    ('bare Refresh header', msg(0x0004)),
+    ('bare CreatePermission header', msg(0x0008)),
+    ('bare ChannelBind header', msg(0x0009)),
 ]
 
 def measure(server):
@@ -30,6 +35,10 @@ def measure(server):
     s.settimeout(2)
     rows = []
     for name, req in CASES:
+        # A fresh source port per case: no allocation, no earlier state.
+        s.close()
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(2)
         s.sendto(req, (host, int(port)))
         try:
             resp, _ = s.recvfrom(2048)

@@ -226,16 +226,24 @@ pub fn rest_password(secret: &[u8], username: &str) -> String {
 /// anonymity (bits count from the most significant of the 24).
 pub const NONCE_PREFIX: &[u8; 13] = b"obMatJos2wAAA";
 
-/// Length of a nonce: the 13-byte prefix and 15 base64url characters of
-/// issue time (4 bytes) and MAC (7 bytes). 28 bytes need no padding, which
-/// keeps the unauthenticated 401 small (reflection).
-pub const NONCE_LEN: usize = 28;
+/// The cookie of an MD5-only nonce: "QAAA" = 0x400000, username anonymity
+/// without password algorithms, so the challenge needs no
+/// PASSWORD-ALGORITHMS (12 bytes fewer; see `Server`'s challenge sizing).
+pub const NONCE_PREFIX_MD5: &[u8; 13] = b"obMatJos2QAAA";
 
-const MAC_LEN: usize = 7;
+/// Length of a nonce: the 13-byte prefix and 11 base64url characters of
+/// issue time (4 bytes) and MAC (4 bytes). 24 bytes need no padding, which
+/// keeps the unauthenticated 401 small (reflection). The MAC only proves
+/// the nonce is ours and fresh: MESSAGE-INTEGRITY, not the nonce, is what
+/// authenticates, so 32 bits (2^31 online guesses under the per-source
+/// limit) are plenty.
+pub const NONCE_LEN: usize = 24;
+
+const MAC_LEN: usize = 4;
 const BODY_LEN: usize = 4 + MAC_LEN;
 
 /// Mints and checks stateless nonces:
-/// `"obMatJos2wAAA" || base64url(t || HMAC-SHA1(secret, prefix || t || ip)[..7])`
+/// `cookie || base64url(t || HMAC-SHA1(secret, cookie || t || ip)[..4])`
 /// where `t` is the issue time in seconds on the server's clock. Nothing is
 /// stored per client. A nonce is bound to the client IP it was issued to,
 /// its security-feature bits are under the MAC (so they cannot be stripped to
@@ -264,9 +272,9 @@ impl NonceMinter {
         }
     }
 
-    fn body(&self, t: u32, ip: std::net::IpAddr) -> [u8; BODY_LEN] {
+    fn body(&self, prefix: &[u8; 13], t: u32, ip: std::net::IpAddr) -> [u8; BODY_LEN] {
         let mut input = [0u8; 13 + 4 + 16];
-        input[..13].copy_from_slice(NONCE_PREFIX);
+        input[..13].copy_from_slice(prefix);
         input[13..17].copy_from_slice(&t.to_be_bytes());
         let n = match ip {
             std::net::IpAddr::V4(v) => {
@@ -285,11 +293,23 @@ impl NonceMinter {
         body
     }
 
-    /// A nonce for `ip` issued at `now_secs`.
+    /// A nonce for `ip` issued at `now_secs` that offers password
+    /// algorithms (RFC 8489 §9.2.4).
     pub fn mint(&self, now_secs: u64, ip: std::net::IpAddr) -> [u8; NONCE_LEN] {
+        self.mint_with(now_secs, ip, true)
+    }
+
+    /// A nonce for `ip` issued at `now_secs`; `offer_algorithms` false
+    /// mints an MD5-only nonce (its challenge carries no list).
+    pub fn mint_with(&self, now_secs: u64, ip: std::net::IpAddr, offer_algorithms: bool) -> [u8; NONCE_LEN] {
+        let prefix = if offer_algorithms {
+            NONCE_PREFIX
+        } else {
+            NONCE_PREFIX_MD5
+        };
         let mut out = [0u8; NONCE_LEN];
-        out[..13].copy_from_slice(NONCE_PREFIX);
-        let body = self.body(now_secs as u32, ip);
+        out[..13].copy_from_slice(prefix);
+        let body = self.body(prefix, now_secs as u32, ip);
         let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode_slice(body, &mut out[13..])
             .unwrap_or(0);
@@ -298,23 +318,35 @@ impl NonceMinter {
     }
 
     /// Whether `nonce` was minted by this secret for `ip` and has not expired
-    /// at `now_secs`. The MAC is compared in constant time.
+    /// at `now_secs`.
     pub fn is_valid(&self, nonce: &[u8], now_secs: u64, ip: std::net::IpAddr) -> bool {
-        if nonce.len() != NONCE_LEN || &nonce[..13] != NONCE_PREFIX {
-            return false;
+        self.check(nonce, now_secs, ip).is_some()
+    }
+
+    /// For a nonce minted by this secret for `ip` and not expired at
+    /// `now_secs`: whether it offered password algorithms. `None` for any
+    /// other nonce. The MAC is compared in constant time.
+    pub fn check(&self, nonce: &[u8], now_secs: u64, ip: std::net::IpAddr) -> Option<bool> {
+        if nonce.len() != NONCE_LEN {
+            return None;
         }
+        let (prefix, offers) = match &nonce[..13] {
+            p if p == NONCE_PREFIX => (NONCE_PREFIX, true),
+            p if p == NONCE_PREFIX_MD5 => (NONCE_PREFIX_MD5, false),
+            _ => return None,
+        };
         let mut body = [0u8; BODY_LEN + 2];
         match base64::engine::general_purpose::URL_SAFE_NO_PAD.decode_slice(&nonce[13..], &mut body) {
             Ok(BODY_LEN) => {}
-            _ => return false,
+            _ => return None,
         }
         let t = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-        let want = self.body(t, ip);
+        let want = self.body(prefix, t, ip);
         if !bool::from(want[4..].ct_eq(&body[4..BODY_LEN])) {
-            return false;
+            return None;
         }
         let issued = t as u64;
-        issued <= now_secs && now_secs - issued < self.lifetime_secs
+        (issued <= now_secs && now_secs - issued < self.lifetime_secs).then_some(offers)
     }
 }
 
@@ -344,6 +376,23 @@ mod tests {
         assert!(!other_secret.is_valid(&n, 1000, ip));
         assert!(!m.is_valid(b"short", 1000, ip));
         assert!(!m.is_valid(&[b'z'; NONCE_LEN], 1000, ip));
+        assert_eq!(m.check(&n, 1000, ip), Some(true), "offers password algorithms");
+    }
+
+    #[test]
+    fn md5_only_nonces_cannot_be_turned_into_the_other_kind() {
+        let m = NonceMinter::new([7; 32], 600);
+        let ip = "192.0.2.1".parse().unwrap();
+        let md5 = m.mint_with(1000, ip, false);
+        assert!(md5.starts_with(NONCE_PREFIX_MD5));
+        assert_eq!(m.check(&md5, 1000, ip), Some(false));
+        // The feature bits are under the MAC, both ways (§9.2.4 bid-down).
+        let mut up = md5;
+        up[..13].copy_from_slice(NONCE_PREFIX);
+        assert_eq!(m.check(&up, 1000, ip), None);
+        let mut down = m.mint(1000, ip);
+        down[..13].copy_from_slice(NONCE_PREFIX_MD5);
+        assert_eq!(m.check(&down, 1000, ip), None);
     }
 
     #[test]

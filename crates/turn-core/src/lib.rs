@@ -26,9 +26,10 @@ mod server;
 pub use auth::{Credentials, NonceMinter};
 pub use policy::{Cidr, PeerPolicy, Refusal};
 pub use server::{
-    AllocateId, CloseReason, Command, Config, Counters, Dest, ErrorCode, Event, FiveTuple, ListenerId,
-    OpenedRelay, QueuedTransmit, RelayError, RelayProvider, RelayRequest, RelaysOpened, Rfc5780, Server,
-    SessionInfo, Stats, Transmit, Transport, AUTH_WINDOW, SOURCE_SLOTS,
+    challenge_len, max_realm_len, AllocateId, CloseReason, Command, Config, Counters, Dest, ErrorCode, Event,
+    FiveTuple, ListenerId, OpenedRelay, QueuedTransmit, RelayError, RelayProvider, RelayRequest,
+    RelaysOpened, Rfc5780, Server, SessionInfo, Stats, Transmit, Transport, AUTH_WINDOW, CHALLENGE_RATIO,
+    MIN_ALLOCATE_LEN, SOURCE_SLOTS,
 };
 
 /// Frames one message at the start of a TCP/TLS byte stream

@@ -83,7 +83,7 @@ fn a_family_that_cannot_be_served_is_reported_with_address_error_code() {
     assert_eq!(code(&c.permit(&mut h, "[2606:4700::1111]:5000")), Some(443));
     // A retransmission of the Allocate gets the same answer.
     let mut d = Client::new(tuple(Transport::Udp, "203.0.113.5:40002"), "alice", "wonderland");
-    let _ = d.refresh(&mut h, None); // learns the nonce (437)
+    d.learn_nonce(&mut h);
     let txid = d.txid();
     let req = d.build(method::ALLOCATE, txid, &|b| {
         b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000)
@@ -238,7 +238,7 @@ fn icmp_errors_reach_the_client_for_permitted_peers_only_and_rate_limited() {
 fn userhash_counts_with_username_in_the_brute_force_guard() {
     let mut h = Harness::with(|c| c.set_auth_guard(4, std::time::Duration::from_secs(300)));
     let mut good = Client::new(udp(), "alice", "wonderland");
-    let _ = good.refresh(&mut h, None); // learns the nonce (437)
+    good.learn_nonce(&mut h);
     let mut bad = Client::new(udp(), "alice", "not-the-password");
     bad.nonce = good.nonce.clone();
     for _ in 0..4 {

@@ -255,11 +255,151 @@ fn unauthenticated_responses_are_small() {
         "no needless attributes"
     );
     assert!(
-        resp.len() <= 104,
+        resp.len() <= 3 * req.len(),
         "401 is {} bytes for a {}-byte request",
         resp.len(),
         req.len()
     );
+}
+
+fn bare(m: u16, fingerprint: bool, transport: bool) -> Vec<u8> {
+    let mut req = Vec::new();
+    let mut b = MessageBuilder::new(&mut req, MessageType::new(m, Class::Request), &[3; 12]);
+    if transport {
+        b.u32(attr::REQUESTED_TRANSPORT, TRANSPORT_UDP);
+    }
+    if fingerprint {
+        b.fingerprint();
+    }
+    req
+}
+
+#[test]
+fn every_challenge_is_at_most_three_times_its_request() {
+    // Every realm the runtime accepts (1..=24 bytes), every TURN method as
+    // a bare header, and the minimal Allocate browsers send, with and
+    // without FINGERPRINT: whatever is answered is at most 3x.
+    for realm_len in 1..=turn_core::max_realm_len() {
+        let realm = "r".repeat(realm_len);
+        let mut h = Harness::with(|c| c.realm = realm.clone());
+        let mut port = 41000;
+        for m in [
+            method::ALLOCATE,
+            method::REFRESH,
+            method::CREATE_PERMISSION,
+            method::CHANNEL_BIND,
+        ] {
+            for fp in [false, true] {
+                for transport in [false, m == method::ALLOCATE] {
+                    port += 1;
+                    let t = tuple(Transport::Udp, &format!("203.0.113.9:{port}"));
+                    let req = bare(m, fp, transport);
+                    let answer = h.send(t, &req);
+                    if transport {
+                        let (_, resp) = answer.as_ref().expect("a minimal Allocate is challenged");
+                        assert_eq!(code(resp), Some(401));
+                    }
+                    if let Some((_, resp)) = answer {
+                        assert!(
+                            resp.len() <= 3 * req.len(),
+                            "realm {realm_len} B, method {m:#x}, fp {fp}: {} -> {} bytes",
+                            req.len(),
+                            resp.len()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn too_small_to_challenge_gets_a_short_error_or_nothing() {
+    let mut h = Harness::new();
+    // A bare Allocate cannot succeed (no REQUESTED-TRANSPORT): a short 400.
+    let (_, resp) = h.send(udp(), &bare(method::ALLOCATE, false, false)).unwrap();
+    assert_eq!(code(&resp), Some(400));
+    // A bare Refresh with no allocation on the 5-tuple: 437.
+    let (_, resp) = h.send(udp(), &bare(method::REFRESH, false, false)).unwrap();
+    assert_eq!(code(&resp), Some(437));
+    assert!(resp.len() <= 60);
+    // On a 5-tuple with an allocation the client has a nonce already: a
+    // bare Refresh there is dropped and counted.
+    let mut c = Client::new(udp(), "alice", "wonderland");
+    c.allocate(&mut h);
+    assert!(h.send(udp(), &bare(method::REFRESH, false, false)).is_none());
+    assert_eq!(h.server.counters().challenges_withheld, 1);
+    // The allocation is untouched and its client carries on.
+    assert!(is_success(&c.refresh(&mut h, None)));
+}
+
+#[test]
+fn a_long_realm_gets_md5_only_challenges_that_authenticate() {
+    // 20 bytes: the full challenge to a 28-byte Allocate would be 92
+    // bytes; the MD5-only one is 80.
+    const LONG: &str = "turn.example-corp.io";
+    let mut h = Harness::with(|c| {
+        let mut creds = turn_core::Credentials::new();
+        creds.add_user("alice", LONG, "wonderland");
+        c.credentials = Arc::new(creds);
+        c.realm = LONG.to_owned();
+    });
+    let (_, resp) = h.send(udp(), &bare(method::ALLOCATE, false, true)).unwrap();
+    assert!(resp.len() <= 84, "{} bytes", resp.len());
+    let m = Message::parse(&resp).unwrap();
+    assert!(m.get(attr::PASSWORD_ALGORITHMS).is_none(), "no list: MD5 only");
+    let nonce = m.get(attr::NONCE).unwrap().to_vec();
+    assert!(nonce.starts_with(turn_core::auth::NONCE_PREFIX_MD5));
+    // MD5 with that nonce allocates.
+    let key = stun_proto::long_term_key_md5("alice", LONG, "wonderland");
+    let mut req = Vec::new();
+    MessageBuilder::new(
+        &mut req,
+        MessageType::new(method::ALLOCATE, Class::Request),
+        &[4; 12],
+    )
+    .u32(attr::REQUESTED_TRANSPORT, TRANSPORT_UDP)
+    .attr(attr::USERNAME, b"alice")
+    .attr(attr::REALM, LONG.as_bytes())
+    .attr(attr::NONCE, &nonce)
+    .message_integrity(&key);
+    let (_, resp) = h.send(udp(), &req).unwrap();
+    assert!(is_success(&resp), "{:?}", code(&resp));
+    // Algorithm attributes with an MD5-only nonce were not offered: 400.
+    let t2 = tuple(Transport::Udp, "203.0.113.5:40011");
+    let (_, resp) = h.send(t2, &bare(method::ALLOCATE, false, true)).unwrap();
+    let nonce = Message::parse(&resp).unwrap().get(attr::NONCE).unwrap().to_vec();
+    let key = stun_proto::long_term_key_sha256("alice", LONG, "wonderland");
+    let mut req = Vec::new();
+    MessageBuilder::new(
+        &mut req,
+        MessageType::new(method::ALLOCATE, Class::Request),
+        &[5; 12],
+    )
+    .u32(attr::REQUESTED_TRANSPORT, TRANSPORT_UDP)
+    .attr(attr::USERNAME, b"alice")
+    .attr(attr::REALM, LONG.as_bytes())
+    .attr(attr::NONCE, &nonce)
+    .attr(attr::PASSWORD_ALGORITHMS, &OFFERED_ALGORITHMS)
+    .attr(attr::PASSWORD_ALGORITHM, &[0, 2, 0, 0])
+    .message_integrity_sha256(&key);
+    assert_eq!(code(&h.send(t2, &req).unwrap().1), Some(400));
+    // A larger first request gets the full challenge, SHA-256 included.
+    let t3 = tuple(Transport::Udp, "203.0.113.5:40012");
+    let mut req = Vec::new();
+    MessageBuilder::new(
+        &mut req,
+        MessageType::new(method::ALLOCATE, Class::Request),
+        &[6; 12],
+    )
+    .u32(attr::REQUESTED_TRANSPORT, TRANSPORT_UDP)
+    .attr(attr::SOFTWARE, b"a client, v1.2.3");
+    let (_, resp) = h.send(t3, &req).unwrap();
+    assert!(resp.len() <= 3 * req.len());
+    assert!(Message::parse(&resp)
+        .unwrap()
+        .get(attr::PASSWORD_ALGORITHMS)
+        .is_some());
 }
 
 // ---- Brute force ----

@@ -67,9 +67,15 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub max_port: Option<u16>,
 
-    /// Authentication realm [default: turnpike].
+    /// Authentication realm [default: turnpike]. At most 24 bytes, so the
+    /// 401 to a browser's first Allocate stays within 3x its size.
     #[arg(long, value_name = "REALM")]
     pub realm: Option<String>,
+
+    /// Accept a realm longer than 24 bytes: 401s to minimal Allocates are
+    /// then more than 3x the request (reflection).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub allow_long_realm: Option<bool>,
 
     /// Long-term credential NAME:PASSWORD (repeatable). NAME:0xHEX gives the
     /// MD5 key MD5(name:realm:password) instead of a password.
@@ -292,7 +298,7 @@ impl ServeArgs {
     pub fn merge(&mut self, over: ServeArgs) {
         let base = self;
         merge_fields!(base, over;
-            opt: config, no_tls, cert, key, min_port, max_port, realm, allow_loopback_peers,
+            opt: config, no_tls, cert, key, min_port, max_port, realm, allow_long_realm, allow_loopback_peers,
                  threads, udp_gso, log_level, software, rfc5766_channel_numbers, nonce_lifetime,
                  user_quota, total_quota, max_bps, user_max_bps, rate_limit_per_ip,
                  auth_fail_limit, auth_block_secs, max_connections, max_connections_per_ip, handshake_timeout, idle_timeout,
@@ -340,6 +346,8 @@ pub struct Settings {
     pub max_port: u16,
     /// Realm.
     pub realm: String,
+    /// Challenge minimal Allocates even beyond 3x (a realm over 24 bytes).
+    pub long_realm: bool,
     /// Credentials (keys only).
     pub credentials: Credentials,
     /// The generated demo credential, when no other was configured.
@@ -581,6 +589,17 @@ impl Settings {
         let realm = a.realm.unwrap_or_else(|| "turnpike".to_owned());
         if realm.is_empty() || realm.len() > 763 {
             bail!("realm: must be 1 to 763 bytes long (e.g. --realm example.org)");
+        }
+        let long_realm = a.allow_long_realm.unwrap_or(false);
+        if realm.len() > turn_core::max_realm_len() && !long_realm {
+            bail!(
+                "realm: \"{}\" is {} bytes; with more than {} the 401 to a browser's first Allocate ({} bytes) is more than {}x its size, which helps reflection attacks. Use a shorter realm, or --allow-long-realm to accept that",
+                realm.escape_debug(),
+                realm.len(),
+                turn_core::max_realm_len(),
+                turn_core::MIN_ALLOCATE_LEN,
+                turn_core::CHALLENGE_RATIO
+            );
         }
         let v6 = ipv6_available();
         let listen = if a.listen.is_empty() {
@@ -850,6 +869,7 @@ impl Settings {
             udp_gso: a.udp_gso.unwrap_or(true),
             log_level,
             software: a.software,
+            long_realm,
             legacy_channel_numbers: a.rfc5766_channel_numbers.unwrap_or(false),
             nonce_lifetime,
             user_quota: a.user_quota.unwrap_or(0),
@@ -1037,6 +1057,31 @@ mod tests {
             "{err}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_realm_too_long_for_a_small_challenge_is_refused_unless_allowed() {
+        let long = "turn.example-company.example";
+        let err = Settings::from_args(parse(&["--user", "alice:pw", "--realm", long, "--no-tls"]))
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.starts_with("realm:") && err.contains("28 bytes") && err.contains("--allow-long-realm"),
+            "{err}"
+        );
+        let s = Settings::from_args(parse(&[
+            "--user",
+            "alice:pw",
+            "--realm",
+            long,
+            "--allow-long-realm",
+            "--no-tls",
+        ]))
+        .unwrap();
+        assert!(s.long_realm);
+        let ok = "a".repeat(24);
+        assert!(Settings::from_args(parse(&["--user", "alice:pw", "--realm", &ok, "--no-tls"])).is_ok());
     }
 
     #[test]

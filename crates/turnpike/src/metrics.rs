@@ -63,6 +63,7 @@ fn sum(board: &Board) -> (WorkerMetrics, Vec<WorkerMetrics>) {
         tc.rate_limited += c.rate_limited;
         tc.auth_failures += c.auth_failures;
         tc.auth_throttled += c.auth_throttled;
+        tc.challenges_withheld += c.challenges_withheld;
         tc.quota_user += c.quota_user;
         tc.capacity += c.capacity;
         tc.drain_refused += c.drain_refused;
@@ -207,6 +208,10 @@ pub fn render(board: &Board, draining: bool) -> String {
             ("{reason=\"bad_credentials\"}", c.auth_failures as f64),
             ("{reason=\"brute_force_blocked\"}", c.auth_throttled as f64),
             ("{reason=\"rate_limited\"}", c.rate_limited as f64),
+            (
+                "{reason=\"too_small_to_challenge\"}",
+                c.challenges_withheld as f64,
+            ),
         ],
     );
     metric(

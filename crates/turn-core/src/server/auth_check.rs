@@ -52,22 +52,20 @@ impl Server {
         {
             return Err(Some(BadRequest));
         }
-        if !self
-            .minter
-            .is_valid(nonce, self.nonce_secs(now), tuple.client.ip())
-        {
+        let Some(offered) = self.minter.check(nonce, self.nonce_secs(now), tuple.client.ip()) else {
             return Err(Some(StaleNonce));
-        }
-        // §9.2.4 bid-down protection: our nonces advertise password
-        // algorithms, so a request carries both PASSWORD-ALGORITHMS (echoing
-        // our list exactly) and PASSWORD-ALGORITHM (one of it), or neither
-        // (MD5). Anything else means the list was tampered with.
+        };
+        // §9.2.4 bid-down protection: a nonce that advertises password
+        // algorithms is answered with both PASSWORD-ALGORITHMS (echoing our
+        // list exactly) and PASSWORD-ALGORITHM (one of it), or neither
+        // (MD5); an MD5-only nonce with neither. Anything else means the
+        // list was tampered with.
         let alg = match (
             msg.get(attr::PASSWORD_ALGORITHMS),
             msg.get(attr::PASSWORD_ALGORITHM),
         ) {
             (None, None) => PasswordAlgorithm::Md5,
-            (Some(list), Some(chosen)) if list == OFFERED_ALGORITHMS => match chosen {
+            (Some(list), Some(chosen)) if offered && list == OFFERED_ALGORITHMS => match chosen {
                 [0x00, 0x01, 0x00, 0x00] => PasswordAlgorithm::Md5,
                 [0x00, 0x02, 0x00, 0x00] => PasswordAlgorithm::Sha256,
                 _ => return Err(Some(BadRequest)),

@@ -103,6 +103,10 @@ pub struct Config {
     pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// Where draining sends new clients (RFC 8489 §14.15 ALTERNATE-SERVER).
     pub alternate_servers: Vec<SocketAddr>,
+    /// Challenge a minimal Allocate even when the realm makes the challenge
+    /// more than `CHALLENGE_RATIO` times its size (challenge.rs). Off: such
+    /// a realm is refused at start by the runtime.
+    pub long_realm: bool,
     /// RFC 5780 NAT behaviour discovery: the server's two IPs and two ports
     /// (it listens on all four combinations over UDP). `None`: off, and
     /// CHANGE-REQUEST, RESPONSE-PORT and PADDING are answered with 420.
@@ -153,6 +157,7 @@ impl Config {
             rfc5780: None,
             draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             alternate_servers: Vec::new(),
+            long_realm: false,
             epoch,
             unix_at_epoch,
         }

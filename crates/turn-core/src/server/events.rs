@@ -31,6 +31,9 @@ pub struct Counters {
     pub auth_failures: u64,
     /// Attempts not checked because the pair was blocked or throttled.
     pub auth_throttled: u64,
+    /// Unauthenticated requests too small to challenge within the
+    /// reflection bound, dropped (challenge.rs).
+    pub challenges_withheld: u64,
     /// Allocations refused by a user quota (486).
     pub quota_user: u64,
     /// Allocations refused by the total quota or port exhaustion (508).

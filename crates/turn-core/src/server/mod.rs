@@ -9,6 +9,7 @@
 //! | `error.rs` | error codes (one type for answers and metrics) |
 //! | `table.rs` | allocations, permissions, channels, their maps and timers |
 //! | `auth_check.rs` | RFC 8489 §9.2.4 on each request |
+//! | `challenge.rs` | sizing 401/438 against the request (reflection) |
 //! | `binding.rs` | Binding, RFC 5780 |
 //! | `allocate.rs` | Allocate, dual allocations, relay sockets |
 //! | `refresh.rs` | Refresh |
@@ -19,6 +20,7 @@
 mod allocate;
 mod auth_check;
 mod binding;
+mod challenge;
 mod config;
 mod error;
 mod events;
@@ -36,6 +38,7 @@ use std::time::Instant;
 
 use stun_proto::{attr, method, packet_kind, Class, Message, PacketKind};
 
+pub use challenge::{challenge_len, max_realm_len, CHALLENGE_RATIO, MIN_ALLOCATE_LEN};
 pub use config::{Config, Rfc5780, AUTH_WINDOW, SOURCE_SLOTS};
 pub use error::ErrorCode;
 pub use events::{CloseReason, Counters, Event, SessionInfo, Stats};
@@ -390,6 +393,21 @@ impl Server {
             Err(Some(code)) => {
                 if !self.may_answer_unauthenticated(tuple, now) {
                     return None;
+                }
+                if code.is_challenge() && self.challenge_kind(&req).is_none() {
+                    // Too small to challenge within the reflection bound,
+                    // and it could never succeed: a short answer or none.
+                    let short = if m == method::ALLOCATE {
+                        (!msg.has(attr::REQUESTED_TRANSPORT)).then_some(ErrorCode::BadRequest)
+                    } else {
+                        (!self.table.by_tuple.contains_key(&tuple)).then_some(ErrorCode::AllocationMismatch)
+                    };
+                    let Some(short) = short else {
+                        self.counters.challenges_withheld += 1;
+                        return None;
+                    };
+                    self.note_refusal(tuple, msg, short);
+                    return Some(self.respond(now, tuple, req, Reply::Error(short), None));
                 }
                 // The challenges are the normal first step of every client.
                 let challenge = code == ErrorCode::StaleNonce

@@ -20,6 +20,8 @@ pub(super) struct ReqInfo {
     pub(super) txid: TransactionId,
     /// Answer with FINGERPRINT (RFC 8489 §7.3: when the request had one).
     pub(super) fingerprint: bool,
+    /// The request's size, which bounds an unauthenticated answer's.
+    pub(super) len: usize,
 }
 
 impl ReqInfo {
@@ -28,6 +30,7 @@ impl ReqInfo {
             method: msg.message_type().method,
             txid: msg.transaction_id(),
             fingerprint: msg.has_fingerprint(),
+            len: msg.as_bytes().len(),
         }
     }
 }
@@ -137,9 +140,15 @@ impl Server {
         reply: Reply,
         signer: Signer,
     ) -> Transmit<'_> {
+        // (nonce, whether it offers password algorithms)
         let nonce = match reply {
             Reply::Error(c) if c.is_challenge() => {
-                Some(self.minter.mint(self.nonce_secs(now), tuple.client.ip()))
+                let offer = self.challenge_kind(&req).unwrap_or(false);
+                Some((
+                    self.minter
+                        .mint_with(self.nonce_secs(now), tuple.client.ip(), offer),
+                    offer,
+                ))
             }
             _ => None,
         };
@@ -159,12 +168,14 @@ impl Server {
             Reply::Error(code) => {
                 let reason = if nonce.is_some() { "" } else { code.reason() };
                 b.error_code(code.code(), reason);
-                if let Some(n) = &nonce {
-                    // RFC 8489 §9.2.4: the nonce's cookie advertises
-                    // password algorithms, so the list comes with it.
+                if let Some((n, offer)) = &nonce {
                     b.attr(attr::REALM, self.cfg.realm.as_bytes())
-                        .attr(attr::NONCE, n)
-                        .attr(attr::PASSWORD_ALGORITHMS, &OFFERED_ALGORITHMS);
+                        .attr(attr::NONCE, n);
+                    if *offer {
+                        // RFC 8489 §9.2.4: the nonce's cookie advertises
+                        // password algorithms, so the list comes with it.
+                        b.attr(attr::PASSWORD_ALGORITHMS, &OFFERED_ALGORITHMS);
+                    }
                 }
             }
             Reply::TryAlternate(alt) => {
@@ -214,7 +225,8 @@ impl Server {
                 }
             }
         }
-        if let Some(s) = &self.cfg.software {
+        // A challenge is sized against its request (challenge.rs).
+        if let (Some(s), None) = (&self.cfg.software, &nonce) {
             b.attr(attr::SOFTWARE, s.as_bytes());
         }
         match signer {

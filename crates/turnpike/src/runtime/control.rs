@@ -110,6 +110,7 @@ pub(super) fn core_config(settings: &Settings, base: &CoreBase, limits: &SharedL
     );
     c.software = settings.software.clone();
     c.legacy_channel_numbers = settings.legacy_channel_numbers;
+    c.long_realm = settings.long_realm;
     c.policy = build_policy(settings, &base.own_sockets);
     c.external_ipv4 = settings.external_v4;
     c.external_ipv6 = settings.external_v6;
