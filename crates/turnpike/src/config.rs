@@ -1063,8 +1063,8 @@ mod tests {
     fn a_realm_too_long_for_a_small_challenge_is_refused_unless_allowed() {
         let long = "turn.example-company.example";
         let err = Settings::from_args(parse(&["--user", "alice:pw", "--realm", long, "--no-tls"]))
-            .err()
-            .expect("refused")
+            .map(|_| ())
+            .expect_err("refused")
             .to_string();
         assert!(
             err.starts_with("realm:") && err.contains("28 bytes") && err.contains("--allow-long-realm"),
