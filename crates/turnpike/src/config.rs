@@ -271,7 +271,9 @@ impl ServeArgs {
         if toml::from_str::<toml::Table>(&text).is_err() && crate::coturn::looks_like_turnserver_conf(&text) {
             bail!(
                 "config file {}: this is a coturn turnserver.conf, not a turnpike TOML file; \
-                 MIGRATING.md maps every coturn option to turnpike's",
+                 `turnpike import coturn {} --out turnpike.toml` writes the equivalent \
+                 (MIGRATING.md maps every coturn option to turnpike's)",
+                path.display(),
                 path.display()
             );
         }
@@ -564,7 +566,7 @@ fn check_log_level(v: &str) -> Result<()> {
     Ok(())
 }
 
-fn parse_cidrs(field: &str, values: &[String]) -> Result<Vec<Cidr>> {
+pub(crate) fn parse_cidrs(field: &str, values: &[String]) -> Result<Vec<Cidr>> {
     values
         .iter()
         .map(|v| {

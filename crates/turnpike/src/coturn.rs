@@ -183,6 +183,14 @@ pub const MAPPINGS: &[Mapping] = &[
         coturn: "proc-group",
         turnpike: "nothing: systemd's DynamicUser runs it unprivileged",
     },
+    Mapping {
+        coturn: "psql-userdb",
+        turnpike: "not imported: add its users with `turnpike user add NAME --key 0xHMACKEY`",
+    },
+    Mapping {
+        coturn: "mysql-userdb",
+        turnpike: "not imported: add its users with `turnpike user add NAME --key 0xHMACKEY`",
+    },
 ];
 
 /// The mapping for an option name (without dashes, before any `=`).
@@ -198,7 +206,8 @@ pub fn explain_args(args: &[String]) -> Option<String> {
         if a == "-c" {
             return Some(
                 "`-c FILE` is coturn's config flag; turnpike's is `--config FILE` and takes TOML \
-                 (a coturn turnserver.conf has to be rewritten: see MIGRATING.md)"
+                 (`turnpike import coturn turnserver.conf --out turnpike.toml` writes one from \
+                 coturn's; MIGRATING.md maps every option)"
                     .to_owned(),
             );
         }
@@ -237,6 +246,15 @@ pub fn looks_like_turnserver_conf(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn migrating_md_has_a_row_for_every_mapping() {
+        let doc = include_str!("../../../MIGRATING.md");
+        for m in MAPPINGS {
+            let row = format!("| `{}` | {} |", m.coturn, m.turnpike);
+            assert!(doc.contains(&row), "MIGRATING.md lacks: {row}");
+        }
+    }
 
     #[test]
     fn coturn_flags_are_answered_with_turnpikes_names() {

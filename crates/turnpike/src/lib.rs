@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod config;
 pub mod coturn;
+pub mod coturn_conf;
 pub mod credentials;
 pub mod metrics;
 pub mod redisdb;

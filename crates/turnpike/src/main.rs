@@ -1,6 +1,6 @@
 //! The `turnpike` command.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tracing::{error, info, warn};
 use turnpike::config::{ServeArgs, Settings};
@@ -45,6 +45,34 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ImportCommand {
+    /// A coturn `turnserver.conf`: writes an equivalent, commented
+    /// turnpike.toml, lists what could not carry over and why, and imports
+    /// the users of the coturn database it names (`userdb=`, or --turndb).
+    Coturn {
+        /// coturn's configuration file (e.g. /etc/turnserver.conf).
+        conf: std::path::PathBuf,
+        /// Write the turnpike.toml here [default: standard output].
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
+        /// coturn's SQLite user database to import [default: the file's userdb=].
+        #[arg(long, value_name = "FILE")]
+        turndb: Option<std::path::PathBuf>,
+        /// turnpike's database for the users [default: as for `serve`].
+        #[arg(long, value_name = "FILE")]
+        db: Option<std::path::PathBuf>,
+    },
+    /// coturn's Redis user database: long-term users (`turn/realm/*/user/*/key`)
+    /// into turnpike's store; REST secrets printed as `auth-secret`. Read only.
+    CoturnRedis {
+        /// coturn's `redis-userdb` string ("ip=127.0.0.1 port=6379 dbname=0") or a redis:// URL.
+        source: String,
+        /// turnpike's database for the users [default: as for `serve`].
+        #[arg(long, value_name = "FILE", conflicts_with = "redis_url")]
+        db: Option<std::path::PathBuf>,
+        /// Put the users in turnpike's Redis store at URL instead (a fleet).
+        #[arg(long, value_name = "URL")]
+        redis_url: Option<String>,
+    },
     /// coturn's SQLite user database (`turnadmin -b FILE`): its long-term
     /// users (MD5 keys) go into turnpike's database; REST secrets found are
     /// printed as `auth-secret` lines. coturn's file is only read.
@@ -83,6 +111,10 @@ enum UserCommand {
 struct UserArgs {
     /// The username.
     name: String,
+    /// The MD5 key (`MD5(name:realm:password)`, 32 hex digits, 0x optional,
+    /// e.g. coturn's hmackey) instead of a password: MD5 logins only.
+    #[arg(long, value_name = "0xHEX")]
+    key: Option<String>,
     /// Realm (must match the server's --realm).
     #[arg(long, default_value = "turnpike")]
     realm: String,
@@ -98,28 +130,136 @@ fn import(cmd: ImportCommand) -> Result<()> {
     match cmd {
         ImportCommand::CoturnDb { turndb, db } => {
             let target = db.unwrap_or_else(turnpike::userdb::default_path);
-            let got = turnpike::userdb::import_coturn(&turndb, &target)?;
-            for (realm, name) in &got.users {
-                eprintln!("imported {name} (realm {realm})");
+            let got = import_turndb(&turndb, &target)?;
+            if !got.secrets.is_empty() {
+                println!("# REST-API secrets from coturn: put them in turnpike.toml (or Redis)");
+                println!("auth-secret = {}", toml_list(got.secrets.iter().map(|(_, v)| v)));
             }
-            for why in &got.skipped {
-                eprintln!("skipped {why}");
+            Ok(())
+        }
+        ImportCommand::Coturn {
+            conf,
+            out,
+            turndb,
+            db,
+        } => {
+            let text =
+                std::fs::read_to_string(&conf).with_context(|| format!("{}: cannot read", conf.display()))?;
+            let mut c = turnpike::coturn_conf::convert(&text);
+            let target = db.clone().unwrap_or_else(turnpike::userdb::default_path);
+            let turndb = turndb.or(c.userdb.clone());
+            let mut toml = std::mem::take(&mut c.toml);
+            if let Some(f) = &turndb {
+                let got = import_turndb(f, &target)?;
+                if !got.users.is_empty() || db.is_some() {
+                    toml.push_str(&format!(
+                        "\n# the users imported from coturn's {}\ndb = {}\n",
+                        f.display(),
+                        toml::Value::String(target.display().to_string())
+                    ));
+                }
+                if !got.secrets.is_empty() {
+                    // Commented, not merged: the file may list auth-secret
+                    // already, and a key may appear only once.
+                    toml.push_str(&format!(
+                        "# REST-API secrets in coturn's database: add them to auth-secret\n# {}\n",
+                        toml_list(got.secrets.iter().map(|(_, v)| v))
+                    ));
+                }
+            }
+            match &out {
+                Some(path) => {
+                    if path.exists() {
+                        anyhow::bail!("--out {}: exists; turnpike does not overwrite it", path.display());
+                    }
+                    std::fs::write(path, &toml).with_context(|| format!("--out {}", path.display()))?;
+                    eprintln!("wrote {}", path.display());
+                }
+                None => print!("{toml}"),
+            }
+            if c.not_carried.is_empty() {
+                eprintln!("every setting carried over");
+            } else {
+                eprintln!("not carried over ({}), do these by hand:", c.not_carried.len());
+                for n in &c.not_carried {
+                    eprintln!("  {n}");
+                }
+            }
+            if let Some(r) = &c.redis_userdb {
+                eprintln!(
+                    "coturn keeps users in Redis: `turnpike import coturn-redis {:?}`",
+                    r
+                );
+            }
+            Ok(())
+        }
+        ImportCommand::CoturnRedis {
+            source,
+            db,
+            redis_url,
+        } => {
+            let url = turnpike::redisdb::coturn_url(&source)?;
+            let got = turnpike::redisdb::read_coturn(&url)?;
+            let mut imported = 0;
+            for (realm, name, key) in &got.users {
+                let Some(md5) = turnpike::config::parse_md5_hex(key.trim().trim_start_matches("0x")) else {
+                    eprintln!("skipped {name}@{realm}: the key is not a 32-digit MD5 hex (coturn's SHA-256 keys cannot be carried over)");
+                    continue;
+                };
+                match &redis_url {
+                    Some(u) => turnpike::redisdb::set_key(u, realm, name, md5)?,
+                    None => turnpike::userdb::set_key(
+                        &db.clone().unwrap_or_else(turnpike::userdb::default_path),
+                        realm,
+                        name,
+                        md5,
+                    )?,
+                }
+                eprintln!("imported {name} (realm {realm})");
+                imported += 1;
             }
             if !got.secrets.is_empty() {
                 println!("# REST-API secrets from coturn: put them in turnpike.toml (or Redis)");
-                let list: Vec<String> = got.secrets.iter().map(|(_, v)| format!("{v:?}")).collect();
-                println!("auth-secret = [{}]", list.join(", "));
+                println!("auth-secret = {}", toml_list(got.secrets.iter().map(|(_, v)| v)));
             }
             eprintln!(
-                "{} user(s) imported into {}, {} skipped; they log in with MD5 keys until their \
-                 password is set again with `turnpike user passwd`",
-                got.users.len(),
-                target.display(),
-                got.skipped.len()
+                "{imported} user(s) imported, {} skipped; they log in with MD5 keys until `turnpike user passwd` sets a password",
+                got.users.len() - imported
             );
             Ok(())
         }
     }
+}
+
+fn toml_list<'a>(items: impl Iterator<Item = &'a String>) -> String {
+    let v: Vec<String> = items
+        .map(|s| toml::Value::String(s.clone()).to_string())
+        .collect();
+    format!("[{}]", v.join(", "))
+}
+
+fn import_turndb(turndb: &std::path::Path, target: &std::path::Path) -> Result<turnpike::userdb::Imported> {
+    let got = turnpike::userdb::import_coturn(turndb, target)?;
+    for (realm, name) in &got.users {
+        eprintln!("imported {name} (realm {realm})");
+    }
+    for why in &got.skipped {
+        eprintln!("skipped {why}");
+    }
+    eprintln!(
+        "{} user(s) imported into {}, {} skipped; they log in with MD5 keys until their \
+         password is set again with `turnpike user passwd`",
+        got.users.len(),
+        target.display(),
+        got.skipped.len()
+    );
+    Ok(got)
+}
+
+fn parse_key_arg(k: &str) -> Result<[u8; 16]> {
+    let hex = k.trim().trim_start_matches("0x").trim_start_matches("0X");
+    turnpike::config::parse_md5_hex(hex)
+        .with_context(|| format!("--key {k:?}: must be 32 hex digits, MD5(name:realm:password)"))
 }
 
 fn read_password() -> Result<String> {
@@ -141,6 +281,14 @@ fn read_password() -> Result<String> {
 fn user(cmd: UserCommand) -> Result<()> {
     use turnpike::{redisdb, userdb};
     match cmd {
+        UserCommand::Add(a) | UserCommand::Passwd(a) if a.key.is_some() => {
+            let md5 = parse_key_arg(a.key.as_deref().unwrap_or_default())?;
+            match &a.redis_url {
+                Some(url) => redisdb::set_key(url, &a.realm, &a.name, md5)?,
+                None => userdb::set_key(&a.db.unwrap_or_else(userdb::default_path), &a.realm, &a.name, md5)?,
+            }
+            eprintln!("set {} in realm {} by MD5 key (MD5 logins only)", a.name, a.realm);
+        }
         UserCommand::Add(a) => {
             let pw = read_password()?;
             match &a.redis_url {

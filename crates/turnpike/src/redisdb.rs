@@ -60,6 +60,89 @@ pub fn set(url: &str, realm: &str, name: &str, password: &str, replace: bool) ->
     Ok(())
 }
 
+/// Adds or replaces a user by MD5 key (`MD5(name:realm:password)`) when
+/// the password is not known: such a user logs in with MD5 only.
+pub fn set_key(url: &str, realm: &str, name: &str, md5: [u8; 16]) -> Result<()> {
+    if name.is_empty() {
+        bail!("user name is empty");
+    }
+    let _: () = connect(url)?.hset(users_key(realm), name, format!("{}:", hex(&md5)))?;
+    Ok(())
+}
+
+/// A coturn Redis connection string (`ip=… port=… dbname=… password=…`,
+/// its `redis-userdb` format) as a redis:// URL; a URL stays as it is.
+pub fn coturn_url(s: &str) -> Result<String> {
+    let s = s.trim().trim_matches('"');
+    if s.starts_with("redis://") || s.starts_with("rediss://") || s.starts_with("unix://") {
+        return Ok(s.to_owned());
+    }
+    let (mut host, mut port, mut db, mut password) = ("127.0.0.1".to_owned(), 6379u16, 0u32, None);
+    for part in s.split_whitespace() {
+        let Some((k, v)) = part.split_once('=') else {
+            bail!("redis {s:?}: {part:?} is not key=value (coturn's form is \"ip=127.0.0.1 port=6379 dbname=0\")");
+        };
+        match k {
+            "ip" | "host" => host = v.to_owned(),
+            "port" => port = v.parse().with_context(|| format!("redis {s:?}: port {v:?}"))?,
+            "dbname" | "database" | "db" => {
+                db = v.parse().with_context(|| format!("redis {s:?}: dbname {v:?}"))?
+            }
+            "password" => password = Some(v.to_owned()),
+            _ => {} // connect_timeout and the like: no meaning here
+        }
+    }
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    Ok(match password {
+        Some(p) => format!("redis://:{p}@{host}:{port}/{db}"),
+        None => format!("redis://{host}:{port}/{db}"),
+    })
+}
+
+/// What coturn keeps in Redis: long-term users (`turn/realm/R/user/U/key`,
+/// hex MD5 key) and REST-API secrets (`turn/realm/R/secret`).
+#[derive(Debug, Default)]
+pub struct CoturnRedis {
+    /// (realm, name, hex key)
+    pub users: Vec<(String, String, String)>,
+    /// (realm, secret)
+    pub secrets: Vec<(String, String)>,
+}
+
+/// Reads coturn's users and secrets from Redis at `url`; nothing is written.
+pub fn read_coturn(url: &str) -> Result<CoturnRedis> {
+    let mut c = connect(url)?;
+    let keys: Vec<String> = c.scan_match::<_, String>("turn/realm/*")?.collect();
+    let mut out = CoturnRedis::default();
+    for k in keys {
+        let parts: Vec<&str> = k.split('/').collect();
+        match parts[..] {
+            ["turn", "realm", realm, "user", name, "key"] => {
+                let v: String = c.get(&k)?;
+                out.users.push((realm.to_owned(), name.to_owned(), v));
+            }
+            ["turn", "realm", realm, "secret", ..] => {
+                let kind: String = redis::cmd("TYPE").arg(&k).query(&mut c)?;
+                let values: Vec<String> = match kind.as_str() {
+                    "set" => c.smembers(&k)?,
+                    "string" => vec![c.get(&k)?],
+                    _ => Vec::new(),
+                };
+                out.secrets
+                    .extend(values.into_iter().map(|v| (realm.to_owned(), v)));
+            }
+            _ => {}
+        }
+    }
+    out.users.sort();
+    out.secrets.sort();
+    Ok(out)
+}
+
 /// Removes a user; false if there was none.
 pub fn remove(url: &str, realm: &str, name: &str) -> Result<bool> {
     let n: i64 = connect(url)?.hdel(users_key(realm), name)?;
@@ -87,8 +170,11 @@ pub fn load(url: &str, realm: &str) -> Result<(Credentials, u64)> {
     let mut creds = Credentials::new();
     for (name, v) in &users {
         let Some((m, s)) = v.split_once(':') else { continue };
-        if let (Some(m), Some(s)) = (unhex::<16>(m), unhex::<32>(s)) {
-            creds.add_user_keys(name, realm, m, s);
+        match (unhex::<16>(m), unhex::<32>(s)) {
+            (Some(m), Some(s)) => creds.add_user_keys(name, realm, m, s),
+            // Imported by key (`user add --key`): MD5 only.
+            (Some(m), None) if s.is_empty() => creds.add_user_key(name, realm, m),
+            _ => {}
         }
     }
     let mut secrets = secrets;
