@@ -628,6 +628,44 @@ impl TurnClient {
     }
 }
 
+/// Sends Binding requests to `server` from an unconnected UDP socket and
+/// returns the source address of the first answer, whatever it is. A
+/// connected socket (like a browser's or a NAT's mapping) drops answers
+/// from any other address; this sees them, to tell "no answer" from
+/// "answers from the wrong address" (a multi-homed server answering from
+/// another of its addresses).
+pub fn binding_answer_source(server: SocketAddr, timeout: Duration) -> io::Result<Option<SocketAddr>> {
+    let any: SocketAddr = if server.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let s = UdpSocket::bind(any)?;
+    let txid: [u8; 12] = rand::random();
+    let mut req = Vec::new();
+    MessageBuilder::new(&mut req, MessageType::new(method::BINDING, Class::Request), &txid).fingerprint();
+    let end = Instant::now() + timeout;
+    let mut buf = [0u8; 1500];
+    while Instant::now() < end {
+        s.send_to(&req, server)?;
+        s.set_read_timeout(Some(
+            end.saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(300))
+                .max(Duration::from_millis(1)),
+        ))?;
+        match s.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                if Message::parse(&buf[..n]).is_ok_and(|m| m.transaction_id() == txid) {
+                    return Ok(Some(from));
+                }
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
 /// One STUN Binding transaction: the reflexive address the server saw.
 pub fn binding(ch: &mut Channel, timeout: Duration) -> Result<SocketAddr, ClientError> {
     let txid: [u8; 12] = rand::random();

@@ -170,12 +170,119 @@ fn stun_and_turn_pass_against_turnpike_and_coturn_alike() {
         passed(&co_turn),
         "the same checks pass on both servers"
     );
-    assert_eq!(passed(&tp_turn).len(), 14, "{tp_turn}");
+    // 7 steps per transport, and the IPv6 check once (not offered here:
+    // both servers answer the dual Allocate with ADDRESS-ERROR-CODE 440).
+    assert_eq!(passed(&tp_turn).len(), 15, "{tp_turn}");
+    assert!(
+        passed(&tp_turn).contains(&"udp ipv6 relay".to_owned()),
+        "{tp_turn}"
+    );
     assert!(
         tp_turn["checks"].to_string().contains("its reply came back"),
         "local peer relayed: {tp_turn}"
     );
     h.shutdown();
+}
+
+#[test]
+fn ipv6_relays_are_tested_when_the_server_offers_them() {
+    if UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("SKIP ipv6 relay probe: no IPv6 loopback here");
+        return;
+    }
+    let h = common::start(&[
+        "--allow-loopback-peers",
+        "--relay-ip",
+        "127.0.0.1",
+        "--relay-ip",
+        "::1",
+    ]);
+    let (code, v) = probe(&[
+        "turn",
+        &format!("turn:127.0.0.1:{}", h.listen[0].port()),
+        "--user",
+        "alice",
+        "--password",
+        "wonderland",
+        "--transport",
+        "udp",
+    ]);
+    assert_eq!(code, 0, "{v}");
+    let p = passed(&v);
+    for step in [
+        "allocate",
+        "second allocation",
+        "channel bind",
+        "relay both ways",
+        "local peer",
+    ] {
+        assert!(p.contains(&format!("udp ipv6 {step}")), "ipv6 {step}: {v}");
+    }
+    let checks = v["checks"].to_string();
+    assert!(checks.contains("relayed [::1]:"), "an IPv6 relay: {v}");
+    assert!(
+        checks.contains("Send indication to [::1]:"),
+        "an IPv6 local peer: {v}"
+    );
+    h.shutdown();
+}
+
+/// A Binding responder that answers every request from 127.0.0.2 (same
+/// port), as a multi-homed server replying by its routing table does.
+fn wrong_source_responder() -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use stun_proto::{attr, method, Class, Message, MessageBuilder, MessageType};
+    let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = rx.local_addr().unwrap().port();
+    let tx = UdpSocket::bind(("127.0.0.2", port)).unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut buf = [0u8; 1500];
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) && std::time::Instant::now() < deadline {
+            let Ok((n, from)) = rx.recv_from(&mut buf) else {
+                continue;
+            };
+            let Ok(m) = Message::parse(&buf[..n]) else {
+                continue;
+            };
+            let mut out = Vec::new();
+            MessageBuilder::new(
+                &mut out,
+                MessageType::new(method::BINDING, Class::Success),
+                &m.transaction_id(),
+            )
+            .xor_addr(attr::XOR_MAPPED_ADDRESS, from);
+            let _ = tx.send_to(&out, from);
+        }
+    });
+    (port, stop)
+}
+
+#[test]
+fn answers_from_another_address_are_named_not_called_a_firewall() {
+    let (port, stop) = wrong_source_responder();
+    let (code, v) = probe(&[
+        "stun",
+        &format!("stun:127.0.0.1:{port}?transport=udp"),
+        "--count",
+        "1",
+    ]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_ne!(code, 0, "{v}");
+    let detail = v["checks"][0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!(
+            "answers come from 127.0.0.2:{port}, not from 127.0.0.1:{port}"
+        )),
+        "{v}"
+    );
+    let a = advice(&v);
+    assert!(
+        a.contains("--listening-ip") && !a.contains("firewall drops"),
+        "{a}"
+    );
 }
 
 #[test]

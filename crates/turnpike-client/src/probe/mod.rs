@@ -139,6 +139,31 @@ fn transport_name(t: &ClientTransport) -> &'static str {
     }
 }
 
+/// For a UDP check that got no answer: whether answers do come, from
+/// another address than the one asked (the multi-homed symptom), as the
+/// detail and advice to report instead of "no answer".
+fn wrong_source(
+    t: &ClientTransport,
+    addr: SocketAddr,
+    timeout: std::time::Duration,
+) -> Option<(String, String)> {
+    if !matches!(t, ClientTransport::Udp) {
+        return None;
+    }
+    let from = crate::client::binding_answer_source(addr, timeout).ok()??;
+    (from != addr).then(|| {
+        (
+            format!("answers come from {from}, not from {addr} where they were sent"),
+            format!(
+                "the server answers UDP from another of its addresses ({from}); clients, NATs and \
+                 firewalls drop such answers. It is multi-homed and replies by its routing table: \
+                 coturn needs each address listed with --listening-ip (and --relay-ip); turnpike \
+                 answers from the address reached, so check it is the server at {addr}"
+            ),
+        )
+    })
+}
+
 fn describe(e: &ClientError, t: &ClientTransport, addr: SocketAddr) -> (String, Option<String>) {
     let tn = transport_name(t);
     match e {

@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Args;
 
 use super::uri::{parse_uri, resolve, Scheme};
-use super::{describe, finish, interrupted, timed, transport_name, Check, Common, Report};
+use super::{describe, finish, interrupted, timed, transport_name, wrong_source, Check, Common, Report};
 use crate::client::{binding, Channel, ClientError, ClientTransport};
 
 /// `probe stun`.
@@ -79,7 +79,12 @@ pub(super) fn stun(a: &StunArgs) -> Result<Report> {
                 }
                 None => {
                     let e = last_err.unwrap_or(ClientError::Timeout);
-                    let (detail, advice) = describe(&e, t, *addr);
+                    let (mut detail, mut advice) = describe(&e, t, *addr);
+                    if matches!(e, ClientError::Timeout) {
+                        if let Some((d, a)) = wrong_source(t, *addr, timeout) {
+                            (detail, advice) = (d, Some(a));
+                        }
+                    }
                     Check {
                         name,
                         ok: false,

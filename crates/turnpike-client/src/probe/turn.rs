@@ -68,6 +68,7 @@ pub(super) fn turn(a: &TurnArgs) -> Result<Report> {
     };
     let mut checks = Vec::new();
     for addr in &addrs {
+        let mut ipv6_done = false;
         for n in &names {
             let t = match n.as_str() {
                 "udp" => ClientTransport::Udp,
@@ -80,6 +81,7 @@ pub(super) fn turn(a: &TurnArgs) -> Result<Report> {
             if n == "tls" && !uri.explicit_port && matches!(uri.scheme, Scheme::Turn | Scheme::Stun) {
                 target.set_port(5349);
             }
+            let before = checks.len();
             relay_checks(
                 &t,
                 target,
@@ -88,6 +90,15 @@ pub(super) fn turn(a: &TurnArgs) -> Result<Report> {
                 a.relay_family,
                 &mut checks,
             );
+            let allocated = checks[before..]
+                .iter()
+                .any(|c| c.ok && c.name.ends_with(" allocate"));
+            // IPv6 relays are tested once per address, when the server
+            // offers them, unless a family was asked for explicitly.
+            if allocated && !ipv6_done && a.relay_family == crate::client::RelayFamily::Ipv4 {
+                ipv6_done = true;
+                ipv6_relay_checks(&t, target, (&user, &password), timeout, &mut checks);
+            }
         }
     }
     let mut r = finish(uri, addrs, checks);
@@ -99,6 +110,70 @@ pub(super) fn turn(a: &TurnArgs) -> Result<Report> {
     }
     r.srv = srv;
     Ok(r)
+}
+
+/// Whether the server offers IPv6 relays (a dual Allocate, RFC 8656 §7.2),
+/// and if so the IPv4 checks again for IPv6, named "… ipv6 STEP". Not
+/// offered is not a failure: the check passes and says so.
+fn ipv6_relay_checks(
+    t: &ClientTransport,
+    addr: SocketAddr,
+    creds: (&str, &str),
+    timeout: Duration,
+    checks: &mut Vec<Check>,
+) {
+    let tn = transport_name(t);
+    let offered = (|| -> Result<Result<SocketAddr, String>, ClientError> {
+        let mut c = TurnClient::new(Channel::connect(t, addr, timeout)?, creds.0, creds.1);
+        c.set_timeout(timeout);
+        c.set_relay_family(crate::client::RelayFamily::Dual);
+        let r = match c.allocate() {
+            Ok(a) => a,
+            Err(ClientError::Error { code, reason }) => {
+                return Ok(Err(format!("a dual Allocate is refused ({code} {reason})")))
+            }
+            Err(e) => return Err(e),
+        };
+        let _ = c.refresh(0);
+        Ok(match (r.additional, r.family_error) {
+            (Some(v6), _) => Ok(v6),
+            (None, Some((_, code))) => Err(format!(
+                "the server has no IPv6 relay address (ADDRESS-ERROR-CODE {code})"
+            )),
+            (None, None) => {
+                Err("the server ignores ADDITIONAL-ADDRESS-FAMILY (no RFC 8656 dual allocations)".into())
+            }
+        })
+    })();
+    match offered {
+        Ok(Ok(_)) => {
+            let before = checks.len();
+            relay_checks(t, addr, creds, timeout, crate::client::RelayFamily::Ipv6, checks);
+            let prefix = format!("{tn} {addr} ");
+            for c in &mut checks[before..] {
+                if let Some(step) = c.name.strip_prefix(&prefix) {
+                    c.name = format!("{prefix}ipv6 {step}");
+                }
+            }
+        }
+        Ok(Err(why)) => checks.push(Check {
+            name: format!("{tn} {addr} ipv6 relay"),
+            ok: true,
+            detail: format!("not offered: {why}; IPv4 relaying above is what clients get"),
+            ms: 0.0,
+            advice: None,
+        }),
+        Err(e) => {
+            let (detail, advice) = describe(&e, t, addr);
+            checks.push(Check {
+                name: format!("{tn} {addr} ipv6 relay"),
+                ok: false,
+                detail: format!("a dual Allocate failed: {detail}"),
+                ms: 0.0,
+                advice,
+            });
+        }
+    }
 }
 
 /// Records one step's outcome; returns whether it passed.
@@ -169,6 +244,14 @@ pub(super) fn relay_checks(
             let reflexive = Channel::connect(t, addr, timeout)
                 .ok()
                 .and_then(|mut ch| binding(&mut ch, timeout).ok());
+            if reflexive.is_none() {
+                if let (Some((d, adv)), Some(last)) =
+                    (super::wrong_source(t, addr, timeout), checks.last_mut())
+                {
+                    last.detail = d;
+                    last.advice = Some(adv);
+                }
+            }
             if let (Some(mapped), Some(last)) = (reflexive, checks.last_mut()) {
                 last.detail = format!("no answer to Allocate, but Binding is answered (reflexive {mapped})");
                 last.advice = Some(format!(
@@ -266,7 +349,7 @@ pub(super) fn relay_checks(
             return false;
         }
         // A local UDP peer, when the server allows this host's address.
-        let (r, ms) = timed(|| local_peer_check(&mut a, addr, timeout));
+        let (r, ms) = timed(|| local_peer_check(&mut a, alloc_a.relayed, timeout));
         match r {
             Err(ClientError::Error { code: 403, .. }) => push(
                 "local peer",
@@ -285,18 +368,20 @@ pub(super) fn relay_checks(
     );
 }
 
-/// Relays through allocation `a` to a UDP socket on this host and back.
+/// Relays through allocation `a` (relayed address `relayed`) to a UDP
+/// socket on this host and back.
 pub(super) fn local_peer_check(
     a: &mut TurnClient,
-    server: SocketAddr,
+    relayed: SocketAddr,
     timeout: Duration,
 ) -> Result<String, ClientError> {
-    let any: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+    let any: SocketAddr = if relayed.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
         .parse()
         .map_err(|_| ClientError::Protocol("address"))?;
-    // The address this host uses toward the server is where the relay can reach us.
+    // The address this host uses toward the relay is where it can reach
+    // us (of the relay's family, so an IPv6 relay gets an IPv6 peer).
     let route = std::net::UdpSocket::bind(any)?;
-    route.connect(server)?;
+    route.connect(relayed)?;
     let peer = std::net::UdpSocket::bind(SocketAddr::new(route.local_addr()?.ip(), 0))?;
     peer.set_read_timeout(Some(timeout))?;
     let peer_addr = peer.local_addr()?;
