@@ -26,6 +26,10 @@ struct Relays {
     open: HashSet<SocketAddr>,
     reserved: HashMap<[u8; 8], SocketAddr>,
     exhausted: bool,
+    /// RFC 6062: connects started and not yet completed, and live peer
+    /// connections (connected, accepted or bound).
+    connecting: Vec<u32>,
+    conns: HashSet<u32>,
 }
 
 impl RelayProvider for Relays {
@@ -68,6 +72,17 @@ impl RelayProvider for Relays {
             self.open.remove(&relay),
             "closed a relay that was not open: {relay}"
         );
+    }
+    fn connect_peer(&mut self, id: u32, relay: SocketAddr, _peer: SocketAddr) {
+        assert!(self.open.contains(&relay), "connect from a relay that is not open");
+        self.connecting.push(id);
+    }
+    fn bind_connection(&mut self, id: u32, _data: FiveTuple) {
+        assert!(self.conns.contains(&id), "bound a connection that is not open: {id}");
+    }
+    fn close_connection(&mut self, id: u32) {
+        self.connecting.retain(|c| *c != id);
+        self.conns.remove(&id);
     }
 }
 

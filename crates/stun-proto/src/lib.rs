@@ -102,6 +102,12 @@ pub mod method {
     pub const CREATE_PERMISSION: u16 = 0x008;
     /// RFC 8656 ChannelBind.
     pub const CHANNEL_BIND: u16 = 0x009;
+    /// RFC 6062 Connect (§4.3).
+    pub const CONNECT: u16 = 0x00a;
+    /// RFC 6062 ConnectionBind (§4.4).
+    pub const CONNECTION_BIND: u16 = 0x00b;
+    /// RFC 6062 ConnectionAttempt (indication only, §4.5).
+    pub const CONNECTION_ATTEMPT: u16 = 0x00c;
 }
 
 /// A STUN message type: a 12-bit method and a class, interleaved on the wire

@@ -23,6 +23,9 @@ impl RelayProvider for Relays {
         })
     }
     fn close(&mut self, _: SocketAddr) {}
+    fn connect_peer(&mut self, _: u32, _: SocketAddr, _: SocketAddr) {}
+    fn bind_connection(&mut self, _: u32, _: FiveTuple) {}
+    fn close_connection(&mut self, _: u32) {}
 }
 
 const REALM: &str = "bench.example";

@@ -247,14 +247,19 @@ fn allocate_succeeds_with_relayed_mapped_and_lifetime() {
 }
 
 #[test]
-fn allocate_without_requested_transport_is_400_and_tcp_is_442() {
+fn allocate_without_requested_transport_is_400_and_tcp_over_udp_too() {
     let mut h = Harness::new();
     let mut c = Client::new(udp(), "alice", "wonderland");
     assert_eq!(code(&c.request(&mut h, method::ALLOCATE, &|_| {})), Some(400));
+    // RFC 6062 §5.1: a TCP relay needs a TCP or TLS control connection.
     let resp = c.request(&mut h, method::ALLOCATE, &|b| {
         b.u32(attr::REQUESTED_TRANSPORT, 0x0600_0000);
     });
-    assert_eq!(code(&resp), Some(442));
+    assert_eq!(code(&resp), Some(400));
+    let resp = c.request(&mut h, method::ALLOCATE, &|b| {
+        b.u32(attr::REQUESTED_TRANSPORT, 0x3300_0000);
+    });
+    assert_eq!(code(&resp), Some(442), "neither UDP nor TCP");
     assert!(h.relays.open.is_empty());
 }
 

@@ -145,6 +145,40 @@ impl Channel {
         }
     }
 
+    /// Receives raw bytes (an RFC 6062 data connection after
+    /// ConnectionBind): what is buffered, else one read; `None` when
+    /// `deadline` passes first; an error when the stream ended.
+    pub fn recv_raw(&mut self, deadline: Instant) -> io::Result<Option<Vec<u8>>> {
+        if !self.rbuf.is_empty() {
+            return Ok(Some(std::mem::take(&mut self.rbuf)));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        let mut tmp = vec![0u8; 65536];
+        let res = match &mut self.kind {
+            Kind::Udp(_) => return Err(io::ErrorKind::Unsupported.into()),
+            Kind::Tcp(s) => {
+                s.set_read_timeout(Some(left))?;
+                s.read(&mut tmp)
+            }
+            Kind::Tls(s) => {
+                s.sock.set_read_timeout(Some(left))?;
+                s.read(&mut tmp)
+            }
+        };
+        match res {
+            Ok(0) => Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                tmp.truncate(n);
+                Ok(Some(tmp))
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Receives one message, or `None` when `deadline` passes first.
     pub fn recv(&mut self, deadline: Instant) -> io::Result<Option<Vec<u8>>> {
         loop {
@@ -319,6 +353,14 @@ pub enum Received {
         /// Error data (the MTU for "packet too big").
         info: u32,
     },
+    /// RFC 6062 ConnectionAttempt: `peer` connected to the TCP relay;
+    /// bind it with [`TurnClient::connection_bind`] within 30 s.
+    ConnectionAttempt {
+        /// CONNECTION-ID.
+        id: u32,
+        /// The peer.
+        peer: SocketAddr,
+    },
 }
 
 /// A TURN client session (long-term credentials) over one [`Channel`].
@@ -333,6 +375,7 @@ pub struct TurnClient {
     inbox: VecDeque<Vec<u8>>,
     buf: Vec<u8>,
     family: RelayFamily,
+    tcp: bool,
 }
 
 impl TurnClient {
@@ -349,7 +392,47 @@ impl TurnClient {
             inbox: VecDeque::new(),
             buf: Vec::new(),
             family: RelayFamily::Ipv4,
+            tcp: false,
         }
+    }
+
+    /// The next [`TurnClient::allocate`] asks for a TCP relay (RFC 6062;
+    /// over a TCP or TLS channel).
+    pub fn set_tcp_relay(&mut self, tcp: bool) {
+        self.tcp = tcp;
+    }
+
+    /// RFC 6062 §4.3 Connect: the server connects to `peer` from the TCP
+    /// relayed address; returns the CONNECTION-ID to bind.
+    pub fn connect(&mut self, peer: SocketAddr) -> Result<u32, ClientError> {
+        let resp = self.transaction(method::CONNECT, &move |b| {
+            b.xor_addr(attr::XOR_PEER_ADDRESS, peer);
+        })?;
+        let m = Message::parse(&resp).map_err(|_| ClientError::Protocol("bad response"))?;
+        m.get_u32(attr::CONNECTION_ID)
+            .ok_or(ClientError::Protocol("Connect success without CONNECTION-ID"))
+    }
+
+    /// RFC 6062 §4.4: opens a data connection over `transport` to `server`
+    /// with this client's credentials and binds it to connection `id`. The
+    /// channel returned carries raw bytes to and from the peer.
+    pub fn connection_bind(
+        &self,
+        transport: &ClientTransport,
+        server: SocketAddr,
+        id: u32,
+    ) -> Result<Channel, ClientError> {
+        let ch = Channel::connect(transport, server, self.timeout)?;
+        let mut d = TurnClient::new(ch, &self.user, &self.password);
+        d.timeout = self.timeout;
+        // The nonce and realm carry over (same source IP): no 401 round trip.
+        d.realm = self.realm.clone();
+        d.nonce = self.nonce.clone();
+        d.key = self.key;
+        d.transaction(method::CONNECTION_BIND, &move |b| {
+            b.u32(attr::CONNECTION_ID, id);
+        })?;
+        Ok(d.ch)
     }
 
     /// Overall time limit for one transaction.
@@ -471,8 +554,13 @@ impl TurnClient {
     /// Allocate with REQUESTED-TRANSPORT UDP.
     pub fn allocate(&mut self) -> Result<Allocation, ClientError> {
         let family = self.family;
+        let proto = if self.tcp {
+            attr::PROTOCOL_TCP
+        } else {
+            attr::PROTOCOL_UDP
+        };
         let resp = self.transaction(method::ALLOCATE, &move |b| {
-            b.u32(attr::REQUESTED_TRANSPORT, (attr::PROTOCOL_UDP as u32) << 24);
+            b.u32(attr::REQUESTED_TRANSPORT, (proto as u32) << 24);
             match family {
                 RelayFamily::Ipv4 => {}
                 RelayFamily::Ipv6 => {
@@ -600,6 +688,15 @@ impl TurnClient {
                 }
                 PacketKind::Stun => {
                     if let Ok(m) = Message::parse(&pkt) {
+                        if m.message_type() == MessageType::new(method::CONNECTION_ATTEMPT, Class::Indication)
+                        {
+                            if let (Some(id), Some(Ok(peer))) = (
+                                m.get_u32(attr::CONNECTION_ID),
+                                m.get_xor_addr(attr::XOR_PEER_ADDRESS),
+                            ) {
+                                return Ok(Received::ConnectionAttempt { id, peer });
+                            }
+                        }
                         if m.message_type() == MessageType::new(method::DATA, Class::Indication) {
                             if let (Some(Ok(peer)), Some(data)) =
                                 (m.get_xor_addr(attr::XOR_PEER_ADDRESS), m.get(attr::DATA))

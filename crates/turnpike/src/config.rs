@@ -754,11 +754,13 @@ impl Settings {
             None
         };
 
-        let threads = a
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-        if threads == 0 || threads > 1024 {
-            bail!("threads: must be between 1 and 1024 (default: number of cores)");
+        let threads = a.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get().min(256))
+                .unwrap_or(1)
+        });
+        if threads == 0 || threads > 256 {
+            bail!("threads: must be between 1 and 256 (default: number of cores)");
         }
         let log_level = a.log_level.unwrap_or_else(|| "info".to_owned());
         check_log_level(&log_level)?;

@@ -28,6 +28,8 @@ pub(super) struct PendingAllocate {
     lifetime: Duration,
     /// The family asked for first: IPv6 (else IPv4).
     primary_v6: bool,
+    /// RFC 6062: a TCP relay.
+    tcp: bool,
 }
 
 impl Server {
@@ -67,9 +69,22 @@ impl Server {
         if rt.len() != 4 {
             return Reply::Error(BadRequest);
         }
-        if rt[0] != attr::PROTOCOL_UDP {
-            return Reply::Error(UnsupportedTransport);
-        }
+        let tcp = match rt[0] {
+            attr::PROTOCOL_UDP => false,
+            // RFC 6062 §5.1: TCP relays are for TCP/TLS control connections,
+            // and have no port pairs, reservations or DF.
+            attr::PROTOCOL_TCP => {
+                if !tuple.transport.is_stream()
+                    || msg.has(attr::EVEN_PORT)
+                    || msg.has(attr::RESERVATION_TOKEN)
+                    || msg.has(attr::DONT_FRAGMENT)
+                {
+                    return Reply::Error(BadRequest);
+                }
+                true
+            }
+            _ => return Reply::Error(UnsupportedTransport),
+        };
         let has_token = msg.has(attr::RESERVATION_TOKEN);
         let family_attr = msg.get(attr::REQUESTED_ADDRESS_FAMILY);
         // The drafts' number is accepted too: coturn's own client sends it.
@@ -151,6 +166,7 @@ impl Server {
             reserve_next,
             token,
             dont_fragment: msg.has(attr::DONT_FRAGMENT),
+            tcp,
         };
         let additional = dual.then_some(RelayRequest {
             ipv6: true,
@@ -170,6 +186,7 @@ impl Server {
                 username,
                 lifetime,
                 primary_v6,
+                tcp,
             },
         );
         self.commands.push_back(Command::OpenRelays {
@@ -259,6 +276,8 @@ impl Server {
                 bw_down: Bucket::new(),
                 icmp: Bucket::new(),
                 user_slot,
+                tcp: p.tcp,
+                tcp_conns: 0,
             };
             let first = alloc.first_relayed(&self.cfg);
             let second = order.iter().flatten().copied().find(|a| *a != first);

@@ -107,6 +107,13 @@ pub struct Config {
     /// more than `CHALLENGE_RATIO` times its size (challenge.rs). Off: such
     /// a realm is refused at start by the runtime.
     pub long_realm: bool,
+    /// The top byte of this worker's CONNECTION-IDs (RFC 6062), so a data
+    /// connection that reaches another worker can be passed to this one.
+    pub connection_id_tag: u8,
+    /// Peer data connections one TCP allocation may hold (RFC 6062).
+    pub max_tcp_connections: usize,
+    /// How long a Connect may take before 447 (RFC 6062 §5.2: at least 30 s).
+    pub tcp_connect_timeout: Duration,
     /// RFC 5780 NAT behaviour discovery: the server's two IPs and two ports
     /// (it listens on all four combinations over UDP). `None`: off, and
     /// CHANGE-REQUEST, RESPONSE-PORT and PADDING are answered with 420.
@@ -158,6 +165,9 @@ impl Config {
             draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             alternate_servers: Vec::new(),
             long_realm: false,
+            connection_id_tag: 0,
+            max_tcp_connections: 64,
+            tcp_connect_timeout: super::tcp_relay::TCP_CONNECTION_TIMEOUT,
             epoch,
             unix_at_epoch,
         }

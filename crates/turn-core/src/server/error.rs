@@ -27,6 +27,10 @@ pub enum ErrorCode {
     UnsupportedTransport,
     /// 443: the peer's family differs from every relayed address.
     PeerAddressFamilyMismatch,
+    /// 446: a connection to that peer exists already (RFC 6062 §6.3).
+    ConnectionAlreadyExists,
+    /// 447: the connection to the peer failed or timed out (RFC 6062 §6.3).
+    ConnectionTimeoutOrFailure,
     /// 486: the user's allocation quota is reached.
     AllocationQuotaReached,
     /// 508: no capacity (total quota, ports, permissions, channels).
@@ -35,7 +39,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in metric order.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::TryAlternate,
         ErrorCode::BadRequest,
         ErrorCode::Unauthorized,
@@ -47,6 +51,8 @@ impl ErrorCode {
         ErrorCode::WrongCredentials,
         ErrorCode::UnsupportedTransport,
         ErrorCode::PeerAddressFamilyMismatch,
+        ErrorCode::ConnectionAlreadyExists,
+        ErrorCode::ConnectionTimeoutOrFailure,
         ErrorCode::AllocationQuotaReached,
         ErrorCode::InsufficientCapacity,
     ];
@@ -65,6 +71,8 @@ impl ErrorCode {
             ErrorCode::WrongCredentials => 441,
             ErrorCode::UnsupportedTransport => 442,
             ErrorCode::PeerAddressFamilyMismatch => 443,
+            ErrorCode::ConnectionAlreadyExists => 446,
+            ErrorCode::ConnectionTimeoutOrFailure => 447,
             ErrorCode::AllocationQuotaReached => 486,
             ErrorCode::InsufficientCapacity => 508,
         }
@@ -84,6 +92,8 @@ impl ErrorCode {
             ErrorCode::WrongCredentials => "Wrong Credentials",
             ErrorCode::UnsupportedTransport => "Unsupported Transport Protocol",
             ErrorCode::PeerAddressFamilyMismatch => "Peer Address Family Mismatch",
+            ErrorCode::ConnectionAlreadyExists => "Connection Already Exists",
+            ErrorCode::ConnectionTimeoutOrFailure => "Connection Timeout or Failure",
             ErrorCode::AllocationQuotaReached => "Allocation Quota Reached",
             ErrorCode::InsufficientCapacity => "Insufficient Capacity",
         }
@@ -103,6 +113,8 @@ impl ErrorCode {
             ErrorCode::WrongCredentials => "441",
             ErrorCode::UnsupportedTransport => "442",
             ErrorCode::PeerAddressFamilyMismatch => "443",
+            ErrorCode::ConnectionAlreadyExists => "446",
+            ErrorCode::ConnectionTimeoutOrFailure => "447",
             ErrorCode::AllocationQuotaReached => "486",
             ErrorCode::InsufficientCapacity => "508",
         }

@@ -31,6 +31,20 @@ pub struct Counters {
     pub auth_failures: u64,
     /// Attempts not checked because the pair was blocked or throttled.
     pub auth_throttled: u64,
+    /// RFC 6062 Connect requests that started a connect.
+    pub tcp_connects: u64,
+    /// Connects that failed or timed out (447).
+    pub tcp_connect_failed: u64,
+    /// Peer connections to a relayed address accepted (ConnectionAttempt).
+    pub tcp_peer_accepted: u64,
+    /// Peer connections closed at once: no permission for the peer.
+    pub tcp_peer_refused: u64,
+    /// Connects and peer connections refused by the per-allocation limit.
+    pub tcp_refused_limit: u64,
+    /// Peer connections bound to a client data connection (ConnectionBind).
+    pub tcp_bound: u64,
+    /// Peer connections closed because no ConnectionBind came in 30 s.
+    pub tcp_unbound_expired: u64,
     /// Unauthenticated requests too small to challenge within the
     /// reflection bound, dropped (challenge.rs).
     pub challenges_withheld: u64,

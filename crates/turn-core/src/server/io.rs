@@ -107,6 +107,10 @@ pub struct QueuedTransmit {
     pub data: Vec<u8>,
 }
 
+/// RFC 6062 CONNECTION-ID: names one peer data connection. The top byte
+/// is the worker's `Config::connection_id_tag`.
+pub type ConnectionId = u32;
+
 /// Names one Allocate waiting for its relay sockets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AllocateId(pub u64);
@@ -131,6 +135,9 @@ pub struct RelayRequest {
     pub token: Option<[u8; 8]>,
     /// Send with the Don't Fragment bit (RFC 8656 §14.8).
     pub dont_fragment: bool,
+    /// A TCP relay (RFC 6062): a listening socket at the relayed address,
+    /// from which connects to peers also leave.
+    pub tcp: bool,
 }
 
 /// A relay socket the runtime opened.
@@ -186,6 +193,31 @@ pub enum Command {
         /// Its bound address.
         relay: SocketAddr,
     },
+    /// RFC 6062 §5.2: connect from the relayed address `relay` to `peer`
+    /// (non-blocking), then call [`crate::Server::handle_peer_connected`]
+    /// with `id`. The core times the connect out itself.
+    ConnectPeer {
+        /// Names the connection in the completion and later commands.
+        id: ConnectionId,
+        /// The TCP relay's bound address, to connect from.
+        relay: SocketAddr,
+        /// Where to.
+        peer: SocketAddr,
+    },
+    /// RFC 6062 §5.4: the client data connection `data` (a ConnectionBind
+    /// was answered on it) now carries raw bytes to and from peer
+    /// connection `id`, both ways, until either closes.
+    BindConnection {
+        /// The peer data connection.
+        id: ConnectionId,
+        /// The client data connection.
+        data: FiveTuple,
+    },
+    /// Close peer connection `id` and its client data connection, if any.
+    CloseConnection {
+        /// The peer data connection.
+        id: ConnectionId,
+    },
 }
 
 /// A synchronous executor of relay commands: what the runtime, tests and
@@ -195,4 +227,11 @@ pub trait RelayProvider {
     fn open(&mut self, req: RelayRequest) -> Result<OpenedRelay, RelayError>;
     /// Closes the relay socket bound at `relay`.
     fn close(&mut self, relay: SocketAddr);
+    /// Starts a TCP connect for [`Command::ConnectPeer`]; its completion
+    /// comes later through [`crate::Server::handle_peer_connected`].
+    fn connect_peer(&mut self, id: ConnectionId, relay: SocketAddr, peer: SocketAddr);
+    /// Carries out [`Command::BindConnection`].
+    fn bind_connection(&mut self, id: ConnectionId, data: FiveTuple);
+    /// Carries out [`Command::CloseConnection`].
+    fn close_connection(&mut self, id: ConnectionId);
 }

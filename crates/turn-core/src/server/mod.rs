@@ -30,6 +30,7 @@ mod refresh;
 mod relay;
 mod respond;
 mod table;
+mod tcp_relay;
 
 use std::cmp::Reverse;
 use std::collections::{HashMap, VecDeque};
@@ -43,9 +44,10 @@ pub use config::{Config, Rfc5780, AUTH_WINDOW, SOURCE_SLOTS};
 pub use error::ErrorCode;
 pub use events::{CloseReason, Counters, Event, SessionInfo, Stats};
 pub use io::{
-    AllocateId, Command, Dest, FiveTuple, ListenerId, OpenedRelay, QueuedTransmit, RelayError, RelayProvider,
-    RelayRequest, RelaysOpened, Transmit, Transport,
+    AllocateId, Command, ConnectionId, Dest, FiveTuple, ListenerId, OpenedRelay, QueuedTransmit, RelayError,
+    RelayProvider, RelayRequest, RelaysOpened, Transmit, Transport,
 };
+pub use tcp_relay::{connection_bind_id, connection_id_tag, TCP_CONNECTION_TIMEOUT};
 
 use crate::auth::{Credentials, Key, NonceMinter};
 use allocate::PendingAllocate;
@@ -70,6 +72,10 @@ pub struct Server {
     user_bw_free: Vec<u32>,
     user_bw_index: HashMap<Arc<str>, u32>,
     counters: Counters,
+    /// RFC 6062 peer data connections.
+    tcp: tcp_relay::TcpRelays,
+    /// Behind CONNECTION-IDs (seeded with the nonce secret).
+    tcp_seq: u64,
 }
 
 impl std::fmt::Debug for Server {
@@ -84,6 +90,8 @@ impl Server {
     /// A server with no allocations.
     pub fn new(cfg: Config) -> Self {
         let minter = NonceMinter::new(cfg.nonce_secret, cfg.nonce_lifetime.as_secs().max(1));
+        // Not the secret itself: its hash, so ids reveal nothing of it.
+        let cfg_seed = stun_proto::hmac_sha1(&cfg.nonce_secret, b"connection-id");
         Server {
             cfg,
             minter,
@@ -100,6 +108,17 @@ impl Server {
             user_bw_free: Vec::new(),
             user_bw_index: HashMap::new(),
             counters: Counters::default(),
+            tcp: tcp_relay::TcpRelays::default(),
+            tcp_seq: u64::from_le_bytes([
+                cfg_seed[0],
+                cfg_seed[1],
+                cfg_seed[2],
+                cfg_seed[3],
+                cfg_seed[4],
+                cfg_seed[5],
+                cfg_seed[6],
+                cfg_seed[7],
+            ]),
         }
     }
 
@@ -204,7 +223,11 @@ impl Server {
     /// The next instant [`Self::handle_timeout`] has work to do, if any.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.table.timers.peek().map(|Reverse((t, _))| *t)
+        let a = self.table.timers.peek().map(|Reverse((t, _))| *t);
+        match (a, self.tcp_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The next event for logs and metrics.
@@ -250,6 +273,9 @@ impl Server {
                     self.handle_relays_opened(now, id, opened);
                 }
                 Command::CloseRelay { relay } => relays.close(relay),
+                Command::ConnectPeer { id, relay, peer } => relays.connect_peer(id, relay, peer),
+                Command::BindConnection { id, data } => relays.bind_connection(id, data),
+                Command::CloseConnection { id } => relays.close_connection(id),
             }
         }
     }
@@ -265,6 +291,7 @@ impl Server {
     /// Expires allocations, and single families of dual allocations, whose
     /// lifetime has run out (RFC 8656 §7.3).
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.tcp_timeouts(now);
         while let Some(&Reverse((t, idx))) = self.table.timers.peek() {
             if t > now {
                 break;
@@ -297,6 +324,10 @@ impl Server {
             self.delete(idx, now, CloseReason::ConnectionClosed);
         }
         self.pending.retain(|_, p| p.tuple_is_not(&tuple));
+        // RFC 6062 §5.5: a client data connection takes its peer's along.
+        if let Some(id) = self.tcp_bound_to(tuple) {
+            self.handle_tcp_closed(now, id);
+        }
     }
 
     /// Deletes every allocation (shutdown), asking for their relay sockets
@@ -314,6 +345,9 @@ impl Server {
         };
         for r in a.relays.iter().flatten() {
             self.commands.push_back(Command::CloseRelay { relay: r.bound });
+        }
+        if a.tcp {
+            self.close_tcp_of(a.tuple);
         }
         self.cfg.quotas.release(&a.username);
         self.release_user_slot(a.user_slot);
@@ -378,7 +412,12 @@ impl Server {
         let req = ReqInfo::of(msg);
         if !matches!(
             m,
-            method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND
+            method::ALLOCATE
+                | method::REFRESH
+                | method::CREATE_PERMISSION
+                | method::CHANNEL_BIND
+                | method::CONNECT
+                | method::CONNECTION_BIND
         ) {
             if !self.may_answer_unauthenticated(tuple, now) {
                 return None;
@@ -451,6 +490,8 @@ impl Server {
             method::ALLOCATE => self.allocate(now, tuple, msg, &auth, existing),
             method::REFRESH => self.refresh(now, msg, existing),
             method::CREATE_PERMISSION => self.create_permission(now, tuple, msg, existing),
+            method::CONNECT => self.connect(now, tuple, msg, &auth, existing),
+            method::CONNECTION_BIND => self.connection_bind(tuple, msg, &auth, existing),
             _ => self.channel_bind(now, tuple, msg, existing),
         };
         match reply {

@@ -121,6 +121,10 @@ impl Server {
             Ok(c) => c,
             Err(r) => return r,
         };
+        if self.table.get(idx).is_some_and(|a| a.tcp) {
+            // RFC 6062: no channels on a TCP allocation.
+            return Reply::Error(ErrorCode::BadRequest);
+        }
         let (Some(ch), Some(peer)) = (
             msg.get(attr::CHANNEL_NUMBER),
             msg.get_xor_addr(attr::XOR_PEER_ADDRESS),

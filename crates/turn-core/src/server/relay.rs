@@ -15,7 +15,7 @@ use crate::limits::Bucket;
 
 /// Transaction ids of Data indications need not be random (the client does
 /// not match them to anything); a counter avoids an RNG call per packet.
-fn data_indication_txid(seed: u64) -> TransactionId {
+pub(super) fn data_indication_txid(seed: u64) -> TransactionId {
     let mut t = [0u8; 12];
     t[..8].copy_from_slice(&seed.to_le_bytes());
     t
@@ -34,6 +34,10 @@ impl Server {
         let peer = msg.get_xor_addr(attr::XOR_PEER_ADDRESS)?.ok()?;
         let data = msg.get(attr::DATA)?;
         let (_, a) = self.table.live_by_tuple(&tuple, now)?;
+        if a.tcp {
+            // RFC 6062: a TCP allocation reaches peers by connections only.
+            return None;
+        }
         let relay = a.relay_for(peer, now)?.bound;
         if let Err(reason) = self.cfg.policy.check(peer) {
             self.counters.peers_refused += 1;

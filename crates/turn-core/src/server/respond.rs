@@ -55,6 +55,8 @@ pub(super) enum Reply {
     RefreshOk {
         lifetime: u32,
     },
+    /// RFC 6062 §5.2 Connect success with CONNECTION-ID.
+    Connected(u32),
     Ok,
     /// Not answered now: the answer comes when a command completes.
     Deferred,
@@ -79,6 +81,7 @@ pub(super) const MAX_PADDING: usize = 1024;
 /// only while the runtime can set DF ([`crate::Config::dont_fragment`]).
 const KNOWN_REQUIRED: &[u16] = &[
     attr::MAPPED_ADDRESS,
+    attr::CONNECTION_ID,
     attr::USERNAME,
     attr::MESSAGE_INTEGRITY,
     attr::ERROR_CODE,
@@ -206,6 +209,9 @@ impl Server {
             }
             Reply::RefreshOk { lifetime } => {
                 b.u32(attr::LIFETIME, lifetime);
+            }
+            Reply::Connected(id) => {
+                b.u32(attr::CONNECTION_ID, id);
             }
             Reply::Ok | Reply::Deferred => {
                 if req.method == stun_proto::method::BINDING {

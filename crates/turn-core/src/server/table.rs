@@ -78,6 +78,10 @@ pub(super) struct Allocation {
     pub(super) icmp: Bucket,
     /// Index of the user's shared buckets in `Server::user_bw`.
     pub(super) user_slot: u32,
+    /// An RFC 6062 TCP allocation: peers are reached by connections.
+    pub(super) tcp: bool,
+    /// Its peer data connections (connecting, pending or bound).
+    pub(super) tcp_conns: u16,
 }
 
 impl Allocation {

@@ -27,6 +27,10 @@ pub struct FakeRelays {
     pub v6: bool,
     /// The requests seen, in order.
     pub requests: Vec<RelayRequest>,
+    /// RFC 6062 commands seen: connects (id, relay, peer), binds, closes.
+    pub connects: Vec<(u32, SocketAddr, SocketAddr)>,
+    pub bound: Vec<(u32, FiveTuple)>,
+    pub closed_conns: Vec<u32>,
 }
 
 impl RelayProvider for FakeRelays {
@@ -67,6 +71,19 @@ impl RelayProvider for FakeRelays {
     fn close(&mut self, relay: SocketAddr) {
         assert!(self.open.remove(&relay), "closed a relay that was not open");
         self.closed.push(relay);
+    }
+    fn connect_peer(&mut self, id: u32, relay: SocketAddr, peer: SocketAddr) {
+        assert!(
+            self.open.contains(&relay),
+            "a connect from a relay that is not open"
+        );
+        self.connects.push((id, relay, peer));
+    }
+    fn bind_connection(&mut self, id: u32, data: FiveTuple) {
+        self.bound.push((id, data));
+    }
+    fn close_connection(&mut self, id: u32) {
+        self.closed_conns.push(id);
     }
 }
 

@@ -30,6 +30,13 @@ pub(super) enum Source {
         sock: UdpSocket,
         addr: SocketAddr,
     },
+    /// RFC 6062: a TCP relay's listening socket.
+    TcpRelay {
+        sock: TcpListener,
+        addr: SocketAddr,
+    },
+    /// RFC 6062: a peer data connection.
+    Peer(Box<super::tcp_relay::PeerConn>),
 }
 
 /// Everything a worker owns except the protocol core, so the core can
@@ -47,6 +54,17 @@ pub(super) struct Io {
     pub(super) dirty: Vec<usize>,
     /// UDP datagrams to send at the end of this loop iteration.
     pub(super) queue: udp_io::SendQueue,
+    /// RFC 6062 peer connections by CONNECTION-ID.
+    pub(super) peer_by_id: HashMap<turn_core::ConnectionId, usize, ahash::RandomState>,
+    pub(super) tcp_relay_addrs: super::tcp_relay::TcpRelayAddrs,
+    /// Connects that failed before they started, for the core.
+    pub(super) connect_results: Vec<(turn_core::ConnectionId, bool)>,
+    /// Peer connections just bound, to start relaying.
+    pub(super) raw_ready: Vec<usize>,
+    /// Data connections to close (their peer went).
+    pub(super) doomed_conns: Vec<usize>,
+    /// TCP-relayed bytes of closed connections, to peers and from them.
+    pub(super) tcp_bytes: [u64; 2],
 }
 
 impl Io {

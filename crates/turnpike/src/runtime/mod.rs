@@ -15,6 +15,7 @@
 //! | `worker.rs` | the per-worker loop: events, accept, reads, timers, sweeps, reload |
 //! | `stream.rs` | TCP/TLS connections and their buffers |
 //! | `relays.rs` | relay sockets: IP choice, ports, reservations, DF, ICMP queue |
+//! | `tcp_relay.rs` | RFC 6062: TCP relay listeners, peer connects and accepts, raw relaying |
 //! | `dispatch.rs` | `Io`: the sockets, and sending the core's transmits |
 //! | `control.rs` | `Control`, reloads, shared limits, the core config built from settings |
 //! | `log.rs` | log lines for the core's events, `--redact` |
@@ -38,6 +39,7 @@ mod listeners;
 mod log;
 mod relays;
 mod stream;
+mod tcp_relay;
 mod worker;
 
 use control::{core_config, CoreBase, Reloads, SharedLimits};
@@ -229,14 +231,32 @@ pub fn start(settings: &Settings) -> Result<Handle> {
 
     let mut wakers = Vec::new();
     let mut threads = Vec::new();
-    for (id, sockets) in per_worker.into_iter().enumerate() {
+    // Polls and wakers first: every worker can pass a data connection
+    // (RFC 6062 ConnectionBind) to the worker that owns its peer.
+    let mut polls = Vec::new();
+    let mut handoff_rx = Vec::new();
+    let mut handoff_tx = Vec::new();
+    for _ in 0..per_worker.len() {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (tx, rx) = std::sync::mpsc::channel();
+        handoff_tx.push((tx, waker.clone()));
+        handoff_rx.push(rx);
         wakers.push(waker);
+        polls.push(poll);
+    }
+    let tcp_relay_addrs = tcp_relay::TcpRelayAddrs::default();
+    for ((id, sockets), (poll, handoff)) in per_worker
+        .into_iter()
+        .enumerate()
+        .zip(polls.into_iter().zip(handoff_rx))
+    {
+        let mut cfg = core_cfg.clone();
+        cfg.connection_id_tag = id as u8;
         let mut worker = Worker::new(
             poll,
             sockets,
-            Server::new(core_cfg.clone()),
+            Server::new(cfg),
             WorkerParams {
                 relay: RelayConfig {
                     v4: settings.relay_v4,
@@ -260,6 +280,9 @@ pub fn start(settings: &Settings) -> Result<Handle> {
                     commands.push(tx);
                     rx
                 },
+                handoff,
+                handoff_to: handoff_tx.clone(),
+                tcp_relay_addrs: tcp_relay_addrs.clone(),
             },
         )?;
         threads.push(

@@ -134,6 +134,11 @@ impl Io {
                 }
             }
             let addr = SocketAddr::new(ip, port);
+            // Not the address of this worker's TCP relay: the core's
+            // tables are keyed by address.
+            if self.relay_by_addr.contains_key(&addr) {
+                continue;
+            }
             let Some(sock) = bind_relay(addr)? else { continue };
             let token = if req.reserve_next {
                 let next = SocketAddr::new(ip, port + 1);
@@ -156,6 +161,9 @@ impl Io {
 
 impl RelayProvider for Io {
     fn open(&mut self, req: RelayRequest) -> Result<OpenedRelay, RelayError> {
+        if req.tcp {
+            return self.bind_tcp_relay(&req);
+        }
         let Some(token) = req.token else {
             return self.bind_new_relay(&req);
         };
@@ -173,6 +181,10 @@ impl RelayProvider for Io {
 
     fn close(&mut self, relay: SocketAddr) {
         if let Some(key) = self.relay_by_addr.remove(&relay) {
+            if matches!(self.sources.get(key), Some(Source::TcpRelay { .. })) {
+                self.close_tcp_relay(key, relay);
+                return;
+            }
             if let Source::Relay { mut sock, .. } = self.sources.remove(key) {
                 let _ = self.registry.deregister(&mut sock);
                 // Queued datagrams name the socket by descriptor, which the
@@ -180,5 +192,17 @@ impl RelayProvider for Io {
                 self.queue.close(sock);
             }
         }
+    }
+
+    fn connect_peer(&mut self, id: turn_core::ConnectionId, relay: SocketAddr, peer: SocketAddr) {
+        self.start_connect(id, relay, peer);
+    }
+
+    fn bind_connection(&mut self, id: turn_core::ConnectionId, data: turn_core::FiveTuple) {
+        self.bind_pair(id, data);
+    }
+
+    fn close_connection(&mut self, id: turn_core::ConnectionId) {
+        self.close_peer(id);
     }
 }

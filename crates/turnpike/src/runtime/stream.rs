@@ -9,6 +9,8 @@ use mio::net::TcpStream;
 use tracing::debug;
 use turn_core::FiveTuple;
 
+use super::tcp_relay::Stop;
+
 /// Bytes queued for one TCP/TLS client before further messages to it are
 /// dropped (media is real-time: late is as bad as lost).
 pub(super) const MAX_WRITE_BUFFER: usize = 256 * 1024;
@@ -30,6 +32,13 @@ pub(super) struct Conn {
     pub(super) got_message: bool,
     /// TLS: whether the handshake completed (counted once).
     pub(super) handshake_done: bool,
+    /// RFC 6062: a client data connection bound to the peer connection
+    /// with this key carries raw bytes, not STUN.
+    pub(super) raw: Option<usize>,
+    /// Raw: not read, the peer's buffer is full.
+    pub(super) raw_paused: bool,
+    /// Raw: the client closed its side.
+    pub(super) raw_eof: bool,
 }
 
 pub(super) enum ReadStep {
@@ -103,6 +112,83 @@ impl Conn {
             }
         }
         Ok(())
+    }
+
+    /// Raw relaying, peer → client: reads `src` into this connection's
+    /// output (encrypting if TLS) until `src` would block, ends, or the
+    /// output holds `limit` bytes; then writes. Returns the bytes and why
+    /// it stopped.
+    pub(super) fn relay_in(&mut self, src: &mut impl Read, limit: usize) -> io::Result<(usize, Stop)> {
+        let r = match &mut self.tls {
+            None => super::tcp_relay::read_into(src, &mut self.wbuf, limit),
+            Some(tls) => {
+                let mut tmp = [0u8; 16 * 1024];
+                let mut total = 0;
+                let mut stop = Stop::Full;
+                while self.wbuf.len() < limit {
+                    match src.read(&mut tmp) {
+                        Ok(0) => {
+                            stop = Stop::Ended;
+                            break;
+                        }
+                        Ok(n) => {
+                            tls.writer().write_all(&tmp[..n])?;
+                            total += n;
+                            while tls.wants_write() {
+                                tls.write_tls(&mut self.wbuf)?;
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            stop = Stop::WouldBlock;
+                            break;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok((total, stop))
+            }
+        }?;
+        self.flush()?;
+        Ok(r)
+    }
+
+    /// Raw relaying, client → peer: reads this connection (decrypting if
+    /// TLS) into the tail of `dst` until it would block, ends, or `dst`
+    /// holds `limit` bytes. Returns the bytes and why it stopped.
+    pub(super) fn relay_out(&mut self, dst: &mut Vec<u8>, limit: usize) -> io::Result<(usize, Stop)> {
+        match &mut self.tls {
+            None => super::tcp_relay::read_into(&mut self.stream, dst, limit),
+            Some(tls) => {
+                let mut total = 0;
+                loop {
+                    // Plaintext rustls holds already, then more records.
+                    let (n, _) = super::tcp_relay::read_into(&mut tls.reader(), dst, limit)?;
+                    total += n;
+                    if dst.len() >= limit {
+                        return Ok((total, Stop::Full));
+                    }
+                    match tls.read_tls(&mut self.stream) {
+                        Ok(0) => return Ok((total, Stop::Ended)),
+                        Ok(_) => {
+                            if tls.process_new_packets().is_err() {
+                                return Err(io::ErrorKind::InvalidData.into());
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            return Ok((total, Stop::WouldBlock))
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Raw output not yet taken by the socket.
+    pub(super) fn raw_pending(&self) -> usize {
+        self.wbuf.len()
     }
 
     /// Moves TLS output into `wbuf` and writes `wbuf` to the socket.

@@ -53,6 +53,11 @@ pub(super) struct WorkerParams {
     pub(super) board: crate::metrics::Board,
     pub(super) commands: std::sync::mpsc::Receiver<Command>,
     pub(super) connections: Arc<SourceCounter>,
+    /// Data connections other workers pass to this one (RFC 6062).
+    pub(super) handoff: std::sync::mpsc::Receiver<Box<Conn>>,
+    /// Every worker's handoff channel and waker, by worker id.
+    pub(super) handoff_to: Vec<(std::sync::mpsc::Sender<Box<Conn>>, Arc<mio::Waker>)>,
+    pub(super) tcp_relay_addrs: super::tcp_relay::TcpRelayAddrs,
 }
 
 /// Limits on TCP/TLS connections, per worker.
@@ -94,6 +99,8 @@ pub(super) struct Worker {
     pub(super) conn_refused_worker: u64,
     pub(super) conn_refused_per_source: u64,
     pub(super) refusals: RefusalLog,
+    pub(super) handoff: std::sync::mpsc::Receiver<Box<Conn>>,
+    pub(super) handoff_to: Vec<(std::sync::mpsc::Sender<Box<Conn>>, Arc<mio::Waker>)>,
 }
 
 impl Worker {
@@ -111,6 +118,9 @@ impl Worker {
             board,
             commands,
             connections,
+            handoff,
+            handoff_to,
+            tcp_relay_addrs,
         } = p;
         let registry = poll.registry().try_clone()?;
         let mut io = Io {
@@ -124,6 +134,12 @@ impl Worker {
             reservations,
             dirty: Vec::new(),
             queue: udp_io::SendQueue::new(gso),
+            peer_by_id: HashMap::default(),
+            tcp_relay_addrs,
+            connect_results: Vec::new(),
+            raw_ready: Vec::new(),
+            doomed_conns: Vec::new(),
+            tcp_bytes: [0; 2],
         };
         for (s, addr) in sockets.udp {
             let mut sock = UdpSocket::from_std(s);
@@ -166,6 +182,8 @@ impl Worker {
             conn_refused_worker: 0,
             conn_refused_per_source: 0,
             refusals: RefusalLog::new(),
+            handoff,
+            handoff_to,
         })
     }
 
@@ -173,11 +191,15 @@ impl Worker {
     /// and sends the answers that waited on it. One branch per input when
     /// there is nothing to do.
     pub(super) fn drive_core(&mut self, now: Instant) {
-        if self.core.has_commands() {
+        while self.core.has_commands() || !self.io.connect_results.is_empty() {
             self.core.run_commands(now, &mut self.io);
-            while let Some(t) = self.core.poll_transmit() {
-                self.io.send(t.dest, &t.data);
+            // Connects that failed before they began complete at once.
+            for (id, ok) in std::mem::take(&mut self.io.connect_results) {
+                self.core.handle_peer_connected(now, id, ok);
             }
+        }
+        while let Some(t) = self.core.poll_transmit() {
+            self.io.send(t.dest, &t.data);
         }
     }
 
@@ -211,6 +233,9 @@ impl Worker {
             }
             self.core.handle_timeout(now);
             self.drive_core(now);
+            self.adopt_handoffs(now);
+            self.start_raw(now);
+            self.close_doomed(now);
             self.apply_reload();
             self.handle_commands(now);
             if now >= self.next_sweep {
@@ -241,12 +266,16 @@ impl Worker {
             Listener(bool, SocketAddr),
             Conn,
             Relay(SocketAddr),
+            TcpRelay(SocketAddr),
+            Peer,
         }
         let kind = match self.io.sources.get(key) {
             Some(Source::Udp { addr, .. }) => Kind::Udp(*addr),
             Some(Source::Listener { tls, addr, .. }) => Kind::Listener(*tls, *addr),
             Some(Source::Conn(_)) => Kind::Conn,
             Some(Source::Relay { addr, .. }) => Kind::Relay(*addr),
+            Some(Source::TcpRelay { addr, .. }) => Kind::TcpRelay(*addr),
+            Some(Source::Peer(_)) => Kind::Peer,
             None => return,
         };
         match kind {
@@ -254,6 +283,8 @@ impl Worker {
             Kind::Relay(addr) => self.read_relay(key, addr, now),
             Kind::Listener(tls, addr) => self.accept(key, tls, addr),
             Kind::Conn => self.on_conn(key, readable, writable, now),
+            Kind::TcpRelay(addr) => self.accept_peers(key, addr, now),
+            Kind::Peer => self.on_peer(key, readable, writable, now),
         }
     }
 
@@ -413,6 +444,9 @@ impl Worker {
                 partial_since: None,
                 got_message: false,
                 handshake_done: false,
+                raw: None,
+                raw_paused: false,
+                raw_eof: false,
             });
             let entry = self.io.sources.vacant_entry();
             let ckey = entry.key();
@@ -432,6 +466,23 @@ impl Worker {
     }
 
     pub(super) fn on_conn(&mut self, key: usize, readable: bool, writable: bool, now: Instant) {
+        if matches!(self.io.sources.get(key), Some(Source::Conn(c)) if c.raw.is_some()) {
+            // A bound data connection: raw bytes (RFC 6062 §5.4).
+            if writable {
+                if let Some(Source::Conn(c)) = self.io.sources.get_mut(key) {
+                    if c.flush().is_err() {
+                        self.close_conn(key, now);
+                        return;
+                    }
+                }
+                self.io.dirty.push(key);
+                self.client_drained(key, now);
+            }
+            if readable {
+                self.pump_to_peer(key, now);
+            }
+            return;
+        }
         if writable {
             if let Some(Source::Conn(c)) = self.io.sources.get_mut(key) {
                 if c.flush().is_err() {
@@ -457,14 +508,27 @@ impl Worker {
             let mut rbuf = std::mem::take(&mut c.rbuf);
             let mut off = 0;
             let mut broken = false;
+            let mut handed_off = false;
             while off < rbuf.len() {
                 match turn_core::stream_frame_len(&rbuf[off..]) {
                     Some(Ok(n)) if rbuf.len() - off >= n => {
+                        // RFC 6062: a ConnectionBind for a connection
+                        // another worker owns goes there, whole.
+                        if let Some(owner) = self.handoff_target(&rbuf[off..off + n]) {
+                            rbuf.drain(..off);
+                            self.hand_off(key, owner, std::mem::take(&mut rbuf));
+                            handed_off = true;
+                            break;
+                        }
                         if let Some(tx) = self.core.handle_client(now, tuple, &rbuf[off..off + n]) {
                             self.io.transmit(tx);
                         }
                         self.drive_core(now);
                         off += n;
+                        // Bound by that ConnectionBind: the rest is raw.
+                        if matches!(self.io.sources.get(key), Some(Source::Conn(c)) if c.raw.is_some()) {
+                            break;
+                        }
                     }
                     Some(Err(())) => {
                         // Neither STUN nor ChannelData: framing is lost for good.
@@ -474,11 +538,23 @@ impl Worker {
                     _ => break,
                 }
             }
+            if handed_off {
+                return;
+            }
             rbuf.drain(..off);
             let Some(Source::Conn(c)) = self.io.sources.get_mut(key) else {
                 return;
             };
             c.rbuf = rbuf;
+            if c.raw.is_some() {
+                if !c.got_message {
+                    c.got_message = true;
+                    self.pending -= 1;
+                }
+                self.io.dirty.push(key);
+                self.start_raw(now);
+                return;
+            }
             if matches!(step, ReadStep::Progress) {
                 c.last_rx = now;
             }
@@ -569,7 +645,8 @@ impl Worker {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         if let Some(u) = update {
-            if let Some(cfg) = u.core {
+            if let Some(mut cfg) = u.core {
+                cfg.connection_id_tag = self.id as u8;
                 self.core.reconfigure(cfg);
             } else if let Some(c) = u.credentials {
                 self.core.set_credentials(c);
@@ -597,7 +674,9 @@ impl Worker {
             let slow = c
                 .partial_since
                 .is_some_and(|t| now.saturating_duration_since(t) > l.handshake_timeout);
+            // A bound data connection may be quiet as long as its peer is.
             let idle = now.saturating_duration_since(c.last_rx) > l.idle_timeout
+                && c.raw.is_none()
                 && !self.core.has_allocation(&c.tuple);
             if stalled || slow || idle {
                 debug!(
