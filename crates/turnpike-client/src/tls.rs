@@ -83,7 +83,7 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCert {
 
 /// A client configuration trusting exactly `pinned` (or anything, if `None`).
 pub fn client_config(pinned: Option<&[u8]>) -> Arc<rustls::ClientConfig> {
-    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map(|b| {
             b.dangerous()
@@ -91,8 +91,13 @@ pub fn client_config(pinned: Option<&[u8]>) -> Arc<rustls::ClientConfig> {
                 .with_no_client_auth()
         })
         .unwrap_or_else(|_| unreachable!("ring supports the default protocol versions"));
+    cfg.alpn_protocols = vec![ALPN_TURN.to_vec()];
     Arc::new(cfg)
 }
+
+/// RFC 7443's ALPN id for TURN, offered on every TLS connection (servers
+/// without ALPN ignore it).
+pub const ALPN_TURN: &[u8] = b"stun.turn";
 
 /// A client configuration that verifies the server the way a browser
 /// would: Mozilla's roots (webpki-roots, built in, so no system store is
@@ -106,11 +111,12 @@ pub fn verified_config(extra_roots: &[Vec<u8>]) -> std::io::Result<Arc<rustls::C
             .add(CertificateDer::from(der.clone()))
             .map_err(|e| std::io::Error::other(format!("--ca: {e}")))?;
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(std::io::Error::other)?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    cfg.alpn_protocols = vec![ALPN_TURN.to_vec()];
     Ok(Arc::new(cfg))
 }
 

@@ -97,6 +97,9 @@ fn format_unix(t: i64) -> String {
     )
 }
 
+/// The ALPN ids of RFC 7443: TURN, and STUN NAT behaviour discovery.
+pub const ALPN: [&[u8]; 2] = [b"stun.turn", b"stun.nat-discovery"];
+
 /// Builds the TLS configuration from `src`.
 pub fn setup(src: &TlsSource) -> Result<TlsSetup> {
     let (chain, key) = match src {
@@ -113,12 +116,16 @@ pub fn setup(src: &TlsSource) -> Result<TlsSetup> {
         check_validity(cert, not_after, now_unix())?;
     }
     crate::metrics::TLS_NOT_AFTER.store(not_after, std::sync::atomic::Ordering::Relaxed);
-    let config = rustls::ServerConfig::builder_with_provider(provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("TLS: no protocol versions")?
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .context("cert/key: the private key does not match the certificate, or is unsupported")?;
+    // RFC 7443: a client that offers ALPN must offer one of these; one that
+    // offers none is served too (most TURN clients), and one that offers
+    // only other protocols gets the no_application_protocol alert.
+    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     Ok(TlsSetup {
         config: Arc::new(config),
         fingerprint: fingerprint(&leaf),
