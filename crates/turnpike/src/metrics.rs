@@ -49,6 +49,10 @@ pub struct WorkerMetrics {
     pub send: udp_io::SendStats,
     /// Whether the worker still uses UDP GSO.
     pub gso: bool,
+    /// RFC 6062 peer data connections open (connecting, pending, bound).
+    pub tcp_connections: usize,
+    /// Bytes relayed over TCP relays: to peers, from peers.
+    pub tcp_bytes: [u64; 2],
 }
 
 /// Snapshots of every worker, indexed by worker id.
@@ -70,6 +74,16 @@ fn sum(board: &Board) -> (WorkerMetrics, Vec<WorkerMetrics>) {
         tc.bandwidth_dropped += c.bandwidth_dropped;
         tc.peers_refused += c.peers_refused;
         tc.bindings += c.bindings;
+        tc.tcp_connects += c.tcp_connects;
+        tc.tcp_connect_failed += c.tcp_connect_failed;
+        tc.tcp_peer_accepted += c.tcp_peer_accepted;
+        tc.tcp_peer_refused += c.tcp_peer_refused;
+        tc.tcp_refused_limit += c.tcp_refused_limit;
+        tc.tcp_bound += c.tcp_bound;
+        tc.tcp_unbound_expired += c.tcp_unbound_expired;
+        t.tcp_connections += w.tcp_connections;
+        t.tcp_bytes[0] += w.tcp_bytes[0];
+        t.tcp_bytes[1] += w.tcp_bytes[1];
         for i in 0..3 {
             tc.allocations_created[i] += c.allocations_created[i];
             tc.allocations_expired[i] += c.allocations_expired[i];
@@ -212,6 +226,35 @@ pub fn render(board: &Board, draining: bool) -> String {
                 "{reason=\"too_small_to_challenge\"}",
                 c.challenges_withheld as f64,
             ),
+        ],
+    );
+    metric(
+        "tcp_connections",
+        "gauge",
+        "RFC 6062 peer data connections open: connecting, waiting for ConnectionBind, or relaying.",
+        &[("", t.tcp_connections as f64)],
+    );
+    metric(
+        "tcp_connection_events_total",
+        "counter",
+        "RFC 6062 peer data connections, by what happened: connects started and failed (447), peers accepted or refused (no permission), refused by the per-allocation limit, bound by ConnectionBind, closed unbound after 30 s.",
+        &[
+            ("{event=\"connect\"}", c.tcp_connects as f64),
+            ("{event=\"connect_failed\"}", c.tcp_connect_failed as f64),
+            ("{event=\"peer_accepted\"}", c.tcp_peer_accepted as f64),
+            ("{event=\"peer_refused\"}", c.tcp_peer_refused as f64),
+            ("{event=\"limit_refused\"}", c.tcp_refused_limit as f64),
+            ("{event=\"bound\"}", c.tcp_bound as f64),
+            ("{event=\"unbound_expired\"}", c.tcp_unbound_expired as f64),
+        ],
+    );
+    metric(
+        "tcp_relayed_bytes_total",
+        "counter",
+        "Bytes relayed over RFC 6062 TCP relays, by direction.",
+        &[
+            ("{direction=\"to_peer\"}", t.tcp_bytes[0] as f64),
+            ("{direction=\"from_peer\"}", t.tcp_bytes[1] as f64),
         ],
     );
     metric(

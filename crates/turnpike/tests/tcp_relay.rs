@@ -122,9 +122,32 @@ fn connect_relays_over_ipv6() {
     h.shutdown();
 }
 
+fn scrape(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+/// Waits (workers publish once a second) until the metrics contain every
+/// line of `want`.
+fn metrics_reach(addr: SocketAddr, want: &[&str]) {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let body = scrape(addr);
+        if want.iter().all(|w| body.lines().any(|l| l == *w)) {
+            return;
+        }
+        assert!(Instant::now() < end, "{want:?} not in:\n{body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn peers_connect_in_with_a_permission_and_are_refused_without() {
-    let h = start(&["--allow-loopback-peers"]);
+    let h = start(&["--allow-loopback-peers", "--metrics-listen", "127.0.0.1:0"]);
     let server = h.listen[0];
     let mut c = tcp_client(&ClientTransport::Tcp, server);
     let alloc = c.allocate().unwrap();

@@ -217,6 +217,19 @@ impl Io {
         }
     }
 
+    /// Bytes relayed over TCP so far (closed and open connections): to
+    /// peers, from peers.
+    pub(super) fn tcp_bytes_total(&self) -> [u64; 2] {
+        let mut t = self.tcp_bytes;
+        for &key in self.peer_by_id.values() {
+            if let Some(Source::Peer(p)) = self.sources.get(key) {
+                t[0] += p.to_peer;
+                t[1] += p.from_peer;
+            }
+        }
+        t
+    }
+
     pub(super) fn close_tcp_relay(&mut self, key: usize, addr: SocketAddr) {
         if let Source::TcpRelay { mut sock, .. } = self.sources.remove(key) {
             let _ = self.registry.deregister(&mut sock);

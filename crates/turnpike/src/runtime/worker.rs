@@ -619,6 +619,8 @@ impl Worker {
             recv_datagrams: self.recv_datagrams,
             send: self.io.queue.stats(),
             gso: self.io.queue.gso_enabled(),
+            tcp_connections: self.io.peer_by_id.len(),
+            tcp_bytes: self.io.tcp_bytes_total(),
         };
         if let Some(slot) = self
             .board
