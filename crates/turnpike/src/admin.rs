@@ -70,6 +70,13 @@ fn session_json(s: &turn_core::SessionInfo) -> serde_json::Value {
         "from_peer": {"packets": s.stats.from_peer_packets, "bytes": s.stats.from_peer_bytes},
         "permissions": s.permissions,
         "channels": s.channels,
+        "tcp_connections": s.tcp_connections.iter().map(|t| json!({
+            "id": t.id,
+            "peer": t.peer.to_string(),
+            "state": t.state,
+            "to_peer_bytes": t.to_peer_bytes,
+            "from_peer_bytes": t.from_peer_bytes,
+        })).collect::<Vec<_>>(),
     })
 }
 

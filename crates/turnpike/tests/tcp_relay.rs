@@ -53,6 +53,18 @@ fn active(h: &turnpike::runtime::Handle, t: &ClientTransport, server: SocketAddr
     assert_eq!(read_exact_within(&mut p, 10), b"hello peer");
     p.write_all(b"hello client").unwrap();
     assert_eq!(raw_read(&mut data, 12), b"hello client");
+    // The session list (admin API) shows the data connection and its bytes.
+    let sessions = h.control().sessions();
+    let s = sessions
+        .iter()
+        .find(|s| s.relayed == alloc.relayed)
+        .expect("the session is listed");
+    assert_eq!(s.tcp_connections.len(), 1, "{s:?}");
+    let t = &s.tcp_connections[0];
+    assert_eq!(
+        (t.id, t.peer, t.state, t.to_peer_bytes, t.from_peer_bytes),
+        (id, peer_addr, "bound", 10, 12)
+    );
     // A second Connect to the same peer while this one is up: 446.
     match c.connect(peer_addr) {
         Err(turnpike_client::client::ClientError::Error { code: 446, .. }) => {}
@@ -69,7 +81,6 @@ fn active(h: &turnpike::runtime::Handle, t: &ClientTransport, server: SocketAddr
         }
     }
     let _ = c.refresh(0);
-    let _ = h;
 }
 
 #[test]

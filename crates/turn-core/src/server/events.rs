@@ -124,6 +124,25 @@ pub struct SessionInfo {
     pub permissions: usize,
     /// Live channel bindings.
     pub channels: usize,
+    /// RFC 6062: the peer data connections of a TCP allocation.
+    pub tcp_connections: Vec<TcpConnectionInfo>,
+}
+
+/// One RFC 6062 peer data connection, for the session list. The core
+/// knows its state; the runtime, which relays the bytes, fills in the
+/// byte counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpConnectionInfo {
+    /// CONNECTION-ID.
+    pub id: u32,
+    /// The peer.
+    pub peer: SocketAddr,
+    /// "connecting", "pending" (waiting for ConnectionBind) or "bound".
+    pub state: &'static str,
+    /// Bytes relayed to the peer.
+    pub to_peer_bytes: u64,
+    /// Bytes relayed from the peer.
+    pub from_peer_bytes: u64,
 }
 
 /// Something worth a log line or a metric.

@@ -42,7 +42,7 @@ use stun_proto::{attr, method, packet_kind, Class, Message, PacketKind};
 pub use challenge::{challenge_len, max_realm_len, CHALLENGE_RATIO, MIN_ALLOCATE_LEN};
 pub use config::{Config, Rfc5780, AUTH_WINDOW, SOURCE_SLOTS};
 pub use error::ErrorCode;
-pub use events::{CloseReason, Counters, Event, SessionInfo, Stats};
+pub use events::{CloseReason, Counters, Event, SessionInfo, Stats, TcpConnectionInfo};
 pub use io::{
     AllocateId, Command, ConnectionId, Dest, FiveTuple, ListenerId, OpenedRelay, QueuedTransmit, RelayError,
     RelayProvider, RelayRequest, RelaysOpened, Transmit, Transport,
@@ -172,6 +172,7 @@ impl Server {
                 stats: a.stats,
                 permissions: a.permissions.iter().filter(|p| p.expires > now).count(),
                 channels: a.channels.iter().filter(|c| c.expires > now).count(),
+                tcp_connections: if a.tcp { self.tcp_info(a.tuple) } else { Vec::new() },
             })
             .collect()
     }

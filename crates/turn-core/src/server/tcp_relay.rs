@@ -327,6 +327,29 @@ impl Server {
         Reply::Ok
     }
 
+    /// The peer data connections of the allocation on `control`.
+    pub(super) fn tcp_info(&self, control: FiveTuple) -> Vec<super::TcpConnectionInfo> {
+        let mut v: Vec<super::TcpConnectionInfo> = self
+            .tcp
+            .conns
+            .iter()
+            .filter(|(_, c)| c.control == control)
+            .map(|(id, c)| super::TcpConnectionInfo {
+                id: *id,
+                peer: c.peer,
+                state: match c.state {
+                    TcpState::Connecting { .. } => "connecting",
+                    TcpState::Pending => "pending",
+                    TcpState::Bound { .. } => "bound",
+                },
+                to_peer_bytes: 0,
+                from_peer_bytes: 0,
+            })
+            .collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
+
     /// The peer connection the client data connection `data` is bound to.
     pub(super) fn tcp_bound_to(&self, data: FiveTuple) -> Option<ConnectionId> {
         if self.tcp.conns.is_empty() {

@@ -590,7 +590,22 @@ impl Worker {
         while let Ok(cmd) = self.commands.try_recv() {
             match cmd {
                 Command::Sessions(reply) => {
-                    let _ = reply.send(self.core.sessions(now));
+                    let mut list = self.core.sessions(now);
+                    // The bytes of TCP relays are counted where they move.
+                    for s in &mut list {
+                        for t in &mut s.tcp_connections {
+                            if let Some(Source::Peer(p)) = self
+                                .io
+                                .peer_by_id
+                                .get(&t.id)
+                                .and_then(|k| self.io.sources.get(*k))
+                            {
+                                t.to_peer_bytes = p.to_peer;
+                                t.from_peer_bytes = p.from_peer;
+                            }
+                        }
+                    }
+                    let _ = reply.send(list);
                 }
                 Command::Delete { pick, reply } => {
                     let n = self.core.delete_sessions(now, &*pick);
