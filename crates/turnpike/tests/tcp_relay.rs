@@ -203,6 +203,17 @@ fn peers_connect_in_with_a_permission_and_are_refused_without() {
         matches!(p2.read(&mut b), Ok(0) | Err(_)),
         "closed with the allocation"
     );
+    metrics_reach(
+        h.metrics.unwrap(),
+        &[
+            "turnpike_tcp_connection_events_total{event=\"peer_refused\"} 1",
+            "turnpike_tcp_connection_events_total{event=\"peer_accepted\"} 2",
+            "turnpike_tcp_connection_events_total{event=\"bound\"} 2",
+            "turnpike_tcp_relayed_bytes_total{direction=\"to_peer\"} 11",
+            "turnpike_tcp_relayed_bytes_total{direction=\"from_peer\"} 11",
+            "turnpike_tcp_connections 0",
+        ],
+    );
     h.shutdown();
 }
 
