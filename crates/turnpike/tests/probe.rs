@@ -185,6 +185,52 @@ fn stun_and_turn_pass_against_turnpike_and_coturn_alike() {
 }
 
 #[test]
+fn tcp_relays_are_probed_on_turnpike_and_coturn_alike() {
+    let h = common::start(&["--allow-loopback-peers"]);
+    let c = coturn();
+    let mut runs = Vec::new();
+    for port in [h.listen[0].port(), c.1] {
+        let (code, v) = probe(&[
+            "turn",
+            &format!("turn:127.0.0.1:{port}"),
+            "--user",
+            "alice",
+            "--password",
+            "wonderland",
+            "--transport",
+            "tcp,udp",
+            "--tcp-relay",
+        ]);
+        assert_eq!(code, 0, "port {port}: {v}");
+        let steps: Vec<String> = passed(&v)
+            .into_iter()
+            .filter(|s| s.contains("tcp-relay"))
+            .collect();
+        runs.push(steps);
+        assert!(v["checks"].to_string().contains("bytes each way"), "{v}");
+    }
+    assert_eq!(runs[0], runs[1], "the same TCP relay checks pass on both servers");
+    for step in [
+        "allocate",
+        "connect",
+        "connection attempt",
+        "bind",
+        "data both ways",
+    ] {
+        assert!(
+            runs[0].contains(&format!("tcp tcp-relay {step}")),
+            "{step}: {:?}",
+            runs[0]
+        );
+    }
+    assert!(
+        runs[0].contains(&"udp tcp-relay".to_owned()),
+        "skipped over UDP, and said so"
+    );
+    h.shutdown();
+}
+
+#[test]
 fn ipv6_relays_are_tested_when_the_server_offers_them() {
     if UdpSocket::bind("[::1]:0").is_err() {
         eprintln!("SKIP ipv6 relay probe: no IPv6 loopback here");

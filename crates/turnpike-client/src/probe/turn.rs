@@ -34,6 +34,11 @@ pub struct TurnArgs {
     /// (both, RFC 8656 §7.2 ADDITIONAL-ADDRESS-FAMILY).
     #[arg(long, value_enum, default_value_t)]
     pub relay_family: crate::client::RelayFamily,
+    /// Also test RFC 6062 TCP relays (over the tcp and tls transports):
+    /// two TCP allocations, a Connect from one to the other's relayed
+    /// address, ConnectionBind on both sides, and data both ways.
+    #[arg(long)]
+    pub tcp_relay: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -93,6 +98,21 @@ pub(super) fn turn(a: &TurnArgs) -> Result<Report> {
             let allocated = checks[before..]
                 .iter()
                 .any(|c| c.ok && c.name.ends_with(" allocate"));
+            if a.tcp_relay {
+                if t_is_stream(&t) {
+                    tcp_relay_checks(&t, target, (&user, &password), timeout, &mut checks);
+                } else {
+                    checks.push(Check {
+                        name: format!("udp {target} tcp-relay"),
+                        ok: true,
+                        detail:
+                            "skipped: RFC 6062 TCP relays are allocated over tcp or tls (--transport tcp,tls)"
+                                .into(),
+                        ms: 0.0,
+                        advice: None,
+                    });
+                }
+            }
             // IPv6 relays are tested once per address, when the server
             // offers them, unless a family was asked for explicitly.
             if allocated && !ipv6_done && a.relay_family == crate::client::RelayFamily::Ipv4 {
@@ -110,6 +130,155 @@ pub(super) fn turn(a: &TurnArgs) -> Result<Report> {
     }
     r.srv = srv;
     Ok(r)
+}
+
+fn t_is_stream(t: &ClientTransport) -> bool {
+    !matches!(t, ClientTransport::Udp)
+}
+
+/// RFC 6062 end to end through the server: allocation A connects to B's
+/// relayed TCP address (B permits A's relayed IP), both sides bind their
+/// connection with ConnectionBind, and bytes go both ways. Step names are
+/// "… tcp-relay STEP".
+fn tcp_relay_checks(
+    t: &ClientTransport,
+    addr: SocketAddr,
+    (user, pw): (&str, &str),
+    timeout: Duration,
+    checks: &mut Vec<Check>,
+) {
+    let tn = transport_name(t);
+    let mut push = |step: &str, r: Result<String, ClientError>, ms: f64| -> bool {
+        let (ok, detail, advice) = match r {
+            Ok(d) => (true, d, None),
+            Err(e) => {
+                let (d, mut a) = describe(&e, t, addr);
+                if let ClientError::Error { code: 442 | 400, .. } = e {
+                    a = Some(format!(
+                        "{tn} {addr} does not offer RFC 6062 TCP relays (coturn and turnpike do; \
+                         turnpike over TCP and TLS control connections only)"
+                    ));
+                }
+                if let ClientError::Error { code: 403, .. } = e {
+                    a = Some(
+                        "403 on Connect: the server's peer policy refuses its own relay address \
+                              (turnpike: --allow-peer for it, or --allow-loopback-peers on a test host)"
+                            .into(),
+                    );
+                }
+                (false, d, a)
+            }
+        };
+        checks.push(Check {
+            name: format!("{tn} {addr} tcp-relay {step}"),
+            ok,
+            detail,
+            ms,
+            advice,
+        });
+        ok
+    };
+    let open = |push: &mut Recorder<'_>, step: &str| -> Option<(TurnClient, SocketAddr)> {
+        let (r, ms) = timed(|| -> Result<(TurnClient, SocketAddr), ClientError> {
+            let mut c = TurnClient::new(Channel::connect(t, addr, timeout)?, user, pw);
+            c.set_timeout(timeout);
+            c.set_tcp_relay(true);
+            let a = c.allocate()?;
+            Ok((c, a.relayed))
+        });
+        match r {
+            Ok((c, relayed)) => {
+                push(step, Ok(format!("relayed TCP {relayed}")), ms);
+                Some((c, relayed))
+            }
+            Err(e) => {
+                push(step, Err(e), ms);
+                None
+            }
+        }
+    };
+    let Some((mut a, a_relayed)) = open(&mut push, "allocate") else {
+        return;
+    };
+    let Some((mut b, b_relayed)) = open(&mut push, "second allocation") else {
+        let _ = a.refresh(0);
+        return;
+    };
+    let _ = (|| {
+        let (r, ms) = timed(|| b.create_permission(&[a_relayed]));
+        if !push("permission", r.map(|_| format!("for {}", a_relayed.ip())), ms) {
+            return;
+        }
+        let (r, ms) = timed(|| a.connect(b_relayed));
+        let Ok(id_a) = r.as_ref().map(|x| *x).map_err(|_| ()) else {
+            push("connect", r.map(|_| String::new()), ms);
+            return;
+        };
+        push(
+            "connect",
+            Ok(format!("to {b_relayed}: CONNECTION-ID {id_a:#x}")),
+            ms,
+        );
+        let (r, ms) = timed(|| match b.recv(timeout)? {
+            Received::ConnectionAttempt { id, peer } if peer == a_relayed => Ok(id),
+            _ => Err(ClientError::Protocol(
+                "no ConnectionAttempt from the first allocation",
+            )),
+        });
+        let Ok(id_b) = r.as_ref().map(|x| *x).map_err(|_| ()) else {
+            push("connection attempt", r.map(|_| String::new()), ms);
+            return;
+        };
+        push(
+            "connection attempt",
+            Ok(format!("from {a_relayed}: CONNECTION-ID {id_b:#x}")),
+            ms,
+        );
+        let (r, ms) = timed(|| -> Result<(Channel, Channel), ClientError> {
+            Ok((
+                a.connection_bind(t, addr, id_a)?,
+                b.connection_bind(t, addr, id_b)?,
+            ))
+        });
+        let Ok((mut da, mut db)) = r.map_err(|e| {
+            push("bind", Err(e), ms);
+        }) else {
+            return;
+        };
+        push("bind", Ok("ConnectionBind on both sides".into()), ms);
+        let (r, ms) = timed(|| -> Result<String, ClientError> {
+            let payload = b"turnpike probe over a TCP relay";
+            da.send(payload)?;
+            if raw_exact(&mut db, payload.len(), timeout)? != payload {
+                return Err(ClientError::Protocol("the bytes arrived altered"));
+            }
+            db.send(payload)?;
+            if raw_exact(&mut da, payload.len(), timeout)? != payload {
+                return Err(ClientError::Protocol("the bytes came back altered"));
+            }
+            Ok(format!("{} bytes each way", payload.len()))
+        });
+        push("data both ways", r, ms);
+    })();
+    let (r, ms) = timed(|| a.refresh(0).and_then(|_| b.refresh(0)));
+    push(
+        "delete (refresh 0)",
+        r.map(|_| "both allocations deleted".into()),
+        ms,
+    );
+}
+
+/// Reads exactly `n` raw bytes from a data connection.
+fn raw_exact(ch: &mut Channel, n: usize, timeout: Duration) -> Result<Vec<u8>, ClientError> {
+    let end = std::time::Instant::now() + timeout;
+    let mut got = Vec::new();
+    while got.len() < n {
+        match ch.recv_raw(end)? {
+            Some(b) => got.extend_from_slice(&b),
+            None => return Err(ClientError::Timeout),
+        }
+    }
+    Ok(got)
 }
 
 /// Whether the server offers IPv6 relays (a dual Allocate, RFC 8656 §7.2),
