@@ -38,6 +38,10 @@ pub enum Mode {
     Allocate,
     /// Hold N allocations and report the server's RSS per allocation.
     Hold,
+    /// RFC 6062 TCP relay: per allocation, a Connect to a local TCP peer
+    /// that echoes, and messages of `size` bytes, `window` in flight, over
+    /// the bound data connection (TCP to the server).
+    TcpRelay,
 }
 
 /// Transport to the server.
@@ -158,7 +162,7 @@ pub struct Percentiles {
     pub max: u64,
 }
 
-fn percentiles(mut v: Vec<u32>) -> Option<Percentiles> {
+pub(crate) fn percentiles(mut v: Vec<u32>) -> Option<Percentiles> {
     if v.is_empty() {
         return None;
     }
@@ -217,6 +221,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Mode::Binding => bindings(&args)?,
         Mode::Allocate => allocate_cycles(&args)?,
         Mode::Hold => hold(&args)?,
+        Mode::TcpRelay => crate::bench_tcp::tcp_relay(&args)?,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -302,7 +307,7 @@ fn core_ticks(cpu: usize) -> Option<(u64, u64)> {
 }
 
 /// Measures a phase: CPU and RSS deltas of the server around it.
-struct Meter {
+pub(crate) struct Meter {
     pid: Option<u32>,
     start: Option<ProcSample>,
     core: Option<(usize, (u64, u64))>,
@@ -310,7 +315,7 @@ struct Meter {
 }
 
 impl Meter {
-    fn start(pid: Option<u32>, core: Option<usize>) -> Meter {
+    pub(crate) fn start(pid: Option<u32>, core: Option<usize>) -> Meter {
         Meter {
             pid,
             start: pid.and_then(sample),
@@ -319,7 +324,7 @@ impl Meter {
         }
     }
 
-    fn finish(&self, r: &mut Report) {
+    pub(crate) fn finish(&self, r: &mut Report) {
         r.seconds = self.t0.elapsed().as_secs_f64();
         r.per_second = r.operations as f64 / r.seconds.max(1e-9);
         if let (Some(pid), Some(a)) = (self.pid, self.start) {
@@ -340,7 +345,7 @@ impl Meter {
     }
 }
 
-fn empty_report(args: &BenchArgs, unit: &'static str) -> Report {
+pub(crate) fn empty_report(args: &BenchArgs, unit: &'static str) -> Report {
     Report {
         mode: args.mode,
         transport: args.transport,

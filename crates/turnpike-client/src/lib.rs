@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+mod bench_tcp;
 pub mod client;
 pub mod dns;
 pub mod probe;
