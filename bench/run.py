@@ -61,6 +61,8 @@ MEASURES = [
      ['--mode', 'channel', '--allocations', '256', '--window', '1'], ALL3, True),
     ('Send/Data relay (UDP)', ['--mode', 'send'], ALL3, True),
     ('ChannelData relay (TCP)', ['--mode', 'channel', '--transport', 'tcp'], TP_COTURN, True),
+    ('RFC 6062 TCP relay, 8 connections x window 4',
+     ['--mode', 'tcp-relay', '--transport', 'tcp', '--allocations', '8', '--window', '4'], TP_COTURN, True),
     ('Binding (UDP)', ['--mode', 'binding'], ALL3, True),
     ('ChannelData relay (UDP), 1 vs 2 workers on one core', ['--mode', 'channel'],
      ['turnpike', 'turnpike-2w'], True),

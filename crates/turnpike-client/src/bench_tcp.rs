@@ -72,10 +72,11 @@ pub(crate) fn tcp_relay(args: &BenchArgs) -> Result<Report> {
         let ch = Channel::connect(&ClientTransport::Tcp, args.server, timeout)?;
         let mut c = TurnClient::new(ch, &args.user, &args.password);
         c.set_tcp_relay(true);
-        c.allocate().with_context(|| format!("allocation {i}: a TCP allocation"))?;
-        let id = c
-            .connect(peer)
-            .with_context(|| format!("allocation {i}: Connect to {peer} (the server must allow it as a peer)"))?;
+        c.allocate()
+            .with_context(|| format!("allocation {i}: a TCP allocation"))?;
+        let id = c.connect(peer).with_context(|| {
+            format!("allocation {i}: Connect to {peer} (the server must allow it as a peer)")
+        })?;
         let data = c
             .connection_bind(&ClientTransport::Tcp, args.server, id)
             .with_context(|| format!("allocation {i}: ConnectionBind"))?;
@@ -96,7 +97,8 @@ pub(crate) fn tcp_relay(args: &BenchArgs) -> Result<Report> {
     let mut workers = Vec::new();
     for (_, s) in &sessions {
         let mut s = s.try_clone()?;
-        let (stop, relayed, lost, measuring) = (stop.clone(), relayed.clone(), lost.clone(), measuring.clone());
+        let (stop, relayed, lost, measuring) =
+            (stop.clone(), relayed.clone(), lost.clone(), measuring.clone());
         let window = args.window;
         workers.push(std::thread::spawn(move || {
             s.set_read_timeout(Some(Duration::from_secs(2))).ok();

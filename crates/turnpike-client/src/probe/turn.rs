@@ -204,7 +204,7 @@ fn tcp_relay_checks(
         let _ = a.refresh(0);
         return;
     };
-    let _ = (|| {
+    (|| {
         let (r, ms) = timed(|| b.create_permission(&[a_relayed]));
         if !push("permission", r.map(|_| format!("for {}", a_relayed.ip())), ms) {
             return;

@@ -9,7 +9,7 @@ use mio::net::TcpStream;
 use tracing::debug;
 use turn_core::FiveTuple;
 
-use super::tcp_relay::Stop;
+use super::tcp_relay::{RawBuf, Stop, RAW_BUFFER};
 
 /// Bytes queued for one TCP/TLS client before further messages to it are
 /// dropped (media is real-time: late is as bad as lost).
@@ -39,6 +39,9 @@ pub(super) struct Conn {
     pub(super) raw_paused: bool,
     /// Raw: the client closed its side.
     pub(super) raw_eof: bool,
+    /// Raw over plain TCP: bytes from the peer for the client, written
+    /// after `wbuf` (which may hold the ConnectionBind answer).
+    pub(super) raw_out: Option<RawBuf>,
 }
 
 pub(super) enum ReadStep {
@@ -116,16 +119,17 @@ impl Conn {
 
     /// Raw relaying, peer → client: reads `src` into this connection's
     /// output (encrypting if TLS) until `src` would block, ends, or the
-    /// output holds `limit` bytes; then writes. Returns the bytes and why
-    /// it stopped.
-    pub(super) fn relay_in(&mut self, src: &mut impl Read, limit: usize) -> io::Result<(usize, Stop)> {
-        let r = match &mut self.tls {
-            None => super::tcp_relay::read_into(src, &mut self.wbuf, limit),
-            Some(tls) => {
+    /// output is full; then writes. Returns the bytes and why it stopped.
+    pub(super) fn relay_in(&mut self, src: &mut impl Read) -> io::Result<(usize, Stop)> {
+        let r = match (&mut self.tls, &mut self.raw_out) {
+            // Written by the flush below; what the socket does not take
+            // waits in the buffer.
+            (None, Some(out)) => out.read_from(src)?,
+            (Some(tls), _) => {
                 let mut tmp = [0u8; 16 * 1024];
                 let mut total = 0;
                 let mut stop = Stop::Full;
-                while self.wbuf.len() < limit {
+                while self.wbuf.len() < RAW_BUFFER {
                     match src.read(&mut tmp) {
                         Ok(0) => {
                             stop = Stop::Ended;
@@ -146,26 +150,27 @@ impl Conn {
                         Err(e) => return Err(e),
                     }
                 }
-                Ok((total, stop))
+                (total, stop)
             }
-        }?;
+            (None, None) => (0, Stop::Ended),
+        };
         self.flush()?;
         Ok(r)
     }
 
     /// Raw relaying, client → peer: reads this connection (decrypting if
-    /// TLS) into the tail of `dst` until it would block, ends, or `dst`
-    /// holds `limit` bytes. Returns the bytes and why it stopped.
-    pub(super) fn relay_out(&mut self, dst: &mut Vec<u8>, limit: usize) -> io::Result<(usize, Stop)> {
+    /// TLS) into `dst` until it would block, ends, or `dst` is full.
+    /// Returns the bytes and why it stopped.
+    pub(super) fn relay_out(&mut self, dst: &mut RawBuf) -> io::Result<(usize, Stop)> {
         match &mut self.tls {
-            None => super::tcp_relay::read_into(&mut self.stream, dst, limit),
+            None => dst.read_from(&mut self.stream),
             Some(tls) => {
                 let mut total = 0;
                 loop {
                     // Plaintext rustls holds already, then more records.
-                    let (n, _) = super::tcp_relay::read_into(&mut tls.reader(), dst, limit)?;
+                    let (n, stop) = dst.read_from(&mut tls.reader())?;
                     total += n;
-                    if dst.len() >= limit {
+                    if stop == Stop::Full {
                         return Ok((total, Stop::Full));
                     }
                     match tls.read_tls(&mut self.stream) {
@@ -188,7 +193,7 @@ impl Conn {
 
     /// Raw output not yet taken by the socket.
     pub(super) fn raw_pending(&self) -> usize {
-        self.wbuf.len()
+        self.wbuf.len() + self.raw_out.as_ref().map_or(0, RawBuf::len)
     }
 
     /// Moves TLS output into `wbuf` and writes `wbuf` to the socket.
@@ -209,6 +214,11 @@ impl Conn {
             }
         }
         self.wbuf.drain(..done);
+        if self.wbuf.is_empty() {
+            if let Some(out) = &mut self.raw_out {
+                out.write_to(&mut self.stream)?;
+            }
+        }
         Ok(())
     }
 }

@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Token};
+
 use rand::Rng;
 use tracing::{debug, warn};
 use turn_core::{ConnectionId, FiveTuple, OpenedRelay, RelayError, RelayRequest};
@@ -27,8 +28,104 @@ use super::worker::Worker;
 
 /// Bytes buffered per direction of a relayed TCP connection.
 pub(super) const RAW_BUFFER: usize = 256 * 1024;
-/// Bytes read in one go.
-const CHUNK: usize = 64 * 1024;
+
+/// Why a relaying read stopped.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Stop {
+    /// Nothing more to read now (an edge-triggered poll will say when).
+    WouldBlock,
+    /// The destination's buffer is full: the source still has data, and
+    /// must be read again (no new edge comes) once there is room.
+    Full,
+    /// The source ended.
+    Ended,
+}
+
+/// One direction's buffer: allocated zeroed once (the allocator maps fresh
+/// pages for this size, so nothing is written until used), read into at
+/// `end`, written out from `start`. Unlike a `Vec` grown per read, no
+/// byte is zeroed or moved per packet.
+pub(super) struct RawBuf {
+    data: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl RawBuf {
+    pub(super) fn new() -> Self {
+        RawBuf {
+            data: vec![0u8; RAW_BUFFER].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    /// Room at the end, moving what is buffered to the front if needed.
+    fn room(&mut self) -> &mut [u8] {
+        if self.end == self.data.len() && self.start > 0 {
+            self.data.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        &mut self.data[self.end..]
+    }
+
+    /// Appends what fits of `bytes`; returns how much did.
+    pub(super) fn extend(&mut self, bytes: &[u8]) -> usize {
+        let room = self.room();
+        let n = room.len().min(bytes.len());
+        room[..n].copy_from_slice(&bytes[..n]);
+        self.end += n;
+        n
+    }
+
+    /// Reads from `src` until it would block, ends, or this is full.
+    pub(super) fn read_from(&mut self, src: &mut impl Read) -> io::Result<(usize, Stop)> {
+        let mut total = 0;
+        loop {
+            let room = self.room();
+            if room.is_empty() {
+                return Ok((total, Stop::Full));
+            }
+            match src.read(room) {
+                Ok(0) => return Ok((total, Stop::Ended)),
+                Ok(n) => {
+                    self.end += n;
+                    total += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((total, Stop::WouldBlock)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Writes as much as `dst` takes.
+    pub(super) fn write_to(&mut self, dst: &mut impl Write) -> io::Result<()> {
+        while self.start < self.end {
+            match dst.write(&self.data[self.start..self.end]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.start += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        Ok(())
+    }
+}
 
 /// TCP relay addresses in use in this process. A relay listener and the
 /// sockets that connect from it share the address with SO_REUSEPORT,
@@ -50,8 +147,9 @@ pub(super) struct PeerConn {
     pub(super) id: ConnectionId,
     pub(super) stream: TcpStream,
     pub(super) state: PeerState,
-    /// Bytes from the client waiting to be written to the peer.
-    pub(super) wbuf: Vec<u8>,
+    /// Bytes from the client waiting to be written to the peer (made
+    /// when the connection is bound).
+    pub(super) wbuf: Option<RawBuf>,
     pub(super) interest: Option<Interest>,
     /// The peer is not read: the client's buffer is full.
     pub(super) paused: bool,
@@ -163,7 +261,7 @@ impl Io {
             id,
             stream,
             state: PeerState::Connecting,
-            wbuf: Vec::new(),
+            wbuf: None,
             interest: Some(interest),
             paused: false,
             eof: false,
@@ -181,9 +279,13 @@ impl Io {
         };
         if let Some(Source::Conn(c)) = self.sources.get_mut(ckey) {
             c.raw = Some(pkey);
+            if c.tls.is_none() {
+                c.raw_out = Some(RawBuf::new());
+            }
         }
         if let Some(Source::Peer(p)) = self.sources.get_mut(pkey) {
             p.state = PeerState::Bound(ckey);
+            p.wbuf = Some(RawBuf::new());
         }
         self.raw_ready.push(pkey);
     }
@@ -244,7 +346,10 @@ impl Io {
         let want = match p.state {
             PeerState::Connecting => Some(Interest::WRITABLE),
             PeerState::Pending => None,
-            PeerState::Bound(_) => match (!p.paused && !p.eof, !p.wbuf.is_empty()) {
+            PeerState::Bound(_) => match (
+                !p.paused && !p.eof,
+                p.wbuf.as_ref().is_some_and(|b| !b.is_empty()),
+            ) {
                 (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
                 (true, false) => Some(Interest::READABLE),
                 (false, true) => Some(Interest::WRITABLE),
@@ -264,67 +369,6 @@ impl Io {
             p.interest = want;
         }
     }
-}
-
-/// Writes as much of `buf` as the socket takes.
-fn write_out(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match stream.write(&buf[done..]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buf.drain(..done);
-    Ok(())
-}
-
-/// Why a relaying read stopped.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(super) enum Stop {
-    /// Nothing more to read now (an edge-triggered poll will say when).
-    WouldBlock,
-    /// The destination's buffer is full: the source still has data, and
-    /// must be read again (no new edge comes) once there is room.
-    Full,
-    /// The source ended.
-    Ended,
-}
-
-/// Reads from `stream` into the tail of `out` until it would block, `out`
-/// holds `limit` bytes, or the stream ends. Returns the bytes and why.
-pub(super) fn read_into(
-    stream: &mut impl Read,
-    out: &mut Vec<u8>,
-    limit: usize,
-) -> io::Result<(usize, Stop)> {
-    let mut total = 0;
-    while out.len() < limit {
-        let start = out.len();
-        out.resize(start + CHUNK.min(limit - start), 0);
-        match stream.read(&mut out[start..]) {
-            Ok(0) => {
-                out.truncate(start);
-                return Ok((total, Stop::Ended));
-            }
-            Ok(n) => {
-                out.truncate(start + n);
-                total += n;
-            }
-            Err(e) => {
-                out.truncate(start);
-                return match e.kind() {
-                    io::ErrorKind::WouldBlock => Ok((total, Stop::WouldBlock)),
-                    io::ErrorKind::Interrupted => continue,
-                    _ => Err(e),
-                };
-            }
-        }
-    }
-    Ok((total, Stop::Full))
 }
 
 impl Worker {
@@ -351,7 +395,7 @@ impl Worker {
                 id,
                 stream,
                 state: PeerState::Pending,
-                wbuf: Vec::new(),
+                wbuf: None,
                 interest: None,
                 paused: false,
                 eof: false,
@@ -414,7 +458,7 @@ impl Worker {
             // Until the peer has nothing more, or the client's output stays
             // full after a write (then its draining resumes this).
             loop {
-                match c.relay_in(&mut p.stream, RAW_BUFFER) {
+                match c.relay_in(&mut p.stream) {
                     Ok((n, stop)) => {
                         p.from_peer += n as u64;
                         match stop {
@@ -457,23 +501,26 @@ impl Worker {
             let Some((Source::Conn(c), Source::Peer(p))) = self.io.sources.get2_mut(ckey, pkey) else {
                 return;
             };
+            let Some(wbuf) = p.wbuf.as_mut() else {
+                return;
+            };
             // Bytes that came behind the ConnectionBind go first.
             if !c.rbuf.is_empty() {
-                p.wbuf.extend_from_slice(&c.rbuf);
-                p.to_peer += c.rbuf.len() as u64;
-                c.rbuf.clear();
+                let n = wbuf.extend(&c.rbuf);
+                p.to_peer += n as u64;
+                c.rbuf.drain(..n);
             }
             // Until the client has nothing more, or the peer's buffer stays
             // full after a write (then its writability resumes this).
             let ended = loop {
-                let stop = match c.relay_out(&mut p.wbuf, RAW_BUFFER) {
+                let stop = match c.relay_out(wbuf) {
                     Ok((n, stop)) => {
                         p.to_peer += n as u64;
                         stop
                     }
                     Err(_) => Stop::Ended,
                 };
-                if write_out(&mut p.stream, &mut p.wbuf).is_err() {
+                if wbuf.write_to(&mut p.stream).is_err() {
                     // The peer is gone: both go.
                     let id = p.id;
                     self.core.handle_tcp_closed(now, id);
@@ -486,7 +533,7 @@ impl Worker {
                         c.raw_paused = false;
                         break false;
                     }
-                    Stop::Full if p.wbuf.len() >= RAW_BUFFER / 2 => {
+                    Stop::Full if wbuf.len() >= RAW_BUFFER / 2 => {
                         c.raw_paused = true;
                         break false;
                     }
@@ -504,7 +551,7 @@ impl Worker {
                 Some(Source::Peer(p)) => p.id,
                 _ => return,
             };
-            let drained = matches!(self.io.sources.get(pkey), Some(Source::Peer(p)) if p.wbuf.is_empty());
+            let drained = matches!(self.io.sources.get(pkey), Some(Source::Peer(p)) if p.wbuf.as_ref().is_none_or(RawBuf::is_empty));
             if drained {
                 self.core.handle_tcp_closed(now, id);
                 self.drive_core(now);
@@ -520,13 +567,16 @@ impl Worker {
             return;
         };
         let id = p.id;
-        if write_out(&mut p.stream, &mut p.wbuf).is_err() {
+        let Some(wbuf) = p.wbuf.as_mut() else {
+            return;
+        };
+        if wbuf.write_to(&mut p.stream).is_err() {
             self.core.handle_tcp_closed(now, id);
             self.drive_core(now);
             return;
         }
-        let drained = p.wbuf.is_empty();
-        let below = p.wbuf.len() < RAW_BUFFER / 2;
+        let drained = wbuf.is_empty();
+        let below = wbuf.len() < RAW_BUFFER / 2;
         let PeerState::Bound(ckey) = p.state else {
             return;
         };

@@ -447,6 +447,7 @@ impl Worker {
                 raw: None,
                 raw_paused: false,
                 raw_eof: false,
+                raw_out: None,
             });
             let entry = self.io.sources.vacant_entry();
             let ckey = entry.key();
