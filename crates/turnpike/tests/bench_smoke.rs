@@ -48,6 +48,7 @@ fn every_mode_runs_and_reports() {
         &["--mode", "channel", "--transport", "tcp"],
         &["--mode", "send", "--transport", "tcp"],
         &["--mode", "allocate"],
+        &["--mode", "tcp-relay", "--transport", "tcp"],
     ] {
         let r = bench(server, extra);
         assert!(r["operations"].as_u64().unwrap() > 0, "{extra:?}: {r}");
