@@ -180,6 +180,16 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECS")]
     pub idle_timeout: Option<u64>,
 
+    /// RFC 6062: peer data connections one TCP allocation may hold
+    /// (connecting, waiting for ConnectionBind, or relaying) [default: 64].
+    #[arg(long, value_name = "N")]
+    pub tcp_connections_per_allocation: Option<usize>,
+
+    /// RFC 6062: seconds a Connect may take before 447 (at least 30, as the
+    /// RFC requires) [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub tcp_connect_timeout: Option<u64>,
+
     /// RFC 5780 NAT behaviour discovery (off by default): also listen (UDP)
     /// on --alt-ip and --alt-port, and answer CHANGE-REQUEST, RESPONSE-PORT
     /// and PADDING. Needs a specific --listen address.
@@ -304,6 +314,7 @@ impl ServeArgs {
                  threads, udp_gso, log_level, software, rfc5766_channel_numbers, nonce_lifetime,
                  user_quota, total_quota, max_bps, user_max_bps, rate_limit_per_ip,
                  auth_fail_limit, auth_block_secs, max_connections, max_connections_per_ip, handshake_timeout, idle_timeout,
+                 tcp_connections_per_allocation, tcp_connect_timeout,
                  rfc5780, alt_ip, alt_port, log_format, redact, drain_timeout, metrics_listen,
                  admin_listen, admin_token, admin_token_file, db, redis_url;
             vec: listen, tls_listen, relay_ip, external_ip, user, auth_secret, allow_peer, deny_peer,
@@ -397,6 +408,10 @@ pub struct Settings {
     pub handshake_timeout: std::time::Duration,
     /// Idle timeout for connections without an allocation.
     pub idle_timeout: std::time::Duration,
+    /// RFC 6062: peer data connections per TCP allocation.
+    pub tcp_connections_per_allocation: usize,
+    /// RFC 6062: how long a Connect may take.
+    pub tcp_connect_timeout: std::time::Duration,
     /// RFC 5780: the primary listen address and the alternate IP and port.
     pub rfc5780: Option<(SocketAddr, IpAddr, Option<u16>)>,
     /// Log lines as JSON.
@@ -805,6 +820,14 @@ impl Settings {
         if idle_timeout == 0 {
             bail!("idle-timeout: must be at least 1 second (default 120)");
         }
+        let tcp_connections_per_allocation = a.tcp_connections_per_allocation.unwrap_or(64);
+        if tcp_connections_per_allocation == 0 || tcp_connections_per_allocation > 65535 {
+            bail!("tcp-connections-per-allocation: must be 1 to 65535 (default 64)");
+        }
+        let tcp_connect_timeout = a.tcp_connect_timeout.unwrap_or(30);
+        if !(30..=3600).contains(&tcp_connect_timeout) {
+            bail!("tcp-connect-timeout: must be 30 to 3600 seconds (RFC 6062 §5.2 asks for at least 30; default 30)");
+        }
         let rfc5780 = if a.rfc5780.unwrap_or(false) {
             let Some(alt_ip) = a.alt_ip else {
                 bail!("rfc5780 needs alt-ip: the server's second IP address (e.g. --alt-ip 192.0.2.2)");
@@ -888,6 +911,8 @@ impl Settings {
             relay_auto,
             handshake_timeout: std::time::Duration::from_secs(handshake_timeout),
             idle_timeout: std::time::Duration::from_secs(idle_timeout),
+            tcp_connections_per_allocation,
+            tcp_connect_timeout: std::time::Duration::from_secs(tcp_connect_timeout),
             rfc5780,
             log_json,
             redact: a.redact.unwrap_or(false),
@@ -1086,6 +1111,36 @@ mod tests {
         assert!(s.long_realm);
         let ok = "a".repeat(24);
         assert!(Settings::from_args(parse(&["--user", "alice:pw", "--realm", &ok, "--no-tls"])).is_ok());
+    }
+
+    #[test]
+    fn a_tcp_connect_timeout_under_the_rfc_minimum_is_refused() {
+        let err = Settings::from_args(parse(&[
+            "--user",
+            "a:pw",
+            "--no-tls",
+            "--tcp-connect-timeout",
+            "5",
+        ]))
+        .map(|_| ())
+        .expect_err("refused")
+        .to_string();
+        assert!(
+            err.starts_with("tcp-connect-timeout:") && err.contains("30"),
+            "{err}"
+        );
+        let s = Settings::from_args(parse(&[
+            "--user",
+            "a:pw",
+            "--no-tls",
+            "--tcp-connect-timeout",
+            "45",
+            "--tcp-connections-per-allocation",
+            "8",
+        ]))
+        .unwrap();
+        assert_eq!(s.tcp_connect_timeout, std::time::Duration::from_secs(45));
+        assert_eq!(s.tcp_connections_per_allocation, 8);
     }
 
     #[test]

@@ -111,6 +111,8 @@ pub(super) fn core_config(settings: &Settings, base: &CoreBase, limits: &SharedL
     c.software = settings.software.clone();
     c.legacy_channel_numbers = settings.legacy_channel_numbers;
     c.long_realm = settings.long_realm;
+    c.max_tcp_connections = settings.tcp_connections_per_allocation;
+    c.tcp_connect_timeout = settings.tcp_connect_timeout;
     c.policy = build_policy(settings, &base.own_sockets);
     c.external_ipv4 = settings.external_v4;
     c.external_ipv6 = settings.external_v6;
