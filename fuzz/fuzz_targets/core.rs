@@ -162,11 +162,14 @@ fuzz_target!(|data: &[u8]| {
             // An authenticated request: method from the payload, the rest as
             // raw attributes (header + value), signed with a valid nonce.
             5..=8 => {
-                let method = match payload.first().map(|b| b & 3) {
-                    Some(0) => 0x003,
+                let method = match payload.first().map(|b| b & 7) {
+                    Some(0 | 6) => 0x003,
                     Some(1) => 0x004,
                     Some(2) => 0x008,
-                    _ => 0x009,
+                    Some(3 | 7) => 0x009,
+                    // RFC 6062 Connect and ConnectionBind.
+                    Some(4) => 0x00a,
+                    _ => 0x00b,
                 };
                 let secs = now.saturating_duration_since(start).as_secs();
                 let nonce = minter.mint(secs, t.client.ip());
@@ -182,6 +185,11 @@ fuzz_target!(|data: &[u8]| {
                         // Peers drawn from a small set, so permissions match.
                         let p = peers[v[0] as usize % peers.len()];
                         b.xor_addr(attr::XOR_PEER_ADDRESS, p);
+                    } else if typ == attr::CONNECTION_ID && l >= 1 && v[0] < 0x80 && !relays.conns.is_empty() {
+                        // A CONNECTION-ID the server gave out (they are
+                        // random), so ConnectionBind is reachable.
+                        let ids: Vec<u32> = relays.conns.iter().copied().collect();
+                        b.u32(attr::CONNECTION_ID, ids[v[0] as usize % ids.len()]);
                     } else if !matches!(
                         typ,
                         attr::MESSAGE_INTEGRITY | attr::MESSAGE_INTEGRITY_SHA256 | attr::FINGERPRINT
@@ -196,8 +204,39 @@ fuzz_target!(|data: &[u8]| {
                     .message_integrity(&key);
                 let _ = server.handle_client(now, t, &buf);
             }
+            // RFC 6062 events from the runtime: a connect completing (or
+            // failing), a peer connecting to a relay, a connection closing.
+            10 => {
+                let pick = payload.get(1).copied().unwrap_or(0) as usize;
+                match payload.first().map(|b| b % 4) {
+                    Some(0) | Some(1) if !relays.connecting.is_empty() => {
+                        let id = relays.connecting.remove(pick % relays.connecting.len());
+                        let ok = payload[0] % 4 == 0;
+                        if ok {
+                            relays.conns.insert(id);
+                        }
+                        server.handle_peer_connected(now, id, ok);
+                    }
+                    Some(2) => {
+                        let open: Vec<SocketAddr> = relays.open.iter().copied().collect();
+                        if let Some(&r) = open.get(pick % open.len().max(1)) {
+                            let peer = peers[payload.len() % peers.len()];
+                            if let Some(id) = server.handle_peer_connection(now, r, peer) {
+                                assert!(relays.conns.insert(id), "a CONNECTION-ID given twice");
+                            }
+                        }
+                    }
+                    _ => {
+                        let ids: Vec<u32> = relays.conns.iter().copied().collect();
+                        if let Some(&id) = ids.get(pick % ids.len().max(1)) {
+                            relays.conns.remove(&id);
+                            server.handle_tcp_closed(now, id);
+                        }
+                    }
+                }
+            }
             // A datagram from a peer to one of the open relays.
-            9 | 10 => {
+            9 => {
                 let open: Vec<SocketAddr> = relays.open.iter().copied().collect();
                 if let (Some(&r), Some(&b)) = (open.get(payload.len() % open.len().max(1)), payload.first()) {
                     let peer = peers[b as usize % peers.len()];
@@ -225,6 +264,11 @@ fuzz_target!(|data: &[u8]| {
         while server.poll_event().is_some() {}
         assert_eq!(relays.open.len(), server.relay_count(), "relay sockets leak");
         assert_eq!(quotas.total(), server.allocation_count(), "quota slots leak");
+        assert_eq!(
+            relays.connecting.len() + relays.conns.len(),
+            server.tcp_connection_count(),
+            "TCP connections leak or vanish"
+        );
     }
     // Everything expires eventually and every relay is given back.
     now += Duration::from_secs(3601);
@@ -232,5 +276,7 @@ fuzz_target!(|data: &[u8]| {
     server.run_commands(now, &mut relays);
     assert_eq!(server.allocation_count(), 0);
     assert!(relays.open.is_empty());
+    assert_eq!(server.tcp_connection_count(), 0);
+    assert!(relays.conns.is_empty() && relays.connecting.is_empty(), "TCP connections left open");
     assert_eq!(quotas.total(), 0);
 });

@@ -33,7 +33,17 @@ peer = op(9, 0, b'\x00media')
 refresh0 = op(6, 0, b'\x01' + attr(0x000D, b'\x00\x00\x00\x00'))
 tick = op(11, 0, b'\x50')
 close = op(12, 2, b'')
+tcp_alloc = op(5, 2, b'\x00' + attr(0x0019, b'\x06\x00\x00\x00'))
+connect = op(5, 2, b'\x04' + attr(0x0012, b'\x00\x00'))
+connected = op(10, 0, b'\x00\x00')
+conn_bind = op(5, 3, b'\x05' + attr(0x002A, b'\x00\x00\x00\x00'))
+tcp_perm = op(5, 2, b'\x02' + attr(0x0012, b'\x00\x00'))
+peer_in = op(10, 0, b'\x02\x00')
 seqs = {
+    # RFC 6062: Connect, its completion, ConnectionBind from another
+    # connection; and a peer connecting in after a permission.
+    'tcp-active': b'\x04' + tcp_alloc + connect + connected + conn_bind + tick + close,
+    'tcp-passive': b'\x05' + tcp_alloc + tcp_perm + peer_in + conn_bind + op(10, 0, b'\x03\x00') + tick,
     'allocate-relay': b'\x00' + alloc + perm + bind + chan + peer + tick + peer,
     'reserve': b'\x01' + alloc_even + alloc + refresh0,
     'tcp-close': b'\x02' + op(5, 2, b'\x00' + attr(0x0019, b'\x11\x00\x00\x00')) + close,
