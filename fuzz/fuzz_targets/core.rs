@@ -77,7 +77,7 @@ impl RelayProvider for Relays {
         assert!(self.open.contains(&relay), "connect from a relay that is not open");
         self.connecting.push(id);
     }
-    fn bind_connection(&mut self, id: u32, _data: FiveTuple) {
+    fn bind_connection(&mut self, id: u32, _data: FiveTuple, _control: FiveTuple) {
         assert!(self.conns.contains(&id), "bound a connection that is not open: {id}");
     }
     fn close_connection(&mut self, id: u32) {

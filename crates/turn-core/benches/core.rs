@@ -24,7 +24,7 @@ impl RelayProvider for Relays {
     }
     fn close(&mut self, _: SocketAddr) {}
     fn connect_peer(&mut self, _: u32, _: SocketAddr, _: SocketAddr) {}
-    fn bind_connection(&mut self, _: u32, _: FiveTuple) {}
+    fn bind_connection(&mut self, _: u32, _: FiveTuple, _: FiveTuple) {}
     fn close_connection(&mut self, _: u32) {}
 }
 

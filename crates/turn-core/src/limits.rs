@@ -53,6 +53,20 @@ impl Bucket {
     }
 }
 
+impl Bucket {
+    /// Refills, then the whole tokens held: what may be spent now (a
+    /// stream relay reads at most this much, instead of dropping).
+    pub fn available(&mut self, now: Instant, rate: u64, burst: u64) -> u64 {
+        let _ = self.take(now, rate, burst, 0);
+        self.nanotokens / 1_000_000_000
+    }
+
+    /// Spends `n` tokens (at most what is held).
+    pub fn spend(&mut self, n: u64) {
+        self.nanotokens = self.nanotokens.saturating_sub(n.saturating_mul(1_000_000_000));
+    }
+}
+
 impl Default for Bucket {
     fn default() -> Self {
         Self::new()

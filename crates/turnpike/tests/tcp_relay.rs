@@ -289,3 +289,57 @@ fn a_peer_that_stops_reading_stalls_the_client_not_the_memory() {
     assert_eq!(got, sent);
     h.shutdown();
 }
+
+#[test]
+fn the_bandwidth_cap_slows_tcp_relaying_without_losing_bytes() {
+    // 100 kB/s each way, one second of burst: 300 kB need at least 2 s.
+    let h = start(&["--allow-loopback-peers", "--max-bps", "100000"]);
+    let server = h.listen[0];
+    let peer = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut c = tcp_client(&ClientTransport::Tcp, server);
+    c.allocate().unwrap();
+    let id = c.connect(peer.local_addr().unwrap()).unwrap();
+    let (mut p, _) = peer.accept().unwrap();
+    let mut data = c.connection_bind(&ClientTransport::Tcp, server, id).unwrap();
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let t0 = Instant::now();
+    let sender = {
+        let payload = payload.clone();
+        let mut p2 = p.try_clone().unwrap();
+        std::thread::spawn(move || p2.write_all(&payload).unwrap())
+    };
+    // Peer → client, capped.
+    let end = Instant::now() + Duration::from_secs(20);
+    let mut got = Vec::new();
+    while got.len() < payload.len() {
+        match data.recv_raw(end).unwrap() {
+            Some(b) => got.extend_from_slice(&b),
+            None => panic!("{} of {} bytes in 20 s", got.len(), payload.len()),
+        }
+    }
+    let down = t0.elapsed();
+    sender.join().unwrap();
+    assert!(got == payload, "every byte, in order");
+    assert!(
+        down >= Duration::from_millis(1800),
+        "300 kB at 100 kB/s took {down:?}"
+    );
+    // Client → peer, capped the same way.
+    let t1 = Instant::now();
+    data.send(&payload).unwrap();
+    let back = read_exact_within_secs(&mut p, payload.len(), 20);
+    let up = t1.elapsed();
+    assert!(back == payload);
+    assert!(
+        up >= Duration::from_millis(1800),
+        "300 kB at 100 kB/s took {up:?}"
+    );
+    h.shutdown();
+}
+
+fn read_exact_within_secs(s: &mut TcpStream, n: usize, secs: u64) -> Vec<u8> {
+    s.set_read_timeout(Some(Duration::from_secs(secs))).unwrap();
+    let mut got = vec![0u8; n];
+    s.read_exact(&mut got).unwrap();
+    got
+}

@@ -212,6 +212,9 @@ pub enum Command {
         id: ConnectionId,
         /// The client data connection.
         data: FiveTuple,
+        /// The allocation's control connection: its connections share
+        /// one bandwidth cap per direction (`Config::max_bps`).
+        control: FiveTuple,
     },
     /// Close peer connection `id` and its client data connection, if any.
     CloseConnection {
@@ -231,7 +234,7 @@ pub trait RelayProvider {
     /// comes later through [`crate::Server::handle_peer_connected`].
     fn connect_peer(&mut self, id: ConnectionId, relay: SocketAddr, peer: SocketAddr);
     /// Carries out [`Command::BindConnection`].
-    fn bind_connection(&mut self, id: ConnectionId, data: FiveTuple);
+    fn bind_connection(&mut self, id: ConnectionId, data: FiveTuple, control: FiveTuple);
     /// Carries out [`Command::CloseConnection`].
     fn close_connection(&mut self, id: ConnectionId);
 }

@@ -275,7 +275,7 @@ impl Server {
                 }
                 Command::CloseRelay { relay } => relays.close(relay),
                 Command::ConnectPeer { id, relay, peer } => relays.connect_peer(id, relay, peer),
-                Command::BindConnection { id, data } => relays.bind_connection(id, data),
+                Command::BindConnection { id, data, control } => relays.bind_connection(id, data, control),
                 Command::CloseConnection { id } => relays.close_connection(id),
             }
         }

@@ -316,14 +316,19 @@ impl Server {
         if owner.as_deref() != Some(auth.username.as_str()) {
             return Reply::Error(ErrorCode::WrongCredentials);
         }
+        let mut control = tuple;
         if let Some(c) = self.tcp.conns.get_mut(&id) {
             c.state = TcpState::Bound { data: tuple };
+            control = c.control;
         }
         self.counters.tcp_bound += 1;
         // After the success answer (which the runtime sends first), the
         // connection carries raw bytes.
-        self.commands
-            .push_back(Command::BindConnection { id, data: tuple });
+        self.commands.push_back(Command::BindConnection {
+            id,
+            data: tuple,
+            control,
+        });
         Reply::Ok
     }
 

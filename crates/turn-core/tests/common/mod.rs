@@ -79,7 +79,7 @@ impl RelayProvider for FakeRelays {
         );
         self.connects.push((id, relay, peer));
     }
-    fn bind_connection(&mut self, id: u32, data: FiveTuple) {
+    fn bind_connection(&mut self, id: u32, data: FiveTuple, _control: FiveTuple) {
         self.bound.push((id, data));
     }
     fn close_connection(&mut self, id: u32) {

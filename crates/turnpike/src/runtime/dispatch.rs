@@ -65,6 +65,10 @@ pub(super) struct Io {
     pub(super) doomed_conns: Vec<usize>,
     /// TCP-relayed bytes of closed connections, to peers and from them.
     pub(super) tcp_bytes: [u64; 2],
+    /// Bandwidth caps of TCP allocations, by control connection.
+    pub(super) tcp_caps: HashMap<FiveTuple, super::tcp_relay::TcpCap, ahash::RandomState>,
+    /// Capped directions to read again at a time (a connection's key).
+    pub(super) throttled: Vec<(std::time::Instant, usize)>,
 }
 
 impl Io {

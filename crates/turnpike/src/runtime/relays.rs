@@ -198,8 +198,13 @@ impl RelayProvider for Io {
         self.start_connect(id, relay, peer);
     }
 
-    fn bind_connection(&mut self, id: turn_core::ConnectionId, data: turn_core::FiveTuple) {
-        self.bind_pair(id, data);
+    fn bind_connection(
+        &mut self,
+        id: turn_core::ConnectionId,
+        data: turn_core::FiveTuple,
+        control: turn_core::FiveTuple,
+    ) {
+        self.bind_pair(id, data, control);
     }
 
     fn close_connection(&mut self, id: turn_core::ConnectionId) {

@@ -39,6 +39,8 @@ pub(super) struct Conn {
     pub(super) raw_paused: bool,
     /// Raw: the client closed its side.
     pub(super) raw_eof: bool,
+    /// Raw, capped: a read of this connection is scheduled.
+    pub(super) raw_throttled: bool,
     /// Raw over plain TCP: bytes from the peer for the client, written
     /// after `wbuf` (which may hold the ConnectionBind answer).
     pub(super) raw_out: Option<RawBuf>,
@@ -120,17 +122,23 @@ impl Conn {
     /// Raw relaying, peer → client: reads `src` into this connection's
     /// output (encrypting if TLS) until `src` would block, ends, or the
     /// output is full; then writes. Returns the bytes and why it stopped.
-    pub(super) fn relay_in(&mut self, src: &mut impl Read) -> io::Result<(usize, Stop)> {
+    pub(super) fn relay_in(&mut self, src: &mut impl Read, max: usize) -> io::Result<(usize, Stop)> {
         let r = match (&mut self.tls, &mut self.raw_out) {
             // Written by the flush below; what the socket does not take
             // waits in the buffer.
-            (None, Some(out)) => out.read_from(src)?,
+            (None, Some(out)) => out.read_from(src, max)?,
             (Some(tls), _) => {
                 let mut tmp = [0u8; 16 * 1024];
                 let mut total = 0;
                 let mut stop = Stop::Full;
                 while self.wbuf.len() < RAW_BUFFER {
-                    match src.read(&mut tmp) {
+                    let left = max - total;
+                    if left == 0 {
+                        stop = Stop::Throttled;
+                        break;
+                    }
+                    let n = tmp.len().min(left);
+                    match src.read(&mut tmp[..n]) {
                         Ok(0) => {
                             stop = Stop::Ended;
                             break;
@@ -161,17 +169,17 @@ impl Conn {
     /// Raw relaying, client → peer: reads this connection (decrypting if
     /// TLS) into `dst` until it would block, ends, or `dst` is full.
     /// Returns the bytes and why it stopped.
-    pub(super) fn relay_out(&mut self, dst: &mut RawBuf) -> io::Result<(usize, Stop)> {
+    pub(super) fn relay_out(&mut self, dst: &mut RawBuf, max: usize) -> io::Result<(usize, Stop)> {
         match &mut self.tls {
-            None => dst.read_from(&mut self.stream),
+            None => dst.read_from(&mut self.stream, max),
             Some(tls) => {
                 let mut total = 0;
                 loop {
                     // Plaintext rustls holds already, then more records.
-                    let (n, stop) = dst.read_from(&mut tls.reader())?;
+                    let (n, stop) = dst.read_from(&mut tls.reader(), max - total)?;
                     total += n;
-                    if stop == Stop::Full {
-                        return Ok((total, Stop::Full));
+                    if matches!(stop, Stop::Full | Stop::Throttled) {
+                        return Ok((total, stop));
                     }
                     match tls.read_tls(&mut self.stream) {
                         Ok(0) => return Ok((total, Stop::Ended)),

@@ -39,6 +39,20 @@ pub(super) enum Stop {
     Full,
     /// The source ended.
     Ended,
+    /// The bandwidth cap allows no more now (`--max-bps`): read again a
+    /// little later.
+    Throttled,
+}
+
+/// How long a capped direction waits before it is read again.
+pub(super) const THROTTLE_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// The bandwidth buckets one TCP allocation's connections share, per
+/// direction (`--max-bps`, as for UDP relaying).
+pub(super) struct TcpCap {
+    pub(super) up: turn_core::limits::Bucket,
+    pub(super) down: turn_core::limits::Bucket,
+    refs: u32,
 }
 
 /// One direction's buffer: allocated zeroed once (the allocator maps fresh
@@ -87,15 +101,21 @@ impl RawBuf {
         n
     }
 
-    /// Reads from `src` until it would block, ends, or this is full.
-    pub(super) fn read_from(&mut self, src: &mut impl Read) -> io::Result<(usize, Stop)> {
+    /// Reads from `src` until it would block, ends, this is full, or `max`
+    /// bytes were read.
+    pub(super) fn read_from(&mut self, src: &mut impl Read, max: usize) -> io::Result<(usize, Stop)> {
         let mut total = 0;
         loop {
+            let left = max - total;
             let room = self.room();
             if room.is_empty() {
                 return Ok((total, Stop::Full));
             }
-            match src.read(room) {
+            if left == 0 {
+                return Ok((total, Stop::Throttled));
+            }
+            let n = room.len().min(left);
+            match src.read(&mut room[..n]) {
                 Ok(0) => return Ok((total, Stop::Ended)),
                 Ok(n) => {
                     self.end += n;
@@ -150,6 +170,10 @@ pub(super) struct PeerConn {
     /// Bytes from the client waiting to be written to the peer (made
     /// when the connection is bound).
     pub(super) wbuf: Option<RawBuf>,
+    /// The allocation's control connection, naming its shared cap.
+    pub(super) control: Option<FiveTuple>,
+    /// Capped: a read of the peer is scheduled.
+    pub(super) throttled: bool,
     pub(super) interest: Option<Interest>,
     /// The peer is not read: the client's buffer is full.
     pub(super) paused: bool,
@@ -262,6 +286,8 @@ impl Io {
             stream,
             state: PeerState::Connecting,
             wbuf: None,
+            control: None,
+            throttled: false,
             interest: Some(interest),
             paused: false,
             eof: false,
@@ -273,7 +299,7 @@ impl Io {
 
     /// RFC 6062 §5.4: the data connection `data` and peer `id` relay raw
     /// bytes from now on.
-    pub(super) fn bind_pair(&mut self, id: ConnectionId, data: FiveTuple) {
+    pub(super) fn bind_pair(&mut self, id: ConnectionId, data: FiveTuple, control: FiveTuple) {
         let (Some(&pkey), Some(&ckey)) = (self.peer_by_id.get(&id), self.conn_by_tuple.get(&data)) else {
             return;
         };
@@ -286,6 +312,15 @@ impl Io {
         if let Some(Source::Peer(p)) = self.sources.get_mut(pkey) {
             p.state = PeerState::Bound(ckey);
             p.wbuf = Some(RawBuf::new());
+            p.control = Some(control);
+            self.tcp_caps
+                .entry(control)
+                .or_insert_with(|| TcpCap {
+                    up: turn_core::limits::Bucket::new(),
+                    down: turn_core::limits::Bucket::new(),
+                    refs: 0,
+                })
+                .refs += 1;
         }
         self.raw_ready.push(pkey);
     }
@@ -301,6 +336,14 @@ impl Io {
             }
             self.tcp_bytes[0] += p.to_peer;
             self.tcp_bytes[1] += p.from_peer;
+            if let Some(control) = p.control {
+                if let Some(cap) = self.tcp_caps.get_mut(&control) {
+                    cap.refs -= 1;
+                    if cap.refs == 0 {
+                        self.tcp_caps.remove(&control);
+                    }
+                }
+            }
             if let PeerState::Bound(ckey) = p.state {
                 // The key names the data connection only while it is
                 // bound to this peer (slab keys are reused).
@@ -396,6 +439,8 @@ impl Worker {
                 stream,
                 state: PeerState::Pending,
                 wbuf: None,
+                control: None,
+                throttled: false,
                 interest: None,
                 paused: false,
                 eof: false,
@@ -448,20 +493,37 @@ impl Worker {
         let PeerState::Bound(ckey) = p.state else {
             return;
         };
+        let rate = self.core.config().max_bps;
         let (id, ended) = {
             let Some((Source::Peer(p), Source::Conn(c))) = self.io.sources.get2_mut(pkey, ckey) else {
                 return;
             };
-            if c.raw != Some(pkey) {
+            if c.raw != Some(pkey) || p.throttled {
                 return;
             }
+            let mut cap = p
+                .control
+                .and_then(|k| self.io.tcp_caps.get_mut(&k))
+                .filter(|_| rate > 0);
             // Until the peer has nothing more, or the client's output stays
-            // full after a write (then its draining resumes this).
+            // full after a write (then its draining resumes this), or the
+            // cap stops it (then a retry does).
             loop {
-                match c.relay_in(&mut p.stream) {
+                let max = cap
+                    .as_mut()
+                    .map_or(usize::MAX, |c| c.down.available(now, rate, rate) as usize);
+                match c.relay_in(&mut p.stream, max) {
                     Ok((n, stop)) => {
                         p.from_peer += n as u64;
+                        if let Some(c) = cap.as_mut() {
+                            c.down.spend(n as u64);
+                        }
                         match stop {
+                            Stop::Throttled => {
+                                p.throttled = true;
+                                self.io.throttled.push((now + THROTTLE_RETRY, pkey));
+                                break (p.id, false);
+                            }
                             Stop::Ended => {
                                 p.eof = true;
                                 break (p.id, true);
@@ -497,13 +559,21 @@ impl Worker {
         let Some(pkey) = c.raw else {
             return;
         };
+        let rate = self.core.config().max_bps;
         let ended = {
             let Some((Source::Conn(c), Source::Peer(p))) = self.io.sources.get2_mut(ckey, pkey) else {
                 return;
             };
+            if c.raw_throttled {
+                return;
+            }
             let Some(wbuf) = p.wbuf.as_mut() else {
                 return;
             };
+            let mut cap = p
+                .control
+                .and_then(|k| self.io.tcp_caps.get_mut(&k))
+                .filter(|_| rate > 0);
             // Bytes that came behind the ConnectionBind go first.
             if !c.rbuf.is_empty() {
                 let n = wbuf.extend(&c.rbuf);
@@ -513,9 +583,15 @@ impl Worker {
             // Until the client has nothing more, or the peer's buffer stays
             // full after a write (then its writability resumes this).
             let ended = loop {
-                let stop = match c.relay_out(wbuf) {
+                let max = cap
+                    .as_mut()
+                    .map_or(usize::MAX, |c| c.up.available(now, rate, rate) as usize);
+                let stop = match c.relay_out(wbuf, max) {
                     Ok((n, stop)) => {
                         p.to_peer += n as u64;
+                        if let Some(c) = cap.as_mut() {
+                            c.up.spend(n as u64);
+                        }
                         stop
                     }
                     Err(_) => Stop::Ended,
@@ -529,6 +605,11 @@ impl Worker {
                 }
                 match stop {
                     Stop::Ended => break true,
+                    Stop::Throttled => {
+                        c.raw_throttled = true;
+                        self.io.throttled.push((now + THROTTLE_RETRY, ckey));
+                        break false;
+                    }
                     Stop::WouldBlock => {
                         c.raw_paused = false;
                         break false;
@@ -644,6 +725,36 @@ impl Worker {
             self.pump_to_peer(ckey, now);
             self.pump_to_client(pkey, now);
         }
+    }
+
+    /// Capped directions whose wait is over are read again: `key` is a
+    /// peer connection (peer → client) or a data connection (client → peer).
+    pub(super) fn resume_throttled(&mut self, now: Instant) {
+        if self.io.throttled.is_empty() {
+            return;
+        }
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.io.throttled)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.io.throttled = later;
+        for (_, key) in due {
+            match self.io.sources.get_mut(key) {
+                Some(Source::Peer(p)) if p.throttled => {
+                    p.throttled = false;
+                    self.pump_to_client(key, now);
+                }
+                Some(Source::Conn(c)) if c.raw_throttled => {
+                    c.raw_throttled = false;
+                    self.pump_to_peer(key, now);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The earliest retry of a capped direction.
+    pub(super) fn next_throttle(&self) -> Option<Instant> {
+        self.io.throttled.iter().map(|(at, _)| *at).min()
     }
 
     /// Data connections whose peer closed: they go too.

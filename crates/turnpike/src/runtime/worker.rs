@@ -140,6 +140,8 @@ impl Worker {
             raw_ready: Vec::new(),
             doomed_conns: Vec::new(),
             tcp_bytes: [0; 2],
+            tcp_caps: HashMap::default(),
+            throttled: Vec::new(),
         };
         for (s, addr) in sockets.udp {
             let mut sock = UdpSocket::from_std(s);
@@ -210,6 +212,9 @@ impl Worker {
             let timeout = self
                 .core
                 .poll_timeout()
+                .into_iter()
+                .chain(self.next_throttle())
+                .min()
                 .map(|t| t.saturating_duration_since(now).min(IDLE_TICK))
                 .unwrap_or(IDLE_TICK)
                 .min(self.next_sweep.saturating_duration_since(now));
@@ -235,6 +240,7 @@ impl Worker {
             self.drive_core(now);
             self.adopt_handoffs(now);
             self.start_raw(now);
+            self.resume_throttled(now);
             self.close_doomed(now);
             self.apply_reload();
             self.handle_commands(now);
@@ -448,6 +454,7 @@ impl Worker {
                 raw_paused: false,
                 raw_eof: false,
                 raw_out: None,
+                raw_throttled: false,
             });
             let entry = self.io.sources.vacant_entry();
             let ckey = entry.key();
