@@ -2,6 +2,8 @@
 //! promises, clean shutdown on SIGTERM, and configuration errors that name
 //! the field.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -838,52 +840,9 @@ fn sqlite_users_apply_to_a_running_server_without_restart() {
     sigterm_and_wait(child);
 }
 
-struct Redis(Child, u16);
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn redis_server() -> Redis {
-    assert!(
-        std::path::Path::new("/usr/bin/redis-server").exists(),
-        "redis-server not found: install Debian's redis-server package, as .ci/run does"
-    );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new("/usr/bin/redis-server")
-        .args([
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    for _ in 0..50 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Redis(child, port)
-}
-
 #[test]
 fn redis_users_and_secrets_serve_and_survive_a_redis_outage() {
-    let redis = redis_server();
+    let redis = common::redis_server();
     let url = format!("redis://127.0.0.1:{}/0", redis.1);
     let realm = ["--realm", "fleet.example", "--redis-url", &url];
     assert!(user_cmd(&[&["add", "frank"][..], &realm].concat(), "fr4nk-pw\n")

@@ -234,41 +234,10 @@ no-udp-relay
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-struct Redis(std::process::Child);
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn coturn_redis_users_import_and_keys_can_be_added() {
-    assert!(
-        Path::new("/usr/bin/redis-server").exists(),
-        "redis-server not found: install Debian's redis-server package, as .ci/run does"
-    );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let _redis = Redis(
-        Command::new("/usr/bin/redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    assert!((0..50).any(|_| {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() || {
-            std::thread::sleep(Duration::from_millis(100));
-            false
-        }
-    }));
+    let redis = common::redis_server();
+    let port = redis.1;
     // coturn's own tool writes a user and a secret in its Redis layout.
     let coturn_db = format!("ip=127.0.0.1 port={port} dbname=0");
     for args in [

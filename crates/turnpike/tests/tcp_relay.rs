@@ -20,10 +20,7 @@ fn tcp_client(t: &ClientTransport, server: SocketAddr) -> TurnClient {
 }
 
 fn read_exact_within(s: &mut TcpStream, n: usize) -> Vec<u8> {
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut got = vec![0u8; n];
-    s.read_exact(&mut got).unwrap();
-    got
+    read_exact_within_secs(s, n, 5)
 }
 
 fn raw_read(ch: &mut Channel, n: usize) -> Vec<u8> {

@@ -474,23 +474,6 @@ impl Worker {
     }
 
     pub(super) fn on_conn(&mut self, key: usize, readable: bool, writable: bool, now: Instant) {
-        if matches!(self.io.sources.get(key), Some(Source::Conn(c)) if c.raw.is_some()) {
-            // A bound data connection: raw bytes (RFC 6062 §5.4).
-            if writable {
-                if let Some(Source::Conn(c)) = self.io.sources.get_mut(key) {
-                    if c.flush().is_err() {
-                        self.close_conn(key, now);
-                        return;
-                    }
-                }
-                self.io.dirty.push(key);
-                self.client_drained(key, now);
-            }
-            if readable {
-                self.pump_to_peer(key, now);
-            }
-            return;
-        }
         if writable {
             if let Some(Source::Conn(c)) = self.io.sources.get_mut(key) {
                 if c.flush().is_err() {
@@ -499,6 +482,16 @@ impl Worker {
                 }
                 self.io.dirty.push(key);
             }
+        }
+        if matches!(self.io.sources.get(key), Some(Source::Conn(c)) if c.raw.is_some()) {
+            // A bound data connection: raw bytes (RFC 6062 §5.4).
+            if writable {
+                self.client_drained(key, now);
+            }
+            if readable {
+                self.pump_to_peer(key, now);
+            }
+            return;
         }
         if !readable {
             return;

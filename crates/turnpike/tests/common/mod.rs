@@ -68,3 +68,47 @@ pub fn peer() -> UdpSocket {
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     s
 }
+
+/// A redis-server on a free loopback port, stopped (by PID) when dropped.
+pub struct Redis(pub std::process::Child, pub u16);
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn redis_server() -> Redis {
+    assert!(
+        std::path::Path::new("/usr/bin/redis-server").exists(),
+        "redis-server not found: install Debian's redis-server package, as .ci/run does"
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = std::process::Command::new("/usr/bin/redis-server")
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..50 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Redis(child, port)
+}
