@@ -340,3 +340,30 @@ fn read_exact_within_secs(s: &mut TcpStream, n: usize, secs: u64) -> Vec<u8> {
     s.read_exact(&mut got).unwrap();
     got
 }
+
+#[test]
+fn peers_connect_in_over_a_tls_control_connection() {
+    let h = start(&["--allow-loopback-peers"]);
+    let tls = ClientTransport::Tls {
+        pinned: h.tls_leaf.clone(),
+    };
+    let server = h.tls_listen[0];
+    for _ in 0..4 {
+        let mut c = tcp_client(&tls, server);
+        let alloc = c.allocate().unwrap();
+        c.create_permission(&["127.0.0.1:1".parse().unwrap()]).unwrap();
+        let mut p = TcpStream::connect(alloc.relayed).unwrap();
+        let id = match c.recv(Duration::from_secs(5)).unwrap() {
+            Received::ConnectionAttempt { id, .. } => id,
+            other => panic!("expected ConnectionAttempt, got {other:?}"),
+        };
+        // The data connection is TLS too, and may reach the other worker.
+        let mut data = c.connection_bind(&tls, server, id).unwrap();
+        p.write_all(b"peer over tls").unwrap();
+        assert_eq!(raw_read(&mut data, 13), b"peer over tls");
+        data.send(b"client over tls").unwrap();
+        assert_eq!(read_exact_within(&mut p, 15), b"client over tls");
+        c.refresh(0).unwrap();
+    }
+    h.shutdown();
+}
