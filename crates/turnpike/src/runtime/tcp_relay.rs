@@ -770,7 +770,9 @@ impl Worker {
     /// this one: the kernel spreads a client's connections over workers,
     /// and the peer connection lives where its allocation does.
     pub(super) fn handoff_target(&self, msg: &[u8]) -> Option<usize> {
-        if self.handoff_to.len() < 2 {
+        // One comparison for every other message: the type of a
+        // ConnectionBind request is 0x000b.
+        if self.handoff_to.len() < 2 || msg.get(..2) != Some(&[0x00, 0x0b][..]) {
             return None;
         }
         let id = turn_core::connection_bind_id(msg)?;
