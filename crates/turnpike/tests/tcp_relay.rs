@@ -367,3 +367,41 @@ fn peers_connect_in_over_a_tls_control_connection() {
     }
     h.shutdown();
 }
+
+#[test]
+fn refused_and_failed_connects_and_unknown_binds_over_real_sockets() {
+    // The default peer policy: loopback peers are refused.
+    let strict = start(&[]);
+    let mut c = tcp_client(&ClientTransport::Tcp, strict.listen[0]);
+    c.allocate().unwrap();
+    match c.connect("127.0.0.1:9".parse().unwrap()) {
+        Err(turnpike_client::client::ClientError::Error { code: 403, .. }) => {}
+        other => panic!("a loopback peer by default: expected 403, got {other:?}"),
+    }
+    strict.shutdown();
+    let h = start(&["--allow-loopback-peers"]);
+    let server = h.listen[0];
+    let mut c = tcp_client(&ClientTransport::Tcp, server);
+    c.allocate().unwrap();
+    // Nothing listens there: the connect is refused at once, 447.
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    match c.connect(closed) {
+        Err(turnpike_client::client::ClientError::Error { code: 447, .. }) => {}
+        other => panic!("a closed port: expected 447, got {other:?}"),
+    }
+    // An id the server never gave: 400, and the allocation is unharmed.
+    match c.connection_bind(&ClientTransport::Tcp, server, 0x0012_3456) {
+        Err(turnpike_client::client::ClientError::Error { code: 400, .. }) => {}
+        Err(e) => panic!("expected 400, got {e:?}"),
+        Ok(_) => panic!("an unknown CONNECTION-ID was bound"),
+    }
+    let peer = TcpListener::bind("127.0.0.1:0").unwrap();
+    let id = c
+        .connect(peer.local_addr().unwrap())
+        .expect("Connect still works");
+    let (mut p, _) = peer.accept().unwrap();
+    let mut data = c.connection_bind(&ClientTransport::Tcp, server, id).unwrap();
+    data.send(b"ok").unwrap();
+    assert_eq!(read_exact_within(&mut p, 2), b"ok");
+    h.shutdown();
+}

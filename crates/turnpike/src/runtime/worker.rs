@@ -691,8 +691,7 @@ impl Worker {
             let stalled = !c.got_message && now.saturating_duration_since(c.accepted) > l.handshake_timeout;
             // (A bound data connection's bytes are not messages.)
             let slow = c.raw.is_none()
-                && c
-                    .partial_since
+                && c.partial_since
                     .is_some_and(|t| now.saturating_duration_since(t) > l.handshake_timeout);
             // A bound data connection may be quiet as long as its peer is.
             let idle = now.saturating_duration_since(c.last_rx) > l.idle_timeout
