@@ -495,7 +495,13 @@ impl Worker {
         };
         let rate = self.core.config().max_bps;
         let (id, ended) = {
-            let Some((Source::Peer(p), Source::Conn(c))) = self.io.sources.get2_mut(pkey, ckey) else {
+            // (get2_mut asserts distinct keys; a stale key must not panic.)
+            let pair = if pkey == ckey {
+                None
+            } else {
+                self.io.sources.get2_mut(pkey, ckey)
+            };
+            let Some((Source::Peer(p), Source::Conn(c))) = pair else {
                 return;
             };
             if c.raw != Some(pkey) || p.throttled {
@@ -561,7 +567,12 @@ impl Worker {
         };
         let rate = self.core.config().max_bps;
         let ended = {
-            let Some((Source::Conn(c), Source::Peer(p))) = self.io.sources.get2_mut(ckey, pkey) else {
+            let pair = if pkey == ckey {
+                None
+            } else {
+                self.io.sources.get2_mut(ckey, pkey)
+            };
+            let Some((Source::Conn(c), Source::Peer(p))) = pair else {
                 return;
             };
             if c.raw_throttled {
