@@ -114,6 +114,9 @@ pub struct Config {
     pub max_tcp_connections: usize,
     /// How long a Connect may take before 447 (RFC 6062 §5.2: at least 30 s).
     pub tcp_connect_timeout: Duration,
+    /// A kernel fast path is loaded: bound channels of UDP allocations are
+    /// handed to it ([`crate::Command::FastPathInstall`]).
+    pub fast_path: bool,
     /// RFC 5780 NAT behaviour discovery: the server's two IPs and two ports
     /// (it listens on all four combinations over UDP). `None`: off, and
     /// CHANGE-REQUEST, RESPONSE-PORT and PADDING are answered with 420.
@@ -168,6 +171,7 @@ impl Config {
             connection_id_tag: 0,
             max_tcp_connections: 64,
             tcp_connect_timeout: super::tcp_relay::TCP_CONNECTION_TIMEOUT,
+            fast_path: false,
             epoch,
             unix_at_epoch,
         }

@@ -221,6 +221,17 @@ pub enum Command {
         /// The peer data connection.
         id: ConnectionId,
     },
+    /// A kernel fast path may forward this channel until the entry's
+    /// `expires` (installs, or replaces the entry of the same client and
+    /// channel). Only with `Config::fast_path`.
+    FastPathInstall(super::fast_path::FastPathEntry),
+    /// The fast path must stop forwarding this client's channel.
+    FastPathRemove {
+        /// The client's 5-tuple.
+        client: FiveTuple,
+        /// The channel number.
+        channel: u16,
+    },
 }
 
 /// A synchronous executor of relay commands: what the runtime, tests and
@@ -237,4 +248,10 @@ pub trait RelayProvider {
     fn bind_connection(&mut self, id: ConnectionId, data: FiveTuple, control: FiveTuple);
     /// Carries out [`Command::CloseConnection`].
     fn close_connection(&mut self, id: ConnectionId);
+    /// Carries out [`Command::FastPathInstall`]. The core sends it only
+    /// when `Config::fast_path` says a kernel path is loaded; a provider
+    /// without one has nothing to install.
+    fn fast_path_install(&mut self, _entry: super::fast_path::FastPathEntry) {}
+    /// Carries out [`Command::FastPathRemove`] (see `fast_path_install`).
+    fn fast_path_remove(&mut self, _client: FiveTuple, _channel: u16) {}
 }

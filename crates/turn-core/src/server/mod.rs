@@ -24,6 +24,7 @@ mod challenge;
 mod config;
 mod error;
 mod events;
+mod fast_path;
 mod io;
 mod permission;
 mod refresh;
@@ -43,6 +44,7 @@ pub use challenge::{challenge_len, max_realm_len, CHALLENGE_RATIO, MIN_ALLOCATE_
 pub use config::{Config, Rfc5780, AUTH_WINDOW, SOURCE_SLOTS};
 pub use error::ErrorCode;
 pub use events::{CloseReason, Counters, Event, SessionInfo, Stats, TcpConnectionInfo};
+pub use fast_path::FastPathEntry;
 pub use io::{
     AllocateId, Command, ConnectionId, Dest, FiveTuple, ListenerId, OpenedRelay, QueuedTransmit, RelayError,
     RelayProvider, RelayRequest, RelaysOpened, Transmit, Transport,
@@ -277,6 +279,8 @@ impl Server {
                 Command::ConnectPeer { id, relay, peer } => relays.connect_peer(id, relay, peer),
                 Command::BindConnection { id, data, control } => relays.bind_connection(id, data, control),
                 Command::CloseConnection { id } => relays.close_connection(id),
+                Command::FastPathInstall(e) => relays.fast_path_install(e),
+                Command::FastPathRemove { client, channel } => relays.fast_path_remove(client, channel),
             }
         }
     }
@@ -350,6 +354,8 @@ impl Server {
         if a.tcp {
             self.close_tcp_of(a.tuple);
         }
+        let channels: Vec<u16> = a.channels.iter().map(|c| c.number).collect();
+        self.remove_fast_path(a.tuple, &channels);
         self.cfg.quotas.release(&a.username);
         self.release_user_slot(a.user_slot);
         let t = a.tuple.transport.index();
@@ -489,11 +495,22 @@ impl Server {
         }
         let reply = match m {
             method::ALLOCATE => self.allocate(now, tuple, msg, &auth, existing),
-            method::REFRESH => self.refresh(now, msg, existing),
-            method::CREATE_PERMISSION => self.create_permission(now, tuple, msg, existing),
             method::CONNECT => self.connect(now, tuple, msg, &auth, existing),
             method::CONNECTION_BIND => self.connection_bind(tuple, msg, &auth, existing),
-            _ => self.channel_bind(now, tuple, msg, existing),
+            // Refresh, CreatePermission, ChannelBind: lifetimes of relays,
+            // permissions and channels move, and so do the fast path's
+            // entries.
+            _ => {
+                let r = match m {
+                    method::REFRESH => self.refresh(now, msg, existing),
+                    method::CREATE_PERMISSION => self.create_permission(now, tuple, msg, existing),
+                    _ => self.channel_bind(now, tuple, msg, existing),
+                };
+                if let (Reply::Ok | Reply::RefreshOk { .. }, Some(idx)) = (&r, existing) {
+                    self.sync_fast_path(idx, now);
+                }
+                r
+            }
         };
         match reply {
             Reply::Deferred => return None,

@@ -31,6 +31,8 @@ pub struct FakeRelays {
     pub connects: Vec<(u32, SocketAddr, SocketAddr)>,
     pub bound: Vec<(u32, FiveTuple)>,
     pub closed_conns: Vec<u32>,
+    /// The kernel fast path's table, as the core's commands leave it.
+    pub fast: std::collections::HashMap<(FiveTuple, u16), turn_core::FastPathEntry>,
 }
 
 impl RelayProvider for FakeRelays {
@@ -84,6 +86,12 @@ impl RelayProvider for FakeRelays {
     }
     fn close_connection(&mut self, id: u32) {
         self.closed_conns.push(id);
+    }
+    fn fast_path_install(&mut self, e: turn_core::FastPathEntry) {
+        self.fast.insert((e.client, e.channel), e);
+    }
+    fn fast_path_remove(&mut self, client: FiveTuple, channel: u16) {
+        self.fast.remove(&(client, channel));
     }
 }
 
