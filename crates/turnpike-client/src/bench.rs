@@ -105,6 +105,11 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Send each datagram on its own instead of merging runs with UDP GSO
+    /// (as real clients send: a kernel fast path sees one packet per
+    /// datagram, never a GSO super-packet it must pass on).
+    #[arg(long)]
+    pub no_gso: bool,
 }
 
 /// One run's results.
@@ -644,7 +649,7 @@ impl LoadState {
             buf: vec![0u8; 65536],
             msg: Vec::with_capacity(2048),
             batch: RecvBatch::new(),
-            q: SendQueue::new(true),
+            q: SendQueue::new(!args.no_gso),
             relayed: 0,
             lost: 0,
             rtts: Vec::with_capacity(1 << 20),
@@ -781,7 +786,7 @@ fn bindings(args: &BenchArgs) -> Result<Report> {
     let mut msg = Vec::with_capacity(64);
     let mut buf = vec![0u8; 65536];
     let mut rbatch = RecvBatch::new();
-    let mut q = SendQueue::new(true);
+    let mut q = SendQueue::new(!args.no_gso);
     // Tops `c` up to a full window in one batch; the send time rides in the
     // transaction id.
     let mut refill = |c: &mut Conn, inflight: &mut usize, msg: &mut Vec<u8>| -> io::Result<()> {

@@ -190,6 +190,18 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECS")]
     pub tcp_connect_timeout: Option<u64>,
 
+    /// Kernel fast path (XDP) for established UDP channels: auto (load when
+    /// the kernel and privileges allow, else say why and relay in user
+    /// space), on (refuse to start without it), off [default: auto].
+    #[arg(long, value_name = "MODE")]
+    pub fast_path: Option<String>,
+
+    /// Interface for the fast path (repeatable) [default: the non-loopback
+    /// interfaces that hold a listen address].
+    #[arg(long, value_name = "IFACE")]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub fast_path_interface: Vec<String>,
+
     /// RFC 5780 NAT behaviour discovery (off by default): also listen (UDP)
     /// on --alt-ip and --alt-port, and answer CHANGE-REQUEST, RESPONSE-PORT
     /// and PADDING. Needs a specific --listen address.
@@ -314,10 +326,10 @@ impl ServeArgs {
                  threads, udp_gso, log_level, software, rfc5766_channel_numbers, nonce_lifetime,
                  user_quota, total_quota, max_bps, user_max_bps, rate_limit_per_ip,
                  auth_fail_limit, auth_block_secs, max_connections, max_connections_per_ip, handshake_timeout, idle_timeout,
-                 tcp_connections_per_allocation, tcp_connect_timeout,
+                 tcp_connections_per_allocation, tcp_connect_timeout, fast_path,
                  rfc5780, alt_ip, alt_port, log_format, redact, drain_timeout, metrics_listen,
                  admin_listen, admin_token, admin_token_file, db, redis_url;
-            vec: listen, tls_listen, relay_ip, external_ip, user, auth_secret, allow_peer, deny_peer,
+            vec: fast_path_interface, listen, tls_listen, relay_ip, external_ip, user, auth_secret, allow_peer, deny_peer,
                  alternate_server);
     }
 }
@@ -412,6 +424,10 @@ pub struct Settings {
     pub tcp_connections_per_allocation: usize,
     /// RFC 6062: how long a Connect may take.
     pub tcp_connect_timeout: std::time::Duration,
+    /// Kernel fast path mode.
+    pub fast_path: FastPathMode,
+    /// Interfaces named for the fast path (empty: chosen by listen address).
+    pub fast_path_interfaces: Vec<String>,
     /// RFC 5780: the primary listen address and the alternate IP and port.
     pub rfc5780: Option<(SocketAddr, IpAddr, Option<u16>)>,
     /// Log lines as JSON.
@@ -824,6 +840,15 @@ impl Settings {
         if tcp_connections_per_allocation == 0 || tcp_connections_per_allocation > 65535 {
             bail!("tcp-connections-per-allocation: must be 1 to 65535 (default 64)");
         }
+        let fast_path = match a.fast_path.as_deref().unwrap_or("auto") {
+            "auto" => FastPathMode::Auto,
+            "on" => FastPathMode::On,
+            "off" => FastPathMode::Off,
+            other => bail!("fast-path: {other:?} is not auto, on or off (default auto)"),
+        };
+        if fast_path == FastPathMode::Off && !a.fast_path_interface.is_empty() {
+            bail!("fast-path-interface: given with --fast-path off; drop one of them");
+        }
         let tcp_connect_timeout = a.tcp_connect_timeout.unwrap_or(30);
         if !(30..=3600).contains(&tcp_connect_timeout) {
             bail!("tcp-connect-timeout: must be 30 to 3600 seconds (RFC 6062 §5.2 asks for at least 30; default 30)");
@@ -913,6 +938,8 @@ impl Settings {
             idle_timeout: std::time::Duration::from_secs(idle_timeout),
             tcp_connections_per_allocation,
             tcp_connect_timeout: std::time::Duration::from_secs(tcp_connect_timeout),
+            fast_path,
+            fast_path_interfaces: a.fast_path_interface,
             rfc5780,
             log_json,
             redact: a.redact.unwrap_or(false),
@@ -924,6 +951,17 @@ impl Settings {
             redis_url: a.redis_url,
         })
     }
+}
+
+/// `--fast-path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FastPathMode {
+    /// Load when possible; else relay in user space, saying why once.
+    Auto,
+    /// Refuse to start without it.
+    On,
+    /// Never load it.
+    Off,
 }
 
 /// 32 hex digits as an MD5 key (`MD5(name:realm:password)`), or `None`.

@@ -592,6 +592,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         admin = %shown_or(settings.admin.as_ref().map(|(a, _)| *a), "off"),
         db = %settings.db.display(),
         redis = %shown_or(settings.redis_url.as_deref().map(redact_url), "off"),
+        fast_path = %handle.fast_path,
         peer_policy = %format!(
             "default deny of private/reserved ranges{}; {} allow-peer, {} deny-peer",
             if settings.allow_loopback_peers { ", loopback allowed" } else { "" },

@@ -18,6 +18,13 @@ pub static REDIS_UP: std::sync::atomic::AtomicI8 = std::sync::atomic::AtomicI8::
 /// The TLS leaf certificate's notAfter (Unix seconds); 0 without TLS.
 pub static TLS_NOT_AFTER: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
 
+/// 1 while the kernel fast path is loaded.
+pub static FAST_PATH_ACTIVE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Packets the kernel fast path forwarded (read once a second).
+pub static FAST_PATH_PACKETS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Packets of installed flows it passed to user space: no route or neighbour.
+pub static FAST_PATH_NO_ROUTE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// One worker's numbers, as of its last publication.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WorkerMetrics {
@@ -357,6 +364,27 @@ pub fn render(board: &Board, draining: bool) -> String {
         "gauge",
         "Worker threads.",
         &[("", per_worker.len() as f64)],
+    );
+    metric(
+        "fast_path_active",
+        "gauge",
+        "1 while the kernel fast path (XDP) is loaded; 0 when everything is relayed in user space.",
+        &[(
+            "",
+            FAST_PATH_ACTIVE.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        )],
+    );
+    metric(
+        "fast_path_packets_total",
+        "counter",
+        "Packets the kernel fast path relayed (both directions); the user-space path's are relayed_packets_total minus these.",
+        &[("", FAST_PATH_PACKETS.load(std::sync::atomic::Ordering::Relaxed) as f64)],
+    );
+    metric(
+        "fast_path_no_route_total",
+        "counter",
+        "Packets of channels the kernel fast path holds that it passed to user space for want of a route or a resolved neighbour.",
+        &[("", FAST_PATH_NO_ROUTE.load(std::sync::atomic::Ordering::Relaxed) as f64)],
     );
     let redis = REDIS_UP.load(std::sync::atomic::Ordering::Relaxed);
     if redis >= 0 {

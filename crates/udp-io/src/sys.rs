@@ -2,9 +2,18 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// Every IP address configured on this host's interfaces (`getifaddrs`),
-/// loopback included. Empty if the call fails.
+/// The host's interface addresses (every family getifaddrs reports that
+/// is IPv4 or IPv6), without duplicates.
 pub fn local_addresses() -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = interface_addresses().into_iter().map(|(_, ip, _)| ip).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Every interface address: (interface name, address, whether the
+/// interface is loopback).
+pub fn interface_addresses() -> Vec<(String, IpAddr, bool)> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list head into `head`; on success it is
     // freed below with freeifaddrs and not used after.
@@ -17,7 +26,12 @@ pub fn local_addresses() -> Vec<IpAddr> {
         // SAFETY: `cur` is a node of the list getifaddrs returned, alive
         // until freeifaddrs.
         let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null() {
+        if !ifa.ifa_addr.is_null() && !ifa.ifa_name.is_null() {
+            // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+                .to_string_lossy()
+                .into_owned();
+            let loopback = ifa.ifa_flags & libc::IFF_LOOPBACK as u32 != 0;
             // SAFETY: ifa_addr points to a sockaddr whose family says its
             // real type; each arm reads only that type.
             let family = unsafe { (*ifa.ifa_addr).sa_family } as libc::c_int;
@@ -25,12 +39,13 @@ pub fn local_addresses() -> Vec<IpAddr> {
                 libc::AF_INET => {
                     // SAFETY: the family is AF_INET, so this is a sockaddr_in.
                     let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                    out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+                    let ip = IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+                    out.push((name, ip, loopback));
                 }
                 libc::AF_INET6 => {
                     // SAFETY: the family is AF_INET6, so this is a sockaddr_in6.
                     let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                    out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                    out.push((name, IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)), loopback));
                 }
                 _ => {}
             }
@@ -39,8 +54,6 @@ pub fn local_addresses() -> Vec<IpAddr> {
     }
     // SAFETY: `head` came from a successful getifaddrs and is freed once.
     unsafe { libc::freeifaddrs(head) };
-    out.sort();
-    out.dedup();
     out
 }
 

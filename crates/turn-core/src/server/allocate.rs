@@ -30,6 +30,8 @@ pub(super) struct PendingAllocate {
     primary_v6: bool,
     /// RFC 6062: a TCP relay.
     tcp: bool,
+    /// DONT-FRAGMENT.
+    dont_fragment: bool,
 }
 
 impl Server {
@@ -187,6 +189,7 @@ impl Server {
                 lifetime,
                 primary_v6,
                 tcp,
+                dont_fragment: primary.dont_fragment,
             },
         );
         self.commands.push_back(Command::OpenRelays {
@@ -278,6 +281,7 @@ impl Server {
                 user_slot,
                 tcp: p.tcp,
                 tcp_conns: 0,
+                dont_fragment: p.dont_fragment,
             };
             let first = alloc.first_relayed(&self.cfg);
             let second = order.iter().flatten().copied().find(|a| *a != first);

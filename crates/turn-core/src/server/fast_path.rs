@@ -34,6 +34,8 @@ pub struct FastPathEntry {
     /// The earliest of the channel's, the permission's and the relay's
     /// expiry: forwarding stops here whatever else happens.
     pub expires: Instant,
+    /// Send to the peer with DF (the Allocate had DONT-FRAGMENT).
+    pub dont_fragment: bool,
 }
 
 impl Server {
@@ -70,6 +72,7 @@ impl Server {
                     relay: relay.bound,
                     peer: c.peer,
                     expires: c.expires.min(perm).min(relay.expires),
+                    dont_fragment: a.dont_fragment,
                 });
             }
         }

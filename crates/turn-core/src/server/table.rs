@@ -82,6 +82,8 @@ pub(super) struct Allocation {
     pub(super) tcp: bool,
     /// Its peer data connections (connecting, pending or bound).
     pub(super) tcp_conns: u16,
+    /// The Allocate had DONT-FRAGMENT (its relay sockets set DF).
+    pub(super) dont_fragment: bool,
 }
 
 impl Allocation {

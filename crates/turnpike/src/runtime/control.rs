@@ -95,6 +95,8 @@ pub(super) struct CoreBase {
     pub(super) draining: Arc<AtomicBool>,
     pub(super) rfc5780: Option<turn_core::Rfc5780>,
     pub(super) own_sockets: Vec<SocketAddr>,
+    /// The kernel fast path is loaded: the core hands it bound channels.
+    pub(super) fast_path: bool,
 }
 
 /// The core configuration `settings` describe: the one function start-up
@@ -126,6 +128,7 @@ pub(super) fn core_config(settings: &Settings, base: &CoreBase, limits: &SharedL
     c.rfc5780 = base.rfc5780;
     c.alternate_servers = settings.alternate_server.clone();
     c.draining = base.draining.clone();
+    c.fast_path = base.fast_path;
     c
 }
 

@@ -69,6 +69,9 @@ pub(super) struct Io {
     pub(super) tcp_caps: HashMap<FiveTuple, super::tcp_relay::TcpCap, ahash::RandomState>,
     /// Capped directions to read again at a time (a connection's key).
     pub(super) throttled: Vec<(std::time::Instant, usize)>,
+    /// The kernel fast path, when loaded, and this worker's entries in it.
+    pub(super) fast: Option<super::fast::Shared>,
+    pub(super) fast_installed: super::fast::Installed,
 }
 
 impl Io {

@@ -35,6 +35,7 @@ use crate::config::Settings;
 
 mod control;
 mod dispatch;
+mod fast;
 mod listeners;
 mod log;
 mod relays;
@@ -70,6 +71,8 @@ pub struct Handle {
     pub metrics: Option<SocketAddr>,
     /// The TLS leaf certificate (DER).
     pub tls_leaf: Option<Vec<u8>>,
+    /// The kernel fast path's state, for the start-up summary.
+    pub fast_path: String,
     stop: Control,
     threads: Vec<JoinHandle<()>>,
 }
@@ -191,6 +194,13 @@ pub fn start(settings: &Settings) -> Result<Handle> {
         tls_listen.push(bound);
     }
 
+    // After the listeners (their addresses choose the interfaces), before
+    // the core's configuration (which says whether entries are wanted).
+    let fast_state = fast::start(settings, &listen)?;
+    crate::metrics::FAST_PATH_ACTIVE.store(
+        matches!(fast_state, fast::State::Active(..)) as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let own_sockets: Vec<SocketAddr> = listen
         .iter()
         .chain(tls_listen.iter())
@@ -213,6 +223,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
         draining: Arc::new(AtomicBool::new(false)),
         rfc5780,
         own_sockets,
+        fast_path: matches!(fast_state, fast::State::Active(..)),
     };
     let shared = SharedLimits::new(settings);
     let core_cfg = core_config(settings, &base, &shared);
@@ -283,6 +294,10 @@ pub fn start(settings: &Settings) -> Result<Handle> {
                 handoff,
                 handoff_to: handoff_tx.clone(),
                 tcp_relay_addrs: tcp_relay_addrs.clone(),
+                fast: match &fast_state {
+                    fast::State::Active(f, _) => Some(f.clone()),
+                    _ => None,
+                },
             },
         )?;
         threads.push(
@@ -298,6 +313,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
         tls_fingerprint: tls_setup.as_ref().map(|t| t.fingerprint.clone()),
         metrics,
         tls_leaf: tls_setup.as_ref().map(|t| t.leaf.to_vec()),
+        fast_path: fast_state.describe(),
         stop: Control {
             flag,
             wakers,

@@ -210,4 +210,12 @@ impl RelayProvider for Io {
     fn close_connection(&mut self, id: turn_core::ConnectionId) {
         self.close_peer(id);
     }
+
+    fn fast_path_install(&mut self, e: turn_core::FastPathEntry) {
+        self.fast_install(e);
+    }
+
+    fn fast_path_remove(&mut self, client: turn_core::FiveTuple, channel: u16) {
+        self.fast_remove(client, channel);
+    }
 }

@@ -58,6 +58,7 @@ pub(super) struct WorkerParams {
     /// Every worker's handoff channel and waker, by worker id.
     pub(super) handoff_to: Vec<(std::sync::mpsc::Sender<Box<Conn>>, Arc<mio::Waker>)>,
     pub(super) tcp_relay_addrs: super::tcp_relay::TcpRelayAddrs,
+    pub(super) fast: Option<super::fast::Shared>,
 }
 
 /// Limits on TCP/TLS connections, per worker.
@@ -121,6 +122,7 @@ impl Worker {
             handoff,
             handoff_to,
             tcp_relay_addrs,
+            fast,
         } = p;
         let registry = poll.registry().try_clone()?;
         let mut io = Io {
@@ -142,6 +144,8 @@ impl Worker {
             tcp_bytes: [0; 2],
             tcp_caps: HashMap::default(),
             throttled: Vec::new(),
+            fast,
+            fast_installed: Default::default(),
         };
         for (s, addr) in sockets.udp {
             let mut sock = UdpSocket::from_std(s);
@@ -203,6 +207,9 @@ impl Worker {
         while let Some(t) = self.core.poll_transmit() {
             self.io.send(t.dest, &t.data);
         }
+        if !self.io.fast_installed.final_counts.is_empty() {
+            self.fast_counts(now, false);
+        }
     }
 
     pub(super) fn run(&mut self) {
@@ -246,6 +253,7 @@ impl Worker {
             self.handle_commands(now);
             if now >= self.next_sweep {
                 self.sweep_connections(now);
+                self.fast_counts(now, true);
                 self.publish_metrics(now);
                 self.refusals.flush(now);
                 self.next_sweep = now + SWEEP_INTERVAL;

@@ -1,0 +1,192 @@
+//! The kernel fast path in the runtime (`--fast-path`): which interfaces
+//! it runs on, loading it at start (or saying why not), carrying the
+//! core's fast-path commands into its maps, and feeding what the kernel
+//! forwarded back into the core's per-allocation stats once a second.
+//! The program and its maps are the `fastpath` crate's.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use fastpath::{Counts, Entry, FastPath};
+use tracing::warn;
+use turn_core::{FastPathEntry, FiveTuple};
+
+use super::dispatch::Io;
+use super::worker::Worker;
+use crate::config::{FastPathMode, Settings};
+
+/// The loaded program, shared by the workers (touched when a channel is
+/// bound, refreshed or removed, and once a second for counts; never per
+/// packet).
+pub(super) type Shared = Arc<Mutex<FastPath>>;
+
+/// What start-up found.
+pub(crate) enum State {
+    /// `--fast-path off`.
+    Off,
+    /// `auto`, and it could not load: why.
+    Unavailable(String),
+    /// Loaded, on these interfaces (native XDP or generic).
+    Active(Shared, Vec<(String, bool)>),
+}
+
+impl State {
+    /// For the start-up summary.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            State::Off => "off".into(),
+            State::Unavailable(why) => format!("unavailable ({why}); relaying in user space"),
+            State::Active(_, ifaces) => {
+                let list: Vec<String> = ifaces
+                    .iter()
+                    .map(|(n, native)| format!("{n} ({})", if *native { "native" } else { "generic" }))
+                    .collect();
+                format!("on: {}", list.join(", "))
+            }
+        }
+    }
+}
+
+/// The non-loopback interfaces that hold one of the listen addresses (all
+/// with an IPv4 address, for a wildcard listener).
+fn interfaces_for(listen: &[SocketAddr]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (name, ip, loopback) in udp_io::interface_addresses() {
+        if loopback {
+            continue;
+        }
+        let wanted = listen
+            .iter()
+            .any(|l| l.ip() == ip || (l.ip().is_unspecified() && l.is_ipv4() && matches!(ip, IpAddr::V4(_))));
+        if wanted && !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    out
+}
+
+/// Loads the fast path as `--fast-path` says.
+pub(super) fn start(settings: &Settings, listen: &[SocketAddr]) -> Result<State> {
+    if settings.fast_path == FastPathMode::Off {
+        return Ok(State::Off);
+    }
+    let ifaces = if settings.fast_path_interfaces.is_empty() {
+        interfaces_for(listen)
+    } else {
+        settings.fast_path_interfaces.clone()
+    };
+    let loaded = if ifaces.is_empty() {
+        Err(fastpath::Error::Kernel(
+            "no non-loopback interface holds a listen address (name one with --fast-path-interface)".into(),
+        ))
+    } else {
+        FastPath::load(&ifaces)
+    };
+    match loaded {
+        Ok(f) => {
+            let on = f.interfaces().to_vec();
+            Ok(State::Active(Arc::new(Mutex::new(f)), on))
+        }
+        Err(e) if settings.fast_path == FastPathMode::On => {
+            bail!("fast-path: on, but it cannot load: {e} (run as root on Linux with XDP, or use --fast-path auto)")
+        }
+        Err(e) => Ok(State::Unavailable(e.to_string())),
+    }
+}
+
+/// A worker's installed entries and the counts last fed to the core.
+#[derive(Default)]
+pub(super) struct Installed {
+    pub(super) entries: HashMap<(FiveTuple, u16), (Entry, Counts)>,
+    /// Counts of removed entries, for the core.
+    pub(super) final_counts: Vec<(FiveTuple, Counts)>,
+}
+
+fn delta(now: Counts, before: Counts) -> Counts {
+    Counts {
+        to_peer_packets: now.to_peer_packets.saturating_sub(before.to_peer_packets),
+        to_peer_bytes: now.to_peer_bytes.saturating_sub(before.to_peer_bytes),
+        from_peer_packets: now.from_peer_packets.saturating_sub(before.from_peer_packets),
+        from_peer_bytes: now.from_peer_bytes.saturating_sub(before.from_peer_bytes),
+    }
+}
+
+impl Io {
+    pub(super) fn fast_install(&mut self, e: FastPathEntry) {
+        let Some(shared) = &self.fast else {
+            return;
+        };
+        let entry = Entry {
+            client: e.client.client,
+            server: e.client.server,
+            channel: e.channel,
+            relay: e.relay,
+            peer: e.peer,
+            expires_ns: fastpath::kernel_time(e.expires),
+            dont_fragment: e.dont_fragment,
+        };
+        let r = shared.lock().unwrap_or_else(|p| p.into_inner()).install(&entry);
+        match r {
+            Ok(()) => {
+                self.fast_installed
+                    .entries
+                    .entry((e.client, e.channel))
+                    .and_modify(|(old, _)| *old = entry)
+                    .or_insert((entry, Counts::default()));
+            }
+            // IPv6 for now: the channel stays in user space.
+            Err(fastpath::Error::Unsupported(_)) => {}
+            Err(err) => {
+                warn!(error = %err, "fast path: an entry was not installed; its channel stays in user space")
+            }
+        }
+    }
+
+    pub(super) fn fast_remove(&mut self, client: FiveTuple, channel: u16) {
+        let (Some(shared), Some((entry, last))) =
+            (&self.fast, self.fast_installed.entries.remove(&(client, channel)))
+        else {
+            return;
+        };
+        let c = shared.lock().unwrap_or_else(|p| p.into_inner()).remove(&entry);
+        self.fast_installed.final_counts.push((client, delta(c, last)));
+    }
+}
+
+impl Worker {
+    /// What the kernel forwarded since the last look, into the core's
+    /// stats (session list, logs, metrics); once a second, and for each
+    /// removed entry.
+    pub(super) fn fast_counts(&mut self, now: Instant, all: bool) {
+        let Some(shared) = self.io.fast.clone() else {
+            return;
+        };
+        let mut deltas = std::mem::take(&mut self.io.fast_installed.final_counts);
+        if all && !self.io.fast_installed.entries.is_empty() {
+            let f = shared.lock().unwrap_or_else(|p| p.into_inner());
+            for ((client, _), (entry, last)) in self.io.fast_installed.entries.iter_mut() {
+                let c = f.counts(entry);
+                deltas.push((*client, delta(c, *last)));
+                *last = c;
+            }
+            if self.id == 0 {
+                let (forwarded, _, no_route) = f.totals();
+                crate::metrics::FAST_PATH_PACKETS.store(forwarded, std::sync::atomic::Ordering::Relaxed);
+                crate::metrics::FAST_PATH_NO_ROUTE.store(no_route, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        for (client, d) in deltas {
+            if d != Counts::default() {
+                self.core.handle_fast_path_counts(
+                    now,
+                    client,
+                    (d.to_peer_packets, d.to_peer_bytes),
+                    (d.from_peer_packets, d.from_peer_bytes),
+                );
+            }
+        }
+    }
+}
