@@ -280,11 +280,13 @@ impl FastPath {
             let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
             match std::fs::read_to_string(&path) {
                 Ok(v) if v.trim() == "1" => {}
-                Ok(_) => return Err(Error::Kernel(format!(
+                Ok(_) => {
+                    return Err(Error::Kernel(format!(
                     "{iface} does not forward IPv4 (the fast path sends by the kernel's forwarding table): \
                          sysctl -w net.ipv4.conf.{iface}.forwarding=1, with a FORWARD policy that drops what \
                          is not yours (SECURITY.md)"
-                ))),
+                )))
+                }
                 Err(_) => return Err(Error::Kernel(format!("no interface {iface}"))),
             }
         }

@@ -1,4 +1,4 @@
-//! Batched UDP I/O for turnpike, and the workspace's only `unsafe` code.
+//! Batched UDP I/O for turnpike; with the `fastpath` crate, the workspace's only `unsafe` code.
 //!
 //! - [`RecvBatch`]: `recvmmsg(2)` of up to [`BATCH`] datagrams, each with
 //!   its sender and, on sockets with [`set_recv_local_addr`], the local

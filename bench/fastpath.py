@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""The kernel fast path measured beside the user-space path, coturn and the
+reference relay, over real interfaces: a network namespace for the server
+joined by two veth pairs to an outer one holding the load generator's
+client and peer sockets (client side 10.203.1.0/24, peer side
+10.203.2.0/24). Each server is pinned to core 0, the generator to core 1;
+the server side's veth NAPI runs threaded, pinned to core 0 too, so XDP
+work (accounted as softirq) lands on the server's core, not the
+generator's. Run as root, by hand, not in CI:
+
+    python3 bench/fastpath.py                  # 5 s per run, median of 3
+    DURATION=3 REPEAT=1 python3 bench/fastpath.py
+
+Needs: iproute2, ethtool, taskset, coturn, a release build with clang
+(done here). The namespaces and veths are made and removed here; the
+servers started here are stopped by PID.
+"""
+import json, os, shutil, signal, subprocess, sys, time
+
+DURATION = os.environ.get('DURATION', '5')
+WARMUP = os.environ.get('WARMUP', '1')
+REPEAT = int(os.environ.get('REPEAT', '3'))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TP = os.path.join(ROOT, 'target/release/turnpike')
+REF = os.path.join(ROOT, 'target/release/refrelay')
+O, S = f'tpbo{os.getpid()}', f'tpbs{os.getpid()}'
+SERVER, RELAY, PEER = '10.203.1.1', '10.203.2.1', '10.203.2.2'
+
+TURNPIKE = [TP, 'serve', '--listen', f'{SERVER}:3478', '--no-tls', '--user', 'bench:bench',
+            '--realm', 'turnpike', '--relay-ip', RELAY, '--allow-peer', '10.203.2.0/24',
+            '--rate-limit-per-ip', '0', '--auth-fail-limit', '0', '--threads', '1',
+            '--log-level', 'error']
+SERVERS = {
+    'turnpike fast path': TURNPIKE + ['--fast-path', 'on', '--fast-path-interface', 's1',
+                                      '--fast-path-interface', 's2'],
+    'turnpike user space': TURNPIKE + ['--fast-path', 'off'],
+    'coturn 4.6.1': ['turnserver', '-n', f'--listening-ip={SERVER}', '--listening-port=3478',
+                     f'--relay-ip={RELAY}', '--lt-cred-mech', '--user=bench:bench',
+                     '--realm=turnpike', '--no-tls', '--no-dtls', '--no-cli', '--relay-threads=1',
+                     '--min-port=49152', '--max-port=65535', '--no-software-attribute',
+                     '--simple-log', '--log-file=/dev/null', '--total-quota=0', '--user-quota=0'],
+    'reference': [REF, f'{SERVER}:3478'],
+}
+SHAPES = [('16 x 16', '16', '16'), ('64 x 4', '64', '4'), ('256 x 1', '256', '1')]
+
+
+def sh(cmd):
+    subprocess.run(['sh', '-ec', cmd], check=True)
+
+
+def setup():
+    sh(f'''ip netns add {O}; ip netns add {S}
+ip -n {O} link set lo up; ip -n {S} link set lo up
+ip -n {O} link add a1 type veth peer name s1 netns {S}
+ip -n {O} link add a2 type veth peer name s2 netns {S}
+ip -n {O} addr add 10.203.1.2/24 dev a1; ip -n {S} addr add {SERVER}/24 dev s1
+ip -n {O} addr add {PEER}/24 dev a2; ip -n {S} addr add {RELAY}/24 dev s2
+for i in a1 a2; do ip -n {O} link set $i up; ip netns exec {O} ethtool -K $i gro on >/dev/null; done
+for i in s1 s2; do ip -n {S} link set $i up; ip netns exec {S} ethtool -K $i gro on >/dev/null; done
+ip netns exec {S} sysctl -qw net.ipv4.conf.s1.forwarding=1 net.ipv4.conf.s2.forwarding=1''')
+    # Threaded NAPI for the server's veths, pinned to the server's core.
+    for i in ('s1', 's2'):
+        sh(f"ip netns exec {S} sh -c 'echo 1 > /sys/class/net/{i}/threaded'")
+    time.sleep(0.2)
+    ps = subprocess.run(['ps', '-eo', 'pid,comm'], capture_output=True, text=True).stdout
+    for line in ps.splitlines()[1:]:
+        pid, comm = line.split(None, 1)
+        if comm.startswith('napi/s1') or comm.startswith('napi/s2'):
+            subprocess.run(['taskset', '-pc', '0', pid], capture_output=True)
+
+
+def teardown():
+    subprocess.run(['ip', 'netns', 'del', O], capture_output=True)
+    subprocess.run(['ip', 'netns', 'del', S], capture_output=True)
+
+
+def start(name):
+    p = subprocess.Popen(['ip', 'netns', 'exec', S, 'taskset', '-c', '0'] + SERVERS[name],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.5)
+    if p.poll() is not None:
+        sys.exit(f'{name} did not start')
+    return p
+
+
+def server_pid(p):
+    # `ip netns exec` execs the server, so the child's pid is the server's.
+    return p.pid
+
+
+def bench(pid, allocs, window):
+    cmd = ['ip', 'netns', 'exec', O, 'taskset', '-c', '1', TP, 'bench', '--server', f'{SERVER}:3478',
+           '--peer-ip', PEER, '--user', 'bench', '--password', 'bench', '--json', '--pid', str(pid),
+           '--server-core', '0', '--duration', DURATION, '--warmup', WARMUP, '--no-gso',
+           '--mode', 'channel', '--allocations', allocs, '--window', window]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        return {'error': out.stderr.strip()[:200]}
+    return json.loads(out.stdout)
+
+
+def main():
+    if os.geteuid() != 0:
+        sys.exit('run as root (namespaces, XDP)')
+    for tool in ('ip', 'ethtool', 'taskset', 'turnserver'):
+        if not shutil.which(tool):
+            sys.exit(f'{tool} not found')
+    subprocess.run(['cargo', 'build', '--release', '-q', '-p', 'turnpike', '-p', 'turnpike-bench'],
+                   cwd=ROOT, check=True)
+    setup()
+    results = {}
+    try:
+        for label, allocs, window in SHAPES:
+            for _ in range(REPEAT):
+                for name in SERVERS:
+                    p = start(name)
+                    try:
+                        results.setdefault((label, name), []).append(bench(server_pid(p), allocs, window))
+                    finally:
+                        p.send_signal(signal.SIGINT)
+                        try:
+                            p.wait(10)
+                        except subprocess.TimeoutExpired:
+                            p.kill()
+                    time.sleep(0.5)
+    finally:
+        teardown()
+    print(json.dumps({f'{k[0]} | {k[1]}': v for k, v in results.items()}, indent=1), file=sys.stderr)
+    print(f'duration {DURATION} s, warm-up {WARMUP} s, payload 160 B, ChannelData over UDP without GSO; '
+          f'median of {REPEAT} by packets/s (all runs listed)\n')
+    print('| allocations x window | server | packets/s | runs | lost | RTT p50 / p99 µs '
+          '| user µs/pkt | sys µs/pkt | core 0 µs/pkt (all) |')
+    print('|---|---|---|---|---|---|---|---|---|')
+    for label, _, _ in SHAPES:
+        for name in SERVERS:
+            runs = results[(label, name)]
+            ok = [r for r in runs if 'error' not in r]
+            if not ok:
+                print(f'| {label} | {name} | error: {runs[0]["error"]} ||||||')
+                continue
+            ok.sort(key=lambda r: r['per_second'])
+            r = ok[len(ok) // 2]
+            every = ' / '.join(f'{x["per_second"] / 1000:.0f}k' for x in ok)
+            rtt = r.get('rtt_us') or {}
+            f = lambda v: f'{v:.3f}' if v is not None else '–'
+            print(f'| {label} | {name} | {r["per_second"]:.0f} | {every} | {r["lost"]} | '
+                  f'{rtt.get("p50", "–")} / {rtt.get("p99", "–")} | {f(r.get("server_user_us_per_op"))} | '
+                  f'{f(r.get("server_sys_us_per_op"))} | {f(r.get("server_core_us_per_op"))} |')
+
+
+if __name__ == '__main__':
+    main()
