@@ -320,27 +320,17 @@ impl FastPath {
     }
 
     fn keys(e: &Entry) -> Result<(ClientKey, ClientVal, PeerKey, PeerVal), Error> {
+        let (ck, pk) = Self::key_pair(e)?;
         // Out of the interfaces holding the relay and the listener address.
         let relay_if = interface_of(e.relay.ip()).unwrap_or(0);
         let server_if = interface_of(e.server.ip()).unwrap_or(0);
-        let (client_ip, client_port) = v4(e.client)?;
-        let (server_ip, server_port) = v4(e.server)?;
-        let (relay_ip, relay_port) = v4(e.relay)?;
-        let (peer_ip, peer_port) = v4(e.peer)?;
         Ok((
-            ClientKey {
-                client_ip,
-                server_ip,
-                client_port,
-                server_port,
-                channel: e.channel,
-                pad: 0,
-            },
+            ck,
             ClientVal {
-                relay_ip,
-                peer_ip,
-                relay_port,
-                peer_port,
+                relay_ip: pk.relay_ip,
+                peer_ip: pk.peer_ip,
+                relay_port: pk.relay_port,
+                peer_port: pk.peer_port,
                 flags: e.dont_fragment as u32,
                 ifindex: relay_if,
                 pad: 0,
@@ -348,18 +338,12 @@ impl FastPath {
                 packets: 0,
                 bytes: 0,
             },
-            PeerKey {
-                relay_ip,
-                peer_ip,
-                relay_port,
-                peer_port,
-                pad: 0,
-            },
+            pk,
             PeerVal {
-                client_ip,
-                server_ip,
-                client_port,
-                server_port,
+                client_ip: ck.client_ip,
+                server_ip: ck.server_ip,
+                client_port: ck.client_port,
+                server_port: ck.server_port,
                 channel: e.channel,
                 pad: 0,
                 ifindex: server_if,
