@@ -507,6 +507,8 @@ struct Lane {
     channel: u16,
     inflight: usize,
     last_rx: Instant,
+    /// A signed Refresh(0), sent at the end so the server is left as it was.
+    bye: Vec<u8>,
 }
 
 const LOSS_TIMEOUT: Duration = Duration::from_millis(500);
@@ -536,7 +538,9 @@ fn relay(args: &BenchArgs) -> Result<Report> {
         }
         peer.connect(a.relayed)?;
         peer.set_nonblocking(true)?;
+        let bye = c.refresh_request(0);
         lanes.push(Lane {
+            bye,
             client: Conn::from_channel(c.into_channel())?,
             peer: UdpSocket::from_std(peer),
             peer_addr,
@@ -616,8 +620,14 @@ fn relay(args: &BenchArgs) -> Result<Report> {
     meter.finish(&mut r);
     r.lost = state.lost;
     r.rtt_us = percentiles(std::mem::take(&mut state.rtts));
-    // Closing the sockets lets the allocations expire (UDP) or deletes
-    // them (TCP).
+    // Delete the allocations: a UDP allocation left to expire would
+    // answer 437 to a later client that gets the same port.
+    let mut q = SendQueue::new(false);
+    for l in lanes.iter_mut() {
+        let bye = std::mem::take(&mut l.bye);
+        let _ = l.client.send_many(&mut q, &[&bye]);
+    }
+    std::thread::sleep(Duration::from_millis(50));
     drop(lanes);
     Ok(r)
 }

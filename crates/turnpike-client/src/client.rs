@@ -402,6 +402,24 @@ impl TurnClient {
         self.tcp = tcp;
     }
 
+    /// A signed Refresh with `lifetime` (0: delete), to send later on the
+    /// raw socket ([`TurnClient::into_channel`]): how a load generator that
+    /// drives its sockets itself ends its allocations.
+    pub fn refresh_request(&mut self, lifetime: u32) -> Vec<u8> {
+        let txid: [u8; 12] = rand::random();
+        let mut buf = Vec::new();
+        let mut b = MessageBuilder::new(&mut buf, MessageType::new(method::REFRESH, Class::Request), &txid);
+        b.u32(attr::LIFETIME, lifetime);
+        if let (Some(realm), Some(nonce)) = (&self.realm, &self.nonce) {
+            b.attr(attr::USERNAME, self.user.as_bytes())
+                .attr(attr::REALM, realm.as_bytes())
+                .attr(attr::NONCE, nonce)
+                .message_integrity(&self.key);
+        }
+        b.fingerprint();
+        buf
+    }
+
     /// RFC 6062 §4.3 Connect: the server connects to `peer` from the TCP
     /// relayed address; returns the CONNECTION-ID to bind.
     pub fn connect(&mut self, peer: SocketAddr) -> Result<u32, ClientError> {

@@ -55,6 +55,13 @@ fn every_mode_runs_and_reports() {
         assert!(r["per_second"].as_f64().unwrap() > 0.0, "{extra:?}: {r}");
         assert!(r["rtt_us"]["p50"].as_u64().is_some(), "{extra:?}: {r}");
         assert!(r["server_user_us_per_op"].as_f64().is_some(), "{extra:?}: {r}");
+        // Every mode deletes what it allocated: a UDP allocation left
+        // behind would answer 437 to a later client given the same port.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while h.control().allocations() > 0 && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(h.control().allocations(), 0, "{extra:?} left allocations behind");
     }
     let r = bench(server, &["--mode", "hold", "--allocations", "50"]);
     assert_eq!(r["operations"].as_u64(), Some(50), "{r}");
