@@ -11,12 +11,29 @@ use std::time::Duration;
 
 use stun_proto::{attr, method, Class, Message, MessageBuilder, MessageType};
 
+/// A port free for UDP and TCP on 127.0.0.1 and 127.0.0.2, never handed
+/// out twice in this run: the tests run in parallel, and a port the kernel
+/// gave one of them and took back could otherwise go to the other.
 fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if given.iter().any(|g| g.abs_diff(port) <= 1) {
+            continue;
+        }
+        let free = ["127.0.0.1", "127.0.0.2"].iter().all(|ip| {
+            std::net::TcpListener::bind((*ip, port)).is_ok() && UdpSocket::bind((*ip, port)).is_ok()
+        });
+        if free {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 #[test]
