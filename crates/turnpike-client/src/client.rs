@@ -145,6 +145,21 @@ impl Channel {
         }
     }
 
+    /// One read from a TCP or TLS stream, waiting at most `left`.
+    fn read_stream(&mut self, left: Duration, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.kind {
+            Kind::Udp(_) => Err(io::ErrorKind::Unsupported.into()),
+            Kind::Tcp(s) => {
+                s.set_read_timeout(Some(left))?;
+                s.read(buf)
+            }
+            Kind::Tls(s) => {
+                s.sock.set_read_timeout(Some(left))?;
+                s.read(buf)
+            }
+        }
+    }
+
     /// Receives raw bytes (an RFC 6062 data connection after
     /// ConnectionBind): what is buffered, else one read; `None` when
     /// `deadline` passes first; an error when the stream ended.
@@ -157,18 +172,7 @@ impl Channel {
             return Ok(None);
         }
         let mut tmp = vec![0u8; 65536];
-        let res = match &mut self.kind {
-            Kind::Udp(_) => return Err(io::ErrorKind::Unsupported.into()),
-            Kind::Tcp(s) => {
-                s.set_read_timeout(Some(left))?;
-                s.read(&mut tmp)
-            }
-            Kind::Tls(s) => {
-                s.sock.set_read_timeout(Some(left))?;
-                s.read(&mut tmp)
-            }
-        };
-        match res {
+        match self.read_stream(left, &mut tmp) {
             Ok(0) => Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => {
                 tmp.truncate(n);
@@ -211,14 +215,7 @@ impl Channel {
                         Err(e) => Err(e),
                     }
                 }
-                Kind::Tcp(s) => {
-                    s.set_read_timeout(Some(left))?;
-                    s.read(&mut tmp)
-                }
-                Kind::Tls(s) => {
-                    s.sock.set_read_timeout(Some(left))?;
-                    s.read(&mut tmp)
-                }
+                _ => self.read_stream(left, &mut tmp),
             };
             match res {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
