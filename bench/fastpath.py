@@ -49,13 +49,16 @@ def sh(cmd):
 
 
 def setup():
+    # The generator's veths compute UDP checksums themselves (tx off), as
+    # a datagram from a wire has them: the fast path updates a checksum
+    # and cannot update one left to offload.
     sh(f'''ip netns add {O}; ip netns add {S}
 ip -n {O} link set lo up; ip -n {S} link set lo up
 ip -n {O} link add a1 type veth peer name s1 netns {S}
 ip -n {O} link add a2 type veth peer name s2 netns {S}
 ip -n {O} addr add 10.203.1.2/24 dev a1; ip -n {S} addr add {SERVER}/24 dev s1
 ip -n {O} addr add {PEER}/24 dev a2; ip -n {S} addr add {RELAY}/24 dev s2
-for i in a1 a2; do ip -n {O} link set $i up; ip netns exec {O} ethtool -K $i gro on >/dev/null; done
+for i in a1 a2; do ip -n {O} link set $i up; ip netns exec {O} ethtool -K $i gro on tx off >/dev/null; done
 for i in s1 s2; do ip -n {S} link set $i up; ip netns exec {S} ethtool -K $i gro on >/dev/null; done
 ip netns exec {S} sysctl -qw net.ipv4.conf.s1.forwarding=1 net.ipv4.conf.s2.forwarding=1''')
     # Threaded NAPI: the server's veths pinned to the server's core, the

@@ -10,10 +10,11 @@
 //! values are `#[repr(C)]` plain data the kernel reads (`aya::Pod`), and
 //! `clock_gettime` gives the clock the program compares expiries with.
 //!
-//! IPv4 only so far: an entry with an IPv6 address is refused with
-//! [`Error::Unsupported`] and its channel stays in user space.
+//! IPv4 and IPv6, each entry of one family (an entry mixing them is
+//! refused with [`Error::Unsupported`] and its channel stays in user
+//! space, as do IPv6 channels on interfaces that do not forward IPv6).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Instant;
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
@@ -31,7 +32,8 @@ pub enum Error {
     /// The kernel refused: no privileges, no BPF, a verifier error, an
     /// interface that does not take XDP. The text says which.
     Kernel(String),
-    /// The entry is of a kind the program does not handle yet (IPv6).
+    /// The entry is of a kind the program does not handle (mixed
+    /// families, or IPv6 where the interfaces do not forward it).
     Unsupported(&'static str),
 }
 
@@ -42,7 +44,7 @@ impl std::fmt::Display for Error {
                 "this build has no XDP program (clang and libbpf-dev were not installed when it was built)",
             ),
             Error::Kernel(e) => write!(f, "{e}"),
-            Error::Unsupported(what) => write!(f, "not handled by the fast path yet: {what}"),
+            Error::Unsupported(what) => write!(f, "not handled by the fast path: {what}"),
         }
     }
 }
@@ -53,67 +55,79 @@ fn kernel(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Kernel(format!("{what}: {e}"))
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct ClientKey {
-    client_ip: u32,
-    server_ip: u32,
-    client_port: u16,
-    server_port: u16,
-    channel: u16,
-    pad: u16,
+/// The map layouts, one set per family: `#[repr(C)]` twins of the C
+/// structs in `turn_fast.c`, addresses and ports in network byte order.
+macro_rules! layouts {
+    ($ck:ident, $cv:ident, $pk:ident, $pv:ident, $ip:ty) => {
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        struct $ck {
+            client_ip: $ip,
+            server_ip: $ip,
+            client_port: u16,
+            server_port: u16,
+            channel: u16,
+            pad: u16,
+        }
+
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default)]
+        struct $cv {
+            relay_ip: $ip,
+            peer_ip: $ip,
+            relay_port: u16,
+            peer_port: u16,
+            flags: u32,
+            ifindex: u32,
+            pad: u32,
+            expires_ns: u64,
+            limit: u64,
+            packets: u64,
+            bytes: u64,
+        }
+
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        struct $pk {
+            relay_ip: $ip,
+            peer_ip: $ip,
+            relay_port: u16,
+            peer_port: u16,
+            pad: u32,
+        }
+
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default)]
+        struct $pv {
+            client_ip: $ip,
+            server_ip: $ip,
+            client_port: u16,
+            server_port: u16,
+            channel: u16,
+            pad: u16,
+            ifindex: u32,
+            pad2: u32,
+            expires_ns: u64,
+            limit: u64,
+            packets: u64,
+            bytes: u64,
+        }
+
+        // SAFETY: plain `#[repr(C)]` data of integers with explicit padding
+        // fields, matching the C structs byte for byte; any bit pattern is
+        // valid.
+        unsafe impl aya::Pod for $ck {}
+        // SAFETY: as above.
+        unsafe impl aya::Pod for $cv {}
+        // SAFETY: as above.
+        unsafe impl aya::Pod for $pk {}
+        // SAFETY: as above.
+        unsafe impl aya::Pod for $pv {}
+    };
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct ClientVal {
-    relay_ip: u32,
-    peer_ip: u32,
-    relay_port: u16,
-    peer_port: u16,
-    flags: u32,
-    ifindex: u32,
-    pad: u32,
-    expires_ns: u64,
-    packets: u64,
-    bytes: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct PeerKey {
-    relay_ip: u32,
-    peer_ip: u32,
-    relay_port: u16,
-    peer_port: u16,
-    pad: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct PeerVal {
-    client_ip: u32,
-    server_ip: u32,
-    client_port: u16,
-    server_port: u16,
-    channel: u16,
-    pad: u16,
-    ifindex: u32,
-    pad2: u32,
-    expires_ns: u64,
-    packets: u64,
-    bytes: u64,
-}
-
-// SAFETY: plain `#[repr(C)]` data of integers with explicit padding
-// fields, matching the C structs byte for byte; any bit pattern is valid.
-unsafe impl aya::Pod for ClientKey {}
-// SAFETY: as above.
-unsafe impl aya::Pod for ClientVal {}
-// SAFETY: as above.
-unsafe impl aya::Pod for PeerKey {}
-// SAFETY: as above.
-unsafe impl aya::Pod for PeerVal {}
+layouts!(ClientKey, ClientVal, PeerKey, PeerVal, u32);
+layouts!(ClientKey6, ClientVal6, PeerKey6, PeerVal6, [u32; 4]);
 
 /// Nanoseconds of CLOCK_MONOTONIC, the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
@@ -156,6 +170,12 @@ pub struct Entry {
     pub expires_ns: u64,
     /// Send to the peer with DF (the client asked for DONT-FRAGMENT).
     pub dont_fragment: bool,
+    /// Client → peer payload bytes (of [`Counts::to_peer_bytes`]) up to
+    /// which the kernel forwards; past it, packets go to user space.
+    /// `u64::MAX`: no limit.
+    pub to_peer_limit: u64,
+    /// The same for peer → client.
+    pub from_peer_limit: u64,
 }
 
 /// The index of the interface holding `ip` (where the kernel sends a
@@ -175,17 +195,23 @@ pub fn interface_of(ip: IpAddr) -> Option<u32> {
         let ifa = unsafe { &*cur };
         if !ifa.ifa_addr.is_null() && !ifa.ifa_name.is_null() {
             // SAFETY: ifa_addr points to a sockaddr whose family says its
-            // type; only AF_INET is read, as a sockaddr_in.
+            // type; only AF_INET and AF_INET6 are read, as theirs.
             let family = unsafe { (*ifa.ifa_addr).sa_family } as libc::c_int;
-            if family == libc::AF_INET {
+            let a = if family == libc::AF_INET {
                 // SAFETY: the family is AF_INET, so this is a sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                let a = IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-                if a == ip {
-                    // SAFETY: ifa_name is a NUL-terminated string of the list.
-                    let idx = unsafe { libc::if_nametoindex(ifa.ifa_name) };
-                    found = (idx != 0).then_some(idx);
-                }
+                Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))))
+            } else if family == libc::AF_INET6 {
+                // SAFETY: the family is AF_INET6, so this is a sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                Some(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+            } else {
+                None
+            };
+            if a == Some(ip) {
+                // SAFETY: ifa_name is a NUL-terminated string of the list.
+                let idx = unsafe { libc::if_nametoindex(ifa.ifa_name) };
+                found = (idx != 0).then_some(idx);
             }
         }
         cur = ifa.ifa_next;
@@ -195,11 +221,27 @@ pub fn interface_of(ip: IpAddr) -> Option<u32> {
     found
 }
 
-fn v4(a: SocketAddr) -> Result<(u32, u16), Error> {
+/// Network byte order in memory, as the program compares it.
+fn port(a: SocketAddr) -> u16 {
+    a.port().to_be()
+}
+
+fn ip4(a: SocketAddr) -> Option<u32> {
     match a.ip() {
-        // Network byte order in memory, as the program compares it.
-        IpAddr::V4(ip) => Ok((u32::from_ne_bytes(ip.octets()), a.port().to_be())),
-        IpAddr::V6(_) => Err(Error::Unsupported("IPv6")),
+        IpAddr::V4(ip) => Some(u32::from_ne_bytes(ip.octets())),
+        IpAddr::V6(_) => None,
+    }
+}
+
+fn ip6(a: SocketAddr) -> Option<[u32; 4]> {
+    match a.ip() {
+        IpAddr::V6(ip) => {
+            let o = ip.octets();
+            Some(std::array::from_fn(|i| {
+                u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+            }))
+        }
+        IpAddr::V4(_) => None,
     }
 }
 
@@ -216,21 +258,162 @@ pub struct Counts {
     pub from_peer_bytes: u64,
 }
 
+/// What the program counted, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Packets forwarded.
+    pub forwarded: u64,
+    /// Packets of installed flows looked at.
+    pub matched: u64,
+    /// Of those, passed to user space for want of a route or neighbour,
+    /// or over the route's MTU.
+    pub no_route: u64,
+    /// Of those, passed to user space because the sender left the UDP
+    /// checksum to offload (a local sender on veth).
+    pub partial_checksum: u64,
+}
+
+/// One family's two maps.
+struct Maps<CK: aya::Pod, CV: aya::Pod, PK: aya::Pod, PV: aya::Pod> {
+    clients: HashMap<MapData, CK, CV>,
+    peers: HashMap<MapData, PK, PV>,
+}
+
+/// What the fast path needs of one family's map values.
+trait Value: aya::Pod {
+    fn counts(&self) -> (u64, u64);
+    fn keep_counts(&mut self, old: &Self);
+}
+
+macro_rules! value {
+    ($t:ty) => {
+        impl Value for $t {
+            fn counts(&self) -> (u64, u64) {
+                (self.packets, self.bytes)
+            }
+            fn keep_counts(&mut self, old: &Self) {
+                self.packets = old.packets;
+                self.bytes = old.bytes;
+            }
+        }
+    };
+}
+value!(ClientVal);
+value!(PeerVal);
+value!(ClientVal6);
+value!(PeerVal6);
+
+impl<CK: aya::Pod, CV: Value, PK: aya::Pod, PV: Value> Maps<CK, CV, PK, PV> {
+    fn take(ebpf: &mut aya::Ebpf, clients: &str, peers: &str) -> Result<Self, Error> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| Error::Kernel(format!("no map {name} in the object")))
+        };
+        let c = take(clients)?;
+        let p = take(peers)?;
+        Ok(Maps {
+            clients: HashMap::try_from(c).map_err(|e| kernel(clients, e))?,
+            peers: HashMap::try_from(p).map_err(|e| kernel(peers, e))?,
+        })
+    }
+
+    /// Writes both halves, keeping the counts of what was there.
+    fn install(&mut self, ck: CK, mut cv: CV, pk: PK, mut pv: PV) -> Result<(), Error> {
+        if let Ok(old) = self.clients.get(&ck, 0) {
+            cv.keep_counts(&old);
+        }
+        if let Ok(old) = self.peers.get(&pk, 0) {
+            pv.keep_counts(&old);
+        }
+        self.clients
+            .insert(ck, cv, 0)
+            .map_err(|e| kernel("client map insert", e))?;
+        self.peers
+            .insert(pk, pv, 0)
+            .map_err(|e| kernel("peer map insert", e))?;
+        Ok(())
+    }
+
+    fn counts(&self, ck: &CK, pk: &PK) -> Counts {
+        let mut c = Counts::default();
+        if let Ok(v) = self.clients.get(ck, 0) {
+            (c.to_peer_packets, c.to_peer_bytes) = v.counts();
+        }
+        if let Ok(v) = self.peers.get(pk, 0) {
+            (c.from_peer_packets, c.from_peer_bytes) = v.counts();
+        }
+        c
+    }
+
+    fn remove(&mut self, ck: &CK, pk: &PK) {
+        let _ = self.clients.remove(ck);
+        let _ = self.peers.remove(pk);
+    }
+
+    fn len(&self) -> usize {
+        self.clients.keys().count()
+    }
+}
+
+/// An entry's two map keys, in its family's maps.
+enum Keys {
+    V4(ClientKey, PeerKey),
+    V6(ClientKey6, PeerKey6),
+}
+
+/// `None` for an entry mixing families (never installed).
+fn keys(e: &Entry) -> Option<Keys> {
+    let (cp, sp, rp, pp) = (port(e.client), port(e.server), port(e.relay), port(e.peer));
+    macro_rules! pair {
+        ($ck:ident, $pk:ident, $c:expr, $s:expr, $r:expr, $p:expr) => {
+            (
+                $ck {
+                    client_ip: $c,
+                    server_ip: $s,
+                    client_port: cp,
+                    server_port: sp,
+                    channel: e.channel,
+                    pad: 0,
+                },
+                $pk {
+                    relay_ip: $r,
+                    peer_ip: $p,
+                    relay_port: rp,
+                    peer_port: pp,
+                    pad: 0,
+                },
+            )
+        };
+    }
+    if let (Some(c), Some(s), Some(r), Some(p)) = (ip4(e.client), ip4(e.server), ip4(e.relay), ip4(e.peer)) {
+        let (ck, pk) = pair!(ClientKey, PeerKey, c, s, r, p);
+        return Some(Keys::V4(ck, pk));
+    }
+    if let (Some(c), Some(s), Some(r), Some(p)) = (ip6(e.client), ip6(e.server), ip6(e.relay), ip6(e.peer)) {
+        let (ck, pk) = pair!(ClientKey6, PeerKey6, c, s, r, p);
+        return Some(Keys::V6(ck, pk));
+    }
+    None
+}
+
 /// The loaded program, attached to some interfaces, and its maps.
 pub struct FastPath {
     ebpf: aya::Ebpf,
-    clients: HashMap<MapData, ClientKey, ClientVal>,
-    peers: HashMap<MapData, PeerKey, PeerVal>,
+    v4: Maps<ClientKey, ClientVal, PeerKey, PeerVal>,
+    v6: Maps<ClientKey6, ClientVal6, PeerKey6, PeerVal6>,
     stats: PerCpuArray<MapData, u64>,
     /// Interfaces and whether the program runs in the driver (native) or
     /// in the generic path.
     attached: Vec<(String, bool)>,
+    /// Why IPv6 entries are not taken, if they are not.
+    no_v6: Option<String>,
 }
 
 impl std::fmt::Debug for FastPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FastPath")
             .field("attached", &self.attached)
+            .field("no_v6", &self.no_v6)
             .finish()
     }
 }
@@ -268,49 +451,62 @@ fn attach(ebpf: &mut aya::Ebpf, program: &str, iface: &str) -> Result<bool, Erro
     }
 }
 
+/// The first of `interfaces` that does not forward `family` ("ipv4",
+/// "ipv6"), as an explanation with the fix.
+fn not_forwarding(interfaces: &[String], family: &str) -> Result<Option<String>, Error> {
+    for iface in interfaces {
+        let path = format!("/proc/sys/net/{family}/conf/{iface}/forwarding");
+        match std::fs::read_to_string(&path) {
+            Ok(v) if v.trim() == "1" => {}
+            Ok(_) => {
+                return Ok(Some(format!(
+                    "{iface} does not forward {} (the fast path sends by the kernel's forwarding table): \
+                     sysctl -w net.{family}.conf.{iface}.forwarding=1, with a FORWARD policy that drops what \
+                     is not yours (SECURITY.md)",
+                    if family == "ipv4" { "IPv4" } else { "IPv6" }
+                )))
+            }
+            Err(_) if family == "ipv4" => return Err(Error::Kernel(format!("no interface {iface}"))),
+            // IPv6 off on this host or interface.
+            Err(_) => return Ok(Some(format!("{iface} has no IPv6"))),
+        }
+    }
+    Ok(None)
+}
+
 impl FastPath {
-    /// Loads the program and attaches it to `interfaces`.
+    /// Loads the program and attaches it to `interfaces`. The program
+    /// sends by the kernel's forwarding table, which answers only for
+    /// interfaces that forward: IPv4 forwarding on all of them is
+    /// required; without IPv6 forwarding, IPv6 channels stay in user space
+    /// ([`FastPath::ipv6_unavailable`] says why).
     pub fn load(interfaces: &[String]) -> Result<FastPath, Error> {
         if interfaces.is_empty() {
             return Err(Error::Kernel("no interface to attach to".into()));
         }
-        // The program sends by the kernel's forwarding table, which
-        // answers only for interfaces that forward.
-        for iface in interfaces {
-            let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
-            match std::fs::read_to_string(&path) {
-                Ok(v) if v.trim() == "1" => {}
-                Ok(_) => {
-                    return Err(Error::Kernel(format!(
-                    "{iface} does not forward IPv4 (the fast path sends by the kernel's forwarding table): \
-                         sysctl -w net.ipv4.conf.{iface}.forwarding=1, with a FORWARD policy that drops what \
-                         is not yours (SECURITY.md)"
-                )))
-                }
-                Err(_) => return Err(Error::Kernel(format!("no interface {iface}"))),
-            }
+        if let Some(why) = not_forwarding(interfaces, "ipv4")? {
+            return Err(Error::Kernel(why));
         }
+        let no_v6 = not_forwarding(interfaces, "ipv6")?;
         let mut ebpf = load_object()?;
         let mut attached = Vec::new();
         for iface in interfaces {
             let native = attach(&mut ebpf, "turn_fast", iface)?;
             attached.push((iface.clone(), native));
         }
-        let take = |ebpf: &mut aya::Ebpf, name: &str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| Error::Kernel(format!("no map {name} in the object")))
-        };
-        let clients =
-            HashMap::try_from(take(&mut ebpf, "TURN_CLIENTS")?).map_err(|e| kernel("TURN_CLIENTS", e))?;
-        let peers = HashMap::try_from(take(&mut ebpf, "TURN_PEERS")?).map_err(|e| kernel("TURN_PEERS", e))?;
-        let stats =
-            PerCpuArray::try_from(take(&mut ebpf, "TURN_STATS")?).map_err(|e| kernel("TURN_STATS", e))?;
+        let v4 = Maps::take(&mut ebpf, "TURN_CLIENTS", "TURN_PEERS")?;
+        let v6 = Maps::take(&mut ebpf, "TURN_CLIENTS6", "TURN_PEERS6")?;
+        let stats = ebpf
+            .take_map("TURN_STATS")
+            .ok_or_else(|| Error::Kernel("no map TURN_STATS in the object".into()))?;
+        let stats = PerCpuArray::try_from(stats).map_err(|e| kernel("TURN_STATS", e))?;
         Ok(FastPath {
             ebpf,
-            clients,
-            peers,
+            v4,
+            v6,
             stats,
             attached,
+            no_v6,
         })
     }
 
@@ -319,131 +515,111 @@ impl FastPath {
         &self.attached
     }
 
-    fn keys(e: &Entry) -> Result<(ClientKey, ClientVal, PeerKey, PeerVal), Error> {
-        let (ck, pk) = Self::key_pair(e)?;
+    /// Why IPv6 channels stay in user space, if they do.
+    pub fn ipv6_unavailable(&self) -> Option<&str> {
+        self.no_v6.as_deref()
+    }
+
+    /// Installs `e`, or moves its expiry and limits (its counts are kept).
+    pub fn install(&mut self, e: &Entry) -> Result<(), Error> {
+        let Some(keys) = keys(e) else {
+            return Err(Error::Unsupported("an entry mixing IPv4 and IPv6"));
+        };
         // Out of the interfaces holding the relay and the listener address.
         let relay_if = interface_of(e.relay.ip()).unwrap_or(0);
         let server_if = interface_of(e.server.ip()).unwrap_or(0);
-        Ok((
-            ck,
-            ClientVal {
-                relay_ip: pk.relay_ip,
-                peer_ip: pk.peer_ip,
-                relay_port: pk.relay_port,
-                peer_port: pk.peer_port,
-                flags: e.dont_fragment as u32,
-                ifindex: relay_if,
-                pad: 0,
-                expires_ns: e.expires_ns,
-                packets: 0,
-                bytes: 0,
-            },
-            pk,
-            PeerVal {
-                client_ip: ck.client_ip,
-                server_ip: ck.server_ip,
-                client_port: ck.client_port,
-                server_port: ck.server_port,
-                channel: e.channel,
-                pad: 0,
-                ifindex: server_if,
-                pad2: 0,
-                expires_ns: e.expires_ns,
-                packets: 0,
-                bytes: 0,
-            },
-        ))
-    }
-
-    /// Installs `e`, or moves its expiry (its counts are kept).
-    pub fn install(&mut self, e: &Entry) -> Result<(), Error> {
-        let (ck, mut cv, pk, mut pv) = Self::keys(e)?;
-        if let Ok(old) = self.clients.get(&ck, 0) {
-            cv.packets = old.packets;
-            cv.bytes = old.bytes;
+        // Each half's value is the other half's key, with what to do.
+        macro_rules! values {
+            ($ck:ident, $pk:ident, $cv:ident, $pv:ident) => {
+                (
+                    $cv {
+                        relay_ip: $pk.relay_ip,
+                        peer_ip: $pk.peer_ip,
+                        relay_port: $pk.relay_port,
+                        peer_port: $pk.peer_port,
+                        flags: e.dont_fragment as u32,
+                        ifindex: relay_if,
+                        pad: 0,
+                        expires_ns: e.expires_ns,
+                        limit: e.to_peer_limit,
+                        packets: 0,
+                        bytes: 0,
+                    },
+                    $pv {
+                        client_ip: $ck.client_ip,
+                        server_ip: $ck.server_ip,
+                        client_port: $ck.client_port,
+                        server_port: $ck.server_port,
+                        channel: e.channel,
+                        pad: 0,
+                        ifindex: server_if,
+                        pad2: 0,
+                        expires_ns: e.expires_ns,
+                        limit: e.from_peer_limit,
+                        packets: 0,
+                        bytes: 0,
+                    },
+                )
+            };
         }
-        if let Ok(old) = self.peers.get(&pk, 0) {
-            pv.packets = old.packets;
-            pv.bytes = old.bytes;
+        match keys {
+            Keys::V4(ck, pk) => {
+                let (cv, pv) = values!(ck, pk, ClientVal, PeerVal);
+                self.v4.install(ck, cv, pk, pv)
+            }
+            Keys::V6(ck, pk) => {
+                if let Some(why) = &self.no_v6 {
+                    return Err(Error::Unsupported(if why.contains("no IPv6") {
+                        "IPv6 (an interface has none)"
+                    } else {
+                        "IPv6 (an interface does not forward IPv6)"
+                    }));
+                }
+                let (cv, pv) = values!(ck, pk, ClientVal6, PeerVal6);
+                self.v6.install(ck, cv, pk, pv)
+            }
         }
-        self.clients
-            .insert(ck, cv, 0)
-            .map_err(|e| kernel("TURN_CLIENTS insert", e))?;
-        self.peers
-            .insert(pk, pv, 0)
-            .map_err(|e| kernel("TURN_PEERS insert", e))?;
-        Ok(())
-    }
-
-    /// The two map keys of `e` (no interface lookups: counts and removal
-    /// need only these).
-    fn key_pair(e: &Entry) -> Result<(ClientKey, PeerKey), Error> {
-        let (client_ip, client_port) = v4(e.client)?;
-        let (server_ip, server_port) = v4(e.server)?;
-        let (relay_ip, relay_port) = v4(e.relay)?;
-        let (peer_ip, peer_port) = v4(e.peer)?;
-        Ok((
-            ClientKey {
-                client_ip,
-                server_ip,
-                client_port,
-                server_port,
-                channel: e.channel,
-                pad: 0,
-            },
-            PeerKey {
-                relay_ip,
-                peer_ip,
-                relay_port,
-                peer_port,
-                pad: 0,
-            },
-        ))
     }
 
     /// Removes `e` (its expiry is not looked at); the counts it had.
     pub fn remove(&mut self, e: &Entry) -> Counts {
         let c = self.counts(e);
-        if let Ok((ck, pk)) = Self::key_pair(e) {
-            let _ = self.clients.remove(&ck);
-            let _ = self.peers.remove(&pk);
+        match keys(e) {
+            Some(Keys::V4(ck, pk)) => self.v4.remove(&ck, &pk),
+            Some(Keys::V6(ck, pk)) => self.v6.remove(&ck, &pk),
+            None => {}
         }
         c
     }
 
     /// What `e` forwarded so far.
     pub fn counts(&self, e: &Entry) -> Counts {
-        let Ok((ck, pk)) = Self::key_pair(e) else {
-            return Counts::default();
-        };
-        let mut c = Counts::default();
-        if let Ok(v) = self.clients.get(&ck, 0) {
-            c.to_peer_packets = v.packets;
-            c.to_peer_bytes = v.bytes;
+        match keys(e) {
+            Some(Keys::V4(ck, pk)) => self.v4.counts(&ck, &pk),
+            Some(Keys::V6(ck, pk)) => self.v6.counts(&ck, &pk),
+            None => Counts::default(),
         }
-        if let Ok(v) = self.peers.get(&pk, 0) {
-            c.from_peer_packets = v.packets;
-            c.from_peer_bytes = v.bytes;
-        }
-        c
     }
 
-    /// Packets the program forwarded, packets of installed flows it
-    /// looked at, and of those the ones passed to user space for want of
-    /// a route or neighbour; summed over CPUs.
-    pub fn totals(&self) -> (u64, u64, u64) {
+    /// What the program counted, summed over CPUs.
+    pub fn totals(&self) -> Totals {
         let sum = |slot: u32| {
             self.stats
                 .get(&slot, 0)
                 .map(|v| v.iter().sum::<u64>())
                 .unwrap_or(0)
         };
-        (sum(0), sum(1), sum(2))
+        Totals {
+            forwarded: sum(0),
+            matched: sum(1),
+            no_route: sum(2),
+            partial_checksum: sum(3),
+        }
     }
 
     /// Entries installed.
     pub fn len(&self) -> usize {
-        self.clients.keys().count()
+        self.v4.len() + self.v6.len()
     }
 
     /// Whether no entry is installed.

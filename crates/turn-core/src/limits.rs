@@ -65,6 +65,14 @@ impl Bucket {
     pub fn spend(&mut self, n: u64) {
         self.nanotokens = self.nanotokens.saturating_sub(n.saturating_mul(1_000_000_000));
     }
+
+    /// Gives back `n` tokens taken earlier and not used (up to `burst`).
+    pub fn refund(&mut self, n: u64, burst: u64) {
+        self.nanotokens = self
+            .nanotokens
+            .saturating_add(n.saturating_mul(1_000_000_000))
+            .min(burst.saturating_mul(1_000_000_000));
+    }
 }
 
 impl Default for Bucket {

@@ -1,15 +1,16 @@
 //! The kernel fast path's entries (issue 13), with fake time: installed
 //! when a channel is bound, their expiry the earliest of the channel's,
 //! the permission's and the relay's, moved by every refresh, removed with
-//! the channel, the family and the allocation; none over TCP, none with
-//! bandwidth caps, none unless the runtime says a fast path is loaded.
+//! the channel, the family and the allocation; none over TCP, none unless
+//! the runtime says a fast path is loaded; under bandwidth caps, byte
+//! budgets out of the same buckets user space spends from.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
-use turn_core::Transport;
+use turn_core::{FastPathBudget, Transport};
 
 fn fast_harness() -> Harness {
     Harness::with(|c| c.fast_path = true)
@@ -80,7 +81,7 @@ fn deleting_the_allocation_or_its_family_removes_entries() {
 }
 
 #[test]
-fn no_entries_over_tcp_with_caps_or_without_a_loaded_fast_path() {
+fn no_entries_over_tcp_or_without_a_loaded_fast_path() {
     let mut h = fast_harness();
     let mut t = Client::new(tuple(Transport::Tcp, "203.0.113.5:40200"), "alice", "wonderland");
     t.allocate(&mut h);
@@ -89,14 +90,6 @@ fn no_entries_over_tcp_with_caps_or_without_a_loaded_fast_path() {
         h.relays.fast.is_empty(),
         "ChannelData over TCP stays in user space"
     );
-    let mut capped = Harness::with(|c| {
-        c.fast_path = true;
-        c.max_bps = 10_000;
-    });
-    let mut c = Client::new(udp(), "alice", "wonderland");
-    c.allocate(&mut capped);
-    assert!(is_success(&c.bind(&mut capped, 0x4001, "8.8.8.8:5000")));
-    assert!(capped.relays.fast.is_empty(), "caps are enforced in user space");
     let mut off = Harness::new();
     let mut c = Client::new(udp(), "alice", "wonderland");
     c.allocate(&mut off);
@@ -107,14 +100,130 @@ fn no_entries_over_tcp_with_caps_or_without_a_loaded_fast_path() {
     );
 }
 
+fn budget(h: &Harness, ch: u16) -> FastPathBudget {
+    h.relays.fast[&(udp(), ch)].budget
+}
+
+#[test]
+fn without_caps_entries_are_unlimited() {
+    let mut h = fast_harness();
+    let mut c = Client::new(udp(), "alice", "wonderland");
+    c.allocate(&mut h);
+    assert!(is_success(&c.bind(&mut h, 0x4001, "8.8.8.8:5000")));
+    assert_eq!(budget(&h, 0x4001), FastPathBudget::Unlimited);
+    h.server.handle_fast_path_usage(h.now, udp(), 5000, 5000);
+    h.drive();
+    assert_eq!(budget(&h, 0x4001), FastPathBudget::Unlimited);
+}
+
+#[test]
+fn under_a_cap_the_kernel_gets_the_buckets_tokens_and_user_space_none_of_them() {
+    let mut h = Harness::with(|c| {
+        c.fast_path = true;
+        c.max_bps = 10_000;
+    });
+    let mut c = Client::new(udp(), "alice", "wonderland");
+    let relay = c.allocate(&mut h);
+    assert!(is_success(&c.bind(&mut h, 0x4001, "8.8.8.8:5000")));
+    assert_eq!(
+        budget(&h, 0x4001),
+        FastPathBudget::Keep,
+        "nothing until the first grant"
+    );
+    // The first report: the whole (full) bucket goes to the kernel.
+    h.server.handle_fast_path_usage(h.now, udp(), 0, 0);
+    h.drive();
+    assert_eq!(
+        budget(&h, 0x4001),
+        FastPathBudget::Grant {
+            to_peer: 10_000,
+            from_peer: 10_000
+        }
+    );
+    // Past the kernel's budget a packet reaches user space, whose bucket
+    // is empty: dropped as over the cap, both ways.
+    let dropped = h.server.counters().bandwidth_dropped;
+    assert!(h.send(udp(), &channel_data(0x4001, &[7; 500])).is_none());
+    assert!(h.peer_sends(relay, "8.8.8.8:5000", &[7; 500]).is_none());
+    assert_eq!(h.server.counters().bandwidth_dropped, dropped + 2);
+    // Half a second on, the kernel used 4000 of its 10000 bytes up and
+    // all of them down: the 6000 unused come back, with 5000 refilled
+    // (capped at one second's burst), and go out again.
+    h.now += Duration::from_millis(500);
+    h.server.handle_fast_path_usage(h.now, udp(), 4_000, 10_000);
+    h.drive();
+    assert_eq!(
+        budget(&h, 0x4001),
+        FastPathBudget::Grant {
+            to_peer: 10_000,
+            from_peer: 5_000
+        }
+    );
+    // Used beyond the grant (the instant between reading counts and
+    // writing budgets) is spent from the bucket: 2000 over leaves 3000 of
+    // the 5000 refilled in the next half second.
+    h.now += Duration::from_millis(500);
+    h.server.handle_fast_path_usage(h.now, udp(), 10_000, 7_000);
+    h.drive();
+    assert_eq!(
+        budget(&h, 0x4001),
+        FastPathBudget::Grant {
+            to_peer: 5_000,
+            from_peer: 3_000
+        }
+    );
+    // Two channels share the allocation's cap equally.
+    assert!(is_success(&c.bind(&mut h, 0x4002, "8.8.4.4:5000")));
+    h.now += Duration::from_millis(1000);
+    h.server.handle_fast_path_usage(h.now, udp(), 5_000, 3_000);
+    h.drive();
+    for ch in [0x4001, 0x4002] {
+        assert_eq!(
+            budget(&h, ch),
+            FastPathBudget::Grant {
+                to_peer: 5_000,
+                from_peer: 5_000
+            }
+        );
+    }
+}
+
+#[test]
+fn a_users_cap_is_shared_by_its_allocations() {
+    let mut h = Harness::with(|c| {
+        c.fast_path = true;
+        c.user_max_bps = 8_000;
+    });
+    let mut c = Client::new(udp(), "alice", "wonderland");
+    c.allocate(&mut h);
+    let other = tuple(Transport::Udp, "203.0.113.5:40010");
+    let mut d = Client::new(other, "alice", "wonderland");
+    d.allocate(&mut h);
+    assert!(is_success(&c.bind(&mut h, 0x4001, "8.8.8.8:5000")));
+    assert!(is_success(&d.bind(&mut h, 0x4001, "8.8.8.8:5001")));
+    h.server.handle_fast_path_usage(h.now, udp(), 0, 0);
+    h.server.handle_fast_path_usage(h.now, other, 0, 0);
+    h.drive();
+    let first = budget(&h, 0x4001);
+    let second = h.relays.fast[&(other, 0x4001)].budget;
+    // Each takes at most half of what the user's bucket holds when it
+    // asks: 4000, then 2000 of the 4000 left. Never more than the cap.
+    let total = |b: FastPathBudget| match b {
+        FastPathBudget::Grant { to_peer, .. } => to_peer,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((total(first), total(second)), (4_000, 2_000));
+}
+
 #[test]
 fn kernel_counts_join_the_allocation_stats() {
     let mut h = fast_harness();
     let mut c = Client::new(udp(), "alice", "wonderland");
     c.allocate(&mut h);
     assert!(is_success(&c.bind(&mut h, 0x4001, "8.8.8.8:5000")));
-    h.server
-        .handle_fast_path_counts(h.now, udp(), (10, 1600), (7, 700));
+    assert!(h
+        .server
+        .handle_fast_path_counts(h.now, udp(), (10, 1600), (7, 700)));
     let s = &h.server.sessions(h.now)[0];
     assert_eq!(
         (
@@ -125,4 +234,16 @@ fn kernel_counts_join_the_allocation_stats() {
         ),
         (10, 1600, 7, 700)
     );
+}
+
+#[test]
+fn counts_for_a_deleted_allocation_join_the_totals() {
+    let mut h = fast_harness();
+    let mut c = Client::new(udp(), "alice", "wonderland");
+    c.allocate(&mut h);
+    assert!(is_success(&c.bind(&mut h, 0x4001, "8.8.8.8:5000")));
+    c.refresh(&mut h, Some(0));
+    let before = h.server.counters().to_peer_packets;
+    assert!(!h.server.handle_fast_path_counts(h.now, udp(), (3, 300), (0, 0)));
+    assert_eq!(h.server.counters().to_peer_packets, before + 3);
 }

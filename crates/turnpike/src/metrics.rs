@@ -24,6 +24,11 @@ pub static FAST_PATH_ACTIVE: std::sync::atomic::AtomicU64 = std::sync::atomic::A
 pub static FAST_PATH_PACKETS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Packets of installed flows it passed to user space: no route or neighbour.
 pub static FAST_PATH_NO_ROUTE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Packets of fast-path channels passed to user space because their UDP
+/// checksum was left to offload.
+pub static FAST_PATH_CHECKSUM_OFFLOAD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Entries in the fast path's maps (one per bound channel it holds).
+pub static FAST_PATH_ENTRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// One worker's numbers, as of its last publication.
 #[derive(Debug, Clone, Copy, Default)]
@@ -385,6 +390,21 @@ pub fn render(board: &Board, draining: bool) -> String {
         "counter",
         "Packets of channels the kernel fast path holds that it passed to user space for want of a route or a resolved neighbour.",
         &[("", FAST_PATH_NO_ROUTE.load(std::sync::atomic::Ordering::Relaxed) as f64)],
+    );
+    metric(
+        "fast_path_checksum_offload_total",
+        "counter",
+        "Packets of channels the kernel fast path holds that it passed to user space because the sender left the UDP checksum to offload (a sender on this host, over veth).",
+        &[(
+            "",
+            FAST_PATH_CHECKSUM_OFFLOAD.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        )],
+    );
+    metric(
+        "fast_path_entries",
+        "gauge",
+        "Channels the kernel fast path holds (one entry per bound channel of a UDP allocation), as of the last second.",
+        &[("", FAST_PATH_ENTRIES.load(std::sync::atomic::Ordering::Relaxed) as f64)],
     );
     let redis = REDIS_UP.load(std::sync::atomic::Ordering::Relaxed);
     if redis >= 0 {

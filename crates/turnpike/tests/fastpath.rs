@@ -68,7 +68,9 @@ fn sh(script: &str) {
 }
 
 /// Client 10.203.N.2 on a1 ↔ server 10.203.N.1 on s1; peer 10.203.M.2 on
-/// a2 ↔ relay 10.203.M.1 on s2 (N, M unique per test).
+/// a2 ↔ relay 10.203.M.1 on s2 (N, M unique per test); the same in IPv6
+/// as fd03:N::2 ↔ fd03:N::1 and fd03:M::2 ↔ fd03:M::1. The outer veths
+/// compute UDP checksums (tx off), as datagrams from a wire carry them.
 fn topology(tag: &str, net: u8, forwarding: bool) -> Topology {
     let t = Topology {
         outer: format!("tpfo-{tag}-{}", std::process::id()),
@@ -84,11 +86,14 @@ fn topology(tag: &str, net: u8, forwarding: bool) -> Topology {
          ip -n {o} addr add 10.203.{c}.2/24 dev a1; ip -n {s} addr add 10.203.{c}.1/24 dev s1
          ip -n {o} addr add 10.203.{p}.2/24 dev a2; ip -n {s} addr add 10.203.{p}.1/24 dev s2
          ip -n {o} link set a1 up; ip -n {o} link set a2 up; ip -n {s} link set s1 up; ip -n {s} link set s2 up
-         ip netns exec {o} ethtool -K a1 gro on >/dev/null; ip netns exec {o} ethtool -K a2 gro on >/dev/null"
+         ip -n {o} addr add fd03:{c}::2/64 dev a1 nodad; ip -n {s} addr add fd03:{c}::1/64 dev s1 nodad
+         ip -n {o} addr add fd03:{p}::2/64 dev a2 nodad; ip -n {s} addr add fd03:{p}::1/64 dev s2 nodad
+         ip netns exec {o} ethtool -K a1 gro on tx off >/dev/null; ip netns exec {o} ethtool -K a2 gro on tx off >/dev/null"
     ));
     if forwarding {
         sh(&format!(
-            "ip netns exec {s} sysctl -qw net.ipv4.conf.s1.forwarding=1 net.ipv4.conf.s2.forwarding=1"
+            "ip netns exec {s} sysctl -qw net.ipv4.conf.s1.forwarding=1 net.ipv4.conf.s2.forwarding=1 \
+             net.ipv6.conf.s1.forwarding=1 net.ipv6.conf.s2.forwarding=1"
         ));
     }
     t

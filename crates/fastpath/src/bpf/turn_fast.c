@@ -3,24 +3,31 @@
 // turnpike's kernel fast path (XDP): established UDP channels relayed
 // without the socket layer. User space (turn-core's fast_path.rs) is the
 // authority: it installs an entry per bound channel, with the instant it
-// must stop, and removes it; this program only forwards what an entry
-// names, before that instant, and passes everything else to the stack
-// unchanged: Binding, every STUN message, Send/Data, TCP, unknown flows,
-// malformed ChannelData, fragments, IP options, other families.
+// must stop and the bytes it may still forward, and removes it; this
+// program only forwards what an entry names, before that instant and
+// within that budget, and passes everything else to the stack unchanged:
+// Binding, every STUN message, Send/Data, TCP, unknown flows, malformed
+// ChannelData, fragments, IP options and IPv6 extension headers.
 //
 //   client -> peer: ChannelData to a listener from a known client 5-tuple
 //     and channel becomes a UDP datagram from the relayed address to the
-//     bound peer (the 4-byte header and any padding stripped).
+//     bound peer (the 4-byte header and up to 3 bytes of padding dropped,
+//     RFC 8656 §12.5).
 //   peer -> client: UDP to a relayed address from a peer with a bound
 //     channel becomes ChannelData to the client from the listener address
-//     the client uses.
+//     the client uses (unpadded, as user space sends it over UDP).
 //
-// IPv4 only so far (same family on both sides); IPv6 passes to user space.
-// UDP checksums of rewritten IPv4 datagrams are 0 ("none", RFC 768), as
-// the payload is not re-summed here; the IP header checksum is recomputed.
+// IPv4 and IPv6, the same family on both sides of an entry (user space
+// installs none other). The UDP checksum is updated, not recomputed
+// (RFC 1624): what arrived corrupted leaves with a checksum that still
+// says so. A datagram without one (IPv4, 0) leaves without one. A
+// checksum that is only the pseudo-header's sum is one a local sender
+// left to offload (CHECKSUM_PARTIAL, seen on veth): it cannot be updated,
+// so that datagram goes to user space.
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/udp.h>
 #include <linux/in.h>
 #include <bpf/bpf_helpers.h>
@@ -29,9 +36,14 @@
 #ifndef AF_INET
 #define AF_INET 2
 #endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
 
 // Layouts shared with crates/fastpath/src/lib.rs (#[repr(C)]); addresses
-// and ports in network byte order, as on the wire.
+// and ports in network byte order, as on the wire. `limit` is the byte
+// count (of `bytes`) up to which the entry may forward; past it, packets
+// go to user space, which enforces the bandwidth caps.
 struct client_key {
 	__u32 client_ip;
 	__u32 server_ip;
@@ -50,6 +62,7 @@ struct client_val {
 	__u32 ifindex; // the interface holding the relay address
 	__u32 pad;
 	__u64 expires_ns; // CLOCK_MONOTONIC, as bpf_ktime_get_ns
+	__u64 limit;
 	__u64 packets;
 	__u64 bytes;
 };
@@ -72,29 +85,76 @@ struct peer_val {
 	__u32 ifindex; // the interface holding the listener address
 	__u32 pad2;
 	__u64 expires_ns;
+	__u64 limit;
 	__u64 packets;
 	__u64 bytes;
 };
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 262144);
-	__type(key, struct client_key);
-	__type(value, struct client_val);
-} TURN_CLIENTS SEC(".maps");
+struct client_key6 {
+	__u32 client_ip[4];
+	__u32 server_ip[4];
+	__u16 client_port;
+	__u16 server_port;
+	__u16 channel;
+	__u16 pad;
+};
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 262144);
-	__type(key, struct peer_key);
-	__type(value, struct peer_val);
-} TURN_PEERS SEC(".maps");
+struct client_val6 {
+	__u32 relay_ip[4];
+	__u32 peer_ip[4];
+	__u16 relay_port;
+	__u16 peer_port;
+	__u32 flags; // unused: IPv6 routers never fragment
+	__u32 ifindex;
+	__u32 pad;
+	__u64 expires_ns;
+	__u64 limit;
+	__u64 packets;
+	__u64 bytes;
+};
+
+struct peer_key6 {
+	__u32 relay_ip[4];
+	__u32 peer_ip[4];
+	__u16 relay_port;
+	__u16 peer_port;
+	__u32 pad;
+};
+
+struct peer_val6 {
+	__u32 client_ip[4];
+	__u32 server_ip[4];
+	__u16 client_port;
+	__u16 server_port;
+	__u16 channel;
+	__u16 pad;
+	__u32 ifindex;
+	__u32 pad2;
+	__u64 expires_ns;
+	__u64 limit;
+	__u64 packets;
+	__u64 bytes;
+};
+
+#define HASH_MAP(name, k, v)                                                                       \
+	struct {                                                                                   \
+		__uint(type, BPF_MAP_TYPE_HASH);                                                   \
+		__uint(max_entries, 262144);                                                       \
+		__type(key, struct k);                                                             \
+		__type(value, struct v);                                                           \
+	} name SEC(".maps")
+
+HASH_MAP(TURN_CLIENTS, client_key, client_val);
+HASH_MAP(TURN_PEERS, peer_key, peer_val);
+HASH_MAP(TURN_CLIENTS6, client_key6, client_val6);
+HASH_MAP(TURN_PEERS6, peer_key6, peer_val6);
 
 // 0: packets forwarded; 1: packets of installed flows looked at; 2: of
-// those, passed to user space for want of a route or neighbour.
+// those, passed to user space for want of a route or neighbour (or over
+// the route's MTU); 3: of those, passed for a checksum left to offload.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 3);
+	__uint(max_entries, 4);
 	__type(key, __u32);
 	__type(value, __u64);
 } TURN_STATS SEC(".maps");
@@ -106,6 +166,59 @@ static __always_inline void count(__u32 slot)
 		*v += 1;
 }
 
+// Ones'-complement arithmetic on 16-bit words as they lie in memory (the
+// sum does not depend on byte order, RFC 1071 §2(B)).
+static __always_inline __u32 fold(__u32 s)
+{
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return s;
+}
+
+static __always_inline __u32 sum32(__u32 s, __u32 w)
+{
+	return s + (w & 0xffff) + (w >> 16);
+}
+
+static __always_inline __u32 sub32(__u32 s, __u32 w)
+{
+	return sum32(s, ~w);
+}
+
+static __always_inline __u32 sum_addr6(__u32 s, const __u32 a[4])
+{
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		s = sum32(s, a[i]);
+	return s;
+}
+
+static __always_inline __u32 sub_addr6(__u32 s, const __u32 a[4])
+{
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		s = sub32(s, a[i]);
+	return s;
+}
+
+// The UDP checksum after `delta` (a ones'-complement sum of what was
+// added, with what was taken away complemented) is applied to `check`.
+// 0 (none) stays 0; a computed 0 is sent as 0xffff (RFC 768).
+static __always_inline __u16 update_check(__u16 check, __u32 delta)
+{
+	if (check == 0)
+		return 0;
+	__u16 out = ~fold(sum32(delta, (__u16)~check));
+	return out ? out : 0xffff;
+}
+
+// The pseudo-header part of a UDP sum (addresses summed by the caller):
+// length and protocol, the same for both families when under 64 KiB.
+static __always_inline __u32 sum_len_proto(__u32 s, __u16 ulen)
+{
+	return sum32(s, (__u32)bpf_htons(ulen) + bpf_htons(IPPROTO_UDP));
+}
+
 static __always_inline __u16 ip_checksum(struct iphdr *ip)
 {
 	__u32 sum = 0;
@@ -114,35 +227,71 @@ static __always_inline __u16 ip_checksum(struct iphdr *ip)
 #pragma unroll
 	for (int i = 0; i < 10; i++)
 		sum += p[i];
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	return ~sum;
+	return ~fold(sum);
 }
 
-// Where a datagram from `src` to `dst` leaves, and the MAC addresses to
-// put on it; 0 when the kernel has no usable route or neighbour (then the
-// packet goes to user space untouched, which sends it the normal way and
-// so resolves the neighbour). The lookup is the one for a datagram this
-// host sends (the relay is its sender, it forwards nothing), out of `oif`,
-// the interface holding the source address. The kernel answers only for
-// an interface with IPv4 forwarding on (user space checks at start).
-static __always_inline int route(struct xdp_md *ctx, __u32 src, __u32 dst, __u16 len, __u32 oif,
+// ChannelData's header, as the UDP payload starts: channel and length.
+struct cd_hdr {
+	__u16 channel;
+	__u16 len;
+};
+
+// What arrived as ChannelData: the channel and data length in host
+// order, and the ones'-complement sum of the padding after the data, or
+// -1 when it is not ChannelData the kernel forwards (short, too long for
+// the datagram, or followed by more than 3 bytes: user space decides).
+static __always_inline int channel_data(void *pl, void *end, __u16 ulen, __u16 *channel, __u16 *dlen,
+					__u32 *padsum)
+{
+	struct cd_hdr *cd = pl;
+	if ((void *)(cd + 1) > end || ulen < 12)
+		return -1;
+	unsigned char first = *(unsigned char *)pl;
+	if ((first & 0xc0) != 0x40)
+		return -1;
+	*channel = bpf_ntohs(cd->channel);
+	__u16 len = bpf_ntohs(cd->len);
+	__u16 room = ulen - 12;
+	if (len > room || room - len > 3)
+		return -1;
+	*dlen = len;
+	// Padding bytes: each a high byte at an even offset from the UDP
+	// header, a low one at an odd offset.
+	__u32 s = 0;
+	unsigned char *p = pl + 4 + (len & 0x7ff);
+#pragma unroll
+	for (int i = 0; i < 3; i++) {
+		if (i < room - len) {
+			if ((void *)(p + i + 1) > end)
+				return -1;
+			__u16 b = p[i];
+			s += ((len + i) & 1) ? bpf_htons(b) : bpf_htons(b << 8);
+		}
+	}
+	*padsum = s;
+	return 0;
+}
+
+// Where a datagram leaves, and the MAC addresses to put on it; 0 when the
+// kernel has no usable route or neighbour, or the datagram is over the
+// route's MTU (then the packet goes to user space untouched, which sends
+// it the normal way: resolving the neighbour, fragmenting or answering
+// with ICMP as it always does). The lookup is the one for a datagram this
+// host sends (the relay is its sender, it forwards nothing), out of
+// `oif`, the interface holding the source address. The kernel answers
+// only for interfaces that forward the family (user space checks).
+static __always_inline int route(struct xdp_md *ctx, struct bpf_fib_lookup *fib, __u32 oif,
 				 unsigned char smac[6], unsigned char dmac[6])
 {
-	struct bpf_fib_lookup fib = {};
-	fib.family = AF_INET;
-	fib.l4_protocol = IPPROTO_UDP;
-	fib.tot_len = len;
-	fib.ipv4_src = src;
-	fib.ipv4_dst = dst;
-	fib.ifindex = oif;
-	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT) != BPF_FIB_LKUP_RET_SUCCESS) {
+	fib->l4_protocol = IPPROTO_UDP;
+	fib->ifindex = oif;
+	if (bpf_fib_lookup(ctx, fib, sizeof(*fib), BPF_FIB_LOOKUP_OUTPUT) != BPF_FIB_LKUP_RET_SUCCESS) {
 		count(2);
 		return 0;
 	}
-	__builtin_memcpy(smac, fib.smac, 6);
-	__builtin_memcpy(dmac, fib.dmac, 6);
-	return fib.ifindex;
+	__builtin_memcpy(smac, fib->smac, 6);
+	__builtin_memcpy(dmac, fib->dmac, 6);
+	return fib->ifindex;
 }
 
 static __always_inline int send(struct xdp_md *ctx, int ifindex)
@@ -153,18 +302,34 @@ static __always_inline int send(struct xdp_md *ctx, int ifindex)
 	return bpf_redirect(ifindex, 0);
 }
 
-SEC("xdp")
-int turn_fast(struct xdp_md *ctx)
+// Whether `check` is only the pseudo-header's sum (see the top).
+static __always_inline int offload_left(__u16 check, __u32 addr_sum, __u16 ulen)
 {
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
-		return XDP_PASS;
+	if ((__u16)fold(sum_len_proto(addr_sum, ulen)) == check) {
+		count(3);
+		return 1;
+	}
+	return 0;
+}
+
+// Moves the packet's start by `head` (positive: shorter) and cuts it to
+// `len` bytes; 0 on success.
+static __always_inline int reshape(struct xdp_md *ctx, int head, __u32 len)
+{
+	if (bpf_xdp_adjust_head(ctx, head))
+		return -1;
+	long excess = (long)((void *)(long)ctx->data_end - (void *)(long)ctx->data) - (long)len;
+	if (excess > 0 && bpf_xdp_adjust_tail(ctx, -(int)excess))
+		return -1;
+	return 0;
+}
+
+static __always_inline int relay_v4(struct xdp_md *ctx, struct ethhdr *eth, void *end, __u64 now)
+{
 	struct iphdr *ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > end || ip->ihl != 5 || ip->version != 4 || ip->protocol != IPPROTO_UDP)
 		return XDP_PASS;
-	// Fragments (MF or an offset) and short or odd lengths: user space.
+	// Fragments (MF or an offset): user space.
 	if (ip->frag_off & bpf_htons(0x3fff))
 		return XDP_PASS;
 	struct udphdr *udp = (void *)(ip + 1);
@@ -175,29 +340,35 @@ int turn_fast(struct xdp_md *ctx)
 		return XDP_PASS;
 	if ((void *)udp + ulen > end)
 		return XDP_PASS;
-	unsigned char *pl = (void *)(udp + 1);
-	__u64 now = bpf_ktime_get_ns();
+	void *pl = udp + 1;
 	unsigned char smac[6], dmac[6];
-	struct ethhdr e0 = *eth;
+	struct bpf_fib_lookup fib = {};
+	fib.family = AF_INET;
+	__u32 saddr = ip->saddr, daddr = ip->daddr;
+	__u16 sport = udp->source, dport = udp->dest, check = udp->check;
+	__u16 channel, dlen;
+	__u32 padsum;
 
 	// Client -> peer: ChannelData (first two bits 01, RFC 8656 §12.4).
-	if (ulen >= 12 && (void *)(pl + 4) <= end && (pl[0] & 0xc0) == 0x40) {
+	if (channel_data(pl, end, ulen, &channel, &dlen, &padsum) == 0) {
 		struct client_key k = {
-			.client_ip = ip->saddr,
-			.server_ip = ip->daddr,
-			.client_port = udp->source,
-			.server_port = udp->dest,
-			.channel = (__u16)((pl[0] << 8) | pl[1]),
+			.client_ip = saddr,
+			.server_ip = daddr,
+			.client_port = sport,
+			.server_port = dport,
+			.channel = channel,
 		};
-		__u16 dlen = (__u16)((pl[2] << 8) | pl[3]);
 		struct client_val *v = bpf_map_lookup_elem(&TURN_CLIENTS, &k);
 		if (v) {
 			count(1);
-			// RFC 8656 §12.5: the length must fit what arrived (padding
-			// after it, up to the datagram's end, is dropped).
-			if (4 + (__u32)dlen > (__u32)ulen - 8 || now >= v->expires_ns)
+			if (now >= v->expires_ns || v->bytes + dlen > v->limit)
 				return XDP_PASS;
-			int ifindex = route(ctx, v->relay_ip, v->peer_ip, 28 + dlen, v->ifindex, smac, dmac);
+			if (check && offload_left(check, sum32(sum32(0, saddr), daddr), ulen))
+				return XDP_PASS;
+			fib.tot_len = 28 + dlen;
+			fib.ipv4_src = v->relay_ip;
+			fib.ipv4_dst = v->peer_ip;
+			int ifindex = route(ctx, &fib, v->ifindex, smac, dmac);
 			if (!ifindex)
 				return XDP_PASS;
 			__u32 relay_ip = v->relay_ip, peer_ip = v->peer_ip;
@@ -205,17 +376,24 @@ int turn_fast(struct xdp_md *ctx)
 			__u32 df = v->flags & 1;
 			__sync_fetch_and_add(&v->packets, 1);
 			__sync_fetch_and_add(&v->bytes, dlen);
+			struct cd_hdr cd = *(struct cd_hdr *)pl;
+			__u16 nlen = 8 + dlen;
+			__u32 d = 0;
+			d = sub32(sub32(d, saddr), daddr);
+			d = sub32(d, sport | ((__u32)dport << 16));
+			d = sub32(sub32(d, udp->len), udp->len); // pseudo-header and header
+			d = sub32(sub32(d, cd.channel | ((__u32)cd.len << 16)), padsum);
+			d = sum32(sum32(d, relay_ip), peer_ip);
+			d = sum32(d, relay_port | ((__u32)peer_port << 16));
+			d = sum32(sum32(d, bpf_htons(nlen)), bpf_htons(nlen));
+			__u16 ncheck = update_check(check, d);
 			struct iphdr ip0 = *ip;
+			__u16 proto = eth->h_proto;
 			// The payload stays where it is; the headers move 4 bytes on,
 			// over the ChannelData header.
-			if (bpf_xdp_adjust_head(ctx, 4))
+			if (reshape(ctx, 4, 14 + 28 + dlen))
 				return XDP_DROP;
-			data = (void *)(long)ctx->data;
-			end = (void *)(long)ctx->data_end;
-			long excess = (long)(end - data) - (14 + 20 + 8 + dlen);
-			if (excess > 0 && bpf_xdp_adjust_tail(ctx, -(int)excess))
-				return XDP_DROP;
-			data = (void *)(long)ctx->data;
+			void *data = (void *)(long)ctx->data;
 			end = (void *)(long)ctx->data_end;
 			eth = data;
 			ip = (void *)(eth + 1);
@@ -224,9 +402,9 @@ int turn_fast(struct xdp_md *ctx)
 				return XDP_DROP;
 			__builtin_memcpy(eth->h_dest, dmac, 6);
 			__builtin_memcpy(eth->h_source, smac, 6);
-			eth->h_proto = e0.h_proto;
+			eth->h_proto = proto;
 			*ip = ip0;
-			ip->tot_len = bpf_htons(28 + dlen);
+			ip->tot_len = bpf_htons(20 + nlen);
 			ip->saddr = relay_ip;
 			ip->daddr = peer_ip;
 			ip->ttl = 64;
@@ -234,55 +412,69 @@ int turn_fast(struct xdp_md *ctx)
 			ip->check = ip_checksum(ip);
 			udp->source = relay_port;
 			udp->dest = peer_port;
-			udp->len = bpf_htons(8 + dlen);
-			udp->check = 0;
+			udp->len = bpf_htons(nlen);
+			udp->check = ncheck;
 			return send(ctx, ifindex);
 		}
 	}
 
 	// Peer -> client: a datagram to a relayed address from a bound peer.
 	struct peer_key pk = {
-		.relay_ip = ip->daddr,
-		.peer_ip = ip->saddr,
-		.relay_port = udp->dest,
-		.peer_port = udp->source,
+		.relay_ip = daddr,
+		.peer_ip = saddr,
+		.relay_port = dport,
+		.peer_port = sport,
 	};
 	struct peer_val *pv = bpf_map_lookup_elem(&TURN_PEERS, &pk);
 	if (!pv)
 		return XDP_PASS;
 	count(1);
-	__u16 dlen = ulen - 8;
+	dlen = ulen - 8;
 	// Room for the ChannelData header within the datagram limit user
 	// space also keeps.
-	if (now >= pv->expires_ns || dlen > 1400)
+	if (now >= pv->expires_ns || dlen > 1400 || pv->bytes + dlen > pv->limit)
 		return XDP_PASS;
-	int ifindex = route(ctx, pv->server_ip, pv->client_ip, 32 + dlen, pv->ifindex, smac, dmac);
+	if (check && offload_left(check, sum32(sum32(0, saddr), daddr), ulen))
+		return XDP_PASS;
+	fib.tot_len = 32 + dlen;
+	fib.ipv4_src = pv->server_ip;
+	fib.ipv4_dst = pv->client_ip;
+	int ifindex = route(ctx, &fib, pv->ifindex, smac, dmac);
 	if (!ifindex)
 		return XDP_PASS;
 	__u32 client_ip = pv->client_ip, server_ip = pv->server_ip;
-	__u16 client_port = pv->client_port, server_port = pv->server_port, channel = pv->channel;
+	__u16 client_port = pv->client_port, server_port = pv->server_port;
+	channel = pv->channel;
 	__sync_fetch_and_add(&pv->packets, 1);
 	__sync_fetch_and_add(&pv->bytes, dlen);
+	__u16 nlen = 12 + dlen;
+	struct cd_hdr cd = { bpf_htons(channel), bpf_htons(dlen) };
+	__u32 d = 0;
+	d = sub32(sub32(d, saddr), daddr);
+	d = sub32(d, sport | ((__u32)dport << 16));
+	d = sub32(sub32(d, udp->len), udp->len);
+	d = sum32(sum32(d, server_ip), client_ip);
+	d = sum32(d, server_port | ((__u32)client_port << 16));
+	d = sum32(sum32(d, bpf_htons(nlen)), bpf_htons(nlen));
+	d = sum32(d, cd.channel | ((__u32)cd.len << 16));
+	__u16 ncheck = update_check(check, d);
 	struct iphdr ip0 = *ip;
-	long excess = (long)(end - data) - (14 + 20 + ulen);
-	// Ethernet padding on a short frame: trimmed first.
-	if (excess > 0 && bpf_xdp_adjust_tail(ctx, -(int)excess))
-		return XDP_DROP;
-	if (bpf_xdp_adjust_head(ctx, -4))
+	__u16 proto = eth->h_proto;
+	if (reshape(ctx, -4, 14 + 20 + nlen))
 		return XDP_PASS;
-	data = (void *)(long)ctx->data;
+	void *data = (void *)(long)ctx->data;
 	end = (void *)(long)ctx->data_end;
 	eth = data;
 	ip = (void *)(eth + 1);
 	udp = (void *)(ip + 1);
-	unsigned char *cd = (void *)(udp + 1);
-	if ((void *)(cd + 4) > end)
+	struct cd_hdr *out = (void *)(udp + 1);
+	if ((void *)(out + 1) > end)
 		return XDP_DROP;
 	__builtin_memcpy(eth->h_dest, dmac, 6);
 	__builtin_memcpy(eth->h_source, smac, 6);
-	eth->h_proto = e0.h_proto;
+	eth->h_proto = proto;
 	*ip = ip0;
-	ip->tot_len = bpf_htons(32 + dlen);
+	ip->tot_len = bpf_htons(20 + nlen);
 	ip->saddr = server_ip;
 	ip->daddr = client_ip;
 	ip->ttl = 64;
@@ -290,13 +482,185 @@ int turn_fast(struct xdp_md *ctx)
 	ip->check = ip_checksum(ip);
 	udp->source = server_port;
 	udp->dest = client_port;
-	udp->len = bpf_htons(12 + dlen);
-	udp->check = 0;
-	cd[0] = channel >> 8;
-	cd[1] = channel & 0xff;
-	cd[2] = dlen >> 8;
-	cd[3] = dlen & 0xff;
+	udp->len = bpf_htons(nlen);
+	udp->check = ncheck;
+	*out = cd;
 	return send(ctx, ifindex);
+}
+
+static __always_inline void write_ip6(struct ipv6hdr *ip, const __u32 src[4], const __u32 dst[4], __u16 plen)
+{
+	// Version 6, no traffic class or flow label: what the relay's own
+	// socket would send.
+	*(__u32 *)ip = bpf_htonl(0x60000000);
+	ip->payload_len = bpf_htons(plen);
+	ip->nexthdr = IPPROTO_UDP;
+	ip->hop_limit = 64;
+	__builtin_memcpy(&ip->saddr, src, 16);
+	__builtin_memcpy(&ip->daddr, dst, 16);
+}
+
+static __always_inline int relay_v6(struct xdp_md *ctx, struct ethhdr *eth, void *end, __u64 now)
+{
+	struct ipv6hdr *ip = (void *)(eth + 1);
+	// Extension headers (fragments among them): user space.
+	if ((void *)(ip + 1) > end || ip->version != 6 || ip->nexthdr != IPPROTO_UDP)
+		return XDP_PASS;
+	struct udphdr *udp = (void *)(ip + 1);
+	if ((void *)(udp + 1) > end)
+		return XDP_PASS;
+	__u16 ulen = bpf_ntohs(udp->len);
+	// A checksum is mandatory over IPv6 (RFC 8200 §8.1).
+	if (ulen < 8 || ulen > 1500 || bpf_ntohs(ip->payload_len) != ulen || udp->check == 0)
+		return XDP_PASS;
+	if ((void *)udp + ulen > end)
+		return XDP_PASS;
+	void *pl = udp + 1;
+	unsigned char smac[6], dmac[6];
+	struct bpf_fib_lookup fib = {};
+	fib.family = AF_INET6;
+	__u32 saddr[4], daddr[4];
+	__builtin_memcpy(saddr, &ip->saddr, 16);
+	__builtin_memcpy(daddr, &ip->daddr, 16);
+	__u16 sport = udp->source, dport = udp->dest, check = udp->check;
+	__u32 addr_sum = sum_addr6(sum_addr6(0, saddr), daddr);
+	__u16 channel, dlen;
+	__u32 padsum;
+
+	if (channel_data(pl, end, ulen, &channel, &dlen, &padsum) == 0) {
+		struct client_key6 k = {
+			.client_port = sport,
+			.server_port = dport,
+			.channel = channel,
+		};
+		__builtin_memcpy(k.client_ip, saddr, 16);
+		__builtin_memcpy(k.server_ip, daddr, 16);
+		struct client_val6 *v = bpf_map_lookup_elem(&TURN_CLIENTS6, &k);
+		if (v) {
+			count(1);
+			if (now >= v->expires_ns || v->bytes + dlen > v->limit)
+				return XDP_PASS;
+			if (offload_left(check, addr_sum, ulen))
+				return XDP_PASS;
+			fib.tot_len = 48 + dlen;
+			__builtin_memcpy(fib.ipv6_src, v->relay_ip, 16);
+			__builtin_memcpy(fib.ipv6_dst, v->peer_ip, 16);
+			int ifindex = route(ctx, &fib, v->ifindex, smac, dmac);
+			if (!ifindex)
+				return XDP_PASS;
+			__u32 relay_ip[4], peer_ip[4];
+			__builtin_memcpy(relay_ip, v->relay_ip, 16);
+			__builtin_memcpy(peer_ip, v->peer_ip, 16);
+			__u16 relay_port = v->relay_port, peer_port = v->peer_port;
+			__sync_fetch_and_add(&v->packets, 1);
+			__sync_fetch_and_add(&v->bytes, dlen);
+			struct cd_hdr cd = *(struct cd_hdr *)pl;
+			__u16 nlen = 8 + dlen;
+			__u32 d = sub_addr6(sub_addr6(0, saddr), daddr);
+			d = sub32(d, sport | ((__u32)dport << 16));
+			d = sub32(sub32(d, udp->len), udp->len);
+			d = sub32(sub32(d, cd.channel | ((__u32)cd.len << 16)), padsum);
+			d = sum_addr6(sum_addr6(d, relay_ip), peer_ip);
+			d = sum32(d, relay_port | ((__u32)peer_port << 16));
+			d = sum32(sum32(d, bpf_htons(nlen)), bpf_htons(nlen));
+			__u16 ncheck = update_check(check, d);
+			__u16 proto = eth->h_proto;
+			if (reshape(ctx, 4, 14 + 48 + dlen))
+				return XDP_DROP;
+			void *data = (void *)(long)ctx->data;
+			end = (void *)(long)ctx->data_end;
+			eth = data;
+			ip = (void *)(eth + 1);
+			udp = (void *)(ip + 1);
+			if ((void *)(udp + 1) > end)
+				return XDP_DROP;
+			__builtin_memcpy(eth->h_dest, dmac, 6);
+			__builtin_memcpy(eth->h_source, smac, 6);
+			eth->h_proto = proto;
+			write_ip6(ip, relay_ip, peer_ip, nlen);
+			udp->source = relay_port;
+			udp->dest = peer_port;
+			udp->len = bpf_htons(nlen);
+			udp->check = ncheck;
+			return send(ctx, ifindex);
+		}
+	}
+
+	struct peer_key6 pk = {
+		.relay_port = dport,
+		.peer_port = sport,
+	};
+	__builtin_memcpy(pk.relay_ip, daddr, 16);
+	__builtin_memcpy(pk.peer_ip, saddr, 16);
+	struct peer_val6 *pv = bpf_map_lookup_elem(&TURN_PEERS6, &pk);
+	if (!pv)
+		return XDP_PASS;
+	count(1);
+	dlen = ulen - 8;
+	if (now >= pv->expires_ns || dlen > 1400 || pv->bytes + dlen > pv->limit)
+		return XDP_PASS;
+	if (offload_left(check, addr_sum, ulen))
+		return XDP_PASS;
+	fib.tot_len = 52 + dlen;
+	__builtin_memcpy(fib.ipv6_src, pv->server_ip, 16);
+	__builtin_memcpy(fib.ipv6_dst, pv->client_ip, 16);
+	int ifindex = route(ctx, &fib, pv->ifindex, smac, dmac);
+	if (!ifindex)
+		return XDP_PASS;
+	__u32 client_ip[4], server_ip[4];
+	__builtin_memcpy(client_ip, pv->client_ip, 16);
+	__builtin_memcpy(server_ip, pv->server_ip, 16);
+	__u16 client_port = pv->client_port, server_port = pv->server_port;
+	channel = pv->channel;
+	__sync_fetch_and_add(&pv->packets, 1);
+	__sync_fetch_and_add(&pv->bytes, dlen);
+	__u16 nlen = 12 + dlen;
+	struct cd_hdr cd = { bpf_htons(channel), bpf_htons(dlen) };
+	__u32 d = sub_addr6(sub_addr6(0, saddr), daddr);
+	d = sub32(d, sport | ((__u32)dport << 16));
+	d = sub32(sub32(d, udp->len), udp->len);
+	d = sum_addr6(sum_addr6(d, server_ip), client_ip);
+	d = sum32(d, server_port | ((__u32)client_port << 16));
+	d = sum32(sum32(d, bpf_htons(nlen)), bpf_htons(nlen));
+	d = sum32(d, cd.channel | ((__u32)cd.len << 16));
+	__u16 ncheck = update_check(check, d);
+	__u16 proto = eth->h_proto;
+	if (reshape(ctx, -4, 14 + 40 + nlen))
+		return XDP_PASS;
+	void *data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	eth = data;
+	ip = (void *)(eth + 1);
+	udp = (void *)(ip + 1);
+	struct cd_hdr *out = (void *)(udp + 1);
+	if ((void *)(out + 1) > end)
+		return XDP_DROP;
+	__builtin_memcpy(eth->h_dest, dmac, 6);
+	__builtin_memcpy(eth->h_source, smac, 6);
+	eth->h_proto = proto;
+	write_ip6(ip, server_ip, client_ip, nlen);
+	udp->source = server_port;
+	udp->dest = client_port;
+	udp->len = bpf_htons(nlen);
+	udp->check = ncheck;
+	*out = cd;
+	return send(ctx, ifindex);
+}
+
+SEC("xdp")
+int turn_fast(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end)
+		return XDP_PASS;
+	__u64 now = bpf_ktime_get_ns();
+	if (eth->h_proto == bpf_htons(ETH_P_IP))
+		return relay_v4(ctx, eth, end, now);
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return relay_v6(ctx, eth, end, now);
+	return XDP_PASS;
 }
 
 // For the far ends of veth pairs in tests and benchmarks: a device that

@@ -277,6 +277,7 @@ impl Server {
                 stats: Stats::default(),
                 bw_up: Bucket::new(),
                 bw_down: Bucket::new(),
+                fast_reserved: [0; 2],
                 icmp: Bucket::new(),
                 user_slot,
                 tcp: p.tcp,

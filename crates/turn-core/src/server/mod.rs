@@ -44,7 +44,7 @@ pub use challenge::{challenge_len, max_realm_len, CHALLENGE_RATIO, MIN_ALLOCATE_
 pub use config::{Config, Rfc5780, AUTH_WINDOW, SOURCE_SLOTS};
 pub use error::ErrorCode;
 pub use events::{CloseReason, Counters, Event, SessionInfo, Stats, TcpConnectionInfo};
-pub use fast_path::FastPathEntry;
+pub use fast_path::{FastPathBudget, FastPathEntry};
 pub use io::{
     AllocateId, Command, ConnectionId, Dest, FiveTuple, ListenerId, OpenedRelay, QueuedTransmit, RelayError,
     RelayProvider, RelayRequest, RelaysOpened, Transmit, Transport,

@@ -84,6 +84,10 @@ pub(super) struct Allocation {
     pub(super) tcp_conns: u16,
     /// The Allocate had DONT-FRAGMENT (its relay sockets set DF).
     pub(super) dont_fragment: bool,
+    /// Bytes granted to the kernel fast path under bandwidth caps,
+    /// client→peer and peer→client, taken from the buckets until it
+    /// reports what it used (`fast_path.rs`).
+    pub(super) fast_reserved: [u64; 2],
 }
 
 impl Allocation {

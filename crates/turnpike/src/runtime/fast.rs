@@ -5,14 +5,14 @@
 //! The program and its maps are the `fastpath` crate's.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use fastpath::{Counts, Entry, FastPath};
 use tracing::warn;
-use turn_core::{FastPathEntry, FiveTuple};
+use turn_core::{FastPathBudget, FastPathEntry, FiveTuple};
 
 use super::dispatch::Io;
 use super::worker::Worker;
@@ -29,8 +29,9 @@ pub(crate) enum State {
     Off,
     /// `auto`, and it could not load: why.
     Unavailable(String),
-    /// Loaded, on these interfaces (native XDP or generic).
-    Active(Shared, Vec<(String, bool)>),
+    /// Loaded, on these interfaces (native XDP or generic); why IPv6
+    /// channels stay in user space, if they do.
+    Active(Shared, Vec<(String, bool)>, Option<String>),
 }
 
 impl State {
@@ -39,19 +40,22 @@ impl State {
         match self {
             State::Off => "off".into(),
             State::Unavailable(why) => format!("unavailable ({why}); relaying in user space"),
-            State::Active(_, ifaces) => {
+            State::Active(_, ifaces, no_v6) => {
                 let list: Vec<String> = ifaces
                     .iter()
                     .map(|(n, native)| format!("{n} ({})", if *native { "native" } else { "generic" }))
                     .collect();
-                format!("on: {}", list.join(", "))
+                match no_v6 {
+                    None => format!("on: {}; IPv4 and IPv6", list.join(", ")),
+                    Some(why) => format!("on: {}; IPv4 only, IPv6 in user space ({why})", list.join(", ")),
+                }
             }
         }
     }
 }
 
 /// The non-loopback interfaces that hold one of the listen addresses (all
-/// with an IPv4 address, for a wildcard listener).
+/// with an address of the family, for a wildcard listener).
 fn interfaces_for(listen: &[SocketAddr]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for (name, ip, loopback) in udp_io::interface_addresses() {
@@ -60,7 +64,7 @@ fn interfaces_for(listen: &[SocketAddr]) -> Vec<String> {
         }
         let wanted = listen
             .iter()
-            .any(|l| l.ip() == ip || (l.ip().is_unspecified() && l.is_ipv4() && matches!(ip, IpAddr::V4(_))));
+            .any(|l| l.ip() == ip || (l.ip().is_unspecified() && l.is_ipv4() == ip.is_ipv4()));
         if wanted && !out.contains(&name) {
             out.push(name);
         }
@@ -88,7 +92,8 @@ pub(super) fn start(settings: &Settings, listen: &[SocketAddr]) -> Result<State>
     match loaded {
         Ok(f) => {
             let on = f.interfaces().to_vec();
-            Ok(State::Active(Arc::new(Mutex::new(f)), on))
+            let no_v6 = f.ipv6_unavailable().map(str::to_owned);
+            Ok(State::Active(Arc::new(Mutex::new(f)), on, no_v6))
         }
         Err(e) if settings.fast_path == FastPathMode::On => {
             bail!("fast-path: on, but it cannot load: {e} (run as root on Linux with XDP, or use --fast-path auto)")
@@ -103,6 +108,12 @@ pub(super) struct Installed {
     pub(super) entries: HashMap<(FiveTuple, u16), (Entry, Counts)>,
     /// Counts of removed entries, for the core.
     pub(super) final_counts: Vec<(FiveTuple, Counts)>,
+    /// Payload bytes forwarded per allocation since the last budget
+    /// report (bandwidth caps), removed entries' included.
+    usage: HashMap<FiveTuple, (u64, u64)>,
+    /// Counts of entries whose allocation was already deleted, for its
+    /// deletion's log line.
+    pub(super) closed: HashMap<FiveTuple, Counts>,
 }
 
 fn delta(now: Counts, before: Counts) -> Counts {
@@ -114,10 +125,40 @@ fn delta(now: Counts, before: Counts) -> Counts {
     }
 }
 
+fn add(a: &mut Counts, b: Counts) {
+    a.to_peer_packets += b.to_peer_packets;
+    a.to_peer_bytes += b.to_peer_bytes;
+    a.from_peer_packets += b.from_peer_packets;
+    a.from_peer_bytes += b.from_peer_bytes;
+}
+
+impl Installed {
+    fn note_usage(&mut self, client: FiveTuple, d: Counts) {
+        let u = self.usage.entry(client).or_default();
+        u.0 += d.to_peer_bytes;
+        u.1 += d.from_peer_bytes;
+    }
+}
+
 impl Io {
     pub(super) fn fast_install(&mut self, e: FastPathEntry) {
         let Some(shared) = &self.fast else {
             return;
+        };
+        let key = (e.client, e.channel);
+        let old = self.fast_installed.entries.get(&key);
+        // Byte limits are absolute on the kernel's counters; a grant
+        // counts from what was last read of them.
+        let (to_peer_limit, from_peer_limit) = match e.budget {
+            FastPathBudget::Unlimited => (u64::MAX, u64::MAX),
+            FastPathBudget::Keep => old.map_or((0, 0), |(o, _)| (o.to_peer_limit, o.from_peer_limit)),
+            FastPathBudget::Grant { to_peer, from_peer } => {
+                let last = old.map(|(_, c)| *c).unwrap_or_default();
+                (
+                    last.to_peer_bytes.saturating_add(to_peer),
+                    last.from_peer_bytes.saturating_add(from_peer),
+                )
+            }
         };
         let entry = Entry {
             client: e.client.client,
@@ -127,17 +168,21 @@ impl Io {
             peer: e.peer,
             expires_ns: fastpath::kernel_time(e.expires),
             dont_fragment: e.dont_fragment,
+            to_peer_limit,
+            from_peer_limit,
         };
         let r = shared.lock().unwrap_or_else(|p| p.into_inner()).install(&entry);
         match r {
             Ok(()) => {
                 self.fast_installed
                     .entries
-                    .entry((e.client, e.channel))
+                    .entry(key)
                     .and_modify(|(old, _)| *old = entry)
                     .or_insert((entry, Counts::default()));
             }
-            // IPv6 for now: the channel stays in user space.
+            // IPv6 where the interfaces do not forward it (the start-up
+            // summary said so), or mixed families: the channel stays in
+            // user space.
             Err(fastpath::Error::Unsupported(_)) => {}
             Err(err) => {
                 warn!(error = %err, "fast path: an entry was not installed; its channel stays in user space")
@@ -152,41 +197,60 @@ impl Io {
             return;
         };
         let c = shared.lock().unwrap_or_else(|p| p.into_inner()).remove(&entry);
-        self.fast_installed.final_counts.push((client, delta(c, last)));
+        let d = delta(c, last);
+        self.fast_installed.note_usage(client, d);
+        self.fast_installed.final_counts.push((client, d));
     }
 }
 
 impl Worker {
     /// What the kernel forwarded since the last look, into the core's
-    /// stats (session list, logs, metrics); once a second, and for each
+    /// stats (session list, logs, metrics); once a second (`all`, which
+    /// also reports usage for the bandwidth caps' budgets), and for each
     /// removed entry.
     pub(super) fn fast_counts(&mut self, now: Instant, all: bool) {
         let Some(shared) = self.io.fast.clone() else {
             return;
         };
         let mut deltas = std::mem::take(&mut self.io.fast_installed.final_counts);
-        if all && !self.io.fast_installed.entries.is_empty() {
+        if all {
             let f = shared.lock().unwrap_or_else(|p| p.into_inner());
-            for ((client, _), (entry, last)) in self.io.fast_installed.entries.iter_mut() {
+            let installed = &mut self.io.fast_installed;
+            for ((client, _), (entry, last)) in installed.entries.iter_mut() {
                 let c = f.counts(entry);
-                deltas.push((*client, delta(c, *last)));
+                let d = delta(c, *last);
+                deltas.push((*client, d));
                 *last = c;
+                let u = installed.usage.entry(*client).or_default();
+                u.0 += d.to_peer_bytes;
+                u.1 += d.from_peer_bytes;
             }
             if self.id == 0 {
-                let (forwarded, _, no_route) = f.totals();
-                crate::metrics::FAST_PATH_PACKETS.store(forwarded, std::sync::atomic::Ordering::Relaxed);
-                crate::metrics::FAST_PATH_NO_ROUTE.store(no_route, std::sync::atomic::Ordering::Relaxed);
+                let t = f.totals();
+                use std::sync::atomic::Ordering::Relaxed;
+                crate::metrics::FAST_PATH_PACKETS.store(t.forwarded, Relaxed);
+                crate::metrics::FAST_PATH_NO_ROUTE.store(t.no_route, Relaxed);
+                crate::metrics::FAST_PATH_CHECKSUM_OFFLOAD.store(t.partial_checksum, Relaxed);
+                crate::metrics::FAST_PATH_ENTRIES.store(f.len() as u64, Relaxed);
             }
         }
         for (client, d) in deltas {
-            if d != Counts::default() {
-                self.core.handle_fast_path_counts(
+            if d != Counts::default()
+                && !self.core.handle_fast_path_counts(
                     now,
                     client,
                     (d.to_peer_packets, d.to_peer_bytes),
                     (d.from_peer_packets, d.from_peer_bytes),
-                );
+                )
+            {
+                add(self.io.fast_installed.closed.entry(client).or_default(), d);
             }
+        }
+        if all {
+            for (client, (up, down)) in std::mem::take(&mut self.io.fast_installed.usage) {
+                self.core.handle_fast_path_usage(now, client, up, down);
+            }
+            self.drive_core(now);
         }
     }
 }

@@ -107,8 +107,11 @@ fn method_name(m: u16) -> &'static str {
 
 impl Worker {
     pub(super) fn log_events(&mut self) {
-        let r = &self.redact;
         let now = Instant::now();
+        // Commands still queued (an admin delete's entry removals) first,
+        // so a deletion's line has the kernel's last counts.
+        self.drive_core(now);
+        let r = &self.redact;
         while let Some(ev) = self.core.poll_event() {
             match ev {
                 Event::AllocationCreated {
@@ -132,9 +135,17 @@ impl Worker {
                     username,
                     relayed,
                     reason,
-                    stats,
+                    mut stats,
                     age,
-                } => info!(
+                } => {
+                    // What the kernel forwarded in its last moments.
+                    if let Some(c) = self.io.fast_installed.closed.remove(&tuple) {
+                        stats.to_peer_packets += c.to_peer_packets;
+                        stats.to_peer_bytes += c.to_peer_bytes;
+                        stats.from_peer_packets += c.from_peer_packets;
+                        stats.from_peer_bytes += c.from_peer_bytes;
+                    }
+                    info!(
                     client = %r.show(&tuple.client),
                     transport = tuple.transport.as_str(),
                     user = ?r.show(&username),
@@ -152,7 +163,8 @@ impl Worker {
                     packets_to_peers = stats.to_peer_packets,
                     packets_from_peers = stats.from_peer_packets,
                     "allocation deleted"
-                ),
+                    )
+                }
                 // Usernames come from the network: `?` escapes control
                 // characters, so a crafted name cannot forge log lines.
                 Event::AuthBlocked { client, username } => warn!(
@@ -189,6 +201,8 @@ impl Worker {
                 _ => {}
             }
         }
+        // Counts for deletions already logged (removed after the line).
+        self.io.fast_installed.closed.clear();
     }
 }
 

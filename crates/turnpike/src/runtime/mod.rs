@@ -295,7 +295,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
                 handoff_to: handoff_tx.clone(),
                 tcp_relay_addrs: tcp_relay_addrs.clone(),
                 fast: match &fast_state {
-                    fast::State::Active(f, _) => Some(f.clone()),
+                    fast::State::Active(f, ..) => Some(f.clone()),
                     _ => None,
                 },
             },
