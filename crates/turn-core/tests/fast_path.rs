@@ -130,61 +130,43 @@ fn under_a_cap_the_kernel_gets_the_buckets_tokens_and_user_space_none_of_them() 
         FastPathBudget::Keep,
         "nothing until the first grant"
     );
-    // The first report: the whole (full) bucket goes to the kernel.
+    // The first report: the whole (full) bucket goes to the kernel, and
+    // the next second's refill with it (a token bucket allows burst +
+    // rate × t).
     h.server.handle_fast_path_usage(h.now, udp(), 0, 0);
     h.drive();
-    assert_eq!(
-        budget(&h, 0x4001),
-        FastPathBudget::Grant {
-            to_peer: 10_000,
-            from_peer: 10_000
-        }
-    );
+    let grant = |up, down| FastPathBudget::Grant {
+        to_peer: up,
+        from_peer: down,
+    };
+    assert_eq!(budget(&h, 0x4001), grant(20_000, 20_000));
     // Past the kernel's budget a packet reaches user space, whose bucket
-    // is empty: dropped as over the cap, both ways.
+    // the kernel holds: dropped as over the cap, both ways.
     let dropped = h.server.counters().bandwidth_dropped;
     assert!(h.send(udp(), &channel_data(0x4001, &[7; 500])).is_none());
     assert!(h.peer_sends(relay, "8.8.8.8:5000", &[7; 500]).is_none());
     assert_eq!(h.server.counters().bandwidth_dropped, dropped + 2);
-    // Half a second on, the kernel used 4000 of its 10000 bytes up and
-    // all of them down: the 6000 unused come back, with 5000 refilled
-    // (capped at one second's burst), and go out again.
+    // Half a second on, the kernel used 4000 of its 20000 bytes up and
+    // all of them down. Up: 16000 come back (10000, the bucket's size)
+    // and go out again with the refill from 1 s to 1.5 s (the refill to
+    // 1 s was granted already). Down: only that refill is new.
     h.now += Duration::from_millis(500);
-    h.server.handle_fast_path_usage(h.now, udp(), 4_000, 10_000);
+    h.server.handle_fast_path_usage(h.now, udp(), 4_000, 20_000);
     h.drive();
-    assert_eq!(
-        budget(&h, 0x4001),
-        FastPathBudget::Grant {
-            to_peer: 10_000,
-            from_peer: 5_000
-        }
-    );
+    assert_eq!(budget(&h, 0x4001), grant(15_000, 5_000));
     // Used beyond the grant (the instant between reading counts and
-    // writing budgets) is spent from the bucket: 2000 over leaves 3000 of
-    // the 5000 refilled in the next half second.
+    // writing budgets) comes off the next one: 1000 over, down.
     h.now += Duration::from_millis(500);
-    h.server.handle_fast_path_usage(h.now, udp(), 10_000, 7_000);
+    h.server.handle_fast_path_usage(h.now, udp(), 15_000, 6_000);
     h.drive();
-    assert_eq!(
-        budget(&h, 0x4001),
-        FastPathBudget::Grant {
-            to_peer: 5_000,
-            from_peer: 3_000
-        }
-    );
+    assert_eq!(budget(&h, 0x4001), grant(5_000, 4_000));
     // Two channels share the allocation's cap equally.
     assert!(is_success(&c.bind(&mut h, 0x4002, "8.8.4.4:5000")));
     h.now += Duration::from_millis(1000);
-    h.server.handle_fast_path_usage(h.now, udp(), 5_000, 3_000);
+    h.server.handle_fast_path_usage(h.now, udp(), 5_000, 4_000);
     h.drive();
     for ch in [0x4001, 0x4002] {
-        assert_eq!(
-            budget(&h, ch),
-            FastPathBudget::Grant {
-                to_peer: 5_000,
-                from_peer: 5_000
-            }
-        );
+        assert_eq!(budget(&h, ch), grant(5_000, 5_000));
     }
 }
 

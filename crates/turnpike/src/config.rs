@@ -127,6 +127,15 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECS")]
     pub nonce_lifetime: Option<u64>,
 
+    /// Allocation lifetime when the client asks for none or for less, in
+    /// seconds [default: 600, RFC 8656 §7.2].
+    #[arg(long, value_name = "SECS")]
+    pub allocation_lifetime: Option<u64>,
+
+    /// The longest allocation lifetime granted, in seconds [default: 3600].
+    #[arg(long, value_name = "SECS")]
+    pub max_allocation_lifetime: Option<u64>,
+
     /// Allocations one username may hold at once [default: 0 = unlimited].
     #[arg(long, value_name = "N")]
     pub user_quota: Option<usize>,
@@ -324,6 +333,7 @@ impl ServeArgs {
         merge_fields!(base, over;
             opt: config, no_tls, cert, key, min_port, max_port, realm, allow_long_realm, allow_loopback_peers,
                  threads, udp_gso, log_level, software, rfc5766_channel_numbers, nonce_lifetime,
+                 allocation_lifetime, max_allocation_lifetime,
                  user_quota, total_quota, max_bps, user_max_bps, rate_limit_per_ip,
                  auth_fail_limit, auth_block_secs, max_connections, max_connections_per_ip, handshake_timeout, idle_timeout,
                  tcp_connections_per_allocation, tcp_connect_timeout, fast_path,
@@ -395,6 +405,9 @@ pub struct Settings {
     pub legacy_channel_numbers: bool,
     /// Nonce lifetime in seconds.
     pub nonce_lifetime: u64,
+    /// Default and longest allocation lifetimes.
+    pub allocation_lifetime: std::time::Duration,
+    pub max_allocation_lifetime: std::time::Duration,
     /// Allocations per username (0: unlimited).
     pub user_quota: usize,
     /// Allocations in total (0: unlimited).
@@ -804,6 +817,17 @@ impl Settings {
         if nonce_lifetime == 0 {
             bail!("nonce-lifetime: must be at least 1 second (default 600)");
         }
+        let allocation_lifetime = a.allocation_lifetime.unwrap_or(600);
+        let max_allocation_lifetime = a.max_allocation_lifetime.unwrap_or(3600.max(allocation_lifetime));
+        if allocation_lifetime == 0 {
+            bail!("allocation-lifetime: must be at least 1 second (default 600)");
+        }
+        if max_allocation_lifetime < allocation_lifetime {
+            bail!(
+                "max-allocation-lifetime: {max_allocation_lifetime} s is shorter than allocation-lifetime \
+                 ({allocation_lifetime} s); raise it or lower allocation-lifetime"
+            );
+        }
         // The default database is optional; one named on purpose must exist
         // (a typo would otherwise start a server without its users).
         if let Some(db) = &a.db {
@@ -924,6 +948,8 @@ impl Settings {
             long_realm,
             legacy_channel_numbers: a.rfc5766_channel_numbers.unwrap_or(false),
             nonce_lifetime,
+            allocation_lifetime: std::time::Duration::from_secs(allocation_lifetime),
+            max_allocation_lifetime: std::time::Duration::from_secs(max_allocation_lifetime),
             user_quota: a.user_quota.unwrap_or(0),
             total_quota: a.total_quota.unwrap_or(0),
             max_bps: a.max_bps.unwrap_or(0),

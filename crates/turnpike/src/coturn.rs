@@ -160,6 +160,10 @@ pub const MAPPINGS: &[Mapping] = &[
         turnpike: "--user-max-bps BYTES per user, or --total-quota for allocations",
     },
     Mapping {
+        coturn: "max-allocate-lifetime",
+        turnpike: "--max-allocation-lifetime SECS",
+    },
+    Mapping {
         coturn: "mobility",
         turnpike: "not supported (RFC 8016)",
     },
@@ -200,8 +204,9 @@ pub fn lookup(name: &str) -> Option<&'static Mapping> {
 
 /// For a command line: the first coturn-only option in `args`, with the
 /// sentence that tells the user what to do. `-c FILE` (coturn's config
-/// flag) is caught too.
-pub fn explain_args(args: &[String]) -> Option<String> {
+/// flag) is caught too. Names in `ours` (options turnpike has under the
+/// same name, such as `--max-bps`) are left to the parser.
+pub fn explain_args(args: &[String], ours: &[&str]) -> Option<String> {
     for a in args {
         if a == "-c" {
             return Some(
@@ -215,6 +220,9 @@ pub fn explain_args(args: &[String]) -> Option<String> {
             continue;
         };
         let name = name.split('=').next().unwrap_or(name);
+        if ours.contains(&name) {
+            continue;
+        }
         if let Some(m) = lookup(name) {
             return Some(format!(
                 "`--{name}` is coturn's name; in turnpike: {}",
@@ -259,14 +267,17 @@ mod tests {
     #[test]
     fn coturn_flags_are_answered_with_turnpikes_names() {
         let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let e = explain_args(&args(&["serve", "--static-auth-secret=s3cret"])).unwrap();
+        let e = explain_args(&args(&["serve", "--static-auth-secret=s3cret"]), &[]).unwrap();
         assert!(e.contains("--auth-secret"), "{e}");
-        let e = explain_args(&args(&["serve", "--listening-port", "3478"])).unwrap();
+        let e = explain_args(&args(&["serve", "--listening-port", "3478"]), &[]).unwrap();
         assert!(e.contains("--listen IP:PORT"), "{e}");
-        let e = explain_args(&args(&["serve", "--no-tlsv1"])).unwrap();
+        let e = explain_args(&args(&["serve", "--no-tlsv1"]), &[]).unwrap();
         assert!(e.contains("never offered") && !e.contains("--no-tls "), "{e}");
-        assert!(explain_args(&args(&["serve", "-c", "/etc/turnserver.conf"])).is_some());
-        assert!(explain_args(&args(&["serve", "--realm", "x", "--listen", "0.0.0.0:3478"])).is_none());
+        assert!(explain_args(&args(&["serve", "-c", "/etc/turnserver.conf"]), &[]).is_some());
+        assert!(explain_args(&args(&["serve", "--realm", "x", "--listen", "0.0.0.0:3478"]), &[]).is_none());
+        // A name both servers have is turnpike's own.
+        assert!(explain_args(&args(&["serve", "--max-bps", "50000"]), &["max-bps"]).is_none());
+        assert!(explain_args(&args(&["serve", "--max-bps", "50000"]), &[]).is_some());
     }
 
     #[test]

@@ -231,8 +231,14 @@ pub fn convert(text: &str) -> Converted {
                 )),
                 None => not(&l, "no value given"),
             },
-            "min-port" | "max-port" | "user-quota" | "total-quota" | "max-bps" | "relay-threads"
-            | "stale-nonce" => {
+            "min-port"
+            | "max-port"
+            | "user-quota"
+            | "total-quota"
+            | "max-bps"
+            | "relay-threads"
+            | "stale-nonce"
+            | "max-allocate-lifetime" => {
                 let key = match l.key {
                     "min-port" => "min-port",
                     "max-port" => "max-port",
@@ -240,6 +246,7 @@ pub fn convert(text: &str) -> Converted {
                     "total-quota" => "total-quota",
                     "max-bps" => "max-bps",
                     "relay-threads" => "threads",
+                    "max-allocate-lifetime" => "max-allocation-lifetime",
                     _ => "nonce-lifetime",
                 };
                 match (l.key, num(v)) {

@@ -349,7 +349,12 @@ fn main() {
     // once suggested --no-tls for coturn's --no-tlsv1).
     let argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some("serve") {
-        if let Some(why) = turnpike::coturn::explain_args(&argv[2..]) {
+        let serve = <Cli as clap::CommandFactory>::command();
+        let ours: Vec<&str> = serve
+            .find_subcommand("serve")
+            .map(|c| c.get_arguments().filter_map(|a| a.get_long()).collect())
+            .unwrap_or_default();
+        if let Some(why) = turnpike::coturn::explain_args(&argv[2..], &ours) {
             eprintln!("turnpike: {why}");
             std::process::exit(2);
         }

@@ -6,8 +6,11 @@
 //! skipped with a message otherwise.
 
 use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use turnpike_client::client::{Channel, ClientTransport, Received, RelayFamily, TurnClient};
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_turnpike")
@@ -125,9 +128,12 @@ fn serve(t: &Topology, net: u8, extra: &[&str]) -> (Server, String) {
     let mut child = Command::new("ip")
         .args(["netns", "exec", &t.server, bin(), "serve"])
         .args(["--listen", &format!("10.203.{c}.1:3478"), "--no-tls"])
+        .args(["--listen", &format!("[fd03:{c}::1]:3478")])
         .args(["--user", "bench:bench-pw1", "--realm", "tp"])
         .args(["--relay-ip", &format!("10.203.{p}.1")])
+        .args(["--relay-ip", &format!("fd03:{p}::1")])
         .args(["--allow-peer", &format!("10.203.{p}.0/24")])
+        .args(["--allow-peer", &format!("fd03:{p}::/64")])
         .args(["--rate-limit-per-ip", "0", "--threads", "1"])
         .args(["--metrics-listen", "127.0.0.1:9641"])
         .args(extra)
@@ -199,7 +205,7 @@ fn channels_are_relayed_in_the_kernel_both_ways() {
         ],
     );
     assert!(
-        started.contains("fast_path=on: s1 (native), s2 (native)"),
+        started.contains("fast_path=on: s1 (native), s2 (native); IPv4 and IPv6"),
         "{started}"
     );
     let r = bench(&t, 10);
@@ -270,4 +276,519 @@ fn on_refuses_to_start_when_it_cannot_load() {
         stderr.contains("fast-path:") && stderr.contains("auto, on or off"),
         "{stderr}"
     );
+}
+
+/// Runs `f` on a thread inside network namespace `ns`: the sockets it
+/// opens live there, and keep living there when handed back.
+fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = std::path::PathBuf::from(format!("/var/run/netns/{ns}"));
+    std::thread::spawn(move || {
+        udp_io::enter_network_namespace(&path).expect("entering the test's namespace");
+        f()
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// A client with channel 0x4001 bound to a peer socket, in the outer
+/// namespace.
+struct Ends {
+    client: TurnClient,
+    peer: UdpSocket,
+    relayed: SocketAddr,
+}
+
+const CH: u16 = 0x4001;
+
+fn server_addr(net: u8, v6: bool) -> SocketAddr {
+    if v6 {
+        format!("[fd03:{net}::1]:3478")
+    } else {
+        format!("10.203.{net}.1:3478")
+    }
+    .parse()
+    .unwrap()
+}
+
+fn peer_socket(net: u8, v6: bool) -> UdpSocket {
+    let p = net + 1;
+    let s = UdpSocket::bind(if v6 {
+        format!("[fd03:{p}::2]:0")
+    } else {
+        format!("10.203.{p}.2:0")
+    })
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    s
+}
+
+fn bound(t: &Topology, net: u8, v6: bool) -> Ends {
+    in_ns(&t.outer, move || {
+        let peer = peer_socket(net, v6);
+        let ch = Channel::connect(
+            &ClientTransport::Udp,
+            server_addr(net, v6),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        let mut client = TurnClient::new(ch, "bench", "bench-pw1");
+        if v6 {
+            client.set_relay_family(RelayFamily::Ipv6);
+        }
+        let a = client.allocate().unwrap();
+        client.channel_bind(CH, peer.local_addr().unwrap()).unwrap();
+        Ends {
+            client,
+            peer,
+            relayed: a.relayed,
+        }
+    })
+}
+
+fn channel_data(data: &[u8], padding: &[u8]) -> Vec<u8> {
+    let mut m = stun_proto::ChannelData::header(CH, data.len() as u16).to_vec();
+    m.extend_from_slice(data);
+    m.extend_from_slice(padding);
+    m
+}
+
+impl Ends {
+    /// What the peer receives within `wait`, if anything.
+    fn at_peer(&self, wait: Duration) -> Option<Vec<u8>> {
+        self.peer.set_read_timeout(Some(wait)).unwrap();
+        let mut buf = [0u8; 2048];
+        match self.peer.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                assert_eq!(from, self.relayed, "from the relayed address");
+                Some(buf[..n].to_vec())
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// The next datagram the client receives within `wait`.
+    fn at_client(&mut self, wait: Duration) -> Option<Vec<u8>> {
+        self.client.channel().recv(Instant::now() + wait).unwrap()
+    }
+
+    /// One packet each way, until both arrive: the first of each may go
+    /// through user space, which resolves the neighbours the kernel's
+    /// route lookup needs.
+    fn warm_up(&mut self) {
+        let ping = channel_data(b"warm", &[]);
+        self.client.channel().send(&ping).unwrap();
+        assert_eq!(
+            self.at_peer(Duration::from_secs(1)).as_deref(),
+            Some(&b"warm"[..])
+        );
+        self.peer.send_to(b"warm", self.relayed).unwrap();
+        assert_eq!(
+            self.at_client(Duration::from_secs(1)),
+            Some(channel_data(b"warm", &[]))
+        );
+    }
+}
+
+fn fast_args() -> Vec<&'static str> {
+    vec![
+        "--fast-path",
+        "on",
+        "--fast-path-interface",
+        "s1",
+        "--fast-path-interface",
+        "s2",
+    ]
+}
+
+fn with(extra: &[&'static str]) -> Vec<&'static str> {
+    let mut v = fast_args();
+    v.extend_from_slice(extra);
+    v
+}
+
+/// The metrics after the workers' next once-a-second look at the
+/// kernel's counts.
+fn settled(t: &Topology, name: &str) -> f64 {
+    std::thread::sleep(Duration::from_millis(1300));
+    metric(t, name)
+}
+
+#[test]
+fn the_kernel_relays_exact_bytes_both_ways_in_both_families() {
+    if let Err(why) = can_run() {
+        eprintln!("SKIP kernel fast path: {why}");
+        return;
+    }
+    let t = topology("bytes", 30, true);
+    let (server, started) = serve(&t, 30, &fast_args());
+    assert!(started.contains("IPv4 and IPv6"), "{started}");
+    let (mut packets, mut bytes) = (0u64, 0u64);
+    for v6 in [false, true] {
+        let mut e = bound(&t, 30, v6);
+        e.warm_up();
+        packets += 2;
+        bytes += 8;
+        for len in [0usize, 1, 2, 3, 4, 5, 7, 100, 1001, 1200] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+            // Unpadded, and padded to four with non-zero bytes (RFC 8656
+            // §12.5 lets UDP carry padding; the checksum must lose it).
+            let pad = vec![0xa5u8; (4 - len % 4) % 4];
+            for padding in [&[][..], &pad[..]] {
+                e.client.channel().send(&channel_data(&data, padding)).unwrap();
+                let got = e.at_peer(Duration::from_secs(1));
+                assert_eq!(
+                    got.as_deref(),
+                    Some(&data[..]),
+                    "v6={v6} len={len} padding={}",
+                    padding.len()
+                );
+                packets += 1;
+                bytes += len as u64;
+            }
+            e.peer.send_to(&data, e.relayed).unwrap();
+            // Unpadded over UDP, as user space sends it.
+            assert_eq!(
+                e.at_client(Duration::from_secs(1)),
+                Some(channel_data(&data, &[])),
+                "v6={v6} len={len} back"
+            );
+            packets += 1;
+            bytes += len as u64;
+        }
+    }
+    let kernel = settled(&t, "turnpike_fast_path_packets_total");
+    let passed = metric(&t, "turnpike_fast_path_no_route_total");
+    // Every packet relayed once, by one path or the other: the kernel's
+    // are those not passed up for an unresolved neighbour (warm-up).
+    assert_eq!(metric(&t, "turnpike_relayed_packets_total"), packets as f64);
+    assert_eq!(metric(&t, "turnpike_relayed_bytes_total"), bytes as f64);
+    assert!(passed <= 4.0, "{passed} passed for want of a neighbour");
+    assert!(
+        kernel >= packets as f64 - 4.0,
+        "the kernel relayed {kernel} of {packets}"
+    );
+    assert_eq!(metric(&t, "turnpike_fast_path_checksum_offload_total"), 0.0);
+    drop(server);
+}
+
+#[test]
+fn an_entry_stops_at_its_deadline_while_user_space_is_stopped() {
+    if let Err(why) = can_run() {
+        eprintln!("SKIP kernel fast path: {why}");
+        return;
+    }
+    let t = topology("expiry", 40, true);
+    // A 3 s allocation: the entry's deadline is the relay's expiry.
+    let (server, _) = serve(&t, 40, &with(&["--allocation-lifetime", "3"]));
+    let before = Instant::now();
+    let mut e = bound(&t, 40, false);
+    let deadline_at_most = Instant::now() + Duration::from_secs(3);
+    let deadline_at_least = before + Duration::from_secs(3);
+    e.warm_up();
+    let pid = server.0.id().to_string();
+    assert!(ok(Command::new("kill").args(["-STOP", &pid])));
+    let stopped = Instant::now();
+    let (mut to_peer, mut to_client) = (Vec::new(), Vec::new());
+    let end = before + Duration::from_secs(5);
+    let mut n = 0u32;
+    while Instant::now() < end {
+        n += 1;
+        e.client
+            .channel()
+            .send(&channel_data(&n.to_be_bytes(), &[]))
+            .unwrap();
+        e.peer.send_to(&n.to_be_bytes(), e.relayed).unwrap();
+        if e.at_peer(Duration::from_millis(10)).is_some() {
+            to_peer.push(Instant::now());
+        }
+        if e.at_client(Duration::from_millis(10)).is_some() {
+            to_client.push(Instant::now());
+        }
+    }
+    assert!(ok(Command::new("kill").args(["-CONT", &pid])));
+    for (what, arrivals) in [("to the peer", &to_peer), ("to the client", &to_client)] {
+        let last = *arrivals
+            .last()
+            .unwrap_or_else(|| panic!("nothing relayed {what}"));
+        assert!(arrivals[0] >= stopped, "relayed {what} with user space stopped");
+        assert!(
+            last <= deadline_at_most + Duration::from_millis(100),
+            "relayed {what} {:?} past the deadline",
+            last - deadline_at_most
+        );
+        assert!(
+            last + Duration::from_millis(500) >= deadline_at_least,
+            "relaying {what} stopped {:?} before the deadline",
+            deadline_at_least - last
+        );
+    }
+    // Running again, user space finds the allocation expired: what queued
+    // while it was stopped is not relayed late.
+    assert_eq!(e.at_peer(Duration::from_millis(700)), None);
+    assert_eq!(e.at_client(Duration::from_millis(300)), None);
+    drop(server);
+}
+
+#[test]
+fn what_the_kernel_does_not_own_goes_to_user_space_as_before() {
+    if let Err(why) = can_run() {
+        eprintln!("SKIP kernel fast path: {why}");
+        return;
+    }
+    let t = topology("pass", 50, true);
+    let (server, _) = serve(&t, 50, &fast_args());
+    let mut e = bound(&t, 50, false);
+    e.warm_up();
+    let kernel_before = settled(&t, "turnpike_fast_path_packets_total");
+    let peer = e.peer.local_addr().unwrap();
+    // A length past the datagram's end: discarded (RFC 8656 §12.5).
+    let mut short = stun_proto::ChannelData::header(CH, 100).to_vec();
+    short.extend_from_slice(&[1; 10]);
+    e.client.channel().send(&short).unwrap();
+    assert_eq!(e.at_peer(Duration::from_millis(300)), None, "bad length");
+    // A channel not bound: discarded.
+    let mut unknown = stun_proto::ChannelData::header(0x4002, 4).to_vec();
+    unknown.extend_from_slice(b"abcd");
+    e.client.channel().send(&unknown).unwrap();
+    assert_eq!(e.at_peer(Duration::from_millis(300)), None, "unknown channel");
+    // The right channel from another 5-tuple: no allocation there.
+    let mut other = in_ns(&t.outer, || {
+        Channel::connect(
+            &ClientTransport::Udp,
+            server_addr(50, false),
+            Duration::from_secs(2),
+        )
+        .unwrap()
+    });
+    other.send(&channel_data(b"abcd", &[])).unwrap();
+    assert_eq!(e.at_peer(Duration::from_millis(300)), None, "wrong 5-tuple");
+    // More than padding after the data: user space relays the data.
+    e.client.channel().send(&channel_data(b"abcd", &[9; 8])).unwrap();
+    assert_eq!(e.at_peer(Duration::from_secs(1)).as_deref(), Some(&b"abcd"[..]));
+    // Binding: answered, with the client's address.
+    let mapped = turnpike_client::client::binding(e.client.channel(), Duration::from_secs(1)).unwrap();
+    assert_eq!(mapped, e.client.channel().local_addr().unwrap());
+    // Send indication: relayed.
+    e.client.send_indication(peer, b"send-ind").unwrap();
+    assert_eq!(
+        e.at_peer(Duration::from_secs(1)).as_deref(),
+        Some(&b"send-ind"[..])
+    );
+    // A second peer with a permission and no channel: a Data indication.
+    let peer2 = in_ns(&t.outer, || peer_socket(50, false));
+    e.client
+        .create_permission(&[peer2.local_addr().unwrap()])
+        .unwrap();
+    peer2.send_to(b"data-ind", e.relayed).unwrap();
+    match e.client.recv(Duration::from_secs(1)).unwrap() {
+        Received::Data { peer: p, data } => {
+            assert_eq!((p, &data[..]), (peer2.local_addr().unwrap(), &b"data-ind"[..]))
+        }
+        other => panic!("{other:?}"),
+    }
+    // And a well-formed ChannelData still goes through the kernel.
+    e.client.channel().send(&channel_data(b"fast", &[])).unwrap();
+    assert_eq!(e.at_peer(Duration::from_secs(1)).as_deref(), Some(&b"fast"[..]));
+    let kernel = settled(&t, "turnpike_fast_path_packets_total");
+    assert_eq!(
+        kernel - kernel_before,
+        1.0,
+        "only the last packet is the kernel's"
+    );
+    drop(server);
+}
+
+fn admin_delete(t: &Topology, relayed: SocketAddr) -> String {
+    let script = format!(
+        "import urllib.request as u;r=u.Request('http://127.0.0.1:9642/api/sessions/{relayed}',method='DELETE',\
+         headers={{'Authorization':'Bearer fastpath-test-token-0123'}});print(u.urlopen(r).read().decode())"
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", &t.server, "python3", "-c", &script])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn deletion_admin_delete_and_drain_remove_entries() {
+    if let Err(why) = can_run() {
+        eprintln!("SKIP kernel fast path: {why}");
+        return;
+    }
+    let t = topology("remove", 60, true);
+    let (mut server, _) = serve(
+        &t,
+        60,
+        &with(&[
+            "--admin-listen",
+            "127.0.0.1:9642",
+            "--admin-token",
+            "fastpath-test-token-0123",
+            "--drain-timeout",
+            "1",
+        ]),
+    );
+    // Refresh 0 (IPv6).
+    let mut a = bound(&t, 60, true);
+    a.warm_up();
+    assert_eq!(settled(&t, "turnpike_fast_path_entries"), 1.0);
+    assert_eq!(a.client.refresh(0).unwrap(), 0);
+    assert_eq!(settled(&t, "turnpike_fast_path_entries"), 0.0);
+    a.peer.send_to(b"late", a.relayed).unwrap();
+    assert_eq!(a.at_client(Duration::from_millis(300)), None);
+    // Admin delete (IPv4).
+    let mut b = bound(&t, 60, false);
+    b.warm_up();
+    assert_eq!(settled(&t, "turnpike_fast_path_entries"), 1.0);
+    assert!(
+        admin_delete(&t, b.relayed).contains("\"deleted\":1"),
+        "admin delete"
+    );
+    assert_eq!(settled(&t, "turnpike_fast_path_entries"), 0.0);
+    b.peer.send_to(b"late", b.relayed).unwrap();
+    assert_eq!(b.at_client(Duration::from_millis(300)), None);
+    // Drain (SIGTERM): when it times out the allocations go, the server
+    // stops, and no program is left on the interfaces.
+    let mut c = bound(&t, 60, false);
+    c.warm_up();
+    assert_eq!(settled(&t, "turnpike_fast_path_entries"), 1.0);
+    assert!(ok(
+        Command::new("kill").args(["-TERM", &server.0.id().to_string()])
+    ));
+    let end = Instant::now() + Duration::from_secs(10);
+    while server.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < end, "the drain did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for dev in ["s1", "s2"] {
+        let out = Command::new("ip")
+            .args(["-n", &t.server, "-d", "link", "show", dev])
+            .output()
+            .unwrap();
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert!(!shown.contains("prog/xdp"), "{dev} still has XDP: {shown}");
+    }
+    c.peer.send_to(b"late", c.relayed).unwrap();
+    assert_eq!(c.at_client(Duration::from_millis(300)), None);
+}
+
+#[test]
+fn a_bandwidth_cap_holds_with_the_fast_path() {
+    if let Err(why) = can_run() {
+        eprintln!("SKIP kernel fast path: {why}");
+        return;
+    }
+    let t = topology("cap", 70, true);
+    const CAP: u64 = 50_000;
+    let (server, _) = serve(&t, 70, &with(&["--max-bps", "50000"]));
+    let mut e = bound(&t, 70, false);
+    e.warm_up();
+    let peer = e.peer.try_clone().unwrap();
+    let counter = std::thread::spawn(move || {
+        peer.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        let mut buf = [0u8; 2048];
+        let mut got = 0u64;
+        while let Ok(n) = peer.recv(&mut buf) {
+            got += n as u64;
+        }
+        got
+    });
+    // Ten times the cap for three seconds.
+    let start = Instant::now();
+    let payload = [0x5au8; 1000];
+    let msg = channel_data(&payload, &[]);
+    let mut sent = 0u64;
+    while start.elapsed() < Duration::from_secs(3) {
+        e.client.channel().send(&msg).unwrap();
+        sent += 1000;
+        std::thread::sleep(Duration::from_micros(1800));
+    }
+    let got = counter.join().unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    // What a token bucket of one second's burst allows, whichever path
+    // carries it, with room for one grant in flight.
+    let allowed = (CAP as f64 * (secs + 2.0)) as u64;
+    assert!(sent > 4 * allowed, "offered {sent}");
+    assert!(
+        got <= allowed,
+        "{got} bytes reached the peer in {secs:.1} s under a {CAP} B/s cap"
+    );
+    assert!(got >= CAP * 2, "only {got} bytes relayed");
+    let kernel = settled(&t, "turnpike_fast_path_packets_total");
+    eprintln!(
+        "cap {CAP} B/s: offered {sent} B, relayed {got} B in {secs:.1} s, {kernel} packets by the kernel"
+    );
+    assert!(kernel > 0.0, "the kernel relayed part of it");
+    drop(server);
+}
+
+#[test]
+fn auto_without_privileges_falls_back_to_user_space() {
+    if let Err(why) = can_run() {
+        eprintln!("SKIP kernel fast path: {why}");
+        return;
+    }
+    // The server as nobody: no CAP_BPF or CAP_NET_ADMIN.
+    if !ok(Command::new("setpriv").args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        bin(),
+        "--version",
+    ])) {
+        eprintln!(
+            "SKIP unprivileged fallback: setpriv missing, or nobody cannot run {}",
+            bin()
+        );
+        return;
+    }
+    let t = topology("nopriv", 80, true);
+    let (c, p) = (80, 81);
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.server,
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ])
+        .args([
+            bin(),
+            "serve",
+            "--listen",
+            &format!("10.203.{c}.1:3478"),
+            "--no-tls",
+        ])
+        .args(["--user", "bench:bench-pw1", "--realm", "tp"])
+        .args([
+            "--relay-ip",
+            &format!("10.203.{p}.1"),
+            "--allow-peer",
+            &format!("10.203.{p}.0/24"),
+        ])
+        .args(["--metrics-listen", "127.0.0.1:9641", "--threads", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = BufReader::new(child.stderr.take().unwrap());
+    let server = Server(child);
+    let started = err
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("turnpike started") || l.contains("turnpike: "))
+        .expect("a start-up line");
+    assert!(started.contains("fast_path=unavailable"), "{started}");
+    let mut e = bound(&t, 80, false);
+    e.warm_up();
+    e.peer.send_to(b"user space", e.relayed).unwrap();
+    assert_eq!(
+        e.at_client(Duration::from_secs(1)),
+        Some(channel_data(b"user space", &[]))
+    );
+    assert_eq!(settled(&t, "turnpike_fast_path_active"), 0.0);
+    drop(server);
 }

@@ -69,6 +69,22 @@ pub fn clock_ticks_per_second() -> f64 {
     }
 }
 
+/// Moves the calling thread into the network namespace at `path` (as
+/// `ip netns` names them, `/var/run/netns/NAME`): sockets it opens from
+/// then on live there. Only this thread moves (setns(2) on a thread), so
+/// a test or tool can run one side of a conversation in another
+/// namespace. Needs CAP_SYS_ADMIN.
+pub fn enter_network_namespace(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let ns = std::fs::File::open(path)?;
+    // SAFETY: setns takes a valid open descriptor (kept open by `ns` for
+    // the call) and a namespace type; it touches no memory of ours.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -23,6 +23,10 @@ use super::io::{Command, FiveTuple};
 use super::table::family;
 use super::Server;
 
+/// How often the runtime reports usage ([`Server::handle_fast_path_usage`]):
+/// a grant covers the refill of this long.
+pub(super) const GRANT_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One fast-path entry: ChannelData on `channel` from `client` goes to
 /// `peer` from `relay`, and UDP from `peer` to `relay` comes back to
 /// `client` as ChannelData on `channel`, until `expires`, within `budget`.
@@ -181,10 +185,10 @@ impl Server {
     /// Under bandwidth caps, once a second per allocation with entries:
     /// the payload bytes its entries forwarded (each way) since the last
     /// call. What was granted and not used goes back to the buckets (what
-    /// was used beyond it, forwarded in the instant between the runtime's
-    /// reading the counts and writing new budgets, is spent from them),
-    /// and every live entry gets an equal share of what the buckets hold
-    /// now ([`FastPathBudget::Grant`]).
+    /// was used beyond it comes off the next grant), and every live entry
+    /// gets an equal share of what the buckets hold now plus, from the
+    /// allocation's bucket, the refill until the next report
+    /// ([`FastPathBudget::Grant`]).
     pub fn handle_fast_path_usage(&mut self, now: Instant, client: FiveTuple, to_peer: u64, from_peer: u64) {
         if !self.fast_path_on() || !self.capped() {
             return;
@@ -217,14 +221,11 @@ impl Server {
                     u.refs.max(1) as u64,
                 )
             });
-            // Refilled to now first, so that what is charged below is
-            // charged against what the bucket holds now.
-            if max_bps != 0 {
-                bucket.available(now, max_bps, max_bps);
-            }
-            if let Some((u, _)) = user_bucket.as_mut() {
-                u.available(now, user_max_bps, user_max_bps);
-            }
+            // What was granted and not used goes back; what was used
+            // beyond it (forwarded in the instant between the runtime's
+            // reading the counts and writing new budgets) comes off the
+            // next grant.
+            let debt = used.saturating_sub(reserved);
             if reserved > used {
                 if max_bps != 0 {
                     bucket.refund(reserved - used, max_bps);
@@ -232,32 +233,32 @@ impl Server {
                 if let Some((u, _)) = user_bucket.as_mut() {
                     u.refund(reserved - used, user_max_bps);
                 }
-            } else {
-                if max_bps != 0 {
-                    bucket.spend(used - reserved);
-                }
-                if let Some((u, _)) = user_bucket.as_mut() {
-                    u.spend(used - reserved);
-                }
             }
             if live.is_empty() {
                 continue;
             }
-            let mut avail = u64::MAX;
-            if max_bps != 0 {
-                avail = bucket.available(now, max_bps, max_bps);
-            }
+            // The allocation's bucket: what it holds and the next
+            // second's refill, so that user space, which gets this
+            // channel's packets only once the kernel's budget is spent,
+            // cannot take the refill first. The user's: a share of what
+            // it holds now (its other allocations refill from it too).
+            let taken = if max_bps != 0 {
+                bucket.reserve_ahead(now, max_bps, max_bps, GRANT_PERIOD)
+            } else {
+                u64::MAX
+            };
+            let mut avail = taken;
             if let Some((u, refs)) = user_bucket.as_mut() {
-                // The user's other allocations may want their share too.
                 avail = avail.min(u.available(now, user_max_bps, user_max_bps) / *refs);
             }
-            let per = avail / live.len() as u64;
+            let per = avail.saturating_sub(debt) / live.len() as u64;
             let total = per * live.len() as u64;
             if max_bps != 0 {
-                bucket.spend(total);
+                // Taken and not granted (the debt stays spent).
+                bucket.refund(taken.saturating_sub(total).saturating_sub(debt), max_bps);
             }
             if let Some((u, _)) = user_bucket.as_mut() {
-                u.spend(total);
+                u.spend(total.saturating_add(debt));
             }
             a.fast_reserved[dir] = total;
             share[dir] = per;

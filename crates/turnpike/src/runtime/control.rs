@@ -119,6 +119,8 @@ pub(super) fn core_config(settings: &Settings, base: &CoreBase, limits: &SharedL
     c.external_ipv4 = settings.external_v4;
     c.external_ipv6 = settings.external_v6;
     c.nonce_lifetime = Duration::from_secs(settings.nonce_lifetime);
+    c.default_lifetime = settings.allocation_lifetime;
+    c.max_lifetime = settings.max_allocation_lifetime;
     // One quota book for all workers: quotas are per server, not per core.
     c.quotas = base.quotas.clone();
     c.source_limiter = limits.answers.clone();
