@@ -10,6 +10,10 @@ and the generator's receiving on its own. Run as root, by hand, not in CI:
 
     python3 bench/fastpath.py                  # 5 s per run, median of 3
     DURATION=3 REPEAT=1 python3 bench/fastpath.py
+    PROFILE=1 REPEAT=1 python3 bench/fastpath.py   # and where core 0's time goes
+
+PROFILE samples core 0 (perf record -C 0, cpu-clock) during each shape's
+first fast-path run and prints the top kernel symbols to stderr.
 
 Needs: iproute2, ethtool, taskset, coturn, a release build with clang
 (done here). The namespaces and veths are made and removed here; the
@@ -95,6 +99,25 @@ def server_pid(p):
     return p.pid
 
 
+def profiled(label):
+    """Starts perf on core 0 for this run, if asked; returns its process."""
+    if not os.environ.get('PROFILE') or not shutil.which('perf'):
+        return None
+    out = f'/tmp/turnpike-fastpath-{label.replace(" ", "")}.perf'
+    return subprocess.Popen(['perf', 'record', '-q', '-e', 'cpu-clock', '-C', '0', '-o', out, '--',
+                             'sleep', str(float(WARMUP) + float(DURATION))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out
+
+
+def report(prof, label):
+    proc, out = prof
+    proc.wait()
+    rep = subprocess.run(['perf', 'report', '-i', out, '--no-children', '--sort', 'sym', '--stdio',
+                          '--percent-limit', '1.5'], capture_output=True, text=True).stdout
+    lines = [l for l in rep.splitlines() if l.strip() and not l.startswith('#')]
+    print(f'--- core 0 profile, fast path, {label}:\n' + '\n'.join(lines[:25]), file=sys.stderr)
+
+
 def bench(pid, allocs, window):
     cmd = ['ip', 'netns', 'exec', O, 'taskset', '-c', '1', TP, 'bench', '--server', f'{SERVER}:3478',
            '--peer-ip', PEER, '--user', 'bench', '--password', 'bench', '--json', '--pid', str(pid),
@@ -121,8 +144,12 @@ def main():
             for _ in range(REPEAT):
                 for name in SERVERS:
                     p = start(name)
+                    first = name == 'turnpike fast path' and (label, name) not in results
+                    prof = profiled(label) if first else None
                     try:
                         results.setdefault((label, name), []).append(bench(server_pid(p), allocs, window))
+                        if prof:
+                            report(prof, label)
                     finally:
                         p.send_signal(signal.SIGINT)
                         try:

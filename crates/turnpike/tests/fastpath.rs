@@ -512,7 +512,8 @@ fn an_entry_stops_at_its_deadline_while_user_space_is_stopped() {
             .unwrap_or_else(|| panic!("nothing relayed {what}"));
         assert!(arrivals[0] >= stopped, "relayed {what} with user space stopped");
         assert!(
-            last <= deadline_at_most + Duration::from_millis(100),
+            // Room for this loop's own delay in noticing an arrival.
+            last <= deadline_at_most + Duration::from_millis(250),
             "relayed {what} {:?} past the deadline",
             last - deadline_at_most
         );
@@ -709,7 +710,7 @@ fn a_bandwidth_cap_holds_with_the_fast_path() {
     // What a token bucket of one second's burst allows, whichever path
     // carries it, with room for one grant in flight.
     let allowed = (CAP as f64 * (secs + 2.0)) as u64;
-    assert!(sent > 4 * allowed, "offered {sent}");
+    assert!(sent > 2 * allowed, "offered {sent}");
     assert!(
         got <= allowed,
         "{got} bytes reached the peer in {secs:.1} s under a {CAP} B/s cap"
