@@ -45,6 +45,21 @@ SERVERS = {
                      '--simple-log', '--log-file=/dev/null', '--total-quota=0', '--user-quota=0'],
     'reference': [REF, f'{SERVER}:3478'],
 }
+# ONLY="coturn 4.6.1,reference": just those servers.
+if os.environ.get('ONLY'):
+    SERVERS = {k: v for k, v in SERVERS.items() if k in os.environ['ONLY'].split(',')}
+# The generator's veths: for the fast path they compute UDP checksums (tx
+# off), as datagrams from a wire carry them (the fast path updates a
+# checksum and passes one left to offload up); for the socket-path servers
+# they leave them to offload (tx on), which the receiving stack takes as
+# verified, as it takes a NIC's checksum offload. TX=off or TX=on forces
+# one setting for every server.
+TX = os.environ.get('TX')
+
+
+def set_tx(name):
+    tx = TX or ('off' if name == 'turnpike fast path' else 'on')
+    sh(f'for i in a1 a2; do ip netns exec {O} ethtool -K $i tx {tx} >/dev/null; done')
 SHAPES = [('16 x 16', '16', '16'), ('64 x 4', '64', '4'), ('256 x 1', '256', '1')]
 
 
@@ -53,16 +68,13 @@ def sh(cmd):
 
 
 def setup():
-    # The generator's veths compute UDP checksums themselves (tx off), as
-    # a datagram from a wire has them: the fast path updates a checksum
-    # and cannot update one left to offload.
     sh(f'''ip netns add {O}; ip netns add {S}
 ip -n {O} link set lo up; ip -n {S} link set lo up
 ip -n {O} link add a1 type veth peer name s1 netns {S}
 ip -n {O} link add a2 type veth peer name s2 netns {S}
 ip -n {O} addr add 10.203.1.2/24 dev a1; ip -n {S} addr add {SERVER}/24 dev s1
 ip -n {O} addr add {PEER}/24 dev a2; ip -n {S} addr add {RELAY}/24 dev s2
-for i in a1 a2; do ip -n {O} link set $i up; ip netns exec {O} ethtool -K $i gro on tx off >/dev/null; done
+for i in a1 a2; do ip -n {O} link set $i up; ip netns exec {O} ethtool -K $i gro on >/dev/null; done
 for i in s1 s2; do ip -n {S} link set $i up; ip netns exec {S} ethtool -K $i gro on >/dev/null; done
 ip netns exec {S} sysctl -qw net.ipv4.conf.s1.forwarding=1 net.ipv4.conf.s2.forwarding=1''')
     # Threaded NAPI: the server's veths pinned to the server's core, the
@@ -113,7 +125,7 @@ def report(prof, label):
     proc, out = prof
     proc.wait()
     rep = subprocess.run(['perf', 'report', '-i', out, '--no-children', '--sort', 'sym', '--stdio',
-                          '--percent-limit', '1.5'], capture_output=True, text=True).stdout
+                          '--percent-limit', '1.5'], capture_output=True, text=True, stdin=subprocess.DEVNULL).stdout
     lines = [l for l in rep.splitlines() if l.strip() and not l.startswith('#')]
     print(f'--- core 0 profile, fast path, {label}:\n' + '\n'.join(lines[:25]), file=sys.stderr)
 
@@ -143,6 +155,7 @@ def main():
         for label, allocs, window in SHAPES:
             for _ in range(REPEAT):
                 for name in SERVERS:
+                    set_tx(name)
                     p = start(name)
                     first = name == 'turnpike fast path' and (label, name) not in results
                     prof = profiled(label) if first else None

@@ -21,6 +21,7 @@
 pub mod auth;
 pub mod limits;
 pub mod policy;
+pub mod proxy;
 mod server;
 
 pub use auth::{Credentials, NonceMinter};

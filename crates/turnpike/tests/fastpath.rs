@@ -793,3 +793,40 @@ fn auto_without_privileges_falls_back_to_user_space() {
     assert_eq!(settled(&t, "turnpike_fast_path_active"), 0.0);
     drop(server);
 }
+
+#[test]
+fn an_icmp_error_for_a_datagram_the_kernel_sent_reaches_the_client() {
+    if let Err(why) = can_run() {
+        eprintln!("SKIP kernel fast path: {why}");
+        return;
+    }
+    let t = topology("icmp", 90, true);
+    let (server, _) = serve(&t, 90, &fast_args());
+    let mut e = bound(&t, 90, false);
+    e.warm_up();
+    let before = settled(&t, "turnpike_fast_path_packets_total");
+    // The peer goes away: its host answers port unreachable, to the
+    // relayed address, whose socket has the error queued as if it had
+    // sent the datagram itself (RFC 8656 §11.5, as in user space).
+    let gone = e.peer.local_addr().unwrap();
+    drop(std::mem::replace(
+        &mut e.peer,
+        in_ns(&t.outer, || peer_socket(90, false)),
+    ));
+    e.client.channel().send(&channel_data(b"anyone?", &[])).unwrap();
+    match e.client.recv(Duration::from_secs(2)).unwrap() {
+        Received::Icmp {
+            peer,
+            icmp_type,
+            icmp_code,
+            ..
+        } => assert_eq!((peer, icmp_type, icmp_code), (gone, 3, 3), "port unreachable"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        settled(&t, "turnpike_fast_path_packets_total") - before,
+        1.0,
+        "the datagram went out through the kernel"
+    );
+    drop(server);
+}
