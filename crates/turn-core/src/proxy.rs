@@ -312,4 +312,23 @@ mod tests {
         assert!(looks_like_header(b"PROXY TCP4"));
         assert!(looks_like_header(b"PRO"));
     }
+
+    proptest::proptest! {
+        /// Any bytes: an answer, never a panic; a Done length within
+        /// the input; a prefix of a parsed header is never Invalid.
+        #[test]
+        fn any_input_parses_without_panicking(mut buf in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), v2_start in proptest::prelude::any::<bool>()) {
+            if v2_start {
+                let mut b = V2_SIGNATURE.to_vec();
+                b.extend_from_slice(&buf);
+                buf = b;
+            }
+            if let Parsed::Done(_, n) = parse(&buf) {
+                proptest::prop_assert!(n <= buf.len());
+                for k in 1..n {
+                    proptest::prop_assert_eq!(parse(&buf[..k]), Parsed::Incomplete);
+                }
+            }
+        }
+    }
 }

@@ -97,6 +97,13 @@ pub struct ServeArgs {
     #[serde(default, deserialize_with = "one_or_many")]
     pub allow_peer: Vec<String>,
 
+    /// Load balancers whose TCP/TLS connections start with a PROXY
+    /// protocol header (v1 or v2) naming the real client (repeatable). A
+    /// header from any other address closes its connection.
+    #[arg(long, value_name = "CIDR")]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub proxy_protocol_from: Vec<String>,
+
     /// Refuse relaying to a range; beats --allow-peer (repeatable).
     #[arg(long, value_name = "CIDR")]
     #[serde(default, deserialize_with = "one_or_many")]
@@ -340,6 +347,7 @@ impl ServeArgs {
                  rfc5780, alt_ip, alt_port, log_format, redact, drain_timeout, metrics_listen,
                  admin_listen, admin_token, admin_token_file, db, redis_url;
             vec: fast_path_interface, listen, tls_listen, relay_ip, external_ip, user, auth_secret, allow_peer, deny_peer,
+                 proxy_protocol_from,
                  alternate_server);
     }
 }
@@ -389,6 +397,8 @@ pub struct Settings {
     pub demo_user: Option<(String, String)>,
     /// Peer ranges allowed.
     pub allow_peer: Vec<Cidr>,
+    /// Load balancers that send PROXY protocol headers.
+    pub proxy_protocol_from: Vec<Cidr>,
     /// Peer ranges refused.
     pub deny_peer: Vec<Cidr>,
     /// Allow loopback peers.
@@ -939,6 +949,7 @@ impl Settings {
             credentials,
             demo_user,
             allow_peer: parse_cidrs("allow-peer", &a.allow_peer)?,
+            proxy_protocol_from: parse_cidrs("proxy-protocol-from", &a.proxy_protocol_from)?,
             deny_peer: parse_cidrs("deny-peer", &a.deny_peer)?,
             allow_loopback_peers: a.allow_loopback_peers.unwrap_or(false),
             threads,

@@ -53,6 +53,7 @@ pub struct WorkerMetrics {
     /// TCP/TLS connections closed at accept: the source IP held
     /// `--max-connections-per-ip` already.
     pub conn_refused_per_source: u64,
+    pub proxy_refused: u64,
     /// `recvmmsg` calls that returned datagrams, and the datagrams.
     pub recv_batches: u64,
     /// Datagrams received through `recvmmsg`.
@@ -118,6 +119,7 @@ fn sum(board: &Board) -> (WorkerMetrics, Vec<WorkerMetrics>) {
         t.tls_failures += w.tls_failures;
         t.conn_refused_worker += w.conn_refused_worker;
         t.conn_refused_per_source += w.conn_refused_per_source;
+        t.proxy_refused += w.proxy_refused;
         tc.icmp_relayed += c.icmp_relayed;
         tc.icmp_dropped += c.icmp_dropped;
         t.recv_batches += w.recv_batches;
@@ -299,10 +301,11 @@ pub fn render(board: &Board, draining: bool) -> String {
     metric(
         "connections_refused_total",
         "counter",
-        "TCP/TLS connections closed at accept, by limit.",
+        "TCP/TLS connections closed at accept, by limit (proxy_protocol: a PROXY header that was malformed, or from an address not in proxy-protocol-from).",
         &[
             ("{limit=\"worker\"}", t.conn_refused_worker as f64),
             ("{limit=\"per_source\"}", t.conn_refused_per_source as f64),
+            ("{limit=\"proxy_protocol\"}", t.proxy_refused as f64),
         ],
     );
     metric(

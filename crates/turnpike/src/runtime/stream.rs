@@ -44,12 +44,30 @@ pub(super) struct Conn {
     /// Raw over plain TCP: bytes from the peer for the client, written
     /// after `wbuf` (which may hold the ConnectionBind answer).
     pub(super) raw_out: Option<RawBuf>,
+    /// The PROXY protocol header's part in this connection.
+    pub(super) proxy: Proxy,
+    /// Whether the per-source connection count holds this connection
+    /// (under `tuple.client`'s IP).
+    pub(super) counted: bool,
+}
+
+/// Where a connection stands with the PROXY protocol.
+pub(super) enum Proxy {
+    /// From a trusted balancer: the header comes first, in the clear
+    /// (before any TLS); the bytes so far.
+    Awaiting(Vec<u8>),
+    /// From anyone else: its first bytes must not be a header.
+    Unchecked,
+    /// Nothing more to do.
+    Settled,
 }
 
 pub(super) enum ReadStep {
     Progress,
     WouldBlock,
     Closed,
+    /// A PROXY header from an address not trusted to send one.
+    UntrustedProxy,
 }
 
 impl Conn {
@@ -57,6 +75,38 @@ impl Conn {
     pub(super) fn fill(&mut self, tmp: &mut [u8]) -> ReadStep {
         if self.rbuf.len() > MAX_READ_BUFFER {
             return ReadStep::Closed;
+        }
+        match &mut self.proxy {
+            Proxy::Awaiting(head) => {
+                // Raw bytes until the header is whole (the worker parses).
+                return match self.stream.read(tmp) {
+                    Ok(0) => ReadStep::Closed,
+                    Ok(_) if head.len() > MAX_READ_BUFFER => ReadStep::Closed,
+                    Ok(n) => {
+                        head.extend_from_slice(&tmp[..n]);
+                        ReadStep::Progress
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => ReadStep::WouldBlock,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => ReadStep::Progress,
+                    Err(_) => ReadStep::Closed,
+                };
+            }
+            Proxy::Unchecked => {
+                let mut first = [0u8; 12];
+                match self.stream.peek(&mut first) {
+                    Ok(n) if n > 0 => {
+                        if turn_core::proxy::looks_like_header(&first[..n]) {
+                            return ReadStep::UntrustedProxy;
+                        }
+                        self.proxy = Proxy::Settled;
+                    }
+                    Ok(_) => return ReadStep::Closed,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadStep::WouldBlock,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => return ReadStep::Progress,
+                    Err(_) => return ReadStep::Closed,
+                }
+            }
+            Proxy::Settled => {}
         }
         match &mut self.tls {
             None => match self.stream.read(tmp) {
@@ -94,6 +144,31 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// The balancer's header is parsed and `rest` came after it: it is
+    /// the client's, read as if it had just arrived (through TLS first
+    /// on a TLS listener). `false` if TLS refused it.
+    pub(super) fn after_proxy_header(&mut self, rest: &[u8], tmp: &mut [u8]) -> bool {
+        self.proxy = Proxy::Settled;
+        let Some(tls) = &mut self.tls else {
+            self.rbuf.extend_from_slice(rest);
+            return true;
+        };
+        let mut input = rest;
+        while !input.is_empty() {
+            if tls.read_tls(&mut input).is_err() || tls.process_new_packets().is_err() {
+                return false;
+            }
+            loop {
+                match tls.reader().read(tmp) {
+                    Ok(0) => return false,
+                    Ok(n) => self.rbuf.extend_from_slice(&tmp[..n]),
+                    Err(_) => break,
+                }
+            }
+        }
+        true
     }
 
     /// Queues one whole message. A message that does not fit in the write

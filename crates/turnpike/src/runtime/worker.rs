@@ -15,15 +15,26 @@ use mio::{Events, Interest, Poll, Token};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use slab::Slab;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use turn_core::limits::SourceCounter;
+use turn_core::proxy::{Header as ProxyHeader, Parsed};
 use turn_core::{FiveTuple, ListenerId, Server, Transport};
 
 use super::control::{Command, Reloads};
 use super::dispatch::{Io, Source};
 use super::log::{Redactor, RefusalLog};
 use super::relays::{RelayConfig, Reservations};
-use super::stream::{Conn, ReadStep};
+use super::stream::{Conn, Proxy, ReadStep};
+
+/// What a read does after the PROXY protocol part.
+enum ProxyStep {
+    /// On to the client's bytes.
+    Proceed,
+    /// The header is not whole yet and more may be there.
+    ReadMore,
+    /// Nothing more now (closed, or waiting for bytes).
+    Stop,
+}
 use super::{WorkerSockets, IDLE_TICK, SWEEP_INTERVAL, WAKER};
 use crate::config::Settings;
 
@@ -34,6 +45,7 @@ pub(super) fn conn_limits(settings: &Settings) -> ConnLimits {
             .max(64)
             .min(settings.max_connections),
         max_per_source: settings.max_connections_per_ip,
+        proxy_from: settings.proxy_protocol_from.clone(),
         handshake_timeout: settings.handshake_timeout,
         idle_timeout: settings.idle_timeout,
     }
@@ -62,7 +74,7 @@ pub(super) struct WorkerParams {
 }
 
 /// Limits on TCP/TLS connections, per worker.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub(super) struct ConnLimits {
     pub(super) max_connections: usize,
     /// Connections that have not yet delivered one whole message (TLS
@@ -70,6 +82,8 @@ pub(super) struct ConnLimits {
     pub(super) max_pending: usize,
     /// Connections one source IP may hold across workers (0: no cap).
     pub(super) max_per_source: u32,
+    /// Load balancers that send PROXY protocol headers.
+    pub(super) proxy_from: Vec<turn_core::policy::Cidr>,
     pub(super) handshake_timeout: Duration,
     pub(super) idle_timeout: Duration,
 }
@@ -99,6 +113,7 @@ pub(super) struct Worker {
     pub(super) errors: udp_io::ErrorQueue,
     pub(super) conn_refused_worker: u64,
     pub(super) conn_refused_per_source: u64,
+    pub(super) proxy_refused: u64,
     pub(super) refusals: RefusalLog,
     pub(super) handoff: std::sync::mpsc::Receiver<Box<Conn>>,
     pub(super) handoff_to: Vec<(std::sync::mpsc::Sender<Box<Conn>>, Arc<mio::Waker>)>,
@@ -187,6 +202,7 @@ impl Worker {
             errors: udp_io::ErrorQueue::new(),
             conn_refused_worker: 0,
             conn_refused_per_source: 0,
+            proxy_refused: 0,
             refusals: RefusalLog::new(),
             handoff,
             handoff_to,
@@ -412,17 +428,25 @@ impl Worker {
                 self.conn_refused_worker += 1;
                 continue;
             }
+            // A trusted balancer's connection is counted under the client
+            // its PROXY header names, once it has arrived.
+            let balancer = self.limits.proxy_from.iter().any(|c| c.contains(client.ip()));
             // One source cannot take every slot: its count is shared by all
             // workers (the kernel spreads its connections over them).
-            if !self
-                .connections
-                .try_acquire(client.ip(), self.limits.max_per_source)
+            if !balancer
+                && !self
+                    .connections
+                    .try_acquire(client.ip(), self.limits.max_per_source)
             {
                 debug!(client = %self.redact.show(&client), "per-source connection limit reached; closing");
                 self.conn_refused_per_source += 1;
                 continue;
             }
-            let release = |w: &Self| w.connections.release(client.ip());
+            let release = |w: &Self| {
+                if !balancer {
+                    w.connections.release(client.ip())
+                }
+            };
             let _ = stream.set_nodelay(true);
             let tls_conn = if tls {
                 let made = self
@@ -463,6 +487,12 @@ impl Worker {
                 raw_eof: false,
                 raw_out: None,
                 raw_throttled: false,
+                proxy: if balancer {
+                    Proxy::Awaiting(Vec::new())
+                } else {
+                    Proxy::Unchecked
+                },
+                counted: !balancer,
             });
             let entry = self.io.sources.vacant_entry();
             let ckey = entry.key();
@@ -509,6 +539,14 @@ impl Worker {
                 return;
             };
             let step = c.fill(&mut self.buf);
+            match self.proxy_header(key, &step, now) {
+                ProxyStep::Proceed => {}
+                ProxyStep::ReadMore => continue,
+                ProxyStep::Stop => return,
+            }
+            let Some(Source::Conn(c)) = self.io.sources.get_mut(key) else {
+                return;
+            };
             if !c.handshake_done && c.tls.as_ref().is_some_and(|t| !t.is_handshaking()) {
                 c.handshake_done = true;
                 self.tls_handshakes += 1;
@@ -586,12 +624,86 @@ impl Worker {
             match step {
                 ReadStep::Progress => continue,
                 ReadStep::WouldBlock => return,
-                ReadStep::Closed => {
+                ReadStep::Closed | ReadStep::UntrustedProxy => {
                     self.close_conn(key, now);
                     return;
                 }
             }
         }
+    }
+
+    /// The PROXY protocol part of a read: a trusted balancer's header
+    /// parsed and the connection made the client's, or an untrusted one's
+    /// refused.
+    fn proxy_header(&mut self, key: usize, step: &ReadStep, now: Instant) -> ProxyStep {
+        let Some(Source::Conn(c)) = self.io.sources.get_mut(key) else {
+            return ProxyStep::Stop;
+        };
+        if matches!(step, ReadStep::UntrustedProxy) {
+            info!(
+                client = %self.redact.show(&c.tuple.client),
+                "a PROXY protocol header from an address not in proxy-protocol-from; closing"
+            );
+            self.proxy_refused += 1;
+            self.close_conn(key, now);
+            return ProxyStep::Stop;
+        }
+        let Proxy::Awaiting(head) = &mut c.proxy else {
+            return ProxyStep::Proceed;
+        };
+        let (header, len) = match turn_core::proxy::parse(head) {
+            Parsed::Incomplete => {
+                return match step {
+                    ReadStep::Progress => ProxyStep::ReadMore,
+                    ReadStep::WouldBlock => ProxyStep::Stop,
+                    _ => {
+                        self.close_conn(key, now);
+                        ProxyStep::Stop
+                    }
+                };
+            }
+            Parsed::Invalid(why) => {
+                info!(balancer = %c.tuple.client, why, "a bad PROXY protocol header; closing");
+                self.proxy_refused += 1;
+                self.close_conn(key, now);
+                return ProxyStep::Stop;
+            }
+            Parsed::Done(h, n) => (h, n),
+        };
+        let rest = head.split_off(len);
+        let old = c.tuple;
+        let mut tuple = old;
+        if let ProxyHeader::Proxied { client, .. } = header {
+            tuple.client = client;
+        }
+        // A header naming a client this server already has a connection
+        // from is a balancer gone wrong (or lying).
+        if tuple != old && self.io.conn_by_tuple.contains_key(&tuple) {
+            info!(balancer = %old.client, client = %self.redact.show(&tuple.client),
+                  "a PROXY protocol header naming a connection that exists; closing");
+            self.proxy_refused += 1;
+            self.close_conn(key, now);
+            return ProxyStep::Stop;
+        }
+        self.io.conn_by_tuple.remove(&old);
+        self.io.conn_by_tuple.insert(tuple, key);
+        c.tuple = tuple;
+        debug!(balancer = %old.client, client = %self.redact.show(&tuple.client), "PROXY protocol header");
+        if !self
+            .connections
+            .try_acquire(tuple.client.ip(), self.limits.max_per_source)
+        {
+            debug!(client = %self.redact.show(&tuple.client), "per-source connection limit reached; closing");
+            self.conn_refused_per_source += 1;
+            self.close_conn(key, now);
+            return ProxyStep::Stop;
+        }
+        c.counted = true;
+        if !c.after_proxy_header(&rest, &mut self.buf) {
+            self.close_conn(key, now);
+            return ProxyStep::Stop;
+        }
+        ProxyStep::Proceed
     }
 
     /// Answers the control plane's requests.
@@ -639,6 +751,7 @@ impl Worker {
             tls_failures: self.tls_failures,
             conn_refused_worker: self.conn_refused_worker,
             conn_refused_per_source: self.conn_refused_per_source,
+            proxy_refused: self.proxy_refused,
             recv_batches: self.recv_batches,
             recv_datagrams: self.recv_datagrams,
             send: self.io.queue.stats(),
@@ -692,17 +805,17 @@ impl Worker {
     /// begun but not finished within it (slowloris), or silence past the idle
     /// timeout without an allocation.
     pub(super) fn sweep_connections(&mut self, now: Instant) {
-        let l = self.limits;
+        let (handshake_timeout, idle_timeout) = (self.limits.handshake_timeout, self.limits.idle_timeout);
         let mut doomed = Vec::new();
         for (key, src) in self.io.sources.iter() {
             let Source::Conn(c) = src else { continue };
-            let stalled = !c.got_message && now.saturating_duration_since(c.accepted) > l.handshake_timeout;
+            let stalled = !c.got_message && now.saturating_duration_since(c.accepted) > handshake_timeout;
             // (A bound data connection's bytes are not messages.)
             let slow = c.raw.is_none()
                 && c.partial_since
-                    .is_some_and(|t| now.saturating_duration_since(t) > l.handshake_timeout);
+                    .is_some_and(|t| now.saturating_duration_since(t) > handshake_timeout);
             // A bound data connection may be quiet as long as its peer is.
-            let idle = now.saturating_duration_since(c.last_rx) > l.idle_timeout
+            let idle = now.saturating_duration_since(c.last_rx) > idle_timeout
                 && c.raw.is_none()
                 && !self.core.has_allocation(&c.tuple);
             if stalled || slow || idle {
@@ -732,7 +845,9 @@ impl Worker {
                 }
                 let _ = self.io.registry.deregister(&mut c.stream);
                 self.io.conn_by_tuple.remove(&c.tuple);
-                self.connections.release(c.tuple.client.ip());
+                if c.counted {
+                    self.connections.release(c.tuple.client.ip());
+                }
                 self.core.handle_connection_closed(now, c.tuple);
                 self.drive_core(now);
             }
