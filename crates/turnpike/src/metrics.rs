@@ -18,6 +18,23 @@ pub static REDIS_UP: std::sync::atomic::AtomicI8 = std::sync::atomic::AtomicI8::
 /// The TLS leaf certificate's notAfter (Unix seconds); 0 without TLS.
 pub static TLS_NOT_AFTER: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
 
+/// `--total-quota` as now configured (0: none), for saturation alerts.
+pub static ALLOCATION_LIMIT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Ports in the relay range (`--min-port`..=`--max-port`): what one relay
+/// address of one family can hold.
+pub static RELAY_PORTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Publishes `--total-quota` (at start and on reload).
+pub fn set_allocation_limit(total_quota: usize) {
+    ALLOCATION_LIMIT.store(total_quota as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Publishes the relay port range (at start: it changes only then).
+pub fn set_relay_ports(min_port: u16, max_port: u16) {
+    let n = u64::from(max_port.saturating_sub(min_port)) + 1;
+    RELAY_PORTS.store(n, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// 1 while the kernel fast path is loaded.
 pub static FAST_PATH_ACTIVE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Packets the kernel fast path forwarded (read once a second).
@@ -179,6 +196,21 @@ pub fn render(board: &Board, draining: bool) -> String {
         "counter",
         "Allocations deleted (Refresh 0, closed connection, admin), by transport.",
         &by_transport(c.allocations_deleted),
+    );
+    let limit = ALLOCATION_LIMIT.load(std::sync::atomic::Ordering::Relaxed);
+    if limit > 0 {
+        metric(
+            "allocation_limit",
+            "gauge",
+            "--total-quota: allocations this node may hold (absent when unlimited).",
+            &[("", limit as f64)],
+        );
+    }
+    metric(
+        "relay_ports",
+        "gauge",
+        "Ports in the relay range: the allocations one relay address of one family can hold.",
+        &[("", RELAY_PORTS.load(std::sync::atomic::Ordering::Relaxed) as f64)],
     );
     metric(
         "permissions",

@@ -225,6 +225,8 @@ pub fn start(settings: &Settings) -> Result<Handle> {
         own_sockets,
         fast_path: matches!(fast_state, fast::State::Active(..)),
     };
+    crate::metrics::set_allocation_limit(settings.total_quota);
+    crate::metrics::set_relay_ports(settings.min_port, settings.max_port);
     let shared = SharedLimits::new(settings);
     let core_cfg = core_config(settings, &base, &shared);
     let draining = base.draining.clone();
