@@ -59,6 +59,14 @@ pub struct ServeArgs {
     #[serde(default, deserialize_with = "one_or_many")]
     pub external_ip: Vec<IpAddr>,
 
+    /// Learn the advertised relay address at start from a STUN server
+    /// (HOST:PORT), asked from each relay address that has no
+    /// --external-ip: for a node behind 1:1 NAT whose public address is
+    /// not known in advance (a Kubernetes node, a cloud VM). Start fails
+    /// if the server does not answer.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub external_ip_from: Option<String>,
+
     /// Lowest relay port [default: 49152].
     #[arg(long, value_name = "N")]
     pub min_port: Option<u16>,
@@ -87,6 +95,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECRET")]
     #[serde(default, deserialize_with = "one_or_many")]
     pub auth_secret: Vec<String>,
+
+    /// File of TURN REST-API secrets, one per line (repeatable; re-read on
+    /// reload): a Kubernetes Secret or a file only root can read, so the
+    /// secret is not on the command line.
+    #[arg(long, value_name = "FILE")]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub auth_secret_file: Vec<PathBuf>,
 
     /// Allow relaying to 127.0.0.0/8 and ::1 (tests, local media servers).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true, value_name = "BOOL")]
@@ -272,6 +287,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
 
+    /// Reload when the config file, an auth-secret-file or the
+    /// admin-token-file changes (checked every 2 s), as SIGHUP does: for a
+    /// Kubernetes ConfigMap or Secret mounted as files.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub reload_on_change: Option<bool>,
+
     /// Log format: text or json (one JSON object per line) [default: text].
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -345,9 +366,9 @@ impl ServeArgs {
                  auth_fail_limit, auth_block_secs, max_connections, max_connections_per_ip, handshake_timeout, idle_timeout,
                  tcp_connections_per_allocation, tcp_connect_timeout, fast_path,
                  rfc5780, alt_ip, alt_port, log_format, redact, drain_timeout, metrics_listen,
-                 admin_listen, admin_token, admin_token_file, db, redis_url;
+                 admin_listen, admin_token, admin_token_file, db, redis_url, external_ip_from, reload_on_change;
             vec: fast_path_interface, listen, tls_listen, relay_ip, external_ip, user, auth_secret, allow_peer, deny_peer,
-                 proxy_protocol_from,
+                 proxy_protocol_from, auth_secret_file,
                  alternate_server);
     }
 }
@@ -469,6 +490,10 @@ pub struct Settings {
     pub db: PathBuf,
     /// Redis credential store.
     pub redis_url: Option<String>,
+    /// STUN server that tells the relay addresses' public mapping at start.
+    pub external_ip_from: Option<String>,
+    /// Files whose change triggers a reload (empty: no watching).
+    pub watched_files: Vec<PathBuf>,
 }
 
 fn ipv6_available() -> bool {
@@ -791,7 +816,22 @@ impl Settings {
                 None => credentials.add_user(name, &realm, pw),
             }
         }
-        for s in &a.auth_secret {
+        let mut secrets = a.auth_secret.clone();
+        for f in &a.auth_secret_file {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("auth-secret-file: cannot read {}", f.display()))?;
+            let before = secrets.len();
+            secrets.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned),
+            );
+            if secrets.len() == before {
+                bail!("auth-secret-file {}: no secret in it (one per line)", f.display());
+            }
+        }
+        for s in &secrets {
             if s.is_empty() {
                 bail!("auth-secret: must not be empty");
             }
@@ -931,6 +971,29 @@ impl Settings {
                 Some((addr, token))
             }
         };
+        let external_ip_from = match a.external_ip_from {
+            None => None,
+            Some(server) => {
+                let port_ok = server
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+                if !port_ok {
+                    bail!("external-ip-from \"{server}\": expected HOST:PORT of a STUN server (e.g. stun.example.org:3478)");
+                }
+                Some(server)
+            }
+        };
+        let watched_files = if a.reload_on_change.unwrap_or(false) {
+            let mut files: Vec<PathBuf> = a.config.iter().cloned().collect();
+            files.extend(a.auth_secret_file.iter().cloned());
+            files.extend(a.admin_token_file.iter().cloned());
+            if files.is_empty() {
+                bail!("reload-on-change: nothing to watch; it watches --config, --auth-secret-file and --admin-token-file");
+            }
+            files
+        } else {
+            Vec::new()
+        };
         let auth_block_secs = a.auth_block_secs.unwrap_or(300);
         if auth_block_secs == 0 {
             bail!("auth-block-secs: must be at least 1 second (default 300); use auth-fail-limit = 0 to turn the guard off");
@@ -986,6 +1049,8 @@ impl Settings {
             admin,
             db,
             redis_url: a.redis_url,
+            external_ip_from,
+            watched_files,
         })
     }
 }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod coturn;
 pub mod coturn_conf;
 pub mod credentials;
+pub mod external_ip;
 pub mod metrics;
 pub mod redisdb;
 pub mod runtime;

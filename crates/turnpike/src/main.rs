@@ -410,6 +410,11 @@ fn reload(
             return Err(format!("{e:#}"));
         }
     };
+    // What --external-ip-from learned at start stands until a restart.
+    if new.external_ip_from.is_some() {
+        new.external_v4 = new.external_v4.or(current.external_v4);
+        new.external_v6 = new.external_v6.or(current.external_v6);
+    }
     {
         let mut s = stores.lock().unwrap_or_else(|p| p.into_inner());
         s.set_configured(&new);
@@ -452,6 +457,40 @@ fn reload(
             error!(error = %format!("{e:#}"), "reload failed; the current configuration stays in force");
             Err(format!("{e:#}"))
         }
+    }
+}
+
+/// `--reload-on-change`: the watched files' contents, compared every 2 s.
+/// Contents, not mtimes: a Kubernetes ConfigMap update swaps a symlink,
+/// and an editor may keep the mtime.
+struct FileWatch {
+    files: Vec<std::path::PathBuf>,
+    last: Vec<Option<Vec<u8>>>,
+    checked: std::time::Instant,
+}
+
+impl FileWatch {
+    fn new(files: Vec<std::path::PathBuf>) -> Self {
+        let last = files.iter().map(|f| std::fs::read(f).ok()).collect();
+        FileWatch {
+            files,
+            last,
+            checked: std::time::Instant::now(),
+        }
+    }
+
+    fn changed(&mut self) -> bool {
+        if self.files.is_empty() || self.checked.elapsed() < std::time::Duration::from_secs(2) {
+            return false;
+        }
+        self.checked = std::time::Instant::now();
+        let now: Vec<Option<Vec<u8>>> = self.files.iter().map(|f| std::fs::read(f).ok()).collect();
+        // A file gone for a moment (being replaced) is not a change yet.
+        if now.iter().any(Option::is_none) || now == self.last {
+            return false;
+        }
+        self.last = now;
+        true
     }
 }
 
@@ -505,6 +544,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     // Kept to re-read the file on SIGHUP with the same command line on top.
     let cli = args.clone();
     let mut settings = Settings::from_args(args.load()?)?;
+    turnpike::external_ip::discover(&mut settings)?;
     // Users from the database and Redis join the configured ones; with any
     // there, no demo credential is made up.
     let mut stores = turnpike::credentials::CredentialStores::new(&settings);
@@ -662,7 +702,12 @@ fn serve(args: ServeArgs) -> Result<()> {
         // ends or drain-timeout passes. SIGINT, or a second SIGTERM: now.
         let mut deadline: Option<std::time::Instant> = None;
         let mut last_report = std::time::Instant::now();
+        let mut watch = FileWatch::new(current.watched_files.clone());
         loop {
+            if watch.changed() {
+                info!("a watched file changed (reload-on-change); reloading");
+                let _ = reload(&cli, &current, &control, &stores);
+            }
             for sig in signals.pending() {
                 match sig {
                     signal_hook::consts::SIGHUP => {
