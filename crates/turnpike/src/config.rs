@@ -287,9 +287,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
 
-    /// Reload when the config file, an auth-secret-file or the
-    /// admin-token-file changes (checked every 2 s), as SIGHUP does: for a
-    /// Kubernetes ConfigMap or Secret mounted as files.
+    /// Reload when the config file, an auth-secret-file, the
+    /// admin-token-file or the TLS certificate or key changes (checked
+    /// every 2 s), as SIGHUP does: for a Kubernetes ConfigMap or Secret
+    /// mounted as files, or a certbot renewal.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true, value_name = "BOOL")]
     pub reload_on_change: Option<bool>,
 
@@ -707,7 +708,7 @@ impl Settings {
         } else {
             a.tls_listen
         };
-        let tls = match (a.cert, a.key) {
+        let tls = match (a.cert.clone(), a.key.clone()) {
             _ if tls_listen.is_empty() => None,
             (Some(cert), Some(key)) => Some(TlsSource::Files { cert, key }),
             (None, None) => Some(TlsSource::SelfSigned),
@@ -987,8 +988,10 @@ impl Settings {
             let mut files: Vec<PathBuf> = a.config.iter().cloned().collect();
             files.extend(a.auth_secret_file.iter().cloned());
             files.extend(a.admin_token_file.iter().cloned());
+            files.extend(a.cert.iter().cloned());
+            files.extend(a.key.iter().cloned());
             if files.is_empty() {
-                bail!("reload-on-change: nothing to watch; it watches --config, --auth-secret-file and --admin-token-file");
+                bail!("reload-on-change: nothing to watch; it watches --config, --auth-secret-file, --admin-token-file, --cert and --key");
             }
             files
         } else {
