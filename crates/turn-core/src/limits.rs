@@ -251,7 +251,17 @@ pub struct AuthGuard {
     slots: usize,
     hasher: RandomState,
     tables: Mutex<Option<GuardTables>>,
+    /// Failures seen here, for a fleet to share ([`AuthGuard::share`]);
+    /// `None` when not shared.
+    outbox: Mutex<Option<Vec<SharedFailure>>>,
 }
+
+/// A failure to tell the fleet: the account (resolved username) and source.
+pub type SharedFailure = (Vec<u8>, IpAddr);
+
+/// Failures queued for the fleet at most; past it the oldest are dropped
+/// (the fleet then learns of a flood a little late, never of nothing).
+const OUTBOX_MAX: usize = 4096;
 
 impl std::fmt::Debug for AuthGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -269,7 +279,27 @@ impl AuthGuard {
             slots: slots.max(1),
             hasher: RandomState::new(),
             tables: Mutex::new(None),
+            outbox: Mutex::new(None),
         }
+    }
+
+    /// Keeps the failures seen from now on for [`AuthGuard::take_shared`],
+    /// so that a fleet's nodes count every node's failures.
+    pub fn share(&self) {
+        let mut o = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        o.get_or_insert_with(Vec::new);
+    }
+
+    /// The failures seen here since the last call (account, source).
+    pub fn take_shared(&self) -> Vec<SharedFailure> {
+        let mut o = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        o.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Counts a failure another node saw, as if seen here (and not shared
+    /// again); true if it started a block.
+    pub fn failed_elsewhere(&self, user: &[u8], ip: IpAddr, now: Instant) -> bool {
+        self.record(user, ip, now)
     }
 
     /// The configured failure limit (0: off) and block time.
@@ -316,6 +346,22 @@ impl AuthGuard {
 
     /// Records a failed check; returns true if this failure started a block.
     pub fn failed(&self, user: &[u8], ip: IpAddr, now: Instant) -> bool {
+        if self.limit == 0 {
+            return false;
+        }
+        {
+            let mut o = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(q) = o.as_mut() {
+                if q.len() >= OUTBOX_MAX {
+                    q.remove(0);
+                }
+                q.push((user.to_vec(), ip));
+            }
+        }
+        self.record(user, ip, now)
+    }
+
+    fn record(&self, user: &[u8], ip: IpAddr, now: Instant) -> bool {
         if self.limit == 0 {
             return false;
         }
@@ -439,6 +485,9 @@ pub struct Quotas {
     total_limit: AtomicUsize,
     total: AtomicUsize,
     per_user: Mutex<HashMap<Arc<str>, usize>>,
+    /// Allocations other nodes of a fleet hold, per user, as last heard
+    /// (empty without a fleet).
+    elsewhere: Mutex<HashMap<String, usize>>,
 }
 
 impl Quotas {
@@ -468,9 +517,15 @@ impl Quotas {
             self.total.fetch_sub(1, Ordering::SeqCst);
             return Err(QuotaError::Total);
         }
+        let others = if user_limit != 0 {
+            let e = self.elsewhere.lock().unwrap_or_else(|p| p.into_inner());
+            e.get(&**user).copied().unwrap_or(0)
+        } else {
+            0
+        };
         let mut m = self.per_user.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(user.clone()).or_insert(0);
-        if user_limit != 0 && *n >= user_limit {
+        if user_limit != 0 && *n + others >= user_limit {
             if *n == 0 {
                 m.remove(user);
             }
@@ -498,6 +553,18 @@ impl Quotas {
         self.total.load(Ordering::SeqCst)
     }
 
+    /// Allocations per user held here (what a fleet node tells the others).
+    pub fn held_here(&self) -> Vec<(String, usize)> {
+        let m = self.per_user.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter().map(|(u, n)| (u.to_string(), *n)).collect()
+    }
+
+    /// What the other nodes of a fleet hold, per user: counted against
+    /// the user quota from now on (replacing what was heard before).
+    pub fn set_elsewhere(&self, counts: HashMap<String, usize>) {
+        *self.elsewhere.lock().unwrap_or_else(|p| p.into_inner()) = counts;
+    }
+
     /// Allocations `user` holds.
     pub fn of_user(&self, user: &str) -> usize {
         let m = self.per_user.lock().unwrap_or_else(|p| p.into_inner());
@@ -508,6 +575,42 @@ impl Quotas {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fleet_counts_other_nodes_allocations_against_the_user_quota() {
+        let q = Quotas::new(2, 0);
+        let alice: Arc<str> = Arc::from("alice");
+        q.acquire(&alice).unwrap();
+        assert_eq!(q.held_here(), vec![("alice".to_owned(), 1)]);
+        // Another node holds one of alice's: the second here is refused.
+        q.set_elsewhere(HashMap::from([("alice".to_owned(), 1)]));
+        assert_eq!(q.acquire(&alice), Err(QuotaError::User));
+        assert_eq!(q.of_user("alice"), 1, "the refusal took nothing");
+        // Bob is not affected; and when the other node lets go, alice may.
+        q.acquire(&Arc::from("bob")).unwrap();
+        q.set_elsewhere(HashMap::new());
+        q.acquire(&alice).unwrap();
+        assert_eq!(q.acquire(&alice), Err(QuotaError::User));
+    }
+
+    #[test]
+    fn shared_failures_are_handed_out_once_and_imported_ones_count_but_are_not_shared_again() {
+        let t0 = Instant::now();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let g = AuthGuard::new(4, Duration::from_secs(60), Duration::from_secs(300), 64);
+        g.failed(b"alice", ip, t0);
+        assert!(g.take_shared().is_empty(), "not shared until asked");
+        g.share();
+        g.failed(b"alice", ip, t0);
+        assert_eq!(g.take_shared(), vec![(b"alice".to_vec(), ip)]);
+        assert!(g.take_shared().is_empty());
+        // Two failures elsewhere reach the limit of 4 here.
+        assert!(!g.failed_elsewhere(b"alice", ip, t0));
+        assert!(g.failed_elsewhere(b"alice", ip, t0), "the fourth failure blocks");
+        assert!(g.take_shared().is_empty(), "imports are not sent back");
+        assert_eq!(g.verdict(b"alice", ip, t0), Verdict::Blocked);
+        assert_eq!(g.verdict(b"bob", ip, t0), Verdict::Check);
+    }
 
     #[test]
     fn a_reservation_ahead_and_user_space_together_stay_within_the_bucket() {

@@ -373,6 +373,8 @@ pub struct TurnClient {
     buf: Vec<u8>,
     family: RelayFamily,
     tcp: bool,
+    /// ALTERNATE-SERVER of the last 300 answer (RFC 8489 §14.15).
+    alternate: Option<SocketAddr>,
 }
 
 impl TurnClient {
@@ -390,7 +392,13 @@ impl TurnClient {
             buf: Vec::new(),
             family: RelayFamily::Ipv4,
             tcp: false,
+            alternate: None,
         }
+    }
+
+    /// Where the last 300 Try Alternate sent this client, if one did.
+    pub fn alternate_server(&self) -> Option<SocketAddr> {
+        self.alternate
     }
 
     /// The next [`TurnClient::allocate`] asks for a TCP relay (RFC 6062;
@@ -521,6 +529,9 @@ impl TurnClient {
                             return Err(ClientError::Error { code, reason });
                         }
                         continue;
+                    }
+                    if code == 300 {
+                        self.alternate = msg.get_addr(attr::ALTERNATE_SERVER).and_then(|a| a.ok());
                     }
                     return Err(ClientError::Error { code, reason });
                 }

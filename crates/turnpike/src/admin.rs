@@ -8,6 +8,9 @@
 //! - `DELETE /api/sessions/{relayed}`: delete one (by its relayed address).
 //! - `DELETE /api/users/{user}/sessions`: delete all of a user's.
 //! - `POST /api/drain`, `DELETE /api/drain`: start or stop draining.
+//! - `GET /api/fleet[?user=U]`: the fleet's live nodes (with Redis), and
+//!   U's allocations on each; `DELETE /api/fleet/users/{user}/sessions`:
+//!   delete a user's sessions on every node.
 //! - `GET /api/config`: the effective configuration, secrets redacted.
 //! - `POST /api/reload`: re-read the configuration, as SIGHUP does.
 
@@ -165,6 +168,64 @@ async fn delete_user(
     json_response(StatusCode::OK, json!({"deleted": n}))
 }
 
+/// `GET /api/fleet[?user=U]`: every live node of the fleet (from Redis),
+/// with U's allocations on each.
+async fn fleet_nodes(State(app): State<App>, h: HeaderMap, uri: Uri) -> Response {
+    if !authorized(&app, &h) {
+        return unauthorized();
+    }
+    let Some(fleet) = crate::fleet::client() else {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            json!({"error": "not in a fleet (no redis-url)"}),
+        );
+    };
+    let user = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("user="))
+        .map(str::to_owned);
+    match blocking(move || fleet.nodes(user.as_deref())).await {
+        Some(Ok(v)) => json_response(StatusCode::OK, v),
+        Some(Err(e)) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": format!("{e:#}")}),
+        ),
+        None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// `DELETE /api/fleet/users/{user}/sessions`: on every node.
+async fn fleet_delete_user(
+    State(app): State<App>,
+    axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<SocketAddr>,
+    h: HeaderMap,
+    Path(user): Path<String>,
+) -> Response {
+    if !authorized(&app, &h) {
+        return unauthorized();
+    }
+    let Some(fleet) = crate::fleet::client() else {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            json!({"error": "not in a fleet (no redis-url)"}),
+        );
+    };
+    let who = user.clone();
+    match blocking(move || fleet.delete_user(&who)).await {
+        Some(Ok(n)) => {
+            tracing::info!(%caller, user = ?user, nodes = n, "admin: a user's sessions deleted across the fleet");
+            json_response(StatusCode::OK, json!({"nodes_asked": n}))
+        }
+        Some(Err(e)) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": format!("{e:#}")}),
+        ),
+        None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
 async fn drain(
     State(app): State<App>,
     axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<SocketAddr>,
@@ -224,6 +285,13 @@ async fn readyz(State(app): State<App>) -> Response {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("draining: {} allocations left\n", app.stop.allocations()),
+        )
+            .into_response()
+    } else if crate::metrics::REDIS_UP.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        // Still ready: calls and new allocations go on without Redis.
+        (
+            StatusCode::OK,
+            "ready; redis unreachable: cached credentials, local quotas and guard\n",
         )
             .into_response()
     } else {
@@ -300,6 +368,8 @@ pub fn serve(
                     .route("/api/sessions/:relayed", delete(delete_session))
                     .route("/api/users/:user/sessions", delete(delete_user))
                     .route("/api/drain", post(drain).delete(drain))
+                    .route("/api/fleet", get(fleet_nodes))
+                    .route("/api/fleet/users/:user/sessions", delete(fleet_delete_user))
                     .route("/api/config", get(show_config))
                     .route("/api/reload", post(reload_handler))
                     .with_state(app);

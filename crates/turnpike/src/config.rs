@@ -274,6 +274,23 @@ pub struct ServeArgs {
     #[arg(long, value_name = "URL")]
     pub redis_url: Option<String>,
 
+    /// This node's name in the fleet registry (with --redis-url) [default:
+    /// the host name and the first listen port].
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+
+    /// Seconds a node's registry entry and its quota counts live in Redis
+    /// without a heartbeat (one a second): a node that dies releases its
+    /// users' quota after this long [default: 15].
+    #[arg(long, value_name = "S")]
+    pub fleet_lease: Option<u64>,
+
+    /// With --redis-url: at this many allocations or more, answer new
+    /// Allocates with 300 ALTERNATE-SERVER naming the least loaded healthy
+    /// node of the fleet (0: never) [default: 0].
+    #[arg(long, value_name = "N")]
+    pub redirect_above: Option<usize>,
+
     /// Admin HTTP API listener (off unless set; keep it on loopback, e.g.
     /// 127.0.0.1:9642). Needs admin-token or admin-token-file.
     #[arg(long, value_name = "IP:PORT", value_parser = parse_socket_addr)]
@@ -367,7 +384,8 @@ impl ServeArgs {
                  auth_fail_limit, auth_block_secs, max_connections, max_connections_per_ip, handshake_timeout, idle_timeout,
                  tcp_connections_per_allocation, tcp_connect_timeout, fast_path,
                  rfc5780, alt_ip, alt_port, log_format, redact, drain_timeout, metrics_listen,
-                 admin_listen, admin_token, admin_token_file, db, redis_url, external_ip_from, reload_on_change;
+                 admin_listen, admin_token, admin_token_file, db, redis_url, external_ip_from, reload_on_change,
+                 node_name, fleet_lease, redirect_above;
             vec: fast_path_interface, listen, tls_listen, relay_ip, external_ip, user, auth_secret, allow_peer, deny_peer,
                  proxy_protocol_from, auth_secret_file,
                  alternate_server);
@@ -495,6 +513,12 @@ pub struct Settings {
     pub external_ip_from: Option<String>,
     /// Files whose change triggers a reload (empty: no watching).
     pub watched_files: Vec<PathBuf>,
+    /// The fleet registry name (None: the default, made at start).
+    pub node_name: Option<String>,
+    /// How long registry entries and quota counts outlive a silent node.
+    pub fleet_lease: std::time::Duration,
+    /// Allocations past which new clients go to another node (0: never).
+    pub redirect_above: usize,
 }
 
 fn ipv6_available() -> bool {
@@ -997,6 +1021,23 @@ impl Settings {
         } else {
             Vec::new()
         };
+        let fleet_lease = std::time::Duration::from_secs(a.fleet_lease.unwrap_or(15));
+        if fleet_lease < std::time::Duration::from_secs(3) {
+            bail!("fleet-lease: at least 3 s (default 15): nodes beat once a second, and a lease must outlast a missed beat");
+        }
+        let redirect_above = a.redirect_above.unwrap_or(0);
+        if redirect_above > 0 && a.redis_url.is_none() {
+            bail!("redirect-above: needs redis-url, where the fleet's nodes and their load are registered (or use alternate-server)");
+        }
+        let node_name = a.node_name.clone();
+        if let Some(n) = &node_name {
+            if n.is_empty()
+                || n.len() > 64
+                || !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+            {
+                bail!("node-name {n:?}: 1 to 64 of letters, digits and - _ . :");
+            }
+        }
         let auth_block_secs = a.auth_block_secs.unwrap_or(300);
         if auth_block_secs == 0 {
             bail!("auth-block-secs: must be at least 1 second (default 300); use auth-fail-limit = 0 to turn the guard off");
@@ -1054,6 +1095,9 @@ impl Settings {
             redis_url: a.redis_url,
             external_ip_from,
             watched_files,
+            node_name,
+            fleet_lease,
+            redirect_above,
         })
     }
 }

@@ -9,6 +9,7 @@ pub mod coturn;
 pub mod coturn_conf;
 pub mod credentials;
 pub mod external_ip;
+pub mod fleet;
 pub mod metrics;
 pub mod redisdb;
 pub mod runtime;

@@ -499,9 +499,13 @@ impl FileWatch {
 fn spawn_store_watcher(
     control: turnpike::runtime::Control,
     stores: std::sync::Arc<std::sync::Mutex<turnpike::credentials::CredentialStores>>,
+    pushed: std::sync::mpsc::Receiver<()>,
 ) {
     std::thread::spawn(move || loop {
-        std::thread::sleep(std::time::Duration::from_secs(2));
+        // A push from the fleet's subscriber reads at once; else every 2 s.
+        if pushed.recv_timeout(std::time::Duration::from_secs(2)).is_ok() {
+            while pushed.try_recv().is_ok() {}
+        }
         let creds = {
             let mut s = stores.lock().unwrap_or_else(|p| p.into_inner());
             if !s.refresh() {
@@ -693,7 +697,52 @@ fn serve(args: ServeArgs) -> Result<()> {
         let _ = std::io::Write::write_all(&mut out, banner.as_bytes());
         let _ = std::io::Write::flush(&mut out);
     }
-    spawn_store_watcher(handle.control(), stores.clone());
+    let (push_tx, push_rx) = std::sync::mpsc::channel();
+    spawn_store_watcher(handle.control(), stores.clone(), push_rx);
+    if let Some(url) = &settings.redis_url {
+        let port_of = |v6: bool| handle.listen.iter().find(|a| a.is_ipv6() == v6).map(|a| a.port());
+        let ipv4 = port_of(false).and_then(|port| {
+            let listen_ip = handle
+                .listen
+                .iter()
+                .find(|a| a.is_ipv4() && !a.ip().is_unspecified());
+            let ip = settings
+                .external_v4
+                .map(std::net::IpAddr::V4)
+                .or(listen_ip.map(|a| a.ip()))
+                .or(settings.relay_v4.map(std::net::IpAddr::V4))?;
+            Some(std::net::SocketAddr::new(ip, port))
+        });
+        let ipv6 = port_of(true).and_then(|port| {
+            let listen_ip = handle
+                .listen
+                .iter()
+                .find(|a| a.is_ipv6() && !a.ip().is_unspecified());
+            let ip = settings
+                .external_v6
+                .map(std::net::IpAddr::V6)
+                .or(listen_ip.map(|a| a.ip()))
+                .or(settings.relay_v6.map(std::net::IpAddr::V6))?;
+            Some(std::net::SocketAddr::new(ip, port))
+        });
+        let name = settings
+            .node_name
+            .clone()
+            .unwrap_or_else(|| turnpike::fleet::default_name(port_of(false).or(port_of(true)).unwrap_or(0)));
+        info!(node = %name, ipv4 = %shown(ipv4), ipv6 = %shown(ipv6), "fleet: registering in redis");
+        turnpike::fleet::spawn(
+            turnpike::fleet::FleetConfig {
+                url: url.clone(),
+                name,
+                lease: settings.fleet_lease,
+                redirect_above: settings.redirect_above,
+                ipv4,
+                ipv6,
+            },
+            handle.control(),
+            push_tx,
+        );
+    }
     let control = handle.control();
     let drain_timeout = settings.drain_timeout;
     let current = settings.clone();

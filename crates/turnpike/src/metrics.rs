@@ -15,6 +15,10 @@ use turn_core::Counters;
 /// 0 unreachable (cached credentials keep serving), 1 up.
 pub static REDIS_UP: std::sync::atomic::AtomicI8 = std::sync::atomic::AtomicI8::new(-1);
 
+/// Live fleet nodes seen in Redis, this one included: -1 without a fleet,
+/// 0 while Redis is unreachable.
+pub static FLEET_NODES: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(-1);
+
 /// The TLS leaf certificate's notAfter (Unix seconds); 0 without TLS.
 pub static TLS_NOT_AFTER: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
 
@@ -101,6 +105,7 @@ fn sum(board: &Board) -> (WorkerMetrics, Vec<WorkerMetrics>) {
         tc.quota_user += c.quota_user;
         tc.capacity += c.capacity;
         tc.drain_refused += c.drain_refused;
+        tc.load_redirected += c.load_redirected;
         tc.bandwidth_dropped += c.bandwidth_dropped;
         tc.peers_refused += c.peers_refused;
         tc.bindings += c.bindings;
@@ -450,6 +455,15 @@ pub fn render(board: &Board, draining: bool) -> String {
             &[("", redis as f64)],
         );
     }
+    let nodes = FLEET_NODES.load(std::sync::atomic::Ordering::Relaxed);
+    if nodes >= 0 {
+        metric(
+            "fleet_nodes",
+            "gauge",
+            "Live fleet nodes in the Redis registry, this one included (0 while Redis is unreachable).",
+            &[("", nodes as f64)],
+        );
+    }
     let not_after = TLS_NOT_AFTER.load(std::sync::atomic::Ordering::Relaxed);
     if not_after > 0 {
         metric(
@@ -464,6 +478,12 @@ pub fn render(board: &Board, draining: bool) -> String {
         "counter",
         "Allocations refused because the server is draining (300 with ALTERNATE-SERVER, or 508).",
         &[("", c.drain_refused as f64)],
+    );
+    metric(
+        "load_redirected_total",
+        "counter",
+        "Allocations sent to a less loaded fleet node with 300 ALTERNATE-SERVER (--redirect-above).",
+        &[("", c.load_redirected as f64)],
     );
     metric(
         "draining",

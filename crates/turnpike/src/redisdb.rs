@@ -1,8 +1,10 @@
 //! Credentials in Redis, for fleets of nodes sharing users and REST-API
 //! secrets. Layout: hash `turnpike:users:{realm}` with field = username and
 //! value = `hex(md5 key):hex(sha256 key)` (keys only, never passwords), and
-//! set `turnpike:secrets` of REST-API secrets. Servers poll it; if Redis
-//! goes away, the credentials already loaded keep serving.
+//! set `turnpike:secrets` of REST-API secrets. Writes publish on
+//! `turnpike:changes` and servers re-read at once (`fleet.rs`), and poll
+//! besides; if Redis goes away, the credentials already loaded keep
+//! serving.
 
 use std::time::Duration;
 
@@ -37,6 +39,12 @@ fn connect(url: &str) -> Result<redis::Connection> {
         .with_context(|| format!("redis: cannot connect to {url}"))
 }
 
+/// Tells the fleet's nodes to re-read now (they poll anyway; a lost
+/// notice only delays the change to the next poll).
+fn notify(c: &mut redis::Connection) {
+    let _: redis::RedisResult<i64> = c.publish(crate::fleet::CHANGES, "users");
+}
+
 /// Adds or replaces a user (keys only).
 pub fn set(url: &str, realm: &str, name: &str, password: &str, replace: bool) -> Result<()> {
     if name.is_empty() || password.is_empty() {
@@ -57,6 +65,7 @@ pub fn set(url: &str, realm: &str, name: &str, password: &str, replace: bool) ->
         hex(&long_term_key_sha256(name, realm, password))
     );
     let _: () = c.hset(users_key(realm), name, value)?;
+    notify(&mut c);
     Ok(())
 }
 
@@ -66,7 +75,9 @@ pub fn set_key(url: &str, realm: &str, name: &str, md5: [u8; 16]) -> Result<()> 
     if name.is_empty() {
         bail!("user name is empty");
     }
-    let _: () = connect(url)?.hset(users_key(realm), name, format!("{}:", hex(&md5)))?;
+    let mut c = connect(url)?;
+    let _: () = c.hset(users_key(realm), name, format!("{}:", hex(&md5)))?;
+    notify(&mut c);
     Ok(())
 }
 
@@ -145,7 +156,9 @@ pub fn read_coturn(url: &str) -> Result<CoturnRedis> {
 
 /// Removes a user; false if there was none.
 pub fn remove(url: &str, realm: &str, name: &str) -> Result<bool> {
-    let n: i64 = connect(url)?.hdel(users_key(realm), name)?;
+    let mut c = connect(url)?;
+    let n: i64 = c.hdel(users_key(realm), name)?;
+    notify(&mut c);
     Ok(n > 0)
 }
 

@@ -118,24 +118,34 @@ impl Server {
             Some([]) => return Reply::Error(BadRequest),
             Some(v) => (true, v[0] & 0x80 != 0),
         };
-        // Draining (operator's drain): no new allocations here.
-        if self.cfg.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        // Draining (operator's drain): no new allocations here. Over its
+        // load, a fleet node sends new clients to the least loaded healthy
+        // node, and serves them itself when there is none.
+        let draining = self.cfg.draining.load(std::sync::atomic::Ordering::Relaxed);
+        if draining || self.cfg.redirect.overloaded() {
             let family_v6 = tuple.server.is_ipv6();
-            return match self
-                .cfg
-                .alternate_servers
-                .iter()
-                .find(|a| a.is_ipv6() == family_v6)
-            {
+            let alt = self.cfg.redirect.target(family_v6).or_else(|| {
+                self.cfg
+                    .alternate_servers
+                    .iter()
+                    .find(|a| a.is_ipv6() == family_v6)
+                    .copied()
+            });
+            match alt {
+                Some(alt) if draining => {
+                    self.counters.drain_refused += 1;
+                    return Reply::TryAlternate(alt);
+                }
                 Some(alt) => {
-                    self.counters.drain_refused += 1;
-                    Reply::TryAlternate(*alt)
+                    self.counters.load_redirected += 1;
+                    return Reply::TryAlternate(alt);
                 }
-                None => {
+                None if draining => {
                     self.counters.drain_refused += 1;
-                    Reply::Error(InsufficientCapacity)
+                    return Reply::Error(InsufficientCapacity);
                 }
-            };
+                None => {}
+            }
         }
         // Every check that can fail comes before the quota is taken, so no
         // error path below has to give it back (the fuzzer found one that

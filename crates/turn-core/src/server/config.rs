@@ -103,6 +103,9 @@ pub struct Config {
     pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// Where draining sends new clients (RFC 8489 §14.15 ALTERNATE-SERVER).
     pub alternate_servers: Vec<SocketAddr>,
+    /// A fleet's view: whether this node is over its load, and the
+    /// healthy nodes to send new clients to. Shared by all workers.
+    pub redirect: Arc<Redirect>,
     /// Challenge a minimal Allocate even when the realm makes the challenge
     /// more than `CHALLENGE_RATIO` times its size (challenge.rs). Off: such
     /// a realm is refused at start by the runtime.
@@ -167,6 +170,7 @@ impl Config {
             rfc5780: None,
             draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             alternate_servers: Vec::new(),
+            redirect: Arc::new(Redirect::default()),
             long_realm: false,
             connection_id_tag: 0,
             max_tcp_connections: 64,
@@ -215,5 +219,36 @@ impl Config {
                 None => relay,
             },
         }
+    }
+}
+
+/// Load-aware redirection (RFC 8489 §14.15, 300 Try Alternate): a fleet's
+/// control plane says whether this node is over its configured load and
+/// which other nodes are healthy and less loaded, least loaded first. The
+/// core reads it on Allocate only.
+#[derive(Debug, Default)]
+pub struct Redirect {
+    overloaded: std::sync::atomic::AtomicBool,
+    targets: std::sync::Mutex<Vec<SocketAddr>>,
+}
+
+impl Redirect {
+    /// Replaces the view.
+    pub fn set(&self, overloaded: bool, targets: Vec<SocketAddr>) {
+        *self.targets.lock().unwrap_or_else(|p| p.into_inner()) = targets;
+        self.overloaded
+            .store(overloaded, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether this node is over its load.
+    pub fn overloaded(&self) -> bool {
+        self.overloaded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The least loaded healthy node of the family (the client's server
+    /// address family, RFC 8489 §14.15).
+    pub fn target(&self, ipv6: bool) -> Option<SocketAddr> {
+        let t = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+        t.iter().find(|a| a.is_ipv6() == ipv6).copied()
     }
 }

@@ -54,6 +54,8 @@ pub struct Counters {
     pub capacity: u64,
     /// Allocations refused while draining (300 or 508).
     pub drain_refused: u64,
+    /// Allocations sent to a less loaded node with 300 ([`crate::Redirect`]).
+    pub load_redirected: u64,
     /// Relayed packets dropped by bandwidth caps.
     pub bandwidth_dropped: u64,
     /// Peers refused by policy.

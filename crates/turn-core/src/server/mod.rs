@@ -41,7 +41,7 @@ use std::time::Instant;
 use stun_proto::{attr, method, packet_kind, Class, Message, PacketKind};
 
 pub use challenge::{challenge_len, max_realm_len, CHALLENGE_RATIO, MIN_ALLOCATE_LEN};
-pub use config::{Config, Rfc5780, AUTH_WINDOW, SOURCE_SLOTS};
+pub use config::{Config, Redirect, Rfc5780, AUTH_WINDOW, SOURCE_SLOTS};
 pub use error::ErrorCode;
 pub use events::{CloseReason, Counters, Event, SessionInfo, Stats, TcpConnectionInfo};
 pub use fast_path::{FastPathBudget, FastPathEntry};

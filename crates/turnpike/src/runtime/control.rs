@@ -97,6 +97,8 @@ pub(super) struct CoreBase {
     pub(super) own_sockets: Vec<SocketAddr>,
     /// The kernel fast path is loaded: the core hands it bound channels.
     pub(super) fast_path: bool,
+    /// Load-aware redirection, set by the fleet thread.
+    pub(super) redirect: Arc<turn_core::Redirect>,
 }
 
 /// The core configuration `settings` describe: the one function start-up
@@ -130,6 +132,7 @@ pub(super) fn core_config(settings: &Settings, base: &CoreBase, limits: &SharedL
     c.rfc5780 = base.rfc5780;
     c.alternate_servers = settings.alternate_server.clone();
     c.draining = base.draining.clone();
+    c.redirect = base.redirect.clone();
     c.fast_path = base.fast_path;
     c
 }
@@ -309,6 +312,24 @@ impl Control {
     /// Allocations held across all workers.
     pub fn allocations(&self) -> usize {
         self.quotas.total()
+    }
+
+    /// What a fleet shares: the quota book, the brute-force guard now in
+    /// force (a reload may replace it) and the redirection view.
+    pub fn fleet_parts(
+        &self,
+    ) -> (
+        Arc<turn_core::limits::Quotas>,
+        Arc<AuthGuard>,
+        Arc<turn_core::Redirect>,
+    ) {
+        let guard = self
+            .limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .guard
+            .clone();
+        (self.quotas.clone(), guard, self.base.redirect.clone())
     }
 
     /// Asks every worker to close its allocations and exit.

@@ -224,6 +224,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
         rfc5780,
         own_sockets,
         fast_path: matches!(fast_state, fast::State::Active(..)),
+        redirect: Arc::new(turn_core::Redirect::default()),
     };
     crate::metrics::set_allocation_limit(settings.total_quota);
     crate::metrics::set_relay_ports(settings.min_port, settings.max_port);

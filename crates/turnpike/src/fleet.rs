@@ -1,0 +1,372 @@
+//! A fleet through Redis (`--redis-url`): what nodes share besides users
+//! and secrets, always off the packet path and never needed by calls
+//! already up.
+//!
+//! - **Registry and quota counts.** Once a second each node writes its
+//!   entry (`turnpike:node:{name}`: addresses, allocations, draining, its
+//!   redirect threshold) and its allocations per user
+//!   (`turnpike:held:{name}`), both expiring after `--fleet-lease`, and
+//!   scores itself in the sorted set `turnpike:nodes` by that expiry. It
+//!   reads the others': their per-user counts count against `--user-quota`
+//!   here (`Quotas::set_elsewhere`), and the healthy, less loaded ones are
+//!   where it sends new clients when over `--redirect-above`
+//!   (`turn_core::Redirect`). A node that dies stops beating; its entry
+//!   and counts expire, so its users' quota comes back after the lease.
+//!   What one node does is seen by the others within two heartbeats (it
+//!   writes once a second, they read once a second), so two Allocates on
+//!   two nodes within that time may both pass: the quota is exact per
+//!   node and converges across the fleet within two seconds.
+//! - **Push.** One subscriber connection listens on `turnpike:changes`
+//!   (published by `turnpike user add|passwd|remove --redis-url`) and on
+//!   keyspace events for the user hash and secret set (when the server has
+//!   `notify-keyspace-events` on): a change re-reads the credentials at
+//!   once, so a revoked user is refused on every node within a second.
+//!   Polling every 2 s stays as the fallback.
+//! - **Brute-force guard.** Each integrity failure is published on
+//!   `turnpike:authfail`; every other node counts it in its own guard
+//!   (`AuthGuard::failed_elsewhere`), so a guesser spread over nodes gets
+//!   one budget, and a lockout earned on one node holds on all.
+//! - **Commands.** `turnpike:commands` carries `delete-user NAME` from any
+//!   node's admin API (`DELETE /api/fleet/users/NAME/sessions`).
+//!
+//! While Redis is unreachable each node serves on: the last good
+//! credentials, local quotas and guard only, the static
+//! `--alternate-server` list. It says so once in the log, in
+//! `turnpike_redis_up` and `turnpike_fleet_nodes` and in `/readyz`, and
+//! everything is rewritten at the first heartbeat after it returns.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use redis::Commands;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::runtime::Control;
+
+const NODES: &str = "turnpike:nodes";
+/// Published after every change to users or secrets.
+pub const CHANGES: &str = "turnpike:changes";
+const AUTHFAIL: &str = "turnpike:authfail";
+const COMMANDS: &str = "turnpike:commands";
+const BEAT: Duration = Duration::from_secs(1);
+
+fn node_key(name: &str) -> String {
+    format!("turnpike:node:{name}")
+}
+
+fn held_key(name: &str) -> String {
+    format!("turnpike:held:{name}")
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A node's registry entry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// Where clients reach it, per family (for ALTERNATE-SERVER).
+    pub ipv4: Option<SocketAddr>,
+    pub ipv6: Option<SocketAddr>,
+    pub allocations: usize,
+    pub draining: bool,
+    /// Its `--redirect-above` (0: none).
+    pub redirect_above: usize,
+    /// When it wrote this (Unix ms).
+    pub updated_ms: u64,
+}
+
+impl NodeInfo {
+    /// Whether it takes new clients from others: not draining, and under
+    /// its own threshold.
+    fn takes_clients(&self) -> bool {
+        !self.draining && (self.redirect_above == 0 || self.allocations < self.redirect_above)
+    }
+}
+
+/// What a node needs to be one.
+pub struct FleetConfig {
+    pub url: String,
+    pub name: String,
+    pub lease: Duration,
+    pub redirect_above: usize,
+    pub ipv4: Option<SocketAddr>,
+    pub ipv6: Option<SocketAddr>,
+}
+
+/// The fleet as the admin API sees it.
+pub struct FleetClient {
+    url: String,
+    name: String,
+}
+
+static CLIENT: OnceLock<Arc<FleetClient>> = OnceLock::new();
+
+/// The running node's fleet client, when it is in one.
+pub fn client() -> Option<Arc<FleetClient>> {
+    CLIENT.get().cloned()
+}
+
+fn connect(url: &str) -> Result<redis::Connection> {
+    let client = redis::Client::open(url).with_context(|| format!("redis-url {url:?}: not a Redis URL"))?;
+    let c = client
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .with_context(|| format!("redis: cannot connect to {url}"))?;
+    c.set_read_timeout(Some(Duration::from_secs(2)))?;
+    c.set_write_timeout(Some(Duration::from_secs(2)))?;
+    Ok(c)
+}
+
+/// Live nodes (entries not expired), each with its per-user counts.
+fn read_nodes(c: &mut redis::Connection) -> Result<Vec<(NodeInfo, HashMap<String, usize>)>> {
+    let now = unix_ms();
+    let _: () = c.zrembyscore(NODES, "-inf", now as f64)?;
+    let names: Vec<String> = c.zrangebyscore(NODES, now as f64, "+inf")?;
+    let mut out = Vec::new();
+    for name in names {
+        let info: Option<String> = c.get(node_key(&name))?;
+        let Some(info) = info.and_then(|j| serde_json::from_str::<NodeInfo>(&j).ok()) else {
+            continue;
+        };
+        let held: HashMap<String, usize> = c.hgetall(held_key(&name))?;
+        out.push((info, held));
+    }
+    Ok(out)
+}
+
+impl FleetClient {
+    /// Every live node, and how many allocations `user` holds on each.
+    pub fn nodes(&self, user: Option<&str>) -> Result<serde_json::Value> {
+        let mut c = connect(&self.url)?;
+        let nodes = read_nodes(&mut c)?;
+        Ok(serde_json::json!({
+            "this_node": self.name,
+            "nodes": nodes.iter().map(|(n, held)| {
+                let mut v = serde_json::to_value(n).unwrap_or_default();
+                if let Some(u) = user {
+                    v["user_allocations"] = held.get(u).copied().unwrap_or(0).into();
+                }
+                v
+            }).collect::<Vec<_>>(),
+        }))
+    }
+
+    /// Asks every node (this one included) to delete `user`'s sessions;
+    /// the number of nodes that heard it.
+    pub fn delete_user(&self, user: &str) -> Result<usize> {
+        let mut c = connect(&self.url)?;
+        let n: usize = c.publish(COMMANDS, format!("delete-user\t{user}"))?;
+        Ok(n)
+    }
+}
+
+/// The default node name: the host name and the first listen port.
+pub fn default_name(port: u16) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "turnpike".into());
+    format!("{host}-{port}")
+}
+
+/// Starts the heartbeat and the subscriber; `changed` is told when the
+/// credentials should be re-read now.
+pub fn spawn(cfg: FleetConfig, control: Control, changed: mpsc::Sender<()>) {
+    let cfg = Arc::new(cfg);
+    let _ = CLIENT.set(Arc::new(FleetClient {
+        url: cfg.url.clone(),
+        name: cfg.name.clone(),
+    }));
+    crate::metrics::FLEET_NODES.store(0, Ordering::Relaxed);
+    {
+        let (cfg, control) = (cfg.clone(), control.clone());
+        std::thread::Builder::new()
+            .name("turnpike-fleet".into())
+            .spawn(move || heartbeat(&cfg, &control))
+            .expect("spawning the fleet thread");
+    }
+    std::thread::Builder::new()
+        .name("turnpike-fleet-sub".into())
+        .spawn(move || subscriber(&cfg, &control, &changed))
+        .expect("spawning the fleet subscriber");
+}
+
+fn heartbeat(cfg: &FleetConfig, control: &Control) {
+    let mut conn: Option<redis::Connection> = None;
+    let mut up = true;
+    loop {
+        let started = Instant::now();
+        let result = conn
+            .take()
+            .map_or_else(|| connect(&cfg.url), Ok)
+            .and_then(|mut c| beat(cfg, control, &mut c).map(|()| c));
+        match result {
+            Ok(c) => {
+                if !up {
+                    info!("fleet: redis reachable again; shared quotas, guard and registry restored");
+                }
+                up = true;
+                conn = Some(c);
+            }
+            Err(e) => {
+                if up {
+                    warn!(error = %format!("{e:#}"), "fleet: redis unreachable; local quotas, guard and alternate-server only until it returns");
+                }
+                up = false;
+                crate::metrics::FLEET_NODES.store(0, Ordering::Relaxed);
+                let (quotas, _, redirect) = control.fleet_parts();
+                quotas.set_elsewhere(HashMap::new());
+                redirect.set(over_threshold(cfg, control), Vec::new());
+            }
+        }
+        std::thread::sleep(BEAT.saturating_sub(started.elapsed()));
+    }
+}
+
+fn over_threshold(cfg: &FleetConfig, control: &Control) -> bool {
+    cfg.redirect_above > 0 && control.allocations() >= cfg.redirect_above
+}
+
+/// One heartbeat: write this node, read the others, share failures.
+fn beat(cfg: &FleetConfig, control: &Control, c: &mut redis::Connection) -> Result<()> {
+    let (quotas, guard, redirect) = control.fleet_parts();
+    guard.share();
+    let me = NodeInfo {
+        name: cfg.name.clone(),
+        ipv4: cfg.ipv4,
+        ipv6: cfg.ipv6,
+        allocations: control.allocations(),
+        draining: control.is_draining(),
+        redirect_above: cfg.redirect_above,
+        updated_ms: unix_ms(),
+    };
+    let lease_ms = cfg.lease.as_millis() as u64;
+    let held = quotas.held_here();
+    let mut p = redis::pipe();
+    p.atomic()
+        .cmd("SET")
+        .arg(node_key(&cfg.name))
+        .arg(serde_json::to_string(&me)?)
+        .arg("PX")
+        .arg(lease_ms)
+        .ignore()
+        .del(held_key(&cfg.name))
+        .ignore();
+    if !held.is_empty() {
+        p.hset_multiple(held_key(&cfg.name), &held)
+            .ignore()
+            .pexpire(held_key(&cfg.name), lease_ms as i64)
+            .ignore();
+    }
+    p.zadd(NODES, &cfg.name, (me.updated_ms + lease_ms) as f64)
+        .ignore();
+    let _: () = p.query(c)?;
+
+    let nodes = read_nodes(c)?;
+    crate::metrics::FLEET_NODES.store(nodes.len() as i64, Ordering::Relaxed);
+    let mut elsewhere: HashMap<String, usize> = HashMap::new();
+    let mut others: Vec<&NodeInfo> = Vec::new();
+    for (n, h) in &nodes {
+        if n.name == cfg.name {
+            continue;
+        }
+        for (u, k) in h {
+            *elsewhere.entry(u.clone()).or_insert(0) += k;
+        }
+        others.push(n);
+    }
+    quotas.set_elsewhere(elsewhere);
+    others.retain(|n| n.takes_clients());
+    others.sort_by_key(|n| (n.allocations, n.name.clone()));
+    let targets: Vec<SocketAddr> = others.iter().flat_map(|n| [n.ipv4, n.ipv6]).flatten().collect();
+    tracing::debug!(?targets, "fleet: redirect targets, least loaded first");
+    redirect.set(over_threshold(cfg, control), targets);
+
+    let failures = guard.take_shared();
+    if !failures.is_empty() {
+        let mut p = redis::pipe();
+        for (user, ip) in &failures {
+            p.publish(AUTHFAIL, format!("{}\t{}\t{ip}", cfg.name, hex(user)))
+                .ignore();
+        }
+        let _: () = p.query(c)?;
+    }
+    Ok(())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn subscriber(cfg: &FleetConfig, control: &Control, changed: &mpsc::Sender<()>) {
+    loop {
+        if let Err(e) = listen(cfg, control, changed) {
+            tracing::debug!(error = %format!("{e:#}"), "fleet subscriber: reconnecting");
+        }
+        std::thread::sleep(BEAT);
+    }
+}
+
+fn listen(cfg: &FleetConfig, control: &Control, changed: &mpsc::Sender<()>) -> Result<()> {
+    let mut c = connect(&cfg.url)?;
+    c.set_read_timeout(None)?;
+    let mut ps = c.as_pubsub();
+    ps.subscribe(&[CHANGES, AUTHFAIL, COMMANDS])?;
+    // Keyspace events, if the server publishes them (notify-keyspace-events).
+    ps.psubscribe(&[
+        "__keyspace@*__:turnpike:users:*",
+        "__keyspace@*__:turnpike:secrets",
+    ])?;
+    // Anything missed while not subscribed is re-read now.
+    let _ = changed.send(());
+    loop {
+        let msg = ps.get_message()?;
+        let channel = msg.get_channel_name().to_owned();
+        let payload: String = msg.get_payload().unwrap_or_default();
+        match channel.as_str() {
+            AUTHFAIL => {
+                let mut f = payload.split('\t');
+                let (Some(node), Some(user), Some(ip)) = (f.next(), f.next(), f.next()) else {
+                    continue;
+                };
+                if node == cfg.name {
+                    continue;
+                }
+                if let (Some(user), Ok(ip)) = (unhex(user), ip.parse::<IpAddr>()) {
+                    let (_, guard, _) = control.fleet_parts();
+                    guard.failed_elsewhere(&user, ip, Instant::now());
+                }
+            }
+            COMMANDS => {
+                if let Some(user) = payload.strip_prefix("delete-user\t") {
+                    let name = user.to_owned();
+                    let n = control.delete_sessions(Arc::new(move |s| *s.username == *name));
+                    info!(user = %user, deleted = n, "fleet: a user's sessions deleted on request");
+                }
+            }
+            _ => {
+                let _ = changed.send(());
+            }
+        }
+    }
+}
