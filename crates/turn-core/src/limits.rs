@@ -488,6 +488,9 @@ pub struct Quotas {
     /// Allocations other nodes of a fleet hold, per user, as last heard
     /// (empty without a fleet).
     elsewhere: Mutex<HashMap<String, usize>>,
+    /// Their sum, and the fleet's total limit (0: none).
+    elsewhere_total: AtomicUsize,
+    fleet_limit: AtomicUsize,
 }
 
 impl Quotas {
@@ -513,7 +516,10 @@ impl Quotas {
             self.total_limit.load(Ordering::SeqCst),
         );
         let prev = self.total.fetch_add(1, Ordering::SeqCst);
-        if total_limit != 0 && prev >= total_limit {
+        let fleet_limit = self.fleet_limit.load(Ordering::SeqCst);
+        let fleet_full =
+            fleet_limit != 0 && prev + self.elsewhere_total.load(Ordering::SeqCst) >= fleet_limit;
+        if (total_limit != 0 && prev >= total_limit) || fleet_full {
             self.total.fetch_sub(1, Ordering::SeqCst);
             return Err(QuotaError::Total);
         }
@@ -562,7 +568,15 @@ impl Quotas {
     /// What the other nodes of a fleet hold, per user: counted against
     /// the user quota from now on (replacing what was heard before).
     pub fn set_elsewhere(&self, counts: HashMap<String, usize>) {
+        self.elsewhere_total
+            .store(counts.values().sum(), Ordering::SeqCst);
         *self.elsewhere.lock().unwrap_or_else(|p| p.into_inner()) = counts;
+    }
+
+    /// The fleet's total limit (0: none): allocations here and elsewhere
+    /// together, refused with 508 past it.
+    pub fn set_fleet_limit(&self, limit: usize) {
+        self.fleet_limit.store(limit, Ordering::SeqCst);
     }
 
     /// Allocations `user` holds.
@@ -591,6 +605,22 @@ mod tests {
         q.set_elsewhere(HashMap::new());
         q.acquire(&alice).unwrap();
         assert_eq!(q.acquire(&alice), Err(QuotaError::User));
+    }
+
+    #[test]
+    fn a_fleet_total_counts_every_node() {
+        let q = Quotas::new(0, 10);
+        q.set_fleet_limit(3);
+        q.acquire(&Arc::from("a")).unwrap();
+        q.set_elsewhere(HashMap::from([("b".to_owned(), 1), ("c".to_owned(), 1)]));
+        assert_eq!(
+            q.acquire(&Arc::from("d")),
+            Err(QuotaError::Total),
+            "1 here + 2 elsewhere"
+        );
+        assert_eq!(q.total(), 1);
+        q.set_fleet_limit(0);
+        q.acquire(&Arc::from("d")).unwrap();
     }
 
     #[test]

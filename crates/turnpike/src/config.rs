@@ -285,6 +285,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "S")]
     pub fleet_lease: Option<u64>,
 
+    /// With --redis-url: allocations the whole fleet may hold together
+    /// (508 past it; 0: no fleet limit). --total-quota still caps each
+    /// node [default: 0].
+    #[arg(long, value_name = "N")]
+    pub fleet_total_quota: Option<usize>,
+
     /// With --redis-url: at this many allocations or more, answer new
     /// Allocates with 300 ALTERNATE-SERVER naming the least loaded healthy
     /// node of the fleet (0: never) [default: 0].
@@ -385,7 +391,7 @@ impl ServeArgs {
                  tcp_connections_per_allocation, tcp_connect_timeout, fast_path,
                  rfc5780, alt_ip, alt_port, log_format, redact, drain_timeout, metrics_listen,
                  admin_listen, admin_token, admin_token_file, db, redis_url, external_ip_from, reload_on_change,
-                 node_name, fleet_lease, redirect_above;
+                 node_name, fleet_lease, redirect_above, fleet_total_quota;
             vec: fast_path_interface, listen, tls_listen, relay_ip, external_ip, user, auth_secret, allow_peer, deny_peer,
                  proxy_protocol_from, auth_secret_file,
                  alternate_server);
@@ -519,6 +525,8 @@ pub struct Settings {
     pub fleet_lease: std::time::Duration,
     /// Allocations past which new clients go to another node (0: never).
     pub redirect_above: usize,
+    /// Allocations the fleet may hold together (0: no limit).
+    pub fleet_total_quota: usize,
 }
 
 fn ipv6_available() -> bool {
@@ -1029,6 +1037,10 @@ impl Settings {
         if redirect_above > 0 && a.redis_url.is_none() {
             bail!("redirect-above: needs redis-url, where the fleet's nodes and their load are registered (or use alternate-server)");
         }
+        let fleet_total_quota = a.fleet_total_quota.unwrap_or(0);
+        if fleet_total_quota > 0 && a.redis_url.is_none() {
+            bail!("fleet-total-quota: needs redis-url, where the nodes' counts are shared (on one node, use total-quota)");
+        }
         let node_name = a.node_name.clone();
         if let Some(n) = &node_name {
             if n.is_empty()
@@ -1098,6 +1110,7 @@ impl Settings {
             node_name,
             fleet_lease,
             redirect_above,
+            fleet_total_quota,
         })
     }
 }

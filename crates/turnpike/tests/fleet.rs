@@ -302,6 +302,28 @@ fn a_user_quota_holds_across_nodes_and_a_killed_node_gives_it_back_after_its_lea
 }
 
 #[test]
+fn a_fleet_total_quota_counts_every_node() {
+    let redis = common::redis_server();
+    let args = [
+        "--fleet-total-quota",
+        "2",
+        "--user",
+        "hal:h4l-pw",
+        "--user",
+        "ida:1da-pw",
+    ];
+    let n1 = node(1, redis.1, &args);
+    let n2 = node(2, redis.1, &args);
+    settled(&[&n1, &n2], 2.0);
+    let _a = allocate(n1.addr, "hal", "h4l-pw").unwrap();
+    let _b = allocate(n2.addr, "ida", "1da-pw").unwrap();
+    std::thread::sleep(PROPAGATION);
+    // Each node holds one: the fleet's two are taken, whoever asks.
+    assert_eq!(code(&allocate(n1.addr, "ida", "1da-pw")), Some(508));
+    assert_eq!(code(&allocate(n2.addr, "hal", "h4l-pw")), Some(508));
+}
+
+#[test]
 fn a_guesser_spread_over_nodes_gets_one_budget_and_the_lockout_holds_everywhere() {
     let redis = common::redis_server();
     let guard = ["--auth-fail-limit", "6", "--user", "dave:d4ve-pw"];

@@ -264,6 +264,7 @@ impl Control {
             _ => None,
         };
         self.quotas.set_limits(new.user_quota, new.total_quota);
+        self.quotas.set_fleet_limit(new.fleet_total_quota);
         crate::metrics::set_allocation_limit(new.total_quota);
         let limits = {
             let mut l = self.limits.lock().unwrap_or_else(|p| p.into_inner());

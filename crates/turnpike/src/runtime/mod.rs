@@ -226,6 +226,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
         fast_path: matches!(fast_state, fast::State::Active(..)),
         redirect: Arc::new(turn_core::Redirect::default()),
     };
+    base.quotas.set_fleet_limit(settings.fleet_total_quota);
     crate::metrics::set_allocation_limit(settings.total_quota);
     crate::metrics::set_relay_ports(settings.min_port, settings.max_port);
     let shared = SharedLimits::new(settings);
