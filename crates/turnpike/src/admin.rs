@@ -168,10 +168,14 @@ async fn delete_user(
     json_response(StatusCode::OK, json!({"deleted": n}))
 }
 
-/// `GET /api/fleet[?user=U]`: every live node of the fleet (from Redis),
-/// with U's allocations on each.
-async fn fleet_nodes(State(app): State<App>, h: HeaderMap, uri: Uri) -> Response {
-    if !authorized(&app, &h) {
+/// Runs `f` with the fleet client off the async thread, answering its
+/// result as JSON (404 outside a fleet, 503 when Redis fails).
+async fn with_fleet(
+    app: &App,
+    h: &HeaderMap,
+    f: impl FnOnce(&crate::fleet::FleetClient) -> Result<serde_json::Value> + Send + 'static,
+) -> Response {
+    if !authorized(app, h) {
         return unauthorized();
     }
     let Some(fleet) = crate::fleet::client() else {
@@ -180,13 +184,7 @@ async fn fleet_nodes(State(app): State<App>, h: HeaderMap, uri: Uri) -> Response
             json!({"error": "not in a fleet (no redis-url)"}),
         );
     };
-    let user = uri
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("user="))
-        .map(str::to_owned);
-    match blocking(move || fleet.nodes(user.as_deref())).await {
+    match blocking(move || f(&fleet)).await {
         Some(Ok(v)) => json_response(StatusCode::OK, v),
         Some(Err(e)) => json_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -196,6 +194,18 @@ async fn fleet_nodes(State(app): State<App>, h: HeaderMap, uri: Uri) -> Response
     }
 }
 
+/// `GET /api/fleet[?user=U]`: every live node of the fleet (from Redis),
+/// with U's allocations on each.
+async fn fleet_nodes(State(app): State<App>, h: HeaderMap, uri: Uri) -> Response {
+    let user = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("user="))
+        .map(str::to_owned);
+    with_fleet(&app, &h, move |fleet| fleet.nodes(user.as_deref())).await
+}
+
 /// `DELETE /api/fleet/users/{user}/sessions`: on every node.
 async fn fleet_delete_user(
     State(app): State<App>,
@@ -203,27 +213,12 @@ async fn fleet_delete_user(
     h: HeaderMap,
     Path(user): Path<String>,
 ) -> Response {
-    if !authorized(&app, &h) {
-        return unauthorized();
-    }
-    let Some(fleet) = crate::fleet::client() else {
-        return json_response(
-            StatusCode::NOT_FOUND,
-            json!({"error": "not in a fleet (no redis-url)"}),
-        );
-    };
-    let who = user.clone();
-    match blocking(move || fleet.delete_user(&who)).await {
-        Some(Ok(n)) => {
-            tracing::info!(%caller, user = ?user, nodes = n, "admin: a user's sessions deleted across the fleet");
-            json_response(StatusCode::OK, json!({"nodes_asked": n}))
-        }
-        Some(Err(e)) => json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"error": format!("{e:#}")}),
-        ),
-        None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
+    with_fleet(&app, &h, move |fleet| {
+        let n = fleet.delete_user(&user)?;
+        tracing::info!(%caller, user = ?user, nodes = n, "admin: a user's sessions deleted across the fleet");
+        Ok(json!({"nodes_asked": n}))
+    })
+    .await
 }
 
 async fn drain(

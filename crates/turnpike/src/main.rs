@@ -701,30 +701,29 @@ fn serve(args: ServeArgs) -> Result<()> {
     spawn_store_watcher(handle.control(), stores.clone(), push_rx);
     if let Some(url) = &settings.redis_url {
         let port_of = |v6: bool| handle.listen.iter().find(|a| a.is_ipv6() == v6).map(|a| a.port());
-        let ipv4 = port_of(false).and_then(|port| {
+        // Where clients reach this node, per family: the external address,
+        // else a specific listen address, else the relay address.
+        let advertised = |v6: bool| -> Option<std::net::SocketAddr> {
+            let port = port_of(v6)?;
             let listen_ip = handle
                 .listen
                 .iter()
-                .find(|a| a.is_ipv4() && !a.ip().is_unspecified());
-            let ip = settings
-                .external_v4
-                .map(std::net::IpAddr::V4)
-                .or(listen_ip.map(|a| a.ip()))
-                .or(settings.relay_v4.map(std::net::IpAddr::V4))?;
-            Some(std::net::SocketAddr::new(ip, port))
-        });
-        let ipv6 = port_of(true).and_then(|port| {
-            let listen_ip = handle
-                .listen
-                .iter()
-                .find(|a| a.is_ipv6() && !a.ip().is_unspecified());
-            let ip = settings
-                .external_v6
-                .map(std::net::IpAddr::V6)
-                .or(listen_ip.map(|a| a.ip()))
-                .or(settings.relay_v6.map(std::net::IpAddr::V6))?;
-            Some(std::net::SocketAddr::new(ip, port))
-        });
+                .find(|a| a.is_ipv6() == v6 && !a.ip().is_unspecified())
+                .map(|a| a.ip());
+            let (external, relay) = if v6 {
+                (
+                    settings.external_v6.map(Into::into),
+                    settings.relay_v6.map(Into::into),
+                )
+            } else {
+                (
+                    settings.external_v4.map(Into::into),
+                    settings.relay_v4.map(Into::into),
+                )
+            };
+            Some(std::net::SocketAddr::new(external.or(listen_ip).or(relay)?, port))
+        };
+        let (ipv4, ipv6) = (advertised(false), advertised(true));
         let name = settings
             .node_name
             .clone()

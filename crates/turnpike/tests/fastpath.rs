@@ -5,11 +5,14 @@
 //! native XDP. Needs root, iproute2, ethtool and a build with clang;
 //! skipped with a message otherwise.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::in_ns;
 use turnpike_client::client::{Channel, ClientTransport, Received, RelayFamily, TurnClient};
 
 fn bin() -> &'static str {
@@ -276,18 +279,6 @@ fn on_refuses_to_start_when_it_cannot_load() {
         stderr.contains("fast-path:") && stderr.contains("auto, on or off"),
         "{stderr}"
     );
-}
-
-/// Runs `f` on a thread inside network namespace `ns`: the sockets it
-/// opens live there, and keep living there when handed back.
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = std::path::PathBuf::from(format!("/var/run/netns/{ns}"));
-    std::thread::spawn(move || {
-        udp_io::enter_network_namespace(&path).expect("entering the test's namespace");
-        f()
-    })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
 /// A client with channel 0x4001 bound to a peer socket, in the outer

@@ -49,17 +49,9 @@ impl Node {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn node(n: u8, redis_port: u16, extra: &[&str]) -> Node {
     let ip = format!("127.0.0.{}", 10 + n);
-    let (admin, metrics) = (free_port(), free_port());
+    let (admin, metrics) = (common::free_port(), common::free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
         .args([
             "serve",

@@ -12,7 +12,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, UdpSocket};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -22,18 +22,9 @@ const TOKEN: &str = "netns-fleet-admin-token-0123";
 const VIP: &str = "10.90.0.1:3478";
 const PROPAGATION: Duration = Duration::from_millis(2300);
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 struct Topology {
     names: [String; 3],
-    _procs: Vec<Proc>,
+    _procs: Vec<common::Proc>,
     node_logs: Vec<mpsc::Receiver<String>>,
     haproxy_cfg: std::path::PathBuf,
 }
@@ -57,17 +48,6 @@ fn tool(name: &str, arg: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn euid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).and_then(|u| u.parse().ok()))
-        })
-        .unwrap_or(u32::MAX)
-}
-
 const CLIENT: usize = 0;
 const LB: usize = 1;
 const NODES: usize = 2;
@@ -89,7 +69,7 @@ impl Topology {
         .filter(|(t, a)| !tool(t, a))
         .map(|(t, _)| t)
         .collect();
-        if euid() != 0 || !missing.is_empty() {
+        if common::euid() != 0 || !missing.is_empty() {
             eprintln!("SKIP fleet behind balancers: needs root and {missing:?} (.ci/run installs them)");
             return None;
         }
@@ -185,7 +165,7 @@ impl Topology {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        t._procs.push(Proc(redis));
+        t._procs.push(common::Proc(redis));
         let end = Instant::now() + Duration::from_secs(5);
         while !t
             .exec(NODES)
@@ -236,7 +216,7 @@ impl Topology {
                 .spawn()
                 .unwrap();
             let err = child.stderr.take().unwrap();
-            t._procs.push(Proc(child));
+            t._procs.push(common::Proc(child));
             let (tx, rx) = mpsc::channel();
             std::thread::spawn(move || {
                 for l in BufReader::new(err).lines().map_while(Result::ok) {
@@ -276,11 +256,11 @@ impl Topology {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        t._procs.push(Proc(hp));
+        t._procs.push(common::Proc(hp));
         // Up when HAProxy accepts and every node sees the fleet.
         let ns = t.names[CLIENT].clone();
         let end = Instant::now() + Duration::from_secs(10);
-        while !in_ns(&ns, || TcpStream::connect(VIP).is_ok()) {
+        while !common::in_ns(&ns, || TcpStream::connect(VIP).is_ok()) {
             assert!(Instant::now() < end, "haproxy did not start");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -288,24 +268,13 @@ impl Topology {
         let end = Instant::now() + Duration::from_secs(10);
         while !(1..=3).all(|n| {
             let ns = nodes_ns.clone();
-            in_ns(&ns, move || metric(n, "turnpike_fleet_nodes")) == Some(3.0)
+            common::in_ns(&ns, move || metric(n, "turnpike_fleet_nodes")) == Some(3.0)
         }) {
             assert!(Instant::now() < end, "the fleet did not form");
             std::thread::sleep(Duration::from_millis(200));
         }
         Some(t)
     }
-}
-
-/// Runs `f` on a thread inside namespace `ns`.
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = std::path::PathBuf::from(format!("/var/run/netns/{ns}"));
-    std::thread::spawn(move || {
-        udp_io::enter_network_namespace(&path).expect("entering the test's namespace");
-        f()
-    })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
 /// In the nodes' namespace: an admin or metrics request to node `n`.
@@ -334,7 +303,7 @@ fn metric(n: u16, name: &str) -> Option<f64> {
 /// Clients of every node: (node, client address) of each session.
 fn sessions(t: &Topology) -> Vec<(u16, String)> {
     let ns = t.names[NODES].clone();
-    in_ns(&ns, || {
+    common::in_ns(&ns, || {
         (1..=3u16)
             .flat_map(|n| {
                 let v: serde_json::Value =
@@ -374,7 +343,7 @@ fn behind_haproxy_and_nftables_the_fleet_sees_real_clients_stays_sticky_and_redi
     // the allocation's later requests and data reach the same node
     // (Refresh, permission, channel: a different node would say 437),
     // and the relay works both ways with a peer next to the client.
-    let (mapped, me, relayed, echoed) = in_ns(&cns, || {
+    let (mapped, me, relayed, echoed) = common::in_ns(&cns, || {
         let mut c = client(ClientTransport::Udp, VIP, "10.90.0.2");
         let me = c.channel().local_addr().unwrap();
         let a = c.allocate().unwrap();
@@ -406,7 +375,7 @@ fn behind_haproxy_and_nftables_the_fleet_sees_real_clients_stays_sticky_and_redi
 
     // TCP through HAProxy with PROXY v2: the same. The session list (and
     // so the logs and the admin API) names 10.90.0.2, not HAProxy.
-    let (mapped, me, held) = in_ns(&cns, || {
+    let (mapped, me, held) = common::in_ns(&cns, || {
         let mut c = client(ClientTransport::Tcp, VIP, "10.90.0.2");
         let me = c.channel().local_addr().unwrap();
         let a = c.allocate().unwrap();
@@ -417,7 +386,7 @@ fn behind_haproxy_and_nftables_the_fleet_sees_real_clients_stays_sticky_and_redi
     assert!(s.iter().any(|(_, client)| *client == me.to_string()), "{s:?}");
     assert!(!s.iter().any(|(_, client)| client.starts_with("10.91.")), "{s:?}");
     // A refusal is logged with the real client too.
-    let bad = in_ns(&cns, || {
+    let bad = common::in_ns(&cns, || {
         let ch = Channel::connect_from(
             &ClientTransport::Tcp,
             VIP.parse().unwrap(),
@@ -448,14 +417,14 @@ fn behind_haproxy_and_nftables_the_fleet_sees_real_clients_stays_sticky_and_redi
     // gail holds one over TCP; one more from another client port, then a
     // third is 486 wherever the balancer sends it.
     std::thread::sleep(PROPAGATION);
-    let second = in_ns(&cns, || {
+    let second = common::in_ns(&cns, || {
         let mut c = client(ClientTransport::Udp, VIP, "10.90.0.2");
         c.allocate().map(|_| c)
     })
     .expect("gail's second allocation");
     std::thread::sleep(PROPAGATION);
     for _ in 0..3 {
-        let r = in_ns(&cns, || {
+        let r = common::in_ns(&cns, || {
             client(ClientTransport::Udp, VIP, "10.90.0.3")
                 .allocate()
                 .map(|_| ())
@@ -468,7 +437,7 @@ fn behind_haproxy_and_nftables_the_fleet_sees_real_clients_stays_sticky_and_redi
     // Redirection behind the balancer: the node a client lands on drains;
     // its 300 names another node's own address, and the client follows.
     let nns = t.names[NODES].clone();
-    in_ns(&nns, || {
+    common::in_ns(&nns, || {
         for n in 1..=3u16 {
             let _ = http(9640 + n, "DELETE", "/api/users/gail/sessions");
         }
@@ -478,7 +447,7 @@ fn behind_haproxy_and_nftables_the_fleet_sees_real_clients_stays_sticky_and_redi
     // From many client ports, some land on node 1: each is sent on.
     let mut redirected = 0;
     for _ in 0..12 {
-        let r = in_ns(&cns, || {
+        let r = common::in_ns(&cns, || {
             let mut c = client(ClientTransport::Udp, VIP, "10.90.0.3");
             match c.allocate() {
                 Ok(_) => {

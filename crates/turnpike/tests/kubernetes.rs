@@ -10,12 +10,14 @@
 //! installs them all.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+mod common;
 
 fn k8s_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes")
@@ -122,23 +124,6 @@ fn the_manifests_render_validate_and_pass_checkov() {
     for r in &rendered {
         let _ = std::fs::remove_file(r);
     }
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn http_status(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
@@ -269,7 +254,7 @@ fn the_pod_as_rendered_starts_and_answers_its_probes() {
 
     // The pod's paths under the root, its ports on loopback, free ports
     // for the listeners (a test must not take 3478 from anyone).
-    let (admin, metrics) = (free_port(), free_port());
+    let (admin, metrics) = (common::free_port(), common::free_port());
     let relocate = |s: &str| {
         s.replace("/etc/turnpike", mounted("/etc/turnpike").to_str().unwrap())
             .replace("/run/secrets/turnpike", cred_dir.to_str().unwrap())
@@ -290,7 +275,7 @@ fn the_pod_as_rendered_starts_and_answers_its_probes() {
         .spawn()
         .unwrap();
     let err = child.stderr.take().unwrap();
-    let _proc = Proc(child);
+    let _proc = common::Proc(child);
     let mut seen = Vec::new();
     for line in BufReader::new(err).lines().map_while(Result::ok) {
         if line.contains("turnpike started") {

@@ -11,55 +11,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use turnpike_client::client::{Channel, ClientTransport, TurnClient};
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `cmd` (a `turnpike serve`) and waits for its start-up line.
-fn start(mut cmd: Command) -> (Proc, String, mpsc::Receiver<String>) {
-    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    let err = child.stderr.take().unwrap();
-    let proc = Proc(child);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(err).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    let mut seen = Vec::new();
-    loop {
-        match rx.recv_timeout(Duration::from_secs(15)) {
-            Ok(l) if l.contains("turnpike started") => return (proc, l, rx),
-            Ok(l) => seen.push(l),
-            Err(_) => panic!("turnpike did not start:\n{}", seen.join("\n")),
-        }
-    }
-}
-
-fn listen_addr(line: &str) -> SocketAddr {
-    line.split("listen=[")
-        .nth(1)
-        .and_then(|r| r.split([']', ',']).next())
-        .expect("listen=[…] in the start-up line")
-        .trim()
-        .parse()
-        .unwrap()
-}
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_turnpike"))
@@ -74,7 +30,7 @@ struct Nat {
 
 impl Nat {
     fn create() -> Option<Nat> {
-        let euid = unsafe_free_euid();
+        let euid = common::euid();
         let have_nft = Command::new("nft")
             .arg("--version")
             .stdout(Stdio::null())
@@ -161,29 +117,6 @@ impl Drop for Nat {
     }
 }
 
-fn unsafe_free_euid() -> u32 {
-    // /proc/self/status's Uid line: real, effective, saved, fs.
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).and_then(|u| u.parse().ok()))
-        })
-        .unwrap_or(u32::MAX)
-}
-
-/// Runs `f` on a thread inside namespace `ns`.
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = std::path::PathBuf::from(format!("/var/run/netns/{ns}"));
-    std::thread::spawn(move || {
-        udp_io::enter_network_namespace(&path).expect("entering the test's namespace");
-        f()
-    })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e))
-}
-
 #[test]
 fn behind_nat_the_node_learns_and_advertises_its_public_address() {
     let Some(nat) = Nat::create() else {
@@ -199,7 +132,7 @@ fn behind_nat_the_node_learns_and_advertises_its_public_address() {
         "--threads",
         "1",
     ]);
-    let (_stun, _, _) = start(stun);
+    let (_stun, _, _) = common::spawn_server(&mut stun);
 
     // The node behind it.
     let mut node = nat.exec(0);
@@ -215,11 +148,11 @@ fn behind_nat_the_node_learns_and_advertises_its_public_address() {
         "--external-ip-from",
         "10.82.0.2:3478",
     ]);
-    let (_node, started, _) = start(node);
+    let (_node, started, _) = common::spawn_server(&mut node);
     assert!(started.contains("external_ipv4=10.82.0.1"), "{started}");
 
     // A client next to the node is told the public address.
-    let relayed = in_ns(&nat.names[0], || {
+    let relayed = common::in_ns(&nat.names[0], || {
         let ch = Channel::connect(
             &ClientTransport::Udp,
             "10.81.0.2:3478".parse().unwrap(),
@@ -331,8 +264,8 @@ fn a_rotated_secret_file_and_an_edited_config_apply_without_a_signal() {
         .arg("--auth-secret-file")
         .arg(&secret)
         .arg("--reload-on-change");
-    let (_server, started, logs) = start(cmd);
-    let addr = listen_addr(&started);
+    let (_server, started, logs) = common::spawn_server(&mut cmd);
+    let addr = common::listen_addr(&started);
 
     let (u1, p1) = rest(b"secret-one");
     assert!(allocates(addr, &u1, &p1), "the secret from the file works");

@@ -13,9 +13,9 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use turnpike_client::client::{Channel, ClientTransport, TurnClient};
@@ -35,24 +35,6 @@ fn have(tool: &str) -> bool {
         eprintln!("SKIP: {tool} not installed (apt-get install prometheus, as .ci/run does)");
     }
     found
-}
-
-/// A child stopped by PID when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A plain HTTP GET; the body.
@@ -133,7 +115,7 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 }
 
 struct Node {
-    _proc: Proc,
+    _proc: common::Proc,
     listen: SocketAddr,
     metrics: SocketAddr,
 }
@@ -141,7 +123,7 @@ struct Node {
 /// The real binary on loopback, with everything that makes conditional
 /// metrics appear: Redis, TLS (a generated certificate) and a total quota.
 fn start_node(redis_port: u16) -> Node {
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
         .args([
             "serve",
@@ -167,7 +149,7 @@ fn start_node(redis_port: u16) -> Node {
         .spawn()
         .unwrap();
     let err = child.stderr.take().unwrap();
-    let proc = Proc(child);
+    let proc = common::Proc(child);
     let mut seen = Vec::new();
     let mut started = None;
     for line in BufReader::new(err).lines().map_while(Result::ok) {
@@ -248,8 +230,8 @@ fn a_real_prometheus_scrapes_turnpike_and_the_auth_failure_alert_goes_pending() 
         ),
     )
     .unwrap();
-    let web: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let prom = Proc(
+    let web: SocketAddr = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
+    let prom = common::Proc(
         Command::new("prometheus")
             .arg(format!("--config.file={}", tmp.join("prometheus.yml").display()))
             .arg(format!("--storage.tsdb.path={}", tmp.join("data").display()))

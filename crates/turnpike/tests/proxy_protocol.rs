@@ -7,7 +7,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,14 +23,6 @@ impl Drop for Haproxy {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// HAProxy on two free ports: TCP → `tcp` with PROXY v2, TLS (passed
 /// through) → `tls` with PROXY v1. Its connections to turnpike come from
 /// 127.0.0.1; the test's clients use 127.0.0.5 and 127.0.0.6.
@@ -44,7 +36,7 @@ fn haproxy(tcp: SocketAddr, tls: SocketAddr) -> Option<(Haproxy, SocketAddr, Soc
         eprintln!("SKIP PROXY protocol: haproxy not installed (apt-get install haproxy)");
         return None;
     }
-    let (p1, p2) = (free_port(), free_port());
+    let (p1, p2) = (common::free_port(), common::free_port());
     let cfg = format!(
         "global\n  maxconn 200\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\
          frontend turn_tcp\n  bind 127.0.0.1:{p1}\n  default_backend tcp_nodes\n\

@@ -112,3 +112,86 @@ pub fn redis_server() -> Redis {
     }
     Redis(child, port)
 }
+
+/// A free TCP port on 127.0.0.1 (for listeners a test names up front).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process stopped (by its PID) when dropped.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The effective user id, from /proc (root runs the namespace tests).
+pub fn euid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).and_then(|u| u.parse().ok()))
+        })
+        .unwrap_or(u32::MAX)
+}
+
+/// Runs `f` on a thread inside network namespace `ns`: the sockets it
+/// opens live there, and keep living there when handed back.
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = std::path::PathBuf::from(format!("/var/run/netns/{ns}"));
+    std::thread::spawn(move || {
+        udp_io::enter_network_namespace(&path).expect("entering the test's namespace");
+        f()
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// Spawns `cmd` (a `turnpike serve`) with its stderr read line by line,
+/// and waits for the start-up line: the process, that line, the rest.
+pub fn spawn_server(cmd: &mut std::process::Command) -> (Proc, String, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = child.stderr.take().unwrap();
+    let proc = Proc(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(l) if l.contains("turnpike started") => return (proc, l, rx),
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("turnpike did not start:\n{}", seen.join("\n")),
+        }
+    }
+}
+
+/// The first `listen=[…]` address of a start-up line.
+pub fn listen_addr(line: &str) -> SocketAddr {
+    line.split("listen=[")
+        .nth(1)
+        .and_then(|r| r.split([']', ',']).next())
+        .expect("listen=[…] in the start-up line")
+        .trim()
+        .parse()
+        .unwrap()
+}
