@@ -468,16 +468,7 @@ fn with_redis_stopped_calls_continue_new_allocations_use_cached_credentials_and_
     // Redis comes back (empty: it kept nothing): the nodes register again
     // and share their counts; fay's user is re-added by the operator.
     let back = std::process::Command::new("/usr/bin/redis-server")
-        .args([
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
+        .args(common::redis_args(port))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

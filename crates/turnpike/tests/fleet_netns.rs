@@ -150,17 +150,8 @@ impl Topology {
         // Redis and three nodes.
         let redis = t
             .exec(NODES)
-            .args([
-                "redis-server",
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                "6379",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .arg("redis-server")
+            .args(common::redis_args(6379))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -79,6 +79,22 @@ impl Drop for Redis {
     }
 }
 
+/// A throwaway redis-server's arguments: loopback, `port`, no persistence.
+pub fn redis_args(port: u16) -> Vec<String> {
+    [
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 pub fn redis_server() -> Redis {
     assert!(
         std::path::Path::new("/usr/bin/redis-server").exists(),
@@ -90,16 +106,7 @@ pub fn redis_server() -> Redis {
         .unwrap()
         .port();
     let child = std::process::Command::new("/usr/bin/redis-server")
-        .args([
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
+        .args(redis_args(port))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
