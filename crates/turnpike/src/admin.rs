@@ -9,8 +9,8 @@
 //! - `DELETE /api/users/{user}/sessions`: delete all of a user's.
 //! - `POST /api/drain`, `DELETE /api/drain`: start or stop draining.
 //! - `GET /api/fleet[?user=U]`: the fleet's live nodes (with Redis), and
-//!   U's allocations on each; `DELETE /api/fleet/users/{user}/sessions`:
-//!   delete a user's sessions on every node.
+//!   U's allocations on each; `GET /api/fleet/users/{user}/sessions`:
+//!   the user's sessions on every node; `DELETE` on it: delete them.
 //! - `GET /api/config`: the effective configuration, secrets redacted.
 //! - `POST /api/reload`: re-read the configuration, as SIGHUP does.
 
@@ -61,7 +61,8 @@ fn json_response(code: StatusCode, v: serde_json::Value) -> Response {
     (code, [("content-type", "application/json")], v.to_string()).into_response()
 }
 
-fn session_json(s: &turn_core::SessionInfo) -> serde_json::Value {
+/// One session as the admin API (and the fleet view) shows it.
+pub(crate) fn session_json(s: &turn_core::SessionInfo) -> serde_json::Value {
     json!({
         "user": &*s.username,
         "client": s.tuple.client.to_string(),
@@ -204,6 +205,13 @@ async fn fleet_nodes(State(app): State<App>, h: HeaderMap, uri: Uri) -> Response
         .find_map(|kv| kv.strip_prefix("user="))
         .map(str::to_owned);
     with_fleet(&app, &h, move |fleet| fleet.nodes(user.as_deref())).await
+}
+
+/// `GET /api/fleet/users/{user}/sessions`: the user's sessions on every
+/// live node, as each node lists them (nodes that do not answer within
+/// the wait are named).
+async fn fleet_user_sessions(State(app): State<App>, h: HeaderMap, Path(user): Path<String>) -> Response {
+    with_fleet(&app, &h, move |fleet| fleet.user_sessions(&user)).await
 }
 
 /// `DELETE /api/fleet/users/{user}/sessions`: on every node.
@@ -364,7 +372,10 @@ pub fn serve(
                     .route("/api/users/:user/sessions", delete(delete_user))
                     .route("/api/drain", post(drain).delete(drain))
                     .route("/api/fleet", get(fleet_nodes))
-                    .route("/api/fleet/users/:user/sessions", delete(fleet_delete_user))
+                    .route(
+                        "/api/fleet/users/:user/sessions",
+                        get(fleet_user_sessions).delete(fleet_delete_user),
+                    )
                     .route("/api/config", get(show_config))
                     .route("/api/reload", post(reload_handler))
                     .with_state(app);

@@ -26,8 +26,10 @@
 //!   `turnpike:authfail`; every other node counts it in its own guard
 //!   (`AuthGuard::failed_elsewhere`), so a guesser spread over nodes gets
 //!   one budget, and a lockout earned on one node holds on all.
-//! - **Commands.** `turnpike:commands` carries `delete-user NAME` from any
-//!   node's admin API (`DELETE /api/fleet/users/NAME/sessions`).
+//! - **Commands.** `turnpike:commands` carries `delete-user NAME` and
+//!   `list-user REQUEST NAME` from any node's admin API (`DELETE` and
+//!   `GET /api/fleet/users/NAME/sessions`); a list is answered under
+//!   `turnpike:reply:REQUEST:NODE` for 30 s.
 //!
 //! While Redis is unreachable each node serves on: the last good
 //! credentials, local quotas and guard only, the static
@@ -57,6 +59,10 @@ const BEAT: Duration = Duration::from_secs(1);
 
 fn node_key(name: &str) -> String {
     format!("turnpike:node:{name}")
+}
+
+fn reply_key(request: u64, name: &str) -> String {
+    format!("turnpike:reply:{request:016x}:{name}")
 }
 
 fn held_key(name: &str) -> String {
@@ -157,6 +163,37 @@ impl FleetClient {
                 }
                 v
             }).collect::<Vec<_>>(),
+        }))
+    }
+
+    /// Every live node's sessions of `user`: each node is asked on
+    /// `turnpike:commands` and writes its list under a key of this request
+    /// for 30 s; the answer has the lists, and the nodes that did not
+    /// answer within 2 s.
+    pub fn user_sessions(&self, user: &str) -> Result<serde_json::Value> {
+        let mut c = connect(&self.url)?;
+        let live: Vec<String> = read_nodes(&mut c)?.into_iter().map(|(n, _)| n.name).collect();
+        let request: u64 = rand::random();
+        let _: usize = c.publish(COMMANDS, format!("list-user\t{request:016x}\t{user}"))?;
+        let end = Instant::now() + Duration::from_secs(2);
+        let mut answers: HashMap<String, serde_json::Value> = HashMap::new();
+        while answers.len() < live.len() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(50));
+            for name in &live {
+                if answers.contains_key(name) {
+                    continue;
+                }
+                let v: Option<String> = c.get(reply_key(request, name))?;
+                if let Some(v) = v.and_then(|v| serde_json::from_str(&v).ok()) {
+                    answers.insert(name.clone(), v);
+                }
+            }
+        }
+        let silent: Vec<&String> = live.iter().filter(|n| !answers.contains_key(*n)).collect();
+        Ok(serde_json::json!({
+            "user": user,
+            "nodes": live.iter().filter_map(|n| answers.get(n).map(|s| serde_json::json!({"name": n, "sessions": s}))).collect::<Vec<_>>(),
+            "not_answering": silent,
         }))
     }
 
@@ -358,7 +395,28 @@ fn listen(cfg: &FleetConfig, control: &Control, changed: &mpsc::Sender<()>) -> R
                 }
             }
             COMMANDS => {
-                if let Some(user) = payload.strip_prefix("delete-user\t") {
+                if let Some(rest) = payload.strip_prefix("list-user\t") {
+                    let Some((request, user)) = rest.split_once('\t') else {
+                        continue;
+                    };
+                    let Ok(request) = u64::from_str_radix(request, 16) else {
+                        continue;
+                    };
+                    let list: Vec<serde_json::Value> = control
+                        .sessions()
+                        .iter()
+                        .filter(|s| *s.username == *user)
+                        .map(crate::admin::session_json)
+                        .collect();
+                    // Answered on a connection of its own: this one only listens.
+                    let mut w = connect(&cfg.url)?;
+                    let _: () = redis::cmd("SET")
+                        .arg(reply_key(request, &cfg.name))
+                        .arg(serde_json::Value::from(list).to_string())
+                        .arg("EX")
+                        .arg(30)
+                        .query(&mut w)?;
+                } else if let Some(user) = payload.strip_prefix("delete-user\t") {
                     let name = user.to_owned();
                     let n = control.delete_sessions(Arc::new(move |s| *s.username == *name));
                     info!(user = %user, deleted = n, "fleet: a user's sessions deleted on request");

@@ -267,6 +267,26 @@ fn a_user_quota_holds_across_nodes_and_a_killed_node_gives_it_back_after_its_lea
         .collect();
     assert_eq!(held.len(), 3, "{body}");
     assert_eq!(held.iter().map(|h| h.1).sum::<u64>(), 2, "{body}");
+    // And each node's own list of carol's sessions, asked from node 3.
+    let (status, body) = http(nodes[2].admin, "GET", "/api/fleet/users/carol/sessions");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["not_answering"].as_array().unwrap().len(), 0, "{body}");
+    let lists: Vec<(String, usize)> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap().to_owned(),
+                n["sessions"].as_array().unwrap().len(),
+            )
+        })
+        .collect();
+    assert_eq!(lists.len(), 3, "{body}");
+    let on = |name: &str| lists.iter().find(|l| l.0 == name).unwrap().1;
+    assert_eq!((on("node1"), on("node2"), on("node3")), (1, 1, 0), "{body}");
+    assert!(body.contains("\"user\":\"carol\""), "{body}");
 
     // Node 1 dies without a word. Until its lease (3 s) runs out, its
     // allocation still counts; then it is given back.
