@@ -188,10 +188,14 @@ fn a_real_prometheus_scrapes_turnpike_and_the_auth_failure_alert_goes_pending() 
         let end = Instant::now() + Duration::from_secs(10);
         loop {
             let body = get(node.metrics, "/metrics").unwrap_or_default();
-            if body.contains("turnpike_redis_up 1") {
+            // Up, and registered in the fleet (its first heartbeat).
+            if body.contains("turnpike_redis_up 1") && body.contains("turnpike_fleet_nodes 1") {
                 break body;
             }
-            assert!(Instant::now() < end, "no turnpike_redis_up 1 in:\n{body}");
+            assert!(
+                Instant::now() < end,
+                "no turnpike_redis_up 1 and turnpike_fleet_nodes 1 in:\n{body}"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     };
