@@ -360,6 +360,19 @@ pub enum Received {
     },
 }
 
+/// Ends a request: the long-term credential attributes and
+/// MESSAGE-INTEGRITY once a challenge taught the realm and nonce (RFC 8489
+/// §9.2.3), then FINGERPRINT.
+fn sign(b: &mut MessageBuilder, user: &str, realm: Option<&str>, nonce: Option<&[u8]>, key: &[u8; 16]) {
+    if let (Some(realm), Some(nonce)) = (realm, nonce) {
+        b.attr(attr::USERNAME, user.as_bytes())
+            .attr(attr::REALM, realm.as_bytes())
+            .attr(attr::NONCE, nonce)
+            .message_integrity(key);
+    }
+    b.fingerprint();
+}
+
 /// A TURN client session (long-term credentials) over one [`Channel`].
 pub struct TurnClient {
     ch: Channel,
@@ -415,13 +428,13 @@ impl TurnClient {
         let mut buf = Vec::new();
         let mut b = MessageBuilder::new(&mut buf, MessageType::new(method::REFRESH, Class::Request), &txid);
         b.u32(attr::LIFETIME, lifetime);
-        if let (Some(realm), Some(nonce)) = (&self.realm, &self.nonce) {
-            b.attr(attr::USERNAME, self.user.as_bytes())
-                .attr(attr::REALM, realm.as_bytes())
-                .attr(attr::NONCE, nonce)
-                .message_integrity(&self.key);
-        }
-        b.fingerprint();
+        sign(
+            &mut b,
+            &self.user,
+            self.realm.as_deref(),
+            self.nonce.as_deref(),
+            &self.key,
+        );
         buf
     }
 
@@ -488,13 +501,13 @@ impl TurnClient {
             {
                 let mut b = MessageBuilder::new(&mut self.buf, MessageType::new(m, Class::Request), &txid);
                 add(&mut b);
-                if let (Some(realm), Some(nonce)) = (&self.realm, &self.nonce) {
-                    b.attr(attr::USERNAME, self.user.as_bytes())
-                        .attr(attr::REALM, realm.as_bytes())
-                        .attr(attr::NONCE, nonce)
-                        .message_integrity(&self.key);
-                }
-                b.fingerprint();
+                sign(
+                    &mut b,
+                    &self.user,
+                    self.realm.as_deref(),
+                    self.nonce.as_deref(),
+                    &self.key,
+                );
             }
             let req = self.buf.clone();
             let resp = self.exchange(&req, txid)?;

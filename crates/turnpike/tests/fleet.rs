@@ -8,8 +8,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -111,22 +111,7 @@ fn node(n: u8, redis_port: u16, extra: &[&str]) -> Node {
 }
 
 fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
-    )
-    .unwrap();
-    let mut all = String::new();
-    s.read_to_string(&mut all).unwrap();
-    let code = all.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (
-        code,
-        all.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default(),
-    )
+    common::http_request(addr, method, path, Some(TOKEN)).unwrap()
 }
 
 fn metric(node: &Node, name: &str) -> Option<f64> {

@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::{TcpStream, UdpSocket};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -270,18 +270,8 @@ impl Topology {
 
 /// In the nodes' namespace: an admin or metrics request to node `n`.
 fn http(port: u16, method: &str, path: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
-    )
-    .unwrap();
-    let mut all = String::new();
-    s.read_to_string(&mut all).unwrap();
-    all.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default()
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    common::http_request(addr, method, path, Some(TOKEN)).unwrap().1
 }
 
 fn metric(n: u16, name: &str) -> Option<f64> {

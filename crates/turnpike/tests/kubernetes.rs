@@ -9,8 +9,8 @@
 //! manifests look. Each tool missing is skipped with a message; `.ci/run`
 //! installs them all.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -127,13 +127,7 @@ fn the_manifests_render_validate_and_pass_checkov() {
 }
 
 fn http_status(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
-    let mut all = String::new();
-    s.read_to_string(&mut all).ok()?;
-    let code = all.split(' ').nth(1)?.parse().ok()?;
-    Some((code, all))
+    common::http_request(addr, "GET", path, None).ok()
 }
 
 /// The container port named `name`.
@@ -302,15 +296,14 @@ fn the_pod_as_rendered_starts_and_answers_its_probes() {
     assert_eq!(code, 200);
     assert!(body.contains("turnpike_workers"), "{body}");
     // The admin token came from the Secret's file.
-    let mut s = TcpStream::connect(admin_addr).unwrap();
-    write!(
-        s,
-        "GET /api/config HTTP/1.0\r\nAuthorization: Bearer an-admin-token-of-some-length\r\n\r\n"
+    let (code, cfg) = common::http_request(
+        admin_addr,
+        "GET",
+        "/api/config",
+        Some("an-admin-token-of-some-length"),
     )
     .unwrap();
-    let mut cfg = String::new();
-    s.read_to_string(&mut cfg).unwrap();
-    assert_eq!(cfg.split(' ').nth(1), Some("200"), "{cfg}");
+    assert_eq!(code, 200, "{cfg}");
     drop(_proc);
     let _ = std::fs::remove_dir_all(&root);
 }

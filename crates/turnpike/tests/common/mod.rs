@@ -202,3 +202,28 @@ pub fn listen_addr(line: &str) -> SocketAddr {
         .parse()
         .unwrap()
 }
+
+/// A plain HTTP/1.0 request (the admin API, /metrics, Prometheus), with a
+/// bearer token if given: the status code and the body.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n")?;
+    let mut all = String::new();
+    s.read_to_string(&mut all)?;
+    let code = all.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = all
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
+}
