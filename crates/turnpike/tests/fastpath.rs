@@ -804,8 +804,18 @@ fn an_icmp_error_for_a_datagram_the_kernel_sent_reaches_the_client() {
         &mut e.peer,
         in_ns(&t.outer, || peer_socket(90, false)),
     ));
-    e.client.channel().send(&channel_data(b"anyone?", &[])).unwrap();
-    match e.client.recv(Duration::from_secs(2)).unwrap() {
+    // ICMP is best effort (the peer's kernel rate-limits its errors, and a
+    // busy CI machine has seen one go missing): a few tries, each counted.
+    let mut sent = 0;
+    let answer = loop {
+        e.client.channel().send(&channel_data(b"anyone?", &[])).unwrap();
+        sent += 1;
+        match e.client.recv(Duration::from_millis(1500)) {
+            Err(turnpike_client::client::ClientError::Timeout) if sent < 4 => continue,
+            r => break r.unwrap(),
+        }
+    };
+    match answer {
         Received::Icmp {
             peer,
             icmp_type,
@@ -816,8 +826,8 @@ fn an_icmp_error_for_a_datagram_the_kernel_sent_reaches_the_client() {
     }
     assert_eq!(
         settled(&t, "turnpike_fast_path_packets_total") - before,
-        1.0,
-        "the datagram went out through the kernel"
+        f64::from(sent),
+        "every datagram went out through the kernel"
     );
     drop(server);
 }
