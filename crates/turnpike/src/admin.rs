@@ -13,11 +13,18 @@
 //!   the user's sessions on every node; `DELETE` on it: delete them.
 //! - `GET /api/config`: the effective configuration, secrets redacted.
 //! - `POST /api/reload`: re-read the configuration, as SIGHUP does.
+//!
+//! With `--web-ui` (see [`crate::web`]): the pages `/ice` and `/dashboard`
+//! (open; everything they show comes from `/api`), and
+//! - `POST /api/ice/credentials`: a short-lived TURN credential for the
+//!   ICE page;
+//! - `GET /api/stats`: the dashboard's numbers; `GET /api/stats/stream`:
+//!   the same every second, as server-sent events.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -36,6 +43,7 @@ struct App {
     stop: Control,
     config: Arc<serde_json::Value>,
     reload: Option<Reloader>,
+    web: Option<Arc<crate::web::Web>>,
 }
 
 fn authorized(app: &App, h: &HeaderMap) -> bool {
@@ -332,59 +340,102 @@ pub fn effective_config(s: &crate::config::Settings) -> serde_json::Value {
     })
 }
 
-/// Serves the admin API on `addr`; returns the bound address.
+/// `POST /api/ice/credentials`: the ICE page's credential (operator mode).
+async fn ice_credentials(
+    State(app): State<App>,
+    axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<SocketAddr>,
+    h: HeaderMap,
+) -> Response {
+    let Some(web) = &app.web else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    web.credentials(crate::web::Mode::Operator, caller, &h, authorized(&app, &h))
+}
+
+/// `GET /api/stats`: one snapshot of the dashboard's numbers.
+async fn stats(State(app): State<App>, h: HeaderMap) -> Response {
+    if !authorized(&app, &h) {
+        return unauthorized();
+    }
+    let Some(web) = app.web.clone() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let stop = app.stop.clone();
+    match blocking(move || crate::web::stats::snapshot(&stop, &web, None).0).await {
+        Some(v) => json_response(StatusCode::OK, v),
+        None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// `GET /api/stats/stream`: a snapshot a second, as server-sent events.
+async fn stats_stream(State(app): State<App>, h: HeaderMap) -> Response {
+    if !authorized(&app, &h) {
+        return unauthorized();
+    }
+    let Some(web) = app.web.clone() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let events = crate::web::stats::stream(app.stop.clone(), web, std::time::Duration::from_secs(1));
+    (
+        StatusCode::OK,
+        [
+            ("content-type", "text/event-stream"),
+            ("cache-control", "no-store"),
+        ],
+        axum::body::Body::from_stream(events),
+    )
+        .into_response()
+}
+
+/// Serves the admin API on `addr` (and, given `web`, the operator's
+/// pages); returns the bound address.
 pub fn serve(
     addr: SocketAddr,
     token: String,
     stop: Control,
     config: serde_json::Value,
     reload: Option<Reloader>,
+    web: Option<Arc<crate::web::Web>>,
 ) -> Result<SocketAddr> {
-    let listener =
-        std::net::TcpListener::bind(addr).with_context(|| format!("admin-listen {addr}: cannot bind"))?;
-    listener.set_nonblocking(true)?;
+    let listener = crate::http::bind("admin-listen", addr)?;
     let bound = listener.local_addr()?;
+    let pages = web.is_some();
     let app = App {
         token: Arc::new(token),
         stop,
         config: Arc::new(config),
         reload,
+        web,
     };
-    std::thread::Builder::new()
-        .name("turnpike-admin".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_io().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "admin: cannot start the runtime");
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-                    return;
-                };
-                let router = axum::Router::new()
-                    .route("/healthz", get(|| async { "ok\n" }))
-                    .route("/readyz", get(readyz))
-                    .route("/api/sessions", get(sessions))
-                    .route("/api/sessions/:relayed", delete(delete_session))
-                    .route("/api/users/:user/sessions", delete(delete_user))
-                    .route("/api/drain", post(drain).delete(drain))
-                    .route("/api/fleet", get(fleet_nodes))
-                    .route(
-                        "/api/fleet/users/:user/sessions",
-                        get(fleet_user_sessions).delete(fleet_delete_user),
-                    )
-                    .route("/api/config", get(show_config))
-                    .route("/api/reload", post(reload_handler))
-                    .with_state(app);
-                // The caller's address, for the log line of every action.
-                let service = router.into_make_service_with_connect_info::<SocketAddr>();
-                if let Err(e) = axum::serve(listener, service).await {
-                    tracing::error!(error = %e, "admin API stopped");
-                }
-            });
-        })?;
+    let mut router = axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/api/sessions", get(sessions))
+        .route("/api/sessions/:relayed", delete(delete_session))
+        .route("/api/users/:user/sessions", delete(delete_user))
+        .route("/api/drain", post(drain).delete(drain))
+        .route("/api/fleet", get(fleet_nodes))
+        .route(
+            "/api/fleet/users/:user/sessions",
+            get(fleet_user_sessions).delete(fleet_delete_user),
+        )
+        .route("/api/config", get(show_config))
+        .route("/api/reload", post(reload_handler));
+    if pages {
+        router = router
+            .route(
+                "/ice",
+                get(|| async { crate::web::ice_page(crate::web::Mode::Operator) }),
+            )
+            .route("/dashboard", get(|| async { crate::web::dashboard_page() }))
+            .route(
+                "/assets/:name",
+                get(|Path(name): Path<String>| async move { crate::web::asset(&name) }),
+            )
+            .route("/api/ice/credentials", post(ice_credentials))
+            .route("/api/stats", get(stats))
+            .route("/api/stats/stream", get(stats_stream));
+    }
+    crate::http::spawn("admin", listener, router.with_state(app))?;
     Ok(bound)
 }

@@ -310,6 +310,34 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
 
+    /// Serve the operator's pages on the admin listener: the ICE test page
+    /// (/ice) and the live dashboard (/dashboard); both use the admin
+    /// token.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub web_ui: Option<bool>,
+
+    /// The public ICE test page for end users, on a listener of its own
+    /// (off unless set): no token; its credentials are rate-limited per IP
+    /// and expire after web-credential-ttl.
+    #[arg(long, value_name = "IP:PORT", value_parser = parse_socket_addr)]
+    pub web_listen: Option<SocketAddr>,
+
+    /// Lifetime in seconds of the TURN credentials the ICE page mints,
+    /// 30 to 3600 [default: 300].
+    #[arg(long, value_name = "SECS")]
+    pub web_credential_ttl: Option<u64>,
+
+    /// Credentials the ICE page gives one IP address per minute, 1 to 600
+    /// [default: 6].
+    #[arg(long, value_name = "N")]
+    pub web_credentials_per_minute: Option<u32>,
+
+    /// Host name the ICE page puts in the stun:/turn:/turns: URLs
+    /// [default: the host the page was loaded from]; turns: needs the
+    /// certificate's name.
+    #[arg(long, value_name = "NAME")]
+    pub web_turn_host: Option<String>,
+
     /// Reload when the config file, an auth-secret-file, the
     /// admin-token-file or the TLS certificate or key changes (checked
     /// every 2 s), as SIGHUP does: for a Kubernetes ConfigMap or Secret
@@ -391,7 +419,8 @@ impl ServeArgs {
                  tcp_connections_per_allocation, tcp_connect_timeout, fast_path,
                  rfc5780, alt_ip, alt_port, log_format, redact, drain_timeout, metrics_listen,
                  admin_listen, admin_token, admin_token_file, db, redis_url, external_ip_from, reload_on_change,
-                 node_name, fleet_lease, redirect_above, fleet_total_quota;
+                 node_name, fleet_lease, redirect_above, fleet_total_quota,
+                 web_ui, web_listen, web_credential_ttl, web_credentials_per_minute, web_turn_host;
             vec: fast_path_interface, listen, tls_listen, relay_ip, external_ip, user, auth_secret, allow_peer, deny_peer,
                  proxy_protocol_from, auth_secret_file,
                  alternate_server);
@@ -527,6 +556,65 @@ pub struct Settings {
     pub redirect_above: usize,
     /// Allocations the fleet may hold together (0: no limit).
     pub fleet_total_quota: usize,
+    /// The ICE test page and the dashboard.
+    pub web: WebSettings,
+}
+
+/// `--web-ui`, `--web-listen` and their credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebSettings {
+    /// The pages on the admin listener (operator mode).
+    pub ui: bool,
+    /// The public ICE page's own listener.
+    pub public: Option<SocketAddr>,
+    /// Lifetime of a minted credential.
+    pub credential_ttl: std::time::Duration,
+    /// Credentials per IP per minute.
+    pub per_minute: u32,
+    /// Host for the ICE URLs (None: the page's own host).
+    pub turn_host: Option<String>,
+}
+
+impl WebSettings {
+    /// Whether either page is served (then a web secret is minted).
+    pub fn enabled(&self) -> bool {
+        self.ui || self.public.is_some()
+    }
+
+    fn from_args(a: &ServeArgs, admin: bool) -> Result<Self> {
+        let ui = a.web_ui.unwrap_or(false);
+        if ui && !admin {
+            bail!("web-ui: the pages are served on the admin listener; set admin-listen and admin-token (or use web-listen for the public ICE page)");
+        }
+        let ttl = a.web_credential_ttl.unwrap_or(300);
+        if !(30..=3600).contains(&ttl) {
+            bail!("web-credential-ttl {ttl}: use 30 to 3600 seconds (the page's credentials should expire in minutes)");
+        }
+        let per_minute = a.web_credentials_per_minute.unwrap_or(6);
+        if !(1..=600).contains(&per_minute) {
+            bail!("web-credentials-per-minute {per_minute}: use 1 to 600");
+        }
+        let turn_host = match a.web_turn_host.as_deref().map(str::trim) {
+            None => None,
+            Some(h) if h.parse::<std::net::Ipv6Addr>().is_ok() => Some(format!("[{h}]")),
+            Some(h)
+                if !h.is_empty()
+                    && h.len() <= 253
+                    && h.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') =>
+            {
+                Some(h.to_owned())
+            }
+            Some(h) => bail!("web-turn-host {h:?}: give a DNS name or an IP address, without port or scheme"),
+        };
+        Ok(WebSettings {
+            ui,
+            public: a.web_listen,
+            credential_ttl: std::time::Duration::from_secs(ttl),
+            per_minute,
+            turn_host,
+        })
+    }
 }
 
 fn ipv6_available() -> bool {
@@ -700,6 +788,7 @@ fn random_token(n: usize) -> String {
 impl Settings {
     /// Validates merged arguments.
     pub fn from_args(a: ServeArgs) -> Result<Settings> {
+        let web = WebSettings::from_args(&a, a.admin_listen.is_some())?;
         let realm = a.realm.unwrap_or_else(|| "turnpike".to_owned());
         if realm.is_empty() || realm.len() > 763 {
             bail!("realm: must be 1 to 763 bytes long (e.g. --realm example.org)");
@@ -1102,7 +1191,6 @@ impl Settings {
             alternate_server: a.alternate_server,
             drain_timeout: std::time::Duration::from_secs(a.drain_timeout.unwrap_or(30)),
             metrics_listen: a.metrics_listen,
-            admin,
             db,
             redis_url: a.redis_url,
             external_ip_from,
@@ -1111,6 +1199,8 @@ impl Settings {
             fleet_lease,
             redirect_above,
             fleet_total_quota,
+            web,
+            admin,
         })
     }
 }

@@ -26,6 +26,8 @@ pub struct CredentialStores {
     /// The last good copy from Redis, kept through outages.
     redis_users: Option<Credentials>,
     redis_fingerprint: Option<u64>,
+    /// The secret the ICE page mints its credentials with.
+    web_secret: Option<[u8; 32]>,
 }
 
 impl CredentialStores {
@@ -41,6 +43,7 @@ impl CredentialStores {
             db_fingerprint: None,
             redis_users: None,
             redis_fingerprint: None,
+            web_secret: None,
         }
     }
 
@@ -117,6 +120,12 @@ impl CredentialStores {
         self.demo && self.redis_url.is_none() && !self.stores_have_users()
     }
 
+    /// The ICE page's REST secret ([`crate::web`]): made once per process,
+    /// so it outlives reloads, and merged whatever the stores hold.
+    pub fn set_web_secret(&mut self, secret: [u8; 32]) {
+        self.web_secret = Some(secret);
+    }
+
     /// A reload's configured credentials. A reloaded configuration with
     /// none keeps the current ones rather than falling back to a demo.
     pub fn set_configured(&mut self, settings: &Settings) {
@@ -137,6 +146,9 @@ impl CredentialStores {
         };
         for store in [&self.db_users, &self.redis_users].into_iter().flatten() {
             c.merge(store);
+        }
+        if let Some(secret) = &self.web_secret {
+            c.add_secret(secret);
         }
         c
     }

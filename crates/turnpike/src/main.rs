@@ -552,6 +552,10 @@ fn serve(args: ServeArgs) -> Result<()> {
     // Users from the database and Redis join the configured ones; with any
     // there, no demo credential is made up.
     let mut stores = turnpike::credentials::CredentialStores::new(&settings);
+    let web_secret: Option<[u8; 32]> = settings.web.enabled().then(rand::random);
+    if let Some(secret) = web_secret {
+        stores.set_web_secret(secret);
+    }
     stores.read_db()?;
     match stores.read_redis() {
         Ok(_) if settings.redis_url.is_some() => {
@@ -598,6 +602,19 @@ fn serve(args: ServeArgs) -> Result<()> {
         signal_hook::consts::SIGHUP,
     ])?;
     let handle = turnpike::runtime::start(&settings)?;
+    let web = web_secret.map(|secret| {
+        let ports = turnpike::web::IcePorts {
+            plain: handle.listen.first().map(|a| a.port()),
+            tls: handle.tls_listen.first().map(|a| a.port()),
+        };
+        let mut w = turnpike::web::Web::new(&settings.web, secret, ports, &settings.realm, settings.redact);
+        w.fast_path = handle.fast_path.clone();
+        std::sync::Arc::new(w)
+    });
+    if let (Some(addr), Some(web)) = (settings.web.public, &web) {
+        let bound = turnpike::web::serve_public(addr, web.clone())?;
+        info!(url = %format!("http://{bound}/"), "public ICE test page listening");
+    }
     if let Some((addr, token)) = &settings.admin {
         let (cli2, current2, control2, stores2) =
             (cli.clone(), settings.clone(), handle.control(), stores.clone());
@@ -609,8 +626,12 @@ fn serve(args: ServeArgs) -> Result<()> {
             handle.control(),
             turnpike::admin::effective_config(&settings),
             Some(reloader),
+            web.clone().filter(|_| settings.web.ui),
         )?;
         info!(admin = %bound, "admin API listening");
+        if settings.web.ui {
+            info!(ice = %format!("http://{bound}/ice"), dashboard = %format!("http://{bound}/dashboard"), "operator pages listening");
+        }
     }
     let auth = match (
         &settings.demo_user,

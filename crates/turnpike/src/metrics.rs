@@ -8,7 +8,7 @@ use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use turn_core::Counters;
 
 /// Whether the credential store in Redis answers: -1 not configured,
@@ -92,7 +92,8 @@ pub struct WorkerMetrics {
 /// Snapshots of every worker, indexed by worker id.
 pub type Board = Arc<Mutex<Vec<WorkerMetrics>>>;
 
-fn sum(board: &Board) -> (WorkerMetrics, Vec<WorkerMetrics>) {
+/// The workers' snapshots summed, and each worker's own.
+pub(crate) fn sum(board: &Board) -> (WorkerMetrics, Vec<WorkerMetrics>) {
     let all = board.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut t = WorkerMetrics::default();
     for w in &all {
@@ -501,35 +502,15 @@ pub fn serve(
     board: Board,
     draining: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<SocketAddr> {
-    let listener =
-        std::net::TcpListener::bind(addr).with_context(|| format!("metrics-listen {addr}: cannot bind"))?;
-    listener.set_nonblocking(true)?;
+    let listener = crate::http::bind("metrics-listen", addr)?;
     let bound = listener.local_addr()?;
-    std::thread::Builder::new()
-        .name("turnpike-metrics".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_io().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "metrics: cannot start the runtime");
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-                    return;
-                };
-                let app = axum::Router::new().route(
-                    "/metrics",
-                    axum::routing::get(move || {
-                        let body = render(&board, draining.load(std::sync::atomic::Ordering::Relaxed));
-                        async move { ([("content-type", "text/plain; version=0.0.4")], body) }
-                    }),
-                );
-                if let Err(e) = axum::serve(listener, app).await {
-                    tracing::error!(error = %e, "metrics server stopped");
-                }
-            });
-        })?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let body = render(&board, draining.load(std::sync::atomic::Ordering::Relaxed));
+            async move { ([("content-type", "text/plain; version=0.0.4")], body) }
+        }),
+    );
+    crate::http::spawn("metrics", listener, app)?;
     Ok(bound)
 }

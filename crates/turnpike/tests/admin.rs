@@ -43,6 +43,7 @@ fn admin_api() {
         h.control(),
         settings_json,
         None,
+        None,
     )
     .unwrap();
 

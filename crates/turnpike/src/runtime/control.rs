@@ -212,9 +212,15 @@ pub struct Control {
     pub(super) base: CoreBase,
     pub(super) commands: Vec<std::sync::mpsc::Sender<Command>>,
     pub(super) limits: Arc<Mutex<SharedLimits>>,
+    pub(super) board: crate::metrics::Board,
 }
 
 impl Control {
+    /// The workers' last published numbers, summed (what /metrics shows).
+    pub fn totals(&self) -> crate::metrics::WorkerMetrics {
+        crate::metrics::sum(&self.board).0
+    }
+
     /// Every live allocation, from all workers.
     pub fn sessions(&self) -> Vec<turn_core::SessionInfo> {
         let (tx, rx) = std::sync::mpsc::channel();

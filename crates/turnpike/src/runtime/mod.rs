@@ -327,6 +327,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
             base,
             commands,
             limits: Arc::new(Mutex::new(shared)),
+            board,
         },
         threads,
     })
