@@ -42,6 +42,10 @@ pub enum Mode {
     /// that echoes, and messages of `size` bytes, `window` in flight, over
     /// the bound data connection (TCP to the server).
     TcpRelay,
+    /// Media calls: two legs per call, each an allocation, paced at a
+    /// codec's rate towards the other leg's relayed address; with
+    /// `--ramp`, more calls until loss or latency passes its bound.
+    Calls,
 }
 
 /// Transport to the server.
@@ -72,9 +76,10 @@ pub struct BenchArgs {
     /// Packets (or transactions) in flight per allocation.
     #[arg(long, default_value_t = 8)]
     pub window: usize,
-    /// Payload bytes per relayed packet (at least 16).
-    #[arg(long, default_value_t = 160)]
-    pub size: usize,
+    /// Payload bytes per relayed packet, at least 16 (24 in calls mode)
+    /// [default: 160; calls: the preset's].
+    #[arg(long)]
+    pub size: Option<usize>,
     /// Measured seconds.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
@@ -110,6 +115,52 @@ pub struct BenchArgs {
     /// datagram, never a GSO super-packet it must pass on).
     #[arg(long)]
     pub no_gso: bool,
+    /// Calls mode: calls (two legs each) to start with.
+    #[arg(long, default_value_t = 20, help_heading = "Calls mode")]
+    pub calls: usize,
+    /// Calls mode: what each leg sends: opus (50 packets/s of 120 B),
+    /// video-500k, video-1m, video-2500k (1100 B packets at that bitrate).
+    #[arg(long, value_enum, default_value = "opus", help_heading = "Calls mode")]
+    pub preset: crate::bench_calls::Preset,
+    /// Calls mode: packets per second per leg [default: the preset's].
+    #[arg(long, help_heading = "Calls mode")]
+    pub pps: Option<u32>,
+    /// Calls mode: each packet leaves up to this late (uniform), as a
+    /// real sender's clock and scheduler make it.
+    #[arg(long, default_value_t = 2.0, help_heading = "Calls mode")]
+    pub jitter_ms: f64,
+    /// Calls mode: ChannelData or Send indications.
+    #[arg(long, value_enum, default_value = "channel", help_heading = "Calls mode")]
+    pub via: crate::bench_calls::Via,
+    /// Calls mode: raise the calls by --ramp-factor per step until loss or
+    /// latency passes its bound; report the most calls carried within it.
+    #[arg(long, help_heading = "Calls mode")]
+    pub ramp: bool,
+    /// Calls mode: calls grow by this factor per ramp step.
+    #[arg(long, default_value_t = 1.3, help_heading = "Calls mode")]
+    pub ramp_factor: f64,
+    /// Calls mode: the ramp stops here (each call holds two sockets).
+    #[arg(long, default_value_t = 4000, help_heading = "Calls mode")]
+    pub max_calls: usize,
+    /// Calls mode: the loss bound, percent of packets.
+    #[arg(long, default_value_t = 1.0, help_heading = "Calls mode")]
+    pub max_loss: f64,
+    /// Calls mode: the bound on the 99th percentile one-way latency, ms.
+    #[arg(long, default_value_t = 20.0, help_heading = "Calls mode")]
+    pub max_p99_ms: f64,
+    /// Calls mode: write a self-contained HTML report with charts here.
+    #[arg(long, value_name = "FILE.html", help_heading = "Calls mode")]
+    pub report: Option<std::path::PathBuf>,
+}
+
+impl BenchArgs {
+    /// The payload size: `--size`, or the mode's default.
+    pub fn payload_size(&self) -> usize {
+        self.size.unwrap_or(match self.mode {
+            Mode::Calls => self.preset.size(),
+            _ => 160,
+        })
+    }
 }
 
 /// One run's results.
@@ -184,13 +235,13 @@ pub(crate) fn percentiles(mut v: Vec<u32>) -> Option<Percentiles> {
 
 /// CPU ticks (user, system) and RSS of a process.
 #[derive(Debug, Clone, Copy)]
-struct ProcSample {
-    utime: u64,
-    stime: u64,
-    rss_kib: u64,
+pub(crate) struct ProcSample {
+    pub(crate) utime: u64,
+    pub(crate) stime: u64,
+    pub(crate) rss_kib: u64,
 }
 
-fn sample(pid: u32) -> Option<ProcSample> {
+pub(crate) fn sample(pid: u32) -> Option<ProcSample> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are the
     // 14th and 15th fields overall.
@@ -215,7 +266,7 @@ fn sample(pid: u32) -> Option<ProcSample> {
 
 /// Runs a benchmark and prints its report.
 pub fn run(args: BenchArgs) -> Result<()> {
-    if args.size < 16 {
+    if args.mode != Mode::Calls && args.payload_size() < 16 {
         bail!("size: at least 16 bytes (the payload carries a timestamp and an index)");
     }
     if args.allocations == 0 || args.window == 0 {
@@ -227,6 +278,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Mode::Allocate => allocate_cycles(&args)?,
         Mode::Hold => hold(&args)?,
         Mode::TcpRelay => crate::bench_tcp::tcp_relay(&args)?,
+        // Its own report, its own checks.
+        Mode::Calls => return crate::bench_calls::run(&args),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -296,7 +349,7 @@ fn print_table(r: &Report) {
 
 /// Busy and total ticks of one CPU from `/proc/stat` (busy: everything but
 /// idle and iowait).
-fn core_ticks(cpu: usize) -> Option<(u64, u64)> {
+pub(crate) fn core_ticks(cpu: usize) -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let line = stat
         .lines()
@@ -356,7 +409,7 @@ pub(crate) fn empty_report(args: &BenchArgs, unit: &'static str) -> Report {
         transport: args.transport,
         allocations: args.allocations,
         window: args.window,
-        size: args.size,
+        size: args.payload_size(),
         seconds: 0.0,
         operations: 0,
         per_second: 0.0,
@@ -371,7 +424,7 @@ pub(crate) fn empty_report(args: &BenchArgs, unit: &'static str) -> Report {
     }
 }
 
-fn client_transport(t: BenchTransport) -> ClientTransport {
+pub(crate) fn client_transport(t: BenchTransport) -> ClientTransport {
     match t {
         BenchTransport::Udp => ClientTransport::Udp,
         BenchTransport::Tcp => ClientTransport::Tcp,
@@ -379,7 +432,7 @@ fn client_transport(t: BenchTransport) -> ClientTransport {
 }
 
 /// A client-side socket in the load loop.
-enum Conn {
+pub(crate) enum Conn {
     /// A connected UDP socket and the server address it is connected to.
     Udp(UdpSocket, SocketAddr),
     Tcp {
@@ -390,7 +443,7 @@ enum Conn {
 }
 
 impl Conn {
-    fn from_channel(ch: Channel) -> Result<Conn> {
+    pub(crate) fn from_channel(ch: Channel) -> Result<Conn> {
         Ok(match ch.into_std()? {
             crate::client::StdSocket::Udp(u) => {
                 u.set_nonblocking(true)?;
@@ -408,7 +461,7 @@ impl Conn {
         })
     }
 
-    fn source(&mut self) -> &mut dyn mio::event::Source {
+    pub(crate) fn source(&mut self) -> &mut dyn mio::event::Source {
         match self {
             Conn::Udp(u, _) => u,
             Conn::Tcp { s, .. } => s,
@@ -418,7 +471,7 @@ impl Conn {
     /// Sends several messages: on UDP through `q` (one `sendmmsg`, equal
     /// sizes merged by GSO), so the generator's kernel work per packet stays
     /// below the server's.
-    fn send_many(&mut self, q: &mut SendQueue, msgs: &[&[u8]]) -> io::Result<()> {
+    pub(crate) fn send_many(&mut self, q: &mut SendQueue, msgs: &[&[u8]]) -> io::Result<()> {
         match self {
             Conn::Udp(u, remote) => {
                 for m in msgs {
@@ -438,7 +491,7 @@ impl Conn {
 
     /// Receives every whole message available, calling `f` on each; on UDP
     /// with `recvmmsg`, so the generator stays cheaper than what it loads.
-    fn recv_all(
+    pub(crate) fn recv_all(
         &mut self,
         buf: &mut [u8],
         batch: &mut RecvBatch,
@@ -653,7 +706,7 @@ impl LoadState {
         LoadState {
             mode: args.mode,
             window: args.window,
-            size: args.size,
+            size: args.payload_size(),
             stream: args.transport == BenchTransport::Tcp,
             t0: Instant::now(),
             buf: vec![0u8; 65536],

@@ -89,7 +89,7 @@ pub(crate) fn tcp_relay(args: &BenchArgs) -> Result<Report> {
         s.set_nodelay(true)?;
         sessions.push((c, s));
     }
-    let size = args.size;
+    let size = args.payload_size();
     let relayed = Arc::new(AtomicU64::new(0));
     let lost = Arc::new(AtomicU64::new(0));
     let measuring = Arc::new(AtomicBool::new(false));

@@ -5,6 +5,8 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bench_calls;
+mod bench_report;
 mod bench_tcp;
 pub mod client;
 pub mod dns;
