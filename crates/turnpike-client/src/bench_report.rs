@@ -94,7 +94,7 @@ fn chart(title: &str, y_label: &str, series: &[Series], bound: Option<(f64, &str
             "<line class=\"bound\" x1=\"{LEFT}\" x2=\"{x2}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"#9a6700\" stroke-dasharray=\"6 4\"/><text x=\"{x2}\" y=\"{ly:.1}\" text-anchor=\"end\" fill=\"#9a6700\">{label}</text>"
         );
     }
-    for (i, s) in series.iter().enumerate() {
+    for (i, s) in series.iter().filter(|s| !s.points.is_empty()).enumerate() {
         let c = COLOURS[i % COLOURS.len()];
         let pts: Vec<String> = s
             .points

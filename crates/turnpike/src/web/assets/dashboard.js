@@ -58,7 +58,11 @@ function keyRows(obj, empty) {
 function render(s) {
   last = s;
   const n = s.node;
-  const state = [n.draining ? 'draining' : 'serving', 'fast path: ' + (n.fast_path || 'off'),
+  // The start-up line's fast-path text, shortened: the whole of it is
+  // the tooltip.
+  const fast = (n.fast_path || 'off').split(' (')[0].split(';')[0];
+  $('node-state').title = 'fast path: ' + (n.fast_path || 'off');
+  const state = [n.draining ? 'draining' : 'serving', 'fast path: ' + fast,
     'redis: ' + n.redis + (n.fleet_nodes !== null ? ' (' + n.fleet_nodes + ' nodes)' : ''), 'up ' + Math.round(n.uptime_s / 60) + ' min'];
   $('node-state').textContent = state.join(' · ');
   $('node-state').className = n.draining ? 'warn' : 'ok';
