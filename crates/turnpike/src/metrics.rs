@@ -487,6 +487,16 @@ pub fn render(board: &Board, draining: bool) -> String {
         &[("", c.load_redirected as f64)],
     );
     metric(
+        "web_credentials_total",
+        "counter",
+        "TURN credentials asked by the ICE test page, by outcome (issued; refused: unauthorized, rate_limited).",
+        &[
+            ("{outcome=\"issued\"}", crate::web::ISSUED.load(std::sync::atomic::Ordering::Relaxed) as f64),
+            ("{outcome=\"unauthorized\"}", crate::web::UNAUTHORIZED.load(std::sync::atomic::Ordering::Relaxed) as f64),
+            ("{outcome=\"rate_limited\"}", crate::web::RATE_LIMITED.load(std::sync::atomic::Ordering::Relaxed) as f64),
+        ],
+    );
+    metric(
         "draining",
         "gauge",
         "1 while draining.",
