@@ -94,6 +94,8 @@ fn chart(title: &str, y_label: &str, series: &[Series], bound: Option<(f64, &str
             "<line class=\"bound\" x1=\"{LEFT}\" x2=\"{x2}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"#9a6700\" stroke-dasharray=\"6 4\"/><text x=\"{x2}\" y=\"{ly:.1}\" text-anchor=\"end\" fill=\"#9a6700\">{label}</text>"
         );
     }
+    // Legend entries side by side, each as wide as its name.
+    let mut legend_x = LEFT + 10.0;
     for (i, s) in series.iter().filter(|s| !s.points.is_empty()).enumerate() {
         let c = COLOURS[i % COLOURS.len()];
         let pts: Vec<String> = s
@@ -116,13 +118,13 @@ fn chart(title: &str, y_label: &str, series: &[Series], bound: Option<(f64, &str
         }
         let _ = write!(
             o,
-            "<rect x=\"{}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{c}\"/><text x=\"{}\" y=\"{}\">{}</text>",
-            LEFT + 10.0 + i as f64 * 150.0,
+            "<rect x=\"{legend_x}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{c}\"/><text x=\"{}\" y=\"{}\">{}</text>",
             TOP - 10.0,
-            LEFT + 24.0 + i as f64 * 150.0,
+            legend_x + 14.0,
             TOP,
             esc(s.name)
         );
+        legend_x += 34.0 + s.name.len() as f64 * 6.0;
     }
     o.push_str("</svg></figure>");
     o

@@ -25,10 +25,23 @@ struct Server {
 fn server() -> Server {
     let (admin, public) = (common::free_port(), common::free_port());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_turnpike"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--no-tls", "--user", "alice:wonderland"])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin}"), "--admin-token", TOKEN, "--web-ui"])
-        .args(["--web-listen", &format!("127.0.0.1:{public}")])
-        .args(["--web-credential-ttl", "30", "--web-credentials-per-minute", "3"]);
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--no-tls",
+        "--user",
+        "alice:wonderland",
+    ])
+    .args([
+        "--admin-listen",
+        &format!("127.0.0.1:{admin}"),
+        "--admin-token",
+        TOKEN,
+        "--web-ui",
+    ])
+    .args(["--web-listen", &format!("127.0.0.1:{public}")])
+    .args(["--web-credential-ttl", "30", "--web-credentials-per-minute", "3"]);
     let (proc, line, _) = common::spawn_server(&mut cmd);
     Server {
         _proc: proc,
@@ -54,7 +67,10 @@ fn the_ice_credential_needs_the_token_is_rate_limited_and_expires() {
     let s = server();
     // Operator mode: no token, a wrong one, then the right one.
     assert_eq!(post(s.admin, "/api/ice/credentials", None).0, 401);
-    assert_eq!(post(s.admin, "/api/ice/credentials", Some("wrong-token-wrong-token")).0, 401);
+    assert_eq!(
+        post(s.admin, "/api/ice/credentials", Some("wrong-token-wrong-token")).0,
+        401
+    );
     let (code, body) = post(s.admin, "/api/ice/credentials", Some(TOKEN));
     assert_eq!(code, 200, "{body}");
     let cred: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -62,12 +78,29 @@ fn the_ice_credential_needs_the_token_is_rate_limited_and_expires() {
     let password = cred["credential"].as_str().unwrap().to_owned();
     let expires = cred["expires_at"].as_u64().unwrap();
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
-    assert!((now + 29..=now + 31).contains(&expires), "expires in the configured 30 s");
+    assert!(
+        (now + 29..=now + 31).contains(&expires),
+        "expires in the configured 30 s"
+    );
     assert_eq!(cred["ttl_s"], 30);
-    let urls: Vec<&str> = cred["servers"].as_array().unwrap().iter().map(|v| v["urls"].as_str().unwrap()).collect();
-    assert!(urls.contains(&format!("turn:127.0.0.1:{}?transport=udp", s.turn.port()).as_str()), "{urls:?}");
-    assert!(urls.contains(&format!("turn:127.0.0.1:{}?transport=tcp", s.turn.port()).as_str()), "{urls:?}");
-    assert!(!urls.iter().any(|u| u.starts_with("turns:")), "no TLS listener, no turns: URL");
+    let urls: Vec<&str> = cred["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["urls"].as_str().unwrap())
+        .collect();
+    assert!(
+        urls.contains(&format!("turn:127.0.0.1:{}?transport=udp", s.turn.port()).as_str()),
+        "{urls:?}"
+    );
+    assert!(
+        urls.contains(&format!("turn:127.0.0.1:{}?transport=tcp", s.turn.port()).as_str()),
+        "{urls:?}"
+    );
+    assert!(
+        !urls.iter().any(|u| u.starts_with("turns:")),
+        "no TLS listener, no turns: URL"
+    );
 
     // Public mode: no token, 3 a minute per address (one was used above:
     // the limit is per address, whichever page asks).
@@ -75,10 +108,18 @@ fn the_ice_credential_needs_the_token_is_rate_limited_and_expires() {
     for _ in 0..4 {
         codes.push(post(s.public, "/ice/credentials", None).0);
     }
-    assert_eq!(codes, [200, 200, 429, 429], "the 4th of the minute from one address waits");
+    assert_eq!(
+        codes,
+        [200, 200, 429, 429],
+        "the 4th of the minute from one address waits"
+    );
     // The dashboard and the admin API are not on the public listener.
     for path in ["/dashboard", "/api/stats", "/api/sessions", "/ice"] {
-        assert_eq!(common::http_request(s.public, "GET", path, None).unwrap().0, 404, "{path}");
+        assert_eq!(
+            common::http_request(s.public, "GET", path, None).unwrap().0,
+            404,
+            "{path}"
+        );
     }
 
     // The minted credential is a TURN credential of this server...
@@ -95,18 +136,36 @@ fn the_ice_credential_needs_the_token_is_rate_limited_and_expires() {
 #[test]
 fn the_pages_are_served_and_their_api_needs_the_token() {
     let s = server();
-    for path in ["/ice", "/dashboard", "/assets/ice.js", "/assets/dashboard.js", "/assets/style.css"] {
+    for path in [
+        "/ice",
+        "/dashboard",
+        "/assets/ice.js",
+        "/assets/dashboard.js",
+        "/assets/style.css",
+    ] {
         let (code, body) = common::http_request(s.admin, "GET", path, None).unwrap();
         assert_eq!(code, 200, "{path}");
-        assert!(!body.contains("http://") && !body.contains("https://"), "{path}: nothing loaded from elsewhere");
+        assert!(
+            !body.contains("http://") && !body.contains("https://"),
+            "{path}: nothing loaded from elsewhere"
+        );
     }
     let (_, ice) = common::http_request(s.admin, "GET", "/ice", None).unwrap();
     assert!(ice.contains("data-mode=\"operator\""));
     let (_, public) = common::http_request(s.public, "GET", "/", None).unwrap();
     assert!(public.contains("data-mode=\"public\""));
-    assert_eq!(common::http_request(s.admin, "GET", "/assets/../Cargo.toml", None).unwrap().0, 404);
+    assert_eq!(
+        common::http_request(s.admin, "GET", "/assets/../Cargo.toml", None)
+            .unwrap()
+            .0,
+        404
+    );
     for path in ["/api/stats", "/api/stats/stream"] {
-        assert_eq!(common::http_request(s.admin, "GET", path, None).unwrap().0, 401, "{path}");
+        assert_eq!(
+            common::http_request(s.admin, "GET", path, None).unwrap().0,
+            401,
+            "{path}"
+        );
     }
     let (code, body) = common::http_request(s.admin, "GET", "/api/stats", Some(TOKEN)).unwrap();
     assert_eq!(code, 200);
@@ -120,9 +179,23 @@ fn the_pages_are_served_and_their_api_needs_the_token() {
 fn web_settings_that_cannot_work_are_refused_at_start() {
     for (args, names) in [
         (&["--web-ui"][..], "web-ui"),
-        (&["--web-listen", "127.0.0.1:0", "--web-credential-ttl", "5"][..], "web-credential-ttl"),
-        (&["--web-listen", "127.0.0.1:0", "--web-credentials-per-minute", "0"][..], "web-credentials-per-minute"),
-        (&["--web-listen", "127.0.0.1:0", "--web-turn-host", "turn.example.org:3478"][..], "web-turn-host"),
+        (
+            &["--web-listen", "127.0.0.1:0", "--web-credential-ttl", "5"][..],
+            "web-credential-ttl",
+        ),
+        (
+            &["--web-listen", "127.0.0.1:0", "--web-credentials-per-minute", "0"][..],
+            "web-credentials-per-minute",
+        ),
+        (
+            &[
+                "--web-listen",
+                "127.0.0.1:0",
+                "--web-turn-host",
+                "turn.example.org:3478",
+            ][..],
+            "web-turn-host",
+        ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_turnpike"))
             .args(["serve", "--listen", "127.0.0.1:0", "--no-tls", "--user", "a:b"])
