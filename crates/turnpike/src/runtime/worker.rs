@@ -117,7 +117,18 @@ pub(super) struct Worker {
     pub(super) refusals: RefusalLog,
     pub(super) handoff: std::sync::mpsc::Receiver<Box<Conn>>,
     pub(super) handoff_to: Vec<(std::sync::mpsc::Sender<Box<Conn>>, Arc<mio::Waker>)>,
+    /// UDP sockets left readable when their read budget ran out: mio is
+    /// edge-triggered, so they are read again after the other sockets'
+    /// events, not when the kernel says so.
+    pub(super) unfinished: Vec<usize>,
 }
+
+/// `recvmmsg` batches one readiness event may read from one UDP socket.
+/// A listener that stays full (every client's media arrives on it) would
+/// otherwise keep the worker until it drains, while the relay sockets'
+/// packets (a call's second hop) and the send queue wait: milliseconds
+/// of latency under load, for no throughput.
+const READ_BUDGET: usize = 4;
 
 impl Worker {
     pub(super) fn new(poll: Poll, sockets: WorkerSockets, core: Server, p: WorkerParams) -> Result<Self> {
@@ -203,6 +214,7 @@ impl Worker {
             conn_refused_worker: 0,
             conn_refused_per_source: 0,
             proxy_refused: 0,
+            unfinished: Vec::new(),
             refusals: RefusalLog::new(),
             handoff,
             handoff_to,
@@ -241,6 +253,11 @@ impl Worker {
                 .map(|t| t.saturating_duration_since(now).min(IDLE_TICK))
                 .unwrap_or(IDLE_TICK)
                 .min(self.next_sweep.saturating_duration_since(now));
+            let timeout = if self.unfinished.is_empty() {
+                timeout
+            } else {
+                Duration::ZERO
+            };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     warn!(error = %e, "poll failed");
@@ -258,6 +275,12 @@ impl Worker {
                     ev.is_writable(),
                     now,
                 );
+            }
+            // After this round's events: the sockets a budget cut short
+            // last round (a key seen again above is read twice, harmlessly).
+            let again = std::mem::take(&mut self.unfinished);
+            for key in again {
+                self.on_event(key, true, false, now);
             }
             self.core.handle_timeout(now);
             self.drive_core(now);
@@ -319,7 +342,11 @@ impl Worker {
     }
 
     pub(super) fn read_udp(&mut self, key: usize, local: SocketAddr, now: Instant) {
-        loop {
+        for round in 0.. {
+            if round == READ_BUDGET {
+                self.unfinished.push(key);
+                return;
+            }
             let Some(Source::Udp { sock, .. }) = self.io.sources.get(key) else {
                 return;
             };
@@ -373,7 +400,11 @@ impl Worker {
 
     pub(super) fn read_relay(&mut self, key: usize, relay: SocketAddr, now: Instant) {
         let mut errors_read = false;
-        loop {
+        for round in 0.. {
+            if round == READ_BUDGET {
+                self.unfinished.push(key);
+                return;
+            }
             let Some(Source::Relay { sock, .. }) = self.io.sources.get(key) else {
                 return;
             };
