@@ -9,9 +9,6 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
-
-use turnpike_client::client::{Channel, ClientTransport};
 
 fn calls(server: std::net::SocketAddr, extra: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_turnpike"))
@@ -30,49 +27,8 @@ fn calls(server: std::net::SocketAddr, extra: &[&str]) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("bench calls {extra:?}: not JSON ({e}): {stdout}"))
 }
 
-/// Debian's coturn on a free loopback port, stopped by PID when dropped.
 fn coturn() -> (common::Proc, std::net::SocketAddr) {
-    assert!(
-        Path::new("/usr/bin/turnserver").exists(),
-        "turnserver not found: install Debian's coturn package, as .ci/run does"
-    );
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new("/usr/bin/turnserver")
-        .args([
-            "-n",
-            "--listening-ip=127.0.0.1",
-            &format!("--listening-port={port}"),
-            "--relay-ip=127.0.0.1",
-            "--lt-cred-mech",
-            &format!("--user={}:{}", common::USER, common::PASSWORD),
-            "--realm=coturn.example",
-            "--no-tls",
-            "--no-dtls",
-            "--no-cli",
-            "--allow-loopback-peers",
-            "--min-port=41000",
-            "--max-port=41999",
-            "--log-file=/dev/null",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let proc = common::Proc(child);
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    for _ in 0..50 {
-        let mut ch = Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(1)).unwrap();
-        if turnpike_client::client::binding(&mut ch, Duration::from_millis(200)).is_ok() {
-            return (proc, addr);
-        }
-        // A refused datagram fails at once: wait for the port to open.
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("coturn did not answer on {addr}");
+    common::coturn(&[], 41000)
 }
 
 fn turnpike() -> turnpike::runtime::Handle {

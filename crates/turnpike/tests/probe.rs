@@ -6,7 +6,7 @@
 mod common;
 
 use std::net::UdpSocket;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn probe(args: &[&str]) -> (i32, serde_json::Value) {
@@ -53,65 +53,16 @@ fn advice(v: &serde_json::Value) -> String {
         .join(" | ")
 }
 
-struct Coturn(Child, u16);
-
-impl Drop for Coturn {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+/// coturn and its port.
+struct Coturn(#[allow(dead_code)] common::Proc, u16);
 
 fn coturn() -> Coturn {
     coturn_with(&[])
 }
 
 fn coturn_with(extra: &[&str]) -> Coturn {
-    assert!(
-        std::path::Path::new("/usr/bin/turnserver").exists(),
-        "turnserver not found: install Debian's coturn package (apt-get install coturn), as .ci/run does"
-    );
-    let port = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new("/usr/bin/turnserver")
-        .args([
-            "-n",
-            "--listening-ip=127.0.0.1",
-            &format!("--listening-port={port}"),
-            "--relay-ip=127.0.0.1",
-            "--lt-cred-mech",
-            "--user=alice:wonderland",
-            "--realm=coturn.example",
-            "--no-tls",
-            "--no-dtls",
-            "--no-cli",
-            "--allow-loopback-peers",
-            "--min-port=40000",
-            "--max-port=40999",
-            "--log-file=/dev/null",
-        ])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Wait until it answers.
-    for _ in 0..50 {
-        let (code, _) = probe(&[
-            "stun",
-            &format!("stun:127.0.0.1:{port}?transport=udp"),
-            "--count",
-            "1",
-        ]);
-        if code == 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Coturn(child, port)
+    let (proc, addr) = common::coturn(extra, 40000);
+    Coturn(proc, addr.port())
 }
 
 #[test]

@@ -227,3 +227,52 @@ pub fn http_request(
         .unwrap_or_default();
     Ok((code, body))
 }
+
+/// Debian's coturn on a free loopback port with the test user, relay
+/// ports from `min_port` (a thousand of them: test binaries that run at
+/// once use ranges of their own), stopped by PID when dropped; returns
+/// once it answers a Binding.
+pub fn coturn(extra: &[&str], min_port: u16) -> (Proc, SocketAddr) {
+    assert!(
+        std::path::Path::new("/usr/bin/turnserver").exists(),
+        "turnserver not found: install Debian's coturn package (apt-get install coturn), as .ci/run does"
+    );
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = std::process::Command::new("/usr/bin/turnserver")
+        .args([
+            "-n",
+            "--listening-ip=127.0.0.1",
+            &format!("--listening-port={port}"),
+            "--relay-ip=127.0.0.1",
+            "--lt-cred-mech",
+            &format!("--user={USER}:{PASSWORD}"),
+            "--realm=coturn.example",
+            "--no-tls",
+            "--no-dtls",
+            "--no-cli",
+            "--allow-loopback-peers",
+            &format!("--min-port={min_port}"),
+            &format!("--max-port={}", min_port + 999),
+            "--log-file=/dev/null",
+        ])
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let proc = Proc(child);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for _ in 0..50 {
+        let mut ch = Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(1)).unwrap();
+        if turnpike_client::client::binding(&mut ch, Duration::from_millis(200)).is_ok() {
+            return (proc, addr);
+        }
+        // A refused datagram fails at once: wait for the port to open.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("coturn did not answer on {addr}");
+}
