@@ -151,6 +151,24 @@ impl Credentials {
         self.secrets.extend(other.secrets.iter().cloned());
     }
 
+    /// The users `self` and `other` both define with different keys, sorted:
+    /// after `merge(other)`, `other`'s key is the one that works.
+    pub fn conflicting_users(&self, other: &Credentials) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .users
+            .iter()
+            .filter(|(name, keys)| {
+                other
+                    .users
+                    .get(*name)
+                    .is_some_and(|o| o.md5 != keys.md5 || o.sha256 != keys.sha256)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Adds a REST-API shared secret; several may be active during rotation.
     pub fn add_secret(&mut self, secret: &[u8]) {
         self.secrets.push(secret.to_vec());

@@ -70,6 +70,13 @@ impl Cidr {
     }
 }
 
+impl Cidr {
+    /// Whether every address of `other` is in this range.
+    pub fn covers(&self, other: &Cidr) -> bool {
+        self.prefix <= other.prefix && self.contains(other.addr)
+    }
+}
+
 impl FromStr for Cidr {
     type Err = CidrError;
 
@@ -210,17 +217,24 @@ pub enum Refusal {
 
 /// The relay's peer policy.
 ///
-/// Order of decision: Teredo is refused; then, on the canonical address, an
-/// operator `deny-peer` range refuses (it beats `allow-peer`, so an operator
-/// can carve a hole out of an allowed range); an `allow-peer` range allows;
-/// `allow-loopback-peers` allows loopback; the default ranges refuse; and the
-/// server's own listening sockets are refused.
+/// Order of decision: Teredo is refused; the server's own listening sockets
+/// are refused, whatever else is allowed; then, on the canonical address, an
+/// operator `deny-peer` range refuses and an `allow-peer` range allows. Which
+/// of those two wins where they overlap is [`PeerPolicy::allow_wins`]: deny
+/// by default (an operator carves a hole out of an allowed range), allow
+/// with coturn's order (an exception, e.g. an SFU, carved out of a denied
+/// range). Then `allow-loopback-peers` allows loopback and the default
+/// ranges refuse.
 #[derive(Debug, Clone)]
 pub struct PeerPolicy {
     /// Operator `allow-peer` ranges.
     pub allow: Vec<Cidr>,
     /// Operator `deny-peer` ranges.
     pub deny: Vec<Cidr>,
+    /// An `allow` range beats a `deny` range that also holds the peer
+    /// (coturn's `allowed-peer-ip` over `denied-peer-ip`); otherwise deny
+    /// wins.
+    pub allow_wins: bool,
     /// Allow 127.0.0.0/8 and ::1 (tests, local media servers).
     pub allow_loopback: bool,
     /// Ranges refused unless allowed; [`default_denied`] normally.
@@ -238,6 +252,7 @@ impl Default for PeerPolicy {
         PeerPolicy {
             allow: Vec::new(),
             deny: Vec::new(),
+            allow_wins: false,
             allow_loopback: false,
             default_deny: default_denied(),
             own_sockets: Vec::new(),
@@ -257,10 +272,11 @@ impl PeerPolicy {
         if self.is_own(ip, peer.port()) {
             return Err(Refusal::OwnAddress);
         }
-        if self.deny.iter().any(|c| c.contains(ip) || c.contains(raw)) {
+        let allowed = self.allow.iter().any(|c| c.contains(ip));
+        if self.deny.iter().any(|c| c.contains(ip) || c.contains(raw)) && !(allowed && self.allow_wins) {
             return Err(Refusal::OperatorDenied);
         }
-        if self.allow.iter().any(|c| c.contains(ip)) {
+        if allowed {
             return Ok(());
         }
         if self.allow_loopback && is_real_loopback(raw) {
@@ -336,6 +352,32 @@ mod tests {
         for peer in ["8.8.8.8:53", "1.1.1.1:1", "172.32.0.1:1", "[2606:4700::1111]:1"] {
             assert_eq!(p.check(sa(peer)), Ok(()), "{peer} must be allowed");
         }
+    }
+
+    #[test]
+    fn precedence_between_allow_and_deny() {
+        let allow: Vec<Cidr> = vec!["10.20.30.40/32".parse().unwrap(), "192.168.0.0/16".parse().unwrap()];
+        let deny: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap(), "192.168.5.0/24".parse().unwrap()];
+        let mut p = PeerPolicy {
+            allow,
+            deny,
+            own_sockets: vec![sa("0.0.0.0:3478")],
+            own_ips: vec!["10.20.30.40".parse().unwrap()],
+            ..PeerPolicy::default()
+        };
+        // Deny wins (turnpike's default): a hole in an allowed range.
+        assert_eq!(p.check(sa("10.20.30.40:5000")), Err(Refusal::OperatorDenied));
+        assert_eq!(p.check(sa("192.168.5.1:1")), Err(Refusal::OperatorDenied));
+        assert_eq!(p.check(sa("192.168.6.1:1")), Ok(()));
+        // Allow wins (coturn's order): the SFU carved out of 10/8 relays,
+        // in every form of its address; the rest of 10/8 stays refused.
+        p.allow_wins = true;
+        assert_eq!(p.check(sa("10.20.30.40:5000")), Ok(()));
+        assert_eq!(p.check(sa("[::ffff:10.20.30.40]:5000")), Ok(()));
+        assert_eq!(p.check(sa("192.168.5.1:1")), Ok(()));
+        assert_eq!(p.check(sa("10.20.30.41:5000")), Err(Refusal::OperatorDenied));
+        // The server's own listener stays refused whatever is allowed.
+        assert_eq!(p.check(sa("10.20.30.40:3478")), Err(Refusal::OwnAddress));
     }
 
     #[test]

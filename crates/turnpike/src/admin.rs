@@ -387,17 +387,17 @@ async fn stats_stream(State(app): State<App>, h: HeaderMap) -> Response {
         .into_response()
 }
 
-/// Serves the admin API on `addr` (and, given `web`, the operator's
-/// pages); returns the bound address.
+/// Serves the admin API on `listener` (from [`crate::http::bind`]; the
+/// runtime binds it at start so the peer policy refuses it) and, given
+/// `web`, the operator's pages; returns the bound address.
 pub fn serve(
-    addr: SocketAddr,
+    listener: std::net::TcpListener,
     token: String,
     stop: Control,
     config: serde_json::Value,
     reload: Option<Reloader>,
     web: Option<Arc<crate::web::Web>>,
 ) -> Result<SocketAddr> {
-    let listener = crate::http::bind("admin-listen", addr)?;
     let bound = listener.local_addr()?;
     let pages = web.is_some();
     let app = App {

@@ -119,10 +119,17 @@ pub struct ServeArgs {
     #[serde(default, deserialize_with = "one_or_many")]
     pub proxy_protocol_from: Vec<String>,
 
-    /// Refuse relaying to a range; beats --allow-peer (repeatable).
+    /// Refuse relaying to a range (repeatable); where it overlaps an
+    /// --allow-peer range, --peer-precedence decides.
     #[arg(long, value_name = "CIDR")]
     #[serde(default, deserialize_with = "one_or_many")]
     pub deny_peer: Vec<String>,
+
+    /// Which wins where --allow-peer and --deny-peer both hold a peer:
+    /// deny (a hole in an allowed range) or allow (coturn's order: an
+    /// exception carved out of a denied range) [default: deny].
+    #[arg(long, value_name = "deny|allow")]
+    pub peer_precedence: Option<PeerPrecedence>,
 
     /// Worker threads [default: number of cores].
     #[arg(long, value_name = "N")]
@@ -420,11 +427,24 @@ impl ServeArgs {
                  rfc5780, alt_ip, alt_port, log_format, redact, drain_timeout, metrics_listen,
                  admin_listen, admin_token, admin_token_file, db, redis_url, external_ip_from, reload_on_change,
                  node_name, fleet_lease, redirect_above, fleet_total_quota,
-                 web_ui, web_listen, web_credential_ttl, web_credentials_per_minute, web_turn_host;
+                 web_ui, web_listen, web_credential_ttl, web_credentials_per_minute, web_turn_host,
+                 peer_precedence;
             vec: fast_path_interface, listen, tls_listen, relay_ip, external_ip, user, auth_secret, allow_peer, deny_peer,
                  proxy_protocol_from, auth_secret_file,
                  alternate_server);
     }
+}
+
+/// Which of two overlapping operator ranges decides a peer
+/// (`--peer-precedence`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PeerPrecedence {
+    /// `deny-peer` beats `allow-peer` (turnpike's default).
+    #[default]
+    Deny,
+    /// `allow-peer` beats `deny-peer` (coturn's `allowed-peer-ip`).
+    Allow,
 }
 
 /// Where the TLS certificate comes from.
@@ -439,6 +459,25 @@ pub enum TlsSource {
     },
     /// Generate a self-signed certificate at start-up.
     SelfSigned,
+}
+
+impl Settings {
+    /// `allow-peer` ranges that can never take effect: wholly inside a
+    /// `deny-peer` range while deny wins. Each is `(allow, deny)`; the
+    /// server warns about them at start and on reload, since a coturn
+    /// configuration meant the opposite.
+    pub fn shadowed_allows(&self) -> Vec<(Cidr, Cidr)> {
+        if self.allow_peer_wins {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for a in &self.allow_peer {
+            if let Some(d) = self.deny_peer.iter().find(|d| d.covers(a)) {
+                out.push((*a, *d));
+            }
+        }
+        out
+    }
 }
 
 /// Validated settings, ready to run.
@@ -476,6 +515,8 @@ pub struct Settings {
     pub proxy_protocol_from: Vec<Cidr>,
     /// Peer ranges refused.
     pub deny_peer: Vec<Cidr>,
+    /// Where both hold a peer, `allow_peer` wins (coturn's order).
+    pub allow_peer_wins: bool,
     /// Allow loopback peers.
     pub allow_loopback_peers: bool,
     /// Worker threads.
@@ -1159,6 +1200,7 @@ impl Settings {
             allow_peer: parse_cidrs("allow-peer", &a.allow_peer)?,
             proxy_protocol_from: parse_cidrs("proxy-protocol-from", &a.proxy_protocol_from)?,
             deny_peer: parse_cidrs("deny-peer", &a.deny_peer)?,
+            allow_peer_wins: a.peer_precedence.unwrap_or_default() == PeerPrecedence::Allow,
             allow_loopback_peers: a.allow_loopback_peers.unwrap_or(false),
             threads,
             udp_gso: a.udp_gso.unwrap_or(true),

@@ -137,6 +137,77 @@ impl CredentialStores {
         self.demo = false;
     }
 
+    /// The sources in merge order (a later one wins a name), with what
+    /// each holds now.
+    fn sources(&self) -> [(&'static str, Option<&Credentials>); 3] {
+        let configured = (!self.demo || self.demo_in_use()).then_some(&self.configured);
+        [
+            ("config", configured),
+            ("database", self.db_users.as_ref()),
+            ("redis", self.redis_users.as_ref()),
+        ]
+    }
+
+    /// Users and secrets by source, for the start-up and reload lines:
+    /// `config 2 users, database 1 user, redis off, 1 REST secret`.
+    pub fn counts(&self) -> String {
+        let mut parts = Vec::new();
+        let mut secrets = 0;
+        for (name, creds) in self.sources() {
+            let skip = (name == "redis" && self.redis_url.is_none()) || (name == "database" && creds.is_none());
+            if let Some(c) = creds {
+                secrets += c.secret_count();
+            }
+            if skip {
+                continue;
+            }
+            let n = creds.map_or(0, Credentials::user_count);
+            let label = if name == "config" && self.demo_in_use() {
+                "demo"
+            } else {
+                name
+            };
+            parts.push(format!("{label} {n} user{}", if n == 1 { "" } else { "s" }));
+        }
+        if self.web_secret.is_some() {
+            parts.push("ICE page secret".to_owned());
+        }
+        parts.push(format!("{secrets} REST secret{}", if secrets == 1 { "" } else { "s" }));
+        parts.join(", ")
+    }
+
+    /// Names two sources define with different keys, with the source whose
+    /// key works (the later in merge order: Redis over the database over
+    /// the configuration): `(name, loser, winner)`.
+    pub fn conflicts(&self) -> Vec<(String, &'static str, &'static str)> {
+        let sources = self.sources();
+        let mut out = Vec::new();
+        for (i, (lower, a)) in sources.iter().enumerate() {
+            let Some(a) = a else { continue };
+            for (higher, b) in &sources[i + 1..] {
+                let Some(b) = b else { continue };
+                for name in a.conflicting_users(b) {
+                    out.push((name, *lower, *higher));
+                }
+            }
+        }
+        out
+    }
+
+    /// Logs every name that two sources define with different keys, and
+    /// which key works: a shadowed user is a login that fails for no
+    /// visible reason.
+    pub fn report_conflicts(&self) {
+        for (name, shadowed, wins) in self.conflicts() {
+            warn!(
+                user = %name,
+                shadowed = %shadowed,
+                wins = %wins,
+                "a user is defined in two credential sources with different keys; the {wins} key works and the {shadowed} one does not (remove one of them)"
+            );
+        }
+    }
+
     /// Configured + database + Redis: what the workers authenticate with.
     pub fn merged(&self) -> Credentials {
         let mut c = if self.demo_in_use() || !self.demo {

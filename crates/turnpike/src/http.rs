@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use anyhow::{Context, Result};
 
 /// Binds `addr` (errors name `what`, the flag that asked for it).
-pub(crate) fn bind(what: &str, addr: SocketAddr) -> Result<std::net::TcpListener> {
+pub fn bind(what: &str, addr: SocketAddr) -> Result<std::net::TcpListener> {
     let listener =
         std::net::TcpListener::bind(addr).with_context(|| format!("{what} {addr}: cannot bind"))?;
     listener.set_nonblocking(true)?;

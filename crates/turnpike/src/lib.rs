@@ -10,7 +10,7 @@ pub mod coturn_conf;
 pub mod credentials;
 pub mod external_ip;
 pub mod fleet;
-mod http;
+pub mod http;
 pub mod metrics;
 pub mod redisdb;
 pub mod runtime;

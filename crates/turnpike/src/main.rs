@@ -395,6 +395,20 @@ fn redact_url(url: &str) -> String {
     }
 }
 
+/// An `allow-peer` range inside a `deny-peer` range does nothing while deny
+/// wins; a configuration carried over from coturn (where allow wins) meant
+/// it as an exception, so say so at start and on every reload.
+fn warn_shadowed_allows(settings: &Settings) {
+    for (allow, deny) in settings.shadowed_allows() {
+        warn!(
+            allow_peer = %allow,
+            deny_peer = %deny,
+            "allow-peer {allow} has no effect: it lies inside deny-peer {deny}, and deny wins; \
+             for an exception carved out of a denied range (coturn's allowed-peer-ip), set peer-precedence = \"allow\""
+        );
+    }
+}
+
 /// SIGHUP: re-reads the config file (the command line still wins) and
 /// applies what can change live. A bad file is logged and ignored.
 fn reload(
@@ -415,12 +429,15 @@ fn reload(
         new.external_v4 = new.external_v4.or(current.external_v4);
         new.external_v6 = new.external_v6.or(current.external_v6);
     }
-    {
-        let mut s = stores.lock().unwrap_or_else(|p| p.into_inner());
-        s.set_configured(&new);
-        s.refresh();
-        new.credentials = s.merged();
-    }
+    warn_shadowed_allows(&new);
+    // The stores stay locked until the workers have the new configuration:
+    // the watcher publishes under the same lock, so its merge can never
+    // land after this one with an older copy of the configured users.
+    let mut s = stores.lock().unwrap_or_else(|p| p.into_inner());
+    s.set_configured(&new);
+    s.refresh();
+    new.credentials = s.merged();
+    s.report_conflicts();
     for (name, changed) in [
         ("listen", new.listen != current.listen),
         ("tls-listen", new.tls_listen != current.tls_listen),
@@ -444,7 +461,9 @@ fn reload(
             warn!(error = %e, "cannot change the log level");
         }
     }
-    match control.reload(&new) {
+    let applied = control.reload(&new);
+    drop(s);
+    match applied {
         Ok(()) => {
             info!(
                 users = new.credentials.user_count(),
@@ -506,18 +525,20 @@ fn spawn_store_watcher(
         if pushed.recv_timeout(std::time::Duration::from_secs(2)).is_ok() {
             while pushed.try_recv().is_ok() {}
         }
-        let creds = {
-            let mut s = stores.lock().unwrap_or_else(|p| p.into_inner());
-            if !s.refresh() {
-                continue;
-            }
-            s.merged()
-        };
+        // Published under the stores' lock, as a reload is: whichever of
+        // the two comes second carries every source's current state.
+        let mut s = stores.lock().unwrap_or_else(|p| p.into_inner());
+        if !s.refresh() {
+            continue;
+        }
+        let creds = s.merged();
         info!(
             users = creds.user_count(),
             secrets = creds.secret_count(),
+            sources = %s.counts(),
             "credential stores changed; credentials updated"
         );
+        s.report_conflicts();
         control.set_credentials(creds);
     });
 }
@@ -601,7 +622,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         signal_hook::consts::SIGUSR1,
         signal_hook::consts::SIGHUP,
     ])?;
-    let handle = turnpike::runtime::start(&settings)?;
+    let mut handle = turnpike::runtime::start(&settings)?;
     let web = web_secret.map(|secret| {
         let ports = turnpike::web::IcePorts {
             plain: handle.listen.first().map(|a| a.port()),
@@ -611,17 +632,17 @@ fn serve(args: ServeArgs) -> Result<()> {
         w.fast_path = handle.fast_path.clone();
         std::sync::Arc::new(w)
     });
-    if let (Some(addr), Some(web)) = (settings.web.public, &web) {
-        let bound = turnpike::web::serve_public(addr, web.clone())?;
+    if let (Some(listener), Some(web)) = (handle.web_listener.take(), &web) {
+        let bound = turnpike::web::serve_public(listener, web.clone())?;
         info!(url = %format!("http://{bound}/"), "public ICE test page listening");
     }
-    if let Some((addr, token)) = &settings.admin {
+    if let (Some(listener), Some((_, token))) = (handle.admin_listener.take(), &settings.admin) {
         let (cli2, current2, control2, stores2) =
             (cli.clone(), settings.clone(), handle.control(), stores.clone());
         let reloader: turnpike::admin::Reloader =
             std::sync::Arc::new(move || reload(&cli2, &current2, &control2, &stores2));
         let bound = turnpike::admin::serve(
-            *addr,
+            listener,
             token.clone(),
             handle.control(),
             turnpike::admin::effective_config(&settings),
@@ -633,13 +654,10 @@ fn serve(args: ServeArgs) -> Result<()> {
             info!(ice = %format!("http://{bound}/ice"), dashboard = %format!("http://{bound}/dashboard"), "operator pages listening");
         }
     }
-    let auth = match (
-        &settings.demo_user,
-        settings.credentials.user_count(),
-        settings.credentials.secret_count(),
-    ) {
-        (Some(_), _, _) => "demo credential".to_owned(),
-        (None, u, s) => format!("{u} static user(s), {s} REST secret(s)"),
+    let auth = {
+        let s = stores.lock().unwrap_or_else(|p| p.into_inner());
+        s.report_conflicts();
+        s.counts()
     };
     info!(
         listen = ?handle.listen,
@@ -664,13 +682,15 @@ fn serve(args: ServeArgs) -> Result<()> {
         redis = %shown_or(settings.redis_url.as_deref().map(redact_url), "off"),
         fast_path = %handle.fast_path,
         peer_policy = %format!(
-            "default deny of private/reserved ranges{}; {} allow-peer, {} deny-peer",
+            "default deny of private/reserved ranges{}; {} allow-peer, {} deny-peer, {} wins where both match",
             if settings.allow_loopback_peers { ", loopback allowed" } else { "" },
             settings.allow_peer.len(),
-            settings.deny_peer.len()
+            settings.deny_peer.len(),
+            if settings.allow_peer_wins { "allow" } else { "deny" }
         ),
         "turnpike started"
     );
+    warn_shadowed_allows(&settings);
     // A configured loopback relay behind listeners that remote clients
     // reach hands them a relayed address they cannot use.
     let remote_listeners = handle

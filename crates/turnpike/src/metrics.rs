@@ -505,14 +505,13 @@ pub fn render(board: &Board, draining: bool) -> String {
     o
 }
 
-/// Serves `/metrics` on `addr` from a control-plane thread; returns the
+/// Serves `/metrics` on `listener` from a control-plane thread; returns the
 /// bound address.
 pub fn serve(
-    addr: SocketAddr,
+    listener: std::net::TcpListener,
     board: Board,
     draining: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<SocketAddr> {
-    let listener = crate::http::bind("metrics-listen", addr)?;
     let bound = listener.local_addr()?;
     let app = axum::Router::new().route(
         "/metrics",

@@ -38,7 +38,7 @@ fn admin_api() {
     let h = start(&["--allow-loopback-peers"]);
     let settings_json = serde_json::json!({"realm": "test.example", "admin-token": "[redacted]"});
     let admin = turnpike::admin::serve(
-        "127.0.0.1:0".parse().unwrap(),
+        turnpike::http::bind("admin-listen", "127.0.0.1:0".parse().unwrap()).unwrap(),
         TOKEN.into(),
         h.control(),
         settings_json,

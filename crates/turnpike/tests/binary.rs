@@ -840,6 +840,127 @@ fn sqlite_users_apply_to_a_running_server_without_restart() {
     sigterm_and_wait(child);
 }
 
+fn sighup(child: &Server) {
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(child.0.as_ref().unwrap().id() as i32, libc::SIGHUP);
+    }
+}
+
+/// Every order of "a credential store changed" and "SIGHUP with a new
+/// user in the file": each merge carries every source's current state, so
+/// no user is lost, whichever came first or whether they came together.
+#[test]
+fn reloads_and_store_changes_in_any_order_lose_no_user() {
+    let dir = std::env::temp_dir().join(format!("turnpike-reload-order-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("users.db");
+    let dbs = db.to_str().unwrap();
+    let realm = ["--realm", "ro.example", "--db", dbs];
+    assert!(user_cmd(&[&["add", "dave"][..], &realm].concat(), "dave-pw\n")
+        .status
+        .success());
+    let cfg = dir.join("turnpike.toml");
+    let write_cfg = |users: &[&str]| {
+        let list: Vec<String> = users.iter().map(|u| format!("\"{u}\"")).collect();
+        let text = format!(
+            "listen = [\"127.0.0.1:0\"]\nno-tls = true\nthreads = 2\nrealm = \"ro.example\"\ndb = \"{dbs}\"\nuser = [{}]\n",
+            list.join(", ")
+        );
+        // Written whole then renamed, as an editor or a ConfigMap does.
+        let tmp = dir.join("turnpike.toml.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &cfg).unwrap();
+    };
+    write_cfg(&["carol:carol-pw"]);
+    let mut child = bin()
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(child.stderr.take().unwrap());
+    let child = Server(Some(child));
+    let mut seen = Vec::new();
+    let started = wait_for(&err, "turnpike started", &mut seen);
+    assert!(
+        started.contains("config 1 user, database 1 user"),
+        "the start line counts users by source: {started}"
+    );
+    let addr = listen_addr(&started);
+    let works = |u: &str, p: &str| {
+        // Several clients: the two workers each apply updates on their own.
+        (0..4).all(|_| {
+            let mut c = TurnClient::new(
+                Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(3)).unwrap(),
+                u,
+                p,
+            );
+            c.set_timeout(Duration::from_secs(2));
+            let ok = c.allocate().is_ok();
+            if ok {
+                let _ = c.refresh(0);
+            }
+            ok
+        })
+    };
+    let eventually = |u: &str, p: &str| {
+        (0..40).any(|_| {
+            works(u, p) || {
+                std::thread::sleep(Duration::from_millis(250));
+                false
+            }
+        })
+    };
+    let add = |name: &str| {
+        let pw = format!("{name}-pw\n");
+        assert!(user_cmd(&[&["add", name][..], &realm].concat(), &pw)
+            .status
+            .success());
+    };
+    // 1. A store change, then SIGHUP with a new user in the file (the
+    //    order that lost the file's new user).
+    add("erin");
+    assert!(eventually("erin", "erin-pw"), "the database's new user");
+    write_cfg(&["carol:carol-pw", "frank:frank-pw"]);
+    sighup(&child);
+    wait_for(&err, "configuration reloaded", &mut seen);
+    assert!(eventually("frank", "frank-pw"), "the file's new user after a store change and SIGHUP");
+    // 2. SIGHUP, then a store change.
+    write_cfg(&["carol:carol-pw", "frank:frank-pw", "gina:gina-pw"]);
+    sighup(&child);
+    wait_for(&err, "configuration reloaded", &mut seen);
+    add("hank");
+    assert!(eventually("hank", "hank-pw"), "the database's user after SIGHUP");
+    assert!(works("gina", "gina-pw"), "the reload's user survives the store change");
+    // 3. Both at once: the store changes and SIGHUP arrives before the
+    //    watcher's next look.
+    add("ivan");
+    write_cfg(&["carol:carol-pw", "frank:frank-pw", "gina:gina-pw", "jill:jill-pw"]);
+    sighup(&child);
+    wait_for(&err, "configuration reloaded", &mut seen);
+    assert!(eventually("ivan", "ivan-pw"), "the store's user");
+    assert!(eventually("jill", "jill-pw"), "the file's user");
+    // Nobody was lost on the way.
+    for u in ["carol", "dave", "erin", "frank", "gina", "hank"] {
+        assert!(works(u, &format!("{u}-pw")), "{u} still authenticates");
+    }
+    // A name in the file and in the database with different keys is
+    // reported, with the source that wins.
+    write_cfg(&["carol:carol-pw", "dave:another-pw"]);
+    sighup(&child);
+    let warned = wait_for(&err, "defined in two credential sources", &mut seen);
+    assert!(
+        warned.contains("dave") && warned.contains("wins=database") && warned.contains("shadowed=config"),
+        "{warned}"
+    );
+    assert!(works("dave", "dave-pw"), "the database's key is the one that works, as reported");
+    sigterm_and_wait(child);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn redis_users_and_secrets_serve_and_survive_a_redis_outage() {
     let redis = common::redis_server();

@@ -31,6 +31,7 @@ pub(super) fn build_policy(settings: &Settings, own_sockets: &[SocketAddr]) -> P
     PeerPolicy {
         allow: settings.allow_peer.clone(),
         deny: settings.deny_peer.clone(),
+        allow_wins: settings.allow_peer_wins,
         allow_loopback: settings.allow_loopback_peers,
         own_sockets: own_sockets.to_vec(),
         own_ips,
@@ -68,8 +69,16 @@ pub(super) struct Update {
 impl Update {
     /// `newer` on top of `self`: a worker that skipped a generation still
     /// gets everything published since it last looked.
+    ///
+    /// The newest credentials win whichever way they came: a reload's
+    /// core configuration carries the credentials merged from every source
+    /// at that moment, so it replaces an older store-only update instead of
+    /// having that stale copy written back into it.
     fn then(self, newer: Update) -> Update {
-        let credentials = newer.credentials.or(self.credentials);
+        let credentials = newer
+            .credentials
+            .or_else(|| newer.core.as_ref().map(|c| c.credentials.clone()))
+            .or(self.credentials);
         let mut core = newer.core.or(self.core);
         if let (Some(c), Some(creds)) = (core.as_mut(), &credentials) {
             c.credentials = creds.clone();
@@ -373,5 +382,36 @@ mod tests {
         // with the newest credentials in it.
         let core = merged.core.expect("the reload is not lost");
         assert!(Arc::ptr_eq(&core.credentials, &newer));
+    }
+
+    #[test]
+    fn a_reload_after_a_credentials_update_keeps_the_reload_credentials() {
+        // The store watcher published first (its merge: alice)...
+        let mut store = turn_core::Credentials::new();
+        store.add_user("alice", "r", "pw");
+        let store_update = Update {
+            credentials: Some(Arc::new(store)),
+            ..Update::default()
+        };
+        // ...then SIGHUP added carol to the file (its merge: alice, carol).
+        let mut reloaded = turn_core::Credentials::new();
+        reloaded.add_user("alice", "r", "pw");
+        reloaded.add_user("carol", "r", "pw");
+        let reloaded = Arc::new(reloaded);
+        let cfg = turn_core::Config::new("r", reloaded.clone(), [1; 32], Instant::now(), 0);
+        let reload = Update {
+            core: Some(cfg),
+            ..Update::default()
+        };
+        // A worker that looks after both, or only after the second, must
+        // authenticate carol: the store's older copy may not come back.
+        for merged in [
+            Update::default().then(store_update.clone()).then(reload.clone()),
+            Update::default().then(reload),
+        ] {
+            let core = merged.core.expect("the reload is applied");
+            assert!(Arc::ptr_eq(&core.credentials, &reloaded));
+            assert!(Arc::ptr_eq(&merged.credentials.expect("credentials carried"), &reloaded));
+        }
     }
 }

@@ -73,6 +73,11 @@ pub struct Handle {
     pub tls_leaf: Option<Vec<u8>>,
     /// The kernel fast path's state, for the start-up summary.
     pub fast_path: String,
+    /// The admin API's listener (`--admin-listen`), bound at start and
+    /// refused as a peer; `admin::serve` takes it.
+    pub admin_listener: Option<std::net::TcpListener>,
+    /// The public ICE page's listener (`--web-listen`), likewise.
+    pub web_listener: Option<std::net::TcpListener>,
     stop: Control,
     threads: Vec<JoinHandle<()>>,
 }
@@ -98,6 +103,23 @@ impl Handle {
             .map(|t| t.join())
             .filter(|r| r.is_err())
             .count()
+    }
+}
+
+/// The control plane's HTTP listeners, bound with the TURN listeners.
+struct HttpListeners {
+    metrics: Option<std::net::TcpListener>,
+    admin: Option<std::net::TcpListener>,
+    web: Option<std::net::TcpListener>,
+}
+
+impl HttpListeners {
+    fn addrs(&self) -> Vec<SocketAddr> {
+        [&self.metrics, &self.admin, &self.web]
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
     }
 }
 
@@ -201,11 +223,32 @@ pub fn start(settings: &Settings) -> Result<Handle> {
         matches!(fast_state, fast::State::Active(..)) as u64,
         std::sync::atomic::Ordering::Relaxed,
     );
+    // The HTTP listeners are bound here, before the peer policy is made:
+    // they are the server's own sockets as much as the TURN listeners, and
+    // with loopback or private peers allowed a relay could otherwise reach
+    // /metrics or the admin API (RFC 8656 §21.2.3's concern).
+    let http = HttpListeners {
+        metrics: settings
+            .metrics_listen
+            .map(|a| crate::http::bind("metrics-listen", a))
+            .transpose()?,
+        admin: settings
+            .admin
+            .as_ref()
+            .map(|(a, _)| crate::http::bind("admin-listen", *a))
+            .transpose()?,
+        web: settings
+            .web
+            .public
+            .map(|a| crate::http::bind("web-listen", a))
+            .transpose()?,
+    };
     let own_sockets: Vec<SocketAddr> = listen
         .iter()
         .chain(tls_listen.iter())
         .chain(alt_listen.iter())
         .copied()
+        .chain(http.addrs())
         .collect();
     let mut nonce_secret = [0u8; 32];
     rand::thread_rng().fill(&mut nonce_secret);
@@ -233,8 +276,8 @@ pub fn start(settings: &Settings) -> Result<Handle> {
     let core_cfg = core_config(settings, &base, &shared);
     let draining = base.draining.clone();
     let quotas = base.quotas.clone();
-    let metrics = match settings.metrics_listen {
-        Some(addr) => Some(crate::metrics::serve(addr, board.clone(), draining.clone())?),
+    let metrics = match http.metrics {
+        Some(l) => Some(crate::metrics::serve(l, board.clone(), draining.clone())?),
         None => None,
     };
 
@@ -318,6 +361,8 @@ pub fn start(settings: &Settings) -> Result<Handle> {
         metrics,
         tls_leaf: tls_setup.as_ref().map(|t| t.leaf.to_vec()),
         fast_path: fast_state.describe(),
+        admin_listener: http.admin,
+        web_listener: http.web,
         stop: Control {
             flag,
             wakers,

@@ -297,9 +297,9 @@ pub fn public_router(web: Arc<Web>) -> axum::Router {
         .with_state(web)
 }
 
-/// Serves the public ICE page on `addr`; returns the bound address.
-pub fn serve_public(addr: SocketAddr, web: Arc<Web>) -> anyhow::Result<SocketAddr> {
-    let listener = crate::http::bind("web-listen", addr)?;
+/// Serves the public ICE page on `listener` (bound by the runtime at
+/// start, so the peer policy refuses it); returns the bound address.
+pub fn serve_public(listener: std::net::TcpListener, web: Arc<Web>) -> anyhow::Result<SocketAddr> {
     let bound = listener.local_addr()?;
     crate::http::spawn("web", listener, public_router(web))?;
     Ok(bound)
