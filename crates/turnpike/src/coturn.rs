@@ -37,7 +37,7 @@ pub const MAPPINGS: &[Mapping] = &[
     },
     Mapping {
         coturn: "use-auth-secret",
-        turnpike: "nothing: giving --auth-secret turns REST-API credentials on",
+        turnpike: "nothing: giving --auth-secret turns REST-API credentials on (coturn then refuses its user= and database users; the importer leaves them out)",
     },
     Mapping {
         coturn: "lt-cred-mech",
@@ -194,6 +194,190 @@ pub const MAPPINGS: &[Mapping] = &[
     Mapping {
         coturn: "mysql-userdb",
         turnpike: "not imported: add its users with `turnpike user add NAME --key 0xHMACKEY`",
+    },
+    Mapping {
+        coturn: "listening-device",
+        turnpike: "not supported: give the device's addresses as --listen IP:PORT",
+    },
+    Mapping {
+        coturn: "alt-tls-listening-port",
+        turnpike: "nothing: RFC 5780 is answered over UDP only, so no alternative TLS port is opened",
+    },
+    Mapping {
+        coturn: "tcp-proxy-port",
+        turnpike: "not supported: behind a TCP load balancer use --proxy-protocol-from CIDR (PROXY protocol v1/v2)",
+    },
+    Mapping {
+        coturn: "aux-server",
+        turnpike: "not supported: add another --listen IP:PORT (every listener serves STUN and TURN)",
+    },
+    Mapping {
+        coturn: "udp-self-balance",
+        turnpike: "nothing: UDP clients are spread over the worker threads by SO_REUSEPORT",
+    },
+    Mapping {
+        coturn: "relay-device",
+        turnpike: "not supported: give the device's address as --relay-ip IP",
+    },
+    Mapping {
+        coturn: "prometheus-port",
+        turnpike: "--metrics-listen IP:PORT (with prometheus; the port of coturn's exporter)",
+    },
+    Mapping {
+        coturn: "oauth",
+        turnpike: "not supported: OAuth third-party authorization (RFC 7635); use REST-API credentials (--auth-secret)",
+    },
+    Mapping {
+        coturn: "secret-key-file",
+        turnpike: "not supported: it decrypts coturn's encrypted MySQL password, and turnpike does not read MySQL",
+    },
+    Mapping {
+        coturn: "mongo-userdb",
+        turnpike: "not imported: add its users with `turnpike user add NAME --key 0xHMACKEY`",
+    },
+    Mapping {
+        coturn: "redis-statsdb",
+        turnpike: "not supported: use --metrics-listen (Prometheus) and the admin API's /api/sessions",
+    },
+    Mapping {
+        coturn: "check-origin-consistency",
+        turnpike: "not supported: the ORIGIN attribute is not checked",
+    },
+    Mapping {
+        coturn: "no-udp-relay",
+        turnpike: "not supported: UDP relays are always offered",
+    },
+    Mapping {
+        coturn: "no-tcp-relay",
+        turnpike: "not supported: RFC 6062 TCP relays are always offered over TCP and TLS",
+    },
+    Mapping {
+        coturn: "channel-lifetime",
+        turnpike: "nothing at 600 (the default): channels last RFC 8656's 600 s; another value is not supported",
+    },
+    Mapping {
+        coturn: "permission-lifetime",
+        turnpike: "nothing at 300 (the default): permissions last RFC 8656's 300 s; another value is not supported",
+    },
+    Mapping {
+        coturn: "max-allocate-timeout",
+        turnpike: "nothing: an Allocate is answered at once; RFC 6062 Connects time out after --tcp-connect-timeout (30 s)",
+    },
+    Mapping {
+        coturn: "pkey-pwd",
+        turnpike: "not supported: give an unencrypted key file (--key) that only the server can read",
+    },
+    Mapping {
+        coturn: "cipher-list",
+        turnpike: "nothing at DEFAULT: rustls offers only modern suites (TLS 1.2 AEAD, TLS 1.3); another list is not supported",
+    },
+    Mapping {
+        coturn: "ec-curve-name",
+        turnpike: "nothing: rustls negotiates X25519 and the NIST curves",
+    },
+    Mapping {
+        coturn: "dh566",
+        turnpike: "nothing: no finite-field DH suites are offered (rustls uses ECDHE)",
+    },
+    Mapping {
+        coturn: "dh1066",
+        turnpike: "nothing: no finite-field DH suites are offered (rustls uses ECDHE)",
+    },
+    Mapping {
+        coturn: "dh-file",
+        turnpike: "nothing: no finite-field DH suites are offered (rustls uses ECDHE)",
+    },
+    Mapping {
+        coturn: "no-stdout-log",
+        turnpike: "nothing: logs go to stderr",
+    },
+    Mapping {
+        coturn: "syslog-facility",
+        turnpike: "nothing: logs go to stderr (journald under systemd)",
+    },
+    Mapping {
+        coturn: "new-log-timestamp",
+        turnpike: "nothing: log lines carry RFC 3339 timestamps",
+    },
+    Mapping {
+        coturn: "new-log-timestamp-format",
+        turnpike: "nothing: log lines carry RFC 3339 timestamps",
+    },
+    Mapping {
+        coturn: "log-binding",
+        turnpike: "nothing: Binding requests are counted (turnpike_binding_requests_total), not logged one by one",
+    },
+    Mapping {
+        coturn: "tls-alternate-server",
+        turnpike: "not supported: --alternate-server is one list for every transport",
+    },
+    Mapping {
+        coturn: "rest-api-separator",
+        turnpike: "nothing at `:` (the default): REST-API usernames are EXPIRY:ID; another separator is not supported",
+    },
+    Mapping {
+        coturn: "keep-address-family",
+        turnpike: "not supported: relays follow RFC 8656 (IPv4 unless the client sends REQUESTED-ADDRESS-FAMILY)",
+    },
+    Mapping {
+        coturn: "allocation-default-address-family",
+        turnpike: "nothing at ipv4 (the default, RFC 8656); ipv6 or keep is not supported",
+    },
+    Mapping {
+        coturn: "cli-ip",
+        turnpike: "nothing: there is no telnet CLI (use --admin-listen for the admin API)",
+    },
+    Mapping {
+        coturn: "cli-port",
+        turnpike: "nothing: there is no telnet CLI (use --admin-listen for the admin API)",
+    },
+    Mapping {
+        coturn: "cli-max-output-sessions",
+        turnpike: "nothing: there is no telnet CLI (use --admin-listen for the admin API)",
+    },
+    Mapping {
+        coturn: "web-admin",
+        turnpike: "--admin-listen IP:PORT --admin-token-file FILE --web-ui (the dashboard, behind a bearer token)",
+    },
+    Mapping {
+        coturn: "web-admin-ip",
+        turnpike: "--admin-listen IP:PORT (with --admin-token-file FILE)",
+    },
+    Mapping {
+        coturn: "web-admin-port",
+        turnpike: "--admin-listen IP:PORT (with --admin-token-file FILE)",
+    },
+    Mapping {
+        coturn: "web-admin-listen-on-workers",
+        turnpike: "nothing: the admin API runs on a control-plane thread of its own",
+    },
+    Mapping {
+        coturn: "acme-redirect",
+        turnpike: "not supported: serve ACME challenges from a web server; renewed certificates are reloaded on SIGHUP or with --reload-on-change",
+    },
+    Mapping {
+        coturn: "server-relay",
+        turnpike: "not supported: relaying for the server's own use",
+    },
+    Mapping {
+        coturn: "ne",
+        turnpike: "nothing: turnpike has one network engine (a worker per core with SO_REUSEPORT)",
+    },
+    Mapping {
+        coturn: "no-rfc5780",
+        turnpike: "nothing: RFC 5780 is off unless --rfc5780 is given",
+    },
+    Mapping {
+        coturn: "no-stun-backward-compatibility",
+        turnpike: "nothing: RFC 3489 requests (no magic cookie) are not answered",
+    },
+    Mapping {
+        coturn: "response-origin-only-with-rfc5780",
+        turnpike: "nothing: RESPONSE-ORIGIN and OTHER-ADDRESS are sent only with --rfc5780",
+    },
+    Mapping {
+        coturn: "no-loopback-peers",
+        turnpike: "nothing: loopback peers are refused unless --allow-loopback-peers",
     },
 ];
 

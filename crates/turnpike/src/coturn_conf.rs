@@ -15,6 +15,9 @@ pub struct Converted {
     pub toml: String,
     /// coturn lines that did not carry over, each with why.
     pub not_carried: Vec<String>,
+    /// Where turnpike behaves otherwise than coturn did with this file, on
+    /// purpose (secure defaults), and what to write to keep coturn's way.
+    pub differences: Vec<String>,
     /// coturn's SQLite user database (`userdb=`), to import users from.
     pub userdb: Option<PathBuf>,
     /// coturn's Redis user database (`redis-userdb=`), as coturn wrote it.
@@ -131,8 +134,29 @@ fn mapping(key: &str) -> Option<&'static str> {
         .map(|m| m.turnpike)
 }
 
+/// coturn options that need nothing in turnpike at these values (coturn's
+/// defaults, which turnpike shares) and cannot be set to any other.
+const FIXED_DEFAULTS: &[(&str, &[&str])] = &[
+    ("channel-lifetime", &["600", "-1", "0"]),
+    ("permission-lifetime", &["300", "0"]),
+    ("cipher-list", &["DEFAULT"]),
+    ("rest-api-separator", &[":"]),
+    ("allocation-default-address-family", &["ipv4"]),
+];
+
 /// Converts the text of a `turnserver.conf`.
 pub fn convert(text: &str) -> Converted {
+    // coturn with use-auth-secret, or a static-auth-secret (which turns it
+    // on), authenticates REST-API credentials only: its `user=` lines and
+    // database users are refused there (tests/coturn_import.rs shows it
+    // against coturn itself), so carrying them would let in more
+    // credentials than before the move.
+    let rest_only = lines(text).any(|l| l.key == "use-auth-secret" || l.key == "static-auth-secret");
+    let both_peer_lists = lines(text).any(|l| l.key == "allowed-peer-ip") && lines(text).any(|l| l.key == "denied-peer-ip");
+    let prometheus_port: Option<u16> = lines(text)
+        .filter(|l| l.key == "prometheus-port")
+        .filter_map(|l| l.value.and_then(|v| v.parse().ok()))
+        .last();
     // Settings gathered first: coturn spreads one turnpike key over several
     // lines (listening-ip × listening-port), and repeats list options.
     let mut ips: Vec<String> = Vec::new();
@@ -141,6 +165,7 @@ pub fn convert(text: &str) -> Converted {
     let mut lists: Vec<(&'static str, Vec<String>, Vec<String>)> = Vec::new();
     let mut scalars: Vec<(&'static str, String, String)> = Vec::new();
     let mut noted: Vec<String> = Vec::new();
+    let mut port_lines: Vec<String> = Vec::new();
     let mut push_list = |key: &'static str, values: Vec<String>, from: &str| match lists
         .iter_mut()
         .find(|(k, _, _)| *k == key)
@@ -164,11 +189,17 @@ pub fn convert(text: &str) -> Converted {
                 None => not(&l, "not an IP address"),
             },
             "listening-port" => match v.and_then(|v| v.parse().ok()) {
-                Some(p) => port = p,
+                Some(p) => {
+                    port = p;
+                    port_lines.push(l.text.to_owned());
+                }
                 None => not(&l, "not a port"),
             },
             "tls-listening-port" => match v.and_then(|v| v.parse().ok()) {
-                Some(p) => tls_port = p,
+                Some(p) => {
+                    tls_port = p;
+                    port_lines.push(l.text.to_owned());
+                }
                 None => not(&l, "not a port"),
             },
             "relay-ip" => match v.and_then(|v| v.parse::<IpAddr>().ok()) {
@@ -183,6 +214,10 @@ pub fn convert(text: &str) -> Converted {
                 Some(ip) => push_list("external-ip", vec![ip.to_string()], l.text),
                 None => not(&l, "not IP or IP/IP"),
             },
+            "user" if rest_only => not(
+                &l,
+                "left out: with use-auth-secret or static-auth-secret coturn accepts REST-API credentials only, so this user could not log in there either",
+            ),
             "user" => match v.filter(|v| v.contains(':')) {
                 Some(u) => push_list("user", vec![u.to_owned()], l.text),
                 None => not(&l, "not NAME:PASSWORD or NAME:0xKEY"),
@@ -264,7 +299,33 @@ pub fn convert(text: &str) -> Converted {
             }
             "verbose" | "v" => scalars.push(("log-level", q("debug"), l.text.to_owned())),
             "Verbose" | "V" => scalars.push(("log-level", q("trace"), l.text.to_owned())),
-            "prometheus" => scalars.push(("metrics-listen", q("0.0.0.0:9641"), l.text.to_owned())),
+            "prometheus" => scalars.push((
+                "metrics-listen",
+                q(&format!("0.0.0.0:{}", prometheus_port.unwrap_or(9641))),
+                match prometheus_port {
+                    Some(p) => format!("{}` and `prometheus-port={p}", l.text),
+                    None => l.text.to_owned(),
+                },
+            )),
+            // Carried with `prometheus` above; alone it changes nothing.
+            "prometheus-port" if lines(text).any(|l| l.key == "prometheus") => {}
+            "prometheus-port" => noted.push(format!(
+                "# coturn's `{}`: nothing: coturn's exporter is off without `prometheus`",
+                l.text
+            )),
+            key if FIXED_DEFAULTS.iter().any(|(k, _)| *k == key) => {
+                let (_, defaults) = FIXED_DEFAULTS.iter().find(|(k, _)| *k == key).expect("matched");
+                let m = mapping(key).unwrap_or("nothing");
+                if v.is_none_or(|v| defaults.iter().any(|d| d.eq_ignore_ascii_case(v))) {
+                    noted.push(format!("# coturn's `{}`: {m}", l.text));
+                } else {
+                    not(&l, m);
+                }
+            }
+            "userdb" | "db" | "b" if rest_only => not(
+                &l,
+                "its users are not imported: with use-auth-secret or static-auth-secret coturn accepts REST-API credentials only, so they could not log in there either",
+            ),
             "userdb" | "db" | "b" => match v {
                 Some(p) => {
                     userdb = Some(PathBuf::from(p));
@@ -304,6 +365,16 @@ pub fn convert(text: &str) -> Converted {
     } else {
         ips.iter().map(|ip| host_port(ip, port)).collect()
     };
+    if ips.is_empty() {
+        // Ports alone at turnpike's defaults (3478, 5349) need no line.
+        for line in &port_lines {
+            if line.ends_with("=3478") || line.ends_with("=5349") || line.ends_with(" 3478") || line.ends_with(" 5349") {
+                noted.push(format!(
+                    "# coturn's `{line}`: nothing: turnpike listens on 3478 (UDP, TCP) and 5349 (TLS) on every address by default"
+                ));
+            }
+        }
+    }
     let no_tls = scalars.iter().any(|(k, _, _)| *k == "no-tls");
     let tls_listen: Vec<String> = if no_tls || (ips.is_empty() && tls_port == 5349) {
         Vec::new()
@@ -312,6 +383,24 @@ pub fn convert(text: &str) -> Converted {
     } else {
         ips.iter().map(|ip| host_port(ip, tls_port)).collect()
     };
+
+    // coturn relays to private and reserved ranges unless told not to;
+    // turnpike refuses them unless told to (peer-policy, SECURITY.md).
+    let allowed: Vec<&String> = lists
+        .iter()
+        .filter(|(k, _, _)| *k == "allow-peer")
+        .flat_map(|(_, v, _)| v)
+        .collect();
+    out.differences.push(format!(
+        "internal peers: coturn relays to private and reserved ranges (10/8, 172.16/12, 192.168/16, fc00::/7, ...) unless \
+         denied-peer-ip names them; turnpike refuses them unless allow-peer names them{}. Add allow-peer CIDR for each \
+         internal peer (an SFU, a media server) this server must reach",
+        if allowed.is_empty() {
+            String::new()
+        } else {
+            format!(" (this file allows {})", allowed.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "))
+        }
+    ));
 
     let mut t = String::new();
     t.push_str("# turnpike.toml written by `turnpike import coturn` from a coturn turnserver.conf.\n");
@@ -348,12 +437,29 @@ pub fn convert(text: &str) -> Converted {
         t.push_str(&format!("# from coturn's {}\n", shown.join(", ")));
         t.push_str(&format!("{key} = {}\n", list(values)));
     }
+    if both_peer_lists {
+        t.push_str(
+            "# coturn's allowed-peer-ip beats its denied-peer-ip (an exception carved out of a\n\
+             # denied range); turnpike's default is the other way round, so keep coturn's order\n",
+        );
+        t.push_str("peer-precedence = \"allow\"\n");
+    }
+    t.push_str(
+        "# coturn accepts channel numbers 0x4000-0x7FFF (RFC 5766); RFC 8656 narrowed them to\n\
+         # 0x4000-0x4FFF. Kept so coturn's clients (turnutils_uclient picks 0x5000-0x7FFF) keep\n\
+         # working; remove once every client follows RFC 8656.\n",
+    );
+    t.push_str("rfc5766-channel-numbers = true\n");
     if !noted.is_empty() {
-        t.push_str("\n# Needs nothing in turnpike:\n");
+        t.push_str("\n# Nothing to do (already turnpike's default or behaviour):\n");
         for n in &noted {
             t.push_str(n);
             t.push('\n');
         }
+    }
+    t.push_str("\n# Where turnpike differs from coturn on purpose (check these):\n");
+    for d in &out.differences {
+        t.push_str(&format!("# - {d}\n"));
     }
     if !out.not_carried.is_empty() {
         t.push_str("\n# NOT carried over (do these by hand):\n");

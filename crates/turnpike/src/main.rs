@@ -185,6 +185,9 @@ fn import(cmd: ImportCommand) -> Result<()> {
                     eprintln!("  {n}");
                 }
             }
+            for d in &c.differences {
+                eprintln!("differs from coturn on purpose: {d}");
+            }
             if let Some(r) = &c.redis_userdb {
                 eprintln!(
                     "coturn keeps users in Redis: `turnpike import coturn-redis {:?}`",

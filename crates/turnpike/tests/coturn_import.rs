@@ -118,8 +118,6 @@ max-port=49400
 verbose
 fingerprint
 lt-cred-mech
-use-auth-secret
-static-auth-secret=north-wind-7f3a
 realm=turn.example.com
 user=carol:carol-pw
 total-quota=100
@@ -164,7 +162,7 @@ no-udp-relay
     // What cannot carry over is named, with why.
     assert!(stderr.contains("mobility: not supported"), "{stderr}");
     assert!(
-        stderr.contains("no-udp-relay: not an option turnpike knows"),
+        stderr.contains("no-udp-relay: not supported: UDP relays are always offered"),
         "{stderr}"
     );
     assert_eq!(
@@ -190,8 +188,8 @@ no-udp-relay
         denied.contains(&"10.0.0.0/8".to_owned()) && denied.contains(&"172.16.0.0/12".to_owned()),
         "coturn's ranges as CIDRs: {denied:?}"
     );
-    // ...and serves: a user of coturn's database, a user of the file and a
-    // REST credential from its secret, over UDP and TLS.
+    // ...and serves: a user of coturn's database and a user of the file,
+    // over UDP and TLS (REST credentials: the test below).
     let mut s = s;
     s.allow_loopback_peers = true;
     let h = serve(s);
@@ -209,16 +207,6 @@ no-udp-relay
     assert!(
         allocates(&h, &ClientTransport::Udp, "carol", "carol-pw"),
         "user= line"
-    );
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let rest_user = format!("{}:app", now + 600);
-    let rest_pw = turn_core::auth::rest_password(b"north-wind-7f3a", &rest_user);
-    assert!(
-        allocates(&h, &ClientTransport::Udp, &rest_user, &rest_pw),
-        "REST secret"
     );
     assert!(!allocates(&h, &ClientTransport::Udp, "gus", "wrong"));
     h.shutdown();
@@ -316,4 +304,230 @@ fn coturn_redis_users_import_and_keys_can_be_added() {
     );
     h.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What a client gets from `server` as `user`: the Allocate's outcome and,
+/// when it succeeds, the CreatePermission outcome for each peer
+/// (`"ok"`, or the error code).
+fn outcomes(server: std::net::SocketAddr, user: &str, pw: &str, peers: &[&str]) -> Vec<String> {
+    let mut c = common::client(&ClientTransport::Udp, server, user, pw);
+    c.set_timeout(Duration::from_secs(2));
+    let show = |r: Result<(), turnpike_client::client::ClientError>| match r {
+        Ok(()) => "ok".to_owned(),
+        Err(turnpike_client::client::ClientError::Error { code, .. }) => code.to_string(),
+        Err(e) => format!("{e}"),
+    };
+    let alloc = show(c.allocate().map(|_| ()));
+    let mut out = vec![format!("allocate {alloc}")];
+    if alloc == "ok" {
+        for p in peers {
+            // Only a permission: nothing is ever sent to these addresses.
+            let peer: std::net::SocketAddr = format!("{p}:5000").parse().unwrap();
+            out.push(format!("{p} {}", show(c.create_permission(&[peer]))));
+        }
+        let _ = c.refresh(0);
+    }
+    out
+}
+
+/// The same turnserver.conf, served by Debian's coturn and by turnpike from
+/// what `import coturn` wrote: every user and every peer gets the same
+/// answer. The file carves an SFU out of a denied 10/8 (coturn's allow
+/// beats deny), uses REST-API credentials only (use-auth-secret, so
+/// coturn refuses its database's and `user=` users) and names a database.
+#[test]
+fn imported_turnpike_answers_as_coturn_did() {
+    let dir = scratch("coturn-same");
+    let turndb = dir.join("turndb");
+    let st = Command::new(turnadmin())
+        .args(["-a", "-b", turndb.to_str().unwrap()])
+        .args(["-u", "gus", "-r", "same.example", "-p", "gus-pw"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "turnadmin -a");
+    let port = common::free_port();
+    // The REST-API lines of each variant: with use-auth-secret, with the
+    // secret alone (which coturn also takes as REST-only), and without.
+    let variants = [
+        "use-auth-secret\nstatic-auth-secret=same-secret\n",
+        "static-auth-secret=same-secret\n",
+        "",
+    ];
+    let conf_text = |rest: &str| {
+        format!(
+            "listening-ip=127.0.0.1\nlistening-port={port}\nrelay-ip=127.0.0.1\nmin-port=47000\nmax-port=47499\n\
+             lt-cred-mech\n{rest}realm=same.example\nuser=carol:carol-pw\n\
+             userdb={}\nno-tls\nno-dtls\nno-cli\nlog-file=/dev/null\nsimple-log\nprometheus-port=9777\n\
+             denied-peer-ip=10.0.0.0-10.255.255.255\nallowed-peer-ip=10.20.30.40\n",
+            turndb.display()
+        )
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let rest_user = format!("{}:app", now + 600);
+    let rest_pw = turn_core::auth::rest_password(b"same-secret", &rest_user);
+    let peers = ["10.20.30.40", "10.1.2.3", "127.0.0.1", "1.1.1.1"];
+    for (variant, rest) in variants.iter().enumerate() {
+        let rest_only = !rest.is_empty();
+        let conf = dir.join(format!("turnserver-{variant}.conf"));
+        std::fs::write(&conf, conf_text(rest)).unwrap();
+        // coturn, from the file as written.
+        let coturn = common::Proc(
+            Command::new("/usr/bin/turnserver")
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let coturn_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let answered = (0..50).any(|_| {
+            let mut ch = turnpike_client::client::Channel::connect(
+                &ClientTransport::Udp,
+                coturn_addr,
+                Duration::from_secs(1),
+            )
+            .unwrap();
+            turnpike_client::client::binding(&mut ch, Duration::from_millis(200)).is_ok() || {
+                std::thread::sleep(Duration::from_millis(100));
+                false
+            }
+        });
+        assert!(answered, "coturn answers on {coturn_addr}");
+        let users = [
+            ("gus", "gus-pw", "coturn database user"),
+            ("carol", "carol-pw", "user= line"),
+            (rest_user.as_str(), rest_pw.as_str(), "REST-API user"),
+        ];
+        let on_coturn: Vec<Vec<String>> = users
+            .iter()
+            .map(|(u, p, _)| outcomes(coturn_addr, u, p, &peers))
+            .collect();
+        drop(coturn);
+
+        // turnpike, from what the importer wrote (on its own port and
+        // relay range: coturn's may still be closing).
+        let toml = dir.join(format!("turnpike-{variant}.toml"));
+        let db = dir.join(format!("users-{variant}.db"));
+        let (out, stderr) = run(bin()
+            .args(["import", "coturn"])
+            .arg(&conf)
+            .arg("--out")
+            .arg(&toml)
+            .arg("--db")
+            .arg(&db));
+        assert!(out.status.success(), "{stderr}");
+        let text = std::fs::read_to_string(&toml).unwrap();
+        assert!(text.contains("peer-precedence = \"allow\""), "{text}");
+        assert!(text.contains("rfc5766-channel-numbers = true"), "{text}");
+        assert!(
+            text.contains("`prometheus-port=9777`: nothing"),
+            "prometheus-port alone is explained: {text}"
+        );
+        let by_hand = text.split("NOT carried over").nth(1).unwrap_or("");
+        for default in ["simple-log", "no-cli", "no-dtls", "lt-cred-mech"] {
+            assert!(
+                !by_hand.contains(default),
+                "{default} is a default, not work by hand: {text}"
+            );
+        }
+        let (server, started, _rest) = common::spawn_server(
+            bin()
+                .args(["serve", "--config"])
+                .arg(&toml)
+                .args(["--listen", "127.0.0.1:0", "--min-port", "47500", "--max-port", "47999"])
+                .args(["--threads", "1", "--log-level", "info"]),
+        );
+        let addr = common::listen_addr(&started);
+        let on_turnpike: Vec<Vec<String>> = users
+            .iter()
+            .map(|(u, p, _)| outcomes(addr, u, p, &peers))
+            .collect();
+        drop(server);
+        for ((c, t), (_, _, what)) in on_coturn.iter().zip(&on_turnpike).zip(&users) {
+            assert_eq!(c, t, "{what} with {rest:?}: coturn vs imported turnpike");
+        }
+        // The file's exception relays on both, its denied range on neither.
+        let served = if rest_only { &on_coturn[2] } else { &on_coturn[0] };
+        assert_eq!(served[1], "10.20.30.40 ok", "{served:?}");
+        assert_eq!(served[2], "10.1.2.3 403", "{served:?}");
+        if rest_only {
+            assert_eq!(on_coturn[0][0], "allocate 401", "coturn refuses database users with a REST secret");
+            assert!(stderr.contains("coturn accepts REST-API credentials only"), "{stderr}");
+        } else {
+            assert_eq!(on_coturn[0][0], "allocate ok");
+            assert_eq!(on_coturn[1][0], "allocate ok");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every option of the turnserver.conf Debian's coturn package installs,
+/// commented out or not, fed to the importer with the file's own example
+/// value: each is carried, reported as needing nothing, or explained by
+/// name, and MIGRATING.md has a word for it. The stock file's active lines
+/// are all coturn defaults turnpike shares, so they need nothing.
+#[test]
+fn every_option_of_debians_turnserver_conf_is_carried_defaulted_or_explained() {
+    let Ok(stock) = std::fs::read_to_string("/etc/turnserver.conf") else {
+        common::missing("debian turnserver.conf", "/etc/turnserver.conf not found: install coturn");
+        return;
+    };
+    let migrating = include_str!("../../../MIGRATING.md");
+    let mut options: Vec<(String, String)> = Vec::new();
+    let mut active = Vec::new();
+    for raw in stock.lines() {
+        let commented = raw.starts_with('#');
+        let line = raw.trim_start_matches('#').trim_start_matches(' ');
+        let key: String = line
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+            .collect();
+        let rest = &line[key.len()..];
+        // An option line is a name alone or `name=value`; prose is not.
+        let is_option = key.len() > 1
+            && key.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+            && (rest.is_empty() || rest.starts_with('='));
+        if !is_option {
+            continue;
+        }
+        if !commented {
+            active.push(line.to_owned());
+        }
+        if !options.iter().any(|(k, _)| *k == key) {
+            options.push((key, line.to_owned()));
+        }
+    }
+    assert!(options.len() > 80, "the stock file's options were found: {}", options.len());
+    let mut failures = Vec::new();
+    for (key, line) in &options {
+        let out = turnpike::coturn_conf::convert(&format!("{line}\n"));
+        let unknown = out.not_carried.iter().any(|n| n.contains("not an option turnpike knows"));
+        let mentioned = out.toml.contains(&format!("`{line}`"))
+            || out.toml.contains(&format!("coturn's {key}"))
+            || out.not_carried.iter().any(|n| n.starts_with(line.as_str()));
+        if unknown || !mentioned {
+            failures.push(format!("{line}: not carried, defaulted or explained\n{}", out.toml));
+        }
+        if !migrating.contains(&format!("`{key}`")) {
+            failures.push(format!("{key}: no word in MIGRATING.md"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // The stock file as it ships: nothing by hand.
+    let out = turnpike::coturn_conf::convert(&stock);
+    assert!(!active.is_empty());
+    for line in &active {
+        assert!(
+            out.toml.contains(&format!("# coturn's `{line}`: nothing")),
+            "{line} is a default: {}",
+            out.toml
+        );
+    }
+    assert!(out.not_carried.is_empty(), "{:?}", out.not_carried);
 }

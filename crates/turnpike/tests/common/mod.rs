@@ -276,3 +276,14 @@ pub fn coturn(extra: &[&str], min_port: u16) -> (Proc, SocketAddr) {
     }
     panic!("coturn did not answer on {addr}");
 }
+
+/// A real part a test needs is missing: a skip with a message on a
+/// developer's machine, a failure in CI (`CI` set), where .ci/run installs
+/// everything. Returns whether the caller should stop (the skip case).
+pub fn missing(test: &str, why: &str) -> bool {
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+        panic!("{test}: {why} (CI installs it: see .ci/run)");
+    }
+    eprintln!("SKIP {test}: {why}");
+    true
+}
