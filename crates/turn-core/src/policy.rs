@@ -201,18 +201,48 @@ fn is_real_loopback(raw: IpAddr) -> bool {
     }
 }
 
-/// Why a peer was refused, for logs and metrics.
+/// Why a peer was refused, for logs and metrics: the rule, and the range
+/// that matched, so a refusal log says what to change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Refusal {
-    /// Matched an operator's `deny-peer` range.
-    OperatorDenied,
-    /// In a range refused by default (private, loopback, reserved, ...).
-    DefaultDenied,
+    /// Matched this operator `deny-peer` range.
+    OperatorDenied(Cidr),
+    /// In this range, refused by default (private, loopback, reserved, ...).
+    DefaultDenied(Cidr),
     /// A Teredo address, refused outright: its real endpoint is unknowable.
     Teredo,
     /// One of the server's own listening sockets.
     OwnAddress,
+}
+
+impl Refusal {
+    /// The rule alone, without the range (a bounded metric label).
+    pub fn rule(&self) -> &'static str {
+        match self {
+            Refusal::OperatorDenied(_) => "deny-peer",
+            Refusal::DefaultDenied(_) => "default-deny",
+            Refusal::Teredo => "teredo",
+            Refusal::OwnAddress => "own-listener",
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::OperatorDenied(c) => write!(f, "in deny-peer {c}"),
+            Refusal::DefaultDenied(c) if c.contains(IpAddr::V4(Ipv4Addr::LOCALHOST)) || c.contains(IpAddr::V6(Ipv6Addr::LOCALHOST)) => {
+                write!(f, "loopback {c}, refused by default (allow-loopback-peers to relay to it)")
+            }
+            Refusal::DefaultDenied(c) => write!(
+                f,
+                "in {c}, refused by default (RFC 8656 §21.2.3; allow-peer {c} or a narrower range to relay to it)"
+            ),
+            Refusal::Teredo => f.write_str("a Teredo address (2001::/32), always refused"),
+            Refusal::OwnAddress => f.write_str("one of this server's own listening sockets, always refused"),
+        }
+    }
 }
 
 /// The relay's peer policy.
@@ -273,8 +303,10 @@ impl PeerPolicy {
             return Err(Refusal::OwnAddress);
         }
         let allowed = self.allow.iter().any(|c| c.contains(ip));
-        if self.deny.iter().any(|c| c.contains(ip) || c.contains(raw)) && !(allowed && self.allow_wins) {
-            return Err(Refusal::OperatorDenied);
+        if let Some(d) = self.deny.iter().find(|c| c.contains(ip) || c.contains(raw)) {
+            if !(allowed && self.allow_wins) {
+                return Err(Refusal::OperatorDenied(*d));
+            }
         }
         if allowed {
             return Ok(());
@@ -282,13 +314,15 @@ impl PeerPolicy {
         if self.allow_loopback && is_real_loopback(raw) {
             return Ok(());
         }
-        if self.default_deny.iter().any(|c| c.contains(ip)) {
-            return Err(Refusal::DefaultDenied);
+        if let Some(d) = self.default_deny.iter().find(|c| c.contains(ip)) {
+            return Err(Refusal::DefaultDenied(*d));
         }
         // A translated form whose wrapper range is itself refused (6to4,
         // local-use NAT64) stays refused even when the inner address is public.
-        if ip != raw && self.default_deny.iter().any(|c| c.contains(raw)) {
-            return Err(Refusal::DefaultDenied);
+        if ip != raw {
+            if let Some(d) = self.default_deny.iter().find(|c| c.contains(raw)) {
+                return Err(Refusal::DefaultDenied(*d));
+            }
         }
         Ok(())
     }
@@ -309,6 +343,24 @@ mod tests {
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    fn rule(r: Result<(), Refusal>) -> Option<&'static str> {
+        r.err().map(|r| r.rule())
+    }
+
+    #[test]
+    fn refusals_name_the_range_and_the_way_out() {
+        let p = PeerPolicy {
+            deny: vec!["203.0.113.0/24".parse().unwrap()],
+            ..PeerPolicy::default()
+        };
+        let why = |a: &str| p.check(sa(a)).unwrap_err().to_string();
+        assert_eq!(why("203.0.113.9:1"), "in deny-peer 203.0.113.0/24");
+        assert!(why("10.1.2.3:1").contains("in 10.0.0.0/8, refused by default"), "{}", why("10.1.2.3:1"));
+        assert!(why("10.1.2.3:1").contains("allow-peer 10.0.0.0/8"));
+        assert!(why("127.0.0.1:1").contains("allow-loopback-peers"));
+        assert!(why("[::1]:1").contains("allow-loopback-peers"));
     }
 
     #[test]
@@ -366,8 +418,8 @@ mod tests {
             ..PeerPolicy::default()
         };
         // Deny wins (turnpike's default): a hole in an allowed range.
-        assert_eq!(p.check(sa("10.20.30.40:5000")), Err(Refusal::OperatorDenied));
-        assert_eq!(p.check(sa("192.168.5.1:1")), Err(Refusal::OperatorDenied));
+        assert_eq!(rule(p.check(sa("10.20.30.40:5000"))), Some("deny-peer"));
+        assert_eq!(rule(p.check(sa("192.168.5.1:1"))), Some("deny-peer"));
         assert_eq!(p.check(sa("192.168.6.1:1")), Ok(()));
         // Allow wins (coturn's order): the SFU carved out of 10/8 relays,
         // in every form of its address; the rest of 10/8 stays refused.
@@ -375,7 +427,7 @@ mod tests {
         assert_eq!(p.check(sa("10.20.30.40:5000")), Ok(()));
         assert_eq!(p.check(sa("[::ffff:10.20.30.40]:5000")), Ok(()));
         assert_eq!(p.check(sa("192.168.5.1:1")), Ok(()));
-        assert_eq!(p.check(sa("10.20.30.41:5000")), Err(Refusal::OperatorDenied));
+        assert_eq!(rule(p.check(sa("10.20.30.41:5000"))), Some("deny-peer"));
         // The server's own listener stays refused whatever is allowed.
         assert_eq!(p.check(sa("10.20.30.40:3478")), Err(Refusal::OwnAddress));
     }
@@ -416,9 +468,9 @@ mod tests {
         };
         assert_eq!(p.check(sa("10.1.9.9:1")), Ok(()));
         assert_eq!(p.check(sa("[::ffff:10.1.9.9]:1")), Ok(()));
-        assert_eq!(p.check(sa("10.1.2.3:1")), Err(Refusal::OperatorDenied));
-        assert_eq!(p.check(sa("10.2.0.1:1")), Err(Refusal::DefaultDenied));
-        assert_eq!(p.check(sa("8.8.4.4:1")), Err(Refusal::OperatorDenied));
+        assert_eq!(rule(p.check(sa("10.1.2.3:1"))), Some("deny-peer"));
+        assert_eq!(rule(p.check(sa("10.2.0.1:1"))), Some("default-deny"));
+        assert_eq!(rule(p.check(sa("8.8.4.4:1"))), Some("deny-peer"));
         assert!(p.check(sa("127.0.0.1:5000")).is_err());
         p.allow_loopback = true;
         assert_eq!(p.check(sa("127.0.0.1:5000")), Ok(()));
@@ -448,8 +500,8 @@ mod tests {
             canonicalize("::ffff:0:127.0.0.1".parse().unwrap()),
             "127.0.0.1".parse::<IpAddr>().unwrap()
         );
-        assert_eq!(p.check(sa("[::ffff:0:127.0.0.1]:1")), Err(Refusal::DefaultDenied));
-        assert_eq!(p.check(sa("[::ffff:0:10.0.0.1]:1")), Err(Refusal::DefaultDenied));
+        assert_eq!(rule(p.check(sa("[::ffff:0:127.0.0.1]:1"))), Some("default-deny"));
+        assert_eq!(rule(p.check(sa("[::ffff:0:10.0.0.1]:1"))), Some("default-deny"));
         p.allow_loopback = true;
         for ok in ["127.0.0.1:1", "127.9.9.9:1", "[::1]:1", "[::ffff:127.0.0.1]:1"] {
             assert_eq!(p.check(sa(ok)), Ok(()), "{ok} is this host's loopback");

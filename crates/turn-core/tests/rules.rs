@@ -628,6 +628,19 @@ fn allow_loopback_and_operator_ranges() {
     assert!(is_success(&c.permit(&mut h, "10.1.2.3:1")));
     assert_eq!(code(&c.permit(&mut h, "10.2.0.1:1")), Some(403));
     assert_eq!(code(&c.permit(&mut h, "8.8.8.8:1")), Some(403));
+    // The 403's refusal names the peer and the range that matched.
+    let why: Vec<String> = h
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::RequestRefused { code, detail: Some(d), .. } if code.code() == 403 => Some(d.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        why.last().is_some_and(|w| w.starts_with("peer 8.8.8.8:1 in deny-peer 8.8.8.0/24")),
+        "{why:?}"
+    );
 }
 
 // ---- Channels (RFC 8656 §12) ----
@@ -640,7 +653,21 @@ fn channel_number_ranges() {
     assert!(is_success(&c.bind(&mut h, 0x4000, "8.8.8.8:1")));
     assert!(is_success(&c.bind(&mut h, 0x4FFF, "8.8.8.8:2")));
     assert_eq!(code(&c.bind(&mut h, 0x3FFF, "8.8.8.8:3")), Some(400));
+    h.events();
     assert_eq!(code(&c.bind(&mut h, 0x5000, "8.8.8.8:3")), Some(400));
+    // The refusal names the range and the way out for older clients.
+    let why: Vec<String> = h
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::RequestRefused { detail: Some(d), .. } => Some(d.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        why,
+        ["channel 0x5000 outside 0x4000-0x4FFF (RFC 8656 §12); older clients: --rfc5766-channel-numbers"]
+    );
     assert_eq!(code(&c.bind(&mut h, 0x7FFF, "8.8.8.8:3")), Some(400));
     assert_eq!(
         code(&c.request(&mut h, method::CHANNEL_BIND, &|b| {

@@ -3,6 +3,7 @@
 //! sockets are opened by the runtime: the request leaves a
 //! [`Command::OpenRelays`] and is answered in [`Server::handle_relays_opened`].
 
+use super::events::RefusalDetail;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -66,10 +67,10 @@ impl Server {
             return Reply::Deferred;
         }
         let Some(rt) = msg.get(attr::REQUESTED_TRANSPORT) else {
-            return Reply::Error(BadRequest);
+            return self.refuse(BadRequest, RefusalDetail::Missing("REQUESTED-TRANSPORT (RFC 8656 §7.2)"));
         };
         if rt.len() != 4 {
-            return Reply::Error(BadRequest);
+            return self.refuse(BadRequest, RefusalDetail::Malformed("REQUESTED-TRANSPORT"));
         }
         let tcp = match rt[0] {
             attr::PROTOCOL_UDP => false,
@@ -81,7 +82,12 @@ impl Server {
                     || msg.has(attr::RESERVATION_TOKEN)
                     || msg.has(attr::DONT_FRAGMENT)
                 {
-                    return Reply::Error(BadRequest);
+                    return self.refuse(
+                        BadRequest,
+                        RefusalDetail::Rule(
+                            "a TCP allocation needs a TCP or TLS control connection and takes no EVEN-PORT, RESERVATION-TOKEN or DONT-FRAGMENT (RFC 6062 §5.1)",
+                        ),
+                    );
                 }
                 true
             }
@@ -94,14 +100,26 @@ impl Server {
             .get(attr::ADDITIONAL_ADDRESS_FAMILY)
             .or_else(|| msg.get(attr::ADDITIONAL_ADDRESS_FAMILY_DRAFT));
         if has_token && (msg.has(attr::EVEN_PORT) || family_attr.is_some() || additional_attr.is_some()) {
-            return Reply::Error(BadRequest);
+            return self.refuse(
+                BadRequest,
+                RefusalDetail::Rule(
+                    "RESERVATION-TOKEN with EVEN-PORT or an address family (RFC 8656 §7.2)",
+                ),
+            );
         }
         if family_attr.is_some() && additional_attr.is_some() {
-            return Reply::Error(BadRequest);
+            return self.refuse(
+                BadRequest,
+                RefusalDetail::Rule(
+                    "REQUESTED-ADDRESS-FAMILY with ADDITIONAL-ADDRESS-FAMILY (RFC 8656 §7.2)",
+                ),
+            );
         }
         let primary_v6 = match family_attr {
             None => false,
-            Some(v) if v.len() != 4 => return Reply::Error(BadRequest),
+            Some(v) if v.len() != 4 => {
+                return self.refuse(BadRequest, RefusalDetail::Malformed("REQUESTED-ADDRESS-FAMILY"))
+            }
             Some(v) if v[0] == attr::FAMILY_IPV4 => false,
             Some(v) if v[0] == attr::FAMILY_IPV6 => true,
             Some(_) => return Reply::Error(AddressFamilyNotSupported),
@@ -111,11 +129,16 @@ impl Server {
         let dual = match additional_attr {
             None => false,
             Some(v) if v.len() == 4 && v[0] == attr::FAMILY_IPV6 => true,
-            Some(_) => return Reply::Error(BadRequest),
+            Some(_) => {
+                return self.refuse(
+                    BadRequest,
+                    RefusalDetail::Malformed("ADDITIONAL-ADDRESS-FAMILY (IPv6 only, RFC 8656 §14.12)"),
+                )
+            }
         };
         let (even_port, reserve_next) = match msg.get(attr::EVEN_PORT) {
             None => (false, false),
-            Some([]) => return Reply::Error(BadRequest),
+            Some([]) => return self.refuse(BadRequest, RefusalDetail::Malformed("EVEN-PORT")),
             Some(v) => (true, v[0] & 0x80 != 0),
         };
         // Draining (operator's drain): no new allocations here. Over its
@@ -154,7 +177,7 @@ impl Server {
             None => None,
             Some(t) => match <[u8; 8]>::try_from(t) {
                 Ok(t) => Some(t),
-                Err(_) => return Reply::Error(BadRequest),
+                Err(_) => return self.refuse(BadRequest, RefusalDetail::Malformed("RESERVATION-TOKEN")),
             },
         };
         let lifetime = self.lifetime(msg.get_u32(attr::LIFETIME));
@@ -318,6 +341,7 @@ impl Server {
                 method: p.req.method,
                 code,
                 username: Some(p.username.to_string()),
+                detail: None,
             });
         }
         let t = self.respond(now, p.tuple, p.req, reply, p.signer);

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use stun_proto::{attr, Message};
 
+use super::events::RefusalDetail;
 use super::error::ErrorCode;
 use super::events::Event;
 use super::io::FiveTuple;
@@ -40,9 +41,11 @@ impl Server {
         let user_attr = msg.get(attr::USERNAME);
         let hash_attr = msg.get(attr::USERHASH);
         let (Some(realm), Some(nonce)) = (msg.get(attr::REALM), msg.get(attr::NONCE)) else {
+            self.refusal = Some(RefusalDetail::Missing("REALM or NONCE (RFC 8489 §9.2.4)"));
             return Err(Some(BadRequest));
         };
         if user_attr.is_none() && hash_attr.is_none() {
+            self.refusal = Some(RefusalDetail::Missing("USERNAME or USERHASH (RFC 8489 §9.2.4)"));
             return Err(Some(BadRequest));
         }
         if user_attr.is_some_and(|u| u.len() > MAX_USERNAME_LEN)
@@ -50,6 +53,7 @@ impl Server {
             || realm.len() > attr::MAX_TEXT_ATTR_LEN
             || nonce.len() > attr::MAX_TEXT_ATTR_LEN
         {
+            self.refusal = Some(RefusalDetail::Malformed("USERNAME, USERHASH, REALM or NONCE (too long)"));
             return Err(Some(BadRequest));
         }
         let Some(offered) = self.minter.check(nonce, self.nonce_secs(now), tuple.client.ip()) else {
@@ -68,9 +72,17 @@ impl Server {
             (Some(list), Some(chosen)) if offered && list == OFFERED_ALGORITHMS => match chosen {
                 [0x00, 0x01, 0x00, 0x00] => PasswordAlgorithm::Md5,
                 [0x00, 0x02, 0x00, 0x00] => PasswordAlgorithm::Sha256,
-                _ => return Err(Some(BadRequest)),
+                _ => {
+                    self.refusal = Some(RefusalDetail::Malformed("PASSWORD-ALGORITHM"));
+                    return Err(Some(BadRequest));
+                }
             },
-            _ => return Err(Some(BadRequest)),
+            _ => {
+                self.refusal = Some(RefusalDetail::Rule(
+                    "PASSWORD-ALGORITHMS does not match the nonce's offer (bid-down protection, RFC 8489 §9.2.4)",
+                ));
+                return Err(Some(BadRequest));
+            }
         };
         let username = match (user_attr, hash_attr) {
             (Some(u), _) => std::str::from_utf8(u).ok().map(str::to_owned),

@@ -200,6 +200,9 @@ pub enum Event {
         /// The username the request named (lossy UTF-8, at most 128
         /// bytes; the USERHASH in hex if that was used), if any.
         username: Option<String>,
+        /// The attribute, range or rule that refused it, where the code
+        /// alone does not say (a 400 or 403 has many causes).
+        detail: Option<RefusalDetail>,
     },
     /// A peer address was refused by the peer policy.
     PeerRefused {
@@ -212,4 +215,53 @@ pub enum Event {
         /// Which rule refused it.
         reason: Refusal,
     },
+}
+
+/// What refused a request, beyond its error code: which attribute, range
+/// or rule, so the log line tells an operator what to change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RefusalDetail {
+    /// A required attribute is missing (its name).
+    Missing(&'static str),
+    /// An attribute is malformed (its name).
+    Malformed(&'static str),
+    /// A channel number outside the range this server accepts.
+    ChannelOutOfRange {
+        /// The number asked for.
+        number: u16,
+        /// Whether 0x5000-0x7FFF are accepted too (`--rfc5766-channel-numbers`).
+        legacy: bool,
+    },
+    /// The number is bound to another peer, or the peer to another number.
+    ChannelConflict {
+        /// The number asked for.
+        number: u16,
+    },
+    /// The peer is refused by the peer policy.
+    Peer(SocketAddr, Refusal),
+    /// A rule of the protocol, named with its section.
+    Rule(&'static str),
+}
+
+impl std::fmt::Display for RefusalDetail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RefusalDetail::Missing(a) => write!(f, "{a} missing"),
+            RefusalDetail::Malformed(a) => write!(f, "{a} malformed"),
+            RefusalDetail::ChannelOutOfRange { number, legacy: false } => write!(
+                f,
+                "channel {number:#06x} outside 0x4000-0x4FFF (RFC 8656 §12); older clients: --rfc5766-channel-numbers"
+            ),
+            RefusalDetail::ChannelOutOfRange { number, legacy: true } => {
+                write!(f, "channel {number:#06x} outside 0x4000-0x7FFF (RFC 5766 §11)")
+            }
+            RefusalDetail::ChannelConflict { number } => write!(
+                f,
+                "channel {number:#06x} or its peer is bound otherwise, or was within 5 minutes (RFC 8656 §12.2)"
+            ),
+            RefusalDetail::Peer(peer, why) => write!(f, "peer {peer} {why}"),
+            RefusalDetail::Rule(r) => f.write_str(r),
+        }
+    }
 }

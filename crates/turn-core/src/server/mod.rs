@@ -43,7 +43,7 @@ use stun_proto::{attr, method, packet_kind, Class, Message, PacketKind};
 pub use challenge::{challenge_len, max_realm_len, CHALLENGE_RATIO, MIN_ALLOCATE_LEN};
 pub use config::{Config, Redirect, Rfc5780, AUTH_WINDOW, SOURCE_SLOTS};
 pub use error::ErrorCode;
-pub use events::{CloseReason, Counters, Event, SessionInfo, Stats, TcpConnectionInfo};
+pub use events::{CloseReason, Counters, Event, RefusalDetail, SessionInfo, Stats, TcpConnectionInfo};
 pub use fast_path::{FastPathBudget, FastPathEntry};
 pub use io::{
     AllocateId, Command, ConnectionId, Dest, FiveTuple, ListenerId, OpenedRelay, QueuedTransmit, RelayError,
@@ -78,6 +78,9 @@ pub struct Server {
     tcp: tcp_relay::TcpRelays,
     /// Behind CONNECTION-IDs (seeded with the nonce secret).
     tcp_seq: u64,
+    /// What refused the request being handled ([`Server::refuse`]), taken
+    /// by its refusal event.
+    refusal: Option<RefusalDetail>,
 }
 
 impl std::fmt::Debug for Server {
@@ -99,6 +102,7 @@ impl Server {
             minter,
             table: Table::default(),
             events: VecDeque::new(),
+            refusal: None,
             commands: VecDeque::new(),
             transmits: VecDeque::new(),
             pending: FastMap::default(),
@@ -417,6 +421,7 @@ impl Server {
             return self.binding(now, tuple, msg);
         }
         let req = ReqInfo::of(msg);
+        self.refusal = None;
         if !matches!(
             m,
             method::ALLOCATE
@@ -429,7 +434,7 @@ impl Server {
             if !self.may_answer_unauthenticated(tuple, now) {
                 return None;
             }
-            self.note_refusal(tuple, msg, ErrorCode::BadRequest);
+            self.note_refusal(tuple, msg, ErrorCode::BadRequest, Some(RefusalDetail::Rule("unknown method")));
             return Some(self.respond(now, tuple, req, Reply::Error(ErrorCode::BadRequest), None));
         }
         // RFC 8489 §9.2.4: authenticate before anything else.
@@ -452,7 +457,7 @@ impl Server {
                         self.counters.challenges_withheld += 1;
                         return None;
                     };
-                    self.note_refusal(tuple, msg, short);
+                    self.note_refusal(tuple, msg, short, None);
                     return Some(self.respond(now, tuple, req, Reply::Error(short), None));
                 }
                 // The challenges are the normal first step of every client.
@@ -461,14 +466,14 @@ impl Server {
                         && !msg.has_integrity()
                         && !msg.has_integrity_sha256());
                 if !challenge {
-                    self.note_refusal(tuple, msg, code);
+                    self.note_refusal(tuple, msg, code, None);
                 }
                 return Some(self.respond(now, tuple, req, Reply::Error(code), None));
             }
         };
         let signer = Some((auth.key, auth.sha256));
         if let Some((list, n)) = self.unknown_required(msg) {
-            self.note_refusal(tuple, msg, ErrorCode::UnknownAttribute);
+            self.note_refusal(tuple, msg, ErrorCode::UnknownAttribute, None);
             return Some(self.respond(now, tuple, req, Reply::Unknown(list, n), signer));
         }
         let mut existing = self.table.by_tuple.get(&tuple).copied();
@@ -483,7 +488,7 @@ impl Server {
         if let Some(a) = existing.and_then(|idx| self.table.get(idx)) {
             // RFC 8656 §7: requests on an allocation must use its username.
             if *a.username != *auth.username {
-                self.note_refusal(tuple, msg, ErrorCode::WrongCredentials);
+                self.note_refusal(tuple, msg, ErrorCode::WrongCredentials, None);
                 return Some(self.respond(
                     now,
                     tuple,
@@ -512,17 +517,25 @@ impl Server {
                 r
             }
         };
+        let detail = self.refusal.take();
         match reply {
             Reply::Deferred => return None,
-            Reply::Error(code) => self.note_refusal(tuple, msg, code),
-            Reply::TryAlternate(_) => self.note_refusal(tuple, msg, ErrorCode::TryAlternate),
+            Reply::Error(code) => self.note_refusal(tuple, msg, code, detail),
+            Reply::TryAlternate(_) => self.note_refusal(tuple, msg, ErrorCode::TryAlternate, None),
             _ => {}
         }
         Some(self.respond(now, tuple, req, reply, signer))
     }
 
+    /// An error reply whose refusal event names what refused it.
+    fn refuse(&mut self, code: ErrorCode, detail: RefusalDetail) -> Reply {
+        self.refusal = Some(detail);
+        Reply::Error(code)
+    }
+
     /// An event for a refused request, naming the user it asked for.
-    fn note_refusal(&mut self, tuple: FiveTuple, msg: &Message<'_>, code: ErrorCode) {
+    fn note_refusal(&mut self, tuple: FiveTuple, msg: &Message<'_>, code: ErrorCode, detail: Option<RefusalDetail>) {
+        let detail = detail.or(self.refusal.take());
         let username = match (msg.get(attr::USERNAME), msg.get(attr::USERHASH)) {
             (Some(u), _) => Some(String::from_utf8_lossy(&u[..u.len().min(128)]).into_owned()),
             (None, Some(h)) => Some(format!(
@@ -536,6 +549,7 @@ impl Server {
             method: msg.message_type().method,
             code,
             username,
+            detail,
         });
     }
 }

@@ -12,6 +12,7 @@ use super::error::ErrorCode;
 use super::events::Event;
 use super::io::FiveTuple;
 use super::respond::Reply;
+use super::events::RefusalDetail;
 use super::table::ChannelBinding;
 use super::Server;
 
@@ -29,6 +30,7 @@ impl Server {
             return Err(ErrorCode::PeerAddressFamilyMismatch);
         }
         if let Err(reason) = self.cfg.policy.check(peer) {
+            self.refusal = Some(RefusalDetail::Peer(peer, reason));
             self.counters.peers_refused += 1;
             self.events.push_back(Event::PeerRefused {
                 tuple,
@@ -75,19 +77,22 @@ impl Server {
         let mut n = 0;
         for v in msg.get_all(attr::XOR_PEER_ADDRESS) {
             let Ok(peer) = msg.decode_xor_addr(v) else {
-                return Reply::Error(ErrorCode::BadRequest);
+                return self.refuse(ErrorCode::BadRequest, RefusalDetail::Malformed("XOR-PEER-ADDRESS"));
             };
             if let Err(code) = self.check_peer(tuple, a_families, &username, peer) {
                 return Reply::Error(code);
             }
             if n == peers.len() {
-                return Reply::Error(ErrorCode::BadRequest);
+                return self.refuse(
+                    ErrorCode::BadRequest,
+                    RefusalDetail::Rule("more than 16 XOR-PEER-ADDRESS in one CreatePermission"),
+                );
             }
             peers[n] = Some(peer.ip());
             n += 1;
         }
         if n == 0 {
-            return Reply::Error(ErrorCode::BadRequest);
+            return self.refuse(ErrorCode::BadRequest, RefusalDetail::Missing("XOR-PEER-ADDRESS"));
         }
         let expires = now + self.cfg.permission_lifetime;
         let max = self.cfg.max_permissions;
@@ -122,17 +127,22 @@ impl Server {
             Err(r) => return r,
         };
         if self.table.get(idx).is_some_and(|a| a.tcp) {
-            // RFC 6062: no channels on a TCP allocation.
-            return Reply::Error(ErrorCode::BadRequest);
+            return self.refuse(
+                ErrorCode::BadRequest,
+                RefusalDetail::Rule("no channels on a TCP allocation (RFC 6062 §5)"),
+            );
         }
         let (Some(ch), Some(peer)) = (
             msg.get(attr::CHANNEL_NUMBER),
             msg.get_xor_addr(attr::XOR_PEER_ADDRESS),
         ) else {
-            return Reply::Error(ErrorCode::BadRequest);
+            return self.refuse(
+                ErrorCode::BadRequest,
+                RefusalDetail::Missing("CHANNEL-NUMBER or XOR-PEER-ADDRESS"),
+            );
         };
         if ch.len() != 4 {
-            return Reply::Error(ErrorCode::BadRequest);
+            return self.refuse(ErrorCode::BadRequest, RefusalDetail::Malformed("CHANNEL-NUMBER"));
         }
         let number = u16::from_be_bytes([ch[0], ch[1]]);
         let top = if self.cfg.legacy_channel_numbers {
@@ -140,11 +150,18 @@ impl Server {
         } else {
             0x4FFF
         };
+        // RFC 8656 §12: 0x4000-0x4FFF (RFC 5766 allowed up to 0x7FFF).
         if !(0x4000..=top).contains(&number) {
-            return Reply::Error(ErrorCode::BadRequest);
+            return self.refuse(
+                ErrorCode::BadRequest,
+                RefusalDetail::ChannelOutOfRange {
+                    number,
+                    legacy: self.cfg.legacy_channel_numbers,
+                },
+            );
         }
         let Ok(peer) = peer else {
-            return Reply::Error(ErrorCode::BadRequest);
+            return self.refuse(ErrorCode::BadRequest, RefusalDetail::Malformed("XOR-PEER-ADDRESS"));
         };
         if let Err(code) = self.check_peer(tuple, a_families, &username, peer) {
             return Reply::Error(code);
@@ -164,7 +181,7 @@ impl Server {
             .iter()
             .any(|c| (c.number == number) != (c.peer == peer))
         {
-            return Reply::Error(ErrorCode::BadRequest);
+            return self.refuse(ErrorCode::BadRequest, RefusalDetail::ChannelConflict { number });
         }
         match a.channels.iter_mut().find(|c| c.number == number) {
             Some(c) => c.expires = ch_exp,

@@ -1,6 +1,7 @@
 //! Refresh (RFC 8656 §7.3): lifetimes, deletion, and one family of a dual
 //! allocation at a time with REQUESTED-ADDRESS-FAMILY.
 
+use super::events::RefusalDetail;
 use std::cmp::Reverse;
 use std::time::Instant;
 
@@ -19,7 +20,7 @@ impl Server {
         };
         let family = match msg.get(attr::REQUESTED_ADDRESS_FAMILY) {
             None => None,
-            Some(v) if v.len() != 4 => return Reply::Error(ErrorCode::BadRequest),
+            Some(v) if v.len() != 4 => return self.refuse(ErrorCode::BadRequest, RefusalDetail::Malformed("LIFETIME")),
             Some(v) if v[0] == attr::FAMILY_IPV4 => Some(0),
             Some(v) if v[0] == attr::FAMILY_IPV6 => Some(1),
             Some(_) => return Reply::Error(ErrorCode::AddressFamilyNotSupported),

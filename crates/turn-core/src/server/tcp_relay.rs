@@ -11,6 +11,7 @@
 //! relays bytes from then on without the core; either side closing comes
 //! back as [`Server::handle_tcp_closed`].
 
+use super::events::RefusalDetail;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::SocketAddr;
@@ -214,6 +215,7 @@ impl Server {
             tuple,
             method: method::CONNECT,
             code,
+            detail: None,
             username: None,
         });
     }
@@ -287,7 +289,10 @@ impl Server {
     ) -> Reply {
         // Not over UDP, and never on a control connection.
         if !tuple.transport.is_stream() || existing.is_some() {
-            return Reply::Error(ErrorCode::BadRequest);
+            return self.refuse(
+                ErrorCode::BadRequest,
+                RefusalDetail::Rule("ConnectionBind goes on a new TCP or TLS connection (RFC 6062 §5.4)"),
+            );
         }
         if self
             .tcp
@@ -295,16 +300,25 @@ impl Server {
             .values()
             .any(|c| matches!(c.state, TcpState::Bound { data } if data == tuple))
         {
-            return Reply::Error(ErrorCode::BadRequest);
+            return self.refuse(
+                ErrorCode::BadRequest,
+                RefusalDetail::Rule("this connection is already bound (RFC 6062 §5.4)"),
+            );
         }
         let Some(id) = msg.get_u32(attr::CONNECTION_ID) else {
-            return Reply::Error(ErrorCode::BadRequest);
+            return self.refuse(ErrorCode::BadRequest, RefusalDetail::Missing("CONNECTION-ID"));
         };
         let Some(c) = self.tcp.conns.get(&id) else {
-            return Reply::Error(ErrorCode::BadRequest);
+            return self.refuse(
+                ErrorCode::BadRequest,
+                RefusalDetail::Rule("unknown or expired CONNECTION-ID (RFC 6062 §5.4)"),
+            );
         };
         if !matches!(c.state, TcpState::Pending) {
-            return Reply::Error(ErrorCode::BadRequest);
+            return self.refuse(
+                ErrorCode::BadRequest,
+                RefusalDetail::Rule("CONNECTION-ID already bound (RFC 6062 §5.4)"),
+            );
         }
         // The data connection belongs to whoever holds the allocation.
         let owner = self

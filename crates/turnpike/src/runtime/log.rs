@@ -23,6 +23,14 @@ impl Redactor {
         }
     }
 
+    /// What refused a request, its peer address redacted like the rest.
+    pub fn show_detail(&self, d: &turn_core::RefusalDetail) -> String {
+        match d {
+            turn_core::RefusalDetail::Peer(peer, why) => format!("peer {} {why}", self.show(peer)),
+            other => other.to_string(),
+        }
+    }
+
     /// The value, or its redacted stand-in.
     pub fn show(&self, v: &dyn std::fmt::Display) -> String {
         match self.key {
@@ -101,6 +109,8 @@ fn method_name(m: u16) -> &'static str {
         stun_proto::method::REFRESH => "refresh",
         stun_proto::method::CREATE_PERMISSION => "create-permission",
         stun_proto::method::CHANNEL_BIND => "channel-bind",
+        stun_proto::method::CONNECT => "connect",
+        stun_proto::method::CONNECTION_BIND => "connection-bind",
         _ => "other",
     }
 }
@@ -181,7 +191,7 @@ impl Worker {
                     client = %r.show(&tuple.client),
                     user = ?r.show(&username),
                     peer = %r.show(&peer),
-                    reason = ?reason,
+                    reason = %reason,
                     "peer refused by policy"
                 ),
                 Event::RequestRefused {
@@ -189,6 +199,7 @@ impl Worker {
                     method,
                     code,
                     username,
+                    detail,
                 } if self.refusals.admit(now, code) => info!(
                     client = %r.show(&tuple.client),
                     transport = tuple.transport.as_str(),
@@ -196,6 +207,7 @@ impl Worker {
                     request = method_name(method),
                     code = code.code(),
                     reason = code.reason(),
+                    why = %detail.map(|d| r.show_detail(&d)).unwrap_or_default(),
                     "request refused"
                 ),
                 _ => {}
