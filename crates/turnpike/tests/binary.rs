@@ -1453,3 +1453,78 @@ fn coturn_users_are_imported_and_log_in() {
     sigterm_and_wait(child);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every listener of the server is refused as a peer, whatever
+/// --allow-loopback-peers and --allow-peer say: the admin API, metrics and
+/// the public web page included, over UDP relays (CreatePermission,
+/// ChannelBind) and RFC 6062 Connect, and behind a wildcard HTTP
+/// listener through any loopback address. A single-host SFU setup needs
+/// loopback peers; it must not hand TURN users /metrics.
+#[test]
+fn the_servers_own_listeners_are_never_peers() {
+    let (admin, metrics, web) = (common::free_port(), common::free_port(), common::free_port());
+    let mut child = bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--no-tls", "--threads", "2"])
+        .args(["--realm", "own.example", "--user", "olga:olga-pw", "--allow-loopback-peers"])
+        .args(["--allow-peer", "127.0.0.0/8"])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}"), "--admin-token", "own-listeners-token-1234"])
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
+        .args(["--web-listen", &format!("0.0.0.0:{web}"), "--drain-timeout", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(child.stderr.take().unwrap());
+    let child = Server(Some(child));
+    let mut seen = Vec::new();
+    let addr = listen_addr(&wait_for(&err, "turnpike started", &mut seen));
+    // The HTTP servers run on the listeners bound at start.
+    for port in [admin, metrics, web] {
+        let path = if port == metrics { "/metrics" } else { "/healthz" };
+        let path = if port == web { "/" } else { path };
+        let (code, _) = common::http_request(format!("127.0.0.1:{port}").parse().unwrap(), "GET", path, None).unwrap();
+        assert_eq!(code, 200, "port {port} serves {path}");
+    }
+    let refused = |r: Result<(), turnpike_client::client::ClientError>| {
+        matches!(r, Err(turnpike_client::client::ClientError::Error { code: 403, .. }))
+    };
+    let mut udp = TurnClient::new(
+        Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(3)).unwrap(),
+        "olga",
+        "olga-pw",
+    );
+    udp.allocate().unwrap();
+    let mut tcp = TurnClient::new(
+        Channel::connect(&ClientTransport::Tcp, addr, Duration::from_secs(3)).unwrap(),
+        "olga",
+        "olga-pw",
+    );
+    tcp.set_tcp_relay(true);
+    tcp.allocate().unwrap();
+    let mut channel = 0x4000;
+    let mut targets: Vec<SocketAddr> = vec![addr];
+    for port in [admin, metrics, web] {
+        targets.push(format!("127.0.0.1:{port}").parse().unwrap());
+    }
+    // The wildcard web listener answers on every loopback address.
+    targets.push(format!("127.0.0.7:{web}").parse().unwrap());
+    for peer in targets {
+        assert!(refused(udp.create_permission(&[peer])), "CreatePermission {peer}");
+        assert!(refused(udp.channel_bind(channel, peer)), "ChannelBind {peer}");
+        channel += 1;
+        let connect = tcp.connect(peer).map(|_| ());
+        assert!(refused(connect), "RFC 6062 Connect {peer}");
+    }
+    // Loopback peers that are not the server's own stay allowed.
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = other.local_addr().unwrap();
+    udp.create_permission(&[other]).expect("another loopback port is a peer");
+    udp.channel_bind(0x4100, other).expect("and can be bound");
+    tcp.connect(other).expect("and connected to over TCP");
+    let refusals: Vec<String> = err.try_iter().filter(|l| l.contains("peer refused")).collect();
+    assert!(
+        refusals.iter().any(|l| l.contains("own listening sockets")),
+        "the log says why: {refusals:?}"
+    );
+    sigterm_and_wait(child);
+}
