@@ -806,3 +806,35 @@ mod tests {
         assert!((0..1000).all(|_| unlimited.acquire(&a).is_ok()));
     }
 }
+
+/// The relayed addresses of every allocation on this host, shared by all
+/// workers. A peer that is one of them is another client's relay on this
+/// same server (both legs of a call through one server, or `turnpike probe`
+/// against a fresh install): it is allowed even in a range the policy
+/// refuses by default (a private or loopback relay address), since the
+/// packet can only reach that allocation, which forwards it to its client
+/// only with a permission. Written on allocation and deletion, read only
+/// when the default ranges would refuse a peer: never on the relay path.
+#[derive(Debug, Default)]
+pub struct RelayedAddrs(std::sync::Mutex<std::collections::HashSet<std::net::SocketAddr>>);
+
+impl RelayedAddrs {
+    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<std::net::SocketAddr>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A relay socket of an allocation opened at `addr`.
+    pub fn insert(&self, addr: std::net::SocketAddr) {
+        self.set().insert(addr);
+    }
+
+    /// The relay socket at `addr` closed.
+    pub fn remove(&self, addr: &std::net::SocketAddr) {
+        self.set().remove(addr);
+    }
+
+    /// Whether `addr` is a live allocation's relayed address on this host.
+    pub fn contains(&self, addr: &std::net::SocketAddr) -> bool {
+        self.set().contains(addr)
+    }
+}

@@ -357,7 +357,11 @@ mod tests {
         };
         let why = |a: &str| p.check(sa(a)).unwrap_err().to_string();
         assert_eq!(why("203.0.113.9:1"), "in deny-peer 203.0.113.0/24");
-        assert!(why("10.1.2.3:1").contains("in 10.0.0.0/8, refused by default"), "{}", why("10.1.2.3:1"));
+        assert!(
+            why("10.1.2.3:1").contains("in 10.0.0.0/8, refused by default"),
+            "{}",
+            why("10.1.2.3:1")
+        );
         assert!(why("10.1.2.3:1").contains("allow-peer 10.0.0.0/8"));
         assert!(why("127.0.0.1:1").contains("allow-loopback-peers"));
         assert!(why("[::1]:1").contains("allow-loopback-peers"));
@@ -408,7 +412,10 @@ mod tests {
 
     #[test]
     fn precedence_between_allow_and_deny() {
-        let allow: Vec<Cidr> = vec!["10.20.30.40/32".parse().unwrap(), "192.168.0.0/16".parse().unwrap()];
+        let allow: Vec<Cidr> = vec![
+            "10.20.30.40/32".parse().unwrap(),
+            "192.168.0.0/16".parse().unwrap(),
+        ];
         let deny: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap(), "192.168.5.0/24".parse().unwrap()];
         let mut p = PeerPolicy {
             allow,

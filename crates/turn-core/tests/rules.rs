@@ -633,13 +633,52 @@ fn allow_loopback_and_operator_ranges() {
         .events()
         .into_iter()
         .filter_map(|e| match e {
-            Event::RequestRefused { code, detail: Some(d), .. } if code.code() == 403 => Some(d.to_string()),
+            Event::RequestRefused {
+                code,
+                detail: Some(d),
+                ..
+            } if code.code() == 403 => Some(d.to_string()),
             _ => None,
         })
         .collect();
     assert!(
-        why.last().is_some_and(|w| w.starts_with("peer 8.8.8.8:1 in deny-peer 8.8.8.0/24")),
+        why.last()
+            .is_some_and(|w| w.starts_with("peer 8.8.8.8:1 in deny-peer 8.8.8.0/24")),
         "{why:?}"
+    );
+}
+
+/// Both legs of a call through one server: another allocation's relayed
+/// address on this host is a peer even where the default ranges refuse its
+/// IP (here TEST-NET-2, as a private or loopback relay address would be),
+/// while it is live; an operator's deny-peer still refuses it.
+#[test]
+fn another_allocations_relayed_address_is_a_peer_while_it_lives() {
+    let mut h = Harness::new();
+    let mut a = Client::new(udp(), "alice", "wonderland");
+    let mut b = Client::new(tuple(Transport::Udp, "203.0.113.6:40000"), "bob", "builder");
+    a.allocate(&mut h);
+    let b_relay = b.allocate(&mut h);
+    assert!(b_relay.ip().to_string().starts_with("198.51.100."), "{b_relay}");
+    assert!(is_success(&a.permit(&mut h, &b_relay.to_string())));
+    assert!(is_success(&a.bind(&mut h, 0x4000, &b_relay.to_string())));
+    // Another port of the same address is no relay: refused as before.
+    let other = std::net::SocketAddr::new(b_relay.ip(), b_relay.port() + 1000);
+    assert_eq!(code(&a.permit(&mut h, &other.to_string())), Some(403));
+    // Once bob's allocation is gone, so is the exception.
+    assert!(is_success(&b.refresh(&mut h, Some(0))));
+    h.drive();
+    assert_eq!(code(&a.bind(&mut h, 0x4001, &b_relay.to_string())), Some(403));
+
+    let mut h = Harness::with(|c| c.policy.deny = vec!["198.51.100.0/24".parse().unwrap()]);
+    let mut a = Client::new(udp(), "alice", "wonderland");
+    let mut b = Client::new(tuple(Transport::Udp, "203.0.113.6:40000"), "bob", "builder");
+    a.allocate(&mut h);
+    let b_relay = b.allocate(&mut h);
+    assert_eq!(
+        code(&a.permit(&mut h, &b_relay.to_string())),
+        Some(403),
+        "deny-peer wins"
     );
 }
 

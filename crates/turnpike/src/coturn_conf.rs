@@ -152,7 +152,8 @@ pub fn convert(text: &str) -> Converted {
     // against coturn itself), so carrying them would let in more
     // credentials than before the move.
     let rest_only = lines(text).any(|l| l.key == "use-auth-secret" || l.key == "static-auth-secret");
-    let both_peer_lists = lines(text).any(|l| l.key == "allowed-peer-ip") && lines(text).any(|l| l.key == "denied-peer-ip");
+    let both_peer_lists =
+        lines(text).any(|l| l.key == "allowed-peer-ip") && lines(text).any(|l| l.key == "denied-peer-ip");
     let prometheus_port: Option<u16> = lines(text)
         .filter(|l| l.key == "prometheus-port")
         .filter_map(|l| l.value.and_then(|v| v.parse().ok()))
@@ -368,7 +369,11 @@ pub fn convert(text: &str) -> Converted {
     if ips.is_empty() {
         // Ports alone at turnpike's defaults (3478, 5349) need no line.
         for line in &port_lines {
-            if line.ends_with("=3478") || line.ends_with("=5349") || line.ends_with(" 3478") || line.ends_with(" 5349") {
+            if line.ends_with("=3478")
+                || line.ends_with("=5349")
+                || line.ends_with(" 3478")
+                || line.ends_with(" 5349")
+            {
                 noted.push(format!(
                     "# coturn's `{line}`: nothing: turnpike listens on 3478 (UDP, TCP) and 5349 (TLS) on every address by default"
                 ));

@@ -154,7 +154,8 @@ impl CredentialStores {
         let mut parts = Vec::new();
         let mut secrets = 0;
         for (name, creds) in self.sources() {
-            let skip = (name == "redis" && self.redis_url.is_none()) || (name == "database" && creds.is_none());
+            let skip =
+                (name == "redis" && self.redis_url.is_none()) || (name == "database" && creds.is_none());
             if let Some(c) = creds {
                 secrets += c.secret_count();
             }
@@ -172,7 +173,10 @@ impl CredentialStores {
         if self.web_secret.is_some() {
             parts.push("ICE page secret".to_owned());
         }
-        parts.push(format!("{secrets} REST secret{}", if secrets == 1 { "" } else { "s" }));
+        parts.push(format!(
+            "{secrets} REST secret{}",
+            if secrets == 1 { "" } else { "s" }
+        ));
         parts.join(", ")
     }
 

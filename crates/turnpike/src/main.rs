@@ -724,6 +724,29 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
     }
     if let Some((u, p)) = &settings.demo_user {
+        // A probe this host can run against the defaults: the first
+        // listener (a wildcard one through loopback). It relays between
+        // its own two allocations, which the peer policy allows.
+        let probe_url = handle
+            .listen
+            .first()
+            .map(|a| {
+                let ip = match a.ip() {
+                    std::net::IpAddr::V4(v) if v.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+                    std::net::IpAddr::V6(v) if v.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+                    ip => ip,
+                };
+                let host = match ip {
+                    std::net::IpAddr::V6(v) => format!("[{v}]"),
+                    v4 => v4.to_string(),
+                };
+                if a.port() == 3478 {
+                    format!("turn:{host}")
+                } else {
+                    format!("turn:{host}:{}", a.port())
+                }
+            })
+            .unwrap_or_else(|| "turn:127.0.0.1".to_owned());
         // Printed once, to stdout, so it is not lost in log filtering; a
         // closed stdout must not stop the server, so errors are ignored.
         let banner = format!(
@@ -733,6 +756,8 @@ fn serve(args: ServeArgs) -> Result<()> {
              \x20   realm:    {}\n\
              \x20   username: {u}\n\
              \x20   password: {p}\n\
+             \x20 Try it from this host:\n\
+             \x20   turnpike probe turn {probe_url} --user {u} --password {p}\n\
              \x20 Configure real users with --user NAME:PASSWORD.\n\
              =========================================================\n",
             settings.realm

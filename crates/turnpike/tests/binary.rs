@@ -109,6 +109,21 @@ fn serve_without_arguments_is_useful() {
         .trim()
         .to_owned();
     assert!(banner.iter().any(|l| l.contains("DEMO CREDENTIAL")), "{banner:?}");
+    // The banner's probe command, run as printed, passes against the
+    // defaults (it relays between its own two allocations).
+    let probe = wait_for(&out, "turnpike probe turn", &mut banner);
+    let words: Vec<&str> = probe.split_whitespace().collect();
+    assert_eq!(&words[..3], ["turnpike", "probe", "turn"], "{probe}");
+    let run = bin()
+        .args(&words[1..])
+        .args(["--transport", "udp,tcp", "--tcp-relay"])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "`{probe}` fails against the defaults:\n{}",
+        String::from_utf8_lossy(&run.stdout)
+    );
     let fp = wait_for(&err, "self-signed", &mut seen);
     assert!(
         fp.contains("sha256="),
@@ -927,14 +942,20 @@ fn reloads_and_store_changes_in_any_order_lose_no_user() {
     write_cfg(&["carol:carol-pw", "frank:frank-pw"]);
     sighup(&child);
     wait_for(&err, "configuration reloaded", &mut seen);
-    assert!(eventually("frank", "frank-pw"), "the file's new user after a store change and SIGHUP");
+    assert!(
+        eventually("frank", "frank-pw"),
+        "the file's new user after a store change and SIGHUP"
+    );
     // 2. SIGHUP, then a store change.
     write_cfg(&["carol:carol-pw", "frank:frank-pw", "gina:gina-pw"]);
     sighup(&child);
     wait_for(&err, "configuration reloaded", &mut seen);
     add("hank");
     assert!(eventually("hank", "hank-pw"), "the database's user after SIGHUP");
-    assert!(works("gina", "gina-pw"), "the reload's user survives the store change");
+    assert!(
+        works("gina", "gina-pw"),
+        "the reload's user survives the store change"
+    );
     // 3. Both at once: the store changes and SIGHUP arrives before the
     //    watcher's next look.
     add("ivan");
@@ -956,7 +977,10 @@ fn reloads_and_store_changes_in_any_order_lose_no_user() {
         warned.contains("dave") && warned.contains("wins=database") && warned.contains("shadowed=config"),
         "{warned}"
     );
-    assert!(works("dave", "dave-pw"), "the database's key is the one that works, as reported");
+    assert!(
+        works("dave", "dave-pw"),
+        "the database's key is the one that works, as reported"
+    );
     sigterm_and_wait(child);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -1465,9 +1489,20 @@ fn the_servers_own_listeners_are_never_peers() {
     let (admin, metrics, web) = (common::free_port(), common::free_port(), common::free_port());
     let mut child = bin()
         .args(["serve", "--listen", "127.0.0.1:0", "--no-tls", "--threads", "2"])
-        .args(["--realm", "own.example", "--user", "olga:olga-pw", "--allow-loopback-peers"])
+        .args([
+            "--realm",
+            "own.example",
+            "--user",
+            "olga:olga-pw",
+            "--allow-loopback-peers",
+        ])
         .args(["--allow-peer", "127.0.0.0/8"])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin}"), "--admin-token", "own-listeners-token-1234"])
+        .args([
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+            "--admin-token",
+            "own-listeners-token-1234",
+        ])
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
         .args(["--web-listen", &format!("0.0.0.0:{web}"), "--drain-timeout", "0"])
         .stdout(Stdio::null())
@@ -1482,11 +1517,15 @@ fn the_servers_own_listeners_are_never_peers() {
     for port in [admin, metrics, web] {
         let path = if port == metrics { "/metrics" } else { "/healthz" };
         let path = if port == web { "/" } else { path };
-        let (code, _) = common::http_request(format!("127.0.0.1:{port}").parse().unwrap(), "GET", path, None).unwrap();
+        let (code, _) =
+            common::http_request(format!("127.0.0.1:{port}").parse().unwrap(), "GET", path, None).unwrap();
         assert_eq!(code, 200, "port {port} serves {path}");
     }
     let refused = |r: Result<(), turnpike_client::client::ClientError>| {
-        matches!(r, Err(turnpike_client::client::ClientError::Error { code: 403, .. }))
+        matches!(
+            r,
+            Err(turnpike_client::client::ClientError::Error { code: 403, .. })
+        )
     };
     let mut udp = TurnClient::new(
         Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(3)).unwrap(),
@@ -1518,7 +1557,8 @@ fn the_servers_own_listeners_are_never_peers() {
     // Loopback peers that are not the server's own stay allowed.
     let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let other = other.local_addr().unwrap();
-    udp.create_permission(&[other]).expect("another loopback port is a peer");
+    udp.create_permission(&[other])
+        .expect("another loopback port is a peer");
     udp.channel_bind(0x4100, other).expect("and can be bound");
     tcp.connect(other).expect("and connected to over TCP");
     let refusals: Vec<String> = err.try_iter().filter(|l| l.contains("peer refused")).collect();
@@ -1527,4 +1567,147 @@ fn the_servers_own_listeners_are_never_peers() {
         "the log says why: {refusals:?}"
     );
     sigterm_and_wait(child);
+}
+
+/// The first command of a ```sh block after `heading` in README.md.
+fn readme_command(readme: &str, heading: &str) -> String {
+    let section = readme
+        .split(heading)
+        .nth(1)
+        .unwrap_or_else(|| panic!("README.md has a {heading:?} section"));
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .unwrap_or_else(|| panic!("a ```sh block under {heading:?}"));
+    block
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .expect("a command")
+        .to_owned()
+}
+
+/// README's two commands, read from README.md and typed as written: the
+/// run command starts the server with its defaults (inside a network
+/// namespace of its own, so ports 3478/5349 of the host are not touched),
+/// and STUN, TURN and TLS answer on the default ports; the test command is
+/// what CI runs.
+#[test]
+fn readme_commands_work_as_written() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let run = readme_command(&readme, "## Run it");
+    let test = readme_command(&readme, "## Test it");
+    assert_eq!(test, "bash .ci/run", "CI runs .ci/run; README must say so");
+    assert!(
+        std::fs::read_to_string(root.join(".ci/run"))
+            .unwrap()
+            .contains("cargo test --workspace"),
+        ".ci/run runs every test"
+    );
+    if common::euid() != 0 {
+        common::missing("readme run command", "needs root for a network namespace");
+        return;
+    }
+    let ns = format!("tp-readme-{}", std::process::id());
+    let made = Command::new("ip").args(["netns", "add", &ns]).status();
+    if !made.is_ok_and(|s| s.success()) {
+        common::missing("readme run command", "`ip netns add` failed (iproute2)");
+        return;
+    }
+    struct Ns(String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let ns = Ns(ns);
+    assert!(Command::new("ip")
+        .args(["-n", &ns.0, "link", "set", "lo", "up"])
+        .status()
+        .unwrap()
+        .success());
+    // As typed in a shell at the repository's root.
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "sh", "-c", &format!("exec {run}")])
+        .current_dir(&root)
+        // A login shell's environment, not this test's (cargo test adds
+        // CARGO_* and library paths that would make cargo rebuild).
+        .env_clear()
+        .envs(
+            [
+                "PATH",
+                "HOME",
+                "USER",
+                "LANG",
+                "TERM",
+                "CARGO_HOME",
+                "RUSTUP_HOME",
+            ]
+            .iter()
+            .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = lines(child.stdout.take().unwrap());
+    let err = lines(child.stderr.take().unwrap());
+    let child = Server(Some(child));
+    let mut seen = Vec::new();
+    // A release build may come first (CI builds it before the tests).
+    let started = loop {
+        match err.recv_timeout(Duration::from_secs(900)) {
+            Ok(l) if l.contains("turnpike started") => break l,
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("`{run}` did not start the server:\n{}", seen.join("\n")),
+        }
+    };
+    assert!(started.contains("3478") && started.contains("5349"), "{started}");
+    let mut banner = Vec::new();
+    let user = wait_for(&out, "username:", &mut banner)
+        .split(':')
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let password = wait_for(&out, "password:", &mut banner)
+        .split(':')
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let answers = common::in_ns(&ns.0, move || {
+        let t = Duration::from_secs(3);
+        let mut got = Vec::new();
+        for (what, transport, addr) in [
+            ("udp 3478", ClientTransport::Udp, "127.0.0.1:3478"),
+            ("tcp 3478", ClientTransport::Tcp, "127.0.0.1:3478"),
+            ("udp [::1]:3478", ClientTransport::Udp, "[::1]:3478"),
+            (
+                "tls 5349",
+                ClientTransport::Tls { pinned: None },
+                "127.0.0.1:5349",
+            ),
+        ] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let mut ch = Channel::connect(&transport, addr, t).unwrap();
+            got.push((what, binding(&mut ch, t).is_ok()));
+        }
+        let mut c = TurnClient::new(
+            Channel::connect(&ClientTransport::Udp, "127.0.0.1:3478".parse().unwrap(), t).unwrap(),
+            &user,
+            &password,
+        );
+        let relayed = c.allocate().is_ok();
+        let _ = c.refresh(0);
+        got.push(("turn allocate with the banner's credential", relayed));
+        got
+    });
+    for (what, ok) in &answers {
+        assert!(ok, "{what} answers after `{run}`: {answers:?}");
+    }
+    let st = sigterm_and_wait(child);
+    assert!(st.success(), "{st:?}");
 }

@@ -440,7 +440,14 @@ fn imported_turnpike_answers_as_coturn_did() {
             bin()
                 .args(["serve", "--config"])
                 .arg(&toml)
-                .args(["--listen", "127.0.0.1:0", "--min-port", "47500", "--max-port", "47999"])
+                .args([
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--min-port",
+                    "47500",
+                    "--max-port",
+                    "47999",
+                ])
                 .args(["--threads", "1", "--log-level", "info"]),
         );
         let addr = common::listen_addr(&started);
@@ -457,8 +464,14 @@ fn imported_turnpike_answers_as_coturn_did() {
         assert_eq!(served[1], "10.20.30.40 ok", "{served:?}");
         assert_eq!(served[2], "10.1.2.3 403", "{served:?}");
         if rest_only {
-            assert_eq!(on_coturn[0][0], "allocate 401", "coturn refuses database users with a REST secret");
-            assert!(stderr.contains("coturn accepts REST-API credentials only"), "{stderr}");
+            assert_eq!(
+                on_coturn[0][0], "allocate 401",
+                "coturn refuses database users with a REST secret"
+            );
+            assert!(
+                stderr.contains("coturn accepts REST-API credentials only"),
+                "{stderr}"
+            );
         } else {
             assert_eq!(on_coturn[0][0], "allocate ok");
             assert_eq!(on_coturn[1][0], "allocate ok");
@@ -475,7 +488,10 @@ fn imported_turnpike_answers_as_coturn_did() {
 #[test]
 fn every_option_of_debians_turnserver_conf_is_carried_defaulted_or_explained() {
     let Ok(stock) = std::fs::read_to_string("/etc/turnserver.conf") else {
-        common::missing("debian turnserver.conf", "/etc/turnserver.conf not found: install coturn");
+        common::missing(
+            "debian turnserver.conf",
+            "/etc/turnserver.conf not found: install coturn",
+        );
         return;
     };
     let migrating = include_str!("../../../MIGRATING.md");
@@ -503,16 +519,26 @@ fn every_option_of_debians_turnserver_conf_is_carried_defaulted_or_explained() {
             options.push((key, line.to_owned()));
         }
     }
-    assert!(options.len() > 80, "the stock file's options were found: {}", options.len());
+    assert!(
+        options.len() > 80,
+        "the stock file's options were found: {}",
+        options.len()
+    );
     let mut failures = Vec::new();
     for (key, line) in &options {
         let out = turnpike::coturn_conf::convert(&format!("{line}\n"));
-        let unknown = out.not_carried.iter().any(|n| n.contains("not an option turnpike knows"));
+        let unknown = out
+            .not_carried
+            .iter()
+            .any(|n| n.contains("not an option turnpike knows"));
         let mentioned = out.toml.contains(&format!("`{line}`"))
             || out.toml.contains(&format!("coturn's {key}"))
             || out.not_carried.iter().any(|n| n.starts_with(line.as_str()));
         if unknown || !mentioned {
-            failures.push(format!("{line}: not carried, defaulted or explained\n{}", out.toml));
+            failures.push(format!(
+                "{line}: not carried, defaulted or explained\n{}",
+                out.toml
+            ));
         }
         if !migrating.contains(&format!("`{key}`")) {
             failures.push(format!("{key}: no word in MIGRATING.md"));

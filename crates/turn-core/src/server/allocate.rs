@@ -67,7 +67,10 @@ impl Server {
             return Reply::Deferred;
         }
         let Some(rt) = msg.get(attr::REQUESTED_TRANSPORT) else {
-            return self.refuse(BadRequest, RefusalDetail::Missing("REQUESTED-TRANSPORT (RFC 8656 §7.2)"));
+            return self.refuse(
+                BadRequest,
+                RefusalDetail::Missing("REQUESTED-TRANSPORT (RFC 8656 §7.2)"),
+            );
         };
         if rt.len() != 4 {
             return self.refuse(BadRequest, RefusalDetail::Malformed("REQUESTED-TRANSPORT"));
@@ -102,9 +105,7 @@ impl Server {
         if has_token && (msg.has(attr::EVEN_PORT) || family_attr.is_some() || additional_attr.is_some()) {
             return self.refuse(
                 BadRequest,
-                RefusalDetail::Rule(
-                    "RESERVATION-TOKEN with EVEN-PORT or an address family (RFC 8656 §7.2)",
-                ),
+                RefusalDetail::Rule("RESERVATION-TOKEN with EVEN-PORT or an address family (RFC 8656 §7.2)"),
             );
         }
         if family_attr.is_some() && additional_attr.is_some() {

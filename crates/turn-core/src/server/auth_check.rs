@@ -5,9 +5,9 @@ use std::time::Instant;
 
 use stun_proto::{attr, Message};
 
-use super::events::RefusalDetail;
 use super::error::ErrorCode;
 use super::events::Event;
+use super::events::RefusalDetail;
 use super::io::FiveTuple;
 use super::Server;
 use crate::auth::{Key, PasswordAlgorithm, OFFERED_ALGORITHMS};
@@ -53,7 +53,9 @@ impl Server {
             || realm.len() > attr::MAX_TEXT_ATTR_LEN
             || nonce.len() > attr::MAX_TEXT_ATTR_LEN
         {
-            self.refusal = Some(RefusalDetail::Malformed("USERNAME, USERHASH, REALM or NONCE (too long)"));
+            self.refusal = Some(RefusalDetail::Malformed(
+                "USERNAME, USERHASH, REALM or NONCE (too long)",
+            ));
             return Err(Some(BadRequest));
         }
         let Some(offered) = self.minter.check(nonce, self.nonce_secs(now), tuple.client.ip()) else {

@@ -77,6 +77,10 @@ pub struct Config {
     pub max_channels: usize,
     /// Allocation quotas, shared by every worker.
     pub quotas: Arc<Quotas>,
+    /// Every allocation's relayed addresses on this host, shared by every
+    /// worker (a peer that is one is allowed in a default-refused range).
+    /// Read when a server is made; a reload keeps the server's own.
+    pub relayed: Arc<crate::limits::RelayedAddrs>,
     /// Answers per second to unauthenticated requests from one source IP
     /// (burst twice that), one budget shared by every worker that holds
     /// the same `Arc`; rate 0 turns the limit off.
@@ -156,6 +160,7 @@ impl Config {
             max_permissions: 256,
             max_channels: 256,
             quotas: Arc::new(Quotas::new(0, 0)),
+            relayed: Arc::default(),
             source_limiter: Arc::new(SourceLimiter::new(200, SOURCE_SLOTS)),
             auth_guard: Arc::new(AuthGuard::new(
                 10,

@@ -97,10 +97,11 @@ impl Server {
         let minter = NonceMinter::new(cfg.nonce_secret, cfg.nonce_lifetime.as_secs().max(1));
         // Not the secret itself: its hash, so ids reveal nothing of it.
         let cfg_seed = stun_proto::hmac_sha1(&cfg.nonce_secret, b"connection-id");
+        let relayed = cfg.relayed.clone();
         Server {
             cfg,
             minter,
-            table: Table::default(),
+            table: Table::new(relayed),
             events: VecDeque::new(),
             refusal: None,
             commands: VecDeque::new(),
@@ -320,7 +321,7 @@ impl Server {
                 }
             }
             for relay in gone.into_iter().flatten() {
-                self.table.by_relay.remove(&relay);
+                self.table.remove_relay(&relay);
                 self.commands.push_back(Command::CloseRelay { relay });
             }
         }
@@ -434,7 +435,12 @@ impl Server {
             if !self.may_answer_unauthenticated(tuple, now) {
                 return None;
             }
-            self.note_refusal(tuple, msg, ErrorCode::BadRequest, Some(RefusalDetail::Rule("unknown method")));
+            self.note_refusal(
+                tuple,
+                msg,
+                ErrorCode::BadRequest,
+                Some(RefusalDetail::Rule("unknown method")),
+            );
             return Some(self.respond(now, tuple, req, Reply::Error(ErrorCode::BadRequest), None));
         }
         // RFC 8489 §9.2.4: authenticate before anything else.
@@ -534,7 +540,13 @@ impl Server {
     }
 
     /// An event for a refused request, naming the user it asked for.
-    fn note_refusal(&mut self, tuple: FiveTuple, msg: &Message<'_>, code: ErrorCode, detail: Option<RefusalDetail>) {
+    fn note_refusal(
+        &mut self,
+        tuple: FiveTuple,
+        msg: &Message<'_>,
+        code: ErrorCode,
+        detail: Option<RefusalDetail>,
+    ) {
         let detail = detail.or(self.refusal.take());
         let username = match (msg.get(attr::USERNAME), msg.get(attr::USERHASH)) {
             (Some(u), _) => Some(String::from_utf8_lossy(&u[..u.len().min(128)]).into_owned()),

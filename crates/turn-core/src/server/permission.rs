@@ -10,13 +10,31 @@ use stun_proto::{attr, Message};
 
 use super::error::ErrorCode;
 use super::events::Event;
+use super::events::RefusalDetail;
 use super::io::FiveTuple;
 use super::respond::Reply;
-use super::events::RefusalDetail;
 use super::table::ChannelBinding;
 use super::Server;
 
 impl Server {
+    /// The peer policy, plus this host's own relayed addresses: another
+    /// allocation's relay on this server is a peer even in a range refused
+    /// by default (a private or loopback relay address). An operator's
+    /// deny-peer, the server's listeners and Teredo stay refused.
+    pub(super) fn peer_policy(cfg: &super::Config, peer: SocketAddr) -> Result<(), crate::policy::Refusal> {
+        match cfg.policy.check(peer) {
+            Err(crate::policy::Refusal::DefaultDenied(_))
+                if cfg.relayed.contains(&SocketAddr::new(
+                    crate::policy::canonicalize(peer.ip()),
+                    peer.port(),
+                )) =>
+            {
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
     /// Checks one peer for CreatePermission/ChannelBind: family (443) then
     /// policy (403, logged).
     pub(super) fn check_peer(
@@ -29,7 +47,7 @@ impl Server {
         if !a_families[peer.is_ipv6() as usize] {
             return Err(ErrorCode::PeerAddressFamilyMismatch);
         }
-        if let Err(reason) = self.cfg.policy.check(peer) {
+        if let Err(reason) = Self::peer_policy(&self.cfg, peer) {
             self.refusal = Some(RefusalDetail::Peer(peer, reason));
             self.counters.peers_refused += 1;
             self.events.push_back(Event::PeerRefused {
@@ -77,7 +95,10 @@ impl Server {
         let mut n = 0;
         for v in msg.get_all(attr::XOR_PEER_ADDRESS) {
             let Ok(peer) = msg.decode_xor_addr(v) else {
-                return self.refuse(ErrorCode::BadRequest, RefusalDetail::Malformed("XOR-PEER-ADDRESS"));
+                return self.refuse(
+                    ErrorCode::BadRequest,
+                    RefusalDetail::Malformed("XOR-PEER-ADDRESS"),
+                );
             };
             if let Err(code) = self.check_peer(tuple, a_families, &username, peer) {
                 return Reply::Error(code);
@@ -161,7 +182,10 @@ impl Server {
             );
         }
         let Ok(peer) = peer else {
-            return self.refuse(ErrorCode::BadRequest, RefusalDetail::Malformed("XOR-PEER-ADDRESS"));
+            return self.refuse(
+                ErrorCode::BadRequest,
+                RefusalDetail::Malformed("XOR-PEER-ADDRESS"),
+            );
         };
         if let Err(code) = self.check_peer(tuple, a_families, &username, peer) {
             return Reply::Error(code);

@@ -20,7 +20,9 @@ impl Server {
         };
         let family = match msg.get(attr::REQUESTED_ADDRESS_FAMILY) {
             None => None,
-            Some(v) if v.len() != 4 => return self.refuse(ErrorCode::BadRequest, RefusalDetail::Malformed("LIFETIME")),
+            Some(v) if v.len() != 4 => {
+                return self.refuse(ErrorCode::BadRequest, RefusalDetail::Malformed("LIFETIME"))
+            }
             Some(v) if v[0] == attr::FAMILY_IPV4 => Some(0),
             Some(v) if v[0] == attr::FAMILY_IPV6 => Some(1),
             Some(_) => return Reply::Error(ErrorCode::AddressFamilyNotSupported),
@@ -41,7 +43,7 @@ impl Server {
                 Some(f) if families > 1 => {
                     if let Some(r) = a.relays[f].take() {
                         a.recompute_expiry();
-                        self.table.by_relay.remove(&r.bound);
+                        self.table.remove_relay(&r.bound);
                         self.commands.push_back(Command::CloseRelay { relay: r.bound });
                     }
                 }

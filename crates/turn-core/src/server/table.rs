@@ -153,6 +153,8 @@ pub(super) struct UserBandwidth {
 /// A slab of allocations with the maps that find them.
 #[derive(Debug, Default)]
 pub(super) struct Table {
+    /// The host-wide set of relayed addresses, kept with `by_relay`.
+    relayed: std::sync::Arc<crate::limits::RelayedAddrs>,
     allocs: Vec<Option<Allocation>>,
     free: Vec<u32>,
     pub(super) by_tuple: FastMap<FiveTuple, u32>,
@@ -162,6 +164,14 @@ pub(super) struct Table {
 }
 
 impl Table {
+    /// An empty table that keeps `relayed` (host-wide) up to date.
+    pub(super) fn new(relayed: std::sync::Arc<crate::limits::RelayedAddrs>) -> Self {
+        Table {
+            relayed,
+            ..Table::default()
+        }
+    }
+
     pub(super) fn insert(&mut self, alloc: Allocation) -> u32 {
         let tuple = alloc.tuple;
         let bound: Vec<SocketAddr> = alloc.relays.iter().flatten().map(|r| r.bound).collect();
@@ -179,6 +189,7 @@ impl Table {
         self.by_tuple.insert(tuple, idx);
         for b in bound {
             self.by_relay.insert(b, idx);
+            self.relayed.insert(b);
         }
         self.timers.push(Reverse((expires, idx)));
         idx
@@ -190,8 +201,15 @@ impl Table {
         self.by_tuple.remove(&a.tuple);
         for r in a.relays.iter().flatten() {
             self.by_relay.remove(&r.bound);
+            self.relayed.remove(&r.bound);
         }
         Some(a)
+    }
+
+    /// One relay of an allocation closed (a family of a dual allocation).
+    pub(super) fn remove_relay(&mut self, relay: &SocketAddr) {
+        self.by_relay.remove(relay);
+        self.relayed.remove(relay);
     }
 
     pub(super) fn get(&self, idx: u32) -> Option<&Allocation> {

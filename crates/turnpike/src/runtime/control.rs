@@ -108,6 +108,8 @@ pub(super) struct CoreBase {
     pub(super) fast_path: bool,
     /// Load-aware redirection, set by the fleet thread.
     pub(super) redirect: Arc<turn_core::Redirect>,
+    /// Every allocation's relayed addresses, across workers.
+    pub(super) relayed: Arc<turn_core::limits::RelayedAddrs>,
 }
 
 /// The core configuration `settings` describe: the one function start-up
@@ -134,6 +136,7 @@ pub(super) fn core_config(settings: &Settings, base: &CoreBase, limits: &SharedL
     c.max_lifetime = settings.max_allocation_lifetime;
     // One quota book for all workers: quotas are per server, not per core.
     c.quotas = base.quotas.clone();
+    c.relayed = base.relayed.clone();
     c.source_limiter = limits.answers.clone();
     c.auth_guard = limits.guard.clone();
     c.max_bps = settings.max_bps;
@@ -411,7 +414,10 @@ mod tests {
         ] {
             let core = merged.core.expect("the reload is applied");
             assert!(Arc::ptr_eq(&core.credentials, &reloaded));
-            assert!(Arc::ptr_eq(&merged.credentials.expect("credentials carried"), &reloaded));
+            assert!(Arc::ptr_eq(
+                &merged.credentials.expect("credentials carried"),
+                &reloaded
+            ));
         }
     }
 }

@@ -268,6 +268,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
         own_sockets,
         fast_path: matches!(fast_state, fast::State::Active(..)),
         redirect: Arc::new(turn_core::Redirect::default()),
+        relayed: Arc::default(),
     };
     base.quotas.set_fleet_limit(settings.fleet_total_quota);
     crate::metrics::set_allocation_limit(settings.total_quota);
