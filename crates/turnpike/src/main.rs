@@ -115,12 +115,17 @@ struct UserArgs {
     /// e.g. coturn's hmackey) instead of a password: MD5 logins only.
     #[arg(long, value_name = "0xHEX")]
     key: Option<String>,
-    /// Realm (must match the server's --realm).
-    #[arg(long, default_value = "turnpike")]
-    realm: String,
-    /// Database file [default: as for `serve`].
+    /// Realm (must match the server's realm) [default: the realm of the
+    /// server configuration --config names, else "turnpike"].
+    #[arg(long)]
+    realm: Option<String>,
+    /// Database file [default: the configuration's db, else as for `serve`].
     #[arg(long, value_name = "FILE")]
     db: Option<std::path::PathBuf>,
+    /// The server's configuration, read for its realm and database
+    /// [default: /etc/turnpike/turnpike.toml, when it exists].
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
     /// Use the Redis store at URL instead of the SQLite file.
     #[arg(long, value_name = "URL")]
     redis_url: Option<String>,
@@ -281,38 +286,110 @@ fn read_password() -> Result<String> {
     }
 }
 
+/// The realm and database of the server configuration a `user` command
+/// can see: `--config`, else the packaged /etc/turnpike/turnpike.toml.
+fn server_config(explicit: Option<&std::path::Path>) -> Result<Option<(std::path::PathBuf, ServeArgs)>> {
+    let path = match explicit {
+        Some(p) => p.to_owned(),
+        None => {
+            let p = std::path::PathBuf::from("/etc/turnpike/turnpike.toml");
+            if !p.exists() {
+                return Ok(None);
+            }
+            p
+        }
+    };
+    match ServeArgs::from_file(&path) {
+        Ok(a) => Ok(Some((path, a))),
+        // One the caller named must load; the default one only informs.
+        Err(e) if explicit.is_some() => Err(e),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Fills in a `user` command's realm and database from the server's
+/// configuration, and warns when a given realm is not the server's: such
+/// a user could never log in there (the realm is part of the key).
+fn resolve_user_args(mut a: UserArgs) -> Result<(UserArgs, String)> {
+    let cfg = server_config(a.config.as_deref())?;
+    let server_realm = cfg
+        .as_ref()
+        .and_then(|(p, c)| c.realm.clone().map(|r| (p.clone(), r)));
+    let realm = match (&a.realm, &server_realm) {
+        (Some(r), Some((path, sr))) if r != sr => {
+            eprintln!(
+                "warning: realm {r:?} is not the server's realm {sr:?} (in {}): this user cannot log in to that server; \
+                 drop --realm to use the server's",
+                path.display()
+            );
+            r.clone()
+        }
+        (Some(r), _) => r.clone(),
+        (None, Some((_, sr))) => sr.clone(),
+        (None, None) => {
+            eprintln!(
+                "note: no --realm and no server configuration found (--config FILE): using realm \"turnpike\", the server's default"
+            );
+            "turnpike".to_owned()
+        }
+    };
+    if a.db.is_none() && a.redis_url.is_none() {
+        a.db = cfg.and_then(|(_, c)| c.db);
+    }
+    if let Some(w) = a.db.as_deref().and_then(turnpike::userdb::permission_warning) {
+        eprintln!("warning: {w}");
+    }
+    Ok((a, realm))
+}
+
 fn user(cmd: UserCommand) -> Result<()> {
     use turnpike::{redisdb, userdb};
+    let cmd = match cmd {
+        UserCommand::Add(a) => {
+            let (a, realm) = resolve_user_args(a)?;
+            (UserCommand::Add(a), realm)
+        }
+        UserCommand::Passwd(a) => {
+            let (a, realm) = resolve_user_args(a)?;
+            (UserCommand::Passwd(a), realm)
+        }
+        UserCommand::Remove(a) => {
+            let (a, realm) = resolve_user_args(a)?;
+            (UserCommand::Remove(a), realm)
+        }
+        other => (other, String::new()),
+    };
+    let (cmd, realm) = cmd;
     match cmd {
         UserCommand::Add(a) | UserCommand::Passwd(a) if a.key.is_some() => {
             let md5 = parse_key_arg(a.key.as_deref().unwrap_or_default())?;
             match &a.redis_url {
-                Some(url) => redisdb::set_key(url, &a.realm, &a.name, md5)?,
-                None => userdb::set_key(&a.db.unwrap_or_else(userdb::default_path), &a.realm, &a.name, md5)?,
+                Some(url) => redisdb::set_key(url, &realm, &a.name, md5)?,
+                None => userdb::set_key(&a.db.unwrap_or_else(userdb::default_path), &realm, &a.name, md5)?,
             }
-            eprintln!("set {} in realm {} by MD5 key (MD5 logins only)", a.name, a.realm);
+            eprintln!("set {} in realm {} by MD5 key (MD5 logins only)", a.name, realm);
         }
         UserCommand::Add(a) => {
             let pw = read_password()?;
             match &a.redis_url {
-                Some(url) => redisdb::set(url, &a.realm, &a.name, &pw, false)?,
+                Some(url) => redisdb::set(url, &realm, &a.name, &pw, false)?,
                 None => userdb::set(
                     &a.db.unwrap_or_else(userdb::default_path),
-                    &a.realm,
+                    &realm,
                     &a.name,
                     &pw,
                     false,
                 )?,
             }
-            eprintln!("added {} to realm {}", a.name, a.realm);
+            eprintln!("added {} to realm {}", a.name, realm);
         }
         UserCommand::Passwd(a) => {
             let pw = read_password()?;
             match &a.redis_url {
-                Some(url) => redisdb::set(url, &a.realm, &a.name, &pw, true)?,
+                Some(url) => redisdb::set(url, &realm, &a.name, &pw, true)?,
                 None => userdb::set(
                     &a.db.unwrap_or_else(userdb::default_path),
-                    &a.realm,
+                    &realm,
                     &a.name,
                     &pw,
                     true,
@@ -322,11 +399,11 @@ fn user(cmd: UserCommand) -> Result<()> {
         }
         UserCommand::Remove(a) => {
             let removed = match &a.redis_url {
-                Some(url) => redisdb::remove(url, &a.realm, &a.name)?,
-                None => userdb::remove(&a.db.unwrap_or_else(userdb::default_path), &a.realm, &a.name)?,
+                Some(url) => redisdb::remove(url, &realm, &a.name)?,
+                None => userdb::remove(&a.db.unwrap_or_else(userdb::default_path), &realm, &a.name)?,
             };
             if !removed {
-                anyhow::bail!("no user {:?} in realm {:?}", a.name, a.realm);
+                anyhow::bail!("no user {:?} in realm {:?}", a.name, realm);
             }
             eprintln!("removed {}", a.name);
         }
@@ -694,6 +771,9 @@ fn serve(args: ServeArgs) -> Result<()> {
         "turnpike started"
     );
     warn_shadowed_allows(&settings);
+    if let Some(w) = turnpike::userdb::permission_warning(&settings.db) {
+        warn!("{w}");
+    }
     // A configured loopback relay behind listeners that remote clients
     // reach hands them a relayed address they cannot use.
     let remote_listeners = handle

@@ -19,10 +19,55 @@ pub fn default_path() -> PathBuf {
     dir.join("users.db")
 }
 
+/// Creates the database file readable by its owner only (it holds keys
+/// that log in as the users). Created by root in a directory someone else
+/// owns (`/var/lib/turnpike`, the service user's), it is handed to that
+/// owner, so the running server can read it at once.
+fn create_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("db: cannot create {}", path.display())),
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if let (Ok(d), Ok(f)) = (std::fs::metadata(dir), std::fs::metadata(path)) {
+        if d.uid() != f.uid() {
+            // Only root can give a file away; anyone else keeps it.
+            let _ = std::os::unix::fs::chown(path, Some(d.uid()), Some(d.gid()));
+        }
+    }
+    Ok(())
+}
+
+/// A warning when the database at `path` can be read by other users: it
+/// holds keys that log in as its users.
+pub fn permission_warning(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o004 != 0).then(|| {
+        format!(
+            "db {}: readable by every user of this host (mode {:o}); it holds login keys: chmod 600 {}",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        )
+    })
+}
+
 fn open(path: &Path) -> Result<Connection> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("db: cannot create {}", dir.display()))?;
     }
+    create_private(path)?;
     let c = Connection::open(path).with_context(|| format!("db: cannot open {}", path.display()))?;
     c.execute_batch(
         "CREATE TABLE IF NOT EXISTS users (

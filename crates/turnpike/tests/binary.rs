@@ -540,7 +540,30 @@ fn systemd_unit_verifies() {
     std::fs::create_dir_all(&dir).unwrap();
     let text = std::fs::read_to_string(&unit)
         .unwrap()
-        .replace("/usr/local/bin/turnpike", env!("CARGO_BIN_EXE_turnpike"));
+        .replace("/usr/bin/turnpike", env!("CARGO_BIN_EXE_turnpike"));
+    // systemd's SIGKILL must not land while the drain is still running.
+    let stop_after: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("TimeoutStopSec=SECONDS in the unit");
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/turnpike.toml"),
+    )
+    .unwrap();
+    let drain: u64 = example
+        .lines()
+        .find_map(|l| l.strip_prefix("drain-timeout = "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("drain-timeout in deploy/turnpike.toml");
+    assert!(
+        stop_after >= drain + 10,
+        "TimeoutStopSec={stop_after} leaves no margin over drain-timeout {drain}"
+    );
+    assert!(
+        !text.contains("example.invalid"),
+        "Documentation= names a real document"
+    );
     let copy = dir.join("turnpike.service");
     std::fs::write(&copy, text).unwrap();
     let out = Command::new(analyze).arg("verify").arg(&copy).output().unwrap();
@@ -786,6 +809,47 @@ fn sqlite_users_apply_to_a_running_server_without_restart() {
     assert!(!out.status.success(), "a second add of the same user is refused");
     let list = user_cmd(&["list", "--db", dbs], "");
     assert_eq!(String::from_utf8_lossy(&list.stdout), "db.example\tdave\n");
+    // It holds login keys: readable by its owner only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&db).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "users.db is created {mode:o}");
+    // Without --realm, the realm (and database) of the server's
+    // configuration; a --realm that is not the server's is warned about.
+    let cfg = dir.join("server.toml");
+    std::fs::write(&cfg, format!("realm = \"db.example\"\ndb = \"{dbs}\"\n")).unwrap();
+    let out = user_cmd(&["add", "fred", "--config", cfg.to_str().unwrap()], "fred-pw\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("added fred to realm db.example"));
+    let out = user_cmd(
+        &[
+            "add",
+            "gail",
+            "--realm",
+            "other.example",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+        "gail-pw\n",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: realm \"other.example\" is not the server's realm \"db.example\""),
+        "{stderr}"
+    );
+    assert!(
+        user_cmd(&["remove", "gail", "--realm", "other.example", "--db", dbs], "")
+            .status
+            .success()
+    );
+    // An existing database others can read is warned about.
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = user_cmd(&["remove", "fred", "--config", cfg.to_str().unwrap()], "");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("readable by every user"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600)).unwrap();
     let raw = std::fs::read(&db).unwrap();
     assert!(
         !raw.windows(7).any(|w| w == b"d4ve-pw"),
