@@ -1674,44 +1674,16 @@ fn readme_commands_work_as_written() {
         common::missing("readme run command", "needs root for a network namespace");
         return;
     }
-    let ns = format!("tp-readme-{}", std::process::id());
-    let made = Command::new("ip").args(["netns", "add", &ns]).status();
-    if !made.is_ok_and(|s| s.success()) {
+    let Some(ns) = common::Netns::new("readme") else {
         common::missing("readme run command", "`ip netns add` failed (iproute2)");
         return;
-    }
-    struct Ns(String);
-    impl Drop for Ns {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
-    let ns = Ns(ns);
-    assert!(Command::new("ip")
-        .args(["-n", &ns.0, "link", "set", "lo", "up"])
-        .status()
-        .unwrap()
-        .success());
+    };
     // As typed in a shell at the repository's root.
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "sh", "-c", &format!("exec {run}")])
-        .current_dir(&root)
-        // A login shell's environment, not this test's (cargo test adds
-        // CARGO_* and library paths that would make cargo rebuild).
-        .env_clear()
-        .envs(
-            [
-                "PATH",
-                "HOME",
-                "USER",
-                "LANG",
-                "TERM",
-                "CARGO_HOME",
-                "RUSTUP_HOME",
-            ]
-            .iter()
-            .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
-        )
+    let mut child = common::login_env(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0, "sh", "-c", &format!("exec {run}")])
+            .current_dir(&root),
+    )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

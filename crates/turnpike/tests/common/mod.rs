@@ -287,3 +287,44 @@ pub fn missing(test: &str, why: &str) -> bool {
     eprintln!("SKIP {test}: {why}");
     true
 }
+
+/// Gives `cmd` a login shell's environment instead of this test's: cargo
+/// test adds CARGO_* variables and library paths that would make a cargo
+/// started from a test rebuild what the developer's (or CI's) cargo built.
+pub fn login_env(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    cmd.env_clear().envs(
+        ["PATH", "HOME", "USER", "LANG", "TERM", "CARGO_HOME", "RUSTUP_HOME"]
+            .iter()
+            .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
+    )
+}
+
+/// A network namespace with its loopback up, deleted (with whatever is
+/// in it) when dropped. Needs root.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(tag: &str) -> Option<Netns> {
+        let name = format!("tp-{tag}-{}", std::process::id());
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return None;
+        }
+        let ns = Netns(name);
+        let up = std::process::Command::new("ip")
+            .args(["-n", &ns.0, "link", "set", "lo", "up"])
+            .status()
+            .is_ok_and(|s| s.success());
+        up.then_some(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
