@@ -1684,10 +1684,10 @@ fn readme_commands_work_as_written() {
             .args(["netns", "exec", &ns.0, "sh", "-c", &format!("exec {run}")])
             .current_dir(&root),
     )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     let out = lines(child.stdout.take().unwrap());
     let err = lines(child.stderr.take().unwrap());
     let child = Server(Some(child));

@@ -293,9 +293,17 @@ pub fn missing(test: &str, why: &str) -> bool {
 /// started from a test rebuild what the developer's (or CI's) cargo built.
 pub fn login_env(cmd: &mut std::process::Command) -> &mut std::process::Command {
     cmd.env_clear().envs(
-        ["PATH", "HOME", "USER", "LANG", "TERM", "CARGO_HOME", "RUSTUP_HOME"]
-            .iter()
-            .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
+        [
+            "PATH",
+            "HOME",
+            "USER",
+            "LANG",
+            "TERM",
+            "CARGO_HOME",
+            "RUSTUP_HOME",
+        ]
+        .iter()
+        .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
     )
 }
 
@@ -325,6 +333,8 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
     }
 }
