@@ -281,6 +281,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "URL")]
     pub redis_url: Option<String>,
 
+    /// The Redis URL from a file (a Kubernetes Secret), so its password
+    /// is on no command line: redis://:PASSWORD@HOST:PORT/DB.
+    #[arg(long, value_name = "FILE", conflicts_with = "redis_url")]
+    pub redis_url_file: Option<PathBuf>,
+
     /// This node's name in the fleet registry (with --redis-url) [default:
     /// the host name and the first listen port].
     #[arg(long, value_name = "NAME")]
@@ -425,7 +430,7 @@ impl ServeArgs {
                  auth_fail_limit, auth_block_secs, max_connections, max_connections_per_ip, handshake_timeout, idle_timeout,
                  tcp_connections_per_allocation, tcp_connect_timeout, fast_path,
                  rfc5780, alt_ip, alt_port, log_format, redact, drain_timeout, metrics_listen,
-                 admin_listen, admin_token, admin_token_file, db, redis_url, external_ip_from, reload_on_change,
+                 admin_listen, admin_token, admin_token_file, db, redis_url, redis_url_file, external_ip_from, reload_on_change,
                  node_name, fleet_lease, redirect_above, fleet_total_quota,
                  web_ui, web_listen, web_credential_ttl, web_credentials_per_minute, web_turn_host,
                  peer_precedence;
@@ -828,7 +833,7 @@ fn random_token(n: usize) -> String {
 
 impl Settings {
     /// Validates merged arguments.
-    pub fn from_args(a: ServeArgs) -> Result<Settings> {
+    pub fn from_args(mut a: ServeArgs) -> Result<Settings> {
         let web = WebSettings::from_args(&a, a.admin_listen.is_some())?;
         let realm = a.realm.unwrap_or_else(|| "turnpike".to_owned());
         if realm.is_empty() || realm.len() > 763 {
@@ -1054,6 +1059,19 @@ impl Settings {
             }
         }
         let db = a.db.clone().unwrap_or_else(crate::userdb::default_path);
+        if let Some(f) = &a.redis_url_file {
+            if a.redis_url.is_some() {
+                bail!("redis-url and redis-url-file: give one of them");
+            }
+            let url = std::fs::read_to_string(f)
+                .with_context(|| format!("redis-url-file: cannot read {}", f.display()))?
+                .trim()
+                .to_owned();
+            if url.is_empty() {
+                bail!("redis-url-file {}: empty; it holds one redis:// URL", f.display());
+            }
+            a.redis_url = Some(url);
+        }
         if let Some(url) = &a.redis_url {
             if let Err(e) = redis::Client::open(url.as_str()) {
                 bail!(

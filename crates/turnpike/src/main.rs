@@ -771,6 +771,12 @@ fn serve(args: ServeArgs) -> Result<()> {
         "turnpike started"
     );
     warn_shadowed_allows(&settings);
+    if let Some(w) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| turnpike::runtime::relays::ephemeral_overlap(settings.min_port, settings.max_port, &r))
+    {
+        warn!("{w}");
+    }
     if let Some(w) = turnpike::userdb::permission_warning(&settings.db) {
         warn!("{w}");
     }

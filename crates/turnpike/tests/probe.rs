@@ -327,9 +327,9 @@ fn closed_port_and_refused_peer_give_advice() {
     assert_eq!(code, 1);
     assert!(advice(&v).contains("nothing listens on udp"), "{v}");
 
-    // Loopback peers refused (the default): relaying between two of the
-    // server's own allocations on 127.0.0.1 is a refused peer.
-    let h = common::start(&[]);
+    // An operator's deny-peer refuses even the server's own relayed
+    // addresses (which the default ranges no longer do): a refused peer.
+    let h = common::start(&["--deny-peer", "127.0.0.0/8"]);
     let (code, v) = probe(&[
         "turn",
         &format!("turn:127.0.0.1:{}", h.listen[0].port()),

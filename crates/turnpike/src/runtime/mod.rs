@@ -38,7 +38,7 @@ mod dispatch;
 mod fast;
 mod listeners;
 mod log;
-mod relays;
+pub mod relays;
 mod stream;
 mod tcp_relay;
 mod worker;

@@ -18,6 +18,35 @@ use super::dispatch::{Io, Source};
 
 /// How long a port reserved by EVEN-PORT's R bit stays claimable
 /// (RFC 8656 §7.2: "approximately 30 seconds").
+/// Where the relay port range overlaps the kernel's ephemeral port range
+/// (`net.ipv4.ip_local_port_range`, `contents` as /proc gives it): the
+/// host's own outgoing connections (RFC 6062 connects, Redis, DNS) take
+/// ports there, which relays then cannot have, and the reverse. The
+/// warning says which and how to part them; `None` when they do not meet.
+pub fn ephemeral_overlap(min_port: u16, max_port: u16, contents: &str) -> Option<String> {
+    let mut it = contents.split_whitespace().map(|v| v.parse::<u16>());
+    let (Some(Ok(lo)), Some(Ok(hi))) = (it.next(), it.next()) else {
+        return None;
+    };
+    if max_port < lo || min_port > hi {
+        return None;
+    }
+    let advice = if lo > 1024 && min_port < lo {
+        format!("end the relay range below {lo} (max-port = {})", lo - 1)
+    } else if hi < 65535 {
+        format!("start the relay range above {hi} (min-port = {})", hi + 1)
+    } else {
+        format!(
+            "narrow the kernel's range: sysctl net.ipv4.ip_local_port_range=\"{lo} {}\"",
+            min_port.saturating_sub(1).max(lo)
+        )
+    };
+    Some(format!(
+        "relay ports {min_port}-{max_port} overlap the kernel's ephemeral ports {lo}-{hi} (net.ipv4.ip_local_port_range): \
+         this host's outgoing connections take ports relays then cannot have; {advice}, or narrow the ephemeral range"
+    ))
+}
+
 pub(super) const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 
 /// Ports reserved by EVEN-PORT (R bit), held bound until claimed by a
@@ -217,5 +246,23 @@ impl RelayProvider for Io {
 
     fn fast_path_remove(&mut self, client: turn_core::FiveTuple, channel: u16) {
         self.fast_remove(client, channel);
+    }
+}
+
+#[cfg(test)]
+mod port_range_tests {
+    use super::ephemeral_overlap;
+
+    #[test]
+    fn overlap_with_the_ephemeral_range_is_named_with_a_fix() {
+        // Linux's default ephemeral range against the default relay range.
+        let w = ephemeral_overlap(49152, 65535, "32768\t60999\n").expect("they overlap");
+        assert!(w.contains("49152-65535") && w.contains("32768-60999"), "{w}");
+        assert!(w.contains("min-port = 61000"), "{w}");
+        assert!(ephemeral_overlap(61000, 65535, "32768\t60999\n").is_none());
+        assert!(ephemeral_overlap(10000, 20000, "32768 60999").is_none());
+        let w = ephemeral_overlap(30000, 40000, "32768 60999").unwrap();
+        assert!(w.contains("max-port = 32767"), "{w}");
+        assert!(ephemeral_overlap(49152, 65535, "garbage").is_none());
     }
 }
