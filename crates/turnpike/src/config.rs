@@ -367,6 +367,44 @@ pub struct ServeArgs {
     pub redact: Option<bool>,
 }
 
+/// serde's "unknown field `X`, expected one of `a`, `b`, … (66 keys)" with
+/// the list replaced by the nearest key: a typo gets "did you mean".
+fn shorten_unknown_key(msg: &str) -> String {
+    let Some((head, list)) = msg.split_once(", expected one of ") else {
+        return msg.to_owned();
+    };
+    let Some(unknown) = head.rsplit('`').nth(1) else {
+        return msg.to_owned();
+    };
+    let keys: Vec<&str> = list.split('`').skip(1).step_by(2).collect();
+    let nearest = keys
+        .iter()
+        .map(|k| (edit_distance(unknown, k), *k))
+        .min()
+        .filter(|(d, k)| *d <= 3.max(unknown.len() * 2 / 5) || k.contains(unknown) || unknown.contains(*k));
+    let hint = match nearest {
+        Some((_, k)) => format!("; did you mean `{k}`?"),
+        None => String::new(),
+    };
+    format!("{head}{hint}")
+}
+
+/// Levenshtein distance, for key suggestions.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
 macro_rules! merge_fields {
     ($base:ident, $over:ident; opt: $($o:ident),*; vec: $($v:ident),*) => {
         $( if $over.$o.is_some() { $base.$o = $over.$o; } )*
@@ -401,7 +439,7 @@ impl ServeArgs {
             );
         }
         let mut parsed: ServeArgs = toml::from_str(&text).map_err(|e| {
-            let msg = e.to_string();
+            let msg = shorten_unknown_key(&e.to_string());
             // An unknown key that is coturn's name gets turnpike's.
             let coturn = msg
                 .split('`')
@@ -1302,6 +1340,25 @@ mod tests {
 
     fn parse(args: &[&str]) -> ServeArgs {
         Cli::parse_from(std::iter::once("x").chain(args.iter().copied())).args
+    }
+
+    #[test]
+    fn a_mistyped_key_gets_the_nearest_one_not_all_of_them() {
+        let dir = std::env::temp_dir().join(format!("turnpike-typo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (text, want) in [
+            ("relm = \"x\"\n", "did you mean `realm`?"),
+            ("relay-ipp = \"1.2.3.4\"\n", "did you mean `relay-ip`?"),
+            ("min_port = 5\n", "did you mean `min-port`?"),
+            ("allow-peers = []\n", "did you mean `allow-peer`?"),
+        ] {
+            let f = dir.join("t.toml");
+            std::fs::write(&f, text).unwrap();
+            let e = format!("{:#}", ServeArgs::from_file(&f).unwrap_err());
+            assert!(e.contains(want), "{text}: {e}");
+            assert!(!e.contains("expected one of"), "no list of every key: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
