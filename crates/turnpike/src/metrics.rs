@@ -103,6 +103,7 @@ pub(crate) fn sum(board: &Board) -> (WorkerMetrics, Vec<WorkerMetrics>) {
         tc.auth_failures += c.auth_failures;
         tc.auth_throttled += c.auth_throttled;
         tc.challenges_withheld += c.challenges_withheld;
+        tc.challenges += c.challenges;
         tc.quota_user += c.quota_user;
         tc.capacity += c.capacity;
         tc.drain_refused += c.drain_refused;

@@ -173,6 +173,24 @@ fn the_pages_are_served_and_their_api_needs_the_token() {
     assert_eq!(v["allocations"]["total"], 0);
     assert_eq!(v["node"]["draining"], false);
     assert_eq!(v["node"]["redis"], "off");
+
+    // Every client's first 401 is a challenge, not a failure: two good
+    // logins and one wrong password show as challenges and one failure.
+    allocate(s.turn, "alice", "wonderland").unwrap();
+    allocate(s.turn, "alice", "wonderland").unwrap();
+    assert!(allocate(s.turn, "alice", "not-her-password").is_err());
+    // Workers publish their counts once a second.
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    let errors = loop {
+        let (_, body) = common::http_request(s.admin, "GET", "/api/stats", Some(TOKEN)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if v["errors"]["401 challenge (normal)"].as_u64() == Some(3) || std::time::Instant::now() > end {
+            break v["errors"].clone();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(errors["401 challenge (normal)"], 3, "{errors}");
+    assert_eq!(errors["401 failed authentication"], 1, "{errors}");
 }
 
 #[test]

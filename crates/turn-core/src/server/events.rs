@@ -48,6 +48,10 @@ pub struct Counters {
     /// Unauthenticated requests too small to challenge within the
     /// reflection bound, dropped (challenge.rs).
     pub challenges_withheld: u64,
+    /// 401s sent to requests without integrity: the normal first step of
+    /// every client (RFC 8489 §9.2.4), not failures. They are also in
+    /// `errors` under 401, which otherwise counts failed authentications.
+    pub challenges: u64,
     /// Allocations refused by a user quota (486).
     pub quota_user: u64,
     /// Allocations refused by the total quota or port exhaustion (508).

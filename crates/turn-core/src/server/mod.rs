@@ -473,6 +473,8 @@ impl Server {
                         && !msg.has_integrity_sha256());
                 if !challenge {
                     self.note_refusal(tuple, msg, code, None);
+                } else if code == ErrorCode::Unauthorized {
+                    self.counters.challenges += 1;
                 }
                 return Some(self.respond(now, tuple, req, Reply::Error(code), None));
             }

@@ -60,11 +60,24 @@ pub(crate) fn snapshot(control: &Control, web: &super::Web, before: Option<&Samp
     let t = control.totals();
     let sample = Sample::of(&t);
     let c = &t.core;
+    // A 401 to a request without integrity is every client's first step
+    // (the challenge), not a failure: shown apart from the 401s that
+    // refused a wrong password or an unknown user.
     let errors: serde_json::Map<String, Value> = turn_core::ErrorCode::ALL
         .iter()
         .zip(c.errors)
+        .flat_map(|(code, n)| {
+            if *code == turn_core::ErrorCode::Unauthorized {
+                vec![
+                    ("401 challenge (normal)".to_owned(), c.challenges.min(n)),
+                    ("401 failed authentication".to_owned(), n.saturating_sub(c.challenges)),
+                ]
+            } else {
+                vec![(code.label().to_string(), n)]
+            }
+        })
         .filter(|(_, n)| *n > 0)
-        .map(|(code, n)| (code.label().to_string(), json!(n)))
+        .map(|(label, n)| (label, json!(n)))
         .collect();
     let refusals = json!({
         "bad_credentials": c.auth_failures,
