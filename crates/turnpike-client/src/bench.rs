@@ -151,6 +151,10 @@ pub struct BenchArgs {
     /// Calls mode: write a self-contained HTML report with charts here.
     #[arg(long, value_name = "FILE.html", help_heading = "Calls mode")]
     pub report: Option<std::path::PathBuf>,
+    /// Calls mode: the name of the server in the report (e.g. "coturn
+    /// 4.6.1, 1 thread") [default: the SOFTWARE its Binding answer names].
+    #[arg(long, value_name = "TEXT", help_heading = "Calls mode")]
+    pub label: Option<String>,
 }
 
 impl BenchArgs {

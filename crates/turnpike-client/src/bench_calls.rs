@@ -166,6 +166,59 @@ pub struct CallsReport {
     pub capacity: Option<Capacity>,
     /// Why the run stopped, in words.
     pub stopped: String,
+    /// What was measured and where, so two reports say more than a port.
+    pub run: RunInfo,
+}
+
+/// The server's and the load generator's identity for a report.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunInfo {
+    /// `--label`, else the SOFTWARE of the server's Binding answer.
+    pub server_name: Option<String>,
+    /// The SOFTWARE the server sent, if any.
+    pub server_software: Option<String>,
+    /// This bench's version.
+    pub bench_version: String,
+    /// The host the bench ran on.
+    pub host: String,
+    /// Its CPU model (/proc/cpuinfo).
+    pub cpu_model: String,
+    /// Its cores.
+    pub cores: usize,
+}
+
+impl RunInfo {
+    /// Asks the server for its SOFTWARE and reads this host's facts.
+    pub fn gather(server: SocketAddr, label: Option<&str>) -> RunInfo {
+        let software = crate::client::Channel::connect(
+            &crate::client::ClientTransport::Udp,
+            server,
+            Duration::from_secs(2),
+        )
+        .ok()
+        .and_then(|mut ch| crate::client::binding_answer(&mut ch, Duration::from_secs(2)).ok())
+        .and_then(|(_, s)| s);
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, m)| m.trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown CPU".to_owned());
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default();
+        RunInfo {
+            server_name: label.map(str::to_owned).or_else(|| software.clone()),
+            server_software: software,
+            bench_version: env!("CARGO_PKG_VERSION").to_owned(),
+            host,
+            cpu_model,
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
 }
 
 struct Leg {
@@ -645,6 +698,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         steps,
         capacity,
         stopped,
+        run: RunInfo::gather(args.server, args.label.as_deref()),
     };
     if let Some(path) = &args.report {
         std::fs::write(path, crate::bench_report::html(&report))

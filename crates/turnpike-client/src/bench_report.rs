@@ -230,7 +230,8 @@ td.num {{ text-align: right; font-variant-numeric: tabular-nums; }} th {{ backgr
 .charts {{ display: flex; flex-wrap: wrap; gap: 12px; }} figure {{ margin: 0; }} figcaption {{ font-weight: 600; margin: 8px 0 2px; }}
 svg.chart text {{ font-size: 11px; fill: #57606a; }}
 </style></head><body>
-<h1>turnpike bench: calls against {server}</h1>
+<h1>turnpike bench: calls against {name}</h1>
+<p id="run">Server: <b>{name}</b> at {server_addr}{software}. Load from turnpike bench {version} on {host}: {cpu_model}, {cores} cores.</p>
 <p class="muted">Each call is two legs, each an allocation, sending {pps} packets/s of {size} B to the other's relayed address
 over {transport:?} via {via:?} ({preset:?}), with up to {jitter} ms of send jitter; every packet crosses the server twice.
 Run stopped: {stopped}.</p>
@@ -243,7 +244,24 @@ Run stopped: {stopped}.</p>
 the core's busy time, with <code>--server-core</code>, also counts the softirq and kernel threads that carry its packets.</p>
 </body></html>
 "#,
-        server = esc(&r.server.to_string()),
+        server = esc(&match &r.run.server_name {
+            Some(n) => format!("{n} ({})", r.server),
+            None => r.server.to_string(),
+        }),
+        name = esc(r
+            .run
+            .server_name
+            .as_deref()
+            .unwrap_or("a server that sends no SOFTWARE (name it with --label)")),
+        server_addr = esc(&r.server.to_string()),
+        software = match (&r.run.server_software, &r.run.server_name) {
+            (Some(s), Some(n)) if s != n => format!(", SOFTWARE \"{}\"", esc(s)),
+            _ => String::new(),
+        },
+        version = esc(&r.run.bench_version),
+        host = esc(&r.run.host),
+        cpu_model = esc(&r.run.cpu_model),
+        cores = r.run.cores,
         pps = r.pps,
         size = r.size,
         transport = r.transport,

@@ -804,6 +804,15 @@ pub fn binding_answer_source(server: SocketAddr, timeout: Duration) -> io::Resul
 
 /// One STUN Binding transaction: the reflexive address the server saw.
 pub fn binding(ch: &mut Channel, timeout: Duration) -> Result<SocketAddr, ClientError> {
+    binding_answer(ch, timeout).map(|(mapped, _)| mapped)
+}
+
+/// One STUN Binding transaction: the reflexive address the server saw and
+/// the SOFTWARE it names itself by, if it sends one.
+pub fn binding_answer(
+    ch: &mut Channel,
+    timeout: Duration,
+) -> Result<(SocketAddr, Option<String>), ClientError> {
     let txid: [u8; 12] = rand::random();
     let mut buf = Vec::new();
     MessageBuilder::new(&mut buf, MessageType::new(method::BINDING, Class::Request), &txid).fingerprint();
@@ -823,9 +832,13 @@ pub fn binding(ch: &mut Channel, timeout: Duration) -> Result<SocketAddr, Client
                                 reason: String::from_utf8_lossy(reason).into_owned(),
                             });
                         }
+                        let software = m
+                            .get(attr::SOFTWARE)
+                            .map(|s| String::from_utf8_lossy(s).trim().to_owned());
                         return m
                             .get_xor_addr(attr::XOR_MAPPED_ADDRESS)
                             .and_then(|r| r.ok())
+                            .map(|a| (a, software))
                             .ok_or(ClientError::Protocol("no XOR-MAPPED-ADDRESS"));
                     }
                 }

@@ -116,6 +116,10 @@ fn the_ramp_ends_with_a_figure_and_its_report_renders() {
             "0.3",
         ];
         let mut args = ramp.to_vec();
+        if name == "turnpike" {
+            // turnpike sends no SOFTWARE by default: the report takes a label.
+            args.extend(["--label", "turnpike under test"]);
+        }
         args.extend(["--report", report.to_str().unwrap(), "--pid"]);
         let pid = std::process::id().to_string();
         let coturn_pid;
@@ -143,6 +147,24 @@ fn the_ramp_ends_with_a_figure_and_its_report_renders() {
             "{name}: the server's CPU is read: {r:#}"
         );
         let html = std::fs::read_to_string(&report).unwrap();
+        // The report names the server and the machine, not just a port.
+        let who = if name == "turnpike" {
+            "turnpike under test"
+        } else {
+            "Coturn-"
+        };
+        assert!(
+            r["run"]["server_name"].as_str().is_some_and(|n| n.contains(who)),
+            "{name}: {:#}",
+            r["run"]
+        );
+        assert!(html.contains(who), "{name}: the report names the server");
+        assert!(r["run"]["cores"].as_u64().unwrap() >= 1);
+        let cpu = r["run"]["cpu_model"].as_str().unwrap();
+        assert!(
+            html.contains(cpu) && html.contains("turnpike bench 0."),
+            "{name}: CPU and version in the report"
+        );
         assert!(
             html.contains("<svg") && !html.contains("<script") && !html.contains("http"),
             "self-contained"

@@ -70,7 +70,10 @@ pub(crate) fn snapshot(control: &Control, web: &super::Web, before: Option<&Samp
             if *code == turn_core::ErrorCode::Unauthorized {
                 vec![
                     ("401 challenge (normal)".to_owned(), c.challenges.min(n)),
-                    ("401 failed authentication".to_owned(), n.saturating_sub(c.challenges)),
+                    (
+                        "401 failed authentication".to_owned(),
+                        n.saturating_sub(c.challenges),
+                    ),
                 ]
             } else {
                 vec![(code.label().to_string(), n)]
