@@ -4,8 +4,8 @@ sequences for `core` that allocate, permit, bind, relay and expire."""
 import os, re, struct
 
 here = os.path.dirname(os.path.abspath(__file__))
-vectors = open(os.path.join(here, '../../../shared/conformance/vectors.md')).read() \
-    if os.path.exists(os.path.join(here, '../../../shared/conformance/vectors.md')) else ''
+vectors = open(os.path.join(here, '../../docs/conformance/vectors.md')).read() \
+    if os.path.exists(os.path.join(here, '../../docs/conformance/vectors.md')) else ''
 os.makedirs(os.path.join(here, 'codec'), exist_ok=True)
 os.makedirs(os.path.join(here, 'core'), exist_ok=True)
 

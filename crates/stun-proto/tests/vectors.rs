@@ -1,5 +1,5 @@
 //! The RFC 5769 and RFC 8489 Appendix B vectors from
-//! `shared/conformance/vectors.md`: decode, verify, re-encode, negative twins.
+//! `docs/conformance/vectors.md` (RFC 5769, RFC 8489 Appendix B): decode, verify, re-encode, negative twins.
 
 use std::net::SocketAddr;
 

@@ -1,5 +1,5 @@
 //! Which peers a relay may talk to (RFC 8656 §21.2.3 and
-//! `shared/conformance/peer-policy.md`).
+//! `docs/conformance/peer-policy.md`).
 //!
 //! The check runs on the *canonical* address: IPv4-mapped, IPv4-compatible,
 //! NAT64 and 6to4 forms are unwrapped to the IPv4 address they carry before
@@ -347,6 +347,41 @@ mod tests {
 
     fn rule(r: Result<(), Refusal>) -> Option<&'static str> {
         r.err().map(|r| r.rule())
+    }
+
+    /// Every range docs/conformance/peer-policy.md lists as refused by
+    /// default is in `default_denied`, and the code refuses no range the
+    /// table does not list.
+    #[test]
+    fn the_default_ranges_are_the_documented_table() {
+        let doc = include_str!("../../../docs/conformance/peer-policy.md");
+        let table: Vec<Cidr> = doc
+            .lines()
+            .skip_while(|l| !l.starts_with("Refuse by default"))
+            .skip(1)
+            .take_while(|l| !l.contains("own listening"))
+            .flat_map(|l| l.split([',', ' ']))
+            .filter(|w| w.contains('/'))
+            .map(|w| {
+                w.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{w} in peer-policy.md"))
+            })
+            .collect();
+        assert!(table.len() > 20, "{table:?}");
+        let code = default_denied();
+        for c in &table {
+            assert!(
+                code.contains(c),
+                "{c} is in peer-policy.md but not refused by default"
+            );
+        }
+        for c in &code {
+            assert!(
+                table.contains(c),
+                "{c} is refused by default but not in peer-policy.md"
+            );
+        }
     }
 
     #[test]

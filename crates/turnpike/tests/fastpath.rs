@@ -191,7 +191,7 @@ fn metric(t: &Topology, name: &str) -> f64 {
 #[test]
 fn channels_are_relayed_in_the_kernel_both_ways() {
     if let Err(why) = can_run() {
-        eprintln!("SKIP kernel fast path: {why}");
+        common::missing("kernel fast path", &why);
         return;
     }
     let t = topology("relay", 10, true);
@@ -236,7 +236,7 @@ fn channels_are_relayed_in_the_kernel_both_ways() {
 #[test]
 fn auto_without_forwarding_says_why_and_relays_in_user_space() {
     if let Err(why) = can_run() {
-        eprintln!("SKIP kernel fast path: {why}");
+        common::missing("kernel fast path", &why);
         return;
     }
     let t = topology("auto", 20, false);
@@ -407,7 +407,7 @@ fn settled(t: &Topology, name: &str) -> f64 {
 #[test]
 fn the_kernel_relays_exact_bytes_both_ways_in_both_families() {
     if let Err(why) = can_run() {
-        eprintln!("SKIP kernel fast path: {why}");
+        common::missing("kernel fast path", &why);
         return;
     }
     let t = topology("bytes", 30, true);
@@ -465,7 +465,7 @@ fn the_kernel_relays_exact_bytes_both_ways_in_both_families() {
 #[test]
 fn an_entry_stops_at_its_deadline_while_user_space_is_stopped() {
     if let Err(why) = can_run() {
-        eprintln!("SKIP kernel fast path: {why}");
+        common::missing("kernel fast path", &why);
         return;
     }
     let t = topology("expiry", 40, true);
@@ -524,7 +524,7 @@ fn an_entry_stops_at_its_deadline_while_user_space_is_stopped() {
 #[test]
 fn what_the_kernel_does_not_own_goes_to_user_space_as_before() {
     if let Err(why) = can_run() {
-        eprintln!("SKIP kernel fast path: {why}");
+        common::missing("kernel fast path", &why);
         return;
     }
     let t = topology("pass", 50, true);
@@ -605,7 +605,7 @@ fn admin_delete(t: &Topology, relayed: SocketAddr) -> String {
 #[test]
 fn deletion_admin_delete_and_drain_remove_entries() {
     if let Err(why) = can_run() {
-        eprintln!("SKIP kernel fast path: {why}");
+        common::missing("kernel fast path", &why);
         return;
     }
     let t = topology("remove", 60, true);
@@ -668,7 +668,7 @@ fn deletion_admin_delete_and_drain_remove_entries() {
 #[test]
 fn a_bandwidth_cap_holds_with_the_fast_path() {
     if let Err(why) = can_run() {
-        eprintln!("SKIP kernel fast path: {why}");
+        common::missing("kernel fast path", &why);
         return;
     }
     let t = topology("cap", 70, true);
@@ -718,7 +718,7 @@ fn a_bandwidth_cap_holds_with_the_fast_path() {
 #[test]
 fn auto_without_privileges_falls_back_to_user_space() {
     if let Err(why) = can_run() {
-        eprintln!("SKIP kernel fast path: {why}");
+        common::missing("kernel fast path", &why);
         return;
     }
     // The server as nobody: no CAP_BPF or CAP_NET_ADMIN.
@@ -788,7 +788,7 @@ fn auto_without_privileges_falls_back_to_user_space() {
 #[test]
 fn an_icmp_error_for_a_datagram_the_kernel_sent_reaches_the_client() {
     if let Err(why) = can_run() {
-        eprintln!("SKIP kernel fast path: {why}");
+        common::missing("kernel fast path", &why);
         return;
     }
     let t = topology("icmp", 90, true);

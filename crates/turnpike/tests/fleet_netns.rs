@@ -70,7 +70,7 @@ impl Topology {
         .map(|(t, _)| t)
         .collect();
         if common::euid() != 0 || !missing.is_empty() {
-            eprintln!("SKIP fleet behind balancers: needs root and {missing:?} (.ci/run installs them)");
+            common::missing("fleet behind balancers", &format!("needs root and {missing:?}"));
             return None;
         }
         let id = std::process::id();

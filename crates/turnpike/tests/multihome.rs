@@ -4,6 +4,8 @@
 //! sent to, and an Allocate that reached the second address relays from
 //! it. Needs root and `ip` (iproute2); skipped with a message otherwise.
 
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -93,11 +95,14 @@ print('none')
 #[test]
 fn wildcard_listener_answers_and_relays_from_the_address_reached() {
     if not_root() {
-        eprintln!("SKIP multihome: needs root for network namespaces");
+        common::missing("multihome", "needs root for network namespaces");
         return;
     }
     let Some(ns) = Netns::create() else {
-        eprintln!("SKIP multihome: `ip netns add` failed (no iproute2 or no namespaces here)");
+        common::missing(
+            "multihome",
+            "`ip netns add` failed (no iproute2 or no namespaces here)",
+        );
         return;
     };
     let server = Server(

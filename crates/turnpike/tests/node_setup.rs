@@ -37,7 +37,10 @@ impl Nat {
             .status()
             .is_ok_and(|s| s.success());
         if euid != 0 || !have_nft {
-            eprintln!("SKIP external-ip-from behind NAT: needs root and nft (apt-get install nftables), as .ci/run has");
+            common::missing(
+                "external-ip-from behind NAT",
+                "needs root and nft (apt-get install nftables)",
+            );
             return None;
         }
         let id = std::process::id();

@@ -32,7 +32,10 @@ fn have(tool: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !found {
-        eprintln!("SKIP: {tool} not installed (apt-get install prometheus, as .ci/run does)");
+        common::missing(
+            "prometheus",
+            &format!("{tool} not installed (apt-get install prometheus)"),
+        );
     }
     found
 }

@@ -33,7 +33,10 @@ fn haproxy(tcp: SocketAddr, tls: SocketAddr) -> Option<(Haproxy, SocketAddr, Soc
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        eprintln!("SKIP PROXY protocol: haproxy not installed (apt-get install haproxy)");
+        common::missing(
+            "PROXY protocol",
+            "haproxy not installed (apt-get install haproxy)",
+        );
         return None;
     }
     let (p1, p2) = (common::free_port(), common::free_port());

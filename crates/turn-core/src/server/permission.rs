@@ -1,6 +1,6 @@
 //! CreatePermission (RFC 8656 §9) and ChannelBind (§12.2), and the peer
 //! checks both make: family (443) and peer policy (403,
-//! `shared/conformance/peer-policy.md`).
+//! `docs/conformance/peer-policy.md`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
