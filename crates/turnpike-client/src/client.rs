@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stun_proto::{attr, method, ChannelData, Class, Message, MessageBuilder, MessageType, PacketKind};
+use turn_core::ErrorCode;
 
 /// Which transport to reach the server over.
 #[derive(Debug, Clone)]
@@ -538,12 +539,15 @@ impl TurnClient {
                         self.realm = Some(realm);
                         self.nonce = Some(nonce.to_vec());
                         // A 401 after credentials were sent means they are wrong.
-                        if code == 401 && had_realm && auth_tries > 1 {
+                        if ErrorCode::from_code(code) == Some(ErrorCode::Unauthorized)
+                            && had_realm
+                            && auth_tries > 1
+                        {
                             return Err(ClientError::Error { code, reason });
                         }
                         continue;
                     }
-                    if code == 300 {
+                    if ErrorCode::from_code(code) == Some(ErrorCode::TryAlternate) {
                         self.alternate = msg.get_addr(attr::ALTERNATE_SERVER).and_then(|a| a.ok());
                     }
                     return Err(ClientError::Error { code, reason });

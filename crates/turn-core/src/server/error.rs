@@ -1,128 +1,93 @@
-//! The error codes the server answers with: one type carries the code, the
-//! reason phrase and the metric slot, so responses and metrics cannot drift.
+//! The error codes the server answers with: one table gives each its
+//! number, reason phrase, metric label and slot, so responses, logs,
+//! metrics and clients cannot drift apart (quinn's `errors!`, rustls's
+//! `enum_builder!` are the models).
 
-/// A STUN/TURN error response code (RFC 8489 §14.8, RFC 8656 §18).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum ErrorCode {
-    /// 300: the client should use ALTERNATE-SERVER (draining).
-    TryAlternate,
+/// Declares [`ErrorCode`] from one table: `Name = number, "reason"`.
+macro_rules! error_codes {
+    ($($(#[$doc:meta])* $name:ident = $code:literal, $reason:literal;)*) => {
+        /// A STUN/TURN error response code (RFC 8489 §14.8, RFC 8656 §18,
+        /// RFC 6062 §6.3).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum ErrorCode {
+            $($(#[$doc])* $name,)*
+        }
+
+        impl ErrorCode {
+            /// Every code, in metric order (the table's).
+            pub const ALL: [ErrorCode; [$($code),*].len()] = [$(ErrorCode::$name),*];
+
+            /// The numeric code.
+            pub const fn code(self) -> u16 {
+                match self {
+                    $(ErrorCode::$name => $code,)*
+                }
+            }
+
+            /// The reason phrase the RFCs suggest.
+            pub const fn reason(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$name => $reason,)*
+                }
+            }
+
+            /// The metric label value (the code as text).
+            pub const fn label(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$name => stringify!($code),)*
+                }
+            }
+
+            /// The code a response carried, if the server knows it (a
+            /// client matches these instead of numbers).
+            pub const fn from_code(code: u16) -> Option<ErrorCode> {
+                match code {
+                    $($code => Some(ErrorCode::$name),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// 300: the client should use ALTERNATE-SERVER (draining, load).
+    TryAlternate = 300, "Try Alternate";
     /// 400: malformed or inconsistent request.
-    BadRequest,
+    BadRequest = 400, "Bad Request";
     /// 401: missing or wrong credentials.
-    Unauthorized,
+    Unauthorized = 401, "Unauthorized";
     /// 403: the peer is refused by policy.
-    Forbidden,
+    Forbidden = 403, "Forbidden";
     /// 420: unknown comprehension-required attribute.
-    UnknownAttribute,
+    UnknownAttribute = 420, "Unknown Attribute";
     /// 437: no allocation, or one already exists on this 5-tuple.
-    AllocationMismatch,
+    AllocationMismatch = 437, "Allocation Mismatch";
     /// 438: the nonce is stale or forged.
-    StaleNonce,
+    StaleNonce = 438, "Stale Nonce";
     /// 440: the address family is not served.
-    AddressFamilyNotSupported,
+    AddressFamilyNotSupported = 440, "Address Family not Supported";
     /// 441: the allocation belongs to another user.
-    WrongCredentials,
+    WrongCredentials = 441, "Wrong Credentials";
     /// 442: the requested transport is not offered.
-    UnsupportedTransport,
+    UnsupportedTransport = 442, "Unsupported Transport Protocol";
     /// 443: the peer's family differs from every relayed address.
-    PeerAddressFamilyMismatch,
+    PeerAddressFamilyMismatch = 443, "Peer Address Family Mismatch";
     /// 446: a connection to that peer exists already (RFC 6062 §6.3).
-    ConnectionAlreadyExists,
+    ConnectionAlreadyExists = 446, "Connection Already Exists";
     /// 447: the connection to the peer failed or timed out (RFC 6062 §6.3).
-    ConnectionTimeoutOrFailure,
+    ConnectionTimeoutOrFailure = 447, "Connection Timeout or Failure";
     /// 486: the user's allocation quota is reached.
-    AllocationQuotaReached,
+    AllocationQuotaReached = 486, "Allocation Quota Reached";
     /// 508: no capacity (total quota, ports, permissions, channels).
-    InsufficientCapacity,
+    InsufficientCapacity = 508, "Insufficient Capacity";
 }
 
 impl ErrorCode {
-    /// Every code, in metric order.
-    pub const ALL: [ErrorCode; 15] = [
-        ErrorCode::TryAlternate,
-        ErrorCode::BadRequest,
-        ErrorCode::Unauthorized,
-        ErrorCode::Forbidden,
-        ErrorCode::UnknownAttribute,
-        ErrorCode::AllocationMismatch,
-        ErrorCode::StaleNonce,
-        ErrorCode::AddressFamilyNotSupported,
-        ErrorCode::WrongCredentials,
-        ErrorCode::UnsupportedTransport,
-        ErrorCode::PeerAddressFamilyMismatch,
-        ErrorCode::ConnectionAlreadyExists,
-        ErrorCode::ConnectionTimeoutOrFailure,
-        ErrorCode::AllocationQuotaReached,
-        ErrorCode::InsufficientCapacity,
-    ];
-
-    /// The numeric code.
-    pub const fn code(self) -> u16 {
-        match self {
-            ErrorCode::TryAlternate => 300,
-            ErrorCode::BadRequest => 400,
-            ErrorCode::Unauthorized => 401,
-            ErrorCode::Forbidden => 403,
-            ErrorCode::UnknownAttribute => 420,
-            ErrorCode::AllocationMismatch => 437,
-            ErrorCode::StaleNonce => 438,
-            ErrorCode::AddressFamilyNotSupported => 440,
-            ErrorCode::WrongCredentials => 441,
-            ErrorCode::UnsupportedTransport => 442,
-            ErrorCode::PeerAddressFamilyMismatch => 443,
-            ErrorCode::ConnectionAlreadyExists => 446,
-            ErrorCode::ConnectionTimeoutOrFailure => 447,
-            ErrorCode::AllocationQuotaReached => 486,
-            ErrorCode::InsufficientCapacity => 508,
-        }
-    }
-
-    /// The reason phrase the RFCs suggest.
-    pub const fn reason(self) -> &'static str {
-        match self {
-            ErrorCode::TryAlternate => "Try Alternate",
-            ErrorCode::BadRequest => "Bad Request",
-            ErrorCode::Unauthorized => "Unauthorized",
-            ErrorCode::Forbidden => "Forbidden",
-            ErrorCode::UnknownAttribute => "Unknown Attribute",
-            ErrorCode::AllocationMismatch => "Allocation Mismatch",
-            ErrorCode::StaleNonce => "Stale Nonce",
-            ErrorCode::AddressFamilyNotSupported => "Address Family not Supported",
-            ErrorCode::WrongCredentials => "Wrong Credentials",
-            ErrorCode::UnsupportedTransport => "Unsupported Transport Protocol",
-            ErrorCode::PeerAddressFamilyMismatch => "Peer Address Family Mismatch",
-            ErrorCode::ConnectionAlreadyExists => "Connection Already Exists",
-            ErrorCode::ConnectionTimeoutOrFailure => "Connection Timeout or Failure",
-            ErrorCode::AllocationQuotaReached => "Allocation Quota Reached",
-            ErrorCode::InsufficientCapacity => "Insufficient Capacity",
-        }
-    }
-
-    /// The metric label value (the code as text).
-    pub const fn label(self) -> &'static str {
-        match self {
-            ErrorCode::TryAlternate => "300",
-            ErrorCode::BadRequest => "400",
-            ErrorCode::Unauthorized => "401",
-            ErrorCode::Forbidden => "403",
-            ErrorCode::UnknownAttribute => "420",
-            ErrorCode::AllocationMismatch => "437",
-            ErrorCode::StaleNonce => "438",
-            ErrorCode::AddressFamilyNotSupported => "440",
-            ErrorCode::WrongCredentials => "441",
-            ErrorCode::UnsupportedTransport => "442",
-            ErrorCode::PeerAddressFamilyMismatch => "443",
-            ErrorCode::ConnectionAlreadyExists => "446",
-            ErrorCode::ConnectionTimeoutOrFailure => "447",
-            ErrorCode::AllocationQuotaReached => "486",
-            ErrorCode::InsufficientCapacity => "508",
-        }
-    }
-
-    /// Its slot in [`crate::Counters::errors`].
-    pub fn index(self) -> usize {
-        Self::ALL.iter().position(|c| *c == self).unwrap_or(0)
+    /// Its slot in [`crate::Counters::errors`]: its place in the table.
+    pub const fn index(self) -> usize {
+        self as usize
     }
 
     /// Challenges to unauthenticated sources (401, 438) go without a reason
@@ -141,6 +106,8 @@ mod tests {
         for c in ErrorCode::ALL {
             assert_eq!(c.label(), c.code().to_string());
             assert_eq!(ErrorCode::ALL[c.index()], c);
+            assert_eq!(ErrorCode::from_code(c.code()), Some(c));
         }
+        assert_eq!(ErrorCode::from_code(499), None);
     }
 }

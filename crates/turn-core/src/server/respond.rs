@@ -182,12 +182,15 @@ impl Server {
                 }
             }
             Reply::TryAlternate(alt) => {
-                b.error_code(300, ErrorCode::TryAlternate.reason())
+                b.error_code(ErrorCode::TryAlternate.code(), ErrorCode::TryAlternate.reason())
                     .addr(attr::ALTERNATE_SERVER, alt);
             }
             Reply::Unknown(list, n) => {
-                b.error_code(420, ErrorCode::UnknownAttribute.reason())
-                    .unknown_attributes(&list[..n]);
+                b.error_code(
+                    ErrorCode::UnknownAttribute.code(),
+                    ErrorCode::UnknownAttribute.reason(),
+                )
+                .unknown_attributes(&list[..n]);
             }
             Reply::AllocateOk {
                 relayed,

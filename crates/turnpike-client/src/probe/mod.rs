@@ -174,48 +174,62 @@ fn describe(e: &ClientError, t: &ClientTransport, addr: SocketAddr) -> (String, 
                 tn.to_uppercase()
             )),
         ),
-        ClientError::Io(io) if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => (
-            "no answer".into(),
-            Some(format!(
-                "no answer on {tn} {addr}: the server is not running there, or a firewall drops {}",
-                tn.to_uppercase()
-            )),
-        ),
+        ClientError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            (
+                "no answer".into(),
+                Some(format!(
+                    "no answer on {tn} {addr}: the server is not running there, or a firewall drops {}",
+                    tn.to_uppercase()
+                )),
+            )
+        }
         ClientError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => (
             format!("connection refused ({io})"),
-            Some(format!("nothing listens on {tn} {addr}: check the port and that the server runs")),
-        ),
-        ClientError::Io(io) if io.to_string().contains("certificate") || io.to_string().contains("Certificate") => (
-            format!("TLS certificate not accepted ({io})"),
             Some(format!(
+                "nothing listens on {tn} {addr}: check the port and that the server runs"
+            )),
+        ),
+        ClientError::Io(io)
+            if io.to_string().contains("certificate") || io.to_string().contains("Certificate") =>
+        {
+            (
+                format!("TLS certificate not accepted ({io})"),
+                Some(format!(
                 "the certificate of {addr} does not verify (expired, self-signed, untrusted CA, or a name \
                  it does not carry): give the server a certificate from a public CA for this name, trust \
                  a private CA with --ca FILE, or check anyway with --insecure"
             )),
-        ),
+            )
+        }
         ClientError::Io(io) => (format!("{io}"), Some(format!("network error on {tn} {addr}"))),
-        ClientError::Error { code: 401, reason } => (
-            format!("401 {}", if reason.is_empty() { "Unauthorized" } else { reason }),
-            Some("401: the server does not accept these credentials; check the username and password (and the realm, shown in the report)".into()),
+        ClientError::Error { code, reason } => {
+            use turn_core::ErrorCode as E;
+            let shown = format!(
+                "{code} {}",
+                match (reason.is_empty(), E::from_code(*code)) {
+                    (true, Some(e)) => e.reason(),
+                    _ => reason.as_str(),
+                }
+            );
+            let advice = match E::from_code(*code) {
+                Some(E::Unauthorized) => Some("401: the server does not accept these credentials; check the username and password (and the realm, shown in the report)"),
+                Some(E::Forbidden) => Some("403 on the peer: the server refuses that address (its peer policy: a private, loopback or reserved range, or an operator's deny-peer); its operator allows a range with allow-peer"),
+                Some(E::AllocationMismatch) => Some("437: an allocation already exists for this address and port; wait for it to expire"),
+                Some(E::AllocationQuotaReached) => Some("486: this user's allocation quota is used up"),
+                Some(E::InsufficientCapacity) => Some("508: the server is out of capacity (relay ports or its allocation quota) or draining"),
+                _ => None,
+            };
+            (shown, advice.map(str::to_owned))
+        }
+        ClientError::Protocol(p) => (
+            p.to_string(),
+            Some("the server's answer is not valid STUN/TURN".into()),
         ),
-        ClientError::Error { code: 403, reason } => (
-            format!("403 {reason}"),
-            Some("403 on the peer: the server refuses that address range (its peer policy); relaying between two of its own allocations, or to a private address, is refused unless the operator allows it".into()),
-        ),
-        ClientError::Error { code: 437, reason } => (
-            format!("437 {reason}"),
-            Some("437: an allocation already exists for this address and port; wait for it to expire".into()),
-        ),
-        ClientError::Error { code: 486, reason } => (
-            format!("486 {reason}"),
-            Some("486: this user's allocation quota is used up".into()),
-        ),
-        ClientError::Error { code: 508, reason } => (
-            format!("508 {reason}"),
-            Some("508: the server is out of capacity (relay ports or its allocation quota) or draining".into()),
-        ),
-        ClientError::Error { code, reason } => (format!("{code} {reason}"), None),
-        ClientError::Protocol(p) => (p.to_string(), Some("the server's answer is not valid STUN/TURN".into())),
     }
 }
 
