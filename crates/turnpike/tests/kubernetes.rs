@@ -457,7 +457,7 @@ fn pod_security_violations(spec: &Value, level: &str) -> Vec<String> {
             if sc["runAsUser"] == 0 {
                 v.push(format!("{name}: runAsUser 0"));
             }
-            if !(pod_seccomp || !sc["seccompProfile"]["type"].is_null()) {
+            if !pod_seccomp && sc["seccompProfile"]["type"].is_null() {
                 v.push(format!("{name}: no seccompProfile"));
             }
             let drops_all = sc["capabilities"]["drop"]
