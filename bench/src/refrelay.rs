@@ -9,6 +9,7 @@
 //! turnpike's protocol work costs. Never expose it: it is an open relay.
 //!
 //!     refrelay 127.0.0.1:3480
+#![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::io;

@@ -14,7 +14,7 @@
 //! refused with [`Error::Unsupported`] and its channel stays in user
 //! space, as do IPv6 channels on interfaces that do not forward IPv6).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
@@ -179,46 +179,10 @@ pub struct Entry {
 }
 
 /// The index of the interface holding `ip` (where the kernel sends a
-/// datagram from it), if any.
+/// datagram from it), if any: udp-io's interface walk, the one place that
+/// reads getifaddrs.
 pub fn interface_of(ip: IpAddr) -> Option<u32> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs writes a list head into `head`; on success it is
-    // freed below with freeifaddrs and not used after.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return None;
-    }
-    let mut found = None;
-    let mut cur = head;
-    while !cur.is_null() && found.is_none() {
-        // SAFETY: `cur` is a node of the list getifaddrs returned, alive
-        // until freeifaddrs.
-        let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null() && !ifa.ifa_name.is_null() {
-            // SAFETY: ifa_addr points to a sockaddr whose family says its
-            // type; only AF_INET and AF_INET6 are read, as theirs.
-            let family = unsafe { (*ifa.ifa_addr).sa_family } as libc::c_int;
-            let a = if family == libc::AF_INET {
-                // SAFETY: the family is AF_INET, so this is a sockaddr_in.
-                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))))
-            } else if family == libc::AF_INET6 {
-                // SAFETY: the family is AF_INET6, so this is a sockaddr_in6.
-                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                Some(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
-            } else {
-                None
-            };
-            if a == Some(ip) {
-                // SAFETY: ifa_name is a NUL-terminated string of the list.
-                let idx = unsafe { libc::if_nametoindex(ifa.ifa_name) };
-                found = (idx != 0).then_some(idx);
-            }
-        }
-        cur = ifa.ifa_next;
-    }
-    // SAFETY: `head` came from a successful getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
-    found
+    udp_io::interface_of(ip)
 }
 
 /// Network byte order in memory, as the program compares it.

@@ -1,4 +1,5 @@
 //! The `turnpike` command.
+#![forbid(unsafe_code)]
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};

@@ -30,4 +30,6 @@ pub use errqueue::{ErrorQueue, IcmpError};
 pub use opts::{set_dont_fragment, set_recv_errors, set_recv_local_addr};
 pub use recv::{Datagram, RecvBatch, BATCH};
 pub use send::{SendQueue, SendStats, QUEUE_ENTRIES};
-pub use sys::{clock_ticks_per_second, enter_network_namespace, interface_addresses, local_addresses};
+pub use sys::{
+    clock_ticks_per_second, enter_network_namespace, interface_addresses, interface_of, local_addresses,
+};

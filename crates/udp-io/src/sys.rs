@@ -11,6 +11,16 @@ pub fn local_addresses() -> Vec<IpAddr> {
     out
 }
 
+/// The index of the interface holding `ip` (where the kernel sends a
+/// datagram from it), if any.
+pub fn interface_of(ip: IpAddr) -> Option<u32> {
+    let (name, _, _) = interface_addresses().into_iter().find(|(_, a, _)| *a == ip)?;
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `name` is a NUL-terminated string that outlives the call.
+    let idx = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (idx != 0).then_some(idx)
+}
+
 /// Every interface address: (interface name, address, whether the
 /// interface is loopback).
 pub fn interface_addresses() -> Vec<(String, IpAddr, bool)> {
