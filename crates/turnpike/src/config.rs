@@ -47,8 +47,8 @@ pub struct ServeArgs {
     pub key: Option<PathBuf>,
 
     /// Address relay sockets bind to (one per family; repeatable).
-    /// Default: the listen address if specific, else the host's first
-    /// non-loopback IPv4 address.
+    /// Default: the address each client reached (a loopback one only for
+    /// loopback clients), else the host's address of that family.
     #[arg(long, value_name = "IP")]
     #[serde(default, deserialize_with = "one_or_many")]
     pub relay_ip: Vec<IpAddr>,
@@ -184,8 +184,9 @@ pub struct ServeArgs {
     pub user_max_bps: Option<u64>,
 
     /// Answers per second to unauthenticated requests (Binding, 401) from
-    /// one source IP, per worker; 0 turns per-source limits off, which
-    /// single-host benchmarks need [default: 200].
+    /// one source IP, for the whole host (all workers share the budget);
+    /// 0 turns per-source limits off, which single-host benchmarks need
+    /// [default: 200].
     #[arg(long, value_name = "N")]
     pub rate_limit_per_ip: Option<u32>,
 

@@ -269,6 +269,49 @@ fn help_documents_every_required_flag() {
     ] {
         assert!(help.contains(flag), "serve --help lacks {flag}");
     }
+    // README's option table has a row for every flag --help lists, so a
+    // documented flag exists and an existing one is documented.
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+            .unwrap();
+    let mut flags: Vec<&str> = help
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("--"))
+        .map(|l| l.split([' ', '=', '<', '[']).next().unwrap_or(""))
+        .filter(|f| !f.is_empty() && *f != "help")
+        .collect();
+    flags.sort();
+    flags.dedup();
+    assert!(flags.len() > 60, "{flags:?}");
+    let undocumented: Vec<&&str> = flags
+        .iter()
+        .filter(|f| !readme.contains(&format!("`--{f}")))
+        .collect();
+    assert!(undocumented.is_empty(), "README lacks {undocumented:?}");
+    // And the other way: every `--flag` README's table names exists.
+    let table = readme
+        .split("| option | meaning |")
+        .nth(1)
+        .unwrap()
+        .split("\n\n")
+        .next()
+        .unwrap();
+    for cell in table.lines().filter_map(|l| l.split('|').nth(1)) {
+        for word in cell.split('`').skip(1).step_by(2) {
+            if let Some(f) = word.strip_prefix("--") {
+                let f = f.split([' ', '=']).next().unwrap();
+                assert!(
+                    flags.contains(&f),
+                    "README documents --{f}, which serve does not have"
+                );
+            }
+        }
+    }
+    // Help texts that drifted once: limits are per host.
+    assert!(
+        !help.contains("one source IP, per worker"),
+        "the answer budget is per host"
+    );
 }
 
 #[test]
