@@ -73,6 +73,19 @@ fn sigterm_and_wait(mut server: Server) -> std::process::ExitStatus {
     panic!("server did not exit within 5 s of SIGTERM");
 }
 
+/// The demo credential the banner prints on stdout: (username, password).
+fn demo_credential(out: &mpsc::Receiver<String>, banner: &mut Vec<String>) -> (String, String) {
+    let mut value = |label: &str| {
+        wait_for(out, label, banner)
+            .split(':')
+            .nth(1)
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    (value("username:"), value("password:"))
+}
+
 fn listen_addr(line: &str) -> SocketAddr {
     let rest = line
         .split("listen=[")
@@ -96,18 +109,7 @@ fn serve_without_arguments_is_useful() {
     let started = wait_for(&err, "turnpike started", &mut seen);
     assert!(started.contains("3478") && started.contains("5349"), "{started}");
     let mut banner = Vec::new();
-    let user = wait_for(&out, "username:", &mut banner)
-        .split(':')
-        .nth(1)
-        .unwrap()
-        .trim()
-        .to_owned();
-    let password = wait_for(&out, "password:", &mut banner)
-        .split(':')
-        .nth(1)
-        .unwrap()
-        .trim()
-        .to_owned();
+    let (user, password) = demo_credential(&out, &mut banner);
     assert!(banner.iter().any(|l| l.contains("DEMO CREDENTIAL")), "{banner:?}");
     // The banner's probe command, run as printed, passes against the
     // defaults (it relays between its own two allocations).
@@ -1745,18 +1747,7 @@ fn readme_commands_work_as_written() {
     };
     assert!(started.contains("3478") && started.contains("5349"), "{started}");
     let mut banner = Vec::new();
-    let user = wait_for(&out, "username:", &mut banner)
-        .split(':')
-        .nth(1)
-        .unwrap()
-        .trim()
-        .to_owned();
-    let password = wait_for(&out, "password:", &mut banner)
-        .split(':')
-        .nth(1)
-        .unwrap()
-        .trim()
-        .to_owned();
+    let (user, password) = demo_credential(&out, &mut banner);
     let answers = common::in_ns(&ns.0, move || {
         let t = Duration::from_secs(3);
         let mut got = Vec::new();

@@ -25,6 +25,18 @@ fn turnadmin() -> &'static Path {
     p
 }
 
+/// A user in coturn's SQLite database, written by coturn's own turnadmin.
+fn add_coturn_user(turndb: &Path, name: &str, realm: &str, password: &str) {
+    let st = Command::new(turnadmin())
+        .args(["-a", "-b", turndb.to_str().unwrap()])
+        .args(["-u", name, "-r", realm, "-p", password])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "turnadmin -a");
+}
+
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("turnpike-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -87,14 +99,7 @@ fn a_coturn_conf_converts_starts_and_serves_its_users() {
     let dir = scratch("coturn-conf");
     // coturn's tool writes its database, as an operator's would be.
     let turndb = dir.join("turndb");
-    let st = Command::new(turnadmin())
-        .args(["-a", "-b", turndb.to_str().unwrap()])
-        .args(["-u", "gus", "-r", "turn.example.com", "-p", "gus-pw"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success(), "turnadmin -a");
+    add_coturn_user(&turndb, "gus", "turn.example.com", "gus-pw");
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
         .unwrap()
@@ -339,14 +344,7 @@ fn outcomes(server: std::net::SocketAddr, user: &str, pw: &str, peers: &[&str]) 
 fn imported_turnpike_answers_as_coturn_did() {
     let dir = scratch("coturn-same");
     let turndb = dir.join("turndb");
-    let st = Command::new(turnadmin())
-        .args(["-a", "-b", turndb.to_str().unwrap()])
-        .args(["-u", "gus", "-r", "same.example", "-p", "gus-pw"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success(), "turnadmin -a");
+    add_coturn_user(&turndb, "gus", "same.example", "gus-pw");
     let port = common::free_port();
     // The REST-API lines of each variant: with use-auth-secret, with the
     // secret alone (which coturn also takes as REST-only), and without.
