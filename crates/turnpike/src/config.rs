@@ -233,7 +233,7 @@ pub struct ServeArgs {
     /// the kernel and privileges allow, else say why and relay in user
     /// space), on (refuse to start without it), off [default: auto].
     #[arg(long, value_name = "MODE")]
-    pub fast_path: Option<String>,
+    pub fast_path: Option<FastPathMode>,
 
     /// Interface for the fast path (repeatable) [default: the non-loopback
     /// interfaces that hold a listen address].
@@ -360,7 +360,7 @@ pub struct ServeArgs {
 
     /// Log format: text or json (one JSON object per line) [default: text].
     #[arg(long, value_name = "FORMAT")]
-    pub log_format: Option<String>,
+    pub log_format: Option<LogFormat>,
 
     /// Hide client and peer IP addresses and usernames in logs, replacing
     /// each with a keyed hash (stable for this run, so lines still correlate).
@@ -1134,12 +1134,7 @@ impl Settings {
         if tcp_connections_per_allocation == 0 || tcp_connections_per_allocation > 65535 {
             bail!("tcp-connections-per-allocation: must be 1 to 65535 (default 64)");
         }
-        let fast_path = match a.fast_path.as_deref().unwrap_or("auto") {
-            "auto" => FastPathMode::Auto,
-            "on" => FastPathMode::On,
-            "off" => FastPathMode::Off,
-            other => bail!("fast-path: {other:?} is not auto, on or off (default auto)"),
-        };
+        let fast_path = a.fast_path.unwrap_or_default();
         if fast_path == FastPathMode::Off && !a.fast_path_interface.is_empty() {
             bail!("fast-path-interface: given with --fast-path off; drop one of them");
         }
@@ -1169,11 +1164,7 @@ impl Settings {
             }
             None
         };
-        let log_json = match a.log_format.as_deref() {
-            None | Some("text") => false,
-            Some("json") => true,
-            Some(other) => bail!("log-format \"{other}\": use text or json"),
-        };
+        let log_json = a.log_format == Some(LogFormat::Json);
         let admin = match a.admin_listen {
             None => None,
             Some(addr) => {
@@ -1304,10 +1295,23 @@ impl Settings {
     }
 }
 
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// `--fast-path`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum FastPathMode {
     /// Load when possible; else relay in user space, saying why once.
+    #[default]
     Auto,
     /// Refuse to start without it.
     On,

@@ -276,7 +276,7 @@ fn on_refuses_to_start_when_it_cannot_load() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("fast-path:") && stderr.contains("auto, on or off"),
+        stderr.contains("--fast-path") && stderr.contains("[possible values: auto, on, off]"),
         "{stderr}"
     );
 }
