@@ -42,7 +42,7 @@ pub(super) fn build_policy(settings: &Settings, own_sockets: &[SocketAddr]) -> P
 /// A request from the control plane to a worker, handled in its loop
 /// (never on the packet path); the answer goes back on `reply`.
 #[non_exhaustive]
-pub enum Command {
+pub enum WorkerRequest {
     /// List this worker's allocations.
     Sessions(std::sync::mpsc::Sender<Vec<turn_core::SessionInfo>>),
     /// Delete the allocations `pick` selects; answers how many.
@@ -222,7 +222,7 @@ pub struct Control {
     pub(super) quotas: Arc<turn_core::limits::Quotas>,
     pub(super) reloads: Arc<Reloads>,
     pub(super) base: CoreBase,
-    pub(super) commands: Vec<std::sync::mpsc::Sender<Command>>,
+    pub(super) commands: Vec<std::sync::mpsc::Sender<WorkerRequest>>,
     pub(super) limits: Arc<Mutex<SharedLimits>>,
     pub(super) board: crate::metrics::Board,
 }
@@ -236,7 +236,7 @@ impl Control {
     /// Every live allocation, from all workers.
     pub fn sessions(&self) -> Vec<turn_core::SessionInfo> {
         let (tx, rx) = std::sync::mpsc::channel();
-        let asked = self.ask(|| Command::Sessions(tx.clone()));
+        let asked = self.ask(|| WorkerRequest::Sessions(tx.clone()));
         (0..asked)
             .filter_map(|_| rx.recv_timeout(Duration::from_secs(2)).ok())
             .flatten()
@@ -246,7 +246,7 @@ impl Control {
     /// Deletes the allocations `pick` selects, on every worker.
     pub fn delete_sessions(&self, pick: Arc<dyn Fn(&turn_core::SessionInfo) -> bool + Send + Sync>) -> usize {
         let (tx, rx) = std::sync::mpsc::channel();
-        let asked = self.ask(|| Command::Delete {
+        let asked = self.ask(|| WorkerRequest::Delete {
             pick: pick.clone(),
             reply: tx.clone(),
         });
@@ -260,7 +260,7 @@ impl Control {
         self.draining.store(false, Ordering::SeqCst);
     }
 
-    pub(super) fn ask(&self, make: impl Fn() -> Command) -> usize {
+    pub(super) fn ask(&self, make: impl Fn() -> WorkerRequest) -> usize {
         let mut asked = 0;
         for (tx, w) in self.commands.iter().zip(&self.wakers) {
             if tx.send(make()).is_ok() {

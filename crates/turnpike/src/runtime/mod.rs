@@ -44,7 +44,7 @@ mod tcp_relay;
 mod worker;
 
 use control::{core_config, CoreBase, Reloads, SharedLimits};
-pub use control::{Command, Control};
+pub use control::{Control, WorkerRequest};
 use listeners::{bind_pair, bind_tcp, bind_udp, ensure_free, in_use_hint};
 pub use log::Redactor;
 use relays::{RelayConfig, Reservations};

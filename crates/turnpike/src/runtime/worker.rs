@@ -20,7 +20,7 @@ use turn_core::limits::SourceCounter;
 use turn_core::proxy::{Header as ProxyHeader, Parsed};
 use turn_core::{FiveTuple, ListenerId, Server, Transport};
 
-use super::control::{Command, Reloads};
+use super::control::{Reloads, WorkerRequest};
 use super::dispatch::{Io, Source};
 use super::log::{Redactor, RefusalLog};
 use super::relays::{RelayConfig, Reservations};
@@ -63,7 +63,7 @@ pub(super) struct WorkerParams {
     pub(super) id: usize,
     pub(super) gso: bool,
     pub(super) board: crate::metrics::Board,
-    pub(super) commands: std::sync::mpsc::Receiver<Command>,
+    pub(super) commands: std::sync::mpsc::Receiver<WorkerRequest>,
     pub(super) connections: Arc<SourceCounter>,
     /// Data connections other workers pass to this one (RFC 6062).
     pub(super) handoff: std::sync::mpsc::Receiver<Box<Conn>>,
@@ -102,7 +102,7 @@ pub(super) struct Worker {
     pub(super) seen_generation: u64,
     pub(super) id: usize,
     pub(super) board: crate::metrics::Board,
-    pub(super) commands: std::sync::mpsc::Receiver<Command>,
+    pub(super) commands: std::sync::mpsc::Receiver<WorkerRequest>,
     pub(super) tls_handshakes: u64,
     pub(super) tls_failures: u64,
     pub(super) recv_batches: u64,
@@ -741,7 +741,7 @@ impl Worker {
     pub(super) fn handle_commands(&mut self, now: Instant) {
         while let Ok(cmd) = self.commands.try_recv() {
             match cmd {
-                Command::Sessions(reply) => {
+                WorkerRequest::Sessions(reply) => {
                     let mut list = self.core.sessions(now);
                     // The bytes of TCP relays are counted where they move.
                     for s in &mut list {
@@ -759,7 +759,7 @@ impl Worker {
                     }
                     let _ = reply.send(list);
                 }
-                Command::Delete { pick, reply } => {
+                WorkerRequest::Delete { pick, reply } => {
                     let n = self.core.delete_sessions(now, &*pick);
                     self.drive_core(now);
                     let _ = reply.send(n);
