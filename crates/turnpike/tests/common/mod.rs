@@ -90,6 +90,10 @@ pub fn redis_args(port: u16) -> Vec<String> {
         "",
         "--appendonly",
         "no",
+        // Anything Redis writes goes to the temporary directory, never
+        // into the crate (tests run with the crate as their directory).
+        "--dir",
+        &std::env::temp_dir().to_string_lossy(),
     ]
     .map(str::to_owned)
     .to_vec()
