@@ -149,6 +149,32 @@ fn wrong_password_and_unknown_user_get_401() {
     });
     assert_eq!(code(&resp), Some(401));
     assert!(h.relays.open.is_empty());
+    // The log (not the client) is told which: a wrong password, an
+    // unknown user, an expired REST username.
+    let mut c = Client::new(udp(), "1:app", "x");
+    c.request(&mut h, method::ALLOCATE, &|b| {
+        b.u32(attr::REQUESTED_TRANSPORT, 0x1100_0000);
+    });
+    let why: Vec<String> = h
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::RequestRefused {
+                detail: Some(d),
+                code,
+                ..
+            } if code.code() == 401 => Some(d.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        why,
+        [
+            "MESSAGE-INTEGRITY does not verify: wrong password",
+            "unknown user (no such user, and not a REST-API username)",
+            "REST-API username past its expiry time",
+        ]
+    );
 }
 
 #[test]

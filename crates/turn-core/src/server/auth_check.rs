@@ -10,7 +10,7 @@ use super::events::Event;
 use super::events::RefusalDetail;
 use super::io::FiveTuple;
 use super::Server;
-use crate::auth::{Key, PasswordAlgorithm, OFFERED_ALGORITHMS};
+use crate::auth::{CredentialError, Key, PasswordAlgorithm, OFFERED_ALGORITHMS};
 use crate::limits::Verdict;
 
 /// RFC 8489 §14.3: USERNAME is fewer than 509 bytes.
@@ -105,8 +105,15 @@ impl Server {
                 return Err(None);
             }
         }
+        // Why a failure failed, for the refusal log only: the client gets a
+        // plain 401 whatever the cause (no user enumeration).
+        let mut why = "unknown USERHASH, or a USERNAME that is not UTF-8";
         let verified = match username.as_deref() {
-            Some(name) if realm == self.cfg.realm.as_bytes() => {
+            Some(_) if realm != self.cfg.realm.as_bytes() => {
+                why = "REALM is not this server's realm";
+                None
+            }
+            Some(name) => {
                 let unix = self.unix_now(now);
                 let mut keys = std::mem::take(&mut self.keys);
                 let found = match self
@@ -114,7 +121,18 @@ impl Server {
                     .credentials
                     .keys_for(name, &self.cfg.realm, unix, alg, &mut keys)
                 {
-                    Err(_) => None,
+                    Err(CredentialError::UnknownUser) => {
+                        why = "unknown user (no such user, and not a REST-API username)";
+                        None
+                    }
+                    Err(CredentialError::Expired) => {
+                        why = "REST-API username past its expiry time";
+                        None
+                    }
+                    Err(_) => {
+                        why = "the user has no SHA-256 key (added by MD5 key): the client must use MD5";
+                        None
+                    }
                     Ok(()) => keys.iter().copied().find(|k| {
                         if msg.has_integrity_sha256() {
                             msg.verify_integrity_sha256(k.as_bytes())
@@ -123,10 +141,13 @@ impl Server {
                         }
                     }),
                 };
+                if found.is_none() && why.starts_with("unknown USERHASH") {
+                    why = "MESSAGE-INTEGRITY does not verify: wrong password";
+                }
                 self.keys = keys;
                 found
             }
-            _ => None,
+            None => None,
         };
         match (verified, username) {
             (Some(key), Some(username)) => {
@@ -145,6 +166,7 @@ impl Server {
                         username: String::from_utf8_lossy(ident).into_owned(),
                     });
                 }
+                self.refusal = Some(RefusalDetail::Rule(why));
                 Err(Some(Unauthorized))
             }
         }
