@@ -311,7 +311,45 @@ async fn readyz(State(app): State<App>) -> Response {
 }
 
 /// The effective configuration as JSON, without secrets.
-pub fn effective_config(s: &crate::config::Settings) -> serde_json::Value {
+/// Every option as given (file and command line merged; `null` or `[]`:
+/// the default of `serve --help`), with passwords, secrets, the admin token
+/// and a Redis password redacted, and over it the effective values of the
+/// main settings (defaults filled in, addresses resolved).
+pub fn effective_config(s: &crate::config::Settings, given: &crate::config::ServeArgs) -> serde_json::Value {
+    let mut shown = given.clone();
+    shown.user = shown
+        .user
+        .iter()
+        .map(|u| format!("{}:[redacted]", u.split(':').next().unwrap_or("")))
+        .collect();
+    shown.auth_secret = shown
+        .auth_secret
+        .iter()
+        .map(|_| "[redacted]".to_owned())
+        .collect();
+    shown.admin_token = shown.admin_token.as_ref().map(|_| "[redacted]".to_owned());
+    shown.redis_url = shown.redis_url.as_deref().map(redact_url_password);
+    let mut all = serde_json::to_value(&shown).unwrap_or_else(|_| json!({}));
+    if let (Some(all), serde_json::Value::Object(main)) = (all.as_object_mut(), main_settings(s)) {
+        all.extend(main);
+    }
+    all
+}
+
+/// `redis://user:PASSWORD@host` with the password replaced.
+fn redact_url_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:[redacted]{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// The main settings as they are in force.
+fn main_settings(s: &crate::config::Settings) -> serde_json::Value {
     json!({
         "listen": s.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "tls-listen": s.tls_listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),

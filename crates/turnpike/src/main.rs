@@ -649,7 +649,9 @@ impl std::io::Write for LossyStderr {
 fn serve(args: ServeArgs) -> Result<()> {
     // Kept to re-read the file on SIGHUP with the same command line on top.
     let cli = args.clone();
-    let mut settings = Settings::from_args(args.load()?)?;
+    // The options as given (file under command line), for /api/config.
+    let given = args.load()?;
+    let mut settings = Settings::from_args(given.clone())?;
     turnpike::external_ip::discover(&mut settings)?;
     // Users from the database and Redis join the configured ones; with any
     // there, no demo credential is made up.
@@ -726,7 +728,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             listener,
             token.clone(),
             handle.control(),
-            turnpike::admin::effective_config(&settings),
+            turnpike::admin::effective_config(&settings, &given),
             Some(reloader),
             web.clone().filter(|_| settings.web.ui),
         )?;

@@ -161,10 +161,35 @@ fn effective_config_hides_secrets() {
         TOKEN,
     ])
     .args;
-    let s = turnpike::config::Settings::from_args(args).unwrap();
-    let v = turnpike::admin::effective_config(&s).to_string();
+    let s = turnpike::config::Settings::from_args(args.clone()).unwrap();
+    let json = turnpike::admin::effective_config(&s, &args);
+    let v = json.to_string();
     for secret in ["topsecretpw", "restsecret123", TOKEN] {
         assert!(!v.contains(secret), "{secret} leaked: {v}");
     }
     assert!(v.contains("\"users\":1"));
+    assert_eq!(json["user"][0], "alice:[redacted]", "{v}");
+    // Every option of `serve --help` is shown, given or not (null: default).
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    for flag in help
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("--"))
+        .map(|l| l.split([' ', '=', '<', '[']).next().unwrap_or(""))
+        // --config names the file itself, not a setting.
+        .filter(|f| !f.is_empty() && *f != "help" && *f != "config")
+    {
+        assert!(json.get(flag).is_some(), "/api/config lacks {flag}: {v}");
+    }
+    // A Redis URL's password is not shown either.
+    let mut with_redis = args.clone();
+    with_redis.redis_url = Some("redis://:redispw@10.0.0.5:6379/0".into());
+    let v = turnpike::admin::effective_config(&s, &with_redis).to_string();
+    assert!(
+        !v.contains("redispw") && v.contains("redis://:[redacted]@10.0.0.5:6379/0"),
+        "{v}"
+    );
 }
