@@ -108,6 +108,24 @@ pub mod method {
     pub const CONNECTION_BIND: u16 = 0x00b;
     /// RFC 6062 ConnectionAttempt (indication only, §4.5).
     pub const CONNECTION_ATTEMPT: u16 = 0x00c;
+
+    /// The method's name for logs and labels (`"channel-bind"`), or
+    /// `"unknown"`: every method of this module has one.
+    pub const fn name(m: u16) -> &'static str {
+        match m {
+            BINDING => "binding",
+            ALLOCATE => "allocate",
+            REFRESH => "refresh",
+            SEND => "send",
+            DATA => "data",
+            CREATE_PERMISSION => "create-permission",
+            CHANNEL_BIND => "channel-bind",
+            CONNECT => "connect",
+            CONNECTION_BIND => "connection-bind",
+            CONNECTION_ATTEMPT => "connection-attempt",
+            _ => "unknown",
+        }
+    }
 }
 
 /// A STUN message type: a 12-bit method and a class, interleaved on the wire
@@ -149,6 +167,28 @@ pub type TransactionId = [u8; 12];
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn every_method_has_a_name() {
+        use super::method::*;
+        for m in [
+            BINDING,
+            ALLOCATE,
+            REFRESH,
+            SEND,
+            DATA,
+            CREATE_PERMISSION,
+            CHANNEL_BIND,
+            CONNECT,
+            CONNECTION_BIND,
+            CONNECTION_ATTEMPT,
+        ] {
+            assert_ne!(name(m), "unknown", "{m:#x}");
+        }
+        assert_eq!(name(0x0ff), "unknown");
+        assert_eq!(name(CHANNEL_BIND), "channel-bind");
+    }
+
     use super::*;
 
     #[test]

@@ -102,19 +102,6 @@ impl RefusalLog {
     }
 }
 
-fn method_name(m: u16) -> &'static str {
-    match m {
-        stun_proto::method::BINDING => "binding",
-        stun_proto::method::ALLOCATE => "allocate",
-        stun_proto::method::REFRESH => "refresh",
-        stun_proto::method::CREATE_PERMISSION => "create-permission",
-        stun_proto::method::CHANNEL_BIND => "channel-bind",
-        stun_proto::method::CONNECT => "connect",
-        stun_proto::method::CONNECTION_BIND => "connection-bind",
-        _ => "other",
-    }
-}
-
 impl Worker {
     pub(super) fn log_events(&mut self) {
         let now = Instant::now();
@@ -204,7 +191,7 @@ impl Worker {
                     client = %r.show(&tuple.client),
                     transport = tuple.transport.as_str(),
                     user = ?username.as_deref().map(|u| r.show(&u)).unwrap_or_default(),
-                    request = method_name(method),
+                    request = stun_proto::method::name(method),
                     code = code.code(),
                     reason = code.reason(),
                     why = %detail.map(|d| r.show_detail(&d)).unwrap_or_default(),
