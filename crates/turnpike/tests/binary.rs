@@ -73,6 +73,22 @@ fn sigterm_and_wait(mut server: Server) -> std::process::ExitStatus {
     panic!("server did not exit within 5 s of SIGTERM");
 }
 
+/// Whether `user` can allocate over UDP at `addr` (the allocation is then
+/// deleted).
+fn allocates(addr: SocketAddr, user: &str, password: &str) -> bool {
+    let mut c = TurnClient::new(
+        Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(3)).unwrap(),
+        user,
+        password,
+    );
+    c.set_timeout(Duration::from_secs(2));
+    let ok = c.allocate().is_ok();
+    if ok {
+        let _ = c.refresh(0);
+    }
+    ok
+}
+
 /// The demo credential the banner prints on stdout: (username, password).
 fn demo_credential(out: &mpsc::Receiver<String>, banner: &mut Vec<String>) -> (String, String) {
     let mut value = |label: &str| {
@@ -515,7 +531,10 @@ fn privileged_relay_ports_are_refused_without_the_right() {
         .lines()
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
     if !root || !setpriv.exists() {
-        eprintln!("SKIP: needs root and setpriv to run the server unprivileged");
+        common::missing(
+            "privileged relay ports",
+            "needs root and setpriv to run the server unprivileged",
+        );
         return;
     }
     let unprivileged_start =
@@ -912,19 +931,7 @@ fn sqlite_users_apply_to_a_running_server_without_restart() {
     let child = Server(Some(child));
     let mut seen = Vec::new();
     let addr = listen_addr(&wait_for(&err, "turnpike started", &mut seen));
-    let works = |u: &str, p: &str| {
-        let mut c = TurnClient::new(
-            Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(3)).unwrap(),
-            u,
-            p,
-        );
-        c.set_timeout(Duration::from_secs(2));
-        let ok = c.allocate().is_ok();
-        if ok {
-            let _ = c.refresh(0);
-        }
-        ok
-    };
+    let works = |u: &str, p: &str| allocates(addr, u, p);
     let eventually = |f: &dyn Fn() -> bool| {
         (0..50).any(|_| {
             f() || {
@@ -1016,19 +1023,7 @@ fn reloads_and_store_changes_in_any_order_lose_no_user() {
     let addr = listen_addr(&started);
     let works = |u: &str, p: &str| {
         // Several clients: the two workers each apply updates on their own.
-        (0..4).all(|_| {
-            let mut c = TurnClient::new(
-                Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(3)).unwrap(),
-                u,
-                p,
-            );
-            c.set_timeout(Duration::from_secs(2));
-            let ok = c.allocate().is_ok();
-            if ok {
-                let _ = c.refresh(0);
-            }
-            ok
-        })
+        (0..4).all(|_| allocates(addr, u, p))
     };
     let eventually = |u: &str, p: &str| {
         (0..40).any(|_| {
@@ -1166,19 +1161,7 @@ fn redis_users_and_secrets_serve_and_survive_a_redis_outage() {
         Some("1"),
         "the documented metric is rendered"
     );
-    let works = |u: &str, p: &str| {
-        let mut c = TurnClient::new(
-            Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(3)).unwrap(),
-            u,
-            p,
-        );
-        c.set_timeout(Duration::from_secs(2));
-        let ok = c.allocate().is_ok();
-        if ok {
-            let _ = c.refresh(0);
-        }
-        ok
-    };
+    let works = |u: &str, p: &str| allocates(addr, u, p);
     assert!(works("frank", "fr4nk-pw"), "a Redis user authenticates");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
