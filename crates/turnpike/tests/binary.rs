@@ -540,7 +540,10 @@ fn privileged_relay_ports_are_refused_without_the_right() {
     let unprivileged_start =
         std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start").unwrap_or_default();
     if unprivileged_start.trim().parse::<u16>().unwrap_or(1024) <= 500 {
-        eprintln!("SKIP: this host lets anyone bind low ports");
+        common::missing(
+            "privileged relay ports",
+            "this host lets anyone bind low ports (ip_unprivileged_port_start)",
+        );
         return;
     }
     let mut child = Command::new(setpriv)

@@ -37,6 +37,17 @@ fn add_coturn_user(turndb: &Path, name: &str, realm: &str, password: &str) {
     assert!(st.success(), "turnadmin -a");
 }
 
+/// `turnpike import coturn CONF --out TOML --db DB`: its output and stderr.
+fn import_coturn(conf: &Path, toml: &Path, db: &Path) -> (Output, String) {
+    run(bin()
+        .args(["import", "coturn"])
+        .arg(conf)
+        .arg("--out")
+        .arg(toml)
+        .arg("--db")
+        .arg(db))
+}
+
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("turnpike-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -152,13 +163,7 @@ no-udp-relay
     let before = std::fs::read(&turndb).unwrap();
     let toml = dir.join("turnpike.toml");
     let users = dir.join("users.db");
-    let (out, stderr) = run(bin()
-        .args(["import", "coturn"])
-        .arg(&conf)
-        .arg("--out")
-        .arg(&toml)
-        .arg("--db")
-        .arg(&users));
+    let (out, stderr) = import_coturn(&conf, &toml, &users);
     assert!(out.status.success(), "{stderr}");
     assert!(
         stderr.contains("imported gus (realm turn.example.com)"),
@@ -216,13 +221,7 @@ no-udp-relay
     assert!(!allocates(&h, &ClientTransport::Udp, "gus", "wrong"));
     h.shutdown();
     // --out never overwrites.
-    let (out, stderr) = run(bin()
-        .args(["import", "coturn"])
-        .arg(&conf)
-        .arg("--out")
-        .arg(&toml)
-        .arg("--db")
-        .arg(&users));
+    let (out, stderr) = import_coturn(&conf, &toml, &users);
     assert!(!out.status.success() && stderr.contains("exists"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -412,13 +411,7 @@ fn imported_turnpike_answers_as_coturn_did() {
         // relay range: coturn's may still be closing).
         let toml = dir.join(format!("turnpike-{variant}.toml"));
         let db = dir.join(format!("users-{variant}.db"));
-        let (out, stderr) = run(bin()
-            .args(["import", "coturn"])
-            .arg(&conf)
-            .arg("--out")
-            .arg(&toml)
-            .arg("--db")
-            .arg(&db));
+        let (out, stderr) = import_coturn(&conf, &toml, &db);
         assert!(out.status.success(), "{stderr}");
         let text = std::fs::read_to_string(&toml).unwrap();
         assert!(text.contains("peer-precedence = \"allow\""), "{text}");

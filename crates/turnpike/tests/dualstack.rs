@@ -14,7 +14,7 @@ use turnpike_client::client::{ClientTransport, Received, RelayFamily};
 #[test]
 fn dual_allocation_relays_both_ways_over_127_0_0_1_and_ipv6_loopback() {
     if UdpSocket::bind("[::1]:0").is_err() {
-        eprintln!("SKIP dual-stack: no IPv6 loopback here");
+        common::missing("dual-stack", "no IPv6 loopback here");
         return;
     }
     let h = start(&[

@@ -923,9 +923,9 @@ fn auto_without_privileges_falls_back_to_user_space() {
         bin(),
         "--version",
     ])) {
-        eprintln!(
-            "SKIP unprivileged fallback: setpriv missing, or nobody cannot run {}",
-            bin()
+        common::missing(
+            "unprivileged fallback",
+            &format!("setpriv missing, or nobody cannot run {}", bin()),
         );
         return;
     }

@@ -184,7 +184,7 @@ fn tcp_relays_are_probed_on_turnpike_and_coturn_alike() {
 #[test]
 fn ipv6_relays_are_tested_when_the_server_offers_them() {
     if UdpSocket::bind("[::1]:0").is_err() {
-        eprintln!("SKIP ipv6 relay probe: no IPv6 loopback here");
+        common::missing("ipv6 relay probe", "no IPv6 loopback here");
         return;
     }
     let h = common::start(&[

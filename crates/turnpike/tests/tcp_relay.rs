@@ -116,7 +116,7 @@ fn active6(h: &turnpike::runtime::Handle, server: SocketAddr) {
 #[test]
 fn connect_relays_over_ipv6() {
     if std::net::UdpSocket::bind("[::1]:0").is_err() {
-        eprintln!("SKIP TCP relay over IPv6: no IPv6 loopback here");
+        common::missing("TCP relay over IPv6", "no IPv6 loopback here");
         return;
     }
     let h = start(&[
