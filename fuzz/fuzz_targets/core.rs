@@ -5,7 +5,6 @@
 //! invariants hold: no relay socket or quota slot leaks.
 #![no_main]
 
-use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,78 +12,10 @@ use std::time::{Duration, Instant};
 use libfuzzer_sys::fuzz_target;
 use stun_proto::{attr, Class, MessageBuilder, MessageType};
 use turn_core::limits::Quotas;
-use turn_core::{
-    Config, Credentials, FiveTuple, NonceMinter, OpenedRelay, RelayError, RelayProvider, RelayRequest,
-    Server, Transport,
-};
+use turn_core::testing::{FakeRelays, Ipv6Relays};
+use turn_core::{Config, Credentials, FiveTuple, NonceMinter, Server, Transport};
 
 const REALM: &str = "fuzz.example";
-
-#[derive(Default)]
-struct Relays {
-    next: u16,
-    open: HashSet<SocketAddr>,
-    reserved: HashMap<[u8; 8], SocketAddr>,
-    exhausted: bool,
-    /// RFC 6062: connects started and not yet completed, and live peer
-    /// connections (connected, accepted or bound).
-    connecting: Vec<u32>,
-    conns: HashSet<u32>,
-}
-
-impl RelayProvider for Relays {
-    fn open(&mut self, req: RelayRequest) -> Result<OpenedRelay, RelayError> {
-        if let Some(token) = req.token {
-            let a = self.reserved.remove(&token).ok_or(RelayError::Exhausted)?;
-            if !self.open.insert(a) {
-                return Err(RelayError::Exhausted);
-            }
-            return Ok(OpenedRelay { addr: a, token: None });
-        }
-        if self.exhausted {
-            return Err(RelayError::Exhausted);
-        }
-        self.next = self.next.wrapping_add(2);
-        // IPv6 relays exist only for odd counters, so dual allocations see
-        // both outcomes (two relays, or one with ADDRESS-ERROR-CODE).
-        if req.ipv6 && self.next % 4 == 0 {
-            return Err(RelayError::FamilyUnsupported);
-        }
-        let ip: std::net::IpAddr = if req.ipv6 {
-            "2001:db8::7".parse().unwrap()
-        } else {
-            [198, 51, 100, 1].into()
-        };
-        let addr = SocketAddr::new(ip, 1024 + (self.next % 60000));
-        if !self.open.insert(addr) {
-            return Err(RelayError::Exhausted);
-        }
-        let token = req.reserve_next.then(|| {
-            let t = [self.next as u8; 8];
-            self.reserved
-                .insert(t, SocketAddr::from(([198, 51, 100, 2], self.next)));
-            t
-        });
-        Ok(OpenedRelay { addr, token })
-    }
-    fn close(&mut self, relay: SocketAddr) {
-        assert!(
-            self.open.remove(&relay),
-            "closed a relay that was not open: {relay}"
-        );
-    }
-    fn connect_peer(&mut self, id: u32, relay: SocketAddr, _peer: SocketAddr) {
-        assert!(self.open.contains(&relay), "connect from a relay that is not open");
-        self.connecting.push(id);
-    }
-    fn bind_connection(&mut self, id: u32, _data: FiveTuple, _control: FiveTuple) {
-        assert!(self.conns.contains(&id), "bound a connection that is not open: {id}");
-    }
-    fn close_connection(&mut self, id: u32) {
-        self.connecting.retain(|c| *c != id);
-        self.conns.remove(&id);
-    }
-}
 
 fn tuples() -> [FiveTuple; 4] {
     let server: SocketAddr = "192.0.2.1:3478".parse().unwrap();
@@ -141,7 +72,14 @@ fuzz_target!(|data: &[u8]| {
     let minter = NonceMinter::new(secret, 600);
     let key = stun_proto::long_term_key_md5("alice", REALM, "pw");
     let tuples = tuples();
-    let mut relays = Relays::default();
+    // Quiet: long runs keep no history; strict: only established
+    // connections may be bound.
+    let mut relays = FakeRelays {
+        ipv6: Ipv6Relays::EveryOther,
+        quiet: true,
+        check_connections: true,
+        ..FakeRelays::default()
+    };
     let mut now = start;
     let mut rest = data.get(1..).unwrap_or_default();
     let mut peers: Vec<SocketAddr> = vec!["8.8.8.8:53".parse().unwrap()];

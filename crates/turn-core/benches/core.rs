@@ -7,26 +7,8 @@ use std::time::Instant;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use stun_proto::{attr, method, ChannelData, Class, Message, MessageBuilder, MessageType};
-use turn_core::{
-    Config, Credentials, FiveTuple, NonceMinter, OpenedRelay, RelayError, RelayProvider, RelayRequest,
-    Server, Transport,
-};
-
-struct Relays(u16);
-
-impl RelayProvider for Relays {
-    fn open(&mut self, _: RelayRequest) -> Result<OpenedRelay, RelayError> {
-        self.0 = self.0.wrapping_add(1);
-        Ok(OpenedRelay {
-            addr: SocketAddr::from(([198, 51, 100, 1], 1024 + self.0 % 60000)),
-            token: None,
-        })
-    }
-    fn close(&mut self, _: SocketAddr) {}
-    fn connect_peer(&mut self, _: u32, _: SocketAddr, _: SocketAddr) {}
-    fn bind_connection(&mut self, _: u32, _: FiveTuple, _: FiveTuple) {}
-    fn close_connection(&mut self, _: u32) {}
-}
+use turn_core::testing::FakeRelays;
+use turn_core::{Config, Credentials, FiveTuple, NonceMinter, Server, Transport};
 
 const REALM: &str = "bench.example";
 
@@ -60,7 +42,10 @@ fn signed(m: u16, nonce: &[u8], key: &[u8; 16], f: impl Fn(&mut MessageBuilder))
 
 fn benches(c: &mut Criterion) {
     let now = Instant::now();
-    let mut relays = Relays(0);
+    let mut relays = FakeRelays {
+        quiet: true,
+        ..FakeRelays::default()
+    };
     let key = stun_proto::long_term_key_md5("alice", REALM, "pw");
     let nonce = NonceMinter::new([5; 32], 600).mint(0, tuple(1).client.ip());
 

@@ -23,6 +23,8 @@ pub mod limits;
 pub mod policy;
 pub mod proxy;
 mod server;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use auth::{Credentials, NonceMinter};
 pub use policy::{Cidr, PeerPolicy, Refusal};

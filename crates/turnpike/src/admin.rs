@@ -315,13 +315,8 @@ async fn readyz(State(app): State<App>) -> Response {
 /// the default of `serve --help`), with passwords, secrets, the admin token
 /// and a Redis password redacted, and over it the effective values of the
 /// main settings (defaults filled in, addresses resolved).
-pub fn effective_config(s: &crate::config::Settings, given: &crate::config::ServeArgs) -> serde_json::Value {
+pub fn effective_config(s: &crate::config::Settings, given: &crate::config::Options) -> serde_json::Value {
     let mut shown = given.clone();
-    shown.user = shown
-        .user
-        .iter()
-        .map(|u| format!("{}:[redacted]", u.split(':').next().unwrap_or("")))
-        .collect();
     shown.auth_secret = shown
         .auth_secret
         .iter()
@@ -330,6 +325,11 @@ pub fn effective_config(s: &crate::config::Settings, given: &crate::config::Serv
     shown.admin_token = shown.admin_token.as_ref().map(|_| "[redacted]".to_owned());
     shown.redis_url = shown.redis_url.as_deref().map(redact_url_password);
     let mut all = serde_json::to_value(&shown).unwrap_or_else(|_| json!({}));
+    all["user"] = json!(shown
+        .user
+        .iter()
+        .map(|u| format!("{}:[redacted]", u.name))
+        .collect::<Vec<_>>());
     if let (Some(all), serde_json::Value::Object(main)) = (all.as_object_mut(), main_settings(s)) {
         all.extend(main);
     }

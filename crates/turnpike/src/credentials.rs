@@ -232,18 +232,11 @@ impl CredentialStores {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: crate::config::ServeArgs,
-    }
 
     fn settings(extra: &[&str], db: &std::path::Path) -> Settings {
         let mut argv = vec!["turnpike", "--realm", "r.example", "--db", db.to_str().unwrap()];
         argv.extend_from_slice(extra);
-        Settings::from_args(Cli::parse_from(argv).args).unwrap()
+        Settings::from_options(&crate::config::Options::from_argv(argv).unwrap()).unwrap()
     }
 
     #[test]

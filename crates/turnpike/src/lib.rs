@@ -12,6 +12,7 @@ pub mod external_ip;
 pub mod fleet;
 pub mod http;
 pub mod metrics;
+pub mod node;
 pub mod redisdb;
 pub mod runtime;
 pub mod tls;

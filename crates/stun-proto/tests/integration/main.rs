@@ -1,0 +1,4 @@
+//! stun-proto's integration tests, one binary.
+
+mod roundtrip;
+mod vectors;

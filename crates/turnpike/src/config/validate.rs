@@ -1,0 +1,804 @@
+//! From [`Options`] to [`Settings`]: every default resolved, every
+//! setting that cannot work refused with the field and the fix.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use turn_core::{Cidr, Credentials};
+
+use super::host::HostFacts;
+use super::parse::check_log_level;
+use super::types::{FastPathMode, LogFormat, PeerPrecedence, Secret, UserSpec, EXAMPLE_SECRETS};
+use super::Options;
+
+/// Validated settings, ready to run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// UDP+TCP listen addresses.
+    pub listen: Vec<SocketAddr>,
+    /// TLS listen addresses (empty: no TLS).
+    pub tls_listen: Vec<SocketAddr>,
+    /// The certificate, when TLS is on.
+    pub tls: Option<TlsSource>,
+    /// IPv4 relay address.
+    pub relay_v4: Option<Ipv4Addr>,
+    /// IPv6 relay address.
+    pub relay_v6: Option<Ipv6Addr>,
+    /// Advertised IPv4 relay address.
+    pub external_v4: Option<Ipv4Addr>,
+    /// Advertised IPv6 relay address.
+    pub external_v6: Option<Ipv6Addr>,
+    /// Relay port range, inclusive.
+    pub min_port: u16,
+    /// Relay port range, inclusive.
+    pub max_port: u16,
+    /// Realm.
+    pub realm: String,
+    /// Challenge minimal Allocates even beyond 3x (a realm over 24 bytes).
+    pub long_realm: bool,
+    /// Credentials (keys only).
+    pub credentials: Credentials,
+    /// The generated demo credential, when no other was configured.
+    pub demo_user: Option<(String, String)>,
+    /// Peer ranges allowed.
+    pub allow_peer: Vec<Cidr>,
+    /// Load balancers that send PROXY protocol headers.
+    pub proxy_protocol_from: Vec<Cidr>,
+    /// Peer ranges refused.
+    pub deny_peer: Vec<Cidr>,
+    /// Where both hold a peer, `allow_peer` wins (coturn's order).
+    pub allow_peer_wins: bool,
+    /// Allow loopback peers.
+    pub allow_loopback_peers: bool,
+    /// Worker threads.
+    pub threads: usize,
+    /// Merge runs of datagrams to one destination with UDP GSO.
+    pub udp_gso: bool,
+    /// Tracing filter.
+    pub log_level: String,
+    /// SOFTWARE attribute.
+    pub software: Option<String>,
+    /// Accept 0x5000-0x7FFF channels.
+    pub legacy_channel_numbers: bool,
+    /// Nonce lifetime in seconds.
+    pub nonce_lifetime: u64,
+    /// Default and longest allocation lifetimes.
+    pub allocation_lifetime: std::time::Duration,
+    pub max_allocation_lifetime: std::time::Duration,
+    /// Allocations per username (0: unlimited).
+    pub user_quota: usize,
+    /// Allocations in total (0: unlimited).
+    pub total_quota: usize,
+    /// Bytes/s per allocation and direction (0: no cap).
+    pub max_bps: u64,
+    /// Bytes/s per user, direction and worker (0: no cap).
+    pub user_max_bps: u64,
+    /// Unauthenticated answers/s per source IP and worker (0: off).
+    pub rate_limit_per_ip: u32,
+    /// Failures before a username/source pair is blocked (0: off).
+    pub auth_fail_limit: u32,
+    /// Seconds a block lasts.
+    pub auth_block_secs: u64,
+    /// TCP/TLS connections per worker.
+    pub max_connections: usize,
+    /// TCP/TLS connections per source IP, across workers (0: no cap).
+    pub max_connections_per_ip: u32,
+    /// No relay address was configured: each allocation relays from the
+    /// address its client reached (falling back to `relay_v4`/`relay_v6`).
+    pub relay_auto: bool,
+    /// Handshake / first message / partial message timeout.
+    pub handshake_timeout: std::time::Duration,
+    /// Idle timeout for connections without an allocation.
+    pub idle_timeout: std::time::Duration,
+    /// RFC 6062: peer data connections per TCP allocation.
+    pub tcp_connections_per_allocation: usize,
+    /// RFC 6062: how long a Connect may take.
+    pub tcp_connect_timeout: std::time::Duration,
+    /// Kernel fast path mode.
+    pub fast_path: FastPathMode,
+    /// Interfaces named for the fast path (empty: chosen by listen address).
+    pub fast_path_interfaces: Vec<String>,
+    /// RFC 5780: the primary listen address and the alternate IP and port.
+    pub rfc5780: Option<(SocketAddr, IpAddr, Option<u16>)>,
+    /// Log lines as JSON.
+    pub log_json: bool,
+    /// Redact IPs and usernames in logs.
+    pub redact: bool,
+    /// ALTERNATE-SERVER addresses for draining.
+    pub alternate_server: Vec<SocketAddr>,
+    /// How long SIGTERM waits for allocations to end.
+    pub drain_timeout: std::time::Duration,
+    /// Prometheus endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Admin API listener and its token.
+    pub admin: Option<(SocketAddr, String)>,
+    /// The user database.
+    pub db: PathBuf,
+    /// Redis credential store.
+    pub redis_url: Option<String>,
+    /// STUN server that tells the relay addresses' public mapping at start.
+    pub external_ip_from: Option<String>,
+    /// Files whose change triggers a reload (empty: no watching).
+    pub watched_files: Vec<PathBuf>,
+    /// The fleet registry name (None: the default, made at start).
+    pub node_name: Option<String>,
+    /// How long registry entries and quota counts outlive a silent node.
+    pub fleet_lease: std::time::Duration,
+    /// Allocations past which new clients go to another node (0: never).
+    pub redirect_above: usize,
+    /// Allocations the fleet may hold together (0: no limit).
+    pub fleet_total_quota: usize,
+    /// The ICE test page and the dashboard.
+    pub web: WebSettings,
+}
+
+/// `--web-ui`, `--web-listen` and their credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebSettings {
+    /// The pages on the admin listener (operator mode).
+    pub ui: bool,
+    /// The public ICE page's own listener.
+    pub public: Option<SocketAddr>,
+    /// Lifetime of a minted credential.
+    pub credential_ttl: std::time::Duration,
+    /// Credentials per IP per minute.
+    pub per_minute: u32,
+    /// Host for the ICE URLs (None: the page's own host).
+    pub turn_host: Option<String>,
+}
+
+/// Where the TLS certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    /// PEM files.
+    Files {
+        /// Certificate chain.
+        cert: PathBuf,
+        /// Private key.
+        key: PathBuf,
+    },
+    /// Generate a self-signed certificate at start-up.
+    SelfSigned,
+}
+
+impl Settings {
+    /// `allow-peer` ranges that can never take effect: wholly inside a
+    /// `deny-peer` range while deny wins. Each is `(allow, deny)`; the
+    /// server warns about them at start and on reload, since a coturn
+    /// configuration meant the opposite.
+    pub fn shadowed_allows(&self) -> Vec<(Cidr, Cidr)> {
+        if self.allow_peer_wins {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for a in &self.allow_peer {
+            if let Some(d) = self.deny_peer.iter().find(|d| d.covers(a)) {
+                out.push((*a, *d));
+            }
+        }
+        out
+    }
+}
+
+impl WebSettings {
+    /// Whether either page is served (then a web secret is minted).
+    pub fn enabled(&self) -> bool {
+        self.ui || self.public.is_some()
+    }
+
+    fn new(
+        ui: bool,
+        public: Option<SocketAddr>,
+        ttl: u64,
+        per_minute: u32,
+        turn_host: Option<&str>,
+        admin: bool,
+    ) -> Result<Self> {
+        if ui && !admin {
+            bail!("web-ui: the pages are served on the admin listener; set admin-listen and admin-token (or use web-listen for the public ICE page)");
+        }
+        if !(30..=3600).contains(&ttl) {
+            bail!("web-credential-ttl {ttl}: use 30 to 3600 seconds (the page's credentials should expire in minutes)");
+        }
+        if !(1..=600).contains(&per_minute) {
+            bail!("web-credentials-per-minute {per_minute}: use 1 to 600");
+        }
+        let turn_host = match turn_host.map(str::trim) {
+            None => None,
+            Some(h) if h.parse::<std::net::Ipv6Addr>().is_ok() => Some(format!("[{h}]")),
+            Some(h)
+                if !h.is_empty()
+                    && h.len() <= 253
+                    && h.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') =>
+            {
+                Some(h.to_owned())
+            }
+            Some(h) => bail!("web-turn-host {h:?}: give a DNS name or an IP address, without port or scheme"),
+        };
+        Ok(WebSettings {
+            ui,
+            public,
+            credential_ttl: std::time::Duration::from_secs(ttl),
+            per_minute,
+            turn_host,
+        })
+    }
+}
+
+/// Checks `options` against `host` and resolves every default: the one
+/// place a setting that cannot work is refused, before anything starts.
+/// Pure: everything it knows of the host is in `host`.
+pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
+    // Every field by name: an option added to `Options` but not handled
+    // here is an unused variable, which the build refuses.
+    let Options {
+        config,
+        listen,
+        tls_listen,
+        no_tls,
+        cert,
+        key,
+        relay_ip,
+        external_ip,
+        external_ip_from,
+        min_port,
+        max_port,
+        realm,
+        allow_long_realm,
+        user,
+        auth_secret,
+        auth_secret_file,
+        allow_loopback_peers,
+        allow_peer,
+        proxy_protocol_from,
+        deny_peer,
+        peer_precedence,
+        threads,
+        udp_gso,
+        log_level,
+        software,
+        rfc5766_channel_numbers,
+        nonce_lifetime,
+        allocation_lifetime,
+        max_allocation_lifetime,
+        user_quota,
+        total_quota,
+        max_bps,
+        user_max_bps,
+        rate_limit_per_ip,
+        auth_fail_limit,
+        auth_block_secs,
+        max_connections,
+        max_connections_per_ip,
+        handshake_timeout,
+        idle_timeout,
+        tcp_connections_per_allocation,
+        tcp_connect_timeout,
+        fast_path,
+        fast_path_interface,
+        rfc5780,
+        alt_ip,
+        alt_port,
+        alternate_server,
+        drain_timeout,
+        metrics_listen,
+        db,
+        redis_url,
+        redis_url_file,
+        node_name,
+        fleet_lease,
+        fleet_total_quota,
+        redirect_above,
+        admin_listen,
+        admin_token,
+        admin_token_file,
+        web_ui,
+        web_listen,
+        web_credential_ttl,
+        web_credentials_per_minute,
+        web_turn_host,
+        reload_on_change,
+        log_format,
+        redact,
+    } = options;
+    let web = WebSettings::new(
+        *web_ui,
+        *web_listen,
+        *web_credential_ttl,
+        *web_credentials_per_minute,
+        web_turn_host.as_deref(),
+        admin_listen.is_some(),
+    )?;
+    let realm = checked_realm(realm, *allow_long_realm)?;
+    let (listen, tls_listen, tls) = listeners(listen, tls_listen, *no_tls, cert, key, host)?;
+    check_relay_ports(*min_port, *max_port, host)?;
+    let relay = RelayAddrs::resolve(relay_ip, external_ip, &listen, host)?;
+    let (credentials, demo_user) = credentials(user, auth_secret, auth_secret_file, &realm, host)?;
+    let threads = threads.unwrap_or(host.cores.min(256));
+    if threads == 0 || threads > 256 {
+        bail!("threads: must be between 1 and 256 (default: number of cores)");
+    }
+    check_log_level(log_level)?;
+    if software.as_ref().is_some_and(|s| s.len() > 763) {
+        bail!("software: at most 763 bytes");
+    }
+    let max_allocation_lifetime = max_allocation_lifetime.unwrap_or(3600.max(*allocation_lifetime));
+    check_lifetimes(
+        *nonce_lifetime,
+        *allocation_lifetime,
+        max_allocation_lifetime,
+        *auth_block_secs,
+    )?;
+    check_connections(*max_connections, *handshake_timeout, *idle_timeout)?;
+    check_rfc6062(*tcp_connections_per_allocation, *tcp_connect_timeout)?;
+    if *fast_path == FastPathMode::Off && !fast_path_interface.is_empty() {
+        bail!("fast-path-interface: given with --fast-path off; drop one of them");
+    }
+    let db = user_db(db.as_ref(), host)?;
+    let redis_url = redis_url_of(redis_url.as_ref(), redis_url_file.as_ref(), host)?;
+    let rfc5780 = rfc5780_addresses(*rfc5780, *alt_ip, *alt_port, &listen)?;
+    let admin = admin_api(
+        *admin_listen,
+        admin_token.as_ref(),
+        admin_token_file.as_ref(),
+        host,
+    )?;
+    let fleet_lease = Duration::from_secs(*fleet_lease);
+    check_fleet(
+        fleet_lease,
+        *redirect_above,
+        *fleet_total_quota,
+        redis_url.is_some(),
+        node_name.as_ref(),
+    )?;
+    let watched_files = if *reload_on_change {
+        let files: Vec<PathBuf> = config
+            .iter()
+            .chain(auth_secret_file)
+            .chain(admin_token_file)
+            .chain(cert)
+            .chain(key)
+            .cloned()
+            .collect();
+        if files.is_empty() {
+            bail!("reload-on-change: nothing to watch; it watches --config, --auth-secret-file, --admin-token-file, --cert and --key");
+        }
+        files
+    } else {
+        Vec::new()
+    };
+    Ok(Settings {
+        listen,
+        tls_listen,
+        tls,
+        relay_v4: relay.v4,
+        relay_v6: relay.v6,
+        external_v4: relay.external_v4,
+        external_v6: relay.external_v6,
+        relay_auto: relay.auto,
+        min_port: *min_port,
+        max_port: *max_port,
+        realm,
+        credentials,
+        demo_user,
+        allow_peer: allow_peer.clone(),
+        proxy_protocol_from: proxy_protocol_from.clone(),
+        deny_peer: deny_peer.clone(),
+        allow_peer_wins: *peer_precedence == PeerPrecedence::Allow,
+        allow_loopback_peers: *allow_loopback_peers,
+        threads,
+        udp_gso: *udp_gso,
+        log_level: log_level.clone(),
+        software: software.clone(),
+        long_realm: *allow_long_realm,
+        legacy_channel_numbers: *rfc5766_channel_numbers,
+        nonce_lifetime: *nonce_lifetime,
+        allocation_lifetime: Duration::from_secs(*allocation_lifetime),
+        max_allocation_lifetime: Duration::from_secs(max_allocation_lifetime),
+        user_quota: *user_quota,
+        total_quota: *total_quota,
+        max_bps: *max_bps,
+        user_max_bps: *user_max_bps,
+        rate_limit_per_ip: *rate_limit_per_ip,
+        auth_fail_limit: *auth_fail_limit,
+        auth_block_secs: *auth_block_secs,
+        max_connections: *max_connections,
+        max_connections_per_ip: *max_connections_per_ip,
+        handshake_timeout: Duration::from_secs(*handshake_timeout),
+        idle_timeout: Duration::from_secs(*idle_timeout),
+        tcp_connections_per_allocation: *tcp_connections_per_allocation,
+        tcp_connect_timeout: Duration::from_secs(*tcp_connect_timeout),
+        fast_path: *fast_path,
+        fast_path_interfaces: fast_path_interface.clone(),
+        rfc5780,
+        log_json: *log_format == LogFormat::Json,
+        redact: *redact,
+        alternate_server: alternate_server.clone(),
+        drain_timeout: Duration::from_secs(*drain_timeout),
+        metrics_listen: *metrics_listen,
+        db,
+        redis_url,
+        external_ip_from: external_ip_from.as_ref().map(|h| h.as_str().to_owned()),
+        watched_files,
+        node_name: node_name.clone(),
+        fleet_lease,
+        redirect_above: *redirect_above,
+        fleet_total_quota: *fleet_total_quota,
+        web,
+        admin,
+    })
+}
+
+/// The realm, refused when a 401 to a minimal Allocate would be more than
+/// `CHALLENGE_RATIO` times its size (reflection), unless allowed.
+fn checked_realm(realm: &str, allow_long: bool) -> Result<String> {
+    if realm.is_empty() || realm.len() > 763 {
+        bail!("realm: must be 1 to 763 bytes long (e.g. --realm example.org)");
+    }
+    if realm.len() > turn_core::max_realm_len() && !allow_long {
+        bail!(
+            "realm: \"{}\" is {} bytes; with more than {} the 401 to a browser's first Allocate ({} bytes) is more than {}x its size, which helps reflection attacks. Use a shorter realm, or --allow-long-realm to accept that",
+            realm.escape_debug(),
+            realm.len(),
+            turn_core::max_realm_len(),
+            turn_core::MIN_ALLOCATE_LEN,
+            turn_core::CHALLENGE_RATIO
+        );
+    }
+    Ok(realm.to_owned())
+}
+
+/// The listen addresses (default: 3478 and 5349 on every address, IPv6
+/// too where the host has it) and where the certificate comes from.
+fn listeners(
+    listen: &[SocketAddr],
+    tls_listen: &[SocketAddr],
+    no_tls: bool,
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+    host: &HostFacts,
+) -> Result<(Vec<SocketAddr>, Vec<SocketAddr>, Option<TlsSource>)> {
+    let everywhere = |port: u16| {
+        let mut l = vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))];
+        if host.ipv6 {
+            l.push(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)));
+        }
+        l
+    };
+    let listen = if listen.is_empty() {
+        everywhere(3478)
+    } else {
+        listen.to_vec()
+    };
+    let tls_listen = if no_tls {
+        if !tls_listen.is_empty() {
+            bail!("tls-listen is set but no-tls is true: drop one of them");
+        }
+        Vec::new()
+    } else if tls_listen.is_empty() {
+        everywhere(5349)
+    } else {
+        tls_listen.to_vec()
+    };
+    let tls = match (cert.clone(), key.clone()) {
+        _ if tls_listen.is_empty() => None,
+        (Some(cert), Some(key)) => Some(TlsSource::Files { cert, key }),
+        (None, None) => Some(TlsSource::SelfSigned),
+        (Some(_), None) => bail!("cert is set but key is not: give both --cert FILE and --key FILE"),
+        (None, Some(_)) => bail!("key is set but cert is not: give both --cert FILE and --key FILE"),
+    };
+    Ok((listen, tls_listen, tls))
+}
+
+fn check_relay_ports(min_port: u16, max_port: u16, host: &HostFacts) -> Result<()> {
+    if min_port == 0 {
+        bail!("min-port: 0 is not a port; use 1024 or above (default 49152)");
+    }
+    if min_port < 1024 && !host.privileged_ports {
+        bail!(
+            "min-port {min_port}: relay ports below 1024 need root or CAP_NET_BIND_SERVICE, \
+             which this process lacks; use min-port 1024 or above (default 49152)"
+        );
+    }
+    if min_port > max_port {
+        bail!("min-port ({min_port}) is greater than max-port ({max_port}): set min-port <= max-port");
+    }
+    Ok(())
+}
+
+/// Where relay sockets bind and what clients are told.
+struct RelayAddrs {
+    v4: Option<Ipv4Addr>,
+    v6: Option<Ipv6Addr>,
+    external_v4: Option<Ipv4Addr>,
+    external_v6: Option<Ipv6Addr>,
+    auto: bool,
+}
+
+impl RelayAddrs {
+    fn resolve(
+        relay_ip: &[IpAddr],
+        external_ip: &[IpAddr],
+        listen: &[SocketAddr],
+        host: &HostFacts,
+    ) -> Result<Self> {
+        let (mut v4, mut v6) = (None, None);
+        for ip in relay_ip {
+            if ip.is_unspecified() {
+                bail!("relay-ip {ip}: must be a concrete address clients can reach, not a wildcard");
+            }
+            // Relay sockets bind to it: an address this host does not have
+            // would make every Allocate fail with 508.
+            if !host.addresses.is_empty() && !host.addresses.contains(ip) {
+                bail!(
+                    "relay-ip {ip}: not an address of this host (it has {}); to advertise a NAT's \
+                     public address use external-ip, and give relay-ip the local one",
+                    host.addresses
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            match ip {
+                IpAddr::V4(v) if v4.is_none() => v4 = Some(*v),
+                IpAddr::V6(v) if v6.is_none() => v6 = Some(*v),
+                _ => bail!("relay-ip: at most one IPv4 and one IPv6 address (got a second {ip})"),
+            }
+        }
+        let auto = v4.is_none() && v6.is_none();
+        if auto {
+            // IPv6 relaying is on when the host has a global IPv6 address
+            // and listens on IPv6.
+            if listen.iter().any(|l| l.is_ipv6()) {
+                v6 = listen
+                    .iter()
+                    .find_map(|l| match l.ip() {
+                        IpAddr::V6(v) if !v.is_unspecified() => Some(v),
+                        _ => None,
+                    })
+                    .or(host.routed_v6);
+            }
+            // A specific listen address is where clients reach us: relay there.
+            v4 = listen
+                .iter()
+                .find_map(|l| match l.ip() {
+                    IpAddr::V4(v) if !v.is_unspecified() => Some(v),
+                    _ => None,
+                })
+                .or(Some(host.routed_v4.unwrap_or(Ipv4Addr::LOCALHOST)));
+        }
+        let (mut external_v4, mut external_v6) = (None, None);
+        for ip in external_ip {
+            if ip.is_unspecified() {
+                bail!("external-ip {ip}: must be the public address clients reach, not a wildcard");
+            }
+            match ip {
+                IpAddr::V4(v) if external_v4.is_none() => external_v4 = Some(*v),
+                IpAddr::V6(v) if external_v6.is_none() => external_v6 = Some(*v),
+                _ => bail!("external-ip: at most one IPv4 and one IPv6 address (got a second {ip})"),
+            }
+        }
+        Ok(RelayAddrs {
+            v4,
+            v6,
+            external_v4,
+            external_v6,
+            auto,
+        })
+    }
+}
+
+/// The configured users and REST secrets as keys; with none, a demo user.
+fn credentials(
+    users: &[UserSpec],
+    auth_secret: &[String],
+    auth_secret_file: &[PathBuf],
+    realm: &str,
+    host: &HostFacts,
+) -> Result<(Credentials, Option<(String, String)>)> {
+    let mut credentials = Credentials::new();
+    for u in users {
+        match &u.secret {
+            Secret::Password(pw) => credentials.add_user(&u.name, realm, pw),
+            Secret::Md5Key(key) => credentials.add_user_key(&u.name, realm, *key),
+        }
+    }
+    let mut secrets = auth_secret.to_vec();
+    for f in auth_secret_file {
+        let before = secrets.len();
+        secrets.extend(
+            host.file("auth-secret-file", f)?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned),
+        );
+        if secrets.len() == before {
+            bail!("auth-secret-file {}: no secret in it (one per line)", f.display());
+        }
+    }
+    for s in &secrets {
+        if s.is_empty() {
+            bail!("auth-secret: must not be empty");
+        }
+        if EXAMPLE_SECRETS.contains(&s.as_str()) {
+            bail!("auth-secret: \"{s}\" is the example from deploy/turnpike.toml; use a random one (e.g. openssl rand -base64 32)");
+        }
+        credentials.add_secret(s.as_bytes());
+    }
+    let demo_user = if credentials.user_count() == 0 && credentials.secret_count() == 0 {
+        let (u, p) = (format!("demo-{}", random_token(6)), random_token(20));
+        credentials.add_user(&u, realm, &p);
+        Some((u, p))
+    } else {
+        None
+    };
+    Ok((credentials, demo_user))
+}
+
+fn check_lifetimes(nonce: u64, allocation: u64, max_allocation: u64, auth_block: u64) -> Result<()> {
+    if nonce == 0 {
+        bail!("nonce-lifetime: must be at least 1 second (default 600)");
+    }
+    if allocation == 0 {
+        bail!("allocation-lifetime: must be at least 1 second (default 600)");
+    }
+    if max_allocation < allocation {
+        bail!(
+            "max-allocation-lifetime: {max_allocation} s is shorter than allocation-lifetime \
+             ({allocation} s); raise it or lower allocation-lifetime"
+        );
+    }
+    if auth_block == 0 {
+        bail!("auth-block-secs: must be at least 1 second (default 300); use auth-fail-limit = 0 to turn the guard off");
+    }
+    Ok(())
+}
+
+fn check_connections(max_connections: usize, handshake_timeout: u64, idle_timeout: u64) -> Result<()> {
+    if max_connections == 0 {
+        bail!("max-connections: must be at least 1 (default 8192)");
+    }
+    if handshake_timeout == 0 {
+        bail!("handshake-timeout: must be at least 1 second (default 10)");
+    }
+    if idle_timeout == 0 {
+        bail!("idle-timeout: must be at least 1 second (default 120)");
+    }
+    Ok(())
+}
+
+fn check_rfc6062(per_allocation: usize, connect_timeout: u64) -> Result<()> {
+    if per_allocation == 0 || per_allocation > 65535 {
+        bail!("tcp-connections-per-allocation: must be 1 to 65535 (default 64)");
+    }
+    if !(30..=3600).contains(&connect_timeout) {
+        bail!("tcp-connect-timeout: must be 30 to 3600 seconds (RFC 6062 §5.2 asks for at least 30; default 30)");
+    }
+    Ok(())
+}
+
+/// The user database: the default one is optional, one named on purpose
+/// must exist (a typo would otherwise start a server without its users).
+fn user_db(db: Option<&PathBuf>, host: &HostFacts) -> Result<PathBuf> {
+    match db {
+        Some(db) if !host.db_exists => bail!(
+            "db {}: no such file; create it with `turnpike user add NAME --db {}`, or leave db unset",
+            db.display(),
+            db.display()
+        ),
+        Some(db) => Ok(db.clone()),
+        None => Ok(host.default_db.clone()),
+    }
+}
+
+fn redis_url_of(url: Option<&String>, file: Option<&PathBuf>, host: &HostFacts) -> Result<Option<String>> {
+    let url = match (url, file) {
+        (Some(_), Some(_)) => bail!("redis-url and redis-url-file: give one of them"),
+        (_, Some(f)) => {
+            let url = host.file("redis-url-file", f)?.trim();
+            if url.is_empty() {
+                bail!("redis-url-file {}: empty; it holds one redis:// URL", f.display());
+            }
+            Some(url.to_owned())
+        }
+        (url, None) => url.cloned(),
+    };
+    if let Some(url) = &url {
+        if let Err(e) = redis::Client::open(url.as_str()) {
+            bail!("redis-url {url:?}: not a Redis URL ({e}); expected redis://[:PASSWORD@]HOST[:PORT][/DB]");
+        }
+    }
+    Ok(url)
+}
+
+/// RFC 5780 §4.1: the primary address and the alternate IP and port.
+fn rfc5780_addresses(
+    on: bool,
+    alt_ip: Option<IpAddr>,
+    alt_port: Option<u16>,
+    listen: &[SocketAddr],
+) -> Result<Option<(SocketAddr, IpAddr, Option<u16>)>> {
+    if !on {
+        if alt_ip.is_some() || alt_port.is_some() {
+            bail!("alt-ip/alt-port are set but rfc5780 is not: add --rfc5780");
+        }
+        return Ok(None);
+    }
+    let Some(alt_ip) = alt_ip else {
+        bail!("rfc5780 needs alt-ip: the server's second IP address (e.g. --alt-ip 192.0.2.2)");
+    };
+    let Some(primary) = listen.iter().copied().find(|l| l.is_ipv4() == alt_ip.is_ipv4()) else {
+        bail!("rfc5780: no listen address of the same family as alt-ip {alt_ip}");
+    };
+    if primary.ip().is_unspecified() {
+        bail!("rfc5780 needs a specific --listen address (not {primary}): answers must come from known addresses");
+    }
+    if primary.ip() == alt_ip {
+        bail!("alt-ip {alt_ip} must differ from the listen address");
+    }
+    Ok(Some((primary, alt_ip, alt_port)))
+}
+
+/// The admin listener and its token, which it never runs without.
+fn admin_api(
+    listen: Option<SocketAddr>,
+    token: Option<&String>,
+    token_file: Option<&PathBuf>,
+    host: &HostFacts,
+) -> Result<Option<(SocketAddr, String)>> {
+    let Some(addr) = listen else {
+        return Ok(None);
+    };
+    let token = match (token, token_file) {
+        (Some(t), _) => t.trim().to_owned(),
+        (None, Some(f)) => host.file("admin-token-file", f)?.trim().to_owned(),
+        (None, None) => bail!("admin-listen needs admin-token or admin-token-file: the admin API always requires a bearer token"),
+    };
+    if token.len() < 16 {
+        bail!("admin token: at least 16 characters (e.g. `openssl rand -hex 24`)");
+    }
+    Ok(Some((addr, token)))
+}
+
+fn check_fleet(
+    lease: Duration,
+    redirect_above: usize,
+    fleet_total_quota: usize,
+    redis: bool,
+    node_name: Option<&String>,
+) -> Result<()> {
+    if lease < Duration::from_secs(3) {
+        bail!("fleet-lease: at least 3 s (default 15): nodes beat once a second, and a lease must outlast a missed beat");
+    }
+    if redirect_above > 0 && !redis {
+        bail!("redirect-above: needs redis-url, where the fleet's nodes and their load are registered (or use alternate-server)");
+    }
+    if fleet_total_quota > 0 && !redis {
+        bail!("fleet-total-quota: needs redis-url, where the nodes' counts are shared (on one node, use total-quota)");
+    }
+    if let Some(n) = node_name {
+        if n.is_empty() || n.len() > 64 || !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        {
+            bail!("node-name {n:?}: 1 to 64 of letters, digits and - _ . :");
+        }
+    }
+    Ok(())
+}
+
+fn random_token(n: usize) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut rng = rand::thread_rng();
+    (0..n)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+#[cfg(test)]
+#[path = "tests.rs"]
+mod tests;

@@ -1,0 +1,263 @@
+//! The composition root: a [`Node`] owns everything `turnpike serve` runs
+//! (the runtime's workers, the credential stores, the fleet membership,
+//! the admin API, the web pages, metrics and the signal handling) and is
+//! the one place they are wired together. `main.rs` only turns argv into a
+//! [`CommandLine`] and calls [`Node::start`] and [`Node::run`].
+
+mod announce;
+mod logging;
+mod reload;
+mod watch;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use tracing::info;
+
+use crate::config::{validate, CommandLine, HostFacts, Settings};
+use crate::credentials::CredentialStores;
+use crate::runtime::Handle;
+
+/// A running server and everything around it.
+pub struct Node {
+    settings: Settings,
+    handle: Handle,
+    reloader: Arc<reload::Reloader>,
+    signals: signal_hook::iterator::Signals,
+}
+
+impl Node {
+    /// Validates the configuration, opens the stores, binds every socket
+    /// and starts the workers and services: when it returns, the server
+    /// answers. Anything that cannot work fails here, before a client.
+    pub fn start(command_line: CommandLine) -> Result<Node> {
+        let options = command_line.options()?;
+        let host = HostFacts::read(&options);
+        let mut settings = validate(&options, &host)?;
+        crate::external_ip::discover(&mut settings)?;
+        let web_secret: Option<[u8; 32]> = settings.web.enabled().then(rand::random);
+        let stores = open_stores(&mut settings, web_secret)?;
+        logging::init(&settings);
+        // Signals are caught before anything starts, so a SIGTERM during
+        // start-up stops the server cleanly instead of killing it mid-way.
+        let signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGUSR1,
+            signal_hook::consts::SIGHUP,
+        ])?;
+        let mut handle = crate::runtime::start(&settings)?;
+        let reloader = Arc::new(reload::Reloader {
+            command_line,
+            host,
+            started: settings.clone(),
+            control: handle.control(),
+            stores: stores.clone(),
+        });
+        let web = start_web(&settings, &mut handle, web_secret)?;
+        start_admin(&settings, &options, &mut handle, &reloader, web)?;
+        let auth = {
+            let s = stores.lock().unwrap_or_else(|p| p.into_inner());
+            s.report_conflicts();
+            s.counts()
+        };
+        announce::started(&settings, &handle, &auth.to_string());
+        announce::warnings(&settings, &handle);
+        announce::demo_banner(&settings, &handle);
+        let (push_tx, push_rx) = std::sync::mpsc::channel();
+        watch::spawn_store_watcher(handle.control(), stores, push_rx);
+        start_fleet(&settings, &handle, push_tx);
+        Ok(Node {
+            settings,
+            handle,
+            reloader,
+            signals,
+        })
+    }
+
+    /// Serves until a signal stops it: SIGHUP reloads, SIGUSR1 drains,
+    /// SIGTERM drains then stops (at the last allocation or
+    /// `drain-timeout`), SIGINT or a second SIGTERM stops at once.
+    pub fn run(self) -> Result<()> {
+        let Node {
+            settings,
+            handle,
+            reloader,
+            mut signals,
+        } = self;
+        let control = handle.control();
+        let drain_timeout = settings.drain_timeout;
+        let watched = settings.watched_files.clone();
+        std::thread::spawn(move || {
+            let mut deadline: Option<Instant> = None;
+            let mut last_report = Instant::now();
+            let mut watch = watch::FileWatch::new(watched);
+            loop {
+                if watch.changed() {
+                    info!("a watched file changed (reload-on-change); reloading");
+                    let _ = reloader.reload();
+                }
+                for sig in signals.pending() {
+                    match sig {
+                        signal_hook::consts::SIGHUP => {
+                            let _ = reloader.reload();
+                        }
+                        signal_hook::consts::SIGUSR1 => {
+                            control.drain();
+                            info!(
+                                allocations = control.allocations(),
+                                "draining: new allocations are refused"
+                            );
+                        }
+                        signal_hook::consts::SIGTERM if deadline.is_none() => {
+                            control.drain();
+                            deadline = Some(Instant::now() + drain_timeout);
+                            info!(
+                                allocations = control.allocations(),
+                                timeout_s = drain_timeout.as_secs(),
+                                "SIGTERM: draining, then stopping"
+                            );
+                        }
+                        _ => {
+                            // Stop first: nothing after this line may keep the server up.
+                            control.stop();
+                            info!(signal = sig, "shutting down");
+                            return;
+                        }
+                    }
+                }
+                if let Some(d) = deadline {
+                    let left = control.allocations();
+                    if left == 0 || Instant::now() >= d {
+                        control.stop();
+                        info!(allocations_closed = left, "drain finished; shutting down");
+                        return;
+                    }
+                    if last_report.elapsed() >= Duration::from_secs(5) {
+                        info!(allocations = left, "draining");
+                        last_report = Instant::now();
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let panicked = handle.join();
+        if panicked > 0 {
+            anyhow::bail!("{panicked} worker thread(s) panicked; this is a bug, please report it");
+        }
+        info!("stopped");
+        Ok(())
+    }
+}
+
+/// The credential sources (configuration, SQLite, Redis, the web pages'
+/// secret), read once; `settings` gets their merged credentials, and no
+/// demo credential when any other user exists.
+fn open_stores(
+    settings: &mut Settings,
+    web_secret: Option<[u8; 32]>,
+) -> Result<Arc<Mutex<CredentialStores>>> {
+    let mut stores = CredentialStores::new(settings);
+    if let Some(secret) = web_secret {
+        stores.set_web_secret(secret);
+    }
+    stores.read_db()?;
+    match stores.read_redis() {
+        Ok(_) if settings.redis_url.is_some() => {
+            crate::metrics::REDIS_UP.store(1, std::sync::atomic::Ordering::Relaxed)
+        }
+        Ok(_) => {}
+        Err(e) => {
+            crate::metrics::REDIS_UP.store(0, std::sync::atomic::Ordering::Relaxed);
+            eprintln!("turnpike: {e:#}; starting without its users, retrying every 2 s");
+        }
+    }
+    if !stores.demo_in_use() {
+        settings.demo_user = None;
+    }
+    settings.credentials = stores.merged();
+    Ok(Arc::new(Mutex::new(stores)))
+}
+
+/// The ICE page and dashboard's shared state, and the public page's own
+/// listener when `web-listen` is set.
+fn start_web(
+    settings: &Settings,
+    handle: &mut Handle,
+    secret: Option<[u8; 32]>,
+) -> Result<Option<Arc<crate::web::Web>>> {
+    let Some(secret) = secret else {
+        return Ok(None);
+    };
+    let ports = crate::web::IcePorts {
+        plain: handle.listen.first().map(|a| a.port()),
+        tls: handle.tls_listen.first().map(|a| a.port()),
+    };
+    let mut w = crate::web::Web::new(&settings.web, secret, ports, &settings.realm, settings.redact);
+    w.fast_path = handle.fast_path.clone();
+    let web = Arc::new(w);
+    if let Some(listener) = handle.web_listener.take() {
+        let bound = crate::web::serve_public(listener, web.clone())?;
+        info!(url = %format!("http://{bound}/"), "public ICE test page listening");
+    }
+    Ok(Some(web))
+}
+
+/// The admin API (and the operator's pages on it), when configured.
+fn start_admin(
+    settings: &Settings,
+    options: &crate::config::Options,
+    handle: &mut Handle,
+    reloader: &Arc<reload::Reloader>,
+    web: Option<Arc<crate::web::Web>>,
+) -> Result<()> {
+    let (Some(listener), Some((_, token))) = (handle.admin_listener.take(), &settings.admin) else {
+        return Ok(());
+    };
+    let r = reloader.clone();
+    let reload: crate::admin::Reloader = Arc::new(move || r.reload());
+    let bound = crate::admin::serve(
+        listener,
+        token.clone(),
+        handle.control(),
+        crate::admin::effective_config(settings, options),
+        Some(reload),
+        web.filter(|_| settings.web.ui),
+    )?;
+    info!(admin = %bound, "admin API listening");
+    if settings.web.ui {
+        info!(ice = %format!("http://{bound}/ice"), dashboard = %format!("http://{bound}/dashboard"), "operator pages listening");
+    }
+    Ok(())
+}
+
+/// Fleet membership in Redis, when `redis-url` is set.
+fn start_fleet(settings: &Settings, handle: &Handle, pushed: std::sync::mpsc::Sender<()>) {
+    let Some(url) = &settings.redis_url else {
+        return;
+    };
+    let (ipv4, ipv6) = (
+        announce::advertised(settings, handle, false),
+        announce::advertised(settings, handle, true),
+    );
+    let port_of = |v6: bool| handle.listen.iter().find(|a| a.is_ipv6() == v6).map(|a| a.port());
+    let first_port = port_of(false).or(port_of(true));
+    let name = settings
+        .node_name
+        .clone()
+        .unwrap_or_else(|| crate::fleet::default_name(first_port.unwrap_or(0)));
+    info!(node = %name, ipv4 = %announce::shown_addr(ipv4), ipv6 = %announce::shown_addr(ipv6), "fleet: registering in redis");
+    crate::fleet::spawn(
+        crate::fleet::FleetConfig {
+            url: url.clone(),
+            name,
+            lease: settings.fleet_lease,
+            redirect_above: settings.redirect_above,
+            ipv4,
+            ipv6,
+        },
+        handle.control(),
+        pushed,
+    );
+}

@@ -1,0 +1,33 @@
+//! The server crate's integration tests, one binary: each module is a
+//! subject (a listener, a store, an RFC, a deployment), all against real
+//! sockets and processes. Shared helpers are in `common`.
+
+mod admin;
+mod alpn;
+mod bench_calls;
+mod bench_smoke;
+mod binary;
+mod browser;
+mod common;
+mod coturn_import;
+mod dualstack;
+mod fastpath;
+mod fleet;
+mod fleet_netns;
+mod garbage;
+mod icmp;
+mod install;
+mod interop;
+mod kubernetes;
+mod limits;
+mod metrics;
+mod multihome;
+mod node_setup;
+mod probe;
+mod prometheus;
+mod proxy_protocol;
+mod rfc5780;
+mod runtime;
+mod shared_limits;
+mod tcp_relay;
+mod web;
