@@ -311,12 +311,12 @@ async fn readyz(State(app): State<App>) -> Response {
 }
 
 /// The effective configuration as JSON, without secrets.
-/// Every option as given (file and command line merged; `null` or `[]`:
-/// the default of `serve --help`), with passwords, secrets, the admin token
-/// and a Redis password redacted, and over it the effective values of the
-/// main settings (defaults filled in, addresses resolved).
-pub fn effective_config(s: &crate::config::Settings, given: &crate::config::Options) -> serde_json::Value {
-    let mut shown = given.clone();
+/// Every option (file and command line merged, declared defaults filled
+/// in; `null` or `[]`: a default the host decides, resolved below), with
+/// passwords, secrets, the admin token and a Redis password redacted, and
+/// over it the effective values of the main settings (addresses resolved).
+pub fn effective_config(s: &crate::config::Settings) -> serde_json::Value {
+    let mut shown = s.options.clone();
     shown.auth_secret = shown
         .auth_secret
         .iter()

@@ -148,7 +148,7 @@ const FIXED_DEFAULTS: &[(&str, &[&str])] = &[
 pub fn convert(text: &str) -> Converted {
     // coturn with use-auth-secret, or a static-auth-secret (which turns it
     // on), authenticates REST-API credentials only: its `user=` lines and
-    // database users are refused there (tests/coturn_import.rs shows it
+    // database users are refused there (tests/integration/coturn_import.rs shows it
     // against coturn itself), so carrying them would let in more
     // credentials than before the move.
     let rest_only = lines(text).any(|l| l.key == "use-auth-secret" || l.key == "static-auth-secret");

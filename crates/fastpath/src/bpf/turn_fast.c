@@ -301,7 +301,7 @@ static __always_inline int send(struct xdp_md *ctx, int ifindex)
 	// (the one-NIC host: clients and peers on the same link), never
 	// XDP_TX: on veth (kernel 6.18) every XDP_TX frame of this program was
 	// lost while a redirect to the same ifindex delivered all of them
-	// (tests/fastpath.rs, one_nic_*). Drivers with native XDP implement
+	// (tests/integration/fastpath.rs, one_nic_*). Drivers with native XDP implement
 	// both; the redirect costs a devmap flush more.
 	return bpf_redirect(ifindex, 0);
 }

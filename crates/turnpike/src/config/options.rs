@@ -383,6 +383,12 @@ pub struct Options {
     #[arg(long, value_name = "FORMAT", default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Refused requests logged one line each, per second and worker
+    /// thread; past it they are counted into one summary line a second, so
+    /// a flood cannot fill the disk (0: the summaries only).
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub log_refusals_per_second: u32,
+
     /// Hide client and peer IP addresses and usernames in logs, replacing
     /// each with a keyed hash (stable for this run, so lines still correlate).
     #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", default_value_t = false, require_equals = true, value_name = "BOOL")]
@@ -392,7 +398,7 @@ pub struct Options {
 /// `Options` as a clap command of its own, for defaults and tests.
 #[derive(clap::Parser)]
 #[command(name = "turnpike-serve")]
-pub(super) struct Standalone {
+struct Standalone {
     #[command(flatten)]
     options: Options,
 }
@@ -468,6 +474,13 @@ impl Options {
         T: Into<std::ffi::OsString> + Clone,
     {
         CommandLine::try_parse_from(argv)?.options()
+    }
+
+    /// `serve --help`, as plain text.
+    pub fn help() -> String {
+        <Standalone as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string()
     }
 
     /// A config file's options, with the defaults for what it does not set.

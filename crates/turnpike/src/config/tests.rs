@@ -337,9 +337,7 @@ fn every_option_has_one_default_and_the_file_and_flags_agree_on_it() {
     assert_eq!(from_flags, from_file);
     assert_eq!(from_flags, Options::default());
     // And --help states it, for every option that has a fixed one.
-    let help = <super::super::options::Standalone as clap::CommandFactory>::command()
-        .render_long_help()
-        .to_string();
+    let help = Options::help();
     for (flag, default) in [
         ("--min-port", "49152"),
         ("--realm", "turnpike"),

@@ -16,6 +16,9 @@ use super::Options;
 /// Validated settings, ready to run.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The options as given, defaults filled in: where a setting that
+    /// needs no resolving is read.
+    pub options: Options,
     /// UDP+TCP listen addresses.
     pub listen: Vec<SocketAddr>,
     /// TLS listen addresses (empty: no TLS).
@@ -302,6 +305,7 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         web_turn_host,
         reload_on_change,
         log_format,
+        log_refusals_per_second: _, // any count works; read from `Settings::options`
         redact,
     } = options;
     let web = WebSettings::new(
@@ -371,6 +375,7 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         Vec::new()
     };
     Ok(Settings {
+        options: options.clone(),
         listen,
         tls_listen,
         tls,

@@ -56,7 +56,7 @@ impl Node {
             stores: stores.clone(),
         });
         let web = start_web(&settings, &mut handle, web_secret)?;
-        start_admin(&settings, &options, &mut handle, &reloader, web)?;
+        start_admin(&settings, &mut handle, &reloader, web)?;
         let auth = {
             let s = stores.lock().unwrap_or_else(|p| p.into_inner());
             s.report_conflicts();
@@ -207,7 +207,6 @@ fn start_web(
 /// The admin API (and the operator's pages on it), when configured.
 fn start_admin(
     settings: &Settings,
-    options: &crate::config::Options,
     handle: &mut Handle,
     reloader: &Arc<reload::Reloader>,
     web: Option<Arc<crate::web::Web>>,
@@ -221,7 +220,7 @@ fn start_admin(
         listener,
         token.clone(),
         handle.control(),
-        crate::admin::effective_config(settings, options),
+        crate::admin::effective_config(settings),
         Some(reload),
         web.filter(|_| settings.web.ui),
     )?;

@@ -53,7 +53,7 @@ impl Reloader {
         new.credentials = s.merged();
         s.report_conflicts();
         for setting in restart_only_changes(&self.started, &new) {
-            warn!(setting, "reload: this setting changes at the next restart");
+            warn!(setting = %setting, "reload: this setting changes at the next restart");
         }
         super::logging::set_level(&new.log_level);
         let applied = self.control.reload(&new);
@@ -75,48 +75,98 @@ impl Reloader {
     }
 }
 
-/// The settings that differ between `old` and `new` but are fixed for the
-/// life of the process: sockets, threads and what was started from them.
-/// Everything else (credentials, realm, peer policy, quotas, rate limits,
-/// lifetimes, connection limits, TLS files, log level) is applied live by
-/// [`Control::reload`] and the log filter.
-pub(super) fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
-    let changed = [
-        ("listen", old.listen != new.listen),
-        ("tls-listen", old.tls_listen != new.tls_listen),
-        ("threads", old.threads != new.threads),
-        (
-            "min-port/max-port",
-            (old.min_port, old.max_port) != (new.min_port, new.max_port),
-        ),
-        (
-            "relay-ip",
-            (old.relay_v4, old.relay_v6) != (new.relay_v4, new.relay_v6),
-        ),
-        ("rfc5780", old.rfc5780 != new.rfc5780),
-        ("udp-gso", old.udp_gso != new.udp_gso),
-        ("fast-path", old.fast_path != new.fast_path),
-        (
-            "fast-path-interface",
-            old.fast_path_interfaces != new.fast_path_interfaces,
-        ),
-        ("metrics-listen", old.metrics_listen != new.metrics_listen),
-        ("admin-listen/admin-token", old.admin != new.admin),
-        ("web-ui/web-listen/web-*", old.web != new.web),
-        ("db", old.db != new.db),
-        ("redis-url", old.redis_url != new.redis_url),
-        ("node-name", old.node_name != new.node_name),
-        ("fleet-lease", old.fleet_lease != new.fleet_lease),
-        ("redirect-above", old.redirect_above != new.redirect_above),
-        ("drain-timeout", old.drain_timeout != new.drain_timeout),
-        ("log-format", old.log_json != new.log_json),
-        ("redact", old.redact != new.redact),
-        ("reload-on-change", old.watched_files != new.watched_files),
-        ("external-ip-from", old.external_ip_from != new.external_ip_from),
-    ];
+/// The options [`Control::reload`] and the log filter apply to a running
+/// server. Every other option is fixed for the life of the process
+/// (sockets, threads, stores, the fleet identity, what was started from
+/// them): a new option is restart-only until it is added here.
+const LIVE: &[&str] = &[
+    "user",
+    "auth-secret",
+    "auth-secret-file",
+    "realm",
+    "allow-long-realm",
+    "software",
+    "rfc5766-channel-numbers",
+    "allow-peer",
+    "deny-peer",
+    "peer-precedence",
+    "allow-loopback-peers",
+    "external-ip",
+    "nonce-lifetime",
+    "allocation-lifetime",
+    "max-allocation-lifetime",
+    "user-quota",
+    "total-quota",
+    "fleet-total-quota",
+    "rate-limit-per-ip",
+    "auth-fail-limit",
+    "auth-block-secs",
+    "max-bps",
+    "user-max-bps",
+    "alternate-server",
+    "cert",
+    "key",
+    "max-connections",
+    "max-connections-per-ip",
+    "proxy-protocol-from",
+    "handshake-timeout",
+    "idle-timeout",
+    "tcp-connections-per-allocation",
+    "tcp-connect-timeout",
+    "log-level",
+];
+
+/// The options that differ between `old` and `new` but only a restart
+/// applies, by name.
+pub(super) fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<String> {
+    let table = |s: &Settings| toml::Table::try_from(&s.options).unwrap_or_default();
+    let (a, b) = (table(old), table(new));
+    let mut changed: Vec<String> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k) && !LIVE.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    changed.sort();
+    changed.dedup();
+    // The same file with new contents: the admin API keeps its token.
+    if old.admin != new.admin && !changed.iter().any(|k| k.starts_with("admin-")) {
+        changed.push("admin-token-file (its contents)".to_owned());
+    }
     changed
-        .into_iter()
-        .filter(|(_, c)| *c)
-        .map(|(name, _)| name)
-        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{HostFacts, Options};
+
+    fn settings(args: &[&str]) -> Settings {
+        let o = Options::from_argv(["x", "--user", "a:pw"].iter().chain(args)).unwrap();
+        crate::config::validate(&o, &HostFacts::read(&o)).unwrap()
+    }
+
+    #[test]
+    fn live_options_are_real_ones_and_everything_else_waits_for_a_restart() {
+        let help = Options::help();
+        for k in LIVE {
+            assert!(
+                help.contains(&format!("--{k} ")) || help.contains(&format!("--{k}[")),
+                "LIVE names no option {k}"
+            );
+        }
+        let old = settings(&[]);
+        assert!(restart_only_changes(
+            &old,
+            &settings(&["--user-quota", "3", "--deny-peer", "192.0.2.0/24"])
+        )
+        .is_empty());
+        assert_eq!(
+            restart_only_changes(
+                &old,
+                &settings(&["--threads", "3", "--log-refusals-per-second", "5"])
+            ),
+            ["log-refusals-per-second", "threads"]
+        );
+    }
 }

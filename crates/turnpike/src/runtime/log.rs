@@ -45,20 +45,20 @@ impl Redactor {
     }
 }
 
-/// Refusals logged one by one per worker and second; the rest are counted
-/// and summed up in one line, so a flood cannot fill a disk with logs.
-const REFUSALS_PER_SECOND: u32 = 20;
-
-/// The per-second budget of refusal log lines.
+/// The per-second budget of refusal log lines (`--log-refusals-per-second`,
+/// per worker): the rest are counted and summed up in one line, so a flood
+/// cannot fill a disk with logs.
 pub(super) struct RefusalLog {
+    per_second: u32,
     window: Instant,
     logged: u32,
     suppressed: [u64; ErrorCode::ALL.len()],
 }
 
 impl RefusalLog {
-    pub(super) fn new() -> Self {
+    pub(super) fn new(per_second: u32) -> Self {
         RefusalLog {
+            per_second,
             window: Instant::now(),
             logged: 0,
             suppressed: [0; ErrorCode::ALL.len()],
@@ -70,7 +70,7 @@ impl RefusalLog {
         if now.saturating_duration_since(self.window) >= Duration::from_secs(1) {
             self.flush(now);
         }
-        if self.logged < REFUSALS_PER_SECOND {
+        if self.logged < self.per_second {
             self.logged += 1;
             return true;
         }
@@ -211,13 +211,17 @@ mod tests {
 
     #[test]
     fn refusals_past_the_budget_are_counted_not_logged() {
-        let mut l = RefusalLog::new();
+        let mut l = RefusalLog::new(20);
         let t = l.window;
         let logged = (0..25).filter(|_| l.admit(t, ErrorCode::Unauthorized)).count();
-        assert_eq!(logged as u32, REFUSALS_PER_SECOND);
+        assert_eq!(logged, 20);
         assert_eq!(l.suppressed[ErrorCode::Unauthorized.index()], 5);
         // The next second starts a new budget (the summary line is logged).
         assert!(l.admit(t + Duration::from_secs(1), ErrorCode::AllocationQuotaReached));
         assert_eq!(l.suppressed.iter().sum::<u64>(), 0);
+        // 0: every refusal goes to the summary.
+        let mut l = RefusalLog::new(0);
+        assert!(!l.admit(t, ErrorCode::Unauthorized));
+        assert_eq!(l.suppressed[ErrorCode::Unauthorized.index()], 1);
     }
 }

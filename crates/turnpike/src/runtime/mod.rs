@@ -346,6 +346,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
                     fast::State::Active(f, ..) => Some(f.clone()),
                     _ => None,
                 },
+                refusals_per_second: settings.options.log_refusals_per_second,
             },
         )?;
         threads.push(

@@ -71,6 +71,7 @@ pub(super) struct WorkerParams {
     pub(super) handoff_to: Vec<(std::sync::mpsc::Sender<Box<Conn>>, Arc<mio::Waker>)>,
     pub(super) tcp_relay_addrs: super::tcp_relay::TcpRelayAddrs,
     pub(super) fast: Option<super::fast::Shared>,
+    pub(super) refusals_per_second: u32,
 }
 
 /// Limits on TCP/TLS connections, per worker.
@@ -149,6 +150,7 @@ impl Worker {
             handoff_to,
             tcp_relay_addrs,
             fast,
+            refusals_per_second,
         } = p;
         let registry = poll.registry().try_clone()?;
         let mut io = Io {
@@ -215,7 +217,7 @@ impl Worker {
             conn_refused_per_source: 0,
             proxy_refused: 0,
             unfinished: Vec::new(),
-            refusals: RefusalLog::new(),
+            refusals: RefusalLog::new(refusals_per_second),
             handoff,
             handoff_to,
         })

@@ -1359,6 +1359,54 @@ fn every_refusal_leaves_a_log_line() {
 }
 
 #[test]
+fn refusal_lines_past_the_configured_budget_are_summed_up() {
+    // Two refusals a second logged one by one; five wrong passwords give
+    // two lines and a summary counting the other three.
+    let mut child = bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--no-tls", "--threads", "1"])
+        .args([
+            "--user",
+            "dave:d4ve",
+            "--auth-fail-limit",
+            "0",
+            "--realm",
+            "budget.example",
+        ])
+        .args(["--log-refusals-per-second", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(child.stderr.take().unwrap());
+    let child = Server(Some(child));
+    let mut seen = Vec::new();
+    let addr = listen_addr(&wait_for(&err, "turnpike started", &mut seen));
+    let mut c = TurnClient::new(
+        Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(3)).unwrap(),
+        "dave",
+        "wrong",
+    );
+    c.set_timeout(Duration::from_secs(2));
+    for _ in 0..5 {
+        assert!(c.allocate().is_err());
+    }
+    let summary = wait_for(&err, "more like the ones above", &mut seen);
+    let one_by_one = seen.iter().filter(|l| l.contains("request refused")).count();
+    // At least five 401s: two logged in the window (four if it turned
+    // over mid-way), the rest summed up (the default of 20 logs them all).
+    assert!((2..=4).contains(&one_by_one), "{seen:#?}");
+    let more: usize = summary
+        .split("more=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(more >= 1 && one_by_one + more >= 5, "{summary}");
+    assert!(summary.contains(&format!("401x{more}")), "{summary}");
+    sigterm_and_wait(child);
+}
+
+#[test]
 fn a_missing_db_or_a_malformed_redis_url_is_refused() {
     let missing = std::env::temp_dir().join(format!("turnpike-typo-{}/users.db", std::process::id()));
     let out = bin()
