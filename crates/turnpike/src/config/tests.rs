@@ -42,9 +42,9 @@ fn defaults_are_useful() {
     assert!(s.tls_listen.iter().any(|l| l.port() == 5349));
     assert_eq!(s.tls, Some(TlsSource::SelfSigned));
     assert!(s.demo_user.is_some(), "a demo credential when none is configured");
-    assert_eq!((s.min_port, s.max_port), (49152, 65535));
+    assert_eq!((s.options.min_port, s.options.max_port), (49152, 65535));
     assert!(s.relay_v4.is_some());
-    assert!(!s.allow_loopback_peers);
+    assert!(!s.options.allow_loopback_peers);
 }
 
 #[test]
@@ -217,7 +217,7 @@ fn a_tcp_connect_timeout_under_the_rfc_minimum_is_refused() {
     ])
     .unwrap();
     assert_eq!(s.tcp_connect_timeout, std::time::Duration::from_secs(45));
-    assert_eq!(s.tcp_connections_per_allocation, 8);
+    assert_eq!(s.options.tcp_connections_per_allocation, 8);
 }
 
 #[test]

@@ -33,10 +33,6 @@ pub struct Settings {
     pub external_v4: Option<Ipv4Addr>,
     /// Advertised IPv6 relay address.
     pub external_v6: Option<Ipv6Addr>,
-    /// Relay port range, inclusive.
-    pub min_port: u16,
-    /// Relay port range, inclusive.
-    pub max_port: u16,
     /// Realm.
     pub realm: String,
     /// Challenge minimal Allocates even beyond 3x (a realm over 24 bytes).
@@ -45,49 +41,15 @@ pub struct Settings {
     pub credentials: Credentials,
     /// The generated demo credential, when no other was configured.
     pub demo_user: Option<(String, String)>,
-    /// Peer ranges allowed.
-    pub allow_peer: Vec<Cidr>,
-    /// Load balancers that send PROXY protocol headers.
-    pub proxy_protocol_from: Vec<Cidr>,
-    /// Peer ranges refused.
-    pub deny_peer: Vec<Cidr>,
     /// Where both hold a peer, `allow_peer` wins (coturn's order).
     pub allow_peer_wins: bool,
-    /// Allow loopback peers.
-    pub allow_loopback_peers: bool,
     /// Worker threads.
     pub threads: usize,
-    /// Merge runs of datagrams to one destination with UDP GSO.
-    pub udp_gso: bool,
-    /// Tracing filter.
-    pub log_level: String,
-    /// SOFTWARE attribute.
-    pub software: Option<String>,
     /// Accept 0x5000-0x7FFF channels.
     pub legacy_channel_numbers: bool,
-    /// Nonce lifetime in seconds.
-    pub nonce_lifetime: u64,
     /// Default and longest allocation lifetimes.
     pub allocation_lifetime: std::time::Duration,
     pub max_allocation_lifetime: std::time::Duration,
-    /// Allocations per username (0: unlimited).
-    pub user_quota: usize,
-    /// Allocations in total (0: unlimited).
-    pub total_quota: usize,
-    /// Bytes/s per allocation and direction (0: no cap).
-    pub max_bps: u64,
-    /// Bytes/s per user, direction and worker (0: no cap).
-    pub user_max_bps: u64,
-    /// Unauthenticated answers/s per source IP and worker (0: off).
-    pub rate_limit_per_ip: u32,
-    /// Failures before a username/source pair is blocked (0: off).
-    pub auth_fail_limit: u32,
-    /// Seconds a block lasts.
-    pub auth_block_secs: u64,
-    /// TCP/TLS connections per worker.
-    pub max_connections: usize,
-    /// TCP/TLS connections per source IP, across workers (0: no cap).
-    pub max_connections_per_ip: u32,
     /// No relay address was configured: each allocation relays from the
     /// address its client reached (falling back to `relay_v4`/`relay_v6`).
     pub relay_auto: bool,
@@ -95,26 +57,16 @@ pub struct Settings {
     pub handshake_timeout: std::time::Duration,
     /// Idle timeout for connections without an allocation.
     pub idle_timeout: std::time::Duration,
-    /// RFC 6062: peer data connections per TCP allocation.
-    pub tcp_connections_per_allocation: usize,
     /// RFC 6062: how long a Connect may take.
     pub tcp_connect_timeout: std::time::Duration,
-    /// Kernel fast path mode.
-    pub fast_path: FastPathMode,
     /// Interfaces named for the fast path (empty: chosen by listen address).
     pub fast_path_interfaces: Vec<String>,
     /// RFC 5780: the primary listen address and the alternate IP and port.
     pub rfc5780: Option<(SocketAddr, IpAddr, Option<u16>)>,
     /// Log lines as JSON.
     pub log_json: bool,
-    /// Redact IPs and usernames in logs.
-    pub redact: bool,
-    /// ALTERNATE-SERVER addresses for draining.
-    pub alternate_server: Vec<SocketAddr>,
     /// How long SIGTERM waits for allocations to end.
     pub drain_timeout: std::time::Duration,
-    /// Prometheus endpoint.
-    pub metrics_listen: Option<SocketAddr>,
     /// Admin API listener and its token.
     pub admin: Option<(SocketAddr, String)>,
     /// The user database.
@@ -125,14 +77,8 @@ pub struct Settings {
     pub external_ip_from: Option<String>,
     /// Files whose change triggers a reload (empty: no watching).
     pub watched_files: Vec<PathBuf>,
-    /// The fleet registry name (None: the default, made at start).
-    pub node_name: Option<String>,
     /// How long registry entries and quota counts outlive a silent node.
     pub fleet_lease: std::time::Duration,
-    /// Allocations past which new clients go to another node (0: never).
-    pub redirect_above: usize,
-    /// Allocations the fleet may hold together (0: no limit).
-    pub fleet_total_quota: usize,
     /// The ICE test page and the dashboard.
     pub web: WebSettings,
 }
@@ -176,8 +122,8 @@ impl Settings {
             return Vec::new();
         }
         let mut out = Vec::new();
-        for a in &self.allow_peer {
-            if let Some(d) = self.deny_peer.iter().find(|d| d.covers(a)) {
+        for a in &self.options.allow_peer {
+            if let Some(d) = self.options.deny_peer.iter().find(|d| d.covers(a)) {
                 out.push((*a, *d));
             }
         }
@@ -235,8 +181,9 @@ impl WebSettings {
 /// place a setting that cannot work is refused, before anything starts.
 /// Pure: everything it knows of the host is in `host`.
 pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
-    // Every field by name: an option added to `Options` but not handled
-    // here is an unused variable, which the build refuses.
+    // Every field by name: an option added to `Options` is a compile error
+    // here until it is handled. `_`: any value works, and the server reads
+    // it from `Settings::options` as given.
     let Options {
         config,
         listen,
@@ -254,28 +201,28 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         user,
         auth_secret,
         auth_secret_file,
-        allow_loopback_peers,
-        allow_peer,
-        proxy_protocol_from,
-        deny_peer,
+        allow_loopback_peers: _,
+        allow_peer: _,
+        proxy_protocol_from: _,
+        deny_peer: _,
         peer_precedence,
         threads,
-        udp_gso,
+        udp_gso: _,
         log_level,
         software,
         rfc5766_channel_numbers,
         nonce_lifetime,
         allocation_lifetime,
         max_allocation_lifetime,
-        user_quota,
-        total_quota,
-        max_bps,
-        user_max_bps,
-        rate_limit_per_ip,
-        auth_fail_limit,
+        user_quota: _,
+        total_quota: _,
+        max_bps: _,
+        user_max_bps: _,
+        rate_limit_per_ip: _,
+        auth_fail_limit: _,
         auth_block_secs,
         max_connections,
-        max_connections_per_ip,
+        max_connections_per_ip: _,
         handshake_timeout,
         idle_timeout,
         tcp_connections_per_allocation,
@@ -285,9 +232,9 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         rfc5780,
         alt_ip,
         alt_port,
-        alternate_server,
+        alternate_server: _,
         drain_timeout,
-        metrics_listen,
+        metrics_listen: _,
         db,
         redis_url,
         redis_url_file,
@@ -305,8 +252,8 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         web_turn_host,
         reload_on_change,
         log_format,
-        log_refusals_per_second: _, // any count works; read from `Settings::options`
-        redact,
+        log_refusals_per_second: _,
+        redact: _,
     } = options;
     let web = WebSettings::new(
         *web_ui,
@@ -384,54 +331,27 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         external_v4: relay.external_v4,
         external_v6: relay.external_v6,
         relay_auto: relay.auto,
-        min_port: *min_port,
-        max_port: *max_port,
         realm,
         credentials,
         demo_user,
-        allow_peer: allow_peer.clone(),
-        proxy_protocol_from: proxy_protocol_from.clone(),
-        deny_peer: deny_peer.clone(),
         allow_peer_wins: *peer_precedence == PeerPrecedence::Allow,
-        allow_loopback_peers: *allow_loopback_peers,
         threads,
-        udp_gso: *udp_gso,
-        log_level: log_level.clone(),
-        software: software.clone(),
         long_realm: *allow_long_realm,
         legacy_channel_numbers: *rfc5766_channel_numbers,
-        nonce_lifetime: *nonce_lifetime,
         allocation_lifetime: Duration::from_secs(*allocation_lifetime),
         max_allocation_lifetime: Duration::from_secs(max_allocation_lifetime),
-        user_quota: *user_quota,
-        total_quota: *total_quota,
-        max_bps: *max_bps,
-        user_max_bps: *user_max_bps,
-        rate_limit_per_ip: *rate_limit_per_ip,
-        auth_fail_limit: *auth_fail_limit,
-        auth_block_secs: *auth_block_secs,
-        max_connections: *max_connections,
-        max_connections_per_ip: *max_connections_per_ip,
         handshake_timeout: Duration::from_secs(*handshake_timeout),
         idle_timeout: Duration::from_secs(*idle_timeout),
-        tcp_connections_per_allocation: *tcp_connections_per_allocation,
         tcp_connect_timeout: Duration::from_secs(*tcp_connect_timeout),
-        fast_path: *fast_path,
         fast_path_interfaces: fast_path_interface.clone(),
         rfc5780,
         log_json: *log_format == LogFormat::Json,
-        redact: *redact,
-        alternate_server: alternate_server.clone(),
         drain_timeout: Duration::from_secs(*drain_timeout),
-        metrics_listen: *metrics_listen,
         db,
         redis_url,
         external_ip_from: external_ip_from.as_ref().map(|h| h.as_str().to_owned()),
         watched_files,
-        node_name: node_name.clone(),
         fleet_lease,
-        redirect_above: *redirect_above,
-        fleet_total_quota: *fleet_total_quota,
         web,
         admin,
     })

@@ -41,11 +41,11 @@ pub(super) fn started(settings: &Settings, handle: &Handle, auth: &str) {
         } else {
             "the configured relay-ip"
         },
-        relay_ports = %format!("{}-{}", settings.min_port, settings.max_port),
+        relay_ports = %format!("{}-{}", settings.options.min_port, settings.options.max_port),
         realm = %settings.realm,
         auth = %auth,
         threads = settings.threads,
-        allow_loopback_peers = settings.allow_loopback_peers,
+        allow_loopback_peers = settings.options.allow_loopback_peers,
         metrics = %shown_or(handle.metrics, "off"),
         admin = %shown_or(settings.admin.as_ref().map(|(a, _)| *a), "off"),
         db = %settings.db.display(),
@@ -53,9 +53,9 @@ pub(super) fn started(settings: &Settings, handle: &Handle, auth: &str) {
         fast_path = %handle.fast_path,
         peer_policy = %format!(
             "default deny of private/reserved ranges{}; {} allow-peer, {} deny-peer, {} wins where both match",
-            if settings.allow_loopback_peers { ", loopback allowed" } else { "" },
-            settings.allow_peer.len(),
-            settings.deny_peer.len(),
+            if settings.options.allow_loopback_peers { ", loopback allowed" } else { "" },
+            settings.options.allow_peer.len(),
+            settings.options.deny_peer.len(),
             if settings.allow_peer_wins { "allow" } else { "deny" }
         ),
         "turnpike started"
@@ -81,7 +81,13 @@ pub(super) fn warnings(settings: &Settings, handle: &Handle) {
     warn_shadowed_allows(settings);
     if let Some(w) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
-        .and_then(|r| crate::runtime::relays::ephemeral_overlap(settings.min_port, settings.max_port, &r))
+        .and_then(|r| {
+            crate::runtime::relays::ephemeral_overlap(
+                settings.options.min_port,
+                settings.options.max_port,
+                &r,
+            )
+        })
     {
         warn!("{w}");
     }

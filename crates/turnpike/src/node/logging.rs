@@ -31,8 +31,9 @@ impl std::io::Write for LossyStderr {
 /// Installs the process's subscriber (once; later calls change nothing).
 pub(super) fn init(settings: &Settings) {
     // The filter sits behind a reload handle so SIGHUP can change the level.
-    let (filter, handle) =
-        tracing_subscriber::reload::Layer::new(tracing_subscriber::EnvFilter::new(&settings.log_level));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(tracing_subscriber::EnvFilter::new(
+        &settings.options.log_level,
+    ));
     if LOG_FILTER.set(handle).is_err() {
         return;
     }

@@ -194,7 +194,13 @@ fn start_web(
         plain: handle.listen.first().map(|a| a.port()),
         tls: handle.tls_listen.first().map(|a| a.port()),
     };
-    let mut w = crate::web::Web::new(&settings.web, secret, ports, &settings.realm, settings.redact);
+    let mut w = crate::web::Web::new(
+        &settings.web,
+        secret,
+        ports,
+        &settings.realm,
+        settings.options.redact,
+    );
     w.fast_path = handle.fast_path.clone();
     let web = Arc::new(w);
     if let Some(listener) = handle.web_listener.take() {
@@ -243,6 +249,7 @@ fn start_fleet(settings: &Settings, handle: &Handle, pushed: std::sync::mpsc::Se
     let port_of = |v6: bool| handle.listen.iter().find(|a| a.is_ipv6() == v6).map(|a| a.port());
     let first_port = port_of(false).or(port_of(true));
     let name = settings
+        .options
         .node_name
         .clone()
         .unwrap_or_else(|| crate::fleet::default_name(first_port.unwrap_or(0)));
@@ -252,7 +259,7 @@ fn start_fleet(settings: &Settings, handle: &Handle, pushed: std::sync::mpsc::Se
             url: url.clone(),
             name,
             lease: settings.fleet_lease,
-            redirect_above: settings.redirect_above,
+            redirect_above: settings.options.redirect_above,
             ipv4,
             ipv6,
         },

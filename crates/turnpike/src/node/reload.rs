@@ -55,7 +55,7 @@ impl Reloader {
         for setting in restart_only_changes(&self.started, &new) {
             warn!(setting = %setting, "reload: this setting changes at the next restart");
         }
-        super::logging::set_level(&new.log_level);
+        super::logging::set_level(&new.options.log_level);
         let applied = self.control.reload(&new);
         drop(s);
         match applied {

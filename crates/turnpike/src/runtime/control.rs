@@ -29,10 +29,10 @@ pub(super) fn build_policy(settings: &Settings, own_sockets: &[SocketAddr]) -> P
         own_ips.extend(udp_io::local_addresses());
     }
     PeerPolicy {
-        allow: settings.allow_peer.clone(),
-        deny: settings.deny_peer.clone(),
+        allow: settings.options.allow_peer.clone(),
+        deny: settings.options.deny_peer.clone(),
         allow_wins: settings.allow_peer_wins,
-        allow_loopback: settings.allow_loopback_peers,
+        allow_loopback: settings.options.allow_loopback_peers,
         own_sockets: own_sockets.to_vec(),
         own_ips,
         ..PeerPolicy::default()
@@ -123,15 +123,15 @@ pub(super) fn core_config(settings: &Settings, base: &CoreBase, limits: &SharedL
         base.epoch,
         base.unix_at_epoch,
     );
-    c.software = settings.software.clone();
+    c.software = settings.options.software.clone();
     c.legacy_channel_numbers = settings.legacy_channel_numbers;
     c.long_realm = settings.long_realm;
-    c.max_tcp_connections = settings.tcp_connections_per_allocation;
+    c.max_tcp_connections = settings.options.tcp_connections_per_allocation;
     c.tcp_connect_timeout = settings.tcp_connect_timeout;
     c.policy = build_policy(settings, &base.own_sockets);
     c.external_ipv4 = settings.external_v4;
     c.external_ipv6 = settings.external_v6;
-    c.nonce_lifetime = Duration::from_secs(settings.nonce_lifetime);
+    c.nonce_lifetime = Duration::from_secs(settings.options.nonce_lifetime);
     c.default_lifetime = settings.allocation_lifetime;
     c.max_lifetime = settings.max_allocation_lifetime;
     // One quota book for all workers: quotas are per server, not per core.
@@ -139,10 +139,10 @@ pub(super) fn core_config(settings: &Settings, base: &CoreBase, limits: &SharedL
     c.relayed = base.relayed.clone();
     c.source_limiter = limits.answers.clone();
     c.auth_guard = limits.guard.clone();
-    c.max_bps = settings.max_bps;
-    c.user_max_bps = settings.user_max_bps;
+    c.max_bps = settings.options.max_bps;
+    c.user_max_bps = settings.options.user_max_bps;
     c.rfc5780 = base.rfc5780;
-    c.alternate_servers = settings.alternate_server.clone();
+    c.alternate_servers = settings.options.alternate_server.clone();
     c.draining = base.draining.clone();
     c.redirect = base.redirect.clone();
     c.fast_path = base.fast_path;
@@ -170,13 +170,13 @@ impl SharedLimits {
     pub(super) fn new(settings: &Settings) -> Self {
         SharedLimits {
             answers: Arc::new(SourceLimiter::new(
-                settings.rate_limit_per_ip,
+                settings.options.rate_limit_per_ip,
                 turn_core::SOURCE_SLOTS,
             )),
             guard: Arc::new(AuthGuard::new(
-                settings.auth_fail_limit,
+                settings.options.auth_fail_limit,
                 turn_core::AUTH_WINDOW,
-                Duration::from_secs(settings.auth_block_secs),
+                Duration::from_secs(settings.options.auth_block_secs),
                 turn_core::SOURCE_SLOTS,
             )),
             connections: Arc::new(SourceCounter::new(turn_core::SOURCE_SLOTS)),
@@ -186,21 +186,21 @@ impl SharedLimits {
     /// For a reload: tables whose settings did not change are kept (their
     /// counts stay); the connection count always is.
     pub(super) fn reloaded(&self, settings: &Settings) -> Self {
-        let block = Duration::from_secs(settings.auth_block_secs);
+        let block = Duration::from_secs(settings.options.auth_block_secs);
         SharedLimits {
-            answers: if self.answers.rate() == settings.rate_limit_per_ip {
+            answers: if self.answers.rate() == settings.options.rate_limit_per_ip {
                 self.answers.clone()
             } else {
                 Arc::new(SourceLimiter::new(
-                    settings.rate_limit_per_ip,
+                    settings.options.rate_limit_per_ip,
                     turn_core::SOURCE_SLOTS,
                 ))
             },
-            guard: if self.guard.settings() == (settings.auth_fail_limit, block) {
+            guard: if self.guard.settings() == (settings.options.auth_fail_limit, block) {
                 self.guard.clone()
             } else {
                 Arc::new(AuthGuard::new(
-                    settings.auth_fail_limit,
+                    settings.options.auth_fail_limit,
                     turn_core::AUTH_WINDOW,
                     block,
                     turn_core::SOURCE_SLOTS,
@@ -281,9 +281,10 @@ impl Control {
             // A generated certificate is kept, not regenerated.
             _ => None,
         };
-        self.quotas.set_limits(new.user_quota, new.total_quota);
-        self.quotas.set_fleet_limit(new.fleet_total_quota);
-        crate::metrics::set_allocation_limit(new.total_quota);
+        self.quotas
+            .set_limits(new.options.user_quota, new.options.total_quota);
+        self.quotas.set_fleet_limit(new.options.fleet_total_quota);
+        crate::metrics::set_allocation_limit(new.options.total_quota);
         let limits = {
             let mut l = self.limits.lock().unwrap_or_else(|p| p.into_inner());
             *l = l.reloaded(new);

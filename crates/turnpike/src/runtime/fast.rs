@@ -74,7 +74,7 @@ fn interfaces_for(listen: &[SocketAddr]) -> Vec<String> {
 
 /// Loads the fast path as `--fast-path` says.
 pub(super) fn start(settings: &Settings, listen: &[SocketAddr]) -> Result<State> {
-    if settings.fast_path == FastPathMode::Off {
+    if settings.options.fast_path == FastPathMode::Off {
         return Ok(State::Off);
     }
     let ifaces = if settings.fast_path_interfaces.is_empty() {
@@ -95,7 +95,7 @@ pub(super) fn start(settings: &Settings, listen: &[SocketAddr]) -> Result<State>
             let no_v6 = f.ipv6_unavailable().map(str::to_owned);
             Ok(State::Active(Arc::new(Mutex::new(f)), on, no_v6))
         }
-        Err(e) if settings.fast_path == FastPathMode::On => {
+        Err(e) if settings.options.fast_path == FastPathMode::On => {
             bail!("fast-path: on, but it cannot load: {e} (run as root on Linux with XDP, or use --fast-path auto)")
         }
         Err(e) => Ok(State::Unavailable(e.to_string())),

@@ -229,6 +229,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
     // /metrics or the admin API (RFC 8656 §21.2.3's concern).
     let http = HttpListeners {
         metrics: settings
+            .options
             .metrics_listen
             .map(|a| crate::http::bind("metrics-listen", a))
             .transpose()?,
@@ -260,8 +261,8 @@ pub fn start(settings: &Settings) -> Result<Handle> {
             .map(|d| d.as_secs())
             .unwrap_or(0),
         quotas: Arc::new(turn_core::limits::Quotas::new(
-            settings.user_quota,
-            settings.total_quota,
+            settings.options.user_quota,
+            settings.options.total_quota,
         )),
         draining: Arc::new(AtomicBool::new(false)),
         rfc5780,
@@ -270,9 +271,9 @@ pub fn start(settings: &Settings) -> Result<Handle> {
         redirect: Arc::new(turn_core::Redirect::default()),
         relayed: Arc::default(),
     };
-    base.quotas.set_fleet_limit(settings.fleet_total_quota);
-    crate::metrics::set_allocation_limit(settings.total_quota);
-    crate::metrics::set_relay_ports(settings.min_port, settings.max_port);
+    base.quotas.set_fleet_limit(settings.options.fleet_total_quota);
+    crate::metrics::set_allocation_limit(settings.options.total_quota);
+    crate::metrics::set_relay_ports(settings.options.min_port, settings.options.max_port);
     let shared = SharedLimits::new(settings);
     let core_cfg = core_config(settings, &base, &shared);
     let draining = base.draining.clone();
@@ -284,7 +285,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
 
     let flag = Arc::new(AtomicBool::new(false));
     let reservations = Arc::new(Mutex::new(Reservations::default()));
-    let redactor = Redactor::new(settings.redact);
+    let redactor = Redactor::new(settings.options.redact);
     let reloads = Arc::new(Reloads::default());
     let mut commands = Vec::new();
 
@@ -321,8 +322,8 @@ pub fn start(settings: &Settings) -> Result<Handle> {
                     v4: settings.relay_v4,
                     v6: settings.relay_v6,
                     auto: settings.relay_auto,
-                    min_port: settings.min_port,
-                    max_port: settings.max_port,
+                    min_port: settings.options.min_port,
+                    max_port: settings.options.max_port,
                 },
                 connections: shared.connections.clone(),
                 tls: tls_setup.as_ref().map(|t| t.config.clone()),
@@ -332,7 +333,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
                 redact: redactor.clone(),
                 reloads: reloads.clone(),
                 id,
-                gso: settings.udp_gso,
+                gso: settings.options.udp_gso,
                 board: board.clone(),
                 commands: {
                     let (tx, rx) = std::sync::mpsc::channel();

@@ -40,12 +40,12 @@ use crate::config::Settings;
 
 pub(super) fn conn_limits(settings: &Settings) -> ConnLimits {
     ConnLimits {
-        max_connections: settings.max_connections,
-        max_pending: (settings.max_connections / 4)
+        max_connections: settings.options.max_connections,
+        max_pending: (settings.options.max_connections / 4)
             .max(64)
-            .min(settings.max_connections),
-        max_per_source: settings.max_connections_per_ip,
-        proxy_from: settings.proxy_protocol_from.clone(),
+            .min(settings.options.max_connections),
+        max_per_source: settings.options.max_connections_per_ip,
+        proxy_from: settings.options.proxy_protocol_from.clone(),
         handshake_timeout: settings.handshake_timeout,
         idle_timeout: settings.idle_timeout,
     }

@@ -164,7 +164,7 @@ fn effective_config_hides_secrets() {
     assert!(v.contains("\"users\":1"));
     assert_eq!(json["user"][0], "alice:[redacted]", "{v}");
     // Every option of `serve --help` is shown, given or not.
-    let help = std::process::Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    let help = std::process::Command::new(common::turnpike_bin())
         .args(["serve", "--help"])
         .output()
         .unwrap();

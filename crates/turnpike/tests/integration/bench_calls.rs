@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 fn calls(server: std::net::SocketAddr, extra: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    let out = Command::new(common::turnpike_bin())
         .args(["bench", "--mode", "calls", "--server", &server.to_string()])
         .args(["--user", common::USER, "--password", common::PASSWORD, "--json"])
         .args(extra)
@@ -26,10 +26,6 @@ fn calls(server: std::net::SocketAddr, extra: &[&str]) -> serde_json::Value {
     serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("bench calls {extra:?}: not JSON ({e}): {stdout}"))
 }
-
-/// The generator paces calls on a 2-core machine: two runs at once would
-/// stall each other and test the machine, not the pacing.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn coturn() -> (common::Proc, std::net::SocketAddr) {
     common::coturn(&[], 41000)
@@ -78,7 +74,9 @@ fn check_paced(r: &serde_json::Value, calls: usize, pps: f64, what: &str) {
 
 #[test]
 fn calls_are_paced_and_accounted_against_turnpike_and_coturn() {
-    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // The generator paces calls on a 2-core machine: anything beside it
+    // would test the machine, not the pacing.
+    let _alone = common::exclusive();
     let h = turnpike();
     let (_coturn, coturn_addr) = coturn();
     let run = ["--calls", "20", "--duration", "2", "--warmup", "0.5"];
@@ -105,7 +103,9 @@ fn calls_are_paced_and_accounted_against_turnpike_and_coturn() {
 
 #[test]
 fn the_ramp_ends_with_a_figure_and_its_report_renders() {
-    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // The generator paces calls on a 2-core machine: anything beside it
+    // would test the machine, not the pacing.
+    let _alone = common::exclusive();
     let h = turnpike();
     let (_coturn, coturn_addr) = coturn();
     let dir = std::env::temp_dir().join(format!("turnpike-calls-{}", std::process::id()));

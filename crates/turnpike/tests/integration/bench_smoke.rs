@@ -8,7 +8,7 @@ use std::process::Command;
 
 fn bench(server: std::net::SocketAddr, extra: &[&str]) -> serde_json::Value {
     let pid = std::process::id().to_string();
-    let out = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    let out = Command::new(common::turnpike_bin())
         .args([
             "bench",
             "--server",
@@ -39,6 +39,8 @@ fn bench(server: std::net::SocketAddr, extra: &[&str]) -> serde_json::Value {
 
 #[test]
 fn every_mode_runs_and_reports() {
+    // It loads the machine: nothing else runs beside it.
+    let _alone = common::exclusive();
     let h = common::start(&["--allow-loopback-peers", "--rate-limit-per-ip", "0"]);
     let server = h.listen[0];
     for extra in [
@@ -70,7 +72,7 @@ fn every_mode_runs_and_reports() {
 }
 
 fn bench_fails(server: std::net::SocketAddr, extra: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    let out = Command::new(common::turnpike_bin())
         .args(["bench", "--server", &server.to_string(), "--user", "alice"])
         .args([
             "--duration",
@@ -92,13 +94,15 @@ fn bench_fails(server: std::net::SocketAddr, extra: &[&str]) -> String {
 
 #[test]
 fn a_failed_or_mostly_lost_run_fails() {
+    // It loads the machine: nothing else runs beside it.
+    let _alone = common::exclusive();
     let h = common::start(&["--allow-loopback-peers"]);
     let server = h.listen[0];
     let err = bench_fails(server, &["--password", "nope", "--mode", "allocate"]);
     assert!(err.contains("authentication failed (401)"), "{err}");
     // The default per-source limit (200/s) drops part of a Binding flood
     // from one address: the run says why beside the rate it reports.
-    let out = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    let out = Command::new(common::turnpike_bin())
         .args([
             "bench",
             "--server",

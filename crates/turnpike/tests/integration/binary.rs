@@ -13,7 +13,7 @@ use std::time::Duration;
 use turnpike_client::client::{binding, Channel, ClientTransport, TurnClient};
 
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    Command::new(common::turnpike_bin())
 }
 
 /// Collects a child's output lines on a channel.
@@ -553,7 +553,7 @@ fn privileged_relay_ports_are_refused_without_the_right() {
             "--clear-groups",
             "--inh-caps=-all",
         ])
-        .arg(env!("CARGO_BIN_EXE_turnpike"))
+        .arg(common::turnpike_bin())
         .args([
             "serve",
             "--listen",
@@ -607,7 +607,7 @@ fn systemd_unit_verifies() {
     std::fs::create_dir_all(&dir).unwrap();
     let text = std::fs::read_to_string(&unit)
         .unwrap()
-        .replace("/usr/bin/turnpike", env!("CARGO_BIN_EXE_turnpike"));
+        .replace("/usr/bin/turnpike", common::turnpike_bin());
     // systemd's SIGKILL must not land while the drain is still running.
     let stop_after: u64 = text
         .lines()

@@ -138,7 +138,7 @@ impl Net {
 
     fn server(&self) -> common::Proc {
         let mut cmd = self.exec(&self.server);
-        cmd.arg(env!("CARGO_BIN_EXE_turnpike")).args([
+        cmd.arg(common::turnpike_bin()).args([
             "serve",
             "--listen",
             &format!("{SERVER_IP}:3478"),

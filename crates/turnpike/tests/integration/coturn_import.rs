@@ -13,7 +13,7 @@ use turnpike::config::{Options, Settings};
 use turnpike_client::client::ClientTransport;
 
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    Command::new(common::turnpike_bin())
 }
 
 fn turnadmin() -> &'static Path {
@@ -183,11 +183,11 @@ no-udp-relay
     let args = Options::from_file(&toml).expect("the written file loads");
     let s = Settings::from_options(&args).expect("and validates");
     assert_eq!(s.realm, "turn.example.com");
-    assert_eq!(s.min_port, 49160);
-    assert_eq!(s.nonce_lifetime, 600);
-    assert_eq!(s.log_level, "debug");
+    assert_eq!(s.options.min_port, 49160);
+    assert_eq!(s.options.nonce_lifetime, 600);
+    assert_eq!(s.options.log_level, "debug");
     assert_eq!(s.external_v4, Some("203.0.113.7".parse().unwrap()));
-    let denied: Vec<String> = s.deny_peer.iter().map(|c| c.to_string()).collect();
+    let denied: Vec<String> = s.options.deny_peer.iter().map(|c| c.to_string()).collect();
     assert!(
         denied.contains(&"10.0.0.0/8".to_owned()) && denied.contains(&"172.16.0.0/12".to_owned()),
         "coturn's ranges as CIDRs: {denied:?}"
@@ -195,7 +195,7 @@ no-udp-relay
     // ...and serves: a user of coturn's database and a user of the file,
     // over UDP and TLS (REST credentials: the test below).
     let mut s = s;
-    s.allow_loopback_peers = true;
+    s.options.allow_loopback_peers = true;
     let h = serve(s);
     let tls = ClientTransport::Tls {
         pinned: h.tls_leaf.clone(),

@@ -16,7 +16,7 @@ use common::in_ns;
 use turnpike_client::client::{Channel, ClientTransport, Received, RelayFamily, TurnClient};
 
 fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_turnpike")
+    common::turnpike_bin()
 }
 
 fn ok(cmd: &mut Command) -> bool {

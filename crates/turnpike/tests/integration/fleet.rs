@@ -52,7 +52,7 @@ impl Node {
 fn node(n: u8, redis_port: u16, extra: &[&str]) -> Node {
     let ip = format!("127.0.0.{}", 10 + n);
     let (admin, metrics) = (common::free_port(), common::free_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    let mut child = Command::new(common::turnpike_bin())
         .args([
             "serve",
             "--listen",
@@ -134,7 +134,7 @@ fn settled(nodes: &[&Node], want: f64) {
 }
 
 fn user_cmd(args: &[&str], stdin: &str, redis_port: u16) {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    let mut c = Command::new(common::turnpike_bin())
         .arg("user")
         .args(args)
         .args([

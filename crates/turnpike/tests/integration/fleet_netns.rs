@@ -170,7 +170,7 @@ impl Topology {
         for n in 1..=3 {
             let mut child = t
                 .exec(NODES)
-                .arg(env!("CARGO_BIN_EXE_turnpike"))
+                .arg(common::turnpike_bin())
                 .args([
                     "serve",
                     "--listen",

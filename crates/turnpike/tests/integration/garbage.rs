@@ -157,6 +157,8 @@ fn mutate(rng: &mut SmallRng, templates: &[Vec<u8>]) -> Vec<u8> {
 
 #[test]
 fn hundred_thousand_bad_datagrams_and_streams() {
+    // It loads the machine: nothing else runs beside it.
+    let _alone = common::exclusive();
     let h = start(LOOPBACK_ONLY);
     let server = h.listen[0];
     let peer = peer();

@@ -292,7 +292,7 @@ fn the_pod_as_rendered_starts_and_answers_its_probes() {
     std::fs::write(mounted(mount_of("config")).join("turnpike.toml"), relocate(&toml)).unwrap();
     let args: Vec<String> = args.iter().map(|a| relocate(a)).collect();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    let mut child = Command::new(common::turnpike_bin())
         .args(&args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -637,7 +637,7 @@ fn the_redis_overlay_requires_a_password_that_turnpike_reads_from_a_file() {
     let url_file = dir.join("redis-url");
     std::fs::write(&url_file, format!("{url}\n")).unwrap();
     let flag = flag.replace("/run/secrets/turnpike/redis-url", url_file.to_str().unwrap());
-    let mut add = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    let mut add = Command::new(common::turnpike_bin())
         .args([
             "user",
             "add",
@@ -658,7 +658,7 @@ fn the_redis_overlay_requires_a_password_that_turnpike_reads_from_a_file() {
         "user add through the password-protected Redis"
     );
     let (proc_, started, _rest) = common::spawn_server(
-        Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        Command::new(common::turnpike_bin())
             .args([
                 "serve",
                 "--listen",

@@ -231,7 +231,7 @@ fn rss_stays_flat_under_a_many_source_flood() {
         }
     }
     // Port 0, read back from the start-up line: no race for a free port.
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    let mut child = std::process::Command::new(common::turnpike_bin())
         .args([
             "serve",
             "--listen",

@@ -107,7 +107,7 @@ fn wildcard_listener_answers_and_relays_from_the_address_reached() {
     };
     let server = Server(
         ns.exec()
-            .arg(env!("CARGO_BIN_EXE_turnpike"))
+            .arg(common::turnpike_bin())
             .args([
                 "serve",
                 "--listen",
@@ -174,7 +174,7 @@ fn wildcard_listener_answers_and_relays_from_the_address_reached() {
 fn probe_allocate(ns: &Netns, dst: &str, family: &str) -> (bool, String) {
     let out = ns
         .exec()
-        .arg(env!("CARGO_BIN_EXE_turnpike"))
+        .arg(common::turnpike_bin())
         .args([
             "probe",
             "turn",

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use turnpike_client::client::{Channel, ClientTransport, TurnClient};
 
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    Command::new(common::turnpike_bin())
 }
 
 /// Three namespaces: `node` (10.81.0.2) — `router` (10.81.0.1 |
@@ -127,7 +127,7 @@ fn behind_nat_the_node_learns_and_advertises_its_public_address() {
     };
     // The STUN server on the far side of the NAT: turnpike itself.
     let mut stun = nat.exec(2);
-    stun.arg(env!("CARGO_BIN_EXE_turnpike")).args([
+    stun.arg(common::turnpike_bin()).args([
         "serve",
         "--listen",
         "10.82.0.2:3478",
@@ -139,7 +139,7 @@ fn behind_nat_the_node_learns_and_advertises_its_public_address() {
 
     // The node behind it.
     let mut node = nat.exec(0);
-    node.arg(env!("CARGO_BIN_EXE_turnpike")).args([
+    node.arg(common::turnpike_bin()).args([
         "serve",
         "--listen",
         "10.81.0.2:3478",
@@ -170,7 +170,7 @@ fn behind_nat_the_node_learns_and_advertises_its_public_address() {
     // A STUN server that does not answer refuses the start, saying so.
     let out = nat
         .exec(0)
-        .arg(env!("CARGO_BIN_EXE_turnpike"))
+        .arg(common::turnpike_bin())
         .args(["serve", "--listen", "10.81.0.2:3479", "--no-tls", "--user", "a:b"])
         .args(["--external-ip-from", "10.82.0.2:3999"])
         .output()

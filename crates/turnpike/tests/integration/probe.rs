@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn probe(args: &[&str]) -> (i32, serde_json::Value) {
-    let out = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    let out = Command::new(common::turnpike_bin())
         .arg("probe")
         .args(args)
         .args(["--json", "--timeout-ms", "1500"])
@@ -353,7 +353,7 @@ fn ctrl_c_stops_cleanly_with_status_130() {
         "stun:127.0.0.1:{}?transport=udp",
         silent.local_addr().unwrap().port()
     );
-    let child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    let child = Command::new(common::turnpike_bin())
         .args([
             "probe",
             "stun",

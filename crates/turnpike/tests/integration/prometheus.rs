@@ -119,7 +119,7 @@ struct Node {
 /// metrics appear: Redis, TLS (a generated certificate) and a total quota.
 fn start_node(redis_port: u16) -> Node {
     let metrics: SocketAddr = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    let mut child = Command::new(common::turnpike_bin())
         .args([
             "serve",
             "--listen",

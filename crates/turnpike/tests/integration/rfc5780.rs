@@ -80,7 +80,7 @@ fn change_request_combinations_come_from_the_right_source() {
 }
 
 fn probe_nat(url: &str) -> (i32, serde_json::Value) {
-    let out = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    let out = Command::new(common::turnpike_bin())
         .args(["probe", "nat", url, "--json", "--timeout-ms", "1000"])
         .output()
         .unwrap();
@@ -105,7 +105,7 @@ fn probe_nat_against_turnpike_and_coturn() {
     assert_eq!(code, 0, "{tp}");
     assert_eq!(tp["verdict"], "direct connections will usually work", "{tp}");
     // Binding lifetime: no NAT on loopback, so the binding lasts.
-    let out = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    let out = Command::new(common::turnpike_bin())
         .args([
             "probe",
             "nat",

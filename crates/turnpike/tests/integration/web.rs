@@ -24,7 +24,7 @@ struct Server {
 
 fn server() -> Server {
     let (admin, public) = (common::free_port(), common::free_port());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_turnpike"));
+    let mut cmd = Command::new(common::turnpike_bin());
     cmd.args([
         "serve",
         "--listen",
@@ -215,7 +215,7 @@ fn web_settings_that_cannot_work_are_refused_at_start() {
             "web-turn-host",
         ),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        let out = Command::new(common::turnpike_bin())
             .args(["serve", "--listen", "127.0.0.1:0", "--no-tls", "--user", "a:b"])
             .args(args)
             .output()

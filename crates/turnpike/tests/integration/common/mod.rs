@@ -8,12 +8,63 @@ use turnpike::config::{Options, Settings};
 use turnpike::runtime::Handle;
 use turnpike_client::client::{Channel, ClientTransport, TurnClient};
 
+/// Tests run in one binary, two at a time. Those that load the machine
+/// on purpose (the bench modes, floods) take [`exclusive`]; every other
+/// test takes [`shared`] when it starts a server, so no load test overlaps
+/// a test that waits on a deadline. Tests that start nothing need neither.
+static GATE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+thread_local! {
+    static SHARED: std::cell::RefCell<Option<std::sync::RwLockReadGuard<'static, ()>>> =
+        const { std::cell::RefCell::new(None) };
+    static EXCLUSIVE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// This test runs beside others but not beside an [`exclusive`] one; held
+/// until the test's thread ends.
+pub fn shared() {
+    if EXCLUSIVE.with(|e| e.get()) {
+        return;
+    }
+    SHARED.with(|s| {
+        if s.borrow().is_none() {
+            *s.borrow_mut() = Some(GATE.read().unwrap_or_else(|p| p.into_inner()));
+        }
+    });
+}
+
+/// Held by a test that loads the machine: no other server-starting test
+/// runs until it is dropped.
+pub struct Exclusive(#[allow(dead_code)] std::sync::RwLockWriteGuard<'static, ()>);
+
+impl Drop for Exclusive {
+    fn drop(&mut self) {
+        EXCLUSIVE.with(|e| e.set(false));
+    }
+}
+
+/// Waits until no other test holds a server, then keeps them out.
+pub fn exclusive() -> Exclusive {
+    // A read guard of this thread's own would wait on itself.
+    SHARED.with(|s| s.borrow_mut().take());
+    let guard = GATE.write().unwrap_or_else(|p| p.into_inner());
+    EXCLUSIVE.with(|e| e.set(true));
+    Exclusive(guard)
+}
+
+/// The turnpike binary under test (taking the [`shared`] gate).
+pub fn turnpike_bin() -> &'static str {
+    shared();
+    env!("CARGO_BIN_EXE_turnpike")
+}
+
 pub const USER: &str = "alice";
 pub const PASSWORD: &str = "wonderland";
 
 /// Starts a server on 127.0.0.1 (UDP/TCP and TLS on ephemeral ports) with
 /// user alice, plus `extra` flags.
 pub fn start(extra: &[&str]) -> Handle {
+    shared();
     let mut argv = vec!["turnpike"];
     if !extra.contains(&"--listen") {
         argv.extend_from_slice(&["--listen", "127.0.0.1:0"]);
@@ -93,6 +144,7 @@ pub fn redis_args(port: u16) -> Vec<String> {
 }
 
 pub fn redis_server() -> Redis {
+    shared();
     assert!(
         std::path::Path::new("/usr/bin/redis-server").exists(),
         "redis-server not found: install Debian's redis-server package, as .ci/run does"
@@ -163,6 +215,7 @@ pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static
 /// Spawns `cmd` (a `turnpike serve`) with its stderr read line by line,
 /// and waits for the start-up line: the process, that line, the rest.
 pub fn spawn_server(cmd: &mut std::process::Command) -> (Proc, String, std::sync::mpsc::Receiver<String>) {
+    shared();
     use std::io::BufRead;
     let mut child = cmd
         .stdout(std::process::Stdio::null())
@@ -230,6 +283,7 @@ pub fn http_request(
 /// once use ranges of their own), stopped by PID when dropped; returns
 /// once it answers a Binding.
 pub fn coturn(extra: &[&str], min_port: u16) -> (Proc, SocketAddr) {
+    shared();
     assert!(
         std::path::Path::new("/usr/bin/turnserver").exists(),
         "turnserver not found: install Debian's coturn package (apt-get install coturn), as .ci/run does"
