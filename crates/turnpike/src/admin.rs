@@ -44,6 +44,8 @@ struct App {
     config: Arc<serde_json::Value>,
     reload: Option<Reloader>,
     web: Option<Arc<crate::web::Web>>,
+    /// The fleet this node is in (`--redis-url`).
+    fleet: Option<Arc<crate::fleet::FleetClient>>,
 }
 
 fn authorized(app: &App, h: &HeaderMap) -> bool {
@@ -67,29 +69,6 @@ fn unauthorized() -> Response {
 
 fn json_response(code: StatusCode, v: serde_json::Value) -> Response {
     (code, [("content-type", "application/json")], v.to_string()).into_response()
-}
-
-/// One session as the admin API (and the fleet view) shows it.
-pub(crate) fn session_json(s: &turn_core::SessionInfo) -> serde_json::Value {
-    json!({
-        "user": &*s.username,
-        "client": s.tuple.client.to_string(),
-        "transport": s.tuple.transport.as_str(),
-        "relayed": s.relayed.to_string(),
-        "age_s": s.age.as_secs(),
-        "expires_in_s": s.expires_in.as_secs(),
-        "to_peer": {"packets": s.stats.to_peer_packets, "bytes": s.stats.to_peer_bytes},
-        "from_peer": {"packets": s.stats.from_peer_packets, "bytes": s.stats.from_peer_bytes},
-        "permissions": s.permissions,
-        "channels": s.channels,
-        "tcp_connections": s.tcp_connections.iter().map(|t| json!({
-            "id": t.id,
-            "peer": t.peer.to_string(),
-            "state": t.state,
-            "to_peer_bytes": t.to_peer_bytes,
-            "from_peer_bytes": t.from_peer_bytes,
-        })).collect::<Vec<_>>(),
-    })
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
@@ -126,7 +105,7 @@ async fn sessions(State(app): State<App>, h: HeaderMap, uri: Uri) -> Response {
                 .as_deref()
                 .is_none_or(|t| s.tuple.transport.as_str() == t)
         })
-        .map(session_json)
+        .map(crate::sessions::to_json)
         .collect();
     json_response(StatusCode::OK, json!({"sessions": list}))
 }
@@ -187,7 +166,7 @@ async fn with_fleet(
     if !authorized(app, h) {
         return unauthorized();
     }
-    let Some(fleet) = crate::fleet::client() else {
+    let Some(fleet) = app.fleet.clone() else {
         return json_response(
             StatusCode::NOT_FOUND,
             json!({"error": "not in a fleet (no redis-url)"}),
@@ -435,6 +414,7 @@ pub fn serve(
     config: serde_json::Value,
     reload: Option<Reloader>,
     web: Option<Arc<crate::web::Web>>,
+    fleet: Option<Arc<crate::fleet::FleetClient>>,
 ) -> Result<SocketAddr> {
     let bound = listener.local_addr()?;
     let pages = web.is_some();
@@ -444,6 +424,7 @@ pub fn serve(
         config: Arc::new(config),
         reload,
         web,
+        fleet,
     };
     let mut router = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

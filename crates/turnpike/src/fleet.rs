@@ -23,11 +23,11 @@
 //!   once, so a revoked user is refused on every node within a second.
 //!   Polling every 2 s stays as the fallback.
 //! - **Brute-force guard.** Each integrity failure is published on
-//!   `turnpike:authfail`; every other node counts it in its own guard
+//!   `turnpike:authfail` (an `AuthFailure` as JSON); every other node counts it in its own guard
 //!   (`AuthGuard::failed_elsewhere`), so a guesser spread over nodes gets
 //!   one budget, and a lockout earned on one node holds on all.
-//! - **Commands.** `turnpike:commands` carries `delete-user NAME` and
-//!   `list-user REQUEST NAME` from any node's admin API (`DELETE` and
+//! - **Commands.** `turnpike:commands` carries a `Command` as JSON
+//!   (`delete-user` and `list-user`) from any node's admin API (`DELETE` and
 //!   `GET /api/fleet/users/NAME/sessions`); a list is answered under
 //!   `turnpike:reply:REQUEST:NODE` for 30 s.
 //!
@@ -40,7 +40,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -115,11 +115,28 @@ pub struct FleetClient {
     name: String,
 }
 
-static CLIENT: OnceLock<Arc<FleetClient>> = OnceLock::new();
+/// A request to every node, on `turnpike:commands`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+enum Command {
+    /// Write this user's sessions under `turnpike:reply:REQUEST:NODE`.
+    ListUser { request: u64, user: String },
+    /// Delete this user's sessions.
+    DeleteUser { user: String },
+}
 
-/// The running node's fleet client, when it is in one.
-pub fn client() -> Option<Arc<FleetClient>> {
-    CLIENT.get().cloned()
+/// An integrity failure seen by one node, on `turnpike:authfail`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct AuthFailure {
+    node: String,
+    /// The username's bytes (a client may send any).
+    user: Vec<u8>,
+    ip: IpAddr,
+}
+
+/// A message as published: JSON.
+fn encode<T: Serialize>(m: &T) -> String {
+    serde_json::to_string(m).unwrap_or_default()
 }
 
 fn connect(url: &str) -> Result<redis::Connection> {
@@ -174,7 +191,11 @@ impl FleetClient {
         let mut c = connect(&self.url)?;
         let live: Vec<String> = read_nodes(&mut c)?.into_iter().map(|(n, _)| n.name).collect();
         let request: u64 = rand::random();
-        let _: usize = c.publish(COMMANDS, format!("list-user\t{request:016x}\t{user}"))?;
+        let command = Command::ListUser {
+            request,
+            user: user.to_owned(),
+        };
+        let _: usize = c.publish(COMMANDS, encode(&command))?;
         let end = Instant::now() + Duration::from_secs(2);
         let mut answers: HashMap<String, serde_json::Value> = HashMap::new();
         while answers.len() < live.len() && Instant::now() < end {
@@ -201,7 +222,12 @@ impl FleetClient {
     /// the number of nodes that heard it.
     pub fn delete_user(&self, user: &str) -> Result<usize> {
         let mut c = connect(&self.url)?;
-        let n: usize = c.publish(COMMANDS, format!("delete-user\t{user}"))?;
+        let n: usize = c.publish(
+            COMMANDS,
+            encode(&Command::DeleteUser {
+                user: user.to_owned(),
+            }),
+        )?;
         Ok(n)
     }
 }
@@ -218,12 +244,12 @@ pub fn default_name(port: u16) -> String {
 
 /// Starts the heartbeat and the subscriber; `changed` is told when the
 /// credentials should be re-read now.
-pub fn spawn(cfg: FleetConfig, control: Control, changed: mpsc::Sender<()>) {
+pub fn spawn(cfg: FleetConfig, control: Control, changed: mpsc::Sender<()>) -> Arc<FleetClient> {
     let cfg = Arc::new(cfg);
-    let _ = CLIENT.set(Arc::new(FleetClient {
+    let client = Arc::new(FleetClient {
         url: cfg.url.clone(),
         name: cfg.name.clone(),
-    }));
+    });
     crate::metrics::FLEET_NODES.store(0, Ordering::Relaxed);
     {
         let (cfg, control) = (cfg.clone(), control.clone());
@@ -236,6 +262,7 @@ pub fn spawn(cfg: FleetConfig, control: Control, changed: mpsc::Sender<()>) {
         .name("turnpike-fleet-sub".into())
         .spawn(move || subscriber(&cfg, &control, &changed))
         .expect("spawning the fleet subscriber");
+    client
 }
 
 fn heartbeat(cfg: &FleetConfig, control: &Control) {
@@ -333,26 +360,16 @@ fn beat(cfg: &FleetConfig, control: &Control, c: &mut redis::Connection) -> Resu
     if !failures.is_empty() {
         let mut p = redis::pipe();
         for (user, ip) in &failures {
-            p.publish(AUTHFAIL, format!("{}\t{}\t{ip}", cfg.name, hex(user)))
-                .ignore();
+            let failure = AuthFailure {
+                node: cfg.name.clone(),
+                user: user.to_vec(),
+                ip: *ip,
+            };
+            p.publish(AUTHFAIL, encode(&failure)).ignore();
         }
         let _: () = p.query(c)?;
     }
     Ok(())
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 fn subscriber(cfg: &FleetConfig, control: &Control, changed: &mpsc::Sender<()>) {
@@ -382,31 +399,21 @@ fn listen(cfg: &FleetConfig, control: &Control, changed: &mpsc::Sender<()>) -> R
         let payload: String = msg.get_payload().unwrap_or_default();
         match channel.as_str() {
             AUTHFAIL => {
-                let mut f = payload.split('\t');
-                let (Some(node), Some(user), Some(ip)) = (f.next(), f.next(), f.next()) else {
+                let Ok(f) = serde_json::from_str::<AuthFailure>(&payload) else {
                     continue;
                 };
-                if node == cfg.name {
-                    continue;
-                }
-                if let (Some(user), Ok(ip)) = (unhex(user), ip.parse::<IpAddr>()) {
+                if f.node != cfg.name {
                     let (_, guard, _) = control.fleet_parts();
-                    guard.failed_elsewhere(&user, ip, Instant::now());
+                    guard.failed_elsewhere(&f.user, f.ip, Instant::now());
                 }
             }
-            COMMANDS => {
-                if let Some(rest) = payload.strip_prefix("list-user\t") {
-                    let Some((request, user)) = rest.split_once('\t') else {
-                        continue;
-                    };
-                    let Ok(request) = u64::from_str_radix(request, 16) else {
-                        continue;
-                    };
+            COMMANDS => match serde_json::from_str::<Command>(&payload) {
+                Ok(Command::ListUser { request, user }) => {
                     let list: Vec<serde_json::Value> = control
                         .sessions()
                         .iter()
                         .filter(|s| *s.username == *user)
-                        .map(crate::admin::session_json)
+                        .map(crate::sessions::to_json)
                         .collect();
                     // Answered on a connection of its own: this one only listens.
                     let mut w = connect(&cfg.url)?;
@@ -416,15 +423,44 @@ fn listen(cfg: &FleetConfig, control: &Control, changed: &mpsc::Sender<()>) -> R
                         .arg("EX")
                         .arg(30)
                         .query(&mut w)?;
-                } else if let Some(user) = payload.strip_prefix("delete-user\t") {
-                    let name = user.to_owned();
+                }
+                Ok(Command::DeleteUser { user }) => {
+                    let name = user.clone();
                     let n = control.delete_sessions(Arc::new(move |s| *s.username == *name));
                     info!(user = %user, deleted = n, "fleet: a user's sessions deleted on request");
                 }
-            }
+                Err(e) => tracing::debug!(error = %e, "fleet: an unreadable command ignored"),
+            },
             _ => {
                 let _ = changed.send(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_tagged_json_and_any_username_survives() {
+        let c = Command::ListUser {
+            request: 7,
+            user: "tab\there, \"quoted\"".into(),
+        };
+        let text = encode(&c);
+        assert!(
+            text.starts_with(r#"{"command":"list-user","request":7,"user":"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Command>(&text).unwrap(), c);
+        let f = AuthFailure {
+            node: "n1".into(),
+            user: vec![0xff, b'\t', 0],
+            ip: "2001:db8::1".parse().unwrap(),
+        };
+        assert_eq!(serde_json::from_str::<AuthFailure>(&encode(&f)).unwrap(), f);
+        // What an older node published is ignored, not misread.
+        assert!(serde_json::from_str::<Command>("delete-user\talice").is_err());
     }
 }

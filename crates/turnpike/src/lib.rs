@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod node;
 pub mod redisdb;
 pub mod runtime;
+pub mod sessions;
 pub mod tls;
 pub mod userdb;
 pub mod web;

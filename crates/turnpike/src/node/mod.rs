@@ -56,7 +56,9 @@ impl Node {
             stores: stores.clone(),
         });
         let web = start_web(&settings, &mut handle, web_secret)?;
-        start_admin(&settings, &mut handle, &reloader, web)?;
+        let (push_tx, push_rx) = std::sync::mpsc::channel();
+        let fleet = start_fleet(&settings, &handle, push_tx);
+        start_admin(&settings, &mut handle, &reloader, web, fleet)?;
         let auth = {
             let s = stores.lock().unwrap_or_else(|p| p.into_inner());
             s.report_conflicts();
@@ -65,9 +67,7 @@ impl Node {
         announce::started(&settings, &handle, &auth.to_string());
         announce::warnings(&settings, &handle);
         announce::demo_banner(&settings, &handle);
-        let (push_tx, push_rx) = std::sync::mpsc::channel();
         watch::spawn_store_watcher(handle.control(), stores, push_rx);
-        start_fleet(&settings, &handle, push_tx);
         Ok(Node {
             settings,
             handle,
@@ -216,6 +216,7 @@ fn start_admin(
     handle: &mut Handle,
     reloader: &Arc<reload::Reloader>,
     web: Option<Arc<crate::web::Web>>,
+    fleet: Option<Arc<crate::fleet::FleetClient>>,
 ) -> Result<()> {
     let (Some(listener), Some((_, token))) = (handle.admin_listener.take(), &settings.admin) else {
         return Ok(());
@@ -229,6 +230,7 @@ fn start_admin(
         crate::admin::effective_config(settings),
         Some(reload),
         web.filter(|_| settings.web.ui),
+        fleet,
     )?;
     info!(admin = %bound, "admin API listening");
     if settings.web.ui {
@@ -238,10 +240,12 @@ fn start_admin(
 }
 
 /// Fleet membership in Redis, when `redis-url` is set.
-fn start_fleet(settings: &Settings, handle: &Handle, pushed: std::sync::mpsc::Sender<()>) {
-    let Some(url) = &settings.redis_url else {
-        return;
-    };
+fn start_fleet(
+    settings: &Settings,
+    handle: &Handle,
+    pushed: std::sync::mpsc::Sender<()>,
+) -> Option<Arc<crate::fleet::FleetClient>> {
+    let url = settings.redis_url.as_ref()?;
     let (ipv4, ipv6) = (
         announce::advertised(settings, handle, false),
         announce::advertised(settings, handle, true),
@@ -254,7 +258,7 @@ fn start_fleet(settings: &Settings, handle: &Handle, pushed: std::sync::mpsc::Se
         .clone()
         .unwrap_or_else(|| crate::fleet::default_name(first_port.unwrap_or(0)));
     info!(node = %name, ipv4 = %announce::shown_addr(ipv4), ipv6 = %announce::shown_addr(ipv6), "fleet: registering in redis");
-    crate::fleet::spawn(
+    Some(crate::fleet::spawn(
         crate::fleet::FleetConfig {
             url: url.clone(),
             name,
@@ -265,5 +269,5 @@ fn start_fleet(settings: &Settings, handle: &Handle, pushed: std::sync::mpsc::Se
         },
         handle.control(),
         pushed,
-    );
+    ))
 }

@@ -118,7 +118,7 @@ pub(crate) fn snapshot(control: &Control, web: &super::Web, before: Option<&Samp
     let listed: Vec<Value> = sessions
         .iter()
         .take(SESSIONS_SHOWN)
-        .map(crate::admin::session_json)
+        .map(crate::sessions::to_json)
         .collect();
     let redis = match crate::metrics::REDIS_UP.load(Ordering::Relaxed) {
         -1 => "off",

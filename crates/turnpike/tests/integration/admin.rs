@@ -44,6 +44,7 @@ fn admin_api() {
         settings_json,
         None,
         None,
+        None,
     )
     .unwrap();
 
