@@ -13,7 +13,7 @@ use super::events::Event;
 use super::events::RefusalDetail;
 use super::io::FiveTuple;
 use super::respond::Reply;
-use super::table::ChannelBinding;
+use super::table::{ChannelBinding, Families};
 use super::Server;
 
 impl Server {
@@ -40,11 +40,11 @@ impl Server {
     pub(super) fn check_peer(
         &mut self,
         tuple: FiveTuple,
-        a_families: [bool; 2],
+        a_families: Families,
         username: &Arc<str>,
         peer: SocketAddr,
     ) -> Result<(), ErrorCode> {
-        if !a_families[peer.is_ipv6() as usize] {
+        if !a_families.relays_to(peer) {
             return Err(ErrorCode::PeerAddressFamilyMismatch);
         }
         if let Err(reason) = Self::peer_policy(&self.cfg, peer) {
@@ -67,16 +67,12 @@ impl Server {
         &mut self,
         existing: Option<u32>,
         now: Instant,
-    ) -> Result<(u32, [bool; 2], Arc<str>), Reply> {
+    ) -> Result<(u32, Families, Arc<str>), Reply> {
         let a = existing
             .and_then(|idx| self.table.get_live(idx, now).map(|a| (idx, a)))
             .ok_or(Reply::Error(ErrorCode::AllocationMismatch));
         let (idx, a) = a?;
-        Ok((
-            idx,
-            [a.relays[0].is_some(), a.relays[1].is_some()],
-            a.username.clone(),
-        ))
+        Ok((idx, Families::of(a), a.username.clone()))
     }
 
     /// RFC 8656 §9.2: every XOR-PEER-ADDRESS is checked before any is installed.

@@ -53,6 +53,22 @@ pub(super) fn family(addr: SocketAddr) -> usize {
     addr.is_ipv6() as usize
 }
 
+/// The families an allocation relays.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Families([bool; 2]);
+
+impl Families {
+    pub(super) fn of(a: &Allocation) -> Self {
+        Families([a.relays[0].is_some(), a.relays[1].is_some()])
+    }
+
+    /// Whether a relayed address of `peer`'s family exists (RFC 8656 §9.1:
+    /// else 443).
+    pub(super) fn relays_to(self, peer: SocketAddr) -> bool {
+        self.0[family(peer)]
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct Allocation {
     pub(super) tuple: FiveTuple,

@@ -24,7 +24,7 @@ use super::error::ErrorCode;
 use super::events::Event;
 use super::io::{Command, ConnectionId, Dest, FiveTuple, QueuedTransmit};
 use super::respond::{Reply, ReqInfo, Signer};
-use super::table::{family, FastMap};
+use super::table::{family, Families, FastMap};
 use super::Server;
 
 /// RFC 6062 §5.2/§5.3: a connect times out, and a peer data connection
@@ -119,7 +119,7 @@ impl Server {
         if !a.tcp {
             return Reply::Error(BadRequest);
         }
-        let families = [a.relays[0].is_some(), a.relays[1].is_some()];
+        let families = Families::of(a);
         let username = a.username.clone();
         let count = a.tcp_conns;
         let Some(Ok(peer)) = msg.get_xor_addr(attr::XOR_PEER_ADDRESS) else {
