@@ -6,7 +6,65 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
-use crate::{FastPathEntry, FiveTuple, OpenedRelay, RelayError, RelayProvider, RelayRequest, Transport};
+use std::time::Instant;
+
+use crate::{
+    Command, ConnectionId, FastPathEntry, FiveTuple, OpenedRelay, RelayError, RelayRequest, RelaysOpened,
+    Server, Transport,
+};
+
+/// A synchronous executor of the core's commands, for tests, the fuzzer
+/// and the benchmarks ([`Server::run_commands`]). The server's runtime
+/// drains [`Server::poll_command`] itself.
+pub trait RelayProvider {
+    /// Opens one UDP relay socket.
+    fn open(&mut self, req: RelayRequest) -> Result<OpenedRelay, RelayError>;
+    /// Closes the relay socket bound at `relay`.
+    fn close(&mut self, relay: SocketAddr);
+    /// Starts a TCP connect for [`Command::ConnectPeer`]; its completion
+    /// comes later through [`crate::Server::handle_peer_connected`].
+    fn connect_peer(&mut self, id: ConnectionId, relay: SocketAddr, peer: SocketAddr);
+    /// Carries out [`Command::BindConnection`].
+    fn bind_connection(&mut self, id: ConnectionId, data: FiveTuple, control: FiveTuple);
+    /// Carries out [`Command::CloseConnection`].
+    fn close_connection(&mut self, id: ConnectionId);
+    /// Carries out [`Command::FastPathInstall`]. The core sends it only
+    /// when `Config::fast_path` says a kernel path is loaded; a provider
+    /// without one has nothing to install.
+    fn fast_path_install(&mut self, _entry: FastPathEntry) {}
+    /// Carries out [`Command::FastPathRemove`] (see `fast_path_install`).
+    fn fast_path_remove(&mut self, _client: FiveTuple, _channel: u16) {}
+}
+
+impl Server {
+    /// Carries out every waiting command with `relays`, feeding the
+    /// completions back, until none is left; queued transmits stay for
+    /// [`Self::poll_transmit`].
+    pub fn run_commands(&mut self, now: Instant, relays: &mut dyn RelayProvider) {
+        while let Some(cmd) = self.poll_command() {
+            match cmd {
+                Command::OpenRelays {
+                    id,
+                    primary,
+                    additional,
+                    ..
+                } => {
+                    let opened = RelaysOpened {
+                        primary: relays.open(primary),
+                        additional: additional.map(|r| relays.open(r)),
+                    };
+                    self.handle_relays_opened(now, id, opened);
+                }
+                Command::CloseRelay { relay } => relays.close(relay),
+                Command::ConnectPeer { id, relay, peer } => relays.connect_peer(id, relay, peer),
+                Command::BindConnection { id, data, control } => relays.bind_connection(id, data, control),
+                Command::CloseConnection { id } => relays.close_connection(id),
+                Command::FastPathInstall(e) => relays.fast_path_install(e),
+                Command::FastPathRemove { client, channel } => relays.fast_path_remove(client, channel),
+            }
+        }
+    }
+}
 
 /// Which IPv6 relay requests succeed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

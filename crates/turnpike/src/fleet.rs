@@ -26,7 +26,7 @@
 //!   `turnpike:authfail` (an `AuthFailure` as JSON); every other node counts it in its own guard
 //!   (`AuthGuard::failed_elsewhere`), so a guesser spread over nodes gets
 //!   one budget, and a lockout earned on one node holds on all.
-//! - **Commands.** `turnpike:commands` carries a `Command` as JSON
+//! - **Commands.** `turnpike:commands` carries a `FleetRequest` as JSON
 //!   (`delete-user` and `list-user`) from any node's admin API (`DELETE` and
 //!   `GET /api/fleet/users/NAME/sessions`); a list is answered under
 //!   `turnpike:reply:REQUEST:NODE` for 30 s.
@@ -118,7 +118,7 @@ pub struct FleetClient {
 /// A request to every node, on `turnpike:commands`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case")]
-enum Command {
+enum FleetRequest {
     /// Write this user's sessions under `turnpike:reply:REQUEST:NODE`.
     ListUser { request: u64, user: String },
     /// Delete this user's sessions.
@@ -191,7 +191,7 @@ impl FleetClient {
         let mut c = connect(&self.url)?;
         let live: Vec<String> = read_nodes(&mut c)?.into_iter().map(|(n, _)| n.name).collect();
         let request: u64 = rand::random();
-        let command = Command::ListUser {
+        let command = FleetRequest::ListUser {
             request,
             user: user.to_owned(),
         };
@@ -224,7 +224,7 @@ impl FleetClient {
         let mut c = connect(&self.url)?;
         let n: usize = c.publish(
             COMMANDS,
-            encode(&Command::DeleteUser {
+            encode(&FleetRequest::DeleteUser {
                 user: user.to_owned(),
             }),
         )?;
@@ -407,8 +407,8 @@ fn listen(cfg: &FleetConfig, control: &Control, changed: &mpsc::Sender<()>) -> R
                     guard.failed_elsewhere(&f.user, f.ip, Instant::now());
                 }
             }
-            COMMANDS => match serde_json::from_str::<Command>(&payload) {
-                Ok(Command::ListUser { request, user }) => {
+            COMMANDS => match serde_json::from_str::<FleetRequest>(&payload) {
+                Ok(FleetRequest::ListUser { request, user }) => {
                     let list: Vec<serde_json::Value> = control
                         .sessions()
                         .iter()
@@ -424,7 +424,7 @@ fn listen(cfg: &FleetConfig, control: &Control, changed: &mpsc::Sender<()>) -> R
                         .arg(30)
                         .query(&mut w)?;
                 }
-                Ok(Command::DeleteUser { user }) => {
+                Ok(FleetRequest::DeleteUser { user }) => {
                     let name = user.clone();
                     let n = control.delete_sessions(Arc::new(move |s| *s.username == *name));
                     info!(user = %user, deleted = n, "fleet: a user's sessions deleted on request");
@@ -444,7 +444,7 @@ mod tests {
 
     #[test]
     fn messages_are_tagged_json_and_any_username_survives() {
-        let c = Command::ListUser {
+        let c = FleetRequest::ListUser {
             request: 7,
             user: "tab\there, \"quoted\"".into(),
         };
@@ -453,7 +453,7 @@ mod tests {
             text.starts_with(r#"{"command":"list-user","request":7,"user":"#),
             "{text}"
         );
-        assert_eq!(serde_json::from_str::<Command>(&text).unwrap(), c);
+        assert_eq!(serde_json::from_str::<FleetRequest>(&text).unwrap(), c);
         let f = AuthFailure {
             node: "n1".into(),
             user: vec![0xff, b'\t', 0],
@@ -461,6 +461,6 @@ mod tests {
         };
         assert_eq!(serde_json::from_str::<AuthFailure>(&encode(&f)).unwrap(), f);
         // What an older node published is ignored, not misread.
-        assert!(serde_json::from_str::<Command>("delete-user\talice").is_err());
+        assert!(serde_json::from_str::<FleetRequest>("delete-user\talice").is_err());
     }
 }

@@ -13,11 +13,11 @@ use turnpike::config::Options;
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Subcommands,
 }
 
 #[derive(Subcommand)]
-enum Command {
+enum Subcommands {
     /// Run the STUN/TURN server. With no options: STUN/TURN on UDP+TCP 3478,
     /// TLS on 5349 with a generated certificate, and a demo credential.
     Serve(Box<Options>),
@@ -443,11 +443,11 @@ fn main() {
         Err(e) => e.exit(),
     };
     let res = match cli.command {
-        Command::Serve(_) => serve(matches.subcommand_matches("serve")),
-        Command::Bench(args) => turnpike_client::bench::run(*args),
-        Command::User { cmd } => user(cmd),
-        Command::Import { cmd } => import(cmd),
-        Command::Probe { cmd } => match turnpike_client::probe::run(cmd) {
+        Subcommands::Serve(_) => serve(matches.subcommand_matches("serve")),
+        Subcommands::Bench(args) => turnpike_client::bench::run(*args),
+        Subcommands::User { cmd } => user(cmd),
+        Subcommands::Import { cmd } => import(cmd),
+        Subcommands::Probe { cmd } => match turnpike_client::probe::run(cmd) {
             Ok(true) => Ok(()),
             Ok(false) => std::process::exit(1),
             Err(e) => Err(e),

@@ -160,45 +160,69 @@ pub(crate) fn sum(board: &Board) -> (WorkerMetrics, Vec<WorkerMetrics>) {
 /// The Prometheus text exposition of the summed snapshots.
 pub fn render(board: &Board, draining: bool) -> String {
     let (t, per_worker) = sum(board);
-    let c = &t.core;
-    let mut o = String::with_capacity(4096);
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
-        let _ = writeln!(o, "# HELP turnpike_{name} {help}\n# TYPE turnpike_{name} {kind}");
+    let mut x = Exposition::default();
+    allocations(&mut x, &t);
+    relayed(&mut x, &t);
+    refusals(&mut x, &t);
+    connections(&mut x, &t);
+    udp(&mut x, &t, per_worker.len());
+    fast_path(&mut x);
+    operations(&mut x, &t, draining);
+    x.0
+}
+
+/// Prometheus text, one metric family at a time.
+#[derive(Default)]
+struct Exposition(String);
+
+impl Exposition {
+    fn metric(&mut self, name: &str, kind: &str, help: &str, samples: &[(&str, f64)]) {
+        let _ = writeln!(
+            self.0,
+            "# HELP turnpike_{name} {help}\n# TYPE turnpike_{name} {kind}"
+        );
         for (labels, v) in samples {
-            let _ = writeln!(o, "turnpike_{name}{labels} {v}");
+            let _ = writeln!(self.0, "turnpike_{name}{labels} {v}");
         }
-    };
-    let tr = |i: usize| {
-        [
-            "{transport=\"udp\"}",
-            "{transport=\"tcp\"}",
-            "{transport=\"tls\"}",
-        ][i]
-    };
-    metric(
+    }
+}
+
+const BY_TRANSPORT: [&str; 3] = [
+    "{transport=\"udp\"}",
+    "{transport=\"tcp\"}",
+    "{transport=\"tls\"}",
+];
+
+fn by_transport(a: [u64; 3]) -> [(&'static str, f64); 3] {
+    [
+        (BY_TRANSPORT[0], a[0] as f64),
+        (BY_TRANSPORT[1], a[1] as f64),
+        (BY_TRANSPORT[2], a[2] as f64),
+    ]
+}
+
+/// Allocations, permissions and channels.
+fn allocations(x: &mut Exposition, t: &WorkerMetrics) {
+    let c = &t.core;
+    x.metric(
         "allocations",
         "gauge",
         "Live allocations by client transport.",
-        &[
-            (tr(0), t.allocations[0] as f64),
-            (tr(1), t.allocations[1] as f64),
-            (tr(2), t.allocations[2] as f64),
-        ],
+        &by_transport(t.allocations.map(|n| n as u64)),
     );
-    let by_transport = |a: [u64; 3]| [(tr(0), a[0] as f64), (tr(1), a[1] as f64), (tr(2), a[2] as f64)];
-    metric(
+    x.metric(
         "allocations_created_total",
         "counter",
         "Allocations created, by transport.",
         &by_transport(c.allocations_created),
     );
-    metric(
+    x.metric(
         "allocations_expired_total",
         "counter",
         "Allocations that expired, by transport.",
         &by_transport(c.allocations_expired),
     );
-    metric(
+    x.metric(
         "allocations_deleted_total",
         "counter",
         "Allocations deleted (Refresh 0, closed connection, admin), by transport.",
@@ -206,32 +230,37 @@ pub fn render(board: &Board, draining: bool) -> String {
     );
     let limit = ALLOCATION_LIMIT.load(std::sync::atomic::Ordering::Relaxed);
     if limit > 0 {
-        metric(
+        x.metric(
             "allocation_limit",
             "gauge",
             "--total-quota: allocations this node may hold (absent when unlimited).",
             &[("", limit as f64)],
         );
     }
-    metric(
+    x.metric(
         "relay_ports",
         "gauge",
         "Ports in the relay range: the allocations one relay address of one family can hold.",
         &[("", RELAY_PORTS.load(std::sync::atomic::Ordering::Relaxed) as f64)],
     );
-    metric(
+    x.metric(
         "permissions",
         "gauge",
         "Live permissions.",
         &[("", t.permissions as f64)],
     );
-    metric(
+    x.metric(
         "channels",
         "gauge",
         "Live channel bindings.",
         &[("", t.channels as f64)],
     );
-    metric(
+}
+
+/// What was relayed and answered.
+fn relayed(x: &mut Exposition, t: &WorkerMetrics) {
+    let c = &t.core;
+    x.metric(
         "relayed_packets_total",
         "counter",
         "Packets relayed, by direction.",
@@ -240,7 +269,7 @@ pub fn render(board: &Board, draining: bool) -> String {
             ("{direction=\"from_peer\"}", c.from_peer_packets as f64),
         ],
     );
-    metric(
+    x.metric(
         "relayed_bytes_total",
         "counter",
         "Payload bytes relayed, by direction.",
@@ -249,25 +278,30 @@ pub fn render(board: &Board, draining: bool) -> String {
             ("{direction=\"from_peer\"}", c.from_peer_bytes as f64),
         ],
     );
-    metric(
+    x.metric(
         "binding_requests_total",
         "counter",
         "Binding requests answered.",
         &[("", c.bindings as f64)],
     );
+}
+
+/// Refusals, by code and by reason; RFC 6062 connections and limits.
+fn refusals(x: &mut Exposition, t: &WorkerMetrics) {
+    let c = &t.core;
     let codes: Vec<(String, f64)> = turn_core::ErrorCode::ALL
         .iter()
         .zip(c.errors)
         .map(|(code, n)| (format!("{{code=\"{}\"}}", code.label()), n as f64))
         .collect();
     let codes: Vec<(&str, f64)> = codes.iter().map(|(l, v)| (l.as_str(), *v)).collect();
-    metric(
+    x.metric(
         "error_responses_total",
         "counter",
         "Error responses sent, by code.",
         &codes,
     );
-    metric(
+    x.metric(
         "auth_rejected_total",
         "counter",
         "Requests refused by authentication and abuse limits, by reason.",
@@ -281,13 +315,18 @@ pub fn render(board: &Board, draining: bool) -> String {
             ),
         ],
     );
-    metric(
+}
+
+/// TCP/TLS connections, RFC 6062 peer connections and their limits.
+fn connections(x: &mut Exposition, t: &WorkerMetrics) {
+    let c = &t.core;
+    x.metric(
         "tcp_connections",
         "gauge",
         "RFC 6062 peer data connections open: connecting, waiting for ConnectionBind, or relaying.",
         &[("", t.tcp_connections as f64)],
     );
-    metric(
+    x.metric(
         "tcp_connection_events_total",
         "counter",
         "RFC 6062 peer data connections, by what happened: connects started and failed (447), peers accepted or refused (no permission), refused by the per-allocation limit, bound by ConnectionBind, closed unbound after 30 s.",
@@ -301,7 +340,7 @@ pub fn render(board: &Board, draining: bool) -> String {
             ("{event=\"unbound_expired\"}", c.tcp_unbound_expired as f64),
         ],
     );
-    metric(
+    x.metric(
         "tcp_relayed_bytes_total",
         "counter",
         "Bytes relayed over RFC 6062 TCP relays, by direction.",
@@ -310,13 +349,13 @@ pub fn render(board: &Board, draining: bool) -> String {
             ("{direction=\"from_peer\"}", t.tcp_bytes[1] as f64),
         ],
     );
-    metric(
+    x.metric(
         "peers_refused_total",
         "counter",
         "Peers refused by the peer policy.",
         &[("", c.peers_refused as f64)],
     );
-    metric(
+    x.metric(
         "quota_refused_total",
         "counter",
         "Allocations refused, by limit.",
@@ -325,19 +364,19 @@ pub fn render(board: &Board, draining: bool) -> String {
             ("{limit=\"capacity\"}", c.capacity as f64),
         ],
     );
-    metric(
+    x.metric(
         "bandwidth_dropped_total",
         "counter",
         "Packets dropped by bandwidth caps.",
         &[("", c.bandwidth_dropped as f64)],
     );
-    metric(
+    x.metric(
         "connections",
         "gauge",
         "Open TCP/TLS connections.",
         &[("", t.connections as f64)],
     );
-    metric(
+    x.metric(
         "connections_refused_total",
         "counter",
         "TCP/TLS connections closed at accept, by limit (proxy_protocol: a PROXY header that was malformed, or from an address not in proxy-protocol-from).",
@@ -347,7 +386,12 @@ pub fn render(board: &Board, draining: bool) -> String {
             ("{limit=\"proxy_protocol\"}", t.proxy_refused as f64),
         ],
     );
-    metric(
+}
+
+/// ICMP, TLS handshakes and UDP I/O.
+fn udp(x: &mut Exposition, t: &WorkerMetrics, workers: usize) {
+    let c = &t.core;
+    x.metric(
         "icmp_total",
         "counter",
         "ICMP errors for relayed datagrams (RFC 8656 §11.5), by outcome.",
@@ -356,7 +400,7 @@ pub fn render(board: &Board, draining: bool) -> String {
             ("{outcome=\"dropped\"}", c.icmp_dropped as f64),
         ],
     );
-    metric(
+    x.metric(
         "tls_handshakes_total",
         "counter",
         "TLS handshakes, by outcome.",
@@ -370,49 +414,48 @@ pub fn render(board: &Board, draining: bool) -> String {
     } else {
         0.0
     };
-    metric(
+    x.metric(
         "recv_batch_size_mean",
         "gauge",
         "Mean datagrams per recvmmsg call.",
         &[("", batch)],
     );
-    metric(
+    x.metric(
         "udp_send_syscalls_total",
         "counter",
         "sendmmsg/sendto calls made for UDP datagrams.",
         &[("", t.send.syscalls as f64)],
     );
-    metric(
+    x.metric(
         "udp_sent_datagrams_total",
         "counter",
         "UDP datagrams handed to the kernel (after GSO splitting, one each).",
         &[("", t.send.datagrams as f64)],
     );
-    metric(
+    x.metric(
         "udp_gso_messages_total",
         "counter",
         "GSO messages sent: runs of datagrams to one destination sent as one.",
         &[("", t.send.gso_messages as f64)],
     );
-    metric(
+    x.metric(
         "udp_send_dropped_total",
         "counter",
         "UDP datagrams dropped on send (full socket buffer or a send error).",
         &[("", t.send.dropped as f64)],
     );
-    metric(
+    x.metric(
         "udp_gso",
         "gauge",
         "1 while UDP GSO is in use, 0 when off or refused by the kernel.",
         &[("", if t.gso { 1.0 } else { 0.0 })],
     );
-    metric(
-        "workers",
-        "gauge",
-        "Worker threads.",
-        &[("", per_worker.len() as f64)],
-    );
-    metric(
+    x.metric("workers", "gauge", "Worker threads.", &[("", workers as f64)]);
+}
+
+/// The kernel fast path.
+fn fast_path(x: &mut Exposition) {
+    x.metric(
         "fast_path_active",
         "gauge",
         "1 while the kernel fast path (XDP) is loaded; 0 when everything is relayed in user space.",
@@ -421,19 +464,19 @@ pub fn render(board: &Board, draining: bool) -> String {
             FAST_PATH_ACTIVE.load(std::sync::atomic::Ordering::Relaxed) as f64,
         )],
     );
-    metric(
+    x.metric(
         "fast_path_packets_total",
         "counter",
         "Packets the kernel fast path relayed (both directions); the user-space path's are relayed_packets_total minus these.",
         &[("", FAST_PATH_PACKETS.load(std::sync::atomic::Ordering::Relaxed) as f64)],
     );
-    metric(
+    x.metric(
         "fast_path_no_route_total",
         "counter",
         "Packets of channels the kernel fast path holds that it passed to user space for want of a route or a resolved neighbour.",
         &[("", FAST_PATH_NO_ROUTE.load(std::sync::atomic::Ordering::Relaxed) as f64)],
     );
-    metric(
+    x.metric(
         "fast_path_checksum_offload_total",
         "counter",
         "Packets of channels the kernel fast path holds that it passed to user space because the sender left the UDP checksum to offload (a sender on this host, over veth).",
@@ -442,15 +485,20 @@ pub fn render(board: &Board, draining: bool) -> String {
             FAST_PATH_CHECKSUM_OFFLOAD.load(std::sync::atomic::Ordering::Relaxed) as f64,
         )],
     );
-    metric(
+    x.metric(
         "fast_path_entries",
         "gauge",
         "Channels the kernel fast path holds (one entry per bound channel of a UDP allocation), as of the last second.",
         &[("", FAST_PATH_ENTRIES.load(std::sync::atomic::Ordering::Relaxed) as f64)],
     );
+}
+
+/// Stores, fleet, TLS certificate, drain and the web pages.
+fn operations(x: &mut Exposition, t: &WorkerMetrics, draining: bool) {
+    let c = &t.core;
     let redis = REDIS_UP.load(std::sync::atomic::Ordering::Relaxed);
     if redis >= 0 {
-        metric(
+        x.metric(
             "redis_up",
             "gauge",
             "1 while the Redis credential store answers, 0 while cached credentials serve without it.",
@@ -459,7 +507,7 @@ pub fn render(board: &Board, draining: bool) -> String {
     }
     let nodes = FLEET_NODES.load(std::sync::atomic::Ordering::Relaxed);
     if nodes >= 0 {
-        metric(
+        x.metric(
             "fleet_nodes",
             "gauge",
             "Live fleet nodes in the Redis registry, this one included (0 while Redis is unreachable).",
@@ -468,26 +516,26 @@ pub fn render(board: &Board, draining: bool) -> String {
     }
     let not_after = TLS_NOT_AFTER.load(std::sync::atomic::Ordering::Relaxed);
     if not_after > 0 {
-        metric(
+        x.metric(
             "tls_certificate_not_after_seconds",
             "gauge",
             "When the TLS certificate expires (Unix time): alert on it minus time() being small.",
             &[("", not_after as f64)],
         );
     }
-    metric(
+    x.metric(
         "drain_refused_total",
         "counter",
         "Allocations refused because the server is draining (300 with ALTERNATE-SERVER, or 508).",
         &[("", c.drain_refused as f64)],
     );
-    metric(
+    x.metric(
         "load_redirected_total",
         "counter",
         "Allocations sent to a less loaded fleet node with 300 ALTERNATE-SERVER (--redirect-above).",
         &[("", c.load_redirected as f64)],
     );
-    metric(
+    x.metric(
         "web_credentials_total",
         "counter",
         "TURN credentials asked by the ICE test page, by outcome (issued; refused: unauthorized, rate_limited).",
@@ -497,13 +545,12 @@ pub fn render(board: &Board, draining: bool) -> String {
             ("{outcome=\"rate_limited\"}", crate::web::RATE_LIMITED.load(std::sync::atomic::Ordering::Relaxed) as f64),
         ],
     );
-    metric(
+    x.metric(
         "draining",
         "gauge",
         "1 while draining.",
         &[("", if draining { 1.0 } else { 0.0 })],
     );
-    o
 }
 
 /// Serves `/metrics` on `listener` from a control-plane thread; returns the

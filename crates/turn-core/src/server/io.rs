@@ -171,9 +171,10 @@ pub struct RelaysOpened {
 
 /// Work the core asks of the runtime, drained with
 /// [`crate::Server::poll_command`]. A command that completes is answered
-/// with the matching input ([`crate::Server::handle_relays_opened`]).
+/// with the matching input ([`crate::Server::handle_relays_opened`],
+/// [`crate::Server::handle_peer_connected`]). Exhaustive on purpose: a new
+/// command does not build until the runtime carries it out.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum Command {
     /// Open the relay sockets of a new allocation, then call
     /// [`crate::Server::handle_relays_opened`] with `id`.
@@ -232,26 +233,4 @@ pub enum Command {
         /// The channel number.
         channel: u16,
     },
-}
-
-/// A synchronous executor of relay commands: what the runtime, tests and
-/// the fuzzer implement to use [`crate::Server::run_commands`].
-pub trait RelayProvider {
-    /// Opens one UDP relay socket.
-    fn open(&mut self, req: RelayRequest) -> Result<OpenedRelay, RelayError>;
-    /// Closes the relay socket bound at `relay`.
-    fn close(&mut self, relay: SocketAddr);
-    /// Starts a TCP connect for [`Command::ConnectPeer`]; its completion
-    /// comes later through [`crate::Server::handle_peer_connected`].
-    fn connect_peer(&mut self, id: ConnectionId, relay: SocketAddr, peer: SocketAddr);
-    /// Carries out [`Command::BindConnection`].
-    fn bind_connection(&mut self, id: ConnectionId, data: FiveTuple, control: FiveTuple);
-    /// Carries out [`Command::CloseConnection`].
-    fn close_connection(&mut self, id: ConnectionId);
-    /// Carries out [`Command::FastPathInstall`]. The core sends it only
-    /// when `Config::fast_path` says a kernel path is loaded; a provider
-    /// without one has nothing to install.
-    fn fast_path_install(&mut self, _entry: super::fast_path::FastPathEntry) {}
-    /// Carries out [`Command::FastPathRemove`] (see `fast_path_install`).
-    fn fast_path_remove(&mut self, _client: FiveTuple, _channel: u16) {}
 }

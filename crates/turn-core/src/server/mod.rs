@@ -47,7 +47,7 @@ pub use events::{CloseReason, Counters, Event, RefusalDetail, SessionInfo, Stats
 pub use fast_path::{FastPathBudget, FastPathEntry};
 pub use io::{
     AllocateId, Command, ConnectionId, Dest, FiveTuple, ListenerId, OpenedRelay, QueuedTransmit, RelayError,
-    RelayProvider, RelayRequest, RelaysOpened, Transmit, Transport,
+    RelayRequest, RelaysOpened, Transmit, Transport,
 };
 pub use tcp_relay::{connection_bind_id, connection_id_tag, TCP_CONNECTION_TIMEOUT};
 
@@ -259,35 +259,6 @@ impl Server {
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<QueuedTransmit> {
         self.transmits.pop_front()
-    }
-
-    /// Carries out every waiting command with `relays`, feeding the
-    /// completions back, until none is left; queued transmits stay for
-    /// [`Self::poll_transmit`]. For runtimes (and tests) whose relay
-    /// sockets open synchronously.
-    pub fn run_commands(&mut self, now: Instant, relays: &mut dyn RelayProvider) {
-        while let Some(cmd) = self.commands.pop_front() {
-            match cmd {
-                Command::OpenRelays {
-                    id,
-                    primary,
-                    additional,
-                    ..
-                } => {
-                    let opened = RelaysOpened {
-                        primary: relays.open(primary),
-                        additional: additional.map(|r| relays.open(r)),
-                    };
-                    self.handle_relays_opened(now, id, opened);
-                }
-                Command::CloseRelay { relay } => relays.close(relay),
-                Command::ConnectPeer { id, relay, peer } => relays.connect_peer(id, relay, peer),
-                Command::BindConnection { id, data, control } => relays.bind_connection(id, data, control),
-                Command::CloseConnection { id } => relays.close_connection(id),
-                Command::FastPathInstall(e) => relays.fast_path_install(e),
-                Command::FastPathRemove { client, channel } => relays.fast_path_remove(client, channel),
-            }
-        }
     }
 
     fn nonce_secs(&self, now: Instant) -> u64 {

@@ -39,8 +39,8 @@ pub(super) enum Source {
     Peer(Box<super::tcp_relay::PeerConn>),
 }
 
-/// Everything a worker owns except the protocol core, so the core can
-/// borrow it as its [`RelayProvider`] while a packet is processed.
+/// Everything a worker owns except the protocol core: the sockets and
+/// what the core's commands (`Worker::drive_core`) act on.
 pub(super) struct Io {
     pub(super) registry: Registry,
     pub(super) sources: Slab<Source>,
@@ -58,7 +58,7 @@ pub(super) struct Io {
     pub(super) peer_by_id: HashMap<turn_core::ConnectionId, usize, ahash::RandomState>,
     pub(super) tcp_relay_addrs: super::tcp_relay::TcpRelayAddrs,
     /// Connects that failed before they started, for the core.
-    pub(super) connect_results: Vec<(turn_core::ConnectionId, bool)>,
+
     /// Peer connections just bound, to start relaying.
     pub(super) raw_ready: Vec<usize>,
     /// Data connections to close (their peer went).

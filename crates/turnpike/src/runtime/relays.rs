@@ -1,6 +1,6 @@
 //! Relay sockets (RFC 8656 §7.2): which IP to relay from, random ports,
 //! EVEN-PORT reservations, DF and the ICMP error queue, and the core's
-//! [`RelayProvider`] commands carried out on them.
+//! `OpenRelays`/`CloseRelay` commands carried out on them.
 
 use std::collections::HashMap;
 use std::io::{self};
@@ -12,7 +12,7 @@ use mio::net::UdpSocket;
 use mio::{Interest, Token};
 use rand::Rng;
 use tracing::warn;
-use turn_core::{OpenedRelay, RelayError, RelayProvider, RelayRequest};
+use turn_core::{OpenedRelay, RelayError, RelayRequest};
 
 use super::dispatch::{Io, Source};
 
@@ -188,8 +188,9 @@ impl Io {
     }
 }
 
-impl RelayProvider for Io {
-    fn open(&mut self, req: RelayRequest) -> Result<OpenedRelay, RelayError> {
+impl Io {
+    /// Opens a relay socket the core asked for (`Command::OpenRelays`).
+    pub(super) fn open_relay(&mut self, req: RelayRequest) -> Result<OpenedRelay, RelayError> {
         if req.tcp {
             return self.bind_tcp_relay(&req);
         }
@@ -208,7 +209,8 @@ impl RelayProvider for Io {
         Ok(OpenedRelay { addr, token: None })
     }
 
-    fn close(&mut self, relay: SocketAddr) {
+    /// Closes a relay socket (`Command::CloseRelay`), UDP or TCP.
+    pub(super) fn close_relay(&mut self, relay: SocketAddr) {
         if let Some(key) = self.relay_by_addr.remove(&relay) {
             if matches!(self.sources.get(key), Some(Source::TcpRelay { .. })) {
                 self.close_tcp_relay(key, relay);
@@ -221,31 +223,6 @@ impl RelayProvider for Io {
                 self.queue.close(sock);
             }
         }
-    }
-
-    fn connect_peer(&mut self, id: turn_core::ConnectionId, relay: SocketAddr, peer: SocketAddr) {
-        self.start_connect(id, relay, peer);
-    }
-
-    fn bind_connection(
-        &mut self,
-        id: turn_core::ConnectionId,
-        data: turn_core::FiveTuple,
-        control: turn_core::FiveTuple,
-    ) {
-        self.bind_pair(id, data, control);
-    }
-
-    fn close_connection(&mut self, id: turn_core::ConnectionId) {
-        self.close_peer(id);
-    }
-
-    fn fast_path_install(&mut self, e: turn_core::FastPathEntry) {
-        self.fast_install(e);
-    }
-
-    fn fast_path_remove(&mut self, client: turn_core::FiveTuple, channel: u16) {
-        self.fast_remove(client, channel);
     }
 }
 

@@ -256,8 +256,10 @@ impl Io {
             .remove(&addr);
     }
 
-    /// RFC 6062 §5.2: a non-blocking connect from the relayed address.
-    pub(super) fn start_connect(&mut self, id: ConnectionId, relay: SocketAddr, peer: SocketAddr) {
+    /// RFC 6062 §5.2: a non-blocking connect from the relayed address;
+    /// false when it failed before it began (the caller completes it).
+    #[must_use]
+    pub(super) fn start_connect(&mut self, id: ConnectionId, relay: SocketAddr, peer: SocketAddr) -> bool {
         let started = tcp_socket(relay).and_then(|s| {
             s.bind(&relay.into())?;
             match s.connect(&peer.into()) {
@@ -270,16 +272,14 @@ impl Io {
             Ok(s) => TcpStream::from_std(s.into()),
             Err(e) => {
                 debug!(%relay, %peer, error = %e, "connect to a peer failed at once");
-                self.connect_results.push((id, false));
-                return;
+                return false;
             }
         };
         let entry = self.sources.vacant_entry();
         let key = entry.key();
         let interest = Interest::WRITABLE;
         if self.registry.register(&mut stream, Token(key), interest).is_err() {
-            self.connect_results.push((id, false));
-            return;
+            return false;
         }
         entry.insert(Source::Peer(Box::new(PeerConn {
             id,
@@ -295,6 +295,7 @@ impl Io {
             from_peer: 0,
         })));
         self.peer_by_id.insert(id, key);
+        true
     }
 
     /// RFC 6062 §5.4: the data connection `data` and peer `id` relay raw

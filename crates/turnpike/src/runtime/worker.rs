@@ -18,7 +18,7 @@ use slab::Slab;
 use tracing::{debug, info, warn};
 use turn_core::limits::SourceCounter;
 use turn_core::proxy::{Header as ProxyHeader, Parsed};
-use turn_core::{FiveTuple, ListenerId, Server, Transport};
+use turn_core::{Command, FiveTuple, ListenerId, RelaysOpened, Server, Transport};
 
 use super::control::{Reloads, WorkerRequest};
 use super::dispatch::{Io, Source};
@@ -166,7 +166,6 @@ impl Worker {
             queue: udp_io::SendQueue::new(gso),
             peer_by_id: HashMap::default(),
             tcp_relay_addrs,
-            connect_results: Vec::new(),
             raw_ready: Vec::new(),
             doomed_conns: Vec::new(),
             tcp_bytes: [0; 2],
@@ -227,11 +226,33 @@ impl Worker {
     /// and sends the answers that waited on it. One branch per input when
     /// there is nothing to do.
     pub(super) fn drive_core(&mut self, now: Instant) {
-        while self.core.has_commands() || !self.io.connect_results.is_empty() {
-            self.core.run_commands(now, &mut self.io);
-            // Connects that failed before they began complete at once.
-            for (id, ok) in std::mem::take(&mut self.io.connect_results) {
-                self.core.handle_peer_connected(now, id, ok);
+        // One way: the core says what to do, the runtime does it and hands
+        // back what completes at once; nothing here calls into the core
+        // from inside the core.
+        while let Some(command) = self.core.poll_command() {
+            match command {
+                Command::OpenRelays {
+                    id,
+                    primary,
+                    additional,
+                    ..
+                } => {
+                    let opened = RelaysOpened {
+                        primary: self.io.open_relay(primary),
+                        additional: additional.map(|r| self.io.open_relay(r)),
+                    };
+                    self.core.handle_relays_opened(now, id, opened);
+                }
+                Command::CloseRelay { relay } => self.io.close_relay(relay),
+                Command::ConnectPeer { id, relay, peer } => {
+                    if !self.io.start_connect(id, relay, peer) {
+                        self.core.handle_peer_connected(now, id, false);
+                    }
+                }
+                Command::BindConnection { id, data, control } => self.io.bind_pair(id, data, control),
+                Command::CloseConnection { id } => self.io.close_peer(id),
+                Command::FastPathInstall(e) => self.io.fast_install(e),
+                Command::FastPathRemove { client, channel } => self.io.fast_remove(client, channel),
             }
         }
         while let Some(t) = self.core.poll_transmit() {
