@@ -146,90 +146,86 @@ const FIXED_DEFAULTS: &[(&str, &[&str])] = &[
 
 /// Converts the text of a `turnserver.conf`.
 pub fn convert(text: &str) -> Converted {
-    // coturn with use-auth-secret, or a static-auth-secret (which turns it
-    // on), authenticates REST-API credentials only: its `user=` lines and
-    // database users are refused there (tests/integration/coturn_import.rs shows it
-    // against coturn itself), so carrying them would let in more
-    // credentials than before the move.
-    let rest_only = lines(text).any(|l| l.key == "use-auth-secret" || l.key == "static-auth-secret");
-    let both_peer_lists =
-        lines(text).any(|l| l.key == "allowed-peer-ip") && lines(text).any(|l| l.key == "denied-peer-ip");
-    let prometheus_port: Option<u16> = lines(text)
-        .filter(|l| l.key == "prometheus-port")
-        .filter_map(|l| l.value.and_then(|v| v.parse().ok()))
-        .last();
-    // Settings gathered first: coturn spreads one turnpike key over several
-    // lines (listening-ip × listening-port), and repeats list options.
-    let mut ips: Vec<String> = Vec::new();
-    let mut port: u16 = 3478;
-    let mut tls_port: u16 = 5349;
-    let mut lists: Vec<(&'static str, Vec<String>, Vec<String>)> = Vec::new();
-    let mut scalars: Vec<(&'static str, String, String)> = Vec::new();
-    let mut noted: Vec<String> = Vec::new();
-    let mut port_lines: Vec<String> = Vec::new();
-    let mut push_list = |key: &'static str, values: Vec<String>, from: &str| match lists
-        .iter_mut()
-        .find(|(k, _, _)| *k == key)
-    {
-        Some((_, v, f)) => {
-            v.extend(values);
-            f.push(from.to_owned());
-        }
-        None => lists.push((key, values, vec![from.to_owned()])),
-    };
-    let mut not_carried: Vec<String> = Vec::new();
-    let mut userdb = None;
-    let mut redis_userdb = None;
-    let mut not = |line: &Line<'_>, why: &str| not_carried.push(format!("{}: {why}", line.text));
+    let mut g = Gathered::new(text);
     for l in lines(text) {
-        let v = l.value;
-        let num = |v: Option<&str>| v.and_then(|v| v.parse::<u64>().ok());
+        g.line(&l);
+    }
+    g.finish()
+}
+
+/// What the lines of a `turnserver.conf` say, gathered first: coturn
+/// spreads one turnpike key over several lines (listening-ip ×
+/// listening-port) and repeats list options.
+#[derive(Default)]
+struct Gathered {
+    /// coturn with use-auth-secret, or a static-auth-secret (which turns
+    /// it on), authenticates REST-API credentials only: its `user=` lines
+    /// and database users are refused there (tests/integration/
+    /// coturn_import.rs shows it against coturn itself), so carrying them
+    /// would let in more credentials than before the move.
+    rest_only: bool,
+    both_peer_lists: bool,
+    prometheus: bool,
+    prometheus_port: Option<u16>,
+    ips: Vec<String>,
+    port: u16,
+    tls_port: u16,
+    port_lines: Vec<String>,
+    /// turnpike key, values, the coturn lines they came from.
+    lists: Vec<(&'static str, Vec<String>, Vec<String>)>,
+    /// turnpike key, TOML value, the coturn line it came from.
+    scalars: Vec<(&'static str, String, String)>,
+    /// Lines that need nothing in turnpike, as comments.
+    noted: Vec<String>,
+    not_carried: Vec<String>,
+    userdb: Option<PathBuf>,
+    redis_userdb: Option<String>,
+}
+
+impl Gathered {
+    fn new(text: &str) -> Self {
+        Gathered {
+            rest_only: lines(text).any(|l| l.key == "use-auth-secret" || l.key == "static-auth-secret"),
+            both_peer_lists: lines(text).any(|l| l.key == "allowed-peer-ip")
+                && lines(text).any(|l| l.key == "denied-peer-ip"),
+            prometheus: lines(text).any(|l| l.key == "prometheus"),
+            prometheus_port: lines(text)
+                .filter(|l| l.key == "prometheus-port")
+                .filter_map(|l| l.value.and_then(|v| v.parse().ok()))
+                .last(),
+            port: 3478,
+            tls_port: 5349,
+            ..Gathered::default()
+        }
+    }
+
+    fn push_list(&mut self, key: &'static str, values: Vec<String>, from: &str) {
+        match self.lists.iter_mut().find(|(k, _, _)| *k == key) {
+            Some((_, v, f)) => {
+                v.extend(values);
+                f.push(from.to_owned());
+            }
+            None => self.lists.push((key, values, vec![from.to_owned()])),
+        }
+    }
+
+    fn scalar(&mut self, key: &'static str, value: String, from: &str) {
+        self.scalars.push((key, value, from.to_owned()));
+    }
+
+    fn not(&mut self, line: &Line<'_>, why: &str) {
+        self.not_carried.push(format!("{}: {why}", line.text));
+    }
+
+    fn line(&mut self, l: &Line<'_>) {
         match l.key {
-            "listening-ip" => match v.and_then(|v| v.parse::<IpAddr>().ok()) {
-                Some(ip) => ips.push(ip.to_string()),
-                None => not(&l, "not an IP address"),
-            },
-            "listening-port" => match v.and_then(|v| v.parse().ok()) {
-                Some(p) => {
-                    port = p;
-                    port_lines.push(l.text.to_owned());
-                }
-                None => not(&l, "not a port"),
-            },
-            "tls-listening-port" => match v.and_then(|v| v.parse().ok()) {
-                Some(p) => {
-                    tls_port = p;
-                    port_lines.push(l.text.to_owned());
-                }
-                None => not(&l, "not a port"),
-            },
-            "relay-ip" => match v.and_then(|v| v.parse::<IpAddr>().ok()) {
-                Some(ip) => push_list("relay-ip", vec![ip.to_string()], l.text),
-                None => not(&l, "not an IP address"),
-            },
-            // PUBLIC or PUBLIC/PRIVATE: turnpike needs only the public one.
-            "external-ip" => match v
-                .and_then(|v| v.split('/').next())
-                .and_then(|v| v.trim().parse::<IpAddr>().ok())
-            {
-                Some(ip) => push_list("external-ip", vec![ip.to_string()], l.text),
-                None => not(&l, "not IP or IP/IP"),
-            },
-            "user" if rest_only => not(
-                &l,
-                "left out: with use-auth-secret or static-auth-secret coturn accepts REST-API credentials only, so this user could not log in there either",
-            ),
-            "user" => match v.filter(|v| v.contains(':')) {
-                Some(u) => push_list("user", vec![u.to_owned()], l.text),
-                None => not(&l, "not NAME:PASSWORD or NAME:0xKEY"),
-            },
-            "static-auth-secret" => match v {
-                Some(s) => push_list("auth-secret", vec![s.to_owned()], l.text),
-                None => not(&l, "no secret given"),
-            },
-            "alternate-server" => match v {
-                Some(s) => push_list("alternate-server", vec![s.to_owned()], l.text),
-                None => not(&l, "no address given"),
+            "listening-ip" | "listening-port" | "tls-listening-port" | "relay-ip" | "external-ip" => {
+                self.address(l)
+            }
+            "user" | "static-auth-secret" | "userdb" | "db" | "b" | "redis-userdb" => self.credentials(l),
+            "alternate-server" => match l.value {
+                Some(s) => self.push_list("alternate-server", vec![s.to_owned()], l.text),
+                None => self.not(l, "no address given"),
             },
             "denied-peer-ip" | "allowed-peer-ip" => {
                 let key = if l.key == "denied-peer-ip" {
@@ -237,36 +233,12 @@ pub fn convert(text: &str) -> Converted {
                 } else {
                     "allow-peer"
                 };
-                match v.and_then(peer_cidrs) {
-                    Some(c) => push_list(key, c, l.text),
-                    None => not(&l, "not IP, IP-IP or IP/N"),
+                match l.value.and_then(peer_cidrs) {
+                    Some(c) => self.push_list(key, c, l.text),
+                    None => self.not(l, "not IP, IP-IP or IP/N"),
                 }
             }
-            "realm" if v.is_some_and(|r| r.len() > turn_core::max_realm_len()) => {
-                let r = v.unwrap_or_default();
-                scalars.push(("realm", q(r), l.text.to_owned()));
-                // Keys are MD5(name:realm:password): the realm must stay.
-                scalars.push((
-                    "allow-long-realm",
-                    "true".into(),
-                    format!(
-                        "(the realm is over {} bytes: kept, since users' MD5 keys depend on it, though its 401s are more than 3x a minimal request)",
-                        turn_core::max_realm_len()
-                    ),
-                ));
-            }
-            "realm" | "cert" | "pkey" => match v {
-                Some(s) => scalars.push((
-                    match l.key {
-                        "pkey" => "key",
-                        "cert" => "cert",
-                        _ => "realm",
-                    },
-                    q(s),
-                    l.text.to_owned(),
-                )),
-                None => not(&l, "no value given"),
-            },
+            "realm" | "cert" | "pkey" => self.text_value(l),
             "min-port"
             | "max-port"
             | "user-quota"
@@ -274,206 +246,293 @@ pub fn convert(text: &str) -> Converted {
             | "max-bps"
             | "relay-threads"
             | "stale-nonce"
-            | "max-allocate-lifetime" => {
-                let key = match l.key {
-                    "min-port" => "min-port",
-                    "max-port" => "max-port",
-                    "user-quota" => "user-quota",
-                    "total-quota" => "total-quota",
-                    "max-bps" => "max-bps",
-                    "relay-threads" => "threads",
-                    "max-allocate-lifetime" => "max-allocation-lifetime",
-                    _ => "nonce-lifetime",
-                };
-                match (l.key, num(v)) {
-                    // coturn's bare stale-nonce means its default, 600 s.
-                    ("stale-nonce", None) if v.is_none() => {
-                        scalars.push((key, "600".into(), l.text.to_owned()))
-                    }
-                    (_, Some(n)) => scalars.push((key, n.to_string(), l.text.to_owned())),
-                    _ => not(&l, "not a number"),
-                }
-            }
-            "no-tls" => scalars.push(("no-tls", "true".into(), l.text.to_owned())),
-            "allow-loopback-peers" => {
-                scalars.push(("allow-loopback-peers", "true".into(), l.text.to_owned()))
-            }
-            "verbose" | "v" => scalars.push(("log-level", q("debug"), l.text.to_owned())),
-            "Verbose" | "V" => scalars.push(("log-level", q("trace"), l.text.to_owned())),
-            "prometheus" => scalars.push((
-                "metrics-listen",
-                q(&format!("0.0.0.0:{}", prometheus_port.unwrap_or(9641))),
-                match prometheus_port {
+            | "max-allocate-lifetime" => self.number(l),
+            "no-tls" => self.scalar("no-tls", "true".into(), l.text),
+            "allow-loopback-peers" => self.scalar("allow-loopback-peers", "true".into(), l.text),
+            "verbose" | "v" => self.scalar("log-level", q("debug"), l.text),
+            "Verbose" | "V" => self.scalar("log-level", q("trace"), l.text),
+            "prometheus" => {
+                let from = match self.prometheus_port {
                     Some(p) => format!("{}` and `prometheus-port={p}", l.text),
                     None => l.text.to_owned(),
-                },
-            )),
+                };
+                let listen = q(&format!("0.0.0.0:{}", self.prometheus_port.unwrap_or(9641)));
+                self.scalar("metrics-listen", listen, &from);
+            }
             // Carried with `prometheus` above; alone it changes nothing.
-            "prometheus-port" if lines(text).any(|l| l.key == "prometheus") => {}
-            "prometheus-port" => noted.push(format!(
+            "prometheus-port" if self.prometheus => {}
+            "prometheus-port" => self.noted.push(format!(
                 "# coturn's `{}`: nothing: coturn's exporter is off without `prometheus`",
                 l.text
             )),
-            key if FIXED_DEFAULTS.iter().any(|(k, _)| *k == key) => {
-                let (_, defaults) = FIXED_DEFAULTS.iter().find(|(k, _)| *k == key).expect("matched");
-                let m = mapping(key).unwrap_or("nothing");
-                if v.is_none_or(|v| defaults.iter().any(|d| d.eq_ignore_ascii_case(v))) {
-                    noted.push(format!("# coturn's `{}`: {m}", l.text));
-                } else {
-                    not(&l, m);
+            key => self.other(key, l),
+        }
+    }
+
+    /// Where to listen, relay from and advertise.
+    fn address(&mut self, l: &Line<'_>) {
+        let v = l.value;
+        let ip = || v.and_then(|v| v.parse::<IpAddr>().ok());
+        match l.key {
+            "listening-ip" => match ip() {
+                Some(ip) => self.ips.push(ip.to_string()),
+                None => self.not(l, "not an IP address"),
+            },
+            "listening-port" | "tls-listening-port" => match v.and_then(|v| v.parse().ok()) {
+                Some(p) => {
+                    if l.key == "listening-port" {
+                        self.port = p;
+                    } else {
+                        self.tls_port = p;
+                    }
+                    self.port_lines.push(l.text.to_owned());
                 }
+                None => self.not(l, "not a port"),
+            },
+            "relay-ip" => match ip() {
+                Some(ip) => self.push_list("relay-ip", vec![ip.to_string()], l.text),
+                None => self.not(l, "not an IP address"),
+            },
+            // PUBLIC or PUBLIC/PRIVATE: turnpike needs only the public one.
+            _ => match v
+                .and_then(|v| v.split('/').next())
+                .and_then(|v| v.trim().parse::<IpAddr>().ok())
+            {
+                Some(ip) => self.push_list("external-ip", vec![ip.to_string()], l.text),
+                None => self.not(l, "not IP or IP/IP"),
+            },
+        }
+    }
+
+    /// Users, REST secrets and user databases.
+    fn credentials(&mut self, l: &Line<'_>) {
+        let v = l.value;
+        match l.key {
+            "user" if self.rest_only => self.not(
+                l,
+                "left out: with use-auth-secret or static-auth-secret coturn accepts REST-API credentials only, so this user could not log in there either",
+            ),
+            "user" => match v.filter(|v| v.contains(':')) {
+                Some(u) => self.push_list("user", vec![u.to_owned()], l.text),
+                None => self.not(l, "not NAME:PASSWORD or NAME:0xKEY"),
+            },
+            "static-auth-secret" => match v {
+                Some(s) => self.push_list("auth-secret", vec![s.to_owned()], l.text),
+                None => self.not(l, "no secret given"),
+            },
+            "redis-userdb" => {
+                self.redis_userdb = v.map(str::to_owned);
+                self.not(
+                    l,
+                    "turnpike keeps its own Redis layout: import coturn's users with `turnpike import coturn-redis`, then set redis-url",
+                );
             }
-            "userdb" | "db" | "b" if rest_only => not(
-                &l,
+            _ if self.rest_only => self.not(
+                l,
                 "its users are not imported: with use-auth-secret or static-auth-secret coturn accepts REST-API credentials only, so they could not log in there either",
             ),
-            "userdb" | "db" | "b" => match v {
+            _ => match v {
                 Some(p) => {
-                    userdb = Some(PathBuf::from(p));
-                    noted.push(format!(
+                    self.userdb = Some(PathBuf::from(p));
+                    self.noted.push(format!(
                         "# coturn's `{}`: its users are imported into turnpike's own database (see --turndb)",
                         l.text
                     ));
                 }
-                None => not(&l, "no file given"),
-            },
-            "redis-userdb" => {
-                redis_userdb = v.map(str::to_owned);
-                not(
-                    &l,
-                    "turnpike keeps its own Redis layout: import coturn's users with `turnpike import coturn-redis`, then set redis-url",
-                );
-            }
-            key => match mapping(key) {
-                Some(m) if m.starts_with("nothing") => noted.push(format!("# coturn's `{}`: {m}", l.text)),
-                Some(m) => not(&l, m),
-                None => not(&l, "not an option turnpike knows"),
+                None => self.not(l, "no file given"),
             },
         }
     }
-    let mut out = Converted {
-        not_carried,
-        ..Converted::default()
-    };
-    out.userdb = userdb;
-    out.redis_userdb = redis_userdb;
-    let listen: Vec<String> = if ips.is_empty() {
-        if port == 3478 {
-            Vec::new()
-        } else {
-            vec![host_port("0.0.0.0", port)]
+
+    /// realm, cert and pkey.
+    fn text_value(&mut self, l: &Line<'_>) {
+        let Some(v) = l.value else {
+            return self.not(l, "no value given");
+        };
+        let key = match l.key {
+            "pkey" => "key",
+            "cert" => "cert",
+            _ => "realm",
+        };
+        self.scalar(key, q(v), l.text);
+        if key == "realm" && v.len() > turn_core::max_realm_len() {
+            // Keys are MD5(name:realm:password): the realm must stay.
+            let why = format!(
+                "(the realm is over {} bytes: kept, since users' MD5 keys depend on it, though its 401s are more than 3x a minimal request)",
+                turn_core::max_realm_len()
+            );
+            self.scalar("allow-long-realm", "true".into(), &why);
         }
-    } else {
-        ips.iter().map(|ip| host_port(ip, port)).collect()
-    };
-    if ips.is_empty() {
-        // Ports alone at turnpike's defaults (3478, 5349) need no line.
-        for line in &port_lines {
-            if line.ends_with("=3478")
-                || line.ends_with("=5349")
-                || line.ends_with(" 3478")
-                || line.ends_with(" 5349")
+    }
+
+    /// Options that are one number in both servers.
+    fn number(&mut self, l: &Line<'_>) {
+        let key = match l.key {
+            "min-port" => "min-port",
+            "max-port" => "max-port",
+            "user-quota" => "user-quota",
+            "total-quota" => "total-quota",
+            "max-bps" => "max-bps",
+            "relay-threads" => "threads",
+            "max-allocate-lifetime" => "max-allocation-lifetime",
+            _ => "nonce-lifetime",
+        };
+        match (l.key, l.value.and_then(|v| v.parse::<u64>().ok())) {
+            // coturn's bare stale-nonce means its default, 600 s.
+            ("stale-nonce", None) if l.value.is_none() => self.scalar(key, "600".into(), l.text),
+            (_, Some(n)) => self.scalar(key, n.to_string(), l.text),
+            _ => self.not(l, "not a number"),
+        }
+    }
+
+    /// Options at a value that is turnpike's behaviour anyway, and the rest
+    /// of MIGRATING.md's table.
+    fn other(&mut self, key: &str, l: &Line<'_>) {
+        if let Some((_, defaults)) = FIXED_DEFAULTS.iter().find(|(k, _)| *k == key) {
+            let m = mapping(key).unwrap_or("nothing");
+            if l.value
+                .is_none_or(|v| defaults.iter().any(|d| d.eq_ignore_ascii_case(v)))
             {
-                noted.push(format!(
-                    "# coturn's `{line}`: nothing: turnpike listens on 3478 (UDP, TCP) and 5349 (TLS) on every address by default"
-                ));
+                self.noted.push(format!("# coturn's `{}`: {m}", l.text));
+            } else {
+                self.not(l, m);
+            }
+            return;
+        }
+        match mapping(key) {
+            Some(m) if m.starts_with("nothing") => self.noted.push(format!("# coturn's `{}`: {m}", l.text)),
+            Some(m) => self.not(l, m),
+            None => self.not(l, "not an option turnpike knows"),
+        }
+    }
+
+    /// The listen keys: coturn's addresses × ports, nothing at turnpike's
+    /// defaults.
+    fn listeners(&mut self) -> (Vec<String>, Vec<String>) {
+        let on_every = |port: u16| vec![host_port("0.0.0.0", port)];
+        let listen: Vec<String> = match (self.ips.is_empty(), self.port) {
+            (true, 3478) => Vec::new(),
+            (true, p) => on_every(p),
+            (false, p) => self.ips.iter().map(|ip| host_port(ip, p)).collect(),
+        };
+        if self.ips.is_empty() {
+            // Ports alone at turnpike's defaults (3478, 5349) need no line.
+            for line in &self.port_lines {
+                if [3478, 5349]
+                    .iter()
+                    .any(|p| line.ends_with(&format!("={p}")) || line.ends_with(&format!(" {p}")))
+                {
+                    self.noted.push(format!(
+                        "# coturn's `{line}`: nothing: turnpike listens on 3478 (UDP, TCP) and 5349 (TLS) on every address by default"
+                    ));
+                }
             }
         }
+        let no_tls = self.scalars.iter().any(|(k, _, _)| *k == "no-tls");
+        let tls_listen: Vec<String> = match (no_tls, self.ips.is_empty(), self.tls_port) {
+            (true, _, _) | (false, true, 5349) => Vec::new(),
+            (false, true, p) => on_every(p),
+            (false, false, p) => self.ips.iter().map(|ip| host_port(ip, p)).collect(),
+        };
+        (listen, tls_listen)
     }
-    let no_tls = scalars.iter().any(|(k, _, _)| *k == "no-tls");
-    let tls_listen: Vec<String> = if no_tls || (ips.is_empty() && tls_port == 5349) {
-        Vec::new()
-    } else if ips.is_empty() {
-        vec![host_port("0.0.0.0", tls_port)]
-    } else {
-        ips.iter().map(|ip| host_port(ip, tls_port)).collect()
-    };
 
-    // coturn relays to private and reserved ranges unless told not to;
-    // turnpike refuses them unless told to (peer-policy, SECURITY.md).
-    let allowed: Vec<&String> = lists
-        .iter()
-        .filter(|(k, _, _)| *k == "allow-peer")
-        .flat_map(|(_, v, _)| v)
-        .collect();
-    out.differences.push(format!(
-        "internal peers: coturn relays to private and reserved ranges (10/8, 172.16/12, 192.168/16, fc00::/7, ...) unless \
-         denied-peer-ip names them; turnpike refuses them unless allow-peer names them{}. Add allow-peer CIDR for each \
-         internal peer (an SFU, a media server) this server must reach",
-        if allowed.is_empty() {
-            String::new()
-        } else {
-            format!(" (this file allows {})", allowed.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "))
-        }
-    ));
-
-    let mut t = String::new();
-    t.push_str("# turnpike.toml written by `turnpike import coturn` from a coturn turnserver.conf.\n");
-    t.push_str("# Each setting names the coturn line it came from. Check it, then run:\n");
-    t.push_str("#   turnpike serve --config THIS_FILE\n");
-    t.push_str("# Every key turnpike has: deploy/turnpike.toml; every coturn option: MIGRATING.md.\n\n");
-    if !listen.is_empty() {
-        t.push_str("# from coturn's listening-ip / listening-port\n");
-        t.push_str(&format!("listen = {}\n", list(&listen)));
-    }
-    if !tls_listen.is_empty() {
-        t.push_str("# from coturn's listening-ip / tls-listening-port\n");
-        t.push_str(&format!("tls-listen = {}\n", list(&tls_listen)));
-    }
-    for (key, value, from) in &scalars {
-        // A later line wins in coturn too; earlier ones become comments.
-        let last = scalars.iter().rposition(|(k, _, _)| k == key);
-        let this = scalars
+    fn finish(mut self) -> Converted {
+        let (listen, tls_listen) = self.listeners();
+        // coturn relays to private and reserved ranges unless told not to;
+        // turnpike refuses them unless told to (peer-policy, SECURITY.md).
+        let allowed: Vec<&str> = self
+            .lists
             .iter()
-            .position(|(k, v, f)| k == key && v == value && f == from);
-        if from.starts_with('(') {
-            t.push_str(&format!("# {from}\n"));
-        } else {
-            t.push_str(&format!("# from coturn's `{from}`\n"));
-        }
-        if last == this {
-            t.push_str(&format!("{key} = {value}\n"));
-        } else {
-            t.push_str(&format!("# {key} = {value}   (overridden by a later line)\n"));
+            .filter(|(k, _, _)| *k == "allow-peer")
+            .flat_map(|(_, v, _)| v.iter().map(String::as_str))
+            .collect();
+        let differences = vec![format!(
+            "internal peers: coturn relays to private and reserved ranges (10/8, 172.16/12, 192.168/16, fc00::/7, ...) unless \
+             denied-peer-ip names them; turnpike refuses them unless allow-peer names them{}. Add allow-peer CIDR for each \
+             internal peer (an SFU, a media server) this server must reach",
+            if allowed.is_empty() {
+                String::new()
+            } else {
+                format!(" (this file allows {})", allowed.join(", "))
+            }
+        )];
+        let toml = self.toml(&listen, &tls_listen, &differences);
+        Converted {
+            toml,
+            not_carried: self.not_carried,
+            differences,
+            userdb: self.userdb,
+            redis_userdb: self.redis_userdb,
         }
     }
-    for (key, values, from) in &lists {
-        let shown: Vec<String> = from.iter().map(|f| format!("`{f}`")).collect();
-        t.push_str(&format!("# from coturn's {}\n", shown.join(", ")));
-        t.push_str(&format!("{key} = {}\n", list(values)));
-    }
-    if both_peer_lists {
+
+    /// The turnpike.toml, each setting with the coturn line it came from.
+    fn toml(&self, listen: &[String], tls_listen: &[String], differences: &[String]) -> String {
+        let mut t = String::new();
+        t.push_str("# turnpike.toml written by `turnpike import coturn` from a coturn turnserver.conf.\n");
+        t.push_str("# Each setting names the coturn line it came from. Check it, then run:\n");
+        t.push_str("#   turnpike serve --config THIS_FILE\n");
+        t.push_str("# Every key turnpike has: deploy/turnpike.toml; every coturn option: MIGRATING.md.\n\n");
+        if !listen.is_empty() {
+            t.push_str("# from coturn's listening-ip / listening-port\n");
+            t.push_str(&format!("listen = {}\n", list(listen)));
+        }
+        if !tls_listen.is_empty() {
+            t.push_str("# from coturn's listening-ip / tls-listening-port\n");
+            t.push_str(&format!("tls-listen = {}\n", list(tls_listen)));
+        }
+        for (i, (key, value, from)) in self.scalars.iter().enumerate() {
+            // A later line wins in coturn too; earlier ones become comments.
+            let last = self.scalars.iter().rposition(|(k, _, _)| k == key) == Some(i);
+            if from.starts_with('(') {
+                t.push_str(&format!("# {from}\n"));
+            } else {
+                t.push_str(&format!("# from coturn's `{from}`\n"));
+            }
+            if last {
+                t.push_str(&format!("{key} = {value}\n"));
+            } else {
+                t.push_str(&format!("# {key} = {value}   (overridden by a later line)\n"));
+            }
+        }
+        for (key, values, from) in &self.lists {
+            let shown: Vec<String> = from.iter().map(|f| format!("`{f}`")).collect();
+            t.push_str(&format!("# from coturn's {}\n", shown.join(", ")));
+            t.push_str(&format!("{key} = {}\n", list(values)));
+        }
+        if self.both_peer_lists {
+            t.push_str(
+                "# coturn's allowed-peer-ip beats its denied-peer-ip (an exception carved out of a\n\
+                 # denied range); turnpike's default is the other way round, so keep coturn's order\n",
+            );
+            t.push_str("peer-precedence = \"allow\"\n");
+        }
         t.push_str(
-            "# coturn's allowed-peer-ip beats its denied-peer-ip (an exception carved out of a\n\
-             # denied range); turnpike's default is the other way round, so keep coturn's order\n",
+            "# coturn accepts channel numbers 0x4000-0x7FFF (RFC 5766); RFC 8656 narrowed them to\n\
+             # 0x4000-0x4FFF. Kept so coturn's clients (turnutils_uclient picks 0x5000-0x7FFF) keep\n\
+             # working; remove once every client follows RFC 8656.\n",
         );
-        t.push_str("peer-precedence = \"allow\"\n");
-    }
-    t.push_str(
-        "# coturn accepts channel numbers 0x4000-0x7FFF (RFC 5766); RFC 8656 narrowed them to\n\
-         # 0x4000-0x4FFF. Kept so coturn's clients (turnutils_uclient picks 0x5000-0x7FFF) keep\n\
-         # working; remove once every client follows RFC 8656.\n",
-    );
-    t.push_str("rfc5766-channel-numbers = true\n");
-    if !noted.is_empty() {
-        t.push_str("\n# Nothing to do (already turnpike's default or behaviour):\n");
-        for n in &noted {
-            t.push_str(n);
-            t.push('\n');
+        t.push_str("rfc5766-channel-numbers = true\n");
+        if !self.noted.is_empty() {
+            t.push_str("\n# Nothing to do (already turnpike's default or behaviour):\n");
+            for n in &self.noted {
+                t.push_str(n);
+                t.push('\n');
+            }
         }
-    }
-    t.push_str("\n# Where turnpike differs from coturn on purpose (check these):\n");
-    for d in &out.differences {
-        t.push_str(&format!("# - {d}\n"));
-    }
-    if !out.not_carried.is_empty() {
-        t.push_str("\n# NOT carried over (do these by hand):\n");
-        for n in &out.not_carried {
-            t.push_str(&format!("# - {n}\n"));
+        t.push_str("\n# Where turnpike differs from coturn on purpose (check these):\n");
+        for d in differences {
+            t.push_str(&format!("# - {d}\n"));
         }
+        if !self.not_carried.is_empty() {
+            t.push_str("\n# NOT carried over (do these by hand):\n");
+            for n in &self.not_carried {
+                t.push_str(&format!("# - {n}\n"));
+            }
+        }
+        t
     }
-    out.toml = t;
-    out
 }
 
 #[cfg(test)]

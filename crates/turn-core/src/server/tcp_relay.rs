@@ -64,6 +64,12 @@ pub(super) struct TcpRelays {
 /// connection to the worker that owns the connection (its tag is
 /// [`connection_id_tag`]) before any of them answers it.
 pub fn connection_bind_id(data: &[u8]) -> Option<ConnectionId> {
+    // The type first, one comparison, so every other message costs nothing
+    // more (the runtime asks this of each first message on a connection).
+    let typ = u16::from_be_bytes([*data.first()?, *data.get(1)?]);
+    if typ != MessageType::new(method::CONNECTION_BIND, Class::Request).to_wire() {
+        return None;
+    }
     let m = Message::parse(data).ok()?;
     let t = m.message_type();
     if t.method != method::CONNECTION_BIND || t.class != Class::Request {

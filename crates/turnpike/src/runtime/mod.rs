@@ -20,7 +20,7 @@
 //! | `control.rs` | `Control`, reloads, shared limits, the core config built from settings |
 //! | `log.rs` | log lines for the core's events, `--redact` |
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -128,23 +128,48 @@ struct WorkerSockets {
     tcp: Vec<(std::net::TcpListener, SocketAddr, bool)>,
 }
 
-/// Starts the workers. Listeners are bound before this returns, so a caller
-/// can connect at once.
-pub fn start(settings: &Settings) -> Result<Handle> {
-    let n = settings.threads;
-    let board: crate::metrics::Board = Arc::new(Mutex::new(vec![Default::default(); n]));
-    let mut per_worker: Vec<WorkerSockets> = (0..n)
-        .map(|_| WorkerSockets {
-            udp: vec![],
-            tcp: vec![],
-        })
-        .collect();
-    let mut listen = Vec::new();
-    for &addr in &settings.listen {
+/// Every TURN listener, bound once per worker (SO_REUSEPORT).
+struct Listeners {
+    per_worker: Vec<WorkerSockets>,
+    listen: Vec<SocketAddr>,
+    tls_listen: Vec<SocketAddr>,
+    /// RFC 5780's three other address/port pairs (UDP).
+    alt_listen: Vec<SocketAddr>,
+    rfc5780: Option<turn_core::Rfc5780>,
+}
+
+impl Listeners {
+    fn bind(settings: &Settings) -> Result<Self> {
+        let mut l = Listeners {
+            per_worker: (0..settings.threads)
+                .map(|_| WorkerSockets {
+                    udp: vec![],
+                    tcp: vec![],
+                })
+                .collect(),
+            listen: Vec::new(),
+            tls_listen: Vec::new(),
+            alt_listen: Vec::new(),
+            rfc5780: None,
+        };
+        for &addr in &settings.listen {
+            l.bind_plain(addr)?;
+        }
+        if let Some((primary, alt_ip, alt_port)) = settings.rfc5780 {
+            l.bind_rfc5780(primary, alt_ip, alt_port)?;
+        }
+        for &addr in &settings.tls_listen {
+            l.bind_tls(addr)?;
+        }
+        Ok(l)
+    }
+
+    /// UDP and TCP on one address (port 0: one port shared by both).
+    fn bind_plain(&mut self, addr: SocketAddr) -> Result<()> {
         let (u, t, bound) = bind_pair(addr)?;
-        per_worker[0].udp.push((u, bound));
-        per_worker[0].tcp.push((t, bound, false));
-        for w in per_worker.iter_mut().skip(1) {
+        self.per_worker[0].udp.push((u, bound));
+        self.per_worker[0].tcp.push((t, bound, false));
+        for w in self.per_worker.iter_mut().skip(1) {
             w.udp.push((
                 bind_udp(bound).with_context(|| format!("listen {bound}: UDP for another worker"))?,
                 bound,
@@ -155,13 +180,14 @@ pub fn start(settings: &Settings) -> Result<Handle> {
                 false,
             ));
         }
-        listen.push(bound);
+        self.listen.push(bound);
+        Ok(())
     }
-    // RFC 5780: the three other IP/port combinations, UDP only.
-    let mut alt_listen = Vec::new();
-    let mut rfc5780 = None;
-    if let Some((primary, alt_ip, alt_port)) = settings.rfc5780 {
-        let primary = listen
+
+    /// RFC 5780 §4.1: the three other IP/port combinations, UDP only.
+    fn bind_rfc5780(&mut self, primary: SocketAddr, alt_ip: IpAddr, alt_port: Option<u16>) -> Result<()> {
+        let primary = self
+            .listen
             .iter()
             .copied()
             .find(|l| l.ip() == primary.ip())
@@ -181,40 +207,56 @@ pub fn start(settings: &Settings) -> Result<Handle> {
             if let Err(e) = ensure_free(addr, true) {
                 anyhow::bail!("rfc5780 {addr}: cannot bind UDP: {e}{}", in_use_hint(&e));
             }
-            for w in per_worker.iter_mut() {
+            for w in self.per_worker.iter_mut() {
                 w.udp.push((
                     bind_udp(addr).with_context(|| format!("rfc5780 {addr}: cannot bind UDP"))?,
                     addr,
                 ));
             }
-            alt_listen.push(addr);
+            self.alt_listen.push(addr);
         }
-        rfc5780 = Some(turn_core::Rfc5780 {
+        self.rfc5780 = Some(turn_core::Rfc5780 {
             ips: (primary.ip(), alt_ip),
             ports: (primary.port(), q),
         });
+        Ok(())
     }
-    let tls_setup = match &settings.tls {
-        Some(src) => Some(crate::tls::setup(src)?),
-        None => None,
-    };
-    let mut tls_listen = Vec::new();
-    for &addr in &settings.tls_listen {
+
+    fn bind_tls(&mut self, addr: SocketAddr) -> Result<()> {
         if let Err(e) = ensure_free(addr, false) {
             anyhow::bail!("tls-listen {addr}: cannot bind: {e}{}", in_use_hint(&e));
         }
         let t = bind_tcp(addr).with_context(|| format!("tls-listen {addr}: cannot bind TCP"))?;
         let bound = t.local_addr()?;
-        per_worker[0].tcp.push((t, bound, true));
-        for w in per_worker.iter_mut().skip(1) {
+        self.per_worker[0].tcp.push((t, bound, true));
+        for w in self.per_worker.iter_mut().skip(1) {
             w.tcp.push((
                 bind_tcp(bound).with_context(|| format!("tls-listen {bound}: for another worker"))?,
                 bound,
                 true,
             ));
         }
-        tls_listen.push(bound);
+        self.tls_listen.push(bound);
+        Ok(())
     }
+}
+
+/// Starts the workers. Listeners are bound before this returns, so a caller
+/// can connect at once.
+pub fn start(settings: &Settings) -> Result<Handle> {
+    let n = settings.threads;
+    let board: crate::metrics::Board = Arc::new(Mutex::new(vec![Default::default(); n]));
+    let Listeners {
+        per_worker,
+        listen,
+        tls_listen,
+        alt_listen,
+        rfc5780,
+    } = Listeners::bind(settings)?;
+    let tls_setup = match &settings.tls {
+        Some(src) => Some(crate::tls::setup(src)?),
+        None => None,
+    };
 
     // After the listeners (their addresses choose the interfaces), before
     // the core's configuration (which says whether entries are wanted).
@@ -284,11 +326,75 @@ pub fn start(settings: &Settings) -> Result<Handle> {
     };
 
     let flag = Arc::new(AtomicBool::new(false));
+    let reloads = Arc::new(Reloads::default());
+    let workers = spawn_workers(
+        settings,
+        per_worker,
+        &core_cfg,
+        WorkerShared {
+            stop: flag.clone(),
+            reloads: reloads.clone(),
+            board: board.clone(),
+            connections: shared.connections.clone(),
+            tls: tls_setup.as_ref().map(|t| t.config.clone()),
+            fast: match &fast_state {
+                fast::State::Active(f, ..) => Some(f.clone()),
+                _ => None,
+            },
+        },
+    )?;
+    Ok(Handle {
+        listen,
+        tls_listen,
+        alt_listen,
+        tls_fingerprint: tls_setup.as_ref().map(|t| t.fingerprint.clone()),
+        metrics,
+        tls_leaf: tls_setup.as_ref().map(|t| t.leaf.to_vec()),
+        fast_path: fast_state.describe(),
+        admin_listener: http.admin,
+        web_listener: http.web,
+        stop: Control {
+            flag,
+            wakers: workers.wakers,
+            draining,
+            quotas,
+            reloads,
+            base,
+            commands: workers.commands,
+            limits: Arc::new(Mutex::new(shared)),
+            board,
+        },
+        threads: workers.threads,
+    })
+}
+
+/// What every worker shares, besides the core's configuration.
+struct WorkerShared {
+    stop: Arc<AtomicBool>,
+    reloads: Arc<Reloads>,
+    board: crate::metrics::Board,
+    connections: Arc<turn_core::limits::SourceCounter>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    fast: Option<fast::Shared>,
+}
+
+/// The running workers: their threads, wakers and command channels.
+struct Workers {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    wakers: Vec<Arc<Waker>>,
+    commands: Vec<std::sync::mpsc::Sender<WorkerRequest>>,
+}
+
+/// One worker thread per listener set, each with its own core.
+fn spawn_workers(
+    settings: &Settings,
+    per_worker: Vec<WorkerSockets>,
+    core_cfg: &turn_core::Config,
+    shared: WorkerShared,
+) -> Result<Workers> {
     let reservations = Arc::new(Mutex::new(Reservations::default()));
     let redactor = Redactor::new(settings.options.redact);
-    let reloads = Arc::new(Reloads::default());
     let mut commands = Vec::new();
-
     let mut wakers = Vec::new();
     let mut threads = Vec::new();
     // Polls and wakers first: every worker can pass a data connection
@@ -313,6 +419,8 @@ pub fn start(settings: &Settings) -> Result<Handle> {
     {
         let mut cfg = core_cfg.clone();
         cfg.connection_id_tag = id as u8;
+        let (tx, rx) = std::sync::mpsc::channel();
+        commands.push(tx);
         let mut worker = Worker::new(
             poll,
             sockets,
@@ -326,27 +434,20 @@ pub fn start(settings: &Settings) -> Result<Handle> {
                     max_port: settings.options.max_port,
                 },
                 connections: shared.connections.clone(),
-                tls: tls_setup.as_ref().map(|t| t.config.clone()),
-                stop: flag.clone(),
+                tls: shared.tls.clone(),
+                stop: shared.stop.clone(),
                 reservations: reservations.clone(),
                 limits: conn_limits(settings),
                 redact: redactor.clone(),
-                reloads: reloads.clone(),
+                reloads: shared.reloads.clone(),
                 id,
                 gso: settings.options.udp_gso,
-                board: board.clone(),
-                commands: {
-                    let (tx, rx) = std::sync::mpsc::channel();
-                    commands.push(tx);
-                    rx
-                },
+                board: shared.board.clone(),
+                commands: rx,
                 handoff,
                 handoff_to: handoff_tx.clone(),
                 tcp_relay_addrs: tcp_relay_addrs.clone(),
-                fast: match &fast_state {
-                    fast::State::Active(f, ..) => Some(f.clone()),
-                    _ => None,
-                },
+                fast: shared.fast.clone(),
                 refusals_per_second: settings.options.log_refusals_per_second,
             },
         )?;
@@ -356,27 +457,9 @@ pub fn start(settings: &Settings) -> Result<Handle> {
                 .spawn(move || worker.run())?,
         );
     }
-    Ok(Handle {
-        listen,
-        tls_listen,
-        alt_listen,
-        tls_fingerprint: tls_setup.as_ref().map(|t| t.fingerprint.clone()),
-        metrics,
-        tls_leaf: tls_setup.as_ref().map(|t| t.leaf.to_vec()),
-        fast_path: fast_state.describe(),
-        admin_listener: http.admin,
-        web_listener: http.web,
-        stop: Control {
-            flag,
-            wakers,
-            draining,
-            quotas,
-            reloads,
-            base,
-            commands,
-            limits: Arc::new(Mutex::new(shared)),
-            board,
-        },
+    Ok(Workers {
         threads,
+        wakers,
+        commands,
     })
 }

@@ -782,9 +782,7 @@ impl Worker {
     /// this one: the kernel spreads a client's connections over workers,
     /// and the peer connection lives where its allocation does.
     pub(super) fn handoff_target(&self, msg: &[u8]) -> Option<usize> {
-        // One comparison for every other message: the type of a
-        // ConnectionBind request is 0x000b.
-        if self.handoff_to.len() < 2 || msg.get(..2) != Some(&[0x00, 0x0b][..]) {
+        if self.handoff_to.len() < 2 {
             return None;
         }
         let id = turn_core::connection_bind_id(msg)?;

@@ -278,7 +278,13 @@ fn a_rotated_secret_file_and_an_edited_config_apply_without_a_signal() {
     // first, both for a while, then the old one gone.
     std::fs::write(&secret, "secret-two\nsecret-one\n").unwrap();
     let (u2, p2) = rest(b"secret-two");
-    within(|| allocates(addr, &u2, &p2)).expect("the new secret within 10 s");
+    if within(|| allocates(addr, &u2, &p2)).is_none() {
+        let logs: Vec<String> = logs.try_iter().collect();
+        panic!(
+            "the new secret within 10 s; the server said:\n{}",
+            logs.join("\n")
+        );
+    }
     assert!(
         allocates(addr, &u1, &p1),
         "the old secret still, during the overlap"
