@@ -257,6 +257,7 @@ fn one_nic_topology(tag: &str, net: u8) -> Topology {
          ip -n {o} addr add fd03:{p}::2/64 dev a1 nodad; ip -n {s} addr add fd03:{p}::1/64 dev s1 nodad
          ip -n {o} link set a1 up; ip -n {s} link set s1 up
          ip netns exec {o} ethtool -K a1 gro on tx off >/dev/null
+         ip netns exec {s} ethtool -K s1 tx off >/dev/null
          ip netns exec {s} sysctl -qw net.ipv4.conf.s1.forwarding=1 net.ipv6.conf.s1.forwarding=1"
     ));
     t
@@ -384,10 +385,12 @@ fn one_nic_relays_in_the_kernel_both_ways_with_correct_checksums() {
         let mut text = String::new();
         std::io::Read::read_to_string(&mut stdout, &mut text).unwrap();
         // tcpdump -vv checks each UDP checksum: "udp sum ok" or "bad udp
-        // cksum". The relayed datagrams (160 B of data to the peer, 164 B
-        // of ChannelData to the client) are the kernel path's; the
-        // server's own replies leave through its stack with the checksum
-        // left to offload, which a veth capture shows unfinished.
+        // cksum". The relayed datagrams are 160 B of data to the peer and
+        // 164 B of ChannelData to the client. The server's veth has tx
+        // offload off, so what its stack sends (replies, and a datagram
+        // relayed in user space before its channel's entry is in the
+        // kernel) carries a finished checksum too: a bad one can only be
+        // the program's.
         let relayed: Vec<&str> = text
             .lines()
             .filter(|l| l.ends_with("length 160") || l.ends_with("length 164"))
