@@ -12,7 +12,7 @@
 //!
 //! IPv4 and IPv6, each entry of one family (an entry mixing them is
 //! refused with [`Error::Unsupported`] and its channel stays in user
-//! space, as do IPv6 channels on interfaces that do not forward IPv6).
+//! space, as do IPv6 channels where an interface has no IPv6).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
@@ -33,7 +33,7 @@ pub enum Error {
     /// interface that does not take XDP. The text says which.
     Kernel(String),
     /// The entry is of a kind the program does not handle (mixed
-    /// families, or IPv6 where the interfaces do not forward it).
+    /// families, or IPv6 where an interface has none).
     Unsupported(&'static str),
 }
 
@@ -371,6 +371,8 @@ pub struct FastPath {
     attached: Vec<(String, bool)>,
     /// Why IPv6 entries are not taken, if they are not.
     no_v6: Option<String>,
+    /// Where next hops come from.
+    next_hops: String,
 }
 
 impl std::fmt::Debug for FastPath {
@@ -378,6 +380,7 @@ impl std::fmt::Debug for FastPath {
         f.debug_struct("FastPath")
             .field("attached", &self.attached)
             .field("no_v6", &self.no_v6)
+            .field("next_hops", &self.next_hops)
             .finish()
     }
 }
@@ -416,43 +419,75 @@ fn attach(ebpf: &mut aya::Ebpf, program: &str, iface: &str) -> Result<bool, Erro
 }
 
 /// The first of `interfaces` that does not forward `family` ("ipv4",
-/// "ipv6"), as an explanation with the fix.
-fn not_forwarding(interfaces: &[String], family: &str) -> Result<Option<String>, Error> {
+/// "ipv6"), or whether one has no IPv6 at all.
+fn forwarding(interfaces: &[String], family: &str) -> Result<Forwarding, Error> {
     for iface in interfaces {
         let path = format!("/proc/sys/net/{family}/conf/{iface}/forwarding");
         match std::fs::read_to_string(&path) {
             Ok(v) if v.trim() == "1" => {}
-            Ok(_) => {
-                return Ok(Some(format!(
-                    "{iface} does not forward {} (the fast path sends by the kernel's forwarding table): \
-                     sysctl -w net.{family}.conf.{iface}.forwarding=1, with a FORWARD policy that drops what \
-                     is not yours (SECURITY.md)",
-                    if family == "ipv4" { "IPv4" } else { "IPv6" }
-                )))
-            }
+            Ok(_) => return Ok(Forwarding::Off(iface.clone())),
             Err(_) if family == "ipv4" => return Err(Error::Kernel(format!("no interface {iface}"))),
             // IPv6 off on this host or interface.
-            Err(_) => return Ok(Some(format!("{iface} has no IPv6"))),
+            Err(_) => return Ok(Forwarding::NoFamily(format!("{iface} has no IPv6"))),
         }
     }
-    Ok(None)
+    Ok(Forwarding::On)
+}
+
+enum Forwarding {
+    /// Every interface forwards: the kernel's table gives next hops.
+    On,
+    /// This one does not: next hops are learned from arriving packets.
+    Off(String),
+    /// The family is off here.
+    NoFamily(String),
+}
+
+/// An interface's index and MTU, from sysfs.
+fn index_and_mtu(iface: &str) -> Result<(u32, u32), Error> {
+    let read = |what: &str| -> Result<u32, Error> {
+        std::fs::read_to_string(format!("/sys/class/net/{iface}/{what}"))
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| Error::Kernel(format!("no {what} for interface {iface}")))
+    };
+    Ok((read("ifindex")?, read("mtu")?))
 }
 
 impl FastPath {
-    /// Loads the program and attaches it to `interfaces`. The program
-    /// sends by the kernel's forwarding table, which answers only for
-    /// interfaces that forward: IPv4 forwarding on all of them is
-    /// required; without IPv6 forwarding, IPv6 channels stay in user space
-    /// ([`FastPath::ipv6_unavailable`] says why).
+    /// Loads the program and attaches it to `interfaces`. Where an
+    /// interface forwards, the program sends by the kernel's forwarding
+    /// table; where it does not (a host that is no router), by the next
+    /// hop learned from the destination's own packets, so forwarding need
+    /// not be switched on ([`FastPath::next_hops`] says which). IPv6
+    /// channels stay in user space where an interface has no IPv6
+    /// ([`FastPath::ipv6_unavailable`]).
     pub fn load(interfaces: &[String]) -> Result<FastPath, Error> {
         if interfaces.is_empty() {
             return Err(Error::Kernel("no interface to attach to".into()));
         }
-        if let Some(why) = not_forwarding(interfaces, "ipv4")? {
-            return Err(Error::Kernel(why));
-        }
-        let no_v6 = not_forwarding(interfaces, "ipv6")?;
+        let next_hops = match forwarding(interfaces, "ipv4")? {
+            Forwarding::On => "the kernel's forwarding table".to_owned(),
+            Forwarding::Off(iface) | Forwarding::NoFamily(iface) => {
+                format!("learned from arriving packets ({iface} does not forward, and need not)")
+            }
+        };
+        let no_v6 = match forwarding(interfaces, "ipv6")? {
+            Forwarding::NoFamily(why) => Some(why),
+            Forwarding::On | Forwarding::Off(_) => None,
+        };
         let mut ebpf = load_object()?;
+        {
+            let mtus = ebpf
+                .map_mut("TURN_MTU")
+                .ok_or_else(|| Error::Kernel("no map TURN_MTU in the object".into()))?;
+            let mut mtus: HashMap<_, u32, u32> =
+                HashMap::try_from(mtus).map_err(|e| kernel("TURN_MTU", e))?;
+            for iface in interfaces {
+                let (index, mtu) = index_and_mtu(iface)?;
+                mtus.insert(index, mtu, 0).map_err(|e| kernel("TURN_MTU", e))?;
+            }
+        }
         let mut attached = Vec::new();
         for iface in interfaces {
             let native = attach(&mut ebpf, "turn_fast", iface)?;
@@ -471,7 +506,14 @@ impl FastPath {
             stats,
             attached,
             no_v6,
+            next_hops,
         })
+    }
+
+    /// Where the program takes next hops from (the forwarding table, or
+    /// what it learned), for the start-up summary.
+    pub fn next_hops(&self) -> &str {
+        &self.next_hops
     }
 
     /// The interfaces the program runs on, and whether natively.
@@ -532,12 +574,8 @@ impl FastPath {
                 self.v4.install(ck, cv, pk, pv)
             }
             Keys::V6(ck, pk) => {
-                if let Some(why) = &self.no_v6 {
-                    return Err(Error::Unsupported(if why.contains("no IPv6") {
-                        "IPv6 (an interface has none)"
-                    } else {
-                        "IPv6 (an interface does not forward IPv6)"
-                    }));
+                if self.no_v6.is_some() {
+                    return Err(Error::Unsupported("IPv6 (an interface has none)"));
                 }
                 let (cv, pv) = values!(ck, pk, ClientVal6, PeerVal6);
                 self.v6.install(ck, cv, pk, pv)

@@ -159,6 +159,47 @@ struct {
 	__type(value, __u64);
 } TURN_STATS SEC(".maps");
 
+// Next hops learned from arriving packets, for hosts that do not forward
+// (bpf_fib_lookup answers only for interfaces that do): a packet of an
+// installed flow from IP X came in on `ifindex` from MAC `remote` to our
+// MAC `local`, so a datagram to X leaves the same way. Used only while
+// fresh (NEIGH_FRESH_NS), out of the interface holding the source address,
+// and within that interface's MTU (TURN_MTU, written by user space).
+struct neigh_key {
+	__u32 ip[4]; // an IPv4 address in ip[0], the rest 0
+	__u32 family;
+};
+
+struct neigh_val {
+	__u32 ifindex;
+	unsigned char remote[6];
+	unsigned char local[6];
+	__u32 pad;
+	__u64 seen_ns;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct neigh_key);
+	__type(value, struct neigh_val);
+} TURN_NEIGH SEC(".maps");
+
+// ifindex -> MTU of each interface the program runs on.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u32);
+} TURN_MTU SEC(".maps");
+
+// A learned next hop older than this is not used: the datagram goes to
+// user space, whose send resolves the neighbour the normal way.
+#define NEIGH_FRESH_NS (30ULL * 1000000000ULL)
+// How often a fresh entry's time is rewritten (a map write per packet
+// would cost more than the lookup).
+#define NEIGH_TOUCH_NS (1000000000ULL)
+
 static __always_inline void count(__u32 slot)
 {
 	__u64 *v = bpf_map_lookup_elem(&TURN_STATS, &slot);
@@ -272,26 +313,89 @@ static __always_inline int channel_data(void *pl, void *end, __u16 ulen, __u16 *
 	return 0;
 }
 
-// Where a datagram leaves, and the MAC addresses to put on it; 0 when the
-// kernel has no usable route or neighbour, or the datagram is over the
+// No memcmp in BPF: six bytes compared one by one.
+static __always_inline int same_mac(const unsigned char a[6], const unsigned char b[6])
+{
+	int same = 1;
+#pragma unroll
+	for (int i = 0; i < 6; i++)
+		same &= a[i] == b[i];
+	return same;
+}
+
+// Records where a packet of an installed flow came from (see TURN_NEIGH).
+static __always_inline void learn(struct xdp_md *ctx, struct ethhdr *eth, __u32 family, const __u32 *ip,
+				  __u64 now)
+{
+	struct neigh_key k = { .family = family };
+	if (family == AF_INET) {
+		k.ip[0] = ip[0];
+	} else {
+		__builtin_memcpy(k.ip, ip, 16);
+	}
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct neigh_val *v = bpf_map_lookup_elem(&TURN_NEIGH, &k);
+	if (v && v->ifindex == ifindex && same_mac(v->remote, eth->h_source) && same_mac(v->local, eth->h_dest) &&
+	    now - v->seen_ns < NEIGH_TOUCH_NS)
+		return;
+	struct neigh_val n = { .ifindex = ifindex, .seen_ns = now };
+	__builtin_memcpy(n.remote, eth->h_source, 6);
+	__builtin_memcpy(n.local, eth->h_dest, 6);
+	bpf_map_update_elem(&TURN_NEIGH, &k, &n, BPF_ANY);
+}
+
+// The learned next hop toward fib's destination, for a host that does
+// not forward: the ifindex, or 0 when none is fresh, it is not `oif` (the
+// interface holding the source address), or the datagram is over its MTU.
+static __always_inline int learned(struct bpf_fib_lookup *fib, __u32 oif, unsigned char smac[6],
+				   unsigned char dmac[6])
+{
+	struct neigh_key k = { .family = fib->family };
+	if (fib->family == AF_INET) {
+		k.ip[0] = fib->ipv4_dst;
+	} else {
+		__builtin_memcpy(k.ip, fib->ipv6_dst, 16);
+	}
+	struct neigh_val *v = bpf_map_lookup_elem(&TURN_NEIGH, &k);
+	if (!v || bpf_ktime_get_ns() - v->seen_ns > NEIGH_FRESH_NS || (oif && v->ifindex != oif))
+		return 0;
+	__u32 ifindex = v->ifindex;
+	__u32 *mtu = bpf_map_lookup_elem(&TURN_MTU, &ifindex);
+	if (!mtu || fib->tot_len > *mtu)
+		return 0;
+	__builtin_memcpy(smac, v->local, 6);
+	__builtin_memcpy(dmac, v->remote, 6);
+	return ifindex;
+}
+
+// Where a datagram leaves, and the MAC addresses to put on it; 0 when
+// there is no usable route or neighbour, or the datagram is over the
 // route's MTU (then the packet goes to user space untouched, which sends
 // it the normal way: resolving the neighbour, fragmenting or answering
 // with ICMP as it always does). The lookup is the one for a datagram this
 // host sends (the relay is its sender, it forwards nothing), out of
-// `oif`, the interface holding the source address. The kernel answers
-// only for interfaces that forward the family (user space checks).
+// `oif`, the interface holding the source address. The kernel's table
+// answers only for interfaces that forward the family; on the others
+// (most hosts) the next hop is the one learned from the destination's own
+// packets.
 static __always_inline int route(struct xdp_md *ctx, struct bpf_fib_lookup *fib, __u32 oif,
 				 unsigned char smac[6], unsigned char dmac[6])
 {
 	fib->l4_protocol = IPPROTO_UDP;
 	fib->ifindex = oif;
-	if (bpf_fib_lookup(ctx, fib, sizeof(*fib), BPF_FIB_LOOKUP_OUTPUT) != BPF_FIB_LKUP_RET_SUCCESS) {
-		count(2);
-		return 0;
+	int rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), BPF_FIB_LOOKUP_OUTPUT);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		__builtin_memcpy(smac, fib->smac, 6);
+		__builtin_memcpy(dmac, fib->dmac, 6);
+		return fib->ifindex;
 	}
-	__builtin_memcpy(smac, fib->smac, 6);
-	__builtin_memcpy(dmac, fib->dmac, 6);
-	return fib->ifindex;
+	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED) {
+		int ifindex = learned(fib, oif, smac, dmac);
+		if (ifindex)
+			return ifindex;
+	}
+	count(2);
+	return 0;
 }
 
 static __always_inline int send(struct xdp_md *ctx, int ifindex)
@@ -365,6 +469,7 @@ static __always_inline int relay_v4(struct xdp_md *ctx, struct ethhdr *eth, void
 		struct client_val *v = bpf_map_lookup_elem(&TURN_CLIENTS, &k);
 		if (v) {
 			count(1);
+			learn(ctx, eth, AF_INET, &saddr, now);
 			if (now >= v->expires_ns || v->bytes + dlen > v->limit)
 				return XDP_PASS;
 			if (check && offload_left(check, sum32(sum32(0, saddr), daddr), ulen))
@@ -433,6 +538,7 @@ static __always_inline int relay_v4(struct xdp_md *ctx, struct ethhdr *eth, void
 	if (!pv)
 		return XDP_PASS;
 	count(1);
+	learn(ctx, eth, AF_INET, &saddr, now);
 	dlen = ulen - 8;
 	// Room for the ChannelData header within the datagram limit user
 	// space also keeps.
@@ -542,6 +648,7 @@ static __always_inline int relay_v6(struct xdp_md *ctx, struct ethhdr *eth, void
 		struct client_val6 *v = bpf_map_lookup_elem(&TURN_CLIENTS6, &k);
 		if (v) {
 			count(1);
+			learn(ctx, eth, AF_INET6, saddr, now);
 			if (now >= v->expires_ns || v->bytes + dlen > v->limit)
 				return XDP_PASS;
 			if (offload_left(check, addr_sum, ulen))
@@ -600,6 +707,7 @@ static __always_inline int relay_v6(struct xdp_md *ctx, struct ethhdr *eth, void
 	if (!pv)
 		return XDP_PASS;
 	count(1);
+	learn(ctx, eth, AF_INET6, saddr, now);
 	dlen = ulen - 8;
 	if (now >= pv->expires_ns || dlen > 1400 || pv->bytes + dlen > pv->limit)
 		return XDP_PASS;

@@ -30,8 +30,8 @@ pub(crate) enum State {
     /// `auto`, and it could not load: why.
     Unavailable(String),
     /// Loaded, on these interfaces (native XDP or generic); why IPv6
-    /// channels stay in user space, if they do.
-    Active(Shared, Vec<(String, bool)>, Option<String>),
+    /// channels stay in user space, if they do; where next hops come from.
+    Active(Shared, Vec<(String, bool)>, Option<String>, String),
 }
 
 impl State {
@@ -40,14 +40,17 @@ impl State {
         match self {
             State::Off => "off".into(),
             State::Unavailable(why) => format!("unavailable ({why}); relaying in user space"),
-            State::Active(_, ifaces, no_v6) => {
+            State::Active(_, ifaces, no_v6, next_hops) => {
                 let list: Vec<String> = ifaces
                     .iter()
                     .map(|(n, native)| format!("{n} ({})", if *native { "native" } else { "generic" }))
                     .collect();
                 match no_v6 {
-                    None => format!("on: {}; IPv4 and IPv6", list.join(", ")),
-                    Some(why) => format!("on: {}; IPv4 only, IPv6 in user space ({why})", list.join(", ")),
+                    None => format!("on: {}; IPv4 and IPv6; next hops: {next_hops}", list.join(", ")),
+                    Some(why) => format!(
+                        "on: {}; IPv4 only, IPv6 in user space ({why}); next hops: {next_hops}",
+                        list.join(", ")
+                    ),
                 }
             }
         }
@@ -93,7 +96,8 @@ pub(super) fn start(settings: &Settings, listen: &[SocketAddr]) -> Result<State>
         Ok(f) => {
             let on = f.interfaces().to_vec();
             let no_v6 = f.ipv6_unavailable().map(str::to_owned);
-            Ok(State::Active(Arc::new(Mutex::new(f)), on, no_v6))
+            let next_hops = f.next_hops().to_owned();
+            Ok(State::Active(Arc::new(Mutex::new(f)), on, no_v6, next_hops))
         }
         Err(e) if settings.options.fast_path == FastPathMode::On => {
             bail!("fast-path: on, but it cannot load: {e} (run as root on Linux with XDP, or use --fast-path auto)")

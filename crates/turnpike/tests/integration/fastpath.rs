@@ -239,7 +239,7 @@ fn channels_are_relayed_in_the_kernel_both_ways() {
 /// interface it came in on. The same link also carries the two-subnet
 /// layout the other tests use (peer 10.203.N+1.2 ↔ relay 10.203.N+1.1),
 /// so their helpers run on one NIC unchanged.
-fn one_nic_topology(tag: &str, net: u8) -> Topology {
+fn one_nic_topology(tag: &str, net: u8, forwarding: bool) -> Topology {
     let t = Topology {
         outer: format!("tpfo-{tag}-{}", std::process::id()),
         server: format!("tpfs-{tag}-{}", std::process::id()),
@@ -257,9 +257,13 @@ fn one_nic_topology(tag: &str, net: u8) -> Topology {
          ip -n {o} addr add fd03:{p}::2/64 dev a1 nodad; ip -n {s} addr add fd03:{p}::1/64 dev s1 nodad
          ip -n {o} link set a1 up; ip -n {s} link set s1 up
          ip netns exec {o} ethtool -K a1 gro on tx off >/dev/null
-         ip netns exec {s} ethtool -K s1 tx off >/dev/null
-         ip netns exec {s} sysctl -qw net.ipv4.conf.s1.forwarding=1 net.ipv6.conf.s1.forwarding=1"
+         ip netns exec {s} ethtool -K s1 tx off >/dev/null"
     ));
+    if forwarding {
+        sh(&format!(
+            "ip netns exec {s} sysctl -qw net.ipv4.conf.s1.forwarding=1 net.ipv6.conf.s1.forwarding=1"
+        ));
+    }
     t
 }
 
@@ -279,7 +283,8 @@ fn one_nic_relays_in_the_kernel_both_ways_with_correct_checksums() {
         return;
     }
     let net = 90;
-    let t = one_nic_topology("onenic", net);
+    // A stock host: no forwarding (the next hops are learned).
+    let t = one_nic_topology("onenic", net, false);
     let mut child = Command::new("ip")
         .args(["netns", "exec", &t.server, bin(), "serve", "--no-tls"])
         .args([
@@ -412,23 +417,48 @@ fn one_nic_relays_in_the_kernel_both_ways_with_correct_checksums() {
     drop(server);
 }
 
+/// A host that is no router (forwarding off, as on most): the program
+/// takes next hops from the packets each end sends, relays in the kernel
+/// both ways and loses nothing, and the server leaves forwarding off.
 #[test]
-fn auto_without_forwarding_says_why_and_relays_in_user_space() {
+fn without_forwarding_the_kernel_relays_by_learned_next_hops() {
     if let Err(why) = can_run() {
         common::missing("kernel fast path", &why);
         return;
     }
-    let t = topology("auto", 20, false);
-    let (server, started) = serve(&t, 20, &[]);
+    let t = topology("learned", 20, false);
+    let (server, started) = serve(
+        &t,
+        20,
+        &["--fast-path-interface", "s1", "--fast-path-interface", "s2"],
+    );
     assert!(
-        started.contains("fast_path=unavailable") && started.contains("does not forward IPv4"),
+        started.contains("fast_path=on: s1 (native), s2 (native); IPv4 and IPv6")
+            && started.contains("next hops: learned from arriving packets"),
         "{started}"
     );
     let r = bench(&t, 20);
-    assert!(r["operations"].as_u64().unwrap() > 1000, "{r}");
-    assert_eq!(r["lost"].as_u64(), Some(0), "{r}");
-    assert_eq!(metric(&t, "turnpike_fast_path_active"), 0.0);
-    assert_eq!(metric(&t, "turnpike_fast_path_packets_total"), 0.0);
+    let relayed = r["operations"].as_u64().unwrap();
+    assert!(relayed > 1000, "{r}");
+    assert_eq!(r["lost"].as_u64(), Some(0), "nothing lost: {r}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let kernel = metric(&t, "turnpike_fast_path_packets_total");
+    assert!(
+        kernel >= relayed as f64 * 0.9,
+        "the kernel relayed {kernel} of the {relayed} measured packets"
+    );
+    let forwarding = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.server,
+            "sysctl",
+            "-n",
+            "net.ipv4.conf.s1.forwarding",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&forwarding.stdout).trim(), "0");
     drop(server);
 }
 
@@ -601,7 +631,7 @@ fn one_nic_relays_exact_bytes_in_both_families() {
         common::missing("kernel fast path", &why);
         return;
     }
-    let t = one_nic_topology("onebytes", 92);
+    let t = one_nic_topology("onebytes", 92, false);
     exact_bytes_both_ways(&t, 92, &["--fast-path", "on", "--fast-path-interface", "s1"]);
 }
 
