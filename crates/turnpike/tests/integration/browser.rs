@@ -214,6 +214,8 @@ fn types(v: &serde_json::Value, t: &str) -> Vec<String> {
 
 #[test]
 fn the_ice_page_relays_in_chromium_and_firefox_and_fails_plainly_when_turn_is_unreachable() {
+    // Two browsers load the machine and wait on ICE timers: nothing else runs beside it.
+    let _alone = common::exclusive();
     if skip_unless_ready("ice page") {
         return;
     }
@@ -290,6 +292,8 @@ fn the_ice_page_relays_in_chromium_and_firefox_and_fails_plainly_when_turn_is_un
 
 #[test]
 fn the_dashboard_shows_an_allocation_and_deletes_it_in_chromium_and_firefox() {
+    // Two browsers load the machine and wait on ICE timers: nothing else runs beside it.
+    let _alone = common::exclusive();
     if skip_unless_ready("dashboard") {
         return;
     }

@@ -315,6 +315,8 @@ fn client(transport: ClientTransport, server: &str, from: &str) -> TurnClient {
 
 #[test]
 fn behind_haproxy_and_nftables_the_fleet_sees_real_clients_stays_sticky_and_redirects() {
+    // Counts on three nodes, a balancer and redis answering in time: nothing else runs beside it.
+    let _alone = common::exclusive();
     let Some(t) = Topology::build() else {
         return;
     };

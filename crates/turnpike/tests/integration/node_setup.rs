@@ -254,6 +254,8 @@ fn within(ok: impl Fn() -> bool) -> Option<Duration> {
 
 #[test]
 fn a_rotated_secret_file_and_an_edited_config_apply_without_a_signal() {
+    // Waits on the 2 s file watch within a deadline: nothing else runs beside it.
+    let _alone = common::exclusive();
     let dir = std::env::temp_dir().join(format!("turnpike-node-setup-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

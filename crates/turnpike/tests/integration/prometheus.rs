@@ -171,6 +171,8 @@ fn start_node(redis_port: u16) -> Node {
 
 #[test]
 fn a_real_prometheus_scrapes_turnpike_and_the_auth_failure_alert_goes_pending() {
+    // Waits on a real Prometheus's evaluation clock: nothing else runs beside it.
+    let _alone = common::exclusive();
     if !have("prometheus") {
         return;
     }
