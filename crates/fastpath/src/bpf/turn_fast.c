@@ -16,6 +16,9 @@
 //   peer -> client: UDP to a relayed address from a peer with a bound
 //     channel becomes ChannelData to the client from the listener address
 //     the client uses (unpadded, as user space sends it over UDP).
+//   client -> client: when the peer is another allocation's relayed
+//     address here with a channel back (both legs of a call on this
+//     server), ChannelData goes straight to that allocation's client.
 //
 // IPv4 and IPv6, the same family on both sides of an entry (user space
 // installs none other). The UDP checksum is updated, not recomputed
@@ -432,6 +435,83 @@ static __always_inline int reshape(struct xdp_md *ctx, int head, __u32 len)
 	return 0;
 }
 
+// Cuts the packet to `len` bytes (dropping ChannelData padding); 0 on
+// success.
+static __always_inline int trim(struct xdp_md *ctx, __u32 len)
+{
+	long excess = (long)((void *)(long)ctx->data_end - (void *)(long)ctx->data) - (long)len;
+	if (excess > 0 && bpf_xdp_adjust_tail(ctx, -(int)excess))
+		return -1;
+	return 0;
+}
+
+// Both legs of a call on this server (two clients behind symmetric NATs,
+// the usual relay-relay pair): client A's channel names a peer that is
+// client B's relayed address here, and B has a channel bound to A's
+// relayed address. Instead of a datagram from relay A to relay B (which
+// the stack would deliver to B's socket, for user space to wrap again),
+// A's ChannelData goes straight to client B as B's ChannelData, in one
+// pass, counted on both entries as user space would count the two hops.
+// `hv` is B's peer entry (relay B <- relay A).
+static __always_inline int hairpin_v4(struct xdp_md *ctx, struct client_val *v, struct peer_val *hv, __u32 saddr,
+				      __u32 daddr, __u16 sport, __u16 dport, __u16 ulen_be, __u16 check,
+				      struct cd_hdr cd, __u16 dlen, __u32 padsum, __u64 now)
+{
+	if (now >= hv->expires_ns || hv->bytes + dlen > hv->limit)
+		return XDP_PASS;
+	unsigned char smac[6], dmac[6];
+	struct bpf_fib_lookup fib = {};
+	fib.family = AF_INET;
+	fib.tot_len = 32 + dlen;
+	fib.ipv4_src = hv->server_ip;
+	fib.ipv4_dst = hv->client_ip;
+	int ifindex = route(ctx, &fib, hv->ifindex, smac, dmac);
+	if (!ifindex)
+		return XDP_PASS;
+	__u32 client_ip = hv->client_ip, server_ip = hv->server_ip;
+	__u16 client_port = hv->client_port, server_port = hv->server_port;
+	struct cd_hdr ncd = { bpf_htons(hv->channel), cd.len };
+	__sync_fetch_and_add(&v->packets, 1);
+	__sync_fetch_and_add(&v->bytes, dlen);
+	__sync_fetch_and_add(&hv->packets, 1);
+	__sync_fetch_and_add(&hv->bytes, dlen);
+	__u16 nlen = 12 + dlen;
+	__u32 d = 0;
+	d = sub32(sub32(d, saddr), daddr);
+	d = sub32(d, sport | ((__u32)dport << 16));
+	d = sub32(sub32(d, ulen_be), ulen_be);
+	d = sub32(sub32(d, cd.channel | ((__u32)cd.len << 16)), padsum);
+	d = sum32(sum32(d, server_ip), client_ip);
+	d = sum32(d, server_port | ((__u32)client_port << 16));
+	d = sum32(sum32(d, bpf_htons(nlen)), bpf_htons(nlen));
+	d = sum32(d, ncd.channel | ((__u32)ncd.len << 16));
+	__u16 ncheck = update_check(check, d);
+	if (trim(ctx, 14 + 20 + nlen))
+		return XDP_DROP;
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+	struct udphdr *udp = (void *)(ip + 1);
+	struct cd_hdr *out = (void *)(udp + 1);
+	if ((void *)(out + 1) > end)
+		return XDP_DROP;
+	__builtin_memcpy(eth->h_dest, dmac, 6);
+	__builtin_memcpy(eth->h_source, smac, 6);
+	ip->tot_len = bpf_htons(20 + nlen);
+	ip->saddr = server_ip;
+	ip->daddr = client_ip;
+	ip->ttl = 64;
+	ip->frag_off = 0;
+	ip->check = ip_checksum(ip);
+	udp->source = server_port;
+	udp->dest = client_port;
+	udp->len = bpf_htons(nlen);
+	udp->check = ncheck;
+	*out = ncd;
+	return send(ctx, ifindex);
+}
+
 static __always_inline int relay_v4(struct xdp_md *ctx, struct ethhdr *eth, void *end, __u64 now)
 {
 	struct iphdr *ip = (void *)(eth + 1);
@@ -474,6 +554,16 @@ static __always_inline int relay_v4(struct xdp_md *ctx, struct ethhdr *eth, void
 				return XDP_PASS;
 			if (check && offload_left(check, sum32(sum32(0, saddr), daddr), ulen))
 				return XDP_PASS;
+			struct peer_key hk = {
+				.relay_ip = v->peer_ip,
+				.peer_ip = v->relay_ip,
+				.relay_port = v->peer_port,
+				.peer_port = v->relay_port,
+			};
+			struct peer_val *hv = bpf_map_lookup_elem(&TURN_PEERS, &hk);
+			if (hv)
+				return hairpin_v4(ctx, v, hv, saddr, daddr, sport, dport, udp->len, check,
+						  *(struct cd_hdr *)pl, dlen, padsum, now);
 			fib.tot_len = 28 + dlen;
 			fib.ipv4_src = v->relay_ip;
 			fib.ipv4_dst = v->peer_ip;
@@ -610,6 +700,63 @@ static __always_inline void write_ip6(struct ipv6hdr *ip, const __u32 src[4], co
 	__builtin_memcpy(&ip->daddr, dst, 16);
 }
 
+// hairpin_v4 for IPv6.
+static __always_inline int hairpin_v6(struct xdp_md *ctx, struct client_val6 *v, struct peer_val6 *hv,
+				      const __u32 saddr[4], const __u32 daddr[4], __u16 sport, __u16 dport,
+				      __u16 ulen_be, __u16 check, struct cd_hdr cd, __u16 dlen, __u32 padsum,
+				      __u64 now)
+{
+	if (now >= hv->expires_ns || hv->bytes + dlen > hv->limit)
+		return XDP_PASS;
+	unsigned char smac[6], dmac[6];
+	struct bpf_fib_lookup fib = {};
+	fib.family = AF_INET6;
+	fib.tot_len = 52 + dlen;
+	__builtin_memcpy(fib.ipv6_src, hv->server_ip, 16);
+	__builtin_memcpy(fib.ipv6_dst, hv->client_ip, 16);
+	int ifindex = route(ctx, &fib, hv->ifindex, smac, dmac);
+	if (!ifindex)
+		return XDP_PASS;
+	__u32 client_ip[4], server_ip[4];
+	__builtin_memcpy(client_ip, hv->client_ip, 16);
+	__builtin_memcpy(server_ip, hv->server_ip, 16);
+	__u16 client_port = hv->client_port, server_port = hv->server_port;
+	struct cd_hdr ncd = { bpf_htons(hv->channel), cd.len };
+	__sync_fetch_and_add(&v->packets, 1);
+	__sync_fetch_and_add(&v->bytes, dlen);
+	__sync_fetch_and_add(&hv->packets, 1);
+	__sync_fetch_and_add(&hv->bytes, dlen);
+	__u16 nlen = 12 + dlen;
+	__u32 d = sub_addr6(sub_addr6(0, saddr), daddr);
+	d = sub32(d, sport | ((__u32)dport << 16));
+	d = sub32(sub32(d, ulen_be), ulen_be);
+	d = sub32(sub32(d, cd.channel | ((__u32)cd.len << 16)), padsum);
+	d = sum_addr6(sum_addr6(d, server_ip), client_ip);
+	d = sum32(d, server_port | ((__u32)client_port << 16));
+	d = sum32(sum32(d, bpf_htons(nlen)), bpf_htons(nlen));
+	d = sum32(d, ncd.channel | ((__u32)ncd.len << 16));
+	__u16 ncheck = update_check(check, d);
+	if (trim(ctx, 14 + 40 + nlen))
+		return XDP_DROP;
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip = (void *)(eth + 1);
+	struct udphdr *udp = (void *)(ip + 1);
+	struct cd_hdr *out = (void *)(udp + 1);
+	if ((void *)(out + 1) > end)
+		return XDP_DROP;
+	__builtin_memcpy(eth->h_dest, dmac, 6);
+	__builtin_memcpy(eth->h_source, smac, 6);
+	write_ip6(ip, server_ip, client_ip, nlen);
+	udp->source = server_port;
+	udp->dest = client_port;
+	udp->len = bpf_htons(nlen);
+	udp->check = ncheck;
+	*out = ncd;
+	return send(ctx, ifindex);
+}
+
 static __always_inline int relay_v6(struct xdp_md *ctx, struct ethhdr *eth, void *end, __u64 now)
 {
 	struct ipv6hdr *ip = (void *)(eth + 1);
@@ -653,6 +800,16 @@ static __always_inline int relay_v6(struct xdp_md *ctx, struct ethhdr *eth, void
 				return XDP_PASS;
 			if (offload_left(check, addr_sum, ulen))
 				return XDP_PASS;
+			struct peer_key6 hk = {
+				.relay_port = v->peer_port,
+				.peer_port = v->relay_port,
+			};
+			__builtin_memcpy(hk.relay_ip, v->peer_ip, 16);
+			__builtin_memcpy(hk.peer_ip, v->relay_ip, 16);
+			struct peer_val6 *hv = bpf_map_lookup_elem(&TURN_PEERS6, &hk);
+			if (hv)
+				return hairpin_v6(ctx, v, hv, saddr, daddr, sport, dport, udp->len, check,
+						  *(struct cd_hdr *)pl, dlen, padsum, now);
 			fib.tot_len = 48 + dlen;
 			__builtin_memcpy(fib.ipv6_src, v->relay_ip, 16);
 			__builtin_memcpy(fib.ipv6_dst, v->peer_ip, 16);

@@ -1058,3 +1058,120 @@ fn an_icmp_error_for_a_datagram_the_kernel_sent_reaches_the_client() {
     );
     drop(server);
 }
+
+/// Both legs of a call on one server (two clients behind symmetric NATs
+/// relaying to each other's relayed address): on a stock one-NIC host the
+/// program hands A's ChannelData straight to B as B's ChannelData, and
+/// back, exact bytes with good UDP checksums, counted on both
+/// allocations as the two user-space hops would be.
+#[test]
+fn both_legs_of_a_call_on_one_server_are_relayed_in_one_pass() {
+    if let Err(why) = can_run() {
+        common::missing("kernel fast path", &why);
+        return;
+    }
+    if !ok(Command::new("sh").args(["-c", "command -v tcpdump"])) {
+        common::missing("kernel fast path", "tcpdump not found (apt-get install tcpdump)");
+        return;
+    }
+    let net = 94;
+    let t = one_nic_topology("hairpin", net, false);
+    let (server, started) = serve(&t, net, &["--fast-path", "on", "--fast-path-interface", "s1"]);
+    assert!(started.contains("fast_path=on: s1 (native)"), "{started}");
+    const CH_B: u16 = 0x4002;
+    let cap = Command::new("ip")
+        .args([
+            "netns", "exec", &t.outer, "tcpdump", "-nn", "-vv", "-l", "-i", "a1",
+        ])
+        .args(["udp", "port", "3478"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut cap = common::Proc(cap);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = metric(&t, "turnpike_fast_path_packets_total");
+    let sent = in_ns(&t.outer, move || {
+        let client = |from: &str| {
+            let ch = Channel::connect_from(
+                &ClientTransport::Udp,
+                server_addr(net, false),
+                Some(from.parse().unwrap()),
+                Duration::from_secs(2),
+            )
+            .unwrap();
+            TurnClient::new(ch, "bench", "bench-pw1")
+        };
+        let (mut a, mut b) = (
+            client(&format!("10.203.{net}.2")),
+            client(&format!("10.203.{net}.3")),
+        );
+        let (ra, rb) = (a.allocate().unwrap().relayed, b.allocate().unwrap().relayed);
+        a.channel_bind(CH, rb).unwrap();
+        b.channel_bind(CH_B, ra).unwrap();
+        let framed = |ch: u16, data: &[u8], pad: usize| {
+            let mut m = stun_proto::ChannelData::header(ch, data.len() as u16).to_vec();
+            m.extend_from_slice(data);
+            m.extend(std::iter::repeat_n(0x5au8, pad));
+            m
+        };
+        let wait = || Instant::now() + Duration::from_secs(1);
+        // Each side's first packets teach the program its next hop.
+        for _ in 0..2 {
+            a.channel().send(&framed(CH, b"warm", 0)).unwrap();
+            assert_eq!(b.channel().recv(wait()).unwrap(), Some(framed(CH_B, b"warm", 0)));
+            b.channel().send(&framed(CH_B, b"warm", 0)).unwrap();
+            assert_eq!(a.channel().recv(wait()).unwrap(), Some(framed(CH, b"warm", 0)));
+        }
+        let mut sent = 0u64;
+        for len in [0usize, 1, 3, 4, 5, 100, 161, 1001, 1200] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 13 + len) as u8).collect();
+            for pad in [0, (4 - len % 4) % 4] {
+                a.channel().send(&framed(CH, &data, pad)).unwrap();
+                // Arrives on B's own channel, unpadded.
+                assert_eq!(
+                    b.channel().recv(wait()).unwrap(),
+                    Some(framed(CH_B, &data, 0)),
+                    "A to B, len {len} pad {pad}"
+                );
+                b.channel().send(&framed(CH_B, &data, pad)).unwrap();
+                assert_eq!(
+                    a.channel().recv(wait()).unwrap(),
+                    Some(framed(CH, &data, 0)),
+                    "B to A, len {len} pad {pad}"
+                );
+                sent += 2;
+            }
+        }
+        a.refresh(0).unwrap();
+        b.refresh(0).unwrap();
+        sent
+    });
+    let kernel = settled(&t, "turnpike_fast_path_packets_total") - before;
+    // One kernel count per datagram that took one pass (the warm-up's
+    // first may have gone through user space).
+    assert!(
+        kernel >= sent as f64,
+        "the kernel relayed {kernel} of {sent} in one pass"
+    );
+    // Each datagram is A's to its peer and B's from its peer, as the two
+    // user-space hops would count it (four warm-ups included).
+    assert_eq!(
+        metric(&t, "turnpike_relayed_packets_total"),
+        2.0 * (sent + 4) as f64
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let mut stdout = cap.0.stdout.take().unwrap();
+    let _ = cap.0.kill();
+    let _ = cap.0.wait();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut text).unwrap();
+    let to_clients: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(&format!("10.203.{net}.1.3478 > ")))
+        .collect();
+    assert!(to_clients.len() >= sent as usize, "{text}");
+    let bad: Vec<&&str> = to_clients.iter().filter(|l| !l.contains("udp sum ok")).collect();
+    assert!(bad.is_empty(), "bad checksums: {bad:?}");
+    drop(server);
+}
