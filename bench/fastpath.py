@@ -11,6 +11,12 @@ and the generator's receiving on its own. Run as root, by hand, not in CI:
     python3 bench/fastpath.py                  # 5 s per run, median of 3
     DURATION=3 REPEAT=1 python3 bench/fastpath.py
     PROFILE=1 REPEAT=1 python3 bench/fastpath.py   # and where core 0's time goes
+    NICS=1 FORWARDING=0 python3 bench/fastpath.py  # a stock one-NIC host
+
+NICS=1 puts the peer on the client's link (one veth pair: clients, peers
+and relay on one interface, the relay address on the same link);
+FORWARDING=0 leaves IP forwarding off, as on most hosts (the fast path
+then takes next hops from arriving packets).
 
 PROFILE samples core 0 (perf record -C 0, cpu-clock) during each shape's
 first fast-path run and prints the top kernel symbols to stderr.
@@ -28,15 +34,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TP = os.path.join(ROOT, 'target/release/turnpike')
 REF = os.path.join(ROOT, 'target/release/refrelay')
 O, S = f'tpbo{os.getpid()}', f'tpbs{os.getpid()}'
+NICS = int(os.environ.get('NICS', '2'))
+FORWARDING = os.environ.get('FORWARDING', '1') == '1'
 SERVER, RELAY, PEER = '10.203.1.1', '10.203.2.1', '10.203.2.2'
+IFACES = ['s1', 's2'] if NICS == 2 else ['s1']
 
 TURNPIKE = [TP, 'serve', '--listen', f'{SERVER}:3478', '--no-tls', '--user', 'bench:bench',
             '--realm', 'turnpike', '--relay-ip', RELAY, '--allow-peer', '10.203.2.0/24',
             '--rate-limit-per-ip', '0', '--auth-fail-limit', '0', '--threads', '1',
             '--log-level', 'error']
 SERVERS = {
-    'turnpike fast path': TURNPIKE + ['--fast-path', 'on', '--fast-path-interface', 's1',
-                                      '--fast-path-interface', 's2'],
+    'turnpike fast path': TURNPIKE + ['--fast-path', 'on'] + [a for i in IFACES for a in ('--fast-path-interface', i)],
     'turnpike user space': TURNPIKE + ['--fast-path', 'off'],
     'coturn 4.6.1': ['turnserver', '-n', f'--listening-ip={SERVER}', '--listening-port=3478',
                      f'--relay-ip={RELAY}', '--lt-cred-mech', '--user=bench:bench',
@@ -59,7 +67,8 @@ TX = os.environ.get('TX')
 
 def set_tx(name):
     tx = TX or ('off' if name == 'turnpike fast path' else 'on')
-    sh(f'for i in a1 a2; do ip netns exec {O} ethtool -K $i tx {tx} >/dev/null; done')
+    outer = 'a1 a2' if NICS == 2 else 'a1'
+    sh(f'for i in {outer}; do ip netns exec {O} ethtool -K $i tx {tx} >/dev/null; done')
 SHAPES = [('16 x 16', '16', '16'), ('64 x 4', '64', '4'), ('256 x 1', '256', '1')]
 
 
@@ -68,19 +77,30 @@ def sh(cmd):
 
 
 def setup():
-    sh(f'''ip netns add {O}; ip netns add {S}
+    if NICS == 2:
+        sh(f'''ip netns add {O}; ip netns add {S}
 ip -n {O} link set lo up; ip -n {S} link set lo up
 ip -n {O} link add a1 type veth peer name s1 netns {S}
 ip -n {O} link add a2 type veth peer name s2 netns {S}
 ip -n {O} addr add 10.203.1.2/24 dev a1; ip -n {S} addr add {SERVER}/24 dev s1
 ip -n {O} addr add {PEER}/24 dev a2; ip -n {S} addr add {RELAY}/24 dev s2
 for i in a1 a2; do ip -n {O} link set $i up; ip netns exec {O} ethtool -K $i gro on >/dev/null; done
-for i in s1 s2; do ip -n {S} link set $i up; ip netns exec {S} ethtool -K $i gro on >/dev/null; done
-ip netns exec {S} sysctl -qw net.ipv4.conf.s1.forwarding=1 net.ipv4.conf.s2.forwarding=1''')
+for i in s1 s2; do ip -n {S} link set $i up; ip netns exec {S} ethtool -K $i gro on >/dev/null; done''')
+    else:
+        # One link: the client's and the peer's subnets both on a1/s1.
+        sh(f'''ip netns add {O}; ip netns add {S}
+ip -n {O} link set lo up; ip -n {S} link set lo up
+ip -n {O} link add a1 type veth peer name s1 netns {S}
+ip -n {O} addr add 10.203.1.2/24 dev a1; ip -n {S} addr add {SERVER}/24 dev s1
+ip -n {O} addr add {PEER}/24 dev a1; ip -n {S} addr add {RELAY}/24 dev s1
+ip -n {O} link set a1 up; ip netns exec {O} ethtool -K a1 gro on >/dev/null
+ip -n {S} link set s1 up; ip netns exec {S} ethtool -K s1 gro on >/dev/null''')
+    if FORWARDING:
+        sh(f"ip netns exec {S} sysctl -qw " + ' '.join(f'net.ipv4.conf.{i}.forwarding=1' for i in IFACES))
     # Threaded NAPI: the server's veths pinned to the server's core, the
     # generator's to the generator's, so each side's receive work (XDP on
     # the server's side) is counted where it belongs.
-    for ns, ifs in ((S, ('s1', 's2')), (O, ('a1', 'a2'))):
+    for ns, ifs in ((S, IFACES), (O, [i.replace('s', 'a') for i in IFACES])):
         for i in ifs:
             sh(f"ip netns exec {ns} sh -c 'echo 1 > /sys/class/net/{i}/threaded'")
     time.sleep(0.2)
@@ -173,7 +193,8 @@ def main():
     finally:
         teardown()
     print(json.dumps({f'{k[0]} | {k[1]}': v for k, v in results.items()}, indent=1), file=sys.stderr)
-    print(f'duration {DURATION} s, warm-up {WARMUP} s, payload 160 B, ChannelData over UDP without GSO; '
+    print(f'{NICS} NIC(s), forwarding {"on" if FORWARDING else "off"}; '
+          f'duration {DURATION} s, warm-up {WARMUP} s, payload 160 B, ChannelData over UDP without GSO; '
           f'median of {REPEAT} by packets/s (all runs listed)\n')
     print('| allocations x window | server | packets/s | runs | lost | RTT p50 / p99 µs '
           '| user µs/pkt | sys µs/pkt | core 0 µs/pkt (all) |')
