@@ -53,6 +53,12 @@ SERVERS = {
                      '--simple-log', '--log-file=/dev/null', '--total-quota=0', '--user-quota=0'],
     'reference': [REF, f'{SERVER}:3478'],
 }
+# BASELINE=/path/to/an/older/turnpike: that build too, both paths, to
+# see what a change did (side by side in the same run).
+if os.environ.get('BASELINE'):
+    base = [os.environ['BASELINE']] + TURNPIKE[1:]
+    SERVERS['baseline fast path'] = base + SERVERS['turnpike fast path'][len(TURNPIKE):]
+    SERVERS['baseline user space'] = base + ['--fast-path', 'off']
 # ONLY="coturn 4.6.1,reference": just those servers.
 if os.environ.get('ONLY'):
     SERVERS = {k: v for k, v in SERVERS.items() if k in os.environ['ONLY'].split(',')}
@@ -66,7 +72,7 @@ TX = os.environ.get('TX')
 
 
 def set_tx(name):
-    tx = TX or ('off' if name == 'turnpike fast path' else 'on')
+    tx = TX or ('off' if name.endswith('fast path') else 'on')
     outer = 'a1 a2' if NICS == 2 else 'a1'
     sh(f'for i in {outer}; do ip netns exec {O} ethtool -K $i tx {tx} >/dev/null; done')
 SHAPES = [('16 x 16', '16', '16'), ('64 x 4', '64', '4'), ('256 x 1', '256', '1')]

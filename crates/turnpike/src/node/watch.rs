@@ -52,8 +52,14 @@ pub(super) fn spawn_store_watcher(
     pushed: std::sync::mpsc::Receiver<()>,
 ) {
     std::thread::spawn(move || loop {
-        if pushed.recv_timeout(Duration::from_secs(2)).is_ok() {
-            while pushed.try_recv().is_ok() {}
+        match pushed.recv_timeout(Duration::from_secs(2)) {
+            Ok(()) => while pushed.try_recv().is_ok() {},
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            // No fleet (or it stopped): nothing pushes, so only the clock
+            // paces this loop. Without this sleep it would spin.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(Duration::from_secs(2))
+            }
         }
         // Published under the stores' lock, as a reload is: whichever of
         // the two comes second carries every source's current state.

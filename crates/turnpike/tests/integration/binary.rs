@@ -1358,6 +1358,39 @@ fn every_refusal_leaves_a_log_line() {
     sigterm_and_wait(child);
 }
 
+/// An idle server sleeps: no thread polls in a loop (a store watcher
+/// once spun on a channel nobody would ever send on, taking a core). A
+/// spinning thread spends about as much CPU as wall time; an idle server
+/// spends next to none.
+#[test]
+fn an_idle_server_uses_no_cpu() {
+    let mut child = bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--no-tls", "--threads", "2"])
+        .args(["--user", "idle:idle-pw", "--metrics-listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(child.stderr.take().unwrap());
+    let pid = child.id();
+    let child = Server(Some(child));
+    let mut seen = Vec::new();
+    wait_for(&err, "turnpike started", &mut seen);
+    let cpu = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // utime and stime, fields 14 and 15, after the parenthesised name.
+        let rest = stat.rsplit_once(')').unwrap().1;
+        let f: Vec<u64> = rest.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+        f[10] + f[11]
+    };
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(3));
+    let ticks = cpu() - before;
+    // Clock ticks are 1/100 s: 3 s of spinning is about 300.
+    assert!(ticks < 30, "{ticks} ticks of CPU in 3 s idle");
+    sigterm_and_wait(child);
+}
+
 #[test]
 fn refusal_lines_past_the_configured_budget_are_summed_up() {
     // Two refusals a second logged one by one; five wrong passwords give
