@@ -445,6 +445,20 @@ static __always_inline int trim(struct xdp_md *ctx, __u32 len)
 	return 0;
 }
 
+// The checksum delta of one ChannelData rewritten into another (both
+// legs on this server): the ports, lengths (pseudo-header and header),
+// channel header and dropped padding; the caller adds the addresses.
+static __always_inline __u32 hairpin_delta(__u32 d, __u16 sport, __u16 dport, __u16 ulen_be, struct cd_hdr cd,
+					   __u32 padsum, __u16 nsport, __u16 ndport, __u16 nlen, struct cd_hdr ncd)
+{
+	d = sub32(d, sport | ((__u32)dport << 16));
+	d = sub32(sub32(d, ulen_be), ulen_be);
+	d = sub32(sub32(d, cd.channel | ((__u32)cd.len << 16)), padsum);
+	d = sum32(d, nsport | ((__u32)ndport << 16));
+	d = sum32(sum32(d, bpf_htons(nlen)), bpf_htons(nlen));
+	return sum32(d, ncd.channel | ((__u32)ncd.len << 16));
+}
+
 // Both legs of a call on this server (two clients behind symmetric NATs,
 // the usual relay-relay pair): client A's channel names a peer that is
 // client B's relayed address here, and B has a channel bound to A's
@@ -476,15 +490,8 @@ static __always_inline int hairpin_v4(struct xdp_md *ctx, struct client_val *v, 
 	__sync_fetch_and_add(&hv->packets, 1);
 	__sync_fetch_and_add(&hv->bytes, dlen);
 	__u16 nlen = 12 + dlen;
-	__u32 d = 0;
-	d = sub32(sub32(d, saddr), daddr);
-	d = sub32(d, sport | ((__u32)dport << 16));
-	d = sub32(sub32(d, ulen_be), ulen_be);
-	d = sub32(sub32(d, cd.channel | ((__u32)cd.len << 16)), padsum);
-	d = sum32(sum32(d, server_ip), client_ip);
-	d = sum32(d, server_port | ((__u32)client_port << 16));
-	d = sum32(sum32(d, bpf_htons(nlen)), bpf_htons(nlen));
-	d = sum32(d, ncd.channel | ((__u32)ncd.len << 16));
+	__u32 d = sum32(sum32(sub32(sub32(0, saddr), daddr), server_ip), client_ip);
+	d = hairpin_delta(d, sport, dport, ulen_be, cd, padsum, server_port, client_port, nlen, ncd);
 	__u16 ncheck = update_check(check, d);
 	if (trim(ctx, 14 + 20 + nlen))
 		return XDP_DROP;
@@ -727,14 +734,8 @@ static __always_inline int hairpin_v6(struct xdp_md *ctx, struct client_val6 *v,
 	__sync_fetch_and_add(&hv->packets, 1);
 	__sync_fetch_and_add(&hv->bytes, dlen);
 	__u16 nlen = 12 + dlen;
-	__u32 d = sub_addr6(sub_addr6(0, saddr), daddr);
-	d = sub32(d, sport | ((__u32)dport << 16));
-	d = sub32(sub32(d, ulen_be), ulen_be);
-	d = sub32(sub32(d, cd.channel | ((__u32)cd.len << 16)), padsum);
-	d = sum_addr6(sum_addr6(d, server_ip), client_ip);
-	d = sum32(d, server_port | ((__u32)client_port << 16));
-	d = sum32(sum32(d, bpf_htons(nlen)), bpf_htons(nlen));
-	d = sum32(d, ncd.channel | ((__u32)ncd.len << 16));
+	__u32 d = sum_addr6(sum_addr6(sub_addr6(sub_addr6(0, saddr), daddr), server_ip), client_ip);
+	d = hairpin_delta(d, sport, dport, ulen_be, cd, padsum, server_port, client_port, nlen, ncd);
 	__u16 ncheck = update_check(check, d);
 	if (trim(ctx, 14 + 40 + nlen))
 		return XDP_DROP;

@@ -1062,8 +1062,8 @@ fn an_icmp_error_for_a_datagram_the_kernel_sent_reaches_the_client() {
 /// Both legs of a call on one server (two clients behind symmetric NATs
 /// relaying to each other's relayed address): on a stock one-NIC host the
 /// program hands A's ChannelData straight to B as B's ChannelData, and
-/// back, exact bytes with good UDP checksums, counted on both
-/// allocations as the two user-space hops would be.
+/// back, in IPv4 and IPv6, exact bytes with good UDP checksums, counted
+/// on both allocations as the two user-space hops would be.
 #[test]
 fn both_legs_of_a_call_on_one_server_are_relayed_in_one_pass() {
     if let Err(why) = can_run() {
@@ -1092,59 +1092,69 @@ fn both_legs_of_a_call_on_one_server_are_relayed_in_one_pass() {
     std::thread::sleep(Duration::from_millis(500));
     let before = metric(&t, "turnpike_fast_path_packets_total");
     let sent = in_ns(&t.outer, move || {
-        let client = |from: &str| {
-            let ch = Channel::connect_from(
-                &ClientTransport::Udp,
-                server_addr(net, false),
-                Some(from.parse().unwrap()),
-                Duration::from_secs(2),
-            )
-            .unwrap();
-            TurnClient::new(ch, "bench", "bench-pw1")
-        };
-        let (mut a, mut b) = (
-            client(&format!("10.203.{net}.2")),
-            client(&format!("10.203.{net}.3")),
-        );
-        let (ra, rb) = (a.allocate().unwrap().relayed, b.allocate().unwrap().relayed);
-        a.channel_bind(CH, rb).unwrap();
-        b.channel_bind(CH_B, ra).unwrap();
-        let framed = |ch: u16, data: &[u8], pad: usize| {
-            let mut m = stun_proto::ChannelData::header(ch, data.len() as u16).to_vec();
-            m.extend_from_slice(data);
-            m.extend(std::iter::repeat_n(0x5au8, pad));
-            m
-        };
-        let wait = || Instant::now() + Duration::from_secs(1);
-        // Each side's first packets teach the program its next hop.
-        for _ in 0..2 {
-            a.channel().send(&framed(CH, b"warm", 0)).unwrap();
-            assert_eq!(b.channel().recv(wait()).unwrap(), Some(framed(CH_B, b"warm", 0)));
-            b.channel().send(&framed(CH_B, b"warm", 0)).unwrap();
-            assert_eq!(a.channel().recv(wait()).unwrap(), Some(framed(CH, b"warm", 0)));
-        }
         let mut sent = 0u64;
-        for len in [0usize, 1, 3, 4, 5, 100, 161, 1001, 1200] {
-            let data: Vec<u8> = (0..len).map(|i| (i * 13 + len) as u8).collect();
-            for pad in [0, (4 - len % 4) % 4] {
-                a.channel().send(&framed(CH, &data, pad)).unwrap();
-                // Arrives on B's own channel, unpadded.
-                assert_eq!(
-                    b.channel().recv(wait()).unwrap(),
-                    Some(framed(CH_B, &data, 0)),
-                    "A to B, len {len} pad {pad}"
-                );
-                b.channel().send(&framed(CH_B, &data, pad)).unwrap();
-                assert_eq!(
-                    a.channel().recv(wait()).unwrap(),
-                    Some(framed(CH, &data, 0)),
-                    "B to A, len {len} pad {pad}"
-                );
-                sent += 2;
+        for v6 in [false, true] {
+            let client = |from: String| {
+                let ch = Channel::connect_from(
+                    &ClientTransport::Udp,
+                    server_addr(net, v6),
+                    Some(from.parse().unwrap()),
+                    Duration::from_secs(2),
+                )
+                .unwrap();
+                let mut c = TurnClient::new(ch, "bench", "bench-pw1");
+                if v6 {
+                    c.set_relay_family(RelayFamily::Ipv6);
+                }
+                c
+            };
+            let host = |n: u8| {
+                if v6 {
+                    format!("fd03:{net}::{n}")
+                } else {
+                    format!("10.203.{net}.{n}")
+                }
+            };
+            let (mut a, mut b) = (client(host(2)), client(host(3)));
+            let (ra, rb) = (a.allocate().unwrap().relayed, b.allocate().unwrap().relayed);
+            a.channel_bind(CH, rb).unwrap();
+            b.channel_bind(CH_B, ra).unwrap();
+            let framed = |ch: u16, data: &[u8], pad: usize| {
+                let mut m = stun_proto::ChannelData::header(ch, data.len() as u16).to_vec();
+                m.extend_from_slice(data);
+                m.extend(std::iter::repeat_n(0x5au8, pad));
+                m
+            };
+            let wait = || Instant::now() + Duration::from_secs(1);
+            // Each side's first packets teach the program its next hop.
+            for _ in 0..2 {
+                a.channel().send(&framed(CH, b"warm", 0)).unwrap();
+                assert_eq!(b.channel().recv(wait()).unwrap(), Some(framed(CH_B, b"warm", 0)));
+                b.channel().send(&framed(CH_B, b"warm", 0)).unwrap();
+                assert_eq!(a.channel().recv(wait()).unwrap(), Some(framed(CH, b"warm", 0)));
             }
+            for len in [0usize, 1, 3, 4, 5, 100, 161, 1001, 1200] {
+                let data: Vec<u8> = (0..len).map(|i| (i * 13 + len) as u8).collect();
+                for pad in [0, (4 - len % 4) % 4] {
+                    a.channel().send(&framed(CH, &data, pad)).unwrap();
+                    // Arrives on B's own channel, unpadded.
+                    assert_eq!(
+                        b.channel().recv(wait()).unwrap(),
+                        Some(framed(CH_B, &data, 0)),
+                        "v6={v6}: A to B, len {len} pad {pad}"
+                    );
+                    b.channel().send(&framed(CH_B, &data, pad)).unwrap();
+                    assert_eq!(
+                        a.channel().recv(wait()).unwrap(),
+                        Some(framed(CH, &data, 0)),
+                        "v6={v6}: B to A, len {len} pad {pad}"
+                    );
+                    sent += 2;
+                }
+            }
+            a.refresh(0).unwrap();
+            b.refresh(0).unwrap();
         }
-        a.refresh(0).unwrap();
-        b.refresh(0).unwrap();
         sent
     });
     let kernel = settled(&t, "turnpike_fast_path_packets_total") - before;
@@ -1155,10 +1165,10 @@ fn both_legs_of_a_call_on_one_server_are_relayed_in_one_pass() {
         "the kernel relayed {kernel} of {sent} in one pass"
     );
     // Each datagram is A's to its peer and B's from its peer, as the two
-    // user-space hops would count it (four warm-ups included).
+    // user-space hops would count it (four warm-ups a family included).
     assert_eq!(
         metric(&t, "turnpike_relayed_packets_total"),
-        2.0 * (sent + 4) as f64
+        2.0 * (sent + 8) as f64
     );
     std::thread::sleep(Duration::from_millis(300));
     let mut stdout = cap.0.stdout.take().unwrap();
@@ -1168,7 +1178,9 @@ fn both_legs_of_a_call_on_one_server_are_relayed_in_one_pass() {
     std::io::Read::read_to_string(&mut stdout, &mut text).unwrap();
     let to_clients: Vec<&str> = text
         .lines()
-        .filter(|l| l.contains(&format!("10.203.{net}.1.3478 > ")))
+        .filter(|l| {
+            l.contains(&format!("10.203.{net}.1.3478 > ")) || l.contains(&format!("fd03:{net}::1.3478 > "))
+        })
         .collect();
     assert!(to_clients.len() >= sent as usize, "{text}");
     let bad: Vec<&&str> = to_clients.iter().filter(|l| !l.contains("udp sum ok")).collect();
