@@ -12,6 +12,13 @@ and the generator's receiving on its own. Run as root, by hand, not in CI:
     DURATION=3 REPEAT=1 python3 bench/fastpath.py
     PROFILE=1 REPEAT=1 python3 bench/fastpath.py   # and where core 0's time goes
     NICS=1 FORWARDING=0 python3 bench/fastpath.py  # a stock one-NIC host
+    CALLS=1 NICS=1 FORWARDING=0 python3 bench/fastpath.py   # calls per core instead
+
+CALLS=1 ramps `bench --mode calls` (Opus calls whose two legs relay to
+each other's relayed address: on turnpike's fast path both legs are
+joined in one pass) against each server and writes the HTML reports to
+bench/results/calls-ns-*.html; START, FACTOR, MAX_LOSS, MAX_P99_MS as in
+bench/calls.py.
 
 NICS=1 puts the peer on the client's link (one veth pair: clients, peers
 and relay on one interface, the relay address on the same link);
@@ -172,6 +179,53 @@ def bench(pid, allocs, window):
     return json.loads(out.stdout)
 
 
+def calls(pid, name):
+    report = os.path.join(ROOT, 'bench/results', f'calls-ns-{name.replace(" ", "-")}.html')
+    cmd = ['ip', 'netns', 'exec', O, 'taskset', '-c', '1', TP, 'bench', '--mode', 'calls',
+           '--server', f'{SERVER}:3478', '--user', 'bench', '--password', 'bench', '--pid', str(pid),
+           '--server-core', '0', '--calls', os.environ.get('START', '200'), '--ramp',
+           '--ramp-factor', os.environ.get('FACTOR', '1.25'), '--max-loss', os.environ.get('MAX_LOSS', '1'),
+           '--max-p99-ms', os.environ.get('MAX_P99_MS', '20'), '--duration', DURATION, '--warmup', WARMUP,
+           '--label', name, '--report', report, '--json']
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    if out.returncode != 0:
+        return {'error': out.stderr.strip()[-300:]}
+    return json.loads(out.stdout)
+
+
+def main_calls():
+    setup()
+    results = {}
+    try:
+        for name in SERVERS:
+            if name == 'reference':
+                continue
+            set_tx(name)
+            p = start(name)
+            try:
+                results[name] = calls(server_pid(p), name)
+            finally:
+                p.send_signal(signal.SIGINT)
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            time.sleep(0.5)
+    finally:
+        teardown()
+    print(json.dumps(results, indent=1), file=sys.stderr)
+    print(f'{NICS} NIC(s), forwarding {"on" if FORWARDING else "off"}; calls ramp, {DURATION} s a step\n')
+    print('| server | calls carried | calls per core | server core % | stopped |')
+    print('|---|---|---|---|---|')
+    for name, r in results.items():
+        if 'error' in r:
+            print(f'| {name} | error: {r["error"][:120]} ||||')
+            continue
+        cap = r.get('capacity') or {}
+        print(f'| {name} | {cap.get("calls", "–")} | {(cap.get("calls_per_core") or 0):.0f} | '
+              f'{(cap.get("cpu_pct") or 0):.0f} | {r.get("stopped", "")} |')
+
+
 def main():
     if os.geteuid() != 0:
         sys.exit('run as root (namespaces, XDP)')
@@ -180,6 +234,8 @@ def main():
             sys.exit(f'{tool} not found')
     subprocess.run(['cargo', 'build', '--release', '-q', '-p', 'turnpike', '-p', 'turnpike-bench'],
                    cwd=ROOT, check=True)
+    if os.environ.get('CALLS') == '1':
+        return main_calls()
     setup()
     results = {}
     try:
