@@ -60,6 +60,11 @@ SERVERS = {
                      '--simple-log', '--log-file=/dev/null', '--total-quota=0', '--user-quota=0'],
     'reference': [REF, f'{SERVER}:3478'],
 }
+# COTURN_NEW=/path/to/turnserver: a newer coturn built from source (e.g.
+# 4.17.1, with its default recvmmsg batching) beside Debian's.
+if os.environ.get('COTURN_NEW'):
+    SERVERS['coturn ' + os.environ.get('COTURN_NEW_VERSION', 'new')] = (
+        [os.environ['COTURN_NEW']] + SERVERS['coturn 4.6.1'][1:])
 # BASELINE=/path/to/an/older/turnpike: that build too, both paths, to
 # see what a change did (side by side in the same run).
 if os.environ.get('BASELINE'):
