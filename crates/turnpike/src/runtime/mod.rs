@@ -33,6 +33,7 @@ use turn_core::Server;
 
 use crate::config::Settings;
 
+mod connections;
 mod control;
 mod dispatch;
 mod fast;
