@@ -25,6 +25,7 @@ pub struct Node {
     handle: Handle,
     reloader: Arc<reload::Reloader>,
     signals: signal_hook::iterator::Signals,
+    watch: watch::FileWatch,
 }
 
 impl Node {
@@ -35,6 +36,9 @@ impl Node {
         let options = command_line.options()?;
         let host = HostFacts::read(&options);
         let mut settings = validate(&options, &host)?;
+        // The watched files as they were read: a change from here on, even
+        // one made before the server says it started, is a reload.
+        let watch = watch::FileWatch::new(settings.watched_files.clone());
         crate::external_ip::discover(&mut settings)?;
         let web_secret: Option<[u8; 32]> = settings.web.enabled().then(rand::random);
         let stores = open_stores(&mut settings, web_secret)?;
@@ -73,6 +77,7 @@ impl Node {
             handle,
             reloader,
             signals,
+            watch,
         })
     }
 
@@ -85,14 +90,13 @@ impl Node {
             handle,
             reloader,
             mut signals,
+            mut watch,
         } = self;
         let control = handle.control();
         let drain_timeout = settings.drain_timeout;
-        let watched = settings.watched_files.clone();
         std::thread::spawn(move || {
             let mut deadline: Option<Instant> = None;
             let mut last_report = Instant::now();
-            let mut watch = watch::FileWatch::new(watched);
             loop {
                 if watch.changed() {
                     info!("a watched file changed (reload-on-change); reloading");
