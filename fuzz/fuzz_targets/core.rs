@@ -13,7 +13,7 @@ use libfuzzer_sys::fuzz_target;
 use stun_proto::{attr, Class, MessageBuilder, MessageType};
 use turn_core::limits::Quotas;
 use turn_core::testing::{FakeRelays, Ipv6Relays};
-use turn_core::{Config, Credentials, FiveTuple, NonceMinter, Server, Transport};
+use turn_core::{Config, Credentials, FiveTuple, NonceMinter, Server, Shared, Transport};
 
 const REALM: &str = "fuzz.example";
 
@@ -55,20 +55,23 @@ fuzz_target!(|data: &[u8]| {
     let quotas = Arc::new(Quotas::new(3, 6));
     let secret = [3u8; 32];
     let mut cfg = Config::new(REALM, Arc::new(creds), secret, start, 1_700_000_000);
-    cfg.quotas = quotas.clone();
+    let mut shared = Shared {
+        quotas: quotas.clone(),
+        ..Shared::default()
+    };
     cfg.legacy_channel_numbers = data.first().is_some_and(|b| b & 1 == 1);
     cfg.max_bps = if data.first().is_some_and(|b| b & 2 == 2) {
         5000
     } else {
         0
     };
-    cfg.set_rate_limit_per_ip(50);
-    cfg.set_auth_guard(4, Duration::from_secs(300));
+    shared.set_rate_limit_per_ip(50);
+    shared.set_auth_guard(4, Duration::from_secs(300));
     cfg.max_permissions = 8;
     cfg.max_channels = 8;
     // Small tables: a server is built per input.
-    cfg.set_source_slots(64);
-    let mut server = Server::new(cfg);
+    shared.set_source_slots(64);
+    let mut server = Server::with_shared(cfg, shared);
     let minter = NonceMinter::new(secret, 600);
     let key = stun_proto::long_term_key_md5("alice", REALM, "pw");
     let tuples = tuples();

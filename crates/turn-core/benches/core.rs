@@ -8,16 +8,17 @@ use std::time::Instant;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use stun_proto::{attr, method, ChannelData, Class, Message, MessageBuilder, MessageType};
 use turn_core::testing::FakeRelays;
-use turn_core::{Config, Credentials, FiveTuple, NonceMinter, Server, Transport};
+use turn_core::{Config, Credentials, FiveTuple, NonceMinter, Server, Shared, Transport};
 
 const REALM: &str = "bench.example";
 
 fn server(now: Instant) -> Server {
     let mut creds = Credentials::new();
     creds.add_user("alice", REALM, "pw");
-    let mut cfg = Config::new(REALM, Arc::new(creds), [5; 32], now, 1_700_000_000);
-    cfg.set_rate_limit_per_ip(0);
-    Server::new(cfg)
+    let cfg = Config::new(REALM, Arc::new(creds), [5; 32], now, 1_700_000_000);
+    let mut shared = Shared::default();
+    shared.set_rate_limit_per_ip(0);
+    Server::with_shared(cfg, shared)
 }
 
 fn tuple(port: u16) -> FiveTuple {

@@ -32,7 +32,7 @@ pub use server::{
     challenge_len, connection_bind_id, connection_id_tag, max_realm_len, AllocateId, CloseReason, Command,
     Config, ConnectionId, Counters, Dest, ErrorCode, Event, FastPathBudget, FastPathEntry, FiveTuple,
     ListenerId, OpenedRelay, QueuedTransmit, Redirect, RefusalDetail, RelayError, RelayRequest, RelaysOpened,
-    Rfc5780, Server, SessionInfo, Stats, TcpConnectionInfo, Transmit, Transport, AUTH_WINDOW,
+    Rfc5780, Server, SessionInfo, Shared, Stats, TcpConnectionInfo, Transmit, Transport, AUTH_WINDOW,
     CHALLENGE_RATIO, MIN_ALLOCATE_LEN, SOURCE_SLOTS, TCP_CONNECTION_TIMEOUT,
 };
 

@@ -145,10 +145,10 @@ impl Server {
         // Draining (operator's drain): no new allocations here. Over its
         // load, a fleet node sends new clients to the least loaded healthy
         // node, and serves them itself when there is none.
-        let draining = self.cfg.draining.load(std::sync::atomic::Ordering::Relaxed);
-        if draining || self.cfg.redirect.overloaded() {
+        let draining = self.shared.draining.load(std::sync::atomic::Ordering::Relaxed);
+        if draining || self.shared.redirect.overloaded() {
             let family_v6 = tuple.server.is_ipv6();
-            let alt = self.cfg.redirect.target(family_v6).or_else(|| {
+            let alt = self.shared.redirect.target(family_v6).or_else(|| {
                 self.cfg
                     .alternate_servers
                     .iter()
@@ -183,7 +183,7 @@ impl Server {
         };
         let lifetime = self.lifetime(msg.get_u32(attr::LIFETIME));
         let username: Arc<str> = Arc::from(auth.username.as_str());
-        match self.cfg.quotas.acquire(&username) {
+        match self.shared.quotas.acquire(&username) {
             Ok(()) => {}
             Err(QuotaError::User) => {
                 self.counters.quota_user += 1;
@@ -293,7 +293,7 @@ impl Server {
             for r in relays.iter().flatten() {
                 self.commands.push_back(Command::CloseRelay { relay: r.bound });
             }
-            self.cfg.quotas.release(&p.username);
+            self.shared.quotas.release(&p.username);
             Reply::Error(first_error.unwrap_or(ErrorCode::AllocationMismatch))
         } else {
             let user_slot = self.user_slot(&p.username);

@@ -97,7 +97,7 @@ impl Server {
         let ident: Vec<u8> = username.as_deref().map(str::as_bytes).unwrap_or(raw).to_vec();
         let ident = &ident[..];
         let ip = tuple.client.ip();
-        let guard = self.cfg.auth_guard.clone();
+        let guard = self.shared.auth_guard.clone();
         match guard.verdict(ident, ip, now) {
             Verdict::Check => {}
             _ => {

@@ -99,7 +99,7 @@ impl Server {
     /// The per-source budget for answers to unauthenticated requests
     /// (reflection), shared by every worker; counts what it refuses.
     pub(super) fn may_answer_unauthenticated(&mut self, tuple: FiveTuple, now: Instant) -> bool {
-        let ok = self.cfg.source_limiter.allow(tuple.client.ip(), now);
+        let ok = self.shared.source_limiter.allow(tuple.client.ip(), now);
         if !ok {
             self.counters.rate_limited += 1;
         }

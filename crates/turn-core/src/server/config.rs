@@ -42,6 +42,78 @@ impl Rfc5780 {
     }
 }
 
+/// What the workers' cores share with each other and with the control
+/// plane: live state, not settings. The node makes one and hands clones to
+/// every worker ([`crate::Server::with_shared`]); a reload that changes the
+/// answer budget or the guard's settings hands new ones
+/// ([`crate::Server::reconfigure`]).
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// Allocation quotas.
+    pub quotas: Arc<Quotas>,
+    /// Every allocation's relayed addresses on this host (a peer that is
+    /// one is allowed in a default-refused range). Read when a server is
+    /// made; a reload keeps the server's own.
+    pub relayed: Arc<crate::limits::RelayedAddrs>,
+    /// Answers per second to unauthenticated requests from one source IP
+    /// (burst twice that), one budget; rate 0 turns the limit off.
+    pub source_limiter: Arc<SourceLimiter>,
+    /// The brute-force guard (failures per account and source IP within a
+    /// minute before the pair is blocked); limit 0 turns it off.
+    pub auth_guard: Arc<AuthGuard>,
+    /// Set while the server drains: new allocations are refused (300 with
+    /// ALTERNATE-SERVER when `Config::alternate_servers` has one of the
+    /// family, else 508); existing ones carry on.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// A fleet's view: whether this node is over its load, and the
+    /// healthy nodes to send new clients to.
+    pub redirect: Arc<Redirect>,
+}
+
+impl Default for Shared {
+    /// Unlimited quotas, 200 answers/s per source, 10 failures a minute
+    /// before a block of 300 s, not draining, no fleet.
+    fn default() -> Self {
+        Shared {
+            quotas: Arc::new(Quotas::new(0, 0)),
+            relayed: Arc::default(),
+            source_limiter: Arc::new(SourceLimiter::new(200, SOURCE_SLOTS)),
+            auth_guard: Arc::new(AuthGuard::new(
+                10,
+                AUTH_WINDOW,
+                Duration::from_secs(300),
+                SOURCE_SLOTS,
+            )),
+            draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            redirect: Arc::new(Redirect::default()),
+        }
+    }
+}
+
+impl Shared {
+    /// A per-source answer budget of its own: `rate` answers per second
+    /// (0: off).
+    pub fn set_rate_limit_per_ip(&mut self, rate: u32) {
+        self.source_limiter = Arc::new(SourceLimiter::new(rate, SOURCE_SLOTS));
+    }
+
+    /// Rebuilds the per-source tables (answer budget, brute-force guard)
+    /// with `slots` slots each, keeping their settings: small tables for
+    /// tests and the fuzzer, which build a server per input.
+    pub fn set_source_slots(&mut self, slots: usize) {
+        let (limit, block) = self.auth_guard.settings();
+        self.source_limiter = Arc::new(SourceLimiter::new(self.source_limiter.rate(), slots));
+        self.auth_guard = Arc::new(AuthGuard::new(limit, AUTH_WINDOW, block, slots));
+    }
+
+    /// A brute-force guard of its own: `limit` failures
+    /// per account and source within [`AUTH_WINDOW`] block for `block`
+    /// (0: off).
+    pub fn set_auth_guard(&mut self, limit: u32, block: Duration) {
+        self.auth_guard = Arc::new(AuthGuard::new(limit, AUTH_WINDOW, block, SOURCE_SLOTS));
+    }
+}
+
 /// Settings of a [`Server`].
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -75,20 +147,6 @@ pub struct Config {
     pub max_permissions: usize,
     /// Most channel bindings one allocation may hold (beyond: 508).
     pub max_channels: usize,
-    /// Allocation quotas, shared by every worker.
-    pub quotas: Arc<Quotas>,
-    /// Every allocation's relayed addresses on this host, shared by every
-    /// worker (a peer that is one is allowed in a default-refused range).
-    /// Read when a server is made; a reload keeps the server's own.
-    pub relayed: Arc<crate::limits::RelayedAddrs>,
-    /// Answers per second to unauthenticated requests from one source IP
-    /// (burst twice that), one budget shared by every worker that holds
-    /// the same `Arc`; rate 0 turns the limit off.
-    pub source_limiter: Arc<SourceLimiter>,
-    /// The brute-force guard (failures per account and source IP within a
-    /// minute before the pair is blocked), shared by every worker that
-    /// holds the same `Arc`; limit 0 turns it off.
-    pub auth_guard: Arc<AuthGuard>,
     /// Bytes per second each allocation may relay in each direction; 0: no cap.
     pub max_bps: u64,
     /// Bytes per second one user's allocations on one worker may relay in
@@ -101,15 +159,8 @@ pub struct Config {
     /// ICMP errors relayed to one allocation per second (RFC 8656 §11.5);
     /// 0: none are relayed.
     pub icmp_per_second: u32,
-    /// Set while the server drains: new allocations are refused (300 with
-    /// ALTERNATE-SERVER when `alternate_servers` has one of the family,
-    /// else 508); existing ones carry on. Shared by all workers.
-    pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// Where draining sends new clients (RFC 8489 §14.15 ALTERNATE-SERVER).
     pub alternate_servers: Vec<SocketAddr>,
-    /// A fleet's view: whether this node is over its load, and the
-    /// healthy nodes to send new clients to. Shared by all workers.
-    pub redirect: Arc<Redirect>,
     /// Challenge a minimal Allocate even when the realm makes the challenge
     /// more than `CHALLENGE_RATIO` times its size (challenge.rs). Off: such
     /// a realm is refused at start by the runtime.
@@ -159,23 +210,12 @@ impl Config {
             external_ipv6: None,
             max_permissions: 256,
             max_channels: 256,
-            quotas: Arc::new(Quotas::new(0, 0)),
-            relayed: Arc::default(),
-            source_limiter: Arc::new(SourceLimiter::new(200, SOURCE_SLOTS)),
-            auth_guard: Arc::new(AuthGuard::new(
-                10,
-                AUTH_WINDOW,
-                Duration::from_secs(300),
-                SOURCE_SLOTS,
-            )),
             max_bps: 0,
             user_max_bps: 0,
             dont_fragment: true,
             icmp_per_second: 10,
             rfc5780: None,
-            draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             alternate_servers: Vec::new(),
-            redirect: Arc::new(Redirect::default()),
             long_realm: false,
             connection_id_tag: 0,
             max_tcp_connections: 64,
@@ -188,29 +228,6 @@ impl Config {
 }
 
 impl Config {
-    /// Gives this configuration its own per-source answer budget: `rate`
-    /// answers per second (0: off). Workers that must share it get clones
-    /// of one `Config`.
-    pub fn set_rate_limit_per_ip(&mut self, rate: u32) {
-        self.source_limiter = Arc::new(SourceLimiter::new(rate, SOURCE_SLOTS));
-    }
-
-    /// Rebuilds the per-source tables (answer budget, brute-force guard)
-    /// with `slots` slots each, keeping their settings: small tables for
-    /// tests and the fuzzer, which build a server per input.
-    pub fn set_source_slots(&mut self, slots: usize) {
-        let (limit, block) = self.auth_guard.settings();
-        self.source_limiter = Arc::new(SourceLimiter::new(self.source_limiter.rate(), slots));
-        self.auth_guard = Arc::new(AuthGuard::new(limit, AUTH_WINDOW, block, slots));
-    }
-
-    /// Gives this configuration its own brute-force guard: `limit` failures
-    /// per account and source within [`AUTH_WINDOW`] block for `block`
-    /// (0: off).
-    pub fn set_auth_guard(&mut self, limit: u32, block: Duration) {
-        self.auth_guard = Arc::new(AuthGuard::new(limit, AUTH_WINDOW, block, SOURCE_SLOTS));
-    }
-
     /// What the client is told for a relay bound at `relay`: the external
     /// address of its family when one is configured (a host behind 1:1 NAT).
     pub fn advertise(&self, relay: SocketAddr) -> SocketAddr {

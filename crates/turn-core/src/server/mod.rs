@@ -41,7 +41,7 @@ use std::time::Instant;
 use stun_proto::{attr, method, packet_kind, Class, Message, PacketKind};
 
 pub use challenge::{challenge_len, max_realm_len, CHALLENGE_RATIO, MIN_ALLOCATE_LEN};
-pub use config::{Config, Redirect, Rfc5780, AUTH_WINDOW, SOURCE_SLOTS};
+pub use config::{Config, Redirect, Rfc5780, Shared, AUTH_WINDOW, SOURCE_SLOTS};
 pub use error::ErrorCode;
 pub use events::{CloseReason, Counters, Event, RefusalDetail, SessionInfo, Stats, TcpConnectionInfo};
 pub use fast_path::{FastPathBudget, FastPathEntry};
@@ -59,6 +59,7 @@ use table::{FastMap, Table, UserBandwidth};
 /// A sans-IO STUN/TURN server for one worker. See the crate docs.
 pub struct Server {
     cfg: Config,
+    shared: Shared,
     minter: NonceMinter,
     table: Table,
     events: VecDeque<Event>,
@@ -92,14 +93,22 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    /// A server with no allocations.
+    /// A server with no allocations and state of its own (quotas, limits,
+    /// drain flag): one worker, a test, the fuzzer.
     pub fn new(cfg: Config) -> Self {
+        Self::with_shared(cfg, Shared::default())
+    }
+
+    /// A server with no allocations, sharing `shared` with the others the
+    /// node runs.
+    pub fn with_shared(cfg: Config, shared: Shared) -> Self {
         let minter = NonceMinter::new(cfg.nonce_secret, cfg.nonce_lifetime.as_secs().max(1));
         // Not the secret itself: its hash, so ids reveal nothing of it.
         let cfg_seed = stun_proto::hmac_sha1(&cfg.nonce_secret, b"connection-id");
-        let relayed = cfg.relayed.clone();
+        let relayed = shared.relayed.clone();
         Server {
             cfg,
+            shared,
             minter,
             table: Table::new(relayed),
             events: VecDeque::new(),
@@ -140,11 +149,23 @@ impl Server {
     }
 
     /// Replaces the configuration (reload): credentials, peer policy,
-    /// limits, caps and every other setting. Allocations are kept, and so
-    /// are nonces if the secret and epoch stay (the runtime keeps them).
-    pub fn reconfigure(&mut self, cfg: Config) {
+    /// limits, caps and every other setting, and the shared state (a new
+    /// answer budget or guard when their settings changed). Allocations are
+    /// kept, and so are nonces if the secret and epoch stay (the runtime
+    /// keeps them), and the set of relayed addresses this server was made
+    /// with.
+    pub fn reconfigure(&mut self, cfg: Config, shared: Shared) {
         self.minter = NonceMinter::new(cfg.nonce_secret, cfg.nonce_lifetime.as_secs().max(1));
         self.cfg = cfg;
+        self.shared = Shared {
+            relayed: self.shared.relayed.clone(),
+            ..shared
+        };
+    }
+
+    /// The state this server shares with the node's other servers.
+    pub fn shared(&self) -> &Shared {
+        &self.shared
     }
 
     /// Number of live allocations.
@@ -332,7 +353,7 @@ impl Server {
         }
         let channels: Vec<u16> = a.channels.iter().map(|c| c.number).collect();
         self.remove_fast_path(a.tuple, &channels);
-        self.cfg.quotas.release(&a.username);
+        self.shared.quotas.release(&a.username);
         self.release_user_slot(a.user_slot);
         let t = a.tuple.transport.index();
         if reason == CloseReason::Expired {

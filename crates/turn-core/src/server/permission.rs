@@ -21,10 +21,14 @@ impl Server {
     /// allocation's relay on this server is a peer even in a range refused
     /// by default (a private or loopback relay address). An operator's
     /// deny-peer, the server's listeners and Teredo stay refused.
-    pub(super) fn peer_policy(cfg: &super::Config, peer: SocketAddr) -> Result<(), crate::policy::Refusal> {
+    pub(super) fn peer_policy(
+        cfg: &super::Config,
+        shared: &super::Shared,
+        peer: SocketAddr,
+    ) -> Result<(), crate::policy::Refusal> {
         match cfg.policy.check(peer) {
             Err(crate::policy::Refusal::DefaultDenied(_))
-                if cfg.relayed.contains(&SocketAddr::new(
+                if shared.relayed.contains(&SocketAddr::new(
                     crate::policy::canonicalize(peer.ip()),
                     peer.port(),
                 )) =>
@@ -47,7 +51,7 @@ impl Server {
         if !a_families.relays_to(peer) {
             return Err(ErrorCode::PeerAddressFamilyMismatch);
         }
-        if let Err(reason) = Self::peer_policy(&self.cfg, peer) {
+        if let Err(reason) = Self::peer_policy(&self.cfg, &self.shared, peer) {
             self.refusal = Some(RefusalDetail::Peer(peer, reason));
             self.counters.peers_refused += 1;
             self.events.push_back(Event::PeerRefused {

@@ -39,7 +39,7 @@ impl Server {
             return None;
         }
         let relay = a.relay_for(peer, now)?.bound;
-        if let Err(reason) = Self::peer_policy(&self.cfg, peer) {
+        if let Err(reason) = Self::peer_policy(&self.cfg, &self.shared, peer) {
             self.counters.peers_refused += 1;
             self.events.push_back(Event::PeerRefused {
                 tuple,

@@ -236,7 +236,7 @@ fn icmp_errors_reach_the_client_for_permitted_peers_only_and_rate_limited() {
 
 #[test]
 fn userhash_counts_with_username_in_the_brute_force_guard() {
-    let mut h = Harness::with(|c| c.set_auth_guard(4, std::time::Duration::from_secs(300)));
+    let mut h = Harness::with_shared(|_, s| s.set_auth_guard(4, std::time::Duration::from_secs(300)));
     let mut good = Client::new(udp(), "alice", "wonderland");
     good.learn_nonce(&mut h);
     let mut bad = Client::new(udp(), "alice", "not-the-password");

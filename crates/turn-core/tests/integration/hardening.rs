@@ -197,7 +197,7 @@ fn md5_only_rfc5389_clients_keep_working() {
 
 #[test]
 fn unauthenticated_answers_are_rate_limited_per_source() {
-    let mut h = Harness::with(|c| c.set_rate_limit_per_ip(10));
+    let mut h = Harness::with_shared(|_, s| s.set_rate_limit_per_ip(10));
     let flood = binding(false, None);
     let answered = (0..1000).filter(|_| h.send(udp(), &flood).is_some()).count();
     assert_eq!(answered, 20, "burst of twice the rate, then nothing");
@@ -216,7 +216,7 @@ fn unauthenticated_answers_are_rate_limited_per_source() {
     h.advance(1);
     assert!(h.send(udp(), &flood).is_some());
     // 0 turns the limit off (single-host benchmarks).
-    let mut h = Harness::with(|c| c.set_rate_limit_per_ip(0));
+    let mut h = Harness::with_shared(|_, s| s.set_rate_limit_per_ip(0));
     assert_eq!(
         (0..5000).filter(|_| h.send(udp(), &flood).is_some()).count(),
         5000
@@ -406,7 +406,7 @@ fn a_long_realm_gets_md5_only_challenges_that_authenticate() {
 
 #[test]
 fn repeated_failures_slow_then_block_the_pair_only() {
-    let mut h = Harness::with(|c| c.set_auth_guard(6, std::time::Duration::from_secs(300)));
+    let mut h = Harness::with_shared(|_, s| s.set_auth_guard(6, std::time::Duration::from_secs(300)));
     let mut bad = Client::new(udp(), "alice", "guess");
     let allocate = |b: &mut MessageBuilder| {
         b.u32(attr::REQUESTED_TRANSPORT, TRANSPORT_UDP);
@@ -454,8 +454,8 @@ fn repeated_failures_slow_then_block_the_pair_only() {
 fn user_quota_486_and_total_quota_508_shared_across_workers() {
     let quotas = Arc::new(Quotas::new(2, 3));
     let q = quotas.clone();
-    let mut w1 = Harness::with(|c| c.quotas = q.clone());
-    let mut w2 = Harness::with(|c| c.quotas = q.clone());
+    let mut w1 = Harness::with_shared(|_, s| s.quotas = q.clone());
+    let mut w2 = Harness::with_shared(|_, s| s.quotas = q.clone());
     let mut a1 = Client::new(tuple(Transport::Udp, "203.0.113.5:1"), "alice", "wonderland");
     let mut a2 = Client::new(tuple(Transport::Udp, "203.0.113.5:2"), "alice", "wonderland");
     let mut a3 = Client::new(tuple(Transport::Udp, "203.0.113.5:3"), "alice", "wonderland");
@@ -489,7 +489,7 @@ fn user_quota_486_and_total_quota_508_shared_across_workers() {
 fn relay_port_exhaustion_is_508_without_leaking_quota() {
     let quotas = Arc::new(Quotas::new(0, 0));
     let q = quotas.clone();
-    let mut h = Harness::with(|c| c.quotas = q);
+    let mut h = Harness::with_shared(|_, s| s.quotas = q);
     h.relays.exhausted = true;
     let mut c = Client::new(udp(), "alice", "wonderland");
     for _ in 0..5 {
@@ -509,7 +509,7 @@ fn malformed_reservation_token_does_not_leak_quota() {
     // Found by the `core` fuzz target: a 400 after the quota was taken.
     let quotas = Arc::new(Quotas::new(1, 0));
     let q = quotas.clone();
-    let mut h = Harness::with(|c| c.quotas = q);
+    let mut h = Harness::with_shared(|_, s| s.quotas = q);
     let mut c = Client::new(udp(), "alice", "wonderland");
     for _ in 0..3 {
         let resp = c.request(&mut h, method::ALLOCATE, &|b| {
@@ -683,7 +683,7 @@ fn channel_data_longer_than_its_datagram_is_dropped() {
 fn draining_refuses_new_allocations_and_keeps_existing_ones() {
     let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let f = flag.clone();
-    let mut h = Harness::with(|c| c.draining = f.clone());
+    let mut h = Harness::with_shared(|_, s| s.draining = f.clone());
     let mut old = Client::new(udp(), "alice", "wonderland");
     old.allocate(&mut h);
     flag.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -706,8 +706,8 @@ fn draining_refuses_new_allocations_and_keeps_existing_ones() {
 
     // With an alternate server: 300 Try Alternate, signed.
     let f = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let mut h = Harness::with(|c| {
-        c.draining = f.clone();
+    let mut h = Harness::with_shared(|c, s| {
+        s.draining = f.clone();
         c.alternate_servers = vec!["192.0.2.99:3478".parse().unwrap()];
     });
     let mut c = Client::new(udp(), "alice", "wonderland");

@@ -58,8 +58,9 @@ pub enum WorkerRequest {
 /// number that workers compare once per loop iteration.
 #[derive(Clone, Default)]
 pub(super) struct Update {
-    /// The whole core configuration (reload); allocations are kept.
-    pub(super) core: Option<turn_core::Config>,
+    /// The whole core configuration and the shared state it goes with
+    /// (reload); allocations are kept.
+    pub(super) core: Option<(turn_core::Config, turn_core::Shared)>,
     /// Only the credentials (a credential store changed).
     pub(super) credentials: Option<Arc<turn_core::Credentials>>,
     pub(super) tls: Option<Arc<rustls::ServerConfig>>,
@@ -77,10 +78,10 @@ impl Update {
     fn then(self, newer: Update) -> Update {
         let credentials = newer
             .credentials
-            .or_else(|| newer.core.as_ref().map(|c| c.credentials.clone()))
+            .or_else(|| newer.core.as_ref().map(|(c, _)| c.credentials.clone()))
             .or(self.credentials);
         let mut core = newer.core.or(self.core);
-        if let (Some(c), Some(creds)) = (core.as_mut(), &credentials) {
+        if let (Some((c, _)), Some(creds)) = (core.as_mut(), &credentials) {
             c.credentials = creds.clone();
         }
         Update {
@@ -115,7 +116,7 @@ pub(super) struct CoreBase {
 /// The core configuration `settings` describe: the one function start-up
 /// and reload both use, so a setting cannot apply at start and be forgotten
 /// on reload (or the reverse).
-pub(super) fn core_config(settings: &Settings, base: &CoreBase, limits: &SharedLimits) -> turn_core::Config {
+pub(super) fn core_config(settings: &Settings, base: &CoreBase) -> turn_core::Config {
     let mut c = turn_core::Config::new(
         &settings.realm,
         Arc::new(settings.credentials.clone()),
@@ -135,18 +136,26 @@ pub(super) fn core_config(settings: &Settings, base: &CoreBase, limits: &SharedL
     c.default_lifetime = settings.allocation_lifetime;
     c.max_lifetime = settings.max_allocation_lifetime;
     // One quota book for all workers: quotas are per server, not per core.
-    c.quotas = base.quotas.clone();
-    c.relayed = base.relayed.clone();
-    c.source_limiter = limits.answers.clone();
-    c.auth_guard = limits.guard.clone();
     c.max_bps = settings.options.max_bps;
     c.user_max_bps = settings.options.user_max_bps;
     c.rfc5780 = base.rfc5780;
     c.alternate_servers = settings.options.alternate_server.clone();
-    c.draining = base.draining.clone();
-    c.redirect = base.redirect.clone();
     c.fast_path = base.fast_path;
     c
+}
+
+/// The live state every worker's core shares: the quota book, the set of
+/// relayed addresses, the answer budget and guard in force, the drain
+/// switch and the fleet's redirection view.
+pub(super) fn core_shared(base: &CoreBase, limits: &SharedLimits) -> turn_core::Shared {
+    turn_core::Shared {
+        quotas: base.quotas.clone(),
+        relayed: base.relayed.clone(),
+        source_limiter: limits.answers.clone(),
+        auth_guard: limits.guard.clone(),
+        draining: base.draining.clone(),
+        redirect: base.redirect.clone(),
+    }
 }
 
 #[derive(Default)]
@@ -291,7 +300,7 @@ impl Control {
             l.clone()
         };
         self.publish(Update {
-            core: Some(core_config(new, &self.base, &limits)),
+            core: Some((core_config(new, &self.base), core_shared(&self.base, &limits))),
             credentials: None,
             tls,
             conn: Some(conn_limits(new)),
@@ -371,7 +380,7 @@ mod tests {
         creds.add_user("alice", "r", "pw");
         let cfg = turn_core::Config::new("r", Arc::new(creds), [1; 32], Instant::now(), 0);
         let reload = Update {
-            core: Some(cfg),
+            core: Some((cfg, turn_core::Shared::default())),
             conn: None,
             ..Update::default()
         };
@@ -385,7 +394,7 @@ mod tests {
         // A worker that skipped both generations gets the reloaded core
         // with the newest credentials in it.
         let core = merged.core.expect("the reload is not lost");
-        assert!(Arc::ptr_eq(&core.credentials, &newer));
+        assert!(Arc::ptr_eq(&core.0.credentials, &newer));
     }
 
     #[test]
@@ -404,7 +413,7 @@ mod tests {
         let reloaded = Arc::new(reloaded);
         let cfg = turn_core::Config::new("r", reloaded.clone(), [1; 32], Instant::now(), 0);
         let reload = Update {
-            core: Some(cfg),
+            core: Some((cfg, turn_core::Shared::default())),
             ..Update::default()
         };
         // A worker that looks after both, or only after the second, must
@@ -414,7 +423,7 @@ mod tests {
             Update::default().then(reload),
         ] {
             let core = merged.core.expect("the reload is applied");
-            assert!(Arc::ptr_eq(&core.credentials, &reloaded));
+            assert!(Arc::ptr_eq(&core.0.credentials, &reloaded));
             assert!(Arc::ptr_eq(
                 &merged.credentials.expect("credentials carried"),
                 &reloaded

@@ -44,7 +44,7 @@ mod stream;
 mod tcp_relay;
 mod worker;
 
-use control::{core_config, CoreBase, Reloads, SharedLimits};
+use control::{core_config, core_shared, CoreBase, Reloads, SharedLimits};
 pub use control::{Control, WorkerRequest};
 use listeners::{bind_pair, bind_tcp, bind_udp, ensure_free, in_use_hint};
 pub use log::Redactor;
@@ -318,7 +318,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
     crate::metrics::set_allocation_limit(settings.options.total_quota);
     crate::metrics::set_relay_ports(settings.options.min_port, settings.options.max_port);
     let shared = SharedLimits::new(settings);
-    let core_cfg = core_config(settings, &base, &shared);
+    let core_cfg = (core_config(settings, &base), core_shared(&base, &shared));
     let draining = base.draining.clone();
     let quotas = base.quotas.clone();
     let metrics = match http.metrics {
@@ -390,7 +390,7 @@ struct Workers {
 fn spawn_workers(
     settings: &Settings,
     per_worker: Vec<WorkerSockets>,
-    core_cfg: &turn_core::Config,
+    core_cfg: &(turn_core::Config, turn_core::Shared),
     shared: WorkerShared,
 ) -> Result<Workers> {
     let reservations = Arc::new(Mutex::new(Reservations::default()));
@@ -418,14 +418,14 @@ fn spawn_workers(
         .enumerate()
         .zip(polls.into_iter().zip(handoff_rx))
     {
-        let mut cfg = core_cfg.clone();
+        let mut cfg = core_cfg.0.clone();
         cfg.connection_id_tag = id as u8;
         let (tx, rx) = std::sync::mpsc::channel();
         commands.push(tx);
         let mut worker = Worker::new(
             poll,
             sockets,
-            Server::new(cfg),
+            Server::with_shared(cfg, core_cfg.1.clone()),
             WorkerParams {
                 relay: RelayConfig {
                     v4: settings.relay_v4,

@@ -532,9 +532,9 @@ impl Worker {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         if let Some(u) = update {
-            if let Some(mut cfg) = u.core {
+            if let Some((mut cfg, shared)) = u.core {
                 cfg.connection_id_tag = self.id as u8;
-                self.core.reconfigure(cfg);
+                self.core.reconfigure(cfg, shared);
             } else if let Some(c) = u.credentials {
                 self.core.set_credentials(c);
             }

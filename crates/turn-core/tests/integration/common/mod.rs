@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use stun_proto::{attr, method, ChannelData, Class, Message, MessageBuilder, MessageType};
 pub use turn_core::testing::{tuple, udp, FakeRelays, Ipv6Relays};
-use turn_core::{Config, Credentials, Dest, Event, FiveTuple, Server};
+use turn_core::{Config, Credentials, Dest, Event, FiveTuple, Server, Shared};
 
 pub const REALM: &str = "example.org";
 
@@ -22,15 +22,21 @@ pub struct Harness {
 
 impl Harness {
     pub fn with(f: impl FnOnce(&mut Config)) -> Self {
+        Self::with_shared(|c, _| f(c))
+    }
+
+    /// With the shared state (quotas, limits, drain flag) set up too.
+    pub fn with_shared(f: impl FnOnce(&mut Config, &mut Shared)) -> Self {
         let mut creds = Credentials::new();
         creds.add_user("alice", REALM, "wonderland");
         creds.add_user("bob", REALM, "builder");
         creds.add_secret(b"rest-secret");
         let start = Instant::now();
         let mut cfg = Config::new(REALM, Arc::new(creds), [9; 32], start, 1_700_000_000);
-        f(&mut cfg);
+        let mut shared = Shared::default();
+        f(&mut cfg, &mut shared);
         Harness {
-            server: Server::new(cfg),
+            server: Server::with_shared(cfg, shared),
             relays: FakeRelays::default(),
             now: start,
             start,
