@@ -100,11 +100,8 @@ impl Worker {
                 partial_since: None,
                 got_message: false,
                 handshake_done: false,
-                raw: None,
-                raw_paused: false,
-                raw_eof: false,
+                pair: None,
                 raw_out: None,
-                raw_throttled: false,
                 proxy: if balancer {
                     Proxy::Awaiting(Vec::new())
                 } else {
@@ -139,14 +136,12 @@ impl Worker {
                 self.io.dirty.push(key);
             }
         }
-        if matches!(self.io.sources.get(key), Some(Source::Conn(c)) if c.raw.is_some()) {
+        if let Some(id) = self.io.sources.get(key).and_then(|s| match s {
+            Source::Conn(c) => c.pair,
+            _ => None,
+        }) {
             // A bound data connection: raw bytes (RFC 6062 §5.4).
-            if writable {
-                self.client_drained(key, now);
-            }
-            if readable {
-                self.pump_to_peer(key, now);
-            }
+            self.on_bound_conn(id, readable, writable, now);
             return;
         }
         if !readable {
@@ -191,7 +186,7 @@ impl Worker {
                         self.drive_core(now);
                         off += n;
                         // Bound by that ConnectionBind: the rest is raw.
-                        if matches!(self.io.sources.get(key), Some(Source::Conn(c)) if c.raw.is_some()) {
+                        if matches!(self.io.sources.get(key), Some(Source::Conn(c)) if c.pair.is_some()) {
                             break;
                         }
                     }
@@ -211,13 +206,13 @@ impl Worker {
                 return;
             };
             c.rbuf = rbuf;
-            if c.raw.is_some() {
+            if let Some(id) = c.pair {
                 if !c.got_message {
                     c.got_message = true;
                     self.pending -= 1;
                 }
                 self.io.dirty.push(key);
-                self.start_raw(now);
+                self.start_pair(id, now);
                 return;
             }
             if matches!(step, ReadStep::Progress) {
@@ -335,12 +330,12 @@ impl Worker {
             let Source::Conn(c) = src else { continue };
             let stalled = !c.got_message && now.saturating_duration_since(c.accepted) > handshake_timeout;
             // (A bound data connection's bytes are not messages.)
-            let slow = c.raw.is_none()
+            let slow = c.pair.is_none()
                 && c.partial_since
                     .is_some_and(|t| now.saturating_duration_since(t) > handshake_timeout);
             // A bound data connection may be quiet as long as its peer is.
             let idle = now.saturating_duration_since(c.last_rx) > idle_timeout
-                && c.raw.is_none()
+                && c.pair.is_none()
                 && !self.core.has_allocation(&c.tuple);
             if stalled || slow || idle {
                 debug!(
@@ -358,24 +353,36 @@ impl Worker {
         }
     }
 
+    /// Closes connection `key` and tells the core.
     pub(super) fn close_conn(&mut self, key: usize, now: Instant) {
-        if let Some(Source::Conn(_)) = self.io.sources.get(key) {
-            if let Source::Conn(mut c) = self.io.sources.remove(key) {
-                if !c.got_message {
-                    self.pending -= 1;
-                }
-                if c.tls.is_some() && !c.handshake_done {
-                    self.tls_failures += 1;
-                }
-                let _ = self.io.registry.deregister(&mut c.stream);
-                self.io.conn_by_tuple.remove(&c.tuple);
-                if c.counted {
-                    self.connections.release(c.tuple.client.ip());
-                }
-                self.core.handle_connection_closed(now, c.tuple);
-                self.drive_core(now);
-            }
+        if let Some(tuple) = self.remove_conn(key) {
+            self.core.handle_connection_closed(now, tuple);
+            self.drive_core(now);
         }
+    }
+
+    /// Closes connection `key` without telling the core (it asked, or
+    /// knows): the socket, the counts that held it. Its 5-tuple, if it
+    /// was a connection.
+    pub(super) fn remove_conn(&mut self, key: usize) -> Option<FiveTuple> {
+        let Some(Source::Conn(_)) = self.io.sources.get(key) else {
+            return None;
+        };
+        let Source::Conn(mut c) = self.io.sources.remove(key) else {
+            return None;
+        };
+        if !c.got_message {
+            self.pending -= 1;
+        }
+        if c.tls.is_some() && !c.handshake_done {
+            self.tls_failures += 1;
+        }
+        let _ = self.io.registry.deregister(&mut c.stream);
+        self.io.conn_by_tuple.remove(&c.tuple);
+        if c.counted {
+            self.connections.release(c.tuple.client.ip());
+        }
+        Some(c.tuple)
     }
 
     /// Flushes connections written to in this iteration, registers write

@@ -36,7 +36,7 @@ pub(super) enum Source {
         addr: SocketAddr,
     },
     /// RFC 6062: a peer data connection.
-    Peer(Box<super::tcp_relay::PeerConn>),
+    Peer(Box<super::pairs::PeerConn>),
 }
 
 /// Everything a worker owns except the protocol core: the sockets and
@@ -54,21 +54,7 @@ pub(super) struct Io {
     pub(super) dirty: Vec<usize>,
     /// UDP datagrams to send at the end of this loop iteration.
     pub(super) queue: udp_io::SendQueue,
-    /// RFC 6062 peer connections by CONNECTION-ID.
-    pub(super) peer_by_id: HashMap<turn_core::ConnectionId, usize, ahash::RandomState>,
     pub(super) tcp_relay_addrs: super::tcp_relay::TcpRelayAddrs,
-    /// Connects that failed before they started, for the core.
-
-    /// Peer connections just bound, to start relaying.
-    pub(super) raw_ready: Vec<usize>,
-    /// Data connections to close (their peer went).
-    pub(super) doomed_conns: Vec<usize>,
-    /// TCP-relayed bytes of closed connections, to peers and from them.
-    pub(super) tcp_bytes: [u64; 2],
-    /// Bandwidth caps of TCP allocations, by control connection.
-    pub(super) tcp_caps: HashMap<FiveTuple, super::tcp_relay::TcpCap, ahash::RandomState>,
-    /// Capped directions to read again at a time (a connection's key).
-    pub(super) throttled: Vec<(std::time::Instant, usize)>,
     /// The kernel fast path, when loaded, and this worker's entries in it.
     pub(super) fast: Option<super::fast::Shared>,
     pub(super) fast_installed: super::fast::Installed,

@@ -15,7 +15,9 @@
 //! | `worker.rs` | the per-worker loop: events, accept, reads, timers, sweeps, reload |
 //! | `stream.rs` | TCP/TLS connections and their buffers |
 //! | `relays.rs` | relay sockets: IP choice, ports, reservations, DF, ICMP queue |
-//! | `tcp_relay.rs` | RFC 6062: TCP relay listeners, peer connects and accepts, raw relaying |
+//! | `tcp_relay.rs` | RFC 6062: TCP relay listeners, peer connects and accepts, ConnectionBind handoff |
+//! | `pairs.rs` | RFC 6062: connection pairs: binding, each direction's relaying, caps, closing |
+//! | `raw_buf.rs` | a pair direction's byte buffer |
 //! | `dispatch.rs` | `Io`: the sockets, and sending the core's transmits |
 //! | `control.rs` | `Control`, reloads, shared limits, the core config built from settings |
 //! | `log.rs` | log lines for the core's events, `--redact` |
@@ -39,6 +41,8 @@ mod dispatch;
 mod fast;
 mod listeners;
 mod log;
+mod pairs;
+mod raw_buf;
 pub mod relays;
 mod stream;
 mod tcp_relay;

@@ -9,7 +9,7 @@ use mio::net::TcpStream;
 use tracing::debug;
 use turn_core::FiveTuple;
 
-use super::tcp_relay::{RawBuf, Stop, RAW_BUFFER};
+use super::raw_buf::{RawBuf, Stop, RAW_BUFFER};
 
 /// Bytes queued for one TCP/TLS client before further messages to it are
 /// dropped (media is real-time: late is as bad as lost).
@@ -33,14 +33,8 @@ pub(super) struct Conn {
     /// TLS: whether the handshake completed (counted once).
     pub(super) handshake_done: bool,
     /// RFC 6062: a client data connection bound to the peer connection
-    /// with this key carries raw bytes, not STUN.
-    pub(super) raw: Option<usize>,
-    /// Raw: not read, the peer's buffer is full.
-    pub(super) raw_paused: bool,
-    /// Raw: the client closed its side.
-    pub(super) raw_eof: bool,
-    /// Raw, capped: a read of this connection is scheduled.
-    pub(super) raw_throttled: bool,
+    /// of this pair carries raw bytes, not STUN (`pairs.rs`).
+    pub(super) pair: Option<turn_core::ConnectionId>,
     /// Raw over plain TCP: bytes from the peer for the client, written
     /// after `wbuf` (which may hold the ConnectionBind answer).
     pub(super) raw_out: Option<RawBuf>,

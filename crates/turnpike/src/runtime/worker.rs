@@ -22,6 +22,7 @@ use turn_core::{Command, FiveTuple, ListenerId, RelaysOpened, Server, Transport}
 use super::control::{Reloads, WorkerRequest};
 use super::dispatch::{Io, Source};
 use super::log::{Redactor, RefusalLog};
+use super::pairs::{Pairs, Stage};
 use super::relays::{RelayConfig, Reservations};
 use super::stream::Conn;
 
@@ -83,6 +84,7 @@ pub(super) struct Worker {
     pub(super) poll: Poll,
     pub(super) core: Server,
     pub(super) io: Io,
+    pub(super) pairs: Pairs,
     pub(super) tls: Option<Arc<rustls::ServerConfig>>,
     pub(super) stop: Arc<AtomicBool>,
     pub(super) buf: Vec<u8>,
@@ -154,13 +156,7 @@ impl Worker {
             reservations,
             dirty: Vec::new(),
             queue: udp_io::SendQueue::new(gso),
-            peer_by_id: HashMap::default(),
             tcp_relay_addrs,
-            raw_ready: Vec::new(),
-            doomed_conns: Vec::new(),
-            tcp_bytes: [0; 2],
-            tcp_caps: HashMap::default(),
-            throttled: Vec::new(),
             fast,
             fast_installed: Default::default(),
         };
@@ -183,6 +179,7 @@ impl Worker {
             poll,
             core,
             io,
+            pairs: Pairs::default(),
             tls,
             stop,
             buf: vec![0u8; 65536],
@@ -234,13 +231,12 @@ impl Worker {
                     self.core.handle_relays_opened(now, id, opened);
                 }
                 Command::CloseRelay { relay } => self.io.close_relay(relay),
-                Command::ConnectPeer { id, relay, peer } => {
-                    if !self.io.start_connect(id, relay, peer) {
-                        self.core.handle_peer_connected(now, id, false);
-                    }
-                }
-                Command::BindConnection { id, data, control } => self.io.bind_pair(id, data, control),
-                Command::CloseConnection { id } => self.io.close_peer(id),
+                Command::ConnectPeer { id, relay, peer } => match self.io.start_connect(id, relay, peer) {
+                    Some(key) => self.pairs.add(id, key, Stage::Connecting),
+                    None => self.core.handle_peer_connected(now, id, false),
+                },
+                Command::BindConnection { id, data, control } => self.bind_pair(id, data, control),
+                Command::CloseConnection { id } => self.close_pair(id),
                 Command::FastPathInstall(e) => self.io.fast_install(e),
                 Command::FastPathRemove { client, channel } => self.io.fast_remove(client, channel),
             }
@@ -261,7 +257,7 @@ impl Worker {
                 .core
                 .poll_timeout()
                 .into_iter()
-                .chain(self.next_throttle())
+                .chain(self.pairs.next_retry())
                 .min()
                 .map(|t| t.saturating_duration_since(now).min(IDLE_TICK))
                 .unwrap_or(IDLE_TICK)
@@ -298,9 +294,7 @@ impl Worker {
             self.core.handle_timeout(now);
             self.drive_core(now);
             self.adopt_handoffs(now);
-            self.start_raw(now);
-            self.resume_throttled(now);
-            self.close_doomed(now);
+            self.resume_held_pairs(now);
             self.apply_reload();
             self.handle_commands(now);
             if now >= self.next_sweep {
@@ -462,17 +456,7 @@ impl Worker {
                     let mut list = self.core.sessions(now);
                     // The bytes of TCP relays are counted where they move.
                     for s in &mut list {
-                        for t in &mut s.tcp_connections {
-                            if let Some(Source::Peer(p)) = self
-                                .io
-                                .peer_by_id
-                                .get(&t.id)
-                                .and_then(|k| self.io.sources.get(*k))
-                            {
-                                t.to_peer_bytes = p.to_peer;
-                                t.from_peer_bytes = p.from_peer;
-                            }
-                        }
+                        self.pairs.fill_bytes(&mut s.tcp_connections);
                     }
                     let _ = reply.send(list);
                 }
@@ -504,8 +488,8 @@ impl Worker {
             recv_datagrams: self.recv_datagrams,
             send: self.io.queue.stats(),
             gso: self.io.queue.gso_enabled(),
-            tcp_connections: self.io.peer_by_id.len(),
-            tcp_bytes: self.io.tcp_bytes_total(),
+            tcp_connections: self.pairs.len(),
+            tcp_bytes: self.pairs.totals(),
         };
         if let Some(slot) = self
             .board
