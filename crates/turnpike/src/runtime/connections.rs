@@ -6,16 +6,94 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use mio::{Interest, Token};
 use tracing::{debug, info};
+use turn_core::limits::SourceCounter;
 use turn_core::proxy::{Header as ProxyHeader, Parsed};
 use turn_core::{FiveTuple, ListenerId, Transport};
 
 use super::dispatch::Source;
 use super::stream::{Conn, Proxy, ReadStep};
 use super::worker::Worker;
+use crate::config::Settings;
+
+pub(super) fn conn_limits(settings: &Settings) -> ConnLimits {
+    ConnLimits {
+        max_connections: settings.options.max_connections,
+        max_pending: (settings.options.max_connections / 4)
+            .max(64)
+            .min(settings.options.max_connections),
+        max_per_source: settings.options.max_connections_per_ip,
+        proxy_from: settings.options.proxy_protocol_from.clone(),
+        handshake_timeout: settings.handshake_timeout,
+        idle_timeout: settings.idle_timeout,
+    }
+}
+
+/// Limits on TCP/TLS connections, per worker.
+#[derive(Clone)]
+pub(super) struct ConnLimits {
+    pub(super) max_connections: usize,
+    /// Connections that have not yet delivered one whole message (TLS
+    /// handshakes included): what a slowloris or handshake flood piles up.
+    pub(super) max_pending: usize,
+    /// Connections one source IP may hold across workers (0: no cap).
+    pub(super) max_per_source: u32,
+    /// Load balancers that send PROXY protocol headers.
+    pub(super) proxy_from: Vec<turn_core::policy::Cidr>,
+    pub(super) handshake_timeout: Duration,
+    pub(super) idle_timeout: Duration,
+}
+
+/// The worker's TCP/TLS client connections: their limits, the TLS
+/// configuration new ones get, what is counted of them, and the channels
+/// that pass RFC 6062 data connections between workers. (The sockets are
+/// in the worker's slab, `Source::Conn`.)
+pub(super) struct Streams {
+    pub(super) tls: Option<Arc<rustls::ServerConfig>>,
+    pub(super) limits: ConnLimits,
+    /// Connections that have not delivered one whole message yet.
+    pub(super) pending: usize,
+    pub(super) tls_handshakes: u64,
+    pub(super) tls_failures: u64,
+    pub(super) conn_refused_worker: u64,
+    pub(super) conn_refused_per_source: u64,
+    pub(super) proxy_refused: u64,
+    /// Connections per source IP, shared by all workers.
+    pub(super) connections: Arc<SourceCounter>,
+    /// Data connections other workers pass to this one (RFC 6062).
+    pub(super) handoff: Receiver<Box<Conn>>,
+    /// Every worker's handoff channel and waker, by worker id.
+    pub(super) handoff_to: Vec<(Sender<Box<Conn>>, Arc<mio::Waker>)>,
+}
+
+impl Streams {
+    pub(super) fn new(
+        tls: Option<Arc<rustls::ServerConfig>>,
+        limits: ConnLimits,
+        connections: Arc<SourceCounter>,
+        handoff: Receiver<Box<Conn>>,
+        handoff_to: Vec<(Sender<Box<Conn>>, Arc<mio::Waker>)>,
+    ) -> Self {
+        Streams {
+            tls,
+            limits,
+            pending: 0,
+            tls_handshakes: 0,
+            tls_failures: 0,
+            conn_refused_worker: 0,
+            conn_refused_per_source: 0,
+            proxy_refused: 0,
+            connections,
+            handoff,
+            handoff_to,
+        }
+    }
+}
 
 /// What a read does after the PROXY protocol part.
 pub(super) enum ProxyStep {
@@ -38,36 +116,43 @@ impl Worker {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
             };
-            if self.io.conn_by_tuple.len() >= self.limits.max_connections
-                || self.pending >= self.limits.max_pending
+            if self.io.conn_by_tuple.len() >= self.streams.limits.max_connections
+                || self.streams.pending >= self.streams.limits.max_pending
             {
                 // Dropping the stream closes it at once.
                 debug!(client = %self.redact.show(&client), "connection limit reached; closing");
-                self.conn_refused_worker += 1;
+                self.streams.conn_refused_worker += 1;
                 continue;
             }
             // A trusted balancer's connection is counted under the client
             // its PROXY header names, once it has arrived.
-            let balancer = self.limits.proxy_from.iter().any(|c| c.contains(client.ip()));
+            let balancer = self
+                .streams
+                .limits
+                .proxy_from
+                .iter()
+                .any(|c| c.contains(client.ip()));
             // One source cannot take every slot: its count is shared by all
             // workers (the kernel spreads its connections over them).
             if !balancer
                 && !self
+                    .streams
                     .connections
-                    .try_acquire(client.ip(), self.limits.max_per_source)
+                    .try_acquire(client.ip(), self.streams.limits.max_per_source)
             {
                 debug!(client = %self.redact.show(&client), "per-source connection limit reached; closing");
-                self.conn_refused_per_source += 1;
+                self.streams.conn_refused_per_source += 1;
                 continue;
             }
             let release = |w: &Self| {
                 if !balancer {
-                    w.connections.release(client.ip())
+                    w.streams.connections.release(client.ip())
                 }
             };
             let _ = stream.set_nodelay(true);
             let tls_conn = if tls {
                 let made = self
+                    .streams
                     .tls
                     .as_ref()
                     .and_then(|cfg| rustls::ServerConnection::new(cfg.clone()).ok());
@@ -122,7 +207,7 @@ impl Worker {
             }
             entry.insert(Source::Conn(conn));
             self.io.conn_by_tuple.insert(tuple, ckey);
-            self.pending += 1;
+            self.streams.pending += 1;
         }
     }
 
@@ -162,7 +247,7 @@ impl Worker {
             };
             if !c.handshake_done && c.tls.as_ref().is_some_and(|t| !t.is_handshaking()) {
                 c.handshake_done = true;
-                self.tls_handshakes += 1;
+                self.streams.tls_handshakes += 1;
             }
             let tuple = c.tuple;
             let mut rbuf = std::mem::take(&mut c.rbuf);
@@ -209,7 +294,7 @@ impl Worker {
             if let Some(id) = c.pair {
                 if !c.got_message {
                     c.got_message = true;
-                    self.pending -= 1;
+                    self.streams.pending -= 1;
                 }
                 self.io.dirty.push(key);
                 self.start_pair(id, now);
@@ -220,7 +305,7 @@ impl Worker {
             }
             if off > 0 && !c.got_message {
                 c.got_message = true;
-                self.pending -= 1;
+                self.streams.pending -= 1;
             }
             c.partial_since = if c.rbuf.is_empty() {
                 None
@@ -257,7 +342,7 @@ impl Worker {
                 client = %self.redact.show(&c.tuple.client),
                 "a PROXY protocol header from an address not in proxy-protocol-from; closing"
             );
-            self.proxy_refused += 1;
+            self.streams.proxy_refused += 1;
             self.close_conn(key, now);
             return ProxyStep::Stop;
         }
@@ -277,7 +362,7 @@ impl Worker {
             }
             Parsed::Invalid(why) => {
                 info!(balancer = %c.tuple.client, why, "a bad PROXY protocol header; closing");
-                self.proxy_refused += 1;
+                self.streams.proxy_refused += 1;
                 self.close_conn(key, now);
                 return ProxyStep::Stop;
             }
@@ -294,7 +379,7 @@ impl Worker {
         if tuple != old && self.io.conn_by_tuple.contains_key(&tuple) {
             info!(balancer = %old.client, client = %self.redact.show(&tuple.client),
                   "a PROXY protocol header naming a connection that exists; closing");
-            self.proxy_refused += 1;
+            self.streams.proxy_refused += 1;
             self.close_conn(key, now);
             return ProxyStep::Stop;
         }
@@ -303,11 +388,12 @@ impl Worker {
         c.tuple = tuple;
         debug!(balancer = %old.client, client = %self.redact.show(&tuple.client), "PROXY protocol header");
         if !self
+            .streams
             .connections
-            .try_acquire(tuple.client.ip(), self.limits.max_per_source)
+            .try_acquire(tuple.client.ip(), self.streams.limits.max_per_source)
         {
             debug!(client = %self.redact.show(&tuple.client), "per-source connection limit reached; closing");
-            self.conn_refused_per_source += 1;
+            self.streams.conn_refused_per_source += 1;
             self.close_conn(key, now);
             return ProxyStep::Stop;
         }
@@ -324,7 +410,10 @@ impl Worker {
     /// begun but not finished within it (slowloris), or silence past the idle
     /// timeout without an allocation.
     pub(super) fn sweep_connections(&mut self, now: Instant) {
-        let (handshake_timeout, idle_timeout) = (self.limits.handshake_timeout, self.limits.idle_timeout);
+        let (handshake_timeout, idle_timeout) = (
+            self.streams.limits.handshake_timeout,
+            self.streams.limits.idle_timeout,
+        );
         let mut doomed = Vec::new();
         for (key, src) in self.io.sources.iter() {
             let Source::Conn(c) = src else { continue };
@@ -372,15 +461,15 @@ impl Worker {
             return None;
         };
         if !c.got_message {
-            self.pending -= 1;
+            self.streams.pending -= 1;
         }
         if c.tls.is_some() && !c.handshake_done {
-            self.tls_failures += 1;
+            self.streams.tls_failures += 1;
         }
         let _ = self.io.registry.deregister(&mut c.stream);
         self.io.conn_by_tuple.remove(&c.tuple);
         if c.counted {
-            self.connections.release(c.tuple.client.ip());
+            self.streams.connections.release(c.tuple.client.ip());
         }
         Some(c.tuple)
     }

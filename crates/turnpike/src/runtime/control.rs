@@ -13,7 +13,7 @@ use mio::Waker;
 use turn_core::limits::{AuthGuard, SourceCounter, SourceLimiter};
 use turn_core::PeerPolicy;
 
-use super::worker::{conn_limits, ConnLimits};
+use super::connections::{conn_limits, ConnLimits};
 use crate::config::Settings;
 
 /// The peer policy `settings` describe, refusing the server's own sockets.

@@ -55,9 +55,6 @@ pub(super) struct Io {
     /// UDP datagrams to send at the end of this loop iteration.
     pub(super) queue: udp_io::SendQueue,
     pub(super) tcp_relay_addrs: super::tcp_relay::TcpRelayAddrs,
-    /// The kernel fast path, when loaded, and this worker's entries in it.
-    pub(super) fast: Option<super::fast::Shared>,
-    pub(super) fast_installed: super::fast::Installed,
 }
 
 impl Io {

@@ -14,7 +14,6 @@ use fastpath::{Counts, Entry, FastPath};
 use tracing::warn;
 use turn_core::{FastPathBudget, FastPathEntry, FiveTuple};
 
-use super::dispatch::Io;
 use super::worker::Worker;
 use crate::config::{FastPathMode, Settings};
 
@@ -106,9 +105,10 @@ pub(super) fn start(settings: &Settings, listen: &[SocketAddr]) -> Result<State>
     }
 }
 
-/// A worker's installed entries and the counts last fed to the core.
-#[derive(Default)]
-pub(super) struct Installed {
+/// A worker's part of the fast path: the loaded program (shared), the
+/// entries this worker installed and the counts last fed to the core.
+pub(super) struct FastPlane {
+    pub(super) shared: Option<Shared>,
     pub(super) entries: HashMap<(FiveTuple, u16), (Entry, Counts)>,
     /// Counts of removed entries, for the core.
     pub(super) final_counts: Vec<(FiveTuple, Counts)>,
@@ -136,7 +136,17 @@ fn add(a: &mut Counts, b: Counts) {
     a.from_peer_bytes += b.from_peer_bytes;
 }
 
-impl Installed {
+impl FastPlane {
+    pub(super) fn new(shared: Option<Shared>) -> Self {
+        FastPlane {
+            shared,
+            entries: HashMap::new(),
+            final_counts: Vec::new(),
+            usage: HashMap::new(),
+            closed: HashMap::new(),
+        }
+    }
+
     fn note_usage(&mut self, client: FiveTuple, d: Counts) {
         let u = self.usage.entry(client).or_default();
         u.0 += d.to_peer_bytes;
@@ -144,13 +154,14 @@ impl Installed {
     }
 }
 
-impl Io {
-    pub(super) fn fast_install(&mut self, e: FastPathEntry) {
-        let Some(shared) = &self.fast else {
+impl FastPlane {
+    /// Carries out the core's `FastPathInstall`.
+    pub(super) fn install(&mut self, e: FastPathEntry) {
+        let Some(shared) = &self.shared else {
             return;
         };
         let key = (e.client, e.channel);
-        let old = self.fast_installed.entries.get(&key);
+        let old = self.entries.get(&key);
         // Byte limits are absolute on the kernel's counters; a grant
         // counts from what was last read of them.
         let (to_peer_limit, from_peer_limit) = match e.budget {
@@ -178,8 +189,7 @@ impl Io {
         let r = shared.lock().unwrap_or_else(|p| p.into_inner()).install(&entry);
         match r {
             Ok(()) => {
-                self.fast_installed
-                    .entries
+                self.entries
                     .entry(key)
                     .and_modify(|(old, _)| *old = entry)
                     .or_insert((entry, Counts::default()));
@@ -194,16 +204,16 @@ impl Io {
         }
     }
 
-    pub(super) fn fast_remove(&mut self, client: FiveTuple, channel: u16) {
-        let (Some(shared), Some((entry, last))) =
-            (&self.fast, self.fast_installed.entries.remove(&(client, channel)))
+    /// Carries out the core's `FastPathRemove`.
+    pub(super) fn remove(&mut self, client: FiveTuple, channel: u16) {
+        let (Some(shared), Some((entry, last))) = (&self.shared, self.entries.remove(&(client, channel)))
         else {
             return;
         };
         let c = shared.lock().unwrap_or_else(|p| p.into_inner()).remove(&entry);
         let d = delta(c, last);
-        self.fast_installed.note_usage(client, d);
-        self.fast_installed.final_counts.push((client, d));
+        self.note_usage(client, d);
+        self.final_counts.push((client, d));
     }
 }
 
@@ -213,19 +223,19 @@ impl Worker {
     /// also reports usage for the bandwidth caps' budgets), and for each
     /// removed entry.
     pub(super) fn fast_counts(&mut self, now: Instant, all: bool) {
-        let Some(shared) = self.io.fast.clone() else {
+        let Some(shared) = self.fast.shared.clone() else {
             return;
         };
-        let mut deltas = std::mem::take(&mut self.io.fast_installed.final_counts);
+        let mut deltas = std::mem::take(&mut self.fast.final_counts);
         if all {
             let f = shared.lock().unwrap_or_else(|p| p.into_inner());
-            let installed = &mut self.io.fast_installed;
-            for ((client, _), (entry, last)) in installed.entries.iter_mut() {
+            let plane = &mut self.fast;
+            for ((client, _), (entry, last)) in plane.entries.iter_mut() {
                 let c = f.counts(entry);
                 let d = delta(c, *last);
                 deltas.push((*client, d));
                 *last = c;
-                let u = installed.usage.entry(*client).or_default();
+                let u = plane.usage.entry(*client).or_default();
                 u.0 += d.to_peer_bytes;
                 u.1 += d.from_peer_bytes;
             }
@@ -247,11 +257,11 @@ impl Worker {
                     (d.from_peer_packets, d.from_peer_bytes),
                 )
             {
-                add(self.io.fast_installed.closed.entry(client).or_default(), d);
+                add(self.fast.closed.entry(client).or_default(), d);
             }
         }
         if all {
-            for (client, (up, down)) in std::mem::take(&mut self.io.fast_installed.usage) {
+            for (client, (up, down)) in std::mem::take(&mut self.fast.usage) {
                 self.core.handle_fast_path_usage(now, client, up, down);
             }
             self.drive_core(now);

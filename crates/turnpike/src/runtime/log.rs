@@ -136,7 +136,7 @@ impl Worker {
                     age,
                 } => {
                     // What the kernel forwarded in its last moments.
-                    if let Some(c) = self.io.fast_installed.closed.remove(&tuple) {
+                    if let Some(c) = self.fast.closed.remove(&tuple) {
                         stats.to_peer_packets += c.to_peer_packets;
                         stats.to_peer_bytes += c.to_peer_bytes;
                         stats.from_peer_packets += c.from_peer_packets;
@@ -201,7 +201,7 @@ impl Worker {
             }
         }
         // Counts for deletions already logged (removed after the line).
-        self.io.fast_installed.closed.clear();
+        self.fast.closed.clear();
     }
 }
 

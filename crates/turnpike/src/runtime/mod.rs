@@ -12,14 +12,18 @@
 //! |---|---|
 //! | `mod.rs` | `start`: binds everything, builds the core config, spawns workers; `Handle` |
 //! | `listeners.rs` | binding listening sockets (SO_REUSEPORT, pktinfo, in-use check) |
-//! | `worker.rs` | the per-worker loop: events, accept, reads, timers, sweeps, reload |
-//! | `stream.rs` | TCP/TLS connections and their buffers |
+//! | `worker.rs` | `Worker`: the loop, events to the subsystem that owns the socket, the core's commands carried out |
+//! | `udp.rs` | `UdpReads`: reading UDP listeners and relay sockets in batches, ICMP errors |
+//! | `connections.rs` | `Streams`: accepting TCP/TLS within limits, PROXY headers, reading messages, timeouts, closing |
+//! | `stream.rs` | one TCP/TLS connection and its buffers |
 //! | `relays.rs` | relay sockets: IP choice, ports, reservations, DF, ICMP queue |
 //! | `tcp_relay.rs` | RFC 6062: TCP relay listeners, peer connects and accepts, ConnectionBind handoff |
 //! | `pairs.rs` | RFC 6062: connection pairs: binding, each direction's relaying, caps, closing |
 //! | `raw_buf.rs` | a pair direction's byte buffer |
 //! | `dispatch.rs` | `Io`: the sockets, and sending the core's transmits |
+//! | `fast.rs` | `FastPlane`: loading the kernel fast path, its entries, its counts fed back |
 //! | `control.rs` | `Control`, reloads, shared limits, the core config built from settings |
+//! | `worker_control.rs` | `ControlLink`: a worker's reloads, session requests, metrics, stop |
 //! | `log.rs` | log lines for the core's events, `--redact` |
 
 use std::net::{IpAddr, SocketAddr};
@@ -46,14 +50,17 @@ mod raw_buf;
 pub mod relays;
 mod stream;
 mod tcp_relay;
+mod udp;
 mod worker;
+mod worker_control;
 
+use connections::conn_limits;
 use control::{core_config, core_shared, CoreBase, Reloads, SharedLimits};
 pub use control::{Control, WorkerRequest};
 use listeners::{bind_pair, bind_tcp, bind_udp, ensure_free, in_use_hint};
 pub use log::Redactor;
 use relays::{RelayConfig, Reservations};
-use worker::{conn_limits, Worker, WorkerParams};
+use worker::{Worker, WorkerParams};
 
 const WAKER: Token = Token(usize::MAX);
 /// How often connections are checked against their timeouts.

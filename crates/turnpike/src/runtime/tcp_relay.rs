@@ -183,12 +183,12 @@ impl Worker {
     /// this one: the kernel spreads a client's connections over workers,
     /// and the peer connection lives where its allocation does.
     pub(super) fn handoff_target(&self, msg: &[u8]) -> Option<usize> {
-        if self.handoff_to.len() < 2 {
+        if self.streams.handoff_to.len() < 2 {
             return None;
         }
         let id = turn_core::connection_bind_id(msg)?;
         let owner = turn_core::connection_id_tag(id) as usize;
-        (owner != self.id && owner < self.handoff_to.len()).then_some(owner)
+        (owner != self.id && owner < self.streams.handoff_to.len()).then_some(owner)
     }
 
     /// Passes connection `key`, with the bytes it has not processed, to
@@ -203,25 +203,25 @@ impl Worker {
         let _ = self.io.registry.deregister(&mut c.stream);
         self.io.conn_by_tuple.remove(&c.tuple);
         if !c.got_message {
-            self.pending -= 1;
+            self.streams.pending -= 1;
         }
         c.rbuf = rbuf;
         c.writable_registered = false;
         let ip = c.tuple.client.ip();
-        let (tx, waker) = &self.handoff_to[owner];
+        let (tx, waker) = &self.streams.handoff_to[owner];
         match tx.send(c) {
             Ok(()) => {
                 let _ = waker.wake();
             }
             // The owner is gone (shutdown): the connection closes here.
-            Err(_) => self.connections.release(ip),
+            Err(_) => self.streams.connections.release(ip),
         }
     }
 
     /// Data connections other workers passed here: registered, and their
     /// ConnectionBind processed.
     pub(super) fn adopt_handoffs(&mut self, now: Instant) {
-        while let Ok(mut c) = self.handoff.try_recv() {
+        while let Ok(mut c) = self.streams.handoff.try_recv() {
             let entry = self.io.sources.vacant_entry();
             let key = entry.key();
             if self
@@ -230,11 +230,11 @@ impl Worker {
                 .register(&mut c.stream, Token(key), Interest::READABLE)
                 .is_err()
             {
-                self.connections.release(c.tuple.client.ip());
+                self.streams.connections.release(c.tuple.client.ip());
                 continue;
             }
             if !c.got_message {
-                self.pending += 1;
+                self.streams.pending += 1;
             }
             self.io.conn_by_tuple.insert(c.tuple, key);
             entry.insert(Source::Conn(c));

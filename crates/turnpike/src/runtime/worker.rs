@@ -1,11 +1,12 @@
 //! One worker: a single-threaded mio loop over its listeners, connections
-//! and relay sockets, its own `turn_core::Server`, and the per-worker
-//! connection limits and timeouts.
+//! and relay sockets and its own `turn_core::Server`; the loop, the
+//! dispatch of events to the subsystem that owns the socket, and the
+//! core's commands carried out.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,30 +18,19 @@ use rand::SeedableRng;
 use slab::Slab;
 use tracing::warn;
 use turn_core::limits::SourceCounter;
-use turn_core::{Command, FiveTuple, ListenerId, RelaysOpened, Server, Transport};
+use turn_core::{Command, RelaysOpened, Server};
 
+use super::connections::{ConnLimits, Streams};
 use super::control::{Reloads, WorkerRequest};
 use super::dispatch::{Io, Source};
+use super::fast::FastPlane;
 use super::log::{Redactor, RefusalLog};
 use super::pairs::{Pairs, Stage};
 use super::relays::{RelayConfig, Reservations};
 use super::stream::Conn;
-
+use super::udp::UdpReads;
+use super::worker_control::ControlLink;
 use super::{WorkerSockets, IDLE_TICK, SWEEP_INTERVAL, WAKER};
-use crate::config::Settings;
-
-pub(super) fn conn_limits(settings: &Settings) -> ConnLimits {
-    ConnLimits {
-        max_connections: settings.options.max_connections,
-        max_pending: (settings.options.max_connections / 4)
-            .max(64)
-            .min(settings.options.max_connections),
-        max_per_source: settings.options.max_connections_per_ip,
-        proxy_from: settings.options.proxy_protocol_from.clone(),
-        handshake_timeout: settings.handshake_timeout,
-        idle_timeout: settings.idle_timeout,
-    }
-}
 
 /// What a worker is given besides its sockets and core.
 pub(super) struct WorkerParams {
@@ -65,63 +55,31 @@ pub(super) struct WorkerParams {
     pub(super) refusals_per_second: u32,
 }
 
-/// Limits on TCP/TLS connections, per worker.
-#[derive(Clone)]
-pub(super) struct ConnLimits {
-    pub(super) max_connections: usize,
-    /// Connections that have not yet delivered one whole message (TLS
-    /// handshakes included): what a slowloris or handshake flood piles up.
-    pub(super) max_pending: usize,
-    /// Connections one source IP may hold across workers (0: no cap).
-    pub(super) max_per_source: u32,
-    /// Load balancers that send PROXY protocol headers.
-    pub(super) proxy_from: Vec<turn_core::policy::Cidr>,
-    pub(super) handshake_timeout: Duration,
-    pub(super) idle_timeout: Duration,
-}
-
+/// A worker: the protocol core and the subsystems that carry out what it
+/// asks, each the one owner of its state.
 pub(super) struct Worker {
     pub(super) poll: Poll,
     pub(super) core: Server,
+    /// The sockets (one slab, one mio token space) and sending.
     pub(super) io: Io,
+    /// Reading UDP listeners and relay sockets (`udp.rs`).
+    pub(super) udp: UdpReads,
+    /// TCP/TLS client connections: limits, counts, handoffs (`connections.rs`).
+    pub(super) streams: Streams,
+    /// RFC 6062 connection pairs (`pairs.rs`).
     pub(super) pairs: Pairs,
-    pub(super) tls: Option<Arc<rustls::ServerConfig>>,
-    pub(super) stop: Arc<AtomicBool>,
-    pub(super) buf: Vec<u8>,
-    pub(super) batch: udp_io::RecvBatch,
-    pub(super) limits: ConnLimits,
-    pub(super) redact: Redactor,
-    pub(super) reloads: Arc<Reloads>,
-    pub(super) seen_generation: u64,
+    /// The kernel fast path's entries of this worker (`fast.rs`).
+    pub(super) fast: FastPlane,
+    /// Reloads, requests and metrics from and to the control plane
+    /// (`worker_control.rs`).
+    pub(super) control: ControlLink,
     pub(super) id: usize,
-    pub(super) board: crate::metrics::Board,
-    pub(super) commands: std::sync::mpsc::Receiver<WorkerRequest>,
-    pub(super) tls_handshakes: u64,
-    pub(super) tls_failures: u64,
-    pub(super) recv_batches: u64,
-    pub(super) recv_datagrams: u64,
-    pub(super) pending: usize,
-    pub(super) next_sweep: Instant,
-    pub(super) connections: Arc<SourceCounter>,
-    pub(super) errors: udp_io::ErrorQueue,
-    pub(super) conn_refused_worker: u64,
-    pub(super) conn_refused_per_source: u64,
-    pub(super) proxy_refused: u64,
+    pub(super) redact: Redactor,
     pub(super) refusals: RefusalLog,
-    pub(super) handoff: std::sync::mpsc::Receiver<Box<Conn>>,
-    pub(super) handoff_to: Vec<(std::sync::mpsc::Sender<Box<Conn>>, Arc<mio::Waker>)>,
-    /// UDP sockets left readable when their read budget ran out: mio is
-    /// edge-triggered, so they are read again after the other sockets'
-    /// events, not when the kernel says so.
-    pub(super) unfinished: Vec<usize>,
+    /// Scratch space for one read.
+    pub(super) buf: Vec<u8>,
+    pub(super) next_sweep: Instant,
 }
-
-/// `recvmmsg` batches one readiness event may read from one UDP socket.
-/// A listener that stays full (every client's media arrives on it) would
-/// otherwise keep the worker until it drains, while the relay sockets'
-/// packets (a call's second hop) and the send queue wait: milliseconds
-/// of latency under load, for no throughput.
-const READ_BUDGET: usize = 4;
 
 impl Worker {
     pub(super) fn new(poll: Poll, sockets: WorkerSockets, core: Server, p: WorkerParams) -> Result<Self> {
@@ -157,8 +115,6 @@ impl Worker {
             dirty: Vec::new(),
             queue: udp_io::SendQueue::new(gso),
             tcp_relay_addrs,
-            fast,
-            fast_installed: Default::default(),
         };
         for (s, addr) in sockets.udp {
             let mut sock = UdpSocket::from_std(s);
@@ -179,33 +135,16 @@ impl Worker {
             poll,
             core,
             io,
+            udp: UdpReads::new(),
+            streams: Streams::new(tls, limits, connections, handoff, handoff_to),
             pairs: Pairs::default(),
-            tls,
-            stop,
-            buf: vec![0u8; 65536],
-            batch: udp_io::RecvBatch::new(),
-            limits,
-            redact,
-            reloads,
-            seen_generation: 0,
+            fast: FastPlane::new(fast),
+            control: ControlLink::new(stop, reloads, board, commands),
             id,
-            board,
-            commands,
-            tls_handshakes: 0,
-            tls_failures: 0,
-            recv_batches: 0,
-            recv_datagrams: 0,
-            pending: 0,
-            next_sweep: Instant::now() + SWEEP_INTERVAL,
-            connections,
-            errors: udp_io::ErrorQueue::new(),
-            conn_refused_worker: 0,
-            conn_refused_per_source: 0,
-            proxy_refused: 0,
-            unfinished: Vec::new(),
+            redact,
             refusals: RefusalLog::new(refusals_per_second),
-            handoff,
-            handoff_to,
+            buf: vec![0u8; 65536],
+            next_sweep: Instant::now() + SWEEP_INTERVAL,
         })
     }
 
@@ -237,14 +176,14 @@ impl Worker {
                 },
                 Command::BindConnection { id, data, control } => self.bind_pair(id, data, control),
                 Command::CloseConnection { id } => self.close_pair(id),
-                Command::FastPathInstall(e) => self.io.fast_install(e),
-                Command::FastPathRemove { client, channel } => self.io.fast_remove(client, channel),
+                Command::FastPathInstall(e) => self.fast.install(e),
+                Command::FastPathRemove { client, channel } => self.fast.remove(client, channel),
             }
         }
         while let Some(t) = self.core.poll_transmit() {
             self.io.send(t.dest, &t.data);
         }
-        if !self.io.fast_installed.final_counts.is_empty() {
+        if !self.fast.final_counts.is_empty() {
             self.fast_counts(now, false);
         }
     }
@@ -262,7 +201,7 @@ impl Worker {
                 .map(|t| t.saturating_duration_since(now).min(IDLE_TICK))
                 .unwrap_or(IDLE_TICK)
                 .min(self.next_sweep.saturating_duration_since(now));
-            let timeout = if self.unfinished.is_empty() {
+            let timeout = if self.udp.unfinished.is_empty() {
                 timeout
             } else {
                 Duration::ZERO
@@ -287,7 +226,7 @@ impl Worker {
             }
             // After this round's events: the sockets a budget cut short
             // last round (a key seen again above is read twice, harmlessly).
-            let again = std::mem::take(&mut self.unfinished);
+            let again = std::mem::take(&mut self.udp.unfinished);
             for key in again {
                 self.on_event(key, true, false, now);
             }
@@ -309,7 +248,7 @@ impl Worker {
             self.io.queue.flush();
             self.update_interests(now);
             self.log_events();
-            if self.stop.load(Ordering::SeqCst) {
+            if self.control.stopping() {
                 let now = Instant::now();
                 self.core.close_all(now);
                 self.drive_core(now);
@@ -345,190 +284,6 @@ impl Worker {
             Kind::Conn => self.on_conn(key, readable, writable, now),
             Kind::TcpRelay(addr) => self.accept_peers(key, addr, now),
             Kind::Peer => self.on_peer(key, readable, writable, now),
-        }
-    }
-
-    pub(super) fn read_udp(&mut self, key: usize, local: SocketAddr, now: Instant) {
-        for round in 0.. {
-            if round == READ_BUDGET {
-                self.unfinished.push(key);
-                return;
-            }
-            let Some(Source::Udp { sock, .. }) = self.io.sources.get(key) else {
-                return;
-            };
-            let n = match self.batch.recv(sock) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            self.recv_batches += 1;
-            self.recv_datagrams += n as u64;
-            for i in 0..n {
-                let Some(d) = self.batch.get(i) else {
-                    continue;
-                };
-                // The address the client reached: pktinfo on a wildcard
-                // socket, else the one it is bound to.
-                let tuple = FiveTuple {
-                    transport: Transport::Udp,
-                    client: d.from,
-                    server: SocketAddr::new(d.to_ip.unwrap_or(local.ip()), local.port()),
-                    listener: ListenerId(key as u32),
-                };
-                if let Some(tx) = self.core.handle_client(now, tuple, d.data) {
-                    self.io.transmit(tx);
-                }
-                self.drive_core(now);
-            }
-            if n < udp_io::BATCH {
-                return;
-            }
-        }
-    }
-
-    /// RFC 8656 §11.5: ICMP errors queued on a relay socket go to the
-    /// client (the core checks the permission and rate-limits them).
-    pub(super) fn read_relay_errors(&mut self, key: usize, relay: SocketAddr, now: Instant) {
-        for _ in 0..64 {
-            let Some(Source::Relay { sock, .. }) = self.io.sources.get(key) else {
-                return;
-            };
-            let Ok(Some(e)) = self.errors.recv(sock) else {
-                return;
-            };
-            if let Some(tx) = self
-                .core
-                .handle_icmp(now, relay, e.dest, e.icmp_type, e.icmp_code, e.info)
-            {
-                self.io.transmit(tx);
-            }
-        }
-    }
-
-    pub(super) fn read_relay(&mut self, key: usize, relay: SocketAddr, now: Instant) {
-        let mut errors_read = false;
-        for round in 0.. {
-            if round == READ_BUDGET {
-                self.unfinished.push(key);
-                return;
-            }
-            let Some(Source::Relay { sock, .. }) = self.io.sources.get(key) else {
-                return;
-            };
-            let n = match self.batch.recv(sock) {
-                Ok(0) => return,
-                Ok(n) => n,
-                // A pending ICMP error fails the receive once: read the
-                // error queue, then go on with the datagrams.
-                Err(_) if !errors_read => {
-                    errors_read = true;
-                    self.read_relay_errors(key, relay, now);
-                    continue;
-                }
-                Err(_) => return,
-            };
-            self.recv_batches += 1;
-            self.recv_datagrams += n as u64;
-            for i in 0..n {
-                let Some(udp_io::Datagram { from, data, .. }) = self.batch.get(i) else {
-                    continue;
-                };
-                // The core writes the client's datagram straight into the
-                // send queue: the payload's one copy.
-                let out = self.io.queue.buffer();
-                let start = out.len();
-                match self.core.handle_peer_into(now, relay, from, data, out) {
-                    Some(dest) => self.io.forward_appended(dest, start),
-                    None => self.io.queue.truncate(start),
-                }
-            }
-            if n < udp_io::BATCH {
-                return;
-            }
-        }
-    }
-
-    /// Answers the control plane's requests.
-    pub(super) fn handle_commands(&mut self, now: Instant) {
-        while let Ok(cmd) = self.commands.try_recv() {
-            match cmd {
-                WorkerRequest::Sessions(reply) => {
-                    let mut list = self.core.sessions(now);
-                    // The bytes of TCP relays are counted where they move.
-                    for s in &mut list {
-                        self.pairs.fill_bytes(&mut s.tcp_connections);
-                    }
-                    let _ = reply.send(list);
-                }
-                WorkerRequest::Delete { pick, reply } => {
-                    let n = self.core.delete_sessions(now, &*pick);
-                    self.drive_core(now);
-                    let _ = reply.send(n);
-                }
-            }
-        }
-    }
-
-    /// Publishes this worker's numbers for the metrics endpoint (once a
-    /// second: one short lock, never on the packet path).
-    pub(super) fn publish_metrics(&mut self, now: Instant) {
-        let (permissions, channels) = self.core.permissions_and_channels(now);
-        let m = crate::metrics::WorkerMetrics {
-            core: self.core.counters(),
-            allocations: self.core.allocations_by_transport(),
-            permissions,
-            channels,
-            connections: self.io.conn_by_tuple.len(),
-            tls_handshakes: self.tls_handshakes,
-            tls_failures: self.tls_failures,
-            conn_refused_worker: self.conn_refused_worker,
-            conn_refused_per_source: self.conn_refused_per_source,
-            proxy_refused: self.proxy_refused,
-            recv_batches: self.recv_batches,
-            recv_datagrams: self.recv_datagrams,
-            send: self.io.queue.stats(),
-            gso: self.io.queue.gso_enabled(),
-            tcp_connections: self.pairs.len(),
-            tcp_bytes: self.pairs.totals(),
-        };
-        if let Some(slot) = self
-            .board
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(self.id)
-        {
-            *slot = m;
-        }
-    }
-
-    /// Takes a newer configuration if one was published (one atomic load
-    /// per loop iteration, never per packet).
-    pub(super) fn apply_reload(&mut self) {
-        let generation = self.reloads.generation.load(Ordering::Acquire);
-        if generation == self.seen_generation {
-            return;
-        }
-        self.seen_generation = generation;
-        let update = self
-            .reloads
-            .latest
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if let Some(u) = update {
-            if let Some((mut cfg, shared)) = u.core {
-                cfg.connection_id_tag = self.id as u8;
-                self.core.reconfigure(cfg, shared);
-            } else if let Some(c) = u.credentials {
-                self.core.set_credentials(c);
-            }
-            if let Some(conn) = u.conn {
-                self.limits = conn;
-            }
-            if let Some(tls) = u.tls {
-                // New connections use the new certificate; open ones keep theirs.
-                self.tls = Some(tls);
-            }
         }
     }
 }
