@@ -350,7 +350,7 @@ fn main_settings(s: &crate::config::Settings) -> serde_json::Value {
         "user-max-bps": s.options.user_max_bps,
         "rate-limit-per-ip": s.options.rate_limit_per_ip,
         "auth-fail-limit": s.options.auth_fail_limit,
-        "drain-timeout": s.drain_timeout.as_secs(),
+        "drain-timeout": s.options.drain_timeout.as_secs(),
         "rfc5780": s.rfc5780.is_some(),
         "metrics-listen": s.options.metrics_listen.map(|a| a.to_string()),
         "admin-token": "[redacted]",

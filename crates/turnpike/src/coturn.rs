@@ -161,7 +161,7 @@ pub const MAPPINGS: &[Mapping] = &[
     },
     Mapping {
         coturn: "max-allocate-lifetime",
-        turnpike: "--max-allocation-lifetime SECS",
+        turnpike: "--max-allocation-lifetime DURATION",
     },
     Mapping {
         coturn: "mobility",

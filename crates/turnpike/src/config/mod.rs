@@ -13,7 +13,7 @@ pub use host::HostFacts;
 pub use options::{CommandLine, Options};
 pub(crate) use parse::parse_cidrs;
 pub use parse::{parse_md5_hex, parse_socket_addr};
-pub use types::{FastPathMode, HostPort, LogFormat, PeerPrecedence, Secret, UserSpec};
+pub use types::{FastPathMode, HostPort, LogFormat, PeerPrecedence, Period, Secret, UserSpec};
 pub use validate::{validate, Settings, TlsSource, WebSettings};
 
 impl Settings {

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use turn_core::Cidr;
 
 use super::parse::{all_displayed, one_or_many, one_or_many_parsed, parse_socket_addr, shorten_unknown_key};
-use super::types::{FastPathMode, HostPort, LogFormat, PeerPrecedence, UserSpec};
+use super::types::{FastPathMode, HostPort, LogFormat, PeerPrecedence, Period, UserSpec};
 
 /// Every `serve` option, with its default, help text and value type
 /// declared once, here. An `Option` or empty list means the default is the
@@ -174,19 +174,19 @@ pub struct Options {
     #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", default_value_t = false, require_equals = true, value_name = "BOOL")]
     pub rfc5766_channel_numbers: bool,
 
-    /// How long a nonce stays valid, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 600)]
-    pub nonce_lifetime: u64,
+    /// How long a nonce stays valid (seconds, or with units: 10m).
+    #[arg(long, value_name = "DURATION", default_value_t = Period::secs(600))]
+    pub nonce_lifetime: Period,
 
-    /// Allocation lifetime when the client asks for none or for less, in
-    /// seconds (RFC 8656 §7.2).
-    #[arg(long, value_name = "SECS", default_value_t = 600)]
-    pub allocation_lifetime: u64,
+    /// Allocation lifetime when the client asks for none or for less
+    /// (RFC 8656 §7.2).
+    #[arg(long, value_name = "DURATION", default_value_t = Period::secs(600))]
+    pub allocation_lifetime: Period,
 
-    /// The longest allocation lifetime granted, in seconds [default: 3600, or
+    /// The longest allocation lifetime granted [default: 1h, or
     /// allocation-lifetime when that is longer].
-    #[arg(long, value_name = "SECS")]
-    pub max_allocation_lifetime: Option<u64>,
+    #[arg(long, value_name = "DURATION")]
+    pub max_allocation_lifetime: Option<Period>,
 
     /// Allocations one username may hold at once (0: unlimited).
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -218,9 +218,9 @@ pub struct Options {
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub auth_fail_limit: u32,
 
-    /// How long a blocked username/source stays blocked, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 300)]
-    pub auth_block_secs: u64,
+    /// How long a blocked username/source stays blocked.
+    #[arg(long, value_name = "DURATION", default_value_t = Period::secs(300))]
+    pub auth_block_secs: Period,
 
     /// Most TCP/TLS connections per worker thread.
     #[arg(long, value_name = "N", default_value_t = 8192)]
@@ -232,24 +232,24 @@ pub struct Options {
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_connections_per_ip: u32,
 
-    /// Seconds a TCP/TLS connection may take to complete its TLS handshake
+    /// How long a TCP/TLS connection may take to complete its TLS handshake
     /// and first STUN message, or to finish a message it has begun.
-    #[arg(long, value_name = "SECS", default_value_t = 10)]
-    pub handshake_timeout: u64,
+    #[arg(long, value_name = "DURATION", default_value_t = Period::secs(10))]
+    pub handshake_timeout: Period,
 
-    /// Seconds a TCP/TLS connection without an allocation may stay silent.
-    #[arg(long, value_name = "SECS", default_value_t = 120)]
-    pub idle_timeout: u64,
+    /// How long a TCP/TLS connection without an allocation may stay silent.
+    #[arg(long, value_name = "DURATION", default_value_t = Period::secs(120))]
+    pub idle_timeout: Period,
 
     /// RFC 6062: peer data connections one TCP allocation may hold
     /// (connecting, waiting for ConnectionBind, or relaying).
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub tcp_connections_per_allocation: usize,
 
-    /// RFC 6062: seconds a Connect may take before 447 (at least 30, as the
-    /// RFC requires).
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
-    pub tcp_connect_timeout: u64,
+    /// RFC 6062: how long a Connect may take before 447 (at least 30s, as
+    /// the RFC requires).
+    #[arg(long, value_name = "DURATION", default_value_t = Period::secs(30))]
+    pub tcp_connect_timeout: Period,
 
     /// Kernel fast path (XDP) for established UDP channels: auto (load when
     /// the kernel and privileges allow, else say why and relay in user
@@ -283,10 +283,10 @@ pub struct Options {
     #[serde(default, deserialize_with = "one_or_many")]
     pub alternate_server: Vec<SocketAddr>,
 
-    /// Seconds SIGTERM waits for allocations to end before closing them
+    /// How long SIGTERM waits for allocations to end before closing them
     /// (0: close at once).
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
-    pub drain_timeout: u64,
+    #[arg(long, value_name = "DURATION", default_value_t = Period::secs(30))]
+    pub drain_timeout: Period,
 
     /// Serve Prometheus metrics at http://IP:PORT/metrics (off unless set;
     /// e.g. 127.0.0.1:9641).
@@ -314,11 +314,11 @@ pub struct Options {
     #[arg(long, value_name = "NAME")]
     pub node_name: Option<String>,
 
-    /// Seconds a node's registry entry and its quota counts live in Redis
+    /// How long a node's registry entry and its quota counts live in Redis
     /// without a heartbeat (one a second): a node that dies releases its
     /// users' quota after this long.
-    #[arg(long, value_name = "S", default_value_t = 15)]
-    pub fleet_lease: u64,
+    #[arg(long, value_name = "DURATION", default_value_t = Period::secs(15))]
+    pub fleet_lease: Period,
 
     /// With --redis-url: allocations the whole fleet may hold together
     /// (508 past it; 0: no fleet limit). --total-quota still caps each
@@ -357,10 +357,9 @@ pub struct Options {
     #[arg(long, value_name = "IP:PORT", value_parser = parse_socket_addr)]
     pub web_listen: Option<SocketAddr>,
 
-    /// Lifetime in seconds of the TURN credentials the ICE page mints,
-    /// 30 to 3600.
-    #[arg(long, value_name = "SECS", default_value_t = 300)]
-    pub web_credential_ttl: u64,
+    /// Lifetime of the TURN credentials the ICE page mints, 30s to 1h.
+    #[arg(long, value_name = "DURATION", default_value_t = Period::secs(300))]
+    pub web_credential_ttl: Period,
 
     /// Credentials the ICE page gives one IP address per minute, 1 to 600
     #[arg(long, value_name = "N", default_value_t = 6)]

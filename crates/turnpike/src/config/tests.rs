@@ -216,7 +216,10 @@ fn a_tcp_connect_timeout_under_the_rfc_minimum_is_refused() {
         "8",
     ])
     .unwrap();
-    assert_eq!(s.tcp_connect_timeout, std::time::Duration::from_secs(45));
+    assert_eq!(
+        s.options.tcp_connect_timeout.get(),
+        std::time::Duration::from_secs(45)
+    );
     assert_eq!(s.options.tcp_connections_per_allocation, 8);
 }
 
@@ -360,4 +363,77 @@ fn every_option_has_one_default_and_the_file_and_flags_agree_on_it() {
             "{flag}: {entry}"
         );
     }
+}
+
+#[test]
+fn durations_take_seconds_or_units_and_show_the_shortest_form() {
+    use super::super::Period;
+    for (text, secs, shown) in [
+        ("600", 600, "10m"),
+        ("0", 0, "0s"),
+        ("90", 90, "1m30s"),
+        ("90s", 90, "1m30s"),
+        ("10m", 600, "10m"),
+        ("1h30m", 5400, "1h30m"),
+        ("2d", 172_800, "2d"),
+        ("1h0m5s", 3605, "1h5s"),
+    ] {
+        let p: Period = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert_eq!(p.as_secs(), secs, "{text}");
+        assert_eq!(p.to_string(), shown, "{text}");
+        assert_eq!(shown.parse::<Period>().unwrap(), p, "{shown} reads back");
+    }
+    let half: Period = "1500ms".parse().unwrap();
+    assert_eq!(half.get(), std::time::Duration::from_millis(1500));
+    assert_eq!(half.to_string(), "1500ms");
+    for bad in [
+        "",
+        "m",
+        "10x",
+        "-5",
+        "1.5s",
+        "5s10m",
+        "10m10m",
+        "99999999999999999999d",
+        "10 m",
+    ] {
+        let e = bad.parse::<Period>().expect_err(bad);
+        assert!(e.contains("give seconds (600) or units"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn a_duration_option_reads_the_same_from_flags_and_file_in_either_form() {
+    // A file written before units (and `import coturn`'s output) says
+    // seconds as a number; units come as a string.
+    let by_flag = parse(&["--idle-timeout", "2m", "--drain-timeout", "45"]);
+    for text in [
+        "idle-timeout = 120\ndrain-timeout = 45\n",
+        "idle-timeout = \"2m\"\ndrain-timeout = \"45s\"\n",
+    ] {
+        let by_file: Options = toml::from_str(text).unwrap();
+        assert_eq!(by_file.idle_timeout, by_flag.idle_timeout, "{text}");
+        assert_eq!(by_file.drain_timeout, by_flag.drain_timeout, "{text}");
+    }
+    let e = toml::from_str::<Options>("idle-timeout = -3\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("negative"), "{e}");
+    let e = toml::from_str::<Options>("idle-timeout = \"soon\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("idle-timeout") && e.contains("not a duration"), "{e}");
+    // What /api/config shows and a written file holds reads back.
+    let shown = toml::to_string(&by_flag).unwrap();
+    assert!(shown.contains("idle-timeout = \"2m\""), "{shown}");
+    assert_eq!(toml::from_str::<Options>(&shown).unwrap(), by_flag);
+    // Below a second, where the wire counts whole seconds: refused by name.
+    let err = settle(&["--user", "a:pw", "--no-tls", "--nonce-lifetime", "500ms"])
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("nonce-lifetime: 500ms is less than a second"),
+        "{err}"
+    );
 }

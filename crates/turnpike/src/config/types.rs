@@ -186,3 +186,137 @@ impl std::fmt::Display for HostPort {
         f.write_str(&self.0)
     }
 }
+
+/// A span of time: whole seconds (`600`, as every duration option took
+/// before units) or with units, `ms`, `s`, `m`, `h`, `d`, combined from the
+/// largest down (`1h30m`, `90s`, `500ms`). Shown in the shortest exact form
+/// (`10m`), in `--help`, `/api/config` and a written configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Period(std::time::Duration);
+
+impl Period {
+    /// `n` seconds.
+    pub const fn secs(n: u64) -> Self {
+        Period(std::time::Duration::from_secs(n))
+    }
+
+    pub const fn get(self) -> std::time::Duration {
+        self.0
+    }
+
+    /// Whole seconds (what is below a second is dropped).
+    pub const fn as_secs(self) -> u64 {
+        self.0.as_secs()
+    }
+
+    pub const fn is_zero(self) -> bool {
+        self.0.is_zero()
+    }
+}
+
+impl From<Period> for std::time::Duration {
+    fn from(p: Period) -> Self {
+        p.0
+    }
+}
+
+/// The units, largest first, in milliseconds.
+const PERIOD_UNITS: [(&str, u64); 5] = [
+    ("d", 86_400_000),
+    ("h", 3_600_000),
+    ("m", 60_000),
+    ("s", 1000),
+    ("ms", 1),
+];
+
+impl FromStr for Period {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad =
+            || format!("{s:?} is not a duration: give seconds (600) or units ms, s, m, h, d (10m, 1h30m)");
+        let s = s.trim();
+        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+            return s.parse::<u64>().map(Period::secs).map_err(|_| bad());
+        }
+        let mut rest = s;
+        let mut total_ms: u64 = 0;
+        // Each unit at most once, largest first.
+        let mut smallest_so_far = u64::MAX;
+        while !rest.is_empty() {
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            if digits == 0 {
+                return Err(bad());
+            }
+            let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+            rest = &rest[digits..];
+            let letters = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+            let unit = &rest[..letters];
+            rest = &rest[letters..];
+            let Some(&(_, ms)) = PERIOD_UNITS.iter().find(|(u, _)| *u == unit) else {
+                return Err(bad());
+            };
+            if ms >= smallest_so_far {
+                return Err(bad());
+            }
+            smallest_so_far = ms;
+            total_ms = n
+                .checked_mul(ms)
+                .and_then(|v| v.checked_add(total_ms))
+                .ok_or_else(bad)?;
+        }
+        if s.is_empty() {
+            return Err(bad());
+        }
+        Ok(Period(std::time::Duration::from_millis(total_ms)))
+    }
+}
+
+impl std::fmt::Display for Period {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut ms = self.0.as_millis() as u64;
+        if ms == 0 {
+            return f.write_str("0s");
+        }
+        if !ms.is_multiple_of(1000) {
+            return write!(f, "{ms}ms");
+        }
+        for (unit, size) in &PERIOD_UNITS[..4] {
+            if ms >= *size {
+                write!(f, "{}{unit}", ms / size)?;
+                ms %= size;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for Period {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Period {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Period;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("seconds (600) or a duration with units (\"10m\", \"1h30m\")")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Period, E> {
+                Ok(Period::secs(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Period, E> {
+                u64::try_from(v)
+                    .map(Period::secs)
+                    .map_err(|_| E::custom(format!("{v} is negative; a duration is 0 or more")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Period, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}

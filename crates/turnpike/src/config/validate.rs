@@ -10,7 +10,7 @@ use turn_core::{Cidr, Credentials};
 
 use super::host::HostFacts;
 use super::parse::check_log_level;
-use super::types::{FastPathMode, LogFormat, PeerPrecedence, Secret, UserSpec, EXAMPLE_SECRETS};
+use super::types::{FastPathMode, LogFormat, PeerPrecedence, Period, Secret, UserSpec, EXAMPLE_SECRETS};
 use super::Options;
 
 /// Validated settings, ready to run.
@@ -47,26 +47,18 @@ pub struct Settings {
     pub threads: usize,
     /// Accept 0x5000-0x7FFF channels.
     pub legacy_channel_numbers: bool,
-    /// Default and longest allocation lifetimes.
-    pub allocation_lifetime: std::time::Duration,
+    /// The longest allocation lifetime granted (`max-allocation-lifetime`
+    /// resolved).
     pub max_allocation_lifetime: std::time::Duration,
     /// No relay address was configured: each allocation relays from the
     /// address its client reached (falling back to `relay_v4`/`relay_v6`).
     pub relay_auto: bool,
-    /// Handshake / first message / partial message timeout.
-    pub handshake_timeout: std::time::Duration,
-    /// Idle timeout for connections without an allocation.
-    pub idle_timeout: std::time::Duration,
-    /// RFC 6062: how long a Connect may take.
-    pub tcp_connect_timeout: std::time::Duration,
     /// Interfaces named for the fast path (empty: chosen by listen address).
     pub fast_path_interfaces: Vec<String>,
     /// RFC 5780: the primary listen address and the alternate IP and port.
     pub rfc5780: Option<(SocketAddr, IpAddr, Option<u16>)>,
     /// Log lines as JSON.
     pub log_json: bool,
-    /// How long SIGTERM waits for allocations to end.
-    pub drain_timeout: std::time::Duration,
     /// Admin API listener and its token.
     pub admin: Option<(SocketAddr, String)>,
     /// The user database.
@@ -77,8 +69,6 @@ pub struct Settings {
     pub external_ip_from: Option<String>,
     /// Files whose change triggers a reload (empty: no watching).
     pub watched_files: Vec<PathBuf>,
-    /// How long registry entries and quota counts outlive a silent node.
-    pub fleet_lease: std::time::Duration,
     /// The ICE test page and the dashboard.
     pub web: WebSettings,
 }
@@ -140,7 +130,7 @@ impl WebSettings {
     fn new(
         ui: bool,
         public: Option<SocketAddr>,
-        ttl: u64,
+        ttl: Period,
         per_minute: u32,
         turn_host: Option<&str>,
         admin: bool,
@@ -148,8 +138,10 @@ impl WebSettings {
         if ui && !admin {
             bail!("web-ui: the pages are served on the admin listener; set admin-listen and admin-token (or use web-listen for the public ICE page)");
         }
-        if !(30..=3600).contains(&ttl) {
-            bail!("web-credential-ttl {ttl}: use 30 to 3600 seconds (the page's credentials should expire in minutes)");
+        if !(Period::secs(30)..=Period::secs(3600)).contains(&ttl) {
+            bail!(
+                "web-credential-ttl {ttl}: use 30s to 1h (the page's credentials should expire in minutes)"
+            );
         }
         if !(1..=600).contains(&per_minute) {
             bail!("web-credentials-per-minute {per_minute}: use 1 to 600");
@@ -170,7 +162,7 @@ impl WebSettings {
         Ok(WebSettings {
             ui,
             public,
-            credential_ttl: std::time::Duration::from_secs(ttl),
+            credential_ttl: ttl.get(),
             per_minute,
             turn_host,
         })
@@ -233,7 +225,7 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         alt_ip,
         alt_port,
         alternate_server: _,
-        drain_timeout,
+        drain_timeout: _,
         metrics_listen: _,
         db,
         redis_url,
@@ -276,7 +268,8 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
     if software.as_ref().is_some_and(|s| s.len() > 763) {
         bail!("software: at most 763 bytes");
     }
-    let max_allocation_lifetime = max_allocation_lifetime.unwrap_or(3600.max(*allocation_lifetime));
+    let max_allocation_lifetime =
+        max_allocation_lifetime.unwrap_or(Period::secs(3600).max(*allocation_lifetime));
     check_lifetimes(
         *nonce_lifetime,
         *allocation_lifetime,
@@ -297,9 +290,8 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         admin_token_file.as_ref(),
         host,
     )?;
-    let fleet_lease = Duration::from_secs(*fleet_lease);
     check_fleet(
-        fleet_lease,
+        fleet_lease.get(),
         *redirect_above,
         *fleet_total_quota,
         redis_url.is_some(),
@@ -338,20 +330,14 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         threads,
         long_realm: *allow_long_realm,
         legacy_channel_numbers: *rfc5766_channel_numbers,
-        allocation_lifetime: Duration::from_secs(*allocation_lifetime),
-        max_allocation_lifetime: Duration::from_secs(max_allocation_lifetime),
-        handshake_timeout: Duration::from_secs(*handshake_timeout),
-        idle_timeout: Duration::from_secs(*idle_timeout),
-        tcp_connect_timeout: Duration::from_secs(*tcp_connect_timeout),
+        max_allocation_lifetime: max_allocation_lifetime.get(),
         fast_path_interfaces: fast_path_interface.clone(),
         rfc5780,
         log_json: *log_format == LogFormat::Json,
-        drain_timeout: Duration::from_secs(*drain_timeout),
         db,
         redis_url,
         external_ip_from: external_ip_from.as_ref().map(|h| h.as_str().to_owned()),
         watched_files,
-        fleet_lease,
         web,
         admin,
     })
@@ -565,44 +551,52 @@ fn credentials(
     Ok((credentials, demo_user))
 }
 
-fn check_lifetimes(nonce: u64, allocation: u64, max_allocation: u64, auth_block: u64) -> Result<()> {
-    if nonce == 0 {
-        bail!("nonce-lifetime: must be at least 1 second (default 600)");
+/// Lifetimes are whole seconds on the wire (LIFETIME, RFC 8656 §18.2) and
+/// in the nonce's timestamp, so each is at least one second.
+fn check_lifetimes(
+    nonce: Period,
+    allocation: Period,
+    max_allocation: Period,
+    auth_block: Period,
+) -> Result<()> {
+    let one = Period::secs(1);
+    if nonce < one {
+        bail!("nonce-lifetime: {nonce} is less than a second; give at least 1s (default 10m)");
     }
-    if allocation == 0 {
-        bail!("allocation-lifetime: must be at least 1 second (default 600)");
+    if allocation < one {
+        bail!("allocation-lifetime: {allocation} is less than a second; give at least 1s (default 10m)");
     }
     if max_allocation < allocation {
         bail!(
-            "max-allocation-lifetime: {max_allocation} s is shorter than allocation-lifetime \
-             ({allocation} s); raise it or lower allocation-lifetime"
+            "max-allocation-lifetime: {max_allocation} is shorter than allocation-lifetime \
+             ({allocation}); raise it or lower allocation-lifetime"
         );
     }
-    if auth_block == 0 {
-        bail!("auth-block-secs: must be at least 1 second (default 300); use auth-fail-limit = 0 to turn the guard off");
+    if auth_block < one {
+        bail!("auth-block-secs: {auth_block} is less than a second; give at least 1s (default 5m), or auth-fail-limit = 0 to turn the guard off");
     }
     Ok(())
 }
 
-fn check_connections(max_connections: usize, handshake_timeout: u64, idle_timeout: u64) -> Result<()> {
+fn check_connections(max_connections: usize, handshake_timeout: Period, idle_timeout: Period) -> Result<()> {
     if max_connections == 0 {
         bail!("max-connections: must be at least 1 (default 8192)");
     }
-    if handshake_timeout == 0 {
-        bail!("handshake-timeout: must be at least 1 second (default 10)");
+    if handshake_timeout < Period::secs(1) {
+        bail!("handshake-timeout: {handshake_timeout} is less than a second; give at least 1s (default 10s)");
     }
-    if idle_timeout == 0 {
-        bail!("idle-timeout: must be at least 1 second (default 120)");
+    if idle_timeout < Period::secs(1) {
+        bail!("idle-timeout: {idle_timeout} is less than a second; give at least 1s (default 2m)");
     }
     Ok(())
 }
 
-fn check_rfc6062(per_allocation: usize, connect_timeout: u64) -> Result<()> {
+fn check_rfc6062(per_allocation: usize, connect_timeout: Period) -> Result<()> {
     if per_allocation == 0 || per_allocation > 65535 {
         bail!("tcp-connections-per-allocation: must be 1 to 65535 (default 64)");
     }
-    if !(30..=3600).contains(&connect_timeout) {
-        bail!("tcp-connect-timeout: must be 30 to 3600 seconds (RFC 6062 §5.2 asks for at least 30; default 30)");
+    if !(Period::secs(30)..=Period::secs(3600)).contains(&connect_timeout) {
+        bail!("tcp-connect-timeout: {connect_timeout} is outside 30s to 1h (RFC 6062 §5.2 asks for at least 30 seconds; default 30s)");
     }
     Ok(())
 }

@@ -93,7 +93,7 @@ impl Node {
             mut watch,
         } = self;
         let control = handle.control();
-        let drain_timeout = settings.drain_timeout;
+        let drain_timeout = settings.options.drain_timeout.get();
         std::thread::spawn(move || {
             let mut deadline: Option<Instant> = None;
             let mut last_report = Instant::now();
@@ -266,7 +266,7 @@ fn start_fleet(
         crate::fleet::FleetConfig {
             url: url.clone(),
             name,
-            lease: settings.fleet_lease,
+            lease: settings.options.fleet_lease.get(),
             redirect_above: settings.options.redirect_above,
             ipv4,
             ipv6,

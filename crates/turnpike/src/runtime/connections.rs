@@ -29,8 +29,8 @@ pub(super) fn conn_limits(settings: &Settings) -> ConnLimits {
             .min(settings.options.max_connections),
         max_per_source: settings.options.max_connections_per_ip,
         proxy_from: settings.options.proxy_protocol_from.clone(),
-        handshake_timeout: settings.handshake_timeout,
-        idle_timeout: settings.idle_timeout,
+        handshake_timeout: settings.options.handshake_timeout.get(),
+        idle_timeout: settings.options.idle_timeout.get(),
     }
 }
 

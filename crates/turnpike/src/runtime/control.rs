@@ -128,12 +128,12 @@ pub(super) fn core_config(settings: &Settings, base: &CoreBase) -> turn_core::Co
     c.legacy_channel_numbers = settings.legacy_channel_numbers;
     c.long_realm = settings.long_realm;
     c.max_tcp_connections = settings.options.tcp_connections_per_allocation;
-    c.tcp_connect_timeout = settings.tcp_connect_timeout;
+    c.tcp_connect_timeout = settings.options.tcp_connect_timeout.get();
     c.policy = build_policy(settings, &base.own_sockets);
     c.external_ipv4 = settings.external_v4;
     c.external_ipv6 = settings.external_v6;
-    c.nonce_lifetime = Duration::from_secs(settings.options.nonce_lifetime);
-    c.default_lifetime = settings.allocation_lifetime;
+    c.nonce_lifetime = settings.options.nonce_lifetime.get();
+    c.default_lifetime = settings.options.allocation_lifetime.get();
     c.max_lifetime = settings.max_allocation_lifetime;
     // One quota book for all workers: quotas are per server, not per core.
     c.max_bps = settings.options.max_bps;
@@ -185,7 +185,7 @@ impl SharedLimits {
             guard: Arc::new(AuthGuard::new(
                 settings.options.auth_fail_limit,
                 turn_core::AUTH_WINDOW,
-                Duration::from_secs(settings.options.auth_block_secs),
+                settings.options.auth_block_secs.get(),
                 turn_core::SOURCE_SLOTS,
             )),
             connections: Arc::new(SourceCounter::new(turn_core::SOURCE_SLOTS)),
@@ -195,7 +195,7 @@ impl SharedLimits {
     /// For a reload: tables whose settings did not change are kept (their
     /// counts stay); the connection count always is.
     pub(super) fn reloaded(&self, settings: &Settings) -> Self {
-        let block = Duration::from_secs(settings.options.auth_block_secs);
+        let block = settings.options.auth_block_secs.get();
         SharedLimits {
             answers: if self.answers.rate() == settings.options.rate_limit_per_ip {
                 self.answers.clone()

@@ -618,11 +618,17 @@ fn systemd_unit_verifies() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/turnpike.toml"),
     )
     .unwrap();
-    let drain: u64 = example
+    let drain = example
         .lines()
         .find_map(|l| l.strip_prefix("drain-timeout = "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("drain-timeout in deploy/turnpike.toml");
+        .and_then(|v| {
+            v.trim()
+                .trim_matches('"')
+                .parse::<turnpike::config::Period>()
+                .ok()
+        })
+        .expect("drain-timeout in deploy/turnpike.toml")
+        .as_secs();
     assert!(
         stop_after >= drain + 10,
         "TimeoutStopSec={stop_after} leaves no margin over drain-timeout {drain}"

@@ -184,7 +184,7 @@ no-udp-relay
     let s = Settings::from_options(&args).expect("and validates");
     assert_eq!(s.realm, "turn.example.com");
     assert_eq!(s.options.min_port, 49160);
-    assert_eq!(s.options.nonce_lifetime, 600);
+    assert_eq!(s.options.nonce_lifetime, turnpike::config::Period::secs(600));
     assert_eq!(s.options.log_level, "debug");
     assert_eq!(s.external_v4, Some("203.0.113.7".parse().unwrap()));
     let denied: Vec<String> = s.options.deny_peer.iter().map(|c| c.to_string()).collect();
