@@ -35,6 +35,19 @@ pub(super) struct PendingAllocate {
     dont_fragment: bool,
 }
 
+/// What an Allocate asks for, its attributes checked (RFC 8656 §7.2).
+struct AllocateAsk {
+    /// RFC 6062: a TCP relay.
+    tcp: bool,
+    /// REQUESTED-ADDRESS-FAMILY: IPv6 (else IPv4).
+    primary_v6: bool,
+    /// ADDITIONAL-ADDRESS-FAMILY: IPv6 beside IPv4 (§14.12).
+    dual: bool,
+    /// EVEN-PORT, and its R bit.
+    even_port: bool,
+    reserve_next: bool,
+}
+
 impl Server {
     /// RFC 8656 §7.2, up to the point where relay sockets are needed.
     pub(super) fn allocate(
@@ -45,131 +58,19 @@ impl Server {
         auth: &Authenticated,
         existing: Option<u32>,
     ) -> Reply {
-        use ErrorCode::*;
         if let Some(idx) = existing {
-            if let Some(a) = self.table.get(idx) {
-                // A retransmission of the request that created the allocation
-                // gets the same success answer; anything else is a mismatch.
-                if a.txid == msg.transaction_id() {
-                    let left = a.expires.saturating_duration_since(now).as_secs() as u32;
-                    return Reply::AllocateOk {
-                        relayed: a.advertised(&self.cfg),
-                        lifetime: left,
-                        token: a.token,
-                        family_error: a.family_error,
-                    };
-                }
-            }
-            return Reply::Error(AllocationMismatch);
+            return self.allocate_again(now, idx, msg);
         }
         if self.pending.values().any(|p| p.tuple == tuple) {
             // Its answer comes when the relay sockets are open.
             return Reply::Deferred;
         }
-        let Some(rt) = msg.get(attr::REQUESTED_TRANSPORT) else {
-            return self.refuse(
-                BadRequest,
-                RefusalDetail::Missing("REQUESTED-TRANSPORT (RFC 8656 §7.2)"),
-            );
+        let ask = match self.allocate_ask(tuple, msg) {
+            Ok(ask) => ask,
+            Err(reply) => return reply,
         };
-        if rt.len() != 4 {
-            return self.refuse(BadRequest, RefusalDetail::Malformed("REQUESTED-TRANSPORT"));
-        }
-        let tcp = match rt[0] {
-            attr::PROTOCOL_UDP => false,
-            // RFC 6062 §5.1: TCP relays are for TCP/TLS control connections,
-            // and have no port pairs, reservations or DF.
-            attr::PROTOCOL_TCP => {
-                if !tuple.transport.is_stream()
-                    || msg.has(attr::EVEN_PORT)
-                    || msg.has(attr::RESERVATION_TOKEN)
-                    || msg.has(attr::DONT_FRAGMENT)
-                {
-                    return self.refuse(
-                        BadRequest,
-                        RefusalDetail::Rule(
-                            "a TCP allocation needs a TCP or TLS control connection and takes no EVEN-PORT, RESERVATION-TOKEN or DONT-FRAGMENT (RFC 6062 §5.1)",
-                        ),
-                    );
-                }
-                true
-            }
-            _ => return Reply::Error(UnsupportedTransport),
-        };
-        let has_token = msg.has(attr::RESERVATION_TOKEN);
-        let family_attr = msg.get(attr::REQUESTED_ADDRESS_FAMILY);
-        // The drafts' number is accepted too: coturn's own client sends it.
-        let additional_attr = msg
-            .get(attr::ADDITIONAL_ADDRESS_FAMILY)
-            .or_else(|| msg.get(attr::ADDITIONAL_ADDRESS_FAMILY_DRAFT));
-        if has_token && (msg.has(attr::EVEN_PORT) || family_attr.is_some() || additional_attr.is_some()) {
-            return self.refuse(
-                BadRequest,
-                RefusalDetail::Rule("RESERVATION-TOKEN with EVEN-PORT or an address family (RFC 8656 §7.2)"),
-            );
-        }
-        if family_attr.is_some() && additional_attr.is_some() {
-            return self.refuse(
-                BadRequest,
-                RefusalDetail::Rule(
-                    "REQUESTED-ADDRESS-FAMILY with ADDITIONAL-ADDRESS-FAMILY (RFC 8656 §7.2)",
-                ),
-            );
-        }
-        let primary_v6 = match family_attr {
-            None => false,
-            Some(v) if v.len() != 4 => {
-                return self.refuse(BadRequest, RefusalDetail::Malformed("REQUESTED-ADDRESS-FAMILY"))
-            }
-            Some(v) if v[0] == attr::FAMILY_IPV4 => false,
-            Some(v) if v[0] == attr::FAMILY_IPV6 => true,
-            Some(_) => return Reply::Error(AddressFamilyNotSupported),
-        };
-        // §14.12: ADDITIONAL-ADDRESS-FAMILY asks for IPv6 beside IPv4;
-        // any other value is a bad request.
-        let dual = match additional_attr {
-            None => false,
-            Some(v) if v.len() == 4 && v[0] == attr::FAMILY_IPV6 => true,
-            Some(_) => {
-                return self.refuse(
-                    BadRequest,
-                    RefusalDetail::Malformed("ADDITIONAL-ADDRESS-FAMILY (IPv6 only, RFC 8656 §14.12)"),
-                )
-            }
-        };
-        let (even_port, reserve_next) = match msg.get(attr::EVEN_PORT) {
-            None => (false, false),
-            Some([]) => return self.refuse(BadRequest, RefusalDetail::Malformed("EVEN-PORT")),
-            Some(v) => (true, v[0] & 0x80 != 0),
-        };
-        // Draining (operator's drain): no new allocations here. Over its
-        // load, a fleet node sends new clients to the least loaded healthy
-        // node, and serves them itself when there is none.
-        let draining = self.shared.draining.load(std::sync::atomic::Ordering::Relaxed);
-        if draining || self.shared.redirect.overloaded() {
-            let family_v6 = tuple.server.is_ipv6();
-            let alt = self.shared.redirect.target(family_v6).or_else(|| {
-                self.cfg
-                    .alternate_servers
-                    .iter()
-                    .find(|a| a.is_ipv6() == family_v6)
-                    .copied()
-            });
-            match alt {
-                Some(alt) if draining => {
-                    self.counters.drain_refused += 1;
-                    return Reply::TryAlternate(alt);
-                }
-                Some(alt) => {
-                    self.counters.load_redirected += 1;
-                    return Reply::TryAlternate(alt);
-                }
-                None if draining => {
-                    self.counters.drain_refused += 1;
-                    return Reply::Error(InsufficientCapacity);
-                }
-                None => {}
-            }
+        if let Some(reply) = self.steer_away(tuple) {
+            return reply;
         }
         // Every check that can fail comes before the quota is taken, so no
         // error path below has to give it back (the fuzzer found one that
@@ -178,7 +79,12 @@ impl Server {
             None => None,
             Some(t) => match <[u8; 8]>::try_from(t) {
                 Ok(t) => Some(t),
-                Err(_) => return self.refuse(BadRequest, RefusalDetail::Malformed("RESERVATION-TOKEN")),
+                Err(_) => {
+                    return self.refuse(
+                        ErrorCode::BadRequest,
+                        RefusalDetail::Malformed("RESERVATION-TOKEN"),
+                    )
+                }
             },
         };
         let lifetime = self.lifetime(msg.get_u32(attr::LIFETIME));
@@ -187,24 +93,24 @@ impl Server {
             Ok(()) => {}
             Err(QuotaError::User) => {
                 self.counters.quota_user += 1;
-                return Reply::Error(AllocationQuotaReached);
+                return Reply::Error(ErrorCode::AllocationQuotaReached);
             }
             Err(QuotaError::Total) => {
                 self.counters.capacity += 1;
-                return Reply::Error(InsufficientCapacity);
+                return Reply::Error(ErrorCode::InsufficientCapacity);
             }
         }
         let primary = RelayRequest {
-            ipv6: primary_v6,
+            ipv6: ask.primary_v6,
             local_ip: tuple.server.ip(),
             client_ip: tuple.client.ip(),
-            even_port,
-            reserve_next,
+            even_port: ask.even_port,
+            reserve_next: ask.reserve_next,
             token,
             dont_fragment: msg.has(attr::DONT_FRAGMENT),
-            tcp,
+            tcp: ask.tcp,
         };
-        let additional = dual.then_some(RelayRequest {
+        let additional = ask.dual.then_some(RelayRequest {
             ipv6: true,
             even_port: false,
             reserve_next: false,
@@ -221,8 +127,8 @@ impl Server {
                 signer: Some((auth.key, auth.sha256)),
                 username,
                 lifetime,
-                primary_v6,
-                tcp,
+                primary_v6: ask.primary_v6,
+                tcp: ask.tcp,
                 dont_fragment: primary.dont_fragment,
             },
         );
@@ -233,6 +139,143 @@ impl Server {
             additional,
         });
         Reply::Deferred
+    }
+
+    /// An Allocate on a 5-tuple that has an allocation: a retransmission
+    /// of the request that made it gets the same success answer; anything
+    /// else is a mismatch (437, RFC 8656 §7.2).
+    fn allocate_again(&mut self, now: Instant, idx: u32, msg: &Message<'_>) -> Reply {
+        match self.table.get(idx) {
+            Some(a) if a.txid == msg.transaction_id() => Reply::AllocateOk {
+                relayed: a.advertised(&self.cfg),
+                lifetime: a.expires.saturating_duration_since(now).as_secs() as u32,
+                token: a.token,
+                family_error: a.family_error,
+            },
+            _ => Reply::Error(ErrorCode::AllocationMismatch),
+        }
+    }
+
+    /// The request's transport, families and port parity, each checked
+    /// (§7.2, RFC 6062 §5.1, §14.11–§14.12), or the refusal.
+    fn allocate_ask(&mut self, tuple: FiveTuple, msg: &Message<'_>) -> Result<AllocateAsk, Reply> {
+        use ErrorCode::*;
+        let Some(rt) = msg.get(attr::REQUESTED_TRANSPORT) else {
+            return Err(self.refuse(
+                BadRequest,
+                RefusalDetail::Missing("REQUESTED-TRANSPORT (RFC 8656 §7.2)"),
+            ));
+        };
+        if rt.len() != 4 {
+            return Err(self.refuse(BadRequest, RefusalDetail::Malformed("REQUESTED-TRANSPORT")));
+        }
+        let tcp = match rt[0] {
+            attr::PROTOCOL_UDP => false,
+            // RFC 6062 §5.1: TCP relays are for TCP/TLS control connections,
+            // and have no port pairs, reservations or DF.
+            attr::PROTOCOL_TCP => {
+                if !tuple.transport.is_stream()
+                    || msg.has(attr::EVEN_PORT)
+                    || msg.has(attr::RESERVATION_TOKEN)
+                    || msg.has(attr::DONT_FRAGMENT)
+                {
+                    return Err(self.refuse(
+                        BadRequest,
+                        RefusalDetail::Rule(
+                            "a TCP allocation needs a TCP or TLS control connection and takes no EVEN-PORT, RESERVATION-TOKEN or DONT-FRAGMENT (RFC 6062 §5.1)",
+                        ),
+                    ));
+                }
+                true
+            }
+            _ => return Err(Reply::Error(UnsupportedTransport)),
+        };
+        let has_token = msg.has(attr::RESERVATION_TOKEN);
+        let family_attr = msg.get(attr::REQUESTED_ADDRESS_FAMILY);
+        // The drafts' number is accepted too: coturn's own client sends it.
+        let additional_attr = msg
+            .get(attr::ADDITIONAL_ADDRESS_FAMILY)
+            .or_else(|| msg.get(attr::ADDITIONAL_ADDRESS_FAMILY_DRAFT));
+        if has_token && (msg.has(attr::EVEN_PORT) || family_attr.is_some() || additional_attr.is_some()) {
+            return Err(self.refuse(
+                BadRequest,
+                RefusalDetail::Rule("RESERVATION-TOKEN with EVEN-PORT or an address family (RFC 8656 §7.2)"),
+            ));
+        }
+        if family_attr.is_some() && additional_attr.is_some() {
+            return Err(self.refuse(
+                BadRequest,
+                RefusalDetail::Rule(
+                    "REQUESTED-ADDRESS-FAMILY with ADDITIONAL-ADDRESS-FAMILY (RFC 8656 §7.2)",
+                ),
+            ));
+        }
+        let primary_v6 = match family_attr {
+            None => false,
+            Some(v) if v.len() != 4 => {
+                return Err(self.refuse(BadRequest, RefusalDetail::Malformed("REQUESTED-ADDRESS-FAMILY")))
+            }
+            Some(v) if v[0] == attr::FAMILY_IPV4 => false,
+            Some(v) if v[0] == attr::FAMILY_IPV6 => true,
+            Some(_) => return Err(Reply::Error(AddressFamilyNotSupported)),
+        };
+        // §14.12: ADDITIONAL-ADDRESS-FAMILY asks for IPv6 beside IPv4;
+        // any other value is a bad request.
+        let dual = match additional_attr {
+            None => false,
+            Some(v) if v.len() == 4 && v[0] == attr::FAMILY_IPV6 => true,
+            Some(_) => {
+                return Err(self.refuse(
+                    BadRequest,
+                    RefusalDetail::Malformed("ADDITIONAL-ADDRESS-FAMILY (IPv6 only, RFC 8656 §14.12)"),
+                ))
+            }
+        };
+        let (even_port, reserve_next) = match msg.get(attr::EVEN_PORT) {
+            None => (false, false),
+            Some([]) => return Err(self.refuse(BadRequest, RefusalDetail::Malformed("EVEN-PORT"))),
+            Some(v) => (true, v[0] & 0x80 != 0),
+        };
+        Ok(AllocateAsk {
+            tcp,
+            primary_v6,
+            dual,
+            even_port,
+            reserve_next,
+        })
+    }
+
+    /// Draining (operator's drain): no new allocations here. Over its
+    /// load, a fleet node sends new clients to the least loaded healthy
+    /// node (300), and serves them itself when there is none.
+    fn steer_away(&mut self, tuple: FiveTuple) -> Option<Reply> {
+        let draining = self.shared.draining.load(std::sync::atomic::Ordering::Relaxed);
+        if !draining && !self.shared.redirect.overloaded() {
+            return None;
+        }
+        let family_v6 = tuple.server.is_ipv6();
+        let alt = self.shared.redirect.target(family_v6).or_else(|| {
+            self.cfg
+                .alternate_servers
+                .iter()
+                .find(|a| a.is_ipv6() == family_v6)
+                .copied()
+        });
+        match alt {
+            Some(alt) if draining => {
+                self.counters.drain_refused += 1;
+                Some(Reply::TryAlternate(alt))
+            }
+            Some(alt) => {
+                self.counters.load_redirected += 1;
+                Some(Reply::TryAlternate(alt))
+            }
+            None if draining => {
+                self.counters.drain_refused += 1;
+                Some(Reply::Error(ErrorCode::InsufficientCapacity))
+            }
+            None => None,
+        }
     }
 
     /// The completion of [`Command::OpenRelays`]: the allocation is made
