@@ -399,59 +399,12 @@ pub(super) fn relay_checks(
         let realm = a.realm().map(str::to_owned);
         let timed_out = matches!(r, Err(ClientError::Timeout));
         push("allocate", r.map(|_| String::new()), ms);
-        if let (Some(realm), Some(last)) = (realm, checks.last_mut()) {
-            if last.detail.starts_with("401") {
-                last.advice = Some(format!(
-                    "401: the realm is {realm:?}; check the username and password for that realm"
-                ));
-            }
-        }
-        // No answer to Allocate is not always a firewall: if Binding on
-        // the same transport and port is answered, UDP/TCP get through and
-        // it is TURN that is not answered.
-        if timed_out {
-            let reflexive = Channel::connect(t, addr, timeout)
-                .ok()
-                .and_then(|mut ch| binding(&mut ch, timeout).ok());
-            if reflexive.is_none() {
-                if let (Some((d, adv)), Some(last)) =
-                    (super::wrong_source(t, addr, timeout), checks.last_mut())
-                {
-                    last.detail = d;
-                    last.advice = Some(adv);
-                }
-            }
-            if let (Some(mapped), Some(last)) = (reflexive, checks.last_mut()) {
-                last.detail = format!("no answer to Allocate, but Binding is answered (reflexive {mapped})");
-                last.advice = Some(format!(
-                    "{tn} {addr} answers STUN Binding but not TURN requests: the server does not offer \
-                     TURN there (coturn's --stun-only), or this username and address are blocked after \
-                     failed logins (turnpike blocks for --auth-block-secs, 300 s by default; try from \
-                     another address or wait)"
-                ));
-            }
+        if let Some(last) = checks.last_mut() {
+            explain_allocate_failure(last, t, addr, timeout, realm, timed_out);
         }
         return;
     };
-    push(
-        "allocate",
-        Ok(format!(
-            "relayed {}{}{} (reflexive {}), lifetime {} s{}",
-            alloc_a.relayed,
-            alloc_a
-                .additional
-                .map(|x| format!(" and {x}"))
-                .unwrap_or_default(),
-            alloc_a
-                .family_error
-                .map(|(f, c)| format!(" (no IPv{} relay: {c})", if f == 2 { 6 } else { 4 }))
-                .unwrap_or_default(),
-            alloc_a.mapped,
-            alloc_a.lifetime,
-            a.realm().map(|r| format!(", realm {r:?}")).unwrap_or_default()
-        )),
-        ms,
-    );
+    push("allocate", Ok(describe_allocation(&alloc_a, a.realm())), ms);
     let Some(mut b) = connect(&mut push, "connect (second allocation)") else {
         return;
     };
@@ -467,74 +420,148 @@ pub(super) fn relay_checks(
         Ok(format!("relayed {}", alloc_b.relayed)),
         ms,
     );
-    let steps_ok = (|| {
-        if interrupted() {
-            return false;
-        }
-        let (r, ms) = timed(|| a.channel_bind(0x4000, alloc_b.relayed));
-        if !push(
-            "channel bind",
-            r.map(|_| format!("0x4000 -> {}", alloc_b.relayed)),
-            ms,
-        ) {
-            return false;
-        }
-        let (r, ms) = timed(|| b.create_permission(&[alloc_a.relayed]));
-        if !push(
-            "create permission",
-            r.map(|_| format!("for {}", alloc_a.relayed.ip())),
-            ms,
-        ) {
-            return false;
-        }
-        // A → B over the channel, B answers with a Send indication.
-        let payload = b"turnpike probe";
-        let (r, ms) = timed(|| -> Result<String, ClientError> {
-            a.send_channel(0x4000, payload)?;
-            match b.recv(timeout)? {
-                Received::Data { peer, data } if data == payload && peer == alloc_a.relayed => {}
-                other => {
-                    return Err(ClientError::Protocol(if matches!(other, Received::Data { .. }) {
-                        "relayed data arrived altered or from the wrong address"
-                    } else {
-                        "unexpected ChannelData on the second allocation"
-                    }))
-                }
-            }
-            b.send_indication(alloc_a.relayed, payload)?;
-            match a.recv(timeout)? {
-                Received::Channel {
-                    channel: 0x4000,
-                    data,
-                } if data == payload => {
-                    Ok("ChannelData out, Data indication in, Send indication back, ChannelData in".into())
-                }
-                _ => Err(ClientError::Protocol(
-                    "the answer did not come back on the bound channel",
-                )),
-            }
-        });
-        if !push("relay both ways", r, ms) || interrupted() {
-            return false;
-        }
-        // A local UDP peer, when the server allows this host's address.
-        let (r, ms) = timed(|| local_peer_check(&mut a, alloc_a.relayed, timeout));
-        match r {
-            Err(ClientError::Error { code: 403, .. }) => push(
-                "local peer",
-                Ok("skipped: the server refuses this host's address as a peer (its policy); the relay between two allocations above covers relaying".into()),
-                ms,
-            ),
-            r => push("local peer", r, ms),
-        }
-    })();
-    let _ = steps_ok;
+    if !interrupted() {
+        relay_between(&mut a, &mut b, &alloc_a, &alloc_b, timeout, &mut push);
+    }
     let (r, ms) = timed(|| a.refresh(0).and_then(|_| b.refresh(0)));
     push(
         "delete (refresh 0)",
         r.map(|_| "both allocations deleted".into()),
         ms,
     );
+}
+
+/// A first Allocate failed: a 401 names the realm to check the password
+/// for, and silence is told apart from a firewall by a Binding on the same
+/// transport and port.
+fn explain_allocate_failure(
+    last: &mut Check,
+    t: &ClientTransport,
+    addr: SocketAddr,
+    timeout: Duration,
+    realm: Option<String>,
+    timed_out: bool,
+) {
+    let tn = transport_name(t);
+    if let Some(realm) = realm {
+        if last.detail.starts_with("401") {
+            last.advice = Some(format!(
+                "401: the realm is {realm:?}; check the username and password for that realm"
+            ));
+        }
+    }
+    // No answer to Allocate is not always a firewall: if Binding on the
+    // same transport and port is answered, UDP/TCP get through and it is
+    // TURN that is not answered.
+    if !timed_out {
+        return;
+    }
+    let reflexive = Channel::connect(t, addr, timeout)
+        .ok()
+        .and_then(|mut ch| binding(&mut ch, timeout).ok());
+    match reflexive {
+        None => {
+            if let Some((d, adv)) = super::wrong_source(t, addr, timeout) {
+                last.detail = d;
+                last.advice = Some(adv);
+            }
+        }
+        Some(mapped) => {
+            last.detail = format!("no answer to Allocate, but Binding is answered (reflexive {mapped})");
+            last.advice = Some(format!(
+                "{tn} {addr} answers STUN Binding but not TURN requests: the server does not offer \
+                 TURN there (coturn's --stun-only), or this username and address are blocked after \
+                 failed logins (turnpike blocks for --auth-block-secs, 5m by default; try from \
+                 another address or wait)"
+            ));
+        }
+    }
+}
+
+/// The first allocation's line: relayed addresses, a family that failed,
+/// the reflexive address, lifetime and realm.
+fn describe_allocation(alloc: &crate::client::Allocation, realm: Option<&str>) -> String {
+    format!(
+        "relayed {}{}{} (reflexive {}), lifetime {} s{}",
+        alloc.relayed,
+        alloc.additional.map(|x| format!(" and {x}")).unwrap_or_default(),
+        alloc
+            .family_error
+            .map(|(f, c)| format!(" (no IPv{} relay: {c})", if f == 2 { 6 } else { 4 }))
+            .unwrap_or_default(),
+        alloc.mapped,
+        alloc.lifetime,
+        realm.map(|r| format!(", realm {r:?}")).unwrap_or_default()
+    )
+}
+
+/// A channel from `a` to `b`'s relayed address, a permission on `b` for
+/// `a`'s, data both ways, then a local UDP peer; stops at the first step
+/// that fails. Whether all passed.
+fn relay_between(
+    a: &mut TurnClient,
+    b: &mut TurnClient,
+    alloc_a: &crate::client::Allocation,
+    alloc_b: &crate::client::Allocation,
+    timeout: Duration,
+    push: &mut Recorder<'_>,
+) -> bool {
+    let (r, ms) = timed(|| a.channel_bind(0x4000, alloc_b.relayed));
+    if !push(
+        "channel bind",
+        r.map(|_| format!("0x4000 -> {}", alloc_b.relayed)),
+        ms,
+    ) {
+        return false;
+    }
+    let (r, ms) = timed(|| b.create_permission(&[alloc_a.relayed]));
+    if !push(
+        "create permission",
+        r.map(|_| format!("for {}", alloc_a.relayed.ip())),
+        ms,
+    ) {
+        return false;
+    }
+    // A → B over the channel, B answers with a Send indication.
+    let payload = b"turnpike probe";
+    let (r, ms) = timed(|| -> Result<String, ClientError> {
+        a.send_channel(0x4000, payload)?;
+        match b.recv(timeout)? {
+            Received::Data { peer, data } if data == payload && peer == alloc_a.relayed => {}
+            other => {
+                return Err(ClientError::Protocol(if matches!(other, Received::Data { .. }) {
+                    "relayed data arrived altered or from the wrong address"
+                } else {
+                    "unexpected ChannelData on the second allocation"
+                }))
+            }
+        }
+        b.send_indication(alloc_a.relayed, payload)?;
+        match a.recv(timeout)? {
+            Received::Channel {
+                channel: 0x4000,
+                data,
+            } if data == payload => {
+                Ok("ChannelData out, Data indication in, Send indication back, ChannelData in".into())
+            }
+            _ => Err(ClientError::Protocol(
+                "the answer did not come back on the bound channel",
+            )),
+        }
+    });
+    if !push("relay both ways", r, ms) || interrupted() {
+        return false;
+    }
+    // A local UDP peer, when the server allows this host's address.
+    let (r, ms) = timed(|| local_peer_check(a, alloc_a.relayed, timeout));
+    match r {
+        Err(ClientError::Error { code: 403, .. }) => push(
+            "local peer",
+            Ok("skipped: the server refuses this host's address as a peer (its policy); the relay between two allocations above covers relaying".into()),
+            ms,
+        ),
+        r => push("local peer", r, ms),
+    }
 }
 
 /// Relays through allocation `a` (relayed address `relayed`) to a UDP
