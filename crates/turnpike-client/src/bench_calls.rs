@@ -562,39 +562,56 @@ fn print_step(s: &Step) {
     );
 }
 
+/// Calls mode's settings, checked.
+struct Plan {
+    /// Payload bytes.
+    size: usize,
+    /// Packets per second per leg.
+    pps: u32,
+    /// The most calls this process can hold (two sockets each).
+    max_calls: usize,
+}
+
+impl Plan {
+    fn of(args: &BenchArgs) -> Result<Plan> {
+        let size = args.payload_size();
+        if !(HEADER + 7..=1400).contains(&size) {
+            bail!(
+                "size: {} to 1400 bytes in calls mode (the payload carries the step, the sender and a timestamp)",
+                HEADER + 7
+            );
+        }
+        let pps = args.pps.unwrap_or_else(|| args.preset.pps());
+        if !(1..=2000).contains(&pps) {
+            bail!("pps: 1 to 2000 packets per second per leg");
+        }
+        if args.calls == 0 {
+            bail!("calls: at least 1");
+        }
+        if args.jitter_ms < 0.0 || args.jitter_ms * 1e6 >= 1e9 / pps as f64 {
+            bail!(
+                "jitter-ms: from 0 to less than the packet interval ({} ms)",
+                1000 / pps
+            );
+        }
+        if args.ramp && !(args.ramp_factor > 1.0 && args.ramp_factor <= 4.0) {
+            bail!("ramp-factor: more than 1, at most 4");
+        }
+        let max_calls = match open_files_limit() {
+            Some(fds) if args.max_calls * 2 + 64 > fds => {
+                let fit = fds.saturating_sub(64) / 2;
+                eprintln!("turnpike bench: {fds} open files allowed, two per call: at most {fit} calls");
+                fit.max(1)
+            }
+            _ => args.max_calls,
+        };
+        Ok(Plan { size, pps, max_calls })
+    }
+}
+
 /// Runs calls mode and prints (or writes) its report.
 pub(crate) fn run(args: &BenchArgs) -> Result<()> {
-    let size = args.payload_size();
-    if !(HEADER + 7..=1400).contains(&size) {
-        bail!(
-            "size: {} to 1400 bytes in calls mode (the payload carries the step, the sender and a timestamp)",
-            HEADER + 7
-        );
-    }
-    let pps = args.pps.unwrap_or_else(|| args.preset.pps());
-    if !(1..=2000).contains(&pps) {
-        bail!("pps: 1 to 2000 packets per second per leg");
-    }
-    if args.calls == 0 {
-        bail!("calls: at least 1");
-    }
-    if args.jitter_ms < 0.0 || args.jitter_ms * 1e6 >= 1e9 / pps as f64 {
-        bail!(
-            "jitter-ms: from 0 to less than the packet interval ({} ms)",
-            1000 / pps
-        );
-    }
-    if args.ramp && !(args.ramp_factor > 1.0 && args.ramp_factor <= 4.0) {
-        bail!("ramp-factor: more than 1, at most 4");
-    }
-    let max_calls = match open_files_limit() {
-        Some(fds) if args.max_calls * 2 + 64 > fds => {
-            let fit = fds.saturating_sub(64) / 2;
-            eprintln!("turnpike bench: {fds} open files allowed, two per call: at most {fit} calls");
-            fit.max(1)
-        }
-        _ => args.max_calls,
-    };
+    let Plan { size, pps, max_calls } = Plan::of(args)?;
     let mut load = Load {
         legs: Vec::new(),
         heap: BinaryHeap::new(),
@@ -630,61 +647,14 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
             String::new()
         }
     );
-    let mut steps: Vec<Step> = Vec::new();
-    let mut target = args.calls.min(max_calls);
-    let stopped;
-    let mut step_no: u16 = 1;
-    loop {
-        while load.legs.len() / 2 < target {
-            let call = load.legs.len() / 2;
-            setup_call(args, &mut load, call)?;
-        }
-        load.reschedule();
-        let s = measure_step(args, &mut load, step_no, pps)?;
-        print_step(&s);
-        let (passed, kept_up) = (s.within_bounds, s.generator_kept_up);
-        steps.push(s);
-        if !args.ramp {
-            stopped = "one step (no --ramp)".to_owned();
-            break;
-        }
-        if !passed {
-            stopped = format!("loss or latency passed its bound at {target} calls");
-            break;
-        }
-        if !kept_up {
-            stopped = format!(
-                "the generator fell behind its schedule at {target} calls: the server carries at least this many"
-            );
-            break;
-        }
-        if target >= max_calls {
-            stopped = format!("reached --max-calls ({max_calls}) within the bounds");
-            break;
-        }
-        target = ((target as f64 * args.ramp_factor).ceil() as usize).clamp(target + 1, max_calls);
-        step_no += 1;
-    }
+    let (steps, stopped) = ramp(args, &mut load, pps, max_calls)?;
     // Leave the server as it was: delete every allocation.
     for l in load.legs.iter_mut() {
         let bye = std::mem::take(&mut l.bye);
         let _ = l.conn.send_many(&mut load.q, &[&bye]);
     }
     std::thread::sleep(Duration::from_millis(50));
-    let best = steps.iter().filter(|s| s.within_bounds).max_by_key(|s| s.calls);
-    let server_limited = args.ramp
-        && steps
-            .last()
-            .is_some_and(|s| !s.within_bounds && s.generator_kept_up);
-    let capacity = best.map(|s| {
-        let cpu = s.server_core_pct.or(s.server_cpu_pct);
-        Capacity {
-            calls: s.calls,
-            cpu_pct: cpu,
-            calls_per_core: cpu.filter(|c| *c > 0.5).map(|c| s.calls as f64 * 100.0 / c),
-            server_limited,
-        }
-    });
+    let capacity = capacity_of(&steps, args.ramp);
     let report = CallsReport {
         server: args.server,
         transport: args.transport,
@@ -730,4 +700,63 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         bail!("no media came back: the server relays nothing between its own allocations (peer policy?)");
     }
     Ok(())
+}
+
+/// Steps of growing call counts (one without `--ramp`) until a bound or
+/// the generator gives out: the steps and why it stopped.
+fn ramp(args: &BenchArgs, load: &mut Load, pps: u32, max_calls: usize) -> Result<(Vec<Step>, String)> {
+    let mut steps: Vec<Step> = Vec::new();
+    let mut target = args.calls.min(max_calls);
+    let stopped;
+    let mut step_no: u16 = 1;
+    loop {
+        while load.legs.len() / 2 < target {
+            let call = load.legs.len() / 2;
+            setup_call(args, load, call)?;
+        }
+        load.reschedule();
+        let s = measure_step(args, load, step_no, pps)?;
+        print_step(&s);
+        let (passed, kept_up) = (s.within_bounds, s.generator_kept_up);
+        steps.push(s);
+        if !args.ramp {
+            stopped = "one step (no --ramp)".to_owned();
+            break;
+        }
+        if !passed {
+            stopped = format!("loss or latency passed its bound at {target} calls");
+            break;
+        }
+        if !kept_up {
+            stopped = format!(
+                "the generator fell behind its schedule at {target} calls: the server carries at least this many"
+            );
+            break;
+        }
+        if target >= max_calls {
+            stopped = format!("reached --max-calls ({max_calls}) within the bounds");
+            break;
+        }
+        target = ((target as f64 * args.ramp_factor).ceil() as usize).clamp(target + 1, max_calls);
+        step_no += 1;
+    }
+    Ok((steps, stopped))
+}
+
+/// The largest step within the bounds, and its calls per core.
+fn capacity_of(steps: &[Step], ramp: bool) -> Option<Capacity> {
+    let best = steps.iter().filter(|s| s.within_bounds).max_by_key(|s| s.calls);
+    let server_limited = ramp
+        && steps
+            .last()
+            .is_some_and(|s| !s.within_bounds && s.generator_kept_up);
+    best.map(|s| {
+        let cpu = s.server_core_pct.or(s.server_cpu_pct);
+        Capacity {
+            calls: s.calls,
+            cpu_pct: cpu,
+            calls_per_core: cpu.filter(|c| *c > 0.5).map(|c| s.calls as f64 * 100.0 / c),
+            server_limited,
+        }
+    })
 }
