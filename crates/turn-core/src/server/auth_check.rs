@@ -25,6 +25,14 @@ pub(super) struct Authenticated {
     pub(super) username: String,
 }
 
+/// The credential attributes of a request (RFC 8489 §9.2.4).
+struct CredentialAttrs<'m> {
+    realm: &'m [u8],
+    nonce: &'m [u8],
+    username: Option<&'m [u8]>,
+    userhash: Option<&'m [u8]>,
+}
+
 impl Server {
     /// `Err(Some(code))`: answer with that error; `Err(None)`: drop silently
     /// (the account/source pair is blocked or throttled).
@@ -34,66 +42,25 @@ impl Server {
         tuple: FiveTuple,
         msg: &Message<'_>,
     ) -> Result<Authenticated, Option<ErrorCode>> {
-        use ErrorCode::{BadRequest, StaleNonce, Unauthorized};
         if !msg.has_integrity() && !msg.has_integrity_sha256() {
-            return Err(Some(Unauthorized));
+            return Err(Some(ErrorCode::Unauthorized));
         }
-        let user_attr = msg.get(attr::USERNAME);
-        let hash_attr = msg.get(attr::USERHASH);
-        let (Some(realm), Some(nonce)) = (msg.get(attr::REALM), msg.get(attr::NONCE)) else {
-            self.refusal = Some(RefusalDetail::Missing("REALM or NONCE (RFC 8489 §9.2.4)"));
-            return Err(Some(BadRequest));
+        let attrs = self.credential_attrs(msg)?;
+        let Some(offered) = self
+            .minter
+            .check(attrs.nonce, self.nonce_secs(now), tuple.client.ip())
+        else {
+            return Err(Some(ErrorCode::StaleNonce));
         };
-        if user_attr.is_none() && hash_attr.is_none() {
-            self.refusal = Some(RefusalDetail::Missing("USERNAME or USERHASH (RFC 8489 §9.2.4)"));
-            return Err(Some(BadRequest));
-        }
-        if user_attr.is_some_and(|u| u.len() > MAX_USERNAME_LEN)
-            || hash_attr.is_some_and(|h| h.len() != 32)
-            || realm.len() > attr::MAX_TEXT_ATTR_LEN
-            || nonce.len() > attr::MAX_TEXT_ATTR_LEN
-        {
-            self.refusal = Some(RefusalDetail::Malformed(
-                "USERNAME, USERHASH, REALM or NONCE (too long)",
-            ));
-            return Err(Some(BadRequest));
-        }
-        let Some(offered) = self.minter.check(nonce, self.nonce_secs(now), tuple.client.ip()) else {
-            return Err(Some(StaleNonce));
-        };
-        // §9.2.4 bid-down protection: a nonce that advertises password
-        // algorithms is answered with both PASSWORD-ALGORITHMS (echoing our
-        // list exactly) and PASSWORD-ALGORITHM (one of it), or neither
-        // (MD5); an MD5-only nonce with neither. Anything else means the
-        // list was tampered with.
-        let alg = match (
-            msg.get(attr::PASSWORD_ALGORITHMS),
-            msg.get(attr::PASSWORD_ALGORITHM),
-        ) {
-            (None, None) => PasswordAlgorithm::Md5,
-            (Some(list), Some(chosen)) if offered && list == OFFERED_ALGORITHMS => match chosen {
-                [0x00, 0x01, 0x00, 0x00] => PasswordAlgorithm::Md5,
-                [0x00, 0x02, 0x00, 0x00] => PasswordAlgorithm::Sha256,
-                _ => {
-                    self.refusal = Some(RefusalDetail::Malformed("PASSWORD-ALGORITHM"));
-                    return Err(Some(BadRequest));
-                }
-            },
-            _ => {
-                self.refusal = Some(RefusalDetail::Rule(
-                    "PASSWORD-ALGORITHMS does not match the nonce's offer (bid-down protection, RFC 8489 §9.2.4)",
-                ));
-                return Err(Some(BadRequest));
-            }
-        };
-        let username = match (user_attr, hash_attr) {
+        let alg = self.password_algorithm(msg, offered)?;
+        let username = match (attrs.username, attrs.userhash) {
             (Some(u), _) => std::str::from_utf8(u).ok().map(str::to_owned),
             (None, Some(h)) => self.cfg.credentials.username_for_hash(h).map(str::to_owned),
             (None, None) => None,
         };
         // The guard counts per account: a USERHASH that resolves counts with
         // the USERNAME it stands for; one that does not, by its bytes.
-        let raw = user_attr.or(hash_attr).unwrap_or_default();
+        let raw = attrs.username.or(attrs.userhash).unwrap_or_default();
         let ident: Vec<u8> = username.as_deref().map(str::as_bytes).unwrap_or(raw).to_vec();
         let ident = &ident[..];
         let ip = tuple.client.ip();
@@ -105,52 +72,12 @@ impl Server {
                 return Err(None);
             }
         }
-        // Why a failure failed, for the refusal log only: the client gets a
-        // plain 401 whatever the cause (no user enumeration).
-        let mut why = "unknown USERHASH, or a USERNAME that is not UTF-8";
         let verified = match username.as_deref() {
-            Some(_) if realm != self.cfg.realm.as_bytes() => {
-                why = "REALM is not this server's realm";
-                None
-            }
-            Some(name) => {
-                let unix = self.unix_now(now);
-                let mut keys = std::mem::take(&mut self.keys);
-                let found = match self
-                    .cfg
-                    .credentials
-                    .keys_for(name, &self.cfg.realm, unix, alg, &mut keys)
-                {
-                    Err(CredentialError::UnknownUser) => {
-                        why = "unknown user (no such user, and not a REST-API username)";
-                        None
-                    }
-                    Err(CredentialError::Expired) => {
-                        why = "REST-API username past its expiry time";
-                        None
-                    }
-                    Err(_) => {
-                        why = "the user has no SHA-256 key (added by MD5 key): the client must use MD5";
-                        None
-                    }
-                    Ok(()) => keys.iter().copied().find(|k| {
-                        if msg.has_integrity_sha256() {
-                            msg.verify_integrity_sha256(k.as_bytes())
-                        } else {
-                            msg.verify_integrity(k.as_bytes())
-                        }
-                    }),
-                };
-                if found.is_none() && why.starts_with("unknown USERHASH") {
-                    why = "MESSAGE-INTEGRITY does not verify: wrong password";
-                }
-                self.keys = keys;
-                found
-            }
-            None => None,
+            Some(name) => self.verify_key(now, msg, attrs.realm, name, alg),
+            None => Err("unknown USERHASH, or a USERNAME that is not UTF-8"),
         };
         match (verified, username) {
-            (Some(key), Some(username)) => {
+            (Ok(key), Some(username)) => {
                 guard.succeeded(ident, ip);
                 Ok(Authenticated {
                     key,
@@ -158,7 +85,7 @@ impl Server {
                     username,
                 })
             }
-            _ => {
+            (why, _) => {
                 self.counters.auth_failures += 1;
                 if guard.failed(ident, ip, now) {
                     self.events.push_back(Event::AuthBlocked {
@@ -166,9 +93,119 @@ impl Server {
                         username: String::from_utf8_lossy(ident).into_owned(),
                     });
                 }
-                self.refusal = Some(RefusalDetail::Rule(why));
-                Err(Some(Unauthorized))
+                // Why, for the refusal log only: the client gets a plain
+                // 401 whatever the cause (no user enumeration).
+                self.refusal = Some(RefusalDetail::Rule(why.err().unwrap_or("unknown user")));
+                Err(Some(ErrorCode::Unauthorized))
             }
         }
+    }
+
+    /// REALM, NONCE and USERNAME or USERHASH, present and within their
+    /// lengths (RFC 8489 §9.2.4, §14.3), else 400.
+    fn credential_attrs<'m>(
+        &mut self,
+        msg: &'m Message<'_>,
+    ) -> Result<CredentialAttrs<'m>, Option<ErrorCode>> {
+        let username = msg.get(attr::USERNAME);
+        let userhash = msg.get(attr::USERHASH);
+        let (Some(realm), Some(nonce)) = (msg.get(attr::REALM), msg.get(attr::NONCE)) else {
+            self.refusal = Some(RefusalDetail::Missing("REALM or NONCE (RFC 8489 §9.2.4)"));
+            return Err(Some(ErrorCode::BadRequest));
+        };
+        if username.is_none() && userhash.is_none() {
+            self.refusal = Some(RefusalDetail::Missing("USERNAME or USERHASH (RFC 8489 §9.2.4)"));
+            return Err(Some(ErrorCode::BadRequest));
+        }
+        if username.is_some_and(|u| u.len() > MAX_USERNAME_LEN)
+            || userhash.is_some_and(|h| h.len() != 32)
+            || realm.len() > attr::MAX_TEXT_ATTR_LEN
+            || nonce.len() > attr::MAX_TEXT_ATTR_LEN
+        {
+            self.refusal = Some(RefusalDetail::Malformed(
+                "USERNAME, USERHASH, REALM or NONCE (too long)",
+            ));
+            return Err(Some(ErrorCode::BadRequest));
+        }
+        Ok(CredentialAttrs {
+            realm,
+            nonce,
+            username,
+            userhash,
+        })
+    }
+
+    /// §9.2.4 bid-down protection: a nonce that advertises password
+    /// algorithms is answered with both PASSWORD-ALGORITHMS (echoing our
+    /// list exactly) and PASSWORD-ALGORITHM (one of it), or neither (MD5);
+    /// an MD5-only nonce with neither. Anything else means the list was
+    /// tampered with (400).
+    fn password_algorithm(
+        &mut self,
+        msg: &Message<'_>,
+        offered: bool,
+    ) -> Result<PasswordAlgorithm, Option<ErrorCode>> {
+        match (
+            msg.get(attr::PASSWORD_ALGORITHMS),
+            msg.get(attr::PASSWORD_ALGORITHM),
+        ) {
+            (None, None) => Ok(PasswordAlgorithm::Md5),
+            (Some(list), Some(chosen)) if offered && list == OFFERED_ALGORITHMS => match chosen {
+                [0x00, 0x01, 0x00, 0x00] => Ok(PasswordAlgorithm::Md5),
+                [0x00, 0x02, 0x00, 0x00] => Ok(PasswordAlgorithm::Sha256),
+                _ => {
+                    self.refusal = Some(RefusalDetail::Malformed("PASSWORD-ALGORITHM"));
+                    Err(Some(ErrorCode::BadRequest))
+                }
+            },
+            _ => {
+                self.refusal = Some(RefusalDetail::Rule(
+                    "PASSWORD-ALGORITHMS does not match the nonce's offer (bid-down protection, RFC 8489 §9.2.4)",
+                ));
+                Err(Some(ErrorCode::BadRequest))
+            }
+        }
+    }
+
+    /// The key of `name` in this realm that the request's integrity
+    /// verifies with, or why there is none.
+    fn verify_key(
+        &mut self,
+        now: Instant,
+        msg: &Message<'_>,
+        realm: &[u8],
+        name: &str,
+        alg: PasswordAlgorithm,
+    ) -> Result<Key, &'static str> {
+        if realm != self.cfg.realm.as_bytes() {
+            return Err("REALM is not this server's realm");
+        }
+        let unix = self.unix_now(now);
+        let mut keys = std::mem::take(&mut self.keys);
+        let found = match self
+            .cfg
+            .credentials
+            .keys_for(name, &self.cfg.realm, unix, alg, &mut keys)
+        {
+            Err(CredentialError::UnknownUser) => {
+                Err("unknown user (no such user, and not a REST-API username)")
+            }
+            Err(CredentialError::Expired) => Err("REST-API username past its expiry time"),
+            Err(_) => Err("the user has no SHA-256 key (added by MD5 key): the client must use MD5"),
+            Ok(()) => keys
+                .iter()
+                .copied()
+                .find(|k| {
+                    if msg.has_integrity_sha256() {
+                        msg.verify_integrity_sha256(k.as_bytes())
+                    } else {
+                        msg.verify_integrity(k.as_bytes())
+                    }
+                })
+                .ok_or("MESSAGE-INTEGRITY does not verify: wrong password"),
+        };
+        // The buffer is kept for the next request (no allocation per check).
+        self.keys = keys;
+        found
     }
 }
