@@ -146,67 +146,23 @@ pub(super) fn nat(a: &NatArgs) -> Result<Report> {
         ),
     );
     let behind_nat = t1.mapped != local;
-    // Mapping (§4.3).
-    let mapping = if !behind_nat {
-        "none (no NAT: the mapped address is the local one)"
+    let mapping = if behind_nat {
+        mapping_behaviour(&sock, server, other, t1.mapped, timeout)
     } else {
-        match nat_binding(&sock, SocketAddr::new(other.ip(), server.port()), 0, timeout) {
-            None => "unknown (test II unanswered)",
-            Some(t2) if t2.mapped == t1.mapped => "endpoint-independent",
-            Some(t2) => match nat_binding(&sock, other, 0, timeout) {
-                None => "unknown (test III unanswered)",
-                Some(t3) if t3.mapped == t2.mapped => "address-dependent",
-                Some(_) => "address-and-port-dependent",
-            },
-        }
+        "none (no NAT: the mapped address is the local one)"
     };
     push(
         "mapping behaviour",
         !mapping.starts_with("unknown"),
         mapping.into(),
     );
-    // Filtering (§4.4): answers from the other IP and port, then the other port.
-    let filtering = match nat_binding(&sock, server, 0x06, timeout) {
-        Some(r) if r.from == other => "endpoint-independent",
-        Some(_) => "unknown (answer to change IP+port came from the wrong address)",
-        None => match nat_binding(&sock, server, 0x02, timeout) {
-            Some(r) if r.from.port() != server.port() => "address-dependent",
-            Some(_) => "unknown (answer to change port came from the wrong port)",
-            None => "address-and-port-dependent",
-        },
-    };
+    let filtering = filtering_behaviour(&sock, server, other, timeout);
     push(
         "filtering behaviour",
         !filtering.starts_with("unknown"),
         filtering.into(),
     );
-    // Hairpinning (§4.5): from a second socket to our mapped address.
-    let hairpin = {
-        let s2 = std::net::UdpSocket::bind(any)?;
-        let txid: [u8; 12] = rand::random();
-        let mut req = Vec::new();
-        stun_proto::MessageBuilder::new(
-            &mut req,
-            stun_proto::MessageType::new(stun_proto::method::BINDING, stun_proto::Class::Request),
-            &txid,
-        );
-        let _ = s2.send_to(&req, t1.mapped);
-        sock.set_read_timeout(Some(timeout))?;
-        let mut buf = [0u8; 2048];
-        let mut seen = false;
-        let end = Instant::now() + timeout;
-        while Instant::now() < end {
-            match sock.recv_from(&mut buf) {
-                Ok((n, _)) if n >= 20 && buf[8..20] == txid => {
-                    seen = true;
-                    break;
-                }
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-        seen
-    };
+    let hairpin = hairpins(&sock, any, t1.mapped, timeout)?;
     push(
         "hairpinning",
         true,
@@ -221,7 +177,88 @@ pub(super) fn nat(a: &NatArgs) -> Result<Report> {
         let detail = binding_lifetime(server, any, max, timeout)?;
         push("binding lifetime", true, detail);
     }
-    let verdict = if !behind_nat || mapping == "endpoint-independent" {
+    let verdict = verdict(behind_nat, mapping, filtering);
+    let mut r = finish(uri, addrs, checks);
+    r.verdict = Some(verdict.into());
+    Ok(r)
+}
+
+/// RFC 5780 §4.3: test II (the other IP, same port), then test III (the
+/// other IP and port), compared with test I's mapping.
+fn mapping_behaviour(
+    sock: &std::net::UdpSocket,
+    server: SocketAddr,
+    other: SocketAddr,
+    mapped: SocketAddr,
+    timeout: Duration,
+) -> &'static str {
+    match nat_binding(sock, SocketAddr::new(other.ip(), server.port()), 0, timeout) {
+        None => "unknown (test II unanswered)",
+        Some(t2) if t2.mapped == mapped => "endpoint-independent",
+        Some(t2) => match nat_binding(sock, other, 0, timeout) {
+            None => "unknown (test III unanswered)",
+            Some(t3) if t3.mapped == t2.mapped => "address-dependent",
+            Some(_) => "address-and-port-dependent",
+        },
+    }
+}
+
+/// RFC 5780 §4.4: answers from the other IP and port (CHANGE-REQUEST
+/// 0x06), then from the other port (0x02).
+fn filtering_behaviour(
+    sock: &std::net::UdpSocket,
+    server: SocketAddr,
+    other: SocketAddr,
+    timeout: Duration,
+) -> &'static str {
+    match nat_binding(sock, server, 0x06, timeout) {
+        Some(r) if r.from == other => "endpoint-independent",
+        Some(_) => "unknown (answer to change IP+port came from the wrong address)",
+        None => match nat_binding(sock, server, 0x02, timeout) {
+            Some(r) if r.from.port() != server.port() => "address-dependent",
+            Some(_) => "unknown (answer to change port came from the wrong port)",
+            None => "address-and-port-dependent",
+        },
+    }
+}
+
+/// RFC 5780 §4.5: whether a Binding from a second socket to our own
+/// mapped address comes back to the first.
+fn hairpins(
+    sock: &std::net::UdpSocket,
+    any: SocketAddr,
+    mapped: SocketAddr,
+    timeout: Duration,
+) -> Result<bool> {
+    let s2 = std::net::UdpSocket::bind(any)?;
+    let txid: [u8; 12] = rand::random();
+    let mut req = Vec::new();
+    stun_proto::MessageBuilder::new(
+        &mut req,
+        stun_proto::MessageType::new(stun_proto::method::BINDING, stun_proto::Class::Request),
+        &txid,
+    );
+    let _ = s2.send_to(&req, mapped);
+    sock.set_read_timeout(Some(timeout))?;
+    let mut buf = [0u8; 2048];
+    let mut seen = false;
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        match sock.recv_from(&mut buf) {
+            Ok((n, _)) if n >= 20 && buf[8..20] == txid => {
+                seen = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    Ok(seen)
+}
+
+/// What the mapping and filtering mean for a call.
+fn verdict(behind_nat: bool, mapping: &str, filtering: &str) -> &'static str {
+    if !behind_nat || mapping == "endpoint-independent" {
         if filtering == "address-and-port-dependent" && behind_nat {
             "direct connections will usually work with ICE hole punching (endpoint-independent mapping); a relay is needed only against peers behind symmetric NATs"
         } else {
@@ -231,10 +268,7 @@ pub(super) fn nat(a: &NatArgs) -> Result<Report> {
         "could not determine the mapping behaviour"
     } else {
         "expect to need TURN relays: this NAT maps each destination differently (symmetric), so hole punching fails against most peers"
-    };
-    let mut r = finish(uri, addrs, checks);
-    r.verdict = Some(verdict.into());
-    Ok(r)
+    }
 }
 
 /// RFC 5780 §4.6: socket X learns its mapping, idles for T, then socket Y
