@@ -26,69 +26,8 @@ pub(crate) fn tcp_relay(args: &BenchArgs) -> Result<Report> {
     let peer = listener.local_addr()?;
     let stop = Arc::new(AtomicBool::new(false));
     let timeout = Duration::from_secs(5);
-    // The peer side: accept each connection and echo it.
-    let echo_stop = stop.clone();
-    let acceptor = std::thread::spawn(move || {
-        let mut echoes = Vec::new();
-        listener.set_nonblocking(true).ok();
-        while !echo_stop.load(Ordering::Relaxed) {
-            match listener.accept() {
-                Ok((mut s, _)) => {
-                    let _ = s.set_nonblocking(false);
-                    let _ = s.set_nodelay(true);
-                    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
-                    let st = echo_stop.clone();
-                    echoes.push(std::thread::spawn(move || {
-                        let mut buf = vec![0u8; 64 * 1024];
-                        while !st.load(Ordering::Relaxed) {
-                            match s.read(&mut buf) {
-                                Ok(0) => return,
-                                Ok(n) => {
-                                    if s.write_all(&buf[..n]).is_err() {
-                                        return;
-                                    }
-                                }
-                                Err(e)
-                                    if matches!(
-                                        e.kind(),
-                                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                                    ) => {}
-                                Err(_) => return,
-                            }
-                        }
-                    }));
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
-        for e in echoes {
-            let _ = e.join();
-        }
-    });
-    // The client side: a TCP allocation, a Connect and a bound data
-    // connection per allocation.
-    let mut sessions = Vec::new();
-    for i in 0..args.allocations {
-        let ch = Channel::connect(&ClientTransport::Tcp, args.server, timeout)?;
-        let mut c = TurnClient::new(ch, &args.user, &args.password);
-        c.set_tcp_relay(true);
-        c.allocate()
-            .with_context(|| format!("allocation {i}: a TCP allocation"))?;
-        let id = c.connect(peer).with_context(|| {
-            format!("allocation {i}: Connect to {peer} (the server must allow it as a peer)")
-        })?;
-        let data = c
-            .connection_bind(&ClientTransport::Tcp, args.server, id)
-            .with_context(|| format!("allocation {i}: ConnectionBind"))?;
-        let crate::client::StdSocket::Tcp(s, leftover) = data.into_std()? else {
-            bail!("a TCP data connection");
-        };
-        if !leftover.is_empty() {
-            bail!("allocation {i}: bytes before any were sent");
-        }
-        s.set_nodelay(true)?;
-        sessions.push((c, s));
-    }
+    let acceptor = echo_peer(listener, stop.clone());
+    let sessions = bound_sessions(args, peer, timeout)?;
     let size = args.payload_size();
     let relayed = Arc::new(AtomicU64::new(0));
     let lost = Arc::new(AtomicU64::new(0));
@@ -161,4 +100,78 @@ pub(crate) fn tcp_relay(args: &BenchArgs) -> Result<Report> {
     }
     let _ = acceptor.join();
     Ok(report)
+}
+
+/// The peer side: accepts each connection and echoes it, each on a thread
+/// of its own, until `stop`.
+fn echo_peer(listener: TcpListener, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut echoes = Vec::new();
+        listener.set_nonblocking(true).ok();
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_nodelay(true);
+                    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                    let st = stop.clone();
+                    echoes.push(std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while !st.load(Ordering::Relaxed) {
+                            match s.read(&mut buf) {
+                                Ok(0) => return,
+                                Ok(n) => {
+                                    if s.write_all(&buf[..n]).is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                    ) => {}
+                                Err(_) => return,
+                            }
+                        }
+                    }));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        for e in echoes {
+            let _ = e.join();
+        }
+    })
+}
+
+/// The client side: a TCP allocation, a Connect to `peer` and a bound data
+/// connection per allocation (RFC 6062 §4.3, §4.4).
+fn bound_sessions(
+    args: &BenchArgs,
+    peer: SocketAddr,
+    timeout: Duration,
+) -> Result<Vec<(TurnClient, TcpStream)>> {
+    let mut sessions = Vec::new();
+    for i in 0..args.allocations {
+        let ch = Channel::connect(&ClientTransport::Tcp, args.server, timeout)?;
+        let mut c = TurnClient::new(ch, &args.user, &args.password);
+        c.set_tcp_relay(true);
+        c.allocate()
+            .with_context(|| format!("allocation {i}: a TCP allocation"))?;
+        let id = c.connect(peer).with_context(|| {
+            format!("allocation {i}: Connect to {peer} (the server must allow it as a peer)")
+        })?;
+        let data = c
+            .connection_bind(&ClientTransport::Tcp, args.server, id)
+            .with_context(|| format!("allocation {i}: ConnectionBind"))?;
+        let crate::client::StdSocket::Tcp(s, leftover) = data.into_std()? else {
+            bail!("a TCP data connection");
+        };
+        if !leftover.is_empty() {
+            bail!("allocation {i}: bytes before any were sent");
+        }
+        s.set_nodelay(true)?;
+        sessions.push((c, s));
+    }
+    Ok(sessions)
 }
