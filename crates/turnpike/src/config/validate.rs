@@ -261,13 +261,7 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
     let relay = RelayAddrs::resolve(relay_ip, external_ip, &listen, host)?;
     let (credentials, demo_user) = credentials(user, auth_secret, auth_secret_file, &realm, host)?;
     let threads = threads.unwrap_or(host.cores.min(256));
-    if threads == 0 || threads > 256 {
-        bail!("threads: must be between 1 and 256 (default: number of cores)");
-    }
-    check_log_level(log_level)?;
-    if software.as_ref().is_some_and(|s| s.len() > 763) {
-        bail!("software: at most 763 bytes");
-    }
+    check_process(threads, log_level, software.as_deref())?;
     let max_allocation_lifetime =
         max_allocation_lifetime.unwrap_or(Period::secs(3600).max(*allocation_lifetime));
     check_lifetimes(
@@ -298,18 +292,14 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         node_name.as_ref(),
     )?;
     let watched_files = if *reload_on_change {
-        let files: Vec<PathBuf> = config
-            .iter()
-            .chain(auth_secret_file)
-            .chain(admin_token_file)
-            .chain(cert)
-            .chain(key)
-            .cloned()
-            .collect();
-        if files.is_empty() {
-            bail!("reload-on-change: nothing to watch; it watches --config, --auth-secret-file, --admin-token-file, --cert and --key");
-        }
-        files
+        watched_files(
+            config
+                .iter()
+                .chain(auth_secret_file)
+                .chain(admin_token_file)
+                .chain(cert)
+                .chain(key),
+        )?
     } else {
         Vec::new()
     };
@@ -549,6 +539,28 @@ fn credentials(
         None
     };
     Ok((credentials, demo_user))
+}
+
+/// `--reload-on-change`: the files it watches, of those named.
+fn watched_files<'a>(named: impl Iterator<Item = &'a PathBuf>) -> Result<Vec<PathBuf>> {
+    let files: Vec<PathBuf> = named.cloned().collect();
+    if files.is_empty() {
+        bail!("reload-on-change: nothing to watch; it watches --config, --auth-secret-file, --admin-token-file, --cert and --key");
+    }
+    Ok(files)
+}
+
+/// Worker threads, the log filter and SOFTWARE (RFC 8489 §14.14: fewer
+/// than 128 characters, at most 763 bytes).
+fn check_process(threads: usize, log_level: &str, software: Option<&str>) -> Result<()> {
+    if threads == 0 || threads > 256 {
+        bail!("threads: must be between 1 and 256 (default: number of cores)");
+    }
+    check_log_level(log_level)?;
+    if software.is_some_and(|s| s.len() > 763) {
+        bail!("software: at most 763 bytes");
+    }
+    Ok(())
 }
 
 /// Lifetimes are whole seconds on the wire (LIFETIME, RFC 8656 §18.2) and
