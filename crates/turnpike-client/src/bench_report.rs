@@ -182,43 +182,8 @@ pub(crate) fn html(r: &CallsReport) -> String {
         ],
         Some((r.max_p99_ms, "p99 bound")),
     );
-    let headline = match &r.capacity {
-        Some(c) => format!(
-            "<p class=\"figure\" id=\"capacity\" data-calls=\"{}\"><strong>{} calls</strong> carried within {}% loss and {} ms p99 latency{}{}.</p>",
-            c.calls,
-            c.calls,
-            r.max_loss_pct,
-            r.max_p99_ms,
-            c.cpu_pct.map(|p| format!(", the server at {p:.1}% of a core")).unwrap_or_default(),
-            c.calls_per_core
-                .map(|n| format!(": about <strong>{n:.0} calls per core</strong>"))
-                .unwrap_or_default()
-        ),
-        None => "<p class=\"figure\" id=\"capacity\" data-calls=\"0\">No step stayed within the bounds.</p>".to_owned(),
-    };
-    let mut rows = String::new();
-    for s in &r.steps {
-        let f = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
-        let _ = write!(
-            rows,
-            "<tr><td class=\"num\">{}</td><td class=\"num\">{:.0}</td><td class=\"num\">{:.0}</td><td class=\"num\">{:.2}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
-            s.calls,
-            s.target_pps,
-            s.sent_pps,
-            s.loss_pct,
-            f(ms(s, |p| p.p50, true)),
-            f(ms(s, |p| p.p99, true)),
-            f(ms(s, |p| p.p99, false)),
-            f(s.server_core_pct),
-            f(s.server_cpu_pct),
-            match (s.within_bounds, s.generator_kept_up) {
-                (true, true) => "within bounds",
-                (true, false) => "within bounds; generator behind schedule",
-                (false, true) => "out of bounds",
-                (false, false) => "out of bounds; generator behind schedule",
-            }
-        );
-    }
+    let headline = headline(r);
+    let rows = step_rows(&r.steps);
     format!(
         r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>turnpike bench: calls against {server}</title>
@@ -270,6 +235,52 @@ the core's busy time, with <code>--server-core</code>, also counts the softirq a
         jitter = r.jitter_ms,
         stopped = esc(&r.stopped),
     )
+}
+
+/// The capacity figure at the top of the report.
+fn headline(r: &CallsReport) -> String {
+    match &r.capacity {
+    Some(c) => format!(
+        "<p class=\"figure\" id=\"capacity\" data-calls=\"{}\"><strong>{} calls</strong> carried within {}% loss and {} ms p99 latency{}{}.</p>",
+        c.calls,
+        c.calls,
+        r.max_loss_pct,
+        r.max_p99_ms,
+        c.cpu_pct.map(|p| format!(", the server at {p:.1}% of a core")).unwrap_or_default(),
+        c.calls_per_core
+            .map(|n| format!(": about <strong>{n:.0} calls per core</strong>"))
+            .unwrap_or_default()
+    ),
+    None => "<p class=\"figure\" id=\"capacity\" data-calls=\"0\">No step stayed within the bounds.</p>".to_owned(),
+}
+}
+
+/// One table row per step.
+fn step_rows(steps: &[Step]) -> String {
+    let mut rows = String::new();
+    for s in steps {
+        let f = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+        let _ = write!(
+        rows,
+        "<tr><td class=\"num\">{}</td><td class=\"num\">{:.0}</td><td class=\"num\">{:.0}</td><td class=\"num\">{:.2}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
+        s.calls,
+        s.target_pps,
+        s.sent_pps,
+        s.loss_pct,
+        f(ms(s, |p| p.p50, true)),
+        f(ms(s, |p| p.p99, true)),
+        f(ms(s, |p| p.p99, false)),
+        f(s.server_core_pct),
+        f(s.server_cpu_pct),
+        match (s.within_bounds, s.generator_kept_up) {
+            (true, true) => "within bounds",
+            (true, false) => "within bounds; generator behind schedule",
+            (false, true) => "out of bounds",
+            (false, false) => "out of bounds; generator behind schedule",
+        }
+    );
+    }
+    rows
 }
 
 #[cfg(test)]

@@ -14,10 +14,15 @@ const ATTEMPTS: u32 = 3;
 const TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Fills `external_v4`/`external_v6` for each relay address that has none
-/// configured, from `settings.external_ip_from`. A family whose relay
+/// configured, from `--external-ip-from`. A family whose relay
 /// address has no NAT in front (the server sees it unchanged) keeps none.
 pub fn discover(settings: &mut crate::config::Settings) -> Result<()> {
-    let Some(server) = settings.external_ip_from.clone() else {
+    let Some(server) = settings
+        .options
+        .external_ip_from
+        .as_ref()
+        .map(|h| h.as_str().to_owned())
+    else {
         return Ok(());
     };
     let targets: Vec<SocketAddr> = server

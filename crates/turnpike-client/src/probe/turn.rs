@@ -204,68 +204,86 @@ fn tcp_relay_checks(
         let _ = a.refresh(0);
         return;
     };
-    (|| {
-        let (r, ms) = timed(|| b.create_permission(&[a_relayed]));
-        if !push("permission", r.map(|_| format!("for {}", a_relayed.ip())), ms) {
-            return;
-        }
-        let (r, ms) = timed(|| a.connect(b_relayed));
-        let Ok(id_a) = r.as_ref().map(|x| *x).map_err(|_| ()) else {
-            push("connect", r.map(|_| String::new()), ms);
-            return;
-        };
-        push(
-            "connect",
-            Ok(format!("to {b_relayed}: CONNECTION-ID {id_a:#x}")),
-            ms,
-        );
-        let (r, ms) = timed(|| match b.recv(timeout)? {
-            Received::ConnectionAttempt { id, peer } if peer == a_relayed => Ok(id),
-            _ => Err(ClientError::Protocol(
-                "no ConnectionAttempt from the first allocation",
-            )),
-        });
-        let Ok(id_b) = r.as_ref().map(|x| *x).map_err(|_| ()) else {
-            push("connection attempt", r.map(|_| String::new()), ms);
-            return;
-        };
-        push(
-            "connection attempt",
-            Ok(format!("from {a_relayed}: CONNECTION-ID {id_b:#x}")),
-            ms,
-        );
-        let (r, ms) = timed(|| -> Result<(Channel, Channel), ClientError> {
-            Ok((
-                a.connection_bind(t, addr, id_a)?,
-                b.connection_bind(t, addr, id_b)?,
-            ))
-        });
-        let Ok((mut da, mut db)) = r.map_err(|e| {
-            push("bind", Err(e), ms);
-        }) else {
-            return;
-        };
-        push("bind", Ok("ConnectionBind on both sides".into()), ms);
-        let (r, ms) = timed(|| -> Result<String, ClientError> {
-            let payload = b"turnpike probe over a TCP relay";
-            da.send(payload)?;
-            if raw_exact(&mut db, payload.len(), timeout)? != payload {
-                return Err(ClientError::Protocol("the bytes arrived altered"));
-            }
-            db.send(payload)?;
-            if raw_exact(&mut da, payload.len(), timeout)? != payload {
-                return Err(ClientError::Protocol("the bytes came back altered"));
-            }
-            Ok(format!("{} bytes each way", payload.len()))
-        });
-        push("data both ways", r, ms);
-    })();
+    connect_and_bind(
+        (&mut a, a_relayed),
+        (&mut b, b_relayed),
+        (t, addr),
+        timeout,
+        &mut push,
+    );
     let (r, ms) = timed(|| a.refresh(0).and_then(|_| b.refresh(0)));
     push(
         "delete (refresh 0)",
         r.map(|_| "both allocations deleted".into()),
         ms,
     );
+}
+
+/// RFC 6062 between two TCP allocations: B permits A's relayed IP, A
+/// connects to B's relayed address, B hears the ConnectionAttempt, both
+/// bind a data connection, and bytes go both ways; stops at the first step
+/// that fails.
+fn connect_and_bind(
+    (a, a_relayed): (&mut TurnClient, SocketAddr),
+    (b, b_relayed): (&mut TurnClient, SocketAddr),
+    (t, addr): (&ClientTransport, SocketAddr),
+    timeout: Duration,
+    push: &mut Recorder<'_>,
+) {
+    let (r, ms) = timed(|| b.create_permission(&[a_relayed]));
+    if !push("permission", r.map(|_| format!("for {}", a_relayed.ip())), ms) {
+        return;
+    }
+    let (r, ms) = timed(|| a.connect(b_relayed));
+    let Ok(id_a) = r.as_ref().map(|x| *x).map_err(|_| ()) else {
+        push("connect", r.map(|_| String::new()), ms);
+        return;
+    };
+    push(
+        "connect",
+        Ok(format!("to {b_relayed}: CONNECTION-ID {id_a:#x}")),
+        ms,
+    );
+    let (r, ms) = timed(|| match b.recv(timeout)? {
+        Received::ConnectionAttempt { id, peer } if peer == a_relayed => Ok(id),
+        _ => Err(ClientError::Protocol(
+            "no ConnectionAttempt from the first allocation",
+        )),
+    });
+    let Ok(id_b) = r.as_ref().map(|x| *x).map_err(|_| ()) else {
+        push("connection attempt", r.map(|_| String::new()), ms);
+        return;
+    };
+    push(
+        "connection attempt",
+        Ok(format!("from {a_relayed}: CONNECTION-ID {id_b:#x}")),
+        ms,
+    );
+    let (r, ms) = timed(|| -> Result<(Channel, Channel), ClientError> {
+        Ok((
+            a.connection_bind(t, addr, id_a)?,
+            b.connection_bind(t, addr, id_b)?,
+        ))
+    });
+    let Ok((mut da, mut db)) = r.map_err(|e| {
+        push("bind", Err(e), ms);
+    }) else {
+        return;
+    };
+    push("bind", Ok("ConnectionBind on both sides".into()), ms);
+    let (r, ms) = timed(|| -> Result<String, ClientError> {
+        let payload = b"turnpike probe over a TCP relay";
+        da.send(payload)?;
+        if raw_exact(&mut db, payload.len(), timeout)? != payload {
+            return Err(ClientError::Protocol("the bytes arrived altered"));
+        }
+        db.send(payload)?;
+        if raw_exact(&mut da, payload.len(), timeout)? != payload {
+            return Err(ClientError::Protocol("the bytes came back altered"));
+        }
+        Ok(format!("{} bytes each way", payload.len()))
+    });
+    push("data both ways", r, ms);
 }
 
 /// Reads exactly `n` raw bytes from a data connection.

@@ -10,7 +10,7 @@ use turn_core::{Cidr, Credentials};
 
 use super::host::HostFacts;
 use super::parse::check_log_level;
-use super::types::{FastPathMode, LogFormat, PeerPrecedence, Period, Secret, UserSpec, EXAMPLE_SECRETS};
+use super::types::{FastPathMode, PeerPrecedence, Period, Secret, UserSpec, EXAMPLE_SECRETS};
 use super::Options;
 
 /// Validated settings, ready to run.
@@ -35,38 +35,26 @@ pub struct Settings {
     pub external_v6: Option<Ipv6Addr>,
     /// Realm.
     pub realm: String,
-    /// Challenge minimal Allocates even beyond 3x (a realm over 24 bytes).
-    pub long_realm: bool,
     /// Credentials (keys only).
     pub credentials: Credentials,
     /// The generated demo credential, when no other was configured.
     pub demo_user: Option<(String, String)>,
-    /// Where both hold a peer, `allow_peer` wins (coturn's order).
-    pub allow_peer_wins: bool,
     /// Worker threads.
     pub threads: usize,
-    /// Accept 0x5000-0x7FFF channels.
-    pub legacy_channel_numbers: bool,
     /// The longest allocation lifetime granted (`max-allocation-lifetime`
     /// resolved).
     pub max_allocation_lifetime: std::time::Duration,
     /// No relay address was configured: each allocation relays from the
     /// address its client reached (falling back to `relay_v4`/`relay_v6`).
     pub relay_auto: bool,
-    /// Interfaces named for the fast path (empty: chosen by listen address).
-    pub fast_path_interfaces: Vec<String>,
     /// RFC 5780: the primary listen address and the alternate IP and port.
     pub rfc5780: Option<(SocketAddr, IpAddr, Option<u16>)>,
-    /// Log lines as JSON.
-    pub log_json: bool,
     /// Admin API listener and its token.
     pub admin: Option<(SocketAddr, String)>,
     /// The user database.
     pub db: PathBuf,
     /// Redis credential store.
     pub redis_url: Option<String>,
-    /// STUN server that tells the relay addresses' public mapping at start.
-    pub external_ip_from: Option<String>,
     /// Files whose change triggers a reload (empty: no watching).
     pub watched_files: Vec<PathBuf>,
     /// The ICE test page and the dashboard.
@@ -108,7 +96,7 @@ impl Settings {
     /// server warns about them at start and on reload, since a coturn
     /// configuration meant the opposite.
     pub fn shadowed_allows(&self) -> Vec<(Cidr, Cidr)> {
-        if self.allow_peer_wins {
+        if self.options.peer_precedence == PeerPrecedence::Allow {
             return Vec::new();
         }
         let mut out = Vec::new();
@@ -185,7 +173,7 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         key,
         relay_ip,
         external_ip,
-        external_ip_from,
+        external_ip_from: _,
         min_port,
         max_port,
         realm,
@@ -197,12 +185,12 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         allow_peer: _,
         proxy_protocol_from: _,
         deny_peer: _,
-        peer_precedence,
+        peer_precedence: _,
         threads,
         udp_gso: _,
         log_level,
         software,
-        rfc5766_channel_numbers,
+        rfc5766_channel_numbers: _,
         nonce_lifetime,
         allocation_lifetime,
         max_allocation_lifetime,
@@ -243,7 +231,7 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         web_credentials_per_minute,
         web_turn_host,
         reload_on_change,
-        log_format,
+        log_format: _,
         log_refusals_per_second: _,
         redact: _,
     } = options;
@@ -316,17 +304,11 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         realm,
         credentials,
         demo_user,
-        allow_peer_wins: *peer_precedence == PeerPrecedence::Allow,
         threads,
-        long_realm: *allow_long_realm,
-        legacy_channel_numbers: *rfc5766_channel_numbers,
         max_allocation_lifetime: max_allocation_lifetime.get(),
-        fast_path_interfaces: fast_path_interface.clone(),
         rfc5780,
-        log_json: *log_format == LogFormat::Json,
         db,
         redis_url,
-        external_ip_from: external_ip_from.as_ref().map(|h| h.as_str().to_owned()),
         watched_files,
         web,
         admin,

@@ -56,7 +56,7 @@ pub(super) fn started(settings: &Settings, handle: &Handle, auth: &str) {
             if settings.options.allow_loopback_peers { ", loopback allowed" } else { "" },
             settings.options.allow_peer.len(),
             settings.options.deny_peer.len(),
-            if settings.allow_peer_wins { "allow" } else { "deny" }
+            settings.options.peer_precedence
         ),
         "turnpike started"
     );

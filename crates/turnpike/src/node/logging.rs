@@ -40,7 +40,7 @@ pub(super) fn init(settings: &Settings) {
     let fmt = tracing_subscriber::fmt::layer()
         .with_target(false)
         .with_writer(|| LossyStderr);
-    if settings.log_json {
+    if settings.options.log_format == crate::config::LogFormat::Json {
         let _ = tracing_subscriber::registry()
             .with(filter)
             .with(fmt.json().flatten_event(true))

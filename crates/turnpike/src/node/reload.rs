@@ -38,7 +38,7 @@ impl Reloader {
             }
         };
         // What --external-ip-from learned at start stands until a restart.
-        if new.external_ip_from.is_some() {
+        if new.options.external_ip_from.is_some() {
             new.external_v4 = new.external_v4.or(self.started.external_v4);
             new.external_v6 = new.external_v6.or(self.started.external_v6);
         }

@@ -31,7 +31,7 @@ pub(super) fn build_policy(settings: &Settings, own_sockets: &[SocketAddr]) -> P
     PeerPolicy {
         allow: settings.options.allow_peer.clone(),
         deny: settings.options.deny_peer.clone(),
-        allow_wins: settings.allow_peer_wins,
+        allow_wins: settings.options.peer_precedence == crate::config::PeerPrecedence::Allow,
         allow_loopback: settings.options.allow_loopback_peers,
         own_sockets: own_sockets.to_vec(),
         own_ips,
@@ -125,8 +125,8 @@ pub(super) fn core_config(settings: &Settings, base: &CoreBase) -> turn_core::Co
         base.unix_at_epoch,
     );
     c.software = settings.options.software.clone();
-    c.legacy_channel_numbers = settings.legacy_channel_numbers;
-    c.long_realm = settings.long_realm;
+    c.legacy_channel_numbers = settings.options.rfc5766_channel_numbers;
+    c.long_realm = settings.options.allow_long_realm;
     c.max_tcp_connections = settings.options.tcp_connections_per_allocation;
     c.tcp_connect_timeout = settings.options.tcp_connect_timeout.get();
     c.policy = build_policy(settings, &base.own_sockets);

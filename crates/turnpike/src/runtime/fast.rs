@@ -79,10 +79,10 @@ pub(super) fn start(settings: &Settings, listen: &[SocketAddr]) -> Result<State>
     if settings.options.fast_path == FastPathMode::Off {
         return Ok(State::Off);
     }
-    let ifaces = if settings.fast_path_interfaces.is_empty() {
+    let ifaces = if settings.options.fast_path_interface.is_empty() {
         interfaces_for(listen)
     } else {
-        settings.fast_path_interfaces.clone()
+        settings.options.fast_path_interface.clone()
     };
     let loaded = if ifaces.is_empty() {
         Err(fastpath::Error::Kernel(
