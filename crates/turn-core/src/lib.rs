@@ -35,6 +35,13 @@ pub use server::{
     Rfc5780, Server, SessionInfo, Shared, Stats, TcpConnectionInfo, Transmit, Transport, AUTH_WINDOW,
     CHALLENGE_RATIO, MIN_ALLOCATE_LEN, SOURCE_SLOTS, TCP_CONNECTION_TIMEOUT,
 };
+/// A worker's allocations as data, for a binary upgrade's hand-over.
+pub mod snapshot {
+    pub use crate::server::{
+        AllocationState, ChannelState, PermissionState, RelayState, Restored, Snapshot, SnapshotError,
+        SNAPSHOT_VERSION,
+    };
+}
 
 /// Frames one message at the start of a TCP/TLS byte stream
 /// (RFC 8489 §6.2.2, RFC 8656 §12.5).

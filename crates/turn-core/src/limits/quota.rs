@@ -80,6 +80,18 @@ impl Quotas {
         Ok(())
     }
 
+    /// Counts an allocation that exists already (taken over from another
+    /// process): never refused, even past a limit a reload lowered.
+    pub fn adopt(&self, user: &Arc<str>) {
+        self.total.fetch_add(1, Ordering::SeqCst);
+        *self
+            .per_user
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(user.clone())
+            .or_insert(0) += 1;
+    }
+
     /// Gives back one allocation of `user`.
     pub fn release(&self, user: &str) {
         self.total.fetch_sub(1, Ordering::SeqCst);

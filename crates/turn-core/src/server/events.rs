@@ -10,7 +10,8 @@ use super::io::FiveTuple;
 use crate::policy::Refusal;
 
 /// Packet and byte counts of one allocation.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Stats {
     /// Datagrams relayed from the client to peers.
     pub to_peer_packets: u64,
@@ -22,8 +23,11 @@ pub struct Stats {
     pub from_peer_bytes: u64,
 }
 
-/// Per-worker counts of what the limits did, for metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Per-worker counts of what the limits did, for metrics. Serialized for
+/// the binary upgrade's snapshot: a field the reader does not know is
+/// ignored, one it misses is 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Counters {
     /// Unauthenticated requests not answered because of the per-source limit.
     pub rate_limited: u64,
@@ -80,12 +84,44 @@ pub struct Counters {
     pub from_peer_packets: u64,
     /// Payload bytes relayed peer → client.
     pub from_peer_bytes: u64,
-    /// Error responses sent, by code, in [`ErrorCode::ALL`] order.
+    /// Error responses sent, by code, in [`ErrorCode::ALL`] order
+    /// (serialized by code number, so the table may grow).
+    #[serde(with = "error_counts")]
     pub errors: [u64; ErrorCode::ALL.len()],
     /// ICMP errors relayed to clients (RFC 8656 §11.5).
     pub icmp_relayed: u64,
     /// ICMP errors not relayed: no permission, or over the rate limit.
     pub icmp_dropped: u64,
+}
+
+/// [`Counters::errors`] as (code, count) pairs.
+mod error_counts {
+    use super::ErrorCode;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &[u64; ErrorCode::ALL.len()], s: S) -> Result<S::Ok, S::Error> {
+        let pairs: Vec<(u16, u64)> = ErrorCode::ALL
+            .iter()
+            .zip(v)
+            .filter(|(_, n)| **n > 0)
+            .map(|(c, n)| (c.code(), *n))
+            .collect();
+        pairs.serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<[u64; ErrorCode::ALL.len()], D::Error> {
+        let mut v = [0u64; ErrorCode::ALL.len()];
+        for (code, n) in Vec::<(u16, u64)>::deserialize(d)? {
+            // A code this build does not know was counted by a newer one:
+            // its count has no slot here.
+            if let Some(c) = ErrorCode::from_code(code) {
+                v[c.index()] += n;
+            }
+        }
+        Ok(v)
+    }
 }
 
 impl Counters {

@@ -4,7 +4,8 @@
 use std::net::{IpAddr, SocketAddr};
 
 /// The transport between client and server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum Transport {
     /// UDP.
@@ -57,7 +58,9 @@ pub struct FiveTuple {
 }
 
 /// A runtime's name for one of its listening sockets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct ListenerId(pub u32);
 
 /// Where a [`Transmit`] goes.

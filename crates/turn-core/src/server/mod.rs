@@ -30,6 +30,7 @@ mod permission;
 mod refresh;
 mod relay;
 mod respond;
+mod snapshot;
 mod table;
 mod tcp_relay;
 
@@ -48,6 +49,10 @@ pub use fast_path::{FastPathBudget, FastPathEntry};
 pub use io::{
     AllocateId, Command, ConnectionId, Dest, FiveTuple, ListenerId, OpenedRelay, QueuedTransmit, RelayError,
     RelayRequest, RelaysOpened, Transmit, Transport,
+};
+pub use snapshot::{
+    AllocationState, ChannelState, PermissionState, RelayState, Restored, Snapshot, SnapshotError,
+    SNAPSHOT_VERSION,
 };
 pub use tcp_relay::{connection_bind_id, connection_id_tag, TCP_CONNECTION_TIMEOUT};
 

@@ -6,4 +6,5 @@ mod dualstack;
 mod fast_path;
 mod hardening;
 mod rules;
+mod snapshot;
 mod tcp_relay;

@@ -1,0 +1,396 @@
+//! A worker's allocations as data, for another process to take over (a
+//! binary upgrade hands the relay sockets over with this): each UDP
+//! allocation's 5-tuple, relayed addresses, lifetimes, permissions (RFC
+//! 8656 §9), channels (§12) and counts, and the worker's counters.
+//!
+//! Times are kept as what is left of them, so the reader's clock needs no
+//! relation to the writer's. Allocations on TCP or TLS control connections
+//! are not in it: their connections (and TLS state) stay with the process
+//! that has them.
+//!
+//! Versioning: [`SNAPSHOT_VERSION`] changes when a field is removed or its
+//! meaning changes; a field is added with a default, so an older reader
+//! ignores it and a newer one fills it in. [`Server::restore`] reads its
+//! own version and refuses any other, naming both.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::error::ErrorCode;
+use super::events::{Counters, Stats};
+use super::io::{FiveTuple, ListenerId, Transport};
+use super::table::{family, Allocation, ChannelBinding, Permission, Relayed, CHANNEL_COOLDOWN};
+use super::Server;
+use crate::limits::Bucket;
+
+/// The snapshot format this build writes and reads.
+pub const SNAPSHOT_VERSION: u32 = 1;
+
+/// One worker's allocations and counters at one instant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// [`SNAPSHOT_VERSION`] of the writer.
+    pub version: u32,
+    /// The UDP allocations live when it was taken.
+    pub allocations: Vec<AllocationState>,
+    /// The worker's counters, so metrics continue rather than reset.
+    pub counters: Counters,
+    /// Behind Data indication transaction ids and CONNECTION-IDs: carried
+    /// on so the new process repeats neither.
+    #[serde(default)]
+    pub data_seq: u64,
+    /// The CONNECTION-ID sequence (RFC 6062).
+    #[serde(default)]
+    pub tcp_seq: u64,
+}
+
+/// One allocation (RFC 8656 §2.2) as data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AllocationState {
+    /// The control connection's transport (UDP).
+    pub transport: Transport,
+    /// The client's address as the server sees it.
+    pub client: SocketAddr,
+    /// The server address the client reached.
+    pub server: SocketAddr,
+    /// The writer's id of the listening socket; [`Server::restore`] asks
+    /// the reader's runtime for its own.
+    pub listener: ListenerId,
+    /// Its relayed addresses, one per family.
+    pub relays: Vec<RelayState>,
+    /// The user it is counted under (quotas, caps).
+    pub username: String,
+    /// The creating Allocate's transaction id (a retransmission of it gets
+    /// the same answer, §7.2).
+    pub txid: [u8; 12],
+    /// RESERVATION-TOKEN handed out with it (EVEN-PORT, §14.9).
+    #[serde(default)]
+    pub token: Option<[u8; 8]>,
+    /// ADDRESS-ERROR-CODE of the creating answer: family byte and code.
+    #[serde(default)]
+    pub family_error: Option<(u8, u16)>,
+    /// How long the allocation has existed, in milliseconds.
+    pub age_ms: u64,
+    /// Installed permissions (§9).
+    #[serde(default)]
+    pub permissions: Vec<PermissionState>,
+    /// Channel bindings (§12), cooling-down ones included.
+    #[serde(default)]
+    pub channels: Vec<ChannelState>,
+    /// What it relayed so far.
+    #[serde(default)]
+    pub stats: Stats,
+    /// Its relay sockets set DF (DONT-FRAGMENT, §14.8).
+    #[serde(default)]
+    pub dont_fragment: bool,
+}
+
+/// A relayed transport address and what is left of its lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayState {
+    /// The relay socket's bound address.
+    pub bound: SocketAddr,
+    /// What is left of its lifetime.
+    pub expires_in_ms: u64,
+}
+
+/// A permission (§9) and what is left of its 300 s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PermissionState {
+    /// The peer IP it admits.
+    pub ip: IpAddr,
+    /// What is left of it.
+    pub expires_in_ms: u64,
+}
+
+/// A channel binding; one past its expiry but within the §12 cooldown has
+/// a negative `expires_in_ms` (its number and peer stay reserved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelState {
+    /// The channel number, 0x4000 to 0x7FFF.
+    pub number: u16,
+    /// The peer it is bound to.
+    pub peer: SocketAddr,
+    /// What is left of it (negative: expired this long ago).
+    pub expires_in_ms: i64,
+}
+
+/// Why a snapshot was not taken in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// Written in a format this build does not read.
+    Version {
+        /// The snapshot's version.
+        found: u32,
+        /// The one this build reads.
+        supported: u32,
+    },
+    /// The server already holds allocations or has counted traffic: a
+    /// snapshot is taken in by a fresh one only.
+    NotFresh,
+    /// An allocation that cannot be (no relayed address, a channel number
+    /// out of range, an empty username): the snapshot is refused whole.
+    Invalid(String),
+}
+
+impl std::fmt::Display for SnapshotError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SnapshotError::Version { found, supported } => {
+                write!(f, "snapshot format {found}, this build reads format {supported}")
+            }
+            SnapshotError::NotFresh => f.write_str("the server already holds allocations"),
+            SnapshotError::Invalid(why) => write!(f, "snapshot refused: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for SnapshotError {}
+
+/// What a restore took in and what it left out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Restored {
+    /// Allocations now served here.
+    pub allocations: usize,
+    /// Allocations already expired at `now`, or whose listener the
+    /// runtime no longer has: dropped (their relay sockets are the
+    /// runtime's to close).
+    pub dropped: usize,
+}
+
+/// The longest time left a snapshot may give anything.
+const MAX_LEFT_MS: u64 = 86_400_000;
+
+fn left_ms(at: Instant, now: Instant) -> u64 {
+    at.saturating_duration_since(now).as_millis() as u64
+}
+
+impl Server {
+    /// The UDP allocations live at `now`, and the counters. Allocations on
+    /// TCP/TLS control connections are not in it (see the module docs);
+    /// [`Server::stream_allocations`] says how many.
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
+        let allocations = self
+            .table
+            .iter()
+            .filter(|a| a.is_live(now) && a.tuple.transport == Transport::Udp && !a.tcp)
+            .map(|a| AllocationState {
+                transport: a.tuple.transport,
+                client: a.tuple.client,
+                server: a.tuple.server,
+                listener: a.tuple.listener,
+                relays: a
+                    .relays
+                    .iter()
+                    .flatten()
+                    .filter(|r| r.expires > now)
+                    .map(|r| RelayState {
+                        bound: r.bound,
+                        expires_in_ms: left_ms(r.expires, now),
+                    })
+                    .collect(),
+                username: a.username.to_string(),
+                txid: a.txid,
+                token: a.token,
+                family_error: a.family_error.map(|(f, c)| (f, c.code())),
+                age_ms: now.saturating_duration_since(a.created).as_millis() as u64,
+                permissions: a
+                    .permissions
+                    .iter()
+                    .filter(|p| p.expires > now)
+                    .map(|p| PermissionState {
+                        ip: p.ip,
+                        expires_in_ms: left_ms(p.expires, now),
+                    })
+                    .collect(),
+                channels: a
+                    .channels
+                    .iter()
+                    .filter(|c| c.expires + CHANNEL_COOLDOWN > now)
+                    .map(|c| ChannelState {
+                        number: c.number,
+                        peer: c.peer,
+                        expires_in_ms: if c.expires > now {
+                            left_ms(c.expires, now) as i64
+                        } else {
+                            -(now.duration_since(c.expires).as_millis() as i64)
+                        },
+                    })
+                    .collect(),
+                stats: a.stats,
+                dont_fragment: a.dont_fragment,
+            })
+            .collect();
+        Snapshot {
+            version: SNAPSHOT_VERSION,
+            allocations,
+            counters: self.counters,
+            data_seq: self.data_seq,
+            tcp_seq: self.tcp_seq,
+        }
+    }
+
+    /// Allocations on TCP or TLS control connections (what a snapshot
+    /// leaves behind).
+    pub fn stream_allocations(&self) -> usize {
+        self.table
+            .iter()
+            .filter(|a| a.tuple.transport.is_stream())
+            .count()
+    }
+
+    /// Takes in `snap` (a fresh server only): its allocations are served
+    /// here from `now` on, with what was left of their lifetimes, counted
+    /// against the quotas (never refused by them: they exist), and
+    /// handed to the fast path when it is on. `listener` gives this
+    /// runtime's id for the writer's listener id (`None`: it has no such
+    /// listener, and the allocation is dropped). The runtime must already
+    /// hold the relay sockets at the relayed addresses.
+    pub fn restore(
+        &mut self,
+        now: Instant,
+        snap: &Snapshot,
+        listener: &dyn Fn(ListenerId) -> Option<ListenerId>,
+    ) -> Result<Restored, SnapshotError> {
+        if snap.version != SNAPSHOT_VERSION {
+            return Err(SnapshotError::Version {
+                found: snap.version,
+                supported: SNAPSHOT_VERSION,
+            });
+        }
+        if self.table.len() > 0 || self.counters != Counters::default() {
+            return Err(SnapshotError::NotFresh);
+        }
+        for a in &snap.allocations {
+            check(a)?;
+        }
+        let mut done = Restored::default();
+        for a in &snap.allocations {
+            let tuple = FiveTuple {
+                transport: a.transport,
+                client: a.client,
+                server: a.server,
+                listener: match listener(a.listener) {
+                    Some(l) => l,
+                    None => {
+                        done.dropped += 1;
+                        continue;
+                    }
+                },
+            };
+            let relays = a.relays.iter().filter(|r| r.expires_in_ms > 0);
+            let mut slots: [Option<Relayed>; 2] = [None, None];
+            for r in relays {
+                slots[family(r.bound)] = Some(Relayed {
+                    bound: r.bound,
+                    expires: now + Duration::from_millis(r.expires_in_ms),
+                });
+            }
+            let Some(expires) = slots.iter().flatten().map(|r| r.expires).max() else {
+                done.dropped += 1;
+                continue;
+            };
+            if self.table.by_tuple.contains_key(&tuple) {
+                done.dropped += 1;
+                continue;
+            }
+            let username: Arc<str> = Arc::from(a.username.as_str());
+            self.shared.quotas.adopt(&username);
+            let user_slot = self.user_slot(&username);
+            let idx = self.table.insert(Allocation {
+                tuple,
+                relays: slots,
+                username,
+                txid: a.txid,
+                token: a.token,
+                family_error: a
+                    .family_error
+                    .and_then(|(f, c)| ErrorCode::from_code(c).map(|c| (f, c))),
+                created: now.checked_sub(Duration::from_millis(a.age_ms)).unwrap_or(now),
+                expires,
+                permissions: a
+                    .permissions
+                    .iter()
+                    .map(|p| Permission {
+                        ip: p.ip,
+                        expires: now + Duration::from_millis(p.expires_in_ms),
+                    })
+                    .collect(),
+                channels: a
+                    .channels
+                    .iter()
+                    .map(|c| ChannelBinding {
+                        number: c.number,
+                        peer: c.peer,
+                        expires: if c.expires_in_ms >= 0 {
+                            now + Duration::from_millis(c.expires_in_ms as u64)
+                        } else {
+                            now.checked_sub(Duration::from_millis(c.expires_in_ms.unsigned_abs()))
+                                .unwrap_or(now)
+                        },
+                    })
+                    .collect(),
+                stats: a.stats,
+                bw_up: Bucket::new(),
+                bw_down: Bucket::new(),
+                icmp: Bucket::new(),
+                user_slot,
+                tcp: false,
+                tcp_conns: 0,
+                dont_fragment: a.dont_fragment,
+                fast_reserved: [0; 2],
+            });
+            self.sync_fast_path(idx, now);
+            done.allocations += 1;
+        }
+        self.counters = snap.counters;
+        self.data_seq = self.data_seq.max(snap.data_seq);
+        self.tcp_seq = snap.tcp_seq;
+        Ok(done)
+    }
+}
+
+/// What no allocation of this server could be: refused before anything
+/// is taken in.
+fn check(a: &AllocationState) -> Result<(), SnapshotError> {
+    let bad = |why: String| {
+        Err(SnapshotError::Invalid(format!(
+            "allocation of {}: {why}",
+            a.client
+        )))
+    };
+    if a.transport != Transport::Udp {
+        return bad(format!(
+            "transport {} (a snapshot holds UDP allocations)",
+            a.transport.as_str()
+        ));
+    }
+    if a.username.is_empty() {
+        return bad("no username".into());
+    }
+    if a.relays.is_empty() || a.relays.len() > 2 {
+        return bad(format!("{} relayed addresses", a.relays.len()));
+    }
+    if a.relays.len() == 2 && a.relays[0].bound.is_ipv6() == a.relays[1].bound.is_ipv6() {
+        return bad("two relayed addresses of one family".into());
+    }
+    if let Some(c) = a.channels.iter().find(|c| !(0x4000..=0x7FFF).contains(&c.number)) {
+        return bad(format!("channel number {:#06x} (RFC 8656 §12)", c.number));
+    }
+    // Nothing of a TURN server lasts a day without a refresh; a longer
+    // time is a damaged snapshot (and would overflow the clock).
+    let times = a
+        .relays
+        .iter()
+        .map(|r| r.expires_in_ms)
+        .chain(a.permissions.iter().map(|p| p.expires_in_ms))
+        .chain(a.channels.iter().map(|c| c.expires_in_ms.unsigned_abs()));
+    if let Some(t) = times.into_iter().find(|t| *t > MAX_LEFT_MS) {
+        return bad(format!("a lifetime of {t} ms (more than a day)"));
+    }
+    Ok(())
+}
