@@ -12,6 +12,8 @@ and the generator's receiving on its own. Run as root, by hand, not in CI:
     DURATION=3 REPEAT=1 python3 bench/fastpath.py
     PROFILE=1 REPEAT=1 python3 bench/fastpath.py   # and where core 0's time goes
     NICS=1 FORWARDING=0 python3 bench/fastpath.py  # a stock one-NIC host
+    SHAPES=256x1 ONLY="turnpike fast path" VETH_STATS=1 python3 bench/fastpath.py
+                                               # one shape, one server, where frames drop
     CALLS=1 NICS=1 FORWARDING=0 python3 bench/fastpath.py   # calls per core instead
 
 CALLS=1 ramps `bench --mode calls` (Opus calls whose two legs relay to
@@ -88,6 +90,9 @@ def set_tx(name):
     outer = 'a1 a2' if NICS == 2 else 'a1'
     sh(f'for i in {outer}; do ip netns exec {O} ethtool -K $i tx {tx} >/dev/null; done')
 SHAPES = [('16 x 16', '16', '16'), ('64 x 4', '64', '4'), ('256 x 1', '256', '1')]
+# SHAPES="256x1,64x4": just those shapes.
+if os.environ.get('SHAPES'):
+    SHAPES = [s for s in SHAPES if s[0].replace(' ', '') in os.environ['SHAPES'].split(',')]
 
 
 def sh(cmd):
@@ -173,6 +178,27 @@ def report(prof, label):
     print(f'--- core 0 profile, fast path, {label}:\n' + '\n'.join(lines[:25]), file=sys.stderr)
 
 
+def veth_stats():
+    """The veths' driver counters (ethtool -S), by interface and name."""
+    out = {}
+    for ns, ifs in ((S, IFACES), (O, [i.replace('s', 'a') for i in IFACES])):
+        for i in ifs:
+            text = subprocess.run(['ip', 'netns', 'exec', ns, 'ethtool', '-S', i],
+                                  capture_output=True, text=True).stdout
+            for line in text.splitlines()[1:]:
+                k, _, v = line.strip().partition(':')
+                if v.strip().isdigit():
+                    out[f'{i} {k}'] = int(v)
+    return out
+
+
+def drops(before, after):
+    """VETH_STATS=1: the veth counters a run moved that count drops and
+    errors (a full XDP ring shows as xdp_tx/xmit errors or drops)."""
+    moved = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    return {k: v for k, v in moved.items() if any(w in k for w in ('drop', 'err', 'full'))}
+
+
 def bench(pid, allocs, window):
     cmd = ['ip', 'netns', 'exec', O, 'taskset', '-c', '1', TP, 'bench', '--server', f'{SERVER}:3478',
            '--peer-ip', PEER, '--user', 'bench', '--password', 'bench', '--json', '--pid', str(pid),
@@ -252,7 +278,12 @@ def main():
                     first = name == 'turnpike fast path' and (label, name) not in results
                     prof = profiled(label) if first else None
                     try:
-                        results.setdefault((label, name), []).append(bench(server_pid(p), allocs, window))
+                        before = veth_stats() if os.environ.get('VETH_STATS') == '1' else None
+                        r = bench(server_pid(p), allocs, window)
+                        if before is not None:
+                            r['veth_drops'] = drops(before, veth_stats())
+                            print(f'{label} | {name}: lost {r.get("lost")}, veth {r["veth_drops"]}', file=sys.stderr)
+                        results.setdefault((label, name), []).append(r)
                         if prof:
                             report(prof, label)
                     finally:

@@ -11,6 +11,8 @@
 //!   super-datagrams (`UDP_SEGMENT`).
 //! - [`ErrorQueue`]: ICMP errors the kernel queued for a socket with
 //!   [`set_recv_errors`] (`IP_RECVERR`), read with `MSG_ERRQUEUE`.
+//! - [`handover`]: open sockets passed to another process (`SCM_RIGHTS`),
+//!   for a binary upgrade.
 //! - Socket options a relay needs ([`set_dont_fragment`]) and the host's
 //!   own addresses ([`local_addresses`]).
 //!
@@ -21,6 +23,7 @@
 
 mod addr;
 mod errqueue;
+pub mod handover;
 mod opts;
 mod recv;
 mod send;
