@@ -354,6 +354,39 @@ impl Server {
     }
 }
 
+impl Server {
+    /// The allocations of `snap` were taken over by another process: they
+    /// leave this server without a trace in its events or counters (they
+    /// did not end). Their relay sockets are closed here (the runtime's
+    /// copies; the other process holds its own), and their quota and
+    /// bandwidth slots given back. Returns how many left.
+    pub fn hand_over(&mut self, snap: &Snapshot) -> usize {
+        let mut n = 0;
+        for s in &snap.allocations {
+            let tuple = FiveTuple {
+                transport: s.transport,
+                client: s.client,
+                server: s.server,
+                listener: s.listener,
+            };
+            let Some(&idx) = self.table.by_tuple.get(&tuple) else {
+                continue;
+            };
+            let Some(a) = self.table.remove(idx) else {
+                continue;
+            };
+            for r in a.relays.iter().flatten() {
+                self.commands
+                    .push_back(super::Command::CloseRelay { relay: r.bound });
+            }
+            self.shared.quotas.release(&a.username);
+            self.release_user_slot(a.user_slot);
+            n += 1;
+        }
+        n
+    }
+}
+
 /// What no allocation of this server could be: refused before anything
 /// is taken in.
 fn check(a: &AllocationState) -> Result<(), SnapshotError> {

@@ -330,3 +330,33 @@ fn any_addr() -> impl proptest::strategy::Strategy<Value = std::net::SocketAddr>
             }
         })
 }
+
+#[test]
+fn the_old_server_lets_its_handed_over_allocations_go_quietly() {
+    let mut quotas = None;
+    let mut h = Harness::with_shared(|_, shared| quotas = Some(shared.quotas.clone()));
+    let quotas = quotas.unwrap();
+    let mut c = Client::new(udp(), "alice", "wonderland");
+    c.allocate(&mut h);
+    let relay = *h.relays.open.iter().next().unwrap();
+    let tcp = tuple(Transport::Tcp, "203.0.113.9:41000");
+    Client::new(tcp, "bob", "builder").allocate(&mut h);
+    h.events();
+    let snap = h.server.snapshot(h.now);
+    assert_eq!(h.server.hand_over(&snap), 1);
+    // Its relay socket (this process's copy) is closed; no event says the
+    // allocation ended, and no counter counts it as deleted.
+    let closes: Vec<_> = std::iter::from_fn(|| h.server.poll_command())
+        .filter_map(|cmd| match cmd {
+            turn_core::Command::CloseRelay { relay } => Some(relay),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(closes, vec![relay]);
+    assert!(h.events().is_empty());
+    assert_eq!(h.server.counters().allocations_deleted, [0, 0, 0]);
+    assert_eq!(quotas.held_here(), vec![("bob".to_owned(), 1)]);
+    // The TCP allocation stays and serves.
+    assert_eq!(h.server.sessions(h.now).len(), 1);
+    assert!(h.send(udp(), &channel_data(0x4001, b"x")).is_none());
+}
