@@ -17,5 +17,6 @@ pub mod redisdb;
 pub mod runtime;
 pub mod sessions;
 pub mod tls;
+pub mod upgrade;
 pub mod userdb;
 pub mod web;

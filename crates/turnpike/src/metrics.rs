@@ -41,6 +41,10 @@ pub fn set_relay_ports(min_port: u16, max_port: u16) {
 
 /// 1 while the kernel fast path is loaded.
 pub static FAST_PATH_ACTIVE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Binary upgrades (SIGUSR2) this process handed over, and those that
+/// failed and left it serving.
+pub static UPGRADES_OK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub static UPGRADES_FAILED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Packets the kernel fast path forwarded (read once a second).
 pub static FAST_PATH_PACKETS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Packets of installed flows it passed to user space: no route or neighbour.
@@ -550,6 +554,21 @@ fn operations(x: &mut Exposition, t: &WorkerMetrics, draining: bool) {
         "gauge",
         "1 while draining.",
         &[("", if draining { 1.0 } else { 0.0 })],
+    );
+    x.metric(
+        "upgrades_total",
+        "counter",
+        "Binary upgrades (SIGUSR2) by outcome: handed over to the new process, or failed and serving on.",
+        &[
+            (
+                "{outcome=\"ok\"}",
+                UPGRADES_OK.load(std::sync::atomic::Ordering::Relaxed) as f64,
+            ),
+            (
+                "{outcome=\"failed\"}",
+                UPGRADES_FAILED.load(std::sync::atomic::Ordering::Relaxed) as f64,
+            ),
+        ],
     );
 }
 

@@ -149,6 +149,65 @@ pub fn recv_with_fds(stream: &UnixStream) -> io::Result<Option<(Vec<u8>, Vec<Own
     Ok(Some((payload, fds)))
 }
 
+/// Lets a child process inherit `stream` (clears close-on-exec); returns
+/// the descriptor number the child will find it under.
+pub fn inheritable(stream: &UnixStream) -> io::Result<RawFd> {
+    let fd = stream.as_raw_fd();
+    // SAFETY: fcntl on a descriptor `stream` owns and keeps open.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// The Unix stream a parent passed as descriptor `fd` (see
+/// [`inheritable`]), owned from here on and made close-on-exec again.
+/// Refused unless `fd` is an open Unix stream socket, so a stray number in
+/// the environment cannot take over another descriptor.
+pub fn inherited(fd: RawFd) -> io::Result<UnixStream> {
+    if fd < 3 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a hand-over descriptor",
+        ));
+    }
+    // SAFETY: stat and getsockopt only read the descriptor's state, and
+    // fail cleanly on one that is not open.
+    let (is_socket, sock_type) = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut st) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut ty: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        let r = libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            &mut ty as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        );
+        (st.st_mode & libc::S_IFMT == libc::S_IFSOCK && r == 0, ty)
+    };
+    if !is_socket || sock_type != libc::SOCK_STREAM {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a Unix stream socket",
+        ));
+    }
+    // SAFETY: the descriptor is open, a stream socket, and was passed to
+    // this process to own (nothing else here refers to it).
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    // SAFETY: fcntl on the descriptor `stream` now owns.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(stream)
+}
+
 /// u64 words of control space for `n` descriptors.
 fn control_words(n: usize) -> usize {
     // SAFETY: CMSG_SPACE is a pure size computation.

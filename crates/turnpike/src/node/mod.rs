@@ -26,13 +26,29 @@ pub struct Node {
     reloader: Arc<reload::Reloader>,
     signals: signal_hook::iterator::Signals,
     watch: watch::FileWatch,
+    upgrader: crate::upgrade::old::Upgrader,
 }
 
 impl Node {
     /// Validates the configuration, opens the stores, binds every socket
     /// and starts the workers and services: when it returns, the server
     /// answers. Anything that cannot work fails here, before a client.
+    ///
+    /// Started by a binary upgrade (`crate::upgrade`), it takes the old
+    /// process's sockets and allocations instead of binding, and tells the
+    /// old process why if it cannot.
     pub fn start(command_line: CommandLine) -> Result<Node> {
+        let link = crate::upgrade::new::Link::from_env()?;
+        Self::start_on(command_line, link.as_ref()).inspect_err(|e| {
+            if let Some(l) = &link {
+                l.refuse(&format!("{e:#}"));
+            }
+        })
+    }
+
+    fn start_on(command_line: CommandLine, link: Option<&crate::upgrade::new::Link>) -> Result<Node> {
+        // As started: after a package upgrade the new binary is at this path.
+        let exe = std::env::current_exe()?;
         let options = command_line.options()?;
         let host = HostFacts::read(&options);
         let mut settings = validate(&options, &host)?;
@@ -50,8 +66,25 @@ impl Node {
             signal_hook::consts::SIGTERM,
             signal_hook::consts::SIGUSR1,
             signal_hook::consts::SIGHUP,
+            signal_hook::consts::SIGUSR2,
         ])?;
-        let mut handle = crate::runtime::start(&settings)?;
+        let mut handle = match link {
+            Some(l) => {
+                let (handover, fds) = l.take(settings.threads)?;
+                crate::runtime::start_inherited(&settings, handover, fds)?
+            }
+            None => crate::runtime::start(&settings)?,
+        };
+        let upgrader = crate::upgrade::old::Upgrader {
+            exe,
+            args: std::env::args_os().skip(1).collect(),
+            threads: settings.threads,
+            control: handle.control(),
+            listen: handle.listen.clone(),
+            tls_listen: handle.tls_listen.clone(),
+            alt_listen: handle.alt_listen.clone(),
+            http: std::mem::take(&mut handle.http_copies),
+        };
         let reloader = Arc::new(reload::Reloader {
             command_line,
             host,
@@ -72,12 +105,22 @@ impl Node {
         announce::warnings(&settings, &handle);
         announce::demo_banner(&settings, &handle);
         watch::spawn_store_watcher(handle.control(), stores, push_rx);
+        if let (Some(l), Some((pid, allocations, dropped))) = (link, handle.taken_over) {
+            info!(
+                old_pid = pid,
+                allocations, dropped, "upgrade: took over the old process's sockets and allocations"
+            );
+            if let Err(e) = l.serving(allocations, dropped) {
+                tracing::warn!(error = %format!("{e:#}"), "upgrade: the old process did not hear that this one serves");
+            }
+        }
         Ok(Node {
             settings,
             handle,
             reloader,
             signals,
             watch,
+            upgrader,
         })
     }
 
@@ -91,6 +134,7 @@ impl Node {
             reloader,
             mut signals,
             mut watch,
+            upgrader,
         } = self;
         let control = handle.control();
         let drain_timeout = settings.options.drain_timeout.get();
@@ -114,6 +158,15 @@ impl Node {
                                 "draining: new allocations are refused"
                             );
                         }
+                        signal_hook::consts::SIGUSR2 if deadline.is_none() => {
+                            if upgrade(&upgrader) {
+                                // What stayed (TCP and TLS connections and
+                                // their allocations) drains; then this exits.
+                                control.drain();
+                                deadline = Some(Instant::now() + drain_timeout);
+                            }
+                        }
+                        signal_hook::consts::SIGUSR2 => info!("SIGUSR2 while stopping: no upgrade"),
                         signal_hook::consts::SIGTERM if deadline.is_none() => {
                             control.drain();
                             deadline = Some(Instant::now() + drain_timeout);
@@ -152,6 +205,32 @@ impl Node {
         }
         info!("stopped");
         Ok(())
+    }
+}
+
+/// SIGUSR2: hands the sockets and allocations to the binary at the path
+/// this one was started from; whether it did (else this one serves on).
+fn upgrade(upgrader: &crate::upgrade::old::Upgrader) -> bool {
+    info!(binary = %upgrader.exe.display(), "SIGUSR2: upgrading");
+    match upgrader.run() {
+        Ok(o) => {
+            crate::metrics::UPGRADES_OK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            info!(
+                new_pid = o.pid,
+                new_version = %o.version,
+                old_version = env!("CARGO_PKG_VERSION"),
+                allocations_moved = o.moved,
+                allocations_dropped = o.dropped,
+                gap_ms = o.gap.as_millis() as u64,
+                "upgrade: the new process serves; TCP and TLS connections stay here until they end or drain-timeout"
+            );
+            true
+        }
+        Err(e) => {
+            crate::metrics::UPGRADES_FAILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(error = %format!("{e:#}"), "upgrade failed; serving on as before");
+            false
+        }
     }
 }
 

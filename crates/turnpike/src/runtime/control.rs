@@ -52,6 +52,26 @@ pub enum WorkerRequest {
         /// How many were deleted.
         reply: std::sync::mpsc::Sender<usize>,
     },
+    /// A binary upgrade: this worker's sockets and allocations, after
+    /// which it waits for the decision (see `crate::upgrade`).
+    Handover(HandoverAsk),
+}
+
+/// A worker paused for a binary upgrade: its part, its sockets'
+/// descriptors, and where to send the decision.
+pub(crate) type PausedWorker = (
+    crate::upgrade::WorkerPart,
+    Vec<std::os::fd::OwnedFd>,
+    std::sync::mpsc::Sender<bool>,
+);
+
+/// A binary upgrade's request to one worker: it sends its part and its
+/// sockets' descriptors on `reply`, then reads nothing until `decision`
+/// says whether the new process took over (`true`: let the moved go) or
+/// not (`false`, or silence: serve on as before).
+pub struct HandoverAsk {
+    pub(crate) reply: std::sync::mpsc::Sender<(crate::upgrade::WorkerPart, Vec<std::os::fd::OwnedFd>)>,
+    pub(crate) decision: std::sync::mpsc::Receiver<bool>,
 }
 
 /// What a reload changes in every worker, published under a generation
@@ -262,6 +282,39 @@ impl Control {
         (0..asked)
             .filter_map(|_| rx.recv_timeout(Duration::from_secs(2)).ok())
             .sum()
+    }
+
+    /// Binary upgrade, old side: every worker's part and descriptors, each
+    /// worker paused until its decision sender says (or is dropped).
+    pub(crate) fn pause_for_handover(&self, timeout: Duration) -> Result<Vec<PausedWorker>> {
+        let mut parts = Vec::new();
+        for (tx, w) in self.commands.iter().zip(&self.wakers) {
+            let (reply, from_worker) = std::sync::mpsc::channel();
+            let (decide, decision) = std::sync::mpsc::channel();
+            tx.send(WorkerRequest::Handover(HandoverAsk { reply, decision }))
+                .map_err(|_| anyhow::anyhow!("a worker is gone"))?;
+            let _ = w.wake();
+            let (part, fds) = from_worker
+                .recv_timeout(timeout)
+                .map_err(|_| anyhow::anyhow!("a worker did not hand over its sockets"))?;
+            parts.push((part, fds, decide));
+        }
+        Ok(parts)
+    }
+
+    /// What keeps nonces valid in another process: the secret, the Unix
+    /// time at the epoch, and how long ago the epoch was.
+    pub(crate) fn nonce_clock(&self) -> ([u8; 32], u64, Duration) {
+        (
+            self.base.nonce_secret,
+            self.base.unix_at_epoch,
+            self.base.epoch.elapsed(),
+        )
+    }
+
+    /// Whether the kernel fast path is loaded.
+    pub fn fast_path_active(&self) -> bool {
+        self.base.fast_path
     }
 
     /// Stops a drain started by SIGUSR1 or the admin API.

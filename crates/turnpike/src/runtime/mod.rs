@@ -10,7 +10,7 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `mod.rs` | `start`: binds everything, builds the core config, spawns workers; `Handle` |
+//! | `mod.rs` | `start`: binds everything (or `start_inherited`: takes a binary upgrade's sockets), builds the core config, spawns workers; `Handle` |
 //! | `listeners.rs` | binding listening sockets (SO_REUSEPORT, pktinfo, in-use check) |
 //! | `worker.rs` | `Worker`: the loop, events to the subsystem that owns the socket, the core's commands carried out |
 //! | `udp.rs` | `UdpReads`: reading UDP listeners and relay sockets in batches, ICMP errors |
@@ -24,6 +24,7 @@
 //! | `fast.rs` | `FastPlane`: loading the kernel fast path, its entries, its counts fed back |
 //! | `control.rs` | `Control`, reloads, shared limits, the core config built from settings |
 //! | `worker_control.rs` | `ControlLink`: a worker's reloads, session requests, metrics, stop |
+//! | `handover.rs` | a worker's side of a binary upgrade: its part given and the decision awaited (old), relay sockets and snapshot taken over (new) |
 //! | `log.rs` | log lines for the core's events, `--redact` |
 
 use std::net::{IpAddr, SocketAddr};
@@ -43,6 +44,7 @@ mod connections;
 mod control;
 mod dispatch;
 mod fast;
+mod handover;
 mod listeners;
 mod log;
 mod pairs;
@@ -56,7 +58,7 @@ mod worker_control;
 
 use connections::conn_limits;
 use control::{core_config, core_shared, CoreBase, Reloads, SharedLimits};
-pub use control::{Control, WorkerRequest};
+pub use control::{Control, HandoverAsk, WorkerRequest};
 use listeners::{bind_pair, bind_tcp, bind_udp, ensure_free, in_use_hint};
 pub use log::Redactor;
 use relays::{RelayConfig, Reservations};
@@ -90,6 +92,12 @@ pub struct Handle {
     pub admin_listener: Option<std::net::TcpListener>,
     /// The public ICE page's listener (`--web-listen`), likewise.
     pub web_listener: Option<std::net::TcpListener>,
+    /// Copies of the metrics, admin and web listeners, for a binary
+    /// upgrade to hand over.
+    pub(crate) http_copies: [Option<(SocketAddr, std::net::TcpListener)>; 3],
+    /// After a binary upgrade: the old process's pid, and the allocations
+    /// taken over and dropped.
+    pub taken_over: Option<(u32, usize, usize)>,
     stop: Control,
     threads: Vec<JoinHandle<()>>,
 }
@@ -126,6 +134,44 @@ struct HttpListeners {
 }
 
 impl HttpListeners {
+    /// A binary upgrade's HTTP listeners, where the old process had them.
+    /// One the new configuration adds is bound; one it drops is closed.
+    fn inherit(
+        settings: &Settings,
+        h: &crate::upgrade::Handover,
+        fds: &mut std::vec::IntoIter<std::os::fd::OwnedFd>,
+    ) -> Result<Self> {
+        let mut got: [Option<std::net::TcpListener>; 3] = [None, None, None];
+        for (slot, addr) in got.iter_mut().zip(&h.http) {
+            if addr.is_some() {
+                *slot = Some(std::net::TcpListener::from(
+                    fds.next()
+                        .context("an HTTP listener the hand-over announced is missing")?,
+                ));
+            }
+        }
+        let [metrics, admin, web] = got;
+        let keep =
+            |had: Option<std::net::TcpListener>, want: Option<SocketAddr>, name: &str| match (had, want) {
+                (Some(l), Some(_)) => Ok(Some(l)),
+                (None, Some(a)) => crate::http::bind(name, a).map(Some),
+                (_, None) => Ok(None),
+            };
+        Ok(HttpListeners {
+            metrics: keep(metrics, settings.options.metrics_listen, "metrics-listen")?,
+            admin: keep(admin, settings.admin.as_ref().map(|(a, _)| *a), "admin-listen")?,
+            web: keep(web, settings.web.public, "web-listen")?,
+        })
+    }
+
+    /// Copies (same sockets) of the listeners, with their addresses.
+    fn copies(&self) -> [Option<(SocketAddr, std::net::TcpListener)>; 3] {
+        [&self.metrics, &self.admin, &self.web].map(|l| {
+            let l = l.as_ref()?;
+            Some((l.local_addr().ok()?, l.try_clone().ok()?))
+        })
+    }
+
     fn addrs(&self) -> Vec<SocketAddr> {
         [&self.metrics, &self.admin, &self.web]
             .into_iter()
@@ -138,6 +184,9 @@ impl HttpListeners {
 struct WorkerSockets {
     udp: Vec<(std::net::UdpSocket, SocketAddr)>,
     tcp: Vec<(std::net::TcpListener, SocketAddr, bool)>,
+    /// After a binary upgrade: the old worker's relay sockets and
+    /// allocations (`handover.rs`).
+    taken: Option<handover::TakenOver>,
 }
 
 /// Every TURN listener, bound once per worker (SO_REUSEPORT).
@@ -157,6 +206,7 @@ impl Listeners {
                 .map(|_| WorkerSockets {
                     udp: vec![],
                     tcp: vec![],
+                    taken: None,
                 })
                 .collect(),
             listen: Vec::new(),
@@ -253,18 +303,116 @@ impl Listeners {
     }
 }
 
+impl Listeners {
+    /// A binary upgrade's listeners: the old process's sockets, worker by
+    /// worker, in the order it sent them; nothing is bound.
+    fn inherit(
+        settings: &Settings,
+        h: &mut crate::upgrade::Handover,
+        fds: &mut std::vec::IntoIter<std::os::fd::OwnedFd>,
+    ) -> Result<Self> {
+        let mut next = || {
+            fds.next()
+                .context("a descriptor the hand-over announced is missing")
+        };
+        let mut per_worker = Vec::new();
+        for part in h.workers.iter_mut() {
+            let mut w = WorkerSockets {
+                udp: vec![],
+                tcp: vec![],
+                taken: None,
+            };
+            for (_, addr) in &part.udp {
+                w.udp.push((std::net::UdpSocket::from(next()?), *addr));
+            }
+            for (addr, tls) in &part.tcp {
+                w.tcp.push((std::net::TcpListener::from(next()?), *addr, *tls));
+            }
+            let mut relays = Vec::new();
+            for addr in &part.relays {
+                relays.push((std::net::UdpSocket::from(next()?), *addr));
+            }
+            w.taken = Some(handover::TakenOver {
+                relays,
+                snapshot: std::mem::replace(
+                    &mut part.snapshot,
+                    turn_core::snapshot::Snapshot {
+                        version: turn_core::snapshot::SNAPSHOT_VERSION,
+                        allocations: Vec::new(),
+                        counters: Default::default(),
+                        data_seq: 0,
+                        tcp_seq: 0,
+                    },
+                ),
+                old_listeners: part.udp.clone(),
+            });
+            per_worker.push(w);
+        }
+        let rfc5780 = match settings.rfc5780 {
+            Some((primary, alt_ip, alt_port)) => {
+                let primary = h
+                    .listen
+                    .iter()
+                    .copied()
+                    .find(|l| l.ip() == primary.ip())
+                    .unwrap_or(primary);
+                let q = alt_port
+                    .or_else(|| primary.port().checked_add(1))
+                    .context("rfc5780: no alt-port")?;
+                Some(turn_core::Rfc5780 {
+                    ips: (primary.ip(), alt_ip),
+                    ports: (primary.port(), q),
+                })
+            }
+            None => None,
+        };
+        Ok(Listeners {
+            per_worker,
+            listen: h.listen.clone(),
+            tls_listen: h.tls_listen.clone(),
+            alt_listen: h.alt_listen.clone(),
+            rfc5780,
+        })
+    }
+}
+
 /// Starts the workers. Listeners are bound before this returns, so a caller
 /// can connect at once.
 pub fn start(settings: &Settings) -> Result<Handle> {
+    start_with(settings, None)
+}
+
+/// Starts the workers on the sockets and allocations a binary upgrade
+/// handed over (`crate::upgrade`): nothing is bound, and nonces the old
+/// process gave out stay valid.
+pub(crate) fn start_inherited(
+    settings: &Settings,
+    handover: crate::upgrade::Handover,
+    fds: Vec<std::os::fd::OwnedFd>,
+) -> Result<Handle> {
+    start_with(settings, Some((handover, fds)))
+}
+
+fn start_with(
+    settings: &Settings,
+    mut inherited: Option<(crate::upgrade::Handover, Vec<std::os::fd::OwnedFd>)>,
+) -> Result<Handle> {
     let n = settings.threads;
     let board: crate::metrics::Board = Arc::new(Mutex::new(vec![Default::default(); n]));
+    let mut fds = inherited
+        .as_mut()
+        .map(|(_, fds)| std::mem::take(fds).into_iter())
+        .unwrap_or_default();
     let Listeners {
         per_worker,
         listen,
         tls_listen,
         alt_listen,
         rfc5780,
-    } = Listeners::bind(settings)?;
+    } = match inherited.as_mut() {
+        Some((h, _)) => Listeners::inherit(settings, h, &mut fds)?,
+        None => Listeners::bind(settings)?,
+    };
     let tls_setup = match &settings.tls {
         Some(src) => Some(crate::tls::setup(src)?),
         None => None,
@@ -281,23 +429,28 @@ pub fn start(settings: &Settings) -> Result<Handle> {
     // they are the server's own sockets as much as the TURN listeners, and
     // with loopback or private peers allowed a relay could otherwise reach
     // /metrics or the admin API (RFC 8656 §21.2.3's concern).
-    let http = HttpListeners {
-        metrics: settings
-            .options
-            .metrics_listen
-            .map(|a| crate::http::bind("metrics-listen", a))
-            .transpose()?,
-        admin: settings
-            .admin
-            .as_ref()
-            .map(|(a, _)| crate::http::bind("admin-listen", *a))
-            .transpose()?,
-        web: settings
-            .web
-            .public
-            .map(|a| crate::http::bind("web-listen", a))
-            .transpose()?,
+    let http = match inherited.as_ref() {
+        Some((h, _)) => HttpListeners::inherit(settings, h, &mut fds)?,
+        None => HttpListeners {
+            metrics: settings
+                .options
+                .metrics_listen
+                .map(|a| crate::http::bind("metrics-listen", a))
+                .transpose()?,
+            admin: settings
+                .admin
+                .as_ref()
+                .map(|(a, _)| crate::http::bind("admin-listen", *a))
+                .transpose()?,
+            web: settings
+                .web
+                .public
+                .map(|a| crate::http::bind("web-listen", a))
+                .transpose()?,
+        },
     };
+    // Copies for a later binary upgrade to hand over.
+    let http_copies = http.copies();
     let own_sockets: Vec<SocketAddr> = listen
         .iter()
         .chain(tls_listen.iter())
@@ -307,13 +460,24 @@ pub fn start(settings: &Settings) -> Result<Handle> {
         .collect();
     let mut nonce_secret = [0u8; 32];
     rand::thread_rng().fill(&mut nonce_secret);
+    let mut epoch = Instant::now();
+    let mut unix_at_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // After an upgrade the old process's nonce key and clock, so nonces
+    // its clients hold stay valid.
+    if let Some((h, _)) = &inherited {
+        nonce_secret = h.nonce_secret;
+        unix_at_epoch = h.unix_at_epoch;
+        epoch = Instant::now()
+            .checked_sub(Duration::from_millis(h.epoch_age_ms))
+            .unwrap_or(epoch);
+    }
     let base = CoreBase {
         nonce_secret,
-        epoch: Instant::now(),
-        unix_at_epoch: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        epoch,
+        unix_at_epoch,
         quotas: Arc::new(turn_core::limits::Quotas::new(
             settings.options.user_quota,
             settings.options.total_quota,
@@ -339,7 +503,7 @@ pub fn start(settings: &Settings) -> Result<Handle> {
 
     let flag = Arc::new(AtomicBool::new(false));
     let reloads = Arc::new(Reloads::default());
-    let workers = spawn_workers(
+    let (workers, taken_over) = spawn_workers(
         settings,
         per_worker,
         &core_cfg,
@@ -365,6 +529,8 @@ pub fn start(settings: &Settings) -> Result<Handle> {
         fast_path: fast_state.describe(),
         admin_listener: http.admin,
         web_listener: http.web,
+        http_copies,
+        taken_over: inherited.map(|(h, _)| (h.pid, taken_over.allocations, taken_over.dropped)),
         stop: Control {
             flag,
             wakers: workers.wakers,
@@ -403,7 +569,8 @@ fn spawn_workers(
     per_worker: Vec<WorkerSockets>,
     core_cfg: &(turn_core::Config, turn_core::Shared),
     shared: WorkerShared,
-) -> Result<Workers> {
+) -> Result<(Workers, turn_core::snapshot::Restored)> {
+    let mut restored = turn_core::snapshot::Restored::default();
     let reservations = Arc::new(Mutex::new(Reservations::default()));
     let redactor = Redactor::new(settings.options.redact);
     let mut commands = Vec::new();
@@ -424,11 +591,12 @@ fn spawn_workers(
         polls.push(poll);
     }
     let tcp_relay_addrs = tcp_relay::TcpRelayAddrs::default();
-    for ((id, sockets), (poll, handoff)) in per_worker
+    for ((id, mut sockets), (poll, handoff)) in per_worker
         .into_iter()
         .enumerate()
         .zip(polls.into_iter().zip(handoff_rx))
     {
+        let taken = sockets.taken.take();
         let mut cfg = core_cfg.0.clone();
         cfg.connection_id_tag = id as u8;
         let (tx, rx) = std::sync::mpsc::channel();
@@ -463,15 +631,25 @@ fn spawn_workers(
                 refusals_per_second: settings.options.log_refusals_per_second,
             },
         )?;
+        if let Some(t) = taken {
+            let r = worker
+                .take_over(Instant::now(), t)
+                .map_err(|e| anyhow::anyhow!("worker {id}: {e}"))?;
+            restored.allocations += r.allocations;
+            restored.dropped += r.dropped;
+        }
         threads.push(
             std::thread::Builder::new()
                 .name(format!("turnpike-worker-{id}"))
                 .spawn(move || worker.run())?,
         );
     }
-    Ok(Workers {
-        threads,
-        wakers,
-        commands,
-    })
+    Ok((
+        Workers {
+            threads,
+            wakers,
+            commands,
+        },
+        restored,
+    ))
 }

@@ -59,6 +59,7 @@ impl Worker {
                     self.drive_core(now);
                     let _ = reply.send(n);
                 }
+                WorkerRequest::Handover(ask) => self.hand_over(now, ask),
             }
         }
     }

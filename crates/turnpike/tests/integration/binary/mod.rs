@@ -17,6 +17,7 @@ use turnpike_client::client::{binding, Channel, ClientTransport, TurnClient};
 mod docs;
 mod logs;
 mod reload;
+mod upgrade;
 
 pub(super) fn bin() -> Command {
     Command::new(common::turnpike_bin())

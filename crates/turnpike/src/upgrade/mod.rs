@@ -1,0 +1,154 @@
+//! A binary upgrade without dropping a call (SIGUSR2): the running server
+//! starts the binary at the path it was started from (the new one after a
+//! package upgrade) with the same arguments, and hands it every listening
+//! socket and the relay sockets of its UDP allocations, with the
+//! allocations themselves as data (`turn_core::snapshot`).
+//!
+//! The steps, over a Unix stream pair the new process inherits
+//! (`TURNPIKE_HANDOVER_FD`):
+//! 1. the new process validates its configuration, then says `Ready`
+//!    (or `Refused`, why);
+//! 2. the old one pauses its workers, each taking its snapshot, and sends
+//!    the [`Handover`] with the sockets (`SCM_RIGHTS`);
+//! 3. the new one restores the snapshots, starts its workers on the same
+//!    sockets and says `Serving`;
+//! 4. the old one lets the moved allocations go, closes its copies of the
+//!    sockets and drains what stayed (TCP and TLS connections and their
+//!    allocations) until they end or `drain-timeout` passes, then exits.
+//!
+//! Until step 4 nothing is given up: a new process that refuses, crashes,
+//! or says nothing within [`STEP_TIMEOUT`] leaves the old one serving as
+//! before (the workers resume), and the log says why. Datagrams that
+//! arrive in the pause wait in the sockets' queues; they are read by
+//! whichever process serves next.
+
+pub(crate) mod new;
+pub(crate) mod old;
+
+use std::net::SocketAddr;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use turn_core::snapshot::Snapshot;
+use udp_io::handover::{recv_with_fds, send_with_fds, MAX_FDS};
+
+/// The environment variable naming the hand-over descriptor.
+pub const HANDOVER_FD_ENV: &str = "TURNPIKE_HANDOVER_FD";
+
+/// The hand-over protocol's version: both processes must speak it.
+pub(crate) const PROTOCOL: u32 = 1;
+
+/// How long either side waits for the other's next step.
+pub(crate) const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the new process says.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub(crate) enum FromNew {
+    /// Its configuration is valid; send the sockets.
+    Ready {
+        pid: u32,
+        version: String,
+        protocol: u32,
+        threads: usize,
+    },
+    /// It cannot take over, and why.
+    Refused { why: String },
+    /// Its workers serve the handed-over sockets and allocations.
+    Serving { allocations: usize, dropped: usize },
+}
+
+/// What the old process hands over, beside the sockets: the descriptors
+/// follow in the order listed (each worker's UDP listeners, TCP listeners
+/// and relay sockets, then the HTTP listeners present).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Handover {
+    pub(crate) protocol: u32,
+    pub(crate) version: String,
+    pub(crate) pid: u32,
+    /// The nonce key and its clock, so nonces given out stay valid.
+    pub(crate) nonce_secret: [u8; 32],
+    pub(crate) unix_at_epoch: u64,
+    pub(crate) epoch_age_ms: u64,
+    pub(crate) listen: Vec<SocketAddr>,
+    pub(crate) tls_listen: Vec<SocketAddr>,
+    pub(crate) alt_listen: Vec<SocketAddr>,
+    pub(crate) workers: Vec<WorkerPart>,
+    /// The metrics, admin and web listeners, where present.
+    pub(crate) http: [Option<SocketAddr>; 3],
+    /// How many descriptors follow, in all.
+    pub(crate) fds: usize,
+}
+
+/// One worker's sockets and allocations.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct WorkerPart {
+    /// UDP listeners: the old process's listener id, and the address.
+    pub(crate) udp: Vec<(u32, SocketAddr)>,
+    /// TCP listeners: address, TLS.
+    pub(crate) tcp: Vec<(SocketAddr, bool)>,
+    /// Relay sockets of the snapshot's allocations.
+    pub(crate) relays: Vec<SocketAddr>,
+    pub(crate) snapshot: Snapshot,
+}
+
+impl Handover {
+    /// How many descriptors its parts name: must equal `fds`.
+    fn named(&self) -> usize {
+        self.workers
+            .iter()
+            .map(|w| w.udp.len() + w.tcp.len() + w.relays.len())
+            .sum::<usize>()
+            + self.http.iter().flatten().count()
+    }
+}
+
+/// Sends `msg` and `fds`, in messages of at most [`MAX_FDS`] descriptors
+/// (the first carries `msg`).
+fn send<T: Serialize>(stream: &UnixStream, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<()> {
+    let payload = serde_json::to_vec(msg)?;
+    let mut chunks = fds.chunks(MAX_FDS);
+    send_with_fds(stream, &payload, chunks.next().unwrap_or(&[])).context("hand-over socket")?;
+    for chunk in chunks {
+        send_with_fds(stream, b"", chunk).context("hand-over socket")?;
+    }
+    Ok(())
+}
+
+/// Receives one message without descriptors.
+fn recv<T: DeserializeOwned>(stream: &UnixStream) -> Result<T> {
+    match recv_with_fds(stream).context("hand-over socket")? {
+        Some((payload, fds)) if fds.is_empty() => Ok(serde_json::from_slice(&payload)?),
+        Some(_) => bail!("descriptors where none were expected"),
+        None => bail!("the other process closed the hand-over socket"),
+    }
+}
+
+/// Receives the [`Handover`] and all its descriptors.
+fn recv_handover(stream: &UnixStream) -> Result<(Handover, Vec<OwnedFd>)> {
+    let Some((payload, mut fds)) = recv_with_fds(stream).context("hand-over socket")? else {
+        bail!("the old process closed the hand-over socket");
+    };
+    let h: Handover = serde_json::from_slice(&payload).context("the hand-over message")?;
+    if h.named() != h.fds {
+        bail!(
+            "the hand-over names {} descriptors and announces {}",
+            h.named(),
+            h.fds
+        );
+    }
+    while fds.len() < h.fds {
+        match recv_with_fds(stream).context("hand-over socket")? {
+            Some((_, more)) if !more.is_empty() => fds.extend(more),
+            _ => bail!("{} of {} descriptors arrived", fds.len(), h.fds),
+        }
+    }
+    if fds.len() != h.fds {
+        bail!("{} descriptors arrived, {} announced", fds.len(), h.fds);
+    }
+    Ok((h, fds))
+}

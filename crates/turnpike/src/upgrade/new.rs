@@ -1,0 +1,69 @@
+//! The new process's side of a binary upgrade: the link to the old
+//! process, and the steps it takes on it.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+
+use anyhow::{bail, Context, Result};
+
+use super::{send, FromNew, Handover, HANDOVER_FD_ENV, PROTOCOL, STEP_TIMEOUT};
+
+/// The hand-over socket the old process passed.
+pub(crate) struct Link {
+    stream: UnixStream,
+}
+
+impl Link {
+    /// The link, when this process was started by a binary upgrade.
+    pub(crate) fn from_env() -> Result<Option<Link>> {
+        let Some(value) = std::env::var_os(HANDOVER_FD_ENV) else {
+            return Ok(None);
+        };
+        let fd: i32 = value
+            .to_str()
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{HANDOVER_FD_ENV}={value:?}: not a descriptor number"))?;
+        let stream = udp_io::handover::inherited(fd).with_context(|| format!("{HANDOVER_FD_ENV}={fd}"))?;
+        stream.set_read_timeout(Some(STEP_TIMEOUT))?;
+        Ok(Some(Link { stream }))
+    }
+
+    /// Says the configuration is valid and takes the old process's
+    /// sockets and allocations.
+    pub(crate) fn take(&self, threads: usize) -> Result<(Handover, Vec<OwnedFd>)> {
+        send(
+            &self.stream,
+            &FromNew::Ready {
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                protocol: PROTOCOL,
+                threads,
+            },
+            &[],
+        )?;
+        let (h, fds) = super::recv_handover(&self.stream)?;
+        if h.protocol != PROTOCOL {
+            bail!(
+                "the old process speaks hand-over protocol {}, this one {PROTOCOL}",
+                h.protocol
+            );
+        }
+        if h.workers.len() != threads {
+            bail!(
+                "{} workers' sockets for {threads} worker threads",
+                h.workers.len()
+            );
+        }
+        Ok((h, fds))
+    }
+
+    /// Tells the old process this one cannot take over, and why.
+    pub(crate) fn refuse(&self, why: &str) {
+        let _ = send(&self.stream, &FromNew::Refused { why: why.into() }, &[]);
+    }
+
+    /// Tells the old process this one serves now.
+    pub(crate) fn serving(&self, allocations: usize, dropped: usize) -> Result<()> {
+        send(&self.stream, &FromNew::Serving { allocations, dropped }, &[])
+    }
+}

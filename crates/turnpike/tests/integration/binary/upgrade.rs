@@ -1,0 +1,274 @@
+//! The binary upgrade (SIGUSR2) with real processes and sockets: the new
+//! process takes the UDP allocations while media flows, a TCP control
+//! connection stays with the old one until it closes, and a new binary
+//! that refuses (its configuration changed to something it will not run)
+//! leaves the old one serving.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use turnpike_client::client::{Channel, ClientTransport, Received, TurnClient};
+
+use super::{bin, lines, listen_addr, wait_for, Server};
+
+const CLIENTS: usize = 20;
+/// Each client's packet interval (50 packets/s, an Opus call's).
+const INTERVAL: Duration = Duration::from_millis(20);
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a process this test started (directly or as the
+    // server's successor); no memory is involved.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// The processes whose command line names `arg`.
+fn running_with(arg: &std::path::Path) -> Vec<u32> {
+    let want = arg.to_str().unwrap();
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|pid: &u32| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.split(|b| *b == 0).any(|a| a == want.as_bytes()))
+                .unwrap_or(false)
+                && alive(*pid)
+        })
+        .collect();
+    pids.sort();
+    pids
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+/// The value of `key=` in a log line.
+fn field(line: &str, key: &str) -> String {
+    line.split(&format!("{key}="))
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{key}= in {line}"))
+        .trim_matches('"')
+        .to_owned()
+}
+
+fn start(config: &std::path::Path) -> (Server, mpsc::Receiver<String>, SocketAddr, Vec<String>) {
+    let mut child = bin()
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    let started = wait_for(&err, "turnpike started", &mut seen);
+    (Server(Some(child)), err, listen_addr(&started), seen)
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("turnpike-upgrade-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn config(dir: &std::path::Path, threads: usize) -> std::path::PathBuf {
+    let path = dir.join("turnpike.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = [\"127.0.0.1:0\"]\nno-tls = true\nuser = [\"alice:wonderland1\"]\n\
+             allow-loopback-peers = true\nthreads = {threads}\ndrain-timeout = \"20s\"\nlog-level = \"info\"\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn client(server: SocketAddr, t: ClientTransport) -> TurnClient {
+    let mut c = TurnClient::new(
+        Channel::connect(&t, server, Duration::from_secs(3)).unwrap(),
+        "alice",
+        "wonderland1",
+    );
+    c.set_timeout(Duration::from_secs(2));
+    c
+}
+
+#[test]
+fn an_upgrade_moves_udp_calls_without_loss_and_tcp_stays_until_it_closes() {
+    let dir = scratch("moves");
+    let cfg = config(&dir, 2);
+    let (server, err, addr, mut seen) = start(&cfg);
+    let old_pid = server.0.as_ref().unwrap().id();
+
+    // The peer: one socket that counts what each client sent.
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    peer.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut clients: Vec<(TurnClient, SocketAddr)> = (0..CLIENTS)
+        .map(|_| {
+            let mut c = client(addr, ClientTransport::Udp);
+            let relayed = c.allocate().unwrap().relayed;
+            c.channel_bind(0x4000, peer_addr).unwrap();
+            (c, relayed)
+        })
+        .collect();
+    // A TCP control connection: it stays with the old process.
+    let mut tcp = client(addr, ClientTransport::Tcp);
+    let tcp_relayed = tcp.allocate().unwrap().relayed;
+    tcp.channel_bind(0x4001, peer_addr).unwrap();
+
+    // Media from every client, paced, while the upgrade happens.
+    let stop = Arc::new(AtomicBool::new(false));
+    let counted = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut got: HashMap<u16, Vec<(u32, Instant)>> = HashMap::new();
+            let mut buf = [0u8; 64];
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok((n, _)) = peer.recv_from(&mut buf) {
+                    if n == 6 {
+                        let id = u16::from_be_bytes([buf[0], buf[1]]);
+                        let seq = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]);
+                        got.entry(id).or_default().push((seq, Instant::now()));
+                    }
+                }
+            }
+            (got, peer)
+        })
+    };
+    let sender = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut seq = 0u32;
+            let mut next = Instant::now();
+            while !stop.load(Ordering::SeqCst) {
+                for (i, (c, _)) in clients.iter_mut().enumerate() {
+                    let mut p = (i as u16).to_be_bytes().to_vec();
+                    p.extend_from_slice(&seq.to_be_bytes());
+                    c.send_channel(0x4000, &p).unwrap();
+                }
+                seq += 1;
+                next += INTERVAL;
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+            (clients, seq)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(800));
+    signal(old_pid, libc::SIGUSR2);
+    let done = wait_for(&err, "upgrade: the new process serves", &mut seen);
+    let new_pid: u32 = field(&done, "new_pid").parse().unwrap();
+    assert_eq!(field(&done, "allocations_moved"), CLIENTS.to_string(), "{done}");
+    eprintln!("{done}");
+    std::thread::sleep(Duration::from_millis(1200));
+    stop.store(true, Ordering::SeqCst);
+    let (mut clients, sent) = sender.join().unwrap();
+    let (got, peer) = counted.join().unwrap();
+
+    // Every packet of every client arrived (loopback: nothing may be lost
+    // to the hand-over), and the longest silence is reported.
+    let mut lost = 0;
+    let mut longest = Duration::ZERO;
+    for id in 0..CLIENTS as u16 {
+        let mut v = got.get(&id).cloned().unwrap_or_default();
+        v.sort_by_key(|(s, _)| *s);
+        v.dedup_by_key(|(s, _)| *s);
+        lost += sent as usize - v.len();
+        for w in v.windows(2) {
+            longest = longest.max(w[1].1.saturating_duration_since(w[0].1));
+        }
+    }
+    eprintln!(
+        "upgrade under load: {} packets sent, {lost} lost, longest gap {longest:?}",
+        sent as usize * CLIENTS
+    );
+    assert!(
+        lost * 1000 <= sent as usize * CLIENTS,
+        "{lost} of {} lost",
+        sent as usize * CLIENTS
+    );
+
+    // The new process serves them: a Refresh with the nonce the old one
+    // gave, and the peer's answer back through each channel.
+    for (c, relayed) in clients.iter_mut() {
+        c.refresh(600).unwrap();
+        peer.send_to(b"back", *relayed).unwrap();
+        match c.recv(Duration::from_secs(2)).unwrap() {
+            Received::Channel {
+                channel: 0x4000,
+                data,
+            } => assert_eq!(data, b"back"),
+            other => panic!("{other:?}"),
+        }
+    }
+    // The TCP allocation stays with the old process, which still relays
+    // for it, and leaves when it closes.
+    assert!(alive(old_pid), "the old process serves its TCP connection");
+    peer.send_to(b"tcp", tcp_relayed).unwrap();
+    match tcp.recv(Duration::from_secs(2)).unwrap() {
+        Received::Channel {
+            channel: 0x4001,
+            data,
+        } => assert_eq!(data, b"tcp"),
+        other => panic!("{other:?}"),
+    }
+    tcp.refresh(0).unwrap();
+    drop(tcp);
+    let gone = Instant::now() + Duration::from_secs(10);
+    while alive(old_pid) && Instant::now() < gone {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !alive(old_pid),
+        "the old process exits once its last allocation ends"
+    );
+    assert!(alive(new_pid));
+    // A fresh client on the same address reaches the new process.
+    let mut fresh = client(addr, ClientTransport::Udp);
+    fresh.allocate().unwrap();
+    signal(new_pid, libc::SIGINT);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_new_binary_that_refuses_leaves_the_old_one_serving() {
+    let dir = scratch("refuses");
+    let cfg = config(&dir, 2);
+    let (server, err, addr, mut seen) = start(&cfg);
+    let pid = server.0.as_ref().unwrap().id();
+    let mut c = client(addr, ClientTransport::Udp);
+    c.allocate().unwrap();
+
+    // A configuration the new binary will not run: it says so, and the
+    // old process serves on.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("threads = 2", "threads = 0")).unwrap();
+    signal(pid, libc::SIGUSR2);
+    let failed = wait_for(&err, "upgrade failed", &mut seen);
+    assert!(failed.contains("threads"), "{failed}");
+    c.refresh(600).unwrap();
+
+    // Another thread count: refused by the old process, which serves on.
+    std::fs::write(&cfg, text.replace("threads = 2", "threads = 1")).unwrap();
+    signal(pid, libc::SIGUSR2);
+    let failed = wait_for(&err, "upgrade failed", &mut seen);
+    assert!(failed.contains("keep threads the same"), "{failed}");
+    c.refresh(600).unwrap();
+    assert!(alive(pid));
+    // Nothing else serves the port: no successor was left running.
+    assert_eq!(running_with(&cfg), vec![pid], "only the old process runs");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
