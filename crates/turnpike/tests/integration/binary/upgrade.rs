@@ -272,3 +272,68 @@ fn a_new_binary_that_refuses_leaves_the_old_one_serving() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Descriptors a process holds.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn ten_upgrades_in_a_row_keep_every_call_and_leak_no_descriptor() {
+    let dir = scratch("ten");
+    let cfg = config(&dir, 2);
+    let (server, err, addr, mut seen) = start(&cfg);
+    let mut pid = server.0.as_ref().unwrap().id();
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    let mut calls: Vec<(TurnClient, SocketAddr)> = (0..10)
+        .map(|_| {
+            let mut c = client(addr, ClientTransport::Udp);
+            let relayed = c.allocate().unwrap().relayed;
+            c.channel_bind(0x4000, peer_addr).unwrap();
+            (c, relayed)
+        })
+        .collect();
+    let mut held = Vec::new();
+    for round in 0..10 {
+        signal(pid, libc::SIGUSR2);
+        let done = wait_for(&err, "upgrade: the new process serves", &mut seen);
+        assert_eq!(field(&done, "allocations_moved"), "10", "round {round}: {done}");
+        let old = pid;
+        pid = field(&done, "new_pid").parse().unwrap();
+        let gone = Instant::now() + Duration::from_secs(10);
+        while alive(old) && Instant::now() < gone {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !alive(old),
+            "round {round}: the old process exits (nothing stayed with it)"
+        );
+        // Every call still relays both ways and refreshes on the new one.
+        for (i, (c, relayed)) in calls.iter_mut().enumerate() {
+            c.send_channel(0x4000, &[round as u8, i as u8]).unwrap();
+            let mut buf = [0u8; 8];
+            let (n, _) = peer.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &[round as u8, i as u8]);
+            peer.send_to(b"ok", *relayed).unwrap();
+            assert!(matches!(
+                c.recv(Duration::from_secs(2)).unwrap(),
+                Received::Channel { .. }
+            ));
+            c.refresh(600).unwrap();
+        }
+        held.push(fds(pid));
+    }
+    eprintln!("descriptors held after each upgrade: {held:?}");
+    assert!(
+        held.windows(2).all(|w| w[0] == w[1]),
+        "descriptors leak across upgrades: {held:?}"
+    );
+    assert_eq!(running_with(&cfg), vec![pid], "one server runs");
+    signal(pid, libc::SIGINT);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
