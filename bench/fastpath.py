@@ -47,6 +47,14 @@ NICS = int(os.environ.get('NICS', '2'))
 FORWARDING = os.environ.get('FORWARDING', '1') == '1'
 SERVER, RELAY, PEER = '10.203.1.1', '10.203.2.1', '10.203.2.2'
 IFACES = ['s1', 's2'] if NICS == 2 else ['s1']
+# VETH_QUEUES=N: veths with N receive and transmit queues. A veth's XDP
+# receive ring holds 256 frames per queue; a burst larger than that (256
+# allocations x window 1, on one NIC both directions) overflows it and the
+# sender's transmit fails (ENOBUFS, the generator's Udp SndbufErrors). A
+# NIC's rings hold 512-4096 descriptors. Every queue's NAPI thread is
+# still pinned to the same core.
+QUEUES = (f"numtxqueues {os.environ['VETH_QUEUES']} numrxqueues {os.environ['VETH_QUEUES']}"
+          if os.environ.get('VETH_QUEUES') else '')
 
 TURNPIKE = [TP, 'serve', '--listen', f'{SERVER}:3478', '--no-tls', '--user', 'bench:bench',
             '--realm', 'turnpike', '--relay-ip', RELAY, '--allow-peer', '10.203.2.0/24',
@@ -103,8 +111,8 @@ def setup():
     if NICS == 2:
         sh(f'''ip netns add {O}; ip netns add {S}
 ip -n {O} link set lo up; ip -n {S} link set lo up
-ip -n {O} link add a1 type veth peer name s1 netns {S}
-ip -n {O} link add a2 type veth peer name s2 netns {S}
+ip -n {O} link add a1 {QUEUES} type veth peer name s1 netns {S} {QUEUES}
+ip -n {O} link add a2 {QUEUES} type veth peer name s2 netns {S} {QUEUES}
 ip -n {O} addr add 10.203.1.2/24 dev a1; ip -n {S} addr add {SERVER}/24 dev s1
 ip -n {O} addr add {PEER}/24 dev a2; ip -n {S} addr add {RELAY}/24 dev s2
 for i in a1 a2; do ip -n {O} link set $i up; ip netns exec {O} ethtool -K $i gro on >/dev/null; done
@@ -113,7 +121,7 @@ for i in s1 s2; do ip -n {S} link set $i up; ip netns exec {S} ethtool -K $i gro
         # One link: the client's and the peer's subnets both on a1/s1.
         sh(f'''ip netns add {O}; ip netns add {S}
 ip -n {O} link set lo up; ip -n {S} link set lo up
-ip -n {O} link add a1 type veth peer name s1 netns {S}
+ip -n {O} link add a1 {QUEUES} type veth peer name s1 netns {S} {QUEUES}
 ip -n {O} addr add 10.203.1.2/24 dev a1; ip -n {S} addr add {SERVER}/24 dev s1
 ip -n {O} addr add {PEER}/24 dev a1; ip -n {S} addr add {RELAY}/24 dev s1
 ip -n {O} link set a1 up; ip netns exec {O} ethtool -K a1 gro on >/dev/null
@@ -189,6 +197,15 @@ def veth_stats():
                 k, _, v = line.strip().partition(':')
                 if v.strip().isdigit():
                     out[f'{i} {k}'] = int(v)
+    # And each namespace's UDP counters (a full socket buffer, a bad
+    # checksum: drops past the interfaces).
+    for ns, side in ((S, 'server'), (O, 'generator')):
+        snmp = subprocess.run(['ip', 'netns', 'exec', ns, 'cat', '/proc/net/snmp'],
+                              capture_output=True, text=True).stdout.splitlines()
+        udp = [l.split()[1:] for l in snmp if l.startswith('Udp:')]
+        if len(udp) == 2:
+            for k, v in zip(*udp):
+                out[f'{side} Udp {k}'] = int(v)
     return out
 
 
@@ -196,7 +213,7 @@ def drops(before, after):
     """VETH_STATS=1: the veth counters a run moved that count drops and
     errors (a full XDP ring shows as xdp_tx/xmit errors or drops)."""
     moved = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
-    return {k: v for k, v in moved.items() if any(w in k for w in ('drop', 'err', 'full'))}
+    return {k: v for k, v in moved.items() if any(w in k.lower() for w in ('drop', 'err', 'full'))}
 
 
 def bench(pid, allocs, window):
