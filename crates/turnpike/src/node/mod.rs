@@ -6,6 +6,7 @@
 
 mod announce;
 mod logging;
+pub(crate) mod notify;
 mod reload;
 mod watch;
 
@@ -110,9 +111,15 @@ impl Node {
                 old_pid = pid,
                 allocations, dropped, "upgrade: took over the old process's sockets and allocations"
             );
+            // systemd follows this process from here on (before the old
+            // one is told, so it never sees the unit's main process exit).
+            notify::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
             if let Err(e) = l.serving(allocations, dropped) {
                 tracing::warn!(error = %format!("{e:#}"), "upgrade: the old process did not hear that this one serves");
             }
+        }
+        if link.is_none() {
+            notify::notify("READY=1");
         }
         Ok(Node {
             settings,

@@ -49,11 +49,11 @@ impl Upgrader {
         if self.control.fast_path_active() {
             bail!("the kernel fast path is on, and its entries cannot be handed over yet; restart instead, or run with --fast-path off");
         }
-        // Under systemd the service's main process must stay the one
-        // systemd started, or it stops the unit (and the new process
-        // with it) when this one exits.
-        if std::env::var_os("INVOCATION_ID").is_some() {
-            bail!("running under systemd, which would stop the new process when this one exits; restart the unit instead (systemctl restart turnpike)");
+        // Under systemd the new process must become the unit's main
+        // process (sd_notify MAINPID=), or systemd stops the unit, and the
+        // new process with it, when this one exits.
+        if crate::node::notify::supervised_without_notify() {
+            bail!("running under systemd in a unit without Type=notify and NotifyAccess=all, which would stop the new process when this one exits; use deploy/turnpike.service's settings, or systemctl restart");
         }
         let (ours, theirs) = UnixStream::pair().context("a socket pair for the hand-over")?;
         let fd = udp_io::handover::inheritable(&theirs).context("the hand-over socket")?;

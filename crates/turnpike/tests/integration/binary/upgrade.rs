@@ -337,3 +337,60 @@ fn ten_upgrades_in_a_row_keep_every_call_and_leak_no_descriptor() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn under_systemd_the_new_process_names_itself_the_main_one() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = scratch("notify");
+    let cfg = config(&dir, 2);
+    let socket = dir.join("notify.sock");
+    let systemd = UnixDatagram::bind(&socket).unwrap();
+    systemd.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    // As systemd starts a Type=notify unit: $NOTIFY_SOCKET, $INVOCATION_ID.
+    let mut child = bin()
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &socket)
+        .env("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(child.stderr.take().unwrap());
+    let server = Server(Some(child));
+    let pid = server.0.as_ref().unwrap().id();
+    let mut seen = Vec::new();
+    wait_for(&err, "turnpike started", &mut seen);
+    let mut buf = [0u8; 256];
+    let n = systemd.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1", "ready once every listener is bound");
+    signal(pid, libc::SIGUSR2);
+    let n = systemd.recv(&mut buf).unwrap();
+    let said = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let done = wait_for(&err, "upgrade: the new process serves", &mut seen);
+    let new_pid: u32 = field(&done, "new_pid").parse().unwrap();
+    assert_eq!(said, format!("MAINPID={new_pid}\nREADY=1"));
+    signal(new_pid, libc::SIGINT);
+    drop(server);
+
+    // A unit without Type=notify (no $NOTIFY_SOCKET): systemd would stop
+    // the new process with the old, so the upgrade is refused.
+    let mut child = bin()
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .env_remove("NOTIFY_SOCKET")
+        .env("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(child.stderr.take().unwrap());
+    let server = Server(Some(child));
+    let pid = server.0.as_ref().unwrap().id();
+    let mut seen = Vec::new();
+    wait_for(&err, "turnpike started", &mut seen);
+    signal(pid, libc::SIGUSR2);
+    let failed = wait_for(&err, "upgrade failed", &mut seen);
+    assert!(failed.contains("Type=notify"), "{failed}");
+    assert!(alive(pid));
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
