@@ -269,6 +269,11 @@ fn heartbeat(cfg: &FleetConfig, control: &Control) {
     let mut conn: Option<redis::Connection> = None;
     let mut up = true;
     loop {
+        // After a binary upgrade the new process beats under this node's
+        // name; this one, draining what stayed, must not overwrite it.
+        if control.handed_over() {
+            return;
+        }
         let started = Instant::now();
         let result = conn
             .take()

@@ -254,6 +254,8 @@ pub struct Control {
     pub(super) commands: Vec<std::sync::mpsc::Sender<WorkerRequest>>,
     pub(super) limits: Arc<Mutex<SharedLimits>>,
     pub(super) board: crate::metrics::Board,
+    /// A binary upgrade handed this process's sockets to a new one.
+    pub(super) handed_over: Arc<AtomicBool>,
 }
 
 impl Control {
@@ -310,6 +312,17 @@ impl Control {
             self.base.unix_at_epoch,
             self.base.epoch.elapsed(),
         )
+    }
+
+    /// Marks this process as replaced by a binary upgrade's new one: it
+    /// only drains what stayed (its fleet heartbeat stops).
+    pub(crate) fn set_handed_over(&self) {
+        self.handed_over.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a binary upgrade replaced this process.
+    pub fn handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::SeqCst)
     }
 
     /// Whether the kernel fast path is loaded.

@@ -541,6 +541,7 @@ fn start_with(
             commands: workers.commands,
             limits: Arc::new(Mutex::new(shared)),
             board,
+            handed_over: Arc::default(),
         },
         threads: workers.threads,
     })

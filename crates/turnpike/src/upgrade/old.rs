@@ -128,6 +128,7 @@ impl Upgrader {
         send(link, &handover, &all)?;
         match recv::<FromNew>(link).context("waiting for the new process to serve")? {
             FromNew::Serving { allocations, dropped } => {
+                self.control.set_handed_over();
                 for d in decisions {
                     let _ = d.send(true);
                 }

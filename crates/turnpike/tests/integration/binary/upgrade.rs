@@ -394,3 +394,59 @@ fn under_systemd_the_new_process_names_itself_the_main_one() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_replaced_process_leaves_the_fleet_registry_to_its_successor() {
+    let redis = crate::common::redis_server();
+    let dir = scratch("fleet");
+    let cfg = config(&dir, 2);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!(
+        "redis-url = \"redis://127.0.0.1:{}/0\"\nnode-name = \"upgraded\"\n",
+        redis.1
+    ));
+    std::fs::write(&cfg, text).unwrap();
+    let (server, err, addr, mut seen) = start(&cfg);
+    let pid = server.0.as_ref().unwrap().id();
+    let mut udp = client(addr, ClientTransport::Udp);
+    udp.allocate().unwrap();
+    // A TCP allocation keeps the old process draining after the upgrade.
+    let mut tcp = client(addr, ClientTransport::Tcp);
+    tcp.allocate().unwrap();
+    signal(pid, libc::SIGUSR2);
+    let done = wait_for(&err, "upgrade: the new process serves", &mut seen);
+    let new_pid: u32 = field(&done, "new_pid").parse().unwrap();
+    assert!(alive(pid), "the old process drains its TCP allocation");
+    // For three seconds (three heartbeats of each), the registry says
+    // what the new process says: serving, not draining.
+    let mut redis_conn = redis::Client::open(format!("redis://127.0.0.1:{}/0", redis.1))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut reads = 0;
+    while Instant::now() < until {
+        let info: Option<String> = redis::cmd("GET")
+            .arg("turnpike:node:upgraded")
+            .query(&mut redis_conn)
+            .unwrap();
+        if let Some(info) = info {
+            let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+            assert_eq!(
+                v["draining"], false,
+                "the draining old process wrote the registry: {info}"
+            );
+            reads += 1;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        reads > 20,
+        "the new process keeps its registry entry ({reads} reads)"
+    );
+    tcp.refresh(0).unwrap();
+    drop(tcp);
+    signal(new_pid, libc::SIGINT);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
