@@ -450,3 +450,99 @@ fn a_replaced_process_leaves_the_fleet_registry_to_its_successor() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An HTTP/1.0 GET, with the admin token: the body.
+fn get(addr: SocketAddr, path: &str, token: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned()
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in the scrape"))
+}
+
+#[test]
+fn the_session_list_and_the_counters_continue_across_an_upgrade() {
+    let dir = scratch("sessions");
+    let cfg = config(&dir, 2);
+    let (admin, metrics) = (crate::common::free_port(), crate::common::free_port());
+    let token = "upgrade-test-token-0123456789";
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!(
+        "admin-listen = \"127.0.0.1:{admin}\"\nadmin-token = \"{token}\"\nmetrics-listen = \"127.0.0.1:{metrics}\"\n"
+    ));
+    std::fs::write(&cfg, text).unwrap();
+    let (admin, metrics): (SocketAddr, SocketAddr) = (
+        format!("127.0.0.1:{admin}").parse().unwrap(),
+        format!("127.0.0.1:{metrics}").parse().unwrap(),
+    );
+    let (server, err, addr, mut seen) = start(&cfg);
+    let pid = server.0.as_ref().unwrap().id();
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut calls: Vec<TurnClient> = (0..6)
+        .map(|_| {
+            let mut c = client(addr, ClientTransport::Udp);
+            c.allocate().unwrap();
+            c.channel_bind(0x4000, peer.local_addr().unwrap()).unwrap();
+            for _ in 0..5 {
+                c.send_channel(0x4000, b"count me").unwrap();
+            }
+            c
+        })
+        .collect();
+    // Workers publish once a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let sessions = |text: String| {
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let mut list: Vec<String> = v["sessions"]
+            .as_array()
+            .unwrap_or_else(|| panic!("a session list: {text}"))
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {} {} {}",
+                    s["user"], s["transport"], s["client"], s["relayed"]
+                )
+            })
+            .collect();
+        list.sort();
+        list
+    };
+    let before = sessions(get(admin, "/api/sessions", token));
+    let scraped = get(metrics, "/metrics", "");
+    let relayed_before = metric(&scraped, "turnpike_relayed_packets_total{direction=\"to_peer\"}");
+    assert_eq!(before.len(), 6);
+    signal(pid, libc::SIGUSR2);
+    let done = wait_for(&err, "upgrade: the new process serves", &mut seen);
+    let new_pid: u32 = field(&done, "new_pid").parse().unwrap();
+    let gone = Instant::now() + Duration::from_secs(10);
+    while alive(pid) && Instant::now() < gone {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for c in calls.iter_mut() {
+        c.send_channel(0x4000, b"and me").unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    // The new process answers on the same admin and metrics addresses,
+    // lists the same allocations, and counts on from where the old left.
+    assert_eq!(sessions(get(admin, "/api/sessions", token)), before);
+    let scraped = get(metrics, "/metrics", "");
+    let relayed_after = metric(&scraped, "turnpike_relayed_packets_total{direction=\"to_peer\"}");
+    assert!(
+        relayed_after >= relayed_before + 6.0,
+        "counters continue: {relayed_before} then {relayed_after}"
+    );
+    signal(new_pid, libc::SIGINT);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
