@@ -546,3 +546,58 @@ fn the_session_list_and_the_counters_continue_across_an_upgrade() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_missing_or_crashing_new_binary_leaves_the_old_one_serving() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("crash");
+    let cfg = config(&dir, 2);
+    // The server runs from its own copy of the binary, as from
+    // /usr/bin/turnpike: what is at that path when SIGUSR2 comes is what
+    // starts.
+    let exe = dir.join("turnpike");
+    std::fs::copy(crate::common::turnpike_bin(), &exe).unwrap();
+    let mut child = std::process::Command::new(&exe)
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(child.stderr.take().unwrap());
+    let server = Server(Some(child));
+    let pid = server.0.as_ref().unwrap().id();
+    let mut seen = Vec::new();
+    let addr = listen_addr(&wait_for(&err, "turnpike started", &mut seen));
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut c = client(addr, ClientTransport::Udp);
+    let relayed = c.allocate().unwrap().relayed;
+    c.channel_bind(0x4000, peer.local_addr().unwrap()).unwrap();
+    let still_serving = |c: &mut TurnClient| {
+        c.refresh(600).unwrap();
+        peer.send_to(b"still", relayed).unwrap();
+        assert!(matches!(
+            c.recv(Duration::from_secs(2)).unwrap(),
+            Received::Channel { .. }
+        ));
+    };
+
+    // No binary at the path (an uninstall half-way).
+    std::fs::remove_file(&exe).unwrap();
+    signal(pid, libc::SIGUSR2);
+    let failed = wait_for(&err, "upgrade failed", &mut seen);
+    assert!(failed.contains("cannot start"), "{failed}");
+    still_serving(&mut c);
+
+    // A binary that dies before it is ready (it crashes at start).
+    std::fs::write(&exe, "#!/bin/sh\nkill -9 $$\n").unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    signal(pid, libc::SIGUSR2);
+    let failed = wait_for(&err, "upgrade failed", &mut seen);
+    assert!(failed.contains("closed the hand-over socket"), "{failed}");
+    still_serving(&mut c);
+    assert!(alive(pid));
+    assert_eq!(running_with(&cfg), vec![pid], "no successor left running");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
