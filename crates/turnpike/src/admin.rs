@@ -263,6 +263,25 @@ async fn reload_handler(
     }
 }
 
+/// `POST /api/upgrade`: a binary upgrade as SIGUSR2 does, answered with
+/// its outcome (200 with the new process's pid and what moved; 409 with
+/// why not, this process serving on).
+async fn upgrade_handler(
+    State(app): State<App>,
+    axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<SocketAddr>,
+    h: HeaderMap,
+) -> Response {
+    if !authorized(&app, &h) {
+        return unauthorized();
+    }
+    tracing::info!(%caller, "admin: upgrade requested");
+    match blocking(|| crate::upgrade::request_and_wait(std::time::Duration::from_secs(75))).await {
+        Some(Ok(v)) => json_response(StatusCode::OK, v),
+        Some(Err(e)) => json_response(StatusCode::CONFLICT, json!({"upgraded": false, "error": e})),
+        None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
 async fn show_config(State(app): State<App>, h: HeaderMap) -> Response {
     if !authorized(&app, &h) {
         return unauthorized();
@@ -439,7 +458,8 @@ pub fn serve(
             get(fleet_user_sessions).delete(fleet_delete_user),
         )
         .route("/api/config", get(show_config))
-        .route("/api/reload", post(reload_handler));
+        .route("/api/reload", post(reload_handler))
+        .route("/api/upgrade", post(upgrade_handler));
     if pages {
         router = router
             .route(

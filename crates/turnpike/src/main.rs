@@ -41,6 +41,26 @@ enum Subcommands {
         #[command(subcommand)]
         cmd: ImportCommand,
     },
+    /// Upgrade a running server's binary without dropping calls: it hands
+    /// its sockets and UDP allocations to the binary at the path it was
+    /// started from (after a package upgrade, the new one). Asks through
+    /// the admin API and prints the outcome; exit status 0 only if the new
+    /// process serves.
+    Upgrade(UpgradeArgs),
+}
+
+#[derive(clap::Args)]
+struct UpgradeArgs {
+    /// The server's admin API (its --admin-listen).
+    #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:9642")]
+    admin: std::net::SocketAddr,
+    /// File holding the admin token (its --admin-token-file).
+    #[arg(long, value_name = "FILE", default_value = "/etc/turnpike/admin-token")]
+    token_file: std::path::PathBuf,
+    /// Send SIGUSR2 to this process instead, without the admin API (the
+    /// outcome is then in its log and turnpike_upgrades_total).
+    #[arg(long, value_name = "PID")]
+    pid: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -447,6 +467,7 @@ fn main() {
         Subcommands::Bench(args) => turnpike_client::bench::run(*args),
         Subcommands::User { cmd } => user(cmd),
         Subcommands::Import { cmd } => import(cmd),
+        Subcommands::Upgrade(args) => upgrade(args),
         Subcommands::Probe { cmd } => match turnpike_client::probe::run(cmd) {
             Ok(true) => Ok(()),
             Ok(false) => std::process::exit(1),
@@ -456,6 +477,42 @@ fn main() {
     if let Err(e) = res {
         eprintln!("turnpike: {e:#}");
         std::process::exit(2);
+    }
+}
+
+/// `turnpike upgrade`: `POST /api/upgrade` (or SIGUSR2 with --pid).
+fn upgrade(args: UpgradeArgs) -> Result<()> {
+    use std::io::{Read, Write};
+    if let Some(pid) = args.pid {
+        let status = std::process::Command::new("kill")
+            .args(["-USR2", &pid.to_string()])
+            .status()
+            .context("kill")?;
+        anyhow::ensure!(status.success(), "cannot signal process {pid}");
+        println!("sent SIGUSR2 to {pid}; its log says how the upgrade went (lines starting \"upgrade\")");
+        return Ok(());
+    }
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("token-file {}", args.token_file.display()))?;
+    let mut s = std::net::TcpStream::connect_timeout(&args.admin, std::time::Duration::from_secs(5))
+        .with_context(|| format!("admin {}: is --admin-listen set there?", args.admin))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(90)))?;
+    write!(
+        s,
+        "POST /api/upgrade HTTP/1.0\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\n\r\n",
+        args.admin,
+        token.trim()
+    )?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)
+        .context("reading the admin API's answer")?;
+    let status = reply.split_whitespace().nth(1).unwrap_or("");
+    let body = reply.split("\r\n\r\n").nth(1).unwrap_or("").trim();
+    println!("{body}");
+    match status {
+        "200" => Ok(()),
+        "401" => anyhow::bail!("the admin API refused the token"),
+        _ => std::process::exit(1),
     }
 }
 

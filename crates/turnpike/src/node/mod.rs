@@ -173,7 +173,10 @@ impl Node {
                                 deadline = Some(Instant::now() + drain_timeout);
                             }
                         }
-                        signal_hook::consts::SIGUSR2 => info!("SIGUSR2 while stopping: no upgrade"),
+                        signal_hook::consts::SIGUSR2 => {
+                            info!("SIGUSR2 while stopping: no upgrade");
+                            crate::upgrade::record(Err("the server is stopping".into()));
+                        }
                         signal_hook::consts::SIGTERM if deadline.is_none() => {
                             control.drain();
                             deadline = Some(Instant::now() + drain_timeout);
@@ -222,6 +225,14 @@ fn upgrade(upgrader: &crate::upgrade::old::Upgrader) -> bool {
     match upgrader.run() {
         Ok(o) => {
             crate::metrics::UPGRADES_OK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            crate::upgrade::record(Ok(serde_json::json!({
+                "upgraded": true,
+                "new_pid": o.pid,
+                "new_version": o.version,
+                "allocations_moved": o.moved,
+                "allocations_dropped": o.dropped,
+                "gap_ms": o.gap.as_millis() as u64,
+            })));
             info!(
                 new_pid = o.pid,
                 new_version = %o.version,
@@ -235,6 +246,7 @@ fn upgrade(upgrader: &crate::upgrade::old::Upgrader) -> bool {
         }
         Err(e) => {
             crate::metrics::UPGRADES_FAILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            crate::upgrade::record(Err(format!("{e:#}")));
             tracing::warn!(error = %format!("{e:#}"), "upgrade failed; serving on as before");
             false
         }

@@ -45,6 +45,34 @@ pub(crate) const PROTOCOL: u32 = 1;
 /// How long either side waits for the other's next step.
 pub(crate) const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Every upgrade's outcome in this process, in order: what `POST
+/// /api/upgrade` waits for (the signal thread carries the upgrade out).
+static OUTCOMES: std::sync::Mutex<Vec<Result<serde_json::Value, String>>> = std::sync::Mutex::new(Vec::new());
+
+/// Records an upgrade's outcome (the node's signal thread).
+pub(crate) fn record(outcome: Result<serde_json::Value, String>) {
+    OUTCOMES.lock().unwrap_or_else(|p| p.into_inner()).push(outcome);
+}
+
+/// Asks this process for an upgrade (raises SIGUSR2, as `kill -USR2` would)
+/// and waits for its outcome: the new process's pid and what moved, or
+/// why not.
+pub fn request_and_wait(timeout: Duration) -> Result<serde_json::Value, String> {
+    let seen = OUTCOMES.lock().unwrap_or_else(|p| p.into_inner()).len();
+    signal_hook::low_level::raise(signal_hook::consts::SIGUSR2).map_err(|e| e.to_string())?;
+    let until = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < until {
+        if let Some(o) = OUTCOMES.lock().unwrap_or_else(|p| p.into_inner()).get(seen) {
+            return o.clone();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!(
+        "no outcome within {} s (the server may be stopping)",
+        timeout.as_secs()
+    ))
+}
+
 /// What the new process says.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]

@@ -522,9 +522,27 @@ fn the_session_list_and_the_counters_continue_across_an_upgrade() {
     let scraped = get(metrics, "/metrics", "");
     let relayed_before = metric(&scraped, "turnpike_relayed_packets_total{direction=\"to_peer\"}");
     assert_eq!(before.len(), 6);
-    signal(pid, libc::SIGUSR2);
+    // `turnpike upgrade` through the admin API: it answers with the
+    // outcome once the new process serves.
+    let token_file = dir.join("admin-token");
+    std::fs::write(&token_file, token).unwrap();
+    let out = bin()
+        .args([
+            "upgrade",
+            "--admin",
+            &admin.to_string(),
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(said["upgraded"], true, "{said}");
+    assert_eq!(said["allocations_moved"], 6, "{said}");
+    let new_pid = said["new_pid"].as_u64().unwrap() as u32;
     let done = wait_for(&err, "upgrade: the new process serves", &mut seen);
-    let new_pid: u32 = field(&done, "new_pid").parse().unwrap();
+    assert_eq!(field(&done, "new_pid"), new_pid.to_string());
     let gone = Instant::now() + Duration::from_secs(10);
     while alive(pid) && Instant::now() < gone {
         std::thread::sleep(Duration::from_millis(20));
