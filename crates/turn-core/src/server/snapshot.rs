@@ -1,12 +1,14 @@
 //! A worker's allocations as data, for another process to take over (a
-//! binary upgrade hands the relay sockets over with this): each UDP
-//! allocation's 5-tuple, relayed addresses, lifetimes, permissions (RFC
-//! 8656 §9), channels (§12) and counts, and the worker's counters.
+//! binary upgrade hands the relay sockets and plain TCP connections over
+//! with this): each allocation's 5-tuple, relayed addresses, lifetimes,
+//! permissions (RFC 8656 §9), channels (§12) and counts, and the worker's
+//! counters.
 //!
 //! Times are kept as what is left of them, so the reader's clock needs no
-//! relation to the writer's. Allocations on TCP or TLS control connections
-//! are not in it: their connections (and TLS state) stay with the process
-//! that has them.
+//! relation to the writer's. In it: UDP relays on UDP and on plain TCP
+//! control connections. Not in it: allocations on TLS connections (rustls
+//! state is not moved) and RFC 6062 TCP allocations (their peer
+//! connections stay): they stay with the process that has them.
 //!
 //! Versioning: [`SNAPSHOT_VERSION`] changes when a field is removed or its
 //! meaning changes; a field is added with a default, so an older reader
@@ -34,7 +36,7 @@ pub const SNAPSHOT_VERSION: u32 = 1;
 pub struct Snapshot {
     /// [`SNAPSHOT_VERSION`] of the writer.
     pub version: u32,
-    /// The UDP allocations live when it was taken.
+    /// The allocations live when it was taken (see the module docs).
     pub allocations: Vec<AllocationState>,
     /// The worker's counters, so metrics continue rather than reset.
     pub counters: Counters,
@@ -50,7 +52,7 @@ pub struct Snapshot {
 /// One allocation (RFC 8656 §2.2) as data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AllocationState {
-    /// The control connection's transport (UDP).
+    /// The control connection's transport (UDP or TCP).
     pub transport: Transport,
     /// The client's address as the server sees it.
     pub client: SocketAddr,
@@ -162,6 +164,12 @@ pub struct Restored {
     pub dropped: usize,
 }
 
+/// What another process can take over: a UDP relay on UDP or on a plain
+/// TCP connection (whose socket and unread bytes move with it).
+fn movable(a: &Allocation) -> bool {
+    !a.tcp && a.tuple.transport != Transport::Tls
+}
+
 /// The longest time left a snapshot may give anything.
 const MAX_LEFT_MS: u64 = 86_400_000;
 
@@ -170,14 +178,14 @@ fn left_ms(at: Instant, now: Instant) -> u64 {
 }
 
 impl Server {
-    /// The UDP allocations live at `now`, and the counters. Allocations on
-    /// TCP/TLS control connections are not in it (see the module docs);
-    /// [`Server::stream_allocations`] says how many.
+    /// The allocations live at `now` that another process can take over,
+    /// and the counters (see the module docs); [`Server::stays_behind`]
+    /// counts the others.
     pub fn snapshot(&self, now: Instant) -> Snapshot {
         let allocations = self
             .table
             .iter()
-            .filter(|a| a.is_live(now) && a.tuple.transport == Transport::Udp && !a.tcp)
+            .filter(|a| a.is_live(now) && movable(a))
             .map(|a| AllocationState {
                 transport: a.tuple.transport,
                 client: a.tuple.client,
@@ -234,13 +242,10 @@ impl Server {
         }
     }
 
-    /// Allocations on TCP or TLS control connections (what a snapshot
-    /// leaves behind).
-    pub fn stream_allocations(&self) -> usize {
-        self.table
-            .iter()
-            .filter(|a| a.tuple.transport.is_stream())
-            .count()
+    /// Allocations a snapshot leaves behind: on TLS connections, and RFC
+    /// 6062 TCP allocations.
+    pub fn stays_behind(&self) -> usize {
+        self.table.iter().filter(|a| !movable(a)).count()
     }
 
     /// Takes in `snap` (a fresh server only): its allocations are served
@@ -396,11 +401,8 @@ fn check(a: &AllocationState) -> Result<(), SnapshotError> {
             a.client
         )))
     };
-    if a.transport != Transport::Udp {
-        return bad(format!(
-            "transport {} (a snapshot holds UDP allocations)",
-            a.transport.as_str()
-        ));
+    if a.transport == Transport::Tls {
+        return bad("transport tls (TLS connections are not handed over)".into());
     }
     if a.username.is_empty() {
         return bad("no username".into());

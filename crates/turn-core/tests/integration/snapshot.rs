@@ -156,20 +156,28 @@ fn counters_continue_and_error_counts_survive_the_format() {
 }
 
 #[test]
-fn stream_allocations_stay_behind_and_unknown_listeners_are_dropped() {
+fn tls_allocations_stay_behind_and_unknown_listeners_are_dropped() {
     let mut h = Harness::new();
-    let tcp = tuple(Transport::Tcp, "203.0.113.9:41000");
+    let tls = tuple(Transport::Tls, "203.0.113.9:41000");
+    Client::new(tls, "bob", "builder").allocate(&mut h);
+    let tcp = tuple(Transport::Tcp, "203.0.113.9:41001");
     Client::new(tcp, "bob", "builder").allocate(&mut h);
     let mut c = Client::new(udp(), "alice", "wonderland");
     c.allocate(&mut h);
     let snap = h.server.snapshot(h.now);
-    assert_eq!(snap.allocations.len(), 1, "only the UDP allocation");
-    assert_eq!(h.server.stream_allocations(), 1);
-    // The new runtime has no listener for the old id: nothing is served.
+    let mut moved: Vec<Transport> = snap.allocations.iter().map(|a| a.transport).collect();
+    moved.sort_by_key(|t| t.as_str());
+    assert_eq!(
+        moved,
+        vec![Transport::Tcp, Transport::Udp],
+        "UDP and plain TCP move"
+    );
+    assert_eq!(h.server.stays_behind(), 1, "the TLS allocation stays");
+    // The new runtime has no listener for the old ids: nothing is served.
     let (mut next, quotas) = successor(&h);
     let none = |_: ListenerId| None;
     let done = next.server.restore(next.now, &snap, &none).unwrap();
-    assert_eq!((done.allocations, done.dropped), (0, 1));
+    assert_eq!((done.allocations, done.dropped), (0, 2));
     assert!(quotas.held_here().is_empty());
 }
 
@@ -339,8 +347,8 @@ fn the_old_server_lets_its_handed_over_allocations_go_quietly() {
     let mut c = Client::new(udp(), "alice", "wonderland");
     c.allocate(&mut h);
     let relay = *h.relays.open.iter().next().unwrap();
-    let tcp = tuple(Transport::Tcp, "203.0.113.9:41000");
-    Client::new(tcp, "bob", "builder").allocate(&mut h);
+    let tls = tuple(Transport::Tls, "203.0.113.9:41000");
+    Client::new(tls, "bob", "builder").allocate(&mut h);
     h.events();
     let snap = h.server.snapshot(h.now);
     assert_eq!(h.server.hand_over(&snap), 1);
@@ -356,7 +364,7 @@ fn the_old_server_lets_its_handed_over_allocations_go_quietly() {
     assert!(h.events().is_empty());
     assert_eq!(h.server.counters().allocations_deleted, [0, 0, 0]);
     assert_eq!(quotas.held_here(), vec![("bob".to_owned(), 1)]);
-    // The TCP allocation stays and serves.
+    // The TLS allocation stays and serves.
     assert_eq!(h.server.sessions(h.now).len(), 1);
     assert!(h.send(udp(), &channel_data(0x4001, b"x")).is_none());
 }

@@ -240,7 +240,7 @@ fn upgrade(upgrader: &crate::upgrade::old::Upgrader) -> bool {
                 allocations_moved = o.moved,
                 allocations_dropped = o.dropped,
                 gap_ms = o.gap.as_millis() as u64,
-                "upgrade: the new process serves; TCP and TLS connections stay here until they end or drain-timeout"
+                "upgrade: the new process serves; TLS connections and RFC 6062 allocations stay here until they end or drain-timeout"
             );
             true
         }

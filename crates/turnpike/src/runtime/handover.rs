@@ -1,25 +1,33 @@
 //! A worker's side of a binary upgrade (`crate::upgrade`): the old
-//! process's worker gives its part (snapshot and socket descriptors) and
-//! waits, then lets the moved go or serves on; the new process's worker
-//! takes the relay sockets and restores the snapshot before its loop starts.
+//! process's worker gives its part (snapshot, socket descriptors, plain TCP
+//! connections with their buffered bytes) and waits, then lets the moved
+//! go or serves on; the new process's worker takes the relay sockets and
+//! connections and restores the snapshot before its loop starts.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
+use mio::{Interest, Token};
 use tracing::warn;
 use turn_core::snapshot::{Restored, Snapshot, SnapshotError};
-use turn_core::ListenerId;
+use turn_core::{FiveTuple, ListenerId, Transport};
 
 use super::control::HandoverAsk;
 use super::dispatch::Source;
+use super::stream::{Conn, Proxy};
 use super::worker::Worker;
-use crate::upgrade::{WorkerPart, STEP_TIMEOUT};
+use crate::upgrade::{ConnState, WorkerPart, STEP_TIMEOUT};
 
 /// What a new process's worker takes over besides its listeners.
 pub(super) struct TakenOver {
     /// Relay sockets of the snapshot's allocations, with their addresses.
     pub(super) relays: Vec<(std::net::UdpSocket, SocketAddr)>,
+    /// Plain TCP client connections.
+    pub(super) conns: Vec<(std::net::TcpStream, ConnState)>,
+    /// The old process's TCP listener ids: id, address, TLS.
+    pub(super) old_tcp_listeners: Vec<(u32, SocketAddr, bool)>,
     pub(super) snapshot: Snapshot,
     /// The old process's listener ids, by address.
     pub(super) old_listeners: Vec<(u32, SocketAddr)>,
@@ -30,7 +38,7 @@ impl Worker {
     /// decision, then lets the moved allocations and sockets go (`true`)
     /// or serves on as before.
     pub(super) fn hand_over(&mut self, now: Instant, ask: HandoverAsk) {
-        let Some((part, fds)) = self.part(now) else {
+        let Some((part, fds, conns)) = self.part(now) else {
             // (Dropping `ask` tells the node this worker could not.)
             return;
         };
@@ -39,19 +47,22 @@ impl Worker {
             return;
         }
         if ask.decision.recv_timeout(STEP_TIMEOUT * 2) == Ok(true) {
-            self.let_go(now, &snapshot);
+            self.let_go(now, &snapshot, &conns);
         }
     }
 
-    /// This worker's snapshot and its sockets' descriptors (copies: the
-    /// sockets stay open here until the decision).
-    fn part(&mut self, now: Instant) -> Option<(WorkerPart, Vec<OwnedFd>)> {
+    /// This worker's snapshot, its sockets' descriptors (copies: the
+    /// sockets stay open here until the decision), and the keys of the
+    /// connections that move.
+    fn part(&mut self, now: Instant) -> Option<(WorkerPart, Vec<OwnedFd>, Vec<usize>)> {
         let mut part = WorkerPart {
             udp: Vec::new(),
             tcp: Vec::new(),
             relays: Vec::new(),
+            conns: Vec::new(),
             snapshot: self.core.snapshot(now),
         };
+        let mut moved_conns = Vec::new();
         let mut fds = Vec::new();
         let copy = |fd: std::os::fd::BorrowedFd<'_>| match fd.try_clone_to_owned() {
             Ok(fd) => Some(fd),
@@ -66,10 +77,10 @@ impl Worker {
                 part.udp.push((key as u32, *addr));
             }
         }
-        for (_, src) in self.io.sources.iter() {
+        for (key, src) in self.io.sources.iter() {
             if let Source::Listener { sock, addr, tls } = src {
                 fds.push(copy(sock.as_fd())?);
-                part.tcp.push((*addr, *tls));
+                part.tcp.push((key as u32, *addr, *tls));
             }
         }
         for a in &part.snapshot.allocations {
@@ -82,16 +93,52 @@ impl Worker {
                 part.relays.push(r.bound);
             }
         }
-        Some((part, fds))
+        // Plain TCP connections move with their allocations (or without
+        // one); a TLS connection, an RFC 6062 data connection, one whose
+        // PROXY header or first bytes are still awaited, and one holding
+        // an allocation that stays (RFC 6062) stay here.
+        let moved: HashSet<FiveTuple> = part
+            .snapshot
+            .allocations
+            .iter()
+            .map(|a| FiveTuple {
+                transport: a.transport,
+                client: a.client,
+                server: a.server,
+                listener: a.listener,
+            })
+            .collect();
+        for (key, src) in self.io.sources.iter() {
+            let Source::Conn(c) = src else { continue };
+            let plain = c.tls.is_none() && c.pair.is_none() && matches!(c.proxy, Proxy::Settled);
+            if !plain || (self.core.has_allocation(&c.tuple) && !moved.contains(&c.tuple)) {
+                continue;
+            }
+            fds.push(copy(c.stream.as_fd())?);
+            part.conns.push(ConnState {
+                client: c.tuple.client,
+                server: c.tuple.server,
+                listener: c.tuple.listener.0,
+                rbuf: c.rbuf.clone(),
+                wbuf: c.wbuf.clone(),
+                got_message: c.got_message,
+            });
+            moved_conns.push(key);
+        }
+        Some((part, fds, moved_conns))
     }
 
     /// The new process serves the moved allocations and every listener:
     /// they leave here (the core closes this process's copies of their
     /// relay sockets), and the listeners close. What stays is the TCP and
     /// TLS connections and their allocations.
-    fn let_go(&mut self, now: Instant, snapshot: &Snapshot) {
+    fn let_go(&mut self, now: Instant, snapshot: &Snapshot, conns: &[usize]) {
         self.core.hand_over(snapshot);
         self.drive_core(now);
+        // Without telling the core: their allocations left with the rest.
+        for &key in conns {
+            self.remove_conn(key);
+        }
         let listeners: Vec<usize> = self
             .io
             .sources
@@ -124,17 +171,87 @@ impl Worker {
                 warn!(%addr, "upgrade: a handed-over relay socket could not be registered");
             }
         }
-        // Listener ids are slab keys: the old id is mapped by address.
-        let by_addr: Vec<(SocketAddr, usize)> = self.io.udp_by_addr.clone();
-        let map = |old: ListenerId| {
-            let addr = t.old_listeners.iter().find(|(id, _)| *id == old.0)?.1;
-            by_addr
-                .iter()
-                .find(|(a, _)| *a == addr)
-                .map(|(_, k)| ListenerId(*k as u32))
-        };
+        // Listener ids are slab keys: an old id is mapped by address.
+        let mut ids: HashMap<u32, u32> = HashMap::new();
+        for (old, addr) in &t.old_listeners {
+            if let Some((_, k)) = self.io.udp_by_addr.iter().find(|(a, _)| a == addr) {
+                ids.insert(*old, *k as u32);
+            }
+        }
+        for (old, addr, tls) in &t.old_tcp_listeners {
+            let found = self.io.sources.iter().find(
+                |(_, s)| matches!(s, Source::Listener { addr: a, tls: t, .. } if a == addr && t == tls),
+            );
+            if let Some((k, _)) = found {
+                ids.insert(*old, k as u32);
+            }
+        }
+        let map = |old: ListenerId| ids.get(&old.0).copied().map(ListenerId);
+        for (stream, state) in t.conns {
+            self.adopt_conn(now, stream, state, &map);
+        }
         let restored = self.core.restore(now, &t.snapshot, &map)?;
         self.drive_core(now);
         Ok(restored)
+    }
+
+    /// A plain TCP connection the old process had: served here with what
+    /// it had read and not handled, and what it had not yet written.
+    fn adopt_conn(
+        &mut self,
+        now: Instant,
+        stream: std::net::TcpStream,
+        s: ConnState,
+        map: &dyn Fn(ListenerId) -> Option<ListenerId>,
+    ) {
+        let Some(listener) = map(ListenerId(s.listener)) else {
+            return;
+        };
+        if stream.set_nonblocking(true).is_err() {
+            return;
+        }
+        let tuple = FiveTuple {
+            transport: Transport::Tcp,
+            client: s.client,
+            server: s.server,
+            listener,
+        };
+        let mut conn = Box::new(Conn {
+            stream: mio::net::TcpStream::from_std(stream),
+            tuple,
+            tls: None,
+            partial_since: (!s.rbuf.is_empty()).then_some(now),
+            rbuf: s.rbuf,
+            wbuf: s.wbuf,
+            writable_registered: false,
+            accepted: now,
+            last_rx: now,
+            got_message: s.got_message,
+            handshake_done: false,
+            pair: None,
+            raw_out: None,
+            proxy: Proxy::Settled,
+            counted: true,
+        });
+        let entry = self.io.sources.vacant_entry();
+        let key = entry.key();
+        if self
+            .io
+            .registry
+            .register(&mut conn.stream, Token(key), Interest::READABLE)
+            .is_err()
+        {
+            return;
+        }
+        // Counted under its source as an accepted one is (no cap: it exists).
+        self.streams.connections.try_acquire(tuple.client.ip(), 0);
+        if !conn.got_message {
+            self.streams.pending += 1;
+        }
+        if !conn.wbuf.is_empty() {
+            self.io.dirty.push(key);
+        }
+        entry.insert(Source::Conn(conn));
+        self.io.conn_by_tuple.insert(tuple, key);
     }
 }

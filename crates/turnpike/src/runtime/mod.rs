@@ -325,15 +325,21 @@ impl Listeners {
             for (_, addr) in &part.udp {
                 w.udp.push((std::net::UdpSocket::from(next()?), *addr));
             }
-            for (addr, tls) in &part.tcp {
+            for (_, addr, tls) in &part.tcp {
                 w.tcp.push((std::net::TcpListener::from(next()?), *addr, *tls));
             }
             let mut relays = Vec::new();
             for addr in &part.relays {
                 relays.push((std::net::UdpSocket::from(next()?), *addr));
             }
+            let mut conns = Vec::new();
+            for c in &part.conns {
+                conns.push((std::net::TcpStream::from(next()?), c.clone()));
+            }
             w.taken = Some(handover::TakenOver {
                 relays,
+                conns,
+                old_tcp_listeners: part.tcp.clone(),
                 snapshot: std::mem::replace(
                     &mut part.snapshot,
                     turn_core::snapshot::Snapshot {

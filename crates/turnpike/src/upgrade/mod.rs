@@ -1,8 +1,9 @@
 //! A binary upgrade without dropping a call (SIGUSR2): the running server
 //! starts the binary at the path it was started from (the new one after a
 //! package upgrade) with the same arguments, and hands it every listening
-//! socket and the relay sockets of its UDP allocations, with the
-//! allocations themselves as data (`turn_core::snapshot`).
+//! socket, the relay sockets of its UDP-relay allocations and its plain TCP
+//! connections, with the allocations themselves as data
+//! (`turn_core::snapshot`).
 //!
 //! The steps, over a Unix stream pair the new process inherits
 //! (`TURNPIKE_HANDOVER_FD`):
@@ -13,7 +14,7 @@
 //! 3. the new one restores the snapshots, starts its workers on the same
 //!    sockets and says `Serving`;
 //! 4. the old one lets the moved allocations go, closes its copies of the
-//!    sockets and drains what stayed (TCP and TLS connections and their
+//!    sockets and drains what stayed (TLS connections and RFC 6062
 //!    allocations) until they end or `drain-timeout` passes, then exits.
 //!
 //! Until step 4 nothing is given up: a new process that refuses, crashes,
@@ -91,8 +92,9 @@ pub(crate) enum FromNew {
 }
 
 /// What the old process hands over, beside the sockets: the descriptors
-/// follow in the order listed (each worker's UDP listeners, TCP listeners
-/// and relay sockets, then the HTTP listeners present).
+/// follow in the order listed (each worker's UDP listeners, TCP listeners,
+/// relay sockets and plain TCP connections, then the HTTP listeners
+/// present).
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Handover {
     pub(crate) protocol: u32,
@@ -117,11 +119,28 @@ pub(crate) struct Handover {
 pub(crate) struct WorkerPart {
     /// UDP listeners: the old process's listener id, and the address.
     pub(crate) udp: Vec<(u32, SocketAddr)>,
-    /// TCP listeners: address, TLS.
-    pub(crate) tcp: Vec<(SocketAddr, bool)>,
+    /// TCP listeners: the old listener id, the address, TLS.
+    pub(crate) tcp: Vec<(u32, SocketAddr, bool)>,
     /// Relay sockets of the snapshot's allocations.
     pub(crate) relays: Vec<SocketAddr>,
+    /// Plain TCP client connections (TLS ones stay).
+    pub(crate) conns: Vec<ConnState>,
     pub(crate) snapshot: Snapshot,
+}
+
+/// A plain TCP client connection: its 5-tuple, what was read and not yet
+/// handled (the start of a message) and what is queued and not yet
+/// written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ConnState {
+    pub(crate) client: SocketAddr,
+    pub(crate) server: SocketAddr,
+    /// The old process's id of the listener that accepted it.
+    pub(crate) listener: u32,
+    pub(crate) rbuf: Vec<u8>,
+    pub(crate) wbuf: Vec<u8>,
+    /// Whether a whole message has arrived (else it is still "pending").
+    pub(crate) got_message: bool,
 }
 
 impl Handover {
@@ -129,7 +148,7 @@ impl Handover {
     fn named(&self) -> usize {
         self.workers
             .iter()
-            .map(|w| w.udp.len() + w.tcp.len() + w.relays.len())
+            .map(|w| w.udp.len() + w.tcp.len() + w.relays.len() + w.conns.len())
             .sum::<usize>()
             + self.http.iter().flatten().count()
     }

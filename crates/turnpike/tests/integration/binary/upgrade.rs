@@ -1,8 +1,9 @@
 //! The binary upgrade (SIGUSR2) with real processes and sockets: the new
-//! process takes the UDP allocations while media flows, a TCP control
-//! connection stays with the old one until it closes, and a new binary
-//! that refuses (its configuration changed to something it will not run)
-//! leaves the old one serving.
+//! process takes the UDP allocations while media flows and a plain TCP
+//! control connection with its allocation, a TLS connection stays with the
+//! old one until it closes, and a new binary that refuses (its
+//! configuration changed to something it will not run) leaves the old one
+//! serving.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
@@ -75,6 +76,15 @@ fn start(config: &std::path::Path) -> (Server, mpsc::Receiver<String>, SocketAdd
     (Server(Some(child)), err, listen_addr(&started), seen)
 }
 
+/// The TLS listener the start-up line names.
+fn tls_listen(seen: &[String]) -> SocketAddr {
+    seen.iter()
+        .find_map(|l| l.split("tls_listen=[").nth(1))
+        .and_then(|r| r.split([']', ',']).next())
+        .and_then(|a| a.trim().parse().ok())
+        .expect("tls_listen in the start-up line")
+}
+
 fn scratch(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("turnpike-upgrade-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -105,10 +115,18 @@ fn client(server: SocketAddr, t: ClientTransport) -> TurnClient {
 }
 
 #[test]
-fn an_upgrade_moves_udp_calls_without_loss_and_tcp_stays_until_it_closes() {
+fn an_upgrade_moves_udp_and_tcp_calls_without_loss_and_tls_stays_until_it_closes() {
     let dir = scratch("moves");
     let cfg = config(&dir, 2);
+    // With TLS too (a generated certificate).
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("no-tls = true\n", "tls-listen = [\"127.0.0.1:0\"]\n"),
+    )
+    .unwrap();
     let (server, err, addr, mut seen) = start(&cfg);
+    let tls_addr = tls_listen(&seen);
     let old_pid = server.0.as_ref().unwrap().id();
 
     // The peer: one socket that counts what each client sent.
@@ -123,10 +141,14 @@ fn an_upgrade_moves_udp_calls_without_loss_and_tcp_stays_until_it_closes() {
             (c, relayed)
         })
         .collect();
-    // A TCP control connection: it stays with the old process.
+    // A plain TCP control connection moves with its allocation; a TLS one
+    // stays with the old process (its TLS state does not move).
     let mut tcp = client(addr, ClientTransport::Tcp);
     let tcp_relayed = tcp.allocate().unwrap().relayed;
     tcp.channel_bind(0x4001, peer_addr).unwrap();
+    let mut tls = client(tls_addr, ClientTransport::Tls { pinned: None });
+    let tls_relayed = tls.allocate().unwrap().relayed;
+    tls.channel_bind(0x4002, peer_addr).unwrap();
 
     // Media from every client, paced, while the upgrade happens.
     let stop = Arc::new(AtomicBool::new(false));
@@ -165,11 +187,19 @@ fn an_upgrade_moves_udp_calls_without_loss_and_tcp_stays_until_it_closes() {
             (clients, seq)
         })
     };
+    // Half a ChannelData frame on the TCP connection before the upgrade:
+    // the old process has read it and holds it, the rest comes after.
+    let frame = [&[0x40, 0x01, 0x00, 0x08][..], b"split-me"].concat();
+    tcp.channel().send(&frame[..6]).unwrap();
     std::thread::sleep(Duration::from_millis(800));
     signal(old_pid, libc::SIGUSR2);
     let done = wait_for(&err, "upgrade: the new process serves", &mut seen);
     let new_pid: u32 = field(&done, "new_pid").parse().unwrap();
-    assert_eq!(field(&done, "allocations_moved"), CLIENTS.to_string(), "{done}");
+    assert_eq!(
+        field(&done, "allocations_moved"),
+        (CLIENTS + 1).to_string(),
+        "{done}"
+    );
     eprintln!("{done}");
     std::thread::sleep(Duration::from_millis(1200));
     stop.store(true, Ordering::SeqCst);
@@ -212,9 +242,19 @@ fn an_upgrade_moves_udp_calls_without_loss_and_tcp_stays_until_it_closes() {
             other => panic!("{other:?}"),
         }
     }
-    // The TCP allocation stays with the old process, which still relays
-    // for it, and leaves when it closes.
-    assert!(alive(old_pid), "the old process serves its TCP connection");
+    // The TCP connection was handed over with its allocation and the
+    // half frame it had sent: with the rest, the peer gets it whole.
+    tcp.channel().send(&frame[6..]).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while got.is_empty() {
+        let (n, _) = peer.recv_from(&mut buf).unwrap();
+        if n == 8 {
+            got = buf[..n].to_vec();
+        }
+    }
+    assert_eq!(got, b"split-me");
+    // The new process relays for it and refreshes it.
     peer.send_to(b"tcp", tcp_relayed).unwrap();
     match tcp.recv(Duration::from_secs(2)).unwrap() {
         Received::Channel {
@@ -223,8 +263,20 @@ fn an_upgrade_moves_udp_calls_without_loss_and_tcp_stays_until_it_closes() {
         } => assert_eq!(data, b"tcp"),
         other => panic!("{other:?}"),
     }
-    tcp.refresh(0).unwrap();
-    drop(tcp);
+    tcp.refresh(600).unwrap();
+    // The TLS allocation stays with the old process, which still relays
+    // for it, and leaves when it ends.
+    assert!(alive(old_pid), "the old process serves its TLS connection");
+    peer.send_to(b"tls", tls_relayed).unwrap();
+    match tls.recv(Duration::from_secs(2)).unwrap() {
+        Received::Channel {
+            channel: 0x4002,
+            data,
+        } => assert_eq!(data, b"tls"),
+        other => panic!("{other:?}"),
+    }
+    tls.refresh(0).unwrap();
+    drop(tls);
     let gone = Instant::now() + Duration::from_secs(10);
     while alive(old_pid) && Instant::now() < gone {
         std::thread::sleep(Duration::from_millis(50));
@@ -234,8 +286,12 @@ fn an_upgrade_moves_udp_calls_without_loss_and_tcp_stays_until_it_closes() {
         "the old process exits once its last allocation ends"
     );
     assert!(alive(new_pid));
-    // A fresh client on the same address reaches the new process.
+    // The TCP connection lives on in the new process; fresh clients on the
+    // same addresses reach it too.
+    tcp.refresh(600).unwrap();
     let mut fresh = client(addr, ClientTransport::Udp);
+    fresh.allocate().unwrap();
+    let mut fresh = client(tls_addr, ClientTransport::Tls { pinned: None });
     fresh.allocate().unwrap();
     signal(new_pid, libc::SIGINT);
     drop(server);
@@ -401,6 +457,7 @@ fn a_replaced_process_leaves_the_fleet_registry_to_its_successor() {
     let dir = scratch("fleet");
     let cfg = config(&dir, 2);
     let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text = text.replace("no-tls = true\n", "tls-listen = [\"127.0.0.1:0\"]\n");
     text.push_str(&format!(
         "redis-url = \"redis://127.0.0.1:{}/0\"\nnode-name = \"upgraded\"\n",
         redis.1
@@ -410,13 +467,13 @@ fn a_replaced_process_leaves_the_fleet_registry_to_its_successor() {
     let pid = server.0.as_ref().unwrap().id();
     let mut udp = client(addr, ClientTransport::Udp);
     udp.allocate().unwrap();
-    // A TCP allocation keeps the old process draining after the upgrade.
-    let mut tcp = client(addr, ClientTransport::Tcp);
+    // A TLS allocation keeps the old process draining after the upgrade.
+    let mut tcp = client(tls_listen(&seen), ClientTransport::Tls { pinned: None });
     tcp.allocate().unwrap();
     signal(pid, libc::SIGUSR2);
     let done = wait_for(&err, "upgrade: the new process serves", &mut seen);
     let new_pid: u32 = field(&done, "new_pid").parse().unwrap();
-    assert!(alive(pid), "the old process drains its TCP allocation");
+    assert!(alive(pid), "the old process drains its TLS allocation");
     // For three seconds (three heartbeats of each), the registry says
     // what the new process says: serving, not draining.
     let mut redis_conn = redis::Client::open(format!("redis://127.0.0.1:{}/0", redis.1))
