@@ -134,6 +134,26 @@ struct HttpListeners {
 }
 
 impl HttpListeners {
+    fn bind(settings: &Settings) -> Result<Self> {
+        Ok(HttpListeners {
+            metrics: settings
+                .options
+                .metrics_listen
+                .map(|a| crate::http::bind("metrics-listen", a))
+                .transpose()?,
+            admin: settings
+                .admin
+                .as_ref()
+                .map(|(a, _)| crate::http::bind("admin-listen", *a))
+                .transpose()?,
+            web: settings
+                .web
+                .public
+                .map(|a| crate::http::bind("web-listen", a))
+                .transpose()?,
+        })
+    }
+
     /// A binary upgrade's HTTP listeners, where the old process had them.
     /// One the new configuration adds is bound; one it drops is closed.
     fn inherit(
@@ -437,23 +457,7 @@ fn start_with(
     // /metrics or the admin API (RFC 8656 §21.2.3's concern).
     let http = match inherited.as_ref() {
         Some((h, _)) => HttpListeners::inherit(settings, h, &mut fds)?,
-        None => HttpListeners {
-            metrics: settings
-                .options
-                .metrics_listen
-                .map(|a| crate::http::bind("metrics-listen", a))
-                .transpose()?,
-            admin: settings
-                .admin
-                .as_ref()
-                .map(|(a, _)| crate::http::bind("admin-listen", *a))
-                .transpose()?,
-            web: settings
-                .web
-                .public
-                .map(|a| crate::http::bind("web-listen", a))
-                .transpose()?,
-        },
+        None => HttpListeners::bind(settings)?,
     };
     // Copies for a later binary upgrade to hand over.
     let http_copies = http.copies();
@@ -464,22 +468,7 @@ fn start_with(
         .copied()
         .chain(http.addrs())
         .collect();
-    let mut nonce_secret = [0u8; 32];
-    rand::thread_rng().fill(&mut nonce_secret);
-    let mut epoch = Instant::now();
-    let mut unix_at_epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    // After an upgrade the old process's nonce key and clock, so nonces
-    // its clients hold stay valid.
-    if let Some((h, _)) = &inherited {
-        nonce_secret = h.nonce_secret;
-        unix_at_epoch = h.unix_at_epoch;
-        epoch = Instant::now()
-            .checked_sub(Duration::from_millis(h.epoch_age_ms))
-            .unwrap_or(epoch);
-    }
+    let (nonce_secret, epoch, unix_at_epoch) = nonce_clock(inherited.as_ref().map(|(h, _)| h));
     let base = CoreBase {
         nonce_secret,
         epoch,
@@ -551,6 +540,24 @@ fn start_with(
         },
         threads: workers.threads,
     })
+}
+
+/// The nonce key, the epoch and the Unix time at it: new, or after an
+/// upgrade the old process's, so nonces its clients hold stay valid.
+fn nonce_clock(handover: Option<&crate::upgrade::Handover>) -> ([u8; 32], Instant, u64) {
+    if let Some(h) = handover {
+        let epoch = Instant::now()
+            .checked_sub(Duration::from_millis(h.epoch_age_ms))
+            .unwrap_or_else(Instant::now);
+        return (h.nonce_secret, epoch, h.unix_at_epoch);
+    }
+    let mut secret = [0u8; 32];
+    rand::thread_rng().fill(&mut secret);
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    (secret, Instant::now(), unix)
 }
 
 /// What every worker shares, besides the core's configuration.
