@@ -686,3 +686,18 @@ pub(super) fn user_cmd(args: &[&str], stdin: &str) -> std::process::Output {
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin.as_bytes()).unwrap();
     child.wait_with_output().unwrap()
 }
+
+/// One HTTP/1.1 request with the admin token (no body): the status and the
+/// whole answer.
+pub(super) fn http(addr: SocketAddr, method: &str, path: &str, token: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).unwrap();
+    (r.split_whitespace().nth(1).unwrap().parse().unwrap(), r)
+}

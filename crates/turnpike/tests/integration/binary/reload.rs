@@ -475,29 +475,11 @@ fn scrape(addr: SocketAddr) -> String {
 }
 
 fn http_delete(addr: SocketAddr, path: &str, token: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "DELETE {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut r = String::new();
-    s.read_to_string(&mut r).unwrap();
-    (r.split_whitespace().nth(1).unwrap().parse().unwrap(), r)
+    super::http(addr, "DELETE", path, token)
 }
 
 fn http_post(addr: SocketAddr, path: &str, token: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut r = String::new();
-    s.read_to_string(&mut r).unwrap();
-    (r.split_whitespace().nth(1).unwrap().parse().unwrap(), r)
+    super::http(addr, "POST", path, token)
 }
 
 #[test]

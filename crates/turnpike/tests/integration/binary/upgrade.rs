@@ -508,17 +508,9 @@ fn a_replaced_process_leaves_the_fleet_registry_to_its_successor() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// An HTTP/1.0 GET, with the admin token: the body.
+/// A GET with the admin token: the body.
 fn get(addr: SocketAddr, path: &str, token: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
+    let (_, text) = super::http(addr, "GET", path, token);
     text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned()
 }
 
