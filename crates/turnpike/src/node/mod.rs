@@ -113,6 +113,7 @@ impl Node {
             );
             // systemd follows this process from here on (before the old
             // one is told, so it never sees the unit's main process exit).
+            crate::upgrade::new::failpoint("before-serving");
             notify::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
             if let Err(e) = l.serving(allocations, dropped) {
                 tracing::warn!(error = %format!("{e:#}"), "upgrade: the old process did not hear that this one serves");

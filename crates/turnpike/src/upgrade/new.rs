@@ -41,7 +41,9 @@ impl Link {
             },
             &[],
         )?;
+        failpoint("after-ready");
         let (h, fds) = super::recv_handover(&self.stream)?;
+        failpoint("after-handover");
         if h.protocol != PROTOCOL {
             bail!(
                 "the old process speaks hand-over protocol {}, this one {PROTOCOL}",
@@ -65,5 +67,15 @@ impl Link {
     /// Tells the old process this one serves now.
     pub(crate) fn serving(&self, allocations: usize, dropped: usize) -> Result<()> {
         send(&self.stream, &FromNew::Serving { allocations, dropped }, &[])
+    }
+}
+
+/// Fault injection for the hand-over's tests: with
+/// `TURNPIKE_UPGRADE_FAILPOINT` set to a step's name (`after-ready`,
+/// `after-handover`, `before-serving`), the new process dies there, at once
+/// and without a word, as a crash would. The old process must then serve on.
+pub(crate) fn failpoint(step: &str) {
+    if std::env::var("TURNPIKE_UPGRADE_FAILPOINT").is_ok_and(|v| v == step) {
+        std::process::exit(70);
     }
 }

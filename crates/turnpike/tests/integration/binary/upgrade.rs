@@ -668,3 +668,58 @@ fn a_missing_or_crashing_new_binary_leaves_the_old_one_serving() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_new_process_that_dies_at_any_step_leaves_the_old_one_serving_its_calls() {
+    for step in ["after-ready", "after-handover", "before-serving"] {
+        let dir = scratch(step);
+        let cfg = config(&dir, 2);
+        // The failpoint is inherited by the new process, which dies there.
+        let mut child = bin()
+            .args(["serve", "--config", cfg.to_str().unwrap()])
+            .env("TURNPIKE_UPGRADE_FAILPOINT", step)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = lines(child.stderr.take().unwrap());
+        let server = Server(Some(child));
+        let pid = server.0.as_ref().unwrap().id();
+        let mut seen = Vec::new();
+        let addr = listen_addr(&wait_for(&err, "turnpike started", &mut seen));
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut calls: Vec<(TurnClient, SocketAddr)> = (0..3)
+            .map(|_| {
+                let mut c = client(addr, ClientTransport::Udp);
+                let relayed = c.allocate().unwrap().relayed;
+                c.channel_bind(0x4000, peer.local_addr().unwrap()).unwrap();
+                (c, relayed)
+            })
+            .collect();
+        let mut tcp = client(addr, ClientTransport::Tcp);
+        tcp.allocate().unwrap();
+        signal(pid, libc::SIGUSR2);
+        let failed = wait_for(&err, "upgrade failed", &mut seen);
+        assert!(failed.contains("hand-over socket"), "{step}: {failed}");
+        // Every call is served by the old process as before: refreshed,
+        // relayed both ways; the TCP one too.
+        for (c, relayed) in calls.iter_mut() {
+            c.refresh(600).unwrap();
+            c.send_channel(0x4000, b"out").unwrap();
+            let mut buf = [0u8; 8];
+            let (n, _) = peer.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], b"out", "{step}");
+            peer.send_to(b"in", *relayed).unwrap();
+            assert!(
+                matches!(c.recv(Duration::from_secs(2)).unwrap(), Received::Channel { .. }),
+                "{step}"
+            );
+        }
+        tcp.refresh(600).unwrap();
+        assert!(alive(pid), "{step}");
+        assert_eq!(running_with(&cfg), vec![pid], "{step}: no successor left running");
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
