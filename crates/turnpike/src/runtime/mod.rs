@@ -331,6 +331,23 @@ impl Listeners {
         h: &mut crate::upgrade::Handover,
         fds: &mut std::vec::IntoIter<std::os::fd::OwnedFd>,
     ) -> Result<Self> {
+        // The sockets are the old process's: a configuration that listens
+        // elsewhere cannot take them over (a restart applies it).
+        for (what, want, have) in [
+            ("listen", &settings.listen, &h.listen),
+            ("tls-listen", &settings.tls_listen, &h.tls_listen),
+        ] {
+            let same = want.len() == have.len()
+                && want
+                    .iter()
+                    .zip(have.iter())
+                    .all(|(w, h)| w.ip() == h.ip() && (w.port() == 0 || w.port() == h.port()));
+            if !same {
+                anyhow::bail!(
+                    "{what} changed ({have:?} running, {want:?} configured): a binary upgrade keeps the running sockets; restart to listen elsewhere"
+                );
+            }
+        }
         let mut next = || {
             fds.next()
                 .context("a descriptor the hand-over announced is missing")

@@ -316,6 +316,14 @@ fn a_new_binary_that_refuses_leaves_the_old_one_serving() {
     assert!(failed.contains("threads"), "{failed}");
     c.refresh(600).unwrap();
 
+    // Another listen address: the new process cannot take the sockets
+    // over, says so, and the old one serves on.
+    std::fs::write(&cfg, text.replace("127.0.0.1:0", "127.0.0.2:0")).unwrap();
+    signal(pid, libc::SIGUSR2);
+    let failed = wait_for(&err, "upgrade failed", &mut seen);
+    assert!(failed.contains("listen changed"), "{failed}");
+    c.refresh(600).unwrap();
+
     // Another thread count: refused by the old process, which serves on.
     std::fs::write(&cfg, text.replace("threads = 2", "threads = 1")).unwrap();
     signal(pid, libc::SIGUSR2);
