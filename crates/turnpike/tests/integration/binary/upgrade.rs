@@ -64,7 +64,15 @@ fn field(line: &str, key: &str) -> String {
 }
 
 fn start(config: &std::path::Path) -> (Server, mpsc::Receiver<String>, SocketAddr, Vec<String>) {
-    let mut child = bin()
+    start_with(bin(), config)
+}
+
+/// `cmd` (the binary, with its environment) serving `config`, started.
+fn start_with(
+    mut cmd: std::process::Command,
+    config: &std::path::Path,
+) -> (Server, mpsc::Receiver<String>, SocketAddr, Vec<String>) {
+    let mut child = cmd
         .args(["serve", "--config", config.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -411,19 +419,11 @@ fn under_systemd_the_new_process_names_itself_the_main_one() {
     let systemd = UnixDatagram::bind(&socket).unwrap();
     systemd.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     // As systemd starts a Type=notify unit: $NOTIFY_SOCKET, $INVOCATION_ID.
-    let mut child = bin()
-        .args(["serve", "--config", cfg.to_str().unwrap()])
-        .env("NOTIFY_SOCKET", &socket)
-        .env("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let err = lines(child.stderr.take().unwrap());
-    let server = Server(Some(child));
+    let mut cmd = bin();
+    cmd.env("NOTIFY_SOCKET", &socket)
+        .env("INVOCATION_ID", "0123456789abcdef0123456789abcdef");
+    let (server, err, _, mut seen) = start_with(cmd, &cfg);
     let pid = server.0.as_ref().unwrap().id();
-    let mut seen = Vec::new();
-    wait_for(&err, "turnpike started", &mut seen);
     let mut buf = [0u8; 256];
     let n = systemd.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"READY=1", "ready once every listener is bound");
@@ -438,19 +438,11 @@ fn under_systemd_the_new_process_names_itself_the_main_one() {
 
     // A unit without Type=notify (no $NOTIFY_SOCKET): systemd would stop
     // the new process with the old, so the upgrade is refused.
-    let mut child = bin()
-        .args(["serve", "--config", cfg.to_str().unwrap()])
-        .env_remove("NOTIFY_SOCKET")
-        .env("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let err = lines(child.stderr.take().unwrap());
-    let server = Server(Some(child));
+    let mut cmd = bin();
+    cmd.env_remove("NOTIFY_SOCKET")
+        .env("INVOCATION_ID", "0123456789abcdef0123456789abcdef");
+    let (server, err, _, mut seen) = start_with(cmd, &cfg);
     let pid = server.0.as_ref().unwrap().id();
-    let mut seen = Vec::new();
-    wait_for(&err, "turnpike started", &mut seen);
     signal(pid, libc::SIGUSR2);
     let failed = wait_for(&err, "upgrade failed", &mut seen);
     assert!(failed.contains("Type=notify"), "{failed}");
@@ -632,17 +624,8 @@ fn a_missing_or_crashing_new_binary_leaves_the_old_one_serving() {
     // starts.
     let exe = dir.join("turnpike");
     std::fs::copy(crate::common::turnpike_bin(), &exe).unwrap();
-    let mut child = std::process::Command::new(&exe)
-        .args(["serve", "--config", cfg.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let err = lines(child.stderr.take().unwrap());
-    let server = Server(Some(child));
+    let (server, err, addr, mut seen) = start_with(std::process::Command::new(&exe), &cfg);
     let pid = server.0.as_ref().unwrap().id();
-    let mut seen = Vec::new();
-    let addr = listen_addr(&wait_for(&err, "turnpike started", &mut seen));
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut c = client(addr, ClientTransport::Udp);
@@ -683,18 +666,10 @@ fn a_new_process_that_dies_at_any_step_leaves_the_old_one_serving_its_calls() {
         let dir = scratch(step);
         let cfg = config(&dir, 2);
         // The failpoint is inherited by the new process, which dies there.
-        let mut child = bin()
-            .args(["serve", "--config", cfg.to_str().unwrap()])
-            .env("TURNPIKE_UPGRADE_FAILPOINT", step)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let err = lines(child.stderr.take().unwrap());
-        let server = Server(Some(child));
+        let mut cmd = bin();
+        cmd.env("TURNPIKE_UPGRADE_FAILPOINT", step);
+        let (server, err, addr, mut seen) = start_with(cmd, &cfg);
         let pid = server.0.as_ref().unwrap().id();
-        let mut seen = Vec::new();
-        let addr = listen_addr(&wait_for(&err, "turnpike started", &mut seen));
         let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
         peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let mut calls: Vec<(TurnClient, SocketAddr)> = (0..3)
