@@ -14,7 +14,10 @@
 //! refused with [`Error::Unsupported`] and its channel stays in user
 //! space, as do IPv6 channels where an interface has no IPv6).
 
+mod link;
+
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Instant;
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
@@ -237,6 +240,32 @@ pub struct Totals {
     pub partial_checksum: u64,
 }
 
+/// `struct neigh_key` of `turn_fast.c`: a next hop learned from
+/// arriving packets (TURN_NEIGH), copied across a binary upgrade.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct NeighKey {
+    ip: [u32; 4],
+    family: u32,
+}
+
+/// `struct neigh_val` of `turn_fast.c`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct NeighVal {
+    ifindex: u32,
+    remote: [u8; 6],
+    local: [u8; 6],
+    pad: u32,
+    seen_ns: u64,
+}
+
+// SAFETY: plain `#[repr(C)]` data with no padding the kernel could leave
+// uninitialised that Rust would read as anything but bytes.
+unsafe impl aya::Pod for NeighKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for NeighVal {}
+
 /// One family's two maps.
 struct Maps<CK: aya::Pod, CV: aya::Pod, PK: aya::Pod, PV: aya::Pod> {
     clients: HashMap<MapData, CK, CV>,
@@ -369,6 +398,16 @@ pub struct FastPath {
     /// Interfaces and whether the program runs in the driver (native) or
     /// in the generic path.
     attached: Vec<(String, bool)>,
+    /// The BPF link on each of `attached`, in order; none where the kernel
+    /// has no XDP links (before 5.9: attached through netlink, and not
+    /// handed over).
+    links: Vec<Option<OwnedFd>>,
+    /// What an earlier process counted before a binary upgrade: the
+    /// totals continue from it.
+    counted_before: Totals,
+    /// A binary upgrade's old process's learned next hops (TURN_NEIGH),
+    /// copied into this program's map when it takes the links.
+    old_neighbours: Option<OwnedFd>,
     /// Why IPv6 entries are not taken, if they are not.
     no_v6: Option<String>,
     /// Where next hops come from.
@@ -397,7 +436,7 @@ fn load_object() -> Result<aya::Ebpf, Error> {
     aya::Ebpf::load(OBJECT).map_err(|e| kernel("loading the XDP object", e))
 }
 
-fn attach(ebpf: &mut aya::Ebpf, program: &str, iface: &str) -> Result<bool, Error> {
+fn program<'a>(ebpf: &'a mut aya::Ebpf, program: &str) -> Result<&'a mut Xdp, Error> {
     let prog: &mut Xdp = ebpf
         .program_mut(program)
         .ok_or_else(|| Error::Kernel(format!("no program {program} in the object")))?
@@ -407,6 +446,11 @@ fn attach(ebpf: &mut aya::Ebpf, program: &str, iface: &str) -> Result<bool, Erro
         prog.load()
             .map_err(|e| kernel("the kernel refused the program", e))?;
     }
+    Ok(prog)
+}
+
+fn attach(ebpf: &mut aya::Ebpf, program: &str, iface: &str) -> Result<bool, Error> {
+    let prog = self::program(ebpf, program)?;
     // In the driver where it can (veth, most NICs); the generic path
     // elsewhere (loopback).
     match prog.attach(iface, XdpFlags::DRV_MODE) {
@@ -416,6 +460,21 @@ fn attach(ebpf: &mut aya::Ebpf, program: &str, iface: &str) -> Result<bool, Erro
             Err(e) => Err(kernel(&format!("attaching to {iface} (native: {native})"), e)),
         },
     }
+}
+
+/// Attaches `turn_fast` to `iface` as a BPF link (native, else generic),
+/// or through netlink where the kernel has no XDP links: whether native,
+/// and the link.
+fn attach_link(ebpf: &mut aya::Ebpf, iface: &str) -> Result<(bool, Option<OwnedFd>), Error> {
+    let (index, _) = index_and_mtu(iface)?;
+    let prog = program(ebpf, "turn_fast")?;
+    let fd = prog.fd().map_err(|e| kernel("the program", e))?.as_fd();
+    for (native, flags) in [(true, XdpFlags::DRV_MODE), (false, XdpFlags::SKB_MODE)] {
+        if let Ok(l) = link::create(fd, index, flags.bits()) {
+            return Ok((native, Some(l)));
+        }
+    }
+    attach(ebpf, "turn_fast", iface).map(|native| (native, None))
 }
 
 /// The first of `interfaces` that does not forward `family` ("ipv4",
@@ -463,6 +522,37 @@ impl FastPath {
     /// channels stay in user space where an interface has no IPv6
     /// ([`FastPath::ipv6_unavailable`]).
     pub fn load(interfaces: &[String]) -> Result<FastPath, Error> {
+        let mut f = Self::load_detached(interfaces)?;
+        for iface in interfaces {
+            let (native, link) = attach_link(&mut f.ebpf, iface)?;
+            f.attached.push((iface.clone(), native));
+            f.links.push(link);
+        }
+        Ok(f)
+    }
+
+    /// Loads the program for a binary upgrade's `handed` links (interface,
+    /// native, link) without attaching it: the old process's program keeps
+    /// relaying its entries while this one's maps are filled from the
+    /// snapshot, until [`FastPath::adopt_links`] swaps it in.
+    /// `neighbours` is the old program's learned next hops (TURN_NEIGH),
+    /// copied at the swap so a host that does not forward need not learn
+    /// them again.
+    pub fn load_onto(
+        handed: Vec<(String, bool, OwnedFd)>,
+        neighbours: Option<OwnedFd>,
+    ) -> Result<FastPath, Error> {
+        let interfaces: Vec<String> = handed.iter().map(|(i, ..)| i.clone()).collect();
+        let mut f = Self::load_detached(&interfaces)?;
+        f.old_neighbours = neighbours;
+        for (iface, native, link) in handed {
+            f.attached.push((iface, native));
+            f.links.push(Some(link));
+        }
+        Ok(f)
+    }
+
+    fn load_detached(interfaces: &[String]) -> Result<FastPath, Error> {
         if interfaces.is_empty() {
             return Err(Error::Kernel("no interface to attach to".into()));
         }
@@ -476,6 +566,13 @@ impl FastPath {
             Forwarding::NoFamily(why) => Some(why),
             Forwarding::On | Forwarding::Off(_) => None,
         };
+        let mut ebpf = Self::prepared(interfaces)?;
+        program(&mut ebpf, "turn_fast")?;
+        Self::with_maps(ebpf, Vec::new(), Vec::new(), no_v6, next_hops)
+    }
+
+    /// The object loaded, with each interface's MTU in its map.
+    fn prepared(interfaces: &[String]) -> Result<aya::Ebpf, Error> {
         let mut ebpf = load_object()?;
         {
             let mtus = ebpf
@@ -488,11 +585,16 @@ impl FastPath {
                 mtus.insert(index, mtu, 0).map_err(|e| kernel("TURN_MTU", e))?;
             }
         }
-        let mut attached = Vec::new();
-        for iface in interfaces {
-            let native = attach(&mut ebpf, "turn_fast", iface)?;
-            attached.push((iface.clone(), native));
-        }
+        Ok(ebpf)
+    }
+
+    fn with_maps(
+        mut ebpf: aya::Ebpf,
+        attached: Vec<(String, bool)>,
+        links: Vec<Option<OwnedFd>>,
+        no_v6: Option<String>,
+        next_hops: String,
+    ) -> Result<FastPath, Error> {
         let v4 = Maps::take(&mut ebpf, "TURN_CLIENTS", "TURN_PEERS")?;
         let v6 = Maps::take(&mut ebpf, "TURN_CLIENTS6", "TURN_PEERS6")?;
         let stats = ebpf
@@ -505,9 +607,73 @@ impl FastPath {
             v6,
             stats,
             attached,
+            links,
+            counted_before: Totals::default(),
+            old_neighbours: None,
             no_v6,
             next_hops,
         })
+    }
+
+    /// Puts this process's program on every link (atomically on each): a
+    /// binary upgrade's new process does so once its maps hold the
+    /// snapshot's entries; the old one does so to take its links back
+    /// when an upgrade fails after the new one had swapped.
+    pub fn adopt_links(&mut self) -> Result<(), Error> {
+        if let Some(old) = self.old_neighbours.take() {
+            self.copy_neighbours(old)?;
+        }
+        let prog = program(&mut self.ebpf, "turn_fast")?;
+        let prog = prog.fd().map_err(|e| kernel("the program", e))?.as_fd();
+        for ((iface, _), l) in self.attached.iter().zip(&self.links) {
+            if let Some(l) = l {
+                link::update(l.as_fd(), prog)
+                    .map_err(|e| kernel(&format!("swapping the program on {iface}"), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the next hops another program learned into this one's map.
+    fn copy_neighbours(&mut self, old: OwnedFd) -> Result<(), Error> {
+        let old =
+            aya::maps::Map::LruHashMap(MapData::from_fd(old).map_err(|e| kernel("the old TURN_NEIGH", e))?);
+        let old: HashMap<_, NeighKey, NeighVal> =
+            HashMap::try_from(old).map_err(|e| kernel("the old TURN_NEIGH", e))?;
+        let ours = self
+            .ebpf
+            .map_mut("TURN_NEIGH")
+            .ok_or_else(|| Error::Kernel("no map TURN_NEIGH in the object".into()))?;
+        let mut ours: HashMap<_, NeighKey, NeighVal> =
+            HashMap::try_from(ours).map_err(|e| kernel("TURN_NEIGH", e))?;
+        for (k, v) in old.iter().flatten() {
+            ours.insert(k, v, 0).map_err(|e| kernel("TURN_NEIGH", e))?;
+        }
+        Ok(())
+    }
+
+    /// The learned next hops' map (TURN_NEIGH), for a binary upgrade's
+    /// new process to copy.
+    pub fn neighbours(&self) -> Option<BorrowedFd<'_>> {
+        match self.ebpf.map("TURN_NEIGH")? {
+            aya::maps::Map::LruHashMap(m) | aya::maps::Map::HashMap(m) => Some(m.fd().as_fd()),
+            _ => None,
+        }
+    }
+
+    /// The links to hand to a binary upgrade's new process (interface,
+    /// native, link), or why they cannot be.
+    pub fn links(&self) -> Result<Vec<(String, bool, BorrowedFd<'_>)>, Error> {
+        self.attached
+            .iter()
+            .zip(&self.links)
+            .map(|((iface, native), l)| match l {
+                Some(l) => Ok((iface.clone(), *native, l.as_fd())),
+                None => Err(Error::Kernel(format!(
+                    "the program is attached to {iface} through netlink (a kernel without XDP links, before 5.9), which cannot be handed over"
+                ))),
+            })
+            .collect()
     }
 
     /// Where the program takes next hops from (the forwarding table, or
@@ -611,12 +777,23 @@ impl FastPath {
                 .map(|v| v.iter().sum::<u64>())
                 .unwrap_or(0)
         };
+        let b = self.counted_before;
         Totals {
-            forwarded: sum(0),
-            matched: sum(1),
-            no_route: sum(2),
-            partial_checksum: sum(3),
+            forwarded: b.forwarded + sum(0),
+            matched: b.matched + sum(1),
+            no_route: b.no_route + sum(2),
+            partial_checksum: b.partial_checksum + sum(3),
         }
+    }
+
+    /// Adds to the totals what the process before a binary upgrade
+    /// counted (at the hand-over, and what its program relayed after).
+    pub fn count_before(&mut self, more: Totals) {
+        let b = &mut self.counted_before;
+        b.forwarded += more.forwarded;
+        b.matched += more.matched;
+        b.no_route += more.no_route;
+        b.partial_checksum += more.partial_checksum;
     }
 
     /// Entries installed.

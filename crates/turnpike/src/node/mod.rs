@@ -115,8 +115,11 @@ impl Node {
             // one is told, so it never sees the unit's main process exit).
             crate::upgrade::new::failpoint("before-serving");
             notify::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
-            if let Err(e) = l.serving(allocations, dropped) {
-                tracing::warn!(error = %format!("{e:#}"), "upgrade: the old process did not hear that this one serves");
+            match l.serving(allocations, dropped) {
+                Ok(trailing) => handle.control().fast_trailing(trailing),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "upgrade: the old process did not hear that this one serves, or said nothing after")
+                }
             }
         }
         if link.is_none() {
@@ -148,6 +151,7 @@ impl Node {
         let drain_timeout = settings.options.drain_timeout.get();
         std::thread::spawn(move || {
             let mut deadline: Option<Instant> = None;
+            let mut retired_at: Option<Instant> = None;
             let mut last_report = Instant::now();
             loop {
                 if watch.changed() {
@@ -168,8 +172,12 @@ impl Node {
                         }
                         signal_hook::consts::SIGUSR2 if deadline.is_none() => {
                             if upgrade(&upgrader) {
-                                // What stayed (TCP and TLS connections and
-                                // their allocations) drains; then this exits.
+                                // The new process accepts on the HTTP
+                                // sockets; what stayed here (TLS connections
+                                // and their allocations) drains, then this
+                                // exits.
+                                crate::http::retire();
+                                retired_at = Some(Instant::now());
                                 control.drain();
                                 deadline = Some(Instant::now() + drain_timeout);
                             }
@@ -197,7 +205,11 @@ impl Node {
                 }
                 if let Some(d) = deadline {
                     let left = control.allocations();
-                    if left == 0 || Instant::now() >= d {
+                    // After an upgrade, HTTP requests in flight (the one
+                    // that asked for it) are answered first, for a while.
+                    let answered =
+                        retired_at.is_none_or(|at| crate::http::all_retired() || at.elapsed() >= HTTP_GRACE);
+                    if (left == 0 && answered) || Instant::now() >= d {
                         control.stop();
                         info!(allocations_closed = left, "drain finished; shutting down");
                         return;
@@ -218,6 +230,11 @@ impl Node {
         Ok(())
     }
 }
+
+/// How long a process replaced by a binary upgrade keeps answering the
+/// HTTP requests it had accepted (an idle keep-alive connection holds no
+/// longer than this).
+const HTTP_GRACE: Duration = Duration::from_secs(5);
 
 /// SIGUSR2: hands the sockets and allocations to the binary at the path
 /// this one was started from; whether it did (else this one serves on).

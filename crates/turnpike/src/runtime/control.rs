@@ -42,7 +42,7 @@ pub(super) fn build_policy(settings: &Settings, own_sockets: &[SocketAddr]) -> P
 /// A request from the control plane to a worker, handled in its loop
 /// (never on the packet path); the answer goes back on `reply`.
 #[non_exhaustive]
-pub enum WorkerRequest {
+pub(crate) enum WorkerRequest {
     /// List this worker's allocations.
     Sessions(std::sync::mpsc::Sender<Vec<turn_core::SessionInfo>>),
     /// Delete the allocations `pick` selects; answers how many.
@@ -55,6 +55,26 @@ pub enum WorkerRequest {
     /// A binary upgrade: this worker's sockets and allocations, after
     /// which it waits for the decision (see `crate::upgrade`).
     Handover(HandoverAsk),
+    /// After a binary upgrade, in the new process: what the old process's
+    /// kernel program relayed for this worker's allocations between the
+    /// snapshot and the swap of programs, into their stats.
+    FastTrailing(Vec<crate::upgrade::FastCount>),
+}
+
+/// The fast path's part of a binary upgrade: its XDP links (interface,
+/// native, link), its learned next hops' map, its totals so far.
+#[derive(Default)]
+pub(crate) struct FastHandover {
+    pub(crate) links: Vec<(String, bool, std::os::fd::OwnedFd)>,
+    pub(crate) neighbours: Option<std::os::fd::OwnedFd>,
+    pub(crate) totals: [u64; 4],
+}
+
+/// The decision a paused worker waits for.
+pub(crate) enum Decision {
+    /// The new process serves: let the moved allocations go, after saying
+    /// what the kernel relayed for them since the snapshot.
+    LetGo(std::sync::mpsc::Sender<Vec<crate::upgrade::FastCount>>),
 }
 
 /// A worker paused for a binary upgrade: its part, its sockets'
@@ -62,16 +82,16 @@ pub enum WorkerRequest {
 pub(crate) type PausedWorker = (
     crate::upgrade::WorkerPart,
     Vec<std::os::fd::OwnedFd>,
-    std::sync::mpsc::Sender<bool>,
+    std::sync::mpsc::Sender<Decision>,
 );
 
 /// A binary upgrade's request to one worker: it sends its part and its
 /// sockets' descriptors on `reply`, then reads nothing until `decision`
-/// says whether the new process took over (`true`: let the moved go) or
-/// not (`false`, or silence: serve on as before).
-pub struct HandoverAsk {
+/// says the new process took over ([`Decision::LetGo`]), or is dropped
+/// (serve on as before).
+pub(crate) struct HandoverAsk {
     pub(crate) reply: std::sync::mpsc::Sender<(crate::upgrade::WorkerPart, Vec<std::os::fd::OwnedFd>)>,
-    pub(crate) decision: std::sync::mpsc::Receiver<bool>,
+    pub(crate) decision: std::sync::mpsc::Receiver<Decision>,
 }
 
 /// What a reload changes in every worker, published under a generation
@@ -256,6 +276,8 @@ pub struct Control {
     pub(super) board: crate::metrics::Board,
     /// A binary upgrade handed this process's sockets to a new one.
     pub(super) handed_over: Arc<AtomicBool>,
+    /// The kernel fast path, when loaded.
+    pub(super) fast: Option<super::fast::Shared>,
 }
 
 impl Control {
@@ -325,9 +347,69 @@ impl Control {
         self.handed_over.load(Ordering::SeqCst)
     }
 
-    /// Whether the kernel fast path is loaded.
-    pub fn fast_path_active(&self) -> bool {
-        self.base.fast_path
+    /// For a binary upgrade's new process: copies of the fast path's XDP
+    /// links (interface, native, link) and of its learned next hops' map;
+    /// nothing when it is off; an error where the links cannot be handed
+    /// over.
+    pub(crate) fn fast_handover(&self) -> anyhow::Result<FastHandover> {
+        let Some(fast) = &self.fast else {
+            return Ok(FastHandover::default());
+        };
+        let f = fast.lock().unwrap_or_else(|p| p.into_inner());
+        let mut links = Vec::new();
+        for (iface, native, link) in f
+            .links()
+            .map_err(|e| anyhow::anyhow!("fast path: {e}; restart instead"))?
+        {
+            links.push((iface, native, link.try_clone_to_owned()?));
+        }
+        let neighbours = f.neighbours().map(|m| m.try_clone_to_owned()).transpose()?;
+        let t = f.totals();
+        Ok(FastHandover {
+            links,
+            neighbours,
+            totals: [t.forwarded, t.matched, t.no_route, t.partial_checksum],
+        })
+    }
+
+    /// The fast path's totals so far (forwarded, matched, no route,
+    /// partial checksum); zeros when it is off.
+    pub(crate) fn fast_totals(&self) -> [u64; 4] {
+        self.fast.as_ref().map_or([0; 4], |f| {
+            let t = f.lock().unwrap_or_else(|p| p.into_inner()).totals();
+            [t.forwarded, t.matched, t.no_route, t.partial_checksum]
+        })
+    }
+
+    /// In a binary upgrade's new process: what the old process's kernel
+    /// program relayed after the snapshot, into the stats and totals.
+    pub(crate) fn fast_trailing(&self, t: crate::upgrade::Trailing) {
+        if let Some(fast) = &self.fast {
+            let [forwarded, matched, no_route, partial_checksum] = t.totals;
+            fast.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .count_before(fastpath::Totals {
+                    forwarded,
+                    matched,
+                    no_route,
+                    partial_checksum,
+                });
+        }
+        for ((counts, tx), w) in t.workers.into_iter().zip(&self.commands).zip(&self.wakers) {
+            if !counts.is_empty() && tx.send(WorkerRequest::FastTrailing(counts)).is_ok() {
+                let _ = w.wake();
+            }
+        }
+    }
+
+    /// After a failed binary upgrade: this process's XDP program back on
+    /// the fast path's links, in case the new one had put its own there.
+    pub(crate) fn fast_reclaim(&self) {
+        if let Some(fast) = &self.fast {
+            if let Err(e) = fast.lock().unwrap_or_else(|p| p.into_inner()).adopt_links() {
+                tracing::error!(error = %e, "upgrade: the fast path's links could not be taken back; restart to relay in the kernel again");
+            }
+        }
     }
 
     /// Stops a drain started by SIGUSR1 or the admin API.

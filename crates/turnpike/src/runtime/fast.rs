@@ -9,13 +9,16 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use std::os::fd::OwnedFd;
+
+use anyhow::{bail, Context, Result};
 use fastpath::{Counts, Entry, FastPath};
 use tracing::warn;
 use turn_core::{FastPathBudget, FastPathEntry, FiveTuple};
 
 use super::worker::Worker;
 use crate::config::{FastPathMode, Settings};
+use crate::upgrade::{FastCount, Handover};
 
 /// The loaded program, shared by the workers (touched when a channel is
 /// bound, refreshed or removed, and once a second for counts; never per
@@ -74,9 +77,46 @@ fn interfaces_for(listen: &[SocketAddr]) -> Vec<String> {
     out
 }
 
-/// Loads the fast path as `--fast-path` says.
-pub(super) fn start(settings: &Settings, listen: &[SocketAddr]) -> Result<State> {
+/// A binary upgrade's fast path: the old process's XDP links (interface,
+/// native, link) and what it counted.
+#[derive(Default)]
+pub(super) struct Handed {
+    links: Vec<(String, bool, OwnedFd)>,
+    neighbours: Option<OwnedFd>,
+    totals: [u64; 4],
+}
+
+impl Handed {
+    /// The links' descriptors, next in the hand-over's order.
+    pub(super) fn take(h: &Handover, fds: &mut impl Iterator<Item = OwnedFd>) -> Result<Handed> {
+        let mut links = Vec::new();
+        for (iface, native) in &h.fast_links {
+            let fd = fds
+                .next()
+                .context("a fast-path link the hand-over announced is missing")?;
+            links.push((iface.clone(), *native, fd));
+        }
+        let neighbours = match h.fast_neighbours {
+            true => Some(
+                fds.next()
+                    .context("the fast path's next hops the hand-over announced are missing")?,
+            ),
+            false => None,
+        };
+        Ok(Handed {
+            links,
+            neighbours,
+            totals: h.fast_totals,
+        })
+    }
+}
+
+/// Loads the fast path as `--fast-path` says: attached to its interfaces,
+/// or after a binary upgrade loaded onto the old process's links (which
+/// keep running the old program until `FastPath::adopt_links`).
+pub(super) fn start(settings: &Settings, listen: &[SocketAddr], handed: Handed) -> Result<State> {
     if settings.options.fast_path == FastPathMode::Off {
+        // (The old process's links close with it.)
         return Ok(State::Off);
     }
     let ifaces = if settings.options.fast_path_interface.is_empty() {
@@ -88,8 +128,23 @@ pub(super) fn start(settings: &Settings, listen: &[SocketAddr]) -> Result<State>
         Err(fastpath::Error::Kernel(
             "no non-loopback interface holds a listen address (name one with --fast-path-interface)".into(),
         ))
-    } else {
+    } else if handed.links.is_empty() {
         FastPath::load(&ifaces)
+    } else {
+        let running: Vec<&String> = handed.links.iter().map(|(i, ..)| i).collect();
+        if running.len() != ifaces.len() || !ifaces.iter().all(|i| running.contains(&i)) {
+            bail!("fast-path runs on {running:?} and would run on {ifaces:?}: a binary upgrade keeps the running interfaces; restart to change them");
+        }
+        let [forwarded, matched, no_route, partial_checksum] = handed.totals;
+        FastPath::load_onto(handed.links, handed.neighbours).map(|mut f| {
+            f.count_before(fastpath::Totals {
+                forwarded,
+                matched,
+                no_route,
+                partial_checksum,
+            });
+            f
+        })
     };
     match loaded {
         Ok(f) => {
@@ -204,6 +259,35 @@ impl FastPlane {
         }
     }
 
+    /// What the kernel relayed for each entry since the last read, as a
+    /// binary upgrade's trailing counts (this process's program is off
+    /// the links by then, so they are final).
+    pub(super) fn since_last_read(&self) -> Vec<FastCount> {
+        let Some(shared) = &self.shared else {
+            return Vec::new();
+        };
+        let f = shared.lock().unwrap_or_else(|p| p.into_inner());
+        self.entries
+            .iter()
+            .map(|((client, channel), (entry, last))| {
+                let d = delta(f.counts(entry), *last);
+                FastCount {
+                    transport: client.transport,
+                    client: client.client,
+                    server: client.server,
+                    channel: *channel,
+                    counts: [
+                        d.to_peer_packets,
+                        d.to_peer_bytes,
+                        d.from_peer_packets,
+                        d.from_peer_bytes,
+                    ],
+                }
+            })
+            .filter(|c| c.counts != [0; 4])
+            .collect()
+    }
+
     /// Carries out the core's `FastPathRemove`.
     pub(super) fn remove(&mut self, client: FiveTuple, channel: u16) {
         let (Some(shared), Some((entry, last))) = (&self.shared, self.entries.remove(&(client, channel)))
@@ -218,6 +302,23 @@ impl FastPlane {
 }
 
 impl Worker {
+    /// A binary upgrade's trailing counts (the old process's program
+    /// relayed them after the snapshot) into the allocations' stats; the
+    /// old process's listener ids differ, so an entry is found by its
+    /// addresses and channel.
+    pub(super) fn fast_trailing(&mut self, now: Instant, counts: Vec<FastCount>) {
+        for c in counts {
+            let found = self.fast.entries.keys().find(|(t, ch)| {
+                t.transport == c.transport && t.client == c.client && t.server == c.server && *ch == c.channel
+            });
+            if let Some((tuple, _)) = found.copied() {
+                let [tp, tb, fp, fb] = c.counts;
+                self.core.handle_fast_path_counts(now, tuple, (tp, tb), (fp, fb));
+            }
+        }
+        self.drive_core(now);
+    }
+
     /// What the kernel forwarded since the last look, into the core's
     /// stats (session list, logs, metrics); once a second (`all`, which
     /// also reports usage for the bandwidth caps' budgets), and for each

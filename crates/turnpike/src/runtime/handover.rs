@@ -14,7 +14,7 @@ use tracing::warn;
 use turn_core::snapshot::{Restored, Snapshot, SnapshotError};
 use turn_core::{FiveTuple, ListenerId, Transport};
 
-use super::control::HandoverAsk;
+use super::control::{Decision, HandoverAsk};
 use super::dispatch::Source;
 use super::stream::{Conn, Proxy};
 use super::worker::Worker;
@@ -46,7 +46,10 @@ impl Worker {
         if ask.reply.send((part, fds)).is_err() {
             return;
         }
-        if ask.decision.recv_timeout(STEP_TIMEOUT * 2) == Ok(true) {
+        if let Ok(Decision::LetGo(trailing)) = ask.decision.recv_timeout(STEP_TIMEOUT * 2) {
+            // The new process's program runs on the links now: this
+            // one's counts are final.
+            let _ = trailing.send(self.fast.since_last_read());
             self.let_go(now, &snapshot, &conns);
         }
     }
@@ -55,6 +58,8 @@ impl Worker {
     /// sockets stay open here until the decision), and the keys of the
     /// connections that move.
     fn part(&mut self, now: Instant) -> Option<(WorkerPart, Vec<OwnedFd>, Vec<usize>)> {
+        // What the kernel relayed so far goes into the snapshot's stats.
+        self.fast_counts(now, true);
         let mut part = WorkerPart {
             udp: Vec::new(),
             tcp: Vec::new(),

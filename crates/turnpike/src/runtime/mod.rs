@@ -57,8 +57,10 @@ mod worker;
 mod worker_control;
 
 use connections::conn_limits;
+pub use control::Control;
+pub(crate) use control::Decision;
+pub(crate) use control::WorkerRequest;
 use control::{core_config, core_shared, CoreBase, Reloads, SharedLimits};
-pub use control::{Control, HandoverAsk, WorkerRequest};
 use listeners::{bind_pair, bind_tcp, bind_udp, ensure_free, in_use_hint};
 pub use log::Redactor;
 use relays::{RelayConfig, Reservations};
@@ -461,13 +463,6 @@ fn start_with(
         None => None,
     };
 
-    // After the listeners (their addresses choose the interfaces), before
-    // the core's configuration (which says whether entries are wanted).
-    let fast_state = fast::start(settings, &listen)?;
-    crate::metrics::FAST_PATH_ACTIVE.store(
-        matches!(fast_state, fast::State::Active(..)) as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
     // The HTTP listeners are bound here, before the peer policy is made:
     // they are the server's own sockets as much as the TURN listeners, and
     // with loopback or private peers allowed a relay could otherwise reach
@@ -476,6 +471,18 @@ fn start_with(
         Some((h, _)) => HttpListeners::inherit(settings, h, &mut fds)?,
         None => HttpListeners::bind(settings)?,
     };
+    // After the listeners (their addresses choose the interfaces), before
+    // the core's configuration (which says whether entries are wanted).
+    // After a binary upgrade, on the old process's links, unswapped yet.
+    let handed = match inherited.as_ref() {
+        Some((h, _)) => fast::Handed::take(h, &mut fds)?,
+        None => fast::Handed::default(),
+    };
+    let fast_state = fast::start(settings, &listen, handed)?;
+    crate::metrics::FAST_PATH_ACTIVE.store(
+        matches!(fast_state, fast::State::Active(..)) as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     // Copies for a later binary upgrade to hand over.
     let http_copies = http.copies();
     let own_sockets: Vec<SocketAddr> = listen
@@ -515,6 +522,10 @@ fn start_with(
 
     let flag = Arc::new(AtomicBool::new(false));
     let reloads = Arc::new(Reloads::default());
+    let fast = match &fast_state {
+        fast::State::Active(f, ..) => Some(f.clone()),
+        _ => None,
+    };
     let (workers, taken_over) = spawn_workers(
         settings,
         per_worker,
@@ -525,12 +536,17 @@ fn start_with(
             board: board.clone(),
             connections: shared.connections.clone(),
             tls: tls_setup.as_ref().map(|t| t.config.clone()),
-            fast: match &fast_state {
-                fast::State::Active(f, ..) => Some(f.clone()),
-                _ => None,
-            },
+            fast: fast.clone(),
         },
     )?;
+    // The workers hold the restored allocations and the maps their
+    // entries: this process's program goes on the handed-over links.
+    if let (Some(f), Some(_)) = (&fast, &inherited) {
+        f.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .adopt_links()
+            .context("fast path: putting this binary's program on the running links")?;
+    }
     Ok(Handle {
         listen,
         tls_listen,
@@ -554,6 +570,7 @@ fn start_with(
             limits: Arc::new(Mutex::new(shared)),
             board,
             handed_over: Arc::default(),
+            fast,
         },
         threads: workers.threads,
     })

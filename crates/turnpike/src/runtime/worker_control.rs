@@ -60,6 +60,7 @@ impl Worker {
                     let _ = reply.send(n);
                 }
                 WorkerRequest::Handover(ask) => self.hand_over(now, ask),
+                WorkerRequest::FastTrailing(counts) => self.fast_trailing(now, counts),
             }
         }
     }

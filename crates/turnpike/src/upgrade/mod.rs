@@ -12,14 +12,19 @@
 //! 2. the old one pauses its workers, each taking its snapshot, and sends
 //!    the [`Handover`] with the sockets (`SCM_RIGHTS`);
 //! 3. the new one restores the snapshots, starts its workers on the same
-//!    sockets and says `Serving`;
-//! 4. the old one lets the moved allocations go, closes its copies of the
+//!    sockets, puts its XDP program on the fast path's links (one atomic
+//!    swap per interface: the kernel relays throughout, with the old
+//!    program's entries until then and the restored ones after) and says
+//!    `Serving`;
+//! 4. the old one says what its kernel program relayed since the
+//!    snapshot ([`Trailing`]), lets the moved allocations go, closes its copies of the
 //!    sockets and drains what stayed (TLS connections and RFC 6062
 //!    allocations) until they end or `drain-timeout` passes, then exits.
 //!
 //! Until step 4 nothing is given up: a new process that refuses, crashes,
 //! or says nothing within [`STEP_TIMEOUT`] leaves the old one serving as
-//! before (the workers resume), and the log says why. Datagrams that
+//! before (the workers resume, and its program goes back on the links),
+//! and the log says why. Datagrams that
 //! arrive in the pause wait in the sockets' queues; they are read by
 //! whichever process serves next.
 
@@ -41,7 +46,7 @@ use udp_io::handover::{recv_with_fds, send_with_fds, MAX_FDS};
 pub const HANDOVER_FD_ENV: &str = "TURNPIKE_HANDOVER_FD";
 
 /// The hand-over protocol's version: both processes must speak it.
-pub(crate) const PROTOCOL: u32 = 1;
+pub(crate) const PROTOCOL: u32 = 2;
 
 /// How long either side waits for the other's next step.
 pub(crate) const STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -94,7 +99,7 @@ pub(crate) enum FromNew {
 /// What the old process hands over, beside the sockets: the descriptors
 /// follow in the order listed (each worker's UDP listeners, TCP listeners,
 /// relay sockets and plain TCP connections, then the HTTP listeners
-/// present).
+/// present, then the fast path's links and its learned next hops).
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Handover {
     pub(crate) protocol: u32,
@@ -110,6 +115,17 @@ pub(crate) struct Handover {
     pub(crate) workers: Vec<WorkerPart>,
     /// The metrics, admin and web listeners, where present.
     pub(crate) http: [Option<SocketAddr>; 3],
+    /// The kernel fast path's XDP links, when it runs: interface and
+    /// whether native; their descriptors follow the HTTP listeners'.
+    #[serde(default)]
+    pub(crate) fast_links: Vec<(String, bool)>,
+    /// Whether the fast path's learned next hops (a map) follow the links.
+    #[serde(default)]
+    pub(crate) fast_neighbours: bool,
+    /// What the fast path counted so far (forwarded, matched, no route,
+    /// partial checksum), for its totals to continue.
+    #[serde(default)]
+    pub(crate) fast_totals: [u64; 4],
     /// How many descriptors follow, in all.
     pub(crate) fds: usize,
 }
@@ -143,6 +159,27 @@ pub(crate) struct ConnState {
     pub(crate) got_message: bool,
 }
 
+/// A fast-path entry's counts: the 5-tuple of its allocation, its
+/// channel, and packets and bytes each way (to the peer, from it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct FastCount {
+    pub(crate) transport: turn_core::Transport,
+    pub(crate) client: SocketAddr,
+    pub(crate) server: SocketAddr,
+    pub(crate) channel: u16,
+    pub(crate) counts: [u64; 4],
+}
+
+/// The old process's last word, once the new one serves: what its kernel
+/// program relayed between the snapshot and the swap of programs, per
+/// worker and in total, so the new process's stats and metrics lose none
+/// of it.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Trailing {
+    pub(crate) workers: Vec<Vec<FastCount>>,
+    pub(crate) totals: [u64; 4],
+}
+
 impl Handover {
     /// How many descriptors its parts name: must equal `fds`.
     fn named(&self) -> usize {
@@ -151,6 +188,8 @@ impl Handover {
             .map(|w| w.udp.len() + w.tcp.len() + w.relays.len() + w.conns.len())
             .sum::<usize>()
             + self.http.iter().flatten().count()
+            + self.fast_links.len()
+            + usize::from(self.fast_neighbours)
     }
 }
 

@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 
 use anyhow::{bail, Context, Result};
 
-use super::{send, FromNew, Handover, HANDOVER_FD_ENV, PROTOCOL, STEP_TIMEOUT};
+use super::{recv, send, FromNew, Handover, Trailing, HANDOVER_FD_ENV, PROTOCOL, STEP_TIMEOUT};
 
 /// The hand-over socket the old process passed.
 pub(crate) struct Link {
@@ -64,18 +64,27 @@ impl Link {
         let _ = send(&self.stream, &FromNew::Refused { why: why.into() }, &[]);
     }
 
-    /// Tells the old process this one serves now.
-    pub(crate) fn serving(&self, allocations: usize, dropped: usize) -> Result<()> {
-        send(&self.stream, &FromNew::Serving { allocations, dropped }, &[])
+    /// Tells the old process this one serves now, and takes its last
+    /// word.
+    pub(crate) fn serving(&self, allocations: usize, dropped: usize) -> Result<Trailing> {
+        send(&self.stream, &FromNew::Serving { allocations, dropped }, &[])?;
+        recv(&self.stream).context("the old process's trailing counts")
     }
 }
 
 /// Fault injection for the hand-over's tests: with
 /// `TURNPIKE_UPGRADE_FAILPOINT` set to a step's name (`after-ready`,
 /// `after-handover`, `before-serving`), the new process dies there, at once
-/// and without a word, as a crash would. The old process must then serve on.
+/// and without a word, as a crash would; the old process must then serve
+/// on. Set to `stall-` and a step's name, it stops there for a second
+/// with neither process reading its sockets (what the kernel fast path
+/// must relay through).
 pub(crate) fn failpoint(step: &str) {
-    if std::env::var("TURNPIKE_UPGRADE_FAILPOINT").is_ok_and(|v| v == step) {
-        std::process::exit(70);
+    match std::env::var("TURNPIKE_UPGRADE_FAILPOINT") {
+        Ok(v) if v == step => std::process::exit(70),
+        Ok(v) if v.strip_prefix("stall-") == Some(step) => {
+            std::thread::sleep(std::time::Duration::from_secs(1))
+        }
+        _ => {}
     }
 }

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::{recv, send, FromNew, Handover, HANDOVER_FD_ENV, PROTOCOL, STEP_TIMEOUT};
+use super::{recv, send, FromNew, Handover, Trailing, HANDOVER_FD_ENV, PROTOCOL, STEP_TIMEOUT};
 use crate::runtime::Control;
+use crate::runtime::Decision;
 
 /// What the old process needs to hand over: how it was started, its
 /// workers, and copies of its HTTP listeners.
@@ -46,9 +47,6 @@ impl Upgrader {
     /// Starts the new binary and hands over. An error leaves this process
     /// serving as before (its workers resume) and says why.
     pub(crate) fn run(&self) -> Result<Outcome> {
-        if self.control.fast_path_active() {
-            bail!("the kernel fast path is on, and its entries cannot be handed over yet; restart instead, or run with --fast-path off");
-        }
         // Under systemd the new process must become the unit's main
         // process (sd_notify MAINPID=), or systemd stops the unit, and the
         // new process with it, when this one exits.
@@ -67,9 +65,11 @@ impl Upgrader {
         ours.set_read_timeout(Some(STEP_TIMEOUT))?;
         let result = self.converse(&ours);
         if result.is_err() {
-            // It must not serve beside this process.
+            // It must not serve beside this process; and if it had put its
+            // program on the fast path's links, this one's goes back.
             let _ = child.kill();
             let _ = child.wait();
+            self.control.fast_reclaim();
         }
         result
     }
@@ -101,6 +101,7 @@ impl Upgrader {
         // the decisions (any error below) resumes it.
         let parts = self.control.pause_for_handover(STEP_TIMEOUT)?;
         let (nonce_secret, unix_at_epoch, age) = self.control.nonce_clock();
+        let fast = self.control.fast_handover()?;
         let mut workers = Vec::new();
         let mut fds = Vec::new();
         let mut decisions = Vec::new();
@@ -122,15 +123,38 @@ impl Upgrader {
             alt_listen: self.alt_listen.clone(),
             workers,
             http: [0, 1, 2].map(|i| self.http[i].as_ref().map(|(a, _)| *a)),
-            fds: fds.len() + http.len(),
+            fast_links: fast.links.iter().map(|(i, n, _)| (i.clone(), *n)).collect(),
+            fast_neighbours: fast.neighbours.is_some(),
+            fast_totals: fast.totals,
+            fds: fds.len() + http.len() + fast.links.len() + usize::from(fast.neighbours.is_some()),
         };
-        let all: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).chain(http).collect();
+        let all: Vec<BorrowedFd<'_>> = fds
+            .iter()
+            .map(|f| f.as_fd())
+            .chain(http)
+            .chain(fast.links.iter().map(|(_, _, l)| l.as_fd()))
+            .chain(fast.neighbours.iter().map(|m| m.as_fd()))
+            .collect();
         send(link, &handover, &all)?;
         match recv::<FromNew>(link).context("waiting for the new process to serve")? {
             FromNew::Serving { allocations, dropped } => {
                 self.control.set_handed_over();
+                let mut trailing = Trailing::default();
+                let mut asked = Vec::new();
                 for d in decisions {
-                    let _ = d.send(true);
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    let _ = d.send(Decision::LetGo(tx));
+                    asked.push(rx);
+                }
+                for rx in asked {
+                    trailing
+                        .workers
+                        .push(rx.recv_timeout(STEP_TIMEOUT).unwrap_or_default());
+                }
+                let now = self.control.fast_totals();
+                trailing.totals = [0, 1, 2, 3].map(|i| now[i].saturating_sub(fast.totals[i]));
+                if let Err(e) = send(link, &trailing, &[]) {
+                    tracing::warn!(error = %format!("{e:#}"), "upgrade: the new process did not take the fast path's trailing counts");
                 }
                 Ok(Outcome {
                     pid,

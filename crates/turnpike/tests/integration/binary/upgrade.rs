@@ -585,7 +585,13 @@ fn the_session_list_and_the_counters_continue_across_an_upgrade() {
         ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{:?} {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(said["upgraded"], true, "{said}");
     assert_eq!(said["allocations_moved"], 6, "{said}");

@@ -19,6 +19,7 @@ use common::in_ns;
 use turnpike_client::client::{Channel, ClientTransport, RelayFamily, TurnClient};
 
 mod entries;
+mod upgrade;
 
 pub(super) fn bin() -> &'static str {
     common::turnpike_bin()
@@ -130,11 +131,11 @@ impl Drop for Server {
     }
 }
 
-/// Starts turnpike in the server namespace; its start-up line.
-pub(super) fn serve(t: &Topology, net: u8, extra: &[&str]) -> (Server, String) {
+/// `turnpike serve` in the server namespace, with `extra` arguments.
+pub(super) fn serve_command(t: &Topology, net: u8, extra: &[&str]) -> Command {
     let (c, p) = (net, net + 1);
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &t.server, bin(), "serve"])
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &t.server, bin(), "serve"])
         .args(["--listen", &format!("10.203.{c}.1:3478"), "--no-tls"])
         .args(["--listen", &format!("[fd03:{c}::1]:3478")])
         .args(["--user", "bench:bench-pw1", "--realm", "tp"])
@@ -144,7 +145,13 @@ pub(super) fn serve(t: &Topology, net: u8, extra: &[&str]) -> (Server, String) {
         .args(["--allow-peer", &format!("fd03:{p}::/64")])
         .args(["--rate-limit-per-ip", "0", "--threads", "1"])
         .args(["--metrics-listen", "127.0.0.1:9641"])
-        .args(extra)
+        .args(extra);
+    cmd
+}
+
+/// Starts turnpike in the server namespace; its start-up line.
+pub(super) fn serve(t: &Topology, net: u8, extra: &[&str]) -> (Server, String) {
+    let mut child = serve_command(t, net, extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
