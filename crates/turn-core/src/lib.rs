@@ -39,7 +39,7 @@ pub use server::{
 pub mod snapshot {
     pub use crate::server::{
         AllocationState, ChannelState, PermissionState, RelayState, Restored, Snapshot, SnapshotError,
-        SNAPSHOT_VERSION,
+        TcpConnState, SNAPSHOT_READS, SNAPSHOT_VERSION,
     };
 }
 

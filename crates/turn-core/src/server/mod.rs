@@ -52,7 +52,7 @@ pub use io::{
 };
 pub use snapshot::{
     AllocationState, ChannelState, PermissionState, RelayState, Restored, Snapshot, SnapshotError,
-    SNAPSHOT_VERSION,
+    TcpConnState, SNAPSHOT_READS, SNAPSHOT_VERSION,
 };
 pub use tcp_relay::{connection_bind_id, connection_id_tag, TCP_CONNECTION_TIMEOUT};
 

@@ -6,14 +6,20 @@
 //!
 //! Times are kept as what is left of them, so the reader's clock needs no
 //! relation to the writer's. In it: UDP relays on UDP and on plain TCP
-//! control connections. Not in it: allocations on TLS connections (rustls
-//! state is not moved) and RFC 6062 TCP allocations (their peer
-//! connections stay): they stay with the process that has them.
+//! control connections, and RFC 6062 TCP allocations on plain TCP with
+//! their peer data connections (pending, or bound to a plain TCP data
+//! connection; the runtime moves the sockets). Not in it: allocations on
+//! TLS connections (rustls state is not moved) and TCP allocations with a
+//! connect in flight or a data connection over TLS: they stay with the
+//! process that has them.
 //!
 //! Versioning: [`SNAPSHOT_VERSION`] changes when a field is removed or its
-//! meaning changes; a field is added with a default, so an older reader
-//! ignores it and a newer one fills it in. [`Server::restore`] reads its
-//! own version and refuses any other, naming both.
+//! meaning changes, or when a field is added that a reader must not
+//! ignore; any other field is added with a default, so an older reader
+//! ignores it and a newer one fills it in. [`Server::restore`] reads the
+//! versions in [`SNAPSHOT_READS`] and refuses any other, naming both.
+//! Version 2 added RFC 6062 allocations (`tcp`, `tcp_conns`): a version-1
+//! reader would take one for a UDP relay, so the version changed.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -23,13 +29,18 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ErrorCode;
 use super::events::{Counters, Stats};
-use super::io::{FiveTuple, ListenerId, Transport};
+use super::io::{ConnectionId, FiveTuple, ListenerId, Transport};
 use super::table::{family, Allocation, ChannelBinding, Permission, Relayed, CHANNEL_COOLDOWN};
+use super::tcp_relay::{TcpConn, TcpState};
 use super::Server;
 use crate::limits::Bucket;
 
-/// The snapshot format this build writes and reads.
-pub const SNAPSHOT_VERSION: u32 = 1;
+/// The snapshot format this build writes.
+pub const SNAPSHOT_VERSION: u32 = 2;
+
+/// The snapshot formats this build reads (version 1 is version 2 without
+/// RFC 6062 allocations).
+pub const SNAPSHOT_READS: std::ops::RangeInclusive<u32> = 1..=SNAPSHOT_VERSION;
 
 /// One worker's allocations and counters at one instant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -88,6 +99,27 @@ pub struct AllocationState {
     /// Its relay sockets set DF (DONT-FRAGMENT, §14.8).
     #[serde(default)]
     pub dont_fragment: bool,
+    /// An RFC 6062 TCP allocation: its relayed address is a listening
+    /// TCP socket.
+    #[serde(default)]
+    pub tcp: bool,
+    /// Its peer data connections (RFC 6062 §5.3, §5.4).
+    #[serde(default)]
+    pub tcp_conns: Vec<TcpConnState>,
+}
+
+/// A peer data connection of an RFC 6062 allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpConnState {
+    /// Its CONNECTION-ID.
+    pub id: ConnectionId,
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// The client data connection it is bound to (§5.4): client address,
+    /// server address, the writer's listener id; none while pending.
+    pub bound_to: Option<(SocketAddr, SocketAddr, ListenerId)>,
+    /// What is left of a pending connection's 30 s to be bound.
+    pub expires_in_ms: u64,
 }
 
 /// A relayed transport address and what is left of its lifetime.
@@ -143,7 +175,11 @@ impl std::fmt::Display for SnapshotError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SnapshotError::Version { found, supported } => {
-                write!(f, "snapshot format {found}, this build reads format {supported}")
+                write!(
+                    f,
+                    "snapshot format {found}, this build reads formats {} to {supported}",
+                    SNAPSHOT_READS.start()
+                )
             }
             SnapshotError::NotFresh => f.write_str("the server already holds allocations"),
             SnapshotError::Invalid(why) => write!(f, "snapshot refused: {why}"),
@@ -164,10 +200,46 @@ pub struct Restored {
     pub dropped: usize,
 }
 
-/// What another process can take over: a UDP relay on UDP or on a plain
-/// TCP connection (whose socket and unread bytes move with it).
-fn movable(a: &Allocation) -> bool {
-    !a.tcp && a.tuple.transport != Transport::Tls
+impl Server {
+    /// What another process can take over: an allocation on UDP or on a
+    /// plain TCP connection (whose socket and unread bytes move with it);
+    /// an RFC 6062 one only without a connect in flight and with every
+    /// data connection plain TCP.
+    fn movable(&self, a: &Allocation) -> bool {
+        if a.tuple.transport == Transport::Tls {
+            return false;
+        }
+        !a.tcp
+            || self.tcp_conns_of(a.tuple).all(|(_, c)| match c.state {
+                TcpState::Connecting { .. } => false,
+                TcpState::Pending => true,
+                TcpState::Bound { data } => data.transport == Transport::Tcp,
+            })
+    }
+
+    fn tcp_conns_of(&self, control: FiveTuple) -> impl Iterator<Item = (&ConnectionId, &TcpConn)> {
+        self.tcp.conns.iter().filter(move |(_, c)| c.control == control)
+    }
+
+    fn tcp_conn_states(&self, a: &Allocation, now: Instant) -> Vec<TcpConnState> {
+        if !a.tcp {
+            return Vec::new();
+        }
+        let mut v: Vec<TcpConnState> = self
+            .tcp_conns_of(a.tuple)
+            .map(|(id, c)| TcpConnState {
+                id: *id,
+                peer: c.peer,
+                bound_to: match c.state {
+                    TcpState::Bound { data } => Some((data.client, data.server, data.listener)),
+                    _ => None,
+                },
+                expires_in_ms: left_ms(c.deadline, now),
+            })
+            .collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
 }
 
 /// The longest time left a snapshot may give anything.
@@ -185,7 +257,7 @@ impl Server {
         let allocations = self
             .table
             .iter()
-            .filter(|a| a.is_live(now) && movable(a))
+            .filter(|a| a.is_live(now) && self.movable(a))
             .map(|a| AllocationState {
                 transport: a.tuple.transport,
                 client: a.tuple.client,
@@ -231,6 +303,8 @@ impl Server {
                     .collect(),
                 stats: a.stats,
                 dont_fragment: a.dont_fragment,
+                tcp: a.tcp,
+                tcp_conns: self.tcp_conn_states(a, now),
             })
             .collect();
         Snapshot {
@@ -243,9 +317,10 @@ impl Server {
     }
 
     /// Allocations a snapshot leaves behind: on TLS connections, and RFC
-    /// 6062 TCP allocations.
+    /// 6062 TCP allocations with a connect in flight or a TLS data
+    /// connection.
     pub fn stays_behind(&self) -> usize {
-        self.table.iter().filter(|a| !movable(a)).count()
+        self.table.iter().filter(|a| !self.movable(a)).count()
     }
 
     /// Takes in `snap` (a fresh server only): its allocations are served
@@ -261,7 +336,7 @@ impl Server {
         snap: &Snapshot,
         listener: &dyn Fn(ListenerId) -> Option<ListenerId>,
     ) -> Result<Restored, SnapshotError> {
-        if snap.version != SNAPSHOT_VERSION {
+        if !SNAPSHOT_READS.contains(&snap.version) {
             return Err(SnapshotError::Version {
                 found: snap.version,
                 supported: SNAPSHOT_VERSION,
@@ -344,11 +419,14 @@ impl Server {
                 bw_down: Bucket::new(),
                 icmp: Bucket::new(),
                 user_slot,
-                tcp: false,
+                tcp: a.tcp,
                 tcp_conns: 0,
                 dont_fragment: a.dont_fragment,
                 fast_reserved: [0; 2],
             });
+            if a.tcp {
+                self.restore_tcp_conns(now, idx, tuple, &a.tcp_conns, listener);
+            }
             self.sync_fast_path(idx, now);
             done.allocations += 1;
         }
@@ -360,6 +438,53 @@ impl Server {
 }
 
 impl Server {
+    /// An RFC 6062 allocation's peer data connections, pending (with what
+    /// was left of their time to be bound) or bound to their data
+    /// connection (the runtime adopts its socket at the same 5-tuple).
+    fn restore_tcp_conns(
+        &mut self,
+        now: Instant,
+        idx: u32,
+        control: FiveTuple,
+        conns: &[TcpConnState],
+        listener: &dyn Fn(ListenerId) -> Option<ListenerId>,
+    ) {
+        let mut n: u16 = 0;
+        for c in conns {
+            let state = match c.bound_to {
+                None => TcpState::Pending,
+                Some((client, server, l)) => match listener(l) {
+                    Some(listener) => TcpState::Bound {
+                        data: FiveTuple {
+                            transport: Transport::Tcp,
+                            client,
+                            server,
+                            listener,
+                        },
+                    },
+                    None => continue,
+                },
+            };
+            let deadline = now + Duration::from_millis(c.expires_in_ms);
+            if matches!(state, TcpState::Pending) {
+                self.tcp.push_timer(deadline, c.id);
+            }
+            self.tcp.conns.insert(
+                c.id,
+                TcpConn {
+                    control,
+                    peer: c.peer,
+                    state,
+                    deadline,
+                },
+            );
+            n = n.saturating_add(1);
+        }
+        if let Some(a) = self.table.get_mut(idx) {
+            a.tcp_conns = n;
+        }
+    }
+
     /// The allocations of `snap` were taken over by another process: they
     /// leave this server without a trace in its events or counters (they
     /// did not end). Their relay sockets are closed here (the runtime's
@@ -380,6 +505,9 @@ impl Server {
             let Some(a) = self.table.remove(idx) else {
                 continue;
             };
+            // Its peer data connections left with it (the runtime's
+            // copies of their sockets are its to drop).
+            self.tcp.conns.retain(|_, c| c.control != tuple);
             for r in a.relays.iter().flatten() {
                 self.commands
                     .push_back(super::Command::CloseRelay { relay: r.bound });
@@ -416,6 +544,12 @@ fn check(a: &AllocationState) -> Result<(), SnapshotError> {
     if let Some(c) = a.channels.iter().find(|c| !(0x4000..=0x7FFF).contains(&c.number)) {
         return bad(format!("channel number {:#06x} (RFC 8656 §12)", c.number));
     }
+    if !a.tcp && !a.tcp_conns.is_empty() {
+        return bad("peer data connections on a UDP relay".into());
+    }
+    if a.tcp && (a.relays.len() != 1 || !a.channels.is_empty()) {
+        return bad("an RFC 6062 allocation with channels or two relayed addresses".into());
+    }
     // Nothing of a TURN server lasts a day without a refresh; a longer
     // time is a damaged snapshot (and would overflow the clock).
     let times = a
@@ -423,7 +557,8 @@ fn check(a: &AllocationState) -> Result<(), SnapshotError> {
         .iter()
         .map(|r| r.expires_in_ms)
         .chain(a.permissions.iter().map(|p| p.expires_in_ms))
-        .chain(a.channels.iter().map(|c| c.expires_in_ms.unsigned_abs()));
+        .chain(a.channels.iter().map(|c| c.expires_in_ms.unsigned_abs()))
+        .chain(a.tcp_conns.iter().map(|c| c.expires_in_ms));
     if let Some(t) = times.into_iter().find(|t| *t > MAX_LEFT_MS) {
         return bad(format!("a lifetime of {t} ms (more than a day)"));
     }

@@ -59,6 +59,13 @@ pub(super) struct TcpRelays {
     timers: BinaryHeap<Reverse<(Instant, ConnectionId)>>,
 }
 
+impl TcpRelays {
+    /// Connection `id` gives up at `deadline` unless bound (checked then).
+    pub(super) fn push_timer(&mut self, deadline: Instant, id: ConnectionId) {
+        self.timers.push(Reverse((deadline, id)));
+    }
+}
+
 /// The CONNECTION-ID a ConnectionBind request in `data` names, if `data`
 /// is one: lets a runtime with several workers pass a new data
 /// connection to the worker that owns the connection (its tag is

@@ -15,13 +15,13 @@ use turn_core::{Dest, ErrorCode, ListenerId, Transport};
 const PEER: &str = "8.8.8.8:5000";
 
 /// Through JSON, as it crosses between the processes.
-fn carried(s: &Snapshot) -> Snapshot {
+pub(crate) fn carried(s: &Snapshot) -> Snapshot {
     serde_json::from_str(&serde_json::to_string(s).unwrap()).unwrap()
 }
 
 /// A fresh server at the same instant, holding the old one's relay
 /// sockets (as the runtime would, handed over), and its quota book.
-fn successor(h: &Harness) -> (Harness, Arc<Quotas>) {
+pub(crate) fn successor(h: &Harness) -> (Harness, Arc<Quotas>) {
     successor_with(h, |_| {})
 }
 
@@ -309,6 +309,8 @@ proptest::proptest! {
                         .collect(),
                     stats: Default::default(),
                     dont_fragment: false,
+                    tcp: false,
+                    tcp_conns: Vec::new(),
                 })
                 .collect(),
             counters: Default::default(),

@@ -258,3 +258,62 @@ fn connections_per_allocation_are_capped() {
     );
     assert_eq!(h.server.counters().tcp_refused_limit, 2);
 }
+
+/// A binary upgrade takes an RFC 6062 allocation over with its peer data
+/// connections: bound ones stay bound to their data connection, pending
+/// ones keep what was left of their 30 s, and one with a connect in flight
+/// keeps the allocation where it is until the connect is done.
+#[test]
+fn an_upgrade_takes_a_tcp_allocation_over_with_its_connections() {
+    let mut h = Harness::new();
+    let mut c = Client::new(control(), "alice", "wonderland");
+    let relay = tcp_allocation(&mut h, &mut c);
+    let bound = connect(&mut h, &mut c, "8.8.8.8:80").unwrap();
+    assert!(is_success(&connected(&mut h, bound, true)));
+    let mut d = Client::new(data_conn(40101), "alice", "wonderland");
+    assert!(is_success(&connection_bind(&mut h, &mut d, bound)));
+    let pending = connect(&mut h, &mut c, "8.8.8.8:81").unwrap();
+    assert!(is_success(&connected(&mut h, pending, true)));
+    h.advance(10);
+    let in_flight = connect(&mut h, &mut c, "8.8.8.8:82").unwrap();
+    // A connect in flight cannot move (its socket is mid-handshake).
+    assert!(h.server.snapshot(h.now).allocations.is_empty());
+    assert_eq!(h.server.stays_behind(), 1);
+    assert!(is_success(&connected(&mut h, in_flight, true)));
+
+    let snap = crate::snapshot::carried(&h.server.snapshot(h.now));
+    assert_eq!(h.server.stays_behind(), 0);
+    let a = &snap.allocations[0];
+    assert!(a.tcp);
+    assert_eq!(a.relays[0].bound, relay);
+    let ids: Vec<u32> = a.tcp_conns.iter().map(|t| t.id).collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    let (mut next, _) = crate::snapshot::successor(&h);
+    let done = next.server.restore(next.now, &snap, &Some).unwrap();
+    assert_eq!((done.allocations, done.dropped), (1, 0));
+    assert_eq!(next.server.tcp_connection_count(), 3);
+    // The old server lets them go without closing anything.
+    assert_eq!(h.server.hand_over(&snap), 1);
+    assert_eq!(h.server.tcp_connection_count(), 0);
+    assert!(h.relays.closed_conns.is_empty());
+
+    // The new one knows them: a second Connect to a connected peer is
+    // 446; the pending one gives up 20 s later (30 s from its connect);
+    // the bound one outlives that and ends with its data connection.
+    assert_eq!(connect(&mut next, &mut c, "8.8.8.8:81"), Err(446));
+    next.advance(19);
+    assert!(next.relays.closed_conns.is_empty());
+    next.advance(2);
+    assert_eq!(next.relays.closed_conns, vec![pending]);
+    assert!(is_success(&c.refresh(&mut next, Some(600))));
+    next.connection_closed(d.t);
+    assert_eq!(next.relays.closed_conns, vec![pending, bound]);
+    // The in-flight one, done before the snapshot, is pending too.
+    next.advance(10);
+    assert_eq!(next.relays.closed_conns, vec![pending, bound, in_flight]);
+    // A new ConnectionBind for a fresh peer connection still works.
+    let id = connect(&mut next, &mut c, "8.8.8.8:83").unwrap();
+    assert!(is_success(&connected(&mut next, id, true)));
+    let mut e = Client::new(data_conn(40102), "alice", "wonderland");
+    assert!(is_success(&connection_bind(&mut next, &mut e, id)));
+}
