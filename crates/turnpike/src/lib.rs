@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod build_id;
 pub mod config;
 pub mod coturn;
 pub mod coturn_conf;
@@ -20,3 +21,5 @@ pub mod tls;
 pub mod upgrade;
 pub mod userdb;
 pub mod web;
+
+pub use build_id::version;

@@ -569,6 +569,18 @@ fn operations(x: &mut Exposition, t: &WorkerMetrics, draining: bool) {
                 UPGRADES_FAILED.load(std::sync::atomic::Ordering::Relaxed) as f64,
             ),
         ],
+    );    x.metric(
+        "build_info",
+        "gauge",
+        "1, labelled with the running build: the version and the linker's build id (two builds of one version differ in it; after a binary upgrade, the new one's).",
+        &[(
+            &format!(
+                "{{version=\"{}\",build=\"{}\"}}",
+                env!("CARGO_PKG_VERSION"),
+                crate::build_id::build().unwrap_or("")
+            ),
+            1.0,
+        )],
     );
 }
 

@@ -30,6 +30,7 @@ pub(super) fn redact_url(url: &str) -> String {
 /// The "turnpike started" line.
 pub(super) fn started(settings: &Settings, handle: &Handle, auth: &str) {
     info!(
+        version = %crate::version(),
         listen = ?handle.listen,
         tls_listen = ?handle.tls_listen,
         relay_ipv4 = %shown(settings.relay_v4),

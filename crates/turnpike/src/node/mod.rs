@@ -243,22 +243,38 @@ fn upgrade(upgrader: &crate::upgrade::old::Upgrader) -> bool {
     match upgrader.run() {
         Ok(o) => {
             crate::metrics::UPGRADES_OK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let k = o.kinds;
             crate::upgrade::record(Ok(serde_json::json!({
                 "upgraded": true,
                 "new_pid": o.pid,
                 "new_version": o.version,
                 "allocations_moved": o.moved,
                 "allocations_dropped": o.dropped,
+                "moved": {
+                    "udp_allocations": k.udp,
+                    "tcp_allocations": k.tcp,
+                    "rfc6062_allocations": k.rfc6062,
+                    "tcp_connections": k.conns,
+                    "peer_connections": k.peer_conns,
+                },
+                "allocations_stayed": k.stayed,
                 "gap_ms": o.gap.as_millis() as u64,
             })));
             info!(
+                old_pid = std::process::id(),
                 new_pid = o.pid,
                 new_version = %o.version,
-                old_version = env!("CARGO_PKG_VERSION"),
+                old_version = %crate::version(),
                 allocations_moved = o.moved,
                 allocations_dropped = o.dropped,
+                udp_allocations = k.udp,
+                tcp_allocations = k.tcp,
+                rfc6062_allocations = k.rfc6062,
+                tcp_connections = k.conns,
+                peer_connections = k.peer_conns,
+                allocations_stayed = k.stayed,
                 gap_ms = o.gap.as_millis() as u64,
-                "upgrade: the new process serves; TLS connections and RFC 6062 allocations stay here until they end or drain-timeout"
+                "upgrade: the new process serves; what stayed here (TLS connections and their allocations) drains until it ends or drain-timeout"
             );
             true
         }

@@ -16,16 +16,36 @@ use turn_core::{FiveTuple, ListenerId, Transport};
 
 use super::control::{Decision, HandoverAsk};
 use super::dispatch::Source;
+use super::pairs::PeerConn;
 use super::stream::{Conn, Proxy};
 use super::worker::Worker;
-use crate::upgrade::{ConnState, WorkerPart, STEP_TIMEOUT};
+use crate::upgrade::{ConnState, PeerState, WorkerPart, STEP_TIMEOUT};
+use super::pairs::Stage;
+use turn_core::ConnectionId;
+
+/// A copy of a socket's descriptor for the new process (the socket stays
+/// open here until the decision).
+fn copy(fd: std::os::fd::BorrowedFd<'_>) -> Option<OwnedFd> {
+    match fd.try_clone_to_owned() {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            warn!(error = %e, "upgrade: cannot copy a socket for the new process");
+            None
+        }
+    }
+}
 
 /// What a new process's worker takes over besides its listeners.
 pub(super) struct TakenOver {
-    /// Relay sockets of the snapshot's allocations, with their addresses.
+    /// UDP relay sockets of the snapshot's allocations, with their
+    /// addresses.
     pub(super) relays: Vec<(std::net::UdpSocket, SocketAddr)>,
-    /// Plain TCP client connections.
+    /// RFC 6062 relay listeners, with their addresses.
+    pub(super) tcp_relays: Vec<(std::net::TcpListener, SocketAddr)>,
+    /// Plain TCP client connections, control and data.
     pub(super) conns: Vec<(std::net::TcpStream, ConnState)>,
+    /// RFC 6062 peer data connections.
+    pub(super) peers: Vec<(std::net::TcpStream, PeerState)>,
     /// The old process's TCP listener ids: id, address, TLS.
     pub(super) old_tcp_listeners: Vec<(u32, SocketAddr, bool)>,
     pub(super) snapshot: Snapshot,
@@ -60,22 +80,22 @@ impl Worker {
     fn part(&mut self, now: Instant) -> Option<(WorkerPart, Vec<OwnedFd>, Vec<usize>)> {
         // What the kernel relayed so far goes into the snapshot's stats.
         self.fast_counts(now, true);
+        let mut snapshot = self.core.snapshot(now);
+        // An RFC 6062 allocation moves when every pair of it can.
+        snapshot
+            .allocations
+            .retain(|a| a.tcp_conns.iter().all(|t| self.pair_movable(t.id)));
         let mut part = WorkerPart {
             udp: Vec::new(),
             tcp: Vec::new(),
             relays: Vec::new(),
+            tcp_relays: Vec::new(),
             conns: Vec::new(),
-            snapshot: self.core.snapshot(now),
+            peers: Vec::new(),
+            stayed: self.core.allocation_count().saturating_sub(snapshot.allocations.len()),
+            snapshot,
         };
-        let mut moved_conns = Vec::new();
         let mut fds = Vec::new();
-        let copy = |fd: std::os::fd::BorrowedFd<'_>| match fd.try_clone_to_owned() {
-            Ok(fd) => Some(fd),
-            Err(e) => {
-                warn!(error = %e, "upgrade: cannot copy a socket for the new process");
-                None
-            }
-        };
         for (key, src) in self.io.sources.iter() {
             if let Source::Udp { sock, addr } = src {
                 fds.push(copy(sock.as_fd())?);
@@ -88,20 +108,66 @@ impl Worker {
                 part.tcp.push((key as u32, *addr, *tls));
             }
         }
-        for a in &part.snapshot.allocations {
-            for r in &a.relays {
-                let key = self.io.relay_by_addr.get(&r.bound)?;
-                let Some(Source::Relay { sock, .. }) = self.io.sources.get(*key) else {
-                    return None;
-                };
-                fds.push(copy(sock.as_fd())?);
-                part.relays.push(r.bound);
+        for tcp in [false, true] {
+            for a in part.snapshot.allocations.iter().filter(|a| a.tcp == tcp) {
+                for r in &a.relays {
+                    let key = self.io.relay_by_addr.get(&r.bound)?;
+                    match self.io.sources.get(*key)? {
+                        Source::Relay { sock, .. } if !tcp => {
+                            fds.push(copy(sock.as_fd())?);
+                            part.relays.push(r.bound);
+                        }
+                        Source::TcpRelay { sock, .. } if tcp => {
+                            fds.push(copy(sock.as_fd())?);
+                            part.tcp_relays.push(r.bound);
+                        }
+                        _ => return None,
+                    }
+                }
             }
         }
+        let moved_conns = self.part_conns(&mut part, &mut fds)?;
+        let moved_pairs: Vec<ConnectionId> = part
+            .snapshot
+            .allocations
+            .iter()
+            .flat_map(|a| a.tcp_conns.iter().map(|t| t.id))
+            .collect();
+        for id in moved_pairs {
+            let (key, _, bytes) = self.pairs.movable(id)?;
+            let Some(Source::Peer(p)) = self.io.sources.get(key) else {
+                return None;
+            };
+            fds.push(copy(p.stream.as_fd())?);
+            part.peers.push(PeerState {
+                id,
+                to_peer: p.wbuf.as_ref().map(|b| b.pending().to_vec()).unwrap_or_default(),
+                bytes,
+            });
+        }
+        Some((part, fds, moved_conns))
+    }
+
+    /// Whether RFC 6062 pair `id` can move: pending, or bound to a plain
+    /// TCP data connection with both directions open.
+    fn pair_movable(&self, id: ConnectionId) -> bool {
+        match self.pairs.movable(id) {
+            Some((_, Stage::Bound { client, .. }, _)) => matches!(
+                self.io.sources.get(client),
+                Some(Source::Conn(c)) if c.tls.is_none() && matches!(c.proxy, Proxy::Settled)
+            ),
+            Some(_) => true,
+            None => false,
+        }
+    }
+
+    /// The plain TCP connections that move, into `part` and `fds`; their
+    /// keys.
+    fn part_conns(&self, part: &mut WorkerPart, fds: &mut Vec<OwnedFd>) -> Option<Vec<usize>> {
         // Plain TCP connections move with their allocations (or without
-        // one); a TLS connection, an RFC 6062 data connection, one whose
-        // PROXY header or first bytes are still awaited, and one holding
-        // an allocation that stays (RFC 6062) stay here.
+        // one), RFC 6062 data connections with their pairs; a TLS
+        // connection, one whose PROXY header or first bytes are still
+        // awaited, and one holding an allocation that stays, stay here.
         let moved: HashSet<FiveTuple> = part
             .snapshot
             .allocations
@@ -113,10 +179,21 @@ impl Worker {
                 listener: a.listener,
             })
             .collect();
+        let moved_pairs: HashSet<ConnectionId> = part
+            .snapshot
+            .allocations
+            .iter()
+            .flat_map(|a| a.tcp_conns.iter().map(|t| t.id))
+            .collect();
+        let mut keys = Vec::new();
         for (key, src) in self.io.sources.iter() {
             let Source::Conn(c) = src else { continue };
-            let plain = c.tls.is_none() && c.pair.is_none() && matches!(c.proxy, Proxy::Settled);
-            if !plain || (self.core.has_allocation(&c.tuple) && !moved.contains(&c.tuple)) {
+            let plain = c.tls.is_none() && matches!(c.proxy, Proxy::Settled);
+            let goes = match c.pair {
+                Some(id) => moved_pairs.contains(&id),
+                None => !self.core.has_allocation(&c.tuple) || moved.contains(&c.tuple),
+            };
+            if !plain || !goes {
                 continue;
             }
             fds.push(copy(c.stream.as_fd())?);
@@ -127,10 +204,12 @@ impl Worker {
                 rbuf: c.rbuf.clone(),
                 wbuf: c.wbuf.clone(),
                 got_message: c.got_message,
+                pair: c.pair,
+                raw_out: c.raw_out.as_ref().map(|b| b.pending().to_vec()).unwrap_or_default(),
             });
-            moved_conns.push(key);
+            keys.push(key);
         }
-        Some((part, fds, moved_conns))
+        Some(keys)
     }
 
     /// The new process serves the moved allocations and every listener:
@@ -143,6 +222,15 @@ impl Worker {
         // Without telling the core: their allocations left with the rest.
         for &key in conns {
             self.remove_conn(key);
+        }
+        for id in snapshot.allocations.iter().flat_map(|a| a.tcp_conns.iter().map(|t| t.id)) {
+            if let Some(key) = self.pairs.forget(id) {
+                if let Source::Peer(mut p) = self.io.sources.remove(key) {
+                    if p.interest.is_some() {
+                        let _ = self.io.registry.deregister(&mut p.stream);
+                    }
+                }
+            }
         }
         let listeners: Vec<usize> = self
             .io
@@ -176,6 +264,11 @@ impl Worker {
                 warn!(%addr, "upgrade: a handed-over relay socket could not be registered");
             }
         }
+        for (sock, addr) in t.tcp_relays {
+            if self.io.adopt_tcp_relay(sock, addr).is_err() {
+                warn!(%addr, "upgrade: a handed-over TCP relay listener could not be registered");
+            }
+        }
         // Listener ids are slab keys: an old id is mapped by address.
         let mut ids: HashMap<u32, u32> = HashMap::new();
         for (old, addr) in &t.old_listeners {
@@ -192,12 +285,72 @@ impl Worker {
             }
         }
         let map = |old: ListenerId| ids.get(&old.0).copied().map(ListenerId);
-        for (stream, state) in t.conns {
+        let mut raw_out = HashMap::new();
+        for (stream, mut state) in t.conns {
+            if let Some(id) = state.pair {
+                raw_out.insert(id, std::mem::take(&mut state.raw_out));
+            }
             self.adopt_conn(now, stream, state, &map);
         }
         let restored = self.core.restore(now, &t.snapshot, &map)?;
+        self.adopt_pairs(now, &t.snapshot, t.peers, raw_out, &map);
         self.drive_core(now);
         Ok(restored)
+    }
+
+    /// RFC 6062 pairs taken over: each peer socket joins this worker,
+    /// pending or bound again to its data connection with the bytes
+    /// either side had not yet written, and relaying resumes.
+    fn adopt_pairs(
+        &mut self,
+        now: Instant,
+        snapshot: &Snapshot,
+        peers: Vec<(std::net::TcpStream, PeerState)>,
+        mut raw_out: HashMap<ConnectionId, Vec<u8>>,
+        map: &dyn Fn(ListenerId) -> Option<ListenerId>,
+    ) {
+        let mut bound = HashMap::new();
+        for a in snapshot.allocations.iter().filter(|a| a.tcp) {
+            let Some(listener) = map(a.listener) else { continue };
+            let control = FiveTuple {
+                transport: a.transport,
+                client: a.client,
+                server: a.server,
+                listener,
+            };
+            for t in &a.tcp_conns {
+                if let Some((client, server, l)) = t.bound_to {
+                    if let Some(listener) = map(l) {
+                        let data = FiveTuple {
+                            transport: Transport::Tcp,
+                            client,
+                            server,
+                            listener,
+                        };
+                        bound.insert(t.id, (data, control));
+                    }
+                }
+            }
+        }
+        for (stream, p) in peers {
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let key = self.io.sources.insert(Source::Peer(Box::new(PeerConn {
+                id: p.id,
+                stream: mio::net::TcpStream::from_std(stream),
+                wbuf: None,
+                interest: None,
+            })));
+            self.pairs.add(p.id, key, Stage::Pending);
+            self.pairs.set_bytes(p.id, p.bytes);
+            let Some(&(data, control)) = bound.get(&p.id) else {
+                continue;
+            };
+            self.bind_pair(p.id, data, control);
+            self.refill_pair(p.id, &p.to_peer, &raw_out.remove(&p.id).unwrap_or_default());
+            self.start_pair(p.id, now);
+        }
     }
 
     /// A plain TCP connection the old process had: served here with what

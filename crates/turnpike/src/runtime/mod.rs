@@ -371,13 +371,23 @@ impl Listeners {
             for addr in &part.relays {
                 relays.push((std::net::UdpSocket::from(next()?), *addr));
             }
+            let mut tcp_relays = Vec::new();
+            for addr in &part.tcp_relays {
+                tcp_relays.push((std::net::TcpListener::from(next()?), *addr));
+            }
             let mut conns = Vec::new();
             for c in &part.conns {
                 conns.push((std::net::TcpStream::from(next()?), c.clone()));
             }
+            let mut peers = Vec::new();
+            for p in &part.peers {
+                peers.push((std::net::TcpStream::from(next()?), p.clone()));
+            }
             w.taken = Some(handover::TakenOver {
                 relays,
+                tcp_relays,
                 conns,
+                peers,
                 old_tcp_listeners: part.tcp.clone(),
                 snapshot: std::mem::replace(
                     &mut part.snapshot,
@@ -493,6 +503,12 @@ fn start_with(
         .chain(http.addrs())
         .collect();
     let (nonce_secret, epoch, unix_at_epoch) = nonce_clock(inherited.as_ref().map(|(h, _)| h));
+    if let Some((h, _)) = &inherited {
+        // The upgrade that started this process counts as done.
+        use std::sync::atomic::Ordering::Relaxed;
+        crate::metrics::UPGRADES_OK.store(h.upgrades[0] + 1, Relaxed);
+        crate::metrics::UPGRADES_FAILED.store(h.upgrades[1], Relaxed);
+    }
     let base = CoreBase {
         nonce_secret,
         epoch,

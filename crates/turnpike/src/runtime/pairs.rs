@@ -142,6 +142,43 @@ impl Pairs {
         })
     }
 
+    /// For a binary upgrade: pair `id`'s peer socket key, its stage and
+    /// its bytes each way (to the peer, from it), if it can move to another
+    /// process: pending, or bound with neither direction ended (a half
+    /// closed pair finishes here).
+    pub(super) fn movable(&self, id: ConnectionId) -> Option<(usize, Stage, [u64; 2])> {
+        let p = self.by_id.get(&id)?;
+        let ok = match p.stage {
+            Stage::Connecting => false,
+            Stage::Pending => true,
+            Stage::Bound { .. } => !p.up.ended && !p.down.ended,
+        };
+        ok.then_some((p.peer, p.stage, [p.up.bytes, p.down.bytes]))
+    }
+
+    /// Pair `id` moved to another process: forgotten here without a
+    /// trace; its peer socket's key, for the caller to drop.
+    pub(super) fn forget(&mut self, id: ConnectionId) -> Option<usize> {
+        let pair = self.by_id.remove(&id)?;
+        if let Stage::Bound { control, .. } = pair.stage {
+            if let Some(cap) = self.caps.get_mut(&control) {
+                cap.pairs -= 1;
+                if cap.pairs == 0 {
+                    self.caps.remove(&control);
+                }
+            }
+        }
+        Some(pair.peer)
+    }
+
+    /// A pair taken over from another process: the bytes it had moved.
+    pub(super) fn set_bytes(&mut self, id: ConnectionId, [up, down]: [u64; 2]) {
+        if let Some(p) = self.by_id.get_mut(&id) {
+            p.up.bytes = up;
+            p.down.bytes = down;
+        }
+    }
+
     /// The earliest retry of a capped direction.
     pub(super) fn next_retry(&self) -> Option<Instant> {
         self.retries.peek().map(|Reverse((at, _, _))| *at)
@@ -193,6 +230,26 @@ impl Worker {
                 pairs: 0,
             })
             .pairs += 1;
+    }
+
+    /// A pair taken over from another process, just bound again: the
+    /// bytes that process had read from one side and not yet written to
+    /// the other go first.
+    pub(super) fn refill_pair(&mut self, id: ConnectionId, to_peer: &[u8], to_client: &[u8]) {
+        let Some(pair) = self.pairs.by_id.get(&id) else {
+            return;
+        };
+        let Stage::Bound { client, .. } = pair.stage else {
+            return;
+        };
+        if let Some((Source::Peer(p), Source::Conn(c))) = two(&mut self.io.sources, pair.peer, client) {
+            if let Some(b) = p.wbuf.as_mut() {
+                b.extend(to_peer);
+            }
+            if let Some(b) = c.raw_out.as_mut() {
+                b.extend(to_client);
+            }
+        }
     }
 
     /// A pair just bound: relay what waited on either side.

@@ -51,6 +51,12 @@ impl RawBuf {
         self.start == self.end
     }
 
+    /// What is buffered and not yet written (a binary upgrade carries it
+    /// to the new process).
+    pub(super) fn pending(&self) -> &[u8] {
+        &self.data[self.start..self.end]
+    }
+
     /// Room at the end, moving what is buffered to the front if needed.
     fn room(&mut self) -> &mut [u8] {
         if self.end == self.data.len() && self.start > 0 {

@@ -98,7 +98,8 @@ pub(crate) enum FromNew {
 
 /// What the old process hands over, beside the sockets: the descriptors
 /// follow in the order listed (each worker's UDP listeners, TCP listeners,
-/// relay sockets and plain TCP connections, then the HTTP listeners
+/// UDP relay sockets, RFC 6062 relay listeners, plain TCP connections and
+/// RFC 6062 peer connections, then the HTTP listeners
 /// present, then the fast path's links and its learned next hops).
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Handover {
@@ -126,6 +127,10 @@ pub(crate) struct Handover {
     /// partial checksum), for its totals to continue.
     #[serde(default)]
     pub(crate) fast_totals: [u64; 4],
+    /// The old process's upgrade counts (ok, failed), for
+    /// `turnpike_upgrades_total` to continue (this one counts as ok).
+    #[serde(default)]
+    pub(crate) upgrades: [u64; 2],
     /// How many descriptors follow, in all.
     pub(crate) fds: usize,
 }
@@ -137,11 +142,64 @@ pub(crate) struct WorkerPart {
     pub(crate) udp: Vec<(u32, SocketAddr)>,
     /// TCP listeners: the old listener id, the address, TLS.
     pub(crate) tcp: Vec<(u32, SocketAddr, bool)>,
-    /// Relay sockets of the snapshot's allocations.
+    /// UDP relay sockets of the snapshot's allocations.
     pub(crate) relays: Vec<SocketAddr>,
-    /// Plain TCP client connections (TLS ones stay).
+    /// RFC 6062 relay listeners of the snapshot's TCP allocations.
+    #[serde(default)]
+    pub(crate) tcp_relays: Vec<SocketAddr>,
+    /// Plain TCP client connections (TLS ones stay), control and data.
     pub(crate) conns: Vec<ConnState>,
+    /// RFC 6062 peer data connections of the snapshot's TCP allocations.
+    #[serde(default)]
+    pub(crate) peers: Vec<PeerState>,
     pub(crate) snapshot: Snapshot,
+    /// Allocations that stay with the old process (on TLS, or RFC 6062
+    /// ones that cannot move).
+    #[serde(default)]
+    pub(crate) stayed: usize,
+}
+
+/// What a hand-over moves, by kind, and what stays (for the log).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Moved {
+    /// Allocations on UDP, on plain TCP (UDP relays), RFC 6062 ones.
+    pub(crate) udp: usize,
+    pub(crate) tcp: usize,
+    pub(crate) rfc6062: usize,
+    /// Plain TCP connections (control and data) and RFC 6062 peer
+    /// connections.
+    pub(crate) conns: usize,
+    pub(crate) peer_conns: usize,
+    /// Allocations left with the old process.
+    pub(crate) stayed: usize,
+}
+
+impl Moved {
+    pub(crate) fn of(parts: &[WorkerPart]) -> Moved {
+        let mut m = Moved::default();
+        for p in parts {
+            for a in &p.snapshot.allocations {
+                match (a.tcp, a.transport) {
+                    (true, _) => m.rfc6062 += 1,
+                    (false, turn_core::Transport::Udp) => m.udp += 1,
+                    (false, _) => m.tcp += 1,
+                }
+            }
+            m.conns += p.conns.len();
+            m.peer_conns += p.peers.len();
+            m.stayed += p.stayed;
+        }
+        m
+    }
+}
+
+/// An RFC 6062 peer data connection: its CONNECTION-ID, the client's bytes
+/// not yet written to the peer, and the bytes moved each way so far.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct PeerState {
+    pub(crate) id: u32,
+    pub(crate) to_peer: Vec<u8>,
+    pub(crate) bytes: [u64; 2],
 }
 
 /// A plain TCP client connection: its 5-tuple, what was read and not yet
@@ -157,6 +215,12 @@ pub(crate) struct ConnState {
     pub(crate) wbuf: Vec<u8>,
     /// Whether a whole message has arrived (else it is still "pending").
     pub(crate) got_message: bool,
+    /// RFC 6062: the peer connection this data connection is bound to,
+    /// and the peer's bytes not yet written to the client.
+    #[serde(default)]
+    pub(crate) pair: Option<u32>,
+    #[serde(default)]
+    pub(crate) raw_out: Vec<u8>,
 }
 
 /// A fast-path entry's counts: the 5-tuple of its allocation, its
@@ -185,7 +249,7 @@ impl Handover {
     fn named(&self) -> usize {
         self.workers
             .iter()
-            .map(|w| w.udp.len() + w.tcp.len() + w.relays.len() + w.conns.len())
+            .map(|w| w.udp.len() + w.tcp.len() + w.relays.len() + w.tcp_relays.len() + w.conns.len() + w.peers.len())
             .sum::<usize>()
             + self.http.iter().flatten().count()
             + self.fast_links.len()

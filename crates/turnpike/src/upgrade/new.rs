@@ -35,7 +35,7 @@ impl Link {
             &self.stream,
             &FromNew::Ready {
                 pid: std::process::id(),
-                version: env!("CARGO_PKG_VERSION").into(),
+                version: crate::version().into(),
                 protocol: PROTOCOL,
                 threads,
             },

@@ -39,6 +39,8 @@ pub(crate) struct Outcome {
     /// Allocations the new process serves, and those it dropped.
     pub(crate) moved: usize,
     pub(crate) dropped: usize,
+    /// What was handed over, by kind, and what stayed.
+    pub(crate) kinds: super::Moved,
     /// From the workers' pause to the new process serving.
     pub(crate) gap: Duration,
 }
@@ -111,9 +113,10 @@ impl Upgrader {
             decisions.push(d);
         }
         let http: Vec<BorrowedFd<'_>> = self.http.iter().flatten().map(|(_, l)| l.as_fd()).collect();
+        let kinds = super::Moved::of(&workers);
         let handover = Handover {
             protocol: PROTOCOL,
-            version: env!("CARGO_PKG_VERSION").into(),
+            version: crate::version().into(),
             pid: std::process::id(),
             nonce_secret,
             unix_at_epoch,
@@ -126,6 +129,10 @@ impl Upgrader {
             fast_links: fast.links.iter().map(|(i, n, _)| (i.clone(), *n)).collect(),
             fast_neighbours: fast.neighbours.is_some(),
             fast_totals: fast.totals,
+            upgrades: [
+                crate::metrics::UPGRADES_OK.load(std::sync::atomic::Ordering::Relaxed),
+                crate::metrics::UPGRADES_FAILED.load(std::sync::atomic::Ordering::Relaxed),
+            ],
             fds: fds.len() + http.len() + fast.links.len() + usize::from(fast.neighbours.is_some()),
         };
         let all: Vec<BorrowedFd<'_>> = fds
@@ -161,6 +168,7 @@ impl Upgrader {
                     version,
                     moved: allocations,
                     dropped,
+                    kinds,
                     gap: paused.elapsed(),
                 })
             }
