@@ -12,12 +12,13 @@ const NT_GNU_BUILD_ID: u32 = 3;
 /// `PT_NOTE`, a program header of notes.
 const PT_NOTE: u32 = 4;
 
-/// This build: `0.1.0 (build 1a2b3c4d5e6f)`, or the version alone where
-/// the executable carries no build id.
+/// This build: `0.1.0+1a2b3c4d5e6f` (the build id as semver build
+/// metadata), or the version alone where the executable carries no build
+/// id.
 pub fn version() -> &'static str {
     static VERSION: OnceLock<String> = OnceLock::new();
     VERSION.get_or_init(|| match build() {
-        Some(b) => format!("{} (build {b})", env!("CARGO_PKG_VERSION")),
+        Some(b) => format!("{}+{b}", env!("CARGO_PKG_VERSION")),
         None => env!("CARGO_PKG_VERSION").to_owned(),
     })
 }
@@ -103,6 +104,9 @@ mod tests {
         truncated.truncate(70);
         assert!(build_id(&mut std::io::Cursor::new(truncated)).is_none());
         // Notes that claim more than they hold end the search.
-        assert_eq!(find_build_id(&[4, 0, 0, 0, 255, 255, 0, 0, 3, 0, 0, 0, b'G', b'N', b'U', 0]), None);
+        assert_eq!(
+            find_build_id(&[4, 0, 0, 0, 255, 255, 0, 0, 3, 0, 0, 0, b'G', b'N', b'U', 0]),
+            None
+        );
     }
 }

@@ -569,7 +569,8 @@ fn operations(x: &mut Exposition, t: &WorkerMetrics, draining: bool) {
                 UPGRADES_FAILED.load(std::sync::atomic::Ordering::Relaxed) as f64,
             ),
         ],
-    );    x.metric(
+    );
+    x.metric(
         "build_info",
         "gauge",
         "1, labelled with the running build: the version and the linker's build id (two builds of one version differ in it; after a binary upgrade, the new one's).",

@@ -17,10 +17,10 @@ use turn_core::{FiveTuple, ListenerId, Transport};
 use super::control::{Decision, HandoverAsk};
 use super::dispatch::Source;
 use super::pairs::PeerConn;
+use super::pairs::Stage;
 use super::stream::{Conn, Proxy};
 use super::worker::Worker;
 use crate::upgrade::{ConnState, PeerState, WorkerPart, STEP_TIMEOUT};
-use super::pairs::Stage;
 use turn_core::ConnectionId;
 
 /// A copy of a socket's descriptor for the new process (the socket stays
@@ -92,7 +92,10 @@ impl Worker {
             tcp_relays: Vec::new(),
             conns: Vec::new(),
             peers: Vec::new(),
-            stayed: self.core.allocation_count().saturating_sub(snapshot.allocations.len()),
+            stayed: self
+                .core
+                .allocation_count()
+                .saturating_sub(snapshot.allocations.len()),
             snapshot,
         };
         let mut fds = Vec::new();
@@ -205,7 +208,11 @@ impl Worker {
                 wbuf: c.wbuf.clone(),
                 got_message: c.got_message,
                 pair: c.pair,
-                raw_out: c.raw_out.as_ref().map(|b| b.pending().to_vec()).unwrap_or_default(),
+                raw_out: c
+                    .raw_out
+                    .as_ref()
+                    .map(|b| b.pending().to_vec())
+                    .unwrap_or_default(),
             });
             keys.push(key);
         }
@@ -223,7 +230,11 @@ impl Worker {
         for &key in conns {
             self.remove_conn(key);
         }
-        for id in snapshot.allocations.iter().flat_map(|a| a.tcp_conns.iter().map(|t| t.id)) {
+        for id in snapshot
+            .allocations
+            .iter()
+            .flat_map(|a| a.tcp_conns.iter().map(|t| t.id))
+        {
             if let Some(key) = self.pairs.forget(id) {
                 if let Source::Peer(mut p) = self.io.sources.remove(key) {
                     if p.interest.is_some() {

@@ -94,12 +94,17 @@ impl Io {
     }
 
     /// An RFC 6062 relay listener a binary upgrade handed over.
-    pub(super) fn adopt_tcp_relay(&mut self, sock: std::net::TcpListener, addr: SocketAddr) -> io::Result<()> {
+    pub(super) fn adopt_tcp_relay(
+        &mut self,
+        sock: std::net::TcpListener,
+        addr: SocketAddr,
+    ) -> io::Result<()> {
         sock.set_nonblocking(true)?;
         let mut sock = TcpListener::from_std(sock);
         let entry = self.sources.vacant_entry();
         let key = entry.key();
-        self.registry.register(&mut sock, Token(key), Interest::READABLE)?;
+        self.registry
+            .register(&mut sock, Token(key), Interest::READABLE)?;
         entry.insert(Source::TcpRelay { sock, addr });
         self.relay_by_addr.insert(addr, key);
         self.tcp_relay_addrs

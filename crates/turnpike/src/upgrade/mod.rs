@@ -249,7 +249,14 @@ impl Handover {
     fn named(&self) -> usize {
         self.workers
             .iter()
-            .map(|w| w.udp.len() + w.tcp.len() + w.relays.len() + w.tcp_relays.len() + w.conns.len() + w.peers.len())
+            .map(|w| {
+                w.udp.len()
+                    + w.tcp.len()
+                    + w.relays.len()
+                    + w.tcp_relays.len()
+                    + w.conns.len()
+                    + w.peers.len()
+            })
             .sum::<usize>()
             + self.http.iter().flatten().count()
             + self.fast_links.len()

@@ -18,6 +18,7 @@ mod docs;
 mod logs;
 mod reload;
 mod upgrade;
+mod upgrade_load;
 
 pub(super) fn bin() -> Command {
     Command::new(common::turnpike_bin())

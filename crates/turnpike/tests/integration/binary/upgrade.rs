@@ -20,7 +20,7 @@ const CLIENTS: usize = 20;
 /// Each client's packet interval (50 packets/s, an Opus call's).
 const INTERVAL: Duration = Duration::from_millis(20);
 
-fn signal(pid: u32, sig: i32) {
+pub(super) fn signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) on a process this test started (directly or as the
     // server's successor); no memory is involved.
     #[allow(unsafe_code)]
@@ -30,7 +30,7 @@ fn signal(pid: u32, sig: i32) {
 }
 
 /// The processes whose command line names `arg`.
-fn running_with(arg: &std::path::Path) -> Vec<u32> {
+pub(super) fn running_with(arg: &std::path::Path) -> Vec<u32> {
     let want = arg.to_str().unwrap();
     let mut pids: Vec<u32> = std::fs::read_dir("/proc")
         .unwrap()
@@ -47,14 +47,14 @@ fn running_with(arg: &std::path::Path) -> Vec<u32> {
     pids
 }
 
-fn alive(pid: u32) -> bool {
+pub(super) fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| !s.contains(") Z "))
         .unwrap_or(false)
 }
 
 /// The value of `key=` in a log line.
-fn field(line: &str, key: &str) -> String {
+pub(super) fn field(line: &str, key: &str) -> String {
     line.split(&format!("{key}="))
         .nth(1)
         .and_then(|r| r.split_whitespace().next())
@@ -68,7 +68,7 @@ fn start(config: &std::path::Path) -> (Server, mpsc::Receiver<String>, SocketAdd
 }
 
 /// `cmd` (the binary, with its environment) serving `config`, started.
-fn start_with(
+pub(super) fn start_with(
     mut cmd: std::process::Command,
     config: &std::path::Path,
 ) -> (Server, mpsc::Receiver<String>, SocketAddr, Vec<String>) {
@@ -85,7 +85,7 @@ fn start_with(
 }
 
 /// The TLS listener the start-up line names.
-fn tls_listen(seen: &[String]) -> SocketAddr {
+pub(super) fn tls_listen(seen: &[String]) -> SocketAddr {
     seen.iter()
         .find_map(|l| l.split("tls_listen=[").nth(1))
         .and_then(|r| r.split([']', ',']).next())
@@ -93,13 +93,13 @@ fn tls_listen(seen: &[String]) -> SocketAddr {
         .expect("tls_listen in the start-up line")
 }
 
-fn scratch(name: &str) -> std::path::PathBuf {
+pub(super) fn scratch(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("turnpike-upgrade-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
 
-fn config(dir: &std::path::Path, threads: usize) -> std::path::PathBuf {
+pub(super) fn config(dir: &std::path::Path, threads: usize) -> std::path::PathBuf {
     let path = dir.join("turnpike.toml");
     std::fs::write(
         &path,
@@ -112,7 +112,7 @@ fn config(dir: &std::path::Path, threads: usize) -> std::path::PathBuf {
     path
 }
 
-fn client(server: SocketAddr, t: ClientTransport) -> TurnClient {
+pub(super) fn client(server: SocketAddr, t: ClientTransport) -> TurnClient {
     let mut c = TurnClient::new(
         Channel::connect(&t, server, Duration::from_secs(3)).unwrap(),
         "alice",
@@ -346,7 +346,7 @@ fn a_new_binary_that_refuses_leaves_the_old_one_serving() {
 }
 
 /// Descriptors a process holds.
-fn fds(pid: u32) -> usize {
+pub(super) fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0)
