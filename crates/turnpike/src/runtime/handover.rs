@@ -49,6 +49,8 @@ pub(super) struct TakenOver {
     /// The old process's TCP listener ids: id, address, TLS.
     pub(super) old_tcp_listeners: Vec<(u32, SocketAddr, bool)>,
     pub(super) snapshot: Snapshot,
+    /// Bytes the old worker's closed RFC 6062 pairs moved.
+    pub(super) tcp_closed_bytes: [u64; 2],
     /// The old process's listener ids, by address.
     pub(super) old_listeners: Vec<(u32, SocketAddr)>,
 }
@@ -96,6 +98,7 @@ impl Worker {
                 .core
                 .allocation_count()
                 .saturating_sub(snapshot.allocations.len()),
+            tcp_closed_bytes: self.pairs.closed_bytes(),
             snapshot,
         };
         let mut fds = Vec::new();
@@ -304,6 +307,7 @@ impl Worker {
             self.adopt_conn(now, stream, state, &map);
         }
         let restored = self.core.restore(now, &t.snapshot, &map)?;
+        self.pairs.add_closed_bytes(t.tcp_closed_bytes);
         self.adopt_pairs(now, &t.snapshot, t.peers, raw_out, &map);
         self.drive_core(now);
         Ok(restored)

@@ -400,6 +400,7 @@ impl Listeners {
                     },
                 ),
                 old_listeners: part.udp.clone(),
+                tcp_closed_bytes: part.tcp_closed_bytes,
             });
             per_worker.push(w);
         }

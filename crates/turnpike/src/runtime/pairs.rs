@@ -171,6 +171,18 @@ impl Pairs {
         Some(pair.peer)
     }
 
+    /// Bytes of pairs closed so far (to peers, from peers): a binary
+    /// upgrade carries them on, so the totals continue.
+    pub(super) fn closed_bytes(&self) -> [u64; 2] {
+        self.closed_bytes
+    }
+
+    /// Adds what another process's closed pairs had moved.
+    pub(super) fn add_closed_bytes(&mut self, [to, from]: [u64; 2]) {
+        self.closed_bytes[0] += to;
+        self.closed_bytes[1] += from;
+    }
+
     /// A pair taken over from another process: the bytes it had moved.
     pub(super) fn set_bytes(&mut self, id: ConnectionId, [up, down]: [u64; 2]) {
         if let Some(p) = self.by_id.get_mut(&id) {

@@ -157,6 +157,10 @@ pub(crate) struct WorkerPart {
     /// ones that cannot move).
     #[serde(default)]
     pub(crate) stayed: usize,
+    /// Bytes the worker's closed RFC 6062 pairs moved (to peers, from
+    /// peers), for `turnpike_tcp_relayed_bytes_total` to continue.
+    #[serde(default)]
+    pub(crate) tcp_closed_bytes: [u64; 2],
 }
 
 /// What a hand-over moves, by kind, and what stays (for the log).

@@ -406,6 +406,8 @@ fn under_full_load_an_upgrade_to_another_build_keeps_every_call() {
     assert_eq!(before.len(), UDP_CALLS + TCP_CALLS + STREAMS + 2);
     let scraped = get(metrics, "/metrics", "");
     let relayed_before = metric(&scraped, "turnpike_relayed_packets_total");
+    let tcp_before = metric(&scraped, "turnpike_tcp_relayed_bytes_total");
+    assert!(tcp_before > 0.0);
     let build_before = metric(&scraped, "turnpike_build_info");
     assert_eq!(build_before, 1.0);
 
@@ -468,6 +470,7 @@ fn under_full_load_an_upgrade_to_another_build_keeps_every_call() {
     assert_eq!(after, moved);
     let scraped = get(metrics, "/metrics", "");
     assert!(metric(&scraped, "turnpike_relayed_packets_total") >= relayed_before);
+    assert!(metric(&scraped, "turnpike_tcp_relayed_bytes_total") >= tcp_before);
     assert_eq!(metric(&scraped, "turnpike_upgrades_total{outcome=\"ok\"}"), 1.0);
     let build_line = scraped
         .lines()
