@@ -1,10 +1,12 @@
 //! The brute-force guard: integrity failures per (account, source) and
 //! per source, shared by every worker (and, in a fleet, by every node).
 
-use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
 
 use super::slot_of;
 
@@ -51,11 +53,42 @@ pub struct AuthGuard {
     window: Duration,
     block: Duration,
     slots: usize,
-    hasher: RandomState,
+    /// Keyed with random `seeds`, which a binary upgrade carries so the
+    /// next process finds each (account, source) in the same slot.
+    hasher: ahash::RandomState,
+    seeds: [u64; 4],
     tables: Mutex<Option<GuardTables>>,
     /// Failures seen here, for a fleet to share ([`AuthGuard::share`]);
     /// `None` when not shared.
     outbox: Mutex<Option<Vec<SharedFailure>>>,
+}
+
+/// An [`AuthGuard`]'s tables as data, for a binary upgrade: the hasher's
+/// seeds (slots are where the seeds put each key), the table size, and
+/// the slots that hold failures or a block.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuardState {
+    /// The hasher's keys.
+    pub seeds: [u64; 4],
+    /// Slots per table.
+    pub slots: u32,
+    /// (Account, source) slots.
+    pub pairs: Vec<SlotState>,
+    /// Source slots.
+    pub sources: Vec<SlotState>,
+}
+
+/// One slot of a guard table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotState {
+    /// Its index.
+    pub slot: u32,
+    /// Failures in the current window.
+    pub failures: u32,
+    /// How long ago the window started.
+    pub window_age_ms: Option<u64>,
+    /// What is left of a block.
+    pub blocked_for_ms: Option<u64>,
 }
 
 /// A failure to tell the fleet: the account (resolved username) and source.
@@ -74,15 +107,105 @@ impl std::fmt::Debug for AuthGuard {
 impl AuthGuard {
     /// `limit` failures within `window` block for `block`; 0 disables.
     pub fn new(limit: u32, window: Duration, block: Duration, slots: usize) -> Self {
+        let random = std::collections::hash_map::RandomState::new();
+        Self::with_seeds(
+            limit,
+            window,
+            block,
+            slots,
+            [0u64, 1, 2, 3].map(|i| random.hash_one(i)),
+        )
+    }
+
+    fn with_seeds(limit: u32, window: Duration, block: Duration, slots: usize, seeds: [u64; 4]) -> Self {
         AuthGuard {
             limit,
             window,
             block,
             slots: slots.max(1),
-            hasher: RandomState::new(),
+            hasher: ahash::RandomState::with_seeds(seeds[0], seeds[1], seeds[2], seeds[3]),
+            seeds,
             tables: Mutex::new(None),
             outbox: Mutex::new(None),
         }
+    }
+
+    /// Its failures and blocks at `now`, for a binary upgrade's next
+    /// process ([`AuthGuard::restored`]): an attacker blocked stays
+    /// blocked across it. Times as what is left of them (or how long
+    /// ago a window started).
+    pub fn state(&self, now: Instant) -> GuardState {
+        let export = |v: &[Strikes]| -> Vec<SlotState> {
+            v.iter()
+                .enumerate()
+                .filter(|(_, s)| s.failures > 0 || s.blocked_until.is_some_and(|b| b > now))
+                .map(|(i, s)| SlotState {
+                    slot: i as u32,
+                    failures: s.failures,
+                    window_age_ms: s
+                        .window_start
+                        .map(|w| now.saturating_duration_since(w).as_millis() as u64),
+                    blocked_for_ms: s
+                        .blocked_until
+                        .filter(|b| *b > now)
+                        .map(|b| b.saturating_duration_since(now).as_millis() as u64),
+                })
+                .collect()
+        };
+        let tables = self.lock();
+        GuardState {
+            seeds: self.seeds,
+            slots: self.slots as u32,
+            pairs: tables.as_ref().map(|t| export(&t.pairs)).unwrap_or_default(),
+            sources: tables.as_ref().map(|t| export(&t.sources)).unwrap_or_default(),
+        }
+    }
+
+    /// A guard with these settings that goes on from `state` (another
+    /// process's, at `now` here); a state of another table size, or with
+    /// slots out of range, is not taken (the guard starts empty).
+    pub fn restored(
+        limit: u32,
+        window: Duration,
+        block: Duration,
+        slots: usize,
+        state: &GuardState,
+        now: Instant,
+    ) -> Self {
+        let slots = slots.max(1);
+        if state.slots as usize != slots
+            || state
+                .pairs
+                .iter()
+                .chain(&state.sources)
+                .any(|s| s.slot as usize >= slots)
+        {
+            return Self::new(limit, window, block, slots);
+        }
+        let g = Self::with_seeds(limit, window, block, slots, state.seeds);
+        if state.pairs.is_empty() && state.sources.is_empty() {
+            return g;
+        }
+        // Nothing lasts a day here: longer is a damaged state.
+        let day = Duration::from_secs(86_400);
+        let ago = |ms: u64| now.checked_sub(Duration::from_millis(ms).min(day));
+        let ahead = |ms: u64| now + Duration::from_millis(ms).min(day);
+        let mut t = GuardTables {
+            pairs: vec![Strikes::default(); slots].into_boxed_slice(),
+            sources: vec![Strikes::default(); slots].into_boxed_slice(),
+            last_checked: vec![None; slots].into_boxed_slice(),
+        };
+        for (table, list) in [(&mut t.pairs, &state.pairs), (&mut t.sources, &state.sources)] {
+            for s in list {
+                table[s.slot as usize] = Strikes {
+                    failures: s.failures,
+                    window_start: s.window_age_ms.and_then(ago),
+                    blocked_until: s.blocked_for_ms.map(ahead),
+                };
+            }
+        }
+        *g.lock() = Some(t);
+        g
     }
 
     /// Keeps the failures seen from now on for [`AuthGuard::take_shared`],

@@ -6,8 +6,7 @@
 //! new state: collisions only make limits stricter for the colliding
 //! sources, and the random hash key stops an attacker from aiming them.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hash};
+use std::hash::Hash;
 use std::time::{Duration, Instant};
 
 /// A token bucket: `rate` tokens per second, holding at most `burst`.
@@ -99,7 +98,7 @@ impl Default for Bucket {
     }
 }
 
-fn slot_of<K: Hash>(hasher: &RandomState, key: K, len: usize) -> usize {
+fn slot_of<K: Hash>(hasher: &impl std::hash::BuildHasher, key: K, len: usize) -> usize {
     (hasher.hash_one(key) as usize) % len
 }
 
@@ -109,6 +108,6 @@ mod source;
 #[cfg(test)]
 mod tests;
 
-pub use guard::{AuthGuard, SharedFailure, Verdict};
+pub use guard::{AuthGuard, GuardState, SharedFailure, SlotState, Verdict};
 pub use quota::{QuotaError, Quotas, RelayedAddrs};
 pub use source::{SourceCounter, SourceLimiter};

@@ -222,3 +222,51 @@ fn quotas_per_user_and_total() {
     let unlimited = Quotas::new(0, 0);
     assert!((0..1000).all(|_| unlimited.acquire(&a).is_ok()));
 }
+
+/// A binary upgrade carries the guard: a block and a count in progress
+/// go on in the next process (through JSON, as they cross), with the
+/// time left; a state of another table size is not taken.
+#[test]
+fn a_block_survives_the_guard_being_carried_to_another_process() {
+    let t0 = Instant::now();
+    let (ip, other): (IpAddr, IpAddr) = ("192.0.2.7".parse().unwrap(), "192.0.2.8".parse().unwrap());
+    let (window, block) = (Duration::from_secs(60), Duration::from_secs(300));
+    let g = AuthGuard::new(4, window, block, 4096);
+    for _ in 0..4 {
+        g.failed(b"alice", ip, t0);
+    }
+    g.failed(b"bob", other, t0);
+    g.failed(b"bob", other, t0);
+    let state: GuardState =
+        serde_json::from_str(&serde_json::to_string(&g.state(t0 + Duration::from_secs(10))).unwrap())
+            .unwrap();
+    // The next process's clock: another origin.
+    let t1 = Instant::now() + Duration::from_secs(1000);
+    let next = AuthGuard::restored(4, window, block, 4096, &state, t1);
+    assert_eq!(next.verdict(b"alice", ip, t1), Verdict::Blocked);
+    assert_eq!(next.verdict(b"carol", other, t1), Verdict::Check);
+    // 290 s of the block were left.
+    assert_eq!(
+        next.verdict(b"alice", ip, t1 + Duration::from_secs(289)),
+        Verdict::Blocked
+    );
+    assert_eq!(
+        next.verdict(b"alice", ip, t1 + Duration::from_secs(291)),
+        Verdict::Check
+    );
+    // Bob's two failures, 10 s into their window, count: two more block
+    // him.
+    next.failed(b"bob", other, t1);
+    assert!(next.failed(b"bob", other, t1), "the fourth failure blocks");
+    // Another table size: an empty guard.
+    let small = AuthGuard::restored(4, window, block, 64, &state, t1);
+    assert_eq!(small.verdict(b"alice", ip, t1), Verdict::Check);
+    // A slot out of range: refused whole.
+    let mut bad = state.clone();
+    bad.pairs.push(SlotState {
+        slot: 4096,
+        ..Default::default()
+    });
+    let empty = AuthGuard::restored(4, window, block, 4096, &bad, t1);
+    assert_eq!(empty.verdict(b"alice", ip, t1), Verdict::Check);
+}

@@ -232,6 +232,19 @@ impl SharedLimits {
         }
     }
 
+    /// After a binary upgrade: the old process's brute-force guard goes on
+    /// here (its blocks and counts, in the same slots).
+    pub(super) fn continue_guard(&mut self, settings: &Settings, state: &turn_core::limits::GuardState) {
+        self.guard = Arc::new(AuthGuard::restored(
+            settings.options.auth_fail_limit,
+            turn_core::AUTH_WINDOW,
+            settings.options.auth_block_secs.get(),
+            turn_core::SOURCE_SLOTS,
+            state,
+            Instant::now(),
+        ));
+    }
+
     /// For a reload: tables whose settings did not change are kept (their
     /// counts stay); the connection count always is.
     pub(super) fn reloaded(&self, settings: &Settings) -> Self {
@@ -370,6 +383,12 @@ impl Control {
             neighbours,
             totals: [t.forwarded, t.matched, t.no_route, t.partial_checksum],
         })
+    }
+
+    /// The brute-force guard's failures and blocks, for a binary upgrade.
+    pub(crate) fn guard_state(&self) -> turn_core::limits::GuardState {
+        let limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        limits.guard.state(Instant::now())
     }
 
     /// The fast path's totals so far (forwarded, matched, no route,

@@ -528,7 +528,10 @@ fn start_with(
     base.quotas.set_fleet_limit(settings.options.fleet_total_quota);
     crate::metrics::set_allocation_limit(settings.options.total_quota);
     crate::metrics::set_relay_ports(settings.options.min_port, settings.options.max_port);
-    let shared = SharedLimits::new(settings);
+    let mut shared = SharedLimits::new(settings);
+    if let Some(state) = inherited.as_ref().and_then(|(h, _)| h.auth_guard.as_ref()) {
+        shared.continue_guard(settings, state);
+    }
     let core_cfg = (core_config(settings, &base), core_shared(&base, &shared));
     let draining = base.draining.clone();
     let quotas = base.quotas.clone();

@@ -131,6 +131,10 @@ pub(crate) struct Handover {
     /// `turnpike_upgrades_total` to continue (this one counts as ok).
     #[serde(default)]
     pub(crate) upgrades: [u64; 2],
+    /// The brute-force guard's failures and blocks: a source blocked stays
+    /// blocked.
+    #[serde(default)]
+    pub(crate) auth_guard: Option<turn_core::limits::GuardState>,
     /// How many descriptors follow, in all.
     pub(crate) fds: usize,
 }

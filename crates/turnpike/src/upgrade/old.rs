@@ -129,6 +129,7 @@ impl Upgrader {
             fast_links: fast.links.iter().map(|(i, n, _)| (i.clone(), *n)).collect(),
             fast_neighbours: fast.neighbours.is_some(),
             fast_totals: fast.totals,
+            auth_guard: Some(self.control.guard_state()),
             upgrades: [
                 crate::metrics::UPGRADES_OK.load(std::sync::atomic::Ordering::Relaxed),
                 crate::metrics::UPGRADES_FAILED.load(std::sync::atomic::Ordering::Relaxed),

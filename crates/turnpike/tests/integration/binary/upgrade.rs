@@ -712,3 +712,54 @@ fn a_new_process_that_dies_at_any_step_leaves_the_old_one_serving_its_calls() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// A source the brute-force guard blocked stays blocked in the new
+/// process (the guard's tables are handed over); others are unaffected.
+#[test]
+fn a_blocked_guesser_stays_blocked_across_an_upgrade() {
+    let dir = scratch("guard");
+    let cfg = config(&dir, 1);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("auth-fail-limit = 4\n");
+    std::fs::write(&cfg, text).unwrap();
+    let (server, err, addr, mut seen) = start(&cfg);
+    // Past half the limit one attempt a second is checked: spaced out.
+    for _ in 0..4 {
+        let mut c = TurnClient::new(
+            Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(3)).unwrap(),
+            "alice",
+            "a guess",
+        );
+        c.set_timeout(Duration::from_millis(1500));
+        assert!(matches!(
+            c.allocate(),
+            Err(turnpike_client::client::ClientError::Error { code: 401, .. })
+        ));
+        std::thread::sleep(Duration::from_millis(1050));
+    }
+    signal(server.0.as_ref().unwrap().id(), libc::SIGUSR2);
+    let done = wait_for(&err, "upgrade: the new process serves", &mut seen);
+    let new_pid: u32 = field(&done, "new_pid").parse().unwrap();
+    // The right password from the blocked source: not answered.
+    let mut right_here = client(addr, ClientTransport::Udp);
+    right_here.set_timeout(Duration::from_millis(1500));
+    assert!(
+        matches!(
+            right_here.allocate(),
+            Err(turnpike_client::client::ClientError::Timeout)
+        ),
+        "the block went on in the new process"
+    );
+    // From another source: served.
+    let ch = Channel::connect_from(
+        &ClientTransport::Udp,
+        addr,
+        Some("127.0.0.3".parse().unwrap()),
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    TurnClient::new(ch, "alice", "wonderland1").allocate().unwrap();
+    signal(new_pid, libc::SIGINT);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
