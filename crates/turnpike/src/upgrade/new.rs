@@ -42,8 +42,14 @@ impl Link {
             &[],
         )?;
         failpoint("after-ready");
-        let (h, fds) = super::recv_handover(&self.stream)?;
+        let (mut h, fds) = super::recv_handover(&self.stream)?;
         failpoint("after-handover");
+        if std::env::var("TURNPIKE_UPGRADE_FAILPOINT").is_ok_and(|v| v == "future-snapshot") {
+            // As if the old process wrote a format this build cannot read.
+            for w in &mut h.workers {
+                w.snapshot.version = turn_core::snapshot::SNAPSHOT_VERSION + 1;
+            }
+        }
         if h.protocol != PROTOCOL {
             bail!(
                 "the old process speaks hand-over protocol {}, this one {PROTOCOL}",
@@ -78,7 +84,8 @@ impl Link {
 /// and without a word, as a crash would; the old process must then serve
 /// on. Set to `stall-` and a step's name, it stops there for a second
 /// with neither process reading its sockets (what the kernel fast path
-/// must relay through).
+/// must relay through). Set to `future-snapshot`, it takes the snapshots
+/// for a format newer than its own, which it must refuse.
 pub(crate) fn failpoint(step: &str) {
     match std::env::var("TURNPIKE_UPGRADE_FAILPOINT") {
         Ok(v) if v == step => std::process::exit(70),

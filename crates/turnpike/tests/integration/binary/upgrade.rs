@@ -667,8 +667,14 @@ fn a_missing_or_crashing_new_binary_leaves_the_old_one_serving() {
 }
 
 #[test]
-fn a_new_process_that_dies_at_any_step_leaves_the_old_one_serving_its_calls() {
-    for step in ["after-ready", "after-handover", "before-serving"] {
+fn a_new_process_that_dies_at_any_step_or_cannot_read_the_snapshot_leaves_the_old_one_serving_its_calls() {
+    for (step, says) in [
+        ("after-ready", "hand-over socket"),
+        ("after-handover", "hand-over socket"),
+        ("before-serving", "hand-over socket"),
+        // A snapshot it cannot read: it refuses, and says why.
+        ("future-snapshot", "this build reads formats 1 to"),
+    ] {
         let dir = scratch(step);
         let cfg = config(&dir, 2);
         // The failpoint is inherited by the new process, which dies there.
@@ -690,7 +696,7 @@ fn a_new_process_that_dies_at_any_step_leaves_the_old_one_serving_its_calls() {
         tcp.allocate().unwrap();
         signal(pid, libc::SIGUSR2);
         let failed = wait_for(&err, "upgrade failed", &mut seen);
-        assert!(failed.contains("hand-over socket"), "{step}: {failed}");
+        assert!(failed.contains(says), "{step}: {failed}");
         // Every call is served by the old process as before: refreshed,
         // relayed both ways; the TCP one too.
         for (c, relayed) in calls.iter_mut() {
