@@ -303,6 +303,13 @@ async fn readyz(State(app): State<App>) -> Response {
             "ready; redis unreachable: cached credentials, local quotas and guard\n",
         )
             .into_response()
+    } else if crate::metrics::SQL_UP.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        // Still ready: the users read before serve on.
+        (
+            StatusCode::OK,
+            "ready; user database (db-url) unreachable: cached credentials\n",
+        )
+            .into_response()
     } else {
         (StatusCode::OK, "ready\n").into_response()
     }
@@ -322,6 +329,7 @@ pub fn effective_config(s: &crate::config::Settings) -> serde_json::Value {
         .collect();
     shown.admin_token = shown.admin_token.as_ref().map(|_| "[redacted]".to_owned());
     shown.redis_url = shown.redis_url.as_deref().map(redact_url_password);
+    shown.db_url = shown.db_url.as_deref().map(crate::sqldb::redacted);
     let mut all = serde_json::to_value(&shown).unwrap_or_else(|_| json!({}));
     all["user"] = json!(shown
         .user

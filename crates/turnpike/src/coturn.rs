@@ -189,7 +189,7 @@ pub const MAPPINGS: &[Mapping] = &[
     },
     Mapping {
         coturn: "psql-userdb",
-        turnpike: "not imported: add its users with `turnpike user add NAME --key 0xHMACKEY`",
+        turnpike: "--db-url (the same database, read as it is), or `turnpike import coturn-sql` into turnpike's store",
     },
     Mapping {
         coturn: "mysql-userdb",

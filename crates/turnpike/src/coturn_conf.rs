@@ -164,6 +164,9 @@ struct Gathered {
     /// coturn_import.rs shows it against coturn itself), so carrying them
     /// would let in more credentials than before the move.
     rest_only: bool,
+    /// `psql-userdb` beside use-auth-secret: turnpike reads the users'
+    /// table too, which coturn then ignores.
+    psql_with_rest: bool,
     both_peer_lists: bool,
     prometheus: bool,
     prometheus_port: Option<u16>,
@@ -186,6 +189,7 @@ impl Gathered {
     fn new(text: &str) -> Self {
         Gathered {
             rest_only: lines(text).any(|l| l.key == "use-auth-secret" || l.key == "static-auth-secret"),
+            psql_with_rest: false,
             both_peer_lists: lines(text).any(|l| l.key == "allowed-peer-ip")
                 && lines(text).any(|l| l.key == "denied-peer-ip"),
             prometheus: lines(text).any(|l| l.key == "prometheus"),
@@ -222,7 +226,8 @@ impl Gathered {
             "listening-ip" | "listening-port" | "tls-listening-port" | "relay-ip" | "external-ip" => {
                 self.address(l)
             }
-            "user" | "static-auth-secret" | "userdb" | "db" | "b" | "redis-userdb" => self.credentials(l),
+            "user" | "static-auth-secret" | "userdb" | "db" | "b" | "redis-userdb" | "psql-userdb"
+            | "sql-userdb" => self.credentials(l),
             "alternate-server" => match l.value {
                 Some(s) => self.push_list("alternate-server", vec![s.to_owned()], l.text),
                 None => self.not(l, "no address given"),
@@ -327,6 +332,16 @@ impl Gathered {
                     "turnpike keeps its own Redis layout: import coturn's users with `turnpike import coturn-redis`, then set redis-url",
                 );
             }
+            // turnpike reads coturn's PostgreSQL database as it is.
+            "psql-userdb" | "sql-userdb" => match v {
+                Some(conn) => {
+                    self.scalar("db-url", q(conn), l.text);
+                    if self.rest_only {
+                        self.psql_with_rest = true;
+                    }
+                }
+                None => self.not(l, "no connection string given"),
+            },
             _ if self.rest_only => self.not(
                 l,
                 "its users are not imported: with use-auth-secret or static-auth-secret coturn accepts REST-API credentials only, so they could not log in there either",
@@ -447,7 +462,7 @@ impl Gathered {
             .filter(|(k, _, _)| *k == "allow-peer")
             .flat_map(|(_, v, _)| v.iter().map(String::as_str))
             .collect();
-        let differences = vec![format!(
+        let mut differences = vec![format!(
             "internal peers: coturn relays to private and reserved ranges (10/8, 172.16/12, 192.168/16, fc00::/7, ...) unless \
              denied-peer-ip names them; turnpike refuses them unless allow-peer names them{}. Add allow-peer CIDR for each \
              internal peer (an SFU, a media server) this server must reach",
@@ -457,6 +472,12 @@ impl Gathered {
                 format!(" (this file allows {})", allowed.join(", "))
             }
         )];
+        if self.psql_with_rest {
+            differences.push(
+                "db-url: with use-auth-secret coturn takes only the REST-API secrets (turn_secret) from its database; turnpike                  also accepts the users in turnusers_lt. Empty that table, or keep its users out of turnpike's realm, to keep                  REST-only logins"
+                    .to_owned(),
+            );
+        }
         let toml = self.toml(&listen, &tls_listen, &differences);
         Converted {
             toml,

@@ -1,6 +1,6 @@
 //! Where the server's credentials come from, merged in this one place: the
 //! configured users and REST-API secrets (flags and file), the SQLite user
-//! database and the Redis store. Start-up, SIGHUP reload and the watcher
+//! database, the Redis store and coturn's PostgreSQL database. Start-up, SIGHUP reload and the watcher
 //! that re-reads the stores every 2 s all go through [`CredentialStores`].
 //!
 //! The generated demo credential is used only while no store has a user:
@@ -26,6 +26,10 @@ pub struct CredentialStores {
     /// The last good copy from Redis, kept through outages.
     redis_users: Option<Credentials>,
     redis_fingerprint: Option<u64>,
+    /// coturn's PostgreSQL database (`db-url`); the last good copy too.
+    sql_url: Option<String>,
+    sql_users: Option<Credentials>,
+    sql_fingerprint: Option<u64>,
     /// The secret the ICE page mints its credentials with.
     web_secret: Option<[u8; 32]>,
 }
@@ -43,6 +47,9 @@ impl CredentialStores {
             db_fingerprint: None,
             redis_users: None,
             redis_fingerprint: None,
+            sql_url: settings.db_url.clone(),
+            sql_users: None,
+            sql_fingerprint: None,
             web_secret: None,
         }
     }
@@ -76,6 +83,27 @@ impl CredentialStores {
         Ok(true)
     }
 
+    /// Reads coturn's PostgreSQL database, when configured; returns whether
+    /// it changed. On an error the last good copy stays.
+    pub fn read_sql(&mut self) -> anyhow::Result<bool> {
+        let Some(url) = &self.sql_url else {
+            return Ok(false);
+        };
+        let (users, fp, skipped) = crate::sqldb::load(url, &self.realm)?;
+        if self.sql_fingerprint == Some(fp) {
+            return Ok(false);
+        }
+        if skipped > 0 {
+            warn!(
+                skipped,
+                "user database: users whose hmackey is not an MD5 key (coturn's SHA-256 keys) cannot log in; give them a password with `turnpike user add`"
+            );
+        }
+        self.sql_fingerprint = Some(fp);
+        self.sql_users = Some(users);
+        Ok(true)
+    }
+
     /// Re-reads every store (the watcher, reload); returns whether any
     /// changed. Failures are logged, Redis's once per outage, and the last
     /// good copies stay.
@@ -102,22 +130,38 @@ impl CredentialStores {
                 }
             }
         }
+        if self.sql_url.is_some() {
+            match self.read_sql() {
+                Ok(c) => {
+                    if crate::metrics::SQL_UP.swap(1, Ordering::Relaxed) == 0 {
+                        info!("user database (db-url) reachable again");
+                    }
+                    changed |= c;
+                }
+                Err(e) => {
+                    if crate::metrics::SQL_UP.swap(0, Ordering::Relaxed) != 0 {
+                        warn!(error = %format!("{e:#}"), "user database (db-url) unavailable; cached credentials keep serving");
+                    }
+                }
+            }
+        }
         changed
     }
 
     /// Whether a store holds any user or secret (then the demo credential
     /// is not offered).
     pub fn stores_have_users(&self) -> bool {
-        [&self.db_users, &self.redis_users]
+        [&self.db_users, &self.redis_users, &self.sql_users]
             .into_iter()
             .flatten()
             .any(|c| c.user_count() > 0 || c.secret_count() > 0)
     }
 
     /// Whether the generated demo credential is in force. Never on a node
-    /// with Redis: its users come from there, even while it is unreachable.
+    /// with Redis or a user database URL: its users come from there, even
+    /// while it is unreachable.
     pub fn demo_in_use(&self) -> bool {
-        self.demo && self.redis_url.is_none() && !self.stores_have_users()
+        self.demo && self.redis_url.is_none() && self.sql_url.is_none() && !self.stores_have_users()
     }
 
     /// The ICE page's REST secret ([`crate::web`]): made once per process,
@@ -139,12 +183,13 @@ impl CredentialStores {
 
     /// The sources in merge order (a later one wins a name), with what
     /// each holds now.
-    fn sources(&self) -> [(&'static str, Option<&Credentials>); 3] {
+    fn sources(&self) -> [(&'static str, Option<&Credentials>); 4] {
         let configured = (!self.demo || self.demo_in_use()).then_some(&self.configured);
         [
             ("config", configured),
             ("database", self.db_users.as_ref()),
             ("redis", self.redis_users.as_ref()),
+            ("postgresql", self.sql_users.as_ref()),
         ]
     }
 
@@ -154,8 +199,9 @@ impl CredentialStores {
         let mut parts = Vec::new();
         let mut secrets = 0;
         for (name, creds) in self.sources() {
-            let skip =
-                (name == "redis" && self.redis_url.is_none()) || (name == "database" && creds.is_none());
+            let skip = (name == "redis" && self.redis_url.is_none())
+                || (name == "postgresql" && self.sql_url.is_none())
+                || (name == "database" && creds.is_none());
             if let Some(c) = creds {
                 secrets += c.secret_count();
             }
@@ -181,8 +227,8 @@ impl CredentialStores {
     }
 
     /// Names two sources define with different keys, with the source whose
-    /// key works (the later in merge order: Redis over the database over
-    /// the configuration): `(name, loser, winner)`.
+    /// key works (the later in merge order: PostgreSQL over Redis over the
+    /// database over the configuration): `(name, loser, winner)`.
     pub fn conflicts(&self) -> Vec<(String, &'static str, &'static str)> {
         let sources = self.sources();
         let mut out = Vec::new();
@@ -212,14 +258,18 @@ impl CredentialStores {
         }
     }
 
-    /// Configured + database + Redis: what the workers authenticate with.
+    /// Configured + database + Redis + PostgreSQL: what the workers
+    /// authenticate with.
     pub fn merged(&self) -> Credentials {
         let mut c = if self.demo_in_use() || !self.demo {
             self.configured.clone()
         } else {
             Credentials::new()
         };
-        for store in [&self.db_users, &self.redis_users].into_iter().flatten() {
+        for store in [&self.db_users, &self.redis_users, &self.sql_users]
+            .into_iter()
+            .flatten()
+        {
             c.merge(store);
         }
         if let Some(secret) = &self.web_secret {

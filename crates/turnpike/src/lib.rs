@@ -17,6 +17,7 @@ pub mod node;
 pub mod redisdb;
 pub mod runtime;
 pub mod sessions;
+pub mod sqldb;
 pub mod tls;
 pub mod upgrade;
 pub mod userdb;

@@ -93,6 +93,21 @@ enum ImportCommand {
         #[arg(long, value_name = "URL")]
         redis_url: Option<String>,
     },
+    /// coturn's PostgreSQL user database (`psql-userdb`, `turnadmin -e`):
+    /// long-term users (`turnusers_lt`) into turnpike's store; REST secrets
+    /// (`turn_secret`) printed as `auth-secret`. Read only. (`--db-url`
+    /// serves from that database directly, without an import.)
+    CoturnSql {
+        /// coturn's psql-userdb string ("host=… dbname=… user=… password=…")
+        /// or a postgres:// URL.
+        source: String,
+        /// turnpike's database for the users [default: as for `serve`].
+        #[arg(long, value_name = "FILE", conflicts_with = "redis_url")]
+        db: Option<std::path::PathBuf>,
+        /// Put the users in turnpike's Redis store at URL instead (a fleet).
+        #[arg(long, value_name = "URL")]
+        redis_url: Option<String>,
+    },
     /// coturn's SQLite user database (`turnadmin -b FILE`): its long-term
     /// users (MD5 keys) go into turnpike's database; REST secrets found are
     /// printed as `auth-secret` lines. coturn's file is only read.
@@ -228,35 +243,54 @@ fn import(cmd: ImportCommand) -> Result<()> {
         } => {
             let url = turnpike::redisdb::coturn_url(&source)?;
             let got = turnpike::redisdb::read_coturn(&url)?;
-            let mut imported = 0;
-            for (realm, name, key) in &got.users {
-                let Some(md5) = turnpike::config::parse_md5_hex(key.trim().trim_start_matches("0x")) else {
-                    eprintln!("skipped {name}@{realm}: the key is not a 32-digit MD5 hex (coturn's SHA-256 keys cannot be carried over)");
-                    continue;
-                };
-                match &redis_url {
-                    Some(u) => turnpike::redisdb::set_key(u, realm, name, md5)?,
-                    None => turnpike::userdb::set_key(
-                        &db.clone().unwrap_or_else(turnpike::userdb::default_path),
-                        realm,
-                        name,
-                        md5,
-                    )?,
-                }
-                eprintln!("imported {name} (realm {realm})");
-                imported += 1;
-            }
-            if !got.secrets.is_empty() {
-                println!("# REST-API secrets from coturn: put them in turnpike.toml (or Redis)");
-                println!("auth-secret = {}", toml_list(got.secrets.iter().map(|(_, v)| v)));
-            }
-            eprintln!(
-                "{imported} user(s) imported, {} skipped; they log in with MD5 keys until `turnpike user passwd` sets a password",
-                got.users.len() - imported
-            );
-            Ok(())
+            import_keys(&got.users, &got.secrets, db, redis_url.as_deref())
+        }
+        ImportCommand::CoturnSql {
+            source,
+            db,
+            redis_url,
+        } => {
+            let got = turnpike::sqldb::read_coturn(&source)?;
+            import_keys(&got.users, &got.secrets, db, redis_url.as_deref())
         }
     }
+}
+
+/// coturn's users (realm, name, hex key) into turnpike's SQLite database,
+/// or its Redis store; its REST secrets printed as an `auth-secret` line.
+fn import_keys(
+    users: &[(String, String, String)],
+    secrets: &[(String, String)],
+    db: Option<std::path::PathBuf>,
+    redis_url: Option<&str>,
+) -> Result<()> {
+    let mut imported = 0;
+    for (realm, name, key) in users {
+        let Some(md5) = turnpike::config::parse_md5_hex(key.trim().trim_start_matches("0x")) else {
+            eprintln!("skipped {name}@{realm}: the key is not a 32-digit MD5 hex (coturn's SHA-256 keys cannot be carried over)");
+            continue;
+        };
+        match redis_url {
+            Some(u) => turnpike::redisdb::set_key(u, realm, name, md5)?,
+            None => turnpike::userdb::set_key(
+                &db.clone().unwrap_or_else(turnpike::userdb::default_path),
+                realm,
+                name,
+                md5,
+            )?,
+        }
+        eprintln!("imported {name} (realm {realm})");
+        imported += 1;
+    }
+    if !secrets.is_empty() {
+        println!("# REST-API secrets from coturn: put them in turnpike.toml (or Redis)");
+        println!("auth-secret = {}", toml_list(secrets.iter().map(|(_, v)| v)));
+    }
+    eprintln!(
+        "{imported} user(s) imported, {} skipped; they log in with MD5 keys until `turnpike user passwd` sets a password",
+        users.len() - imported
+    );
+    Ok(())
 }
 
 fn toml_list<'a>(items: impl Iterator<Item = &'a String>) -> String {

@@ -15,6 +15,10 @@ use turn_core::Counters;
 /// 0 unreachable (cached credentials keep serving), 1 up.
 pub static REDIS_UP: std::sync::atomic::AtomicI8 = std::sync::atomic::AtomicI8::new(-1);
 
+/// Whether coturn's PostgreSQL user database answers (`--db-url`): -1 not
+/// configured, 0 unreachable (cached credentials keep serving), 1 up.
+pub static SQL_UP: std::sync::atomic::AtomicI8 = std::sync::atomic::AtomicI8::new(-1);
+
 /// Live fleet nodes seen in Redis, this one included: -1 without a fleet,
 /// 0 while Redis is unreachable.
 pub static FLEET_NODES: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(-1);
@@ -507,6 +511,15 @@ fn operations(x: &mut Exposition, t: &WorkerMetrics, draining: bool) {
             "gauge",
             "1 while the Redis credential store answers, 0 while cached credentials serve without it.",
             &[("", redis as f64)],
+        );
+    }
+    let sql = SQL_UP.load(std::sync::atomic::Ordering::Relaxed);
+    if sql >= 0 {
+        x.metric(
+            "sql_up",
+            "gauge",
+            "1 while the PostgreSQL user database (--db-url) answers, 0 while cached credentials serve without it.",
+            &[("", sql as f64)],
         );
     }
     let nodes = FLEET_NODES.load(std::sync::atomic::Ordering::Relaxed);

@@ -56,7 +56,8 @@ impl HostFacts {
             .auth_secret_file
             .iter()
             .chain(&options.admin_token_file)
-            .chain(&options.redis_url_file);
+            .chain(&options.redis_url_file)
+            .chain(&options.db_url_file);
         self.files = named
             .map(|f| (f.clone(), std::fs::read_to_string(f).map_err(|e| e.to_string())))
             .collect();

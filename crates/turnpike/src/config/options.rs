@@ -309,6 +309,18 @@ pub struct Options {
     #[arg(long, value_name = "FILE", conflicts_with = "redis_url")]
     pub redis_url_file: Option<PathBuf>,
 
+    /// coturn's user database in PostgreSQL, read as it is (tables
+    /// turnusers_lt and turn_secret; nothing is written):
+    /// postgres://USER:PASSWORD@HOST:PORT/DBNAME, or coturn's psql-userdb
+    /// string "host=… dbname=… user=… password=…"; polled every 2 s,
+    /// cached if it goes away.
+    #[arg(long, value_name = "URL")]
+    pub db_url: Option<String>,
+
+    /// The database URL from a file, so its password is on no command line.
+    #[arg(long, value_name = "FILE", conflicts_with = "db_url")]
+    pub db_url_file: Option<PathBuf>,
+
     /// This node's name in the fleet registry (with --redis-url) [default:
     /// the host name and the first listen port].
     #[arg(long, value_name = "NAME")]

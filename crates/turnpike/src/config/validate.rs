@@ -55,6 +55,8 @@ pub struct Settings {
     pub db: PathBuf,
     /// Redis credential store.
     pub redis_url: Option<String>,
+    /// coturn's PostgreSQL user database (`sqldb.rs`).
+    pub db_url: Option<String>,
     /// Files whose change triggers a reload (empty: no watching).
     pub watched_files: Vec<PathBuf>,
     /// The ICE test page and the dashboard.
@@ -218,6 +220,8 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         db,
         redis_url,
         redis_url_file,
+        db_url,
+        db_url_file,
         node_name,
         fleet_lease,
         fleet_total_quota,
@@ -265,6 +269,7 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
     }
     let db = user_db(db.as_ref(), host)?;
     let redis_url = redis_url_of(redis_url.as_ref(), redis_url_file.as_ref(), host)?;
+    let db_url = db_url_of(db_url.as_ref(), db_url_file.as_ref(), host)?;
     let rfc5780 = rfc5780_addresses(*rfc5780, *alt_ip, *alt_port, &listen)?;
     let admin = admin_api(
         *admin_listen,
@@ -309,6 +314,7 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         rfc5780,
         db,
         redis_url,
+        db_url,
         watched_files,
         web,
         admin,
@@ -625,6 +631,24 @@ fn redis_url_of(url: Option<&String>, file: Option<&PathBuf>, host: &HostFacts) 
         if let Err(e) = redis::Client::open(url.as_str()) {
             bail!("redis-url {url:?}: not a Redis URL ({e}); expected redis://[:PASSWORD@]HOST[:PORT][/DB]");
         }
+    }
+    Ok(url)
+}
+
+fn db_url_of(url: Option<&String>, file: Option<&PathBuf>, host: &HostFacts) -> Result<Option<String>> {
+    let url = match (url, file) {
+        (Some(_), Some(_)) => bail!("db-url and db-url-file: give one of them"),
+        (_, Some(f)) => {
+            let url = host.file("db-url-file", f)?.trim();
+            if url.is_empty() {
+                bail!("db-url-file {}: empty; it holds one postgres:// URL", f.display());
+            }
+            Some(url.to_owned())
+        }
+        (url, None) => url.cloned(),
+    };
+    if let Some(url) = &url {
+        crate::sqldb::parse("db-url", url)?;
     }
     Ok(url)
 }

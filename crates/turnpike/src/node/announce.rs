@@ -51,6 +51,7 @@ pub(super) fn started(settings: &Settings, handle: &Handle, auth: &str) {
         admin = %shown_or(settings.admin.as_ref().map(|(a, _)| *a), "off"),
         db = %settings.db.display(),
         redis = %shown_or(settings.redis_url.as_deref().map(redact_url), "off"),
+        user_database = %shown_or(settings.db_url.as_deref().map(crate::sqldb::redacted), "off"),
         fast_path = %handle.fast_path,
         peer_policy = %format!(
             "default deny of private/reserved ranges{}; {} allow-peer, {} deny-peer, {} wins where both match",

@@ -309,6 +309,16 @@ fn open_stores(
             eprintln!("turnpike: {e:#}; starting without its users, retrying every 2 s");
         }
     }
+    match stores.read_sql() {
+        Ok(_) if settings.db_url.is_some() => {
+            crate::metrics::SQL_UP.store(1, std::sync::atomic::Ordering::Relaxed)
+        }
+        Ok(_) => {}
+        Err(e) => {
+            crate::metrics::SQL_UP.store(0, std::sync::atomic::Ordering::Relaxed);
+            eprintln!("turnpike: {e:#}; starting without its users, retrying every 2 s");
+        }
+    }
     if !stores.demo_in_use() {
         settings.demo_user = None;
     }

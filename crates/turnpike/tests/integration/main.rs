@@ -29,5 +29,6 @@ mod proxy_protocol;
 mod rfc5780;
 mod runtime;
 mod shared_limits;
+mod sqlstore;
 mod tcp_relay;
 mod web;

@@ -1,0 +1,356 @@
+//! coturn's PostgreSQL user database, for real: a `postgres` server the
+//! test starts (initdb in a temporary directory, run as the `postgres`
+//! system user on a free port, stopped by its PID), coturn's own schema
+//! (/usr/share/coturn/schema.sql) and users written by coturn's own
+//! `turnadmin -e`. turnpike serves them with no import (`--db-url`), sees
+//! a user added while it runs, keeps serving the users it has when the
+//! database stops (`turnpike_sql_up`, /readyz), and `import coturn-sql`
+//! carries them into SQLite. Needs root, PostgreSQL and coturn; skipped
+//! with a message otherwise (a failure under CI).
+
+use crate::common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use turnpike_client::client::{Channel, ClientTransport, TurnClient};
+
+const REALM: &str = "pg.example";
+
+/// A PostgreSQL server in a temporary directory, stopped (by its PID) and
+/// removed on drop.
+struct Postgres {
+    server: Option<Child>,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn ok(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn pg_bin() -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|b| b.join("initdb").exists())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+impl Postgres {
+    /// Starts one, with coturn's schema in database `coturn`.
+    fn start() -> Result<Postgres, String> {
+        if common::euid() != 0 {
+            return Err("not root (the server runs as the postgres user)".into());
+        }
+        let bin = pg_bin().ok_or("PostgreSQL is not installed")?;
+        if !Path::new("/usr/share/coturn/schema.sql").exists() || !has("turnadmin") {
+            return Err("coturn (turnadmin, its schema.sql) is not installed".into());
+        }
+        let dir = std::env::temp_dir().join(format!("turnpike-pg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        ok(Command::new("chown").args(["postgres:postgres", dir.to_str().unwrap()]))?;
+        let data = dir.join("data");
+        let as_postgres = |program: &Path| {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"])
+                .arg(program);
+            c
+        };
+        ok(as_postgres(&bin.join("initdb"))
+            .args(["-A", "trust", "-U", "postgres", "-D"])
+            .arg(&data))?;
+        let port = common::free_port();
+        // setpriv execs: the PID is the server's.
+        let server = as_postgres(&bin.join("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-k"])
+            .arg(&dir)
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let mut pg = Postgres {
+            server: Some(server),
+            dir,
+            port,
+        };
+        let end = Instant::now() + Duration::from_secs(20);
+        while pg.psql("postgres", "SELECT 1").is_err() {
+            if Instant::now() > end {
+                return Err("postgres did not start".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        pg.psql("postgres", "CREATE DATABASE coturn")?;
+        ok(Command::new("psql")
+            .args([
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "coturn",
+            ])
+            .args(["-v", "ON_ERROR_STOP=1", "-f", "/usr/share/coturn/schema.sql"]))?;
+        pg.port = port;
+        Ok(pg)
+    }
+
+    fn psql(&self, db: &str, sql: &str) -> Result<(), String> {
+        ok(Command::new("psql")
+            .args([
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+            ])
+            .args(["-v", "ON_ERROR_STOP=1", "-c", sql]))
+    }
+
+    /// coturn's connection string for it (what `psql-userdb` holds).
+    fn coturn_conn(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} dbname=coturn user=postgres connect_timeout=5",
+            self.port
+        )
+    }
+
+    /// coturn's own tool adds a long-term user.
+    fn turnadmin_user(&self, name: &str, password: &str) {
+        ok(Command::new("turnadmin").args([
+            "-a",
+            "-e",
+            &self.coturn_conn(),
+            "-u",
+            name,
+            "-r",
+            REALM,
+            "-p",
+            password,
+        ]))
+        .unwrap();
+    }
+
+    /// SIGINT: PostgreSQL's fast shutdown.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            let _ = Command::new("kill").args(["-INT", &c.id().to_string()]).status();
+            let end = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < end {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn has(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn allocates(server: SocketAddr, user: &str, password: &str) -> bool {
+    let Ok(ch) = Channel::connect(&ClientTransport::Udp, server, Duration::from_secs(2)) else {
+        return false;
+    };
+    let mut c = TurnClient::new(ch, user, password);
+    c.set_timeout(Duration::from_secs(2));
+    let ok = c.allocate().is_ok();
+    if ok {
+        let _ = c.refresh(0);
+    }
+    ok
+}
+
+fn within(ok: impl Fn() -> bool) -> bool {
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end {
+        if ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
+    let (_, body) = common::http_request(addr, "GET", "/metrics", None).ok()?;
+    body.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn coturns_postgresql_users_log_in_with_no_import_and_stay_when_it_stops() {
+    let mut pg = match Postgres::start() {
+        Ok(pg) => pg,
+        Err(why) => {
+            common::missing("coturn's PostgreSQL user database", &why);
+            return;
+        }
+    };
+    pg.turnadmin_user("alice", "alice-pw1");
+    pg.turnadmin_user("bob", "bob-pw1");
+    ok(Command::new("turnadmin").args(["-s", "pg-rest-secret", "-e", &pg.coturn_conn(), "-r", REALM]))
+        .unwrap();
+
+    let (metrics, admin) = (common::free_port(), common::free_port());
+    let token = "sqlstore-admin-token-0123456789";
+    let db_url = format!("postgres://postgres@127.0.0.1:{}/coturn", pg.port);
+    let (server, started, _rx) = common::spawn_server(
+        Command::new(common::turnpike_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--no-tls", "--realm", REALM])
+            .args(["--db-url", &db_url])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
+            .args([
+                "--admin-listen",
+                &format!("127.0.0.1:{admin}"),
+                "--admin-token",
+                token,
+            ]),
+    );
+    assert!(started.contains("postgresql 2 users"), "{started}");
+    assert!(started.contains("1 REST secret"), "{started}");
+    let addr = common::listen_addr(&started);
+    let metrics: SocketAddr = format!("127.0.0.1:{metrics}").parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    assert!(allocates(addr, "alice", "alice-pw1"), "a turnadmin user logs in");
+    assert!(!allocates(addr, "alice", "wrong"), "with her password only");
+    // The REST secret in coturn's turn_secret table.
+    let user = format!(
+        "{}:pod",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600
+    );
+    assert!(allocates(
+        addr,
+        &user,
+        &turn_core::auth::rest_password(b"pg-rest-secret", &user)
+    ));
+    assert_eq!(metric(metrics, "turnpike_sql_up"), Some(1.0));
+
+    // A user coturn's tool adds while turnpike runs: served within a poll.
+    pg.turnadmin_user("carol", "carol-pw1");
+    assert!(
+        within(|| allocates(addr, "carol", "carol-pw1")),
+        "a new user is read"
+    );
+
+    // Imported into turnpike's own SQLite store: they log in from there,
+    // with no database server.
+    let users_db = pg.dir.join("imported.db");
+    let out = Command::new(common::turnpike_bin())
+        .args([
+            "import",
+            "coturn-sql",
+            &pg.coturn_conn(),
+            "--db",
+            users_db.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("3 user(s) imported"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("pg-rest-secret"));
+    let (sqlite_only, started2, _rx2) = common::spawn_server(
+        Command::new(common::turnpike_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--no-tls", "--realm", REALM])
+            .args(["--db", users_db.to_str().unwrap()]),
+    );
+    assert!(allocates(common::listen_addr(&started2), "bob", "bob-pw1"));
+    drop(sqlite_only);
+
+    // The database stops: the users read keep working, and it says so.
+    pg.stop();
+    assert!(
+        within(|| metric(metrics, "turnpike_sql_up") == Some(0.0)),
+        "turnpike_sql_up goes to 0"
+    );
+    let (_, ready) = common::http_request(admin, "GET", "/readyz", None).unwrap();
+    assert!(ready.contains("user database"), "{ready}");
+    assert!(allocates(addr, "alice", "alice-pw1"), "cached users keep working");
+    assert!(allocates(addr, "carol", "carol-pw1"));
+    // No password in what the server shows of its configuration.
+    let (_, config) = common::http_request(admin, "GET", "/api/config", Some(token)).unwrap();
+    assert!(config.contains("db_url") || config.contains("db-url"), "{config}");
+    drop(server);
+}
+
+/// `import coturn` carries `psql-userdb` over as `db-url`: the same
+/// database serves turnpike, unchanged.
+#[test]
+fn import_coturn_carries_psql_userdb_as_db_url() {
+    let dir = std::env::temp_dir().join(format!("turnpike-psql-conf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("turnserver.conf");
+    std::fs::write(
+        &conf,
+        "listening-port=3478\nrealm=pg.example\nlt-cred-mech\n\
+         psql-userdb=\"host=db.internal dbname=coturn user=coturn password=s3cret connect_timeout=30\"\n",
+    )
+    .unwrap();
+    let out = Command::new(common::turnpike_bin())
+        .args(["import", "coturn", conf.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let toml = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        toml.contains(
+            "db-url = \"host=db.internal dbname=coturn user=coturn password=s3cret connect_timeout=30\""
+        ),
+        "{toml}"
+    );
+    // A TOML whose db-url turnpike takes as it is.
+    let v: toml::Value = toml::from_str(&toml).unwrap();
+    let url = v["db-url"].as_str().unwrap();
+    assert!(turnpike::sqldb::parse("db-url", url).is_ok());
+    let _ = std::fs::remove_dir_all(&dir);
+}
