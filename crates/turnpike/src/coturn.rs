@@ -193,7 +193,7 @@ pub const MAPPINGS: &[Mapping] = &[
     },
     Mapping {
         coturn: "mysql-userdb",
-        turnpike: "not imported: add its users with `turnpike user add NAME --key 0xHMACKEY`",
+        turnpike: "--db-url mysql://USER:PASSWORD@HOST:PORT/DB (the same database, read as it is), or `turnpike import coturn-sql` into turnpike's store",
     },
     Mapping {
         coturn: "listening-device",
@@ -229,7 +229,7 @@ pub const MAPPINGS: &[Mapping] = &[
     },
     Mapping {
         coturn: "secret-key-file",
-        turnpike: "not supported: it decrypts coturn's encrypted MySQL password, and turnpike does not read MySQL",
+        turnpike: "not supported: it decrypts coturn's encrypted MySQL password; put the password in clear in a file turnpike reads (db-url-file, mode 0600)",
     },
     Mapping {
         coturn: "mongo-userdb",

@@ -227,7 +227,7 @@ impl Gathered {
                 self.address(l)
             }
             "user" | "static-auth-secret" | "userdb" | "db" | "b" | "redis-userdb" | "psql-userdb"
-            | "sql-userdb" => self.credentials(l),
+            | "sql-userdb" | "mysql-userdb" => self.credentials(l),
             "alternate-server" => match l.value {
                 Some(s) => self.push_list("alternate-server", vec![s.to_owned()], l.text),
                 None => self.not(l, "no address given"),
@@ -332,6 +332,16 @@ impl Gathered {
                     "turnpike keeps its own Redis layout: import coturn's users with `turnpike import coturn-redis`, then set redis-url",
                 );
             }
+            // turnpike reads coturn's MySQL/MariaDB database as it is.
+            "mysql-userdb" => match v.and_then(crate::sqldb::mysql_url_from_coturn) {
+                Some(url) => {
+                    self.scalar("db-url", q(&url), l.text);
+                    if self.rest_only {
+                        self.psql_with_rest = true;
+                    }
+                }
+                None => self.not(l, "not host=… dbname=… user=… [password=…] [port=…]"),
+            },
             // turnpike reads coturn's PostgreSQL database as it is.
             "psql-userdb" | "sql-userdb" => match v {
                 Some(conn) => {

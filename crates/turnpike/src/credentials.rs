@@ -1,6 +1,6 @@
 //! Where the server's credentials come from, merged in this one place: the
 //! configured users and REST-API secrets (flags and file), the SQLite user
-//! database, the Redis store and coturn's PostgreSQL database. Start-up, SIGHUP reload and the watcher
+//! database, the Redis store and coturn's SQL database. Start-up, SIGHUP reload and the watcher
 //! that re-reads the stores every 2 s all go through [`CredentialStores`].
 //!
 //! The generated demo credential is used only while no store has a user:
@@ -26,7 +26,7 @@ pub struct CredentialStores {
     /// The last good copy from Redis, kept through outages.
     redis_users: Option<Credentials>,
     redis_fingerprint: Option<u64>,
-    /// coturn's PostgreSQL database (`db-url`); the last good copy too.
+    /// coturn's SQL database (`db-url`); the last good copy too.
     sql_url: Option<String>,
     sql_users: Option<Credentials>,
     sql_fingerprint: Option<u64>,
@@ -83,7 +83,7 @@ impl CredentialStores {
         Ok(true)
     }
 
-    /// Reads coturn's PostgreSQL database, when configured; returns whether
+    /// Reads coturn's SQL database, when configured; returns whether
     /// it changed. On an error the last good copy stays.
     pub fn read_sql(&mut self) -> anyhow::Result<bool> {
         let Some(url) = &self.sql_url else {
@@ -189,7 +189,7 @@ impl CredentialStores {
             ("config", configured),
             ("database", self.db_users.as_ref()),
             ("redis", self.redis_users.as_ref()),
-            ("postgresql", self.sql_users.as_ref()),
+            ("sql", self.sql_users.as_ref()),
         ]
     }
 
@@ -200,7 +200,7 @@ impl CredentialStores {
         let mut secrets = 0;
         for (name, creds) in self.sources() {
             let skip = (name == "redis" && self.redis_url.is_none())
-                || (name == "postgresql" && self.sql_url.is_none())
+                || (name == "sql" && self.sql_url.is_none())
                 || (name == "database" && creds.is_none());
             if let Some(c) = creds {
                 secrets += c.secret_count();
@@ -227,7 +227,7 @@ impl CredentialStores {
     }
 
     /// Names two sources define with different keys, with the source whose
-    /// key works (the later in merge order: PostgreSQL over Redis over the
+    /// key works (the later in merge order: SQL over Redis over the
     /// database over the configuration): `(name, loser, winner)`.
     pub fn conflicts(&self) -> Vec<(String, &'static str, &'static str)> {
         let sources = self.sources();
@@ -258,7 +258,7 @@ impl CredentialStores {
         }
     }
 
-    /// Configured + database + Redis + PostgreSQL: what the workers
+    /// Configured + database + Redis + SQL: what the workers
     /// authenticate with.
     pub fn merged(&self) -> Credentials {
         let mut c = if self.demo_in_use() || !self.demo {

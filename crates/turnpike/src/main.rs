@@ -93,14 +93,19 @@ enum ImportCommand {
         #[arg(long, value_name = "URL")]
         redis_url: Option<String>,
     },
-    /// coturn's PostgreSQL user database (`psql-userdb`, `turnadmin -e`):
-    /// long-term users (`turnusers_lt`) into turnpike's store; REST secrets
+    /// coturn's PostgreSQL or MySQL/MariaDB user database (`psql-userdb`,
+    /// `mysql-userdb`): long-term users (`turnusers_lt`) into turnpike's
+    /// store; REST secrets
     /// (`turn_secret`) printed as `auth-secret`. Read only. (`--db-url`
     /// serves from that database directly, without an import.)
     CoturnSql {
-        /// coturn's psql-userdb string ("host=… dbname=… user=… password=…")
-        /// or a postgres:// URL.
+        /// coturn's psql-userdb string ("host=… dbname=… user=… password=…"),
+        /// its mysql-userdb string with --mysql, or a postgres:// or mysql://
+        /// URL.
         source: String,
+        /// SOURCE is coturn's mysql-userdb string (MySQL or MariaDB).
+        #[arg(long)]
+        mysql: bool,
         /// turnpike's database for the users [default: as for `serve`].
         #[arg(long, value_name = "FILE", conflicts_with = "redis_url")]
         db: Option<std::path::PathBuf>,
@@ -247,9 +252,15 @@ fn import(cmd: ImportCommand) -> Result<()> {
         }
         ImportCommand::CoturnSql {
             source,
+            mysql,
             db,
             redis_url,
         } => {
+            let source = match mysql && !source.contains("://") {
+                true => turnpike::sqldb::mysql_url_from_coturn(&source)
+                    .context("--mysql: the source is not coturn's mysql-userdb string (host=… dbname=… user=… [password=…] [port=…])")?,
+                false => source,
+            };
             let got = turnpike::sqldb::read_coturn(&source)?;
             import_keys(&got.users, &got.secrets, db, redis_url.as_deref())
         }

@@ -309,11 +309,12 @@ pub struct Options {
     #[arg(long, value_name = "FILE", conflicts_with = "redis_url")]
     pub redis_url_file: Option<PathBuf>,
 
-    /// coturn's user database in PostgreSQL, read as it is (tables
-    /// turnusers_lt and turn_secret; nothing is written):
-    /// postgres://USER:PASSWORD@HOST:PORT/DBNAME, or coturn's psql-userdb
-    /// string "host=… dbname=… user=… password=…"; polled every 2 s,
-    /// cached if it goes away.
+    /// coturn's user database in PostgreSQL or MySQL/MariaDB, read as it
+    /// is (tables turnusers_lt and turn_secret; nothing is written):
+    /// postgres://USER:PASSWORD@HOST:PORT/DBNAME, coturn's psql-userdb
+    /// string "host=… dbname=… user=… password=…", or
+    /// mysql://USER:PASSWORD@HOST:PORT/DBNAME; polled every 2 s, cached if
+    /// it goes away.
     #[arg(long, value_name = "URL")]
     pub db_url: Option<String>,
 

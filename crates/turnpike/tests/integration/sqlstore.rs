@@ -1,12 +1,14 @@
-//! coturn's PostgreSQL user database, for real: a `postgres` server the
+//! coturn's SQL user database, for real: a `postgres` server the
 //! test starts (initdb in a temporary directory, run as the `postgres`
 //! system user on a free port, stopped by its PID), coturn's own schema
 //! (/usr/share/coturn/schema.sql) and users written by coturn's own
 //! `turnadmin -e`. turnpike serves them with no import (`--db-url`), sees
 //! a user added while it runs, keeps serving the users it has when the
 //! database stops (`turnpike_sql_up`, /readyz), and `import coturn-sql`
-//! carries them into SQLite. Needs root, PostgreSQL and coturn; skipped
-//! with a message otherwise (a failure under CI).
+//! carries them into SQLite; the same with MariaDB (`turnadmin -M`,
+//! `mariadbd` run as root in its own directory). Needs root, PostgreSQL,
+//! MariaDB and coturn; skipped with a message otherwise (a failure under
+//! CI).
 
 use crate::common;
 
@@ -19,15 +21,23 @@ use turnpike_client::client::{Channel, ClientTransport, TurnClient};
 
 const REALM: &str = "pg.example";
 
-/// A PostgreSQL server in a temporary directory, stopped (by its PID) and
+/// Which database.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Postgres,
+    Mariadb,
+}
+
+/// A database server in a temporary directory, stopped (by its PID) and
 /// removed on drop.
-struct Postgres {
+struct Db {
+    kind: Kind,
     server: Option<Child>,
     dir: PathBuf,
     port: u16,
 }
 
-impl Drop for Postgres {
+impl Drop for Db {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -58,19 +68,44 @@ fn pg_bin() -> Option<PathBuf> {
     found.pop()
 }
 
-impl Postgres {
+impl Db {
     /// Starts one, with coturn's schema in database `coturn`.
-    fn start() -> Result<Postgres, String> {
+    fn start(kind: Kind) -> Result<Db, String> {
         if common::euid() != 0 {
-            return Err("not root (the server runs as the postgres user)".into());
+            return Err("not root (the servers run as their system users)".into());
         }
-        let bin = pg_bin().ok_or("PostgreSQL is not installed")?;
         if !Path::new("/usr/share/coturn/schema.sql").exists() || !has("turnadmin") {
             return Err("coturn (turnadmin, its schema.sql) is not installed".into());
         }
-        let dir = std::env::temp_dir().join(format!("turnpike-pg-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("turnpike-{kind:?}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let port = common::free_port();
+        let server = match kind {
+            Kind::Postgres => Self::spawn_postgres(&dir, port)?,
+            Kind::Mariadb => Self::spawn_mariadb(&dir, port)?,
+        };
+        let db = Db {
+            kind,
+            server: Some(server),
+            dir,
+            port,
+        };
+        let end = Instant::now() + Duration::from_secs(30);
+        while db.sql(None, "SELECT 1").is_err() {
+            if Instant::now() > end {
+                return Err(format!("{kind:?} did not start"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        db.sql(None, "CREATE DATABASE coturn")?;
+        let schema = std::fs::read_to_string("/usr/share/coturn/schema.sql").map_err(|e| e.to_string())?;
+        db.sql(Some("coturn"), &schema)?;
+        Ok(db)
+    }
+
+    fn spawn_postgres(dir: &Path, port: u16) -> Result<Child, String> {
+        let bin = pg_bin().ok_or("PostgreSQL is not installed")?;
         ok(Command::new("chown").args(["postgres:postgres", dir.to_str().unwrap()]))?;
         let data = dir.join("data");
         let as_postgres = |program: &Path| {
@@ -82,77 +117,104 @@ impl Postgres {
         ok(as_postgres(&bin.join("initdb"))
             .args(["-A", "trust", "-U", "postgres", "-D"])
             .arg(&data))?;
-        let port = common::free_port();
         // setpriv execs: the PID is the server's.
-        let server = as_postgres(&bin.join("postgres"))
+        as_postgres(&bin.join("postgres"))
             .arg("-D")
             .arg(&data)
             .args(["-p", &port.to_string(), "-k"])
-            .arg(&dir)
+            .arg(dir)
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| e.to_string())?;
-        let mut pg = Postgres {
-            server: Some(server),
-            dir,
-            port,
-        };
-        let end = Instant::now() + Duration::from_secs(20);
-        while pg.psql("postgres", "SELECT 1").is_err() {
-            if Instant::now() > end {
-                return Err("postgres did not start".into());
-            }
-            std::thread::sleep(Duration::from_millis(100));
+            .map_err(|e| e.to_string())
+    }
+
+    fn spawn_mariadb(dir: &Path, port: u16) -> Result<Child, String> {
+        if !Path::new("/usr/sbin/mariadbd").exists() || !has("mariadb-install-db") {
+            return Err("MariaDB (mariadb-server) is not installed".into());
         }
-        pg.psql("postgres", "CREATE DATABASE coturn")?;
-        ok(Command::new("psql")
+        let data = dir.join("data");
+        ok(Command::new("mariadb-install-db")
             .args([
-                "-q",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                "coturn",
+                "--user=root",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
             ])
-            .args(["-v", "ON_ERROR_STOP=1", "-f", "/usr/share/coturn/schema.sql"]))?;
-        pg.port = port;
-        Ok(pg)
+            .arg(format!("--datadir={}", data.display())))?;
+        Command::new("/usr/sbin/mariadbd")
+            .args([
+                "--no-defaults",
+                "--user=root",
+                "--bind-address=127.0.0.1",
+                "--skip-networking=0",
+            ])
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--port={port}"))
+            .arg(format!("--socket={}", dir.join("mysqld.sock").display()))
+            .arg(format!("--pid-file={}", dir.join("mysqld.pid").display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())
     }
 
-    fn psql(&self, db: &str, sql: &str) -> Result<(), String> {
-        ok(Command::new("psql")
-            .args([
-                "-q",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                db,
-            ])
-            .args(["-v", "ON_ERROR_STOP=1", "-c", sql]))
+    /// Runs `sql` with the database's own client.
+    fn sql(&self, db: Option<&str>, sql: &str) -> Result<(), String> {
+        let port = self.port.to_string();
+        let mut c = match self.kind {
+            Kind::Postgres => {
+                let mut c = Command::new("psql");
+                c.args(["-q", "-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
+                    .args(["-d", db.unwrap_or("postgres"), "-v", "ON_ERROR_STOP=1", "-c", sql]);
+                c
+            }
+            Kind::Mariadb => {
+                let mut c = Command::new("mariadb");
+                c.args(["--no-defaults", "-h", "127.0.0.1", "-P", &port, "-u", "root"]);
+                if let Some(db) = db {
+                    c.arg(db);
+                }
+                c.args(["-e", sql]);
+                c
+            }
+        };
+        ok(&mut c)
     }
 
-    /// coturn's connection string for it (what `psql-userdb` holds).
+    /// coturn's connection string for it (what `psql-userdb` or
+    /// `mysql-userdb` holds).
     fn coturn_conn(&self) -> String {
+        let user = match self.kind {
+            Kind::Postgres => "postgres",
+            Kind::Mariadb => "root",
+        };
         format!(
-            "host=127.0.0.1 port={} dbname=coturn user=postgres connect_timeout=5",
+            "host=127.0.0.1 port={} dbname=coturn user={user} connect_timeout=5",
             self.port
         )
+    }
+
+    /// What turnpike is given.
+    fn url(&self) -> String {
+        match self.kind {
+            Kind::Postgres => format!("postgres://postgres@127.0.0.1:{}/coturn", self.port),
+            Kind::Mariadb => format!("mysql://root@127.0.0.1:{}/coturn", self.port),
+        }
+    }
+
+    fn turnadmin_flag(&self) -> &'static str {
+        match self.kind {
+            Kind::Postgres => "-e",
+            Kind::Mariadb => "-M",
+        }
     }
 
     /// coturn's own tool adds a long-term user.
     fn turnadmin_user(&self, name: &str, password: &str) {
         ok(Command::new("turnadmin").args([
             "-a",
-            "-e",
+            self.turnadmin_flag(),
             &self.coturn_conn(),
             "-u",
             name,
@@ -164,11 +226,15 @@ impl Postgres {
         .unwrap();
     }
 
-    /// SIGINT: PostgreSQL's fast shutdown.
+    /// SIGINT is PostgreSQL's fast shutdown; SIGTERM MariaDB's.
     fn stop(&mut self) {
         if let Some(mut c) = self.server.take() {
-            let _ = Command::new("kill").args(["-INT", &c.id().to_string()]).status();
-            let end = Instant::now() + Duration::from_secs(10);
+            let sig = match self.kind {
+                Kind::Postgres => "-INT",
+                Kind::Mariadb => "-TERM",
+            };
+            let _ = Command::new("kill").args([sig, &c.id().to_string()]).status();
+            let end = Instant::now() + Duration::from_secs(15);
             while Instant::now() < end {
                 if let Ok(Some(_)) = c.try_wait() {
                     return;
@@ -222,21 +288,37 @@ fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
 
 #[test]
 fn coturns_postgresql_users_log_in_with_no_import_and_stay_when_it_stops() {
-    let mut pg = match Postgres::start() {
+    users_log_in_with_no_import_and_stay_when_it_stops(Kind::Postgres);
+}
+
+#[test]
+fn coturns_mariadb_users_log_in_with_no_import_and_stay_when_it_stops() {
+    users_log_in_with_no_import_and_stay_when_it_stops(Kind::Mariadb);
+}
+
+fn users_log_in_with_no_import_and_stay_when_it_stops(kind: Kind) {
+    let mut pg = match Db::start(kind) {
         Ok(pg) => pg,
         Err(why) => {
-            common::missing("coturn's PostgreSQL user database", &why);
+            common::missing(&format!("coturn's {kind:?} user database"), &why);
             return;
         }
     };
     pg.turnadmin_user("alice", "alice-pw1");
     pg.turnadmin_user("bob", "bob-pw1");
-    ok(Command::new("turnadmin").args(["-s", "pg-rest-secret", "-e", &pg.coturn_conn(), "-r", REALM]))
-        .unwrap();
+    ok(Command::new("turnadmin").args([
+        "-s",
+        "pg-rest-secret",
+        pg.turnadmin_flag(),
+        &pg.coturn_conn(),
+        "-r",
+        REALM,
+    ]))
+    .unwrap();
 
     let (metrics, admin) = (common::free_port(), common::free_port());
     let token = "sqlstore-admin-token-0123456789";
-    let db_url = format!("postgres://postgres@127.0.0.1:{}/coturn", pg.port);
+    let db_url = pg.url();
     let (server, started, _rx) = common::spawn_server(
         Command::new(common::turnpike_bin())
             .args(["serve", "--listen", "127.0.0.1:0", "--no-tls", "--realm", REALM])
@@ -249,7 +331,7 @@ fn coturns_postgresql_users_log_in_with_no_import_and_stay_when_it_stops() {
                 token,
             ]),
     );
-    assert!(started.contains("postgresql 2 users"), "{started}");
+    assert!(started.contains("sql 2 users"), "{started}");
     assert!(started.contains("1 REST secret"), "{started}");
     let addr = common::listen_addr(&started);
     let metrics: SocketAddr = format!("127.0.0.1:{metrics}").parse().unwrap();
@@ -282,14 +364,14 @@ fn coturns_postgresql_users_log_in_with_no_import_and_stay_when_it_stops() {
     // Imported into turnpike's own SQLite store: they log in from there,
     // with no database server.
     let users_db = pg.dir.join("imported.db");
-    let out = Command::new(common::turnpike_bin())
-        .args([
-            "import",
-            "coturn-sql",
-            &pg.coturn_conn(),
-            "--db",
-            users_db.to_str().unwrap(),
-        ])
+    // From coturn's own connection string, as its configuration holds it.
+    let mut import = Command::new(common::turnpike_bin());
+    import.args(["import", "coturn-sql", &pg.coturn_conn()]);
+    if kind == Kind::Mariadb {
+        import.arg("--mysql");
+    }
+    let out = import
+        .args(["--db", users_db.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -352,5 +434,32 @@ fn import_coturn_carries_psql_userdb_as_db_url() {
     let v: toml::Value = toml::from_str(&toml).unwrap();
     let url = v["db-url"].as_str().unwrap();
     assert!(turnpike::sqldb::parse("db-url", url).is_ok());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `mysql-userdb` becomes a mysql:// URL (its password encoded).
+#[test]
+fn import_coturn_carries_mysql_userdb_as_a_mysql_url() {
+    let dir = std::env::temp_dir().join(format!("turnpike-mysql-conf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("turnserver.conf");
+    std::fs::write(
+        &conf,
+        "realm=pg.example\nlt-cred-mech\n\
+         mysql-userdb=\"host=db.internal dbname=coturn user=turn password=p@ss port=3306 connect_timeout=10\"\n",
+    )
+    .unwrap();
+    let out = Command::new(common::turnpike_bin())
+        .args(["import", "coturn", conf.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: toml::Value = toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    let url = v["db-url"].as_str().unwrap();
+    assert_eq!(url, "mysql://turn:p%40ss@db.internal:3306/coturn");
+    assert!(matches!(
+        turnpike::sqldb::parse("db-url", url),
+        Ok(turnpike::sqldb::Database::Mysql(_))
+    ));
     let _ = std::fs::remove_dir_all(&dir);
 }
