@@ -15,7 +15,7 @@ use super::error::ErrorCode;
 use super::events::{Event, Stats};
 use super::io::{AllocateId, Command, FiveTuple, QueuedTransmit, RelayError, RelayRequest, RelaysOpened};
 use super::respond::{Reply, ReqInfo, Signer};
-use super::table::{family, Allocation, Relayed};
+use super::table::{family, Allocation, Mobility, Relayed};
 use super::Server;
 use crate::limits::{Bucket, QuotaError};
 
@@ -33,6 +33,8 @@ pub(super) struct PendingAllocate {
     tcp: bool,
     /// DONT-FRAGMENT.
     dont_fragment: bool,
+    /// MOBILITY-TICKET (RFC 8016 §3.1): the answer carries a ticket.
+    mobility: bool,
 }
 
 /// What an Allocate asks for, its attributes checked (RFC 8656 §7.2).
@@ -69,6 +71,9 @@ impl Server {
             Ok(ask) => ask,
             Err(reply) => return reply,
         };
+        if let Some(reply) = self.mobility_refused(tuple, msg, ask.tcp) {
+            return reply;
+        }
         if let Some(reply) = self.steer_away(tuple) {
             return reply;
         }
@@ -130,6 +135,7 @@ impl Server {
                 primary_v6: ask.primary_v6,
                 tcp: ask.tcp,
                 dont_fragment: primary.dont_fragment,
+                mobility: msg.has(attr::MOBILITY_TICKET),
             },
         );
         self.commands.push_back(Command::OpenRelays {
@@ -146,12 +152,16 @@ impl Server {
     /// else is a mismatch (437, RFC 8656 §7.2).
     fn allocate_again(&mut self, now: Instant, idx: u32, msg: &Message<'_>) -> Reply {
         match self.table.get(idx) {
-            Some(a) if a.txid == msg.transaction_id() => Reply::AllocateOk {
-                relayed: a.advertised(&self.cfg),
-                lifetime: a.expires.saturating_duration_since(now).as_secs() as u32,
-                token: a.token,
-                family_error: a.family_error,
-            },
+            Some(a) if a.txid == msg.transaction_id() => {
+                let reply = Reply::AllocateOk {
+                    relayed: a.advertised(&self.cfg),
+                    lifetime: a.expires.saturating_duration_since(now).as_secs() as u32,
+                    token: a.token,
+                    family_error: a.family_error,
+                };
+                self.issue_ticket(idx, now);
+                reply
+            }
             _ => Reply::Error(ErrorCode::AllocationMismatch),
         }
     }
@@ -360,10 +370,14 @@ impl Server {
                 tcp: p.tcp,
                 tcp_conns: 0,
                 dont_fragment: p.dont_fragment,
+                mobility: Mobility::from_moves(p.mobility.then_some(0)),
             };
             let first = alloc.first_relayed(&self.cfg);
             let second = order.iter().flatten().copied().find(|a| *a != first);
-            self.table.insert(alloc);
+            let idx = self.table.insert(alloc);
+            if p.mobility {
+                self.issue_ticket(idx, now);
+            }
             self.counters.allocations_created[p.tuple.transport.index()] += 1;
             self.events.push_back(Event::AllocationCreated {
                 tuple: p.tuple,

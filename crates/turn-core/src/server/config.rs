@@ -175,6 +175,10 @@ pub struct Config {
     /// A kernel fast path is loaded: bound channels of UDP allocations are
     /// handed to it ([`crate::Command::FastPathInstall`]).
     pub fast_path: bool,
+    /// RFC 8016 mobility: an Allocate with MOBILITY-TICKET gets a ticket,
+    /// and a Refresh from another 5-tuple with it moves the allocation.
+    /// Off (the default): such an Allocate gets 405.
+    pub mobility: bool,
     /// RFC 5780 NAT behaviour discovery: the server's two IPs and two ports
     /// (it listens on all four combinations over UDP). `None`: off, and
     /// CHANGE-REQUEST, RESPONSE-PORT and PADDING are answered with 420.
@@ -221,6 +225,7 @@ impl Config {
             max_tcp_connections: 64,
             tcp_connect_timeout: super::tcp_relay::TCP_CONNECTION_TIMEOUT,
             fast_path: false,
+            mobility: false,
             epoch,
             unix_at_epoch,
         }

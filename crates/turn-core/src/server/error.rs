@@ -60,6 +60,9 @@ error_codes! {
     Unauthorized = 401, "Unauthorized";
     /// 403: the peer is refused by policy.
     Forbidden = 403, "Forbidden";
+    /// 405: mobility is off here, or not for this allocation (RFC 8016
+    /// §3.1).
+    MobilityForbidden = 405, "Mobility Forbidden";
     /// 420: unknown comprehension-required attribute.
     UnknownAttribute = 420, "Unknown Attribute";
     /// 437: no allocation, or one already exists on this 5-tuple.

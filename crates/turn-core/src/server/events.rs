@@ -219,6 +219,16 @@ pub enum Event {
         /// How long it lived.
         age: Duration,
     },
+    /// RFC 8016: an allocation's client moved to another 5-tuple with its
+    /// mobility ticket.
+    AllocationMoved {
+        /// Where it was.
+        from: FiveTuple,
+        /// Where it is now.
+        to: FiveTuple,
+        /// Its owner.
+        username: Arc<str>,
+    },
     /// Repeated integrity failures blocked a username/source pair (or a
     /// source) for a while.
     AuthBlocked {

@@ -1,5 +1,6 @@
 //! Refresh (RFC 8656 §7.3): lifetimes, deletion, and one family of a dual
-//! allocation at a time with REQUESTED-ADDRESS-FAMILY.
+//! allocation at a time with REQUESTED-ADDRESS-FAMILY; with a mobility
+//! ticket, RFC 8016 §3.2 (`mobility.rs`).
 
 use super::events::RefusalDetail;
 use std::cmp::Reverse;
@@ -7,15 +8,41 @@ use std::time::Instant;
 
 use stun_proto::{attr, Message};
 
+use super::auth_check::Authenticated;
 use super::error::ErrorCode;
 use super::events::CloseReason;
 use super::io::Command;
+use super::io::FiveTuple;
 use super::respond::Reply;
 use super::Server;
 
 impl Server {
-    pub(super) fn refresh(&mut self, now: Instant, msg: &Message<'_>, existing: Option<u32>) -> Reply {
-        let Some(idx) = existing else {
+    /// `existing` is the allocation of the request's 5-tuple; a Refresh
+    /// with a mobility ticket from a 5-tuple without one may move the
+    /// ticket's allocation here (RFC 8016 §3.2), which then becomes it.
+    pub(super) fn refresh(
+        &mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        msg: &Message<'_>,
+        auth: &Authenticated,
+        existing: &mut Option<u32>,
+    ) -> Reply {
+        let ticket = msg.get(attr::MOBILITY_TICKET);
+        match (ticket, *existing) {
+            (Some(t), None) if !t.is_empty() => match self.move_by_ticket(now, tuple, t, auth) {
+                Ok(idx) => *existing = Some(idx),
+                Err(reply) => return reply,
+            },
+            (Some(_), Some(idx)) if self.table.get(idx).is_some_and(|a| a.mobility.moves().is_none()) => {
+                return self.refuse(
+                    ErrorCode::MobilityForbidden,
+                    RefusalDetail::Rule("the allocation was made without MOBILITY-TICKET (RFC 8016)"),
+                );
+            }
+            _ => {}
+        }
+        let Some(idx) = *existing else {
             return Reply::Error(ErrorCode::AllocationMismatch);
         };
         let family = match msg.get(attr::REQUESTED_ADDRESS_FAMILY) {
@@ -61,6 +88,10 @@ impl Server {
         a.recompute_expiry();
         a.purge(now);
         self.table.timers.push(Reverse((now + lifetime, idx)));
+        if ticket.is_some() {
+            // §3.2: every Refresh with a ticket gets a fresh one.
+            self.issue_ticket(idx, now);
+        }
         Reply::RefreshOk {
             lifetime: lifetime.as_secs() as u32,
         }

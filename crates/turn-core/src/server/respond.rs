@@ -234,6 +234,12 @@ impl Server {
                 }
             }
         }
+        // RFC 8016: a ticket goes with a success only.
+        if let Some(t) = self.ticket_out.take() {
+            if class == Class::Success {
+                b.attr(attr::MOBILITY_TICKET, &t);
+            }
+        }
         // A challenge is sized against its request (challenge.rs).
         if let (Some(s), None) = (&self.cfg.software, &nonce) {
             b.attr(attr::SOFTWARE, s.as_bytes());

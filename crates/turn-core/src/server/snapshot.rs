@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use super::error::ErrorCode;
 use super::events::{Counters, Stats};
 use super::io::{ConnectionId, FiveTuple, ListenerId, Transport};
-use super::table::{family, Allocation, ChannelBinding, Permission, Relayed, CHANNEL_COOLDOWN};
+use super::table::{family, Allocation, ChannelBinding, Mobility, Permission, Relayed, CHANNEL_COOLDOWN};
 use super::tcp_relay::{TcpConn, TcpState};
 use super::Server;
 use crate::limits::Bucket;
@@ -106,6 +106,11 @@ pub struct AllocationState {
     /// Its peer data connections (RFC 6062 §5.3, §5.4).
     #[serde(default)]
     pub tcp_conns: Vec<TcpConnState>,
+    /// RFC 8016: made with MOBILITY-TICKET, and its moves so far (tickets
+    /// it gave out stay good; an older reader drops mobility, not the
+    /// allocation).
+    #[serde(default)]
+    pub mobility: Option<u16>,
 }
 
 /// A peer data connection of an RFC 6062 allocation.
@@ -305,6 +310,7 @@ impl Server {
                 dont_fragment: a.dont_fragment,
                 tcp: a.tcp,
                 tcp_conns: self.tcp_conn_states(a, now),
+                mobility: a.mobility.moves(),
             })
             .collect();
         Snapshot {
@@ -422,6 +428,7 @@ impl Server {
                 tcp: a.tcp,
                 tcp_conns: 0,
                 dont_fragment: a.dont_fragment,
+                mobility: Mobility::from_moves(a.mobility),
                 fast_reserved: [0; 2],
             });
             if a.tcp {

@@ -100,10 +100,36 @@ pub(super) struct Allocation {
     pub(super) tcp_conns: u16,
     /// The Allocate had DONT-FRAGMENT (its relay sockets set DF).
     pub(super) dont_fragment: bool,
+    /// RFC 8016: whether the allocation was made with MOBILITY-TICKET, and
+    /// its moves so far (a ticket names the count it was issued at, so a
+    /// ticket used for a move is spent).
+    pub(super) mobility: Mobility,
     /// Bytes granted to the kernel fast path under bandwidth caps,
     /// client→peer and peer→client, taken from the buckets until it
     /// reports what it used (`fast_path.rs`).
     pub(super) fast_reserved: [u64; 2],
+}
+
+/// An allocation's mobility (RFC 8016) in two bytes: 0 without it, else
+/// one more than its moves so far (wrapping past 65,534 moves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) struct Mobility(u16);
+
+impl Mobility {
+    /// With mobility, after `moves` moves (`None`: without).
+    pub(super) fn from_moves(moves: Option<u16>) -> Mobility {
+        Mobility(moves.map_or(0, |m| (m % u16::MAX) + 1))
+    }
+
+    /// Its moves so far, if it has mobility.
+    pub(super) fn moves(self) -> Option<u16> {
+        self.0.checked_sub(1)
+    }
+
+    /// One more move.
+    pub(super) fn moved(self) -> Mobility {
+        Mobility::from_moves(self.moves().map(|m| m.wrapping_add(1)))
+    }
 }
 
 impl Allocation {
@@ -220,6 +246,17 @@ impl Table {
             self.relayed.remove(&r.bound);
         }
         Some(a)
+    }
+
+    /// Allocation `idx` answers on `to` from now on (RFC 8016: its client
+    /// moved).
+    pub(super) fn retuple(&mut self, idx: u32, to: FiveTuple) {
+        let Some(a) = self.allocs.get_mut(idx as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        self.by_tuple.remove(&a.tuple);
+        a.tuple = to;
+        self.by_tuple.insert(to, idx);
     }
 
     /// One relay of an allocation closed (a family of a dual allocation).

@@ -5,6 +5,7 @@ mod common;
 mod dualstack;
 mod fast_path;
 mod hardening;
+mod mobility;
 mod rules;
 mod snapshot;
 mod tcp_relay;

@@ -311,6 +311,7 @@ proptest::proptest! {
                     dont_fragment: false,
                     tcp: false,
                     tcp_conns: Vec::new(),
+                    mobility: None,
                 })
                 .collect(),
             counters: Default::default(),

@@ -162,6 +162,13 @@ impl Worker {
                     "allocation deleted"
                     )
                 }
+                Event::AllocationMoved { from, to, username } => info!(
+                    client = %r.show(&to.client),
+                    from = %r.show(&from.client),
+                    server = %to.server,
+                    user = ?r.show(&username),
+                    "allocation moved to the client's new address (RFC 8016 mobility)"
+                ),
                 // Usernames come from the network: `?` escapes control
                 // characters, so a crafted name cannot forge log lines.
                 Event::AuthBlocked { client, username } => warn!(
