@@ -34,6 +34,9 @@ pub trait RelayProvider {
     fn fast_path_install(&mut self, _entry: FastPathEntry) {}
     /// Carries out [`Command::FastPathRemove`] (see `fast_path_install`).
     fn fast_path_remove(&mut self, _client: FiveTuple, _channel: u16) {}
+    /// Carries out [`Command::MobilityElsewhere`]: one server has no other
+    /// worker to pass the request to.
+    fn mobility_elsewhere(&mut self, _worker: u8, _tuple: FiveTuple, _request: Vec<u8>) {}
 }
 
 impl Server {
@@ -61,6 +64,11 @@ impl Server {
                 Command::CloseConnection { id } => relays.close_connection(id),
                 Command::FastPathInstall(e) => relays.fast_path_install(e),
                 Command::FastPathRemove { client, channel } => relays.fast_path_remove(client, channel),
+                Command::MobilityElsewhere {
+                    worker,
+                    tuple,
+                    request,
+                } => relays.mobility_elsewhere(worker, tuple, request),
             }
         }
     }
@@ -115,6 +123,8 @@ pub struct FakeRelays {
     pub closed_conns: Vec<u32>,
     /// The kernel fast path's table, as the core's commands leave it.
     pub fast: HashMap<(FiveTuple, u16), FastPathEntry>,
+    /// RFC 8016 requests for another worker: (worker, tuple, request).
+    pub elsewhere: Vec<(u8, FiveTuple, Vec<u8>)>,
 }
 
 impl FakeRelays {
@@ -217,6 +227,10 @@ impl RelayProvider for FakeRelays {
 
     fn fast_path_remove(&mut self, client: FiveTuple, channel: u16) {
         self.fast.remove(&(client, channel));
+    }
+
+    fn mobility_elsewhere(&mut self, worker: u8, tuple: FiveTuple, request: Vec<u8>) {
+        self.elsewhere.push((worker, tuple, request));
     }
 }
 

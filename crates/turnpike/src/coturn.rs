@@ -165,7 +165,7 @@ pub const MAPPINGS: &[Mapping] = &[
     },
     Mapping {
         coturn: "mobility",
-        turnpike: "not supported (RFC 8016)",
+        turnpike: "--mobility (RFC 8016: tickets bound to the user, spent by a move)",
     },
     Mapping {
         coturn: "server-name",

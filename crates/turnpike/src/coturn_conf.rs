@@ -254,6 +254,7 @@ impl Gathered {
             | "max-allocate-lifetime" => self.number(l),
             "no-tls" => self.scalar("no-tls", "true".into(), l.text),
             "allow-loopback-peers" => self.scalar("allow-loopback-peers", "true".into(), l.text),
+            "mobility" => self.scalar("mobility", "true".into(), l.text),
             "verbose" | "v" => self.scalar("log-level", q("debug"), l.text),
             "Verbose" | "V" => self.scalar("log-level", q("trace"), l.text),
             "prometheus" => {

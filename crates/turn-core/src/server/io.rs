@@ -236,4 +236,17 @@ pub enum Command {
         /// The channel number.
         channel: u16,
     },
+    /// RFC 8016: a Refresh with a mobility ticket of an allocation another
+    /// worker holds (its tag, `Config::connection_id_tag`), which the
+    /// client's new 5-tuple reached here: the runtime passes the request
+    /// to that worker, which moves the allocation, and then hands it over
+    /// to this one (`Server::take_allocation`, `Server::adopt_allocation`).
+    MobilityElsewhere {
+        /// The worker holding the allocation.
+        worker: u8,
+        /// The client's new 5-tuple, as this worker sees it.
+        tuple: FiveTuple,
+        /// The request, unanswered.
+        request: Vec<u8>,
+    },
 }

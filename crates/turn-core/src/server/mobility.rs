@@ -32,7 +32,7 @@ use stun_proto::{attr, Message};
 use super::auth_check::Authenticated;
 use super::error::ErrorCode;
 use super::events::{Event, RefusalDetail};
-use super::io::{FiveTuple, Transport};
+use super::io::{Command, FiveTuple, Transport};
 use super::respond::Reply;
 use super::Server;
 
@@ -42,6 +42,8 @@ const TICKET_VERSION: u8 = 1;
 /// What a ticket says, once opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Ticket {
+    /// The worker that holds the allocation (its CONNECTION-ID tag).
+    worker: u8,
     relay: SocketAddr,
     txid: [u8; 12],
     moves: u16,
@@ -65,7 +67,7 @@ fn key(secret: &[u8; 32]) -> ChaCha20Poly1305 {
 
 impl Ticket {
     fn plain(&self) -> Vec<u8> {
-        let mut p = vec![TICKET_VERSION];
+        let mut p = vec![TICKET_VERSION, self.worker];
         match self.relay.ip() {
             IpAddr::V4(ip) => {
                 p.push(4);
@@ -89,6 +91,7 @@ impl Ticket {
         if version != TICKET_VERSION {
             return None;
         }
+        let (&worker, rest) = rest.split_first()?;
         let (&family, rest) = rest.split_first()?;
         let (ip, rest): (IpAddr, &[u8]) = match family {
             4 => {
@@ -106,6 +109,7 @@ impl Ticket {
         let (moves, rest) = rest.split_first_chunk::<2>()?;
         let (issued, rest) = rest.split_first_chunk::<8>()?;
         Some(Ticket {
+            worker,
             relay: SocketAddr::new(ip, u16::from_be_bytes(*port)),
             txid: *txid,
             moves: u16::from_be_bytes(*moves),
@@ -127,6 +131,7 @@ impl Server {
             return;
         };
         let t = Ticket {
+            worker: self.cfg.connection_id_tag,
             relay: relay.bound,
             txid: a.txid,
             moves,
@@ -200,6 +205,7 @@ impl Server {
         now: Instant,
         tuple: FiveTuple,
         sealed: &[u8],
+        request: &[u8],
         auth: &Authenticated,
     ) -> Result<u32, Reply> {
         let bad = |s: &mut Server, why: &'static str| {
@@ -225,6 +231,16 @@ impl Server {
         let max_age = self.cfg.max_lifetime.as_millis() as u64;
         if self.since_epoch_ms(now).saturating_sub(t.issued_ms) > max_age {
             return bad(self, "an expired mobility ticket (RFC 8016)");
+        }
+        if t.worker != self.cfg.connection_id_tag {
+            // Another worker holds it: the request goes there, unanswered
+            // here (the answer comes with the allocation).
+            self.commands.push_back(Command::MobilityElsewhere {
+                worker: t.worker,
+                tuple,
+                request: request.to_vec(),
+            });
+            return Err(Reply::Deferred);
         }
         let Some(&idx) = self.table.by_relay.get(&t.relay) else {
             return Err(Reply::Error(ErrorCode::AllocationMismatch));
@@ -265,6 +281,7 @@ mod tests {
     #[test]
     fn a_ticket_reads_back_and_garbage_does_not() {
         let t = Ticket {
+            worker: 1,
             relay: "[2001:db8::1]:50000".parse().unwrap(),
             txid: [7; 12],
             moves: 3,

@@ -30,10 +30,12 @@ impl Server {
     ) -> Reply {
         let ticket = msg.get(attr::MOBILITY_TICKET);
         match (ticket, *existing) {
-            (Some(t), None) if !t.is_empty() => match self.move_by_ticket(now, tuple, t, auth) {
-                Ok(idx) => *existing = Some(idx),
-                Err(reply) => return reply,
-            },
+            (Some(t), None) if !t.is_empty() => {
+                match self.move_by_ticket(now, tuple, t, msg.as_bytes(), auth) {
+                    Ok(idx) => *existing = Some(idx),
+                    Err(reply) => return reply,
+                }
+            }
             (Some(_), Some(idx)) if self.table.get(idx).is_some_and(|a| a.mobility.moves().is_none()) => {
                 return self.refuse(
                     ErrorCode::MobilityForbidden,

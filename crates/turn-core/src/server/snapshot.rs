@@ -263,55 +263,7 @@ impl Server {
             .table
             .iter()
             .filter(|a| a.is_live(now) && self.movable(a))
-            .map(|a| AllocationState {
-                transport: a.tuple.transport,
-                client: a.tuple.client,
-                server: a.tuple.server,
-                listener: a.tuple.listener,
-                relays: a
-                    .relays
-                    .iter()
-                    .flatten()
-                    .filter(|r| r.expires > now)
-                    .map(|r| RelayState {
-                        bound: r.bound,
-                        expires_in_ms: left_ms(r.expires, now),
-                    })
-                    .collect(),
-                username: a.username.to_string(),
-                txid: a.txid,
-                token: a.token,
-                family_error: a.family_error.map(|(f, c)| (f, c.code())),
-                age_ms: now.saturating_duration_since(a.created).as_millis() as u64,
-                permissions: a
-                    .permissions
-                    .iter()
-                    .filter(|p| p.expires > now)
-                    .map(|p| PermissionState {
-                        ip: p.ip,
-                        expires_in_ms: left_ms(p.expires, now),
-                    })
-                    .collect(),
-                channels: a
-                    .channels
-                    .iter()
-                    .filter(|c| c.expires + CHANNEL_COOLDOWN > now)
-                    .map(|c| ChannelState {
-                        number: c.number,
-                        peer: c.peer,
-                        expires_in_ms: if c.expires > now {
-                            left_ms(c.expires, now) as i64
-                        } else {
-                            -(now.duration_since(c.expires).as_millis() as i64)
-                        },
-                    })
-                    .collect(),
-                stats: a.stats,
-                dont_fragment: a.dont_fragment,
-                tcp: a.tcp,
-                tcp_conns: self.tcp_conn_states(a, now),
-                mobility: a.mobility.moves(),
-            })
+            .map(|a| self.state_of(a, now))
             .collect();
         Snapshot {
             version: SNAPSHOT_VERSION,
@@ -319,6 +271,59 @@ impl Server {
             counters: self.counters,
             data_seq: self.data_seq,
             tcp_seq: self.tcp_seq,
+        }
+    }
+
+    /// One allocation as data (times as what is left of them).
+    fn state_of(&self, a: &Allocation, now: Instant) -> AllocationState {
+        AllocationState {
+            transport: a.tuple.transport,
+            client: a.tuple.client,
+            server: a.tuple.server,
+            listener: a.tuple.listener,
+            relays: a
+                .relays
+                .iter()
+                .flatten()
+                .filter(|r| r.expires > now)
+                .map(|r| RelayState {
+                    bound: r.bound,
+                    expires_in_ms: left_ms(r.expires, now),
+                })
+                .collect(),
+            username: a.username.to_string(),
+            txid: a.txid,
+            token: a.token,
+            family_error: a.family_error.map(|(f, c)| (f, c.code())),
+            age_ms: now.saturating_duration_since(a.created).as_millis() as u64,
+            permissions: a
+                .permissions
+                .iter()
+                .filter(|p| p.expires > now)
+                .map(|p| PermissionState {
+                    ip: p.ip,
+                    expires_in_ms: left_ms(p.expires, now),
+                })
+                .collect(),
+            channels: a
+                .channels
+                .iter()
+                .filter(|c| c.expires + CHANNEL_COOLDOWN > now)
+                .map(|c| ChannelState {
+                    number: c.number,
+                    peer: c.peer,
+                    expires_in_ms: if c.expires > now {
+                        left_ms(c.expires, now) as i64
+                    } else {
+                        -(now.duration_since(c.expires).as_millis() as i64)
+                    },
+                })
+                .collect(),
+            stats: a.stats,
+            dont_fragment: a.dont_fragment,
+            tcp: a.tcp,
+            tcp_conns: self.tcp_conn_states(a, now),
+            mobility: a.mobility.moves(),
         }
     }
 
@@ -356,86 +361,10 @@ impl Server {
         }
         let mut done = Restored::default();
         for a in &snap.allocations {
-            let tuple = FiveTuple {
-                transport: a.transport,
-                client: a.client,
-                server: a.server,
-                listener: match listener(a.listener) {
-                    Some(l) => l,
-                    None => {
-                        done.dropped += 1;
-                        continue;
-                    }
-                },
-            };
-            let relays = a.relays.iter().filter(|r| r.expires_in_ms > 0);
-            let mut slots: [Option<Relayed>; 2] = [None, None];
-            for r in relays {
-                slots[family(r.bound)] = Some(Relayed {
-                    bound: r.bound,
-                    expires: now + Duration::from_millis(r.expires_in_ms),
-                });
+            match self.insert_state(now, a, listener) {
+                Some(_) => done.allocations += 1,
+                None => done.dropped += 1,
             }
-            let Some(expires) = slots.iter().flatten().map(|r| r.expires).max() else {
-                done.dropped += 1;
-                continue;
-            };
-            if self.table.by_tuple.contains_key(&tuple) {
-                done.dropped += 1;
-                continue;
-            }
-            let username: Arc<str> = Arc::from(a.username.as_str());
-            self.shared.quotas.adopt(&username);
-            let user_slot = self.user_slot(&username);
-            let idx = self.table.insert(Allocation {
-                tuple,
-                relays: slots,
-                username,
-                txid: a.txid,
-                token: a.token,
-                family_error: a
-                    .family_error
-                    .and_then(|(f, c)| ErrorCode::from_code(c).map(|c| (f, c))),
-                created: now.checked_sub(Duration::from_millis(a.age_ms)).unwrap_or(now),
-                expires,
-                permissions: a
-                    .permissions
-                    .iter()
-                    .map(|p| Permission {
-                        ip: p.ip,
-                        expires: now + Duration::from_millis(p.expires_in_ms),
-                    })
-                    .collect(),
-                channels: a
-                    .channels
-                    .iter()
-                    .map(|c| ChannelBinding {
-                        number: c.number,
-                        peer: c.peer,
-                        expires: if c.expires_in_ms >= 0 {
-                            now + Duration::from_millis(c.expires_in_ms as u64)
-                        } else {
-                            now.checked_sub(Duration::from_millis(c.expires_in_ms.unsigned_abs()))
-                                .unwrap_or(now)
-                        },
-                    })
-                    .collect(),
-                stats: a.stats,
-                bw_up: Bucket::new(),
-                bw_down: Bucket::new(),
-                icmp: Bucket::new(),
-                user_slot,
-                tcp: a.tcp,
-                tcp_conns: 0,
-                dont_fragment: a.dont_fragment,
-                mobility: Mobility::from_moves(a.mobility),
-                fast_reserved: [0; 2],
-            });
-            if a.tcp {
-                self.restore_tcp_conns(now, idx, tuple, &a.tcp_conns, listener);
-            }
-            self.sync_fast_path(idx, now);
-            done.allocations += 1;
         }
         self.counters = snap.counters;
         self.data_seq = self.data_seq.max(snap.data_seq);
@@ -445,6 +374,129 @@ impl Server {
 }
 
 impl Server {
+    /// Serves allocation `a` (checked) from `now` on: its listener mapped
+    /// by `listener`, counted against the quotas (never refused: it
+    /// exists), its fast-path entries sent. `None`: expired, no such
+    /// listener, or its 5-tuple taken: dropped.
+    fn insert_state(
+        &mut self,
+        now: Instant,
+        a: &AllocationState,
+        listener: &dyn Fn(ListenerId) -> Option<ListenerId>,
+    ) -> Option<u32> {
+        let tuple = FiveTuple {
+            transport: a.transport,
+            client: a.client,
+            server: a.server,
+            listener: match listener(a.listener) {
+                Some(l) => l,
+                None => return None,
+            },
+        };
+        let relays = a.relays.iter().filter(|r| r.expires_in_ms > 0);
+        let mut slots: [Option<Relayed>; 2] = [None, None];
+        for r in relays {
+            slots[family(r.bound)] = Some(Relayed {
+                bound: r.bound,
+                expires: now + Duration::from_millis(r.expires_in_ms),
+            });
+        }
+        let expires = slots.iter().flatten().map(|r| r.expires).max()?;
+        if self.table.by_tuple.contains_key(&tuple) {
+            return None;
+        }
+        let username: Arc<str> = Arc::from(a.username.as_str());
+        self.shared.quotas.adopt(&username);
+        let user_slot = self.user_slot(&username);
+        let idx = self.table.insert(Allocation {
+            tuple,
+            relays: slots,
+            username,
+            txid: a.txid,
+            token: a.token,
+            family_error: a
+                .family_error
+                .and_then(|(f, c)| ErrorCode::from_code(c).map(|c| (f, c))),
+            created: now.checked_sub(Duration::from_millis(a.age_ms)).unwrap_or(now),
+            expires,
+            permissions: a
+                .permissions
+                .iter()
+                .map(|p| Permission {
+                    ip: p.ip,
+                    expires: now + Duration::from_millis(p.expires_in_ms),
+                })
+                .collect(),
+            channels: a
+                .channels
+                .iter()
+                .map(|c| ChannelBinding {
+                    number: c.number,
+                    peer: c.peer,
+                    expires: if c.expires_in_ms >= 0 {
+                        now + Duration::from_millis(c.expires_in_ms as u64)
+                    } else {
+                        now.checked_sub(Duration::from_millis(c.expires_in_ms.unsigned_abs()))
+                            .unwrap_or(now)
+                    },
+                })
+                .collect(),
+            stats: a.stats,
+            bw_up: Bucket::new(),
+            bw_down: Bucket::new(),
+            icmp: Bucket::new(),
+            user_slot,
+            tcp: a.tcp,
+            tcp_conns: 0,
+            dont_fragment: a.dont_fragment,
+            mobility: Mobility::from_moves(a.mobility),
+            fast_reserved: [0; 2],
+        });
+        if a.tcp {
+            self.restore_tcp_conns(now, idx, tuple, &a.tcp_conns, listener);
+        }
+        self.sync_fast_path(idx, now);
+        Some(idx)
+    }
+
+    /// RFC 8016 across workers: allocation `tuple` leaves this server for
+    /// another worker's (whose runtime takes its relay sockets, which stay
+    /// open): as data, without a trace in events or counters; its quota
+    /// and bandwidth slots given back (the other takes them) and its
+    /// fast-path entries removed (the other installs them).
+    pub fn take_allocation(&mut self, tuple: &FiveTuple, now: Instant) -> Option<AllocationState> {
+        let idx = *self.table.by_tuple.get(tuple)?;
+        let a = self.table.get(idx)?;
+        if a.tcp {
+            return None;
+        }
+        let state = self.state_of(a, now);
+        let channels: Vec<u16> = a.channels.iter().map(|c| c.number).collect();
+        let a = self.table.remove(idx)?;
+        self.remove_fast_path(a.tuple, &channels);
+        self.shared.quotas.release(&a.username);
+        self.release_user_slot(a.user_slot);
+        Some(state)
+    }
+
+    /// Takes in an allocation another worker's server gave up
+    /// ([`Server::take_allocation`]); the runtime holds its relay sockets.
+    pub fn adopt_allocation(
+        &mut self,
+        now: Instant,
+        state: &AllocationState,
+        listener: &dyn Fn(ListenerId) -> Option<ListenerId>,
+    ) -> Result<(), SnapshotError> {
+        check(state)?;
+        match self.insert_state(now, state, listener) {
+            Some(_) => Ok(()),
+            None => Err(SnapshotError::Invalid(format!(
+                "allocation of {}: expired, its listener unknown or its 5-tuple taken",
+                state.client
+            ))),
+        }
+    }
+
     /// An RFC 6062 allocation's peer data connections, pending (with what
     /// was left of their time to be bound) or bound to their data
     /// connection (the runtime adopts its socket at the same 5-tuple).

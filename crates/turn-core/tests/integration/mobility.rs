@@ -171,3 +171,56 @@ fn the_fast_path_entries_follow_a_move() {
     let e = h.relays.fast[&(moved.t, 0x4000)];
     assert_eq!(e.peer, PEER.parse().unwrap());
 }
+
+/// The new address reached another worker (`Config::connection_id_tag`
+/// differs): it passes the request on unanswered; the worker holding the
+/// allocation moves it and gives it up as data; the first takes it in and
+/// serves it. Each step's refusal leaves the allocation where it was.
+#[test]
+fn a_move_that_reached_another_worker_hands_the_allocation_over() {
+    let mut a = Harness::with(|c| {
+        c.mobility = true;
+        c.connection_id_tag = 0;
+    });
+    let mut b = Harness::with(|c| {
+        c.mobility = true;
+        c.connection_id_tag = 1;
+    });
+    b.now = a.now;
+    let (_c, relayed, ticket) = mobile_call(&mut a);
+    let mut moved = Client::new(tuple(Transport::Udp, MOVED), "alice", "wonderland");
+    moved.learn_nonce(&mut b);
+    let txid = moved.txid();
+    let req = moved.build(method::REFRESH, txid, &|bld| {
+        bld.attr(attr::MOBILITY_TICKET, &ticket);
+    });
+    assert!(
+        b.send(moved.t, &req).is_none(),
+        "not answered by the wrong worker"
+    );
+    let (worker, t, request) = b.relays.elsewhere.pop().expect("passed on");
+    assert_eq!((worker, t), (0, moved.t));
+    // The holder moves it (its answer is not sent: the runtime hands the
+    // allocation over first, and the taker answers the same request).
+    let (_, resp) = a.send(t, &request).expect("answered by the holder");
+    assert!(is_success(&resp), "{:?}", code(&resp));
+    let state = a.server.take_allocation(&t, a.now).expect("given up");
+    assert!(a.server.sessions(a.now).is_empty());
+    assert!(a.peer_sends(relayed, PEER, b"gone").is_none());
+    b.server.adopt_allocation(b.now, &state, &Some).unwrap();
+    let (dest, resp) = b.send(t, &request).expect("answered by the taker");
+    assert_eq!(dest, Dest::Client(moved.t));
+    assert!(is_success(&resp), "{:?}", code(&resp));
+    let renewed = ticket_of(&resp);
+    // The taker serves it: the peer's data, and a later move with its
+    // ticket, which names the taker, needs no other worker.
+    let (dest, data) = b.peer_sends(relayed, PEER, b"here").unwrap();
+    assert_eq!(dest, Dest::Client(moved.t));
+    assert_eq!(data, channel_data(0x4000, b"here"));
+    let mut again = Client::new(tuple(Transport::Udp, "198.18.7.11:53000"), "alice", "wonderland");
+    assert!(
+        is_success(&refresh_with(&mut b, &mut again, &renewed)),
+        "moves again on the taker"
+    );
+    assert!(b.relays.elsewhere.is_empty());
+}

@@ -148,6 +148,9 @@ pub struct TurnClient {
     tcp: bool,
     /// ALTERNATE-SERVER of the last 300 answer (RFC 8489 §14.15).
     alternate: Option<SocketAddr>,
+    /// RFC 8016: ask for mobility on Allocate; the last ticket received.
+    mobility: bool,
+    ticket: Option<Vec<u8>>,
 }
 
 impl TurnClient {
@@ -166,6 +169,42 @@ impl TurnClient {
             family: RelayFamily::Ipv4,
             tcp: false,
             alternate: None,
+            mobility: false,
+            ticket: None,
+        }
+    }
+
+    /// The next [`TurnClient::allocate`] asks for mobility (RFC 8016
+    /// MOBILITY-TICKET); the ticket it gets is kept.
+    pub fn set_mobility(&mut self, on: bool) {
+        self.mobility = on;
+    }
+
+    /// The last mobility ticket the server gave.
+    pub fn mobility_ticket(&self) -> Option<&[u8]> {
+        self.ticket.as_deref()
+    }
+
+    /// RFC 8016 §3.2: after the client's address changed, carries the
+    /// allocation over to `ch` (a socket from the new address) with a
+    /// Refresh bearing the ticket; the server's new ticket is kept.
+    pub fn move_to(&mut self, ch: Channel) -> Result<u32, ClientError> {
+        let ticket = self.ticket.clone().ok_or(ClientError::Protocol(
+            "no mobility ticket (allocate with set_mobility first)",
+        ))?;
+        self.ch = ch;
+        self.inbox.clear();
+        let resp = self.transaction(method::REFRESH, &move |b| {
+            b.attr(attr::MOBILITY_TICKET, &ticket);
+        })?;
+        let m = Message::parse(&resp).map_err(|_| ClientError::Protocol("bad response"))?;
+        self.keep_ticket(&m);
+        Ok(m.get_u32(attr::LIFETIME).unwrap_or(0))
+    }
+
+    fn keep_ticket(&mut self, m: &Message<'_>) {
+        if let Some(t) = m.get(attr::MOBILITY_TICKET).filter(|t| !t.is_empty()) {
+            self.ticket = Some(t.to_vec());
         }
     }
 
@@ -361,8 +400,12 @@ impl TurnClient {
         } else {
             attr::PROTOCOL_UDP
         };
+        let mobility = self.mobility;
         let resp = self.transaction(method::ALLOCATE, &move |b| {
             b.u32(attr::REQUESTED_TRANSPORT, (proto as u32) << 24);
+            if mobility {
+                b.attr(attr::MOBILITY_TICKET, &[]);
+            }
             match family {
                 RelayFamily::Ipv4 => {}
                 RelayFamily::Ipv6 => {
@@ -392,6 +435,7 @@ impl TurnClient {
             .get_all(attr::XOR_RELAYED_ADDRESS)
             .filter_map(|v| m.decode_xor_addr(v).ok())
             .find(|a| *a != relayed);
+        self.keep_ticket(&m);
         let family_error = m
             .get(attr::ADDRESS_ERROR_CODE)
             .filter(|v| v.len() >= 4)

@@ -170,6 +170,13 @@ pub struct Options {
     #[arg(long, value_name = "TEXT")]
     pub software: Option<String>,
 
+    /// RFC 8016 mobility: an Allocate with MOBILITY-TICKET gets a ticket,
+    /// and a client whose address changes (Wi-Fi to cellular) keeps its
+    /// allocation with it (UDP; the same user only) [default: off, as in
+    /// coturn; such an Allocate then gets 405].
+    #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", default_value_t = false, require_equals = true, value_name = "BOOL")]
+    pub mobility: bool,
+
     /// Also accept RFC 5766 channel numbers 0x5000-0x7FFF (older clients).
     #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", default_value_t = false, require_equals = true, value_name = "BOOL")]
     pub rfc5766_channel_numbers: bool,

@@ -193,6 +193,7 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         log_level,
         software,
         rfc5766_channel_numbers: _,
+        mobility: _,
         nonce_lifetime,
         allocation_lifetime,
         max_allocation_lifetime,

@@ -166,6 +166,7 @@ pub(super) fn core_config(settings: &Settings, base: &CoreBase) -> turn_core::Co
     );
     c.software = settings.options.software.clone();
     c.legacy_channel_numbers = settings.options.rfc5766_channel_numbers;
+    c.mobility = settings.options.mobility;
     c.long_realm = settings.options.allow_long_realm;
     c.max_tcp_connections = settings.options.tcp_connections_per_allocation;
     c.tcp_connect_timeout = settings.options.tcp_connect_timeout.get();

@@ -108,7 +108,11 @@ fn uclient_relays_every_packet_in_every_mode() {
     } else {
         &[]
     };
-    let mut flags = vec!["--allow-loopback-peers", "--rfc5766-channel-numbers"];
+    let mut flags = vec![
+        "--allow-loopback-peers",
+        "--rfc5766-channel-numbers",
+        "--mobility",
+    ];
     flags.extend_from_slice(v6);
     let h = start(&flags);
     let peer = start_peer();
@@ -125,6 +129,8 @@ fn uclient_relays_every_packet_in_every_mode() {
         (vec!["-S", "-t"], tls_port), // TLS
         (vec!["-Z", "-y"], port),     // dual allocations (RFC 8656 §7.2), client to client
         (vec!["-g", "-y"], port),     // DONT-FRAGMENT (RFC 8656 §14.8), client to client
+        (vec!["-M"], port),           // RFC 8016 mobility tickets, channels
+        (vec!["-M", "-y"], port),     // RFC 8016 mobility tickets, client to client
         (vec!["-T"], port),           // RFC 6062 TCP relay, client to client
         (vec!["-T", "-S"], tls_port), // RFC 6062 TCP relay over TLS
     ];

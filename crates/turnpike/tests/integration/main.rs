@@ -21,6 +21,7 @@ mod interop;
 mod kubernetes;
 mod limits;
 mod metrics;
+mod mobility;
 mod multihome;
 mod node_setup;
 mod probe;

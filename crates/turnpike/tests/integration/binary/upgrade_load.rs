@@ -320,6 +320,16 @@ impl Load {
     }
 }
 
+/// A scratch directory removed on drop, a failing test's too (it holds a
+/// copy of the binary: 200 MB a run left behind).
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The installed binary (a copy of the test binary the server is started
 /// from) in `dir`, and the configuration with TLS, admin and metrics.
 fn installed(dir: &Path) -> (PathBuf, PathBuf, SocketAddr, SocketAddr, &'static str) {
@@ -396,7 +406,8 @@ fn wait_gone(pid: u32, within: Duration) -> bool {
 
 #[test]
 fn under_full_load_an_upgrade_to_another_build_keeps_every_call() {
-    let dir = scratch("load");
+    let scratch_dir = Scratch(scratch("load"));
+    let dir = scratch_dir.0.clone();
     let (exe, cfg, admin, metrics, token) = installed(&dir);
     let (server, err, addr, mut seen) = start_with(std::process::Command::new(&exe), &cfg);
     let old_pid = server.0.as_ref().unwrap().id();
@@ -523,12 +534,13 @@ fn under_full_load_an_upgrade_to_another_build_keeps_every_call() {
     assert!(alive(new_pid));
     signal(new_pid, libc::SIGINT);
     drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(scratch_dir);
 }
 
 #[test]
 fn ten_upgrades_in_a_row_under_load_lose_nothing_and_leak_nothing() {
-    let dir = scratch("load10");
+    let scratch_dir = Scratch(scratch("load10"));
+    let dir = scratch_dir.0.clone();
     let (exe, cfg, _, _, _) = installed(&dir);
     let (server, err, addr, mut seen) = start_with(std::process::Command::new(&exe), &cfg);
     let mut pid = server.0.as_ref().unwrap().id();
@@ -590,5 +602,5 @@ fn ten_upgrades_in_a_row_under_load_lose_nothing_and_leak_nothing() {
     assert!(hi * 10 <= lo * 13, "RSS grows across upgrades: {rss:?}");
     signal(pid, libc::SIGINT);
     drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(scratch_dir);
 }
