@@ -388,10 +388,7 @@ impl Server {
             transport: a.transport,
             client: a.client,
             server: a.server,
-            listener: match listener(a.listener) {
-                Some(l) => l,
-                None => return None,
-            },
+            listener: listener(a.listener)?,
         };
         let relays = a.relays.iter().filter(|r| r.expires_in_ms > 0);
         let mut slots: [Option<Relayed>; 2] = [None, None];
