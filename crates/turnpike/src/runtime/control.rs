@@ -59,6 +59,12 @@ pub(crate) enum WorkerRequest {
     /// kernel program relayed for this worker's allocations between the
     /// snapshot and the swap of programs, into their stats.
     FastTrailing(Vec<crate::upgrade::FastCount>),
+    /// RFC 8016: a mobility Refresh another worker received for an
+    /// allocation this one holds (`mobility.rs`).
+    MobilityMove(super::mobility::Move),
+    /// RFC 8016: the allocation another worker moved, for this one (which
+    /// the client's new address reaches) to serve.
+    MobilityAdopt(Box<super::mobility::Adopt>),
 }
 
 /// The fast path's part of a binary upgrade: its XDP links (interface,

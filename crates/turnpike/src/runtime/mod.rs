@@ -47,6 +47,7 @@ mod fast;
 mod handover;
 mod listeners;
 mod log;
+mod mobility;
 mod pairs;
 mod raw_buf;
 pub mod relays;
@@ -649,26 +650,32 @@ fn spawn_workers(
     let mut polls = Vec::new();
     let mut handoff_rx = Vec::new();
     let mut handoff_tx = Vec::new();
+    let mut request_rx = Vec::new();
+    let mut peers = Vec::new();
     for _ in 0..per_worker.len() {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = std::sync::mpsc::channel();
         handoff_tx.push((tx, waker.clone()));
         handoff_rx.push(rx);
+        // The control plane's requests, and other workers' (RFC 8016).
+        let (tx, rx) = std::sync::mpsc::channel();
+        commands.push(tx.clone());
+        peers.push((tx, waker.clone()));
+        request_rx.push(rx);
         wakers.push(waker);
         polls.push(poll);
     }
     let tcp_relay_addrs = tcp_relay::TcpRelayAddrs::default();
-    for ((id, mut sockets), (poll, handoff)) in per_worker
+    for (((id, mut sockets), (poll, handoff)), rx) in per_worker
         .into_iter()
         .enumerate()
         .zip(polls.into_iter().zip(handoff_rx))
+        .zip(request_rx)
     {
         let taken = sockets.taken.take();
         let mut cfg = core_cfg.0.clone();
         cfg.connection_id_tag = id as u8;
-        let (tx, rx) = std::sync::mpsc::channel();
-        commands.push(tx);
         let mut worker = Worker::new(
             poll,
             sockets,
@@ -692,6 +699,7 @@ fn spawn_workers(
                 gso: settings.options.udp_gso,
                 board: shared.board.clone(),
                 commands: rx,
+                peers: peers.clone(),
                 handoff,
                 handoff_to: handoff_tx.clone(),
                 tcp_relay_addrs: tcp_relay_addrs.clone(),

@@ -210,6 +210,22 @@ impl Io {
     }
 
     /// Closes a relay socket (`Command::CloseRelay`), UDP or TCP.
+    /// A UDP relay socket leaves this worker open, for another to serve
+    /// (RFC 8016 across workers, `mobility.rs`); queued datagrams must
+    /// have been sent.
+    pub(super) fn release_relay(&mut self, relay: SocketAddr) -> Option<std::net::UdpSocket> {
+        let key = *self.relay_by_addr.get(&relay)?;
+        if !matches!(self.sources.get(key), Some(Source::Relay { .. })) {
+            return None;
+        }
+        self.relay_by_addr.remove(&relay);
+        let Source::Relay { mut sock, .. } = self.sources.remove(key) else {
+            return None;
+        };
+        let _ = self.registry.deregister(&mut sock);
+        Some(std::net::UdpSocket::from(std::os::fd::OwnedFd::from(sock)))
+    }
+
     pub(super) fn close_relay(&mut self, relay: SocketAddr) {
         if let Some(key) = self.relay_by_addr.remove(&relay) {
             if matches!(self.sources.get(key), Some(Source::TcpRelay { .. })) {

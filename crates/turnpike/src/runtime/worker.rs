@@ -45,6 +45,9 @@ pub(super) struct WorkerParams {
     pub(super) gso: bool,
     pub(super) board: crate::metrics::Board,
     pub(super) commands: std::sync::mpsc::Receiver<WorkerRequest>,
+    /// Every worker's request channel and waker, by worker id (RFC 8016:
+    /// an allocation moves between workers).
+    pub(super) peers: Vec<(std::sync::mpsc::Sender<WorkerRequest>, Arc<mio::Waker>)>,
     pub(super) connections: Arc<SourceCounter>,
     /// Data connections other workers pass to this one (RFC 6062).
     pub(super) handoff: std::sync::mpsc::Receiver<Box<Conn>>,
@@ -95,6 +98,7 @@ impl Worker {
             gso,
             board,
             commands,
+            peers,
             connections,
             handoff,
             handoff_to,
@@ -139,7 +143,7 @@ impl Worker {
             streams: Streams::new(tls, limits, connections, handoff, handoff_to),
             pairs: Pairs::default(),
             fast: FastPlane::new(fast),
-            control: ControlLink::new(stop, reloads, board, commands),
+            control: ControlLink::new(stop, reloads, board, commands, peers),
             id,
             redact,
             refusals: RefusalLog::new(refusals_per_second),
@@ -178,6 +182,11 @@ impl Worker {
                 Command::CloseConnection { id } => self.close_pair(id),
                 Command::FastPathInstall(e) => self.fast.install(e),
                 Command::FastPathRemove { client, channel } => self.fast.remove(client, channel),
+                Command::MobilityElsewhere {
+                    worker,
+                    tuple,
+                    request,
+                } => self.mobility_elsewhere(worker, tuple, request),
             }
         }
         while let Some(t) = self.core.poll_transmit() {

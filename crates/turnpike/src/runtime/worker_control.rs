@@ -18,6 +18,8 @@ pub(super) struct ControlLink {
     seen_generation: u64,
     board: crate::metrics::Board,
     commands: Receiver<WorkerRequest>,
+    /// Every worker's request channel and waker (this one's included).
+    pub(super) peers: Vec<(std::sync::mpsc::Sender<WorkerRequest>, Arc<mio::Waker>)>,
 }
 
 impl ControlLink {
@@ -26,6 +28,7 @@ impl ControlLink {
         reloads: Arc<Reloads>,
         board: crate::metrics::Board,
         commands: Receiver<WorkerRequest>,
+        peers: Vec<(std::sync::mpsc::Sender<WorkerRequest>, Arc<mio::Waker>)>,
     ) -> Self {
         ControlLink {
             stop,
@@ -33,6 +36,7 @@ impl ControlLink {
             seen_generation: 0,
             board,
             commands,
+            peers,
         }
     }
 
@@ -61,6 +65,8 @@ impl Worker {
                 }
                 WorkerRequest::Handover(ask) => self.hand_over(now, ask),
                 WorkerRequest::FastTrailing(counts) => self.fast_trailing(now, counts),
+                WorkerRequest::MobilityMove(m) => self.mobility_move(now, m),
+                WorkerRequest::MobilityAdopt(m) => self.mobility_adopt(now, m),
             }
         }
     }

@@ -163,8 +163,12 @@ no-udp-relay
         stderr.contains("imported gus (realm turn.example.com)"),
         "{stderr}"
     );
-    // What cannot carry over is named, with why.
-    assert!(stderr.contains("mobility: not supported"), "{stderr}");
+    // mobility carries over (RFC 8016); what cannot is named, with why.
+    assert!(!stderr.contains("mobility: not supported"), "{stderr}");
+    assert!(
+        std::fs::read_to_string(&toml).unwrap().contains("\nmobility = true"),
+        "mobility carried over"
+    );
     assert!(
         stderr.contains("no-udp-relay: not supported: UDP relays are always offered"),
         "{stderr}"
