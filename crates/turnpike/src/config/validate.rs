@@ -616,18 +616,29 @@ fn user_db(db: Option<&PathBuf>, host: &HostFacts) -> Result<PathBuf> {
     }
 }
 
-fn redis_url_of(url: Option<&String>, file: Option<&PathBuf>, host: &HostFacts) -> Result<Option<String>> {
-    let url = match (url, file) {
-        (Some(_), Some(_)) => bail!("redis-url and redis-url-file: give one of them"),
+/// A URL given as `{name}` or read from `{name}-file` (so a password in
+/// it is on no command line), not both.
+fn url_or_file(
+    name: &str,
+    url: Option<&String>,
+    file: Option<&PathBuf>,
+    host: &HostFacts,
+) -> Result<Option<String>> {
+    match (url, file) {
+        (Some(_), Some(_)) => bail!("{name} and {name}-file: give one of them"),
         (_, Some(f)) => {
-            let url = host.file("redis-url-file", f)?.trim();
+            let url = host.file(&format!("{name}-file"), f)?.trim();
             if url.is_empty() {
-                bail!("redis-url-file {}: empty; it holds one redis:// URL", f.display());
+                bail!("{name}-file {}: empty; it holds one URL", f.display());
             }
-            Some(url.to_owned())
+            Ok(Some(url.to_owned()))
         }
-        (url, None) => url.cloned(),
-    };
+        (url, None) => Ok(url.cloned()),
+    }
+}
+
+fn redis_url_of(url: Option<&String>, file: Option<&PathBuf>, host: &HostFacts) -> Result<Option<String>> {
+    let url = url_or_file("redis-url", url, file, host)?;
     if let Some(url) = &url {
         if let Err(e) = redis::Client::open(url.as_str()) {
             bail!("redis-url {url:?}: not a Redis URL ({e}); expected redis://[:PASSWORD@]HOST[:PORT][/DB]");
@@ -637,17 +648,7 @@ fn redis_url_of(url: Option<&String>, file: Option<&PathBuf>, host: &HostFacts) 
 }
 
 fn db_url_of(url: Option<&String>, file: Option<&PathBuf>, host: &HostFacts) -> Result<Option<String>> {
-    let url = match (url, file) {
-        (Some(_), Some(_)) => bail!("db-url and db-url-file: give one of them"),
-        (_, Some(f)) => {
-            let url = host.file("db-url-file", f)?.trim();
-            if url.is_empty() {
-                bail!("db-url-file {}: empty; it holds one postgres:// URL", f.display());
-            }
-            Some(url.to_owned())
-        }
-        (url, None) => url.cloned(),
-    };
+    let url = url_or_file("db-url", url, file, host)?;
     if let Some(url) = &url {
         crate::sqldb::parse("db-url", url)?;
     }

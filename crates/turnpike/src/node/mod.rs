@@ -287,6 +287,20 @@ fn upgrade(upgrader: &crate::upgrade::old::Upgrader) -> bool {
     }
 }
 
+/// A networked credential store (Redis, SQL) read at start: `up` says
+/// whether it answered; one that does not is no reason not to start (its
+/// users come when it answers, the watcher retries every 2 s).
+fn store_read_at_start(read: Result<bool>, configured: bool, up: &std::sync::atomic::AtomicI8) {
+    match read {
+        Ok(_) if configured => up.store(1, std::sync::atomic::Ordering::Relaxed),
+        Ok(_) => {}
+        Err(e) => {
+            up.store(0, std::sync::atomic::Ordering::Relaxed);
+            eprintln!("turnpike: {e:#}; starting without its users, retrying every 2 s");
+        }
+    }
+}
+
 /// The credential sources (configuration, SQLite, Redis, the web pages'
 /// secret), read once; `settings` gets their merged credentials, and no
 /// demo credential when any other user exists.
@@ -299,26 +313,10 @@ fn open_stores(
         stores.set_web_secret(secret);
     }
     stores.read_db()?;
-    match stores.read_redis() {
-        Ok(_) if settings.redis_url.is_some() => {
-            crate::metrics::REDIS_UP.store(1, std::sync::atomic::Ordering::Relaxed)
-        }
-        Ok(_) => {}
-        Err(e) => {
-            crate::metrics::REDIS_UP.store(0, std::sync::atomic::Ordering::Relaxed);
-            eprintln!("turnpike: {e:#}; starting without its users, retrying every 2 s");
-        }
-    }
-    match stores.read_sql() {
-        Ok(_) if settings.db_url.is_some() => {
-            crate::metrics::SQL_UP.store(1, std::sync::atomic::Ordering::Relaxed)
-        }
-        Ok(_) => {}
-        Err(e) => {
-            crate::metrics::SQL_UP.store(0, std::sync::atomic::Ordering::Relaxed);
-            eprintln!("turnpike: {e:#}; starting without its users, retrying every 2 s");
-        }
-    }
+    let redis = stores.read_redis();
+    store_read_at_start(redis, settings.redis_url.is_some(), &crate::metrics::REDIS_UP);
+    let sql = stores.read_sql();
+    store_read_at_start(sql, settings.db_url.is_some(), &crate::metrics::SQL_UP);
     if !stores.demo_in_use() {
         settings.demo_user = None;
     }

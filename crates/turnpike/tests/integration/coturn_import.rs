@@ -166,7 +166,9 @@ no-udp-relay
     // mobility carries over (RFC 8016); what cannot is named, with why.
     assert!(!stderr.contains("mobility: not supported"), "{stderr}");
     assert!(
-        std::fs::read_to_string(&toml).unwrap().contains("\nmobility = true"),
+        std::fs::read_to_string(&toml)
+            .unwrap()
+            .contains("\nmobility = true"),
         "mobility carried over"
     );
     assert!(

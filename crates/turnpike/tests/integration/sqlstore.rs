@@ -405,61 +405,52 @@ fn users_log_in_with_no_import_and_stay_when_it_stops(kind: Kind) {
     drop(server);
 }
 
-/// `import coturn` carries `psql-userdb` over as `db-url`: the same
-/// database serves turnpike, unchanged.
-#[test]
-fn import_coturn_carries_psql_userdb_as_db_url() {
-    let dir = std::env::temp_dir().join(format!("turnpike-psql-conf-{}", std::process::id()));
+/// `turnpike import coturn` of a turnserver.conf with `lines`: the TOML.
+fn imported(tag: &str, lines: &str) -> toml::Value {
+    let dir = std::env::temp_dir().join(format!("turnpike-{tag}-conf-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let conf = dir.join("turnserver.conf");
-    std::fs::write(
-        &conf,
-        "listening-port=3478\nrealm=pg.example\nlt-cred-mech\n\
-         psql-userdb=\"host=db.internal dbname=coturn user=coturn password=s3cret connect_timeout=30\"\n",
-    )
-    .unwrap();
+    std::fs::write(&conf, format!("realm=pg.example\nlt-cred-mech\n{lines}\n")).unwrap();
     let out = Command::new(common::turnpike_bin())
         .args(["import", "coturn", conf.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let toml = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        toml.contains(
-            "db-url = \"host=db.internal dbname=coturn user=coturn password=s3cret connect_timeout=30\""
-        ),
-        "{toml}"
-    );
-    // A TOML whose db-url turnpike takes as it is.
-    let v: toml::Value = toml::from_str(&toml).unwrap();
-    let url = v["db-url"].as_str().unwrap();
-    assert!(turnpike::sqldb::parse("db-url", url).is_ok());
     let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap()
+}
+
+/// `import coturn` carries `psql-userdb` over as `db-url`: the same
+/// database serves turnpike, unchanged.
+#[test]
+fn import_coturn_carries_psql_userdb_as_db_url() {
+    let v = imported(
+        "psql",
+        "psql-userdb=\"host=db.internal dbname=coturn user=coturn password=s3cret connect_timeout=30\"",
+    );
+    let url = v["db-url"].as_str().unwrap();
+    assert_eq!(
+        url,
+        "host=db.internal dbname=coturn user=coturn password=s3cret connect_timeout=30"
+    );
+    // One turnpike takes as it is.
+    assert!(matches!(
+        turnpike::sqldb::parse("db-url", url),
+        Ok(turnpike::sqldb::Database::Postgres(_))
+    ));
 }
 
 /// `mysql-userdb` becomes a mysql:// URL (its password encoded).
 #[test]
 fn import_coturn_carries_mysql_userdb_as_a_mysql_url() {
-    let dir = std::env::temp_dir().join(format!("turnpike-mysql-conf-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let conf = dir.join("turnserver.conf");
-    std::fs::write(
-        &conf,
-        "realm=pg.example\nlt-cred-mech\n\
-         mysql-userdb=\"host=db.internal dbname=coturn user=turn password=p@ss port=3306 connect_timeout=10\"\n",
-    )
-    .unwrap();
-    let out = Command::new(common::turnpike_bin())
-        .args(["import", "coturn", conf.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: toml::Value = toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    let v = imported(
+        "mysql",
+        "mysql-userdb=\"host=db.internal dbname=coturn user=turn password=p@ss port=3306 connect_timeout=10\"",
+    );
     let url = v["db-url"].as_str().unwrap();
     assert_eq!(url, "mysql://turn:p%40ss@db.internal:3306/coturn");
     assert!(matches!(
         turnpike::sqldb::parse("db-url", url),
         Ok(turnpike::sqldb::Database::Mysql(_))
     ));
-    let _ = std::fs::remove_dir_all(&dir);
 }

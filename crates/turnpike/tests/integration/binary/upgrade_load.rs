@@ -216,6 +216,28 @@ struct Seen {
     peer: UdpSocket,
 }
 
+impl Seen {
+    /// Media lost at most 0.1%, no call silent for long; every stream's
+    /// bytes arrived in order (checked as they came).
+    fn check(&self) {
+        assert!(
+            self.lost * 1000 <= self.sent,
+            "{} of {} lost",
+            self.lost,
+            self.sent
+        );
+        // How long the hand-over silences a call is measured in
+        // BENCHMARKS.md (20-43 ms on an idle machine); a test on a busy
+        // one only checks that it is no stall.
+        assert!(
+            self.longest <= Duration::from_secs(1),
+            "a call was silent for {:?}",
+            self.longest
+        );
+        assert!(self.stream_bytes > 0);
+    }
+}
+
 impl Load {
     fn start(addr: SocketAddr, tls_addr: SocketAddr) -> Load {
         let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -453,21 +475,7 @@ fn under_full_load_an_upgrade_to_another_build_keeps_every_call() {
         "upgrade under load: {} media packets, {} lost, longest silence {:?}; {} stream bytes in order",
         seen_load.sent, seen_load.lost, seen_load.longest, seen_load.stream_bytes
     );
-    assert!(
-        seen_load.lost * 1000 <= seen_load.sent,
-        "{} of {} lost",
-        seen_load.lost,
-        seen_load.sent
-    );
-    // How long the hand-over silences a call is measured in BENCHMARKS.md
-    // (bench/upgrade.py: 20 ms on an idle machine); a test on a busy one
-    // only checks that it is no stall.
-    assert!(
-        seen_load.longest <= Duration::from_secs(1),
-        "a call was silent for {:?}",
-        seen_load.longest
-    );
-    assert!(seen_load.stream_bytes > 0);
+    seen_load.check();
 
     // The new process: the same sessions but the TLS ones (they stay with
     // the old process), counters that continued, its own build.
@@ -580,20 +588,7 @@ fn ten_upgrades_in_a_row_under_load_lose_nothing_and_leak_nothing() {
         "ten upgrades under load: {} media packets, {} lost, longest silence {:?}; {} stream bytes in order; RSS KiB {rss:?}; descriptors {held:?}",
         seen_load.sent, seen_load.lost, seen_load.longest, seen_load.stream_bytes
     );
-    assert!(
-        seen_load.lost * 1000 <= seen_load.sent,
-        "{} of {} lost",
-        seen_load.lost,
-        seen_load.sent
-    );
-    // How long the hand-over silences a call is measured in BENCHMARKS.md
-    // (bench/upgrade.py: 20 ms on an idle machine); a test on a busy one
-    // only checks that it is no stall.
-    assert!(
-        seen_load.longest <= Duration::from_secs(1),
-        "a call was silent for {:?}",
-        seen_load.longest
-    );
+    seen_load.check();
     assert!(
         held[1..].windows(2).all(|w| w[0] == w[1]),
         "descriptors leak across upgrades: {held:?}"
