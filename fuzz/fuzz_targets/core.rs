@@ -69,6 +69,9 @@ fuzz_target!(|data: &[u8]| {
     shared.set_auth_guard(4, Duration::from_secs(300));
     cfg.max_permissions = 8;
     cfg.max_channels = 8;
+    // RFC 8016: tickets given out are offered back (the two UDP clients
+    // are on different IPs, so a move is reachable).
+    cfg.mobility = data.first().is_some_and(|b| b & 4 == 4);
     // Small tables: a server is built per input.
     shared.set_source_slots(64);
     let mut server = Server::with_shared(cfg, shared);
@@ -86,6 +89,7 @@ fuzz_target!(|data: &[u8]| {
     let mut now = start;
     let mut rest = data.get(1..).unwrap_or_default();
     let mut peers: Vec<SocketAddr> = vec!["8.8.8.8:53".parse().unwrap()];
+    let mut tickets: Vec<Vec<u8>> = Vec::new();
 
     while rest.len() >= 3 {
         let op = rest[0];
@@ -131,6 +135,9 @@ fuzz_target!(|data: &[u8]| {
                         // random), so ConnectionBind is reachable.
                         let ids: Vec<u32> = relays.conns.iter().copied().collect();
                         b.u32(attr::CONNECTION_ID, ids[v[0] as usize % ids.len()]);
+                    } else if typ == attr::MOBILITY_TICKET && l >= 1 && v[0] < 0x80 && !tickets.is_empty() {
+                        // A ticket the server gave out (they are sealed).
+                        b.attr(attr::MOBILITY_TICKET, &tickets[v[0] as usize % tickets.len()]);
                     } else if !matches!(
                         typ,
                         attr::MESSAGE_INTEGRITY | attr::MESSAGE_INTEGRITY_SHA256 | attr::FINGERPRINT
@@ -143,7 +150,14 @@ fuzz_target!(|data: &[u8]| {
                     .attr(attr::REALM, REALM.as_bytes())
                     .attr(attr::NONCE, &nonce)
                     .message_integrity(&key);
-                let _ = server.handle_client(now, t, &buf);
+                if let Some(tx) = server.handle_client(now, t, &buf) {
+                    let ticket = stun_proto::Message::parse(tx.data)
+                        .ok()
+                        .and_then(|m| m.get(attr::MOBILITY_TICKET).map(<[u8]>::to_vec));
+                    if let Some(ticket) = ticket.filter(|t| !t.is_empty() && tickets.len() < 16) {
+                        tickets.push(ticket);
+                    }
+                }
             }
             // RFC 6062 events from the runtime: a connect completing (or
             // failing), a peer connecting to a relay, a connection closing.

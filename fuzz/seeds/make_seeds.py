@@ -48,6 +48,12 @@ seqs = {
     'reserve': b'\x01' + alloc_even + alloc + refresh0,
     'tcp-close': b'\x02' + op(5, 2, b'\x00' + attr(0x0019, b'\x11\x00\x00\x00')) + close,
     'expire': b'\x03' + alloc + tick * 10 + op(15, 0, b'x' * 10) + chan,
+    # RFC 8016 (mobility on): an Allocate asking for a ticket, a channel,
+    # the move from the other UDP client's address with the ticket, data
+    # to the new address, the spent ticket replayed from the first.
+    'mobility': b'\x04' + op(5, 0, b'\x00' + attr(0x0019, b'\x11\x00\x00\x00') + attr(0x8030, b''))
+        + bind + op(6, 1, b'\x01' + attr(0x8030, b'\x00')) + peer
+        + op(6, 0, b'\x01' + attr(0x8030, b'\x00')) + tick,
 }
 for name, data in seqs.items():
     open(os.path.join(here, 'core', name), 'wb').write(data)
