@@ -769,3 +769,46 @@ fn a_blocked_guesser_stays_blocked_across_an_upgrade() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A mobility ticket the old process gave out moves the allocation in the
+/// new one (the ticket key is the nonce secret's, which moves; the move
+/// count is in the snapshot).
+#[test]
+fn a_mobility_ticket_from_before_an_upgrade_moves_the_allocation_after() {
+    let dir = scratch("mobility");
+    let cfg = config(&dir, 2);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("mobility = true\n");
+    std::fs::write(&cfg, text).unwrap();
+    let (server, err, addr, mut seen) = start(&cfg);
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut c = client(addr, ClientTransport::Udp);
+    c.set_mobility(true);
+    let relayed = c.allocate().unwrap().relayed;
+    c.channel_bind(0x4000, peer.local_addr().unwrap()).unwrap();
+    signal(server.0.as_ref().unwrap().id(), libc::SIGUSR2);
+    let done = wait_for(&err, "upgrade: the new process serves", &mut seen);
+    let new_pid: u32 = field(&done, "new_pid").parse().unwrap();
+    // Wi-Fi to cellular, after the upgrade: the old ticket moves it.
+    let moved = Channel::connect_from(
+        &ClientTransport::Udp,
+        addr,
+        Some("127.0.0.3".parse().unwrap()),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    c.move_to(moved).unwrap();
+    c.send_channel(0x4000, b"moved").unwrap();
+    let mut buf = [0u8; 16];
+    let (n, from) = peer.recv_from(&mut buf).unwrap();
+    assert_eq!((&buf[..n], from), (&b"moved"[..], relayed));
+    peer.send_to(b"back", relayed).unwrap();
+    assert!(matches!(
+        c.recv(Duration::from_secs(2)).unwrap(),
+        Received::Channel { channel: 0x4000, .. }
+    ));
+    signal(new_pid, libc::SIGINT);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
