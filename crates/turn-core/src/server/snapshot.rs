@@ -399,7 +399,14 @@ impl Server {
             });
         }
         let expires = slots.iter().flatten().map(|r| r.expires).max()?;
-        if self.table.by_tuple.contains_key(&tuple) {
+        // A 5-tuple or relayed address already served here (a damaged
+        // snapshot naming one twice) is not taken twice.
+        if self.table.by_tuple.contains_key(&tuple)
+            || slots
+                .iter()
+                .flatten()
+                .any(|r| self.table.by_relay.contains_key(&r.bound))
+        {
             return None;
         }
         let username: Arc<str> = Arc::from(a.username.as_str());

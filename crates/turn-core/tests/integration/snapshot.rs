@@ -319,6 +319,12 @@ proptest::proptest! {
             tcp_seq: 0,
         };
         let (mut next, _) = successor(&h);
+        // The runtime holds the handed-over relay sockets.
+        for a in &snap.allocations {
+            for r in &a.relays {
+                next.relays.open.insert(r.bound);
+            }
+        }
         let _ = next.server.restore(next.now, &snap, &Some);
         next.advance(700);
         let (_, resp) = next.send(udp(), &binding(false, None)).unwrap();

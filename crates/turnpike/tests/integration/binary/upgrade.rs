@@ -112,6 +112,13 @@ pub(super) fn config(dir: &std::path::Path, threads: usize) -> std::path::PathBu
     path
 }
 
+/// Appends `lines` to the configuration file `cfg`.
+fn add_to(cfg: &std::path::Path, lines: &str) {
+    let mut text = std::fs::read_to_string(cfg).unwrap();
+    text.push_str(lines);
+    std::fs::write(cfg, text).unwrap();
+}
+
 pub(super) fn client(server: SocketAddr, t: ClientTransport) -> TurnClient {
     let mut c = TurnClient::new(
         Channel::connect(&t, server, Duration::from_secs(3)).unwrap(),
@@ -526,11 +533,12 @@ fn the_session_list_and_the_counters_continue_across_an_upgrade() {
     let cfg = config(&dir, 2);
     let (admin, metrics) = (crate::common::free_port(), crate::common::free_port());
     let token = "upgrade-test-token-0123456789";
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str(&format!(
-        "admin-listen = \"127.0.0.1:{admin}\"\nadmin-token = \"{token}\"\nmetrics-listen = \"127.0.0.1:{metrics}\"\n"
-    ));
-    std::fs::write(&cfg, text).unwrap();
+    add_to(
+        &cfg,
+        &format!(
+            "admin-listen = \"127.0.0.1:{admin}\"\nadmin-token = \"{token}\"\nmetrics-listen = \"127.0.0.1:{metrics}\"\n"
+        ),
+    );
     let (admin, metrics): (SocketAddr, SocketAddr) = (
         format!("127.0.0.1:{admin}").parse().unwrap(),
         format!("127.0.0.1:{metrics}").parse().unwrap(),
@@ -725,9 +733,7 @@ fn a_new_process_that_dies_at_any_step_or_cannot_read_the_snapshot_leaves_the_ol
 fn a_blocked_guesser_stays_blocked_across_an_upgrade() {
     let dir = scratch("guard");
     let cfg = config(&dir, 1);
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str("auth-fail-limit = 4\n");
-    std::fs::write(&cfg, text).unwrap();
+    add_to(&cfg, "auth-fail-limit = 4\n");
     let (server, err, addr, mut seen) = start(&cfg);
     // Past half the limit one attempt a second is checked: spaced out.
     for _ in 0..4 {
@@ -777,9 +783,7 @@ fn a_blocked_guesser_stays_blocked_across_an_upgrade() {
 fn a_mobility_ticket_from_before_an_upgrade_moves_the_allocation_after() {
     let dir = scratch("mobility");
     let cfg = config(&dir, 2);
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str("mobility = true\n");
-    std::fs::write(&cfg, text).unwrap();
+    add_to(&cfg, "mobility = true\n");
     let (server, err, addr, mut seen) = start(&cfg);
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
