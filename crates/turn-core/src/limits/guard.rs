@@ -117,7 +117,13 @@ impl AuthGuard {
         )
     }
 
-    fn with_seeds(limit: u32, window: Duration, block: Duration, slots: usize, seeds: [u64; 4]) -> Self {
+    pub(super) fn with_seeds(
+        limit: u32,
+        window: Duration,
+        block: Duration,
+        slots: usize,
+        seeds: [u64; 4],
+    ) -> Self {
         AuthGuard {
             limit,
             window,
@@ -232,7 +238,7 @@ impl AuthGuard {
         (self.limit, self.block)
     }
 
-    fn slots(&self, n: usize, user: &[u8], ip: IpAddr) -> (usize, usize) {
+    pub(super) fn slots(&self, n: usize, user: &[u8], ip: IpAddr) -> (usize, usize) {
         (slot_of(&self.hasher, (user, ip), n), slot_of(&self.hasher, ip, n))
     }
 

@@ -40,11 +40,30 @@ fn a_fleet_total_counts_every_node() {
     q.acquire(&Arc::from("d")).unwrap();
 }
 
+/// A guard whose hasher has fixed keys: the tests that check one user or
+/// source is unaffected by another must not depend on two random keys
+/// putting them in one slot (1 in 64 with 64 slots).
+fn seeded(limit: u32, slots: usize) -> AuthGuard {
+    let g = AuthGuard::with_seeds(
+        limit,
+        Duration::from_secs(60),
+        Duration::from_secs(300),
+        slots,
+        [1, 2, 3, 4],
+    );
+    assert_ne!(
+        g.slots(slots, b"alice", "192.0.2.7".parse().unwrap()).0,
+        g.slots(slots, b"bob", "192.0.2.7".parse().unwrap()).0,
+        "these keys put alice and bob in one slot: pick others"
+    );
+    g
+}
+
 #[test]
 fn shared_failures_are_handed_out_once_and_imported_ones_count_but_are_not_shared_again() {
     let t0 = Instant::now();
     let ip: IpAddr = "192.0.2.7".parse().unwrap();
-    let g = AuthGuard::new(4, Duration::from_secs(60), Duration::from_secs(300), 64);
+    let g = seeded(4, 64);
     g.failed(b"alice", ip, t0);
     assert!(g.take_shared().is_empty(), "not shared until asked");
     g.share();
@@ -120,7 +139,7 @@ fn source_limiter_is_per_ip_and_can_be_off() {
 #[test]
 fn auth_guard_slows_then_blocks_the_pair_only() {
     let t0 = Instant::now();
-    let g = AuthGuard::new(6, Duration::from_secs(60), Duration::from_secs(300), 4096);
+    let g = seeded(6, 4096);
     let ip: IpAddr = "198.51.100.9".parse().unwrap();
     let other: IpAddr = "198.51.100.10".parse().unwrap();
     for _ in 0..3 {
@@ -231,7 +250,7 @@ fn a_block_survives_the_guard_being_carried_to_another_process() {
     let t0 = Instant::now();
     let (ip, other): (IpAddr, IpAddr) = ("192.0.2.7".parse().unwrap(), "192.0.2.8".parse().unwrap());
     let (window, block) = (Duration::from_secs(60), Duration::from_secs(300));
-    let g = AuthGuard::new(4, window, block, 4096);
+    let g = seeded(4, 4096);
     for _ in 0..4 {
         g.failed(b"alice", ip, t0);
     }
