@@ -39,19 +39,20 @@ pub(crate) struct Adopt {
 }
 
 impl Worker {
-    /// This worker's UDP listener for the server address a client reached
-    /// (a wildcard socket's port and family, or the address itself).
-    fn udp_listener_for(&self, server: SocketAddr) -> Option<ListenerId> {
-        self.io
-            .udp_by_addr
-            .iter()
-            .find(|(a, _)| {
-                *a == server
-                    || (a.ip().is_unspecified()
-                        && a.port() == server.port()
-                        && a.is_ipv4() == server.is_ipv4())
-            })
-            .map(|(_, k)| ListenerId(*k as u32))
+    /// The client's UDP 5-tuple as this worker sees it: through its own
+    /// listener for the server address the client reached (a wildcard
+    /// socket's port and family, or the address itself).
+    fn udp_tuple(&self, client: SocketAddr, server: SocketAddr) -> Option<FiveTuple> {
+        let (_, key) = self.io.udp_by_addr.iter().find(|(a, _)| {
+            *a == server
+                || (a.ip().is_unspecified() && a.port() == server.port() && a.is_ipv4() == server.is_ipv4())
+        })?;
+        Some(FiveTuple {
+            transport: Transport::Udp,
+            client,
+            server,
+            listener: ListenerId(*key as u32),
+        })
     }
 
     fn tell(&self, worker: usize, r: WorkerRequest) {
@@ -79,14 +80,8 @@ impl Worker {
     /// allocation, the allocation and its sockets go to the worker the new
     /// address reaches, which answers; else the refusal is answered here.
     pub(super) fn mobility_move(&mut self, now: Instant, m: Move) {
-        let Some(listener) = self.udp_listener_for(m.server) else {
+        let Some(tuple) = self.udp_tuple(m.client, m.server) else {
             return;
-        };
-        let tuple = FiveTuple {
-            transport: Transport::Udp,
-            client: m.client,
-            server: m.server,
-            listener,
         };
         let answer = self
             .core
@@ -124,7 +119,7 @@ impl Worker {
     /// Refresh that moved it.
     pub(super) fn mobility_adopt(&mut self, now: Instant, m: Box<Adopt>) {
         let m = *m;
-        let Some(listener) = self.udp_listener_for(m.server) else {
+        let Some(tuple) = self.udp_tuple(m.client, m.server) else {
             return;
         };
         let addrs: Vec<SocketAddr> = m.sockets.iter().map(|(_, a)| *a).collect();
@@ -133,19 +128,16 @@ impl Worker {
                 warn!(%addr, "mobility: a moved relay socket could not be registered");
             }
         }
-        if let Err(e) = self.core.adopt_allocation(now, &m.state, &|_| Some(listener)) {
+        if let Err(e) = self
+            .core
+            .adopt_allocation(now, &m.state, &|_| Some(tuple.listener))
+        {
             warn!(error = %e, "mobility: a moved allocation could not be taken in; it ends");
             for a in addrs {
                 self.io.close_relay(a);
             }
             return;
         }
-        let tuple = FiveTuple {
-            transport: Transport::Udp,
-            client: m.client,
-            server: m.server,
-            listener,
-        };
         if let Some(tx) = self.core.handle_client(now, tuple, &m.request) {
             self.io.transmit(tx);
         }

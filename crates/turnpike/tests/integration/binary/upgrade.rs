@@ -559,23 +559,7 @@ fn the_session_list_and_the_counters_continue_across_an_upgrade() {
         .collect();
     // Workers publish once a second.
     std::thread::sleep(Duration::from_millis(1500));
-    let sessions = |text: String| {
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let mut list: Vec<String> = v["sessions"]
-            .as_array()
-            .unwrap_or_else(|| panic!("a session list: {text}"))
-            .iter()
-            .map(|s| {
-                format!(
-                    "{} {} {} {}",
-                    s["user"], s["transport"], s["client"], s["relayed"]
-                )
-            })
-            .collect();
-        list.sort();
-        list
-    };
-    let before = sessions(get(admin, "/api/sessions", token));
+    let before = super::upgrade_load::sessions(admin, token);
     let scraped = get(metrics, "/metrics", "");
     let relayed_before = metric(&scraped, "turnpike_relayed_packets_total{direction=\"to_peer\"}");
     assert_eq!(before.len(), 6);
@@ -616,7 +600,7 @@ fn the_session_list_and_the_counters_continue_across_an_upgrade() {
     std::thread::sleep(Duration::from_millis(1500));
     // The new process answers on the same admin and metrics addresses,
     // lists the same allocations, and counts on from where the old left.
-    assert_eq!(sessions(get(admin, "/api/sessions", token)), before);
+    assert_eq!(super::upgrade_load::sessions(admin, token), before);
     let scraped = get(metrics, "/metrics", "");
     let relayed_after = metric(&scraped, "turnpike_relayed_packets_total{direction=\"to_peer\"}");
     assert!(

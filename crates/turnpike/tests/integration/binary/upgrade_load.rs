@@ -385,7 +385,7 @@ fn get(addr: SocketAddr, path: &str, token: &str) -> String {
 }
 
 /// The admin API's sessions as `user transport client relayed`, sorted.
-fn sessions(admin: SocketAddr, token: &str) -> Vec<String> {
+pub(super) fn sessions(admin: SocketAddr, token: &str) -> Vec<String> {
     let v: serde_json::Value = serde_json::from_str(&get(admin, "/api/sessions", token)).unwrap();
     let mut list: Vec<String> = v["sessions"]
         .as_array()
