@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use turnpike_client::client::{binding, Channel, ClientTransport, TurnClient};
 
@@ -667,7 +667,16 @@ fn the_servers_own_listeners_are_never_peers() {
         .expect("another loopback port is a peer");
     udp.channel_bind(0x4100, other).expect("and can be bound");
     tcp.connect(other).expect("and connected to over TCP");
-    let refusals: Vec<String> = err.try_iter().filter(|l| l.contains("peer refused")).collect();
+    // The log lines come through a pipe and a reader thread: wait for them.
+    let mut refusals: Vec<String> = Vec::new();
+    let end = Instant::now() + Duration::from_secs(5);
+    while !refusals.iter().any(|l| l.contains("own listening sockets")) && Instant::now() < end {
+        if let Ok(l) = err.recv_timeout(Duration::from_millis(100)) {
+            if l.contains("peer refused") {
+                refusals.push(l);
+            }
+        }
+    }
     assert!(
         refusals.iter().any(|l| l.contains("own listening sockets")),
         "the log says why: {refusals:?}"
