@@ -5,7 +5,7 @@
 
 use crate::common;
 
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -29,12 +29,18 @@ impl Drop for Peer {
     }
 }
 
-fn start_peer() -> Peer {
-    let port = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+fn start_peer(avoid: &[u16]) -> Peer {
+    let port = loop {
+        let port = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // uclient relays each call's RTCP to the next port up.
+        if !avoid.contains(&port) && port.checked_add(1).is_some_and(|next| !avoid.contains(&next)) {
+            break port;
+        }
+    };
     let child = Command::new(tool("turnutils_peer"))
         .args(["-L", "127.0.0.1", "-p", &port.to_string()])
         .stdout(Stdio::null())
@@ -45,8 +51,9 @@ fn start_peer() -> Peer {
     Peer(child, port)
 }
 
-/// Runs uclient with `flags`; returns (sent, received, lost) from its summary.
-fn uclient(flags: &[&str], port: u16, peer_port: u16) -> (u64, u64, u64, String) {
+/// Runs uclient with `flags`; returns (sent, received, lost) from its
+/// summary, or its whole output when it printed none.
+fn uclient(flags: &[&str], port: u16, peer_port: u16) -> Result<(u64, u64, u64, String), String> {
     let mut args: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
     args.extend(
         [
@@ -95,8 +102,70 @@ fn uclient(flags: &[&str], port: u16, peer_port: u16) -> (u64, u64, u64, String)
         }
     }
     match (sent, recv, lost) {
-        (Some(s), Some(r), Some(l)) => (s, r, l, text),
-        _ => panic!("uclient {flags:?}: no summary in its output:\n{text}"),
+        (Some(s), Some(r), Some(l)) => Ok((s, r, l, text)),
+        _ => Err(format!("uclient {flags:?}: no summary in its output:\n{text}")),
+    }
+}
+
+/// `turnpike serve` as a user runs it, its log read line by line: the
+/// refusals it explains are what a failed mode shows.
+struct Served {
+    _proc: Proc,
+    port: u16,
+    tls_port: u16,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Served {
+    fn start(flags: &[&str]) -> Served {
+        let mut cmd = Command::new(turnpike_bin());
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--user",
+            "alice:wonderland",
+            "--realm",
+            "test.example",
+            "--threads",
+            "2",
+            "--log-level",
+            "info",
+        ])
+        .args(flags);
+        let (proc_, started, rest) = spawn_server(&mut cmd);
+        let port = listen_addr(&started).port();
+        let tls_port: SocketAddr = started
+            .split("tls_listen=[")
+            .nth(1)
+            .and_then(|r| r.split([']', ',']).next())
+            .and_then(|a| a.trim().parse().ok())
+            .expect("tls_listen=[…] in the start-up line");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for l in rest {
+                sink.lock().unwrap().push(l);
+            }
+        });
+        Served {
+            _proc: proc_,
+            port,
+            tls_port: tls_port.port(),
+            log,
+        }
+    }
+
+    /// The refusals the server logged, to name why a mode failed.
+    fn refusals(&self) -> String {
+        let log = self.log.lock().unwrap();
+        log.iter()
+            .filter(|l| l.contains("refused") || l.contains("WARN") || l.contains("ERROR"))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
@@ -114,10 +183,13 @@ fn uclient_relays_every_packet_in_every_mode() {
         "--mobility",
     ];
     flags.extend_from_slice(v6);
-    let h = start(&flags);
-    let peer = start_peer();
-    let port = h.listen[0].port();
-    let tls_port = h.tls_listen[0].port();
+    let h = Served::start(&flags);
+    let (port, tls_port) = (h.port, h.tls_port);
+    // The peer's ports must not be one of the server's own (its TLS port is
+    // TCP only, so UDP may hand that number out, and uclient's RTCP goes to
+    // the peer's port + 1): the server refuses relaying to its own
+    // listeners whatever else is allowed.
+    let peer = start_peer(&[port, tls_port]);
     let modes: Vec<(Vec<&str>, u16)> = vec![
         (vec![], port),               // UDP, channels
         (vec!["-s"], port),           // UDP, Send/Data indications
@@ -146,7 +218,14 @@ fn uclient_relays_every_packet_in_every_mode() {
             .collect();
         handles.into_iter().map(|j| j.join().unwrap()).collect()
     });
-    for (flags, (sent, recv, lost, text)) in results {
+    for (flags, outcome) in results {
+        let (sent, recv, lost, text) = outcome.unwrap_or_else(|e| {
+            panic!(
+                "{e}\nthe server's refusals (peer port {}):\n{}",
+                peer.1,
+                h.refusals()
+            )
+        });
         assert!(sent > 0, "{flags:?} sent nothing:\n{text}");
         assert_eq!(sent, recv, "{flags:?}: sent {sent}, received {recv}:\n{text}");
         assert_eq!(lost, 0, "{flags:?}: lost {lost}:\n{text}");
@@ -154,9 +233,9 @@ fn uclient_relays_every_packet_in_every_mode() {
     // -P (RFC 6062 with the peer connecting in): uclient counts only the
     // passive side's messages as answered, so 40 of 80 come back, against
     // coturn 4.6.1 as against turnpike (measured with the same flags).
-    let (sent, recv, lost, text) = uclient(&["-P"], port, peer.1);
+    let (sent, recv, lost, text) = uclient(&["-P"], port, peer.1)
+        .unwrap_or_else(|e| panic!("{e}\nthe server's refusals:\n{}", h.refusals()));
     assert_eq!((sent, recv, lost), (80, 40, 40), "-P:\n{text}");
-    h.shutdown();
 }
 
 #[test]
