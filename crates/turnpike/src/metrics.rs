@@ -64,8 +64,8 @@ pub static FAST_PATH_ENTRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::
 pub struct WorkerMetrics {
     /// The protocol core's counters.
     pub core: Counters,
-    /// Live allocations by transport (UDP, TCP, TLS).
-    pub allocations: [usize; 3],
+    /// Live allocations by transport (UDP, TCP, TLS, DTLS).
+    pub allocations: [usize; turn_core::Transport::COUNT],
     /// Live permissions.
     pub permissions: usize,
     /// Live channel bindings.
@@ -141,8 +141,8 @@ pub(crate) fn sum(board: &Board) -> (WorkerMetrics, Vec<WorkerMetrics>) {
         for (a, b) in tc.errors.iter_mut().zip(c.errors) {
             *a += b;
         }
-        for i in 0..3 {
-            t.allocations[i] += w.allocations[i];
+        for (a, b) in t.allocations.iter_mut().zip(w.allocations) {
+            *a += b;
         }
         t.permissions += w.permissions;
         t.channels += w.channels;
@@ -195,18 +195,16 @@ impl Exposition {
     }
 }
 
-const BY_TRANSPORT: [&str; 3] = [
+/// Label sets in `turn_core::Transport::index` order.
+const BY_TRANSPORT: [&str; turn_core::Transport::COUNT] = [
     "{transport=\"udp\"}",
     "{transport=\"tcp\"}",
     "{transport=\"tls\"}",
+    "{transport=\"dtls\"}",
 ];
 
-fn by_transport(a: [u64; 3]) -> [(&'static str, f64); 3] {
-    [
-        (BY_TRANSPORT[0], a[0] as f64),
-        (BY_TRANSPORT[1], a[1] as f64),
-        (BY_TRANSPORT[2], a[2] as f64),
-    ]
+fn by_transport(a: [u64; turn_core::Transport::COUNT]) -> [(&'static str, f64); turn_core::Transport::COUNT] {
+    std::array::from_fn(|i| (BY_TRANSPORT[i], a[i] as f64))
 }
 
 /// Allocations, permissions and channels.

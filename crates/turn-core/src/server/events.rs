@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::error::ErrorCode;
-use super::io::FiveTuple;
+use super::io::{FiveTuple, Transport};
 use crate::policy::Refusal;
 
 /// Packet and byte counts of one allocation.
@@ -71,11 +71,11 @@ pub struct Counters {
     /// Binding requests answered.
     pub bindings: u64,
     /// Allocations created, by transport (UDP, TCP, TLS).
-    pub allocations_created: [u64; 3],
+    pub allocations_created: [u64; Transport::COUNT],
     /// Allocations that expired, by transport.
-    pub allocations_expired: [u64; 3],
+    pub allocations_expired: [u64; Transport::COUNT],
     /// Allocations deleted (Refresh 0, closed connection, admin), by transport.
-    pub allocations_deleted: [u64; 3],
+    pub allocations_deleted: [u64; Transport::COUNT],
     /// Packets and payload bytes relayed client → peer.
     pub to_peer_packets: u64,
     /// Payload bytes relayed client → peer.

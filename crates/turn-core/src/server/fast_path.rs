@@ -82,7 +82,7 @@ impl Server {
     /// `Unlimited`), and the channels it holds that are not live.
     fn fast_path_entries(&self, idx: u32, now: Instant) -> Option<(Vec<FastPathEntry>, Vec<u16>)> {
         let a = self.table.get(idx)?;
-        if a.tuple.transport.is_stream() || a.tcp {
+        if !a.tuple.transport.is_plain_udp() || a.tcp {
             return None;
         }
         let budget = if self.capped() {
@@ -147,7 +147,7 @@ impl Server {
     /// The allocation of `client`, holding `channels`, is going: its
     /// entries go with it.
     pub(super) fn remove_fast_path(&mut self, client: FiveTuple, channels: &[u16]) {
-        if !self.fast_path_on() || client.transport.is_stream() {
+        if !self.fast_path_on() || !client.transport.is_plain_udp() {
             return;
         }
         for &channel in channels {

@@ -14,6 +14,9 @@ pub enum Transport {
     Tcp,
     /// TLS over TCP.
     Tls,
+    /// DTLS over UDP (RFC 7350): datagrams like UDP, each one a record of
+    /// the client's DTLS association.
+    Dtls,
 }
 
 impl Transport {
@@ -23,16 +26,32 @@ impl Transport {
             Transport::Udp => "udp",
             Transport::Tcp => "tcp",
             Transport::Tls => "tls",
+            Transport::Dtls => "dtls",
         }
     }
 
-    /// 0, 1, 2 for UDP, TCP, TLS (metrics arrays).
+    /// How many transports there are (metrics arrays).
+    pub const COUNT: usize = 4;
+
+    /// Every transport, in [`Transport::index`] order.
+    pub const ALL: [Transport; Transport::COUNT] =
+        [Transport::Udp, Transport::Tcp, Transport::Tls, Transport::Dtls];
+
+    /// 0, 1, 2, 3 for UDP, TCP, TLS, DTLS (metrics arrays).
     pub fn index(self) -> usize {
         self as usize
     }
 
+    /// TCP or TLS: RFC 8489 §6.2.2 framing, ChannelData padded (RFC 8656
+    /// §12.5), RFC 6062 TCP allocations allowed.
     pub(super) fn is_stream(self) -> bool {
-        !matches!(self, Transport::Udp)
+        matches!(self, Transport::Tcp | Transport::Tls)
+    }
+
+    /// Plain UDP: the only transport the kernel fast path relays (it
+    /// cannot decrypt DTLS records).
+    pub(super) fn is_plain_udp(self) -> bool {
+        matches!(self, Transport::Udp)
     }
 }
 

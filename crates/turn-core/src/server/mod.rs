@@ -234,8 +234,8 @@ impl Server {
     }
 
     /// Live allocations by client transport: UDP, TCP, TLS.
-    pub fn allocations_by_transport(&self) -> [usize; 3] {
-        let mut n = [0; 3];
+    pub fn allocations_by_transport(&self) -> [usize; Transport::COUNT] {
+        let mut n = [0; Transport::COUNT];
         for t in self.table.by_tuple.keys() {
             n[t.transport.index()] += 1;
         }

@@ -211,7 +211,9 @@ impl Server {
     /// an RFC 6062 one only without a connect in flight and with every
     /// data connection plain TCP.
     fn movable(&self, a: &Allocation) -> bool {
-        if a.tuple.transport == Transport::Tls {
+        // A TLS or DTLS session's keys live in the runtime's TLS library,
+        // which cannot hand them over: those allocations stay.
+        if matches!(a.tuple.transport, Transport::Tls | Transport::Dtls) {
             return false;
         }
         !a.tcp
@@ -592,8 +594,11 @@ fn check(a: &AllocationState) -> Result<(), SnapshotError> {
             a.client
         )))
     };
-    if a.transport == Transport::Tls {
-        return bad("transport tls (TLS connections are not handed over)".into());
+    if matches!(a.transport, Transport::Tls | Transport::Dtls) {
+        return bad(format!(
+            "transport {} (TLS and DTLS sessions are not handed over)",
+            a.transport.as_str()
+        ));
     }
     if a.username.is_empty() {
         return bad("no username".into());

@@ -136,7 +136,7 @@ pub(crate) fn snapshot(control: &Control, web: &super::Web, before: Option<&Samp
             "uptime_s": web.uptime().as_secs(),
         },
         "allocations": {
-            "udp": t.allocations[0], "tcp": t.allocations[1], "tls": t.allocations[2],
+            "udp": t.allocations[0], "tcp": t.allocations[1], "tls": t.allocations[2], "dtls": t.allocations[3],
             "total": t.allocations.iter().sum::<usize>(),
         },
         "permissions": t.permissions,

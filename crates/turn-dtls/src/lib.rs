@@ -1,0 +1,640 @@
+//! STUN and TURN over DTLS 1.2 (RFC 7350), the server's side, sans-IO.
+//!
+//! A [`Front`] sits between one UDP socket and the TURN core: it takes
+//! datagrams and the time, and gives back datagrams to send and the STUN
+//! messages its associations decrypted. The DTLS engine is `dimpl` (sans-IO,
+//! `forbid(unsafe_code)`, RustCrypto); what is ours is what a TURN server on
+//! the open internet needs around it:
+//!
+//! - **No state before the cookie round trip** (RFC 6347 §4.2.1): a
+//!   ClientHello from an unknown source is answered with a
+//!   HelloVerifyRequest and forgotten. The cookie proves the source can
+//!   receive at its address; it is bound to that address and the hello's
+//!   random and expires within two minutes. Anything else from an unknown
+//!   source is dropped without an answer, and no answer is larger than the
+//!   datagram that caused it (see [`hello::MIN_CLIENT_HELLO`]).
+//! - **Half-open caps**: handshakes in progress are capped per host (all
+//!   workers, [`Shared`]) and per source IP, and each has a deadline.
+//! - **Associations** end on close_notify, a fatal error, or idleness.
+//!
+//! How the cookie is made: the engine computes its cookie from a secret it
+//! draws from its random generator, which it lets the caller seed. The seed
+//! here is a MAC of (server secret, time window, client address, hello
+//! random); the throwaway engine that answers a first hello and the engine
+//! that later takes the association are seeded alike, so the cookie the
+//! second one expects is the one the first one sent. The engine's other
+//! seeded values are its hello random and nonces; its key exchange always
+//! uses the system's randomness, so two associations never share keys.
+
+#![forbid(unsafe_code)]
+
+pub mod hello;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+pub use dimpl::DtlsCertificate;
+
+/// How long one cookie window lasts; a cookie is accepted in its window and
+/// the next (one to two windows in all).
+const COOKIE_WINDOW: Duration = Duration::from_secs(60);
+
+/// An established association is replaced by a new handshake from its
+/// address only after this long without a datagram from it.
+const RESTART_SILENCE: Duration = Duration::from_secs(5);
+
+/// The largest datagram the engine writes (below the IPv6 minimum path MTU
+/// less headers, so records are never fragmented by IP).
+const MTU: usize = 1200;
+
+/// Limits against state exhaustion.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Handshakes in progress on the whole host.
+    pub half_open: usize,
+    /// Handshakes in progress from one source IP.
+    pub half_open_per_source: u32,
+    /// Associations (in handshake or established) on the whole host.
+    pub associations: usize,
+    /// A handshake not finished by then is dropped.
+    pub handshake_timeout: Duration,
+    /// An association that receives nothing for this long is dropped.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            half_open: 2048,
+            half_open_per_source: 16,
+            associations: 20_000,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(3900),
+        }
+    }
+}
+
+/// What every worker's front shares: the limits that hold per host.
+#[derive(Debug, Default)]
+pub struct Shared {
+    half_open: AtomicUsize,
+    associations: AtomicUsize,
+    per_source: Mutex<HashMap<IpAddr, u32>>,
+}
+
+impl Shared {
+    /// Handshakes in progress on the host.
+    pub fn half_open(&self) -> usize {
+        self.half_open.load(Ordering::Relaxed)
+    }
+
+    /// Associations on the host.
+    pub fn associations(&self) -> usize {
+        self.associations.load(Ordering::Relaxed)
+    }
+
+    fn take_half_open(&self, ip: IpAddr, limits: &Limits) -> Result<(), Refused> {
+        if self.associations.load(Ordering::Relaxed) >= limits.associations {
+            return Err(Refused::Associations);
+        }
+        let mut per = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
+        let n = per.entry(ip).or_insert(0);
+        if *n >= limits.half_open_per_source {
+            return Err(Refused::PerSource);
+        }
+        if self
+            .half_open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+                (h < limits.half_open).then_some(h + 1)
+            })
+            .is_err()
+        {
+            return Err(Refused::Host);
+        }
+        *n += 1;
+        self.associations.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn release_half_open(&self, ip: IpAddr) {
+        self.half_open.fetch_sub(1, Ordering::Relaxed);
+        let mut per = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&ip);
+            }
+        }
+    }
+}
+
+/// Why a valid second ClientHello got no association.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The host's half-open cap.
+    Host,
+    /// The source IP's half-open cap.
+    PerSource,
+    /// The host's association cap.
+    Associations,
+}
+
+/// The server's certificate and key (ECDSA P-256 or P-384) and the engine
+/// settings, replaced on reload (new handshakes take the new one).
+#[derive(Clone)]
+pub struct Identity {
+    cert: DtlsCertificate,
+}
+
+impl Identity {
+    /// The leaf certificate and its private key, both DER. Refuses what the
+    /// engine cannot use (RSA keys) by name, before any client comes.
+    pub fn new(certificate: Vec<u8>, private_key: Vec<u8>) -> Result<Identity, String> {
+        let cert = DtlsCertificate {
+            certificate,
+            private_key,
+        };
+        // The engine panics on a key it cannot parse: try it here, once.
+        let probe = cert.clone();
+        let config = engine_config(None, Limits::default().handshake_timeout)?;
+        let build = std::panic::AssertUnwindSafe(move || dimpl::Dtls::new_12(config, probe, Instant::now()));
+        std::panic::catch_unwind(build).map_err(|_| {
+            "the private key is not an ECDSA P-256 or P-384 key (DTLS here supports ECDSA certificates only)"
+                .to_string()
+        })?;
+        Ok(Identity { cert })
+    }
+}
+
+fn engine_config(seed: Option<u64>, handshake_timeout: Duration) -> Result<Arc<dimpl::Config>, String> {
+    let mut b = dimpl::Config::builder()
+        .mtu(MTU)
+        .require_client_certificate(false)
+        .use_server_cookie(true)
+        .handshake_timeout(handshake_timeout);
+    if let Some(seed) = seed {
+        // Seeded per (secret, window, address, random): see the crate's
+        // documentation for what the seed decides and why that is safe.
+        b = b.dangerously_set_rng_seed(seed);
+    }
+    b.build().map(Arc::new).map_err(|e| format!("DTLS settings: {e}"))
+}
+
+/// What one association is doing.
+enum Phase {
+    /// After the cookie round trip, before Finished: holds a half-open
+    /// slot until `deadline`.
+    Handshake {
+        deadline: Instant,
+    },
+    Established,
+}
+
+struct Association {
+    dtls: dimpl::Dtls,
+    phase: Phase,
+    /// When the engine wants `handle_timeout` (retransmissions).
+    wake: Option<Instant>,
+    last_seen: Instant,
+}
+
+/// Counts for metrics, since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// HelloVerifyRequests sent (cookie round trips started).
+    pub cookies_sent: u64,
+    /// Second ClientHellos whose cookie did not verify.
+    pub bad_cookies: u64,
+    /// Handshakes refused by a half-open or association cap.
+    pub refused: u64,
+    /// Handshakes finished.
+    pub established: u64,
+    /// Handshakes that failed or timed out.
+    pub failed: u64,
+    /// Datagrams from sources with no association that were not a
+    /// ClientHello (dropped without an answer).
+    pub dropped: u64,
+}
+
+/// What a call produced: datagrams to send, STUN messages received, and
+/// associations that ended. Byte ranges index [`Output::bytes`].
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Every payload's bytes, one after another.
+    pub bytes: Vec<u8>,
+    /// Datagrams to send.
+    pub datagrams: Vec<(SocketAddr, Range<usize>)>,
+    /// Application data received (STUN messages, ChannelData).
+    pub received: Vec<(SocketAddr, Range<usize>)>,
+    /// Associations that finished their handshake.
+    pub established: Vec<SocketAddr>,
+    /// Associations that ended (close_notify, error, idle, timeout).
+    pub closed: Vec<SocketAddr>,
+}
+
+impl Output {
+    /// Empties it for the next call, keeping its memory.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.datagrams.clear();
+        self.received.clear();
+        self.established.clear();
+        self.closed.clear();
+    }
+
+    fn push(&mut self, to: SocketAddr, data: &[u8], received: bool) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(data);
+        let r = start..self.bytes.len();
+        if received {
+            self.received.push((to, r));
+        } else {
+            self.datagrams.push((to, r));
+        }
+    }
+}
+
+/// One socket's DTLS associations and the stateless cookie exchange.
+pub struct Front {
+    identity: Identity,
+    secret: [u8; 32],
+    epoch: Instant,
+    limits: Limits,
+    shared: Arc<Shared>,
+    associations: HashMap<SocketAddr, Association>,
+    counters: Counters,
+    buf: Vec<u8>,
+    last_refusal: Option<(SocketAddr, Refused)>,
+}
+
+impl Front {
+    /// A front with `secret` (shared by every worker's front, so any of
+    /// them accepts another's cookie) and `epoch` (the same instant for all).
+    pub fn new(
+        identity: Identity,
+        secret: [u8; 32],
+        epoch: Instant,
+        limits: Limits,
+        shared: Arc<Shared>,
+    ) -> Front {
+        Front {
+            identity,
+            secret,
+            epoch,
+            limits,
+            shared,
+            associations: HashMap::new(),
+            counters: Counters::default(),
+            buf: vec![0u8; 2048],
+            last_refusal: None,
+        }
+    }
+
+    /// New handshakes use `identity` (a reloaded certificate).
+    pub fn set_identity(&mut self, identity: Identity) {
+        self.identity = identity;
+    }
+
+    /// Counts since start.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Associations of this front (established or in handshake).
+    pub fn len(&self) -> usize {
+        self.associations.len()
+    }
+
+    /// Whether this front has no association.
+    pub fn is_empty(&self) -> bool {
+        self.associations.is_empty()
+    }
+
+    /// Whether `client` has an established association.
+    pub fn is_established(&self, client: SocketAddr) -> bool {
+        matches!(
+            self.associations.get(&client).map(|a| &a.phase),
+            Some(Phase::Established)
+        )
+    }
+
+    /// The last refusal by a cap, taken (for a log line).
+    pub fn take_refusal(&mut self) -> Option<(SocketAddr, Refused)> {
+        self.last_refusal.take()
+    }
+
+    /// The earliest time [`Front::handle_timeout`] has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.associations
+            .values()
+            .map(|a| {
+                let end = match a.phase {
+                    Phase::Handshake { deadline } => deadline,
+                    Phase::Established => a.last_seen + self.limits.idle_timeout,
+                };
+                a.wake.map_or(end, |w| w.min(end))
+            })
+            .min()
+    }
+
+    /// One datagram from `from`.
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, datagram: &[u8], out: &mut Output) {
+        if let Some(hello) = hello::client_hello(datagram) {
+            // A retransmitted second hello belongs to the handshake it
+            // started; any other hello goes through the cookie exchange
+            // (a client that restarts from the same address).
+            let in_handshake = matches!(
+                self.associations.get(&from).map(|a| &a.phase),
+                Some(Phase::Handshake { .. })
+            );
+            if !(in_handshake && hello.message_seq > 0) {
+                self.hello(now, from, datagram, hello, out);
+                return;
+            }
+        }
+        let Some(a) = self.associations.get_mut(&from) else {
+            self.counters.dropped += 1;
+            return;
+        };
+        a.last_seen = now;
+        let result = a
+            .dtls
+            .handle_timeout(now)
+            .and_then(|()| a.dtls.handle_packet(datagram));
+        self.after(now, from, result.is_ok(), out);
+    }
+
+    /// Encrypts `data` (a STUN message or ChannelData) to `to`'s
+    /// association; false when there is none established.
+    pub fn send(&mut self, now: Instant, to: SocketAddr, data: &[u8], out: &mut Output) -> bool {
+        let Some(a) = self.associations.get_mut(&to) else {
+            return false;
+        };
+        if !matches!(a.phase, Phase::Established) {
+            return false;
+        }
+        let ok = a.dtls.send_application_data(data).is_ok();
+        self.after(now, to, ok, out);
+        ok
+    }
+
+    /// Retransmissions, handshake deadlines and idle associations.
+    pub fn handle_timeout(&mut self, now: Instant, out: &mut Output) {
+        let due: Vec<SocketAddr> = self
+            .associations
+            .iter()
+            .filter(|(_, a)| {
+                let end = match a.phase {
+                    Phase::Handshake { deadline } => deadline,
+                    Phase::Established => a.last_seen + self.limits.idle_timeout,
+                };
+                end <= now || a.wake.is_some_and(|w| w <= now)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for from in due {
+            let Some(a) = self.associations.get_mut(&from) else {
+                continue;
+            };
+            let expired = match a.phase {
+                Phase::Handshake { deadline } => deadline <= now,
+                Phase::Established => a.last_seen + self.limits.idle_timeout <= now,
+            };
+            if expired {
+                self.close(from, out);
+                continue;
+            }
+            let ok = a.dtls.handle_timeout(now).is_ok();
+            self.after(now, from, ok, out);
+        }
+    }
+
+    /// Ends every association (shutdown): close_notify to each.
+    pub fn close_all(&mut self, now: Instant, out: &mut Output) {
+        let all: Vec<SocketAddr> = self.associations.keys().copied().collect();
+        for from in all {
+            if let Some(a) = self.associations.get_mut(&from) {
+                let _ = a.dtls.close();
+                self.after(now, from, true, out);
+            }
+            self.close(from, out);
+        }
+    }
+
+    /// RFC 6347 §4.2.1: a hello without a valid cookie gets a
+    /// HelloVerifyRequest and leaves nothing behind; one with a valid
+    /// cookie starts an association, within the caps.
+    fn hello(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+        hello: hello::ClientHello<'_>,
+        out: &mut Output,
+    ) {
+        let window = (now.saturating_duration_since(self.epoch).as_secs() / COOKIE_WINDOW.as_secs()) as u64;
+        let first = hello.as_first(datagram);
+        // The cookie of this window first, then the previous one's.
+        let windows = if hello.cookie.is_empty() { 1 } else { 2 };
+        let mut answer = None;
+        for w in (0..windows).map(|back| window.wrapping_sub(back)) {
+            let Some((mut dtls, hvr)) = self.engine_for(now, from, hello.random, w, &first) else {
+                // The engine did not take the hello as a hello: no answer.
+                self.counters.dropped += 1;
+                return;
+            };
+            let issued = hello::hello_verify_cookie(&hvr).unwrap_or_default();
+            if !hello.cookie.is_empty() && bool::from(issued.ct_eq(hello.cookie)) {
+                if !self.start(now, from, &mut dtls, datagram, out) {
+                    return;
+                }
+                self.associations.insert(
+                    from,
+                    Association {
+                        dtls,
+                        phase: Phase::Handshake {
+                            deadline: now + self.limits.handshake_timeout,
+                        },
+                        wake: None,
+                        last_seen: now,
+                    },
+                );
+                self.after(now, from, true, out);
+                return;
+            }
+            if answer.is_none() && w == window {
+                answer = Some(hvr);
+            }
+        }
+        if !hello.cookie.is_empty() {
+            self.counters.bad_cookies += 1;
+        }
+        if let Some(hvr) = answer {
+            if hvr.len() <= datagram.len() {
+                self.counters.cookies_sent += 1;
+                out.push(from, &hvr, false);
+            }
+        }
+    }
+
+    /// Takes a half-open slot for `from`; on success the association's
+    /// engine gets the hello that carried the cookie.
+    fn start(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        dtls: &mut dimpl::Dtls,
+        datagram: &[u8],
+        out: &mut Output,
+    ) -> bool {
+        if let Some(old) = self.associations.get(&from) {
+            // RFC 6347 §4.2.8: a client that starts over from the same
+            // address. A replayed hello must not end a live association, so
+            // one that still hears from its client stays.
+            if matches!(old.phase, Phase::Established)
+                && now.saturating_duration_since(old.last_seen) < RESTART_SILENCE
+            {
+                self.counters.refused += 1;
+                return false;
+            }
+            self.close(from, out);
+        }
+        if let Err(r) = self.shared.take_half_open(from.ip(), &self.limits) {
+            self.counters.refused += 1;
+            self.last_refusal = Some((from, r));
+            return false;
+        }
+        let _ = dtls
+            .handle_timeout(now)
+            .and_then(|()| dtls.handle_packet(datagram));
+        true
+    }
+
+    /// A throwaway engine seeded for (`from`, `random`, `window`), fed the
+    /// first-hello form of the hello: it and its HelloVerifyRequest.
+    fn engine_for(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        random: &[u8; 32],
+        window: u64,
+        first: &[u8],
+    ) -> Option<(dimpl::Dtls, Vec<u8>)> {
+        let seed = self.seed(from, random, window);
+        let config = engine_config(Some(seed), self.limits.handshake_timeout).ok()?;
+        let mut dtls = dimpl::Dtls::new_12(config, self.identity.cert.clone(), now);
+        dtls.handle_timeout(now).ok()?;
+        dtls.handle_packet(first).ok()?;
+        let mut hvr = None;
+        for _ in 0..16 {
+            match dtls.poll_output(&mut self.buf) {
+                dimpl::Output::Packet(p) => {
+                    if hvr.is_none() && hello::hello_verify_cookie(p).is_some() {
+                        hvr = Some(p.to_vec());
+                    }
+                }
+                dimpl::Output::Timeout(_) => break,
+                _ => {}
+            }
+        }
+        Some((dtls, hvr?))
+    }
+
+    fn seed(&self, from: SocketAddr, random: &[u8; 32], window: u64) -> u64 {
+        let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(&self.secret) else {
+            unreachable!("HMAC takes a key of any length")
+        };
+        mac.update(&window.to_be_bytes());
+        match from.ip() {
+            IpAddr::V4(v4) => mac.update(&v4.octets()),
+            IpAddr::V6(v6) => mac.update(&v6.octets()),
+        }
+        mac.update(&from.port().to_be_bytes());
+        mac.update(random);
+        let tag = mac.finalize().into_bytes();
+        let mut seed = [0u8; 8];
+        seed.copy_from_slice(&tag[..8]);
+        u64::from_be_bytes(seed)
+    }
+
+    /// Drains what the engine of `from` produced after a call; `ok` false
+    /// (a fatal engine error) ends the association.
+    fn after(&mut self, now: Instant, from: SocketAddr, ok: bool, out: &mut Output) {
+        let Some(a) = self.associations.get_mut(&from) else {
+            return;
+        };
+        let mut closing = !ok;
+        let mut established = false;
+        for _ in 0..256 {
+            match a.dtls.poll_output(&mut self.buf) {
+                dimpl::Output::Packet(p) => out.push(from, p, false),
+                dimpl::Output::ApplicationData(d) => out.push(from, d, true),
+                dimpl::Output::Connected => established = true,
+                dimpl::Output::CloseNotify => closing = true,
+                dimpl::Output::BufferTooSmall { needed } => {
+                    if needed > 65536 {
+                        closing = true;
+                        break;
+                    }
+                    self.buf.resize(needed, 0);
+                }
+                dimpl::Output::Timeout(t) => {
+                    a.wake = Some(t);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        if a.wake.is_some_and(|w| w <= now) {
+            a.wake = None;
+        }
+        if established {
+            if let Phase::Handshake { .. } = a.phase {
+                a.phase = Phase::Established;
+                self.shared.release_half_open(from.ip());
+                self.counters.established += 1;
+                out.established.push(from);
+            }
+        }
+        if closing || a.dtls.is_closed() {
+            self.close(from, out);
+        }
+    }
+
+    fn close(&mut self, from: SocketAddr, out: &mut Output) {
+        let Some(a) = self.associations.remove(&from) else {
+            return;
+        };
+        if let Phase::Handshake { .. } = a.phase {
+            self.shared.release_half_open(from.ip());
+            self.counters.failed += 1;
+        }
+        self.shared.associations.fetch_sub(1, Ordering::Relaxed);
+        out.closed.push(from);
+    }
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        let mut out = Output::default();
+        let all: Vec<SocketAddr> = self.associations.keys().copied().collect();
+        for from in all {
+            self.close(from, &mut out);
+        }
+    }
+}
+
+/// A fresh random secret for [`Front::new`].
+pub fn random_secret() -> Result<[u8; 32], String> {
+    let mut s = [0u8; 32];
+    getrandom::getrandom(&mut s).map_err(|e| format!("the system's random source: {e}"))?;
+    Ok(s)
+}
