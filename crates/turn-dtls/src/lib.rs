@@ -440,7 +440,7 @@ impl Front {
         hello: hello::ClientHello<'_>,
         out: &mut Output,
     ) {
-        let window = (now.saturating_duration_since(self.epoch).as_secs() / COOKIE_WINDOW.as_secs()) as u64;
+        let window = now.saturating_duration_since(self.epoch).as_secs() / COOKIE_WINDOW.as_secs();
         let first = hello.as_first(datagram);
         // The cookie of this window first, then the previous one's.
         let windows = if hello.cookie.is_empty() { 1 } else { 2 };
@@ -536,10 +536,8 @@ impl Front {
         let mut hvr = None;
         for _ in 0..16 {
             match dtls.poll_output(&mut self.buf) {
-                dimpl::Output::Packet(p) => {
-                    if hvr.is_none() && hello::hello_verify_cookie(p).is_some() {
-                        hvr = Some(p.to_vec());
-                    }
+                dimpl::Output::Packet(p) if hvr.is_none() && hello::hello_verify_cookie(p).is_some() => {
+                    hvr = Some(p.to_vec());
                 }
                 dimpl::Output::Timeout(_) => break,
                 _ => {}
