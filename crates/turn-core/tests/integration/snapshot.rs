@@ -371,7 +371,7 @@ fn the_old_server_lets_its_handed_over_allocations_go_quietly() {
         .collect();
     assert_eq!(closes, vec![relay]);
     assert!(h.events().is_empty());
-    assert_eq!(h.server.counters().allocations_deleted, [0, 0, 0]);
+    assert_eq!(h.server.counters().allocations_deleted, [0, 0, 0, 0]);
     assert_eq!(quotas.held_here(), vec![("bob".to_owned(), 1)]);
     // The TLS allocation stays and serves.
     assert_eq!(h.server.sessions(h.now).len(), 1);
