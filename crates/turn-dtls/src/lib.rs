@@ -162,14 +162,20 @@ impl Identity {
             certificate,
             private_key,
         };
-        // The engine panics on a key it cannot parse: try it here, once.
-        let probe = cert.clone();
+        // The engine would panic on a key it cannot parse: parse it here
+        // with the engine's own key parser, once.
         let config = engine_config(None, Limits::default().handshake_timeout)?;
-        let build = std::panic::AssertUnwindSafe(move || dimpl::Dtls::new_12(config, probe, Instant::now()));
-        std::panic::catch_unwind(build).map_err(|_| {
-            "the private key is not an ECDSA P-256 or P-384 key (DTLS here supports ECDSA certificates only)"
-                .to_string()
-        })?;
+        if config
+            .crypto_provider()
+            .key_provider
+            .load_private_key(&cert.private_key)
+            .is_err()
+        {
+            return Err(
+                "the private key is not an ECDSA P-256 or P-384 key (DTLS here supports ECDSA certificates only)"
+                    .to_string(),
+            );
+        }
         Ok(Identity { cert })
     }
 }
@@ -200,6 +206,7 @@ enum Phase {
 
 struct Association {
     dtls: dimpl::Dtls,
+    server: SocketAddr,
     phase: Phase,
     /// When the engine wants `handle_timeout` (retransmissions).
     wake: Option<Instant>,
@@ -224,20 +231,30 @@ pub struct Counters {
     pub dropped: u64,
 }
 
+/// Both ends of an association: the client's address and the server
+/// address it reached (exact even behind a wildcard socket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ends {
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The server address the client reached.
+    pub server: SocketAddr,
+}
+
 /// What a call produced: datagrams to send, STUN messages received, and
 /// associations that ended. Byte ranges index [`Output::bytes`].
 #[derive(Debug, Default)]
 pub struct Output {
     /// Every payload's bytes, one after another.
     pub bytes: Vec<u8>,
-    /// Datagrams to send.
-    pub datagrams: Vec<(SocketAddr, Range<usize>)>,
+    /// Datagrams to send (to `client`, from `server`).
+    pub datagrams: Vec<(Ends, Range<usize>)>,
     /// Application data received (STUN messages, ChannelData).
-    pub received: Vec<(SocketAddr, Range<usize>)>,
+    pub received: Vec<(Ends, Range<usize>)>,
     /// Associations that finished their handshake.
-    pub established: Vec<SocketAddr>,
+    pub established: Vec<Ends>,
     /// Associations that ended (close_notify, error, idle, timeout).
-    pub closed: Vec<SocketAddr>,
+    pub closed: Vec<Ends>,
 }
 
 impl Output {
@@ -250,7 +267,7 @@ impl Output {
         self.closed.clear();
     }
 
-    fn push(&mut self, to: SocketAddr, data: &[u8], received: bool) {
+    fn push(&mut self, to: Ends, data: &[u8], received: bool) {
         let start = self.bytes.len();
         self.bytes.extend_from_slice(data);
         let r = start..self.bytes.len();
@@ -318,6 +335,14 @@ impl Front {
         self.associations.is_empty()
     }
 
+    /// Associations of this front still in their handshake.
+    pub fn half_open(&self) -> usize {
+        self.associations
+            .values()
+            .filter(|a| matches!(a.phase, Phase::Handshake { .. }))
+            .count()
+    }
+
     /// Whether `client` has an established association.
     pub fn is_established(&self, client: SocketAddr) -> bool {
         matches!(
@@ -345,8 +370,15 @@ impl Front {
             .min()
     }
 
-    /// One datagram from `from`.
-    pub fn handle(&mut self, now: Instant, from: SocketAddr, datagram: &[u8], out: &mut Output) {
+    /// One datagram from `from`, which reached `server`.
+    pub fn handle(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        server: SocketAddr,
+        datagram: &[u8],
+        out: &mut Output,
+    ) {
         if let Some(hello) = hello::client_hello(datagram) {
             // A retransmitted second hello belongs to the handshake it
             // started; any other hello goes through the cookie exchange
@@ -356,7 +388,7 @@ impl Front {
                 Some(Phase::Handshake { .. })
             );
             if !(in_handshake && hello.message_seq > 0) {
-                self.hello(now, from, datagram, hello, out);
+                self.hello(now, Ends { client: from, server }, datagram, hello, out);
                 return;
             }
         }
@@ -435,11 +467,12 @@ impl Front {
     fn hello(
         &mut self,
         now: Instant,
-        from: SocketAddr,
+        ends: Ends,
         datagram: &[u8],
         hello: hello::ClientHello<'_>,
         out: &mut Output,
     ) {
+        let from = ends.client;
         let window = now.saturating_duration_since(self.epoch).as_secs() / COOKIE_WINDOW.as_secs();
         let first = hello.as_first(datagram);
         // The cookie of this window first, then the previous one's.
@@ -460,6 +493,7 @@ impl Front {
                     from,
                     Association {
                         dtls,
+                        server: ends.server,
                         phase: Phase::Handshake {
                             deadline: now + self.limits.handshake_timeout,
                         },
@@ -480,7 +514,7 @@ impl Front {
         if let Some(hvr) = answer {
             if hvr.len() <= datagram.len() {
                 self.counters.cookies_sent += 1;
-                out.push(from, &hvr, false);
+                out.push(ends, &hvr, false);
             }
         }
     }
@@ -569,12 +603,16 @@ impl Front {
         let Some(a) = self.associations.get_mut(&from) else {
             return;
         };
+        let ends = Ends {
+            client: from,
+            server: a.server,
+        };
         let mut closing = !ok;
         let mut established = false;
         for _ in 0..256 {
             match a.dtls.poll_output(&mut self.buf) {
-                dimpl::Output::Packet(p) => out.push(from, p, false),
-                dimpl::Output::ApplicationData(d) => out.push(from, d, true),
+                dimpl::Output::Packet(p) => out.push(ends, p, false),
+                dimpl::Output::ApplicationData(d) => out.push(ends, d, true),
                 dimpl::Output::Connected => established = true,
                 dimpl::Output::CloseNotify => closing = true,
                 dimpl::Output::BufferTooSmall { needed } => {
@@ -599,7 +637,7 @@ impl Front {
                 a.phase = Phase::Established;
                 self.shared.release_half_open(from.ip());
                 self.counters.established += 1;
-                out.established.push(from);
+                out.established.push(ends);
             }
         }
         if closing || a.dtls.is_closed() {
@@ -616,7 +654,10 @@ impl Front {
             self.counters.failed += 1;
         }
         self.shared.associations.fetch_sub(1, Ordering::Relaxed);
-        out.closed.push(from);
+        out.closed.push(Ends {
+            client: from,
+            server: a.server,
+        });
     }
 }
 

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+const SERVER: &str = "198.51.100.1:5349";
+
 use turn_dtls::{hello, DtlsCertificate, Front, Identity, Limits, Output, Shared};
 
 fn certificate() -> DtlsCertificate {
@@ -73,9 +75,9 @@ fn pump(front: &mut Front, c: &mut Client, now: Instant) -> Vec<Vec<u8>> {
         }
         for d in out_c {
             let mut out = Output::default();
-            front.handle(now, c.addr, &d, &mut out);
+            front.handle(now, c.addr, SERVER.parse().unwrap(), &d, &mut out);
             for (to, r) in &out.datagrams {
-                assert_eq!(*to, c.addr);
+                assert_eq!(to.client, c.addr);
                 sent.push(out.bytes[r.clone()].to_vec());
                 c.dtls.handle_packet(&out.bytes[r.clone()]).unwrap();
             }
@@ -83,7 +85,7 @@ fn pump(front: &mut Front, c: &mut Client, now: Instant) -> Vec<Vec<u8>> {
                 // The "core" echoes each message back.
                 let msg = out.bytes[r.clone()].to_vec();
                 let mut back = Output::default();
-                assert!(front.send(now, *from, &msg, &mut back));
+                assert!(front.send(now, from.client, &msg, &mut back));
                 for (_, r) in &back.datagrams {
                     c.dtls.handle_packet(&back.bytes[r.clone()]).unwrap();
                 }
@@ -132,7 +134,7 @@ fn an_unknown_source_gets_a_small_answer_to_a_hello_and_nothing_else() {
         .parse()
         .unwrap();
         let mut out = Output::default();
-        f.handle(now, from, &first, &mut out);
+        f.handle(now, from, SERVER.parse().unwrap(), &first, &mut out);
         assert_eq!(out.datagrams.len(), 1);
         let answer = &out.bytes[out.datagrams[0].1.clone()];
         assert!(answer.len() <= first.len(), "{} > {}", answer.len(), first.len());
@@ -141,6 +143,7 @@ fn an_unknown_source_gets_a_small_answer_to_a_hello_and_nothing_else() {
         f.handle(
             now,
             from,
+            SERVER.parse().unwrap(),
             &[23, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0],
             &mut out,
         );
@@ -158,14 +161,20 @@ fn a_cookie_from_another_address_or_a_forged_one_starts_nothing() {
     let mut c = Client::new("192.0.2.1:5000", now);
     let first = c.outgoing().remove(0);
     let mut out = Output::default();
-    f.handle(now, c.addr, &first, &mut out);
+    f.handle(now, c.addr, SERVER.parse().unwrap(), &first, &mut out);
     c.dtls
         .handle_packet(&out.bytes[out.datagrams[0].1.clone()])
         .unwrap();
     let second = c.outgoing().remove(0);
     // The same hello with its cookie, from elsewhere: a fresh cookie only.
     let mut out = Output::default();
-    f.handle(now, "192.0.2.2:5000".parse().unwrap(), &second, &mut out);
+    f.handle(
+        now,
+        "192.0.2.2:5000".parse().unwrap(),
+        SERVER.parse().unwrap(),
+        &second,
+        &mut out,
+    );
     assert!(hello::hello_verify_cookie(&out.bytes[out.datagrams[0].1.clone()]).is_some());
     // A flipped cookie byte from the right address: the same.
     let ch = hello::client_hello(&second).unwrap();
@@ -176,17 +185,23 @@ fn a_cookie_from_another_address_or_a_forged_one_starts_nothing() {
         .unwrap();
     forged[cookie_at] ^= 1;
     let mut out = Output::default();
-    f.handle(now, c.addr, &forged, &mut out);
+    f.handle(now, c.addr, SERVER.parse().unwrap(), &forged, &mut out);
     assert!(hello::hello_verify_cookie(&out.bytes[out.datagrams[0].1.clone()]).is_some());
     assert!(f.is_empty());
     // Three minutes later the real cookie has expired.
     let mut out = Output::default();
-    f.handle(now + Duration::from_secs(180), c.addr, &second, &mut out);
+    f.handle(
+        now + Duration::from_secs(180),
+        c.addr,
+        SERVER.parse().unwrap(),
+        &second,
+        &mut out,
+    );
     assert!(f.is_empty());
     assert_eq!(f.counters().bad_cookies, 3);
     // In time, it starts the handshake.
     let mut out = Output::default();
-    f.handle(now, c.addr, &second, &mut out);
+    f.handle(now, c.addr, SERVER.parse().unwrap(), &second, &mut out);
     assert_eq!(f.len(), 1);
     assert_eq!(shared.half_open(), 1);
 }
@@ -209,14 +224,14 @@ fn half_open_handshakes_are_capped_per_source_and_per_host_and_time_out() {
         let f = &mut fronts[i as usize % 2];
         let first = c.outgoing().remove(0);
         let mut out = Output::default();
-        f.handle(now, c.addr, &first, &mut out);
+        f.handle(now, c.addr, SERVER.parse().unwrap(), &first, &mut out);
         c.dtls
             .handle_packet(&out.bytes[out.datagrams[0].1.clone()])
             .unwrap();
         // The second hello, and then silence (no Finished).
         let second = c.outgoing().remove(0);
         let mut out = Output::default();
-        f.handle(now, c.addr, &second, &mut out);
+        f.handle(now, c.addr, SERVER.parse().unwrap(), &second, &mut out);
         if !out.datagrams.is_empty() {
             started += 1;
         }

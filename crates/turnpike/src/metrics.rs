@@ -95,6 +95,29 @@ pub struct WorkerMetrics {
     pub tcp_connections: usize,
     /// Bytes relayed over TCP relays: to peers, from peers.
     pub tcp_bytes: [u64; 2],
+    /// DTLS (RFC 7350) fronts.
+    pub dtls: DtlsMetrics,
+}
+
+/// One worker's DTLS numbers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DtlsMetrics {
+    /// HelloVerifyRequests sent.
+    pub cookies_sent: u64,
+    /// Second ClientHellos whose cookie did not verify.
+    pub bad_cookies: u64,
+    /// Handshakes refused by a half-open or association cap.
+    pub refused: u64,
+    /// Handshakes finished.
+    pub established: u64,
+    /// Handshakes that failed or timed out.
+    pub failed: u64,
+    /// Datagrams from unknown sources that were not a ClientHello.
+    pub dropped: u64,
+    /// Associations now (established or in handshake).
+    pub associations: usize,
+    /// Associations now in their handshake.
+    pub half_open: usize,
 }
 
 /// Snapshots of every worker, indexed by worker id.
@@ -148,6 +171,15 @@ pub(crate) fn sum(board: &Board) -> (WorkerMetrics, Vec<WorkerMetrics>) {
         t.channels += w.channels;
         t.connections += w.connections;
         t.tls_handshakes += w.tls_handshakes;
+        let (d, e) = (&mut t.dtls, &w.dtls);
+        d.cookies_sent += e.cookies_sent;
+        d.bad_cookies += e.bad_cookies;
+        d.refused += e.refused;
+        d.established += e.established;
+        d.failed += e.failed;
+        d.dropped += e.dropped;
+        d.associations += e.associations;
+        d.half_open += e.half_open;
         t.tls_failures += w.tls_failures;
         t.conn_refused_worker += w.conn_refused_worker;
         t.conn_refused_per_source += w.conn_refused_per_source;
@@ -205,6 +237,47 @@ const BY_TRANSPORT: [&str; turn_core::Transport::COUNT] = [
 
 fn by_transport(a: [u64; turn_core::Transport::COUNT]) -> [(&'static str, f64); turn_core::Transport::COUNT] {
     std::array::from_fn(|i| (BY_TRANSPORT[i], a[i] as f64))
+}
+
+/// RFC 7350 DTLS: the cookie exchange, handshakes and associations.
+fn dtls(x: &mut Exposition, d: &DtlsMetrics) {
+    x.metric(
+        "dtls_cookies_total",
+        "counter",
+        "DTLS ClientHellos answered with a HelloVerifyRequest (no state kept), and second hellos whose cookie did not verify.",
+        &[
+            ("{outcome=\"sent\"}", d.cookies_sent as f64),
+            ("{outcome=\"bad\"}", d.bad_cookies as f64),
+        ],
+    );
+    x.metric(
+        "dtls_handshakes_total",
+        "counter",
+        "DTLS handshakes after the cookie round trip, by outcome (refused: a half-open or association cap).",
+        &[
+            ("{outcome=\"ok\"}", d.established as f64),
+            ("{outcome=\"failed\"}", d.failed as f64),
+            ("{outcome=\"refused\"}", d.refused as f64),
+        ],
+    );
+    x.metric(
+        "dtls_dropped_total",
+        "counter",
+        "DTLS datagrams from sources without an association that were not a ClientHello, dropped unanswered.",
+        &[("", d.dropped as f64)],
+    );
+    x.metric(
+        "dtls_associations",
+        "gauge",
+        "DTLS associations, by state.",
+        &[
+            ("{state=\"handshake\"}", d.half_open as f64),
+            (
+                "{state=\"established\"}",
+                (d.associations - d.half_open.min(d.associations)) as f64,
+            ),
+        ],
+    );
 }
 
 /// Allocations, permissions and channels.
@@ -415,6 +488,7 @@ fn udp(x: &mut Exposition, t: &WorkerMetrics, workers: usize) {
             ("{outcome=\"failed\"}", t.tls_failures as f64),
         ],
     );
+    dtls(x, &t.dtls);
     let batch = if t.recv_batches > 0 {
         t.recv_datagrams as f64 / t.recv_batches as f64
     } else {

@@ -18,6 +18,9 @@ pub struct TlsSetup {
     pub fingerprint: String,
     /// The leaf certificate (DER), for clients in tests that pin it.
     pub leaf: CertificateDer<'static>,
+    /// The same certificate for DTLS, or why DTLS cannot use it (the DTLS
+    /// engine signs with ECDSA only).
+    pub dtls: Result<turn_dtls::Identity, String>,
 }
 
 /// Colon-separated uppercase hex SHA-256, as `openssl x509 -fingerprint` prints.
@@ -111,6 +114,12 @@ pub fn setup(src: &TlsSource) -> Result<TlsSetup> {
         }
     };
     let leaf = chain[0].clone();
+    let dtls = match &key {
+        PrivateKeyDer::Pkcs1(_) => {
+            Err("the private key is RSA; DTLS here needs an ECDSA P-256 or P-384 key".to_string())
+        }
+        k => turn_dtls::Identity::new(leaf.to_vec(), k.secret_der().to_vec()),
+    };
     let not_after = not_after(&leaf)?;
     if let TlsSource::Files { cert, .. } = src {
         check_validity(cert, not_after, now_unix())?;
@@ -130,6 +139,7 @@ pub fn setup(src: &TlsSource) -> Result<TlsSetup> {
         config: Arc::new(config),
         fingerprint: fingerprint(&leaf),
         leaf,
+        dtls,
     })
 }
 

@@ -30,10 +30,16 @@ pub enum ClientTransport {
         /// certificate given with `probe --ca`.
         extra_roots: Vec<Vec<u8>>,
     },
+    /// DTLS 1.2 over UDP (RFC 7350); `pinned` as for [`ClientTransport::Tls`].
+    Dtls {
+        /// Certificate to accept (`None`: any).
+        pinned: Option<Vec<u8>>,
+    },
 }
 
 enum Kind {
     Udp(UdpSocket),
+    Dtls(Box<super::dtls::DtlsSocket>),
     Tcp(TcpStream),
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
@@ -81,6 +87,15 @@ impl Channel {
                 s.connect(server)?;
                 Kind::Udp(s)
             }
+            ClientTransport::Dtls { pinned } => {
+                let s = UdpSocket::bind(bind)?;
+                Kind::Dtls(Box::new(super::dtls::DtlsSocket::connect(
+                    s,
+                    server,
+                    pinned.as_deref(),
+                    timeout,
+                )?))
+            }
             ClientTransport::Tcp => {
                 let s = tcp(server)?;
                 s.set_nodelay(true)?;
@@ -121,6 +136,7 @@ impl Channel {
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         match &self.kind {
             Kind::Udp(s) => s.local_addr(),
+            Kind::Dtls(s) => s.local_addr(),
             Kind::Tcp(s) => s.local_addr(),
             Kind::Tls(s) => s.sock.local_addr(),
         }
@@ -128,13 +144,14 @@ impl Channel {
 
     /// Whether this is a stream (ChannelData must be padded).
     pub fn is_stream(&self) -> bool {
-        !matches!(self.kind, Kind::Udp(_))
+        !matches!(self.kind, Kind::Udp(_) | Kind::Dtls(_))
     }
 
     /// Sends one message (a datagram, or bytes on the stream).
     pub fn send(&mut self, data: &[u8]) -> io::Result<()> {
         match &mut self.kind {
             Kind::Udp(s) => s.send(data).map(|_| ()),
+            Kind::Dtls(s) => s.send(data),
             Kind::Tcp(s) => s.write_all(data),
             Kind::Tls(s) => {
                 s.write_all(data)?;
@@ -146,7 +163,7 @@ impl Channel {
     /// One read from a TCP or TLS stream, waiting at most `left`.
     fn read_stream(&mut self, left: Duration, buf: &mut [u8]) -> io::Result<usize> {
         match &mut self.kind {
-            Kind::Udp(_) => Err(io::ErrorKind::Unsupported.into()),
+            Kind::Udp(_) | Kind::Dtls(_) => Err(io::ErrorKind::Unsupported.into()),
             Kind::Tcp(s) => {
                 s.set_read_timeout(Some(left))?;
                 s.read(buf)
@@ -213,6 +230,7 @@ impl Channel {
                         Err(e) => Err(e),
                     }
                 }
+                Kind::Dtls(s) => return s.recv(Instant::now() + left),
                 _ => self.read_stream(left, &mut tmp),
             };
             match res {
@@ -243,9 +261,9 @@ impl Channel {
         match self.kind {
             Kind::Udp(u) => Ok(StdSocket::Udp(u)),
             Kind::Tcp(t) => Ok(StdSocket::Tcp(t, self.rbuf)),
-            Kind::Tls(_) => Err(io::Error::new(
+            Kind::Tls(_) | Kind::Dtls(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "TLS channels cannot be unwrapped",
+                "TLS and DTLS channels cannot be unwrapped",
             )),
         }
     }

@@ -94,6 +94,28 @@ impl Common {
     }
 }
 
+impl Common {
+    /// The DTLS transport (RFC 7350). The DTLS engine hands over the
+    /// server's leaf certificate only, so it is checked by pinning: the
+    /// `--ca` file's first certificate must be the server's own (a
+    /// self-signed server), or `--insecure` accepts any.
+    pub(super) fn dtls(&self) -> Result<ClientTransport> {
+        if self.insecure {
+            return Ok(ClientTransport::Dtls { pinned: None });
+        }
+        let Some(p) = &self.ca else {
+            anyhow::bail!(
+                "--transport dtls: give --ca with the server's certificate (it is pinned) or --insecure; a DTLS server sends its leaf only, so a chain cannot be checked here"
+            );
+        };
+        let certs =
+            crate::tls::load_pem_certs(p).map_err(|e| anyhow::anyhow!("--ca {}: {e}", p.display()))?;
+        Ok(ClientTransport::Dtls {
+            pinned: certs.into_iter().next(),
+        })
+    }
+}
+
 /// One check's outcome.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -136,6 +158,7 @@ fn transport_name(t: &ClientTransport) -> &'static str {
         ClientTransport::Udp => "udp",
         ClientTransport::Tcp => "tcp",
         ClientTransport::Tls { .. } | ClientTransport::TlsVerified { .. } => "tls",
+        ClientTransport::Dtls { .. } => "dtls",
     }
 }
 

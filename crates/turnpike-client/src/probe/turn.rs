@@ -26,7 +26,7 @@ pub struct TurnArgs {
     /// password are derived from it.
     #[arg(long)]
     pub secret: Option<String>,
-    /// Transports to test (udp, tcp, tls); default: the URL's, or udp and
+    /// Transports to test (udp, tcp, tls, dtls); default: the URL's, or udp and
     /// tcp for turn: and tls for turns:.
     #[arg(long, value_delimiter = ',')]
     pub transport: Vec<String>,
@@ -79,11 +79,15 @@ pub(super) fn turn(a: &TurnArgs) -> Result<Report> {
                 "udp" => ClientTransport::Udp,
                 "tcp" => ClientTransport::Tcp,
                 "tls" => a.common.tls(&uri.host)?,
-                other => bail!("--transport: {other:?} is not udp, tcp or tls"),
+                "dtls" => a.common.dtls()?,
+                other => bail!("--transport: {other:?} is not udp, tcp, tls or dtls"),
             };
-            // TLS asked of a turn: URI without a port goes to the TLS port.
+            // TLS or DTLS asked of a turn: URI without a port goes to 5349.
             let mut target = *addr;
-            if n == "tls" && !uri.explicit_port && matches!(uri.scheme, Scheme::Turn | Scheme::Stun) {
+            if (n == "tls" || n == "dtls")
+                && !uri.explicit_port
+                && matches!(uri.scheme, Scheme::Turn | Scheme::Stun)
+            {
                 target.set_port(5349);
             }
             let before = checks.len();

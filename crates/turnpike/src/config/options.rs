@@ -43,6 +43,17 @@ pub struct Options {
     #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", default_value_t = false, require_equals = true, value_name = "BOOL")]
     pub no_tls: bool,
 
+    /// DTLS listen address (UDP, RFC 7350; repeatable). Default: beside
+    /// each TLS listener, on its port, when TLS is on and its certificate
+    /// has an ECDSA key.
+    #[arg(long, value_name = "IP:PORT", value_parser = parse_socket_addr)]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub dtls_listen: Vec<SocketAddr>,
+
+    /// Turn DTLS off.
+    #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", default_value_t = false, require_equals = true, value_name = "BOOL")]
+    pub no_dtls: bool,
+
     /// TLS certificate chain (PEM). Without --cert/--key a self-signed
     /// certificate is generated at start-up and its fingerprint logged.
     #[arg(long, value_name = "FILE")]

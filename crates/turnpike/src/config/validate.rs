@@ -25,6 +25,12 @@ pub struct Settings {
     pub tls_listen: Vec<SocketAddr>,
     /// The certificate, when TLS is on.
     pub tls: Option<TlsSource>,
+    /// DTLS listen addresses (empty: no DTLS); port 0 beside a TLS
+    /// listener takes that listener's port.
+    pub dtls_listen: Vec<SocketAddr>,
+    /// Whether `dtls_listen` was asked for by name: then a certificate
+    /// DTLS cannot use refuses start; by default DTLS is just left off.
+    pub dtls_explicit: bool,
     /// IPv4 relay address.
     pub relay_v4: Option<Ipv4Addr>,
     /// IPv6 relay address.
@@ -171,6 +177,8 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         listen,
         tls_listen,
         no_tls,
+        dtls_listen,
+        no_dtls,
         cert,
         key,
         relay_ip,
@@ -250,6 +258,7 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
     )?;
     let realm = checked_realm(realm, *allow_long_realm)?;
     let (listen, tls_listen, tls) = listeners(listen, tls_listen, *no_tls, cert, key, host)?;
+    let dtls = dtls_listeners(dtls_listen, *no_dtls, *no_tls, &tls_listen)?;
     check_relay_ports(*min_port, *max_port, host)?;
     let relay = RelayAddrs::resolve(relay_ip, external_ip, &listen, host)?;
     let (credentials, demo_user) = credentials(user, auth_secret, auth_secret_file, &realm, host)?;
@@ -302,6 +311,8 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         listen,
         tls_listen,
         tls,
+        dtls_listen: dtls,
+        dtls_explicit: !dtls_listen.is_empty(),
         relay_v4: relay.v4,
         relay_v6: relay.v6,
         external_v4: relay.external_v4,
@@ -381,6 +392,29 @@ fn listeners(
         (None, Some(_)) => bail!("key is set but cert is not: give both --cert FILE and --key FILE"),
     };
     Ok((listen, tls_listen, tls))
+}
+
+/// RFC 7350: DTLS on UDP beside each TLS listener unless told otherwise;
+/// it uses the TLS certificate, so it needs TLS on.
+fn dtls_listeners(
+    dtls_listen: &[SocketAddr],
+    no_dtls: bool,
+    no_tls: bool,
+    tls_listen: &[SocketAddr],
+) -> Result<Vec<SocketAddr>> {
+    if no_dtls {
+        if !dtls_listen.is_empty() {
+            bail!("dtls-listen is set but no-dtls is true: drop one of them");
+        }
+        return Ok(Vec::new());
+    }
+    if dtls_listen.is_empty() {
+        return Ok(tls_listen.to_vec());
+    }
+    if no_tls {
+        bail!("dtls-listen needs the TLS certificate, but no-tls is true: drop no-tls (and give --cert/--key), or drop dtls-listen");
+    }
+    Ok(dtls_listen.to_vec())
 }
 
 fn check_relay_ports(min_port: u16, max_port: u16, host: &HostFacts) -> Result<()> {

@@ -33,6 +33,7 @@ pub(super) fn started(settings: &Settings, handle: &Handle, auth: &str) {
         version = %crate::version(),
         listen = ?handle.listen,
         tls_listen = ?handle.tls_listen,
+        dtls_listen = ?handle.dtls_listen,
         relay_ipv4 = %shown(settings.relay_v4),
         relay_ipv6 = %shown(settings.relay_v6),
         external_ipv4 = %shown(settings.external_v4),
@@ -102,6 +103,7 @@ pub(super) fn warnings(settings: &Settings, handle: &Handle) {
         .listen
         .iter()
         .chain(&handle.tls_listen)
+        .chain(&handle.dtls_listen)
         .any(|l| !l.ip().is_loopback());
     for ip in [
         settings.relay_v4.map(IpAddr::V4),

@@ -110,6 +110,8 @@ pub(super) struct Update {
     /// Only the credentials (a credential store changed).
     pub(super) credentials: Option<Arc<turn_core::Credentials>>,
     pub(super) tls: Option<Arc<rustls::ServerConfig>>,
+    /// The reloaded certificate for DTLS (when it can serve DTLS).
+    pub(super) dtls: Option<turn_dtls::Identity>,
     pub(super) conn: Option<ConnLimits>,
 }
 
@@ -134,6 +136,7 @@ impl Update {
             core,
             credentials,
             tls: newer.tls.or(self.tls),
+            dtls: newer.dtls.or(self.dtls),
             conn: newer.conn.or(self.conn),
         }
     }
@@ -459,11 +462,26 @@ impl Control {
     /// Existing allocations are untouched. Errors leave the old
     /// configuration in force.
     pub fn reload(&self, new: &Settings) -> Result<()> {
-        let tls = match &new.tls {
-            Some(src @ crate::config::TlsSource::Files { .. }) => Some(crate::tls::setup(src)?.config),
+        let setup = match &new.tls {
+            Some(src @ crate::config::TlsSource::Files { .. }) => Some(crate::tls::setup(src)?),
             // A generated certificate is kept, not regenerated.
             _ => None,
         };
+        // DTLS keeps its old certificate when the new one cannot serve it
+        // (an RSA key): said, not silent.
+        let dtls = match setup.as_ref().map(|s| &s.dtls) {
+            Some(Ok(id)) => Some(id.clone()),
+            Some(Err(e)) => {
+                if !new.dtls_listen.is_empty() {
+                    tracing::warn!(
+                        "reload: DTLS keeps its previous certificate: the new one cannot serve DTLS: {e}"
+                    );
+                }
+                None
+            }
+            None => None,
+        };
+        let tls = setup.map(|s| s.config);
         self.quotas
             .set_limits(new.options.user_quota, new.options.total_quota);
         self.quotas.set_fleet_limit(new.options.fleet_total_quota);
@@ -477,6 +495,7 @@ impl Control {
             core: Some((core_config(new, &self.base), core_shared(&self.base, &limits))),
             credentials: None,
             tls,
+            dtls,
             conn: Some(conn_limits(new)),
         });
         Ok(())

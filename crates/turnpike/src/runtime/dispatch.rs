@@ -20,6 +20,11 @@ pub(super) enum Source {
         sock: UdpSocket,
         addr: SocketAddr,
     },
+    /// A DTLS listener (RFC 7350): its associations are in `Io::dtls`.
+    Dtls {
+        sock: UdpSocket,
+        addr: SocketAddr,
+    },
     Listener {
         sock: TcpListener,
         addr: SocketAddr,
@@ -55,6 +60,8 @@ pub(super) struct Io {
     /// UDP datagrams to send at the end of this loop iteration.
     pub(super) queue: udp_io::SendQueue,
     pub(super) tcp_relay_addrs: super::tcp_relay::TcpRelayAddrs,
+    /// The DTLS listeners' associations.
+    pub(super) dtls: super::dtls::DtlsPlane,
 }
 
 impl Io {
@@ -71,6 +78,13 @@ impl Io {
                 }
                 _ => self.queue.truncate(start),
             },
+            Dest::Client(t) if t.transport == Transport::Dtls => {
+                // The payload was written in the clear into the queue:
+                // taken out, encrypted, and queued as records.
+                let plain = self.queue.written(start).to_vec();
+                self.queue.truncate(start);
+                self.send_dtls(t, &plain);
+            }
             Dest::Client(t) => {
                 if let Some(&key) = self.conn_by_tuple.get(&t) {
                     if let Some(Source::Conn(c)) = self.sources.get_mut(key) {
@@ -117,6 +131,7 @@ impl Io {
                         self.queue.push(sock, src, t.client, tx.data);
                     }
                 }
+                Transport::Dtls => self.send_dtls(t, tx.data),
                 _ => {
                     if let Some(&key) = self.conn_by_tuple.get(&t) {
                         if let Some(Source::Conn(c)) = self.sources.get_mut(key) {

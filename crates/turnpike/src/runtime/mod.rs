@@ -14,6 +14,7 @@
 //! | `listeners.rs` | binding listening sockets (SO_REUSEPORT, pktinfo, in-use check) |
 //! | `worker.rs` | `Worker`: the loop, events to the subsystem that owns the socket, the core's commands carried out |
 //! | `udp.rs` | `UdpReads`: reading UDP listeners and relay sockets in batches, ICMP errors |
+//! | `dtls.rs` | RFC 7350: DTLS listeners' fronts (`turn_dtls`), records in and out, timers |
 //! | `connections.rs` | `Streams`: accepting TCP/TLS within limits, PROXY headers, reading messages, timeouts, closing |
 //! | `stream.rs` | one TCP/TLS connection and its buffers |
 //! | `relays.rs` | relay sockets: IP choice, ports, reservations, DF, ICMP queue |
@@ -43,6 +44,7 @@ use crate::config::Settings;
 mod connections;
 mod control;
 mod dispatch;
+mod dtls;
 mod fast;
 mod handover;
 mod listeners;
@@ -79,6 +81,8 @@ pub struct Handle {
     pub listen: Vec<SocketAddr>,
     /// The bound TLS listen addresses.
     pub tls_listen: Vec<SocketAddr>,
+    /// DTLS listen addresses as bound (RFC 7350; empty: DTLS off).
+    pub dtls_listen: Vec<SocketAddr>,
     /// RFC 5780: the alternate UDP sockets (alt IP/primary port, primary
     /// IP/alt port, alt IP/alt port).
     pub alt_listen: Vec<SocketAddr>,
@@ -206,6 +210,8 @@ impl HttpListeners {
 
 struct WorkerSockets {
     udp: Vec<(std::net::UdpSocket, SocketAddr)>,
+    /// DTLS listeners (RFC 7350): UDP sockets whose datagrams are records.
+    dtls: Vec<(std::net::UdpSocket, SocketAddr)>,
     tcp: Vec<(std::net::TcpListener, SocketAddr, bool)>,
     /// After a binary upgrade: the old worker's relay sockets and
     /// allocations (`handover.rs`).
@@ -217,23 +223,26 @@ struct Listeners {
     per_worker: Vec<WorkerSockets>,
     listen: Vec<SocketAddr>,
     tls_listen: Vec<SocketAddr>,
+    dtls_listen: Vec<SocketAddr>,
     /// RFC 5780's three other address/port pairs (UDP).
     alt_listen: Vec<SocketAddr>,
     rfc5780: Option<turn_core::Rfc5780>,
 }
 
 impl Listeners {
-    fn bind(settings: &Settings) -> Result<Self> {
+    fn bind(settings: &Settings, dtls: bool) -> Result<Self> {
         let mut l = Listeners {
             per_worker: (0..settings.threads)
                 .map(|_| WorkerSockets {
                     udp: vec![],
+                    dtls: vec![],
                     tcp: vec![],
                     taken: None,
                 })
                 .collect(),
             listen: Vec::new(),
             tls_listen: Vec::new(),
+            dtls_listen: Vec::new(),
             alt_listen: Vec::new(),
             rfc5780: None,
         };
@@ -246,7 +255,39 @@ impl Listeners {
         for &addr in &settings.tls_listen {
             l.bind_tls(addr)?;
         }
+        if dtls {
+            for &addr in &settings.dtls_listen {
+                l.bind_dtls(addr, true)?;
+            }
+        }
         Ok(l)
+    }
+
+    /// RFC 7350: a DTLS listener. Port 0 where a TLS listener has the same
+    /// address takes that listener's port (DTLS beside TLS, as on 5349).
+    /// `check`: refuse a port in use (false after a binary upgrade, where
+    /// the old process still holds it until it stops).
+    fn bind_dtls(&mut self, addr: SocketAddr, check: bool) -> Result<()> {
+        let addr = match self.tls_listen.iter().find(|t| t.ip() == addr.ip()) {
+            Some(t) if addr.port() == 0 => SocketAddr::new(addr.ip(), t.port()),
+            _ => addr,
+        };
+        if check {
+            if let Err(e) = ensure_free(addr, true) {
+                anyhow::bail!("dtls-listen {addr}: cannot bind UDP: {e}{}", in_use_hint(&e));
+            }
+        }
+        let first = bind_udp(addr).with_context(|| format!("dtls-listen {addr}: cannot bind UDP"))?;
+        let bound = first.local_addr()?;
+        self.per_worker[0].dtls.push((first, bound));
+        for w in self.per_worker.iter_mut().skip(1) {
+            w.dtls.push((
+                bind_udp(bound).with_context(|| format!("dtls-listen {bound}: for another worker"))?,
+                bound,
+            ));
+        }
+        self.dtls_listen.push(bound);
+        Ok(())
     }
 
     /// UDP and TCP on one address (port 0: one port shared by both).
@@ -331,6 +372,7 @@ impl Listeners {
     /// worker, in the order it sent them; nothing is bound.
     fn inherit(
         settings: &Settings,
+        dtls: bool,
         h: &mut crate::upgrade::Handover,
         fds: &mut std::vec::IntoIter<std::os::fd::OwnedFd>,
     ) -> Result<Self> {
@@ -359,6 +401,7 @@ impl Listeners {
         for part in h.workers.iter_mut() {
             let mut w = WorkerSockets {
                 udp: vec![],
+                dtls: vec![],
                 tcp: vec![],
                 taken: None,
             };
@@ -423,13 +466,23 @@ impl Listeners {
             }
             None => None,
         };
-        Ok(Listeners {
+        let mut l = Listeners {
             per_worker,
             listen: h.listen.clone(),
             tls_listen: h.tls_listen.clone(),
+            dtls_listen: Vec::new(),
             alt_listen: h.alt_listen.clone(),
             rfc5780,
-        })
+        };
+        // DTLS sessions cannot be handed over: this process binds its own
+        // DTLS sockets beside the old process's (SO_REUSEPORT), and clients
+        // of the old one handshake again when it stops.
+        if dtls {
+            for &addr in &settings.dtls_listen {
+                l.bind_dtls(addr, false)?;
+            }
+        }
+        Ok(l)
     }
 }
 
@@ -460,19 +513,21 @@ fn start_with(
         .as_mut()
         .map(|(_, fds)| std::mem::take(fds).into_iter())
         .unwrap_or_default();
+    let tls_setup = match &settings.tls {
+        Some(src) => Some(crate::tls::setup(src)?),
+        None => None,
+    };
+    let dtls_identity = dtls::identity(settings, tls_setup.as_ref())?;
     let Listeners {
         per_worker,
         listen,
         tls_listen,
+        dtls_listen,
         alt_listen,
         rfc5780,
     } = match inherited.as_mut() {
-        Some((h, _)) => Listeners::inherit(settings, h, &mut fds)?,
-        None => Listeners::bind(settings)?,
-    };
-    let tls_setup = match &settings.tls {
-        Some(src) => Some(crate::tls::setup(src)?),
-        None => None,
+        Some((h, _)) => Listeners::inherit(settings, dtls_identity.is_some(), h, &mut fds)?,
+        None => Listeners::bind(settings, dtls_identity.is_some())?,
     };
 
     // The HTTP listeners are bound here, before the peer policy is made:
@@ -500,6 +555,7 @@ fn start_with(
     let own_sockets: Vec<SocketAddr> = listen
         .iter()
         .chain(tls_listen.iter())
+        .chain(dtls_listen.iter())
         .chain(alt_listen.iter())
         .copied()
         .chain(http.addrs())
@@ -558,6 +614,9 @@ fn start_with(
             connections: shared.connections.clone(),
             tls: tls_setup.as_ref().map(|t| t.config.clone()),
             fast: fast.clone(),
+            dtls: dtls_identity
+                .map(|id| dtls::DtlsParams::new(settings, id))
+                .transpose()?,
         },
     )?;
     // The workers hold the restored allocations and the maps their
@@ -571,6 +630,7 @@ fn start_with(
     Ok(Handle {
         listen,
         tls_listen,
+        dtls_listen,
         alt_listen,
         tls_fingerprint: tls_setup.as_ref().map(|t| t.fingerprint.clone()),
         metrics,
@@ -623,6 +683,7 @@ struct WorkerShared {
     connections: Arc<turn_core::limits::SourceCounter>,
     tls: Option<Arc<rustls::ServerConfig>>,
     fast: Option<fast::Shared>,
+    dtls: Option<dtls::DtlsParams>,
 }
 
 /// The running workers: their threads, wakers and command channels.
@@ -705,6 +766,7 @@ fn spawn_workers(
                 tcp_relay_addrs: tcp_relay_addrs.clone(),
                 fast: shared.fast.clone(),
                 refusals_per_second: settings.options.log_refusals_per_second,
+                dtls: shared.dtls.clone(),
             },
         )?;
         if let Some(t) = taken {

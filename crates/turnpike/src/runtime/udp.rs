@@ -15,11 +15,11 @@ use super::worker::Worker;
 /// otherwise keep the worker until it drains, while the relay sockets'
 /// packets (a call's second hop) and the send queue wait: milliseconds
 /// of latency under load, for no throughput.
-const READ_BUDGET: usize = 4;
+pub(super) const READ_BUDGET: usize = 4;
 
 /// The worker's UDP reading state.
 pub(super) struct UdpReads {
-    batch: udp_io::RecvBatch,
+    pub(super) batch: udp_io::RecvBatch,
     errors: udp_io::ErrorQueue,
     /// UDP sockets left readable when their read budget ran out: mio is
     /// edge-triggered, so they are read again after the other sockets'

@@ -56,6 +56,8 @@ pub(super) struct WorkerParams {
     pub(super) tcp_relay_addrs: super::tcp_relay::TcpRelayAddrs,
     pub(super) fast: Option<super::fast::Shared>,
     pub(super) refusals_per_second: u32,
+    /// DTLS (RFC 7350) for this worker's DTLS sockets, when on.
+    pub(super) dtls: Option<super::dtls::DtlsParams>,
 }
 
 /// A worker: the protocol core and the subsystems that carry out what it
@@ -105,6 +107,7 @@ impl Worker {
             tcp_relay_addrs,
             fast,
             refusals_per_second,
+            dtls,
         } = p;
         let registry = poll.registry().try_clone()?;
         let mut io = Io {
@@ -119,6 +122,7 @@ impl Worker {
             dirty: Vec::new(),
             queue: udp_io::SendQueue::new(gso),
             tcp_relay_addrs,
+            dtls: Default::default(),
         };
         for (s, addr) in sockets.udp {
             let mut sock = UdpSocket::from_std(s);
@@ -127,6 +131,16 @@ impl Worker {
                 .register(&mut sock, Token(e.key()), Interest::READABLE)?;
             io.udp_by_addr.push((addr, e.key()));
             e.insert(Source::Udp { sock, addr });
+        }
+        if let Some(p) = &dtls {
+            for (s, addr) in sockets.dtls {
+                let mut sock = UdpSocket::from_std(s);
+                let e = io.sources.vacant_entry();
+                io.registry
+                    .register(&mut sock, Token(e.key()), Interest::READABLE)?;
+                io.dtls.add(e.key(), p);
+                e.insert(Source::Dtls { sock, addr });
+            }
         }
         for (s, addr, tls) in sockets.tcp {
             let mut sock = TcpListener::from_std(s);
@@ -206,6 +220,7 @@ impl Worker {
                 .poll_timeout()
                 .into_iter()
                 .chain(self.pairs.next_retry())
+                .chain(self.io.dtls.poll_timeout())
                 .min()
                 .map(|t| t.saturating_duration_since(now).min(IDLE_TICK))
                 .unwrap_or(IDLE_TICK)
@@ -239,6 +254,7 @@ impl Worker {
             for key in again {
                 self.on_event(key, true, false, now);
             }
+            self.dtls_tick(now);
             self.core.handle_timeout(now);
             self.drive_core(now);
             self.adopt_handoffs(now);
@@ -259,6 +275,7 @@ impl Worker {
             self.log_events();
             if self.control.stopping() {
                 let now = Instant::now();
+                self.dtls_close_all(now);
                 self.core.close_all(now);
                 self.drive_core(now);
                 self.io.queue.flush();
@@ -271,6 +288,7 @@ impl Worker {
     pub(super) fn on_event(&mut self, key: usize, readable: bool, writable: bool, now: Instant) {
         enum Kind {
             Udp(SocketAddr),
+            Dtls(SocketAddr),
             Listener(bool, SocketAddr),
             Conn,
             Relay(SocketAddr),
@@ -279,6 +297,7 @@ impl Worker {
         }
         let kind = match self.io.sources.get(key) {
             Some(Source::Udp { addr, .. }) => Kind::Udp(*addr),
+            Some(Source::Dtls { addr, .. }) => Kind::Dtls(*addr),
             Some(Source::Listener { tls, addr, .. }) => Kind::Listener(*tls, *addr),
             Some(Source::Conn(_)) => Kind::Conn,
             Some(Source::Relay { addr, .. }) => Kind::Relay(*addr),
@@ -288,6 +307,7 @@ impl Worker {
         };
         match kind {
             Kind::Udp(addr) => self.read_udp(key, addr, now),
+            Kind::Dtls(addr) => self.read_dtls(key, addr, now),
             Kind::Relay(addr) => self.read_relay(key, addr, now),
             Kind::Listener(tls, addr) => self.accept(key, tls, addr),
             Kind::Conn => self.on_conn(key, readable, writable, now),

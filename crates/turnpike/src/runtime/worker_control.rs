@@ -92,6 +92,7 @@ impl Worker {
             gso: self.io.queue.gso_enabled(),
             tcp_connections: self.pairs.len(),
             tcp_bytes: self.pairs.totals(),
+            dtls: self.io.dtls.metrics(),
         };
         if let Some(slot) = self
             .control
@@ -132,6 +133,10 @@ impl Worker {
             if let Some(tls) = u.tls {
                 // New connections use the new certificate; open ones keep theirs.
                 self.streams.tls = Some(tls);
+            }
+            if let Some(id) = &u.dtls {
+                // New DTLS handshakes too; established associations keep theirs.
+                self.io.dtls.set_identity(id);
             }
         }
     }
