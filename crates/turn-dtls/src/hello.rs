@@ -23,6 +23,9 @@ pub const MIN_CLIENT_HELLO: usize = RECORD + HANDSHAKE + 43;
 /// A ClientHello alone in one datagram, unfragmented, in epoch 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientHello<'a> {
+    /// client_version: 0xfefd for DTLS 1.2 (and 1.3, which says so in an
+    /// extension), 0xfeff for DTLS 1.0.
+    pub version: u16,
     /// The handshake message_seq: 0 for a first hello, 1 after a
     /// HelloVerifyRequest.
     pub message_seq: u16,
@@ -71,6 +74,7 @@ pub fn client_hello(datagram: &[u8]) -> Option<ClientHello<'_>> {
     let cookie_len = *body.get(cookie_len_at)? as usize;
     let cookie = body.get(cookie_len_at + 1..cookie_len_at + 1 + cookie_len)?;
     Some(ClientHello {
+        version: u16::from_be_bytes([body[0], body[1]]),
         message_seq,
         random,
         cookie,
@@ -105,6 +109,16 @@ pub fn hello_verify_cookie(datagram: &[u8]) -> Option<&[u8]> {
     let body = &h[HANDSHAKE..];
     let len = body[2] as usize;
     body.get(3..3 + len)
+}
+
+/// DTLS 1.2's version number; older versions have higher numbers.
+pub const DTLS_1_2: u16 = 0xfefd;
+
+/// A fatal protocol_version alert (RFC 5246 §7.2.2) in the clear, for a
+/// hello that offers only an older DTLS: 15 bytes.
+pub fn protocol_version_alert(version: u16) -> [u8; 15] {
+    let v = version.to_be_bytes();
+    [21, v[0], v[1], 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 70]
 }
 
 /// Whether `datagram` starts with a record of epoch 0 (handshake in the

@@ -145,6 +145,9 @@ pub enum Refused {
     PerSource,
     /// The host's association cap.
     Associations,
+    /// The hello offers only DTLS 1.0, which RFC 8996 forbids: answered
+    /// with a protocol_version alert.
+    OldVersion,
 }
 
 /// The server's certificate and key (ECDSA P-256 or P-384) and the engine
@@ -229,6 +232,8 @@ pub struct Counters {
     /// Datagrams from sources with no association that were not a
     /// ClientHello (dropped without an answer).
     pub dropped: u64,
+    /// Hellos offering only DTLS 1.0 (RFC 8996), refused with an alert.
+    pub old_versions: u64,
 }
 
 /// Both ends of an association: the client's address and the server
@@ -473,6 +478,14 @@ impl Front {
         out: &mut Output,
     ) {
         let from = ends.client;
+        if hello.version > hello::DTLS_1_2 {
+            // RFC 8996: DTLS 1.0 is not negotiated. The alert is smaller
+            // than the hello and keeps nothing.
+            self.counters.old_versions += 1;
+            self.last_refusal = Some((from, Refused::OldVersion));
+            out.push(ends, &hello::protocol_version_alert(hello.version), false);
+            return;
+        }
         let window = now.saturating_duration_since(self.epoch).as_secs() / COOKIE_WINDOW.as_secs();
         let first = hello.as_first(datagram);
         // The cookie of this window first, then the previous one's.

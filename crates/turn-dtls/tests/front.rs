@@ -249,3 +249,26 @@ fn half_open_handshakes_are_capped_per_source_and_per_host_and_time_out() {
     }
     assert_eq!((shared.half_open(), shared.associations()), (0, 0));
 }
+
+#[test]
+fn a_dtls_1_0_hello_gets_a_protocol_version_alert_and_nothing_else() {
+    let now = Instant::now();
+    let shared = Arc::new(Shared::default());
+    let mut f = front(Limits::default(), shared.clone());
+    // What Debian's coturn 4.6.1 turnutils_uclient -S sends over UDP:
+    // client_version DTLS 1.0, CBC suites only.
+    let mut c = Client::new("192.0.2.1:5000", now);
+    let mut hello_1_0 = c.outgoing().remove(0);
+    hello_1_0[25] = 0xfe;
+    hello_1_0[26] = 0xff;
+    let mut out = Output::default();
+    f.handle(now, c.addr, SERVER.parse().unwrap(), &hello_1_0, &mut out);
+    let answer = &out.bytes[out.datagrams[0].1.clone()];
+    assert_eq!(answer, &hello::protocol_version_alert(0xfeff));
+    assert!(f.is_empty());
+    assert_eq!(f.counters().old_versions, 1);
+    assert_eq!(
+        f.take_refusal().map(|(_, r)| r),
+        Some(turn_dtls::Refused::OldVersion)
+    );
+}

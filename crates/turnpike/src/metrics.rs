@@ -114,6 +114,8 @@ pub struct DtlsMetrics {
     pub failed: u64,
     /// Datagrams from unknown sources that were not a ClientHello.
     pub dropped: u64,
+    /// Hellos offering only DTLS 1.0 (RFC 8996).
+    pub old_versions: u64,
     /// Associations now (established or in handshake).
     pub associations: usize,
     /// Associations now in their handshake.
@@ -178,6 +180,7 @@ pub(crate) fn sum(board: &Board) -> (WorkerMetrics, Vec<WorkerMetrics>) {
         d.established += e.established;
         d.failed += e.failed;
         d.dropped += e.dropped;
+        d.old_versions += e.old_versions;
         d.associations += e.associations;
         d.half_open += e.half_open;
         t.tls_failures += w.tls_failures;
@@ -253,11 +256,12 @@ fn dtls(x: &mut Exposition, d: &DtlsMetrics) {
     x.metric(
         "dtls_handshakes_total",
         "counter",
-        "DTLS handshakes after the cookie round trip, by outcome (refused: a half-open or association cap).",
+        "DTLS handshakes, by outcome (refused: a half-open or association cap; old_version: a DTLS 1.0 hello, RFC 8996).",
         &[
             ("{outcome=\"ok\"}", d.established as f64),
             ("{outcome=\"failed\"}", d.failed as f64),
             ("{outcome=\"refused\"}", d.refused as f64),
+            ("{outcome=\"old_version\"}", d.old_versions as f64),
         ],
     );
     x.metric(

@@ -78,6 +78,10 @@ pub(super) struct DtlsPlane {
     send_out: Output,
     read_out: Output,
     next_tick: Option<Instant>,
+    /// When a refusal was last logged, and how many since went unlogged
+    /// (a flood of spoofed hellos must not flood the log).
+    last_log: Option<Instant>,
+    unlogged: u64,
 }
 
 impl DtlsPlane {
@@ -113,6 +117,7 @@ impl DtlsPlane {
             m.established += c.established;
             m.failed += c.failed;
             m.dropped += c.dropped;
+            m.old_versions += c.old_versions;
             m.associations += f.len();
             m.half_open += f.half_open();
         }
@@ -214,11 +219,33 @@ impl Worker {
             self.core.handle_connection_closed(now, tuple(key, *ends));
             self.drive_core(now);
         }
-        if let Some(f) = self.io.dtls.front(key) {
-            if let Some((from, why)) = f.take_refusal() {
-                info!(client = %self.redact.show(&from), reason = ?why, "DTLS handshake refused by a half-open or association cap");
-            }
+        let refusal = self.io.dtls.front(key).and_then(|f| f.take_refusal());
+        if let Some((from, why)) = refusal {
+            self.log_dtls_refusal(now, from, why);
         }
+    }
+
+    /// One line a second at most, saying how many went unlogged.
+    fn log_dtls_refusal(&mut self, now: Instant, from: SocketAddr, why: turn_dtls::Refused) {
+        let plane = &mut self.io.dtls;
+        if plane
+            .last_log
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+        {
+            plane.unlogged += 1;
+            return;
+        }
+        plane.last_log = Some(now);
+        let unlogged = std::mem::take(&mut plane.unlogged);
+        let reason = match why {
+            turn_dtls::Refused::Host => "the host's cap on DTLS handshakes in progress is reached",
+            turn_dtls::Refused::PerSource => "this source IP's cap on DTLS handshakes in progress is reached",
+            turn_dtls::Refused::Associations => "the host's cap on DTLS associations is reached",
+            turn_dtls::Refused::OldVersion => {
+                "the client offers only DTLS 1.0, which RFC 8996 forbids (answered with a protocol_version alert); it needs DTLS 1.2"
+            }
+        };
+        info!(client = %self.redact.show(&from), similar_unlogged = unlogged, "DTLS handshake refused: {reason}");
     }
 
     fn arm_dtls_tick(&mut self, now: Instant) {
