@@ -174,6 +174,13 @@ impl Identity {
             .load_private_key(&cert.private_key)
             .is_err()
         {
+            // rsaEncryption (1.2.840.113549.1.1.1) in a PKCS#8 key.
+            const RSA_OID: [u8; 11] = [0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
+            if cert.private_key.windows(RSA_OID.len()).any(|w| w == RSA_OID) {
+                return Err(
+                    "the private key is RSA; DTLS here needs an ECDSA P-256 or P-384 key".to_string(),
+                );
+            }
             return Err(
                 "the private key is not an ECDSA P-256 or P-384 key (DTLS here supports ECDSA certificates only)"
                     .to_string(),

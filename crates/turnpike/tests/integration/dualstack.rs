@@ -1,6 +1,6 @@
 //! Dual-stack allocations over real sockets (RFC 8656 §7.2): one Allocate
 //! gets an IPv4 relay on 127.0.0.1 and an IPv6 relay on ::1, and data flows
-//! both ways through each, picked by the peer's family.
+//! both ways through each, picked by the peer's family; over UDP and DTLS.
 
 use crate::common;
 
@@ -24,8 +24,24 @@ fn dual_allocation_relays_both_ways_over_127_0_0_1_and_ipv6_loopback() {
         "--relay-ip",
         "::1",
     ]);
-    let addr = h.listen[0];
-    let mut c = client(&ClientTransport::Udp, addr, USER, PASSWORD);
+    // Over UDP, and over DTLS (RFC 7350: what works over UDP works there).
+    let over = [
+        (ClientTransport::Udp, h.listen[0]),
+        (
+            ClientTransport::Dtls {
+                pinned: h.tls_leaf.clone(),
+            },
+            h.dtls_listen[0],
+        ),
+    ];
+    for (t, addr) in over {
+        dual_allocation_over(&t, addr);
+    }
+    h.shutdown();
+}
+
+fn dual_allocation_over(t: &ClientTransport, addr: std::net::SocketAddr) {
+    let mut c = client(t, addr, USER, PASSWORD);
     c.set_relay_family(RelayFamily::Dual);
     let alloc = c.allocate().unwrap();
     let v4 = alloc.relayed;
@@ -88,5 +104,4 @@ fn dual_allocation_relays_both_ways_over_127_0_0_1_and_ipv6_loopback() {
         "the IPv4 relay lives on; the IPv6 one relays nothing"
     );
     assert_eq!(c.refresh(0).unwrap(), 0);
-    h.shutdown();
 }

@@ -210,16 +210,6 @@ fn brute_force_is_blocked_for_that_source_only() {
     h.shutdown();
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
 #[test]
 fn rss_stays_flat_under_a_many_source_flood() {
     // The real binary, so its RSS is its own.

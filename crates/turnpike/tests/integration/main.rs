@@ -10,6 +10,7 @@ mod binary;
 mod browser;
 mod common;
 mod coturn_import;
+mod dtls;
 mod dualstack;
 mod fastpath;
 mod fleet;

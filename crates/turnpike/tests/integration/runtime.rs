@@ -1,4 +1,4 @@
-//! The real server over real sockets on 127.0.0.1: UDP, TCP and TLS.
+//! The real server over real sockets on 127.0.0.1: UDP, TCP, TLS and DTLS.
 
 use crate::common;
 
@@ -126,7 +126,7 @@ fn refused_peers_get_403() {
 }
 
 #[test]
-fn binding_over_udp_tcp_and_tls() {
+fn binding_over_udp_tcp_tls_and_dtls() {
     let h = start(&[]);
     for (t, addr) in transports(&h) {
         let mut ch = Channel::connect(&t, addr, Duration::from_secs(3)).unwrap();

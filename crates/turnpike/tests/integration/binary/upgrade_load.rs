@@ -18,6 +18,7 @@ use turnpike_client::client::{ClientTransport, Received, StdSocket, TurnClient};
 
 use super::upgrade::{alive, client, config, fds, field, scratch, signal, start_with, tls_listen};
 use super::wait_for;
+use crate::common::rss_kib;
 
 const UDP_CALLS: usize = 100;
 const TCP_CALLS: usize = 10;
@@ -407,15 +408,6 @@ fn metric(text: &str, name: &str) -> f64 {
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 fn wait_gone(pid: u32, within: Duration) -> bool {

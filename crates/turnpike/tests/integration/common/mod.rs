@@ -98,6 +98,13 @@ pub fn transports(h: &Handle) -> Vec<(ClientTransport, SocketAddr)> {
             },
             h.tls_listen[0],
         ),
+        // RFC 7350, beside TLS on its port.
+        (
+            ClientTransport::Dtls {
+                pinned: h.tls_leaf.clone(),
+            },
+            h.dtls_listen[0],
+        ),
     ]
 }
 
@@ -176,6 +183,16 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A process's resident set, in KiB (0 when it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// A child process stopped (by its PID) when dropped.
