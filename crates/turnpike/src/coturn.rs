@@ -73,7 +73,7 @@ pub const MAPPINGS: &[Mapping] = &[
     },
     Mapping {
         coturn: "no-dtls",
-        turnpike: "nothing: there is no DTLS listener",
+        turnpike: "--no-dtls (DTLS is on by default beside TLS, as in coturn; DTLS 1.2 only, ECDSA certificates)",
     },
     Mapping {
         coturn: "no-udp",

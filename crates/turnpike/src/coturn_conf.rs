@@ -253,6 +253,9 @@ impl Gathered {
             | "stale-nonce"
             | "max-allocate-lifetime" => self.number(l),
             "no-tls" => self.scalar("no-tls", "true".into(), l.text),
+            // coturn serves DTLS on its TLS port unless told not to, as
+            // turnpike does.
+            "no-dtls" => self.scalar("no-dtls", "true".into(), l.text),
             "allow-loopback-peers" => self.scalar("allow-loopback-peers", "true".into(), l.text),
             "mobility" => self.scalar("mobility", "true".into(), l.text),
             "verbose" | "v" => self.scalar("log-level", q("debug"), l.text),
