@@ -337,6 +337,7 @@ fn start_web(
     let ports = crate::web::IcePorts {
         plain: handle.listen.first().map(|a| a.port()),
         tls: handle.tls_listen.first().map(|a| a.port()),
+        dtls: handle.dtls_listen.first().map(|a| a.port()),
     };
     let mut w = crate::web::Web::new(
         &settings.web,

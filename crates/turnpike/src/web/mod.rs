@@ -79,6 +79,9 @@ pub struct IcePorts {
     pub plain: Option<u16>,
     /// TLS (the first `tls-listen` address).
     pub tls: Option<u16>,
+    /// DTLS (the first DTLS listener): reported, not tested, since a
+    /// browser's WebRTC has no TURN-over-DTLS transport.
+    pub dtls: Option<u16>,
 }
 
 /// What the pages need from the server: the credential minter and the
@@ -138,6 +141,19 @@ impl Web {
         if let Some(p) = self.ports.tls {
             servers.push(json!({"transport": "tls", "urls": format!("turns:{host}:{p}?transport=tcp")}));
         }
+        // RFC 7350: offered to native clients; browsers cannot use it.
+        let elsewhere: Vec<serde_json::Value> = self
+            .ports
+            .dtls
+            .map(|p| {
+                json!({
+                    "transport": "dtls",
+                    "where": format!("{host}:{p}/udp"),
+                    "why": "TURN over DTLS (RFC 7350) serves native clients (SIP phones, coturn's turnutils_uclient -S, turnpike probe --transport dtls); a browser's WebRTC has no DTLS transport for TURN, so this page cannot test it",
+                })
+            })
+            .into_iter()
+            .collect();
         ISSUED.fetch_add(1, Ordering::Relaxed);
         json!({
             "username": username,
@@ -146,6 +162,7 @@ impl Web {
             "expires_at": expires,
             "realm": self.realm,
             "servers": servers,
+            "not_for_browsers": elsewhere,
         })
     }
 
@@ -340,6 +357,7 @@ mod tests {
             IcePorts {
                 plain: Some(3478),
                 tls: Some(5349),
+                dtls: Some(5349),
             },
             "r",
             false,
@@ -367,5 +385,8 @@ mod tests {
                 "turns:turn.example.org:5349?transport=tcp"
             ]
         );
+        // DTLS is reported beside them, for native clients.
+        assert_eq!(v["not_for_browsers"][0]["transport"], "dtls");
+        assert_eq!(v["not_for_browsers"][0]["where"], "turn.example.org:5349/udp");
     }
 }

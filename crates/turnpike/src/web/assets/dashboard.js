@@ -70,7 +70,7 @@ function render(s) {
   $('drain').dataset.draining = String(n.draining);
   const r = s.rates || { to_peer_pps: 0, from_peer_pps: 0, to_peer_bps: 0, from_peer_bps: 0 };
   const tiles = [
-    ['allocations', s.allocations.total], ['UDP', s.allocations.udp], ['TCP', s.allocations.tcp], ['TLS', s.allocations.tls],
+    ['allocations', s.allocations.total], ['UDP', s.allocations.udp], ['TCP', s.allocations.tcp], ['TLS', s.allocations.tls], ['DTLS', s.allocations.dtls],
     ['to peers, packets/s', r.to_peer_pps], ['from peers, packets/s', r.from_peer_pps],
     ['to peers', bits(r.to_peer_bps)], ['from peers', bits(r.from_peer_bps)],
     ['channels', s.channels], ['permissions', s.permissions], ['TCP/TLS connections', s.connections],

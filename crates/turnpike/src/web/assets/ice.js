@@ -191,7 +191,8 @@ async function run() {
   const result = { verdict: 'fail', transports: {} };
   try {
     const cred = await getCredential();
-    $('credential-note').textContent = 'Credential ' + cred.username + ' (realm ' + cred.realm + '), valid for ' + Math.round(cred.ttl_s / 60) + ' min.';
+    const elsewhere = (cred.not_for_browsers || []).map((x) => ' Also offered, not testable here: ' + x.transport.toUpperCase() + ' on ' + x.where + ' (' + x.why + ').').join('');
+    $('credential-note').textContent = 'Credential ' + cred.username + ' (realm ' + cred.realm + '), valid for ' + Math.round(cred.ttl_s / 60) + ' min.' + elsewhere;
     const results = [];
     for (const server of cred.servers) {
       $('status').textContent = 'testing ' + NAMES[server.transport] + ' (' + server.urls + ')...';
