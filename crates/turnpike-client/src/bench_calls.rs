@@ -457,9 +457,7 @@ fn setup_call(args: &BenchArgs, load: &mut Load, call: usize) -> Result<()> {
         let phase_ns = load.rng.gen_range(0..interval);
         let mut conn = Conn::from_channel(c.into_channel())?;
         let token = Token(load.legs.len());
-        load.poll
-            .registry()
-            .register(conn.source(), token, Interest::READABLE)?;
+        conn.register(load.poll.registry(), token, Interest::READABLE)?;
         load.legs.push(Leg {
             conn,
             to,

@@ -1,4 +1,4 @@
-//! One client connection of the generator: UDP, TCP or TLS, with the
+//! One client connection of the generator: UDP, TCP or DTLS, with the
 //! buffering a non-blocking stream needs.
 
 use std::io::{self, Read, Write};
@@ -16,6 +16,8 @@ pub(crate) fn client_transport(t: BenchTransport) -> ClientTransport {
     match t {
         BenchTransport::Udp => ClientTransport::Udp,
         BenchTransport::Tcp => ClientTransport::Tcp,
+        // The generator measures, it does not authenticate the server.
+        BenchTransport::Dtls => ClientTransport::Dtls { pinned: None },
     }
 }
 
@@ -28,6 +30,8 @@ pub(crate) enum Conn {
         rbuf: Vec<u8>,
         wbuf: Vec<u8>,
     },
+    /// A DTLS association: every message a record of its own.
+    Dtls(Box<crate::client::dtls::DtlsSocket>),
 }
 
 impl Conn {
@@ -37,6 +41,10 @@ impl Conn {
                 u.set_nonblocking(true)?;
                 let remote = u.peer_addr()?;
                 Conn::Udp(UdpSocket::from_std(u), remote)
+            }
+            crate::client::StdSocket::Dtls(d) => {
+                d.set_nonblocking(true)?;
+                Conn::Dtls(d)
             }
             crate::client::StdSocket::Tcp(t, leftover) => {
                 t.set_nonblocking(true)?;
@@ -49,10 +57,17 @@ impl Conn {
         })
     }
 
-    pub(crate) fn source(&mut self) -> &mut dyn mio::event::Source {
+    /// Registers the socket with `registry`.
+    pub(crate) fn register(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+        interest: mio::Interest,
+    ) -> io::Result<()> {
         match self {
-            Conn::Udp(u, _) => u,
-            Conn::Tcp { s, .. } => s,
+            Conn::Udp(u, _) => registry.register(u, token, interest),
+            Conn::Tcp { s, .. } => registry.register(s, token, interest),
+            Conn::Dtls(d) => registry.register(&mut mio::unix::SourceFd(&d.raw_fd()), token, interest),
         }
     }
 
@@ -73,6 +88,17 @@ impl Conn {
                     wbuf.extend_from_slice(m);
                 }
                 flush(s, wbuf)
+            }
+            Conn::Dtls(d) => {
+                for m in msgs {
+                    match d.send(m) {
+                        Ok(()) => {}
+                        // A full socket buffer loses the record, as UDP would.
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
             }
         }
     }
@@ -101,6 +127,7 @@ impl Conn {
                     return Ok(());
                 }
             },
+            Conn::Dtls(d) => d.read_available(f),
             Conn::Tcp { s, rbuf, wbuf } => {
                 flush(s, wbuf)?;
                 loop {

@@ -59,6 +59,8 @@ pub enum BenchTransport {
     Udp,
     /// TCP.
     Tcp,
+    /// DTLS 1.2 over UDP (RFC 7350): the server's certificate is not checked.
+    Dtls,
 }
 
 /// `turnpike bench` options.

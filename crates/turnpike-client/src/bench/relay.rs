@@ -69,8 +69,8 @@ pub(super) fn relay(args: &BenchArgs) -> Result<Report> {
         });
     }
     for (i, l) in lanes.iter_mut().enumerate() {
-        poll.registry()
-            .register(l.client.source(), Token(2 * i), Interest::READABLE)?;
+        l.client
+            .register(poll.registry(), Token(2 * i), Interest::READABLE)?;
         poll.registry()
             .register(&mut l.peer, Token(2 * i + 1), Interest::READABLE)?;
     }

@@ -26,8 +26,7 @@ pub(super) fn bindings(args: &BenchArgs) -> Result<Report> {
             Duration::from_secs(3),
         )?;
         let mut c = Conn::from_channel(ch)?;
-        poll.registry()
-            .register(c.source(), Token(i), Interest::READABLE)?;
+        c.register(poll.registry(), Token(i), Interest::READABLE)?;
         conns.push((c, 0usize, Instant::now()));
     }
     let t0 = Instant::now();

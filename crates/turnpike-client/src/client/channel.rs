@@ -251,6 +251,8 @@ impl Channel {
 pub enum StdSocket {
     /// A connected UDP socket.
     Udp(UdpSocket),
+    /// A DTLS association (its engine and socket together).
+    Dtls(Box<super::dtls::DtlsSocket>),
     /// A TCP stream and any bytes already read but not yet consumed.
     Tcp(TcpStream, Vec<u8>),
 }
@@ -260,10 +262,11 @@ impl Channel {
     pub fn into_std(self) -> io::Result<StdSocket> {
         match self.kind {
             Kind::Udp(u) => Ok(StdSocket::Udp(u)),
+            Kind::Dtls(d) => Ok(StdSocket::Dtls(d)),
             Kind::Tcp(t) => Ok(StdSocket::Tcp(t, self.rbuf)),
-            Kind::Tls(_) | Kind::Dtls(_) => Err(io::Error::new(
+            Kind::Tls(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "TLS and DTLS channels cannot be unwrapped",
+                "TLS channels cannot be unwrapped",
             )),
         }
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A DTLS association over a connected UDP socket.
-pub(crate) struct DtlsSocket {
+pub struct DtlsSocket {
     sock: UdpSocket,
     dtls: dimpl::Dtls,
     /// Decrypted messages not yet handed out.
@@ -136,6 +136,38 @@ impl DtlsSocket {
 
     pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
         self.sock.local_addr()
+    }
+
+    /// For a caller's own poll loop (the load generator).
+    pub(crate) fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        self.sock.set_nonblocking(on)
+    }
+
+    /// The socket's descriptor, to register with a poll.
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.sock.as_raw_fd()
+    }
+
+    /// Non-blocking: reads every datagram waiting and hands each message
+    /// they carried to `f`.
+    pub(crate) fn read_available(&mut self, mut f: impl FnMut(&[u8])) -> io::Result<()> {
+        let mut tmp = [0u8; 65536];
+        loop {
+            match self.sock.recv(&mut tmp) {
+                Ok(n) => {
+                    self.dtls.handle_packet(&tmp[..n]).map_err(io::Error::other)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        self.drain(&mut None)?;
+        while let Some(m) = self.inbox.pop_front() {
+            f(&m);
+        }
+        Ok(())
     }
 
     /// Sends one message in a record.

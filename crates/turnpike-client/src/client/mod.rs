@@ -10,7 +10,7 @@ use stun_proto::{attr, method, ChannelData, Class, Message, MessageBuilder, Mess
 use turn_core::ErrorCode;
 
 mod channel;
-mod dtls;
+pub mod dtls;
 
 pub use channel::{Channel, ClientTransport, StdSocket};
 
