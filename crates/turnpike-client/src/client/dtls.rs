@@ -21,17 +21,23 @@ pub struct DtlsSocket {
     buf: Vec<u8>,
 }
 
+/// The certificate the engine needs to be made (a TURN server does not ask
+/// for it): one per process, made on first use.
 fn client_certificate() -> io::Result<dimpl::DtlsCertificate> {
-    // The engine needs one to construct; a TURN server does not ask for it.
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(io::Error::other)?;
-    let cert = rcgen::CertificateParams::new(vec!["turnpike-client".to_string()])
-        .map_err(io::Error::other)?
-        .self_signed(&key)
-        .map_err(io::Error::other)?;
-    Ok(dimpl::DtlsCertificate {
-        certificate: cert.der().to_vec(),
-        private_key: key.serialize_der(),
+    static CERT: std::sync::OnceLock<Result<dimpl::DtlsCertificate, String>> = std::sync::OnceLock::new();
+    CERT.get_or_init(|| {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
+        let cert = rcgen::CertificateParams::new(vec!["turnpike-client".to_string()])
+            .map_err(|e| e.to_string())?
+            .self_signed(&key)
+            .map_err(|e| e.to_string())?;
+        Ok(dimpl::DtlsCertificate {
+            certificate: cert.der().to_vec(),
+            private_key: key.serialize_der(),
+        })
     })
+    .clone()
+    .map_err(io::Error::other)
 }
 
 impl DtlsSocket {
