@@ -9,6 +9,7 @@ pub mod config;
 pub mod coturn;
 pub mod coturn_conf;
 pub mod credentials;
+pub mod events;
 pub mod external_ip;
 pub mod fleet;
 pub mod http;

@@ -242,6 +242,32 @@ fn by_transport(a: [u64; turn_core::Transport::COUNT]) -> [(&'static str, f64); 
     std::array::from_fn(|i| (BY_TRANSPORT[i], a[i] as f64))
 }
 
+/// Session events by sink: queued, delivered, dropped (absent without a
+/// sink).
+fn events(x: &mut Exposition) {
+    let sinks = crate::events::counts();
+    if sinks.is_empty() {
+        return;
+    }
+    let labels: Vec<String> = sinks.iter().map(|(n, _)| format!("{{sink=\"{n}\"}}")).collect();
+    for (k, name, help) in [
+        (0, "events_queued_total", "Session events accepted into a sink's queue."),
+        (1, "events_sent_total", "Session events a sink delivered."),
+        (
+            2,
+            "events_dropped_total",
+            "Session events dropped: the sink's queue was full (its receiver down too long), or a stopping server's flush time ran out.",
+        ),
+    ] {
+        let values: Vec<(&str, f64)> = sinks
+            .iter()
+            .zip(&labels)
+            .map(|((_, v), l)| (l.as_str(), v[k] as f64))
+            .collect();
+        x.metric(name, "counter", help, &values);
+    }
+}
+
 /// RFC 7350 DTLS: the cookie exchange, handshakes and associations.
 fn dtls(x: &mut Exposition, d: &DtlsMetrics) {
     x.metric(
@@ -598,6 +624,7 @@ fn operations(x: &mut Exposition, t: &WorkerMetrics, draining: bool) {
             &[("", sql as f64)],
         );
     }
+    events(x);
     let nodes = FLEET_NODES.load(std::sync::atomic::Ordering::Relaxed);
     if nodes >= 0 {
         x.metric(

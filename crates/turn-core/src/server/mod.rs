@@ -233,7 +233,12 @@ impl Server {
         self.table.by_relay.len()
     }
 
-    /// Live allocations by client transport: UDP, TCP, TLS.
+    /// Whether the server is draining (new allocations refused).
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Live allocations by client transport: UDP, TCP, TLS, DTLS.
     pub fn allocations_by_transport(&self) -> [usize; Transport::COUNT] {
         let mut n = [0; Transport::COUNT];
         for t in self.table.by_tuple.keys() {

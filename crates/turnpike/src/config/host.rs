@@ -57,7 +57,8 @@ impl HostFacts {
             .iter()
             .chain(&options.admin_token_file)
             .chain(&options.redis_url_file)
-            .chain(&options.db_url_file);
+            .chain(&options.db_url_file)
+            .chain(&options.events_webhook_secret_file);
         self.files = named
             .map(|f| (f.clone(), std::fs::read_to_string(f).map_err(|e| e.to_string())))
             .collect();

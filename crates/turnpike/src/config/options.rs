@@ -419,6 +419,44 @@ pub struct Options {
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub log_refusals_per_second: u32,
 
+    /// Session events (allocation start, interim usage, end; auth
+    /// failures and lockouts) POSTed to this URL as signed JSON batches
+    /// (http:// or https://); needs events-webhook-secret-file.
+    #[arg(long, value_name = "URL")]
+    pub events_webhook: Option<String>,
+
+    /// The webhook's HMAC-SHA256 signing secret, read from FILE (at least
+    /// 16 bytes): each request carries X-Turnpike-Signature: sha256=HEX.
+    #[arg(long, value_name = "FILE")]
+    pub events_webhook_secret_file: Option<PathBuf>,
+
+    /// Session events appended to FILE, one JSON object a line.
+    #[arg(long, value_name = "FILE")]
+    pub events_file: Option<PathBuf>,
+
+    /// Session events added to this Redis stream (XADD … MAXLEN ~) on the
+    /// redis-url server.
+    #[arg(long, value_name = "KEY")]
+    pub events_redis_stream: Option<String>,
+
+    /// The events stream's approximate length bound (MAXLEN ~).
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    pub events_redis_maxlen: u64,
+
+    /// How often each live allocation's usage is reported (0: start and
+    /// end only).
+    #[arg(long, value_name = "DURATION", default_value_t = Period::secs(60))]
+    pub events_interim: Period,
+
+    /// Events each sink holds queued while it cannot deliver; past it new
+    /// ones are dropped and counted (turnpike_events_dropped_total).
+    #[arg(long, value_name = "N", default_value_t = 65_536)]
+    pub events_queue: usize,
+
+    /// How long a stopping server keeps delivering queued events.
+    #[arg(long, value_name = "DURATION", default_value_t = Period::secs(10))]
+    pub events_flush_timeout: Period,
+
     /// Hide client and peer IP addresses and usernames in logs, replacing
     /// each with a keyed hash (stable for this run, so lines still correlate).
     #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", default_value_t = false, require_equals = true, value_name = "BOOL")]

@@ -25,6 +25,8 @@ pub struct Settings {
     pub tls_listen: Vec<SocketAddr>,
     /// The certificate, when TLS is on.
     pub tls: Option<TlsSource>,
+    /// Session events: sinks, interim period, queue.
+    pub events: crate::events::EventsConfig,
     /// DTLS listen addresses (empty: no DTLS); port 0 beside a TLS
     /// listener takes that listener's port.
     pub dtls_listen: Vec<SocketAddr>,
@@ -246,6 +248,14 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         reload_on_change,
         log_format: _,
         log_refusals_per_second: _,
+        events_webhook,
+        events_webhook_secret_file,
+        events_file,
+        events_redis_stream,
+        events_redis_maxlen,
+        events_interim,
+        events_queue,
+        events_flush_timeout,
         redact: _,
     } = options;
     let web = WebSettings::new(
@@ -279,6 +289,20 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
     }
     let db = user_db(db.as_ref(), host)?;
     let redis_url = redis_url_of(redis_url.as_ref(), redis_url_file.as_ref(), host)?;
+    let events = events_config(
+        host,
+        events_webhook.as_deref(),
+        events_webhook_secret_file.as_deref(),
+        events_file.as_ref(),
+        events_redis_stream.as_deref(),
+        redis_url.as_deref(),
+        (
+            *events_redis_maxlen,
+            *events_interim,
+            *events_queue,
+            *events_flush_timeout,
+        ),
+    )?;
     let db_url = db_url_of(db_url.as_ref(), db_url_file.as_ref(), host)?;
     let rfc5780 = rfc5780_addresses(*rfc5780, *alt_ip, *alt_port, &listen)?;
     let admin = admin_api(
@@ -313,6 +337,7 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         tls,
         dtls_listen: dtls,
         dtls_explicit: !dtls_listen.is_empty(),
+        events,
         relay_v4: relay.v4,
         relay_v6: relay.v6,
         external_v4: relay.external_v4,
@@ -392,6 +417,62 @@ fn listeners(
         (None, Some(_)) => bail!("key is set but cert is not: give both --cert FILE and --key FILE"),
     };
     Ok((listen, tls_listen, tls))
+}
+
+/// Session events' sinks, each checked: a webhook needs its secret file
+/// (read here, so a bad one refuses start), a stream needs Redis.
+fn events_config(
+    host: &HostFacts,
+    webhook: Option<&str>,
+    secret_file: Option<&std::path::Path>,
+    file: Option<&PathBuf>,
+    stream: Option<&str>,
+    redis_url: Option<&str>,
+    (maxlen, interim, queue, flush): (u64, Period, usize, Period),
+) -> Result<crate::events::EventsConfig> {
+    use crate::events::{EventsConfig, SinkConfig};
+    let mut sinks = Vec::new();
+    match (webhook, secret_file) {
+        (Some(url), Some(path)) => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bail!("events-webhook {url:?}: give an http:// or https:// URL");
+            }
+            sinks.push(SinkConfig::Webhook {
+                url: url.to_string(),
+                secret: EventsConfig::webhook_secret(path, host.file("events-webhook-secret-file", path)?)?,
+            });
+        }
+        (Some(_), None) => bail!(
+            "events-webhook needs events-webhook-secret-file FILE: requests are signed (HMAC-SHA256) so the receiver can tell them from forgeries"
+        ),
+        (None, Some(_)) => bail!("events-webhook-secret-file is set but events-webhook is not: give the URL or drop the file"),
+        (None, None) => {}
+    }
+    if let Some(p) = file {
+        sinks.push(SinkConfig::File(p.clone()));
+    }
+    if let Some(key) = stream {
+        let Some(url) = redis_url else {
+            bail!("events-redis-stream {key:?} needs redis-url (or redis-url-file): the stream lives on that server");
+        };
+        if key.is_empty() {
+            bail!("events-redis-stream: give the stream's key, e.g. turnpike:events");
+        }
+        sinks.push(SinkConfig::RedisStream {
+            url: url.to_string(),
+            key: key.to_string(),
+            maxlen: maxlen.max(1),
+        });
+    }
+    if queue == 0 {
+        bail!("events-queue: 0 would drop every event; use at least 1 (default 65536)");
+    }
+    Ok(EventsConfig {
+        sinks,
+        interim: interim.get(),
+        queue,
+        flush: flush.get(),
+    })
 }
 
 /// RFC 7350: DTLS on UDP beside each TLS listener unless told otherwise;

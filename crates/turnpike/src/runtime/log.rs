@@ -108,8 +108,9 @@ impl Worker {
         // Commands still queued (an admin delete's entry removals) first,
         // so a deletion's line has the kernel's last counts.
         self.drive_core(now);
-        let r = &self.redact;
         while let Some(ev) = self.core.poll_event() {
+            self.event_records(&ev);
+            let r = &self.redact;
             match ev {
                 Event::AllocationCreated {
                     tuple,

@@ -14,6 +14,7 @@
 //! | `listeners.rs` | binding listening sockets (SO_REUSEPORT, pktinfo, in-use check) |
 //! | `worker.rs` | `Worker`: the loop, events to the subsystem that owns the socket, the core's commands carried out |
 //! | `udp.rs` | `UdpReads`: reading UDP listeners and relay sockets in batches, ICMP errors |
+//! | `events.rs` | session events: start/interim/end records from the core's events, auth failures and lockouts |
 //! | `dtls.rs` | RFC 7350: DTLS listeners' fronts (`turn_dtls`), records in and out, timers |
 //! | `connections.rs` | `Streams`: accepting TCP/TLS within limits, PROXY headers, reading messages, timeouts, closing |
 //! | `stream.rs` | one TCP/TLS connection and its buffers |
@@ -45,6 +46,7 @@ mod connections;
 mod control;
 mod dispatch;
 mod dtls;
+mod events;
 mod fast;
 mod handover;
 mod listeners;
@@ -107,6 +109,8 @@ pub struct Handle {
     pub taken_over: Option<(u32, usize, usize)>,
     stop: Control,
     threads: Vec<JoinHandle<()>>,
+    /// Session events' sinks: flushed once the workers have stopped.
+    events: Option<crate::events::Sinks>,
 }
 
 impl Handle {
@@ -125,11 +129,18 @@ impl Handle {
     /// Waits for the workers to finish (after [`Stopper::stop`]); returns
     /// how many had panicked.
     pub fn join(self) -> usize {
-        self.threads
+        let panicked = self
+            .threads
             .into_iter()
             .map(|t| t.join())
             .filter(|r| r.is_err())
-            .count()
+            .count();
+        // The workers' last records (allocations closed at shutdown) are
+        // queued now: delivered within the flush time.
+        if let Some(e) = self.events {
+            e.finish();
+        }
+        panicked
     }
 }
 
@@ -603,6 +614,7 @@ fn start_with(
         fast::State::Active(f, ..) => Some(f.clone()),
         _ => None,
     };
+    let events = crate::events::Sinks::start(&settings.events, &node_name(), &settings.realm)?;
     let (workers, taken_over) = spawn_workers(
         settings,
         per_worker,
@@ -617,6 +629,7 @@ fn start_with(
             dtls: dtls_identity
                 .map(|id| dtls::DtlsParams::new(settings, id))
                 .transpose()?,
+            events: events.as_ref().map(|s| (s.emitter(), settings.events.interim)),
         },
     )?;
     // The workers hold the restored allocations and the maps their
@@ -654,7 +667,17 @@ fn start_with(
             fast,
         },
         threads: workers.threads,
+        events,
     })
+}
+
+/// This host's name, for event records (`/proc/sys/kernel/hostname`).
+fn node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "turnpike".to_string())
 }
 
 /// The nonce key, the epoch and the Unix time at it: new, or after an
@@ -684,6 +707,7 @@ struct WorkerShared {
     tls: Option<Arc<rustls::ServerConfig>>,
     fast: Option<fast::Shared>,
     dtls: Option<dtls::DtlsParams>,
+    events: Option<(crate::events::Emitter, Duration)>,
 }
 
 /// The running workers: their threads, wakers and command channels.
@@ -767,6 +791,7 @@ fn spawn_workers(
                 fast: shared.fast.clone(),
                 refusals_per_second: settings.options.log_refusals_per_second,
                 dtls: shared.dtls.clone(),
+                events: shared.events.clone(),
             },
         )?;
         if let Some(t) = taken {

@@ -58,6 +58,8 @@ pub(super) struct WorkerParams {
     pub(super) refusals_per_second: u32,
     /// DTLS (RFC 7350) for this worker's DTLS sockets, when on.
     pub(super) dtls: Option<super::dtls::DtlsParams>,
+    /// Session events and their interim period, when a sink is set.
+    pub(super) events: Option<(crate::events::Emitter, Duration)>,
 }
 
 /// A worker: the protocol core and the subsystems that carry out what it
@@ -84,6 +86,8 @@ pub(super) struct Worker {
     /// Scratch space for one read.
     pub(super) buf: Vec<u8>,
     pub(super) next_sweep: Instant,
+    /// Session events (`events.rs`), when a sink is set.
+    pub(super) events: Option<super::events::EventsPlane>,
 }
 
 impl Worker {
@@ -108,6 +112,7 @@ impl Worker {
             fast,
             refusals_per_second,
             dtls,
+            events,
         } = p;
         let registry = poll.registry().try_clone()?;
         let mut io = Io {
@@ -163,6 +168,7 @@ impl Worker {
             refusals: RefusalLog::new(refusals_per_second),
             buf: vec![0u8; 65536],
             next_sweep: Instant::now() + SWEEP_INTERVAL,
+            events: events.map(|(e, interim)| super::events::EventsPlane::new(e, interim)),
         })
     }
 
@@ -266,6 +272,7 @@ impl Worker {
                 self.fast_counts(now, true);
                 self.publish_metrics(now);
                 self.refusals.flush(now);
+                self.interim_records(now);
                 self.next_sweep = now + SWEEP_INTERVAL;
             }
             // Everything this pass produced leaves in as few syscalls as

@@ -12,6 +12,7 @@ mod common;
 mod coturn_import;
 mod dtls;
 mod dualstack;
+mod events;
 mod fastpath;
 mod fleet;
 mod fleet_netns;

@@ -1,0 +1,195 @@
+//! A worker's session events (`crate::events`): the core's events turned
+//! into start and end records, each live allocation's usage every
+//! `--events-interim`, and authentication failures and lockouts. Every
+//! record goes through `--redact` like the logs.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use turn_core::{CloseReason, ErrorCode, Event, FiveTuple};
+
+use super::worker::Worker;
+use crate::events::{Emitter, Usage};
+
+/// What an allocation's later records repeat.
+struct Live {
+    id: String,
+    started_ms: u64,
+    user: String,
+    client: String,
+    peers: usize,
+}
+
+/// A worker's events state.
+pub(super) struct EventsPlane {
+    emitter: Emitter,
+    interim: Duration,
+    next_interim: Instant,
+    live: HashMap<FiveTuple, Live, ahash::RandomState>,
+}
+
+impl EventsPlane {
+    pub(super) fn new(emitter: Emitter, interim: Duration) -> EventsPlane {
+        EventsPlane {
+            emitter,
+            interim,
+            next_interim: Instant::now() + interim,
+            live: HashMap::default(),
+        }
+    }
+}
+
+fn end_reason(r: CloseReason, draining: bool) -> &'static str {
+    match r {
+        CloseReason::Expired => "expired",
+        CloseReason::Deleted => "deleted",
+        CloseReason::ConnectionClosed => "connection-closed",
+        CloseReason::Admin if draining => "drain",
+        CloseReason::Admin => "deleted-by-admin",
+        _ => "other",
+    }
+}
+
+impl Worker {
+    /// The record(s) one core event makes, before the event is logged.
+    pub(super) fn event_records(&mut self, ev: &Event) {
+        let Some(plane) = self.events.as_mut() else {
+            return;
+        };
+        let r = &self.redact;
+        match ev {
+            Event::AllocationCreated {
+                tuple,
+                username,
+                relayed,
+                additional,
+                lifetime,
+            } => {
+                let live = Live {
+                    id: plane.emitter.allocation_id(self.id),
+                    started_ms: crate::events::unix_ms(),
+                    user: r.show(username),
+                    client: r.show(&tuple.client),
+                    peers: 0,
+                };
+                let relayed: Vec<_> = std::iter::once(*relayed).chain(*additional).collect();
+                plane.emitter.emit(
+                    "allocation.start",
+                    crate::events::start_record(
+                        &live.id,
+                        &live.user,
+                        tuple.transport.as_str(),
+                        &live.client,
+                        tuple.server,
+                        &relayed,
+                        *lifetime,
+                    ),
+                );
+                plane.live.insert(*tuple, live);
+            }
+            Event::AllocationDeleted {
+                tuple,
+                username,
+                relayed,
+                reason,
+                stats,
+                age,
+            } => {
+                let fast = self.fast.closed.get(tuple);
+                let usage = Usage {
+                    packets_to_peers: stats.to_peer_packets + fast.map_or(0, |c| c.to_peer_packets),
+                    bytes_to_peers: stats.to_peer_bytes + fast.map_or(0, |c| c.to_peer_bytes),
+                    packets_from_peers: stats.from_peer_packets + fast.map_or(0, |c| c.from_peer_packets),
+                    bytes_from_peers: stats.from_peer_bytes + fast.map_or(0, |c| c.from_peer_bytes),
+                };
+                // One taken over at a binary upgrade has no start record here.
+                let live = plane.live.remove(tuple).unwrap_or_else(|| Live {
+                    id: plane.emitter.allocation_id(self.id),
+                    started_ms: crate::events::unix_ms().saturating_sub(age.as_millis() as u64),
+                    user: r.show(username),
+                    client: r.show(&tuple.client),
+                    peers: 0,
+                });
+                let mut v = json!({
+                    "allocation": live.id,
+                    "user": live.user,
+                    "transport": tuple.transport.as_str(),
+                    "client": live.client,
+                    "server": tuple.server.to_string(),
+                    "relayed": [relayed.to_string()],
+                    "started_ms": live.started_ms,
+                    "duration_s": age.as_secs_f64(),
+                    "peers": live.peers,
+                    "reason": end_reason(*reason, self.core.is_draining()),
+                });
+                if let Value::Object(m) = &mut v {
+                    usage.fields(m);
+                }
+                plane.emitter.emit("allocation.end", v);
+            }
+            Event::AllocationMoved { from, to, .. } => {
+                if let Some(mut live) = plane.live.remove(from) {
+                    live.client = r.show(&to.client);
+                    plane.live.insert(*to, live);
+                }
+            }
+            Event::AuthBlocked { client, username } => plane.emitter.emit(
+                "auth.blocked",
+                json!({ "client": r.show(client), "user": r.show(username) }),
+            ),
+            Event::RequestRefused {
+                tuple,
+                code: ErrorCode::Unauthorized,
+                username,
+                ..
+            } => plane.emitter.emit(
+                "auth.failure",
+                json!({
+                    "client": r.show(&tuple.client),
+                    "transport": tuple.transport.as_str(),
+                    "user": username.as_deref().map(|u| r.show(&u)),
+                }),
+            ),
+            _ => {}
+        }
+    }
+
+    /// Every `--events-interim`: each live allocation's usage so far.
+    pub(super) fn interim_records(&mut self, now: Instant) {
+        let Some(plane) = self.events.as_mut() else {
+            return;
+        };
+        if plane.interim.is_zero() || now < plane.next_interim {
+            return;
+        }
+        plane.next_interim = now + plane.interim;
+        for s in self.core.sessions(now) {
+            let Some(live) = plane.live.get_mut(&s.tuple) else {
+                continue;
+            };
+            live.peers = live.peers.max(s.permissions);
+            let usage = Usage {
+                packets_to_peers: s.stats.to_peer_packets,
+                bytes_to_peers: s.stats.to_peer_bytes,
+                packets_from_peers: s.stats.from_peer_packets,
+                bytes_from_peers: s.stats.from_peer_bytes,
+            };
+            let mut v = json!({
+                "allocation": live.id,
+                "user": live.user,
+                "transport": s.tuple.transport.as_str(),
+                "client": live.client,
+                "server": s.tuple.server.to_string(),
+                "relayed": s.relayed_all.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "started_ms": live.started_ms,
+                "duration_s": s.age.as_secs_f64(),
+                "peers": live.peers,
+            });
+            if let Value::Object(m) = &mut v {
+                usage.fields(m);
+            }
+            plane.emitter.emit("allocation.interim", v);
+        }
+    }
+}

@@ -1,0 +1,389 @@
+//! Session events against real receivers: an HTTP server in the test that
+//! checks each request's signature, an events file, a real redis-server's
+//! stream. Byte counts are compared with what the test's client and peer
+//! really sent.
+
+use crate::common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use turnpike_client::client::{ClientTransport, Received};
+
+const SECRET: &str = "a-webhook-secret-of-32-bytes-xyz";
+
+/// A webhook receiver: every event it was POSTed, in arrival order, after
+/// checking the body's HMAC-SHA256 signature.
+struct Receiver {
+    addr: SocketAddr,
+    events: Arc<Mutex<Vec<Value>>>,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl Receiver {
+    fn start(at: Option<SocketAddr>) -> Receiver {
+        let l = TcpListener::bind(at.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap())).unwrap();
+        let addr = l.local_addr().unwrap();
+        let events: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let requests: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (ev, rq) = (events.clone(), requests.clone());
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else { continue };
+                let mut r = BufReader::new(s);
+                let mut head = Vec::new();
+                let mut len = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                    head.push(line);
+                }
+                let mut body = vec![0u8; len];
+                if r.read_exact(&mut body).is_err() {
+                    continue;
+                }
+                let sig = head
+                    .iter()
+                    .find_map(|l| l.strip_prefix("X-Turnpike-Signature: sha256="))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default();
+                let ok = sig == hmac_hex(SECRET.as_bytes(), &body);
+                let mut s = r.into_inner();
+                if !ok {
+                    let _ = s.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n");
+                    continue;
+                }
+                let batch: Vec<Value> = serde_json::from_slice(&body).unwrap();
+                ev.lock().unwrap().extend(batch);
+                rq.lock().unwrap().push(head.concat());
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+            }
+        });
+        Receiver {
+            addr,
+            events,
+            requests,
+        }
+    }
+
+    fn of_type(&self, t: &str) -> Vec<Value> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"] == t)
+            .cloned()
+            .collect()
+    }
+
+    fn wait_for(&self, t: &str, n: usize, within: Duration) -> Vec<Value> {
+        let end = Instant::now() + within;
+        while self.of_type(t).len() < n && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.of_type(t)
+    }
+}
+
+fn hmac_hex(key: &[u8], body: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).unwrap();
+    m.update(body);
+    m.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn secret_file(tag: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("turnpike-events-{tag}-{}", std::process::id()));
+    std::fs::write(&p, format!("{SECRET}\n")).unwrap();
+    p
+}
+
+/// One call: allocate over `t`, relay `n` datagrams of `size` each way
+/// through a channel, delete. Returns (bytes to the peer, bytes back).
+fn call(t: &ClientTransport, server: SocketAddr, n: usize, size: usize) -> (u64, u64) {
+    let mut c = client(t, server, USER, PASSWORD);
+    let alloc = c.allocate().unwrap();
+    let peer = peer();
+    let p = peer.local_addr().unwrap();
+    c.channel_bind(0x4001, p).unwrap();
+    let mut buf = [0u8; 2048];
+    for i in 0..n {
+        let payload = vec![i as u8; size];
+        c.send_channel(0x4001, &payload).unwrap();
+        let (got, _) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!(got, size);
+        peer.send_to(&payload[..size / 2], alloc.relayed).unwrap();
+        match c.recv(Duration::from_secs(3)).unwrap() {
+            Received::Channel { data, .. } => assert_eq!(data.len(), size / 2),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(c.refresh(0).unwrap(), 0);
+    ((n * size) as u64, (n * (size / 2)) as u64)
+}
+
+#[test]
+fn a_signed_webhook_gets_one_start_and_one_end_per_allocation_with_the_bytes() {
+    let rx = Receiver::start(None);
+    let secret = secret_file("ok");
+    let url = format!("http://{}/turn-events", rx.addr);
+    let h = start(&[
+        "--allow-loopback-peers",
+        "--events-webhook",
+        &url,
+        "--events-webhook-secret-file",
+        secret.to_str().unwrap(),
+    ]);
+    let mut expected = Vec::new();
+    for t in [ClientTransport::Udp, ClientTransport::Tcp] {
+        let addr = h.listen[0];
+        expected.push((format!("{t:?}").to_lowercase(), call(&t, addr, 20, 100)));
+    }
+    h.shutdown();
+    let starts = rx.wait_for("allocation.start", 2, Duration::from_secs(10));
+    let ends = rx.wait_for("allocation.end", 2, Duration::from_secs(10));
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert_eq!(ends.len(), 2, "{ends:?}");
+    for ((transport, (to_peer, from_peer)), (s, e)) in expected.iter().zip(starts.iter().zip(&ends)) {
+        assert_eq!(&s["transport"], transport.as_str());
+        assert_eq!(s["allocation"], e["allocation"], "one allocation: {s} / {e}");
+        assert_eq!(s["user"], USER);
+        assert_eq!(s["realm"], "test.example");
+        assert_eq!(e["reason"], "deleted");
+        assert_eq!(e["bytes_to_peers"].as_u64(), Some(*to_peer), "{e}");
+        assert_eq!(e["bytes_from_peers"].as_u64(), Some(*from_peer), "{e}");
+        assert_eq!(e["packets_to_peers"].as_u64(), Some(20));
+        assert_eq!(e["packets_from_peers"].as_u64(), Some(20));
+    }
+    // Signed, with a delivery id the receiver can deduplicate by.
+    assert!(rx
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|r| r.contains("Idempotency-Key: ")));
+    let _ = std::fs::remove_file(secret);
+}
+
+#[test]
+fn events_queued_while_the_receiver_is_down_arrive_after_in_order_and_once() {
+    // The receiver's port, reserved and let go: nothing listens there yet.
+    let at: SocketAddr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let secret = secret_file("down");
+    let url = format!("http://{at}/hook");
+    let h = start(&[
+        "--allow-loopback-peers",
+        "--events-webhook",
+        &url,
+        "--events-webhook-secret-file",
+        secret.to_str().unwrap(),
+    ]);
+    for _ in 0..5 {
+        call(&ClientTransport::Udp, h.listen[0], 2, 50);
+    }
+    std::thread::sleep(Duration::from_secs(10));
+    let rx = Receiver::start(Some(at));
+    let ends = rx.wait_for("allocation.end", 5, Duration::from_secs(40));
+    assert_eq!(
+        ends.len(),
+        5,
+        "{:#?}",
+        rx.events
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| format!("{} {} {}", e["id"], e["type"], e["allocation"]))
+            .collect::<Vec<_>>()
+    );
+    let all = rx.events.lock().unwrap().clone();
+    let ids: Vec<u64> = all
+        .iter()
+        .map(|e| {
+            e["id"]
+                .as_str()
+                .unwrap()
+                .rsplit("-e")
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(ids, sorted, "in order, none twice");
+    assert_eq!(rx.of_type("allocation.start").len(), 5);
+    h.shutdown();
+    let _ = std::fs::remove_file(secret);
+}
+
+#[test]
+fn a_bad_webhook_secret_refuses_start_and_file_and_stream_sinks_hold_the_same_events() {
+    // A short secret, a missing file, no file: refused, naming the option.
+    let short = std::env::temp_dir().join(format!("turnpike-events-short-{}", std::process::id()));
+    std::fs::write(&short, "short").unwrap();
+    for (file, want) in [
+        (Some(short.to_str().unwrap()), "at least 16"),
+        (Some("/nonexistent/secret"), "cannot read"),
+        (None, "needs events-webhook-secret-file"),
+    ] {
+        let mut argv = vec!["turnpike", "--events-webhook", "http://127.0.0.1:9/x"];
+        if let Some(f) = file {
+            argv.extend_from_slice(&["--events-webhook-secret-file", f]);
+        }
+        let o = turnpike::config::Options::from_argv(argv).unwrap();
+        let e = turnpike::config::Settings::from_options(&o).expect_err("refused");
+        let e = format!("{e:#}");
+        assert!(e.contains("events-webhook") && e.contains(want), "{e}");
+    }
+    let _ = std::fs::remove_file(&short);
+
+    // A file and a Redis stream at once, bounded to about 100 entries.
+    let redis = redis_server();
+    let file = std::env::temp_dir().join(format!("turnpike-events-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let redis_url = format!("redis://127.0.0.1:{}", redis.1);
+    let h = start(&[
+        "--allow-loopback-peers",
+        "--rate-limit-per-ip",
+        "0",
+        "--events-file",
+        file.to_str().unwrap(),
+        "--redis-url",
+        &redis_url,
+        "--events-redis-stream",
+        "turnpike:events",
+        "--events-redis-maxlen",
+        "100",
+    ]);
+    for _ in 0..200 {
+        let mut c = client(&ClientTransport::Udp, h.listen[0], USER, PASSWORD);
+        c.allocate().unwrap();
+        c.refresh(0).unwrap();
+    }
+    h.shutdown();
+    let lines: Vec<Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let allocations = |t: &str| lines.iter().filter(|e| e["type"] == t).count();
+    assert_eq!(
+        (allocations("allocation.start"), allocations("allocation.end")),
+        (200, 200)
+    );
+    let mut r = redis::Client::open(redis_url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let len: usize = redis::cmd("XLEN").arg("turnpike:events").query(&mut r).unwrap();
+    // MAXLEN ~ trims whole nodes of 100 entries: at most about twice the bound.
+    assert!(
+        (100..=200).contains(&len),
+        "stream length {len} for 400 events, MAXLEN ~ 100"
+    );
+    let newest: redis::Value = redis::cmd("XREVRANGE")
+        .arg("turnpike:events")
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query(&mut r)
+        .unwrap();
+    // [[id, ["event", JSON]]]
+    let json = match newest {
+        redis::Value::Array(entries) => match entries.into_iter().next() {
+            Some(redis::Value::Array(entry)) => match entry.into_iter().nth(1) {
+                Some(redis::Value::Array(fields)) => match fields.into_iter().nth(1) {
+                    Some(redis::Value::BulkString(b)) => String::from_utf8(b).unwrap(),
+                    other => panic!("{other:?}"),
+                },
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    };
+    let last: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        &last,
+        lines.last().unwrap(),
+        "the stream's newest event is the file's last"
+    );
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn the_readme_sample_receiver_verifies_and_counts_the_bytes() {
+    if std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_err()
+        && missing("events readme receiver", "no python3")
+    {
+        return;
+    }
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let code = readme
+        .split("A receiver in Python:\n\n```python\n")
+        .nth(1)
+        .and_then(|r| r.split("\n```").next())
+        .expect("README's sample receiver");
+    let secret = secret_file("readme");
+    let port = free_port();
+    let code = code
+        .replace("/etc/turnpike/events-secret", secret.to_str().unwrap())
+        .replace("8080", &port.to_string());
+    let script = std::env::temp_dir().join(format!("turnpike-events-receiver-{}.py", std::process::id()));
+    std::fs::write(&script, code).unwrap();
+    let mut receiver = Proc(
+        std::process::Command::new("python3")
+            .arg("-u")
+            .arg(&script)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://127.0.0.1:{port}/");
+    let h = start(&[
+        "--allow-loopback-peers",
+        "--events-webhook",
+        &url,
+        "--events-webhook-secret-file",
+        secret.to_str().unwrap(),
+    ]);
+    // The receiver listens once Python has started.
+    let end = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (to, from) = call(&ClientTransport::Udp, h.listen[0], 10, 200);
+    h.shutdown();
+    let mut out = receiver.0.stdout.take().unwrap();
+    let (tx, rx_line) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(&mut out).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx_line.recv_timeout(Duration::from_secs(15)).unwrap_or_default();
+    assert_eq!(line.trim(), format!("{USER} {} bytes", to + from));
+    drop(receiver);
+    let _ = std::fs::remove_file(script);
+    let _ = std::fs::remove_file(secret);
+}
