@@ -60,8 +60,13 @@ pub static FAST_PATH_CHECKSUM_OFFLOAD: std::sync::atomic::AtomicU64 = std::sync:
 pub static FAST_PATH_ENTRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// One worker's numbers, as of its last publication.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct WorkerMetrics {
+    /// `--metrics-per-user`: how many users get series of their own (0:
+    /// none).
+    pub per_user: usize,
+    /// The users of this worker's live allocations (when `per_user` > 0).
+    pub users: Arc<Vec<UserUsage>>,
     /// The protocol core's counters.
     pub core: Counters,
     /// Live allocations by transport (UDP, TCP, TLS, DTLS).
@@ -97,6 +102,26 @@ pub struct WorkerMetrics {
     pub tcp_bytes: [u64; 2],
     /// DTLS (RFC 7350) fronts.
     pub dtls: DtlsMetrics,
+}
+
+/// One user's live allocations on a worker and what they relayed.
+#[derive(Debug, Clone, Default)]
+pub struct UserUsage {
+    /// The user: a REST username without its expiry, `--redact`ed when on.
+    pub user: Arc<str>,
+    /// Live allocations.
+    pub allocations: u32,
+    /// Bytes those allocations relayed, both ways.
+    pub bytes: u64,
+}
+
+/// The user a username counts for: a REST username (`EXPIRY:ID`) is its
+/// ID, since every new credential has another expiry.
+pub fn user_of(username: &str) -> &str {
+    match username.split_once(':') {
+        Some((expiry, id)) if !expiry.is_empty() && expiry.bytes().all(|b| b.is_ascii_digit()) => id,
+        _ => username,
+    }
 }
 
 /// One worker's DTLS numbers.
@@ -154,7 +179,7 @@ pub(crate) fn sum(board: &Board) -> (WorkerMetrics, Vec<WorkerMetrics>) {
         t.tcp_connections += w.tcp_connections;
         t.tcp_bytes[0] += w.tcp_bytes[0];
         t.tcp_bytes[1] += w.tcp_bytes[1];
-        for i in 0..3 {
+        for i in 0..turn_core::Transport::COUNT {
             tc.allocations_created[i] += c.allocations_created[i];
             tc.allocations_expired[i] += c.allocations_expired[i];
             tc.allocations_deleted[i] += c.allocations_deleted[i];
@@ -211,7 +236,68 @@ pub fn render(board: &Board, draining: bool) -> String {
     udp(&mut x, &t, per_worker.len());
     fast_path(&mut x);
     operations(&mut x, &t, draining);
+    per_user(&mut x, &per_worker);
     x.0
+}
+
+/// `--metrics-per-user K`: the K users whose live allocations relayed
+/// most (then hold most allocations) get series of their own, everyone
+/// else one `user="other"` series, so the series count is at most K + 1
+/// whatever the number of distinct (REST) usernames.
+fn per_user(x: &mut Exposition, per_worker: &[WorkerMetrics]) {
+    let k = per_worker.iter().map(|w| w.per_user).max().unwrap_or(0);
+    if k == 0 {
+        return;
+    }
+    let mut by: std::collections::HashMap<&str, (u64, u64)> = std::collections::HashMap::new();
+    for w in per_worker {
+        for u in w.users.iter() {
+            let e = by.entry(&u.user).or_default();
+            e.0 += u64::from(u.allocations);
+            e.1 += u.bytes;
+        }
+    }
+    let mut all: Vec<(&str, (u64, u64))> = by.into_iter().collect();
+    all.sort_unstable_by(|a, b| b.1 .1.cmp(&a.1 .1).then(b.1 .0.cmp(&a.1 .0)).then(a.0.cmp(b.0)));
+    let mut named: Vec<(String, (u64, u64))> = all
+        .iter()
+        .take(k)
+        .map(|(u, v)| (format!("{{user=\"{}\"}}", label_value(u)), *v))
+        .collect();
+    let rest = all
+        .iter()
+        .skip(k)
+        .fold((0, 0), |acc, (_, v)| (acc.0 + v.0, acc.1 + v.1));
+    named.push(("{user=\"other\"}".to_string(), rest));
+    let samples = |f: fn(&(u64, u64)) -> u64| -> Vec<(&str, f64)> {
+        named.iter().map(|(l, v)| (l.as_str(), f(v) as f64)).collect()
+    };
+    x.metric(
+        "user_allocations",
+        "gauge",
+        "Live allocations of the --metrics-per-user users who relay most; everyone else is user=\"other\".",
+        &samples(|v| v.0),
+    );
+    x.metric(
+        "user_relayed_bytes",
+        "gauge",
+        "Bytes relayed (both ways) by the live allocations of the --metrics-per-user users who relay most; everyone else is user=\"other\".",
+        &samples(|v| v.1),
+    );
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Prometheus text, one metric family at a time.

@@ -233,6 +233,12 @@ impl Server {
         self.table.by_relay.len()
     }
 
+    /// Entries in the expiry heap: at most twice what the live
+    /// allocations need plus 1,024, however many came and went.
+    pub fn pending_timers(&self) -> usize {
+        self.table.timers.len()
+    }
+
     /// Whether the server is draining (new allocations refused).
     pub fn is_draining(&self) -> bool {
         self.shared.draining.load(std::sync::atomic::Ordering::Relaxed)

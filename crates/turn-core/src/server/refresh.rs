@@ -3,7 +3,6 @@
 //! ticket, RFC 8016 §3.2 (`mobility.rs`).
 
 use super::events::RefusalDetail;
-use std::cmp::Reverse;
 use std::time::Instant;
 
 use stun_proto::{attr, Message};
@@ -89,7 +88,7 @@ impl Server {
         }
         a.recompute_expiry();
         a.purge(now);
-        self.table.timers.push(Reverse((now + lifetime, idx)));
+        self.table.schedule(now + lifetime, idx);
         if ticket.is_some() {
             // §3.2: every Refresh with a ticket gets a fresh one.
             self.issue_ticket(idx, now);

@@ -233,8 +233,33 @@ impl Table {
             self.by_relay.insert(b, idx);
             self.relayed.insert(b);
         }
-        self.timers.push(Reverse((expires, idx)));
+        self.schedule(expires, idx);
         idx
+    }
+
+    /// Wakes `handle_timeout` for slot `idx` at `at`. The heap is lazy (a
+    /// deleted allocation's or a refreshed one's old deadline stays until
+    /// it comes), so it is rebuilt from the live allocations once it holds
+    /// more than twice as many entries as they need: otherwise a client
+    /// that allocates and deletes, or refreshes, in a loop would grow it by
+    /// an entry each time for a whole lifetime (24 bytes × rate × 10 min).
+    pub(super) fn schedule(&mut self, at: Instant, idx: u32) {
+        self.timers.push(Reverse((at, idx)));
+        if self.timers.len() > 2 * self.by_tuple.len() + 1024 {
+            let mut live = Vec::with_capacity(2 * self.by_tuple.len());
+            for (i, a) in self.allocs.iter().enumerate() {
+                let Some(a) = a else {
+                    continue;
+                };
+                live.push(Reverse((a.expires, i as u32)));
+                for r in a.relays.iter().flatten() {
+                    if r.expires < a.expires {
+                        live.push(Reverse((r.expires, i as u32)));
+                    }
+                }
+            }
+            self.timers = BinaryHeap::from(live);
+        }
     }
 
     pub(super) fn remove(&mut self, idx: u32) -> Option<Allocation> {

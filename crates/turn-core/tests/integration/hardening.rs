@@ -486,6 +486,37 @@ fn user_quota_486_and_total_quota_508_shared_across_workers() {
 }
 
 #[test]
+fn allocations_that_come_and_go_or_refresh_in_a_loop_do_not_grow_the_timers() {
+    // Before: every Allocate and Refresh left a heap entry until its old
+    // deadline (10 min), 24 bytes each, whatever happened to it since.
+    let mut h = Harness::new();
+    let mut held = Client::new(tuple(Transport::Udp, "203.0.113.5:1"), "alice", "wonderland");
+    held.allocate(&mut h);
+    for i in 0..3_000u32 {
+        let mut c = Client::new(
+            // Sources of their own: unauthenticated answers are rate-limited per IP.
+            tuple(
+                Transport::Udp,
+                &format!("198.18.{}.{}:4000", i / 250, 1 + i % 250),
+            ),
+            "alice",
+            "wonderland",
+        );
+        c.allocate(&mut h);
+        c.refresh(&mut h, Some(0));
+        held.refresh(&mut h, Some(600));
+    }
+    assert!(
+        h.server.pending_timers() <= 2 + 1024 + 1,
+        "{}",
+        h.server.pending_timers()
+    );
+    // The held allocation still expires on time.
+    h.advance(601);
+    assert_eq!(h.server.allocations_by_transport().iter().sum::<usize>(), 0);
+}
+
+#[test]
 fn relay_port_exhaustion_is_508_without_leaking_quota() {
     let quotas = Arc::new(Quotas::new(0, 0));
     let q = quotas.clone();

@@ -419,6 +419,12 @@ pub struct Options {
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub log_refusals_per_second: u32,
 
+    /// Export per-user series (live allocations, bytes relayed) for the K
+    /// users who relay most; everyone else is one user="other" series, so
+    /// there are at most K + 1 whatever the number of usernames (0: none).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub metrics_per_user: usize,
+
     /// Session events (allocation start, interim usage, end; auth
     /// failures and lockouts) POSTed to this URL as signed JSON batches
     /// (http:// or https://); needs events-webhook-secret-file.

@@ -248,6 +248,7 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         reload_on_change,
         log_format: _,
         log_refusals_per_second: _,
+        metrics_per_user,
         events_webhook,
         events_webhook_secret_file,
         events_file,
@@ -289,6 +290,9 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
     }
     let db = user_db(db.as_ref(), host)?;
     let redis_url = redis_url_of(redis_url.as_ref(), redis_url_file.as_ref(), host)?;
+    if *metrics_per_user > 1000 {
+        bail!("metrics-per-user {metrics_per_user}: at most 1000 (each user is two series on every scrape)");
+    }
     let events = events_config(
         host,
         events_webhook.as_deref(),

@@ -792,6 +792,7 @@ fn spawn_workers(
                 refusals_per_second: settings.options.log_refusals_per_second,
                 dtls: shared.dtls.clone(),
                 events: shared.events.clone(),
+                per_user: settings.options.metrics_per_user,
             },
         )?;
         if let Some(t) = taken {

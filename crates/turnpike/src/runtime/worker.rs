@@ -60,6 +60,8 @@ pub(super) struct WorkerParams {
     pub(super) dtls: Option<super::dtls::DtlsParams>,
     /// Session events and their interim period, when a sink is set.
     pub(super) events: Option<(crate::events::Emitter, Duration)>,
+    /// `--metrics-per-user`.
+    pub(super) per_user: usize,
 }
 
 /// A worker: the protocol core and the subsystems that carry out what it
@@ -88,6 +90,8 @@ pub(super) struct Worker {
     pub(super) next_sweep: Instant,
     /// Session events (`events.rs`), when a sink is set.
     pub(super) events: Option<super::events::EventsPlane>,
+    /// `--metrics-per-user` (0: no per-user numbers published).
+    pub(super) per_user: usize,
 }
 
 impl Worker {
@@ -113,6 +117,7 @@ impl Worker {
             refusals_per_second,
             dtls,
             events,
+            per_user,
         } = p;
         let registry = poll.registry().try_clone()?;
         let mut io = Io {
@@ -169,6 +174,7 @@ impl Worker {
             buf: vec![0u8; 65536],
             next_sweep: Instant::now() + SWEEP_INTERVAL,
             events: events.map(|(e, interim)| super::events::EventsPlane::new(e, interim)),
+            per_user,
         })
     }
 

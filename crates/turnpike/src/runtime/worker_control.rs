@@ -71,6 +71,28 @@ impl Worker {
         }
     }
 
+    /// `--metrics-per-user`: this worker's live allocations by user (a REST
+    /// username counts as its ID), `--redact`ed as in the logs.
+    fn user_usage(&self, now: Instant) -> Vec<crate::metrics::UserUsage> {
+        if self.per_user == 0 {
+            return Vec::new();
+        }
+        let mut by: std::collections::HashMap<String, (u32, u64)> = std::collections::HashMap::new();
+        for s in self.core.sessions(now) {
+            let user = self.redact.show(&crate::metrics::user_of(&s.username));
+            let e = by.entry(user).or_default();
+            e.0 += 1;
+            e.1 += s.stats.to_peer_bytes + s.stats.from_peer_bytes;
+        }
+        by.into_iter()
+            .map(|(user, (allocations, bytes))| crate::metrics::UserUsage {
+                user: user.into(),
+                allocations,
+                bytes,
+            })
+            .collect()
+    }
+
     /// Publishes this worker's numbers for the metrics endpoint (once a
     /// second: one short lock, never on the packet path).
     pub(super) fn publish_metrics(&mut self, now: Instant) {
@@ -93,6 +115,8 @@ impl Worker {
             tcp_connections: self.pairs.len(),
             tcp_bytes: self.pairs.totals(),
             dtls: self.io.dtls.metrics(),
+            per_user: self.per_user,
+            users: std::sync::Arc::new(self.user_usage(now)),
         };
         if let Some(slot) = self
             .control

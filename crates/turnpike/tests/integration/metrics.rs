@@ -146,3 +146,93 @@ fn counters_move_with_real_traffic() {
     );
     h.shutdown();
 }
+
+/// `--metrics-per-user 5` with 50,000 distinct REST usernames allocating:
+/// never more than 6 series per family, and the server's RSS flat.
+#[test]
+fn per_user_series_stay_bounded_with_fifty_thousand_rest_users() {
+    let mut cmd = std::process::Command::new(turnpike_bin());
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--no-tls",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--auth-secret",
+        "per-user-secret",
+        "--realm",
+        "test.example",
+        "--rate-limit-per-ip",
+        "0",
+        "--auth-fail-limit",
+        "0",
+        "--metrics-per-user",
+        "5",
+        "--threads",
+        "2",
+        "--log-level",
+        "info",
+    ]);
+    let (server, started, _rest) = spawn_server(&mut cmd);
+    let addr = listen_addr(&started);
+    let metrics: std::net::SocketAddr = started
+        .split(" metrics=")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|a| a.parse().ok())
+        .expect("metrics= in the start-up line");
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let series = |family: &str| -> Vec<String> {
+        let (_, text) = http_request(metrics, "GET", "/metrics", None).unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(&format!("turnpike_{family}{{")))
+            .map(str::to_owned)
+            .collect()
+    };
+    // A few users hold allocations throughout (the named ones); 50,000
+    // others come and go, each a REST username of its own.
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let user = format!("{expiry}:holder{i}");
+        let pw = turn_core::auth::rest_password(b"per-user-secret", &user);
+        let mut c = client(&ClientTransport::Udp, addr, &user, &pw);
+        c.allocate().unwrap();
+        held.push(c);
+    }
+    let mut rss = Vec::new();
+    let mut most = 0;
+    // Ten clients at a time (a socket each), each allocating and deleting.
+    for round in 0..5_000u32 {
+        let mut live = Vec::new();
+        for j in 0..10u32 {
+            let user = format!("{expiry}:visitor{}", round * 10 + j);
+            let pw = turn_core::auth::rest_password(b"per-user-secret", &user);
+            let mut c = client(&ClientTransport::Udp, addr, &user, &pw);
+            c.allocate().unwrap();
+            live.push(c);
+        }
+        if round % 500 == 0 {
+            std::thread::sleep(Duration::from_millis(1100));
+            let a = series("user_allocations");
+            most = most.max(a.len());
+            assert!(a.len() <= 6, "{a:?}");
+            assert!(series("user_relayed_bytes").len() <= 6);
+            rss.push(rss_kib(server.0.id()));
+        }
+        for mut c in live {
+            c.refresh(0).unwrap();
+        }
+    }
+    assert_eq!(most, 6, "five named users and user=\"other\"");
+    // A REST username counts as its ID: the holders appear by name.
+    let a = series("user_allocations");
+    assert!(a.iter().any(|l| l.contains("user=\"holder0\"")), "{a:?}");
+    let (first, last) = (rss[1], *rss.last().unwrap());
+    eprintln!("per-user metrics: RSS {rss:?} KiB over 50,000 REST usernames");
+    assert!(last <= first + 1024, "RSS grew from {first} to {last} KiB");
+}

@@ -117,7 +117,8 @@ impl Client {
     }
 
     pub fn txid(&mut self) -> [u8; 12] {
-        self.counter += 1;
+        // Wraps after 255 requests (long-running loops in a test).
+        self.counter = self.counter.wrapping_add(1);
         [self.counter; 12]
     }
 
