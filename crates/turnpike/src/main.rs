@@ -36,6 +36,10 @@ enum Subcommands {
         #[command(subcommand)]
         cmd: turnpike_client::probe::ProbeCommand,
     },
+    /// Watch STUN/TURN servers from outside, every --interval: up, RTTs,
+    /// certificate expiry and security drift (open relay, internal peers,
+    /// SOFTWARE, 401 size), as Prometheus metrics or once as JSON.
+    Watch(Box<turnpike_client::probe::watch::WatchArgs>),
     /// Bring users over from another server.
     Import {
         #[command(subcommand)]
@@ -513,6 +517,11 @@ fn main() {
         Subcommands::User { cmd } => user(cmd),
         Subcommands::Import { cmd } => import(cmd),
         Subcommands::Upgrade(args) => upgrade(args),
+        Subcommands::Watch(args) => match turnpike_client::probe::watch::run(*args) {
+            Ok(true) => Ok(()),
+            Ok(false) => std::process::exit(1),
+            Err(e) => Err(e),
+        },
         Subcommands::Probe { cmd } => match turnpike_client::probe::run(cmd) {
             Ok(true) => Ok(()),
             Ok(false) => std::process::exit(1),

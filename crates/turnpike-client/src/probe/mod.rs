@@ -20,6 +20,7 @@ mod nat;
 mod stun;
 mod turn;
 mod uri;
+pub mod watch;
 
 use nat::nat;
 pub use nat::NatArgs;

@@ -34,4 +34,5 @@ mod runtime;
 mod shared_limits;
 mod sqlstore;
 mod tcp_relay;
+mod watch;
 mod web;

@@ -51,38 +51,44 @@ fn promtool_checks_and_unit_tests_the_rules() {
         return;
     }
     let dir = deploy();
-    let check = Command::new("promtool")
-        .args(["check", "rules", "turnpike-rules.yml"])
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&check.stdout);
-    assert!(
-        check.status.success(),
-        "{out}{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-    assert!(out.contains("SUCCESS"), "{out}");
-    let test = Command::new("promtool")
-        .args(["test", "rules", "turnpike-rules.test.yml"])
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        test.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&test.stdout),
-        String::from_utf8_lossy(&test.stderr)
-    );
-    // Every alert the rules define is exercised by the unit tests.
-    let rules = std::fs::read_to_string(dir.join("turnpike-rules.yml")).unwrap();
-    let tests = std::fs::read_to_string(dir.join("turnpike-rules.test.yml")).unwrap();
-    for line in rules.lines() {
-        if let Some(name) = line.trim().strip_prefix("- alert: ") {
-            assert!(
-                tests.contains(&format!("alertname: {name}\n")),
-                "alert {name} has no promtool test"
-            );
+    // The server's rules, and `turnpike watch`'s.
+    for (rules_file, tests_file) in [
+        ("turnpike-rules.yml", "turnpike-rules.test.yml"),
+        ("watch-rules.yml", "watch-rules.test.yml"),
+    ] {
+        let check = Command::new("promtool")
+            .args(["check", "rules", rules_file])
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&check.stdout);
+        assert!(
+            check.status.success(),
+            "{out}{}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        assert!(out.contains("SUCCESS"), "{out}");
+        let test = Command::new("promtool")
+            .args(["test", "rules", tests_file])
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            test.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&test.stdout),
+            String::from_utf8_lossy(&test.stderr)
+        );
+        // Every alert the rules define is exercised by the unit tests.
+        let rules = std::fs::read_to_string(dir.join(rules_file)).unwrap();
+        let tests = std::fs::read_to_string(dir.join(tests_file)).unwrap();
+        for line in rules.lines() {
+            if let Some(name) = line.trim().strip_prefix("- alert: ") {
+                assert!(
+                    tests.contains(&format!("alertname: {name}\n")),
+                    "alert {name} has no promtool test"
+                );
+            }
         }
     }
 }

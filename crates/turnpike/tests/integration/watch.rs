@@ -1,0 +1,285 @@
+//! `turnpike watch` against real servers: turnpike and Debian's coturn
+//! 4.6.1, each configured safely (every check green) and unsafely (each
+//! drift check fires: coturn's `--no-auth` open relay, loopback peers
+//! allowed, SOFTWARE on, a long realm's oversized 401), and the watcher's
+//! own metrics fed to promtool with the committed alert rules.
+
+use crate::common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn password_file() -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("turnpike-watch-pw-{}", std::process::id()));
+    std::fs::write(&p, format!("{PASSWORD}\n")).unwrap();
+    p
+}
+
+/// `turnpike watch --once` on `targets`: its exit status and results.
+fn watch_once(targets: &[String]) -> (bool, Vec<Value>) {
+    let pw = password_file();
+    let mut cmd = Command::new(turnpike_bin());
+    cmd.args(["watch", "--once", "--user", USER, "--password-file"])
+        .arg(&pw)
+        .args(["--peer-ip", "127.0.0.2", "--timeout-ms", "1500"]);
+    for t in targets {
+        cmd.args(["--target", t]);
+    }
+    let out = cmd.output().unwrap();
+    let v: Vec<Value> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    (out.status.success(), v)
+}
+
+/// A server of turnpike's own: `extra` after the listeners and user.
+fn turnpike(extra: &[&str]) -> turnpike::runtime::Handle {
+    let mut argv = vec![
+        "turnpike",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-listen",
+        "127.0.0.1:0",
+        "--user",
+        "alice:wonderland",
+        "--threads",
+        "1",
+    ];
+    argv.extend_from_slice(extra);
+    let o = turnpike::config::Options::from_argv(argv).unwrap();
+    let s = turnpike::config::Settings::from_options(&o).unwrap();
+    turnpike::runtime::start(&s).unwrap()
+}
+
+/// Debian's coturn on a free port with `extra`.
+fn coturn(extra: &[&str]) -> (Proc, u16) {
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("/usr/bin/turnserver")
+        .args([
+            "-n",
+            "--listening-ip=127.0.0.1",
+            &format!("--listening-port={port}"),
+            "--relay-ip=127.0.0.1",
+            "--no-tls",
+            "--no-dtls",
+            "--no-cli",
+            "--min-port=46000",
+            "--max-port=46999",
+            "--log-file=/dev/null",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let p = Proc(child);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for _ in 0..100 {
+        let mut ch = turnpike_client::client::Channel::connect(
+            &turnpike_client::client::ClientTransport::Udp,
+            addr,
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        if turnpike_client::client::binding(&mut ch, Duration::from_millis(200)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (p, port)
+}
+
+fn drift(r: &Value, check: &str) -> bool {
+    match check {
+        "challenge_ratio" => r["drift"]["challenge_ratio"].as_f64().is_some_and(|x| x > 3.0),
+        c => r["drift"][c] == true,
+    }
+}
+
+#[test]
+fn green_on_safe_turnpike_and_coturn_and_every_drift_fires_where_configured() {
+    if !std::path::Path::new("/usr/bin/turnserver").exists()
+        && missing("watch", "no turnserver (apt-get install coturn)")
+    {
+        return;
+    }
+    // turnpike as shipped, with the watcher's peer address allowed.
+    let h = turnpike(&["--allow-peer", "127.0.0.2/32"]);
+    let (p, t, d) = (
+        h.listen[0].port(),
+        h.tls_listen[0].port(),
+        h.dtls_listen[0].port(),
+    );
+    let targets = vec![
+        format!("turn:127.0.0.1:{p}"),
+        format!("turn:127.0.0.1:{p}?transport=tcp"),
+        format!("turns:127.0.0.1:{t}"),
+        format!("turn:127.0.0.1:{d}?transport=dtls"),
+    ];
+    let (ok, results) = watch_once(&targets);
+    assert!(ok, "green on turnpike: {results:#?}");
+    for r in &results {
+        assert!(r["relay_rtt_s"].as_f64().is_some(), "{r}");
+    }
+    assert!(results[2]["certificate_days_left"]
+        .as_f64()
+        .is_some_and(|d| d > 0.0));
+    h.shutdown();
+
+    // turnpike configured unsafely: loopback peers, SOFTWARE, a long realm.
+    let h = turnpike(&[
+        "--allow-loopback-peers",
+        "--software",
+        "turnpike-1.2.3",
+        "--realm",
+        "a-very-long-realm-name.example.org",
+        "--allow-long-realm",
+    ]);
+    let (ok, results) = watch_once(&[format!("turn:127.0.0.1:{}", h.listen[0].port())]);
+    assert!(!ok);
+    for check in ["internal_peer", "software", "challenge_ratio"] {
+        assert!(drift(&results[0], check), "{check} on turnpike: {:#}", results[0]);
+    }
+    assert!(!drift(&results[0], "open_relay"));
+    h.shutdown();
+
+    // coturn 4.6.1 configured safely. Its loopback rule has no exception
+    // for one address, so loopback is allowed and the address the drift
+    // check tries (127.0.0.1) denied; the watcher's peer is 127.0.0.2.
+    let (_c, port) = coturn(&[
+        "--lt-cred-mech",
+        &format!("--user={USER}:{PASSWORD}"),
+        "--realm=ex.org",
+        "--no-software-attribute",
+        "--allow-loopback-peers",
+        "--denied-peer-ip=127.0.0.1",
+        "--denied-peer-ip=10.0.0.0-10.255.255.255",
+        "--denied-peer-ip=169.254.0.0-169.254.255.255",
+    ]);
+    let (ok, results) = watch_once(&[format!("turn:127.0.0.1:{port}")]);
+    assert!(ok, "green on a safe coturn: {results:#?}");
+    drop(_c);
+
+    // coturn as an open relay with SOFTWARE and loopback peers.
+    let (_c, port) = coturn(&["--no-auth", "--allow-loopback-peers"]);
+    let (ok, results) = watch_once(&[format!("turn:127.0.0.1:{port}")]);
+    assert!(!ok);
+    for check in ["open_relay", "software", "internal_peer"] {
+        assert!(drift(&results[0], check), "{check} on coturn: {:#}", results[0]);
+    }
+}
+
+#[test]
+fn the_watchers_metrics_fire_the_committed_drift_alert_in_promtool() {
+    if !have_promtool() {
+        return;
+    }
+    let h = turnpike(&["--allow-loopback-peers", "--software", "turnpike-1.2.3"]);
+    let pw = password_file();
+    let listen = free_port();
+    let target = format!("turn:127.0.0.1:{}", h.listen[0].port());
+    let _w = Proc(
+        Command::new(turnpike_bin())
+            .args(["watch", "--user", USER, "--password-file"])
+            .arg(&pw)
+            .args(["--peer-ip", "127.0.0.2", "--interval", "1", "--listen"])
+            .arg(format!("127.0.0.1:{listen}"))
+            .args(["--target", &target])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    let body = loop {
+        let body = http_request(addr, "GET", "/metrics", None)
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        if body.contains("turnpike_watch_drift") || std::time::Instant::now() > end {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    h.shutdown();
+    // Each series the watcher exported, held for ten minutes, against the
+    // committed rules: the drift alert fires for exactly the drifting checks.
+    let mut series = String::new();
+    let mut alerts = String::new();
+    for line in body.lines().filter(|l| l.starts_with("turnpike_watch_drift{")) {
+        let (name_labels, value) = line.rsplit_once(' ').unwrap();
+        series.push_str(&format!(
+            "      - series: '{name_labels}'\n        values: '{value}x20'\n"
+        ));
+        if value == "1" {
+            let labels = name_labels
+                .trim_start_matches("turnpike_watch_drift{")
+                .trim_end_matches('}');
+            alerts.push_str("          - exp_labels:\n              severity: critical\n");
+            for kv in labels.split(',') {
+                let (k, v) = kv.split_once('=').unwrap();
+                alerts.push_str(&format!("              {k}: {v}\n"));
+            }
+            let target = labels
+                .split("target=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap();
+            let check = labels
+                .split("check=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap();
+            alerts.push_str(&format!(
+                "            exp_annotations:\n              summary: \"{target}: {check} drift\"\n"
+            ));
+        }
+    }
+    assert!(
+        alerts.contains("internal_peer") && alerts.contains("software"),
+        "{body}"
+    );
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy/prometheus/watch-rules.yml")
+        .canonicalize()
+        .unwrap();
+    let test = std::env::temp_dir().join(format!("turnpike-watch-rules-{}.test.yml", std::process::id()));
+    std::fs::write(
+        &test,
+        format!(
+            "rule_files:\n  - {}\nevaluation_interval: 30s\ntests:\n  - interval: 30s\n    input_series:\n{series}    alert_rule_test:\n      - eval_time: 2m\n        alertname: TurnWatchSecurityDrift\n        exp_alerts:\n{alerts}",
+            rules.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(&test)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_file(test);
+}
+
+fn have_promtool() -> bool {
+    if Command::new("promtool").arg("--version").output().is_ok() {
+        return true;
+    }
+    !missing("watch promtool", "no promtool (apt-get install prometheus)")
+}
