@@ -97,11 +97,15 @@ impl Worker {
                 age,
             } => {
                 let fast = self.fast.closed.get(tuple);
+                // RFC 6062: the bytes of the allocation's data connections.
+                let [tcp_to, tcp_from] = self.pairs.bytes_of(*tuple);
                 let usage = Usage {
                     packets_to_peers: stats.to_peer_packets + fast.map_or(0, |c| c.to_peer_packets),
-                    bytes_to_peers: stats.to_peer_bytes + fast.map_or(0, |c| c.to_peer_bytes),
+                    bytes_to_peers: stats.to_peer_bytes + fast.map_or(0, |c| c.to_peer_bytes) + tcp_to,
                     packets_from_peers: stats.from_peer_packets + fast.map_or(0, |c| c.from_peer_packets),
-                    bytes_from_peers: stats.from_peer_bytes + fast.map_or(0, |c| c.from_peer_bytes),
+                    bytes_from_peers: stats.from_peer_bytes
+                        + fast.map_or(0, |c| c.from_peer_bytes)
+                        + tcp_from,
                 };
                 // One taken over at a binary upgrade has no start record here.
                 let live = plane.live.remove(tuple).unwrap_or_else(|| Live {
@@ -169,11 +173,12 @@ impl Worker {
                 continue;
             };
             live.peers = live.peers.max(s.permissions);
+            let [tcp_to, tcp_from] = self.pairs.bytes_of(s.tuple);
             let usage = Usage {
                 packets_to_peers: s.stats.to_peer_packets,
-                bytes_to_peers: s.stats.to_peer_bytes,
+                bytes_to_peers: s.stats.to_peer_bytes + tcp_to,
                 packets_from_peers: s.stats.from_peer_packets,
-                bytes_from_peers: s.stats.from_peer_bytes,
+                bytes_from_peers: s.stats.from_peer_bytes + tcp_from,
             };
             let mut v = json!({
                 "allocation": live.id,

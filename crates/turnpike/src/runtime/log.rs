@@ -136,6 +136,8 @@ impl Worker {
                     mut stats,
                     age,
                 } => {
+                    // Its RFC 6062 pairs' bytes were for its usage record.
+                    self.pairs.forget_control(tuple);
                     // What the kernel forwarded in its last moments.
                     if let Some(c) = self.fast.closed.remove(&tuple) {
                         stats.to_peer_packets += c.to_peer_packets;

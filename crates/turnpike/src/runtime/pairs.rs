@@ -99,6 +99,9 @@ pub(super) struct Pairs {
     retries: BinaryHeap<Reverse<(Instant, ConnectionId, Direction)>>,
     /// Bytes of closed pairs: to peers, from peers.
     closed_bytes: [u64; 2],
+    /// Bytes of closed bound pairs by their allocation (its control
+    /// connection), until the allocation ends (its usage record).
+    closed_by_control: HashMap<FiveTuple, [u64; 2], ahash::RandomState>,
 }
 
 impl Pairs {
@@ -132,6 +135,22 @@ impl Pairs {
                 t.from_peer_bytes = p.down.bytes;
             }
         }
+    }
+
+    /// RFC 6062 bytes of the allocation whose control connection is
+    /// `control`, closed and open pairs: to peers, from peers.
+    pub(super) fn bytes_of(&self, control: FiveTuple) -> [u64; 2] {
+        let closed = self.closed_by_control.get(&control).copied().unwrap_or_default();
+        self.by_id
+            .values()
+            .filter(|p| matches!(p.stage, Stage::Bound { control: c, .. } if c == control))
+            .fold(closed, |[to, from], p| [to + p.up.bytes, from + p.down.bytes])
+    }
+
+    /// The allocation of `control` ended: its closed pairs' bytes are
+    /// forgotten.
+    pub(super) fn forget_control(&mut self, control: FiveTuple) {
+        self.closed_by_control.remove(&control);
     }
 
     /// Bytes relayed over TCP so far, closed and open pairs: to peers,
@@ -201,6 +220,9 @@ impl Pairs {
         self.closed_bytes[0] += pair.up.bytes;
         self.closed_bytes[1] += pair.down.bytes;
         if let Stage::Bound { control, .. } = pair.stage {
+            let c = self.closed_by_control.entry(control).or_default();
+            c[0] += pair.up.bytes;
+            c[1] += pair.down.bytes;
             if let Some(cap) = self.caps.get_mut(&control) {
                 cap.pairs -= 1;
                 if cap.pairs == 0 {

@@ -387,3 +387,60 @@ fn the_readme_sample_receiver_verifies_and_counts_the_bytes() {
     let _ = std::fs::remove_file(script);
     let _ = std::fs::remove_file(secret);
 }
+
+#[test]
+fn an_rfc_6062_allocation_reports_its_data_connections_bytes() {
+    let rx = Receiver::start(None);
+    let secret = secret_file("tcp");
+    let url = format!("http://{}/hook", rx.addr);
+    let h = start(&[
+        "--allow-loopback-peers",
+        "--events-webhook",
+        &url,
+        "--events-webhook-secret-file",
+        secret.to_str().unwrap(),
+    ]);
+    let server = h.listen[0];
+    let peer = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut c = client(&ClientTransport::Tcp, server, USER, PASSWORD);
+    c.set_tcp_relay(true);
+    c.allocate().unwrap();
+    let id = c.connect(peer.local_addr().unwrap()).unwrap();
+    let (mut p, _) = peer.accept().unwrap();
+    let mut data = c.connection_bind(&ClientTransport::Tcp, server, id).unwrap();
+    let up = vec![7u8; 30_000];
+    data.send(&up).unwrap();
+    let mut got = vec![0u8; up.len()];
+    p.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    p.read_exact(&mut got).unwrap();
+    let down = vec![9u8; 12_345];
+    p.write_all(&down).unwrap();
+    let mut back = 0;
+    let end = Instant::now() + Duration::from_secs(5);
+    while back < down.len() && Instant::now() < end {
+        if let Some(b) = data.recv_raw(end).unwrap() {
+            back += b.len();
+        }
+    }
+    assert_eq!(back, down.len());
+    drop(data);
+    drop(p);
+    assert_eq!(c.refresh(0).unwrap(), 0);
+    h.shutdown();
+    let ends = rx.wait_for("allocation.end", 1, Duration::from_secs(10));
+    assert_eq!(ends.len(), 1, "{ends:?}");
+    assert_eq!(ends[0]["transport"], "tcp");
+    assert_eq!(
+        ends[0]["bytes_to_peers"].as_u64(),
+        Some(up.len() as u64),
+        "{}",
+        ends[0]
+    );
+    assert_eq!(
+        ends[0]["bytes_from_peers"].as_u64(),
+        Some(down.len() as u64),
+        "{}",
+        ends[0]
+    );
+    let _ = std::fs::remove_file(secret);
+}
