@@ -362,7 +362,18 @@ impl Webhook {
 fn read_status(s: &mut impl Read, into: &mut Vec<u8>) -> Result<()> {
     let mut buf = [0u8; 512];
     while !into.windows(2).any(|w| w == b"\r\n") {
-        let n = s.read(&mut buf)?;
+        let n = match s.read(&mut buf) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                bail!("the webhook did not answer within {} s", HTTP_TIMEOUT.as_secs())
+            }
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             break;
         }
