@@ -95,6 +95,18 @@ fn pump(front: &mut Front, c: &mut Client, now: Instant) -> Vec<Vec<u8>> {
     sent
 }
 
+/// The first hello to `f`, its HelloVerifyRequest to the client: the
+/// client's second hello (with the cookie), not yet sent.
+fn second_hello(f: &mut Front, c: &mut Client, now: Instant) -> Vec<u8> {
+    let first = c.outgoing().remove(0);
+    let mut out = Output::default();
+    f.handle(now, c.addr, SERVER.parse().unwrap(), &first, &mut out);
+    c.dtls
+        .handle_packet(&out.bytes[out.datagrams[0].1.clone()])
+        .unwrap();
+    c.outgoing().remove(0)
+}
+
 #[test]
 fn a_handshake_after_the_cookie_round_trip_carries_messages_both_ways() {
     let now = Instant::now();
@@ -159,13 +171,7 @@ fn a_cookie_from_another_address_or_a_forged_one_starts_nothing() {
     let shared = Arc::new(Shared::default());
     let mut f = front(Limits::default(), shared.clone());
     let mut c = Client::new("192.0.2.1:5000", now);
-    let first = c.outgoing().remove(0);
-    let mut out = Output::default();
-    f.handle(now, c.addr, SERVER.parse().unwrap(), &first, &mut out);
-    c.dtls
-        .handle_packet(&out.bytes[out.datagrams[0].1.clone()])
-        .unwrap();
-    let second = c.outgoing().remove(0);
+    let second = second_hello(&mut f, &mut c, now);
     // The same hello with its cookie, from elsewhere: a fresh cookie only.
     let mut out = Output::default();
     f.handle(
@@ -222,14 +228,8 @@ fn half_open_handshakes_are_capped_per_source_and_per_host_and_time_out() {
         let ip = if i < 5 { "192.0.2.1" } else { "192.0.2.2" };
         let mut c = Client::new(&format!("{ip}:{}", 6000 + i), now);
         let f = &mut fronts[i as usize % 2];
-        let first = c.outgoing().remove(0);
-        let mut out = Output::default();
-        f.handle(now, c.addr, SERVER.parse().unwrap(), &first, &mut out);
-        c.dtls
-            .handle_packet(&out.bytes[out.datagrams[0].1.clone()])
-            .unwrap();
         // The second hello, and then silence (no Finished).
-        let second = c.outgoing().remove(0);
+        let second = second_hello(f, &mut c, now);
         let mut out = Output::default();
         f.handle(now, c.addr, SERVER.parse().unwrap(), &second, &mut out);
         if !out.datagrams.is_empty() {

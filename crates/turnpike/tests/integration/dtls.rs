@@ -76,39 +76,16 @@ impl RawClient {
     }
 }
 
-/// `turnpike serve` as a user runs it, with metrics: (process, DTLS
-/// address, metrics address).
+/// `turnpike serve` with metrics: (process, DTLS address, metrics address).
 fn serve(extra: &[&str]) -> (Proc, SocketAddr, SocketAddr) {
-    let mut cmd = Command::new(turnpike_bin());
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--tls-listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--user",
-        "alice:wonderland",
-        "--realm",
-        "test.example",
-        "--threads",
-        "2",
-        "--log-level",
-        "info",
-    ])
-    .args(extra);
-    let (p, started, _rest) = spawn_server(&mut cmd);
-    let field = |name: &str| -> SocketAddr {
-        started
-            .split(&format!(" {name}="))
-            .nth(1)
-            .map(|r| r.trim_start_matches('['))
-            .and_then(|r| r.split([']', ',', ' ']).next())
-            .and_then(|a| a.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} in the start-up line: {started}"))
-    };
-    (p, field("dtls_listen"), field("metrics"))
+    let mut args = vec!["--metrics-listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let (p, started, _rest) = serve_binary(&args);
+    (
+        p,
+        started_addr(&started, "dtls_listen"),
+        started_addr(&started, "metrics"),
+    )
 }
 
 fn metric(metrics: SocketAddr, series: &str) -> f64 {
@@ -406,23 +383,11 @@ fn a_certificate_dtls_cannot_use_is_refused_when_asked_for_and_leaves_dtls_off_o
         .unwrap()
         .success();
     assert!(ok, "openssl made an RSA certificate");
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
     let argv = |extra: &[&str]| {
-        let mut v = vec![
-            "turnpike",
-            "--listen",
-            "127.0.0.1:0",
-            "--tls-listen",
-            "127.0.0.1:0",
-            "--user",
-            "alice:wonderland",
-            "--cert",
-            cert.to_str().unwrap(),
-            "--key",
-            key.to_str().unwrap(),
-        ];
+        let mut v = vec!["--cert", cert, "--key", key];
         v.extend_from_slice(extra);
-        let o = turnpike::config::Options::from_argv(v).unwrap();
-        turnpike::config::Settings::from_options(&o).unwrap()
+        settings(&v).unwrap()
     };
     let refused = match turnpike::runtime::start(&argv(&["--dtls-listen", "127.0.0.1:0"])) {
         Ok(_) => panic!("an RSA certificate with dtls-listen must not start"),

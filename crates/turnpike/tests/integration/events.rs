@@ -135,18 +135,24 @@ fn call(t: &ClientTransport, server: SocketAddr, n: usize, size: usize) -> (u64,
     ((n * size) as u64, (n * (size / 2)) as u64)
 }
 
-#[test]
-fn a_signed_webhook_gets_one_start_and_one_end_per_allocation_with_the_bytes() {
-    let rx = Receiver::start(None);
-    let secret = secret_file("ok");
-    let url = format!("http://{}/turn-events", rx.addr);
+/// A server relaying to loopback peers, posting its events to `url`
+/// signed with a secret file of its own (removed by the caller).
+fn with_webhook(tag: &str, url: &str) -> (turnpike::runtime::Handle, std::path::PathBuf) {
+    let secret = secret_file(tag);
     let h = start(&[
         "--allow-loopback-peers",
         "--events-webhook",
-        &url,
+        url,
         "--events-webhook-secret-file",
         secret.to_str().unwrap(),
     ]);
+    (h, secret)
+}
+
+#[test]
+fn a_signed_webhook_gets_one_start_and_one_end_per_allocation_with_the_bytes() {
+    let rx = Receiver::start(None);
+    let (h, secret) = with_webhook("ok", &format!("http://{}/turn-events", rx.addr));
     let mut expected = Vec::new();
     for t in [ClientTransport::Udp, ClientTransport::Tcp] {
         let addr = h.listen[0];
@@ -182,15 +188,7 @@ fn a_signed_webhook_gets_one_start_and_one_end_per_allocation_with_the_bytes() {
 fn events_queued_while_the_receiver_is_down_arrive_after_in_order_and_once() {
     // The receiver's port, reserved and let go: nothing listens there yet.
     let at: SocketAddr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let secret = secret_file("down");
-    let url = format!("http://{at}/hook");
-    let h = start(&[
-        "--allow-loopback-peers",
-        "--events-webhook",
-        &url,
-        "--events-webhook-secret-file",
-        secret.to_str().unwrap(),
-    ]);
+    let (h, secret) = with_webhook("down", &format!("http://{at}/hook"));
     for _ in 0..5 {
         call(&ClientTransport::Udp, h.listen[0], 2, 50);
     }
@@ -391,15 +389,7 @@ fn the_readme_sample_receiver_verifies_and_counts_the_bytes() {
 #[test]
 fn an_rfc_6062_allocation_reports_its_data_connections_bytes() {
     let rx = Receiver::start(None);
-    let secret = secret_file("tcp");
-    let url = format!("http://{}/hook", rx.addr);
-    let h = start(&[
-        "--allow-loopback-peers",
-        "--events-webhook",
-        &url,
-        "--events-webhook-secret-file",
-        secret.to_str().unwrap(),
-    ]);
+    let (h, secret) = with_webhook("tcp", &format!("http://{}/hook", rx.addr));
     let server = h.listen[0];
     let peer = TcpListener::bind("127.0.0.1:0").unwrap();
     let mut c = client(&ClientTransport::Tcp, server, USER, PASSWORD);

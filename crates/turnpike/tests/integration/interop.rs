@@ -5,7 +5,7 @@
 
 use crate::common;
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -118,31 +118,9 @@ struct Served {
 
 impl Served {
     fn start(flags: &[&str]) -> Served {
-        let mut cmd = Command::new(turnpike_bin());
-        cmd.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--tls-listen",
-            "127.0.0.1:0",
-            "--user",
-            "alice:wonderland",
-            "--realm",
-            "test.example",
-            "--threads",
-            "2",
-            "--log-level",
-            "info",
-        ])
-        .args(flags);
-        let (proc_, started, rest) = spawn_server(&mut cmd);
-        let port = listen_addr(&started).port();
-        let tls_port: SocketAddr = started
-            .split("tls_listen=[")
-            .nth(1)
-            .and_then(|r| r.split([']', ',']).next())
-            .and_then(|a| a.trim().parse().ok())
-            .expect("tls_listen=[…] in the start-up line");
+        let (proc_, started, rest) = serve_binary(flags);
+        let port = started_addr(&started, "listen").port();
+        let tls_port = started_addr(&started, "tls_listen");
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = log.clone();
         std::thread::spawn(move || {

@@ -37,21 +37,7 @@ fn watch_once(targets: &[String]) -> (bool, Vec<Value>) {
 
 /// A server of turnpike's own: `extra` after the listeners and user.
 fn turnpike(extra: &[&str]) -> turnpike::runtime::Handle {
-    let mut argv = vec![
-        "turnpike",
-        "--listen",
-        "127.0.0.1:0",
-        "--tls-listen",
-        "127.0.0.1:0",
-        "--user",
-        "alice:wonderland",
-        "--threads",
-        "1",
-    ];
-    argv.extend_from_slice(extra);
-    let o = turnpike::config::Options::from_argv(argv).unwrap();
-    let s = turnpike::config::Settings::from_options(&o).unwrap();
-    turnpike::runtime::start(&s).unwrap()
+    turnpike::runtime::start(&settings(extra).unwrap()).unwrap()
 }
 
 /// Debian's coturn on a free port with `extra`.

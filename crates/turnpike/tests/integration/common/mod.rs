@@ -259,6 +259,61 @@ pub fn spawn_server(cmd: &mut std::process::Command) -> (Proc, String, std::sync
     }
 }
 
+/// `turnpike serve` as a user runs it, on ephemeral loopback ports
+/// (UDP/TCP, TLS, and DTLS beside it) with user alice and realm
+/// test.example, two workers, `extra` after: the process, its start-up
+/// line and the rest of its log.
+pub fn serve_binary(extra: &[&str]) -> (Proc, String, std::sync::mpsc::Receiver<String>) {
+    let mut cmd = std::process::Command::new(turnpike_bin());
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-listen",
+        "127.0.0.1:0",
+        "--user",
+        "alice:wonderland",
+        "--realm",
+        "test.example",
+        "--threads",
+        "2",
+        "--log-level",
+        "info",
+    ])
+    .args(extra);
+    spawn_server(&mut cmd)
+}
+
+/// The address `name=` (listen, tls_listen, dtls_listen, metrics, …)
+/// shows in a start-up line: the first of a list.
+pub fn started_addr(line: &str, name: &str) -> SocketAddr {
+    line.split(&format!(" {name}="))
+        .nth(1)
+        .map(|r| r.trim_start_matches('['))
+        .and_then(|r| r.split([']', ',', ' ']).next())
+        .and_then(|a| a.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name}= in the start-up line: {line}"))
+}
+
+/// Settings for a server of the tests' own (ephemeral loopback
+/// listeners, user alice, one worker) with `extra` after, for tests that
+/// set what `start` fixes (the realm) or expect a refusal.
+pub fn settings(extra: &[&str]) -> anyhow::Result<Settings> {
+    let mut argv = vec![
+        "turnpike",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-listen",
+        "127.0.0.1:0",
+        "--user",
+        "alice:wonderland",
+        "--threads",
+        "1",
+    ];
+    argv.extend_from_slice(extra);
+    Settings::from_options(&Options::from_argv(argv)?)
+}
+
 /// The first `listen=[…]` address of a start-up line.
 pub fn listen_addr(line: &str) -> SocketAddr {
     line.split("listen=[")
