@@ -444,6 +444,18 @@ pub struct Counters {
     pub old_versions: u64,
 }
 
+impl std::ops::AddAssign for Counters {
+    fn add_assign(&mut self, o: Counters) {
+        self.cookies_sent += o.cookies_sent;
+        self.bad_cookies += o.bad_cookies;
+        self.refused += o.refused;
+        self.established += o.established;
+        self.failed += o.failed;
+        self.dropped += o.dropped;
+        self.old_versions += o.old_versions;
+    }
+}
+
 /// Both ends of an association: the client's address and the server
 /// address it reached (exact even behind a wildcard socket).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -127,20 +127,8 @@ pub fn user_of(username: &str) -> &str {
 /// One worker's DTLS numbers.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DtlsMetrics {
-    /// HelloVerifyRequests sent.
-    pub cookies_sent: u64,
-    /// Second ClientHellos whose cookie did not verify.
-    pub bad_cookies: u64,
-    /// Handshakes refused by a half-open or association cap.
-    pub refused: u64,
-    /// Handshakes finished.
-    pub established: u64,
-    /// Handshakes that failed or timed out.
-    pub failed: u64,
-    /// Datagrams from unknown sources that were not a ClientHello.
-    pub dropped: u64,
-    /// Hellos offering only DTLS 1.0 (RFC 8996).
-    pub old_versions: u64,
+    /// The fronts' counts since start.
+    pub counters: turn_dtls::Counters,
     /// Associations now (established or in handshake).
     pub associations: usize,
     /// Associations now in their handshake.
@@ -198,16 +186,9 @@ pub(crate) fn sum(board: &Board) -> (WorkerMetrics, Vec<WorkerMetrics>) {
         t.channels += w.channels;
         t.connections += w.connections;
         t.tls_handshakes += w.tls_handshakes;
-        let (d, e) = (&mut t.dtls, &w.dtls);
-        d.cookies_sent += e.cookies_sent;
-        d.bad_cookies += e.bad_cookies;
-        d.refused += e.refused;
-        d.established += e.established;
-        d.failed += e.failed;
-        d.dropped += e.dropped;
-        d.old_versions += e.old_versions;
-        d.associations += e.associations;
-        d.half_open += e.half_open;
+        t.dtls.counters += w.dtls.counters;
+        t.dtls.associations += w.dtls.associations;
+        t.dtls.half_open += w.dtls.half_open;
         t.tls_failures += w.tls_failures;
         t.conn_refused_worker += w.conn_refused_worker;
         t.conn_refused_per_source += w.conn_refused_per_source;
@@ -361,8 +342,8 @@ fn dtls(x: &mut Exposition, d: &DtlsMetrics) {
         "counter",
         "DTLS ClientHellos answered with a HelloVerifyRequest (no state kept), and second hellos whose cookie did not verify.",
         &[
-            ("{outcome=\"sent\"}", d.cookies_sent as f64),
-            ("{outcome=\"bad\"}", d.bad_cookies as f64),
+            ("{outcome=\"sent\"}", d.counters.cookies_sent as f64),
+            ("{outcome=\"bad\"}", d.counters.bad_cookies as f64),
         ],
     );
     x.metric(
@@ -370,17 +351,17 @@ fn dtls(x: &mut Exposition, d: &DtlsMetrics) {
         "counter",
         "DTLS handshakes, by outcome (refused: a half-open or association cap; old_version: a DTLS 1.0 hello, RFC 8996).",
         &[
-            ("{outcome=\"ok\"}", d.established as f64),
-            ("{outcome=\"failed\"}", d.failed as f64),
-            ("{outcome=\"refused\"}", d.refused as f64),
-            ("{outcome=\"old_version\"}", d.old_versions as f64),
+            ("{outcome=\"ok\"}", d.counters.established as f64),
+            ("{outcome=\"failed\"}", d.counters.failed as f64),
+            ("{outcome=\"refused\"}", d.counters.refused as f64),
+            ("{outcome=\"old_version\"}", d.counters.old_versions as f64),
         ],
     );
     x.metric(
         "dtls_dropped_total",
         "counter",
         "DTLS datagrams from sources without an association that were not a ClientHello, dropped unanswered.",
-        &[("", d.dropped as f64)],
+        &[("", d.counters.dropped as f64)],
     );
     x.metric(
         "dtls_associations",

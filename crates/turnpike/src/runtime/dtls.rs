@@ -110,14 +110,7 @@ impl DtlsPlane {
     pub(super) fn metrics(&self) -> crate::metrics::DtlsMetrics {
         let mut m = crate::metrics::DtlsMetrics::default();
         for (_, f) in &self.fronts {
-            let c = f.counters();
-            m.cookies_sent += c.cookies_sent;
-            m.bad_cookies += c.bad_cookies;
-            m.refused += c.refused;
-            m.established += c.established;
-            m.failed += c.failed;
-            m.dropped += c.dropped;
-            m.old_versions += c.old_versions;
+            m.counters += f.counters();
             m.associations += f.len();
             m.half_open += f.half_open();
         }
