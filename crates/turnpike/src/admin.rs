@@ -10,7 +10,9 @@
 //! - `POST /api/drain`, `DELETE /api/drain`: start or stop draining.
 //! - `GET /api/fleet[?user=U]`: the fleet's live nodes (with Redis), and
 //!   U's allocations on each; `GET /api/fleet/users/{user}/sessions`:
-//!   the user's sessions on every node; `DELETE` on it: delete them.
+//!   the user's sessions on every node; `DELETE` on it: delete them;
+//!   `POST`/`DELETE /api/fleet/nodes/{name}/drain`: start or stop
+//!   draining that node (this one or another).
 //! - `GET /api/config`: the effective configuration, secrets redacted.
 //! - `POST /api/reload`: re-read the configuration, as SIGHUP does.
 //!
@@ -163,6 +165,15 @@ async fn with_fleet(
     h: &HeaderMap,
     f: impl FnOnce(&crate::fleet::FleetClient) -> Result<serde_json::Value> + Send + 'static,
 ) -> Response {
+    with_fleet_status(app, h, move |fleet| f(fleet).map(|v| (StatusCode::OK, v))).await
+}
+
+/// [`with_fleet`] where `f` chooses the status.
+async fn with_fleet_status(
+    app: &App,
+    h: &HeaderMap,
+    f: impl FnOnce(&crate::fleet::FleetClient) -> Result<(StatusCode, serde_json::Value)> + Send + 'static,
+) -> Response {
     if !authorized(app, h) {
         return unauthorized();
     }
@@ -173,7 +184,7 @@ async fn with_fleet(
         );
     };
     match blocking(move || f(&fleet)).await {
-        Some(Ok(v)) => json_response(StatusCode::OK, v),
+        Some(Ok((code, v))) => json_response(code, v),
         Some(Err(e)) => json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"error": format!("{e:#}")}),
@@ -212,6 +223,47 @@ async fn fleet_delete_user(
         let n = fleet.delete_user(&user)?;
         tracing::info!(%caller, user = ?user, nodes = n, "admin: a user's sessions deleted across the fleet");
         Ok(json!({"nodes_asked": n}))
+    })
+    .await
+}
+
+/// `POST` or `DELETE /api/fleet/nodes/{name}/drain`: drain on or off on
+/// any node of the fleet, told through Redis (this node directly), and
+/// answered once its registry entry says so (`confirmed`), or after 3 s.
+async fn fleet_drain(
+    State(app): State<App>,
+    axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<SocketAddr>,
+    h: HeaderMap,
+    method: axum::http::Method,
+    Path(node): Path<String>,
+) -> Response {
+    let on = method != axum::http::Method::DELETE;
+    let here = app.fleet.as_ref().is_some_and(|f| f.name() == node);
+    if here && authorized(&app, &h) {
+        if on {
+            app.stop.drain();
+        } else {
+            app.stop.undrain();
+        }
+        tracing::info!(%caller, node, draining = on, "admin: drain set from the fleet view");
+        return json_response(
+            StatusCode::OK,
+            json!({"node": node, "draining": on, "confirmed": true}),
+        );
+    }
+    with_fleet_status(&app, &h, move |fleet| {
+        let confirmed = fleet.drain(&node, on)?;
+        tracing::info!(%caller, node, draining = on, ?confirmed, "admin: drain asked of a fleet node");
+        Ok(match confirmed {
+            None => (
+                StatusCode::NOT_FOUND,
+                json!({"node": node, "error": "no live node has this name"}),
+            ),
+            Some(c) => (
+                StatusCode::OK,
+                json!({"node": node, "draining": on, "confirmed": c}),
+            ),
+        })
     })
     .await
 }
@@ -464,6 +516,10 @@ pub fn serve(
         .route(
             "/api/fleet/users/:user/sessions",
             get(fleet_user_sessions).delete(fleet_delete_user),
+        )
+        .route(
+            "/api/fleet/nodes/:name/drain",
+            post(fleet_drain).delete(fleet_drain),
         )
         .route("/api/config", get(show_config))
         .route("/api/reload", post(reload_handler))

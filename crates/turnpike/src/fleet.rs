@@ -27,9 +27,15 @@
 //!   (`AuthGuard::failed_elsewhere`), so a guesser spread over nodes gets
 //!   one budget, and a lockout earned on one node holds on all.
 //! - **Commands.** `turnpike:commands` carries a `FleetRequest` as JSON
-//!   (`delete-user` and `list-user`) from any node's admin API (`DELETE` and
-//!   `GET /api/fleet/users/NAME/sessions`); a list is answered under
-//!   `turnpike:reply:REQUEST:NODE` for 30 s.
+//!   (`delete-user`, `list-user` and `drain`) from any node's admin API
+//!   (`DELETE` and `GET /api/fleet/users/NAME/sessions`, `POST` and
+//!   `DELETE /api/fleet/nodes/NAME/drain`); a list is answered under
+//!   `turnpike:reply:REQUEST:NODE` for 30 s, a drain in the node's next
+//!   registry entry.
+//! - **Fleet view.** The entry also carries what the dashboard's fleet
+//!   table shows: version, start time, load over the last heartbeat
+//!   (packets and bits per second relayed, CPU) and problems in words;
+//!   a reader adds "no heartbeat" to an entry that has missed beats.
 //!
 //! While Redis is unreachable each node serves on: the last good
 //! credentials, local quotas and guard only, the static
@@ -56,6 +62,8 @@ pub const CHANGES: &str = "turnpike:changes";
 const AUTHFAIL: &str = "turnpike:authfail";
 const COMMANDS: &str = "turnpike:commands";
 const BEAT: Duration = Duration::from_secs(1);
+/// An entry older than this has missed heartbeats.
+const LATE: Duration = Duration::from_millis(3500);
 
 fn node_key(name: &str) -> String {
     format!("turnpike:node:{name}")
@@ -89,6 +97,31 @@ pub struct NodeInfo {
     pub redirect_above: usize,
     /// When it wrote this (Unix ms).
     pub updated_ms: u64,
+    /// Its build (`0.1.0+build-id`); empty from a node older than this
+    /// field, as are the other defaults below.
+    #[serde(default)]
+    pub version: String,
+    /// When it started (Unix ms).
+    #[serde(default)]
+    pub started_ms: u64,
+    /// What is wrong with it, in words; empty when healthy.
+    #[serde(default)]
+    pub problems: Vec<String>,
+    /// How busy it is over the last heartbeat.
+    #[serde(default)]
+    pub load: Load,
+}
+
+/// A node's work over one heartbeat.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct Load {
+    /// Relayed packets per second, both directions.
+    pub packets_per_s: u64,
+    /// Relayed bits per second, both directions.
+    pub bits_per_s: u64,
+    /// The process's CPU time over wall time, in percent of one core
+    /// (above 100 with several workers busy).
+    pub cpu_percent: f64,
 }
 
 impl NodeInfo {
@@ -123,6 +156,8 @@ enum FleetRequest {
     ListUser { request: u64, user: String },
     /// Delete this user's sessions.
     DeleteUser { user: String },
+    /// The node named starts (`on`) or stops draining.
+    Drain { node: String, on: bool },
 }
 
 /// An integrity failure seen by one node, on `turnpike:authfail`.
@@ -167,20 +202,65 @@ fn read_nodes(c: &mut redis::Connection) -> Result<Vec<(NodeInfo, HashMap<String
 }
 
 impl FleetClient {
+    /// This node's name in the fleet.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Every live node, and how many allocations `user` holds on each.
     pub fn nodes(&self, user: Option<&str>) -> Result<serde_json::Value> {
         let mut c = connect(&self.url)?;
-        let nodes = read_nodes(&mut c)?;
+        let mut nodes = read_nodes(&mut c)?;
+        nodes.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        let now = unix_ms();
         Ok(serde_json::json!({
             "this_node": self.name,
             "nodes": nodes.iter().map(|(n, held)| {
                 let mut v = serde_json::to_value(n).unwrap_or_default();
+                let age_ms = now.saturating_sub(n.updated_ms);
+                v["age_ms"] = age_ms.into();
+                // Still in its lease, but it has missed beats: stalled,
+                // cut off from Redis, or dying.
+                if age_ms > LATE.as_millis() as u64 {
+                    if let Some(p) = v["problems"].as_array_mut() {
+                        p.push(format!("no heartbeat for {} s", age_ms / 1000).into());
+                    }
+                }
                 if let Some(u) = user {
                     v["user_allocations"] = held.get(u).copied().unwrap_or(0).into();
                 }
                 v
             }).collect::<Vec<_>>(),
         }))
+    }
+
+    /// Asks the node named to start (`on`) or stop draining, and waits up
+    /// to 3 s for its entry to say so: `Ok(None)` when no live node has
+    /// that name, else whether it confirmed.
+    pub fn drain(&self, node: &str, on: bool) -> Result<Option<bool>> {
+        let mut c = connect(&self.url)?;
+        if !read_nodes(&mut c)?.iter().any(|(n, _)| n.name == node) {
+            return Ok(None);
+        }
+        let _: usize = c.publish(
+            COMMANDS,
+            encode(&FleetRequest::Drain {
+                node: node.to_owned(),
+                on,
+            }),
+        )?;
+        let end = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(100));
+            let entry: Option<String> = c.get(node_key(node))?;
+            if entry
+                .and_then(|j| serde_json::from_str::<NodeInfo>(&j).ok())
+                .is_some_and(|n| n.draining == on)
+            {
+                return Ok(Some(true));
+            }
+        }
+        Ok(Some(false))
     }
 
     /// Every live node's sessions of `user`: each node is asked on
@@ -265,9 +345,64 @@ pub fn spawn(cfg: FleetConfig, control: Control, changed: mpsc::Sender<()>) -> A
     client
 }
 
+/// What a node's load is measured from: relayed totals and the
+/// process's CPU time, one reading per heartbeat.
+struct Meter {
+    at: Instant,
+    packets: u64,
+    bytes: u64,
+    cpu_s: f64,
+}
+
+impl Meter {
+    fn read(control: &Control) -> Meter {
+        let t = control.totals();
+        let c = &t.core;
+        Meter {
+            at: Instant::now(),
+            packets: c.to_peer_packets + c.from_peer_packets,
+            bytes: c.to_peer_bytes + c.from_peer_bytes + t.tcp_bytes[0] + t.tcp_bytes[1],
+            cpu_s: process_cpu_seconds().unwrap_or(0.0),
+        }
+    }
+
+    fn load_since(&self, before: &Meter) -> Load {
+        let dt = self.at.duration_since(before.at).as_secs_f64().max(1e-3);
+        Load {
+            packets_per_s: (self.packets.saturating_sub(before.packets) as f64 / dt).round() as u64,
+            bits_per_s: (self.bytes.saturating_sub(before.bytes) as f64 * 8.0 / dt).round() as u64,
+            cpu_percent: (((self.cpu_s - before.cpu_s).max(0.0) / dt) * 1000.0).round() / 10.0,
+        }
+    }
+}
+
+/// User plus system CPU time of this process (`/proc/self/stat` fields 14
+/// and 15, in clock ticks).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces: count after its ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace().skip(11);
+    let utime: u64 = f.next()?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / udp_io::clock_ticks_per_second())
+}
+
+/// What is wrong with this node, in words, for the fleet view.
+fn problems() -> Vec<String> {
+    let mut p = Vec::new();
+    if crate::metrics::SQL_UP.load(Ordering::Relaxed) == 0 {
+        p.push("user database (db-url) unreachable: serving cached credentials".to_owned());
+    }
+    p
+}
+
 fn heartbeat(cfg: &FleetConfig, control: &Control) {
     let mut conn: Option<redis::Connection> = None;
     let mut up = true;
+    let started_ms = unix_ms();
+    let mut meter = Meter::read(control);
+    let mut load = Load::default();
     loop {
         // After a binary upgrade the new process beats under this node's
         // name; this one, draining what stayed, must not overwrite it.
@@ -275,10 +410,28 @@ fn heartbeat(cfg: &FleetConfig, control: &Control) {
             return;
         }
         let started = Instant::now();
+        let now = Meter::read(control);
+        if now.at.duration_since(meter.at) >= BEAT / 2 {
+            load = now.load_since(&meter);
+            meter = now;
+        }
+        let me = NodeInfo {
+            name: cfg.name.clone(),
+            ipv4: cfg.ipv4,
+            ipv6: cfg.ipv6,
+            allocations: control.allocations(),
+            draining: control.is_draining(),
+            redirect_above: cfg.redirect_above,
+            updated_ms: unix_ms(),
+            version: crate::build_id::version().to_owned(),
+            started_ms,
+            problems: problems(),
+            load,
+        };
         let result = conn
             .take()
             .map_or_else(|| connect(&cfg.url), Ok)
-            .and_then(|mut c| beat(cfg, control, &mut c).map(|()| c));
+            .and_then(|mut c| beat(cfg, control, &me, &mut c).map(|()| c));
         match result {
             Ok(c) => {
                 if !up {
@@ -307,25 +460,16 @@ fn over_threshold(cfg: &FleetConfig, control: &Control) -> bool {
 }
 
 /// One heartbeat: write this node, read the others, share failures.
-fn beat(cfg: &FleetConfig, control: &Control, c: &mut redis::Connection) -> Result<()> {
+fn beat(cfg: &FleetConfig, control: &Control, me: &NodeInfo, c: &mut redis::Connection) -> Result<()> {
     let (quotas, guard, redirect) = control.fleet_parts();
     guard.share();
-    let me = NodeInfo {
-        name: cfg.name.clone(),
-        ipv4: cfg.ipv4,
-        ipv6: cfg.ipv6,
-        allocations: control.allocations(),
-        draining: control.is_draining(),
-        redirect_above: cfg.redirect_above,
-        updated_ms: unix_ms(),
-    };
     let lease_ms = cfg.lease.as_millis() as u64;
     let held = quotas.held_here();
     let mut p = redis::pipe();
     p.atomic()
         .cmd("SET")
         .arg(node_key(&cfg.name))
-        .arg(serde_json::to_string(&me)?)
+        .arg(serde_json::to_string(me)?)
         .arg("PX")
         .arg(lease_ms)
         .ignore()
@@ -429,6 +573,20 @@ fn listen(cfg: &FleetConfig, control: &Control, changed: &mpsc::Sender<()>) -> R
                         .arg(30)
                         .query(&mut w)?;
                 }
+                Ok(FleetRequest::Drain { node, on }) if node == cfg.name => {
+                    if on {
+                        control.drain();
+                    } else {
+                        control.undrain();
+                    }
+                    info!(
+                        draining = on,
+                        allocations = control.allocations(),
+                        "fleet: drain {} on request",
+                        if on { "on" } else { "off" }
+                    );
+                }
+                Ok(FleetRequest::Drain { .. }) => {}
                 Ok(FleetRequest::DeleteUser { user }) => {
                     let name = user.clone();
                     let n = control.delete_sessions(Arc::new(move |s| *s.username == *name));
@@ -467,5 +625,49 @@ mod tests {
         assert_eq!(serde_json::from_str::<AuthFailure>(&encode(&f)).unwrap(), f);
         // What an older node published is ignored, not misread.
         assert!(serde_json::from_str::<FleetRequest>("delete-user\talice").is_err());
+        let d = FleetRequest::Drain {
+            node: "n2".into(),
+            on: false,
+        };
+        assert_eq!(encode(&d), r#"{"command":"drain","node":"n2","on":false}"#);
+    }
+
+    #[test]
+    fn an_entry_from_a_node_without_the_fleet_view_fields_still_reads() {
+        // What a node of the previous release writes, in a rolling upgrade.
+        let old = r#"{"name":"n1","ipv4":"192.0.2.1:3478","ipv6":null,"allocations":3,
+            "draining":false,"redirect_above":0,"updated_ms":1000}"#;
+        let n: NodeInfo = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (n.allocations, n.version.as_str(), n.load),
+            (3, "", Load::default())
+        );
+        assert!(n.problems.is_empty());
+    }
+
+    #[test]
+    fn load_is_per_second_over_the_heartbeat() {
+        let t0 = Instant::now();
+        let before = Meter {
+            at: t0,
+            packets: 100,
+            bytes: 10_000,
+            cpu_s: 1.0,
+        };
+        let after = Meter {
+            at: t0 + Duration::from_secs(2),
+            packets: 2100,
+            bytes: 210_000,
+            cpu_s: 1.5,
+        };
+        let l = after.load_since(&before);
+        assert_eq!((l.packets_per_s, l.bits_per_s), (1000, 800_000));
+        assert!((l.cpu_percent - 25.0).abs() < 1e-9, "{l:?}");
+        // Busy for a while, this process's CPU time grows past one tick.
+        let first = process_cpu_seconds().unwrap();
+        let spin = Instant::now();
+        while process_cpu_seconds().unwrap() <= first {
+            assert!(spin.elapsed() < Duration::from_secs(5), "CPU time never grew");
+        }
     }
 }

@@ -4,6 +4,7 @@
 //
 //   node drive.mjs BROWSER ice URL TOKEN SHOT.png
 //   node drive.mjs BROWSER dashboard URL TOKEN SHOT.png RELAYED
+//   node drive.mjs BROWSER fleet URL TOKEN SHOT.png NODE USER
 //   node drive.mjs BROWSER report FILE.html SHOT.png
 import puppeteer from 'puppeteer-core';
 
@@ -69,6 +70,44 @@ async function dashboard(page, [url, token, shot, relayed]) {
   return { seen: true, removed: true, ...shown, allocationsAfter: after };
 }
 
+// The fleet view: every node's row, a user's sessions found on every
+// node, NODE drained and undrained from its row (held drained for 2 s so
+// the test sees it from outside), then the user's sessions deleted
+// everywhere.
+async function fleet(page, [url, token, shot, node, user]) {
+  page.on('dialog', (d) => d.accept());
+  await page.goto(url);
+  await page.type('#token', token);
+  await page.click('#signin button');
+  await page.waitForFunction(() => document.querySelectorAll('#fleet-nodes tbody tr').length === 3, { timeout: 20000 });
+  // A row is written from a heartbeat: wait for one more poll so every
+  // node has beaten with its load.
+  const polls = await page.evaluate(() => Number(document.body.dataset.fleetUpdates));
+  await page.waitForFunction((n) => Number(document.body.dataset.fleetUpdates) >= n + 1, { timeout: 10000 }, polls);
+  const rows = () => [...document.querySelectorAll('#fleet-nodes tbody tr')].map((tr) => ({
+    node: tr.dataset.node, draining: tr.dataset.draining, health: tr.dataset.health,
+    cells: [...tr.querySelectorAll('td')].map((td) => td.textContent),
+  }));
+  const nodes = await page.evaluate(rows);
+  await page.type('#fleet-user', user);
+  await page.click('#fleet-search button[type="submit"]');
+  await page.waitForFunction((u) => document.getElementById('fleet-search-state').dataset.searched === u, { timeout: 10000 }, user);
+  const found = await page.evaluate(() => [...document.querySelectorAll('#fleet-sessions tbody tr')]
+    .map((tr) => ({ node: tr.dataset.node, relayed: tr.dataset.relayed })));
+  const searchText = await page.evaluate(() => document.getElementById('fleet-search-state').textContent);
+  const row = `#fleet-nodes tr[data-node="${node}"]`;
+  await page.click(`${row} button`);
+  await page.waitForSelector(`${row}[data-draining="true"]`, { timeout: 10000 });
+  const drainedState = await page.evaluate((r) => document.querySelector(r).textContent, row);
+  await page.screenshot({ path: shot, fullPage: true });
+  await new Promise((res) => setTimeout(res, 2000));
+  await page.click(`${row} button`);
+  await page.waitForSelector(`${row}[data-draining="false"]`, { timeout: 10000 });
+  await page.click('#fleet-delete');
+  await page.waitForFunction(() => document.querySelectorAll('#fleet-sessions tbody tr').length === 0, { timeout: 10000 });
+  return { nodes, found, searchText, drainedState, undrained: true, deleted: true };
+}
+
 async function report(page, [file, shot]) {
   await page.goto('file://' + file);
   const r = await page.evaluate(() => ({
@@ -92,7 +131,7 @@ try {
   page.on('console', (m) => logs.push(m.text()));
   page.on('pageerror', (e) => logs.push('page error: ' + e.message));
   try {
-    out = await { ice, dashboard, report }[what](page, args);
+    out = await { ice, dashboard, fleet, report }[what](page, args);
   } catch (e) {
     out = { error: e.message };
   }

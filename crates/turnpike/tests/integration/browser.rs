@@ -1,5 +1,7 @@
 //! The pages in real browsers: Debian's chromium and firefox-esr, driven
-//! by puppeteer-core (tests/browser/drive.mjs), against a real turnpike.
+//! by puppeteer-core (tests/browser/drive.mjs), against a real turnpike
+//! (and, for the fleet view, three nodes and a real redis-server on
+//! loopback, as in fleet.rs).
 //! The browser runs in a client network namespace and the server in a
 //! server namespace, joined by a veth pair, both made and removed here: a
 //! browser sees the server as a remote host, and the test can make TURN
@@ -166,22 +168,9 @@ impl Net {
 
     /// Runs drive.mjs in the client namespace; its JSON.
     fn drive(&self, browser: &str, args: &[&str]) -> serde_json::Value {
-        let out = self
-            .exec(&self.client)
-            .current_dir(driver_dir())
-            .arg("node")
-            .arg("drive.mjs")
-            .arg(browser)
-            .args(args)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().last().unwrap_or_default();
-        let v: serde_json::Value = serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("drive.mjs {browser} {args:?}: {e}: {text}"));
-        assert!(v.get("error").is_none(), "{browser}: {v:#}");
-        v
+        let mut c = self.exec(&self.client);
+        c.arg("node");
+        drive(c, browser, args)
     }
 
     fn nft(&self, rules: &str) {
@@ -199,6 +188,25 @@ impl Drop for Net {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }
+}
+
+/// Runs drive.mjs through `node` (a command ready to take its
+/// arguments); its JSON.
+fn drive(mut node: Command, browser: &str, args: &[&str]) -> serde_json::Value {
+    let out = node
+        .current_dir(driver_dir())
+        .arg("drive.mjs")
+        .arg(browser)
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    let v: serde_json::Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("drive.mjs {browser} {args:?}: {e}: {text}"));
+    assert!(v.get("error").is_none(), "{browser}: {v:#}");
+    v
 }
 
 fn transport<'a>(v: &'a serde_json::Value, t: &str) -> &'a serde_json::Value {
@@ -333,6 +341,111 @@ fn the_dashboard_shows_an_allocation_and_deletes_it_in_chromium_and_firefox() {
             refresh.is_err_and(|e| e.contains("437")),
             "the allocation is gone"
         );
+        assert!(shot.exists());
+    }
+}
+
+#[test]
+fn the_fleet_view_drains_a_node_and_finds_and_deletes_a_users_sessions_in_chromium_and_firefox() {
+    let _alone = common::exclusive();
+    if skip_unless_ready("fleet view") {
+        return;
+    }
+    use crate::fleet::{http, node, settled};
+    let redis = common::redis_server();
+    let web = ["--user", "gil:g1l-pw", "--web-ui"];
+    let nodes: Vec<_> = (1..=3).map(|n| node(n, redis.1, &web)).collect();
+    let [n1, n2, n3] = [&nodes[0], &nodes[1], &nodes[2]];
+    settled(&[n1, n2, n3], 3.0);
+    let url = format!("http://{}/dashboard", n1.admin);
+    let shots = artifacts();
+    for browser in ["chromium", "firefox"] {
+        // One call on node 2 and one on node 3, none on node 1.
+        let call = |server| {
+            let ch = Channel::connect(&ClientTransport::Udp, server, Duration::from_secs(2)).unwrap();
+            let mut c = TurnClient::new(ch, "gil", "g1l-pw");
+            let relayed = c.allocate().unwrap().relayed.to_string();
+            (c, relayed)
+        };
+        let ((mut on2, relayed2), (mut on3, relayed3)) = (call(n2.addr), call(n3.addr));
+        // Node 3's readiness as a load balancer sees it, while the page
+        // drains and undrains it.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let (stop, admin) = (stop.clone(), n3.admin);
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let s = http(admin, "GET", "/readyz").0;
+                    if seen.last() != Some(&s) {
+                        seen.push(s);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                seen
+            })
+        };
+        let shot = shots.join(format!("fleet-{browser}.png"));
+        let v = drive(
+            Command::new("node"),
+            browser,
+            &[
+                "fleet",
+                &url,
+                crate::fleet::TOKEN,
+                shot.to_str().unwrap(),
+                "node3",
+                "gil",
+            ],
+        );
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let readiness = watcher.join().unwrap();
+        assert_eq!(
+            readiness,
+            [200, 503, 200],
+            "node 3 drained from the page, then undrained: {v:#}"
+        );
+
+        let rows = v["nodes"].as_array().unwrap();
+        let names: Vec<&str> = rows.iter().map(|r| r["node"].as_str().unwrap()).collect();
+        assert_eq!(names, ["node1", "node2", "node3"], "{v:#}");
+        for r in rows {
+            assert_eq!(r["health"], "ok", "{v:#}");
+            assert_eq!(r["draining"], "false", "{v:#}");
+            let version = r["cells"][1].as_str().unwrap();
+            assert!(
+                version.starts_with(&format!("{}+", env!("CARGO_PKG_VERSION"))),
+                "{v:#}"
+            );
+        }
+        assert!(
+            rows[0]["cells"][0].as_str().unwrap().contains("this node"),
+            "{v:#}"
+        );
+        assert_eq!(rows[1]["cells"][4], "1", "node 2 holds one allocation: {v:#}");
+        assert!(v["drainedState"].as_str().unwrap().contains("draining"), "{v:#}");
+        let mut found: Vec<(String, String)> = v["found"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                (
+                    f["node"].as_str().unwrap().to_owned(),
+                    f["relayed"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        found.sort();
+        assert_eq!(
+            found,
+            [("node2".to_owned(), relayed2), ("node3".to_owned(), relayed3)],
+            "the search found both calls on their nodes: {v:#}"
+        );
+        // "Delete on every node" deleted them on the servers.
+        for c in [&mut on2, &mut on3] {
+            let r = c.refresh(600).map(|_| ()).map_err(|e| e.to_string());
+            assert!(r.is_err_and(|e| e.contains("437")), "the allocation is gone");
+        }
         assert!(shot.exists());
     }
 }

@@ -3,8 +3,10 @@
 //! credentials pushed to every node within a second, a user quota and a
 //! brute-force budget that hold across nodes, a node killed with SIGKILL
 //! giving its quota back after its lease, load-aware redirection with 300
-//! that turnpike's client follows, the fleet view of the admin API, and a
-//! Redis outage that calls survive.
+//! that turnpike's client follows, the fleet view of the admin API (every
+//! node's version, load and health; a node drained from another), and a
+//! Redis outage that calls survive. The same fleet in real browsers is in
+//! browser.rs.
 
 use crate::common;
 
@@ -17,15 +19,15 @@ use std::time::{Duration, Instant};
 use turnpike_client::client::{Channel, ClientError, ClientTransport, TurnClient};
 
 const REALM: &str = "fleet.example";
-const TOKEN: &str = "fleet-admin-token-0123456789";
+pub(crate) const TOKEN: &str = "fleet-admin-token-0123456789";
 /// A node writes its state once a second and reads the others' once a
 /// second: what one node does is seen by another within two beats.
 const PROPAGATION: Duration = Duration::from_millis(2300);
 
-struct Node {
+pub(crate) struct Node {
     child: Option<Child>,
-    addr: SocketAddr,
-    admin: SocketAddr,
+    pub(crate) addr: SocketAddr,
+    pub(crate) admin: SocketAddr,
     metrics: SocketAddr,
     logs: mpsc::Receiver<String>,
 }
@@ -49,7 +51,7 @@ impl Node {
     }
 }
 
-fn node(n: u8, redis_port: u16, extra: &[&str]) -> Node {
+pub(crate) fn node(n: u8, redis_port: u16, extra: &[&str]) -> Node {
     let ip = format!("127.0.0.{}", 10 + n);
     let (admin, metrics) = (common::free_port(), common::free_port());
     let mut child = Command::new(common::turnpike_bin())
@@ -110,7 +112,7 @@ fn node(n: u8, redis_port: u16, extra: &[&str]) -> Node {
     }
 }
 
-fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+pub(crate) fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     common::http_request(addr, method, path, Some(TOKEN)).unwrap()
 }
 
@@ -122,7 +124,7 @@ fn metric(node: &Node, name: &str) -> Option<f64> {
 }
 
 /// Waits until every node sees `want` live nodes (the registry settled).
-fn settled(nodes: &[&Node], want: f64) {
+pub(crate) fn settled(nodes: &[&Node], want: f64) {
     let end = Instant::now() + Duration::from_secs(10);
     while !nodes
         .iter()
@@ -166,11 +168,11 @@ fn allocate_from(server: SocketAddr, from: &str, user: &str, pw: &str) -> Result
     c.allocate().map(|_| c)
 }
 
-fn allocate(server: SocketAddr, user: &str, pw: &str) -> Result<TurnClient, ClientError> {
+pub(crate) fn allocate(server: SocketAddr, user: &str, pw: &str) -> Result<TurnClient, ClientError> {
     allocate_from(server, "127.0.0.1", user, pw)
 }
 
-fn code(r: &Result<TurnClient, ClientError>) -> Option<u16> {
+pub(crate) fn code(r: &Result<TurnClient, ClientError>) -> Option<u16> {
     match r {
         Err(ClientError::Error { code, .. }) => Some(*code),
         _ => None,
@@ -502,4 +504,106 @@ fn with_redis_stopped_calls_continue_new_allocations_use_cached_credentials_and_
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(metric(&n1, "turnpike_redis_up"), Some(1.0));
+}
+
+/// `/api/fleet` on node 1, parsed.
+fn fleet_view(n1: &Node) -> serde_json::Value {
+    let (status, body) = http(n1.admin, "GET", "/api/fleet");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn entry<'a>(view: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    view["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .unwrap_or_else(|| panic!("{name} is not in the fleet view: {view:#}"))
+}
+
+#[test]
+fn the_fleet_view_shows_each_nodes_version_load_and_health_and_one_node_drains_another() {
+    let redis = common::redis_server();
+    let user = ["--user", "fay:f4y-pw"];
+    let n1 = node(1, redis.1, &user);
+    let n2 = node(2, redis.1, &user);
+    let n3 = node(3, redis.1, &user);
+    settled(&[&n1, &n2, &n3], 3.0);
+
+    // Traffic through node 2: a client relaying to a peer on loopback.
+    let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    let mut c = allocate(n2.addr, "fay", "f4y-pw").unwrap();
+    c.create_permission(&[peer_addr]).unwrap();
+    let version = format!("{}+", env!("CARGO_PKG_VERSION"));
+    let end = Instant::now() + Duration::from_secs(8);
+    let loaded = loop {
+        for _ in 0..50 {
+            c.send_indication(peer_addr, &[7u8; 200]).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let view = fleet_view(&n1);
+        if entry(&view, "node2")["load"]["packets_per_s"].as_u64() > Some(100) {
+            break view;
+        }
+        assert!(Instant::now() < end, "node 2's load never showed: {view:#}");
+    };
+    assert_eq!(loaded["this_node"], "node1");
+    for name in ["node1", "node2", "node3"] {
+        let n = entry(&loaded, name);
+        assert!(
+            n["version"].as_str().unwrap().starts_with(&version),
+            "{name} runs {version} and its build id: {n:#}"
+        );
+        assert_eq!(n["problems"], serde_json::json!([]), "{name} is healthy: {n:#}");
+        assert_eq!(n["draining"], false);
+        assert!(n["age_ms"].as_u64().unwrap() < 3500, "{n:#}");
+        assert!(n["started_ms"].as_u64().unwrap() > 1_600_000_000_000, "{n:#}");
+    }
+    let l2 = &entry(&loaded, "node2")["load"];
+    // 200-byte payloads: 1600 bits a packet.
+    let bits_per_packet = l2["bits_per_s"].as_f64().unwrap() / l2["packets_per_s"].as_f64().unwrap();
+    assert!((1550.0..1650.0).contains(&bits_per_packet), "{l2}");
+    assert_eq!(entry(&loaded, "node2")["allocations"], 1);
+    assert_eq!(entry(&loaded, "node3")["load"]["packets_per_s"], 0);
+
+    // Node 1 drains node 3: node 3 answers so itself (readyz, 300/508).
+    let (status, body) = http(n1.admin, "POST", "/api/fleet/nodes/node3/drain");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["draining"].as_bool(), v["confirmed"].as_bool()),
+        (Some(true), Some(true)),
+        "{v}"
+    );
+    assert_eq!(http(n3.admin, "GET", "/readyz").0, 503);
+    assert_eq!(entry(&fleet_view(&n1), "node3")["draining"], true);
+    let refused = allocate(n3.addr, "fay", "f4y-pw");
+    assert!(matches!(code(&refused), Some(300 | 508)), "{:?}", refused.err());
+    assert_eq!(http(n2.admin, "GET", "/readyz").0, 200, "only node 3 drains");
+    // And undrains it.
+    let (status, body) = http(n1.admin, "DELETE", "/api/fleet/nodes/node3/drain");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""confirmed":true"#), "{body}");
+    assert_eq!(http(n3.admin, "GET", "/readyz").0, 200);
+    allocate(n3.addr, "fay", "f4y-pw").expect("node 3 takes clients again");
+
+    // Its own name drains node 1 itself, at once.
+    let (status, _) = http(n1.admin, "POST", "/api/fleet/nodes/node1/drain");
+    assert_eq!(status, 200);
+    assert_eq!(http(n1.admin, "GET", "/readyz").0, 503);
+    assert_eq!(http(n1.admin, "DELETE", "/api/fleet/nodes/node1/drain").0, 200);
+    assert_eq!(http(n1.admin, "GET", "/readyz").0, 200);
+
+    // A name no live node has is a 404, and nothing drains; no token, 401.
+    let (status, body) = http(n1.admin, "POST", "/api/fleet/nodes/node9/drain");
+    assert_eq!(status, 404, "{body}");
+    let (status, _) = common::http_request(n1.admin, "POST", "/api/fleet/nodes/node3/drain", None).unwrap();
+    assert_eq!(status, 401);
+    std::thread::sleep(PROPAGATION);
+    let view = fleet_view(&n1);
+    for name in ["node1", "node2", "node3"] {
+        assert_eq!(entry(&view, name)["draining"], false, "{view:#}");
+    }
 }

@@ -1,6 +1,9 @@
 // The live dashboard: reads /api/stats/stream (server-sent events, read
 // with fetch so the admin token goes in a header, never in a URL) and
-// drives drain and session deletion through the admin API.
+// drives drain and session deletion through the admin API. In a fleet
+// (--redis-url) it also polls /api/fleet every 2 s for every node's
+// version, health, load and drain state, drains or undrains any of them,
+// and searches a user's sessions on every node.
 'use strict';
 
 const $ = (id) => document.getElementById(id);
@@ -119,6 +122,104 @@ function render(s) {
   $('live').textContent = 'updated ' + new Date().toLocaleTimeString();
 }
 
+function duration(s) {
+  if (s < 120) return Math.round(s) + ' s';
+  if (s < 7200) return Math.round(s / 60) + ' min';
+  if (s < 172800) return Math.round(s / 3600) + ' h';
+  return Math.round(s / 86400) + ' d';
+}
+
+let fleetTimer = null;
+
+function renderFleet(f) {
+  const now = Date.now();
+  $('fleet-count').textContent = '(' + f.nodes.length + (f.nodes.length === 1 ? ' node)' : ' nodes)');
+  fill('fleet-nodes', f.nodes.map((n) => {
+    const tr = document.createElement('tr');
+    tr.dataset.node = n.name;
+    tr.dataset.draining = String(n.draining);
+    const health = (n.problems || []).length ? n.problems.join('; ') : 'ok';
+    tr.dataset.health = health;
+    const name = cell(n.name + (n.name === f.this_node ? ' (this node)' : ''));
+    name.title = [n.ipv4, n.ipv6].filter(Boolean).join(', ');
+    const button = document.createElement('button');
+    button.textContent = n.draining ? 'Undrain' : 'Drain';
+    button.className = n.draining ? '' : 'danger';
+    button.addEventListener('click', () => drainNode(n.name, !n.draining, button));
+    const td = document.createElement('td');
+    td.appendChild(button);
+    const l = n.load || { packets_per_s: 0, bits_per_s: 0, cpu_percent: 0 };
+    tr.append(name, cell(n.version || 'unknown'), cell(health, health === 'ok' ? 'ok' : 'bad'),
+      cell(n.draining ? 'draining' : 'serving', n.draining ? 'warn' : 'ok'), cell(String(n.allocations), 'num'),
+      cell(String(l.packets_per_s), 'num'), cell(bits(l.bits_per_s), 'num'), cell(l.cpu_percent.toFixed(1) + ' %', 'num'),
+      cell(n.started_ms ? duration((now - n.started_ms) / 1000) : '', 'num'), td);
+    return tr;
+  }));
+  document.body.dataset.fleetUpdates = String(Number(document.body.dataset.fleetUpdates || 0) + 1);
+}
+
+async function pollFleet() {
+  try {
+    const r = await api('GET', 'api/fleet');
+    if (r.status === 404) { $('fleet').hidden = true; return; }
+    if (r.ok) {
+      $('fleet').hidden = false;
+      renderFleet(await r.json());
+    } else {
+      $('fleet-count').textContent = '(redis: HTTP ' + r.status + ')';
+    }
+  } catch (e) {
+    $('fleet-count').textContent = '(' + e.message + ')';
+  }
+}
+
+async function drainNode(name, on, button) {
+  if (on && !confirm('Drain ' + name + '? New allocations go elsewhere (300) or are refused; calls in progress go on.')) return;
+  button.disabled = true;
+  const r = await api(on ? 'POST' : 'DELETE', 'api/fleet/nodes/' + encodeURIComponent(name) + '/drain');
+  if (!r.ok) alert((on ? 'drain' : 'undrain') + ' of ' + name + ' failed: HTTP ' + r.status);
+  await pollFleet();
+}
+
+async function searchFleet(e) {
+  if (e) e.preventDefault();
+  const user = $('fleet-user').value.trim();
+  if (!user) return;
+  $('fleet-search-state').textContent = 'asking every node…';
+  const r = await api('GET', 'api/fleet/users/' + encodeURIComponent(user) + '/sessions');
+  if (!r.ok) { $('fleet-search-state').textContent = 'search failed: HTTP ' + r.status; return; }
+  const v = await r.json();
+  const rows = [];
+  for (const n of v.nodes) {
+    for (const x of n.sessions) {
+      const tr = document.createElement('tr');
+      tr.dataset.node = n.name;
+      tr.dataset.relayed = x.relayed;
+      tr.append(cell(n.name), cell(x.client), cell(x.transport), cell(x.relayed), cell(x.age_s + ' s', 'num'),
+        cell(bytes(x.to_peer.bytes), 'num'), cell(bytes(x.from_peer.bytes), 'num'));
+      rows.push(tr);
+    }
+  }
+  fill('fleet-sessions', rows);
+  $('fleet-sessions').hidden = false;
+  $('fleet-delete').hidden = rows.length === 0;
+  $('fleet-delete').dataset.user = user;
+  const silent = v.not_answering.length ? '; not answering: ' + v.not_answering.join(', ') : '';
+  $('fleet-search-state').textContent = rows.length + ' session' + (rows.length === 1 ? '' : 's') + ' of ' + user +
+    ' on ' + v.nodes.filter((n) => n.sessions.length).length + ' node(s)' + silent;
+  $('fleet-search-state').dataset.searched = user;
+}
+
+async function deleteEverywhere() {
+  const user = $('fleet-delete').dataset.user;
+  if (!confirm('Delete every session of ' + user + ' on every node? Their calls lose the relay.')) return;
+  const r = await api('DELETE', 'api/fleet/users/' + encodeURIComponent(user) + '/sessions');
+  if (!r.ok) { alert('delete failed: HTTP ' + r.status); return; }
+  // The nodes delete as they hear it: look again once they have.
+  await new Promise((res) => setTimeout(res, 500));
+  await searchFleet();
+}
+
 async function deleteSession(relayed, button) {
   if (!confirm('Delete the allocation relayed at ' + relayed + '? Its call loses the relay.')) return;
   button.disabled = true;
@@ -141,6 +242,7 @@ async function stream() {
   if (!r.ok) throw new Error('HTTP ' + r.status + (r.status === 404 ? ': start the server with --web-ui' : ''));
   $('signin').hidden = true;
   $('board').hidden = false;
+  if (!fleetTimer) { pollFleet(); fleetTimer = setInterval(pollFleet, 2000); }
   const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
   let buf = '';
   for (;;) {
@@ -182,4 +284,6 @@ $('signin').addEventListener('submit', (e) => {
   connect();
 });
 $('drain').addEventListener('click', toggleDrain);
+$('fleet-search').addEventListener('submit', searchFleet);
+$('fleet-delete').addEventListener('click', deleteEverywhere);
 if (token) { $('token').value = token; connect(); }
