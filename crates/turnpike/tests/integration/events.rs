@@ -14,18 +14,18 @@ use common::*;
 use serde_json::Value;
 use turnpike_client::client::{ClientTransport, Received};
 
-const SECRET: &str = "a-webhook-secret-of-32-bytes-xyz";
+pub(crate) const SECRET: &str = "a-webhook-secret-of-32-bytes-xyz";
 
 /// A webhook receiver: every event it was POSTed, in arrival order, after
 /// checking the body's HMAC-SHA256 signature.
-struct Receiver {
-    addr: SocketAddr,
+pub(crate) struct Receiver {
+    pub(crate) addr: SocketAddr,
     events: Arc<Mutex<Vec<Value>>>,
     requests: Arc<Mutex<Vec<String>>>,
 }
 
 impl Receiver {
-    fn start(at: Option<SocketAddr>) -> Receiver {
+    pub(crate) fn start(at: Option<SocketAddr>) -> Receiver {
         let l = TcpListener::bind(at.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap())).unwrap();
         let addr = l.local_addr().unwrap();
         let events: Arc<Mutex<Vec<Value>>> = Arc::default();
@@ -75,7 +75,7 @@ impl Receiver {
         }
     }
 
-    fn of_type(&self, t: &str) -> Vec<Value> {
+    pub(crate) fn of_type(&self, t: &str) -> Vec<Value> {
         self.events
             .lock()
             .unwrap()
@@ -85,7 +85,7 @@ impl Receiver {
             .collect()
     }
 
-    fn wait_for(&self, t: &str, n: usize, within: Duration) -> Vec<Value> {
+    pub(crate) fn wait_for(&self, t: &str, n: usize, within: Duration) -> Vec<Value> {
         let end = Instant::now() + within;
         while self.of_type(t).len() < n && Instant::now() < end {
             std::thread::sleep(Duration::from_millis(100));
@@ -105,7 +105,7 @@ fn hmac_hex(key: &[u8], body: &[u8]) -> String {
         .collect()
 }
 
-fn secret_file(tag: &str) -> std::path::PathBuf {
+pub(crate) fn secret_file(tag: &str) -> std::path::PathBuf {
     let p = std::env::temp_dir().join(format!("turnpike-events-{tag}-{}", std::process::id()));
     std::fs::write(&p, format!("{SECRET}\n")).unwrap();
     p

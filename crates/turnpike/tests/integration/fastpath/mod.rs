@@ -19,6 +19,7 @@ use common::in_ns;
 use turnpike_client::client::{Channel, ClientTransport, RelayFamily, TurnClient};
 
 mod entries;
+mod events;
 mod upgrade;
 
 pub(super) fn bin() -> &'static str {
