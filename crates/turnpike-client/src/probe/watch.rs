@@ -56,6 +56,12 @@ pub struct WatchArgs {
     /// host uses toward the relayed address).
     #[arg(long, value_name = "IP")]
     pub peer_ip: Option<std::net::IpAddr>,
+    /// Relay to a second allocation on the same server instead of a peer
+    /// on this host: the relay check then works where the server cannot
+    /// reach the watcher (behind NAT, in a pod), as two relayed WebRTC
+    /// candidates talk.
+    #[arg(long, conflicts_with = "peer_ip")]
+    pub peer_via_relay: bool,
     /// Per-request timeout in milliseconds.
     #[arg(long, default_value_t = 2000)]
     pub timeout_ms: u64,
@@ -264,7 +270,20 @@ fn check_target(a: &WatchArgs, creds: &Credentials, target: &str) -> TargetResul
         }
     };
     r.allocate_s = Some(t.elapsed().as_secs_f64());
-    match relay_rtt(&mut c, alloc.relayed, a.peer_ip, timeout) {
+    let rtt = if a.peer_via_relay {
+        Channel::connect(&transport, addr, timeout)
+            .map_err(anyhow::Error::from)
+            .and_then(|ch| {
+                let mut other = TurnClient::new(ch, &user, &password);
+                other.set_timeout(timeout);
+                let r = relay_rtt_between(&mut c, alloc.relayed, &mut other, timeout);
+                let _ = other.refresh(0);
+                r
+            })
+    } else {
+        relay_rtt(&mut c, alloc.relayed, a.peer_ip, timeout)
+    };
+    match rtt {
         Ok(s) => r.relay_rtt_s = Some(s),
         Err(e) => r.errors.push(format!("relay: {e}")),
     }
@@ -321,6 +340,38 @@ fn raw_exchange(
             Some(_) => continue,
             None => bail!("no answer within {} ms", timeout.as_millis()),
         }
+    }
+}
+
+/// A Send indication to a second allocation's relayed address, and its
+/// answer back the same way: both legs through the server.
+fn relay_rtt_between(
+    c: &mut TurnClient,
+    relayed: SocketAddr,
+    other: &mut TurnClient,
+    timeout: Duration,
+) -> Result<f64> {
+    let theirs = other
+        .allocate()
+        .map_err(|e| anyhow::anyhow!("the peer allocation: {e}"))?
+        .relayed;
+    c.create_permission(&[theirs])
+        .map_err(|e| anyhow::anyhow!("permission for the peer allocation {theirs}: {e}"))?;
+    other
+        .create_permission(&[relayed])
+        .map_err(|e| anyhow::anyhow!("permission back to {relayed}: {e}"))?;
+    let start = Instant::now();
+    c.send_indication(theirs, b"turnpike watch")?;
+    match other.recv(timeout) {
+        Ok(Received::Data { data, .. }) if data == b"turnpike watch" => {}
+        Ok(other) => bail!("unexpected {other:?} at the peer allocation"),
+        Err(e) => bail!("the peer allocation got nothing: {e}"),
+    }
+    other.send_indication(relayed, b"turnpike watch")?;
+    match c.recv(timeout) {
+        Ok(Received::Data { data, .. }) if data == b"turnpike watch" => Ok(start.elapsed().as_secs_f64()),
+        Ok(other) => bail!("unexpected {other:?}"),
+        Err(e) => bail!("no Data indication back: {e}"),
     }
 }
 

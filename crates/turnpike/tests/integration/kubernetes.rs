@@ -6,7 +6,8 @@
 //! rendered — its arguments, its ConfigMap, its Secrets' file names, its
 //! probes and scrape annotation — is started with the real binary, which
 //! must accept the configuration and answer the probes where the
-//! manifests look. Each tool missing is skipped with a message; `.ci/run`
+//! manifests look; the watcher's pod (`watch/`) the same, against a real
+//! turnpike. Each tool missing is skipped with a message; `.ci/run`
 //! installs them all.
 
 use std::io::{BufRead, BufReader};
@@ -88,6 +89,7 @@ fn the_manifests_render_validate_and_pass_checkov() {
         render("base", "check"),
         render("redis", "check"),
         render("metrics-on-node", "check"),
+        render("watch", "check"),
     ];
     let text = std::fs::read_to_string(&rendered[1]).unwrap();
     assert!(text.contains("--redis-url-file=/run/secrets/turnpike/redis-url"));
@@ -105,8 +107,9 @@ fn the_manifests_render_validate_and_pass_checkov() {
             .unwrap();
         let log = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{log}");
-        // Every object was checked: base 5, Redis overlay 10, metrics 5.
-        assert_eq!(log.matches(" passed for resource ").count(), 20, "{log}");
+        // Every object was checked: base 5, Redis overlay 10, metrics 5,
+        // watch 4.
+        assert_eq!(log.matches(" passed for resource ").count(), 24, "{log}");
     }
 
     if have("checkov", &["--version"]) {
@@ -503,7 +506,7 @@ fn every_pod_is_admitted_by_its_namespaces_pod_security_level() {
         pod_security_violations(&bad, "baseline")
     );
     let mut checked = 0;
-    for overlay in ["base", "redis", "metrics-on-node"] {
+    for overlay in ["base", "redis", "metrics-on-node", "watch"] {
         let rendered = render(overlay, "psa");
         let Some(objs) = objects(&rendered) else {
             return;
@@ -544,7 +547,10 @@ fn every_pod_is_admitted_by_its_namespaces_pod_security_level() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 4, "the DaemonSet three times and Redis once");
+    assert_eq!(
+        checked, 5,
+        "the DaemonSet three times, Redis and the watcher once"
+    );
 }
 
 /// The Redis overlay as rendered, with a real redis-server: Redis started
@@ -688,4 +694,118 @@ fn the_redis_overlay_requires_a_password_that_turnpike_reads_from_a_file() {
     drop(proc_);
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The watcher's Deployment as rendered, run with the real binary: its
+/// arguments (targets pointed at a real turnpike on loopback), its
+/// Secret's file name, its probe port and path, and its scrape
+/// annotation; the relay check passes through a second allocation
+/// (`--peer-via-relay`), as it must from behind a cluster's NAT.
+#[test]
+fn the_watch_pod_as_rendered_checks_a_real_server_and_answers_its_probes() {
+    if !have("kubectl", &["kustomize", "--help"]) {
+        return;
+    }
+    let rendered = render("watch", "pod");
+    let Some(objs) = objects(&rendered) else {
+        return;
+    };
+    let _ = std::fs::remove_file(&rendered);
+    let d = objs
+        .iter()
+        .find(|o| o["kind"] == "Deployment")
+        .expect("a Deployment");
+    let pod = &d["spec"]["template"];
+    let c = &pod["spec"]["containers"][0];
+    let args: Vec<String> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(args[0], "watch");
+    assert!(args.contains(&"--peer-via-relay".to_owned()), "{args:?}");
+    let port = port_named(c, c["readinessProbe"]["httpGet"]["port"].as_str().unwrap());
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/metrics");
+    assert_eq!(
+        pod["metadata"]["annotations"]["prometheus.io/port"],
+        port.to_string(),
+        "the scrape annotation names the metrics port"
+    );
+    assert!(args.contains(&format!("--listen=0.0.0.0:{port}")), "{args:?}");
+    let secret = pod["spec"]["volumes"][0]["secret"]["secretName"]
+        .as_str()
+        .unwrap();
+    assert_eq!(secret, "turnpike-watch");
+    let mount = c["volumeMounts"][0]["mountPath"].as_str().unwrap().to_owned();
+
+    // A real turnpike with the watch user; relayed addresses on loopback,
+    // so it allows 127.0.0.1 (the internal-range check says so, below).
+    let server = turnpike::runtime::start(
+        &common::settings(&["--user", "watch:a-watch-password", "--allow-peer", "127.0.0.1/32"]).unwrap(),
+    )
+    .unwrap();
+    let (p, t) = (server.listen[0].port(), server.tls_listen[0].port());
+    let root = std::env::temp_dir().join(format!("turnpike-k8s-watch-{}", std::process::id()));
+    let dir = root.join(mount.trim_start_matches('/'));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("password"), "a-watch-password\n").unwrap();
+    let metrics = common::free_port();
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| {
+            a.replace(&mount, dir.to_str().unwrap())
+                .replace(&format!("0.0.0.0:{port}"), &format!("127.0.0.1:{metrics}"))
+                .replace("turn.example.org:3478", &format!("127.0.0.1:{p}"))
+                .replace(
+                    "turn.example.org:5349?transport=dtls",
+                    &format!("127.0.0.1:{}?transport=dtls", server.dtls_listen[0].port()),
+                )
+                .replace("turn.example.org:5349", &format!("127.0.0.1:{t}"))
+                .replace("--interval=30", "--interval=1")
+        })
+        .collect();
+    assert!(!args.iter().any(|a| a.contains("example.org")), "{args:?}");
+    let _watch = common::Proc(
+        Command::new(common::turnpike_bin())
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{metrics}").parse().unwrap();
+    let end = Instant::now() + Duration::from_secs(15);
+    let body = loop {
+        if let Some((200, body)) = http_status(addr, "/metrics") {
+            if body.matches("turnpike_watch_relay_rtt_seconds{").count() == 4 {
+                break body;
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "no relay round trip for all four targets with {args:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for transport in ["udp", "tcp", "tls", "dtls"] {
+        assert!(
+            body.lines().any(|l| l.starts_with("turnpike_watch_up{")
+                && l.contains(&format!("transport=\"{transport}\""))
+                && l.ends_with(" 1")),
+            "{transport} up:\n{body}"
+        );
+    }
+    assert!(body.contains("turnpike_watch_certificate_days_left{"), "{body}");
+    for l in body.lines().filter(|l| l.starts_with("turnpike_watch_drift{")) {
+        let expected = if l.contains("check=\"internal_peer\"") {
+            " 1"
+        } else {
+            " 0"
+        };
+        assert!(l.ends_with(expected), "{l}");
+    }
+    drop(_watch);
+    server.shutdown();
+    let _ = std::fs::remove_dir_all(&root);
 }

@@ -95,7 +95,7 @@ fn promtool_checks_and_unit_tests_the_rules() {
 
 /// `turnpike_…` names in `text`, leaving out recording rules'
 /// (`instance:turnpike_…:rate1m`).
-fn metric_names(text: &str) -> BTreeSet<String> {
+pub(crate) fn metric_names(text: &str) -> BTreeSet<String> {
     let b = text.as_bytes();
     let mut names = BTreeSet::new();
     let mut i = 0;

@@ -21,11 +21,17 @@ fn password_file() -> std::path::PathBuf {
 
 /// `turnpike watch --once` on `targets`: its exit status and results.
 fn watch_once(targets: &[String]) -> (bool, Vec<Value>) {
+    watch_once_with(&["--peer-ip", "127.0.0.2"], targets)
+}
+
+/// The same with `peer` saying where the relay check's peer is.
+fn watch_once_with(peer: &[&str], targets: &[String]) -> (bool, Vec<Value>) {
     let pw = password_file();
     let mut cmd = Command::new(turnpike_bin());
     cmd.args(["watch", "--once", "--user", USER, "--password-file"])
         .arg(&pw)
-        .args(["--peer-ip", "127.0.0.2", "--timeout-ms", "1500"]);
+        .args(peer)
+        .args(["--timeout-ms", "1500"]);
     for t in targets {
         cmd.args(["--target", t]);
     }
@@ -119,6 +125,29 @@ fn green_on_safe_turnpike_and_coturn_and_every_drift_fires_where_configured() {
         .is_some_and(|d| d > 0.0));
     h.shutdown();
 
+    // A watcher the server cannot reach (behind NAT, in a pod) relays to
+    // a second allocation of its own. Relayed addresses are on loopback
+    // here, so the server must allow 127.0.0.1, and the internal-range
+    // check rightly says so; nothing else drifts.
+    let h = turnpike(&["--allow-peer", "127.0.0.1/32"]);
+    let p = h.listen[0].port();
+    let targets = vec![
+        format!("turn:127.0.0.1:{p}"),
+        format!("turn:127.0.0.1:{p}?transport=tcp"),
+    ];
+    let (_, results) = watch_once_with(&["--peer-via-relay"], &targets);
+    for r in &results {
+        assert!(
+            r["relay_rtt_s"].as_f64().is_some(),
+            "relayed through a peer allocation: {r}"
+        );
+        assert!(drift(r, "internal_peer"), "{r}");
+        for check in ["open_relay", "software", "challenge_ratio"] {
+            assert!(!drift(r, check), "{check}: {r}");
+        }
+    }
+    h.shutdown();
+
     // turnpike configured unsafely: loopback peers, SOFTWARE, a long realm.
     let h = turnpike(&[
         "--allow-loopback-peers",
@@ -171,13 +200,15 @@ fn the_watchers_metrics_fire_the_committed_drift_alert_in_promtool() {
     let pw = password_file();
     let listen = free_port();
     let target = format!("turn:127.0.0.1:{}", h.listen[0].port());
+    // Over TLS too, so the certificate's days left are exported.
+    let tls_target = format!("turns:127.0.0.1:{}", h.tls_listen[0].port());
     let _w = Proc(
         Command::new(turnpike_bin())
             .args(["watch", "--user", USER, "--password-file"])
             .arg(&pw)
             .args(["--peer-ip", "127.0.0.2", "--interval", "1", "--listen"])
             .arg(format!("127.0.0.1:{listen}"))
-            .args(["--target", &target])
+            .args(["--target", &target, "--target", &tls_target])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -189,12 +220,30 @@ fn the_watchers_metrics_fire_the_committed_drift_alert_in_promtool() {
         let body = http_request(addr, "GET", "/metrics", None)
             .map(|(_, b)| b)
             .unwrap_or_default();
-        if body.contains("turnpike_watch_drift") || std::time::Instant::now() > end {
+        if body.contains("turnpike_watch_certificate_days_left{") || std::time::Instant::now() > end {
             break body;
         }
         std::thread::sleep(Duration::from_millis(200));
     };
     h.shutdown();
+    // Every metric the committed rules and Grafana dashboard name is one
+    // the watcher exports with samples (a rename would blank a panel or
+    // silence an alert).
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/prometheus");
+    for file in ["watch-rules.yml", "watch-dashboard.json"] {
+        let text = std::fs::read_to_string(deploy.join(file)).unwrap();
+        let used = crate::prometheus::metric_names(&text);
+        assert!(used.len() >= 4, "{file}: {used:?}");
+        for name in used {
+            assert!(
+                body.lines().any(|l| l.starts_with(&format!("{name}{{"))),
+                "{file} uses {name}, which the watcher does not export:\n{body}"
+            );
+        }
+    }
+    let dash: Value =
+        serde_json::from_str(&std::fs::read_to_string(deploy.join("watch-dashboard.json")).unwrap()).unwrap();
+    assert!(dash["panels"].as_array().is_some_and(|p| p.len() >= 8));
     // Each series the watcher exported, held for ten minutes, against the
     // committed rules: the drift alert fires for exactly the drifting checks.
     let mut series = String::new();
