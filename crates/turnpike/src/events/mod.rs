@@ -119,11 +119,31 @@ pub fn counts() -> Vec<(&'static str, [u64; 3])> {
     by
 }
 
+/// What an allocation's records repeat, handed to a binary upgrade's new
+/// process with the allocation, so its interim and end records there
+/// carry the id, start and user of its start record here.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MovedRecord {
+    /// Its relayed address (as given to the client): how the new process
+    /// finds the allocation it restored.
+    pub relayed: std::net::SocketAddr,
+    pub id: String,
+    pub started_ms: u64,
+    /// As shown (after `--redact`).
+    pub user: String,
+    pub client: String,
+    pub peers: usize,
+}
+
 /// A worker's handle: offers records to every sink's queue.
 #[derive(Clone)]
 pub struct Emitter {
     pub(crate) queues: Vec<(SyncSender<Arc<str>>, Arc<SinkCounts>)>,
     node: Arc<str>,
+    /// What every id this process makes starts with: the node and this
+    /// process's start (Unix ms, hex), so that ids stay unique across
+    /// restarts and binary upgrades, where the counters start again.
+    prefix: Arc<str>,
     realm: Arc<str>,
     seq: Arc<AtomicU64>,
 }
@@ -132,21 +152,24 @@ impl Emitter {
     pub(crate) fn new(
         queues: Vec<(SyncSender<Arc<str>>, Arc<SinkCounts>)>,
         node: &str,
+        prefix: &str,
         realm: &str,
     ) -> Emitter {
         Emitter {
             queues,
             node: node.into(),
+            prefix: prefix.into(),
             realm: realm.into(),
             seq: Arc::default(),
         }
     }
 
-    /// A new allocation id, unique in this node's life.
+    /// A new allocation id, unique to this node across its restarts
+    /// (an allocation handed over at a binary upgrade keeps its own).
     pub fn allocation_id(&self, worker: usize) -> String {
         format!(
             "{}-{worker}-{}",
-            self.node,
+            self.prefix,
             self.seq.fetch_add(1, Ordering::Relaxed)
         )
     }
@@ -156,7 +179,7 @@ impl Emitter {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         if let Value::Object(m) = &mut record {
             m.insert("type".into(), kind.into());
-            m.insert("id".into(), format!("{}-e{n}", self.node).into());
+            m.insert("id".into(), format!("{}-e{n}", self.prefix).into());
             m.insert("time_ms".into(), unix_ms().into());
             m.insert("node".into(), self.node.as_ref().into());
             m.insert("realm".into(), self.realm.as_ref().into());

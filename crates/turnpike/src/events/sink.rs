@@ -41,6 +41,10 @@ impl Sinks {
         if cfg.sinks.is_empty() {
             return Ok(None);
         }
+        // Ids (records, allocations, deliveries) start with this: a
+        // receiver that deduplicates by them must never see one again
+        // from a restarted or upgraded process.
+        let prefix = format!("{node}-{:x}", super::unix_ms());
         let mut queues = Vec::new();
         let mut threads = Vec::new();
         let closing: Arc<std::sync::atomic::AtomicBool> = Arc::default();
@@ -52,22 +56,22 @@ impl Sinks {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push((s.name(), counts.clone()));
-            let (c, flush, name, node, closing) = (
+            let (c, flush, name, prefix, closing) = (
                 counts.clone(),
                 cfg.flush,
                 s.name(),
-                node.to_string(),
+                prefix.clone(),
                 closing.clone(),
             );
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("turnpike-events-{name}"))
-                    .spawn(move || run(&mut deliver, rx, &c, (flush, &closing), name, &node))?,
+                    .spawn(move || run(&mut deliver, rx, &c, (flush, &closing), name, &prefix))?,
             );
             queues.push((tx, counts));
         }
         Ok(Some(Sinks {
-            emitter: Emitter::new(queues, node, realm),
+            emitter: Emitter::new(queues, node, &prefix, realm),
             threads,
             closing,
         }))
@@ -100,7 +104,7 @@ fn run(
     counts: &SinkCounts,
     (flush, closing): (Duration, &std::sync::atomic::AtomicBool),
     name: &str,
-    node: &str,
+    prefix: &str,
 ) {
     let mut batch: Vec<Arc<str>> = Vec::new();
     let mut batch_no = 0u64;
@@ -123,7 +127,7 @@ fn run(
             }
             batch_no += 1;
         }
-        let delivery = format!("{node}-{name}-b{batch_no}");
+        let delivery = format!("{prefix}-{name}-b{batch_no}");
         match deliver.send(&batch, &delivery) {
             Ok(()) => {
                 counts.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);

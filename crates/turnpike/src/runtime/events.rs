@@ -19,6 +19,8 @@ struct Live {
     user: String,
     client: String,
     peers: usize,
+    /// As given to the client (the first of a dual allocation).
+    relayed: std::net::SocketAddr,
 }
 
 /// A worker's events state.
@@ -72,6 +74,7 @@ impl Worker {
                     user: r.show(username),
                     client: r.show(&tuple.client),
                     peers: 0,
+                    relayed: *relayed,
                 };
                 let relayed: Vec<_> = std::iter::once(*relayed).chain(*additional).collect();
                 plane.emitter.emit(
@@ -107,13 +110,16 @@ impl Worker {
                         + fast.map_or(0, |c| c.from_peer_bytes)
                         + tcp_from,
                 };
-                // One taken over at a binary upgrade has no start record here.
+                // One taken over at a binary upgrade from a process that
+                // did not hand its record state over (older, or events
+                // off there) has no start record here.
                 let live = plane.live.remove(tuple).unwrap_or_else(|| Live {
                     id: plane.emitter.allocation_id(self.id),
                     started_ms: crate::events::unix_ms().saturating_sub(age.as_millis() as u64),
                     user: r.show(username),
                     client: r.show(&tuple.client),
                     peers: 0,
+                    relayed: *relayed,
                 });
                 let mut v = json!({
                     "allocation": live.id,
@@ -156,6 +162,56 @@ impl Worker {
                 }),
             ),
             _ => {}
+        }
+    }
+
+    /// Old side of a binary upgrade: what each allocation's records
+    /// repeat, for the new process.
+    pub(super) fn records_to_hand_over(&self) -> Vec<crate::events::MovedRecord> {
+        let Some(plane) = self.events.as_ref() else {
+            return Vec::new();
+        };
+        plane
+            .live
+            .values()
+            .map(|l| crate::events::MovedRecord {
+                relayed: l.relayed,
+                id: l.id.clone(),
+                started_ms: l.started_ms,
+                user: l.user.clone(),
+                client: l.client.clone(),
+                peers: l.peers,
+            })
+            .collect()
+    }
+
+    /// New side, after the allocations are restored: each one's record
+    /// state, found by its relayed address, so its interim and end
+    /// records continue those of the old process.
+    pub(super) fn adopt_records(&mut self, now: Instant, moved: Vec<crate::events::MovedRecord>) {
+        if moved.is_empty() {
+            return;
+        }
+        let sessions = self.core.sessions(now);
+        let Some(plane) = self.events.as_mut() else {
+            return;
+        };
+        let mut by_relayed: HashMap<std::net::SocketAddr, crate::events::MovedRecord> =
+            moved.into_iter().map(|m| (m.relayed, m)).collect();
+        for s in sessions {
+            if let Some(m) = by_relayed.remove(&s.relayed) {
+                plane.live.insert(
+                    s.tuple,
+                    Live {
+                        id: m.id,
+                        started_ms: m.started_ms,
+                        user: m.user,
+                        client: m.client,
+                        peers: m.peers,
+                        relayed: m.relayed,
+                    },
+                );
+            }
         }
     }
 

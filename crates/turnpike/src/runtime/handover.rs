@@ -53,6 +53,8 @@ pub(super) struct TakenOver {
     pub(super) tcp_closed_bytes: [u64; 2],
     /// The old process's listener ids, by address.
     pub(super) old_listeners: Vec<(u32, SocketAddr)>,
+    /// Session events' state of the moved allocations.
+    pub(super) records: Vec<crate::events::MovedRecord>,
 }
 
 impl Worker {
@@ -99,6 +101,7 @@ impl Worker {
                 .allocation_count()
                 .saturating_sub(snapshot.allocations.len()),
             tcp_closed_bytes: self.pairs.closed_bytes(),
+            records: self.records_to_hand_over(),
             snapshot,
         };
         let mut fds = Vec::new();
@@ -307,6 +310,7 @@ impl Worker {
             self.adopt_conn(now, stream, state, &map);
         }
         let restored = self.core.restore(now, &t.snapshot, &map)?;
+        self.adopt_records(now, t.records);
         self.pairs.add_closed_bytes(t.tcp_closed_bytes);
         self.adopt_pairs(now, &t.snapshot, t.peers, raw_out, &map);
         self.drive_core(now);

@@ -456,6 +456,7 @@ impl Listeners {
                 ),
                 old_listeners: part.udp.clone(),
                 tcp_closed_bytes: part.tcp_closed_bytes,
+                records: std::mem::take(&mut part.records),
             });
             per_worker.push(w);
         }

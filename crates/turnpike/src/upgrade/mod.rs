@@ -165,6 +165,10 @@ pub(crate) struct WorkerPart {
     /// peers), for `turnpike_tcp_relayed_bytes_total` to continue.
     #[serde(default)]
     pub(crate) tcp_closed_bytes: [u64; 2],
+    /// Session events: what the moved allocations' records repeat (their
+    /// ids, starts and users), so billing sees one allocation, not two.
+    #[serde(default)]
+    pub(crate) records: Vec<crate::events::MovedRecord>,
 }
 
 /// What a hand-over moves, by kind, and what stays (for the log).

@@ -800,3 +800,114 @@ fn a_mobility_ticket_from_before_an_upgrade_moves_the_allocation_after() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Session events across a binary upgrade: the allocation the old process
+/// started is the one the new process reports and ends (one id, one start,
+/// one end whose bytes count both processes' relaying), and no record or
+/// delivery id of the new process repeats one of the old's.
+#[test]
+fn usage_records_continue_across_an_upgrade_under_the_same_allocation_id() {
+    let dir = scratch("events");
+    let cfg = config(&dir, 1);
+    let events = dir.join("events.jsonl");
+    add_to(
+        &cfg,
+        &format!(
+            "events-file = \"{}\"\nevents-interim = \"1s\"\n",
+            events.display()
+        ),
+    );
+    let (server, err, addr, mut seen) = start(&cfg);
+    let pid = server.0.as_ref().unwrap().id();
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    let mut c = client(addr, ClientTransport::Udp);
+    let relayed = c.allocate().unwrap().relayed;
+    c.channel_bind(0x4000, peer_addr).unwrap();
+    let mut relay = |n: usize| {
+        for i in 0..n {
+            c.send_channel(0x4000, &[i as u8; 100]).unwrap();
+            let mut buf = [0u8; 200];
+            assert_eq!(peer.recv_from(&mut buf).unwrap().0, 100);
+            peer.send_to(&[1u8; 50], relayed).unwrap();
+            assert!(matches!(
+                c.recv(Duration::from_secs(2)).unwrap(),
+                Received::Channel { .. }
+            ));
+        }
+    };
+    relay(30);
+    // An interim report from the old process.
+    std::thread::sleep(Duration::from_millis(1500));
+    signal(pid, libc::SIGUSR2);
+    let done = wait_for(&err, "upgrade: the new process serves", &mut seen);
+    assert_eq!(field(&done, "allocations_moved"), "1", "{done}");
+    let new_pid: u32 = field(&done, "new_pid").parse().unwrap();
+    relay(20);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(c.refresh(0).unwrap(), 0);
+    // The new process writes the end (and flushes at exit).
+    signal(new_pid, libc::SIGINT);
+    let gone = Instant::now() + Duration::from_secs(10);
+    while (alive(new_pid) || alive(pid)) && Instant::now() < gone {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(server);
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of = |t: &str| records.iter().filter(|r| r["type"] == t).collect::<Vec<_>>();
+    let (starts, ends, interims) = (
+        of("allocation.start"),
+        of("allocation.end"),
+        of("allocation.interim"),
+    );
+    assert_eq!(starts.len(), 1, "{records:#?}");
+    assert_eq!(ends.len(), 1, "one end, from the new process: {records:#?}");
+    let id = &starts[0]["allocation"];
+    assert_eq!(&ends[0]["allocation"], id, "the same allocation id");
+    let started = ends[0]["started_ms"].as_u64().unwrap();
+    assert!(
+        starts[0]["time_ms"].as_u64().unwrap().abs_diff(started) < 1000,
+        "{:#}",
+        ends[0]
+    );
+    assert_eq!(ends[0]["user"], "alice");
+    assert_eq!(ends[0]["reason"], "deleted");
+    assert_eq!(
+        ends[0]["bytes_to_peers"].as_u64(),
+        Some(50 * 100),
+        "{:#}",
+        ends[0]
+    );
+    assert_eq!(
+        ends[0]["bytes_from_peers"].as_u64(),
+        Some(50 * 50),
+        "{:#}",
+        ends[0]
+    );
+    // Interim reports from both processes, all under the one id.
+    assert!(interims.iter().all(|i| &i["allocation"] == id), "{interims:#?}");
+    let reported: Vec<u64> = interims
+        .iter()
+        .filter_map(|i| i["bytes_to_peers"].as_u64())
+        .collect();
+    assert!(
+        reported.contains(&3000) && reported.contains(&5000),
+        "{reported:?}"
+    );
+    // Record ids never repeat across the two processes.
+    let mut ids: Vec<&str> = records.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    let n = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(
+        ids.len(),
+        n,
+        "a record id repeated across the upgrade: {records:#?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
