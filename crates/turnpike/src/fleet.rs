@@ -388,13 +388,53 @@ fn process_cpu_seconds() -> Option<f64> {
     Some((utime + stime) as f64 / udp_io::clock_ticks_per_second())
 }
 
-/// What is wrong with this node, in words, for the fleet view.
-fn problems() -> Vec<String> {
-    let mut p = Vec::new();
-    if crate::metrics::SQL_UP.load(Ordering::Relaxed) == 0 {
-        p.push("user database (db-url) unreachable: serving cached credentials".to_owned());
+/// What the fleet view's problems are read from, once a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+struct Health {
+    /// `turnpike_sql_up`: -1 without a user database.
+    sql_up: i8,
+    /// The TLS certificate's notAfter, Unix seconds (0: no TLS).
+    tls_not_after: i64,
+    /// Session event records dropped since the last heartbeat.
+    events_dropped: u64,
+}
+
+impl Health {
+    /// Now, given the events dropped counted at the last heartbeat
+    /// (updated).
+    fn read(dropped_before: &mut u64) -> Health {
+        let dropped: u64 = crate::events::counts().iter().map(|(_, c)| c[2]).sum();
+        let h = Health {
+            sql_up: crate::metrics::SQL_UP.load(Ordering::Relaxed),
+            tls_not_after: crate::metrics::TLS_NOT_AFTER.load(Ordering::Relaxed),
+            events_dropped: dropped.saturating_sub(*dropped_before),
+        };
+        *dropped_before = dropped;
+        h
     }
-    p
+
+    /// What is wrong, in words, for the fleet view; `now` in Unix seconds.
+    fn problems(&self, now: i64) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.sql_up == 0 {
+            p.push("user database (db-url) unreachable: serving cached credentials".to_owned());
+        }
+        if self.tls_not_after > 0 {
+            let days = (self.tls_not_after - now).div_euclid(86_400);
+            if days < 0 {
+                p.push("TLS certificate expired".to_owned());
+            } else if days < 14 {
+                p.push(format!("TLS certificate expires in {days} days"));
+            }
+        }
+        if self.events_dropped > 0 {
+            p.push(format!(
+                "{} session event records dropped (a sink's queue is full)",
+                self.events_dropped
+            ));
+        }
+        p
+    }
 }
 
 fn heartbeat(cfg: &FleetConfig, control: &Control) {
@@ -403,6 +443,8 @@ fn heartbeat(cfg: &FleetConfig, control: &Control) {
     let started_ms = unix_ms();
     let mut meter = Meter::read(control);
     let mut load = Load::default();
+    let mut dropped = 0;
+    Health::read(&mut dropped);
     loop {
         // After a binary upgrade the new process beats under this node's
         // name; this one, draining what stayed, must not overwrite it.
@@ -425,7 +467,7 @@ fn heartbeat(cfg: &FleetConfig, control: &Control) {
             updated_ms: unix_ms(),
             version: crate::build_id::version().to_owned(),
             started_ms,
-            problems: problems(),
+            problems: Health::read(&mut dropped).problems((unix_ms() / 1000) as i64),
             load,
         };
         let result = conn
@@ -643,6 +685,33 @@ mod tests {
             (3, "", Load::default())
         );
         assert!(n.problems.is_empty());
+    }
+
+    #[test]
+    fn problems_are_said_in_words_and_a_healthy_node_has_none() {
+        let now = 1_800_000_000;
+        let healthy = Health {
+            sql_up: -1,
+            tls_not_after: now + 90 * 86_400,
+            events_dropped: 0,
+        };
+        assert!(healthy.problems(now).is_empty());
+        let sick = Health {
+            sql_up: 0,
+            tls_not_after: now + 3 * 86_400 + 10,
+            events_dropped: 12,
+        };
+        let p = sick.problems(now);
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(
+            p[0].contains("db-url") && p[1].contains("in 3 days") && p[2].starts_with("12 "),
+            "{p:?}"
+        );
+        let expired = Health {
+            tls_not_after: now - 5,
+            ..healthy
+        };
+        assert_eq!(expired.problems(now), ["TLS certificate expired"]);
     }
 
     #[test]

@@ -142,6 +142,22 @@ pub enum CloseReason {
     ConnectionClosed,
     /// An operator deleted it (admin API).
     Admin,
+    /// The server stopped while it was live (SIGINT, a second SIGTERM, or
+    /// the end of `drain-timeout`).
+    Shutdown,
+}
+
+impl CloseReason {
+    /// How logs and usage records name it.
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::Expired => "expired",
+            CloseReason::Deleted => "deleted",
+            CloseReason::ConnectionClosed => "connection-closed",
+            CloseReason::Admin => "deleted-by-admin",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
 }
 
 /// A live allocation, as the admin API shows it.

@@ -357,7 +357,7 @@ impl Server {
     pub fn close_all(&mut self, now: Instant) {
         let idxs: Vec<u32> = self.table.by_tuple.values().copied().collect();
         for idx in idxs {
-            self.delete(idx, now, CloseReason::Deleted);
+            self.delete(idx, now, CloseReason::Shutdown);
         }
     }
 

@@ -44,12 +44,9 @@ impl EventsPlane {
 
 fn end_reason(r: CloseReason, draining: bool) -> &'static str {
     match r {
-        CloseReason::Expired => "expired",
-        CloseReason::Deleted => "deleted",
-        CloseReason::ConnectionClosed => "connection-closed",
+        // The drain's own deletions (admin, after drain-timeout).
         CloseReason::Admin if draining => "drain",
-        CloseReason::Admin => "deleted-by-admin",
-        _ => "other",
+        r => r.label(),
     }
 }
 

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
-use turn_core::{CloseReason, ErrorCode, Event};
+use turn_core::{ErrorCode, Event};
 
 use super::worker::Worker;
 
@@ -150,13 +150,7 @@ impl Worker {
                     transport = tuple.transport.as_str(),
                     user = ?r.show(&username),
                     relayed = %relayed,
-                    reason = match reason {
-                        CloseReason::Expired => "expired",
-                        CloseReason::Deleted => "deleted",
-                        CloseReason::ConnectionClosed => "connection-closed",
-                        CloseReason::Admin => "deleted-by-admin",
-                        _ => "other",
-                    },
+                    reason = reason.label(),
                     age_s = age.as_secs(),
                     bytes_to_peers = stats.to_peer_bytes,
                     bytes_from_peers = stats.from_peer_bytes,

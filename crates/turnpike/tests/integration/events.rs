@@ -434,3 +434,41 @@ fn an_rfc_6062_allocation_reports_its_data_connections_bytes() {
     );
     let _ = std::fs::remove_file(secret);
 }
+
+/// A server that stops with calls up reports each one's end with its
+/// usage (reason `shutdown`) before it exits: a restart loses no usage.
+#[test]
+fn allocations_live_at_shutdown_end_with_their_usage() {
+    let file = std::env::temp_dir().join(format!("turnpike-events-stop-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let h = start(&["--allow-loopback-peers", "--events-file", file.to_str().unwrap()]);
+    let peer = peer();
+    let p = peer.local_addr().unwrap();
+    let mut calls = Vec::new();
+    for t in [ClientTransport::Udp, ClientTransport::Tcp] {
+        let mut c = client(&t, h.listen[0], USER, PASSWORD);
+        c.allocate().unwrap();
+        c.create_permission(&[p]).unwrap();
+        for _ in 0..10 {
+            c.send_indication(p, &[9u8; 120]).unwrap();
+            let mut buf = [0u8; 256];
+            assert_eq!(peer.recv_from(&mut buf).unwrap().0, 120);
+        }
+        calls.push(c);
+    }
+    h.shutdown();
+    let ends: Vec<Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["type"] == "allocation.end")
+        .collect();
+    assert_eq!(ends.len(), 2, "{ends:#?}");
+    for e in &ends {
+        assert_eq!(e["reason"], "shutdown", "{e}");
+        assert_eq!(e["bytes_to_peers"].as_u64(), Some(1200), "{e}");
+        assert_eq!(e["packets_to_peers"].as_u64(), Some(10), "{e}");
+    }
+    drop(calls);
+    let _ = std::fs::remove_file(&file);
+}

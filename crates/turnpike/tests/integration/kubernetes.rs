@@ -80,6 +80,25 @@ fn objects(rendered: &Path) -> Option<Vec<Value>> {
     Some(serde_json::from_slice(&out.stdout).unwrap())
 }
 
+/// `overlay` rendered and parsed, its temporary file removed; `None`
+/// when PyYAML is missing (said by `objects`).
+fn rendered_objects(overlay: &str, test: &str) -> Option<Vec<Value>> {
+    let rendered = render(overlay, test);
+    let objs = objects(&rendered);
+    let _ = std::fs::remove_file(&rendered);
+    objs
+}
+
+/// A rendered container's arguments.
+fn args_of(container: &Value) -> Vec<String> {
+    container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect()
+}
+
 #[test]
 fn the_manifests_render_validate_and_pass_checkov() {
     if !have("kubectl", &["kustomize", "--help"]) {
@@ -161,11 +180,9 @@ fn the_pod_as_rendered_starts_and_answers_its_probes() {
     if !have("kubectl", &["kustomize", "--help"]) {
         return;
     }
-    let rendered = render("base", "pod");
-    let Some(objs) = objects(&rendered) else {
+    let Some(objs) = rendered_objects("base", "pod") else {
         return;
     };
-    let _ = std::fs::remove_file(&rendered);
     let find = |kind: &str| {
         objs.iter()
             .find(|o| o["kind"] == kind)
@@ -193,12 +210,7 @@ fn the_pod_as_rendered_starts_and_answers_its_probes() {
     assert!(drain + 10 <= grace, "drain-timeout {drain} s vs grace {grace} s");
 
     // Probes and the scrape annotation name the ports turnpike listens on.
-    let args: Vec<String> = c["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap().to_owned())
-        .collect();
+    let args: Vec<String> = args_of(c);
     let admin_port = port_named(c, c["readinessProbe"]["httpGet"]["port"].as_str().unwrap());
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
@@ -219,8 +231,7 @@ fn the_pod_as_rendered_starts_and_answers_its_probes() {
     assert!(pod["metadata"]["annotations"]["prometheus.io/port"].is_null());
     // The metrics-on-node overlay: on the node's address, and the scrape
     // annotation names that port.
-    let on_node = render("metrics-on-node", "pod");
-    if let Some(objs) = objects(&on_node) {
+    if let Some(objs) = rendered_objects("metrics-on-node", "pod") {
         let ds = objs.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
         let t = &ds["spec"]["template"];
         let port = t["metadata"]["annotations"]["prometheus.io/port"]
@@ -233,7 +244,6 @@ fn the_pod_as_rendered_starts_and_answers_its_probes() {
             "{a:?}"
         );
     }
-    let _ = std::fs::remove_file(&on_node);
 
     // The mounts, laid out in a temporary root: the ConfigMap, the TLS
     // Secret (a generated certificate) and the credentials Secret.
@@ -507,11 +517,9 @@ fn every_pod_is_admitted_by_its_namespaces_pod_security_level() {
     );
     let mut checked = 0;
     for overlay in ["base", "redis", "metrics-on-node", "watch"] {
-        let rendered = render(overlay, "psa");
-        let Some(objs) = objects(&rendered) else {
+        let Some(objs) = rendered_objects(overlay, "psa") else {
             return;
         };
-        let _ = std::fs::remove_file(&rendered);
         for o in objs.iter().filter(|o| !o["spec"]["template"]["spec"].is_null()) {
             let ns = o["metadata"]["namespace"].as_str().expect("a namespace");
             let level = objs
@@ -567,19 +575,12 @@ fn the_redis_overlay_requires_a_password_that_turnpike_reads_from_a_file() {
         common::missing("kubernetes redis", "redis-server not found");
         return;
     }
-    let rendered = render("redis", "auth");
-    let Some(objs) = objects(&rendered) else {
+    let Some(objs) = rendered_objects("redis", "auth") else {
         return;
     };
-    let _ = std::fs::remove_file(&rendered);
     let redis = objs.iter().find(|o| o["kind"] == "Deployment").unwrap();
     let c = &redis["spec"]["template"]["spec"]["containers"][0];
-    let args: Vec<String> = c["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap().to_owned())
-        .collect();
+    let args: Vec<String> = args_of(c);
     let auth_mount = c["volumeMounts"]
         .as_array()
         .unwrap()
@@ -706,23 +707,16 @@ fn the_watch_pod_as_rendered_checks_a_real_server_and_answers_its_probes() {
     if !have("kubectl", &["kustomize", "--help"]) {
         return;
     }
-    let rendered = render("watch", "pod");
-    let Some(objs) = objects(&rendered) else {
+    let Some(objs) = rendered_objects("watch", "pod") else {
         return;
     };
-    let _ = std::fs::remove_file(&rendered);
     let d = objs
         .iter()
         .find(|o| o["kind"] == "Deployment")
         .expect("a Deployment");
     let pod = &d["spec"]["template"];
     let c = &pod["spec"]["containers"][0];
-    let args: Vec<String> = c["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap().to_owned())
-        .collect();
+    let args: Vec<String> = args_of(c);
     assert_eq!(args[0], "watch");
     assert!(args.contains(&"--peer-via-relay".to_owned()), "{args:?}");
     let port = port_named(c, c["readinessProbe"]["httpGet"]["port"].as_str().unwrap());
