@@ -568,6 +568,14 @@ impl Front {
             .count()
     }
 
+    /// Both ends of every association, handshaking or established.
+    pub fn ends(&self) -> impl Iterator<Item = Ends> + '_ {
+        self.associations.iter().map(|(client, a)| Ends {
+            client: *client,
+            server: a.server,
+        })
+    }
+
     /// Whether `client` has an established association.
     pub fn is_established(&self, client: SocketAddr) -> bool {
         matches!(

@@ -25,6 +25,23 @@ pub(super) enum Source {
         sock: UdpSocket,
         addr: SocketAddr,
     },
+    /// A DTLS listener closed at a binary upgrade (the new process serves
+    /// its port): its key stays taken, since its front and its
+    /// associations' tuples name it, while they are served through
+    /// `DtlsAside` sockets.
+    DtlsRetired,
+    /// One DTLS association's own socket, bound to the listener's port
+    /// and connected to the client: the kernel delivers that client's
+    /// datagrams here, not to any socket of the port's SO_REUSEPORT group
+    /// (which a binary upgrade's new process joins), so its session,
+    /// whose keys stay in this process, keeps working.
+    DtlsAside {
+        sock: UdpSocket,
+        /// The listener's key (its front).
+        listener: usize,
+        /// The server address the client reached.
+        local: SocketAddr,
+    },
     Listener {
         sock: TcpListener,
         addr: SocketAddr,

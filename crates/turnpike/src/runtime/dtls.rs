@@ -74,6 +74,9 @@ impl DtlsParams {
 #[derive(Default)]
 pub(super) struct DtlsPlane {
     fronts: Vec<(usize, Front)>,
+    /// Associations with a socket of their own (`Source::DtlsAside`), set
+    /// aside for a binary upgrade: (listener key, client) → socket key.
+    aside: std::collections::HashMap<(usize, SocketAddr), usize>,
     /// What a send produced (kept apart from what a read is handing out).
     send_out: Output,
     read_out: Output,
@@ -129,14 +132,33 @@ fn tuple(key: usize, ends: turn_dtls::Ends) -> FiveTuple {
 
 impl Io {
     /// Sends what a front produced from DTLS socket `key`: each datagram
-    /// from the address its client reached.
+    /// from the address its client reached, through the association's own
+    /// socket where it has one.
     fn send_datagrams(&mut self, key: usize, out: &Output) {
-        let Some(Source::Dtls { sock, addr }) = self.sources.get(key) else {
+        for (ends, r) in &out.datagrams {
+            let data = &out.bytes[r.clone()];
+            if let Some(Source::DtlsAside { sock, .. }) = self
+                .dtls
+                .aside
+                .get(&(key, ends.client))
+                .and_then(|k| self.sources.get(*k))
+            {
+                self.queue.push(sock, None, ends.client, data);
+            } else if let Some(Source::Dtls { sock, addr }) = self.sources.get(key) {
+                let src = addr.ip().is_unspecified().then_some(ends.server.ip());
+                self.queue.push(sock, src, ends.client, data);
+            }
+        }
+    }
+
+    /// An association's own socket, once it ended.
+    fn drop_aside(&mut self, key: usize, client: SocketAddr) {
+        let Some(k) = self.dtls.aside.remove(&(key, client)) else {
             return;
         };
-        for (ends, r) in &out.datagrams {
-            let src = addr.ip().is_unspecified().then_some(ends.server.ip());
-            self.queue.push(sock, src, ends.client, &out.bytes[r.clone()]);
+        if let Source::DtlsAside { mut sock, .. } = self.sources.remove(k) {
+            let _ = self.registry.deregister(&mut sock);
+            self.queue.close(sock);
         }
     }
 
@@ -164,9 +186,13 @@ impl Worker {
                 self.udp.unfinished.push(key);
                 return;
             }
-            let Some(Source::Dtls { sock, .. }) = self.io.sources.get(key) else {
-                return;
+            // An association's own socket feeds its listener's front.
+            let (sock, front) = match self.io.sources.get(key) {
+                Some(Source::Dtls { sock, .. }) => (sock, key),
+                Some(Source::DtlsAside { sock, listener, .. }) => (sock, *listener),
+                _ => return,
             };
+            let key = front;
             let n = match self.udp.batch.recv(sock) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
@@ -211,6 +237,7 @@ impl Worker {
             // allocation made over the association goes with it.
             self.core.handle_connection_closed(now, tuple(key, *ends));
             self.drive_core(now);
+            self.io.drop_aside(key, ends.client);
         }
         let refusal = self.io.dtls.front(key).and_then(|f| f.take_refusal());
         if let Some((from, why)) = refusal {
@@ -270,6 +297,69 @@ impl Worker {
         self.arm_dtls_tick(now);
     }
 
+    /// Binary upgrade, old side, before the new process binds the DTLS
+    /// ports: every association gets a socket of its own (bound to the
+    /// address its client reached, SO_REUSEPORT, connected to the client),
+    /// so its datagrams keep coming here whichever socket of the port's
+    /// group the kernel would pick for it. Idempotent.
+    pub(super) fn dtls_set_aside(&mut self) {
+        let mut wanted = Vec::new();
+        for (key, f) in &self.io.dtls.fronts {
+            for ends in f.ends() {
+                if !self.io.dtls.aside.contains_key(&(*key, ends.client)) {
+                    wanted.push((*key, ends));
+                }
+            }
+        }
+        for (listener, ends) in wanted {
+            let sock = match aside_socket(ends) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(client = %self.redact.show(&ends.client), error = %e, "upgrade: a DTLS session could not get a socket of its own; it may lose datagrams to the new process");
+                    continue;
+                }
+            };
+            let mut sock = mio::net::UdpSocket::from_std(sock);
+            let e = self.io.sources.vacant_entry();
+            if self
+                .io
+                .registry
+                .register(&mut sock, mio::Token(e.key()), mio::Interest::READABLE)
+                .is_err()
+            {
+                continue;
+            }
+            self.io.dtls.aside.insert((listener, ends.client), e.key());
+            e.insert(Source::DtlsAside {
+                sock,
+                listener,
+                local: ends.server,
+            });
+        }
+    }
+
+    /// Binary upgrade, old side, once the new process serves: the DTLS
+    /// listeners close (new clients reach the new process only); their
+    /// keys stay for the associations served through their own sockets.
+    pub(super) fn dtls_retire_listeners(&mut self) {
+        let keys: Vec<usize> = self
+            .io
+            .sources
+            .iter()
+            .filter(|(_, s)| matches!(s, Source::Dtls { .. }))
+            .map(|(k, _)| k)
+            .collect();
+        for key in keys {
+            let Some(entry) = self.io.sources.get_mut(key) else {
+                continue;
+            };
+            if let Source::Dtls { mut sock, .. } = std::mem::replace(entry, Source::DtlsRetired) {
+                let _ = self.io.registry.deregister(&mut sock);
+                self.io.queue.close(sock);
+            }
+        }
+    }
+
     /// Shutdown: close_notify to every association.
     pub(super) fn dtls_close_all(&mut self, now: Instant) {
         let keys: Vec<usize> = self.io.dtls.fronts.iter().map(|(k, _)| *k).collect();
@@ -281,4 +371,20 @@ impl Worker {
             self.io.send_datagrams(key, &out);
         }
     }
+}
+
+/// A socket for one association: bound to the server address its client
+/// reached (in the listener's SO_REUSEPORT group) and connected to the
+/// client, which the kernel prefers over the group for that client.
+fn aside_socket(ends: turn_dtls::Ends) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(ends.server), Type::DGRAM, Some(Protocol::UDP))?;
+    if ends.server.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&ends.server.into())?;
+    s.connect(&ends.client.into())?;
+    Ok(s.into())
 }

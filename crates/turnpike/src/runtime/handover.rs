@@ -82,6 +82,9 @@ impl Worker {
     /// sockets stay open here until the decision), and the keys of the
     /// connections that move.
     fn part(&mut self, now: Instant) -> Option<(WorkerPart, Vec<OwnedFd>, Vec<usize>)> {
+        // DTLS sessions stay here: each keeps receiving on a socket of
+        // its own once the new process joins the port.
+        self.dtls_set_aside();
         // What the kernel relayed so far goes into the snapshot's stats.
         self.fast_counts(now, true);
         let mut snapshot = self.core.snapshot(now);
@@ -232,6 +235,7 @@ impl Worker {
     fn let_go(&mut self, now: Instant, snapshot: &Snapshot, conns: &[usize]) {
         self.core.hand_over(snapshot);
         self.drive_core(now);
+        self.dtls_retire_listeners();
         // Without telling the core: their allocations left with the rest.
         for &key in conns {
             self.remove_conn(key);

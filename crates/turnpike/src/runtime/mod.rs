@@ -487,8 +487,9 @@ impl Listeners {
             rfc5780,
         };
         // DTLS sessions cannot be handed over: this process binds its own
-        // DTLS sockets beside the old process's (SO_REUSEPORT), and clients
-        // of the old one handshake again when it stops.
+        // DTLS sockets beside the old process's (SO_REUSEPORT); the old
+        // one has given each of its sessions a connected socket first
+        // (`Worker::dtls_set_aside`), so they stay whole there.
         if dtls {
             for &addr in &settings.dtls_listen {
                 l.bind_dtls(addr, false)?;

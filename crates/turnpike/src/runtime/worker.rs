@@ -311,6 +311,8 @@ impl Worker {
         let kind = match self.io.sources.get(key) {
             Some(Source::Udp { addr, .. }) => Kind::Udp(*addr),
             Some(Source::Dtls { addr, .. }) => Kind::Dtls(*addr),
+            Some(Source::DtlsAside { local, .. }) => Kind::Dtls(*local),
+            Some(Source::DtlsRetired) => return,
             Some(Source::Listener { tls, addr, .. }) => Kind::Listener(*tls, *addr),
             Some(Source::Conn(_)) => Kind::Conn,
             Some(Source::Relay { addr, .. }) => Kind::Relay(*addr),

@@ -911,3 +911,83 @@ fn usage_records_continue_across_an_upgrade_under_the_same_allocation_id() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// DTLS calls across a binary upgrade: their sessions' keys stay in the
+/// old process, which must keep receiving every one of their datagrams
+/// although the new process binds the same DTLS port (SO_REUSEPORT); new
+/// DTLS clients go to the new process.
+#[test]
+fn dtls_calls_stay_whole_with_the_old_process_and_new_ones_reach_the_new() {
+    let dir = scratch("dtls");
+    let cfg = config(&dir, 2);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("no-tls = true\n", "tls-listen = [\"127.0.0.1:0\"]\n"),
+    )
+    .unwrap();
+    let (server, err, _, mut seen) = start(&cfg);
+    // DTLS beside TLS, on its port.
+    let dtls = tls_listen(&seen);
+    let old_pid = server.0.as_ref().unwrap().id();
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    peer.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let dtls_client = || client(dtls, ClientTransport::Dtls { pinned: None });
+    let mut calls: Vec<(TurnClient, SocketAddr)> = (0..12)
+        .map(|_| {
+            let mut c = dtls_client();
+            let relayed = c.allocate().unwrap().relayed;
+            c.channel_bind(0x4000, peer_addr).unwrap();
+            (c, relayed)
+        })
+        .collect();
+    signal(old_pid, libc::SIGUSR2);
+    let done = wait_for(&err, "upgrade: the new process serves", &mut seen);
+    let new_pid: u32 = field(&done, "new_pid").parse().unwrap();
+    // Every call, both ways, for a few rounds after the upgrade.
+    let mut lost = Vec::new();
+    for round in 0..5u8 {
+        for (i, (c, relayed)) in calls.iter_mut().enumerate() {
+            c.send_channel(0x4000, &[round, i as u8]).unwrap();
+            let mut buf = [0u8; 16];
+            match peer.recv_from(&mut buf) {
+                Ok((n, _)) if buf[..n] == [round, i as u8] => {}
+                other => {
+                    lost.push(format!("round {round} call {i} to the peer: {other:?}"));
+                    continue;
+                }
+            }
+            peer.send_to(&[round, i as u8], *relayed).unwrap();
+            if !matches!(c.recv(Duration::from_secs(1)), Ok(Received::Channel { .. })) {
+                lost.push(format!("round {round} call {i} back from the peer"));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(lost.is_empty(), "DTLS calls broke at the upgrade: {lost:#?}");
+    // Each refreshes with the process that holds its session.
+    for (c, _) in &mut calls {
+        c.refresh(600).unwrap();
+    }
+    // A new DTLS client allocates (on the new process), and the old one
+    // still runs for the calls it kept.
+    let mut fresh = dtls_client();
+    fresh.allocate().expect("a new DTLS client after the upgrade");
+    assert!(alive(old_pid), "the old process keeps its DTLS calls");
+    // They end: the old process leaves.
+    for (c, _) in &mut calls {
+        assert_eq!(c.refresh(0).unwrap(), 0);
+    }
+    let gone = Instant::now() + Duration::from_secs(10);
+    while alive(old_pid) && Instant::now() < gone {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !alive(old_pid),
+        "the old process exits when its last DTLS call ends"
+    );
+    signal(new_pid, libc::SIGINT);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
