@@ -282,3 +282,115 @@ fn readme_commands_work_as_written() {
     let st = sigterm_and_wait(child);
     assert!(st.success(), "{st:?}");
 }
+
+/// deploy/turnpike-watch.service as a user installs it: `systemd-analyze
+/// verify` accepts it, and its ExecStart, typed as written (only the
+/// targets pointed at a real turnpike on loopback, the credential
+/// directory `%d` at a temporary one, the port and interval shortened),
+/// watches all four transports and serves their metrics.
+#[test]
+fn the_watch_unit_verifies_and_its_command_line_watches_a_real_server() {
+    let analyze = std::path::Path::new("/usr/bin/systemd-analyze");
+    if !analyze.exists()
+        && common::missing("watch unit", "systemd-analyze not found (Debian package systemd)")
+    {
+        return;
+    }
+    let unit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/turnpike-watch.service");
+    let text = std::fs::read_to_string(&unit)
+        .unwrap()
+        .replace("/usr/bin/turnpike", common::turnpike_bin());
+    let dir = std::env::temp_dir().join(format!("turnpike-watch-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join("turnpike-watch.service");
+    std::fs::write(&copy, &text).unwrap();
+    let out = Command::new(analyze).arg("verify").arg(&copy).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("turnpike-watch.service"))
+        .collect();
+    assert!(ours.is_empty(), "systemd-analyze verify: {stderr}");
+
+    // ExecStart, its continuation lines joined, split as systemd does
+    // (no quotes in it).
+    let exec = text
+        .split("ExecStart=")
+        .nth(1)
+        .expect("ExecStart=")
+        .lines()
+        .scan(true, |more, l| {
+            let take = *more;
+            *more = l.trim_end().ends_with('\\');
+            take.then(|| l.trim_end().trim_end_matches('\\').to_owned())
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(!exec.contains('"') && !exec.contains('\''), "{exec}");
+    let server = turnpike::runtime::start(
+        &common::settings(&["--user", "watch:a-watch-password", "--allow-peer", "127.0.0.1/32"]).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("watch-password"), "a-watch-password\n").unwrap();
+    let metrics = common::free_port();
+    let (p, t, d) = (
+        server.listen[0].port(),
+        server.tls_listen[0].port(),
+        server.dtls_listen[0].port(),
+    );
+    let args: Vec<String> = exec
+        .split_whitespace()
+        .skip(1)
+        .map(|a| {
+            a.replace("%d", dir.to_str().unwrap())
+                .replace("127.0.0.1:9642", &format!("127.0.0.1:{metrics}"))
+                .replace("turn.example.org:3478", &format!("127.0.0.1:{p}"))
+                .replace(
+                    "turn.example.org:5349?transport=dtls",
+                    &format!("127.0.0.1:{d}?transport=dtls"),
+                )
+                .replace("turn.example.org:5349", &format!("127.0.0.1:{t}"))
+        })
+        .collect();
+    let mut args = args;
+    if let Some(i) = args.iter().position(|a| a == "--interval") {
+        args[i + 1] = "1".into();
+    }
+    assert!(
+        !args.iter().any(|a| a.contains("example.org") || a.contains('%')),
+        "{args:?}"
+    );
+    let _watch = common::Proc(
+        Command::new(common::turnpike_bin())
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{metrics}").parse().unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    let body = loop {
+        if let Ok((200, body)) = common::http_request(addr, "GET", "/metrics", None) {
+            if body.matches("turnpike_watch_relay_rtt_seconds{").count() == 4 {
+                break body;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "no relay round trip for all four targets with {args:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for transport in ["udp", "tcp", "tls", "dtls"] {
+        assert!(
+            body.lines().any(|l| l.starts_with("turnpike_watch_up{")
+                && l.contains(&format!("transport=\"{transport}\""))
+                && l.ends_with(" 1")),
+            "{transport} up:\n{body}"
+        );
+    }
+    drop(_watch);
+    server.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
