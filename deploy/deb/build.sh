@@ -27,6 +27,7 @@ install -d "$root/DEBIAN" "$root/usr/bin" "$root/lib/systemd/system" "$root/etc/
 objcopy --strip-debug "$bin" "$root/usr/bin/turnpike"
 chmod 755 "$root/usr/bin/turnpike"
 install -m644 deploy/turnpike.service "$root/lib/systemd/system/turnpike.service"
+install -m644 deploy/turnpike-watch.service "$root/lib/systemd/system/turnpike-watch.service"
 install -m640 deploy/turnpike.toml "$root/etc/turnpike/turnpike.toml"
 install -m644 README.md MIGRATING.md SECURITY.md ARCHITECTURE.md "$root/usr/share/doc/turnpike/"
 cat > "$root/usr/share/doc/turnpike/copyright" <<COPYRIGHT

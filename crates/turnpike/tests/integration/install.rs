@@ -94,6 +94,7 @@ fn the_debian_package_installs_serves_and_purges() {
     for path in [
         "/usr/bin/turnpike",
         "/lib/systemd/system/turnpike.service",
+        "/lib/systemd/system/turnpike-watch.service",
         "/etc/turnpike/turnpike.toml",
         "/usr/share/doc/turnpike/README.md",
     ] {
@@ -123,13 +124,15 @@ fn the_debian_package_installs_serves_and_purges() {
             || !sh(Command::new("systemctl").args(["is-active", "--quiet", "turnpike"])).0,
         "the install starts no server"
     );
-    // The unit, verified where systemd-analyze exists.
+    // The units, verified where systemd-analyze exists.
     let unit = std::fs::read_to_string("/lib/systemd/system/turnpike.service").unwrap();
     if Path::new("/usr/bin/systemd-analyze").exists() {
-        let (_, out) =
-            sh(Command::new("systemd-analyze").args(["verify", "/lib/systemd/system/turnpike.service"]));
-        let ours: Vec<&str> = out.lines().filter(|l| l.contains("turnpike.service")).collect();
-        assert!(ours.is_empty(), "systemd-analyze verify: {out}");
+        for name in ["turnpike.service", "turnpike-watch.service"] {
+            let (_, out) =
+                sh(Command::new("systemd-analyze").args(["verify", &format!("/lib/systemd/system/{name}")]));
+            let ours: Vec<&str> = out.lines().filter(|l| l.contains(name)).collect();
+            assert!(ours.is_empty(), "systemd-analyze verify {name}: {out}");
+        }
     }
 
     // A user added the way README says, as root, before the start: the
