@@ -7,7 +7,9 @@
 //! - `GET /api/sessions[?user=U&transport=udp|tcp|tls]`: live allocations.
 //! - `DELETE /api/sessions/{relayed}`: delete one (by its relayed address).
 //! - `DELETE /api/users/{user}/sessions`: delete all of a user's.
-//! - `POST /api/drain`, `DELETE /api/drain`: start or stop draining.
+//! - `POST /api/drain`, `DELETE /api/drain`: start or stop draining
+//!   (409 when the drain ends in the process stopping: SIGTERM, or what
+//!   stayed after a binary upgrade).
 //! - `GET /api/fleet[?user=U]`: the fleet's live nodes (with Redis), and
 //!   U's allocations on each; `GET /api/fleet/users/{user}/sessions`:
 //!   the user's sessions on every node; `DELETE` on it: delete them;
@@ -242,8 +244,8 @@ async fn fleet_drain(
     if here && authorized(&app, &h) {
         if on {
             app.stop.drain();
-        } else {
-            app.stop.undrain();
+        } else if !app.stop.undrain() {
+            return stopping();
         }
         tracing::info!(%caller, node, draining = on, "admin: drain set from the fleet view");
         return json_response(
@@ -268,6 +270,14 @@ async fn fleet_drain(
     .await
 }
 
+/// 409: a drain that ends in the process stopping cannot be undone.
+fn stopping() -> Response {
+    json_response(
+        StatusCode::CONFLICT,
+        json!({"draining": true, "error": "this process is draining to stop (SIGTERM, or it was replaced by a binary upgrade); the drain cannot be undone"}),
+    )
+}
+
 async fn drain(
     State(app): State<App>,
     axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<SocketAddr>,
@@ -278,7 +288,9 @@ async fn drain(
         return unauthorized();
     }
     if method == axum::http::Method::DELETE {
-        app.stop.undrain();
+        if !app.stop.undrain() {
+            return stopping();
+        }
         tracing::info!(%caller, "admin: drain off");
     } else {
         app.stop.drain();

@@ -599,6 +599,10 @@ fn listen(cfg: &FleetConfig, control: &Control, changed: &mpsc::Sender<()>) -> R
                 }
             }
             COMMANDS => match serde_json::from_str::<FleetRequest>(&payload) {
+                // A process replaced by a binary upgrade keeps the node's
+                // name only for the calls that stayed with it: its
+                // successor answers lists and drains under that name.
+                Ok(FleetRequest::ListUser { .. } | FleetRequest::Drain { .. }) if control.handed_over() => {}
                 Ok(FleetRequest::ListUser { request, user }) => {
                     let list: Vec<serde_json::Value> = control
                         .sessions()
@@ -618,8 +622,9 @@ fn listen(cfg: &FleetConfig, control: &Control, changed: &mpsc::Sender<()>) -> R
                 Ok(FleetRequest::Drain { node, on }) if node == cfg.name => {
                     if on {
                         control.drain();
-                    } else {
-                        control.undrain();
+                    } else if !control.undrain() {
+                        warn!("fleet: undrain refused: this process is draining to stop");
+                        continue;
                     }
                     info!(
                         draining = on,

@@ -178,7 +178,7 @@ impl Node {
                                 // exits.
                                 crate::http::retire();
                                 retired_at = Some(Instant::now());
-                                control.drain();
+                                control.leave();
                                 deadline = Some(Instant::now() + drain_timeout);
                             }
                         }
@@ -187,7 +187,7 @@ impl Node {
                             crate::upgrade::record(Err("the server is stopping".into()));
                         }
                         signal_hook::consts::SIGTERM if deadline.is_none() => {
-                            control.drain();
+                            control.leave();
                             deadline = Some(Instant::now() + drain_timeout);
                             info!(
                                 allocations = control.allocations(),

@@ -299,6 +299,9 @@ pub struct Control {
     pub(super) board: crate::metrics::Board,
     /// A binary upgrade handed this process's sockets to a new one.
     pub(super) handed_over: Arc<AtomicBool>,
+    /// Draining to stop (SIGTERM, or what stayed after an upgrade): the
+    /// drain cannot be undone.
+    pub(super) leaving: Arc<AtomicBool>,
     /// The kernel fast path, when loaded.
     pub(super) fast: Option<super::fast::Shared>,
 }
@@ -441,9 +444,26 @@ impl Control {
         }
     }
 
-    /// Stops a drain started by SIGUSR1 or the admin API.
-    pub fn undrain(&self) {
+    /// Stops a drain started by SIGUSR1 or the admin API; `false` (and
+    /// still draining) when the process is draining to stop.
+    pub fn undrain(&self) -> bool {
+        if self.is_leaving() {
+            return false;
+        }
         self.draining.store(false, Ordering::SeqCst);
+        true
+    }
+
+    /// Drains for good: the process stops at the last allocation or the
+    /// drain timeout (SIGTERM, or the old process after an upgrade).
+    pub fn leave(&self) {
+        self.leaving.store(true, Ordering::SeqCst);
+        self.drain();
+    }
+
+    /// Whether the process is draining to stop.
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::SeqCst)
     }
 
     pub(super) fn ask(&self, make: impl Fn() -> WorkerRequest) -> usize {

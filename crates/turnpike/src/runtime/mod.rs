@@ -666,6 +666,7 @@ fn start_with(
             limits: Arc::new(Mutex::new(shared)),
             board,
             handed_over: Arc::default(),
+            leaving: Arc::default(),
             fast,
         },
         threads: workers.threads,

@@ -342,6 +342,8 @@ fn privileged_relay_ports_are_refused_without_the_right() {
 
 #[test]
 fn drain_refuses_new_allocations_then_exits_after_the_last_one() {
+    let admin: SocketAddr = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
+    let token = "drain-test-admin-token-0123";
     let mut child = bin()
         .args([
             "serve",
@@ -354,6 +356,7 @@ fn drain_refuses_new_allocations_then_exits_after_the_last_one() {
             "1",
         ])
         .args(["--drain-timeout", "20", "--allow-loopback-peers"])
+        .args(["--admin-listen", &admin.to_string(), "--admin-token", token])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -404,6 +407,15 @@ fn drain_refuses_new_allocations_then_exits_after_the_last_one() {
         child.0.as_mut().unwrap().try_wait().unwrap().is_none(),
         "exited while an allocation was live"
     );
+    // A drain to stop cannot be undone (the dashboard's button, the API):
+    // the server would take calls it is about to cut.
+    let (code, body) = common::http_request(admin, "DELETE", "/api/drain", Some(token)).unwrap();
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("draining to stop"), "{body}");
+    assert!(matches!(
+        connect().allocate(),
+        Err(turnpike_client::client::ClientError::Error { code: 508, .. })
+    ));
     // ...and exits once it ends.
     held.refresh(0).unwrap();
     let mut exited = None;
