@@ -769,27 +769,7 @@ fn the_watch_pod_as_rendered_checks_a_real_server_and_answers_its_probes() {
             .unwrap(),
     );
     let addr: SocketAddr = format!("127.0.0.1:{metrics}").parse().unwrap();
-    let end = Instant::now() + Duration::from_secs(15);
-    let body = loop {
-        if let Some((200, body)) = http_status(addr, "/metrics") {
-            if body.matches("turnpike_watch_relay_rtt_seconds{").count() == 4 {
-                break body;
-            }
-        }
-        assert!(
-            Instant::now() < end,
-            "no relay round trip for all four targets with {args:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    for transport in ["udp", "tcp", "tls", "dtls"] {
-        assert!(
-            body.lines().any(|l| l.starts_with("turnpike_watch_up{")
-                && l.contains(&format!("transport=\"{transport}\""))
-                && l.ends_with(" 1")),
-            "{transport} up:\n{body}"
-        );
-    }
+    let body = crate::watch::four_transports_up(addr, &args);
     assert!(body.contains("turnpike_watch_certificate_days_left{"), "{body}");
     for l in body.lines().filter(|l| l.starts_with("turnpike_watch_drift{")) {
         let expected = if l.contains("check=\"internal_peer\"") {

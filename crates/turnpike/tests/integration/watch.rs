@@ -318,3 +318,31 @@ fn have_promtool() -> bool {
     }
     !missing("watch promtool", "no promtool (apt-get install prometheus)")
 }
+
+/// A running watcher's `/metrics` at `addr` once it has a relay round
+/// trip for each of four targets (UDP, TCP, TLS, DTLS), each of them up;
+/// `args` are its arguments, for the failure message.
+pub(crate) fn four_transports_up(addr: SocketAddr, args: &[String]) -> String {
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    let body = loop {
+        if let Ok((200, body)) = http_request(addr, "GET", "/metrics", None) {
+            if body.matches("turnpike_watch_relay_rtt_seconds{").count() == 4 {
+                break body;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "no relay round trip for all four targets with {args:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for transport in ["udp", "tcp", "tls", "dtls"] {
+        assert!(
+            body.lines().any(|l| l.starts_with("turnpike_watch_up{")
+                && l.contains(&format!("transport=\"{transport}\""))
+                && l.ends_with(" 1")),
+            "{transport} up:\n{body}"
+        );
+    }
+    body
+}

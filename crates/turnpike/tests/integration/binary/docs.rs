@@ -369,27 +369,7 @@ fn the_watch_unit_verifies_and_its_command_line_watches_a_real_server() {
             .unwrap(),
     );
     let addr: SocketAddr = format!("127.0.0.1:{metrics}").parse().unwrap();
-    let end = std::time::Instant::now() + Duration::from_secs(15);
-    let body = loop {
-        if let Ok((200, body)) = common::http_request(addr, "GET", "/metrics", None) {
-            if body.matches("turnpike_watch_relay_rtt_seconds{").count() == 4 {
-                break body;
-            }
-        }
-        assert!(
-            std::time::Instant::now() < end,
-            "no relay round trip for all four targets with {args:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    for transport in ["udp", "tcp", "tls", "dtls"] {
-        assert!(
-            body.lines().any(|l| l.starts_with("turnpike_watch_up{")
-                && l.contains(&format!("transport=\"{transport}\""))
-                && l.ends_with(" 1")),
-            "{transport} up:\n{body}"
-        );
-    }
+    crate::watch::four_transports_up(addr, &args);
     drop(_watch);
     server.shutdown();
     let _ = std::fs::remove_dir_all(&dir);

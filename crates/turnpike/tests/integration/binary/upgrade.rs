@@ -112,6 +112,19 @@ pub(super) fn config(dir: &std::path::Path, threads: usize) -> std::path::PathBu
     path
 }
 
+/// [`config`] with a TLS listener (a generated certificate), and so
+/// DTLS beside it.
+fn config_with_tls(dir: &std::path::Path, threads: usize) -> std::path::PathBuf {
+    let cfg = config(dir, threads);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("no-tls = true\n", "tls-listen = [\"127.0.0.1:0\"]\n"),
+    )
+    .unwrap();
+    cfg
+}
+
 /// Appends `lines` to the configuration file `cfg`.
 fn add_to(cfg: &std::path::Path, lines: &str) {
     let mut text = std::fs::read_to_string(cfg).unwrap();
@@ -132,14 +145,7 @@ pub(super) fn client(server: SocketAddr, t: ClientTransport) -> TurnClient {
 #[test]
 fn an_upgrade_moves_udp_and_tcp_calls_without_loss_and_tls_stays_until_it_closes() {
     let dir = scratch("moves");
-    let cfg = config(&dir, 2);
-    // With TLS too (a generated certificate).
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(
-        &cfg,
-        text.replace("no-tls = true\n", "tls-listen = [\"127.0.0.1:0\"]\n"),
-    )
-    .unwrap();
+    let cfg = config_with_tls(&dir, 2);
     let (server, err, addr, mut seen) = start(&cfg);
     let tls_addr = tls_listen(&seen);
     let old_pid = server.0.as_ref().unwrap().id();
@@ -462,9 +468,8 @@ fn under_systemd_the_new_process_names_itself_the_main_one() {
 fn a_replaced_process_leaves_the_fleet_registry_to_its_successor() {
     let redis = crate::common::redis_server();
     let dir = scratch("fleet");
-    let cfg = config(&dir, 2);
+    let cfg = config_with_tls(&dir, 2);
     let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text = text.replace("no-tls = true\n", "tls-listen = [\"127.0.0.1:0\"]\n");
     text.push_str(&format!(
         "redis-url = \"redis://127.0.0.1:{}/0\"\nnode-name = \"upgraded\"\n",
         redis.1
@@ -919,13 +924,7 @@ fn usage_records_continue_across_an_upgrade_under_the_same_allocation_id() {
 #[test]
 fn dtls_calls_stay_whole_with_the_old_process_and_new_ones_reach_the_new() {
     let dir = scratch("dtls");
-    let cfg = config(&dir, 2);
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(
-        &cfg,
-        text.replace("no-tls = true\n", "tls-listen = [\"127.0.0.1:0\"]\n"),
-    )
-    .unwrap();
+    let cfg = config_with_tls(&dir, 2);
     let (server, err, _, mut seen) = start(&cfg);
     // DTLS beside TLS, on its port.
     let dtls = tls_listen(&seen);
