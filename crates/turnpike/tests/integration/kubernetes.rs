@@ -760,16 +760,7 @@ fn the_watch_pod_as_rendered_checks_a_real_server_and_answers_its_probes() {
         })
         .collect();
     assert!(!args.iter().any(|a| a.contains("example.org")), "{args:?}");
-    let _watch = common::Proc(
-        Command::new(common::turnpike_bin())
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let addr: SocketAddr = format!("127.0.0.1:{metrics}").parse().unwrap();
-    let body = crate::watch::four_transports_up(addr, &args);
+    let (_watch, body) = crate::watch::four_transports_up(&args, metrics);
     assert!(body.contains("turnpike_watch_certificate_days_left{"), "{body}");
     for l in body.lines().filter(|l| l.starts_with("turnpike_watch_drift{")) {
         let expected = if l.contains("check=\"internal_peer\"") {

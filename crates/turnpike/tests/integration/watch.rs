@@ -319,10 +319,19 @@ fn have_promtool() -> bool {
     !missing("watch promtool", "no promtool (apt-get install prometheus)")
 }
 
-/// A running watcher's `/metrics` at `addr` once it has a relay round
-/// trip for each of four targets (UDP, TCP, TLS, DTLS), each of them up;
-/// `args` are its arguments, for the failure message.
-pub(crate) fn four_transports_up(addr: SocketAddr, args: &[String]) -> String {
+/// `turnpike ARGS` (a watcher serving metrics on 127.0.0.1:`metrics`)
+/// started, and its `/metrics` once it has a relay round trip for each of
+/// four targets (UDP, TCP, TLS, DTLS), each of them up.
+pub(crate) fn four_transports_up(args: &[String], metrics: u16) -> (Proc, String) {
+    let watcher = Proc(
+        Command::new(turnpike_bin())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{metrics}").parse().unwrap();
     let end = std::time::Instant::now() + Duration::from_secs(15);
     let body = loop {
         if let Ok((200, body)) = http_request(addr, "GET", "/metrics", None) {
@@ -344,5 +353,5 @@ pub(crate) fn four_transports_up(addr: SocketAddr, args: &[String]) -> String {
             "{transport} up:\n{body}"
         );
     }
-    body
+    (watcher, body)
 }

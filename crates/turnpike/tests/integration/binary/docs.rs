@@ -360,16 +360,7 @@ fn the_watch_unit_verifies_and_its_command_line_watches_a_real_server() {
         !args.iter().any(|a| a.contains("example.org") || a.contains('%')),
         "{args:?}"
     );
-    let _watch = common::Proc(
-        Command::new(common::turnpike_bin())
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let addr: SocketAddr = format!("127.0.0.1:{metrics}").parse().unwrap();
-    crate::watch::four_transports_up(addr, &args);
+    let (_watch, _) = crate::watch::four_transports_up(&args, metrics);
     drop(_watch);
     server.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
