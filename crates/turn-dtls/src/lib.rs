@@ -297,7 +297,7 @@ impl dimpl::crypto::SignatureVerifier for MemoVerifier {
         hash_alg: dimpl::crypto::HashAlgorithm,
         sig_alg: dimpl::crypto::SignatureAlgorithm,
     ) -> Result<(), dimpl::CryptoError> {
-        if !IN_BUILD.get() {
+        if BUILD.get() == Build::None {
             return self
                 .0
                 .verify_signature(cert_der, data, signature, hash_alg, sig_alg);
@@ -333,9 +333,24 @@ impl dimpl::crypto::SignatureVerifier for MemoVerifier {
     }
 }
 
+/// What this thread's configuration build, if any, does about the
+/// self-test key exchange.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Build {
+    None,
+    /// The first build(s): the groups' exchange is run for real.
+    Validating,
+    /// A later build: both sides of the exchange are the stand-in.
+    Repeat,
+}
+
 thread_local! {
-    /// Set while this thread builds a configuration.
-    static IN_BUILD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Decided once when a build starts, never in the middle of one: a
+    /// build that read `GROUPS_VALIDATED` per exchange could start Alice
+    /// for real and, another thread's build finishing meanwhile, get the
+    /// stand-in for Bob, whose key the real P-256 refuses (start refused
+    /// with "invalid Secp256r1 public key", seen once in CI).
+    static BUILD: std::cell::Cell<Build> = const { std::cell::Cell::new(Build::None) };
 }
 
 /// Whether a configuration has been built (and its groups validated).
@@ -355,7 +370,7 @@ impl dimpl::crypto::SupportedKxGroup for ValidatedOnce {
         &self,
         buf: dimpl::crypto::Buf,
     ) -> Result<Box<dyn dimpl::crypto::ActiveKeyExchange>, dimpl::CryptoError> {
-        if IN_BUILD.get() && GROUPS_VALIDATED.load(Ordering::Acquire) {
+        if BUILD.get() == Build::Repeat {
             return Ok(Box::new(SelfTest(self.0.name())));
         }
         self.0.start_exchange(buf)
@@ -397,9 +412,13 @@ fn engine_config(seed: Option<u64>, handshake_timeout: Duration) -> Result<Arc<d
         // documentation for what the seed decides and why that is safe.
         b = b.dangerously_set_rng_seed(seed);
     }
-    IN_BUILD.set(true);
+    BUILD.set(if GROUPS_VALIDATED.load(Ordering::Acquire) {
+        Build::Repeat
+    } else {
+        Build::Validating
+    });
     let built = b.build();
-    IN_BUILD.set(false);
+    BUILD.set(Build::None);
     let config = built.map_err(|e| format!("DTLS settings: {e}"))?;
     GROUPS_VALIDATED.store(true, Ordering::Release);
     Ok(Arc::new(config))
@@ -913,4 +932,34 @@ pub fn random_secret() -> Result<[u8; 32], String> {
     let mut s = [0u8; 32];
     getrandom::getrandom(&mut s).map_err(|e| format!("the system's random source: {e}"))?;
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dimpl::crypto::SupportedKxGroup;
+
+    /// The interleaving CI once met: this thread's build starts before any
+    /// build has finished (real exchanges), another thread's build finishes
+    /// between Alice's and Bob's start. Both must still be real.
+    #[test]
+    fn a_build_keeps_its_exchanges_real_when_another_finishes_midway() {
+        let group = provider()
+            .kx_groups
+            .iter()
+            .copied()
+            .find(|g| g.name() == dimpl::crypto::NamedGroup::Secp256r1)
+            .unwrap();
+        BUILD.set(Build::Validating);
+        let alice = group.start_exchange(dimpl::crypto::Buf::new()).unwrap();
+        GROUPS_VALIDATED.store(true, Ordering::Release);
+        let bob = group.start_exchange(dimpl::crypto::Buf::new()).unwrap();
+        BUILD.set(Build::None);
+        let (alice_pub, bob_pub) = (alice.pub_key().to_vec(), bob.pub_key().to_vec());
+        let (mut a, mut b) = (dimpl::crypto::Buf::new(), dimpl::crypto::Buf::new());
+        alice.complete(&bob_pub, &mut a).unwrap();
+        bob.complete(&alice_pub, &mut b).unwrap();
+        assert_eq!(a.as_ref(), b.as_ref());
+        assert_eq!(alice_pub.len(), 65, "a real uncompressed P-256 key");
+    }
 }
