@@ -937,7 +937,6 @@ pub fn random_secret() -> Result<[u8; 32], String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dimpl::crypto::SupportedKxGroup;
 
     /// The interleaving CI once met: this thread's build starts before any
     /// build has finished (real exchanges), another thread's build finishes
