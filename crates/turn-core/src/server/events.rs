@@ -142,9 +142,11 @@ pub enum CloseReason {
     ConnectionClosed,
     /// An operator deleted it (admin API).
     Admin,
-    /// The server stopped while it was live (SIGINT, a second SIGTERM, or
-    /// the end of `drain-timeout`).
+    /// The server stopped while it was live (SIGINT, a second SIGTERM).
     Shutdown,
+    /// A drain that ends in the process stopping (SIGTERM, the old process
+    /// after a binary upgrade) ran out of `drain-timeout` while it was live.
+    Drain,
 }
 
 impl CloseReason {
@@ -156,6 +158,7 @@ impl CloseReason {
             CloseReason::ConnectionClosed => "connection-closed",
             CloseReason::Admin => "deleted-by-admin",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Drain => "drain",
         }
     }
 }

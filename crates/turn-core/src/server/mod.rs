@@ -352,12 +352,12 @@ impl Server {
         }
     }
 
-    /// Deletes every allocation (shutdown), asking for their relay sockets
-    /// to be closed.
-    pub fn close_all(&mut self, now: Instant) {
+    /// Deletes every allocation (the server stops, `reason` says why),
+    /// asking for their relay sockets to be closed.
+    pub fn close_all(&mut self, now: Instant, reason: CloseReason) {
         let idxs: Vec<u32> = self.table.by_tuple.values().copied().collect();
         for idx in idxs {
-            self.delete(idx, now, CloseReason::Shutdown);
+            self.delete(idx, now, reason);
         }
     }
 

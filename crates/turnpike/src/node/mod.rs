@@ -209,9 +209,17 @@ impl Node {
                     // that asked for it) are answered first, for a while.
                     let answered =
                         retired_at.is_none_or(|at| crate::http::all_retired() || at.elapsed() >= HTTP_GRACE);
-                    if (left == 0 && answered) || Instant::now() >= d {
+                    if left == 0 && answered {
                         control.stop();
-                        info!(allocations_closed = left, "drain finished; shutting down");
+                        info!(allocations_closed = 0, "drain finished; shutting down");
+                        return;
+                    }
+                    if Instant::now() >= d {
+                        control.stop_drain_ran_out();
+                        info!(
+                            allocations_closed = left,
+                            "drain-timeout ran out; ending what is left (reason drain) and shutting down"
+                        );
                         return;
                     }
                     if last_report.elapsed() >= Duration::from_secs(5) {

@@ -288,7 +288,7 @@ impl SharedLimits {
 /// drain, reload, stop.
 #[derive(Clone)]
 pub struct Control {
-    pub(super) flag: Arc<AtomicBool>,
+    pub(super) flag: Arc<StopFlag>,
     pub(super) wakers: Vec<Arc<Waker>>,
     pub(super) draining: Arc<AtomicBool>,
     pub(super) quotas: Arc<turn_core::limits::Quotas>,
@@ -576,9 +576,38 @@ impl Control {
 
     /// Asks every worker to close its allocations and exit.
     pub fn stop(&self) {
-        self.flag.store(true, Ordering::SeqCst);
+        self.flag.stop.store(true, Ordering::SeqCst);
         for w in &self.wakers {
             let _ = w.wake();
+        }
+    }
+
+    /// As [`Control::stop`], when a drain's timeout ran out: what is still
+    /// live ends with reason `drain` rather than `shutdown`.
+    pub fn stop_drain_ran_out(&self) {
+        self.flag.drain_ran_out.store(true, Ordering::SeqCst);
+        self.stop();
+    }
+}
+
+/// The workers' stop flag, and why they stopped.
+#[derive(Default)]
+pub(super) struct StopFlag {
+    stop: AtomicBool,
+    drain_ran_out: AtomicBool,
+}
+
+impl StopFlag {
+    pub(super) fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// What the allocations live at the stop end with.
+    pub(super) fn reason(&self) -> turn_core::CloseReason {
+        if self.drain_ran_out.load(Ordering::SeqCst) {
+            turn_core::CloseReason::Drain
+        } else {
+            turn_core::CloseReason::Shutdown
         }
     }
 }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use turn_core::{CloseReason, ErrorCode, Event, FiveTuple};
+use turn_core::{ErrorCode, Event, FiveTuple};
 
 use super::worker::Worker;
 use crate::events::{Emitter, Usage};
@@ -39,14 +39,6 @@ impl EventsPlane {
             next_interim: Instant::now() + interim,
             live: HashMap::default(),
         }
-    }
-}
-
-fn end_reason(r: CloseReason, draining: bool) -> &'static str {
-    match r {
-        // The drain's own deletions (admin, after drain-timeout).
-        CloseReason::Admin if draining => "drain",
-        r => r.label(),
     }
 }
 
@@ -128,7 +120,7 @@ impl Worker {
                     "started_ms": live.started_ms,
                     "duration_s": age.as_secs_f64(),
                     "peers": live.peers,
-                    "reason": end_reason(*reason, self.core.is_draining()),
+                    "reason": reason.label(),
                 });
                 if let Value::Object(m) = &mut v {
                     usage.fields(m);

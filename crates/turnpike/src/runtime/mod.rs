@@ -610,7 +610,7 @@ fn start_with(
         None => None,
     };
 
-    let flag = Arc::new(AtomicBool::new(false));
+    let flag = Arc::new(control::StopFlag::default());
     let reloads = Arc::new(Reloads::default());
     let fast = match &fast_state {
         fast::State::Active(f, ..) => Some(f.clone()),
@@ -703,7 +703,7 @@ fn nonce_clock(handover: Option<&crate::upgrade::Handover>) -> ([u8; 32], Instan
 
 /// What every worker shares, besides the core's configuration.
 struct WorkerShared {
-    stop: Arc<AtomicBool>,
+    stop: Arc<control::StopFlag>,
     reloads: Arc<Reloads>,
     board: crate::metrics::Board,
     connections: Arc<turn_core::limits::SourceCounter>,

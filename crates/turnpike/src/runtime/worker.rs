@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,7 +35,7 @@ use super::{WorkerSockets, IDLE_TICK, SWEEP_INTERVAL, WAKER};
 pub(super) struct WorkerParams {
     pub(super) relay: RelayConfig,
     pub(super) tls: Option<Arc<rustls::ServerConfig>>,
-    pub(super) stop: Arc<AtomicBool>,
+    pub(super) stop: Arc<super::control::StopFlag>,
     pub(super) reservations: Arc<Mutex<Reservations>>,
     pub(super) limits: ConnLimits,
     pub(super) redact: Redactor,
@@ -289,7 +288,7 @@ impl Worker {
             if self.control.stopping() {
                 let now = Instant::now();
                 self.dtls_close_all(now);
-                self.core.close_all(now);
+                self.core.close_all(now, self.control.stop.reason());
                 self.drive_core(now);
                 self.io.queue.flush();
                 self.log_events();

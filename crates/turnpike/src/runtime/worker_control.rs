@@ -2,7 +2,7 @@
 //! reload, the requests it answers (sessions, deletions), the numbers it
 //! publishes for the metrics endpoint, and the stop flag.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,7 +12,7 @@ use super::worker::Worker;
 
 /// What links a worker to the control plane.
 pub(super) struct ControlLink {
-    pub(super) stop: Arc<AtomicBool>,
+    pub(super) stop: Arc<super::control::StopFlag>,
     reloads: Arc<Reloads>,
     /// The reload generation this worker has taken.
     seen_generation: u64,
@@ -24,7 +24,7 @@ pub(super) struct ControlLink {
 
 impl ControlLink {
     pub(super) fn new(
-        stop: Arc<AtomicBool>,
+        stop: Arc<super::control::StopFlag>,
         reloads: Arc<Reloads>,
         board: crate::metrics::Board,
         commands: Receiver<WorkerRequest>,
@@ -41,7 +41,7 @@ impl ControlLink {
     }
 
     pub(super) fn stopping(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
+        self.stop.stopping()
     }
 }
 

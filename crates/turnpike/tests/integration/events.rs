@@ -472,3 +472,61 @@ fn allocations_live_at_shutdown_end_with_their_usage() {
     drop(calls);
     let _ = std::fs::remove_file(&file);
 }
+
+/// SIGTERM drains to stop; a call still up when `--drain-timeout` runs
+/// out ends with reason `drain` (not `shutdown`) and its usage, written
+/// before the process exits.
+#[test]
+fn a_call_cut_by_the_end_of_a_drain_ends_with_reason_drain() {
+    let file = std::env::temp_dir().join(format!("turnpike-events-drain-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let (mut proc, line, _log) = serve_binary(&[
+        "--allow-loopback-peers",
+        "--drain-timeout",
+        "2",
+        "--events-file",
+        file.to_str().unwrap(),
+    ]);
+    let listen = started_addr(&line, "listen");
+    let peer = peer();
+    let p = peer.local_addr().unwrap();
+    let mut c = client(&ClientTransport::Udp, listen, USER, PASSWORD);
+    c.allocate().unwrap();
+    c.create_permission(&[p]).unwrap();
+    for _ in 0..10 {
+        c.send_indication(p, &[7u8; 100]).unwrap();
+        let mut buf = [0u8; 256];
+        assert_eq!(peer.recv_from(&mut buf).unwrap().0, 100);
+    }
+    let started = Instant::now();
+    // SAFETY: kill(2) on this test's own child.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(proc.0.id() as i32, libc::SIGTERM);
+    }
+    let status = loop {
+        if let Some(s) = proc.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no exit after the drain"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "the call held the drain open"
+    );
+    let ends: Vec<Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["type"] == "allocation.end")
+        .collect();
+    assert_eq!(ends.len(), 1, "{ends:#?}");
+    assert_eq!(ends[0]["reason"], "drain", "{}", ends[0]);
+    assert_eq!(ends[0]["bytes_to_peers"].as_u64(), Some(1000), "{}", ends[0]);
+    let _ = std::fs::remove_file(&file);
+}
