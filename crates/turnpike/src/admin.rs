@@ -439,6 +439,7 @@ fn main_settings(s: &crate::config::Settings) -> serde_json::Value {
         "total-quota": s.options.total_quota,
         "max-bps": s.options.max_bps,
         "user-max-bps": s.options.user_max_bps,
+        "max-allocation-bytes": s.options.max_allocation_bytes,
         "rate-limit-per-ip": s.options.rate_limit_per_ip,
         "auth-fail-limit": s.options.auth_fail_limit,
         "drain-timeout": s.options.drain_timeout.as_secs(),

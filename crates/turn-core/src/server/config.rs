@@ -152,6 +152,9 @@ pub struct Config {
     /// Bytes per second one user's allocations on one worker may relay in
     /// each direction; 0: no cap.
     pub user_max_bps: u64,
+    /// Bytes one allocation may relay in all (both directions together);
+    /// one that has is ended (reason `quota`). 0: no cap.
+    pub max_allocation_bytes: u64,
     /// Allocations may ask for DONT-FRAGMENT (RFC 8656 §14.8); when false,
     /// such an Allocate gets 420 as the RFC requires of a server that
     /// cannot set DF.
@@ -216,6 +219,7 @@ impl Config {
             max_channels: 256,
             max_bps: 0,
             user_max_bps: 0,
+            max_allocation_bytes: 0,
             dont_fragment: true,
             icmp_per_second: 10,
             rfc5780: None,

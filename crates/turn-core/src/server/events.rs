@@ -147,6 +147,8 @@ pub enum CloseReason {
     /// A drain that ends in the process stopping (SIGTERM, the old process
     /// after a binary upgrade) ran out of `drain-timeout` while it was live.
     Drain,
+    /// It relayed `max_allocation_bytes` (both directions together).
+    Quota,
 }
 
 impl CloseReason {
@@ -159,6 +161,7 @@ impl CloseReason {
             CloseReason::Admin => "deleted-by-admin",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Drain => "drain",
+            CloseReason::Quota => "quota",
         }
     }
 }

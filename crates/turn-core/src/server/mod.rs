@@ -228,6 +228,37 @@ impl Server {
         doomed.len()
     }
 
+    /// Ends the allocations that have relayed `max_allocation_bytes` in all
+    /// (reason `quota`); `outside` adds, per allocation, what was relayed
+    /// where the core does not count (RFC 6062 data connections). Bytes the
+    /// fast path relayed count once they are handed in
+    /// ([`Server::handle_fast_path_counts`]). Returns how many ended.
+    pub fn end_over_quota(&mut self, now: Instant, outside: &dyn Fn(&FiveTuple) -> u64) -> usize {
+        let cap = self.cfg.max_allocation_bytes;
+        if cap == 0 {
+            return 0;
+        }
+        let over: Vec<u32> = self
+            .table
+            .by_tuple
+            .iter()
+            .filter(|(tuple, idx)| {
+                self.table.get(**idx).is_some_and(|a| {
+                    let s = &a.stats;
+                    s.to_peer_bytes
+                        .saturating_add(s.from_peer_bytes)
+                        .saturating_add(outside(tuple))
+                        >= cap
+                })
+            })
+            .map(|(_, idx)| *idx)
+            .collect();
+        for idx in &over {
+            self.delete(*idx, now, CloseReason::Quota);
+        }
+        over.len()
+    }
+
     /// Relay sockets the live allocations hold (two for a dual one).
     pub fn relay_count(&self) -> usize {
         self.table.by_relay.len()

@@ -11,7 +11,7 @@ use common::*;
 use stun_proto::{attr, method, Class, Message, MessageBuilder, MessageType};
 use turn_core::auth::OFFERED_ALGORITHMS;
 use turn_core::limits::Quotas;
-use turn_core::{Event, Transport};
+use turn_core::{CloseReason, Event, Transport};
 
 const TRANSPORT_UDP: u32 = 0x1100_0000;
 
@@ -615,6 +615,56 @@ fn bandwidth_caps_per_allocation_and_per_user() {
         5,
         "bob has his own"
     );
+}
+
+#[test]
+fn an_allocation_that_relayed_its_byte_quota_is_ended_with_reason_quota() {
+    let mut h = Harness::with(|c| c.max_allocation_bytes = 1000);
+    let mut c = Client::new(udp(), "alice", "wonderland");
+    c.allocate(&mut h);
+    let relay = *h.relays.open.iter().next().unwrap();
+    c.bind(&mut h, 0x4000, "8.8.8.8:1");
+    let mut other = Client::new(tuple(Transport::Udp, "203.0.113.5:2"), "alice", "wonderland");
+    other.allocate(&mut h);
+    other.bind(&mut h, 0x4000, "8.8.8.8:1");
+    let _ = h.events();
+    let pkt = channel_data(0x4000, &[0u8; 400]);
+    assert!(h.send(udp(), &pkt).is_some());
+    assert!(h.peer_sends(relay, "8.8.8.8:1", &[0u8; 599]).is_some());
+    assert!(h.send(other.t, &pkt).is_some());
+    assert_eq!(h.server.end_over_quota(h.now, &|_| 0), 0, "999 bytes: below");
+    assert_eq!(
+        h.server.end_over_quota(h.now, &|t| u64::from(*t == udp())),
+        1,
+        "what the caller relayed for it (RFC 6062) counts"
+    );
+    let ended: Vec<_> = h
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::AllocationDeleted {
+                tuple, reason, stats, ..
+            } => Some((tuple, reason, stats)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(ended[0].0, udp());
+    assert_eq!(ended[0].1, CloseReason::Quota);
+    assert_eq!((ended[0].2.to_peer_bytes, ended[0].2.from_peer_bytes), (400, 599));
+    assert_eq!(code(&c.refresh(&mut h, Some(600))), Some(437), "it is gone");
+    assert!(
+        is_success(&other.refresh(&mut h, Some(600))),
+        "the other lives on"
+    );
+    assert!(h.send(other.t, &pkt).is_some());
+
+    let mut h = Harness::new();
+    let mut c = Client::new(udp(), "alice", "wonderland");
+    c.allocate(&mut h);
+    c.bind(&mut h, 0x4000, "8.8.8.8:1");
+    assert!(h.send(udp(), &channel_data(0x4000, &[0u8; 1200])).is_some());
+    assert_eq!(h.server.end_over_quota(h.now, &|_| u64::MAX), 0, "0: no cap");
 }
 
 // ---- Bad input, each case as the RFCs say ----

@@ -224,6 +224,13 @@ pub struct Options {
     #[arg(long, value_name = "BYTES", default_value_t = 0)]
     pub user_max_bps: u64,
 
+    /// Bytes one allocation may relay in all, both directions together
+    /// (fast path and RFC 6062 connections included); one that has relayed
+    /// them is ended, checked once a second (reason `quota` in its usage
+    /// record and log line). 0: no cap.
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    pub max_allocation_bytes: u64,
+
     /// Answers per second to unauthenticated requests (Binding, 401) from
     /// one source IP, for the whole host (all workers share the budget);
     /// 0 turns per-source limits off, which single-host benchmarks need.

@@ -211,6 +211,7 @@ pub fn validate(options: &Options, host: &HostFacts) -> Result<Settings> {
         total_quota: _,
         max_bps: _,
         user_max_bps: _,
+        max_allocation_bytes: _,
         rate_limit_per_ip: _,
         auth_fail_limit: _,
         auth_block_secs,

@@ -103,6 +103,7 @@ const LIVE: &[&str] = &[
     "auth-block-secs",
     "max-bps",
     "user-max-bps",
+    "max-allocation-bytes",
     "alternate-server",
     "cert",
     "key",

@@ -188,6 +188,7 @@ pub(super) fn core_config(settings: &Settings, base: &CoreBase) -> turn_core::Co
     // One quota book for all workers: quotas are per server, not per core.
     c.max_bps = settings.options.max_bps;
     c.user_max_bps = settings.options.user_max_bps;
+    c.max_allocation_bytes = settings.options.max_allocation_bytes;
     c.rfc5780 = base.rfc5780;
     c.alternate_servers = settings.options.alternate_server.clone();
     c.fast_path = base.fast_path;

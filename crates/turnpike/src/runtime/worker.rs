@@ -275,6 +275,7 @@ impl Worker {
             if now >= self.next_sweep {
                 self.sweep_connections(now);
                 self.fast_counts(now, true);
+                self.end_over_quota(now);
                 self.publish_metrics(now);
                 self.refusals.flush(now);
                 self.interim_records(now);
@@ -327,6 +328,20 @@ impl Worker {
             Kind::Conn => self.on_conn(key, readable, writable, now),
             Kind::TcpRelay(addr) => self.accept_peers(key, addr, now),
             Kind::Peer => self.on_peer(key, readable, writable, now),
+        }
+    }
+
+    /// `--max-allocation-bytes`: ends the allocations that relayed their
+    /// bytes, counted with the fast path's (handed in just before) and
+    /// their RFC 6062 connections'.
+    fn end_over_quota(&mut self, now: Instant) {
+        if self.core.config().max_allocation_bytes == 0 {
+            return;
+        }
+        let rfc6062 = self.pairs.total_bytes_by_control();
+        let outside = |t: &turn_core::FiveTuple| rfc6062.get(t).copied().unwrap_or(0);
+        if self.core.end_over_quota(now, &outside) > 0 {
+            self.drive_core(now);
         }
     }
 }

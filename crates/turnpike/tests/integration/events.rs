@@ -530,3 +530,119 @@ fn a_call_cut_by_the_end_of_a_drain_ends_with_reason_drain() {
     assert_eq!(ends[0]["bytes_to_peers"].as_u64(), Some(1000), "{}", ends[0]);
     let _ = std::fs::remove_file(&file);
 }
+
+/// `--max-allocation-bytes`: an allocation that relayed its bytes (UDP,
+/// and RFC 6062 counting its data connections) is ended within about a
+/// second, its usage record saying `quota`; one below the cap relays on.
+#[test]
+fn an_allocation_that_relays_its_byte_quota_is_ended_with_reason_quota() {
+    let file = std::env::temp_dir().join(format!("turnpike-events-quota-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let h = start(&[
+        "--allow-loopback-peers",
+        "--max-allocation-bytes",
+        "20000",
+        "--events-file",
+        file.to_str().unwrap(),
+    ]);
+    let server = h.listen[0];
+    let peer = peer();
+    let p = peer.local_addr().unwrap();
+    // The cap is crossed by the last datagram only, so a check between
+    // two of them cannot end the call before all were relayed.
+    let udp_call = |sizes: &[usize]| {
+        let mut c = client(&ClientTransport::Udp, server, USER, PASSWORD);
+        c.allocate().unwrap();
+        c.create_permission(&[p]).unwrap();
+        for &size in sizes {
+            c.send_indication(p, &vec![5u8; size]).unwrap();
+            let mut buf = [0u8; 8192];
+            assert_eq!(peer.recv_from(&mut buf).unwrap().0, size);
+        }
+        c
+    };
+    let mut below = udp_call(&[100; 100]);
+    let mut over = udp_call(&[[100; 199].as_slice(), &[5_100]].concat());
+
+    let tcp_peer = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut rfc6062 = client(&ClientTransport::Tcp, server, USER, PASSWORD);
+    rfc6062.set_tcp_relay(true);
+    rfc6062.allocate().unwrap();
+    let id = rfc6062.connect(tcp_peer.local_addr().unwrap()).unwrap();
+    let (mut at_peer, _) = tcp_peer.accept().unwrap();
+    let mut data = rfc6062
+        .connection_bind(&ClientTransport::Tcp, server, id)
+        .unwrap();
+    // The check may come while these are relayed: the record must then
+    // count what reached the peer.
+    data.send(&[7u8; 30_000]).unwrap();
+    at_peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut at_peer_got = 0u64;
+    let mut chunk = [0u8; 4096];
+    while at_peer_got < 30_000 {
+        match at_peer.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => at_peer_got += n as u64,
+        }
+    }
+    assert!(at_peer_got >= 20_000, "{at_peer_got} bytes reached the peer");
+
+    let ended = |c: &mut turnpike_client::client::TurnClient| {
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            match c.refresh(600) {
+                Err(turnpike_client::client::ClientError::Error { code: 437, .. }) => return true,
+                Ok(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(200)),
+                other => {
+                    eprintln!("still allocated: {other:?}");
+                    return false;
+                }
+            }
+        }
+    };
+    assert!(ended(&mut over), "the UDP allocation over its quota must end");
+    assert!(
+        ended(&mut rfc6062),
+        "the RFC 6062 allocation over its quota must end"
+    );
+    // Its peer connection went with it.
+    let mut rest = [0u8; 16];
+    assert_eq!(
+        at_peer.read(&mut rest).unwrap_or(0),
+        0,
+        "the peer connection is closed"
+    );
+    assert_eq!(below.refresh(600).unwrap(), 600, "below the cap it lives on");
+    below.send_indication(p, &[5u8; 100]).unwrap();
+    let mut buf = [0u8; 256];
+    assert_eq!(peer.recv_from(&mut buf).unwrap().0, 100);
+
+    h.shutdown();
+    let ends: Vec<Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["type"] == "allocation.end")
+        .collect();
+    let quota: Vec<&Value> = ends.iter().filter(|e| e["reason"] == "quota").collect();
+    assert_eq!(quota.len(), 2, "{ends:#?}");
+    let by = |t: &str| quota.iter().find(|e| e["transport"] == t).unwrap();
+    assert_eq!(
+        by("udp")["bytes_to_peers"].as_u64(),
+        Some(25_000),
+        "{}",
+        by("udp")
+    );
+    assert_eq!(
+        by("tcp")["bytes_to_peers"].as_u64(),
+        Some(at_peer_got),
+        "{}",
+        by("tcp")
+    );
+    let rest: Vec<&Value> = ends.iter().filter(|e| e["reason"] != "quota").collect();
+    assert_eq!(rest.len(), 1, "{ends:#?}");
+    assert_eq!(rest[0]["reason"], "shutdown");
+    assert_eq!(rest[0]["bytes_to_peers"].as_u64(), Some(10_100));
+    drop(data);
+    let _ = std::fs::remove_file(&file);
+}
