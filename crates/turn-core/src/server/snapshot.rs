@@ -195,7 +195,7 @@ impl std::fmt::Display for SnapshotError {
 impl std::error::Error for SnapshotError {}
 
 /// What a restore took in and what it left out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Restored {
     /// Allocations now served here.
     pub allocations: usize,
@@ -203,6 +203,10 @@ pub struct Restored {
     /// runtime no longer has: dropped (their relay sockets are the
     /// runtime's to close).
     pub dropped: usize,
+    /// The dropped ones, as indexes into the snapshot's allocations: the
+    /// old process forgot them without an end, so their usage records
+    /// are ended by the runtime.
+    pub lost: Vec<usize>,
 }
 
 impl Server {
@@ -362,10 +366,13 @@ impl Server {
             check(a)?;
         }
         let mut done = Restored::default();
-        for a in &snap.allocations {
+        for (n, a) in snap.allocations.iter().enumerate() {
             match self.insert_state(now, a, listener) {
                 Some(_) => done.allocations += 1,
-                None => done.dropped += 1,
+                None => {
+                    done.dropped += 1;
+                    done.lost.push(n);
+                }
             }
         }
         self.counters = snap.counters;

@@ -178,6 +178,7 @@ fn tls_allocations_stay_behind_and_unknown_listeners_are_dropped() {
     let none = |_: ListenerId| None;
     let done = next.server.restore(next.now, &snap, &none).unwrap();
     assert_eq!((done.allocations, done.dropped), (0, 2));
+    assert_eq!(done.lost, vec![0, 1], "which ones, for their usage records");
     assert!(quotas.held_here().is_empty());
 }
 

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tracing::warn;
 use turn_core::{ErrorCode, Event, FiveTuple};
 
 use super::worker::Worker;
@@ -176,8 +177,36 @@ impl Worker {
 
     /// New side, after the allocations are restored: each one's record
     /// state, found by its relayed address, so its interim and end
-    /// records continue those of the old process.
-    pub(super) fn adopt_records(&mut self, now: Instant, moved: Vec<crate::events::MovedRecord>) {
+    /// records continue those of the old process. One the restore left
+    /// out (`lost`: indexes into `snap`) was forgotten by the old process
+    /// without an end: its record ends here, reason `expired` if its
+    /// lifetime ran out on the way, else `error`, with the usage the
+    /// snapshot carried.
+    pub(super) fn adopt_records(
+        &mut self,
+        now: Instant,
+        moved: Vec<crate::events::MovedRecord>,
+        snap: &turn_core::snapshot::Snapshot,
+        lost: &[usize],
+    ) {
+        let lost: Vec<(&turn_core::snapshot::AllocationState, std::net::SocketAddr, bool)> = lost
+            .iter()
+            .filter_map(|&n| snap.allocations.get(n))
+            .filter_map(|a| {
+                // As the old process named it: the first family's, advertised.
+                let first = a.relays.iter().min_by_key(|r| r.bound.is_ipv6())?;
+                let expired = a.relays.iter().all(|r| r.expires_in_ms == 0);
+                Some((a, self.core.config().advertise(first.bound), expired))
+            })
+            .collect();
+        for (a, relayed, expired) in &lost {
+            warn!(
+                client = %self.redact.show(&a.client),
+                relayed = %relayed,
+                reason = if *expired { "expired" } else { "error" },
+                "upgrade: an allocation was not taken over (its lifetime ran out on the way, or this process has no such listener)"
+            );
+        }
         if moved.is_empty() {
             return;
         }
@@ -201,6 +230,33 @@ impl Worker {
                     },
                 );
             }
+        }
+        for (a, relayed, expired) in lost {
+            let Some(m) = by_relayed.remove(&relayed) else {
+                continue;
+            };
+            let usage = Usage {
+                packets_to_peers: a.stats.to_peer_packets,
+                bytes_to_peers: a.stats.to_peer_bytes,
+                packets_from_peers: a.stats.from_peer_packets,
+                bytes_from_peers: a.stats.from_peer_bytes,
+            };
+            let mut v = json!({
+                "allocation": m.id,
+                "user": m.user,
+                "transport": a.transport.as_str(),
+                "client": m.client,
+                "server": a.server.to_string(),
+                "relayed": [relayed.to_string()],
+                "started_ms": m.started_ms,
+                "duration_s": Duration::from_millis(a.age_ms).as_secs_f64(),
+                "peers": m.peers,
+                "reason": if expired { "expired" } else { "error" },
+            });
+            if let Value::Object(o) = &mut v {
+                usage.fields(o);
+            }
+            plane.emitter.emit("allocation.end", v);
         }
     }
 

@@ -314,7 +314,7 @@ impl Worker {
             self.adopt_conn(now, stream, state, &map);
         }
         let restored = self.core.restore(now, &t.snapshot, &map)?;
-        self.adopt_records(now, t.records);
+        self.adopt_records(now, t.records, &t.snapshot, &restored.lost);
         self.pairs.add_closed_bytes(t.tcp_closed_bytes);
         self.adopt_pairs(now, &t.snapshot, t.peers, raw_out, &map);
         self.drive_core(now);
