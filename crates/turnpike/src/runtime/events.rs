@@ -269,12 +269,13 @@ impl Worker {
             return;
         }
         plane.next_interim = now + plane.interim;
+        let rfc6062 = self.pairs.bytes_by_control();
         for s in self.core.sessions(now) {
             let Some(live) = plane.live.get_mut(&s.tuple) else {
                 continue;
             };
             live.peers = live.peers.max(s.permissions);
-            let [tcp_to, tcp_from] = self.pairs.bytes_of(s.tuple);
+            let [tcp_to, tcp_from] = rfc6062.get(&s.tuple).copied().unwrap_or_default();
             let usage = Usage {
                 packets_to_peers: s.stats.to_peer_packets,
                 bytes_to_peers: s.stats.to_peer_bytes + tcp_to,

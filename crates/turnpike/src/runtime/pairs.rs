@@ -147,20 +147,15 @@ impl Pairs {
             .fold(closed, |[to, from], p| [to + p.up.bytes, from + p.down.bytes])
     }
 
-    /// RFC 6062 bytes of every allocation that has any, both directions
-    /// together, in one pass (for the once-a-second quota check).
-    pub(super) fn total_bytes_by_control(
-        &self,
-    ) -> std::collections::HashMap<FiveTuple, u64, ahash::RandomState> {
-        let mut by: std::collections::HashMap<FiveTuple, u64, ahash::RandomState> = self
-            .closed_by_control
-            .iter()
-            .map(|(c, [to, from])| (*c, to.saturating_add(*from)))
-            .collect();
+    /// [`Pairs::bytes_of`] for every allocation that has any, in one pass
+    /// (the quota check and interim reports ask for all of them).
+    pub(super) fn bytes_by_control(&self) -> HashMap<FiveTuple, [u64; 2], ahash::RandomState> {
+        let mut by = self.closed_by_control.clone();
         for p in self.by_id.values() {
             if let Stage::Bound { control, .. } = p.stage {
-                let t = by.entry(control).or_default();
-                *t = t.saturating_add(p.up.bytes).saturating_add(p.down.bytes);
+                let [to, from] = by.entry(control).or_default();
+                *to += p.up.bytes;
+                *from += p.down.bytes;
             }
         }
         by

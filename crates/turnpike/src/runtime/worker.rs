@@ -338,8 +338,9 @@ impl Worker {
         if self.core.config().max_allocation_bytes == 0 {
             return;
         }
-        let rfc6062 = self.pairs.total_bytes_by_control();
-        let outside = |t: &turn_core::FiveTuple| rfc6062.get(t).copied().unwrap_or(0);
+        let rfc6062 = self.pairs.bytes_by_control();
+        let outside =
+            |t: &turn_core::FiveTuple| rfc6062.get(t).map_or(0, |[to, from]| to.saturating_add(*from));
         if self.core.end_over_quota(now, &outside) > 0 {
             self.drive_core(now);
         }
