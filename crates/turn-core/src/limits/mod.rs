@@ -102,12 +102,14 @@ fn slot_of<K: Hash>(hasher: &impl std::hash::BuildHasher, key: K, len: usize) ->
     (hasher.hash_one(key) as usize) % len
 }
 
+mod bandwidth;
 mod guard;
 mod quota;
 mod source;
 #[cfg(test)]
 mod tests;
 
+pub use bandwidth::{UserBandwidth, UserBuckets};
 pub use guard::{AuthGuard, GuardState, SharedFailure, SlotState, Verdict};
 pub use quota::{QuotaError, Quotas, RelayedAddrs};
 pub use source::{SourceCounter, SourceLimiter};

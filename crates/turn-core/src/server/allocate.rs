@@ -349,7 +349,7 @@ impl Server {
             self.shared.quotas.release(&p.username);
             Reply::Error(first_error.unwrap_or(ErrorCode::AllocationMismatch))
         } else {
-            let user_slot = self.user_slot(&p.username);
+            let user_bw = self.shared.user_bandwidth.join(&p.username);
             let alloc = Allocation {
                 tuple: p.tuple,
                 relays,
@@ -366,7 +366,7 @@ impl Server {
                 bw_down: Bucket::new(),
                 fast_reserved: [0; 2],
                 icmp: Bucket::new(),
-                user_slot,
+                user_bw,
                 tcp: p.tcp,
                 tcp_conns: 0,
                 dont_fragment: p.dont_fragment,

@@ -55,6 +55,9 @@ pub struct Shared {
     /// one is allowed in a default-refused range). Read when a server is
     /// made; a reload keeps the server's own.
     pub relayed: Arc<crate::limits::RelayedAddrs>,
+    /// Each user's bandwidth buckets (`Config::user_max_bps` holds per
+    /// host). Read when a server is made; a reload keeps the server's own.
+    pub user_bandwidth: Arc<crate::limits::UserBandwidth>,
     /// Answers per second to unauthenticated requests from one source IP
     /// (burst twice that), one budget; rate 0 turns the limit off.
     pub source_limiter: Arc<SourceLimiter>,
@@ -77,6 +80,7 @@ impl Default for Shared {
         Shared {
             quotas: Arc::new(Quotas::new(0, 0)),
             relayed: Arc::default(),
+            user_bandwidth: Arc::default(),
             source_limiter: Arc::new(SourceLimiter::new(200, SOURCE_SLOTS)),
             auth_guard: Arc::new(AuthGuard::new(
                 10,

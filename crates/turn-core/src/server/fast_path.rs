@@ -204,23 +204,16 @@ impl Server {
         let Some(a) = self.table.get_mut(idx) else {
             return;
         };
-        let mut user = if user_max_bps != 0 {
-            self.user_bw
-                .get_mut(a.user_slot as usize)
-                .and_then(|u| u.as_mut())
-        } else {
-            None
-        };
+        // The user's buckets are the host's: its allocations on every
+        // worker share them, each granted its part.
+        let user_allocations = a.user_bw.allocations().max(1) as u64;
+        let user_bw = a.user_bw.clone();
+        let mut user = (user_max_bps != 0).then(|| user_bw.lock());
         let mut share = [0u64; 2];
         for (dir, used) in [to_peer, from_peer].into_iter().enumerate() {
             let reserved = std::mem::take(&mut a.fast_reserved[dir]);
             let bucket = if dir == 0 { &mut a.bw_up } else { &mut a.bw_down };
-            let mut user_bucket = user.as_deref_mut().map(|u| {
-                (
-                    if dir == 0 { &mut u.up } else { &mut u.down },
-                    u.refs.max(1) as u64,
-                )
-            });
+            let mut user_bucket = user.as_deref_mut().map(|u| (&mut u[dir], user_allocations));
             // What was granted and not used goes back; what was used
             // beyond it (forwarded in the instant between the runtime's
             // reading the counts and writing new budgets) comes off the

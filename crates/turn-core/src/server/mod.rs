@@ -36,7 +36,7 @@ mod table;
 mod tcp_relay;
 
 use std::cmp::Reverse;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -60,7 +60,7 @@ pub use tcp_relay::{connection_bind_id, connection_id_tag, TCP_CONNECTION_TIMEOU
 use crate::auth::{Credentials, Key, NonceMinter};
 use allocate::PendingAllocate;
 use respond::{Reply, ReqInfo};
-use table::{FastMap, Table, UserBandwidth};
+use table::{FastMap, Table};
 
 /// A sans-IO STUN/TURN server for one worker. See the crate docs.
 pub struct Server {
@@ -77,9 +77,6 @@ pub struct Server {
     keys: Vec<Key>,
     /// Sequence number behind Data indication transaction ids.
     data_seq: u64,
-    user_bw: Vec<Option<UserBandwidth>>,
-    user_bw_free: Vec<u32>,
-    user_bw_index: HashMap<Arc<str>, u32>,
     counters: Counters,
     /// RFC 6062 peer data connections.
     tcp: tcp_relay::TcpRelays,
@@ -129,9 +126,6 @@ impl Server {
             out: Vec::with_capacity(2048),
             keys: Vec::with_capacity(4),
             data_seq: 0,
-            user_bw: Vec::new(),
-            user_bw_free: Vec::new(),
-            user_bw_index: HashMap::new(),
             counters: Counters::default(),
             tcp: tcp_relay::TcpRelays::default(),
             tcp_seq: u64::from_le_bytes([
@@ -161,13 +155,14 @@ impl Server {
     /// limits, caps and every other setting, and the shared state (a new
     /// answer budget or guard when their settings changed). Allocations are
     /// kept, and so are nonces if the secret and epoch stay (the runtime
-    /// keeps them), and the set of relayed addresses this server was made
-    /// with.
+    /// keeps them), and the set of relayed addresses and the users'
+    /// bandwidth buckets this server was made with.
     pub fn reconfigure(&mut self, cfg: Config, shared: Shared) {
         self.minter = NonceMinter::new(cfg.nonce_secret, cfg.nonce_lifetime.as_secs().max(1));
         self.cfg = cfg;
         self.shared = Shared {
             relayed: self.shared.relayed.clone(),
+            user_bandwidth: self.shared.user_bandwidth.clone(),
             ..shared
         };
     }
@@ -405,7 +400,6 @@ impl Server {
         let channels: Vec<u16> = a.channels.iter().map(|c| c.number).collect();
         self.remove_fast_path(a.tuple, &channels);
         self.shared.quotas.release(&a.username);
-        self.release_user_slot(a.user_slot);
         let t = a.tuple.transport.index();
         if reason == CloseReason::Expired {
             self.counters.allocations_expired[t] += 1;
@@ -417,13 +411,15 @@ impl Server {
         self.counters.from_peer_packets += a.stats.from_peer_packets;
         self.counters.from_peer_bytes += a.stats.from_peer_bytes;
         let relayed = a.first_relayed(&self.cfg);
+        let age = now.saturating_duration_since(a.created);
+        self.shared.user_bandwidth.leave(a.user_bw);
         self.events.push_back(Event::AllocationDeleted {
             tuple: a.tuple,
             username: a.username,
             relayed,
             reason,
             stats: a.stats,
-            age: now.saturating_duration_since(a.created),
+            age,
         });
     }
 

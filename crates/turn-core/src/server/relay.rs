@@ -9,9 +9,8 @@ use stun_proto::{attr, method, ChannelData, Class, Message, MessageBuilder, Mess
 use super::config::Config;
 use super::events::{Counters, Event};
 use super::io::{Dest, FiveTuple, Transmit};
-use super::table::{Allocation, UserBandwidth};
+use super::table::Allocation;
 use super::Server;
-use crate::limits::Bucket;
 
 /// Transaction ids of Data indications need not be random (the client does
 /// not match them to anything); a counter avoids an RNG call per packet.
@@ -49,15 +48,7 @@ impl Server {
             });
             return None;
         }
-        let dest = toward_peer(
-            &self.cfg,
-            &mut self.user_bw,
-            &mut self.counters,
-            a,
-            now,
-            (relay, peer),
-            data.len(),
-        )?;
+        let dest = toward_peer(&self.cfg, &mut self.counters, a, now, (relay, peer), data.len())?;
         Some(Transmit { dest, data })
     }
 
@@ -80,7 +71,6 @@ impl Server {
         let relay = a.relay_for(peer, now)?.bound;
         let dest = toward_peer(
             &self.cfg,
-            &mut self.user_bw,
             &mut self.counters,
             a,
             now,
@@ -128,15 +118,7 @@ impl Server {
         if !a.has_permission(peer.ip(), now) || data.len() > u16::MAX as usize {
             return None;
         }
-        if !admit_relayed(
-            &self.cfg,
-            &mut self.user_bw,
-            &mut self.counters,
-            a,
-            now,
-            data.len(),
-            false,
-        ) {
+        if !admit_relayed(&self.cfg, &mut self.counters, a, now, data.len(), false) {
             return None;
         }
         let tuple = a.tuple;
@@ -193,60 +175,19 @@ impl Server {
             data: &self.out,
         })
     }
-
-    /// The user's shared bandwidth slot on this worker, created on first use.
-    pub(super) fn user_slot(&mut self, name: &std::sync::Arc<str>) -> u32 {
-        if let Some(&i) = self.user_bw_index.get(name) {
-            if let Some(u) = self.user_bw[i as usize].as_mut() {
-                u.refs += 1;
-            }
-            return i;
-        }
-        let entry = UserBandwidth {
-            name: name.clone(),
-            up: Bucket::new(),
-            down: Bucket::new(),
-            refs: 1,
-        };
-        let i = match self.user_bw_free.pop() {
-            Some(i) => {
-                self.user_bw[i as usize] = Some(entry);
-                i
-            }
-            None => {
-                self.user_bw.push(Some(entry));
-                (self.user_bw.len() - 1) as u32
-            }
-        };
-        self.user_bw_index.insert(name.clone(), i);
-        i
-    }
-
-    pub(super) fn release_user_slot(&mut self, i: u32) {
-        let Some(u) = self.user_bw.get_mut(i as usize).and_then(|u| u.as_mut()) else {
-            return;
-        };
-        u.refs -= 1;
-        if u.refs == 0 {
-            self.user_bw_index.remove(&u.name);
-            self.user_bw[i as usize] = None;
-            self.user_bw_free.push(i);
-        }
-    }
 }
 
 /// The client-to-peer rule both Send and ChannelData follow: a live
 /// permission for the peer's IP (RFC 8656 §9), then the bandwidth caps.
 fn toward_peer(
     cfg: &Config,
-    user_bw: &mut [Option<UserBandwidth>],
     counters: &mut Counters,
     a: &mut Allocation,
     now: Instant,
     (relay, peer): (SocketAddr, SocketAddr),
     len: usize,
 ) -> Option<Dest> {
-    if !a.has_permission(peer.ip(), now) || !admit_relayed(cfg, user_bw, counters, a, now, len, true) {
+    if !a.has_permission(peer.ip(), now) || !admit_relayed(cfg, counters, a, now, len, true) {
         return None;
     }
     Some(Dest::Peer { relay, peer })
@@ -258,7 +199,6 @@ fn toward_peer(
 /// stats. Every relay path goes through here.
 fn admit_relayed(
     cfg: &Config,
-    user_bw: &mut [Option<UserBandwidth>],
     counters: &mut Counters,
     a: &mut Allocation,
     now: Instant,
@@ -274,12 +214,13 @@ fn admit_relayed(
         }
     }
     if cfg.user_max_bps != 0 {
-        if let Some(Some(u)) = user_bw.get_mut(a.user_slot as usize) {
-            let b = if up { &mut u.up } else { &mut u.down };
-            if !b.take(now, cfg.user_max_bps, cfg.user_max_bps, len) {
-                counters.bandwidth_dropped += 1;
-                return false;
-            }
+        // The user's buckets are the host's (every worker's allocations
+        // of the user spend from them): one uncontended lock per packet
+        // while the cap is on.
+        let mut u = a.user_bw.lock();
+        if !u[usize::from(!up)].take(now, cfg.user_max_bps, cfg.user_max_bps, len) {
+            counters.bandwidth_dropped += 1;
+            return false;
         }
     }
     if up {

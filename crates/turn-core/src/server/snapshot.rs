@@ -420,7 +420,7 @@ impl Server {
         }
         let username: Arc<str> = Arc::from(a.username.as_str());
         self.shared.quotas.adopt(&username);
-        let user_slot = self.user_slot(&username);
+        let user_bw = self.shared.user_bandwidth.join(&username);
         let idx = self.table.insert(Allocation {
             tuple,
             relays: slots,
@@ -458,7 +458,7 @@ impl Server {
             bw_up: Bucket::new(),
             bw_down: Bucket::new(),
             icmp: Bucket::new(),
-            user_slot,
+            user_bw,
             tcp: a.tcp,
             tcp_conns: 0,
             dont_fragment: a.dont_fragment,
@@ -488,7 +488,7 @@ impl Server {
         let a = self.table.remove(idx)?;
         self.remove_fast_path(a.tuple, &channels);
         self.shared.quotas.release(&a.username);
-        self.release_user_slot(a.user_slot);
+        self.shared.user_bandwidth.leave(a.user_bw);
         Some(state)
     }
 
@@ -585,7 +585,7 @@ impl Server {
                     .push_back(super::Command::CloseRelay { relay: r.bound });
             }
             self.shared.quotas.release(&a.username);
-            self.release_user_slot(a.user_slot);
+            self.shared.user_bandwidth.leave(a.user_bw);
             n += 1;
         }
         n

@@ -92,8 +92,9 @@ pub(super) struct Allocation {
     pub(super) bw_down: Bucket,
     /// ICMP errors relayed (RFC 8656 §11.5), rate-limited.
     pub(super) icmp: Bucket,
-    /// Index of the user's shared buckets in `Server::user_bw`.
-    pub(super) user_slot: u32,
+    /// The user's bandwidth buckets, shared by the host's workers
+    /// (`user_max_bps`).
+    pub(super) user_bw: Arc<crate::limits::UserBuckets>,
     /// An RFC 6062 TCP allocation: peers are reached by connections.
     pub(super) tcp: bool,
     /// Its peer data connections (connecting, pending or bound).
@@ -181,15 +182,6 @@ impl Allocation {
             self.expires = t;
         }
     }
-}
-
-/// One user's bandwidth buckets on this worker.
-#[derive(Debug)]
-pub(super) struct UserBandwidth {
-    pub(super) name: Arc<str>,
-    pub(super) up: Bucket,
-    pub(super) down: Bucket,
-    pub(super) refs: u32,
 }
 
 /// A slab of allocations with the maps that find them.

@@ -617,6 +617,51 @@ fn bandwidth_caps_per_allocation_and_per_user() {
     );
 }
 
+/// `user_max_bps` holds per host: two workers' servers (one book of
+/// user buckets, as the runtime shares it) let one user's allocations
+/// through together as one allocation alone would be.
+#[test]
+fn the_per_user_cap_holds_across_workers() {
+    let book = Arc::new(turn_core::limits::UserBandwidth::default());
+    let worker = || {
+        Harness::with_shared(|c, s| {
+            c.user_max_bps = 1000;
+            s.user_bandwidth = book.clone();
+        })
+    };
+    let (mut w1, mut w2) = (worker(), worker());
+    let mut c1 = Client::new(tuple(Transport::Udp, "203.0.113.5:1"), "alice", "wonderland");
+    let mut c2 = Client::new(tuple(Transport::Udp, "203.0.113.5:2"), "alice", "wonderland");
+    c1.allocate(&mut w1);
+    c2.allocate(&mut w2);
+    c1.bind(&mut w1, 0x4000, "8.8.8.8:1");
+    c2.bind(&mut w2, 0x4000, "8.8.8.8:1");
+    assert_eq!(book.users(), 1);
+    let pkt = channel_data(0x4000, &[0u8; 200]);
+    let n1 = (0..10).filter(|_| w1.send(c1.t, &pkt).is_some()).count();
+    let n2 = (0..10).filter(|_| w2.send(c2.t, &pkt).is_some()).count();
+    assert_eq!(
+        (n1, n2),
+        (5, 0),
+        "one second's 1000 bytes for the user, whichever worker"
+    );
+    let mut bob = Client::new(tuple(Transport::Udp, "203.0.113.6:1"), "bob", "builder");
+    bob.allocate(&mut w2);
+    bob.bind(&mut w2, 0x4000, "8.8.8.8:1");
+    assert_eq!(
+        (0..10).filter(|_| w2.send(bob.t, &pkt).is_some()).count(),
+        5,
+        "bob has his own"
+    );
+    // A deleted allocation leaves the user's buckets to the other; the
+    // last one takes the user's entry with it.
+    assert!(is_success(&c1.refresh(&mut w1, Some(0))));
+    assert_eq!(book.users(), 2);
+    assert!(is_success(&c2.refresh(&mut w2, Some(0))));
+    assert!(is_success(&bob.refresh(&mut w2, Some(0))));
+    assert_eq!(book.users(), 0);
+}
+
 #[test]
 fn an_allocation_that_relayed_its_byte_quota_is_ended_with_reason_quota() {
     let mut h = Harness::with(|c| c.max_allocation_bytes = 1000);

@@ -219,8 +219,8 @@ pub struct Options {
     #[arg(long, value_name = "BYTES", default_value_t = 0)]
     pub max_bps: u64,
 
-    /// Bytes per second one user's allocations may relay, each direction,
-    /// per worker thread (0: no cap).
+    /// Bytes per second one user's allocations may relay together, each
+    /// direction, on this host whichever workers serve them (0: no cap).
     #[arg(long, value_name = "BYTES", default_value_t = 0)]
     pub user_max_bps: u64,
 

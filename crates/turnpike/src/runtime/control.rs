@@ -160,6 +160,8 @@ pub(super) struct CoreBase {
     pub(super) redirect: Arc<turn_core::Redirect>,
     /// Every allocation's relayed addresses, across workers.
     pub(super) relayed: Arc<turn_core::limits::RelayedAddrs>,
+    /// Each user's bandwidth buckets, across workers (`--user-max-bps`).
+    pub(super) user_bandwidth: Arc<turn_core::limits::UserBandwidth>,
 }
 
 /// The core configuration `settings` describe: the one function start-up
@@ -202,6 +204,7 @@ pub(super) fn core_shared(base: &CoreBase, limits: &SharedLimits) -> turn_core::
     turn_core::Shared {
         quotas: base.quotas.clone(),
         relayed: base.relayed.clone(),
+        user_bandwidth: base.user_bandwidth.clone(),
         source_limiter: limits.answers.clone(),
         auth_guard: limits.guard.clone(),
         draining: base.draining.clone(),

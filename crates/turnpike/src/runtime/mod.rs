@@ -594,6 +594,7 @@ fn start_with(
         fast_path: matches!(fast_state, fast::State::Active(..)),
         redirect: Arc::new(turn_core::Redirect::default()),
         relayed: Arc::default(),
+        user_bandwidth: Arc::default(),
     };
     base.quotas.set_fleet_limit(settings.options.fleet_total_quota);
     crate::metrics::set_allocation_limit(settings.options.total_quota);
