@@ -172,6 +172,9 @@ pub(crate) fn sum(board: &Board) -> (WorkerMetrics, Vec<WorkerMetrics>) {
             tc.allocations_expired[i] += c.allocations_expired[i];
             tc.allocations_deleted[i] += c.allocations_deleted[i];
         }
+        for (a, b) in tc.allocations_ended.iter_mut().zip(c.allocations_ended) {
+            *a += b;
+        }
         tc.to_peer_packets += c.to_peer_packets;
         tc.to_peer_bytes += c.to_peer_bytes;
         tc.from_peer_packets += c.from_peer_packets;
@@ -403,6 +406,24 @@ fn allocations(x: &mut Exposition, t: &WorkerMetrics) {
         "counter",
         "Allocations deleted (Refresh 0, closed connection, admin), by transport.",
         &by_transport(c.allocations_deleted),
+    );
+    let by_reason: Vec<(String, f64)> = turn_core::CloseReason::ALL
+        .iter()
+        .map(|r| {
+            (
+                format!("{{reason=\"{}\"}}", r.label()),
+                c.allocations_ended[r.index()] as f64,
+            )
+        })
+        .collect();
+    x.metric(
+        "allocations_ended_total",
+        "counter",
+        "Allocations ended, by reason (as in the log line and usage record).",
+        &by_reason
+            .iter()
+            .map(|(l, v)| (l.as_str(), *v))
+            .collect::<Vec<_>>(),
     );
     let limit = ALLOCATION_LIMIT.load(std::sync::atomic::Ordering::Relaxed);
     if limit > 0 {

@@ -76,6 +76,8 @@ pub struct Counters {
     pub allocations_expired: [u64; Transport::COUNT],
     /// Allocations deleted (Refresh 0, closed connection, admin), by transport.
     pub allocations_deleted: [u64; Transport::COUNT],
+    /// Allocations ended, by reason, in [`CloseReason::ALL`] order.
+    pub allocations_ended: [u64; CloseReason::ALL.len()],
     /// Packets and payload bytes relayed client → peer.
     pub to_peer_packets: u64,
     /// Payload bytes relayed client → peer.
@@ -152,6 +154,31 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// Every reason, in the order [`Counters::allocations_ended`] counts
+    /// them.
+    pub const ALL: [CloseReason; 7] = [
+        CloseReason::Expired,
+        CloseReason::Deleted,
+        CloseReason::ConnectionClosed,
+        CloseReason::Admin,
+        CloseReason::Shutdown,
+        CloseReason::Drain,
+        CloseReason::Quota,
+    ];
+
+    /// Its place in [`CloseReason::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            CloseReason::Expired => 0,
+            CloseReason::Deleted => 1,
+            CloseReason::ConnectionClosed => 2,
+            CloseReason::Admin => 3,
+            CloseReason::Shutdown => 4,
+            CloseReason::Drain => 5,
+            CloseReason::Quota => 6,
+        }
+    }
+
     /// How logs and usage records name it.
     pub fn label(self) -> &'static str {
         match self {

@@ -401,6 +401,7 @@ impl Server {
         self.remove_fast_path(a.tuple, &channels);
         self.shared.quotas.release(&a.username);
         let t = a.tuple.transport.index();
+        self.counters.allocations_ended[reason.index()] += 1;
         if reason == CloseReason::Expired {
             self.counters.allocations_expired[t] += 1;
         } else {

@@ -697,6 +697,9 @@ fn an_allocation_that_relayed_its_byte_quota_is_ended_with_reason_quota() {
     assert_eq!(ended[0].0, udp());
     assert_eq!(ended[0].1, CloseReason::Quota);
     assert_eq!((ended[0].2.to_peer_bytes, ended[0].2.from_peer_bytes), (400, 599));
+    let counted = h.server.counters().allocations_ended;
+    assert_eq!(counted[CloseReason::Quota.index()], 1);
+    assert_eq!(counted.iter().sum::<u64>(), 1);
     assert_eq!(code(&c.refresh(&mut h, Some(600))), Some(437), "it is gone");
     assert!(
         is_success(&other.refresh(&mut h, Some(600))),

@@ -540,6 +540,8 @@ fn an_allocation_that_relays_its_byte_quota_is_ended_with_reason_quota() {
     let _ = std::fs::remove_file(&file);
     let h = start(&[
         "--allow-loopback-peers",
+        "--metrics-listen",
+        "127.0.0.1:0",
         "--max-allocation-bytes",
         "20000",
         "--events-file",
@@ -616,6 +618,19 @@ fn an_allocation_that_relays_its_byte_quota_is_ended_with_reason_quota() {
     below.send_indication(p, &[5u8; 100]).unwrap();
     let mut buf = [0u8; 256];
     assert_eq!(peer.recv_from(&mut buf).unwrap().0, 100);
+    // The metric by reason says so (published once a second).
+    let metrics = h.metrics.unwrap();
+    let line = "turnpike_allocations_ended_total{reason=\"quota\"} 2";
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut body = String::new();
+    while Instant::now() < end {
+        body = http_request(metrics, "GET", "/metrics", None).unwrap().1;
+        if body.lines().any(|l| l == line) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(body.lines().any(|l| l == line), "{body}");
 
     h.shutdown();
     let ends: Vec<Value> = std::fs::read_to_string(&file)
