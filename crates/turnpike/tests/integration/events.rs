@@ -435,6 +435,16 @@ fn an_rfc_6062_allocation_reports_its_data_connections_bytes() {
     let _ = std::fs::remove_file(secret);
 }
 
+/// The `allocation.end` records an events file holds.
+fn ends_in(file: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["type"] == "allocation.end")
+        .collect()
+}
+
 /// A server that stops with calls up reports each one's end with its
 /// usage (reason `shutdown`) before it exits: a restart loses no usage.
 #[test]
@@ -457,12 +467,7 @@ fn allocations_live_at_shutdown_end_with_their_usage() {
         calls.push(c);
     }
     h.shutdown();
-    let ends: Vec<Value> = std::fs::read_to_string(&file)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|e| e["type"] == "allocation.end")
-        .collect();
+    let ends = ends_in(&file);
     assert_eq!(ends.len(), 2, "{ends:#?}");
     for e in &ends {
         assert_eq!(e["reason"], "shutdown", "{e}");
@@ -519,12 +524,7 @@ fn a_call_cut_by_the_end_of_a_drain_ends_with_reason_drain() {
         started.elapsed() >= Duration::from_secs(2),
         "the call held the drain open"
     );
-    let ends: Vec<Value> = std::fs::read_to_string(&file)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|e| e["type"] == "allocation.end")
-        .collect();
+    let ends = ends_in(&file);
     assert_eq!(ends.len(), 1, "{ends:#?}");
     assert_eq!(ends[0]["reason"], "drain", "{}", ends[0]);
     assert_eq!(ends[0]["bytes_to_peers"].as_u64(), Some(1000), "{}", ends[0]);
@@ -633,12 +633,7 @@ fn an_allocation_that_relays_its_byte_quota_is_ended_with_reason_quota() {
     assert!(body.lines().any(|l| l == line), "{body}");
 
     h.shutdown();
-    let ends: Vec<Value> = std::fs::read_to_string(&file)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|e| e["type"] == "allocation.end")
-        .collect();
+    let ends = ends_in(&file);
     let quota: Vec<&Value> = ends.iter().filter(|e| e["reason"] == "quota").collect();
     assert_eq!(quota.len(), 2, "{ends:#?}");
     let by = |t: &str| quota.iter().find(|e| e["transport"] == t).unwrap();

@@ -126,54 +126,22 @@ fn user_and_total_quotas_over_the_wire() {
     h.shutdown();
 }
 
-#[test]
-fn max_bps_drops_the_excess() {
-    let h = start(&["--max-bps", "2000", "--allow-loopback-peers"]);
-    let mut c = client(&ClientTransport::Udp, h.listen[0], USER, PASSWORD);
-    c.allocate().unwrap();
+/// A server with `args` (and loopback peers): `calls` allocations of one
+/// user, each bound to one peer, send `each` ChannelData of 500 bytes in
+/// turn, as fast as they can; how many reached the peer.
+fn burst_through_caps(args: &[&str], calls: usize, each: usize) -> usize {
+    let h = start(&[args, &["--allow-loopback-peers"]].concat());
     let peer = peer();
     peer.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
-    c.channel_bind(0x4000, peer.local_addr().unwrap()).unwrap();
-    for _ in 0..40 {
-        c.send_channel(0x4000, &[7u8; 500]).unwrap();
-    }
-    let mut n = 0;
-    let mut buf = [0u8; 1024];
-    while peer.recv_from(&mut buf).is_ok() {
-        n += 1;
-    }
-    // 2000 bytes of burst plus whatever refilled while sending: exact counts
-    // are the fake-time tests' job; here the cap must visibly bite.
-    assert!(
-        (4..=20).contains(&n),
-        "{n} of 40 packets of 500 bytes passed a 2000 B/s cap"
-    );
-    h.shutdown();
-}
-
-/// `--user-max-bps` holds per host: sixteen allocations of one user, which
-/// the kernel spreads over four workers by their source ports (all on one
-/// worker: 4 × 4^-16), get through together what one would alone.
-#[test]
-fn the_per_user_cap_holds_across_workers() {
-    let h = start(&[
-        "--threads",
-        "4",
-        "--user-max-bps",
-        "2000",
-        "--allow-loopback-peers",
-    ]);
-    let peer = peer();
-    peer.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
-    let mut calls = Vec::new();
-    for _ in 0..16 {
+    let mut clients = Vec::new();
+    for _ in 0..calls {
         let mut c = client(&ClientTransport::Udp, h.listen[0], USER, PASSWORD);
         c.allocate().unwrap();
         c.channel_bind(0x4000, peer.local_addr().unwrap()).unwrap();
-        calls.push(c);
+        clients.push(c);
     }
-    for _ in 0..10 {
-        for c in &mut calls {
+    for _ in 0..each {
+        for c in &mut clients {
             c.send_channel(0x4000, &[7u8; 500]).unwrap();
         }
     }
@@ -182,13 +150,33 @@ fn the_per_user_cap_holds_across_workers() {
     while peer.recv_from(&mut buf).is_ok() {
         n += 1;
     }
+    h.shutdown();
+    n
+}
+
+#[test]
+fn max_bps_drops_the_excess() {
+    let n = burst_through_caps(&["--max-bps", "2000"], 1, 40);
+    // 2000 bytes of burst plus whatever refilled while sending: exact counts
+    // are the fake-time tests' job; here the cap must visibly bite.
+    assert!(
+        (4..=20).contains(&n),
+        "{n} of 40 packets of 500 bytes passed a 2000 B/s cap"
+    );
+}
+
+/// `--user-max-bps` holds per host: sixteen allocations of one user, which
+/// the kernel spreads over four workers by their source ports (all on one
+/// worker: 4 × 4^-16), get through together what one would alone.
+#[test]
+fn the_per_user_cap_holds_across_workers() {
+    let n = burst_through_caps(&["--threads", "4", "--user-max-bps", "2000"], 16, 10);
     // 2000 bytes of burst and what refilled while sending; buckets per
     // worker would let at least 8 through (two workers' bursts).
     assert!(
         (3..=6).contains(&n),
         "{n} of 160 packets of 500 bytes passed one user's 2000 B/s cap"
     );
-    h.shutdown();
 }
 
 #[test]
