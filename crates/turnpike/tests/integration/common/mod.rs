@@ -387,17 +387,22 @@ pub fn coturn(extra: &[&str], min_port: u16) -> (Proc, SocketAddr) {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let proc = Proc(child);
+    let mut proc = Proc(child);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    for _ in 0..50 {
+    // Under the whole suite's load coturn has taken over 5 s to start.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
         let mut ch = Channel::connect(&ClientTransport::Udp, addr, Duration::from_secs(1)).unwrap();
-        if turnpike_client::client::binding(&mut ch, Duration::from_millis(200)).is_ok() {
+        if turnpike_client::client::binding(&mut ch, Duration::from_millis(300)).is_ok() {
             return (proc, addr);
+        }
+        if let Ok(Some(status)) = proc.0.try_wait() {
+            panic!("coturn exited before answering on {addr}: {status}");
         }
         // A refused datagram fails at once: wait for the port to open.
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("coturn did not answer on {addr}");
+    panic!("coturn did not answer on {addr} within 30 s");
 }
 
 /// A real part a test needs is missing: a skip with a message on a
